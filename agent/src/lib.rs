@@ -1,0 +1,7 @@
+//! The Cohort node agent: GPU inventory, supervision of job processes, and the
+//! session to the controller.
+#![forbid(unsafe_code)]
+
+pub mod gpu;
+pub mod session;
+pub mod supervisor;

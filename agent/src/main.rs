@@ -1,0 +1,137 @@
+//! `cohort-agent`: the Cohort node agent (one per node, run by systemd).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use cohort_agent::{gpu, session, supervisor::Supervisor};
+use cohort_proto::{EnvVar, NodeInfo};
+
+/// Registers this node with the controller, reports its GPUs, and starts,
+/// supervises and stops the processes of the jobs placed on it.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// The controller's gRPC address, e.g. http://10.0.0.1:7070.
+    #[arg(long, env = "COHORT_CONTROLLER", default_value = "http://127.0.0.1:7070")]
+    controller: String,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "COHORT_NODE_NAME")]
+    node_name: Option<String>,
+    /// The address other nodes reach this one at; becomes MASTER_ADDR when
+    /// this node holds node rank 0.
+    #[arg(long, env = "COHORT_ADVERTISE_ADDR")]
+    advertise_addr: IpAddr,
+    /// Where launches keep their output files and scratch directories.
+    #[arg(long, env = "COHORT_WORK_DIR", default_value = "/var/lib/cohort-agent")]
+    work_dir: PathBuf,
+    /// Node labels for `node_selector`, as k=v,k=v.
+    #[arg(long, env = "COHORT_LABELS", value_parser = parse_labels, default_value = "")]
+    labels: Labels,
+    /// Offer N fake GPU slots instead of reading NVML (development machines without GPUs).
+    #[arg(long, env = "COHORT_FAKE_GPUS")]
+    fake_gpus: Option<u32>,
+    /// The shared ModelScope cache, given to every process as MODELSCOPE_CACHE.
+    #[arg(long, env = "COHORT_MODELSCOPE_CACHE")]
+    modelscope_cache: Option<String>,
+    /// A Megatron-LM checkout, given as MEGATRON_LM_PATH (ms-swift 3.x clones one otherwise).
+    #[arg(long, env = "COHORT_MEGATRON_LM_PATH")]
+    megatron_lm_path: Option<String>,
+    /// The interface NCCL and Gloo must use (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME).
+    #[arg(long, env = "COHORT_NET_IFNAME")]
+    net_ifname: Option<String>,
+    /// Longest wait between reconnection attempts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Labels(HashMap<String, String>);
+
+fn parse_labels(text: &str) -> Result<Labels, String> {
+    let mut labels = HashMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| format!("label {pair:?} must be key=value"))?;
+        if k.is_empty() {
+            return Err(format!("label {pair:?} has an empty key"));
+        }
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(Labels(labels))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    cohort_shared::telemetry::init("info");
+    let args = Args::parse();
+    let name = match args.node_name {
+        Some(name) => name,
+        None => nix::unistd::gethostname()
+            .context("reading the host name; pass --node-name")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    std::fs::create_dir_all(&args.work_dir)
+        .with_context(|| format!("creating --work-dir {}", args.work_dir.display()))?;
+
+    let inventory = gpu::detect(args.fake_gpus);
+    let gpus = inventory.gpus();
+    if gpus.is_empty() {
+        tracing::warn!(note = %inventory.note(), "this node offers no GPUs");
+    } else {
+        tracing::info!(count = gpus.len(), note = %inventory.note(), "GPU inventory");
+    }
+    let mut node_env = Vec::new();
+    let mut add = |name: &str, value: &Option<String>| {
+        if let Some(value) = value {
+            node_env.push(EnvVar { name: name.into(), value: value.clone() });
+        }
+    };
+    add("MODELSCOPE_CACHE", &args.modelscope_cache);
+    add("MEGATRON_LM_PATH", &args.megatron_lm_path);
+    add("NCCL_SOCKET_IFNAME", &args.net_ifname);
+    add("GLOO_SOCKET_IFNAME", &args.net_ifname);
+    let node = NodeInfo {
+        name: name.clone(),
+        advertise_addr: args.advertise_addr.to_string(),
+        labels: args.labels.0,
+        gpus,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        gpu_note: inventory.note(),
+        node_env,
+    };
+
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(8192);
+    let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let config = session::SessionConfig { controller_url: args.controller, node, max_backoff: args.max_backoff };
+    let session = tokio::spawn(session::run(config, supervisor.clone(), out_rx, stop_rx));
+    tracing::info!(node = %name, "agent started");
+
+    wait_for_signal().await;
+    let _ = stop_tx.send(true);
+    tracing::info!("stopping every process this agent supervises");
+    supervisor.stop_all().await;
+    let _ = session.await;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The gRPC services: thin handlers that call the `Controller`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use cohort_proto::agent_service_server::AgentService;
+use cohort_proto::job_service_server::JobService;
+use cohort_proto::{
+    AgentMessage, CancelJobRequest, ControllerMessage, GetJobRequest, Job, JobEvent, JobLogLine, JobState,
+    ListJobsRequest, ListJobsResponse, ListNodesRequest, ListNodesResponse, PlanJobRequest, PlanJobResponse,
+    RegisterRequest, RegisterResponse, StreamLogsRequest, SubmitJobRequest, SubmitJobResponse, WatchJobRequest,
+    agent_message::Msg,
+};
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::controller::Controller;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[derive(Clone)]
+pub struct Api {
+    pub controller: Arc<Controller>,
+}
+
+fn finished(job: &Job) -> bool {
+    matches!(
+        JobState::try_from(job.state),
+        Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    ) && job.live_processes == 0
+}
+
+#[tonic::async_trait]
+impl AgentService for Api {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        Ok(Response::new(self.controller.register(request.into_inner()).await?))
+    }
+
+    type SessionStream = BoxStream<ControllerMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(AgentMessage { msg: Some(Msg::Hello(hello)) }) => hello,
+            _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.controller.attach(&hello.node_name, &hello.session_id, tx).await?;
+        tracing::info!(node = %hello.node_name, "agent session open");
+        let controller = self.controller.clone();
+        tokio::spawn(async move {
+            let node = hello.node_name;
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::warn!(node = %node, %status, "agent stream broke");
+                        break;
+                    }
+                };
+                match msg.msg {
+                    Some(Msg::Heartbeat(hb)) => controller.heartbeat(&node, hb).await,
+                    Some(Msg::ProcessEvent(ev)) => controller.process_event(&node, ev).await,
+                    Some(Msg::Ack(ack)) => controller.command_ack(&node, ack).await,
+                    Some(Msg::Logs(batch)) => {
+                        let rank = controller.node_rank(&batch.job_id, &node).await;
+                        controller.logs.append(&batch.job_id, &node, rank, batch.attempt, batch.lines).await;
+                    }
+                    Some(Msg::Hello(_)) | None => {
+                        tracing::warn!(node = %node, "ignoring an unexpected or empty agent message");
+                    }
+                }
+            }
+            controller.detach(&node, &hello.session_id).await;
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for Api {
+    async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
+        let file = request
+            .into_inner()
+            .file
+            .ok_or_else(|| Status::invalid_argument("SubmitJobRequest.file is required"))?;
+        let (job, warnings) = self.controller.submit(file).await?;
+        Ok(Response::new(SubmitJobResponse { job: Some(job), warnings }))
+    }
+
+    async fn plan_job(&self, request: Request<PlanJobRequest>) -> Result<Response<PlanJobResponse>, Status> {
+        let file =
+            request.into_inner().file.ok_or_else(|| Status::invalid_argument("PlanJobRequest.file is required"))?;
+        Ok(Response::new(self.controller.plan(file).await))
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.controller.get(&request.into_inner().job).await?))
+    }
+
+    async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let jobs = self.controller.list(request.into_inner().active_only).await;
+        Ok(Response::new(ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.controller.cancel(&request.into_inner().job).await?))
+    }
+
+    type WatchJobStream = BoxStream<JobEvent>;
+
+    async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let (job, mut rx) = self.controller.watch(&request.into_inner().job).await?;
+        let controller = self.controller.clone();
+        let stream = async_stream(move |tx| async move {
+            let id = job.id.clone();
+            let done = finished(&job);
+            let first = JobEvent { unix_ms: cohort_proto::now_unix_ms(), job: Some(job), message: "current state".into() };
+            if tx.send(Ok(first)).await.is_err() || done {
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if ev.job.as_ref().is_some_and(|j| j.id == id) => {
+                        let done = ev.job.as_ref().is_some_and(finished);
+                        if tx.send(Ok(ev)).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Missed events: send the current state instead.
+                        let Ok(job) = controller.get(&id).await else { return };
+                        let done = finished(&job);
+                        let ev = JobEvent { unix_ms: cohort_proto::now_unix_ms(), job: Some(job), message: "resync".into() };
+                        if tx.send(Ok(ev)).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn list_nodes(&self, _: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
+        Ok(Response::new(ListNodesResponse { nodes: self.controller.nodes().await }))
+    }
+
+    type StreamLogsStream = BoxStream<JobLogLine>;
+
+    async fn stream_logs(&self, request: Request<StreamLogsRequest>) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let req = request.into_inner();
+        let (job, mut events) = self.controller.watch(&req.job).await?;
+        let id = job.id.clone();
+        let (history, mut lines) = self.controller.logs.snapshot(&id, 0).await;
+        let controller = self.controller.clone();
+        let node = req.node.clone();
+        let keep = move |l: &JobLogLine| node.is_empty() || l.node_name == node;
+        let stream = async_stream(move |tx| async move {
+            let history: Vec<JobLogLine> = history.into_iter().filter(|l| keep(l)).collect();
+            let skip = if req.tail > 0 { history.len().saturating_sub(req.tail as usize) } else { 0 };
+            let mut next_seq = 0;
+            for line in history.into_iter().skip(skip) {
+                next_seq = line.seq + 1;
+                if tx.send(Ok(line)).await.is_err() {
+                    return;
+                }
+            }
+            if !req.follow || finished(&job) {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    line = lines.recv() => match line {
+                        Ok(tagged) if *tagged.job_id == *id && tagged.line.seq >= next_seq => {
+                            next_seq = tagged.line.seq + 1;
+                            if keep(&tagged.line) && tx.send(Ok(tagged.line)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            let (missed, rx) = controller.logs.snapshot(&id, next_seq).await;
+                            lines = rx;
+                            for line in missed {
+                                next_seq = line.seq + 1;
+                                if keep(&line) && tx.send(Ok(line)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    ev = events.recv() => {
+                        let done = match ev {
+                            Ok(ev) => ev.job.as_ref().is_some_and(|j| j.id == id && finished(j)),
+                            Err(broadcast::error::RecvError::Lagged(_)) => controller.get(&id).await.map(|j| finished(&j)).unwrap_or(true),
+                            Err(broadcast::error::RecvError::Closed) => true,
+                        };
+                        if done {
+                            // Lines always arrive before the exit that ends the job: drain them.
+                            let (rest, _) = controller.logs.snapshot(&id, next_seq).await;
+                            for line in rest.into_iter().filter(|l| keep(l)) {
+                                if tx.send(Ok(line)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A response stream fed by a spawned task; the task ends when the client goes away.
+fn async_stream<T, F, Fut>(body: F) -> BoxStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(|x| x))
+}

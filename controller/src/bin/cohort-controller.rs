@@ -1,0 +1,89 @@
+//! `cohort-controller`: the Cohort control-plane daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use cohort_controller::{ControllerConfig, ServeConfig, serve};
+
+/// Plans and supervises multi-node training jobs; agents and the `cohort` CLI
+/// talk to it over gRPC.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address for the gRPC API (agents and CLI).
+    #[arg(long, env = "COHORT_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Directory of the embedded store and job logs.
+    #[arg(long, env = "COHORT_DATA_DIR", default_value = "/var/lib/cohort")]
+    data_dir: PathBuf,
+    /// A node whose heartbeats stop for this long is lost (e.g. 10s, 1m).
+    #[arg(long, env = "COHORT_NODE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    node_ttl: Duration,
+    /// How often agents send heartbeats.
+    #[arg(long, env = "COHORT_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// MASTER_PORT range, FIRST-LAST; keep it outside the kernel's ephemeral range
+    /// (/proc/sys/net/ipv4/ip_local_port_range, usually 32768-60999).
+    #[arg(long, env = "COHORT_MASTER_PORTS", default_value = "29500-29999", value_parser = parse_port_range)]
+    master_ports: (u16, u16),
+}
+
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = text.split_once('-').ok_or_else(|| format!("{text:?}: expected FIRST-LAST, e.g. 29500-29999"))?;
+    let lo: u16 = lo.trim().parse().map_err(|_| format!("{lo:?} is not a port number"))?;
+    let hi: u16 = hi.trim().parse().map_err(|_| format!("{hi:?} is not a port number"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{text:?}: FIRST must be between 1 and LAST"));
+    }
+    Ok((lo, hi))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    cohort_shared::telemetry::init("info");
+    let args = Args::parse();
+    if args.heartbeat_interval >= args.node_ttl {
+        anyhow::bail!(
+            "--heartbeat-interval {:?} must be shorter than --node-ttl {:?}",
+            args.heartbeat_interval,
+            args.node_ttl
+        );
+    }
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = tx.send(true);
+    });
+    let config = ServeConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        controller: ControllerConfig {
+            node_ttl: args.node_ttl,
+            heartbeat_interval: args.heartbeat_interval,
+            master_ports: args.master_ports.0..=args.master_ports.1,
+            ..ControllerConfig::default()
+        },
+    };
+    serve(config, rx).await.context("controller failed")?;
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}

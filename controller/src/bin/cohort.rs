@@ -1,0 +1,18 @@
+//! `cohort`: the command line client of a Cohort controller.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cohort_controller::cli::{Cli, run};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    cohort_shared::telemetry::init("warn");
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! The `cohort` command line: a gRPC client of the controller's JobService.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use cohort_proto::job_service_client::JobServiceClient;
+use cohort_proto::{
+    CancelJobRequest, GetJobRequest, Job, JobFile, JobLogLine, JobState, ListJobsRequest, ListNodesRequest, LogStream,
+    NodeState, PlanJobRequest, PlanJobResponse, ProcessPhase, StreamLogsRequest, SubmitJobRequest, WatchJobRequest,
+};
+use comfy_table::{Table, presets::NOTHING};
+use tonic::transport::Channel;
+
+use crate::controller::{describe_exit, state_name};
+
+/// Cohort: run multi-node training jobs (ms-swift `megatron sft`, torchrun,
+/// any command) on a cluster of GPU nodes.
+#[derive(Parser, Debug)]
+#[command(name = "cohort", version)]
+pub struct Cli {
+    /// The controller's gRPC address.
+    #[arg(long, global = true, env = "COHORT_CONTROLLER", default_value = "http://127.0.0.1:7070")]
+    pub controller: String,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Verb,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Verb {
+    /// List the nodes, their state and GPUs.
+    Nodes,
+    /// Validate a job file and show where and how it would run, without launching it.
+    Plan {
+        /// The job file (YAML).
+        file: PathBuf,
+    },
+    /// Submit a job file.
+    Submit {
+        file: PathBuf,
+        /// Wait until the job has finished; exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+        /// Print the job's output while it runs (implies --wait).
+        #[arg(long)]
+        follow: bool,
+    },
+    /// List jobs.
+    Jobs {
+        /// Only jobs that are pending, running, or still stopping.
+        #[arg(long)]
+        active: bool,
+    },
+    /// Show a job: state, cause of failure, placement and every process.
+    Status {
+        /// Job id, or name (the newest job of that name).
+        job: String,
+    },
+    /// Print a job's output.
+    Logs {
+        job: String,
+        /// Only this node's output.
+        #[arg(long)]
+        node: Option<String>,
+        /// Keep printing new output until the job has finished.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only the last N lines of what is already there.
+        #[arg(long)]
+        tail: Option<u32>,
+    },
+    /// Stop every process of a job on every node.
+    Cancel {
+        job: String,
+        /// Wait until every process is gone.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let out = cli.output;
+    // `plan` and `submit` read the file first, so a bad path fails before any connection.
+    let file = match &cli.command {
+        Verb::Plan { file } | Verb::Submit { file, .. } => Some(read_job_file(file)?),
+        _ => None,
+    };
+    let mut client = connect(&cli.controller).await?;
+    match cli.command {
+        Verb::Nodes => nodes(&mut client, out).await,
+        Verb::Plan { .. } => plan(&mut client, file.unwrap_or_default(), out).await,
+        Verb::Submit { wait, follow, .. } => {
+            let response = client
+                .submit_job(SubmitJobRequest { file: file })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let job = response.job.unwrap_or_default();
+            for warning in &response.warnings {
+                eprintln!("warning: {warning}");
+            }
+            if out == Output::Json && !(wait || follow) {
+                print_json(&job)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("submitted job {}", job.id);
+            if follow {
+                logs(&mut client, &job.id, None, true, None, Output::Table).await?;
+            }
+            if wait || follow {
+                let job = wait_finished(&mut client, &job.id).await?;
+                print_final(&job, out)?;
+                return Ok(exit_for(&job));
+            }
+            println!("{}", job.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Jobs { active } => {
+            let jobs = client.list_jobs(ListJobsRequest { active_only: active }).await.map_err(status_error)?.into_inner();
+            if out == Output::Json {
+                print_json(&jobs)?;
+            } else {
+                print_jobs(&jobs.jobs);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Status { job } => {
+            let job = client.get_job(GetJobRequest { job }).await.map_err(status_error)?.into_inner();
+            if out == Output::Json {
+                print_json(&job)?;
+            } else {
+                print_status(&job);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Logs { job, node, follow, tail } => {
+            logs(&mut client, &job, node, follow, tail, out).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Cancel { job, wait } => {
+            let mut job = client.cancel_job(CancelJobRequest { job }).await.map_err(status_error)?.into_inner();
+            if wait {
+                job = wait_finished(&mut client, &job.id).await?;
+            }
+            print_final(&job, out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
+    let yaml = std::fs::read_to_string(path).with_context(|| format!("cannot read job file {}", path.display()))?;
+    let absolute = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let base_dir = absolute.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(JobFile { yaml, source_name: path.display().to_string(), base_dir })
+}
+
+async fn connect(url: &str) -> anyhow::Result<JobServiceClient<Channel>> {
+    let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("invalid controller URL {url:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| {
+            format!("cannot reach the controller at {url}: is cohort-controller running? (set --controller or COHORT_CONTROLLER)")
+        })?;
+    Ok(JobServiceClient::new(channel))
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", status.message())
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn finished(job: &Job) -> bool {
+    matches!(JobState::try_from(job.state), Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled))
+        && job.live_processes == 0
+}
+
+fn exit_for(job: &Job) -> ExitCode {
+    if job.state == JobState::Succeeded as i32 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+/// Follows the job's events until it has finished and its processes are gone.
+async fn wait_finished(client: &mut JobServiceClient<Channel>, job: &str) -> anyhow::Result<Job> {
+    let mut events = client.watch_job(WatchJobRequest { job: job.into() }).await.map_err(status_error)?.into_inner();
+    let mut last = None;
+    while let Some(event) = events.message().await.map_err(status_error)? {
+        if let Some(job) = event.job {
+            let done = finished(&job);
+            last = Some(job);
+            if done {
+                break;
+            }
+        }
+    }
+    match last {
+        Some(job) if finished(&job) => Ok(job),
+        _ => Ok(client.get_job(GetJobRequest { job: job.into() }).await.map_err(status_error)?.into_inner()),
+    }
+}
+
+fn print_final(job: &Job, out: Output) -> anyhow::Result<()> {
+    if out == Output::Json {
+        return print_json(job);
+    }
+    println!("job {}: {} ({})", job.id, state_name(job.state), job.reason);
+    Ok(())
+}
+
+async fn logs(
+    client: &mut JobServiceClient<Channel>,
+    job: &str,
+    node: Option<String>,
+    follow: bool,
+    tail: Option<u32>,
+    out: Output,
+) -> anyhow::Result<()> {
+    let request = StreamLogsRequest { job: job.into(), node: node.unwrap_or_default(), follow, tail: tail.unwrap_or(0) };
+    let mut lines = client.stream_logs(request).await.map_err(status_error)?.into_inner();
+    while let Some(line) = lines.message().await.map_err(status_error)? {
+        if out == Output::Json {
+            println!("{}", serde_json::to_string(&line)?);
+        } else {
+            print_line(&line);
+        }
+    }
+    Ok(())
+}
+
+fn print_line(l: &JobLogLine) {
+    let Some(line) = &l.line else { return };
+    let text = &line.text;
+    if line.stream == LogStream::Stderr as i32 {
+        println!("{}/{} ! {text}", l.node_name, line.process_index);
+    } else {
+        println!("{}/{} | {text}", l.node_name, line.process_index);
+    }
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING).set_header(header.iter().map(|h| h.to_string()));
+    t
+}
+
+async fn nodes(client: &mut JobServiceClient<Channel>, out: Output) -> anyhow::Result<ExitCode> {
+    let nodes = client.list_nodes(ListNodesRequest {}).await.map_err(status_error)?.into_inner();
+    if out == Output::Json {
+        print_json(&nodes)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = table(&["NAME", "ADDRESS", "STATE", "GPUS", "GPU MODEL", "LABELS", "JOBS", "LAST HEARTBEAT"]);
+    for node in &nodes.nodes {
+        let info = node.info.clone().unwrap_or_default();
+        let state = match NodeState::try_from(node.state) {
+            Ok(NodeState::Ready) => "Ready",
+            Ok(NodeState::Lost) => "Lost",
+            Ok(NodeState::Disconnected) => "Disconnected",
+            _ => "Unknown",
+        };
+        let mut models: Vec<String> = info.gpus.iter().map(|g| g.name.clone()).collect();
+        models.dedup();
+        let mut labels: Vec<String> = info.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        t.add_row(vec![
+            info.name.clone(),
+            info.advertise_addr.clone(),
+            state.to_string(),
+            format!("{}/{} used", node.allocated_gpus.len(), info.gpus.len()),
+            if models.is_empty() { format!("none ({})", info.gpu_note) } else { models.join(", ") },
+            labels.join(","),
+            node.jobs.join(","),
+            ago(node.last_heartbeat_unix_ms),
+        ]);
+    }
+    println!("{t}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output) -> anyhow::Result<ExitCode> {
+    let source = file.source_name.clone();
+    let response = client.plan_job(PlanJobRequest { file: Some(file) }).await.map_err(status_error)?.into_inner();
+    if out == Output::Json {
+        print_json(&response)?;
+        return Ok(plan_exit(&response));
+    }
+    for warning in &response.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if !response.problems.is_empty() {
+        eprintln!("job file {source}: {} problem(s)", response.problems.len());
+        for p in &response.problems {
+            match (p.line, p.field.is_empty()) {
+                (0, true) => eprintln!("  {source}: {}", p.message),
+                (0, false) => eprintln!("  {source}: {}: {}", p.field, p.message),
+                (line, _) => eprintln!("  {source}:{line}: {}: {}", p.field, p.message),
+            }
+        }
+        return Ok(plan_exit(&response));
+    }
+    if !response.parallel_layout.is_empty() {
+        println!("parallel layout: {}", response.parallel_layout);
+    }
+    if let Some(gib) = response.memory_estimate_gib {
+        println!("memory estimate: {gib:.1} GiB per GPU (weights, gradients, optimizer state; activations not included)");
+    }
+    match &response.plan {
+        Some(plan) => {
+            println!("master: {}:{}", plan.master_addr, plan.master_port);
+            for node in &plan.nodes {
+                let gpus: Vec<String> = node.gpu_indices.iter().map(u32::to_string).collect();
+                println!();
+                println!("node {} ({}): node rank {}, GPUs [{}]", node.node_name, node.address, node.node_rank, gpus.join(","));
+                if !node.workdir.is_empty() {
+                    println!("  workdir: {}", node.workdir);
+                }
+                for process in &node.processes {
+                    if node.processes.len() > 1 {
+                        println!("  process {}:", process.index);
+                    }
+                    for var in &process.env {
+                        println!("  {}={}", var.name, var.value);
+                    }
+                    println!("  command: {}", shell_words::join(&process.argv));
+                }
+            }
+        }
+        None => println!("not placeable now: {}", response.placement_error),
+    }
+    Ok(plan_exit(&response))
+}
+
+fn plan_exit(response: &PlanJobResponse) -> ExitCode {
+    if !response.problems.is_empty() {
+        ExitCode::from(2)
+    } else if response.plan.is_none() {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_jobs(jobs: &[Job]) {
+    let mut t = table(&["ID", "KIND", "STATE", "NODES×GPUS", "ATTEMPT", "SUBMITTED", "DURATION", "REASON"]);
+    for job in jobs {
+        t.add_row(vec![
+            job.id.clone(),
+            job.kind.clone(),
+            state_name(job.state).to_string(),
+            format!("{}×{}", job.nodes, job.gpus_per_node),
+            job.attempt.to_string(),
+            ago(job.submitted_unix_ms),
+            duration(job),
+            job.reason.clone(),
+        ]);
+    }
+    println!("{t}");
+}
+
+fn print_status(job: &Job) {
+    println!("job:       {} ({})", job.id, job.kind);
+    println!("state:     {}", state_name(job.state));
+    println!("reason:    {}", job.reason);
+    println!("size:      {} node(s) × {} GPU(s), priority {}", job.nodes, job.gpus_per_node, job.priority);
+    println!("attempt:   {}", job.attempt);
+    println!("submitted: {}", ago(job.submitted_unix_ms));
+    if job.started_unix_ms > 0 {
+        println!("duration:  {}", duration(job));
+    }
+    if let Some(f) = &job.failure {
+        println!("failure:   {}", f.message);
+    }
+    if job.live_processes > 0 {
+        println!("alive:     {} process(es)", job.live_processes);
+    }
+    if let Some(plan) = &job.plan {
+        println!("master:    {}:{}", plan.master_addr, plan.master_port);
+        let mut t = table(&["NODE", "NODE RANK", "PROCESS", "RANK", "PID", "PHASE", "EXIT"]);
+        for p in &job.processes {
+            let phase = match ProcessPhase::try_from(p.phase) {
+                Ok(ProcessPhase::Launching) => "Launching",
+                Ok(ProcessPhase::Running) => "Running",
+                Ok(ProcessPhase::Exited) => "Exited",
+                Ok(ProcessPhase::SpawnFailed) => "SpawnFailed",
+                Ok(ProcessPhase::Lost) => "Lost",
+                _ => "Unknown",
+            };
+            let exit = if p.phase == ProcessPhase::Exited as i32 {
+                let how = describe_exit(p.exit_code, p.signal);
+                if p.stopped_by_agent { format!("{how} (stopped)") } else { how }
+            } else {
+                String::new()
+            };
+            t.add_row(vec![
+                p.node_name.clone(),
+                p.node_rank.to_string(),
+                p.index.to_string(),
+                p.global_rank.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                if p.pid > 0 { p.pid.to_string() } else { "-".into() },
+                phase.to_string(),
+                exit,
+            ]);
+        }
+        println!("{t}");
+    }
+}
+
+fn ago(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "never".into();
+    }
+    let secs = ((cohort_proto::now_unix_ms() - unix_ms).max(0) / 1000) as u64;
+    format!("{} ago", humantime::format_duration(Duration::from_secs(secs)))
+}
+
+fn duration(job: &Job) -> String {
+    if job.started_unix_ms <= 0 {
+        return "-".into();
+    }
+    let end = if job.finished_unix_ms > 0 { job.finished_unix_ms } else { cohort_proto::now_unix_ms() };
+    let secs = ((end - job.started_unix_ms).max(0) / 1000) as u64;
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
