@@ -2,11 +2,7 @@
 //! Cohort needs no `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
-        "proto/cohort/v1/common.proto",
-        "proto/cohort/v1/agent.proto",
-        "proto/cohort/v1/job.proto",
-    ];
+    let files = ["proto/cohort/v1/common.proto", "proto/cohort/v1/agent.proto", "proto/cohort/v1/job.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }
@@ -15,13 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let encoded = prost::Message::encode_to_vec(&descriptors);
     std::fs::write(out_dir.join("cohort_descriptor.bin"), &encoded)?;
     // Proto3 JSON mapping (enum names, camelCase) for `--output json`.
-    pbjson_build::Builder::new()
-        .register_descriptors(&encoded)?
-        .preserve_proto_field_names()
-        .build(&[".cohort.v1"])?;
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_fds(descriptors)?;
+    pbjson_build::Builder::new().register_descriptors(&encoded)?.preserve_proto_field_names().build(&[".cohort.v1"])?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(descriptors)?;
     Ok(())
 }

@@ -94,12 +94,10 @@ async fn session(
     supervisor: &Supervisor,
     outbound: &mut mpsc::Receiver<Outbound>,
 ) -> Result<(), SessionError> {
-    let mut client = AgentServiceClient::new(connect(&config.controller_url).await?).max_decoding_message_size(16 << 20);
+    let mut client =
+        AgentServiceClient::new(connect(&config.controller_url).await?).max_decoding_message_size(16 << 20);
     let running = supervisor.report(true).await;
-    let registered = client
-        .register(RegisterRequest { node: Some(config.node.clone()), running })
-        .await?
-        .into_inner();
+    let registered = client.register(RegisterRequest { node: Some(config.node.clone()), running }).await?.into_inner();
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
     let (tx, rx) = mpsc::channel::<AgentMessage>(1024);
     let hello = Hello { node_name: config.node.name.clone(), session_id: registered.session_id };

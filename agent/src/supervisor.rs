@@ -96,7 +96,8 @@ impl Supervisor {
             .map_err(|source| LaunchError::Io { path: log_dir.display().to_string(), source })?;
         let cwd = if cmd.workdir.is_empty() {
             let dir = self.inner.work_dir.join("jobs").join(&cmd.job_id).join("workdir");
-            std::fs::create_dir_all(&dir).map_err(|source| LaunchError::Io { path: dir.display().to_string(), source })?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| LaunchError::Io { path: dir.display().to_string(), source })?;
             dir
         } else {
             let dir = PathBuf::from(&cmd.workdir);
@@ -121,7 +122,12 @@ impl Supervisor {
                         index: spec.index,
                         pid: 0,
                         started_unix_ms: 0,
-                        exited: Some(ProcessExited { exit_code: Some(127), signal: None, stopped_by_agent: false, ended_unix_ms: now_unix_ms() }),
+                        exited: Some(ProcessExited {
+                            exit_code: Some(127),
+                            signal: None,
+                            stopped_by_agent: false,
+                            ended_unix_ms: now_unix_ms(),
+                        }),
                         stop_requested: false,
                         done,
                     });
@@ -142,7 +148,8 @@ impl Supervisor {
     ) -> Result<Supervised, String> {
         let Some(program) = spec.argv.first() else { return Err("empty command line".into()) };
         // A relative program path with a slash is relative to the workdir.
-        let program = if program.contains('/') && !program.starts_with('/') { cwd.join(program) } else { PathBuf::from(program) };
+        let program =
+            if program.contains('/') && !program.starts_with('/') { cwd.join(program) } else { PathBuf::from(program) };
         let mut command = tokio::process::Command::new(&program);
         command
             .args(&spec.argv[1..])
@@ -164,8 +171,12 @@ impl Supervisor {
         self.event(&cmd.job_id, cmd.attempt, spec.index, Event::Started(ProcessStarted { pid, started_unix_ms })).await;
 
         let readers = [
-            child.stdout.take().map(|s| self.capture(cmd, spec.index, LogStream::Stdout, s, log_dir.join(format!("{}.out", spec.index)))),
-            child.stderr.take().map(|s| self.capture(cmd, spec.index, LogStream::Stderr, s, log_dir.join(format!("{}.err", spec.index)))),
+            child.stdout.take().map(|s| {
+                self.capture(cmd, spec.index, LogStream::Stdout, s, log_dir.join(format!("{}.out", spec.index)))
+            }),
+            child.stderr.take().map(|s| {
+                self.capture(cmd, spec.index, LogStream::Stderr, s, log_dir.join(format!("{}.err", spec.index)))
+            }),
         ];
         let (done_tx, done) = watch::channel(false);
         let this = self.clone();
@@ -243,12 +254,18 @@ impl Supervisor {
             },
             Err(e) => {
                 tracing::error!(job = job_id, index, error = %e, "waiting for the process failed");
-                ProcessExited { exit_code: None, signal: None, stopped_by_agent: p.stop_requested, ended_unix_ms: now_unix_ms() }
+                ProcessExited {
+                    exit_code: None,
+                    signal: None,
+                    stopped_by_agent: p.stop_requested,
+                    ended_unix_ms: now_unix_ms(),
+                }
             }
         };
         p.exited = Some(exited);
         tracing::info!(job = job_id, attempt, index, code = ?exited.exit_code, signal = ?exited.signal, "process exited");
-        let failed = !exited.stopped_by_agent && !(exited.exit_code == Some(0) && exited.signal.is_none());
+        let clean = exited.exit_code == Some(0) && exited.signal.is_none();
+        let failed = !exited.stopped_by_agent && !clean;
         let siblings_alive = launch.processes.iter().any(|p| p.exited.is_none());
         if !siblings_alive {
             launch.ended_at = Some(Instant::now());
@@ -326,7 +343,12 @@ impl Supervisor {
                 processes: l
                     .processes
                     .iter()
-                    .map(|p| RunningProcess { index: p.index, pid: p.pid, started_unix_ms: p.started_unix_ms, exited: p.exited })
+                    .map(|p| RunningProcess {
+                        index: p.index,
+                        pid: p.pid,
+                        started_unix_ms: p.started_unix_ms,
+                        exited: p.exited,
+                    })
                     .collect(),
             })
             .collect();
@@ -351,11 +373,8 @@ impl Supervisor {
 /// Kills (SIGKILL) every process of this node's launch that is still alive,
 /// found by its inherited COHORT_* variables. Returns how many it killed.
 fn sweep(job_id: &str, attempt: u32, node: &str) -> usize {
-    let wanted = [
-        format!("COHORT_JOB_ID={job_id}"),
-        format!("COHORT_ATTEMPT={attempt}"),
-        format!("COHORT_NODE_NAME={node}"),
-    ];
+    let wanted =
+        [format!("COHORT_JOB_ID={job_id}"), format!("COHORT_ATTEMPT={attempt}"), format!("COHORT_NODE_NAME={node}")];
     let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
     let me = std::process::id();
     let mut killed = 0;

@@ -27,10 +27,8 @@ pub struct Api {
 }
 
 fn finished(job: &Job) -> bool {
-    matches!(
-        JobState::try_from(job.state),
-        Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled)
-    ) && job.live_processes == 0
+    matches!(JobState::try_from(job.state), Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled))
+        && job.live_processes == 0
 }
 
 #[tonic::async_trait]
@@ -87,10 +85,8 @@ impl AgentService for Api {
 #[tonic::async_trait]
 impl JobService for Api {
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
-        let file = request
-            .into_inner()
-            .file
-            .ok_or_else(|| Status::invalid_argument("SubmitJobRequest.file is required"))?;
+        let file =
+            request.into_inner().file.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.file is required"))?;
         let (job, warnings) = self.controller.submit(file).await?;
         Ok(Response::new(SubmitJobResponse { job: Some(job), warnings }))
     }
@@ -122,7 +118,8 @@ impl JobService for Api {
         let stream = async_stream(move |tx| async move {
             let id = job.id.clone();
             let done = finished(&job);
-            let first = JobEvent { unix_ms: cohort_proto::now_unix_ms(), job: Some(job), message: "current state".into() };
+            let first =
+                JobEvent { unix_ms: cohort_proto::now_unix_ms(), job: Some(job), message: "current state".into() };
             if tx.send(Ok(first)).await.is_err() || done {
                 return;
             }
@@ -139,7 +136,8 @@ impl JobService for Api {
                         // Missed events: send the current state instead.
                         let Ok(job) = controller.get(&id).await else { return };
                         let done = finished(&job);
-                        let ev = JobEvent { unix_ms: cohort_proto::now_unix_ms(), job: Some(job), message: "resync".into() };
+                        let ev =
+                            JobEvent { unix_ms: cohort_proto::now_unix_ms(), job: Some(job), message: "resync".into() };
                         if tx.send(Ok(ev)).await.is_err() || done {
                             return;
                         }
@@ -157,7 +155,10 @@ impl JobService for Api {
 
     type StreamLogsStream = BoxStream<JobLogLine>;
 
-    async fn stream_logs(&self, request: Request<StreamLogsRequest>) -> Result<Response<Self::StreamLogsStream>, Status> {
+    async fn stream_logs(
+        &self,
+        request: Request<StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let req = request.into_inner();
         let (job, mut events) = self.controller.watch(&req.job).await?;
         let id = job.id.clone();

@@ -101,11 +101,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Verb::Nodes => nodes(&mut client, out).await,
         Verb::Plan { .. } => plan(&mut client, file.unwrap_or_default(), out).await,
         Verb::Submit { wait, follow, .. } => {
-            let response = client
-                .submit_job(SubmitJobRequest { file: file })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let response = client.submit_job(SubmitJobRequest { file }).await.map_err(status_error)?.into_inner();
             let job = response.job.unwrap_or_default();
             for warning in &response.warnings {
                 eprintln!("warning: {warning}");
@@ -127,7 +123,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Verb::Jobs { active } => {
-            let jobs = client.list_jobs(ListJobsRequest { active_only: active }).await.map_err(status_error)?.into_inner();
+            let jobs =
+                client.list_jobs(ListJobsRequest { active_only: active }).await.map_err(status_error)?.into_inner();
             if out == Output::Json {
                 print_json(&jobs)?;
             } else {
@@ -232,7 +229,8 @@ async fn logs(
     tail: Option<u32>,
     out: Output,
 ) -> anyhow::Result<()> {
-    let request = StreamLogsRequest { job: job.into(), node: node.unwrap_or_default(), follow, tail: tail.unwrap_or(0) };
+    let request =
+        StreamLogsRequest { job: job.into(), node: node.unwrap_or_default(), follow, tail: tail.unwrap_or(0) };
     let mut lines = client.stream_logs(request).await.map_err(status_error)?.into_inner();
     while let Some(line) = lines.message().await.map_err(status_error)? {
         if out == Output::Json {
@@ -319,7 +317,9 @@ async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output
         println!("parallel layout: {}", response.parallel_layout);
     }
     if let Some(gib) = response.memory_estimate_gib {
-        println!("memory estimate: {gib:.1} GiB per GPU (weights, gradients, optimizer state; activations not included)");
+        println!(
+            "memory estimate: {gib:.1} GiB per GPU (weights, gradients, optimizer state; activations not included)"
+        );
     }
     match &response.plan {
         Some(plan) => {
@@ -327,7 +327,13 @@ async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output
             for node in &plan.nodes {
                 let gpus: Vec<String> = node.gpu_indices.iter().map(u32::to_string).collect();
                 println!();
-                println!("node {} ({}): node rank {}, GPUs [{}]", node.node_name, node.address, node.node_rank, gpus.join(","));
+                println!(
+                    "node {} ({}): node rank {}, GPUs [{}]",
+                    node.node_name,
+                    node.address,
+                    node.node_rank,
+                    gpus.join(",")
+                );
                 if !node.workdir.is_empty() {
                     println!("  workdir: {}", node.workdir);
                 }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_proto::{
-    ControllerMessage, Failure, GangPlan, Job, JobEvent, JobFile, JobRecord, JobState, LaunchCommand, Node,
-    NodeInfo, NodeRecord, NodeState, ProcessExited, ProcessPhase, ProcessStatus, RunningLaunch, StopCommand,
+    ControllerMessage, Failure, GangPlan, Job, JobEvent, JobFile, JobRecord, JobState, LaunchCommand, Node, NodeInfo,
+    NodeRecord, NodeState, ProcessExited, ProcessPhase, ProcessStatus, RunningLaunch, StopCommand,
     controller_message::Command, now_unix_ms,
 };
 use cohort_shared::spec::{JobSpec, Workload};
@@ -114,10 +114,7 @@ impl JobEntry {
 }
 
 fn is_live(p: &ProcessStatus) -> bool {
-    matches!(
-        ProcessPhase::try_from(p.phase),
-        Ok(ProcessPhase::Launching) | Ok(ProcessPhase::Running)
-    )
+    matches!(ProcessPhase::try_from(p.phase), Ok(ProcessPhase::Launching) | Ok(ProcessPhase::Running))
 }
 
 fn recount(job: &mut Job) {
@@ -318,7 +315,12 @@ impl Controller {
                     &spec,
                     &placement,
                     &views,
-                    &RenderInput { job_id: &format!("{}-<id>", spec.name), attempt: 1, master_port: port, workdir: workdir.as_deref() },
+                    &RenderInput {
+                        job_id: &format!("{}-<id>", spec.name),
+                        attempt: 1,
+                        master_port: port,
+                        workdir: workdir.as_deref(),
+                    },
                 ));
             }
             Err(e) => response.placement_error = e.to_string(),
@@ -415,8 +417,12 @@ impl Controller {
 
     // --------------------------------------------------------------- agent API
 
-    pub async fn register(&self, req: cohort_proto::RegisterRequest) -> Result<cohort_proto::RegisterResponse, ControllerError> {
-        let info = req.node.ok_or_else(|| ControllerError::InvalidRequest("RegisterRequest.node is required".into()))?;
+    pub async fn register(
+        &self,
+        req: cohort_proto::RegisterRequest,
+    ) -> Result<cohort_proto::RegisterResponse, ControllerError> {
+        let info =
+            req.node.ok_or_else(|| ControllerError::InvalidRequest("RegisterRequest.node is required".into()))?;
         validate_node(&info)?;
         let session_id = format!("{:016x}", rand::random::<u64>());
         let mut state = self.state.lock().await;
@@ -497,7 +503,11 @@ impl Controller {
             if vanished {
                 let entry = state.jobs.get_mut(&id);
                 if let Some(entry) = entry.filter(|e| e.is_active()) {
-                    let node_rank = entry.plan().and_then(|p| p.nodes.iter().find(|a| a.node_name == node)).map(|a| a.node_rank).unwrap_or(0);
+                    let node_rank = entry
+                        .plan()
+                        .and_then(|p| p.nodes.iter().find(|a| a.node_name == node))
+                        .map(|a| a.node_rank)
+                        .unwrap_or(0);
                     for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
                         p.phase = ProcessPhase::Lost as i32;
                     }
@@ -513,15 +523,14 @@ impl Controller {
     /// Binds a stream to the node that registered with `session_id`.
     pub async fn attach(&self, node: &str, session_id: &str, tx: SessionSender) -> Result<(), ControllerError> {
         let mut state = self.state.lock().await;
-        let entry = state
-            .nodes
-            .get_mut(node)
-            .filter(|n| n.registered_session.as_deref() == Some(session_id))
-            .ok_or_else(|| {
-                ControllerError::FailedPrecondition(format!(
-                    "node {node:?} has no registration with session {session_id:?}: call Register first"
-                ))
-            })?;
+        let entry =
+            state.nodes.get_mut(node).filter(|n| n.registered_session.as_deref() == Some(session_id)).ok_or_else(
+                || {
+                    ControllerError::FailedPrecondition(format!(
+                        "node {node:?} has no registration with session {session_id:?}: call Register first"
+                    ))
+                },
+            )?;
         entry.session = Some((session_id.to_string(), tx));
         entry.last_seen = Instant::now();
         drop(state);
@@ -570,7 +579,8 @@ impl Controller {
         }
         let message = match event.event {
             Some(Event::Started(started)) => {
-                if let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == event.index) {
+                if let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == event.index)
+                {
                     p.phase = ProcessPhase::Running as i32;
                     p.pid = started.pid;
                     p.started_unix_ms = started.started_unix_ms;
@@ -587,11 +597,20 @@ impl Controller {
             }
             Some(Event::Exited(exited)) => {
                 self.apply_exit(&mut state, &id, node, event.index, exited);
-                format!("process {} on node {node} exited with {}", event.index, describe_exit(exited.exit_code, exited.signal))
+                format!(
+                    "process {} on node {node} exited with {}",
+                    event.index,
+                    describe_exit(exited.exit_code, exited.signal)
+                )
             }
             Some(Event::SpawnFailed(error)) => {
-                let node_rank = entry.plan().and_then(|p| p.nodes.iter().find(|a| a.node_name == node)).map(|a| a.node_rank).unwrap_or(0);
-                if let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == event.index) {
+                let node_rank = entry
+                    .plan()
+                    .and_then(|p| p.nodes.iter().find(|a| a.node_name == node))
+                    .map(|a| a.node_rank)
+                    .unwrap_or(0);
+                if let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == event.index)
+                {
                     p.phase = ProcessPhase::SpawnFailed as i32;
                 }
                 recount(&mut entry.job);
@@ -600,7 +619,13 @@ impl Controller {
                     self.fail(
                         &mut state,
                         &id,
-                        Failure { node_name: node.into(), node_rank, process_index: event.index, message: message.clone(), ..Failure::default() },
+                        Failure {
+                            node_name: node.into(),
+                            node_rank,
+                            process_index: event.index,
+                            message: message.clone(),
+                            ..Failure::default()
+                        },
                     );
                 }
                 message
@@ -637,7 +662,8 @@ impl Controller {
 
     fn apply_exit(&self, state: &mut State, id: &str, node: &str, index: u32, exited: ProcessExited) {
         let Some(entry) = state.jobs.get_mut(id) else { return };
-        let node_rank = entry.plan().and_then(|p| p.nodes.iter().find(|a| a.node_name == node)).map(|a| a.node_rank).unwrap_or(0);
+        let node_rank =
+            entry.plan().and_then(|p| p.nodes.iter().find(|a| a.node_name == node)).map(|a| a.node_rank).unwrap_or(0);
         let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == index) else { return };
         p.phase = ProcessPhase::Exited as i32;
         p.exit_code = exited.exit_code;
@@ -772,13 +798,24 @@ impl Controller {
                 .collect();
             for id in ids {
                 let Some(entry) = state.jobs.get_mut(&id) else { continue };
-                let node_rank = entry.plan().and_then(|p| p.nodes.iter().find(|a| a.node_name == node)).map(|a| a.node_rank).unwrap_or(0);
+                let node_rank = entry
+                    .plan()
+                    .and_then(|p| p.nodes.iter().find(|a| a.node_name == node))
+                    .map(|a| a.node_rank)
+                    .unwrap_or(0);
                 for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
                     p.phase = ProcessPhase::Lost as i32;
                 }
                 recount(&mut entry.job);
-                let message = format!("node {node} (node rank {node_rank}) lost: no heartbeat for {}", humantime::format_duration(ttl));
-                self.fail(state, &id, Failure { node_name: node.clone(), node_rank, message: message.clone(), ..Failure::default() });
+                let message = format!(
+                    "node {node} (node rank {node_rank}) lost: no heartbeat for {}",
+                    humantime::format_duration(ttl)
+                );
+                self.fail(
+                    state,
+                    &id,
+                    Failure { node_name: node.clone(), node_rank, message: message.clone(), ..Failure::default() },
+                );
                 self.persist_job(state, &id).await?;
                 self.publish(state, &id, &message);
             }
@@ -798,13 +835,8 @@ impl Controller {
             .values()
             .map(|n| {
                 let taken = used.get(n.info.name.as_str());
-                let free_gpus: Vec<u32> = n
-                    .info
-                    .gpus
-                    .iter()
-                    .map(|g| g.index)
-                    .filter(|i| taken.is_none_or(|t| !t.contains(i)))
-                    .collect();
+                let free_gpus: Vec<u32> =
+                    n.info.gpus.iter().map(|g| g.index).filter(|i| taken.is_none_or(|t| !t.contains(i))).collect();
                 let unavailable = match (n.state, &n.session) {
                     (NodeState::Ready, Some(_)) => None,
                     (NodeState::Lost, _) => Some("lost".to_string()),
@@ -839,10 +871,7 @@ impl Controller {
         let (lo, hi) = (*config.master_ports.start(), *config.master_ports.end());
         let span = (hi - lo) as u32 + 1;
         let start = state.next_port.clamp(lo, hi);
-        (0..span)
-            .map(|i| lo + (((start - lo) as u32 + i) % span) as u16)
-            .find(|p| !used.contains(p))
-            .unwrap_or(start)
+        (0..span).map(|i| lo + (((start - lo) as u32 + i) % span) as u16).find(|p| !used.contains(p)).unwrap_or(start)
     }
 
     /// Places pending jobs in priority order, then submission order. A job
@@ -876,7 +905,9 @@ impl Controller {
                     break;
                 }
             };
-            if Self::used_ports(state).len() > (self.config.master_ports.end() - self.config.master_ports.start()) as usize {
+            if Self::used_ports(state).len()
+                > (self.config.master_ports.end() - self.config.master_ports.start()) as usize
+            {
                 tracing::warn!(job = %id, "every MASTER_PORT of the range is leased; waiting");
                 break;
             }
@@ -905,7 +936,8 @@ impl Controller {
         );
         entry.job.attempt = attempt;
         entry.job.state = JobState::Starting as i32;
-        entry.job.reason = format!("launching on {}", placement.nodes.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "));
+        entry.job.reason =
+            format!("launching on {}", placement.nodes.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "));
         entry.job.started_unix_ms = now_unix_ms();
         entry.job.processes = plan
             .nodes
@@ -943,7 +975,11 @@ impl Controller {
                     processes: a.processes.clone(),
                 })),
             };
-            let sent = state.nodes.get(&a.node_name).and_then(|n| n.session.as_ref()).is_some_and(|(_, tx)| tx.send(Ok(msg)).is_ok());
+            let sent = state
+                .nodes
+                .get(&a.node_name)
+                .and_then(|n| n.session.as_ref())
+                .is_some_and(|(_, tx)| tx.send(Ok(msg)).is_ok());
             if !sent {
                 unreachable = Some((a.node_name.clone(), a.node_rank));
                 break;
@@ -980,11 +1016,13 @@ impl Controller {
         }
         for node in state.nodes.values().filter(|n| n.session.is_some()) {
             for launch in &node.reported {
-                let wanted = state.jobs.get(&launch.job_id).is_some_and(|e| {
-                    e.is_active() && e.job.attempt == launch.attempt && e.on_node(&node.info.name)
-                });
+                let wanted = state
+                    .jobs
+                    .get(&launch.job_id)
+                    .is_some_and(|e| e.is_active() && e.job.attempt == launch.attempt && e.on_node(&node.info.name));
                 if !wanted && launch.processes.iter().any(|p| p.exited.is_none()) {
-                    let grace = state.jobs.get(&launch.job_id).map(|e| e.spec.stop_grace).unwrap_or(Duration::from_secs(10));
+                    let grace =
+                        state.jobs.get(&launch.job_id).map(|e| e.spec.stop_grace).unwrap_or(Duration::from_secs(10));
                     wanted_stops.push((node.info.name.clone(), launch.job_id.clone(), launch.attempt, grace));
                 }
             }
@@ -1022,7 +1060,11 @@ impl Controller {
 
     fn publish(&self, state: &State, id: &str, message: &str) {
         if let Some(entry) = state.jobs.get(id) {
-            let _ = self.events.send(JobEvent { unix_ms: now_unix_ms(), job: Some(entry.job.clone()), message: message.into() });
+            let _ = self.events.send(JobEvent {
+                unix_ms: now_unix_ms(),
+                job: Some(entry.job.clone()),
+                message: message.into(),
+            });
         }
     }
 }
@@ -1046,7 +1088,10 @@ fn validate_node(info: &NodeInfo) -> Result<(), ControllerError> {
     let mut seen = HashSet::new();
     for gpu in &info.gpus {
         if !seen.insert(gpu.index) {
-            return Err(ControllerError::InvalidRequest(format!("node {}: GPU index {} listed twice", info.name, gpu.index)));
+            return Err(ControllerError::InvalidRequest(format!(
+                "node {}: GPU index {} listed twice",
+                info.name, gpu.index
+            )));
         }
     }
     Ok(())

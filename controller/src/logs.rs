@@ -86,8 +86,10 @@ impl LogHub {
         let first_in_memory = logs.lines.front().map(|l| l.seq).unwrap_or(logs.next_seq);
         if from < first_in_memory {
             // Older lines than memory holds: read them back from the file.
-            let mut older: Vec<JobLogLine> =
-                read_file(&self.path(job_id)).into_iter().filter(|l| l.seq >= from && l.seq < first_in_memory).collect();
+            let mut older: Vec<JobLogLine> = read_file(&self.path(job_id))
+                .into_iter()
+                .filter(|l| l.seq >= from && l.seq < first_in_memory)
+                .collect();
             older.append(&mut lines);
             lines = older;
         }

@@ -50,11 +50,7 @@ pub fn place(spec: &JobSpec, nodes: &[NodeView]) -> Result<Placement, PlacementE
     let mut rejected: Vec<String> = Vec::new();
     let mut could_ever = 0usize;
     for node in nodes {
-        if let Some(missing) = spec
-            .node_selector
-            .iter()
-            .find(|(k, v)| node.labels.get(*k) != Some(*v))
-        {
+        if let Some(missing) = spec.node_selector.iter().find(|(k, v)| node.labels.get(*k) != Some(*v)) {
             rejected.push(format!("{} lacks label {}={}", node.name, missing.0, missing.1));
             continue;
         }
@@ -64,12 +60,7 @@ pub fn place(spec: &JobSpec, nodes: &[NodeView]) -> Result<Placement, PlacementE
         if let Some(why) = &node.unavailable {
             rejected.push(format!("{} is {why}", node.name));
         } else if (node.free_gpus.len() as u32) < spec.gpus_per_node {
-            rejected.push(format!(
-                "{} has {} of {} GPUs free",
-                node.name,
-                node.free_gpus.len(),
-                node.total_gpus
-            ));
+            rejected.push(format!("{} has {} of {} GPUs free", node.name, node.free_gpus.len(), node.total_gpus));
         } else {
             eligible.push(node);
         }
@@ -78,15 +69,10 @@ pub fn place(spec: &JobSpec, nodes: &[NodeView]) -> Result<Placement, PlacementE
         let selector = if spec.node_selector.is_empty() {
             String::new()
         } else {
-            let labels: Vec<String> =
-                spec.node_selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let labels: Vec<String> = spec.node_selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
             format!(" and labels {}", labels.join(","))
         };
-        let details = if rejected.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", rejected.join("; "))
-        };
+        let details = if rejected.is_empty() { String::new() } else { format!(" ({})", rejected.join("; ")) };
         return Err(PlacementError {
             wanted: spec.nodes,
             gpus_per_node: spec.gpus_per_node,

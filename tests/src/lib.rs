@@ -1,1 +1,340 @@
-//! Test harness.
+//! A local Cohort cluster made of real processes for integration tests: one
+//! `cohort-controller` and N `cohort-agent`s, each agent a "node" with its own
+//! loopback address (127.0.0.2, 127.0.0.3, ...), talking over real sockets.
+//!
+//! The binaries come from the same target directory as the test (build them
+//! first: `cargo build --workspace`).
+#![allow(clippy::unwrap_used)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cohort_proto::job_service_client::JobServiceClient;
+use cohort_proto::{GetJobRequest, Job, JobFile, JobState, ListNodesRequest, NodeState, SubmitJobRequest};
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tonic::transport::Channel;
+
+/// Where `cargo build` put the binaries of this workspace.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test binary>
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} not found: run `cargo build --workspace` before the tests", path.display());
+    path
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A block of ports held for one cluster (controller port and MASTER_PORT
+/// range), locked across test processes so parallel tests never share ports.
+struct PortBlock {
+    _lock: Flock<File>,
+    base: u16,
+}
+
+const BLOCK: u16 = 40;
+
+impl PortBlock {
+    fn take() -> PortBlock {
+        // 20000-27999: below the usual ephemeral range (32768+) and below
+        // Cohort's default MASTER_PORT range.
+        for i in 0..200u16 {
+            let base = 20000 + i * BLOCK;
+            let path = std::env::temp_dir().join(format!("cohort-test-ports-{base}.lock"));
+            let Ok(file) = File::create(&path) else { continue };
+            if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                return PortBlock { _lock: lock, base };
+            }
+        }
+        panic!("no free test port block");
+    }
+}
+
+pub struct NodeSpec {
+    pub name: String,
+    pub address: String,
+    pub fake_gpus: u32,
+    pub labels: String,
+}
+
+impl NodeSpec {
+    /// Node `i` (0-based) at 127.0.0.(i+2) with `gpus` fake GPUs.
+    pub fn loopback(i: usize, gpus: u32) -> NodeSpec {
+        NodeSpec {
+            name: format!("node{i}"),
+            address: format!("127.0.0.{}", i + 2),
+            fake_gpus: gpus,
+            labels: String::new(),
+        }
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    ports: PortBlock,
+    controller: Option<Child>,
+    agents: Vec<Option<Child>>,
+    pub nodes: Vec<NodeSpec>,
+    extra_controller_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts a controller and one agent per node; returns once every node is Ready.
+    pub async fn start(nodes: Vec<NodeSpec>) -> anyhow::Result<Cluster> {
+        Self::start_with(nodes, &[]).await
+    }
+
+    pub async fn start_with(nodes: Vec<NodeSpec>, controller_args: &[&str]) -> anyhow::Result<Cluster> {
+        let ports = PortBlock::take();
+        let dir = tempfile::Builder::new().prefix("cohort-test-").tempdir()?;
+        let url = format!("http://127.0.0.1:{}", ports.base);
+        let mut cluster = Cluster {
+            dir,
+            url,
+            ports,
+            controller: None,
+            agents: Vec::new(),
+            nodes,
+            extra_controller_args: controller_args.iter().map(|s| s.to_string()).collect(),
+        };
+        cluster.start_controller()?;
+        for i in 0..cluster.nodes.len() {
+            let child = cluster.spawn_agent(i)?;
+            cluster.agents.push(Some(child));
+        }
+        let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+        cluster.wait_nodes_ready(&names, Duration::from_secs(20)).await?;
+        Ok(cluster)
+    }
+
+    pub fn start_controller(&mut self) -> anyhow::Result<()> {
+        let log = File::create(self.dir.path().join("controller.log"))?;
+        let master = format!("{}-{}", self.ports.base + 1, self.ports.base + BLOCK - 1);
+        let child = Command::new(bin("cohort-controller"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.ports.base)])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("controller"))
+            .args(["--master-ports", &master])
+            .args(&self.extra_controller_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting cohort-controller")?;
+        self.controller = Some(child);
+        Ok(())
+    }
+
+    fn spawn_agent(&self, i: usize) -> anyhow::Result<Child> {
+        let node = &self.nodes[i];
+        let log = File::options().create(true).append(true).open(self.dir.path().join(format!("{}.log", node.name)))?;
+        Command::new(bin("cohort-agent"))
+            .args(["--controller", &self.url, "--node-name", &node.name, "--advertise-addr", &node.address])
+            .arg("--work-dir")
+            .arg(self.dir.path().join(&node.name))
+            .args(["--fake-gpus", &node.fake_gpus.to_string(), "--labels", &node.labels, "--max-backoff", "1s"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting cohort-agent")
+    }
+
+    /// SIGKILLs the controller (a crash) and waits for it to be gone.
+    pub fn kill_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERMs the controller and waits; returns its exit status.
+    pub fn stop_controller(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.controller.take()?;
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        c.wait().ok()
+    }
+
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut a) = self.agents[i].take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
+    pub async fn client(&self) -> anyhow::Result<JobServiceClient<Channel>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match JobServiceClient::connect(self.url.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) if tokio::time::Instant::now() > deadline => bail!("controller unreachable: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    pub async fn wait_nodes_ready(&self, names: &[String], within: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(mut c) = self.client().await
+                && let Ok(r) = c.list_nodes(ListNodesRequest {}).await
+            {
+                let ready = r
+                    .into_inner()
+                    .nodes
+                    .iter()
+                    .filter(|n| {
+                        n.state == NodeState::Ready as i32
+                            && names.iter().any(|x| Some(x) == n.info.as_ref().map(|i| &i.name))
+                    })
+                    .count();
+                if ready == names.len() {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("nodes {names:?} not Ready within {within:?}; logs in {}", self.dir.path().display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn submit(&self, yaml: &str) -> anyhow::Result<Job> {
+        let file =
+            JobFile { yaml: yaml.into(), source_name: "test.yaml".into(), base_dir: repo_root().display().to_string() };
+        let r = self.client().await?.submit_job(SubmitJobRequest { file: Some(file) }).await?;
+        r.into_inner().job.context("no job in response")
+    }
+
+    pub async fn job(&self, id: &str) -> anyhow::Result<Job> {
+        Ok(self.client().await?.get_job(GetJobRequest { job: id.into() }).await?.into_inner())
+    }
+
+    /// Polls the job until `done(job)` or the deadline.
+    pub async fn wait_job(&self, id: &str, within: Duration, done: impl Fn(&Job) -> bool) -> anyhow::Result<Job> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(job) = self.job(id).await
+                && done(&job)
+            {
+                return Ok(job);
+            }
+            if tokio::time::Instant::now() > deadline {
+                let job = self.job(id).await.ok();
+                bail!(
+                    "job {id} did not reach the expected state within {within:?}: {job:?}; logs in {}",
+                    self.dir.path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the job is terminal and every process is gone.
+    pub async fn wait_finished(&self, id: &str, within: Duration) -> anyhow::Result<Job> {
+        self.wait_job(id, within, |j| is_terminal(j) && j.live_processes == 0).await
+    }
+
+    /// Runs the `cohort` CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("cohort"))
+            .args(["--controller", &self.url])
+            .args(args)
+            .current_dir(repo_root())
+            .output()
+            .unwrap()
+    }
+
+    pub fn controller_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Agents first (they stop their ranks on SIGTERM), then the controller.
+        let children: Vec<Child> =
+            self.agents.iter_mut().filter_map(Option::take).chain(self.controller.take()).collect();
+        for c in &children {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        }
+        for mut c in children {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    _ if std::time::Instant::now() > deadline => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        if std::env::var_os("COHORT_KEEP_TEST_DIRS").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            eprintln!("kept {}", dir.keep().display());
+        }
+    }
+}
+
+pub fn is_terminal(job: &Job) -> bool {
+    matches!(JobState::try_from(job.state), Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled))
+}
+
+pub fn state(job: &Job) -> JobState {
+    JobState::try_from(job.state).unwrap_or(JobState::Unspecified)
+}
+
+/// Process groups of the job that still have a live (non-zombie) member; each
+/// process the agent starts leads its own group.
+pub fn live_groups(job: &Job) -> Vec<u32> {
+    let groups: Vec<u32> = job.processes.iter().filter(|p| p.pid > 0).map(|p| p.pid).collect();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut live: Vec<u32> = dir
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ')'.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let mut fields = rest.split(' ');
+            let state = fields.next()?;
+            let pgrp: u32 = fields.nth(1)?.parse().ok()?;
+            (state != "Z" && groups.contains(&pgrp)).then_some(pgrp)
+        })
+        .collect();
+    live.sort_unstable();
+    live.dedup();
+    live
+}
+
+/// Every process on this machine whose environment says it belongs to the job
+/// (the agent gives each process COHORT_JOB_ID; children inherit it).
+pub fn processes_of_job(job_id: &str) -> Vec<u32> {
+    let marker = format!("COHORT_JOB_ID={job_id}");
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let environ = std::fs::read(e.path().join("environ")).ok()?;
+            // Zombies have an empty environ; a live process of the job has the marker.
+            environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()).then_some(pid)
+        })
+        .collect()
+}

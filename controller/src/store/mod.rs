@@ -32,11 +32,7 @@ pub enum Expect {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store conflict on {key}: expected {expected:?}, found revision {found:?}")]
-    Conflict {
-        key: String,
-        expected: Expect,
-        found: Option<u64>,
-    },
+    Conflict { key: String, expected: Expect, found: Option<u64> },
     #[error("store backend error: {0}")]
     Backend(String),
 }

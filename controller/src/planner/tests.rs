@@ -1,0 +1,192 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+fn node(name: &str, addr: &str, free: &[u32], total: u32) -> NodeView {
+    NodeView {
+        name: name.into(),
+        address: addr.into(),
+        labels: HashMap::new(),
+        free_gpus: free.to_vec(),
+        total_gpus: total,
+        unavailable: None,
+        node_env: vec![],
+    }
+}
+
+fn spec(yaml: &str) -> JobSpec {
+    JobSpec::from_yaml(yaml, "test.yaml").unwrap()
+}
+
+fn env_of(p: &ProcessSpec) -> BTreeMap<String, String> {
+    p.env.iter().map(|v| (v.name.clone(), v.value.clone())).collect()
+}
+
+const QWEN: &str = include_str!("../../../shared/tests/fixtures/jobs/qwen3-8b-sft-2node.yaml");
+
+#[test]
+fn the_two_node_qwen3_job_renders_the_hand_written_command_and_env() {
+    let spec = spec(QWEN);
+    let mut n1 = node("gpu-a", "10.0.0.11", &[0, 1], 2);
+    n1.node_env = vec![EnvVar { name: "MODELSCOPE_CACHE".into(), value: "/mnt/shared/modelscope".into() }];
+    let nodes = [n1, node("gpu-b", "10.0.0.12", &[0, 1], 2)];
+    let placement = place(&spec, &nodes).unwrap();
+    let plan = render(
+        &spec,
+        &placement,
+        &nodes,
+        &RenderInput { job_id: "qwen3-8b-sft-1", attempt: 1, master_port: 29517, workdir: None },
+    );
+
+    let hand_written = "megatron sft --load Qwen3-8B-mcore --dataset /root/dataset/multi_round_output.jsonl \
+        /root/dataset/output_messages.jsonl --split_dataset_ratio 0.01 --tensor_model_parallel_size 2 \
+        --sequence_parallel true --micro_batch_size 2 --global_batch_size 16 --recompute_granularity full \
+        --recompute_method uniform --recompute_num_layers 3 --finetune true --cross_entropy_loss_fusion true \
+        --lr 1e-5 --lr_warmup_fraction 0.05 --min_lr 1e-6 --max_epochs 3 --save /mnt/shared/megatron_output/Qwen3-8B-sft \
+        --save_interval 50 --max_length 2048 --add_version false --system 'You are a helpful assistant.' \
+        --num_workers 4 --dataset_num_proc 4 --model_author swift --model_name swift-robot";
+    let expected: Vec<String> = shell_words_split(hand_written);
+
+    assert_eq!(plan.master_addr, "10.0.0.11");
+    assert_eq!(plan.nodes.len(), 2);
+    for (rank, assignment) in plan.nodes.iter().enumerate() {
+        assert_eq!(assignment.node_rank, rank as u32);
+        assert_eq!(assignment.processes.len(), 1, "megatron sft runs once per node (it wraps torchrun)");
+        let p = &assignment.processes[0];
+        assert_eq!(p.argv, expected);
+        let env = env_of(p);
+        assert_eq!(env["NNODES"], "2");
+        assert_eq!(env["NODE_RANK"], rank.to_string());
+        assert_eq!(env["NPROC_PER_NODE"], "2");
+        assert_eq!(env["WORLD_SIZE"], "4");
+        assert_eq!(env["MASTER_ADDR"], "10.0.0.11");
+        assert_eq!(env["MASTER_PORT"], "29517");
+        assert_eq!(env["CUDA_VISIBLE_DEVICES"], "0,1");
+        assert_eq!(env["PYTORCH_CUDA_ALLOC_CONF"], "expandable_segments:True");
+        assert_eq!(env["MEGATRON_LM_PATH"], "/root/Megatron-LM");
+        assert_eq!(env["COHORT_NODE_IPS"], "10.0.0.11,10.0.0.12");
+        assert_eq!(env["COHORT_JOB_ID"], "qwen3-8b-sft-1");
+        assert!(!env.contains_key("RANK"), "per-node launches leave RANK to torchrun");
+    }
+    assert_eq!(env_of(&plan.nodes[0].processes[0])["MODELSCOPE_CACHE"], "/mnt/shared/modelscope");
+    assert!(!env_of(&plan.nodes[1].processes[0]).contains_key("MODELSCOPE_CACHE"));
+}
+
+/// Splits like a POSIX shell (quotes only), enough for the hand-written command.
+fn shell_words_split(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut has = false;
+    for c in text.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                has = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if has {
+                    out.push(std::mem::take(&mut cur));
+                    has = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                has = true;
+            }
+        }
+    }
+    if has {
+        out.push(cur);
+    }
+    out
+}
+
+#[test]
+fn placement_is_all_or_nothing_and_explains_itself() {
+    let spec = spec("name: big\nkind: command\nnodes: 3\ngpus_per_node: 2\ncommand: [x]\n");
+    let mut lost = node("c", "10.0.0.3", &[0, 1], 2);
+    lost.unavailable = Some("lost".into());
+    let nodes = [node("a", "10.0.0.1", &[0, 1], 2), node("b", "10.0.0.2", &[1], 2), lost];
+    let err = place(&spec, &nodes).unwrap_err();
+    assert_eq!(err.found, 1);
+    assert!(!err.never_fits, "the cluster has three 2-GPU nodes");
+    let text = err.to_string();
+    assert!(text.contains("b has 1 of 2 GPUs free") && text.contains("c is lost"), "{text}");
+
+    let too_big = spec_nodes(4);
+    assert!(place(&too_big, &nodes).unwrap_err().never_fits);
+}
+
+fn spec_nodes(n: u32) -> JobSpec {
+    spec(&format!("name: x\nkind: command\nnodes: {n}\ngpus_per_node: 2\ncommand: [x]\n"))
+}
+
+#[test]
+fn best_fit_keeps_whole_nodes_free_and_ranks_follow_names() {
+    let spec = spec("name: small\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: [x]\n");
+    let nodes = [
+        node("z-busy", "10.0.0.9", &[3], 4),
+        node("a-idle", "10.0.0.1", &[0, 1, 2, 3], 4),
+        node("m-half", "10.0.0.5", &[2, 3], 4),
+    ];
+    let placement = place(&spec, &nodes).unwrap();
+    assert_eq!(placement.nodes, vec![("m-half".to_string(), vec![2]), ("z-busy".to_string(), vec![3])]);
+}
+
+#[test]
+fn node_selector_filters_on_labels() {
+    let spec = spec("name: s\nkind: command\nnodes: 1\ngpus_per_node: 1\nnode_selector: {gpu: h100}\ncommand: [x]\n");
+    let mut h100 = node("b", "10.0.0.2", &[0], 1);
+    h100.labels.insert("gpu".into(), "h100".into());
+    let nodes = [node("a", "10.0.0.1", &[0], 1), h100];
+    assert_eq!(place(&spec, &nodes).unwrap().nodes[0].0, "b");
+    let err = place(&spec, &nodes[..1]).unwrap_err().to_string();
+    assert!(err.contains("a lacks label gpu=h100"), "{err}");
+}
+
+#[test]
+fn per_rank_launch_renders_rank_and_local_rank() {
+    let spec = spec("name: r\nkind: command\nnodes: 2\ngpus_per_node: 2\nlaunch: per-rank\ncommand: [python3, t.py]\n");
+    let nodes = [node("a", "10.0.0.1", &[0, 1], 2), node("b", "10.0.0.2", &[0, 1], 2)];
+    let placement = place(&spec, &nodes).unwrap();
+    let plan = render(
+        &spec,
+        &placement,
+        &nodes,
+        &RenderInput { job_id: "r-1", attempt: 2, master_port: 29600, workdir: Some("/w") },
+    );
+    let ranks: Vec<(String, String, String)> = plan
+        .nodes
+        .iter()
+        .flat_map(|n| n.processes.iter())
+        .map(|p| {
+            let env = env_of(p);
+            (env["RANK"].clone(), env["LOCAL_RANK"].clone(), env["COHORT_ATTEMPT"].clone())
+        })
+        .collect();
+    let want: Vec<(String, String, String)> = [("0", "0"), ("1", "1"), ("2", "0"), ("3", "1")]
+        .iter()
+        .map(|(r, l)| (r.to_string(), l.to_string(), "2".to_string()))
+        .collect();
+    assert_eq!(ranks, want);
+    assert_eq!(plan.nodes[1].processes[1].global_rank, Some(3));
+    assert!(plan.nodes.iter().all(|n| n.workdir == "/w"));
+}
+
+#[test]
+fn cpu_only_command_jobs_get_one_process_and_no_gpus() {
+    let spec = spec("name: cpu\nkind: command\nnodes: 2\ncommand: [x]\n");
+    let nodes = [node("a", "10.0.0.1", &[], 0), node("b", "10.0.0.2", &[], 0)];
+    let placement = place(&spec, &nodes).unwrap();
+    let plan = render(
+        &spec,
+        &placement,
+        &nodes,
+        &RenderInput { job_id: "cpu-1", attempt: 1, master_port: 29500, workdir: None },
+    );
+    let env = env_of(&plan.nodes[0].processes[0]);
+    assert_eq!(env["NPROC_PER_NODE"], "1");
+    assert_eq!(env["WORLD_SIZE"], "2");
+    assert_eq!(env["CUDA_VISIBLE_DEVICES"], "");
+}

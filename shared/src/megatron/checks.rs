@@ -1,0 +1,232 @@
+//! The parallelism rules that Megatron and ms-swift enforce only after every
+//! node has started (or, for some, silently ignore); checked up front so that a
+//! bad layout is a job-file error, reported all at once, each with a fix.
+
+use super::{MegatronSpec, ParallelLayout, parse_bool};
+use crate::model::ModelConfig;
+use crate::spec::Problems;
+
+const SECTION: &str = "megatron";
+const TP: &str = "tensor_model_parallel_size";
+const PP: &str = "pipeline_model_parallel_size";
+const CP: &str = "context_parallel_size";
+
+/// Where the job runs: either number may be missing when the job file had a
+/// problem there already; the checks that need it are then skipped.
+pub(crate) struct Cluster {
+    pub nodes: Option<u32>,
+    pub gpus_per_node: Option<u32>,
+}
+
+pub(crate) fn check_parallelism(
+    spec: &MegatronSpec,
+    cluster: &Cluster,
+    model: Option<&ModelConfig>,
+    problems: &mut Problems,
+) {
+    let mut size = |key: &str, default: u32| match spec.positive_int(key) {
+        Ok(value) => Some(value.unwrap_or(default)),
+        Err(message) => {
+            problems.at(&[SECTION, key], message);
+            None
+        }
+    };
+    let tp = size(TP, 1);
+    let pp = size(PP, 1);
+    let cp = size(CP, 1);
+    let micro_batch = size("micro_batch_size", 1);
+    let global_batch = size("global_batch_size", super::DEFAULT_GLOBAL_BATCH_SIZE);
+    let recompute_layers = size("recompute_num_layers", 1);
+
+    if let Some(tp) = tp {
+        check_sequence_parallel(spec, tp, problems);
+    }
+    let gpus = cluster.gpus_per_node.filter(|&gpus| gpus > 0);
+    if let (Some(tp), Some(gpus)) = (tp, gpus)
+        && gpus % tp != 0
+    {
+        problems.at(
+                &[SECTION, TP],
+                format!(
+                    "TP {tp} does not divide gpus_per_node {gpus}, so a tensor-parallel group would span nodes (TP needs NVLink bandwidth); use a TP that divides {gpus} ({}) and scale across nodes with DP or PP",
+                    list(&divisors(gpus))
+                ),
+            );
+    }
+    if let (Some(nodes), Some(gpus), Some(tp), Some(pp), Some(cp), Some(micro), Some(global)) =
+        (cluster.nodes.filter(|&n| n > 0), gpus, tp, pp, cp, micro_batch, global_batch)
+    {
+        let layout = ParallelLayout::new(nodes.saturating_mul(gpus), tp, pp, cp, micro, global);
+        check_world(spec, &layout, nodes, gpus, problems);
+        if layout.dp > 0 {
+            check_batch(&layout, problems);
+        }
+    }
+    if let Some(model) = model {
+        if let Some(tp) = tp {
+            check_heads(model, tp, problems);
+        }
+        if let Some(pp) = pp {
+            check_layers(spec, model, pp, recompute_layers, problems);
+        }
+    }
+    check_recompute_method(spec, problems);
+}
+
+fn check_sequence_parallel(spec: &MegatronSpec, tp: u32, problems: &mut Problems) {
+    let Some(text) = spec.scalar("sequence_parallel") else {
+        return;
+    };
+    match parse_bool(text) {
+        None => problems.at(&[SECTION, "sequence_parallel"], format!("{text:?} is not true or false")),
+        Some(true) if tp == 1 => problems.at(
+            &[SECTION, "sequence_parallel"],
+            format!("needs {TP} > 1; with TP 1 ms-swift silently turns it off; remove sequence_parallel or raise {TP}"),
+        ),
+        Some(_) => {}
+    }
+}
+
+fn check_world(spec: &MegatronSpec, layout: &ParallelLayout, nodes: u32, gpus: u32, problems: &mut Problems) {
+    if layout.dp > 0 {
+        return;
+    }
+    let model_parallel = u64::from(layout.tp) * u64::from(layout.pp) * u64::from(layout.cp);
+    // Blame the size that cannot divide the world on its own, else the last one set.
+    let sizes = [(TP, layout.tp), (PP, layout.pp), (CP, layout.cp)];
+    let set: Vec<&(&str, u32)> = sizes.iter().filter(|(key, _)| spec.flags.contains_key(*key)).collect();
+    let field =
+        set.iter().find(|(_, size)| !layout.world.is_multiple_of(*size)).or(set.last()).map_or("nodes", |(key, _)| key);
+    let path: Vec<&str> = if field == "nodes" { vec!["nodes"] } else { vec![SECTION, field] };
+    problems.at(
+        &path,
+        format!(
+            "world size {} ({nodes} nodes × {gpus} GPUs) is not divisible by TP {} × PP {} × CP {} = {model_parallel}; choose sizes whose product divides {}",
+            layout.world, layout.tp, layout.pp, layout.cp, layout.world
+        ),
+    );
+}
+
+fn check_batch(layout: &ParallelLayout, problems: &mut Problems) {
+    let step = u64::from(layout.micro_batch) * u64::from(layout.dp);
+    let global = u64::from(layout.global_batch);
+    if global % step == 0 {
+        return;
+    }
+    let below = global / step * step;
+    let suggestion = if below == 0 { format!("{step}") } else { format!("{below} or {}", below + step) };
+    problems.at(
+        &[SECTION, "global_batch_size"],
+        format!(
+            "{global} is not divisible by micro_batch_size {} × data-parallel size {} (= {step}); use a multiple of {step}, e.g. {suggestion}",
+            layout.micro_batch, layout.dp
+        ),
+    );
+}
+
+fn check_heads(model: &ModelConfig, tp: u32, problems: &mut Problems) {
+    let heads = model.num_attention_heads;
+    let kv_heads = model.num_key_value_heads;
+    let fix = || {
+        let valid: Vec<u32> = divisors(heads).into_iter().filter(|d| kv_heads.is_multiple_of(*d)).collect();
+        format!("use a TP that divides both {heads} attention heads and {kv_heads} KV heads: {}", list(&valid))
+    };
+    if !heads.is_multiple_of(tp) {
+        problems.at(
+            &[SECTION, TP],
+            format!("{}'s {heads} attention heads are not divisible by TP {tp}; {}", model.name, fix()),
+        );
+    }
+    if !kv_heads.is_multiple_of(tp) {
+        problems.at(
+            &[SECTION, TP],
+            format!("{}'s {kv_heads} KV heads (query groups) are not divisible by TP {tp}; {}", model.name, fix()),
+        );
+    }
+}
+
+fn check_layers(
+    spec: &MegatronSpec,
+    model: &ModelConfig,
+    pp: u32,
+    recompute_layers: Option<u32>,
+    problems: &mut Problems,
+) {
+    let layers = model.num_hidden_layers;
+    // Uneven first/last stages are Megatron's own escape from this rule.
+    let uneven = ["decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"]
+        .iter()
+        .any(|key| spec.flags.contains_key(*key));
+    if uneven {
+        return;
+    }
+    if !layers.is_multiple_of(pp) {
+        problems.at(
+            &[SECTION, PP],
+            format!(
+                "{}'s {layers} layers are not divisible by PP {pp}; use a PP among {} (or set decoder_first_pipeline_num_layers / decoder_last_pipeline_num_layers)",
+                model.name,
+                list(&divisors(layers))
+            ),
+        );
+        return;
+    }
+    let per_stage = layers / pp;
+    if let (Some("uniform"), Some(chunk)) = (spec.scalar("recompute_method"), recompute_layers)
+        && !per_stage.is_multiple_of(chunk)
+    {
+        problems.at(
+                &[SECTION, "recompute_num_layers"],
+                format!(
+                    "{layers} layers / PP {pp} = {per_stage} layers per pipeline stage, which recompute_method uniform cannot split into chunks of {chunk}; use a recompute_num_layers among {}",
+                    list(&divisors(per_stage))
+                ),
+            );
+    }
+}
+
+fn check_recompute_method(spec: &MegatronSpec, problems: &mut Problems) {
+    let granularity = spec.scalar("recompute_granularity");
+    if let Some(value) = granularity
+        && !["full", "selective", "none"].contains(&value)
+    {
+        problems.at(&[SECTION, "recompute_granularity"], format!("{value:?} is not one of full, selective, none"));
+        return;
+    }
+    let Some(method) = spec.scalar("recompute_method") else {
+        return;
+    };
+    if !["uniform", "block"].contains(&method) {
+        problems.at(&[SECTION, "recompute_method"], format!("{method:?} is not uniform or block"));
+    } else if granularity != Some("full") {
+        let shown = granularity.unwrap_or("selective (ms-swift's default)");
+        problems.at(
+            &[SECTION, "recompute_method"],
+            format!(
+                "only applies to recompute_granularity full, but the granularity is {shown}; remove recompute_method or set recompute_granularity: full"
+            ),
+        );
+    }
+}
+
+/// Divisors in ascending order; pairs up to the square root keep huge inputs cheap.
+fn divisors(n: u32) -> Vec<u32> {
+    let mut low = Vec::new();
+    let mut high = Vec::new();
+    let mut d: u32 = 1;
+    while u64::from(d) * u64::from(d) <= u64::from(n) {
+        if n.is_multiple_of(d) {
+            low.push(d);
+            if d != n / d {
+                high.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    low.extend(high.into_iter().rev());
+    low
+}
+
+fn list(numbers: &[u32]) -> String {
+    numbers.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,160 @@
+//! Reads the `megatron:` mapping of a job file into a [`MegatronSpec`],
+//! reporting every bad key and value.
+
+use serde_yaml_ng::{Mapping, Value};
+
+use super::flags::{RESERVED_KEYS, dialect_replacement};
+use super::{FlagValue, MegatronSpec, SwiftVersion};
+use crate::spec::Problems;
+use crate::spec::scalar::{as_flow_list, describe, scalar_text};
+
+const SECTION: &str = "megatron";
+
+/// The section as far as it is valid: bad flags are reported and left out, so
+/// that the layout checks can still run on the rest.
+pub(crate) fn read_megatron(value: &Value, problems: &mut Problems) -> Option<MegatronSpec> {
+    let Value::Mapping(section) = value else {
+        problems.at(
+            &[SECTION],
+            format!("must be a mapping of ms-swift flags (e.g. `load: Qwen3-8B-mcore`), got {}", describe(value)),
+        );
+        return None;
+    };
+    let swift_version = read_swift_version(section, problems);
+    let mut spec = MegatronSpec::new(swift_version.unwrap_or(SwiftVersion::V3));
+    if let Some(program) = read_arg_list(section, "program", problems) {
+        if program.is_empty() {
+            problems.at(&[SECTION, "program"], r#"must not be empty; the default is ["megatron", "sft"]"#);
+        } else {
+            spec.program = program;
+        }
+    }
+    spec.extra_args = read_arg_list(section, "extra_args", problems).unwrap_or_default();
+
+    for (key, value) in section {
+        let Value::String(key) = key else {
+            problems.at(&[SECTION], format!("flag names must be text, got {}", describe(key)));
+            continue;
+        };
+        if RESERVED_KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        if !flag_name_ok(key, problems) {
+            continue;
+        }
+        if let (Some(version), Some(spelling)) = (swift_version, dialect_replacement(spec.swift_version, key)) {
+            let other = if version == SwiftVersion::V3 { 4 } else { 3 };
+            problems.at(
+                &[SECTION, key],
+                format!(
+                    "`{key}` is the ms-swift {other}.x spelling; with swift_version {} write {spelling} (or set swift_version: {other})",
+                    version.major()
+                ),
+            );
+            continue;
+        }
+        if let Some(flag) = read_flag_value(key, value, problems) {
+            spec.flags.insert(key.clone(), flag);
+        }
+    }
+    Some(spec)
+}
+
+/// `swift_version: 3 | 4`; absent means 3. None (and a problem) when invalid.
+fn read_swift_version(section: &Mapping, problems: &mut Problems) -> Option<SwiftVersion> {
+    let Some(value) = section.get("swift_version") else {
+        return Some(SwiftVersion::V3);
+    };
+    match value.as_u64() {
+        Some(3) => Some(SwiftVersion::V3),
+        Some(4) => Some(SwiftVersion::V4),
+        _ => {
+            problems.at(
+                &[SECTION, "swift_version"],
+                format!("must be 3 or 4 (the ms-swift major version on the nodes), got {}", describe(value)),
+            );
+            None
+        }
+    }
+}
+
+/// `program:` / `extra_args:`: a list of scalars. A single string is refused
+/// because splitting it would need shell rules that the user did not ask for.
+fn read_arg_list(section: &Mapping, key: &str, problems: &mut Problems) -> Option<Vec<String>> {
+    match section.get(key)? {
+        Value::Null => None,
+        Value::String(line) => {
+            problems.at(
+                &[SECTION, key],
+                format!("must be a list of arguments, not one string; write `{key}: {}`", as_flow_list(line)),
+            );
+            None
+        }
+        Value::Sequence(items) => Some(scalar_items(&format!("{SECTION}.{key}"), &[SECTION, key], items, problems)),
+        other => {
+            problems.at(&[SECTION, key], format!("must be a list of arguments, got {}", describe(other)));
+            None
+        }
+    }
+}
+
+/// The text of each list element; bad elements are reported as `field[i]` and skipped.
+pub(crate) fn scalar_items(field: &str, path: &[&str], items: &[Value], problems: &mut Problems) -> Vec<String> {
+    let mut texts = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        match scalar_text(item) {
+            Ok(text) => texts.push(text),
+            Err(message) => problems.at_field(format!("{field}[{index}]"), path, message),
+        }
+    }
+    texts
+}
+
+/// Flag names are Python identifiers written without dashes, the way the
+/// ms-swift docs spell them; the layout checks look them up by that spelling.
+fn flag_name_ok(key: &str, problems: &mut Problems) -> bool {
+    let bare = key.trim_start_matches('-');
+    let fixed = bare.replace('-', "_");
+    let valid = !fixed.is_empty() && fixed.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid && fixed == key {
+        return true;
+    }
+    let message = if valid {
+        format!("write the flag as `{fixed}` (no leading dashes, underscores between words)")
+    } else {
+        "is not an ms-swift flag name (letters, digits and underscores)".to_owned()
+    };
+    problems.at(&[SECTION, key], message);
+    false
+}
+
+fn read_flag_value(key: &str, value: &Value, problems: &mut Problems) -> Option<FlagValue> {
+    match value {
+        Value::Sequence(items) if items.is_empty() => {
+            problems.at(&[SECTION, key], "is an empty list; give at least one value or remove the flag");
+            None
+        }
+        Value::Sequence(items) => {
+            let texts = scalar_items(&format!("{SECTION}.{key}"), &[SECTION, key], items, problems);
+            (texts.len() == items.len()).then_some(FlagValue::List(texts))
+        }
+        Value::Null => {
+            problems.at(&[SECTION, key], "has no value; write e.g. `true`, or remove the flag");
+            None
+        }
+        Value::Mapping(_) => {
+            problems.at(
+                &[SECTION, key],
+                "is a nested mapping, which no ms-swift flag takes; for a JSON-valued flag write the JSON as a quoted string",
+            );
+            None
+        }
+        scalar => match scalar_text(scalar) {
+            Ok(text) => Some(FlagValue::Scalar(text)),
+            Err(message) => {
+                problems.at(&[SECTION, key], message);
+                None
+            }
+        },
+    }
+}

@@ -1,0 +1,430 @@
+//! The job file: YAML parsed and validated into a [`JobSpec`], with every
+//! problem reported at once, each naming its field and line.
+//!
+//! ```yaml
+//! name: qwen3-8b-sft          # [a-z0-9]([-a-z0-9]*[a-z0-9])?, at most 48 characters
+//! kind: megatron-sft          # or: command
+//! nodes: 2
+//! gpus_per_node: 2            # required for megatron-sft; default 0 for command
+//! env: {PYTORCH_CUDA_ALLOC_CONF: "expandable_segments:True"}
+//! megatron:                   # ms-swift flags, rendered in file order
+//!   load: Qwen3-8B-mcore
+//!   tensor_model_parallel_size: 2
+//! ```
+//! A command job has `command: [python3, train.py]` and `launch: per-node | per-rank`.
+
+mod fields;
+mod locate;
+mod report;
+pub(crate) mod scalar;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::{Mapping, Value};
+
+use crate::megatron::checks::{Cluster, check_parallelism};
+pub use crate::megatron::{FlagValue, MegatronSpec, ParallelLayout, SwiftVersion};
+use crate::megatron::{flags, parse::read_megatron};
+use crate::model::ModelConfig;
+use fields::{check_name, read_command, read_env, read_node_selector};
+pub(crate) use report::Problems;
+use report::suggestion;
+pub use report::{SpecErrors, SpecIssue};
+use scalar::describe;
+
+/// A validated job file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    /// DNS-label-like: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 48 characters.
+    pub name: String,
+    /// At least 1.
+    pub nodes: u32,
+    /// GPUs each node gives the job (= `NPROC_PER_NODE` for megatron-sft, which needs >= 1).
+    pub gpus_per_node: u32,
+    /// Extra environment, in file order; YAML numbers and bools become their text.
+    pub env: IndexMap<String, String>,
+    /// The directory the processes start in, on every node. A relative path is
+    /// kept as written; the controller resolves it against the job file's directory.
+    pub workdir: Option<String>,
+    /// Labels a node must carry to be chosen.
+    pub node_selector: BTreeMap<String, String>,
+    /// Higher runs first; default 0.
+    pub priority: i32,
+    /// Time between SIGTERM and SIGKILL when the gang is stopped; default 10s.
+    pub stop_grace: Duration,
+    /// No progress for this long means the job hangs.
+    pub hang_timeout: Option<Duration>,
+    pub workload: Workload,
+}
+
+/// What the job runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workload {
+    Command(CommandSpec),
+    MegatronSft(MegatronSpec),
+}
+
+/// `kind: command`: any program with Cohort's environment contract.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandSpec {
+    /// The program and its arguments, passed without a shell.
+    pub argv: Vec<String>,
+    pub launch: LaunchMode,
+}
+
+/// How many processes a command job starts on each node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LaunchMode {
+    /// One process per node (e.g. torchrun, which starts its own ranks).
+    PerNode,
+    /// One process per GPU, each with `RANK` and `LOCAL_RANK`.
+    PerRank,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum JobKind {
+    Command,
+    MegatronSft,
+}
+
+/// The top-level keys of a job file.
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "nodes",
+    "gpus_per_node",
+    "env",
+    "workdir",
+    "node_selector",
+    "priority",
+    "stop_grace",
+    "hang_timeout",
+    "command",
+    "launch",
+    "megatron",
+];
+
+/// Keys that the design names but this version does not implement yet.
+const NOT_YET_SUPPORTED: &[&str] = &["stage", "restart"];
+
+/// Variables that Cohort sets for every process; a job may not override them.
+pub const RESERVED_ENV: &[&str] = &[
+    "NNODES",
+    "NODE_RANK",
+    "NPROC_PER_NODE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "CUDA_VISIBLE_DEVICES",
+];
+
+/// Prefix of Cohort's own variables (`COHORT_JOB_ID`, ...), reserved as a whole.
+pub const RESERVED_ENV_PREFIX: &str = "COHORT_";
+
+pub const MAX_NAME_LEN: usize = 48;
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+impl JobSpec {
+    /// Parses and validates a job file. `source` names the file in messages.
+    /// Every problem found is returned, not just the first; a YAML syntax error
+    /// stops the parse and is then the only one.
+    pub fn from_yaml(text: &str, source: &str) -> Result<JobSpec, SpecErrors> {
+        let fail = |issues| SpecErrors { source: source.to_owned(), issues };
+        let root = parse_document(text).map_err(|issue| fail(vec![issue]))?;
+        let mut problems = Problems::new(text);
+        match read_job(&root, &mut problems) {
+            Some(spec) if problems.is_empty() => Ok(spec),
+            _ => Err(fail(problems.into_issues())),
+        }
+    }
+
+    /// Remarks that do not stop the job: flags Cohort does not know (with a
+    /// "did you mean"), a model missing from the built-in table (so the head,
+    /// layer and memory checks were skipped), ms-swift 3.x's `finetune` default.
+    /// Lines are not known here (`line` is None).
+    pub fn warnings(&self) -> Vec<SpecIssue> {
+        let Workload::MegatronSft(megatron) = &self.workload else {
+            return Vec::new();
+        };
+        let mut warnings = Vec::new();
+        let mut warn = |field: String, message: String| {
+            warnings.push(SpecIssue { field, line: None, message });
+        };
+        let version = megatron.swift_version;
+        for key in megatron.flags.keys() {
+            if !flags::is_known(version, key) {
+                warn(
+                    format!("megatron.{key}"),
+                    format!(
+                        "`{key}` is not an {version} flag Cohort knows; it is passed on as --{key}{}",
+                        suggestion(key, flags::known_flags(version))
+                    ),
+                );
+            }
+        }
+        let model_key = match version {
+            SwiftVersion::V3 => "load",
+            SwiftVersion::V4 if megatron.flags.contains_key("model") => "model",
+            SwiftVersion::V4 => "mcore_model",
+        };
+        if let Some(model_ref) = megatron.model_ref()
+            && ModelConfig::known(model_ref).is_none()
+        {
+            warn(
+                format!("megatron.{model_key}"),
+                format!(
+                    "model {model_ref:?} is not in Cohort's model table; the head, layer and recompute checks and the memory estimate were skipped"
+                ),
+            );
+        }
+        if version == SwiftVersion::V3 && !megatron.flags.contains_key("finetune") {
+            warn(
+                "megatron.finetune".to_owned(),
+                "ms-swift 3.x defaults finetune to false, which resumes the iteration and optimizer state of `load`; a fresh fine-tune sets finetune: true".to_owned(),
+            );
+        }
+        warnings
+    }
+
+    /// Per-GPU memory in GiB for the model weights, gradients and optimizer state
+    /// of a megatron-sft job, activations and framework overhead EXCLUDED:
+    /// parameters per GPU = params / (TP·PP), at 6 + 12/DP bytes each with the
+    /// distributed optimizer (bf16 weights, fp32 gradients and Adam state), 18
+    /// without it. Qwen3-8B at TP 2, DP 1 gives 68.7 GiB. None for command jobs,
+    /// unknown models and layouts that do not divide.
+    pub fn memory_estimate_gib(&self) -> Option<f64> {
+        let Workload::MegatronSft(megatron) = &self.workload else {
+            return None;
+        };
+        let model = self.model()?;
+        let layout = megatron.layout(self.nodes, self.gpus_per_node);
+        if layout.dp == 0 {
+            return None;
+        }
+        let params_per_gpu = model.parameter_count() as f64 / f64::from(layout.tp * layout.pp);
+        let bytes_per_param = if megatron.bool_flag("use_distributed_optimizer") == Some(false) {
+            18.0
+        } else {
+            6.0 + 12.0 / f64::from(layout.dp)
+        };
+        Some(params_per_gpu * bytes_per_param / f64::from(1u32 << 30))
+    }
+
+    /// The model of a megatron-sft job, when the built-in table knows it.
+    pub fn model(&self) -> Option<ModelConfig> {
+        match &self.workload {
+            Workload::MegatronSft(megatron) => ModelConfig::known(megatron.model_ref()?),
+            Workload::Command(_) => None,
+        }
+    }
+
+    /// The parallel layout of a megatron-sft job.
+    pub fn layout(&self) -> Option<ParallelLayout> {
+        match &self.workload {
+            Workload::MegatronSft(megatron) => Some(megatron.layout(self.nodes, self.gpus_per_node)),
+            Workload::Command(_) => None,
+        }
+    }
+
+    /// nodes × gpus_per_node.
+    pub fn world_size(&self) -> u32 {
+        self.nodes.saturating_mul(self.gpus_per_node)
+    }
+}
+
+/// The top-level mapping, or the one issue that stops parsing.
+fn parse_document(text: &str) -> Result<Mapping, SpecIssue> {
+    let whole = |line, message: String| SpecIssue { field: String::new(), line, message };
+    let mut value: Value = serde_yaml_ng::from_str(text).map_err(|err| {
+        let line = err.location().map(|location| location.line());
+        whole(line, format!("not valid YAML: {err}"))
+    })?;
+    value.apply_merge().map_err(|err| whole(None, format!("bad YAML merge key: {err}")))?;
+    match value {
+        Value::Mapping(root) => Ok(root),
+        Value::Null => Err(whole(None, "the job file is empty".to_owned())),
+        other => {
+            Err(whole(Some(1), format!("a job file is a mapping (`name: ...`, `kind: ...`), got {}", describe(&other))))
+        }
+    }
+}
+
+fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
+    check_top_level_keys(root, problems);
+
+    let name = typed::<String>(root, "name", problems);
+    match &name {
+        Some(name) => check_name(name, problems),
+        None => required(root, "name", "a job name such as `qwen3-8b-sft`", problems),
+    }
+    let kind = typed::<JobKind>(root, "kind", problems);
+    if kind.is_none() {
+        required(root, "kind", "`command` or `megatron-sft`", problems);
+    }
+    let nodes = typed::<u32>(root, "nodes", problems);
+    match nodes {
+        Some(0) => problems.at(&["nodes"], "must be at least 1"),
+        None => required(root, "nodes", "the number of nodes, at least 1", problems),
+        Some(_) => {}
+    }
+    let gpus_per_node = typed::<u32>(root, "gpus_per_node", problems);
+    let env = read_env(root, problems);
+    let workdir = typed::<String>(root, "workdir", problems);
+    if workdir.as_deref().is_some_and(|dir| dir.trim().is_empty()) {
+        problems.at(&["workdir"], "is empty; leave it out or name a directory");
+    }
+    let node_selector = read_node_selector(root, problems);
+    let priority = typed::<i32>(root, "priority", problems).unwrap_or(0);
+    let stop_grace = typed::<DurationText>(root, "stop_grace", problems).map_or(DEFAULT_STOP_GRACE, |d| d.0);
+    let hang_timeout = typed::<DurationText>(root, "hang_timeout", problems).map(|d| d.0);
+    if hang_timeout == Some(Duration::ZERO) {
+        problems.at(&["hang_timeout"], "must be longer than zero; leave it out to turn hang detection off");
+    }
+
+    let workload = match kind? {
+        JobKind::Command => {
+            misplaced(root, "megatron", "command", "a megatron-sft job", problems);
+            read_command(root, problems).map(Workload::Command)
+        }
+        JobKind::MegatronSft => {
+            misplaced(root, "command", "megatron-sft", "a command job", problems);
+            misplaced(
+                root,
+                "launch",
+                "megatron-sft",
+                "a command job (megatron sft starts torchrun once per node)",
+                problems,
+            );
+            match gpus_per_node {
+                Some(0) => problems.at(&["gpus_per_node"], "megatron-sft needs at least 1 GPU per node"),
+                None => required(
+                    root,
+                    "gpus_per_node",
+                    "the GPUs each node gives the job (NPROC_PER_NODE), at least 1",
+                    problems,
+                ),
+                Some(_) => {}
+            }
+            let megatron = read_megatron_section(root, problems)?;
+            check_megatron(&megatron, nodes, gpus_per_node, root, problems);
+            Some(Workload::MegatronSft(megatron))
+        }
+    };
+    Some(JobSpec {
+        name: name?,
+        nodes: nodes?,
+        gpus_per_node: gpus_per_node.unwrap_or(0),
+        env,
+        workdir,
+        node_selector,
+        priority,
+        stop_grace,
+        hang_timeout,
+        workload: workload?,
+    })
+}
+
+/// A duration field, read with the same rules as everywhere else.
+#[derive(Deserialize)]
+struct DurationText(#[serde(with = "crate::duration::serde_duration")] Duration);
+
+/// Deserialises one top-level field; a type error is reported with the serde path
+/// inside the field (for structured fields) and its line. Null counts as absent.
+fn typed<T: DeserializeOwned>(root: &Mapping, key: &str, problems: &mut Problems) -> Option<T> {
+    let value = root.get(key).filter(|value| !value.is_null())?;
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(parsed) => Some(parsed),
+        Err(err) => {
+            let mut path = vec![key.to_owned()];
+            let mut field = key.to_owned();
+            for segment in err.path().iter() {
+                match segment {
+                    serde_path_to_error::Segment::Seq { index } => field.push_str(&format!("[{index}]")),
+                    other => {
+                        field.push_str(&format!(".{other}"));
+                        path.push(other.to_string());
+                    }
+                }
+            }
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            problems.at_field(field, &path, err.into_inner().to_string());
+            None
+        }
+    }
+}
+
+/// Reports a missing required field, unless it is present but already reported.
+fn required(root: &Mapping, key: &str, what: &str, problems: &mut Problems) {
+    if root.get(key).is_none_or(Value::is_null) {
+        problems.at(&[key], format!("is required: {what}"));
+    }
+}
+
+fn misplaced(root: &Mapping, key: &str, kind: &str, belongs_to: &str, problems: &mut Problems) {
+    if root.contains_key(key) {
+        problems.at(&[key], format!("does not apply to kind {kind}; it belongs to {belongs_to}"));
+    }
+}
+
+fn check_top_level_keys(root: &Mapping, problems: &mut Problems) {
+    for key in root.keys() {
+        let Some(key) = key.as_str() else {
+            problems.at(&[], format!("top-level keys must be text, got {}", describe(key)));
+            continue;
+        };
+        if TOP_LEVEL_KEYS.contains(&key) {
+            continue;
+        }
+        let message = if NOT_YET_SUPPORTED.contains(&key) {
+            format!("`{key}` is not supported yet")
+        } else {
+            format!("unknown key `{key}`{}", suggestion(key, TOP_LEVEL_KEYS.iter().copied()))
+        };
+        problems.at(&[key], message);
+    }
+}
+
+fn read_megatron_section(root: &Mapping, problems: &mut Problems) -> Option<MegatronSpec> {
+    match root.get("megatron") {
+        None | Some(Value::Null) => {
+            problems.at(&["megatron"], "is required for kind megatron-sft: a mapping of ms-swift flags");
+            None
+        }
+        Some(section) => read_megatron(section, problems),
+    }
+}
+
+fn check_megatron(
+    megatron: &MegatronSpec,
+    nodes: Option<u32>,
+    gpus_per_node: Option<u32>,
+    root: &Mapping,
+    problems: &mut Problems,
+) {
+    let model_key = match megatron.swift_version {
+        SwiftVersion::V3 => "`load`",
+        SwiftVersion::V4 => "`model` or `mcore_model`",
+    };
+    let in_extra_args = |flag: &str| megatron.extra_args.iter().any(|arg| arg == flag);
+    let has_model =
+        megatron.model_ref().is_some() || ["--load", "--model", "--mcore_model"].iter().any(|flag| in_extra_args(flag));
+    // A flag reported as bad is absent from `flags` but present in the file.
+    let reported = ["load", "model", "mcore_model"]
+        .iter()
+        .any(|key| root.get("megatron").and_then(|section| section.get(*key)).is_some());
+    if !has_model && !reported {
+        problems
+            .at(&["megatron"], format!("names no model to fine-tune; with {} set {model_key}", megatron.swift_version));
+    }
+    let model = megatron.model_ref().and_then(ModelConfig::known);
+    let cluster = Cluster { nodes, gpus_per_node };
+    check_parallelism(megatron, &cluster, model.as_ref(), problems);
+}
