@@ -22,8 +22,9 @@ use tonic::transport::Channel;
 /// Where `cargo build` put the binaries of this workspace.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test binary>
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+    // Tests live in target/<profile>/deps/, binaries of this crate in target/<profile>/.
+    let dir = exe.parent().unwrap();
+    if dir.ends_with("deps") { dir.parent().unwrap().to_path_buf() } else { dir.to_path_buf() }
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -67,6 +68,8 @@ pub struct NodeSpec {
     pub address: String,
     pub fake_gpus: u32,
     pub labels: String,
+    /// More `cohort-agent` flags, e.g. `--net-ifname lo`.
+    pub extra_args: Vec<String>,
 }
 
 impl NodeSpec {
@@ -147,6 +150,7 @@ impl Cluster {
             .arg("--work-dir")
             .arg(self.dir.path().join(&node.name))
             .args(["--fake-gpus", &node.fake_gpus.to_string(), "--labels", &node.labels, "--max-backoff", "1s"])
+            .args(&node.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -258,6 +262,15 @@ impl Cluster {
             .current_dir(repo_root())
             .output()
             .unwrap()
+    }
+
+    /// Process ids of the controller and of the agents still running.
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.controller.as_ref().map(Child::id)
+    }
+
+    pub fn agent_pids(&self) -> Vec<u32> {
+        self.agents.iter().flatten().map(Child::id).collect()
     }
 
     pub fn controller_log(&self) -> String {
