@@ -80,6 +80,7 @@ impl NodeSpec {
             address: format!("127.0.0.{}", i + 2),
             fake_gpus: gpus,
             labels: String::new(),
+            extra_args: Vec::new(),
         }
     }
 }
