@@ -34,6 +34,9 @@ struct Args {
     /// Offer N fake GPU slots instead of reading NVML (development machines without GPUs).
     #[arg(long, env = "COHORT_FAKE_GPUS")]
     fake_gpus: Option<u32>,
+    /// Offer only these GPU indices, e.g. 0,1 (several agents sharing one host).
+    #[arg(long, env = "COHORT_GPU_INDICES", value_delimiter = ',')]
+    gpu_indices: Option<Vec<u32>>,
     /// The shared ModelScope cache, given to every process as MODELSCOPE_CACHE.
     #[arg(long, env = "COHORT_MODELSCOPE_CACHE")]
     modelscope_cache: Option<String>,
@@ -78,7 +81,13 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("creating --work-dir {}", args.work_dir.display()))?;
 
     let inventory = gpu::detect(args.fake_gpus);
-    let gpus = inventory.gpus();
+    let mut gpus = inventory.gpus();
+    if let Some(keep) = &args.gpu_indices {
+        if let Some(missing) = keep.iter().find(|i| !gpus.iter().any(|g| g.index == **i)) {
+            anyhow::bail!("--gpu-indices names GPU {missing}, but this node has {} GPU(s) ({})", gpus.len(), inventory.note());
+        }
+        gpus.retain(|g| keep.contains(&g.index));
+    }
     if gpus.is_empty() {
         tracing::warn!(note = %inventory.note(), "this node offers no GPUs");
     } else {

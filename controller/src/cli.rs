@@ -16,6 +16,19 @@ use tonic::transport::Channel;
 
 use crate::controller::{describe_exit, state_name};
 
+/// `println!` that ends the process quietly when stdout is closed (`cohort jobs | head`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 /// Cohort: run multi-node training jobs (ms-swift `megatron sft`, torchrun,
 /// any command) on a cluster of GPU nodes.
 #[derive(Parser, Debug)]
@@ -119,7 +132,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_final(&job, out)?;
                 return Ok(exit_for(&job));
             }
-            println!("{}", job.id);
+            say!("{}", job.id);
             Ok(ExitCode::SUCCESS)
         }
         Verb::Jobs { active } => {
@@ -181,7 +194,7 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    say!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -217,7 +230,7 @@ fn print_final(job: &Job, out: Output) -> anyhow::Result<()> {
     if out == Output::Json {
         return print_json(job);
     }
-    println!("job {}: {} ({})", job.id, state_name(job.state), job.reason);
+    say!("job {}: {} ({})", job.id, state_name(job.state), job.reason);
     Ok(())
 }
 
@@ -234,7 +247,7 @@ async fn logs(
     let mut lines = client.stream_logs(request).await.map_err(status_error)?.into_inner();
     while let Some(line) = lines.message().await.map_err(status_error)? {
         if out == Output::Json {
-            println!("{}", serde_json::to_string(&line)?);
+            say!("{}", serde_json::to_string(&line)?);
         } else {
             print_line(&line);
         }
@@ -246,9 +259,9 @@ fn print_line(l: &JobLogLine) {
     let Some(line) = &l.line else { return };
     let text = &line.text;
     if line.stream == LogStream::Stderr as i32 {
-        println!("{}/{} ! {text}", l.node_name, line.process_index);
+        say!("{}/{} ! {text}", l.node_name, line.process_index);
     } else {
-        println!("{}/{} | {text}", l.node_name, line.process_index);
+        say!("{}/{} | {text}", l.node_name, line.process_index);
     }
 }
 
@@ -288,7 +301,7 @@ async fn nodes(client: &mut JobServiceClient<Channel>, out: Output) -> anyhow::R
             ago(node.last_heartbeat_unix_ms),
         ]);
     }
-    println!("{t}");
+    say!("{t}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -314,20 +327,20 @@ async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output
         return Ok(plan_exit(&response));
     }
     if !response.parallel_layout.is_empty() {
-        println!("parallel layout: {}", response.parallel_layout);
+        say!("parallel layout: {}", response.parallel_layout);
     }
     if let Some(gib) = response.memory_estimate_gib {
-        println!(
+        say!(
             "memory estimate: {gib:.1} GiB per GPU (weights, gradients, optimizer state; activations not included)"
         );
     }
     match &response.plan {
         Some(plan) => {
-            println!("master: {}:{}", plan.master_addr, plan.master_port);
+            say!("master: {}:{}", plan.master_addr, plan.master_port);
             for node in &plan.nodes {
                 let gpus: Vec<String> = node.gpu_indices.iter().map(u32::to_string).collect();
-                println!();
-                println!(
+                say!();
+                say!(
                     "node {} ({}): node rank {}, GPUs [{}]",
                     node.node_name,
                     node.address,
@@ -335,20 +348,20 @@ async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output
                     gpus.join(",")
                 );
                 if !node.workdir.is_empty() {
-                    println!("  workdir: {}", node.workdir);
+                    say!("  workdir: {}", node.workdir);
                 }
                 for process in &node.processes {
                     if node.processes.len() > 1 {
-                        println!("  process {}:", process.index);
+                        say!("  process {}:", process.index);
                     }
                     for var in &process.env {
-                        println!("  {}={}", var.name, var.value);
+                        say!("  {}={}", var.name, var.value);
                     }
-                    println!("  command: {}", shell_words::join(&process.argv));
+                    say!("  command: {}", shell_words::join(&process.argv));
                 }
             }
         }
-        None => println!("not placeable now: {}", response.placement_error),
+        None => say!("not placeable now: {}", response.placement_error),
     }
     Ok(plan_exit(&response))
 }
@@ -377,27 +390,27 @@ fn print_jobs(jobs: &[Job]) {
             job.reason.clone(),
         ]);
     }
-    println!("{t}");
+    say!("{t}");
 }
 
 fn print_status(job: &Job) {
-    println!("job:       {} ({})", job.id, job.kind);
-    println!("state:     {}", state_name(job.state));
-    println!("reason:    {}", job.reason);
-    println!("size:      {} node(s) × {} GPU(s), priority {}", job.nodes, job.gpus_per_node, job.priority);
-    println!("attempt:   {}", job.attempt);
-    println!("submitted: {}", ago(job.submitted_unix_ms));
+    say!("job:       {} ({})", job.id, job.kind);
+    say!("state:     {}", state_name(job.state));
+    say!("reason:    {}", job.reason);
+    say!("size:      {} node(s) × {} GPU(s), priority {}", job.nodes, job.gpus_per_node, job.priority);
+    say!("attempt:   {}", job.attempt);
+    say!("submitted: {}", ago(job.submitted_unix_ms));
     if job.started_unix_ms > 0 {
-        println!("duration:  {}", duration(job));
+        say!("duration:  {}", duration(job));
     }
     if let Some(f) = &job.failure {
-        println!("failure:   {}", f.message);
+        say!("failure:   {}", f.message);
     }
     if job.live_processes > 0 {
-        println!("alive:     {} process(es)", job.live_processes);
+        say!("alive:     {} process(es)", job.live_processes);
     }
     if let Some(plan) = &job.plan {
-        println!("master:    {}:{}", plan.master_addr, plan.master_port);
+        say!("master:    {}:{}", plan.master_addr, plan.master_port);
         let mut t = table(&["NODE", "NODE RANK", "PROCESS", "RANK", "PID", "PHASE", "EXIT"]);
         for p in &job.processes {
             let phase = match ProcessPhase::try_from(p.phase) {
@@ -424,7 +437,7 @@ fn print_status(job: &Job) {
                 exit,
             ]);
         }
-        println!("{t}");
+        say!("{t}");
     }
 }
 

@@ -234,7 +234,7 @@ impl Controller {
                     "job file {source}: workdir {dir:?} is relative but no base directory was sent; use an absolute path"
                 )));
             }
-            spec.workdir = Some(Path::new(&file.base_dir).join(dir).to_string_lossy().into_owned());
+            spec.workdir = Some(normalize(&Path::new(&file.base_dir).join(dir)));
         }
         Ok(spec)
     }
@@ -1067,6 +1067,22 @@ impl Controller {
             });
         }
     }
+}
+
+/// `a/b/../c` -> `a/c` without touching the file system (the path is on the nodes).
+fn normalize(path: &Path) -> String {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out.to_string_lossy().into_owned()
 }
 
 fn validate_node(info: &NodeInfo) -> Result<(), ControllerError> {
