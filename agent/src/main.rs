@@ -84,7 +84,11 @@ async fn main() -> anyhow::Result<()> {
     let mut gpus = inventory.gpus();
     if let Some(keep) = &args.gpu_indices {
         if let Some(missing) = keep.iter().find(|i| !gpus.iter().any(|g| g.index == **i)) {
-            anyhow::bail!("--gpu-indices names GPU {missing}, but this node has {} GPU(s) ({})", gpus.len(), inventory.note());
+            anyhow::bail!(
+                "--gpu-indices names GPU {missing}, but this node has {} GPU(s) ({})",
+                gpus.len(),
+                inventory.note()
+            );
         }
         gpus.retain(|g| keep.contains(&g.index));
     }

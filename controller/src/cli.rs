@@ -330,9 +330,7 @@ async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output
         say!("parallel layout: {}", response.parallel_layout);
     }
     if let Some(gib) = response.memory_estimate_gib {
-        say!(
-            "memory estimate: {gib:.1} GiB per GPU (weights, gradients, optimizer state; activations not included)"
-        );
+        say!("memory estimate: {gib:.1} GiB per GPU (weights, gradients, optimizer state; activations not included)");
     }
     match &response.plan {
         Some(plan) => {

@@ -30,7 +30,12 @@ async fn tiny_sft_trains_across_two_nodes_and_the_loss_falls() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let job = cluster.wait_finished(&id, Duration::from_secs(300)).await.unwrap();
-    assert_eq!(state(&job), JobState::Succeeded, "{job:?}\n{}", String::from_utf8_lossy(&cluster.cli(&["logs", &id]).stdout));
+    assert_eq!(
+        state(&job),
+        JobState::Succeeded,
+        "{job:?}\n{}",
+        String::from_utf8_lossy(&cluster.cli(&["logs", &id]).stdout)
+    );
 
     // Metrics come from the LAST node only, in ms-swift 3.x format, and the
     // same parser the agent will use reads them.

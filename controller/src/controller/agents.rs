@@ -1,0 +1,364 @@
+//! Agent sessions: registration and adoption of running processes, heartbeats,
+//! process events, and the job transitions they cause (exit, failure, teardown).
+
+use super::*;
+
+impl Controller {
+    // --------------------------------------------------------------- agent API
+
+    pub async fn register(
+        &self,
+        req: cohort_proto::RegisterRequest,
+    ) -> Result<cohort_proto::RegisterResponse, ControllerError> {
+        let info =
+            req.node.ok_or_else(|| ControllerError::InvalidRequest("RegisterRequest.node is required".into()))?;
+        validate_node(&info)?;
+        let session_id = format!("{:016x}", rand::random::<u64>());
+        let mut state = self.state.lock().await;
+        let name = info.name.clone();
+        let now = Instant::now();
+        let changed = match state.nodes.get_mut(&name) {
+            Some(node) => {
+                let changed = node.info != info;
+                node.info = info;
+                node.registered_session = Some(session_id.clone());
+                node.last_seen = now;
+                node.last_seen_unix_ms = now_unix_ms();
+                node.state = NodeState::Ready;
+                node.reported = req.running.clone();
+                changed
+            }
+            None => {
+                state.nodes.insert(
+                    name.clone(),
+                    NodeEntry {
+                        info,
+                        registered_unix_ms: now_unix_ms(),
+                        revision: None,
+                        session: None,
+                        registered_session: Some(session_id.clone()),
+                        last_seen: now,
+                        last_seen_unix_ms: now_unix_ms(),
+                        state: NodeState::Ready,
+                        reported: req.running.clone(),
+                    },
+                );
+                true
+            }
+        };
+        if changed {
+            self.persist_node(&mut state, &name).await?;
+        }
+        self.adopt(&mut state, &name, &req.running).await?;
+        tracing::info!(node = %name, running = req.running.len(), "node registered");
+        drop(state);
+        self.wake.notify_one();
+        Ok(cohort_proto::RegisterResponse {
+            session_id,
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32,
+        })
+    }
+
+    /// Reconciles what a (re)registering agent runs with what the jobs expect:
+    /// exits it saw while disconnected are applied; processes it no longer has
+    /// fail their job; the rest is adopted.
+    pub(super) async fn adopt(
+        &self,
+        state: &mut State,
+        node: &str,
+        running: &[RunningLaunch],
+    ) -> Result<(), ControllerError> {
+        let ids: Vec<String> = state
+            .jobs
+            .values()
+            .filter(|e| e.job.processes.iter().any(|p| p.node_name == node && is_live(p)))
+            .map(|e| e.job.id.clone())
+            .collect();
+        for id in ids {
+            let Some(entry) = state.jobs.get_mut(&id) else { continue };
+            let attempt = entry.job.attempt;
+            let report = running.iter().find(|l| l.job_id == id && l.attempt == attempt);
+            let mut exits = Vec::new();
+            let mut vanished = false;
+            for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
+                match report.and_then(|r| r.processes.iter().find(|rp| rp.index == p.index)) {
+                    Some(rp) => match &rp.exited {
+                        Some(exited) => exits.push((p.index, *exited)),
+                        None => {
+                            p.phase = ProcessPhase::Running as i32;
+                            p.pid = rp.pid;
+                            p.started_unix_ms = rp.started_unix_ms;
+                        }
+                    },
+                    // Launch sent but never started there, or the agent lost it.
+                    None if p.phase == ProcessPhase::Launching as i32 && report.is_none() => vanished = true,
+                    None => vanished = true,
+                }
+            }
+            for (index, exited) in exits {
+                self.apply_exit(state, &id, node, index, exited);
+            }
+            if vanished && state.jobs.get(&id).is_some_and(|e| e.is_terminal()) {
+                // A finished job's process the agent no longer has: it is gone.
+                if let Some(entry) = state.jobs.get_mut(&id) {
+                    for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
+                        p.phase = ProcessPhase::Lost as i32;
+                    }
+                    recount(&mut entry.job);
+                }
+            } else if vanished {
+                let entry = state.jobs.get_mut(&id);
+                if let Some(entry) = entry.filter(|e| e.is_active()) {
+                    let node_rank = entry
+                        .plan()
+                        .and_then(|p| p.nodes.iter().find(|a| a.node_name == node))
+                        .map(|a| a.node_rank)
+                        .unwrap_or(0);
+                    for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
+                        p.phase = ProcessPhase::Lost as i32;
+                    }
+                    recount(&mut entry.job);
+                    let message = format!("node {node} came back without the job's processes");
+                    self.fail(state, &id, Failure { node_name: node.into(), node_rank, message, ..Failure::default() });
+                }
+            }
+            self.persist_job(state, &id).await?;
+        }
+        Ok(())
+    }
+
+    /// Binds a stream to the node that registered with `session_id`.
+    pub async fn attach(&self, node: &str, session_id: &str, tx: SessionSender) -> Result<(), ControllerError> {
+        let mut state = self.state.lock().await;
+        let entry =
+            state.nodes.get_mut(node).filter(|n| n.registered_session.as_deref() == Some(session_id)).ok_or_else(
+                || {
+                    ControllerError::FailedPrecondition(format!(
+                        "node {node:?} has no registration with session {session_id:?}: call Register first"
+                    ))
+                },
+            )?;
+        entry.session = Some((session_id.to_string(), tx));
+        entry.last_seen = Instant::now();
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    pub async fn detach(&self, node: &str, session_id: &str) {
+        let mut state = self.state.lock().await;
+        if let Some(entry) = state.nodes.get_mut(node)
+            && entry.session.as_ref().is_some_and(|(id, _)| id == session_id)
+        {
+            entry.session = None;
+            tracing::warn!(node, "agent stream closed; the node is lost unless it reconnects within the TTL");
+        }
+    }
+
+    /// Drops every agent session (on shutdown); agents reconnect elsewhere or later.
+    pub async fn close_sessions(&self) {
+        let mut state = self.state.lock().await;
+        for node in state.nodes.values_mut() {
+            node.session = None;
+        }
+    }
+
+    pub async fn heartbeat(&self, node: &str, hb: cohort_proto::Heartbeat) {
+        let mut state = self.state.lock().await;
+        if let Some(entry) = state.nodes.get_mut(node) {
+            entry.last_seen = Instant::now();
+            entry.last_seen_unix_ms = now_unix_ms();
+            if entry.state != NodeState::Ready {
+                tracing::info!(node, "node is Ready again");
+            }
+            entry.state = NodeState::Ready;
+            entry.reported = hb.running;
+        }
+    }
+
+    pub async fn process_event(&self, node: &str, event: cohort_proto::ProcessEvent) {
+        use cohort_proto::process_event::Event;
+        let mut state = self.state.lock().await;
+        let id = event.job_id.clone();
+        let Some(entry) = state.jobs.get_mut(&id) else { return };
+        if entry.job.attempt != event.attempt {
+            return;
+        }
+        let message = match event.event {
+            Some(Event::Started(started)) => {
+                if let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == event.index)
+                {
+                    p.phase = ProcessPhase::Running as i32;
+                    p.pid = started.pid;
+                    p.started_unix_ms = started.started_unix_ms;
+                }
+                if entry.state() == JobState::Starting
+                    && entry.job.processes.iter().all(|p| p.phase == ProcessPhase::Running as i32)
+                {
+                    entry.job.state = JobState::Running as i32;
+                    entry.job.reason = "every process of the gang has started".into();
+                    entry.job.running_unix_ms = now_unix_ms();
+                    tracing::info!(job = %id, "job running");
+                }
+                format!("process {} on node {node} started (pid {})", event.index, started.pid)
+            }
+            Some(Event::Exited(exited)) => {
+                self.apply_exit(&mut state, &id, node, event.index, exited);
+                format!(
+                    "process {} on node {node} exited with {}",
+                    event.index,
+                    describe_exit(exited.exit_code, exited.signal)
+                )
+            }
+            Some(Event::SpawnFailed(error)) => {
+                let node_rank = entry
+                    .plan()
+                    .and_then(|p| p.nodes.iter().find(|a| a.node_name == node))
+                    .map(|a| a.node_rank)
+                    .unwrap_or(0);
+                if let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == event.index)
+                {
+                    p.phase = ProcessPhase::SpawnFailed as i32;
+                }
+                recount(&mut entry.job);
+                let message = format!("could not start process {} on node {node}: {error}", event.index);
+                if entry.is_active() {
+                    self.fail(
+                        &mut state,
+                        &id,
+                        Failure {
+                            node_name: node.into(),
+                            node_rank,
+                            process_index: event.index,
+                            message: message.clone(),
+                            ..Failure::default()
+                        },
+                    );
+                }
+                message
+            }
+            None => return,
+        };
+        if let Err(e) = self.persist_job(&mut state, &id).await {
+            tracing::error!(job = %id, error = %e, "could not persist job");
+        }
+        self.publish(&state, &id, &message);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    pub async fn command_ack(&self, node: &str, ack: cohort_proto::CommandAck) {
+        if !ack.ok {
+            tracing::warn!(node, command = ack.command_id, error = %ack.error, "agent refused a command");
+        }
+    }
+
+    /// The rank of `node` in a job's plan, for log lines.
+    pub async fn node_rank(&self, job_id: &str, node: &str) -> u32 {
+        let state = self.state.lock().await;
+        state
+            .jobs
+            .get(job_id)
+            .and_then(|e| e.plan())
+            .and_then(|p| p.nodes.iter().find(|a| a.node_name == node))
+            .map(|a| a.node_rank)
+            .unwrap_or(0)
+    }
+
+    // ------------------------------------------------------------ transitions
+
+    pub(super) fn apply_exit(&self, state: &mut State, id: &str, node: &str, index: u32, exited: ProcessExited) {
+        let Some(entry) = state.jobs.get_mut(id) else { return };
+        let node_rank =
+            entry.plan().and_then(|p| p.nodes.iter().find(|a| a.node_name == node)).map(|a| a.node_rank).unwrap_or(0);
+        let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == index) else { return };
+        if !is_live(p) {
+            // Already known (an exit re-reported after a reconnect).
+            return;
+        }
+        p.phase = ProcessPhase::Exited as i32;
+        p.exit_code = exited.exit_code;
+        p.signal = exited.signal;
+        p.stopped_by_agent = exited.stopped_by_agent;
+        p.ended_unix_ms = exited.ended_unix_ms;
+        let global_rank = p.global_rank;
+        recount(&mut entry.job);
+        if !entry.is_active() {
+            return;
+        }
+        let clean = exited.exit_code == Some(0) && exited.signal.is_none();
+        if !clean {
+            let who = match global_rank {
+                Some(rank) => format!("rank {rank} (process {index})"),
+                None => format!("process {index}"),
+            };
+            let how = if exited.stopped_by_agent {
+                "was stopped by its agent".to_string()
+            } else {
+                format!("exited with {}", describe_exit(exited.exit_code, exited.signal))
+            };
+            let message = format!("node {node} (node rank {node_rank}): {who} {how}");
+            self.fail(
+                state,
+                id,
+                Failure {
+                    node_name: node.into(),
+                    node_rank,
+                    process_index: index,
+                    exit_code: exited.exit_code,
+                    signal: exited.signal,
+                    message,
+                },
+            );
+        } else if entry.job.processes.iter().all(|p| p.phase == ProcessPhase::Exited as i32 && p.exit_code == Some(0)) {
+            entry.job.state = JobState::Succeeded as i32;
+            entry.job.reason = "every process exited with code 0".into();
+            entry.job.finished_unix_ms = now_unix_ms();
+            tracing::info!(job = %id, "job succeeded");
+        }
+    }
+
+    /// Fails an active job and tears its gang down everywhere.
+    pub(super) fn fail(&self, state: &mut State, id: &str, failure: Failure) {
+        let Some(entry) = state.jobs.get_mut(id) else { return };
+        if !entry.is_active() {
+            return;
+        }
+        tracing::warn!(job = %id, cause = %failure.message, "job failed; stopping the gang");
+        entry.job.state = JobState::Failed as i32;
+        entry.job.reason = failure.message.clone();
+        entry.job.failure = Some(failure);
+        entry.job.finished_unix_ms = now_unix_ms();
+        self.teardown(state, id, "gang failure");
+    }
+
+    /// Sends a stop to every connected node of the job that still has live processes.
+    pub(super) fn teardown(&self, state: &mut State, id: &str, reason: &str) {
+        let Some(entry) = state.jobs.get(id) else { return };
+        let attempt = entry.job.attempt;
+        let grace = entry.spec.stop_grace;
+        let nodes: HashSet<String> =
+            entry.job.processes.iter().filter(|p| is_live(p)).map(|p| p.node_name.clone()).collect();
+        for node in nodes {
+            Self::send_stop(state, &node, id, attempt, grace, reason);
+        }
+    }
+
+    pub(super) fn send_stop(state: &mut State, node: &str, job_id: &str, attempt: u32, grace: Duration, reason: &str) {
+        let command_id = state.next_command_id;
+        state.next_command_id += 1;
+        let Some((_, tx)) = state.nodes.get(node).and_then(|n| n.session.as_ref()) else { return };
+        let msg = ControllerMessage {
+            command_id,
+            command: Some(Command::Stop(StopCommand {
+                job_id: job_id.into(),
+                attempt,
+                grace_ms: grace.as_millis() as u32,
+                reason: reason.into(),
+            })),
+        };
+        if tx.send(Ok(msg)).is_ok() {
+            state.stops_sent.insert((node.into(), job_id.into(), attempt), Instant::now());
+        }
+    }
+}

@@ -1,0 +1,494 @@
+//! The controller's state: jobs, nodes and agent sessions, owned by one
+//! `Controller` behind one lock. gRPC handlers call its methods; the reconcile
+//! loop (`reconcile`) converges the cluster on what the jobs want: it marks
+//! silent nodes lost, places pending jobs, and keeps telling agents to stop
+//! what no job wants any more (level-triggered, so a lost command is re-sent).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_proto::{
+    ControllerMessage, Failure, GangPlan, Job, JobEvent, JobFile, JobRecord, JobState, LaunchCommand, Node, NodeInfo,
+    NodeRecord, NodeState, ProcessExited, ProcessPhase, ProcessStatus, RunningLaunch, StopCommand,
+    controller_message::Command, now_unix_ms,
+};
+use cohort_shared::spec::{JobSpec, Workload};
+use prost::Message;
+use tokio::sync::{Mutex, Notify, broadcast, mpsc};
+use tokio::time::Instant;
+use tonic::Status;
+
+use crate::error::ControllerError;
+use crate::logs::LogHub;
+use crate::planner::{self, NodeView, RenderInput};
+use crate::store::{Expect, Store};
+
+pub type SessionSender = mpsc::UnboundedSender<Result<ControllerMessage, Status>>;
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// A node whose heartbeats stop for this long is lost.
+    pub node_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    /// MASTER_PORT range; keep it outside the kernel's ephemeral range.
+    pub master_ports: RangeInclusive<u16>,
+    /// How often an unanswered stop is sent again.
+    pub stop_resend: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            node_ttl: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
+            master_ports: 29500..=29999,
+            stop_resend: Duration::from_secs(2),
+        }
+    }
+}
+
+pub struct Controller {
+    state: Mutex<State>,
+    store: Arc<dyn Store>,
+    pub config: ControllerConfig,
+    wake: Notify,
+    events: broadcast::Sender<JobEvent>,
+    pub logs: LogHub,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: BTreeMap<String, JobEntry>,
+    nodes: BTreeMap<String, NodeEntry>,
+    next_seq: u64,
+    next_command_id: u64,
+    next_port: u16,
+    /// When a stop for (node, job, attempt) was last sent.
+    stops_sent: HashMap<(String, String, u32), Instant>,
+}
+
+struct JobEntry {
+    job: Job,
+    spec: JobSpec,
+    seq: u64,
+    revision: Option<u64>,
+}
+
+struct NodeEntry {
+    info: NodeInfo,
+    registered_unix_ms: i64,
+    revision: Option<u64>,
+    session: Option<(String, SessionSender)>,
+    /// The session id handed out by the last Register.
+    registered_session: Option<String>,
+    last_seen: Instant,
+    last_seen_unix_ms: i64,
+    state: NodeState,
+    /// Launches the agent last said it runs.
+    reported: Vec<RunningLaunch>,
+}
+
+impl JobEntry {
+    fn state(&self) -> JobState {
+        JobState::try_from(self.job.state).unwrap_or(JobState::Unspecified)
+    }
+    fn is_active(&self) -> bool {
+        matches!(self.state(), JobState::Starting | JobState::Running)
+    }
+    fn is_terminal(&self) -> bool {
+        matches!(self.state(), JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+    /// Holds GPUs and its port: running, or finished with processes still alive.
+    fn holds_resources(&self) -> bool {
+        self.is_active() || (self.is_terminal() && self.job.live_processes > 0)
+    }
+    fn plan(&self) -> Option<&GangPlan> {
+        self.job.plan.as_ref()
+    }
+    fn on_node(&self, node: &str) -> bool {
+        self.plan().is_some_and(|p| p.nodes.iter().any(|a| a.node_name == node))
+    }
+}
+
+fn is_live(p: &ProcessStatus) -> bool {
+    matches!(ProcessPhase::try_from(p.phase), Ok(ProcessPhase::Launching) | Ok(ProcessPhase::Running))
+}
+
+fn recount(job: &mut Job) {
+    job.live_processes = job.processes.iter().filter(|p| is_live(p)).count() as u32;
+}
+
+pub fn state_name(state: i32) -> &'static str {
+    match JobState::try_from(state).unwrap_or(JobState::Unspecified) {
+        JobState::Unspecified => "Unknown",
+        JobState::Pending => "Pending",
+        JobState::Starting => "Starting",
+        JobState::Running => "Running",
+        JobState::Succeeded => "Succeeded",
+        JobState::Failed => "Failed",
+        JobState::Cancelled => "Cancelled",
+    }
+}
+
+/// "code 3" or "signal 9 (SIGKILL)".
+pub fn describe_exit(exit_code: Option<i32>, signal: Option<i32>) -> String {
+    match (exit_code, signal) {
+        (_, Some(sig)) => match nix_signal_name(sig) {
+            Some(name) => format!("signal {sig} ({name})"),
+            None => format!("signal {sig}"),
+        },
+        (Some(code), None) => format!("code {code}"),
+        (None, None) => "an unknown status".to_string(),
+    }
+}
+
+fn nix_signal_name(sig: i32) -> Option<&'static str> {
+    Some(match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => return None,
+    })
+}
+
+mod agents;
+mod reconcile;
+
+impl Controller {
+    /// Loads jobs and nodes from the store. Stored nodes start `Disconnected`
+    /// and get one TTL to reconnect before their jobs are failed.
+    pub async fn load(store: Arc<dyn Store>, data_dir: &Path, config: ControllerConfig) -> anyhow::Result<Arc<Self>> {
+        let mut state = State { next_port: *config.master_ports.start(), next_seq: 1, ..State::default() };
+        for (key, v) in store.list("jobs/").await? {
+            let record = JobRecord::decode(v.value.as_slice())
+                .map_err(|e| anyhow::anyhow!("store key {key}: undecodable job record: {e}"))?;
+            let Some(job) = record.job else { continue };
+            let file = job.file.clone().unwrap_or_default();
+            let spec = match JobSpec::from_yaml(&file.yaml, &file.source_name) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    tracing::error!(job = %job.id, error = %e, "stored job no longer parses; skipping it");
+                    continue;
+                }
+            };
+            state.next_seq = state.next_seq.max(record.seq + 1);
+            state.jobs.insert(job.id.clone(), JobEntry { job, spec, seq: record.seq, revision: Some(v.revision) });
+        }
+        let now = Instant::now();
+        for (key, v) in store.list("nodes/").await? {
+            let record = NodeRecord::decode(v.value.as_slice())
+                .map_err(|e| anyhow::anyhow!("store key {key}: undecodable node record: {e}"))?;
+            let Some(info) = record.info else { continue };
+            state.nodes.insert(
+                info.name.clone(),
+                NodeEntry {
+                    info,
+                    registered_unix_ms: record.registered_unix_ms,
+                    revision: Some(v.revision),
+                    session: None,
+                    registered_session: None,
+                    last_seen: now,
+                    last_seen_unix_ms: 0,
+                    state: NodeState::Disconnected,
+                    reported: Vec::new(),
+                },
+            );
+        }
+        tracing::info!(jobs = state.jobs.len(), nodes = state.nodes.len(), "loaded state from the store");
+        Ok(Arc::new(Self {
+            state: Mutex::new(state),
+            store,
+            config,
+            wake: Notify::new(),
+            events: broadcast::channel(4096).0,
+            logs: LogHub::new(data_dir.join("logs"))?,
+        }))
+    }
+
+    // ---------------------------------------------------------------- jobs API
+
+    /// Parses and validates a job file; resolves a relative `workdir`.
+    fn parse(file: &JobFile) -> Result<JobSpec, ControllerError> {
+        if file.yaml.len() > 1 << 20 {
+            return Err(ControllerError::InvalidRequest(format!(
+                "job file {} is {} bytes; the limit is 1 MiB",
+                file.source_name,
+                file.yaml.len()
+            )));
+        }
+        let source = if file.source_name.is_empty() { "<job>" } else { file.source_name.as_str() };
+        let mut spec = JobSpec::from_yaml(&file.yaml, source)?;
+        if let Some(dir) = spec.workdir.as_deref()
+            && !dir.starts_with('/')
+        {
+            if file.base_dir.is_empty() {
+                return Err(ControllerError::InvalidRequest(format!(
+                    "job file {source}: workdir {dir:?} is relative but no base directory was sent; use an absolute path"
+                )));
+            }
+            spec.workdir = Some(normalize(&Path::new(&file.base_dir).join(dir)));
+        }
+        Ok(spec)
+    }
+
+    pub async fn submit(&self, file: JobFile) -> Result<(Job, Vec<String>), ControllerError> {
+        let spec = Self::parse(&file)?;
+        let warnings: Vec<String> = spec.warnings().iter().map(|w| format!("{}: {}", w.field, w.message)).collect();
+        let mut state = self.state.lock().await;
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let id = format!("{}-{}", spec.name, seq);
+        let job = Job {
+            id: id.clone(),
+            name: spec.name.clone(),
+            kind: match spec.workload {
+                Workload::Command(_) => "command".into(),
+                Workload::MegatronSft(_) => "megatron-sft".into(),
+            },
+            state: JobState::Pending as i32,
+            reason: "waiting to be placed".into(),
+            nodes: spec.nodes,
+            gpus_per_node: spec.gpus_per_node,
+            priority: spec.priority,
+            submitted_unix_ms: now_unix_ms(),
+            file: Some(file),
+            ..Job::default()
+        };
+        state.jobs.insert(id.clone(), JobEntry { job, spec, seq, revision: None });
+        self.persist_job(&mut state, &id).await?;
+        self.publish(&state, &id, "submitted");
+        tracing::info!(job = %id, "job submitted");
+        drop(state);
+        self.wake.notify_one();
+        let job = self.get(&id).await?;
+        Ok((job, warnings))
+    }
+
+    pub async fn plan(&self, file: JobFile) -> cohort_proto::PlanJobResponse {
+        use cohort_proto::{PlanJobResponse, SpecProblem};
+        let spec = match Self::parse(&file) {
+            Ok(spec) => spec,
+            Err(ControllerError::InvalidSpec(errors)) => {
+                return PlanJobResponse {
+                    problems: errors
+                        .issues
+                        .iter()
+                        .map(|i| SpecProblem {
+                            field: i.field.clone(),
+                            line: i.line.unwrap_or(0) as u32,
+                            message: i.message.clone(),
+                        })
+                        .collect(),
+                    ..PlanJobResponse::default()
+                };
+            }
+            Err(other) => {
+                return PlanJobResponse {
+                    problems: vec![SpecProblem { field: String::new(), line: 0, message: other.to_string() }],
+                    ..PlanJobResponse::default()
+                };
+            }
+        };
+        let mut response = PlanJobResponse {
+            warnings: spec.warnings().iter().map(|w| format!("{}: {}", w.field, w.message)).collect(),
+            memory_estimate_gib: spec.memory_estimate_gib(),
+            ..PlanJobResponse::default()
+        };
+        if let Workload::MegatronSft(m) = &spec.workload {
+            response.parallel_layout = m.layout(spec.nodes, spec.gpus_per_node).to_string();
+        }
+        let state = self.state.lock().await;
+        let views = Self::node_views(&state);
+        match planner::place(&spec, &views) {
+            Ok(placement) => {
+                let port = Self::peek_port(&state, &self.config);
+                let workdir = spec.workdir.clone();
+                response.plan = Some(planner::render(
+                    &spec,
+                    &placement,
+                    &views,
+                    &RenderInput {
+                        job_id: &format!("{}-<id>", spec.name),
+                        attempt: 1,
+                        master_port: port,
+                        workdir: workdir.as_deref(),
+                    },
+                ));
+            }
+            Err(e) => response.placement_error = e.to_string(),
+        }
+        response
+    }
+
+    fn resolve<'a>(state: &'a State, job_ref: &str) -> Result<&'a JobEntry, ControllerError> {
+        if let Some(entry) = state.jobs.get(job_ref) {
+            return Ok(entry);
+        }
+        // A bare name means the newest job of that name.
+        state
+            .jobs
+            .values()
+            .filter(|e| e.job.name == job_ref)
+            .max_by_key(|e| e.seq)
+            .ok_or_else(|| ControllerError::JobNotFound(job_ref.to_string()))
+    }
+
+    pub async fn get(&self, job_ref: &str) -> Result<Job, ControllerError> {
+        let state = self.state.lock().await;
+        Ok(Self::resolve(&state, job_ref)?.job.clone())
+    }
+
+    pub async fn list(&self, active_only: bool) -> Vec<Job> {
+        let state = self.state.lock().await;
+        let mut jobs: Vec<&JobEntry> =
+            state.jobs.values().filter(|e| !active_only || !e.is_terminal() || e.job.live_processes > 0).collect();
+        jobs.sort_by_key(|e| e.seq);
+        jobs.into_iter().map(|e| e.job.clone()).collect()
+    }
+
+    /// The job now and a receiver of its later events.
+    pub async fn watch(&self, job_ref: &str) -> Result<(Job, broadcast::Receiver<JobEvent>), ControllerError> {
+        let state = self.state.lock().await;
+        let job = Self::resolve(&state, job_ref)?.job.clone();
+        Ok((job, self.events.subscribe()))
+    }
+
+    pub async fn cancel(&self, job_ref: &str) -> Result<Job, ControllerError> {
+        let mut state = self.state.lock().await;
+        let id = Self::resolve(&state, job_ref)?.job.id.clone();
+        let Some(entry) = state.jobs.get_mut(&id) else { return Err(ControllerError::JobNotFound(id)) };
+        match entry.state() {
+            JobState::Pending => {
+                entry.job.state = JobState::Cancelled as i32;
+                entry.job.reason = "cancelled before it was placed".into();
+                entry.job.finished_unix_ms = now_unix_ms();
+            }
+            JobState::Starting | JobState::Running => {
+                entry.job.state = JobState::Cancelled as i32;
+                entry.job.reason = "cancelled by the user; stopping every process".into();
+                entry.job.finished_unix_ms = now_unix_ms();
+                self.teardown(&mut state, &id, "cancelled");
+            }
+            _ => return Ok(entry.job.clone()),
+        }
+        self.persist_job(&mut state, &id).await?;
+        self.publish(&state, &id, "cancelled");
+        tracing::info!(job = %id, "job cancelled");
+        drop(state);
+        self.wake.notify_one();
+        self.get(&id).await
+    }
+
+    pub async fn nodes(&self) -> Vec<Node> {
+        let state = self.state.lock().await;
+        let mut allocated: HashMap<&str, (Vec<u32>, Vec<String>)> = HashMap::new();
+        for entry in state.jobs.values().filter(|e| e.holds_resources()) {
+            for a in entry.plan().map(|p| p.nodes.as_slice()).unwrap_or_default() {
+                let slot = allocated.entry(a.node_name.as_str()).or_default();
+                slot.0.extend(&a.gpu_indices);
+                slot.1.push(entry.job.id.clone());
+            }
+        }
+        state
+            .nodes
+            .values()
+            .map(|n| {
+                let (mut gpus, jobs) = allocated.remove(n.info.name.as_str()).unwrap_or_default();
+                gpus.sort_unstable();
+                Node {
+                    info: Some(n.info.clone()),
+                    state: n.state as i32,
+                    last_heartbeat_unix_ms: n.last_seen_unix_ms,
+                    allocated_gpus: gpus,
+                    jobs,
+                    registered_unix_ms: n.registered_unix_ms,
+                }
+            })
+            .collect()
+    }
+
+    // ------------------------------------------------------------ persistence
+
+    async fn persist_job(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
+        let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
+        let record = JobRecord { job: Some(entry.job.clone()), seq: entry.seq };
+        let expect = entry.revision.map(Expect::Revision).unwrap_or(Expect::Absent);
+        let revision = self.store.put(&format!("jobs/{id}"), record.encode_to_vec(), expect).await?;
+        entry.revision = Some(revision);
+        Ok(())
+    }
+
+    async fn persist_node(&self, state: &mut State, name: &str) -> Result<(), ControllerError> {
+        let Some(node) = state.nodes.get_mut(name) else { return Ok(()) };
+        let record = NodeRecord { info: Some(node.info.clone()), registered_unix_ms: node.registered_unix_ms };
+        let expect = node.revision.map(Expect::Revision).unwrap_or(Expect::Absent);
+        let revision = self.store.put(&format!("nodes/{name}"), record.encode_to_vec(), expect).await?;
+        node.revision = Some(revision);
+        Ok(())
+    }
+
+    fn publish(&self, state: &State, id: &str, message: &str) {
+        if let Some(entry) = state.jobs.get(id) {
+            let _ = self.events.send(JobEvent {
+                unix_ms: now_unix_ms(),
+                job: Some(entry.job.clone()),
+                message: message.into(),
+            });
+        }
+    }
+}
+
+/// `a/b/../c` -> `a/c` without touching the file system (the path is on the nodes).
+fn normalize(path: &Path) -> String {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out.to_string_lossy().into_owned()
+}
+
+fn validate_node(info: &NodeInfo) -> Result<(), ControllerError> {
+    let name_ok = !info.name.is_empty()
+        && info.name.len() <= 63
+        && info.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+    if !name_ok {
+        return Err(ControllerError::InvalidRequest(format!(
+            "node name {:?} must be 1-63 characters of letters, digits, '-', '.', '_'",
+            info.name
+        )));
+    }
+    if info.advertise_addr.parse::<std::net::IpAddr>().is_err() {
+        return Err(ControllerError::InvalidRequest(format!(
+            "node {}: advertise address {:?} is not an IP address",
+            info.name, info.advertise_addr
+        )));
+    }
+    let mut seen = HashSet::new();
+    for gpu in &info.gpus {
+        if !seen.insert(gpu.index) {
+            return Err(ControllerError::InvalidRequest(format!(
+                "node {}: GPU index {} listed twice",
+                info.name, gpu.index
+            )));
+        }
+    }
+    Ok(())
+}

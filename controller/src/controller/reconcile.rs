@@ -1,0 +1,318 @@
+//! The reconcile loop: silent nodes become lost, pending jobs are placed and
+//! launched, and stops are re-sent until every unwanted process is gone.
+
+use super::*;
+
+impl Controller {
+    // -------------------------------------------------------------- reconcile
+
+    /// Runs the reconcile loop until `shutdown` fires.
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Err(e) = self.reconcile().await {
+                tracing::error!(error = %e, "reconcile failed; retrying on the next tick");
+            }
+        }
+    }
+
+    pub async fn reconcile(&self) -> Result<(), ControllerError> {
+        let mut state = self.state.lock().await;
+        self.expire_nodes(&mut state).await?;
+        self.schedule(&mut state).await?;
+        for id in self.resend_stops(&mut state) {
+            self.persist_job(&mut state, &id).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn expire_nodes(&self, state: &mut State) -> Result<(), ControllerError> {
+        let now = Instant::now();
+        let ttl = self.config.node_ttl;
+        let mut lost = Vec::new();
+        for node in state.nodes.values_mut() {
+            if node.state != NodeState::Lost && now.duration_since(node.last_seen) > ttl {
+                tracing::warn!(node = %node.info.name, ttl = ?ttl, "no heartbeat within the TTL; node lost");
+                node.state = NodeState::Lost;
+                node.session = None;
+                lost.push(node.info.name.clone());
+            }
+        }
+        for node in lost {
+            let ids: Vec<String> = state
+                .jobs
+                .values()
+                .filter(|e| e.job.processes.iter().any(|p| p.node_name == node && is_live(p)))
+                .map(|e| e.job.id.clone())
+                .collect();
+            for id in ids {
+                let Some(entry) = state.jobs.get_mut(&id) else { continue };
+                let node_rank = entry
+                    .plan()
+                    .and_then(|p| p.nodes.iter().find(|a| a.node_name == node))
+                    .map(|a| a.node_rank)
+                    .unwrap_or(0);
+                for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
+                    p.phase = ProcessPhase::Lost as i32;
+                }
+                recount(&mut entry.job);
+                let message = format!(
+                    "node {node} (node rank {node_rank}) lost: no heartbeat for {}",
+                    humantime::format_duration(ttl)
+                );
+                self.fail(
+                    state,
+                    &id,
+                    Failure { node_name: node.clone(), node_rank, message: message.clone(), ..Failure::default() },
+                );
+                self.persist_job(state, &id).await?;
+                self.publish(state, &id, &message);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn node_views(state: &State) -> Vec<NodeView> {
+        let mut used: HashMap<&str, HashSet<u32>> = HashMap::new();
+        for entry in state.jobs.values().filter(|e| e.holds_resources()) {
+            for a in entry.plan().map(|p| p.nodes.as_slice()).unwrap_or_default() {
+                used.entry(a.node_name.as_str()).or_default().extend(&a.gpu_indices);
+            }
+        }
+        state
+            .nodes
+            .values()
+            .map(|n| {
+                let taken = used.get(n.info.name.as_str());
+                let free_gpus: Vec<u32> =
+                    n.info.gpus.iter().map(|g| g.index).filter(|i| taken.is_none_or(|t| !t.contains(i))).collect();
+                let unavailable = match (n.state, &n.session) {
+                    (NodeState::Ready, Some(_)) => None,
+                    (NodeState::Lost, _) => Some("lost".to_string()),
+                    _ => Some("not connected".to_string()),
+                };
+                NodeView {
+                    name: n.info.name.clone(),
+                    address: n.info.advertise_addr.clone(),
+                    labels: n.info.labels.clone(),
+                    free_gpus,
+                    total_gpus: n.info.gpus.len() as u32,
+                    unavailable,
+                    node_env: n.info.node_env.clone(),
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn used_ports(state: &State) -> HashSet<u16> {
+        state
+            .jobs
+            .values()
+            .filter(|e| e.holds_resources())
+            .filter_map(|e| e.plan().map(|p| p.master_port as u16))
+            .collect()
+    }
+
+    /// The next free MASTER_PORT, round-robin through the range so that a port
+    /// just released (maybe in TIME_WAIT) is reused last.
+    pub(super) fn peek_port(state: &State, config: &ControllerConfig) -> u16 {
+        let used = Self::used_ports(state);
+        let (lo, hi) = (*config.master_ports.start(), *config.master_ports.end());
+        let span = (hi - lo) as u32 + 1;
+        let start = state.next_port.clamp(lo, hi);
+        (0..span).map(|i| lo + (((start - lo) as u32 + i) % span) as u16).find(|p| !used.contains(p)).unwrap_or(start)
+    }
+
+    /// Places pending jobs in priority order, then submission order. A job
+    /// that does not fit blocks the ones behind it (no backfill), so big jobs
+    /// are not starved by small ones.
+    pub(super) async fn schedule(&self, state: &mut State) -> Result<(), ControllerError> {
+        let mut pending: Vec<(i32, u64, String)> = state
+            .jobs
+            .values()
+            .filter(|e| e.state() == JobState::Pending)
+            .map(|e| (-e.job.priority, e.seq, e.job.id.clone()))
+            .collect();
+        pending.sort();
+        for (_, _, id) in pending {
+            let views = Self::node_views(state);
+            let Some(entry) = state.jobs.get(&id) else { continue };
+            let placement = match planner::place(&entry.spec, &views) {
+                Ok(p) => p,
+                Err(e) => {
+                    let reason = if e.never_fits {
+                        format!("cannot fit this cluster even when idle: {e}")
+                    } else {
+                        format!("waiting for free GPUs: {e}")
+                    };
+                    if let Some(entry) = state.jobs.get_mut(&id)
+                        && entry.job.reason != reason
+                    {
+                        entry.job.reason = reason;
+                        self.publish(state, &id, "pending");
+                    }
+                    break;
+                }
+            };
+            if Self::used_ports(state).len()
+                > (self.config.master_ports.end() - self.config.master_ports.start()) as usize
+            {
+                tracing::warn!(job = %id, "every MASTER_PORT of the range is leased; waiting");
+                break;
+            }
+            let port = Self::peek_port(state, &self.config);
+            state.next_port = port.saturating_add(1);
+            self.launch(state, &id, &placement, &views, port).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn launch(
+        &self,
+        state: &mut State,
+        id: &str,
+        placement: &planner::Placement,
+        views: &[NodeView],
+        port: u16,
+    ) -> Result<(), ControllerError> {
+        let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
+        let attempt = entry.job.attempt + 1;
+        let plan = planner::render(
+            &entry.spec,
+            placement,
+            views,
+            &RenderInput { job_id: id, attempt, master_port: port, workdir: entry.spec.workdir.as_deref() },
+        );
+        entry.job.attempt = attempt;
+        entry.job.state = JobState::Starting as i32;
+        entry.job.reason =
+            format!("launching on {}", placement.nodes.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "));
+        entry.job.started_unix_ms = now_unix_ms();
+        entry.job.processes = plan
+            .nodes
+            .iter()
+            .flat_map(|a| {
+                a.processes.iter().map(|p| ProcessStatus {
+                    node_name: a.node_name.clone(),
+                    node_rank: a.node_rank,
+                    index: p.index,
+                    global_rank: p.global_rank,
+                    phase: ProcessPhase::Launching as i32,
+                    ..ProcessStatus::default()
+                })
+            })
+            .collect();
+        recount(&mut entry.job);
+        entry.job.plan = Some(plan.clone());
+        let grace = entry.spec.stop_grace;
+        // Persist before sending: a controller that dies here restarts knowing
+        // the attempt exists, and reconciles what the agents report.
+        self.persist_job(state, id).await?;
+        tracing::info!(job = %id, attempt, port, "launching");
+        let mut unreachable = None;
+        for a in &plan.nodes {
+            let command_id = state.next_command_id;
+            state.next_command_id += 1;
+            let msg = ControllerMessage {
+                command_id,
+                command: Some(Command::Launch(LaunchCommand {
+                    job_id: id.into(),
+                    attempt,
+                    node_rank: a.node_rank,
+                    workdir: a.workdir.clone(),
+                    stop_grace_ms: grace.as_millis() as u32,
+                    processes: a.processes.clone(),
+                })),
+            };
+            let sent = state
+                .nodes
+                .get(&a.node_name)
+                .and_then(|n| n.session.as_ref())
+                .is_some_and(|(_, tx)| tx.send(Ok(msg)).is_ok());
+            if !sent {
+                unreachable = Some((a.node_name.clone(), a.node_rank));
+                break;
+            }
+        }
+        if let Some((node, node_rank)) = unreachable {
+            if let Some(entry) = state.jobs.get_mut(id) {
+                for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node) {
+                    p.phase = ProcessPhase::Lost as i32;
+                }
+                recount(&mut entry.job);
+            }
+            let message = format!("node {node} dropped its stream while the job was launched");
+            self.fail(state, id, Failure { node_name: node, node_rank, message, ..Failure::default() });
+            self.persist_job(state, id).await?;
+        }
+        self.publish(state, id, "launching");
+        Ok(())
+    }
+
+    /// Level-triggered teardown: every live process of a finished job, and
+    /// every launch an agent reports that no job wants, gets a stop, again
+    /// every `stop_resend` until it is gone.
+    /// Returns the jobs it changed.
+    pub(super) fn resend_stops(&self, state: &mut State) -> Vec<String> {
+        let mut changed = Vec::new();
+        let now = Instant::now();
+        let resend = self.config.stop_resend;
+        let mut wanted_stops: Vec<(String, String, u32, Duration)> = Vec::new();
+        for entry in state.jobs.values().filter(|e| e.is_terminal() && e.job.live_processes > 0) {
+            let nodes: HashSet<&str> =
+                entry.job.processes.iter().filter(|p| is_live(p)).map(|p| p.node_name.as_str()).collect();
+            for node in nodes {
+                wanted_stops.push((node.into(), entry.job.id.clone(), entry.job.attempt, entry.spec.stop_grace));
+            }
+        }
+        for node in state.nodes.values().filter(|n| n.session.is_some()) {
+            for launch in &node.reported {
+                let wanted = state
+                    .jobs
+                    .get(&launch.job_id)
+                    .is_some_and(|e| e.is_active() && e.job.attempt == launch.attempt && e.on_node(&node.info.name));
+                if !wanted && launch.processes.iter().any(|p| p.exited.is_none()) {
+                    let grace =
+                        state.jobs.get(&launch.job_id).map(|e| e.spec.stop_grace).unwrap_or(Duration::from_secs(10));
+                    wanted_stops.push((node.info.name.clone(), launch.job_id.clone(), launch.attempt, grace));
+                }
+            }
+        }
+        for (node, job, attempt, grace) in wanted_stops {
+            let key = (node.clone(), job.clone(), attempt);
+            let last_stop = state.stops_sent.get(&key).copied();
+            if last_stop.is_some_and(|t| now.duration_since(t) < resend) {
+                continue;
+            }
+            // Stopped a while ago and the agent's heartbeats no longer list the
+            // launch: its exit was lost with a broken stream; the processes are gone.
+            let reported = state.nodes.get(&node).is_some_and(|n| {
+                n.reported
+                    .iter()
+                    .any(|l| l.job_id == job && l.attempt == attempt && l.processes.iter().any(|p| p.exited.is_none()))
+            });
+            if last_stop.is_some() && !reported {
+                if let Some(entry) = state.jobs.get_mut(&job).filter(|e| e.is_terminal() && e.job.attempt == attempt) {
+                    for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
+                        p.phase = ProcessPhase::Lost as i32;
+                    }
+                    recount(&mut entry.job);
+                    tracing::warn!(node = %node, job = %job, "stopped launch no longer reported; marking its processes gone");
+                    self.publish(state, &job, "processes gone");
+                    changed.push(job.clone());
+                }
+                continue;
+            }
+            tracing::debug!(node = %node, job = %job, attempt, "sending stop");
+            Self::send_stop(state, &node, &job, attempt, grace, "not wanted by the controller");
+        }
+        state.stops_sent.retain(|_, t| now.duration_since(*t) < resend * 10);
+        changed
+    }
+}
