@@ -142,7 +142,12 @@ impl JobSpec {
         let mut problems = Problems::new(text);
         match read_job(&root, &mut problems) {
             Some(spec) if problems.is_empty() => Ok(spec),
-            _ => Err(fail(problems.into_issues())),
+            _ => {
+                // File order reads best; problems without a line go last.
+                let mut issues = problems.into_issues();
+                issues.sort_by_key(|i| i.line.unwrap_or(usize::MAX));
+                Err(fail(issues))
+            }
         }
     }
 

@@ -258,14 +258,15 @@ fn all_problems_are_reported_together() {
     let issues = problems_in(&text);
     assert_eq!(
         fields(&issues),
+        // In file order.
         [
-            "restart",
             "name",
             "env.MASTER_PORT",
-            "priority",
-            "megatron.output_dir",
             "megatron.global_batch_size",
-            "megatron.recompute_num_layers"
+            "megatron.recompute_num_layers",
+            "megatron.output_dir",
+            "restart",
+            "priority"
         ],
         "{issues:#?}"
     );
