@@ -58,7 +58,54 @@ pub struct JobSpec {
     pub stop_grace: Duration,
     /// No progress for this long means the job hangs.
     pub hang_timeout: Option<Duration>,
+    /// The interpreter preflight probes (default: each agent's `--python`).
+    pub python: Option<String>,
+    /// Inputs copied into every node's local cache before launch.
+    pub stage: Vec<StageSpec>,
+    /// Paths proven to be the same on every node before launch (besides the
+    /// ones a megatron-sft job implies: MODELSCOPE_CACHE, output dir, model).
+    pub shared_paths: Vec<String>,
+    /// What a dataset with bad rows does to a megatron-sft launch.
+    pub dataset_policy: DatasetPolicy,
     pub workload: Workload,
+}
+
+/// One `stage:` entry: a file or directory (local path on a shared mount, or
+/// an http(s) URL of a file) copied into each node's cache, SHA-256 verified.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    /// Names the input; the processes find it at `$COHORT_STAGED_<NAME>`.
+    pub name: String,
+    pub source: String,
+    /// Expected hex SHA-256 (of the file; of the manifest for a directory).
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+/// `dataset_policy: fail | warn`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetPolicy {
+    /// Bad rows refuse the launch (default).
+    #[default]
+    Fail,
+    /// Bad rows are reported and the job goes on (ms-swift drops them).
+    Warn,
+}
+
+impl JobSpec {
+    /// Whether placement is followed by a preparation phase on every node.
+    pub fn needs_preparation(&self) -> bool {
+        matches!(self.workload, Workload::MegatronSft(_)) || !self.stage.is_empty() || !self.shared_paths.is_empty()
+    }
+
+    /// The env name under which the processes find a staged input.
+    pub fn staged_env_name(item: &str) -> String {
+        let upper: String =
+            item.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+        format!("COHORT_STAGED_{upper}")
+    }
 }
 
 /// What the job runs.
@@ -108,10 +155,14 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "command",
     "launch",
     "megatron",
+    "python",
+    "stage",
+    "shared_paths",
+    "dataset_policy",
 ];
 
 /// Keys that the design names but this version does not implement yet.
-const NOT_YET_SUPPORTED: &[&str] = &["stage", "restart"];
+const NOT_YET_SUPPORTED: &[&str] = &["restart"];
 
 /// Variables that Cohort sets for every process; a job may not override them.
 pub const RESERVED_ENV: &[&str] = &[
@@ -290,6 +341,16 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
     let priority = typed::<i32>(root, "priority", problems).unwrap_or(0);
     let stop_grace = typed::<DurationText>(root, "stop_grace", problems).map_or(DEFAULT_STOP_GRACE, |d| d.0);
     let hang_timeout = typed::<DurationText>(root, "hang_timeout", problems).map(|d| d.0);
+    let python = typed::<String>(root, "python", problems);
+    let stage = typed::<Vec<StageSpec>>(root, "stage", problems).unwrap_or_default();
+    check_stage(&stage, problems);
+    let shared_paths = typed::<Vec<String>>(root, "shared_paths", problems).unwrap_or_default();
+    for (i, path) in shared_paths.iter().enumerate() {
+        if !path.starts_with('/') {
+            problems.at_field(format!("shared_paths[{i}]"), &["shared_paths"], format!("{path:?} must be an absolute path"));
+        }
+    }
+    let dataset_policy = typed::<DatasetPolicy>(root, "dataset_policy", problems).unwrap_or_default();
     if hang_timeout == Some(Duration::ZERO) {
         problems.at(&["hang_timeout"], "must be longer than zero; leave it out to turn hang detection off");
     }
@@ -333,8 +394,37 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
         priority,
         stop_grace,
         hang_timeout,
+        python,
+        stage,
+        shared_paths,
+        dataset_policy,
         workload: workload?,
     })
+}
+
+fn check_stage(stage: &[StageSpec], problems: &mut Problems) {
+    let mut names = std::collections::HashSet::new();
+    for (i, item) in stage.iter().enumerate() {
+        let field = |f: &str| format!("stage[{i}].{f}");
+        if item.name.is_empty() || !item.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            problems.at_field(field("name"), &["stage"], format!("{:?} must be letters, digits, '-' or '_'", item.name));
+        } else if !names.insert(item.name.to_ascii_lowercase()) {
+            problems.at_field(field("name"), &["stage"], format!("{:?} is staged twice", item.name));
+        }
+        let remote = item.source.starts_with("http://") || item.source.starts_with("https://");
+        if !remote && !item.source.starts_with('/') {
+            problems.at_field(
+                field("source"),
+                &["stage"],
+                format!("{:?} must be an absolute path or an http(s) URL", item.source),
+            );
+        }
+        if let Some(digest) = &item.sha256
+            && (digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()))
+        {
+            problems.at_field(field("sha256"), &["stage"], format!("{digest:?} is not a hex SHA-256 (64 hex digits)"));
+        }
+    }
 }
 
 /// A duration field, read with the same rules as everywhere else.

@@ -137,7 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         t += &format!("{name:<52} {:>9.1} {:>9.1} {:>9.1} {:>9.1}\n", s.p50, s.p90, s.max, s.min);
     }
     t += &format!(
-        "   ratio cohort/baseline, start (p50, p90): {:.0}x, {:.0}x\n",
+        "   ratio cohort/baseline, start (p50, p90): {:.1}x, {:.1}x\n",
         launch_s.p50 / base_spawn_s.p50,
         launch_s.p90 / base_spawn_s.p90
     );
