@@ -3,5 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod gpu;
+pub mod preflight;
+pub mod prepare;
 pub mod session;
+pub mod stage;
 pub mod supervisor;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use cohort_agent::prepare::Preparer;
+use cohort_agent::stage::Stager;
 use cohort_agent::{gpu, session, supervisor::Supervisor};
 use cohort_proto::{EnvVar, NodeInfo};
 
@@ -46,6 +48,15 @@ struct Args {
     /// The interface NCCL and Gloo must use (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME).
     #[arg(long, env = "COHORT_NET_IFNAME")]
     net_ifname: Option<String>,
+    /// The interpreter preflight probes when a job names none.
+    #[arg(long, env = "COHORT_PYTHON", default_value = "python3")]
+    python: String,
+    /// The local cache staged inputs are copied into (default: <work-dir>/cache).
+    #[arg(long, env = "COHORT_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// How many files staging copies at once.
+    #[arg(long, default_value_t = 4)]
+    stage_parallel: usize,
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     max_backoff: Duration,
@@ -118,10 +129,21 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let (out_tx, out_rx) = tokio::sync::mpsc::channel(8192);
-    let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx);
+    let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone());
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| args.work_dir.join("cache"));
+    let preparer = Preparer {
+        node_name: name.clone(),
+        python: args.python.clone(),
+        node_env: node.node_env.iter().map(|v| (v.name.clone(), v.value.clone())).collect(),
+        stager: std::sync::Arc::new(Stager::new(cache_dir, args.stage_parallel.max(1))),
+        out: out_tx,
+        report: tokio::sync::watch::channel(None).0,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let config = session::SessionConfig { controller_url: args.controller, node, max_backoff: args.max_backoff };
-    let session = tokio::spawn(session::run(config, supervisor.clone(), out_rx, stop_rx));
+    let probe = preparer.clone();
+    tokio::spawn(async move { probe.probe_at_startup().await });
+    let session = tokio::spawn(session::run(config, supervisor.clone(), preparer, out_rx, stop_rx));
     tracing::info!(node = %name, "agent started");
 
     wait_for_signal().await;

@@ -101,7 +101,7 @@ pub fn free_disk(path: &Path) -> PreflightCheck {
     let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
     match nix::sys::statvfs::statvfs(existing) {
         Ok(st) => {
-            let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+            let free = st.blocks_available() * st.fragment_size();
             PreflightCheck {
                 name: "disk".into(),
                 value: format!("{} free", human_bytes(free)),
@@ -121,7 +121,7 @@ pub fn free_disk(path: &Path) -> PreflightCheck {
 pub fn shm_size() -> PreflightCheck {
     match nix::sys::statvfs::statvfs("/dev/shm") {
         Ok(st) => {
-            let size = st.blocks() as u64 * st.fragment_size() as u64;
+            let size = st.blocks() * st.fragment_size();
             PreflightCheck {
                 name: "shm".into(),
                 value: human_bytes(size),
@@ -133,7 +133,9 @@ pub fn shm_size() -> PreflightCheck {
                 },
             }
         }
-        Err(e) => PreflightCheck { name: "shm".into(), value: String::new(), ok: false, detail: format!("/dev/shm: {e}") },
+        Err(e) => {
+            PreflightCheck { name: "shm".into(), value: String::new(), ok: false, detail: format!("/dev/shm: {e}") }
+        }
     }
 }
 
@@ -178,8 +180,15 @@ mod tests {
         let python = report.checks.iter().find(|c| c.name == "python").unwrap();
         assert!(python.ok && python.value.starts_with('3'), "{python:?}");
         // Whatever is installed here, every expected row is present.
-        for name in ["torch", "transformer_engine", "transformer_engine.pytorch", "flash_attn", "apex", "megatron.core", "swift"]
-        {
+        for name in [
+            "torch",
+            "transformer_engine",
+            "transformer_engine.pytorch",
+            "flash_attn",
+            "apex",
+            "megatron.core",
+            "swift",
+        ] {
             let check = report.checks.iter().find(|c| c.name == name).unwrap();
             assert!(check.ok || !check.detail.is_empty(), "a failed import says why: {check:?}");
         }

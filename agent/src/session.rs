@@ -9,13 +9,14 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use cohort_proto::agent_service_client::AgentServiceClient;
 use cohort_proto::{
-    AgentMessage, CommandAck, ControllerMessage, Heartbeat, Hello, LogBatch, LogLine, NodeInfo, RegisterRequest,
-    agent_message::Msg, controller_message::Command, now_unix_ms,
+    AgentMessage, CommandAck, ControllerMessage, Heartbeat, Hello, LogBatch, LogLine, MetricsBatch, NodeInfo,
+    RegisterRequest, agent_message::Msg, controller_message::Command, now_unix_ms,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::prepare::Preparer;
 use crate::supervisor::{Outbound, Supervisor};
 
 /// Log lines are shipped in batches at this cadence.
@@ -44,6 +45,7 @@ pub struct SessionConfig {
 pub async fn run(
     config: SessionConfig,
     supervisor: Supervisor,
+    preparer: Preparer,
     mut outbound: mpsc::Receiver<Outbound>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -59,7 +61,7 @@ pub async fn run(
     loop {
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
-            r = session(&config, &supervisor, &mut outbound) => r,
+            r = session(&config, &supervisor, &preparer, &mut outbound) => r,
             _ = shutdown.changed() => return,
         };
         match result {
@@ -92,6 +94,7 @@ async fn connect(url: &str) -> Result<Channel, SessionError> {
 async fn session(
     config: &SessionConfig,
     supervisor: &Supervisor,
+    preparer: &Preparer,
     outbound: &mut mpsc::Receiver<Outbound>,
 ) -> Result<(), SessionError> {
     let mut client =
@@ -104,6 +107,11 @@ async fn session(
     tx.send(AgentMessage { msg: Some(Msg::Hello(hello)) }).await.map_err(|_| SessionError::Closed)?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(controller = %config.controller_url, "connected and registered");
+    // A controller that restarted has not seen this node's environment yet.
+    let report = preparer.report.borrow().clone();
+    if let Some(report) = report {
+        tx.send(AgentMessage { msg: Some(Msg::Preflight(report)) }).await.map_err(|_| SessionError::Closed)?;
+    }
 
     let mut heartbeat = tokio::time::interval(interval);
     let mut flush = tokio::time::interval(LOG_FLUSH);
@@ -126,6 +134,13 @@ async fn session(
                 }
             }
             item = outbound.recv() => match item {
+                Some(Outbound::Metrics { job_id, attempt, point }) => {
+                    // Metrics follow the lines they were parsed from.
+                    if let Some(lines) = pending.remove(&(job_id.clone(), attempt)) {
+                        send(Msg::Logs(LogBatch { job_id: job_id.clone(), attempt, lines })).await?;
+                    }
+                    send(Msg::Metrics(MetricsBatch { job_id, attempt, points: vec![point] })).await?;
+                }
                 Some(Outbound::Line { job_id, attempt, line }) => {
                     let batch = pending.entry((job_id.clone(), attempt)).or_default();
                     batch.push(line);
@@ -147,7 +162,7 @@ async fn session(
             },
             message = inbound.message() => match message? {
                 Some(command) => {
-                    let ack = handle(supervisor, command).await;
+                    let ack = handle(supervisor, preparer, command).await;
                     send(Msg::Ack(ack)).await?;
                 }
                 None => return Ok(()),
@@ -158,7 +173,7 @@ async fn session(
 
 /// Carries out one command. Stops run in the background (they wait out a
 /// grace period); launches complete before the acknowledgement.
-async fn handle(supervisor: &Supervisor, message: ControllerMessage) -> CommandAck {
+async fn handle(supervisor: &Supervisor, preparer: &Preparer, message: ControllerMessage) -> CommandAck {
     let command_id = message.command_id;
     let result = match message.command {
         Some(Command::Launch(launch)) => {
@@ -184,6 +199,17 @@ async fn handle(supervisor: &Supervisor, message: ControllerMessage) -> CommandA
             tokio::spawn(async move {
                 supervisor.stop(&stop.job_id, stop.attempt, Duration::from_millis(u64::from(stop.grace_ms))).await;
             });
+            Ok(())
+        }
+        Some(Command::Prepare(prepare)) => {
+            tracing::info!(job = %prepare.job_id, attempt = prepare.attempt, "prepare");
+            let preparer = preparer.clone();
+            tokio::spawn(async move { preparer.prepare(prepare).await });
+            Ok(())
+        }
+        Some(Command::FindCheckpoint(find)) => {
+            let preparer = preparer.clone();
+            tokio::spawn(async move { preparer.find_checkpoint(command_id, find).await });
             Ok(())
         }
         None => Err("empty command: this agent may be older than the controller".to_string()),

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use cohort_proto::{
     AgentMessage, LaunchCommand, LogLine, LogStream, ProcessEvent, ProcessExited, ProcessStarted, RunningLaunch,
-    RunningProcess, agent_message::Msg, now_unix_ms, process_event::Event,
+    RunningProcess, TrainingPoint, agent_message::Msg, now_unix_ms, process_event::Event,
 };
+use cohort_shared::metrics::{ChildFailureParser, LogFormat, TrainingMetrics, parse_line};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -33,7 +34,17 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// What the supervisor sends towards the controller, in order.
 #[derive(Debug)]
 pub enum Outbound {
-    Line { job_id: String, attempt: u32, line: LogLine },
+    Line {
+        job_id: String,
+        attempt: u32,
+        line: LogLine,
+    },
+    /// A training-metrics line recognised in a process's output.
+    Metrics {
+        job_id: String,
+        attempt: u32,
+        point: TrainingPoint,
+    },
     Message(AgentMessage),
 }
 
@@ -127,6 +138,7 @@ impl Supervisor {
                             signal: None,
                             stopped_by_agent: false,
                             ended_unix_ms: now_unix_ms(),
+                            root_cause: String::new(),
                         }),
                         stop_requested: false,
                         done,
@@ -185,10 +197,13 @@ impl Supervisor {
             let status = child.wait().await;
             // Whatever the leader left in its group goes with it.
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let mut root_cause = String::new();
             for reader in readers.into_iter().flatten() {
-                let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, reader).await;
+                if let Ok(Ok(Some(cause))) = tokio::time::timeout(DRAIN_AFTER_EXIT, reader).await {
+                    root_cause = cause;
+                }
             }
-            this.on_exit(&job_id, attempt, index, status).await;
+            this.on_exit(&job_id, attempt, index, status, root_cause).await;
             let _ = done_tx.send(true);
         });
         Ok(Supervised { index: spec.index, pid, started_unix_ms, exited: None, stop_requested: false, done })
@@ -202,8 +217,9 @@ impl Supervisor {
         stream: LogStream,
         pipe: impl AsyncRead + Unpin + Send + 'static,
         path: PathBuf,
-    ) -> tokio::task::JoinHandle<()> {
+    ) -> tokio::task::JoinHandle<Option<String>> {
         let out = self.inner.out.clone();
+        let node = self.inner.node_name.clone();
         let (job_id, attempt) = (cmd.job_id.clone(), cmd.attempt);
         tokio::spawn(async move {
             let mut file = match tokio::fs::File::create(&path).await {
@@ -215,6 +231,7 @@ impl Supervisor {
             };
             let mut reader = BufReader::new(pipe);
             let mut buf = Vec::with_capacity(1024);
+            let mut trailer = ChildFailureParser::new();
             loop {
                 buf.clear();
                 let n = match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut buf).await {
@@ -225,6 +242,14 @@ impl Supervisor {
                     let _ = f.write_all(&buf[..n]).await;
                 }
                 let text = String::from_utf8_lossy(&buf[..n]).trim_end_matches(['\n', '\r']).to_string();
+                trailer.feed(&text);
+                // Metrics go first so that they are never dropped with a line.
+                if let Some(metrics) = parse_line(&text) {
+                    let point = training_point(metrics, &node);
+                    if out.send(Outbound::Metrics { job_id: job_id.clone(), attempt, point }).await.is_err() {
+                        break;
+                    }
+                }
                 let line = LogLine { process_index: index, stream: stream as i32, text, unix_ms: now_unix_ms() };
                 // Never block a training process on a slow controller: drop
                 // the line (it is in the file) when the queue is full.
@@ -237,10 +262,21 @@ impl Supervisor {
             if let Some(f) = file.as_mut() {
                 let _ = f.flush().await;
             }
+            trailer.root_cause().map(|c| {
+                let signal = c.signal.map(|s| format!(", {s}")).unwrap_or_default();
+                format!("torchrun root cause: rank {} exited with code {}{signal}", c.rank, c.exit_code)
+            })
         })
     }
 
-    async fn on_exit(&self, job_id: &str, attempt: u32, index: u32, status: std::io::Result<std::process::ExitStatus>) {
+    async fn on_exit(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        index: u32,
+        status: std::io::Result<std::process::ExitStatus>,
+        root_cause: String,
+    ) {
         use std::os::unix::process::ExitStatusExt;
         let mut launches = self.inner.launches.lock().await;
         let Some(launch) = launches.get_mut(&(job_id.to_string(), attempt)) else { return };
@@ -251,6 +287,7 @@ impl Supervisor {
                 signal: s.signal(),
                 stopped_by_agent: p.stop_requested,
                 ended_unix_ms: now_unix_ms(),
+                root_cause: root_cause.clone(),
             },
             Err(e) => {
                 tracing::error!(job = job_id, index, error = %e, "waiting for the process failed");
@@ -259,10 +296,11 @@ impl Supervisor {
                     signal: None,
                     stopped_by_agent: p.stop_requested,
                     ended_unix_ms: now_unix_ms(),
+                    root_cause,
                 }
             }
         };
-        p.exited = Some(exited);
+        p.exited = Some(exited.clone());
         tracing::info!(job = job_id, attempt, index, code = ?exited.exit_code, signal = ?exited.signal, "process exited");
         let clean = exited.exit_code == Some(0) && exited.signal.is_none();
         let failed = !exited.stopped_by_agent && !clean;
@@ -347,7 +385,7 @@ impl Supervisor {
                         index: p.index,
                         pid: p.pid,
                         started_unix_ms: p.started_unix_ms,
-                        exited: p.exited,
+                        exited: p.exited.clone(),
                     })
                     .collect(),
             })
@@ -367,6 +405,32 @@ impl Supervisor {
         };
         // Process events are few and must not be lost: wait for room.
         let _ = self.inner.out.send(Outbound::Message(msg)).await;
+    }
+}
+
+/// The wire form of a parsed metrics line.
+pub fn training_point(m: TrainingMetrics, node: &str) -> TrainingPoint {
+    TrainingPoint {
+        iteration: m.iteration,
+        total_iterations: m.total_iterations,
+        loss: m.loss,
+        learning_rate: m.learning_rate,
+        grad_norm: m.grad_norm,
+        iteration_time_s: m.iteration_time_s,
+        throughput_tflops: m.throughput_tflops,
+        memory_gib: m.memory_gib,
+        elapsed_s: m.elapsed_s,
+        remaining_s: m.remaining_s,
+        consumed_samples: m.consumed_samples,
+        is_eval: m.is_eval,
+        format: match m.format {
+            LogFormat::MegatronLm => "megatron-lm",
+            LogFormat::MsSwift3 => "ms-swift-3",
+            LogFormat::MsSwift4 => "ms-swift-4",
+        }
+        .into(),
+        unix_ms: now_unix_ms(),
+        node_name: node.into(),
     }
 }
 

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use cohort_proto::agent_service_server::AgentService;
 use cohort_proto::job_service_server::JobService;
 use cohort_proto::{
-    AgentMessage, CancelJobRequest, ControllerMessage, GetJobRequest, Job, JobEvent, JobLogLine, JobState,
-    ListJobsRequest, ListJobsResponse, ListNodesRequest, ListNodesResponse, PlanJobRequest, PlanJobResponse,
-    RegisterRequest, RegisterResponse, StreamLogsRequest, SubmitJobRequest, SubmitJobResponse, WatchJobRequest,
-    agent_message::Msg,
+    AgentMessage, CancelJobRequest, ControllerMessage, DoctorRequest, DoctorResponse, GetJobRequest, GetMetricsRequest,
+    Job, JobEvent, JobLogLine, JobState, ListJobsRequest, ListJobsResponse, ListNodesRequest, ListNodesResponse,
+    PlanJobRequest, PlanJobResponse, RegisterRequest, RegisterResponse, ResumeJobRequest, StreamLogsRequest,
+    SubmitJobRequest, SubmitJobResponse, TrainingPoint, WatchJobRequest, agent_message::Msg,
 };
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
@@ -71,6 +71,11 @@ impl AgentService for Api {
                         let rank = controller.node_rank(&batch.job_id, &node).await;
                         controller.logs.append(&batch.job_id, &node, rank, batch.attempt, batch.lines).await;
                     }
+                    Some(Msg::Metrics(batch)) => controller.metrics(batch).await,
+                    Some(Msg::Preflight(report)) => controller.node_preflight(&node, report).await,
+                    Some(Msg::PrepareResult(result)) => controller.prepare_result(&node, result).await,
+                    Some(Msg::StageProgress(progress)) => controller.stage_progress(progress).await,
+                    Some(Msg::QueryResult(result)) => controller.query_result(result).await,
                     Some(Msg::Hello(_)) | None => {
                         tracing::warn!(node = %node, "ignoring an unexpected or empty agent message");
                     }
@@ -153,6 +158,23 @@ impl JobService for Api {
         Ok(Response::new(ListNodesResponse { nodes: self.controller.nodes().await }))
     }
 
+    type GetMetricsStream = BoxStream<TrainingPoint>;
+
+    async fn get_metrics(
+        &self,
+        request: Request<GetMetricsRequest>,
+    ) -> Result<Response<Self::GetMetricsStream>, Status> {
+        Ok(Response::new(self.metrics_stream(request.into_inner()).await?))
+    }
+
+    async fn resume_job(&self, request: Request<ResumeJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.controller.resume(&request.into_inner().job).await?))
+    }
+
+    async fn doctor(&self, _: Request<DoctorRequest>) -> Result<Response<DoctorResponse>, Status> {
+        Ok(Response::new(DoctorResponse { table: Some(self.controller.doctor().await) }))
+    }
+
     type StreamLogsStream = BoxStream<JobLogLine>;
 
     async fn stream_logs(
@@ -222,6 +244,72 @@ impl JobService for Api {
             }
         });
         Ok(Response::new(stream))
+    }
+}
+
+#[tonic::async_trait]
+trait MetricsApi {
+    async fn metrics_stream(&self, req: GetMetricsRequest) -> Result<BoxStream<TrainingPoint>, Status>;
+}
+
+#[tonic::async_trait]
+impl MetricsApi for Api {
+    async fn metrics_stream(&self, req: GetMetricsRequest) -> Result<BoxStream<TrainingPoint>, Status> {
+        let (job, mut events) = self.controller.watch(&req.job).await?;
+        let id = job.id.clone();
+        let (history, mut points) = self.controller.metrics.snapshot(&id, 0).await;
+        let controller = self.controller.clone();
+        Ok(async_stream(move |tx| async move {
+            let mut next = history.len();
+            for point in history {
+                if tx.send(Ok(point)).await.is_err() {
+                    return;
+                }
+            }
+            if !req.follow || finished(&job) {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    point = points.recv() => match point {
+                        Ok(tagged) if *tagged.job_id == *id && tagged.index >= next => {
+                            next = tagged.index + 1;
+                            if tx.send(Ok(tagged.point)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            let (missed, rx) = controller.metrics.snapshot(&id, next).await;
+                            points = rx;
+                            next += missed.len();
+                            for point in missed {
+                                if tx.send(Ok(point)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    ev = events.recv() => {
+                        let done = match ev {
+                            Ok(ev) => ev.job.as_ref().is_some_and(|j| j.id == id && finished(j)),
+                            Err(broadcast::error::RecvError::Lagged(_)) => false,
+                            Err(broadcast::error::RecvError::Closed) => true,
+                        };
+                        if done {
+                            let (rest, _) = controller.metrics.snapshot(&id, next).await;
+                            for point in rest {
+                                if tx.send(Ok(point)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
+                    }
+                }
+            }
+        }))
     }
 }
 

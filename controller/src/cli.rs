@@ -8,26 +8,14 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_proto::job_service_client::JobServiceClient;
 use cohort_proto::{
-    CancelJobRequest, GetJobRequest, Job, JobFile, JobLogLine, JobState, ListJobsRequest, ListNodesRequest, LogStream,
-    NodeState, PlanJobRequest, PlanJobResponse, ProcessPhase, StreamLogsRequest, SubmitJobRequest, WatchJobRequest,
+    CancelJobRequest, DoctorRequest, GetJobRequest, Job, JobFile, JobLogLine, JobState, ListJobsRequest,
+    ListNodesRequest, LogStream, NodeState, PlanJobRequest, PlanJobResponse, ProcessPhase, ResumeJobRequest,
+    StreamLogsRequest, SubmitJobRequest, WatchJobRequest,
 };
 use comfy_table::{Table, presets::NOTHING};
 use tonic::transport::Channel;
 
 use crate::controller::{describe_exit, state_name};
-
-/// `println!` that ends the process quietly when stdout is closed (`cohort jobs | head`).
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        if let Err(e) = writeln!(out, $($arg)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-        }
-    }};
-}
 
 /// Cohort: run multi-node training jobs (ms-swift `megatron sft`, torchrun,
 /// any command) on a cluster of GPU nodes.
@@ -37,9 +25,6 @@ pub struct Cli {
     /// The controller's gRPC address.
     #[arg(long, global = true, env = "COHORT_CONTROLLER", default_value = "http://127.0.0.1:7070")]
     pub controller: String,
-    /// Output format.
-    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
-    pub output: Output,
     #[command(subcommand)]
     pub command: Verb,
 }
@@ -50,14 +35,27 @@ pub enum Output {
     Json,
 }
 
+/// `-o table|json` for the verbs that print records.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct Format {
+    /// Output format.
+    #[arg(long = "output", short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Verb {
     /// List the nodes, their state and GPUs.
-    Nodes,
+    Nodes {
+        #[command(flatten)]
+        format: Format,
+    },
     /// Validate a job file and show where and how it would run, without launching it.
     Plan {
         /// The job file (YAML).
         file: PathBuf,
+        #[command(flatten)]
+        format: Format,
     },
     /// Submit a job file.
     Submit {
@@ -68,17 +66,23 @@ pub enum Verb {
         /// Print the job's output while it runs (implies --wait).
         #[arg(long)]
         follow: bool,
+        #[command(flatten)]
+        format: Format,
     },
     /// List jobs.
     Jobs {
         /// Only jobs that are pending, running, or still stopping.
         #[arg(long)]
         active: bool,
+        #[command(flatten)]
+        format: Format,
     },
-    /// Show a job: state, cause of failure, placement and every process.
+    /// Show a job: state, progress, cause of failure, attempts, preflight, every process.
     Status {
         /// Job id, or name (the newest job of that name).
         job: String,
+        #[command(flatten)]
+        format: Format,
     },
     /// Print a job's output.
     Logs {
@@ -92,6 +96,8 @@ pub enum Verb {
         /// Only the last N lines of what is already there.
         #[arg(long)]
         tail: Option<u32>,
+        #[command(flatten)]
+        format: Format,
     },
     /// Stop every process of a job on every node.
     Cancel {
@@ -99,21 +105,75 @@ pub enum Verb {
         /// Wait until every process is gone.
         #[arg(long)]
         wait: bool,
+        #[command(flatten)]
+        format: Format,
+    },
+    /// A job's training metrics (iteration, loss, learning rate, ...), parsed from its last rank's output.
+    Metrics {
+        job: String,
+        /// Keep printing new points until the job has finished.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[command(flatten)]
+        format: Format,
+    },
+    /// Plot a job's loss and learning rate against iteration.
+    Plot {
+        job: String,
+        /// The image to write: .png or .svg.
+        #[arg(long = "output", short = 'o')]
+        path: PathBuf,
+    },
+    /// Start a new attempt of a failed or cancelled megatron-sft job from its newest complete checkpoint.
+    Resume {
+        job: String,
+        #[command(flatten)]
+        format: Format,
+    },
+    /// The Python stack of every node (python, torch, CUDA, NCCL, transformer_engine, ...), mismatches marked.
+    Doctor {
+        #[command(flatten)]
+        format: Format,
+    },
+    /// Check datasets without a cluster.
+    #[command(subcommand)]
+    Dataset(DatasetVerb),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DatasetVerb {
+    /// Validate JSONL datasets row by row (messages, ShareGPT, query/response, alpaca) and show statistics.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// `fail` exits 1 on any bad row; `warn` only when no row is valid.
+        #[arg(long, value_enum, default_value_t = PolicyArg::Fail)]
+        policy: PolicyArg,
     },
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PolicyArg {
+    Fail,
+    Warn,
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let out = cli.output;
+    // Local verbs first: they need no controller.
+    if let Verb::Dataset(DatasetVerb::Check { files, policy }) = &cli.command {
+        return dataset_check(files, *policy);
+    }
     // `plan` and `submit` read the file first, so a bad path fails before any connection.
     let file = match &cli.command {
-        Verb::Plan { file } | Verb::Submit { file, .. } => Some(read_job_file(file)?),
+        Verb::Plan { file, .. } | Verb::Submit { file, .. } => Some(read_job_file(file)?),
         _ => None,
     };
     let mut client = connect(&cli.controller).await?;
     match cli.command {
-        Verb::Nodes => nodes(&mut client, out).await,
-        Verb::Plan { .. } => plan(&mut client, file.unwrap_or_default(), out).await,
-        Verb::Submit { wait, follow, .. } => {
+        Verb::Nodes { format } => nodes(&mut client, format.output).await,
+        Verb::Plan { format, .. } => plan(&mut client, file.unwrap_or_default(), format.output).await,
+        Verb::Submit { wait, follow, format, .. } => {
+            let out = format.output;
             let response = client.submit_job(SubmitJobRequest { file }).await.map_err(status_error)?.into_inner();
             let job = response.job.unwrap_or_default();
             for warning in &response.warnings {
@@ -135,38 +195,77 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             say!("{}", job.id);
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Jobs { active } => {
+        Verb::Jobs { active, format } => {
             let jobs =
                 client.list_jobs(ListJobsRequest { active_only: active }).await.map_err(status_error)?.into_inner();
-            if out == Output::Json {
+            if format.output == Output::Json {
                 print_json(&jobs)?;
             } else {
                 print_jobs(&jobs.jobs);
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Status { job } => {
+        Verb::Status { job, format } => {
             let job = client.get_job(GetJobRequest { job }).await.map_err(status_error)?.into_inner();
-            if out == Output::Json {
+            if format.output == Output::Json {
                 print_json(&job)?;
             } else {
                 print_status(&job);
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Logs { job, node, follow, tail } => {
-            logs(&mut client, &job, node, follow, tail, out).await?;
+        Verb::Logs { job, node, follow, tail, format } => {
+            logs(&mut client, &job, node, follow, tail, format.output).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Cancel { job, wait } => {
+        Verb::Cancel { job, wait, format } => {
             let mut job = client.cancel_job(CancelJobRequest { job }).await.map_err(status_error)?.into_inner();
             if wait {
                 job = wait_finished(&mut client, &job.id).await?;
             }
-            print_final(&job, out)?;
+            print_final(&job, format.output)?;
             Ok(ExitCode::SUCCESS)
         }
+        Verb::Metrics { job, follow, format } => {
+            crate::cli_metrics::metrics(&mut client, &job, follow, format.output).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Plot { job, path } => {
+            crate::cli_metrics::plot(&mut client, &job, &path).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Resume { job, format } => {
+            let job = client.resume_job(ResumeJobRequest { job }).await.map_err(status_error)?.into_inner();
+            print_final(&job, format.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Doctor { format } => {
+            let table =
+                client.doctor(DoctorRequest {}).await.map_err(status_error)?.into_inner().table.unwrap_or_default();
+            if format.output == Output::Json {
+                print_json(&table)?;
+            } else {
+                crate::cli_metrics::print_preflight(&table);
+            }
+            Ok(if table.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Verb::Dataset(_) => Ok(ExitCode::SUCCESS),
     }
+}
+
+fn dataset_check(files: &[PathBuf], policy: PolicyArg) -> anyhow::Result<ExitCode> {
+    use cohort_shared::dataset::{DatasetPolicy, check_jsonl};
+    let policy = match policy {
+        PolicyArg::Fail => DatasetPolicy::Fail,
+        PolicyArg::Warn => DatasetPolicy::Warn,
+    };
+    let mut allowed = true;
+    for file in files {
+        let report = check_jsonl(file)?;
+        say!("{}", report.render());
+        allowed &= policy.allows(&report);
+    }
+    Ok(if allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
@@ -211,8 +310,10 @@ fn exit_for(job: &Job) -> ExitCode {
 async fn wait_finished(client: &mut JobServiceClient<Channel>, job: &str) -> anyhow::Result<Job> {
     let mut events = client.watch_job(WatchJobRequest { job: job.into() }).await.map_err(status_error)?.into_inner();
     let mut last = None;
+    let mut bars = crate::cli_metrics::StageBars::new();
     while let Some(event) = events.message().await.map_err(status_error)? {
         if let Some(job) = event.job {
+            bars.update(&job);
             let done = finished(&job);
             last = Some(job);
             if done {
@@ -404,6 +505,7 @@ fn print_status(job: &Job) {
     if let Some(f) = &job.failure {
         say!("failure:   {}", f.message);
     }
+    crate::cli_metrics::print_training_status(job);
     if job.live_processes > 0 {
         say!("alive:     {} process(es)", job.live_processes);
     }

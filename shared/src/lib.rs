@@ -3,6 +3,8 @@
 //! human durations, and the tracing setup shared by the daemons.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
+pub mod dataset;
 pub mod duration;
 pub mod megatron;
 pub mod metrics;

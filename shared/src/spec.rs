@@ -83,16 +83,7 @@ pub struct StageSpec {
     pub sha256: Option<String>,
 }
 
-/// `dataset_policy: fail | warn`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DatasetPolicy {
-    /// Bad rows refuse the launch (default).
-    #[default]
-    Fail,
-    /// Bad rows are reported and the job goes on (ms-swift drops them).
-    Warn,
-}
+pub use crate::dataset::DatasetPolicy;
 
 impl JobSpec {
     /// Whether placement is followed by a preparation phase on every node.
@@ -347,7 +338,11 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
     let shared_paths = typed::<Vec<String>>(root, "shared_paths", problems).unwrap_or_default();
     for (i, path) in shared_paths.iter().enumerate() {
         if !path.starts_with('/') {
-            problems.at_field(format!("shared_paths[{i}]"), &["shared_paths"], format!("{path:?} must be an absolute path"));
+            problems.at_field(
+                format!("shared_paths[{i}]"),
+                &["shared_paths"],
+                format!("{path:?} must be an absolute path"),
+            );
         }
     }
     let dataset_policy = typed::<DatasetPolicy>(root, "dataset_policy", problems).unwrap_or_default();
@@ -407,7 +402,11 @@ fn check_stage(stage: &[StageSpec], problems: &mut Problems) {
     for (i, item) in stage.iter().enumerate() {
         let field = |f: &str| format!("stage[{i}].{f}");
         if item.name.is_empty() || !item.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            problems.at_field(field("name"), &["stage"], format!("{:?} must be letters, digits, '-' or '_'", item.name));
+            problems.at_field(
+                field("name"),
+                &["stage"],
+                format!("{:?} must be letters, digits, '-' or '_'", item.name),
+            );
         } else if !names.insert(item.name.to_ascii_lowercase()) {
             problems.at_field(field("name"), &["stage"], format!("{:?} is staged twice", item.name));
         }

@@ -245,7 +245,12 @@ fn name_env_selector_and_durations() {
     single(&format!("{V3_JOB}node_selector: [gpu]\n"), "node_selector", Some(35), "must be a mapping");
     single(&format!("{V3_JOB}priority: high\n"), "priority", Some(35), "expected i32");
     single(&format!("{V3_JOB}restart: always\n"), "restart", Some(35), "not supported yet");
-    single(&format!("{V3_JOB}stage: [{{name: m, source: rel/path}}]\n"), "stage[0].source", Some(35), "absolute path or an http(s) URL");
+    single(
+        &format!("{V3_JOB}stage: [{{name: m, source: rel/path}}]\n"),
+        "stage[0].source",
+        Some(35),
+        "absolute path or an http(s) URL",
+    );
     single(&format!("{V3_JOB}dataset_policy: maybe\n"), "dataset_policy", Some(35), "unknown variant");
 }
 

@@ -70,6 +70,9 @@ pub struct NodeSpec {
     pub labels: String,
     /// More `cohort-agent` flags, e.g. `--net-ifname lo`.
     pub extra_args: Vec<String>,
+    /// A command line the agent is started under, e.g. `unshare -m ...` to
+    /// give this node a private mount (a path that is local to it).
+    pub wrapper: Vec<String>,
 }
 
 impl NodeSpec {
@@ -81,6 +84,7 @@ impl NodeSpec {
             fake_gpus: gpus,
             labels: String::new(),
             extra_args: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 }
@@ -146,7 +150,15 @@ impl Cluster {
     fn spawn_agent(&self, i: usize) -> anyhow::Result<Child> {
         let node = &self.nodes[i];
         let log = File::options().create(true).append(true).open(self.dir.path().join(format!("{}.log", node.name)))?;
-        Command::new(bin("cohort-agent"))
+        let mut command = match node.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("cohort-agent"));
+                c
+            }
+            None => Command::new(bin("cohort-agent")),
+        };
+        command
             .args(["--controller", &self.url, "--node-name", &node.name, "--advertise-addr", &node.address])
             .arg("--work-dir")
             .arg(self.dir.path().join(&node.name))

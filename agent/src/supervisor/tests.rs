@@ -112,7 +112,11 @@ async fn stop_escalates_to_sigkill_and_sweeps_processes_that_left_the_group() {
     assert!(gone_within(escaped, Duration::from_secs(2)).await, "the setsid escapee must be swept");
     assert!(sup.report(false).await.is_empty());
     let ended = sup.report(true).await;
-    assert_eq!(ended[0].processes[0].exited.unwrap().signal, Some(9), "ended launches are remembered for a reconnect");
+    assert_eq!(
+        ended[0].processes[0].exited.as_ref().unwrap().signal,
+        Some(9),
+        "ended launches are remembered for a reconnect"
+    );
 }
 
 #[tokio::test]

@@ -41,6 +41,7 @@ impl Controller {
                         last_seen_unix_ms: now_unix_ms(),
                         state: NodeState::Ready,
                         reported: req.running.clone(),
+                        preflight: None,
                     },
                 );
                 true
@@ -83,7 +84,7 @@ impl Controller {
             for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
                 match report.and_then(|r| r.processes.iter().find(|rp| rp.index == p.index)) {
                     Some(rp) => match &rp.exited {
-                        Some(exited) => exits.push((p.index, *exited)),
+                        Some(exited) => exits.push((p.index, exited.clone())),
                         None => {
                             p.phase = ProcessPhase::Running as i32;
                             p.pid = rp.pid;
@@ -203,12 +204,9 @@ impl Controller {
                 format!("process {} on node {node} started (pid {})", event.index, started.pid)
             }
             Some(Event::Exited(exited)) => {
+                let how = describe_exit(exited.exit_code, exited.signal);
                 self.apply_exit(&mut state, &id, node, event.index, exited);
-                format!(
-                    "process {} on node {node} exited with {}",
-                    event.index,
-                    describe_exit(exited.exit_code, exited.signal)
-                )
+                format!("process {} on node {node} exited with {how}", event.index)
             }
             Some(Event::SpawnFailed(error)) => {
                 let node_rank = entry
@@ -297,7 +295,9 @@ impl Controller {
             } else {
                 format!("exited with {}", describe_exit(exited.exit_code, exited.signal))
             };
-            let message = format!("node {node} (node rank {node_rank}): {who} {how}");
+            // torchrun's trailer names the rank that failed first inside the node.
+            let cause = if exited.root_cause.is_empty() { String::new() } else { format!("; {}", exited.root_cause) };
+            let message = format!("node {node} (node rank {node_rank}): {who} {how}{cause}");
             self.fail(
                 state,
                 id,
@@ -314,6 +314,7 @@ impl Controller {
             entry.job.state = JobState::Succeeded as i32;
             entry.job.reason = "every process exited with code 0".into();
             entry.job.finished_unix_ms = now_unix_ms();
+            super::prepare::close_attempt(&mut entry.job);
             tracing::info!(job = %id, "job succeeded");
         }
     }
@@ -329,6 +330,7 @@ impl Controller {
         entry.job.reason = failure.message.clone();
         entry.job.failure = Some(failure);
         entry.job.finished_unix_ms = now_unix_ms();
+        super::prepare::close_attempt(&mut entry.job);
         self.teardown(state, id, "gang failure");
     }
 

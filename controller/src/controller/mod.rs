@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_proto::{
-    ControllerMessage, Failure, GangPlan, Job, JobEvent, JobFile, JobRecord, JobState, LaunchCommand, Node, NodeInfo,
-    NodeRecord, NodeState, ProcessExited, ProcessPhase, ProcessStatus, RunningLaunch, StopCommand,
-    controller_message::Command, now_unix_ms,
+    AttemptRecord, ControllerMessage, Failure, GangPlan, Job, JobEvent, JobFile, JobRecord, JobState, LaunchCommand,
+    Node, NodeInfo, NodeRecord, NodeState, PreflightReport, PrepareResult, ProcessExited, ProcessPhase, ProcessStatus,
+    QueryResult, RunningLaunch, StopCommand, controller_message::Command, now_unix_ms,
 };
 use cohort_shared::spec::{JobSpec, Workload};
 use prost::Message;
@@ -23,6 +23,7 @@ use tonic::Status;
 
 use crate::error::ControllerError;
 use crate::logs::LogHub;
+use crate::metrics::MetricsHub;
 use crate::planner::{self, NodeView, RenderInput};
 use crate::store::{Expect, Store};
 
@@ -57,6 +58,7 @@ pub struct Controller {
     wake: Notify,
     events: broadcast::Sender<JobEvent>,
     pub logs: LogHub,
+    pub metrics: MetricsHub,
 }
 
 #[derive(Default)]
@@ -68,6 +70,8 @@ struct State {
     next_port: u16,
     /// When a stop for (node, job, attempt) was last sent.
     stops_sent: HashMap<(String, String, u32), Instant>,
+    /// Queries sent to agents, by command id, waiting for their answer.
+    queries: HashMap<u64, tokio::sync::oneshot::Sender<QueryResult>>,
 }
 
 struct JobEntry {
@@ -75,6 +79,8 @@ struct JobEntry {
     spec: JobSpec,
     seq: u64,
     revision: Option<u64>,
+    /// Preparation results of the current attempt, by node.
+    prepared: HashMap<String, PrepareResult>,
 }
 
 struct NodeEntry {
@@ -89,6 +95,8 @@ struct NodeEntry {
     state: NodeState,
     /// Launches the agent last said it runs.
     reported: Vec<RunningLaunch>,
+    /// The agent's start-up preflight report.
+    preflight: Option<PreflightReport>,
 }
 
 impl JobEntry {
@@ -96,7 +104,7 @@ impl JobEntry {
         JobState::try_from(self.job.state).unwrap_or(JobState::Unspecified)
     }
     fn is_active(&self) -> bool {
-        matches!(self.state(), JobState::Starting | JobState::Running)
+        matches!(self.state(), JobState::Preparing | JobState::Starting | JobState::Running)
     }
     fn is_terminal(&self) -> bool {
         matches!(self.state(), JobState::Succeeded | JobState::Failed | JobState::Cancelled)
@@ -125,6 +133,7 @@ pub fn state_name(state: i32) -> &'static str {
     match JobState::try_from(state).unwrap_or(JobState::Unspecified) {
         JobState::Unspecified => "Unknown",
         JobState::Pending => "Pending",
+        JobState::Preparing => "Preparing",
         JobState::Starting => "Starting",
         JobState::Running => "Running",
         JobState::Succeeded => "Succeeded",
@@ -163,6 +172,7 @@ fn nix_signal_name(sig: i32) -> Option<&'static str> {
 }
 
 mod agents;
+mod prepare;
 mod reconcile;
 
 impl Controller {
@@ -183,7 +193,18 @@ impl Controller {
                 }
             };
             state.next_seq = state.next_seq.max(record.seq + 1);
-            state.jobs.insert(job.id.clone(), JobEntry { job, spec, seq: record.seq, revision: Some(v.revision) });
+            let mut job = job;
+            if job.state == JobState::Preparing as i32 {
+                // Preparation results died with the old controller: place the job again.
+                job.state = JobState::Pending as i32;
+                job.reason = "placing again: the controller restarted while the job was being prepared".into();
+                job.plan = None;
+                prepare::close_attempt(&mut job);
+            }
+            state.jobs.insert(
+                job.id.clone(),
+                JobEntry { job, spec, seq: record.seq, revision: Some(v.revision), prepared: HashMap::new() },
+            );
         }
         let now = Instant::now();
         for (key, v) in store.list("nodes/").await? {
@@ -202,6 +223,7 @@ impl Controller {
                     last_seen_unix_ms: 0,
                     state: NodeState::Disconnected,
                     reported: Vec::new(),
+                    preflight: None,
                 },
             );
         }
@@ -213,6 +235,7 @@ impl Controller {
             wake: Notify::new(),
             events: broadcast::channel(4096).0,
             logs: LogHub::new(data_dir.join("logs"))?,
+            metrics: MetricsHub::new(data_dir.join("metrics"))?,
         }))
     }
 
@@ -265,7 +288,7 @@ impl Controller {
             file: Some(file),
             ..Job::default()
         };
-        state.jobs.insert(id.clone(), JobEntry { job, spec, seq, revision: None });
+        state.jobs.insert(id.clone(), JobEntry { job, spec, seq, revision: None, prepared: HashMap::new() });
         self.persist_job(&mut state, &id).await?;
         self.publish(&state, &id, "submitted");
         tracing::info!(job = %id, "job submitted");
@@ -374,10 +397,11 @@ impl Controller {
                 entry.job.reason = "cancelled before it was placed".into();
                 entry.job.finished_unix_ms = now_unix_ms();
             }
-            JobState::Starting | JobState::Running => {
+            JobState::Preparing | JobState::Starting | JobState::Running => {
                 entry.job.state = JobState::Cancelled as i32;
                 entry.job.reason = "cancelled by the user; stopping every process".into();
                 entry.job.finished_unix_ms = now_unix_ms();
+                prepare::close_attempt(&mut entry.job);
                 self.teardown(&mut state, &id, "cancelled");
             }
             _ => return Ok(entry.job.clone()),
@@ -413,6 +437,7 @@ impl Controller {
                     allocated_gpus: gpus,
                     jobs,
                     registered_unix_ms: n.registered_unix_ms,
+                    preflight: n.preflight.clone(),
                 }
             })
             .collect()

@@ -1,6 +1,7 @@
 //! The reconcile loop: silent nodes become lost, pending jobs are placed and
 //! launched, and stops are re-sent until every unwanted process is gone.
 
+use super::prepare::to_shared_checkpoint;
 use super::*;
 
 impl Controller {
@@ -48,7 +49,10 @@ impl Controller {
             let ids: Vec<String> = state
                 .jobs
                 .values()
-                .filter(|e| e.job.processes.iter().any(|p| p.node_name == node && is_live(p)))
+                .filter(|e| {
+                    e.job.processes.iter().any(|p| p.node_name == node && is_live(p))
+                        || (e.state() == JobState::Preparing && e.on_node(&node))
+                })
                 .map(|e| e.job.id.clone())
                 .collect();
             for id in ids {
@@ -173,6 +177,9 @@ impl Controller {
         Ok(())
     }
 
+    /// Starts a new attempt on a placement: renders the plan (with the resume
+    /// flags when resuming), records the attempt, then either prepares every
+    /// node (megatron-sft, staging, shared paths) or launches at once.
     pub(super) async fn launch(
         &self,
         state: &mut State,
@@ -183,17 +190,63 @@ impl Controller {
     ) -> Result<(), ControllerError> {
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
         let attempt = entry.job.attempt + 1;
+        let spec = match (&entry.spec.workload, &entry.job.resume_from) {
+            (Workload::MegatronSft(m), Some(ckpt)) => {
+                let mut spec = entry.spec.clone();
+                spec.workload =
+                    Workload::MegatronSft(cohort_shared::checkpoint::apply_resume(m, &to_shared_checkpoint(ckpt)));
+                spec
+            }
+            _ => entry.spec.clone(),
+        };
         let plan = planner::render(
-            &entry.spec,
+            &spec,
             placement,
             views,
             &RenderInput { job_id: id, attempt, master_port: port, workdir: entry.spec.workdir.as_deref() },
         );
+        let nodes: Vec<String> = placement.nodes.iter().map(|(n, _)| n.clone()).collect();
         entry.job.attempt = attempt;
+        entry.job.started_unix_ms = now_unix_ms();
+        entry.job.finished_unix_ms = 0;
+        entry.job.running_unix_ms = 0;
+        entry.job.failure = None;
+        entry.job.processes.clear();
+        entry.job.preflight = None;
+        entry.job.staging.clear();
+        entry.job.datasets.clear();
+        entry.job.attempts.push(AttemptRecord {
+            attempt,
+            started_unix_ms: now_unix_ms(),
+            nodes: nodes.clone(),
+            resumed_from: entry.job.resume_from.clone(),
+            master_port: port as u32,
+            state: JobState::Starting as i32,
+            ..AttemptRecord::default()
+        });
+        entry.job.plan = Some(plan);
+        entry.prepared.clear();
+        if entry.spec.needs_preparation() {
+            entry.job.state = JobState::Preparing as i32;
+            entry.job.reason = format!("preparing {}: preflight, shared paths, datasets, staging", nodes.join(", "));
+            self.persist_job(state, id).await?;
+            tracing::info!(job = %id, attempt, port, "preparing");
+            self.send_prepare(state, id).await?;
+        } else {
+            self.send_launch(state, id).await?;
+        }
+        self.publish(state, id, "attempt started");
+        Ok(())
+    }
+
+    /// Sends the attempt's launch commands (the plan is already rendered).
+    pub(super) async fn send_launch(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
+        let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
+        let Some(plan) = entry.job.plan.clone() else { return Ok(()) };
+        let attempt = entry.job.attempt;
         entry.job.state = JobState::Starting as i32;
         entry.job.reason =
-            format!("launching on {}", placement.nodes.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "));
-        entry.job.started_unix_ms = now_unix_ms();
+            format!("launching on {}", plan.nodes.iter().map(|a| a.node_name.as_str()).collect::<Vec<_>>().join(", "));
         entry.job.processes = plan
             .nodes
             .iter()
@@ -209,33 +262,22 @@ impl Controller {
             })
             .collect();
         recount(&mut entry.job);
-        entry.job.plan = Some(plan.clone());
         let grace = entry.spec.stop_grace;
         // Persist before sending: a controller that dies here restarts knowing
         // the attempt exists, and reconciles what the agents report.
         self.persist_job(state, id).await?;
-        tracing::info!(job = %id, attempt, port, "launching");
+        tracing::info!(job = %id, attempt, port = plan.master_port, "launching");
         let mut unreachable = None;
         for a in &plan.nodes {
-            let command_id = state.next_command_id;
-            state.next_command_id += 1;
-            let msg = ControllerMessage {
-                command_id,
-                command: Some(Command::Launch(LaunchCommand {
-                    job_id: id.into(),
-                    attempt,
-                    node_rank: a.node_rank,
-                    workdir: a.workdir.clone(),
-                    stop_grace_ms: grace.as_millis() as u32,
-                    processes: a.processes.clone(),
-                })),
+            let msg = LaunchCommand {
+                job_id: id.into(),
+                attempt,
+                node_rank: a.node_rank,
+                workdir: a.workdir.clone(),
+                stop_grace_ms: grace.as_millis() as u32,
+                processes: a.processes.clone(),
             };
-            let sent = state
-                .nodes
-                .get(&a.node_name)
-                .and_then(|n| n.session.as_ref())
-                .is_some_and(|(_, tx)| tx.send(Ok(msg)).is_ok());
-            if !sent {
+            if !Self::send_command(state, &a.node_name, Command::Launch(msg)) {
                 unreachable = Some((a.node_name.clone(), a.node_rank));
                 break;
             }
@@ -253,6 +295,14 @@ impl Controller {
         }
         self.publish(state, id, "launching");
         Ok(())
+    }
+
+    /// Sends one command to a node's session; false when the node has none.
+    pub(super) fn send_command(state: &mut State, node: &str, command: Command) -> bool {
+        let command_id = state.next_command_id;
+        state.next_command_id += 1;
+        let msg = ControllerMessage { command_id, command: Some(command) };
+        state.nodes.get(node).and_then(|n| n.session.as_ref()).is_some_and(|(_, tx)| tx.send(Ok(msg)).is_ok())
     }
 
     /// Level-triggered teardown: every live process of a finished job, and

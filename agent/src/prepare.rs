@@ -1,0 +1,289 @@
+//! Everything a node does between placement and launch (preflight, proof that
+//! shared paths are shared, staging, dataset checks) and the answers to the
+//! controller's queries. Each command runs as its own task and answers on the
+//! session's outbound queue, so a long staging never blocks the stream.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cohort_proto::{
+    AgentMessage, Checkpoint, CheckpointAnswer, DatasetSummary, FindCheckpointCommand, PreflightReport, PrepareCommand,
+    PrepareResult, QueryResult, SharedPathCheck, StageProgress, StageStatus, StagedInput, agent_message::Msg,
+    query_result::Result as QueryAnswer,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::preflight;
+use crate::stage::{StageItem, StageState, Stager};
+use crate::supervisor::Outbound;
+
+/// How long a reader node waits for the writer's marker to appear (network
+/// file systems cache directory entries for a few seconds).
+const MARKER_WAIT: Duration = Duration::from_secs(15);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Clone)]
+pub struct Preparer {
+    pub node_name: String,
+    /// The interpreter probed when a job names none.
+    pub python: String,
+    /// Node-level environment given to the probe (MEGATRON_LM_PATH, ...).
+    pub node_env: Vec<(String, String)>,
+    pub stager: std::sync::Arc<Stager>,
+    pub out: mpsc::Sender<Outbound>,
+    /// The latest registration-time report, re-sent on every new session.
+    pub report: watch::Sender<Option<PreflightReport>>,
+}
+
+impl Preparer {
+    /// Probes the node's default python once (at start-up) and keeps the report.
+    pub async fn probe_at_startup(&self) {
+        let report = preflight::probe_packages(&self.node_name, &self.python, &self.node_env, PROBE_TIMEOUT).await;
+        if !report.error.is_empty() {
+            tracing::warn!(python = %self.python, error = %report.error, "preflight probe failed");
+        } else {
+            let broken: Vec<&str> = report.checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
+            tracing::info!(python = %self.python, missing = ?broken, "preflight probe done");
+        }
+        self.report.send_replace(Some(report.clone()));
+        let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::Preflight(report)) })).await;
+    }
+
+    pub async fn prepare(&self, cmd: PrepareCommand) {
+        let mut result = PrepareResult { job_id: cmd.job_id.clone(), attempt: cmd.attempt, ..PrepareResult::default() };
+        let mut report = if cmd.probe_packages {
+            let python = if cmd.python.is_empty() { self.python.clone() } else { cmd.python.clone() };
+            preflight::probe_packages(&self.node_name, &python, &self.node_env, PROBE_TIMEOUT).await
+        } else {
+            PreflightReport { node_name: self.node_name.clone(), ..PreflightReport::default() }
+        };
+        if !cmd.output_dir.is_empty() {
+            report.checks.push(preflight::free_disk(Path::new(&cmd.output_dir)));
+        }
+        report.checks.push(preflight::shm_size());
+        if cmd.node_rank == 0 && cmd.master_port > 0 {
+            report.checks.push(preflight::port_free(cmd.master_port as u16));
+        }
+        for name in &cmd.interfaces {
+            report.checks.push(preflight::interface(name));
+        }
+        result.preflight = Some(report);
+        result.shared_paths = self.check_shared(&cmd).await;
+        result.datasets = self.check_datasets(&cmd).await;
+        match self.stage(&cmd).await {
+            Ok(staged) => result.staged = staged,
+            Err(e) => result.error = e,
+        }
+        let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::PrepareResult(result)) })).await;
+    }
+
+    /// Node rank 0 writes `marker` into each path; every other node must read it back.
+    async fn check_shared(&self, cmd: &PrepareCommand) -> Vec<SharedPathCheck> {
+        let mut checks = Vec::new();
+        for path in &cmd.shared_paths {
+            let file = Path::new(path).join(format!(".cohort-shared-check-{}", cmd.marker));
+            let check = if cmd.node_rank == 0 {
+                let written = std::fs::create_dir_all(path).and_then(|_| std::fs::write(&file, &cmd.marker));
+                if written.is_ok() {
+                    // Removed once the readers have had their time.
+                    let file = file.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(MARKER_WAIT * 2).await;
+                        let _ = std::fs::remove_file(file);
+                    });
+                }
+                SharedPathCheck {
+                    path: path.clone(),
+                    writer: true,
+                    ok: written.is_ok(),
+                    detail: written.err().map(|e| format!("cannot write {}: {e}", file.display())).unwrap_or_default(),
+                }
+            } else {
+                read_marker(path, &file, &cmd.marker).await
+            };
+            checks.push(check);
+        }
+        checks
+    }
+
+    async fn check_datasets(&self, cmd: &PrepareCommand) -> Vec<DatasetSummary> {
+        if cmd.node_rank != 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for dataset in &cmd.datasets {
+            let path = if dataset.starts_with('/') || cmd.workdir.is_empty() {
+                PathBuf::from(dataset)
+            } else {
+                Path::new(&cmd.workdir).join(dataset)
+            };
+            let checked = tokio::task::spawn_blocking(move || cohort_shared::dataset::check_jsonl(&path)).await;
+            let summary = match checked {
+                Ok(Ok(report)) => DatasetSummary {
+                    path: dataset.clone(),
+                    format: format!("{:?}", report.format),
+                    rows: report.stats.rows as u64,
+                    bad_rows: report.invalid_rows() as u64,
+                    ok: report.is_ok(),
+                    report: report.render(),
+                },
+                Ok(Err(e)) => {
+                    DatasetSummary { path: dataset.clone(), ok: false, report: e.to_string(), ..Default::default() }
+                }
+                Err(e) => DatasetSummary {
+                    path: dataset.clone(),
+                    ok: false,
+                    report: format!("dataset check crashed: {e}"),
+                    ..Default::default()
+                },
+            };
+            out.push(summary);
+        }
+        out
+    }
+
+    async fn stage(&self, cmd: &PrepareCommand) -> Result<Vec<StagedInput>, String> {
+        if cmd.stage.is_empty() {
+            return Ok(Vec::new());
+        }
+        let items: Vec<StageItem> = cmd
+            .stage
+            .iter()
+            .map(|s| StageItem {
+                name: s.name.clone(),
+                source: s.source.clone(),
+                sha256: (!s.sha256.is_empty()).then(|| s.sha256.clone()),
+            })
+            .collect();
+        let (tx, mut rx) = mpsc::channel::<crate::stage::StageProgress>(256);
+        let out = self.out.clone();
+        let (job_id, attempt, node) = (cmd.job_id.clone(), cmd.attempt, self.node_name.clone());
+        let forward = tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                let (state, detail) = match &p.state {
+                    StageState::Checking => ("checking", String::new()),
+                    StageState::Copying => ("copying", String::new()),
+                    StageState::Verifying => ("verifying", String::new()),
+                    StageState::Ready => ("ready", String::new()),
+                    StageState::Cached => ("cached", String::new()),
+                    StageState::Failed(e) => ("failed", e.clone()),
+                };
+                let status = StageStatus {
+                    node_name: node.clone(),
+                    item: p.item,
+                    bytes_done: p.bytes_done,
+                    bytes_total: p.bytes_total.unwrap_or(0),
+                    files_done: p.files_done,
+                    files_total: p.files_total,
+                    state: state.into(),
+                    detail,
+                    path: String::new(),
+                };
+                let msg = StageProgress { job_id: job_id.clone(), attempt, status: Some(status) };
+                // Progress is advisory: drop it rather than wait when the queue is full.
+                let _ = out.try_send(Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) }));
+            }
+        });
+        let staged = self.stager.stage(&items, tx).await;
+        let _ = forward.await;
+        match staged {
+            Ok(staged) => Ok(staged
+                .into_iter()
+                .map(|s| StagedInput {
+                    name: s.name,
+                    path: s.path.display().to_string(),
+                    sha256: s.sha256,
+                    bytes: s.bytes,
+                    from_cache: s.from_cache,
+                    error: String::new(),
+                })
+                .collect()),
+            Err(e) => Err(format!("staging failed: {e}")),
+        }
+    }
+
+    pub async fn find_checkpoint(&self, command_id: u64, cmd: FindCheckpointCommand) {
+        let dir = PathBuf::from(&cmd.directory);
+        let found = tokio::task::spawn_blocking(move || {
+            let found = cohort_shared::checkpoint::latest_complete(&dir)?;
+            if let Some(c) = &found {
+                repoint_tracker(c);
+            }
+            Ok::<_, cohort_shared::checkpoint::CheckpointError>(found)
+        })
+        .await;
+        let mut answer = QueryResult { command_id, ..QueryResult::default() };
+        match found {
+            Ok(Ok(found)) => {
+                let checkpoint = found.map(|c| Checkpoint {
+                    iteration: c.iteration,
+                    path: c.path.display().to_string(),
+                    layout: match c.layout {
+                        cohort_shared::checkpoint::CheckpointLayout::MegatronIter => "megatron-iter".into(),
+                        cohort_shared::checkpoint::CheckpointLayout::SwiftCheckpointN => "swift-checkpoint-n".into(),
+                    },
+                });
+                answer.result = Some(QueryAnswer::Checkpoint(CheckpointAnswer { checkpoint }));
+            }
+            Ok(Err(e)) => answer.error = e.to_string(),
+            Err(e) => answer.error = format!("checkpoint search crashed: {e}"),
+        }
+        let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::QueryResult(answer)) })).await;
+    }
+}
+
+/// `--load <dir>` resumes from whatever the tracker names. When it names a
+/// half-written iteration, point it at the newest complete one (the old
+/// tracker is kept beside it as `.cohort-bak`).
+fn repoint_tracker(c: &cohort_shared::checkpoint::Checkpoint) {
+    use cohort_shared::checkpoint::TRACKER_FILE;
+    let tracker = c.path.join(TRACKER_FILE);
+    let Ok(named) = std::fs::read_to_string(&tracker) else { return };
+    if named.trim() == c.iteration.to_string() || named.trim() == "release" {
+        return;
+    }
+    let backup = c.path.join(format!("{TRACKER_FILE}.cohort-bak"));
+    let result = std::fs::rename(&tracker, &backup).and_then(|_| std::fs::write(&tracker, c.iteration.to_string()));
+    match result {
+        Ok(()) => tracing::warn!(
+            tracker = %tracker.display(),
+            named = named.trim(),
+            complete = c.iteration,
+            "the tracker named an incomplete checkpoint; it now names the newest complete one"
+        ),
+        Err(e) => tracing::error!(tracker = %tracker.display(), error = %e, "could not repoint the checkpoint tracker"),
+    }
+}
+
+async fn read_marker(path: &str, file: &Path, marker: &str) -> SharedPathCheck {
+    let deadline = tokio::time::Instant::now() + MARKER_WAIT;
+    loop {
+        match tokio::fs::read_to_string(file).await {
+            Ok(text) if text == marker => {
+                return SharedPathCheck { path: path.into(), writer: false, ok: true, detail: String::new() };
+            }
+            Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(other) => {
+                return SharedPathCheck {
+                    path: path.into(),
+                    writer: false,
+                    ok: false,
+                    detail: format!("{} holds {other:?}, not this job's marker", file.display()),
+                };
+            }
+            Err(e) => {
+                return SharedPathCheck {
+                    path: path.into(),
+                    writer: false,
+                    ok: false,
+                    detail: format!(
+                        "the marker node rank 0 wrote is not visible here after {}s ({e}): {path} is local to each node",
+                        MARKER_WAIT.as_secs()
+                    ),
+                };
+            }
+        }
+    }
+}

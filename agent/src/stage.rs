@@ -1,0 +1,685 @@
+//! Staging: copies a job's inputs that are not on a shared filesystem into this
+//! node's cache before launch, verified by SHA-256. The job starts only when
+//! every node has reported its items ready.
+//!
+//! Cache layout, under the cache dir:
+//! - `sha256/<hex>/<basename>`: a staged file.
+//! - `sha256/<hex>/`: a staged directory, and `sha256/<hex>.manifest` its
+//!   manifest; the directory counts as cached only when both are there.
+//! - `partial/<key>/`: work in progress: `<basename>.partial` for a file,
+//!   `incoming/` (files being copied) and `tree/` (files done) for a directory.
+//!   `<key>` is `sha256-<hex>` for an item that declares its digest, else
+//!   `source-<hash of the source string>`.
+//! - `locks/<key>.lock`: held (flock) while an item is staged, so that concurrent
+//!   stagings of the same content, by tasks of one agent or by agents sharing
+//!   the cache dir, make one copy: the second waits, then finds it cached.
+//!
+//! Everything lands in the cache by a rename of data already flushed to disk and
+//! verified, so a crash never leaves a complete-looking bad file. A leftover
+//! partial is resumed (the digest covers the whole file) only when the item
+//! declares its digest: without one nothing could tell a stale prefix from a
+//! good one. For the same reason an item without a digest is always read from
+//! its source; the controller should pin the digest a first staging reports.
+//!
+//! The digest of a directory is the SHA-256 of its manifest: one line per file
+//! and per symlink, sorted bytewise by relative path ('/'-separated),
+//! `<sha256> <size> <path>` for a file and `<sha256 of the link's target>
+//! symlink <path>` for a link; directories and modes are not listed. For a
+//! directory without symlinks:
+//! ```sh
+//! cd DIR && find . -type f -printf '%P\n' | LC_ALL=C sort | while IFS= read -r f; do
+//!   printf '%s %s %s\n' "$(sha256sum < "$f" | cut -c1-64)" "$(stat -c %s "$f")" "$f"
+//! done | sha256sum
+//! ```
+
+mod fetch;
+mod lock;
+mod progress;
+mod tree;
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::{StatusCode, Url};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use self::fetch::RetryPolicy;
+use self::lock::ContentLock;
+use self::progress::Meter;
+use self::tree::{Listed, Tree};
+
+/// One input to stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageItem {
+    pub name: String,
+    /// An absolute local path (a file or a directory, e.g. on an NFS mount) or
+    /// the http:// or https:// URL of a single file.
+    pub source: String,
+    /// Expected hex SHA-256 of a file, or of a directory's manifest.
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StageState {
+    Checking,
+    Copying,
+    Verifying,
+    Ready,
+    Cached,
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageProgress {
+    pub item: String,
+    pub bytes_done: u64,
+    pub bytes_total: Option<u64>,
+    pub files_done: u32,
+    pub files_total: u32,
+    pub state: StageState,
+}
+
+/// An item in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedItem {
+    pub name: String,
+    /// Where the job finds it.
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+    /// Found in the cache, not copied.
+    pub from_cache: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("stage item #{index} has no name; give every stage entry a name")]
+    EmptyName { index: usize },
+    #[error("stage item {item} is listed twice; give each stage entry its own name")]
+    DuplicateName { item: String },
+    #[error(
+        "stage item {item}: source {from:?} is neither an absolute path nor an http:// or https:// URL of a file; \
+         give an absolute path on the node or a URL"
+    )]
+    BadSource { item: String, from: String },
+    #[error("stage item {item}: sha256 {digest:?} is not 64 hex digits; give the digest as sha256sum prints it")]
+    BadDigest { item: String, digest: String },
+    #[error(
+        "stage item {item}: sha256 mismatch for {from}: declared {expected}, got {actual}; \
+         fix the digest in the job's stage entry or restore the source (nothing was cached)"
+    )]
+    DigestMismatch { item: String, from: String, expected: String, actual: String },
+    #[error("stage item {item}: cannot {action} {path}: {error}")]
+    Io {
+        item: String,
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        error: io::Error,
+    },
+    #[error("stage item {item}: GET {url} answered {status}; check that the URL is right and the file is served")]
+    HttpStatus { item: String, url: String, status: StatusCode },
+    #[error("stage item {item}: downloading {url} failed {attempts} times, last: {error}")]
+    Download { item: String, url: String, attempts: usize, error: String },
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(String),
+    #[error(
+        "stage item {item}: symlink {link} points to {target}, outside {root}; \
+         make it point inside the directory or stage its target as an item of its own"
+    )]
+    LinkOutside { item: String, link: PathBuf, target: PathBuf, root: PathBuf },
+    #[error("stage item {item}: symlink {link} -> {target} cannot be followed ({error}); fix or remove the link")]
+    LinkUnresolved {
+        item: String,
+        link: PathBuf,
+        target: PathBuf,
+        #[source]
+        error: io::Error,
+    },
+    #[error(
+        "stage item {item}: {path} is neither a file, a directory nor a symlink; remove it from the staged directory"
+    )]
+    Unsupported { item: String, path: PathBuf },
+    #[error("stage item {item}: the name of {path:?} holds a newline, which the manifest cannot list; rename it")]
+    NewlineInName { item: String, path: PathBuf },
+    #[error("stage item {item}: cancelled")]
+    Cancelled { item: String },
+    #[error("staging task failed: {0}")]
+    Task(String),
+}
+
+/// Copies job inputs into the node's content-addressed cache.
+#[derive(Debug, Clone)]
+pub struct Stager {
+    cache_dir: PathBuf,
+    parallel_files: usize,
+    retry: RetryPolicy,
+}
+
+impl Stager {
+    /// `parallel_files`: how many files are copied at once, over all items of a
+    /// `stage` call.
+    pub fn new(cache_dir: PathBuf, parallel_files: usize) -> Self {
+        let retry =
+            RetryPolicy { attempts: 6, first_delay: Duration::from_millis(500), max_delay: Duration::from_secs(30) };
+        Self { cache_dir, parallel_files: parallel_files.max(1), retry }
+    }
+
+    /// How many times a transiently failing download or read is tried, and the
+    /// first delay between tries (it doubles, up to 30 s).
+    pub fn with_retries(mut self, attempts: usize, first_delay: Duration) -> Self {
+        self.retry.attempts = attempts.max(1);
+        self.retry.first_delay = first_delay;
+        self
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// Stages all items (several files at a time), reporting to `progress` as it
+    /// goes; state changes wait for room in the channel, so drain it. Fails with
+    /// the first item that fails; what was copied of the others stays for a
+    /// resume.
+    pub async fn stage(
+        &self,
+        items: &[StageItem],
+        progress: mpsc::Sender<StageProgress>,
+    ) -> Result<Vec<StagedItem>, StageError> {
+        let plans = plan(items)?;
+        let layout = Layout(self.cache_dir.clone());
+        for dir in [layout.0.join("sha256"), layout.0.join("partial"), layout.0.join("locks")] {
+            tokio::fs::create_dir_all(&dir).await.map_err(|error| StageError::Io {
+                item: "(cache)".into(),
+                action: "create",
+                path: dir.clone(),
+                error,
+            })?;
+        }
+        let http = if plans.iter().any(|p| matches!(p.source, Source::Url(_))) { Some(http_client()?) } else { None };
+        let run = Arc::new(Run {
+            layout,
+            http,
+            permits: Arc::new(Semaphore::new(self.parallel_files)),
+            parallel_files: self.parallel_files,
+            retry: self.retry,
+        });
+        let jobs = plans.into_iter().map(|plan| {
+            let meter = Arc::new(Meter::new(plan.name.clone(), progress.clone()));
+            let run = run.clone();
+            async move { run.stage_item(plan, meter).await }
+        });
+        futures::future::try_join_all(jobs).await
+    }
+}
+
+fn http_client() -> Result<reqwest::Client, StageError> {
+    reqwest::Client::builder()
+        .user_agent(concat!("cohort-agent/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(30))
+        .read_timeout(Duration::from_secs(120))
+        .build()
+        .map_err(|e| StageError::HttpClient(e.to_string()))
+}
+
+enum Source {
+    Path(PathBuf),
+    Url(Url),
+}
+
+impl Source {
+    fn describe(&self) -> String {
+        match self {
+            Source::Path(p) => p.display().to_string(),
+            Source::Url(u) => u.to_string(),
+        }
+    }
+}
+
+/// A validated item.
+struct Plan {
+    name: String,
+    source: Source,
+    expected: Option<String>,
+    /// Names the lock and the work dir: the digest when declared, else the source.
+    key: String,
+    /// The file name in the cache.
+    basename: String,
+}
+
+/// Checks every item before anything is copied.
+fn plan(items: &[StageItem]) -> Result<Vec<Plan>, StageError> {
+    let mut names = HashSet::new();
+    items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| {
+            let name = item.name.trim().to_owned();
+            if name.is_empty() {
+                return Err(StageError::EmptyName { index });
+            }
+            if !names.insert(name.clone()) {
+                return Err(StageError::DuplicateName { item: name });
+            }
+            let expected = match &item.sha256 {
+                None => None,
+                Some(digest) => {
+                    let hex = digest.trim().to_ascii_lowercase();
+                    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(StageError::BadDigest { item: name, digest: digest.clone() });
+                    }
+                    Some(hex)
+                }
+            };
+            let bad_source = || StageError::BadSource { item: name.clone(), from: item.source.clone() };
+            let fallback = if tree::is_plain_name(OsStr::new(&name)) { name.clone() } else { "input".to_owned() };
+            let (source, basename) = if item.source.starts_with("http://") || item.source.starts_with("https://") {
+                let url = Url::parse(&item.source).map_err(|_| bad_source())?;
+                let last = url.path_segments().and_then(|mut s| s.next_back()).unwrap_or_default().to_owned();
+                let basename = if tree::is_plain_name(OsStr::new(&last)) { last } else { fallback };
+                (Source::Url(url), basename)
+            } else {
+                let path = PathBuf::from(&item.source);
+                if !path.is_absolute() {
+                    return Err(bad_source());
+                }
+                let basename = path
+                    .file_name()
+                    .filter(|n| tree::is_plain_name(n))
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .ok_or_else(bad_source)?;
+                (Source::Path(path), basename)
+            };
+            let key = match &expected {
+                Some(hex) => format!("sha256-{hex}"),
+                None => format!("source-{:.32x}", Sha256::digest(item.source.as_bytes())),
+            };
+            Ok(Plan { name, source, expected, key, basename })
+        })
+        .collect()
+}
+
+struct Layout(PathBuf);
+
+impl Layout {
+    fn content(&self, hex: &str) -> PathBuf {
+        self.0.join("sha256").join(hex)
+    }
+    fn manifest(&self, hex: &str) -> PathBuf {
+        self.0.join("sha256").join(format!("{hex}.manifest"))
+    }
+    fn work(&self, key: &str) -> PathBuf {
+        self.0.join("partial").join(key)
+    }
+    fn lock(&self, key: &str) -> PathBuf {
+        self.0.join("locks").join(format!("{key}.lock"))
+    }
+}
+
+/// One `stage` call.
+struct Run {
+    layout: Layout,
+    http: Option<reqwest::Client>,
+    permits: Arc<Semaphore>,
+    parallel_files: usize,
+    retry: RetryPolicy,
+}
+
+/// Stops the item's blocking copies when its staging ends or is dropped.
+struct CancelOnDrop(Arc<Meter>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+fn io_error(item: &str, action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StageError {
+    let (item, path) = (item.to_owned(), path.to_owned());
+    move |error| StageError::Io { item, action, path, error }
+}
+
+fn task_error(error: tokio::task::JoinError) -> StageError {
+    StageError::Task(error.to_string())
+}
+
+impl Run {
+    async fn stage_item(&self, plan: Plan, meter: Arc<Meter>) -> Result<StagedItem, StageError> {
+        let _cancel = CancelOnDrop(meter.clone());
+        let started = Instant::now();
+        let result = self.stage_item_inner(&plan, &meter).await;
+        match &result {
+            Ok(staged) => {
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    item = %plan.name,
+                    path = %staged.path.display(),
+                    bytes = staged.bytes,
+                    from_cache = staged.from_cache,
+                    mib_per_s = if staged.from_cache || secs == 0.0 { 0.0 } else { staged.bytes as f64 / 1048576.0 / secs },
+                    "staged"
+                );
+                let state = if staged.from_cache { StageState::Cached } else { StageState::Ready };
+                meter.state(state).await;
+            }
+            Err(error) => {
+                tracing::warn!(item = %plan.name, from = %plan.source.describe(), %error, "staging failed");
+                meter.state(StageState::Failed(error.to_string())).await;
+            }
+        }
+        result
+    }
+
+    async fn stage_item_inner(&self, plan: &Plan, meter: &Arc<Meter>) -> Result<StagedItem, StageError> {
+        meter.state(StageState::Checking).await;
+        if let Some(hit) = self.cached(plan, meter).await? {
+            return Ok(hit);
+        }
+        let lock = Arc::new(lock::acquire(&plan.name, self.layout.lock(&plan.key)).await?);
+        if let Some(hit) = self.cached(plan, meter).await? {
+            return Ok(hit);
+        }
+        match &plan.source {
+            Source::Url(url) => self.stage_file(plan, None, Some(url), meter, lock).await,
+            Source::Path(path) => {
+                let meta = tokio::fs::metadata(path).await.map_err(io_error(&plan.name, "read", path))?;
+                if meta.is_dir() {
+                    self.stage_tree(plan, path, meter, lock).await
+                } else if meta.is_file() {
+                    meter.set_totals(Some(meta.len()), 1);
+                    self.stage_file(plan, Some(path), None, meter, lock).await
+                } else {
+                    Err(StageError::Unsupported { item: plan.name.clone(), path: path.clone() })
+                }
+            }
+        }
+    }
+
+    /// The item if its declared digest is in the cache. A file cached under
+    /// another name gets a hard link with this item's name.
+    async fn cached(&self, plan: &Plan, meter: &Meter) -> Result<Option<StagedItem>, StageError> {
+        let Some(hex) = &plan.expected else { return Ok(None) };
+        let content = self.layout.content(hex);
+        let hit = |path: PathBuf, bytes: u64, files: u32| {
+            meter.set_totals(Some(bytes), files);
+            meter.set_done(bytes, files);
+            tracing::debug!(item = %plan.name, path = %path.display(), "found in the cache");
+            Some(StagedItem { name: plan.name.clone(), path, sha256: hex.clone(), bytes, from_cache: true })
+        };
+        if !tokio::fs::metadata(&content).await.is_ok_and(|m| m.is_dir()) {
+            return Ok(None);
+        }
+        if let Ok(text) = tokio::fs::read(self.layout.manifest(hex)).await {
+            let (bytes, files) = tree::manifest_totals(&text);
+            return Ok(hit(content, bytes, files));
+        }
+        let file = content.join(&plan.basename);
+        if let Ok(meta) = tokio::fs::symlink_metadata(&file).await
+            && meta.is_file()
+        {
+            return Ok(hit(file, meta.len(), 1));
+        }
+        let mut entries = tokio::fs::read_dir(&content).await.map_err(io_error(&plan.name, "read", &content))?;
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            if entry.file_type().await.is_ok_and(|t| t.is_file()) {
+                match tokio::fs::hard_link(entry.path(), &file).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    // Nothing lost: the item is copied instead.
+                    Err(_) => return Ok(None),
+                }
+                let bytes = tokio::fs::metadata(&file).await.map_err(io_error(&plan.name, "read", &file))?.len();
+                return Ok(hit(file, bytes, 1));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn stage_file(
+        &self,
+        plan: &Plan,
+        path: Option<&PathBuf>,
+        url: Option<&Url>,
+        meter: &Arc<Meter>,
+        lock: Arc<ContentLock>,
+    ) -> Result<StagedItem, StageError> {
+        let work = self.layout.work(&plan.key);
+        tokio::fs::create_dir_all(&work).await.map_err(io_error(&plan.name, "create", &work))?;
+        let partial_path = work.join(format!("{}.partial", plan.basename));
+        let resume = plan.expected.is_some();
+        meter.state(StageState::Copying).await;
+        let (partial, mode) = match (path, url, &self.http) {
+            (Some(from), _, _) => {
+                let (item, from, to, m, retry, thread_lock) =
+                    (plan.name.clone(), from.clone(), partial_path.clone(), meter.clone(), self.retry, lock.clone());
+                tokio::task::spawn_blocking(move || {
+                    // Held as long as this thread writes the partial, even if the staging is dropped.
+                    let _lock = thread_lock;
+                    fetch::copy_local(&item, &from, &to, resume, &m, &retry)
+                })
+                .await
+                .map_err(task_error)??
+            }
+            (None, Some(url), Some(client)) => {
+                (fetch::download(client, &plan.name, url, &partial_path, resume, meter, &self.retry).await?, 0o644)
+            }
+            _ => return Err(StageError::Task("a file item without a source".into())),
+        };
+        meter.state(StageState::Verifying).await;
+        let finished = tokio::task::spawn_blocking(move || partial.finish(Some(mode)))
+            .await
+            .map_err(task_error)?
+            .map_err(io_error(&plan.name, "write", &partial_path))?;
+        if let Some(expected) = &plan.expected
+            && *expected != finished.sha256
+        {
+            let _ = tokio::fs::remove_dir_all(&work).await;
+            return Err(StageError::DigestMismatch {
+                item: plan.name.clone(),
+                from: plan.source.describe(),
+                expected: expected.clone(),
+                actual: finished.sha256,
+            });
+        }
+        let content = self.layout.content(&finished.sha256);
+        tokio::fs::create_dir_all(&content).await.map_err(io_error(&plan.name, "create", &content))?;
+        let target = content.join(&plan.basename);
+        tokio::fs::rename(&partial_path, &target).await.map_err(io_error(&plan.name, "write", &target))?;
+        sync_dir(&content).await.map_err(io_error(&plan.name, "write", &content))?;
+        let _ = tokio::fs::remove_dir(&work).await;
+        meter.set_done(finished.bytes, 1);
+        drop(lock);
+        Ok(StagedItem {
+            name: plan.name.clone(),
+            path: target,
+            sha256: finished.sha256,
+            bytes: finished.bytes,
+            from_cache: false,
+        })
+    }
+
+    async fn stage_tree(
+        &self,
+        plan: &Plan,
+        root: &Path,
+        meter: &Arc<Meter>,
+        lock: Arc<ContentLock>,
+    ) -> Result<StagedItem, StageError> {
+        let (item, from) = (plan.name.clone(), root.to_owned());
+        let tree = Arc::new(tokio::task::spawn_blocking(move || tree::walk(&item, &from)).await.map_err(task_error)??);
+        let bytes = tree.bytes();
+        meter.set_totals(Some(bytes), u32::try_from(tree.files.len()).unwrap_or(u32::MAX));
+        let work = self.layout.work(&plan.key);
+        let resume = plan.expected.is_some();
+        let (item, w, t) = (plan.name.clone(), work.clone(), tree.clone());
+        tokio::task::spawn_blocking(move || prepare_work(&item, &w, &t, resume)).await.map_err(task_error)??;
+        meter.state(StageState::Copying).await;
+
+        let mut listed = self.copy_files(plan, root, &work, &tree, meter, &lock).await?;
+        listed.extend(tree.links.iter().map(|l| (l.rel.clone(), Listed::Link { target: l.target.clone() })));
+
+        meter.state(StageState::Verifying).await;
+        let manifest = tree::manifest(listed);
+        let digest = format!("{:x}", Sha256::digest(&manifest));
+        if let Some(expected) = &plan.expected
+            && *expected != digest
+        {
+            let _ = tokio::fs::remove_dir_all(&work).await;
+            return Err(StageError::DigestMismatch {
+                item: plan.name.clone(),
+                from: plan.source.describe(),
+                expected: expected.clone(),
+                actual: digest,
+            });
+        }
+        let copy = work.join("tree");
+        let (c, t) = (copy.clone(), tree.clone());
+        tokio::task::spawn_blocking(move || tree::seal(&c, &t))
+            .await
+            .map_err(task_error)?
+            .map_err(io_error(&plan.name, "write", &copy))?;
+        // The manifest first: a tree without one is not taken as cached.
+        let manifest_path = self.layout.manifest(&digest);
+        let manifest_tmp = work.join("manifest");
+        tokio::fs::write(&manifest_tmp, &manifest).await.map_err(io_error(&plan.name, "write", &manifest_tmp))?;
+        tokio::fs::rename(&manifest_tmp, &manifest_path).await.map_err(io_error(
+            &plan.name,
+            "write",
+            &manifest_path,
+        ))?;
+        let content = self.layout.content(&digest);
+        if let Err(error) = tokio::fs::rename(&copy, &content).await {
+            // Staged meanwhile from another source with the same content.
+            if !tokio::fs::metadata(&content).await.is_ok_and(|m| m.is_dir()) {
+                return Err(io_error(&plan.name, "write", &content)(error));
+            }
+            tracing::info!(item = %plan.name, path = %content.display(), "same content staged meanwhile; keeping that copy");
+        }
+        let parent = self.layout.0.join("sha256");
+        sync_dir(&parent).await.map_err(io_error(&plan.name, "write", &parent))?;
+        let w = work.clone();
+        let _ = tokio::task::spawn_blocking(move || tree::remove_all(&w)).await;
+        meter.set_done(bytes, u32::try_from(tree.files.len()).unwrap_or(u32::MAX));
+        Ok(StagedItem { name: plan.name.clone(), path: content, sha256: digest, bytes, from_cache: false })
+    }
+
+    /// Copies the files of a directory, `parallel_files` at a time (shared
+    /// with the other items); after a failure, waits for the copies under way
+    /// to stop before returning.
+    async fn copy_files(
+        &self,
+        plan: &Plan,
+        root: &Path,
+        work: &Path,
+        tree: &Arc<Tree>,
+        meter: &Arc<Meter>,
+        lock: &Arc<ContentLock>,
+    ) -> Result<Vec<(PathBuf, Listed)>, StageError> {
+        let resume = plan.expected.is_some();
+        let mut listed = Vec::with_capacity(tree.files.len());
+        let mut running = JoinSet::new();
+        let mut failure = None;
+        let mut next = 0;
+        loop {
+            while failure.is_none() && next < tree.files.len() && running.len() < self.parallel_files {
+                let permit = self.permits.clone().acquire_owned().await.map_err(|e| StageError::Task(e.to_string()))?;
+                let (item, root, work, tree, meter, lock, retry) = (
+                    plan.name.clone(),
+                    root.to_owned(),
+                    work.to_owned(),
+                    tree.clone(),
+                    meter.clone(),
+                    lock.clone(),
+                    self.retry,
+                );
+                let index = next;
+                running.spawn_blocking(move || {
+                    let (_permit, _lock) = (permit, lock);
+                    copy_tree_file(&item, &root, &work, &tree.files[index], resume, &meter, &retry)
+                });
+                next += 1;
+            }
+            let Some(done) = running.join_next().await else { break };
+            match done.map_err(task_error).and_then(|r| r) {
+                Ok(entry) => listed.push(entry),
+                Err(error) => {
+                    meter.cancel();
+                    failure.get_or_insert(error);
+                }
+            }
+        }
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(listed),
+        }
+    }
+}
+
+/// Makes the work dir of a directory item: `incoming/` and `tree/` with the
+/// source's subdirectories, and its symlinks in `tree/`. Without a declared
+/// digest a leftover is not trusted and goes first.
+fn prepare_work(item: &str, work: &Path, tree: &Tree, resume: bool) -> Result<(), StageError> {
+    if !resume && work.exists() {
+        tree::remove_all(work).map_err(io_error(item, "remove", work))?;
+    }
+    let copy = work.join("tree");
+    if copy.exists() {
+        tree::prune(&copy, tree).map_err(io_error(item, "remove", &copy))?;
+    }
+    for base in [work.join("incoming"), work.join("tree")] {
+        std::fs::create_dir_all(&base).map_err(io_error(item, "create", &base))?;
+        for (rel, _) in &tree.dirs {
+            let dir = base.join(rel);
+            std::fs::create_dir_all(&dir).map_err(io_error(item, "create", &dir))?;
+        }
+    }
+    for link in &tree.links {
+        let path = work.join("tree").join(&link.rel);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            std::fs::remove_file(&path).map_err(io_error(item, "remove", &path))?;
+        }
+        std::os::unix::fs::symlink(&link.target, &path).map_err(io_error(item, "create", &path))?;
+    }
+    Ok(())
+}
+
+/// Copies one file of a directory into `tree/` through `incoming/`; a file
+/// already in `tree/` (an earlier, interrupted staging) is hashed there
+/// instead of read again from the source.
+fn copy_tree_file(
+    item: &str,
+    root: &Path,
+    work: &Path,
+    file: &tree::TreeFile,
+    resume: bool,
+    meter: &Meter,
+    retry: &RetryPolicy,
+) -> Result<(PathBuf, Listed), StageError> {
+    let done = work.join("tree").join(&file.rel);
+    if resume
+        && let Ok(meta) = std::fs::symlink_metadata(&done)
+        && meta.is_file()
+        && meta.len() == file.size
+    {
+        let finished = fetch::hash_file(&done, meter).map_err(io_error(item, "read", &done))?;
+        meter.file_done();
+        return Ok((file.rel.clone(), Listed::File { sha256: finished.sha256, size: finished.bytes }));
+    }
+    let incoming = work.join("incoming").join(&file.rel);
+    let (partial, _) = fetch::copy_local(item, &root.join(&file.rel), &incoming, resume, meter, retry)?;
+    let finished = partial.finish(Some(file.mode)).map_err(io_error(item, "write", &incoming))?;
+    std::fs::rename(&incoming, &done).map_err(io_error(item, "write", &done))?;
+    meter.file_done();
+    Ok((file.rel.clone(), Listed::File { sha256: finished.sha256, size: finished.bytes }))
+}
+
+async fn sync_dir(dir: &Path) -> io::Result<()> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all()).await.map_err(io::Error::other)?
+}

@@ -1,0 +1,97 @@
+//! Progress of one item, shared by the tasks that copy its files.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+
+use super::{StageProgress, StageState};
+
+/// A `Copying` report goes out each time this many more bytes are done.
+const REPORT_EVERY: u64 = 16 << 20;
+/// `bytes_total` while the size is not known yet (an HTTP body before its headers).
+const UNKNOWN: u64 = u64::MAX;
+
+pub(super) struct Meter {
+    item: String,
+    tx: mpsc::Sender<StageProgress>,
+    bytes_done: AtomicU64,
+    bytes_total: AtomicU64,
+    files_done: AtomicU32,
+    files_total: AtomicU32,
+    cancelled: AtomicBool,
+}
+
+impl Meter {
+    pub(super) fn new(item: String, tx: mpsc::Sender<StageProgress>) -> Self {
+        Self {
+            item,
+            tx,
+            bytes_done: AtomicU64::new(0),
+            bytes_total: AtomicU64::new(UNKNOWN),
+            files_done: AtomicU32::new(0),
+            files_total: AtomicU32::new(1),
+            cancelled: AtomicBool::new(false),
+        }
+    }
+
+    fn snapshot(&self, state: StageState) -> StageProgress {
+        let total = self.bytes_total.load(Ordering::Relaxed);
+        StageProgress {
+            item: self.item.clone(),
+            bytes_done: self.bytes_done.load(Ordering::Relaxed),
+            bytes_total: (total != UNKNOWN).then_some(total),
+            files_done: self.files_done.load(Ordering::Relaxed),
+            files_total: self.files_total.load(Ordering::Relaxed),
+            state,
+        }
+    }
+
+    /// Reports a change of state; waits for room in the channel, so the
+    /// receiver must be drained (or dropped).
+    pub(super) async fn state(&self, state: StageState) {
+        // A dropped receiver only means nobody watches.
+        let _ = self.tx.send(self.snapshot(state)).await;
+    }
+
+    pub(super) fn set_totals(&self, bytes: Option<u64>, files: u32) {
+        self.bytes_total.store(bytes.unwrap_or(UNKNOWN), Ordering::Relaxed);
+        self.files_total.store(files, Ordering::Relaxed);
+    }
+
+    pub(super) fn set_bytes_total(&self, bytes: Option<u64>) {
+        self.bytes_total.store(bytes.unwrap_or(UNKNOWN), Ordering::Relaxed);
+    }
+
+    /// Counts bytes copied (or re-hashed); reports every `REPORT_EVERY` bytes
+    /// without waiting: a slow receiver never slows a copy down.
+    pub(super) fn add(&self, n: u64) {
+        let before = self.bytes_done.fetch_add(n, Ordering::Relaxed);
+        if before / REPORT_EVERY != (before + n) / REPORT_EVERY {
+            let _ = self.tx.try_send(self.snapshot(StageState::Copying));
+        }
+    }
+
+    /// Takes back bytes of a prefix that had to be thrown away.
+    pub(super) fn rewind(&self, n: u64) {
+        let _ = self.bytes_done.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |done| Some(done.saturating_sub(n)));
+    }
+
+    pub(super) fn file_done(&self) {
+        self.files_done.fetch_add(1, Ordering::Relaxed);
+        let _ = self.tx.try_send(self.snapshot(StageState::Copying));
+    }
+
+    pub(super) fn set_done(&self, bytes: u64, files: u32) {
+        self.bytes_done.store(bytes, Ordering::Relaxed);
+        self.files_done.store(files, Ordering::Relaxed);
+    }
+
+    /// Tells the blocking copies of this item to stop at their next chunk.
+    pub(super) fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    pub(super) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+}

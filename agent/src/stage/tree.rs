@@ -1,0 +1,256 @@
+//! A source directory as a list of files, directories and symlinks, and its
+//! manifest (whose SHA-256 is the directory's digest).
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs::{self, File, Permissions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::StageError;
+use super::fetch::MODE_BITS;
+
+pub(super) struct TreeFile {
+    pub rel: PathBuf,
+    pub size: u64,
+    pub mode: u32,
+}
+
+pub(super) struct TreeLink {
+    pub rel: PathBuf,
+    /// As it will be written in the copy: relative, pointing inside.
+    pub target: PathBuf,
+}
+
+pub(super) struct Tree {
+    pub root_mode: u32,
+    /// Relative path and mode; parents before children.
+    pub dirs: Vec<(PathBuf, u32)>,
+    pub files: Vec<TreeFile>,
+    pub links: Vec<TreeLink>,
+}
+
+impl Tree {
+    pub(super) fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Lists `root` without following symlinks. Fails on a special file, a name
+/// with a newline (the manifest could not list it) and a symlink that leads
+/// out of `root` or nowhere.
+pub(super) fn walk(item: &str, root: &Path) -> Result<Tree, StageError> {
+    let read_error = |path: &Path| {
+        let path = path.to_owned();
+        move |error| StageError::Io { item: item.to_owned(), action: "read", path, error }
+    };
+    let canonical_root = fs::canonicalize(root).map_err(read_error(root))?;
+    let root_mode = fs::metadata(root).map_err(read_error(root))?.permissions().mode() & MODE_BITS;
+    let mut tree = Tree { root_mode, dirs: Vec::new(), files: Vec::new(), links: Vec::new() };
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel_dir) = pending.pop() {
+        let dir = root.join(&rel_dir);
+        for entry in fs::read_dir(&dir).map_err(read_error(&dir))? {
+            let entry = entry.map_err(read_error(&dir))?;
+            let rel = rel_dir.join(entry.file_name());
+            let path = root.join(&rel);
+            if entry.file_name().as_bytes().contains(&b'\n') {
+                return Err(StageError::NewlineInName { item: item.to_owned(), path });
+            }
+            // DirEntry::metadata does not follow a symlink.
+            let meta = entry.metadata().map_err(read_error(&path))?;
+            let kind = meta.file_type();
+            let mode = meta.permissions().mode() & MODE_BITS;
+            if kind.is_dir() {
+                tree.dirs.push((rel.clone(), mode));
+                pending.push(rel);
+            } else if kind.is_file() {
+                tree.files.push(TreeFile { rel, size: meta.len(), mode });
+            } else if kind.is_symlink() {
+                let target = link_target(item, root, &canonical_root, &rel)?;
+                tree.links.push(TreeLink { rel, target });
+            } else {
+                return Err(StageError::Unsupported { item: item.to_owned(), path });
+            }
+        }
+    }
+    Ok(tree)
+}
+
+/// The target a symlink gets in the copy. It must resolve inside the root (as
+/// the kernel resolves it, through other links) and, when relative, never
+/// climb above the root on the way; an absolute target inside is rewritten as
+/// a relative one, since the copy lives elsewhere.
+fn link_target(item: &str, root: &Path, canonical_root: &Path, rel: &Path) -> Result<PathBuf, StageError> {
+    let link = root.join(rel);
+    let target = fs::read_link(&link).map_err(|error| StageError::Io {
+        item: item.to_owned(),
+        action: "read",
+        path: link.clone(),
+        error,
+    })?;
+    let resolved = fs::canonicalize(&link).map_err(|error| StageError::LinkUnresolved {
+        item: item.to_owned(),
+        link: link.clone(),
+        target: target.clone(),
+        error,
+    })?;
+    let outside = || StageError::LinkOutside {
+        item: item.to_owned(),
+        link: link.clone(),
+        target: target.clone(),
+        root: root.to_owned(),
+    };
+    let Ok(inside) = resolved.strip_prefix(canonical_root) else { return Err(outside()) };
+    let parent_depth = rel.components().count().saturating_sub(1);
+    if target.is_absolute() {
+        let mut relative: PathBuf = std::iter::repeat_n(Component::ParentDir, parent_depth).collect();
+        relative.push(inside);
+        if relative.as_os_str().is_empty() {
+            relative.push(".");
+        }
+        return Ok(relative);
+    }
+    let mut depth = parent_depth;
+    for component in target.components() {
+        match component {
+            Component::ParentDir => depth = depth.checked_sub(1).ok_or_else(outside)?,
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return Err(outside()),
+        }
+    }
+    Ok(target)
+}
+
+/// One line of the manifest.
+pub(super) enum Listed {
+    File { sha256: String, size: u64 },
+    Link { target: PathBuf },
+}
+
+/// The manifest: one line per file and symlink, sorted bytewise by relative
+/// path: `<sha256> <size> <path>` for a file, `<sha256 of the target> symlink
+/// <path>` for a link.
+pub(super) fn manifest(mut entries: Vec<(PathBuf, Listed)>) -> Vec<u8> {
+    entries.sort_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
+    let mut text = Vec::new();
+    for (rel, listed) in entries {
+        match listed {
+            Listed::File { sha256, size } => text.extend_from_slice(format!("{sha256} {size} ").as_bytes()),
+            Listed::Link { target } => {
+                let digest = Sha256::digest(target.as_os_str().as_bytes());
+                text.extend_from_slice(format!("{digest:x} symlink ").as_bytes());
+            }
+        }
+        text.extend_from_slice(rel.as_os_str().as_bytes());
+        text.push(b'\n');
+    }
+    text
+}
+
+/// Bytes and files a manifest lists.
+pub(super) fn manifest_totals(text: &[u8]) -> (u64, u32) {
+    let mut totals = (0u64, 0u32);
+    for line in text.split(|b| *b == b'\n') {
+        let mut fields = line.splitn(3, |b| *b == b' ');
+        let size = fields.nth(1).and_then(|f| std::str::from_utf8(f).ok()).and_then(|f| f.parse::<u64>().ok());
+        if let Some(size) = size {
+            totals.0 += size;
+            totals.1 += 1;
+        }
+    }
+    totals
+}
+
+/// Flushes the directory entries of the copy (renames, links) to disk, then
+/// gives the directories their modes, deepest first (a read-only directory
+/// would refuse its own children otherwise).
+pub(super) fn seal(copy: &Path, tree: &Tree) -> std::io::Result<()> {
+    for (rel, _) in &tree.dirs {
+        File::open(copy.join(rel))?.sync_all()?;
+    }
+    File::open(copy)?.sync_all()?;
+    let mut dirs: Vec<_> = tree.dirs.iter().collect();
+    dirs.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
+    for (rel, mode) in dirs {
+        fs::set_permissions(copy.join(rel), Permissions::from_mode(*mode))?;
+    }
+    fs::set_permissions(copy, Permissions::from_mode(tree.root_mode))
+}
+
+/// Removes from a leftover copy what the source does not have (any more):
+/// it would end up in the cache without being in the manifest.
+pub(super) fn prune(copy: &Path, tree: &Tree) -> io::Result<()> {
+    let dirs: HashSet<&Path> = tree.dirs.iter().map(|(rel, _)| rel.as_path()).collect();
+    let files: HashSet<&Path> = tree.files.iter().map(|f| f.rel.as_path()).collect();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel_dir) = pending.pop() {
+        for entry in fs::read_dir(copy.join(&rel_dir))? {
+            let entry = entry?;
+            let rel = rel_dir.join(entry.file_name());
+            let kind = entry.file_type()?;
+            if kind.is_dir() && dirs.contains(rel.as_path()) {
+                pending.push(rel);
+            } else if kind.is_file() && files.contains(rel.as_path()) {
+                // Kept: hashed again, not copied again.
+            } else if kind.is_dir() {
+                remove_all(&entry.path())?;
+            } else {
+                fs::remove_file(entry.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `remove_dir_all`, also through directories that a sealed copy made read-only.
+pub(super) fn remove_all(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            make_writable(path)?;
+            fs::remove_dir_all(path)
+        }
+        other => other,
+    }
+}
+
+fn make_writable(dir: &Path) -> io::Result<()> {
+    fs::set_permissions(dir, Permissions::from_mode(0o700))?;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            make_writable(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// The file name an item gets in the cache.
+pub(super) fn is_plain_name(name: &OsStr) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.as_bytes().contains(&b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_is_sorted_bytewise_and_counted() {
+        let text = manifest(vec![
+            (PathBuf::from("a/b"), Listed::File { sha256: "11".into(), size: 3 }),
+            (PathBuf::from("a-b"), Listed::File { sha256: "22".into(), size: 4 }),
+            (PathBuf::from("l"), Listed::Link { target: PathBuf::from("a-b") }),
+        ]);
+        let text_str = String::from_utf8_lossy(&text);
+        let lines: Vec<_> = text_str.lines().collect();
+        assert_eq!(lines[0], "22 4 a-b", "'-' sorts before '/'");
+        assert_eq!(lines[1], "11 3 a/b");
+        assert!(lines[2].ends_with(" symlink l"));
+        assert_eq!(manifest_totals(&text), (7, 2));
+    }
+}

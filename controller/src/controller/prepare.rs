@@ -1,0 +1,527 @@
+//! Between placement and launch: every node of the attempt runs preflight,
+//! proves shared paths shared, checks datasets and stages inputs; the
+//! controller launches only when every node is ready and they agree, and
+//! otherwise refuses with the table. Also: training metrics, resume from the
+//! newest checkpoint, `cohort doctor`, and queries answered by agents.
+
+use std::collections::BTreeSet;
+
+use cohort_proto::{
+    Checkpoint, DatasetSummary, EnvVar, FindCheckpointCommand, MetricsBatch, PreflightReport, PreflightTable,
+    PrepareCommand, PrepareResult, QueryResult, StageInput, StageProgress, query_result::Result as QueryAnswer,
+};
+use cohort_shared::spec::DatasetPolicy;
+
+use super::*;
+
+/// Packages a megatron-sft launch needs on every node.
+const REQUIRED_PACKAGES: &[&str] = &["python", "torch", "transformer_engine.pytorch", "megatron.core", "swift"];
+/// Checks whose values must agree across the nodes of a job.
+const SAME_EVERYWHERE: &[&str] =
+    &["python", "torch", "torch.cuda", "nccl", "transformer_engine", "flash_attn", "apex", "megatron.core", "swift"];
+/// How long a query to an agent may take.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub(super) fn to_shared_checkpoint(c: &Checkpoint) -> cohort_shared::checkpoint::Checkpoint {
+    use cohort_shared::checkpoint::{Checkpoint as Shared, CheckpointLayout};
+    let path = std::path::PathBuf::from(&c.path);
+    let (layout, run_dir) = if c.layout == "swift-checkpoint-n" {
+        (CheckpointLayout::SwiftCheckpointN, path.parent().map(|p| p.to_path_buf()).unwrap_or_default())
+    } else {
+        // The Megatron layout's checkpoint path is its run directory.
+        (CheckpointLayout::MegatronIter, path.clone())
+    };
+    Shared { iteration: c.iteration, layout, run_dir, path }
+}
+
+/// Sets the current attempt's record from the job's terminal state.
+pub(super) fn close_attempt(job: &mut Job) {
+    let (state, reason, finished) = (job.state, job.reason.clone(), job.finished_unix_ms);
+    if let Some(record) = job.attempts.last_mut() {
+        record.state = state;
+        record.reason = reason;
+        record.finished_unix_ms = finished;
+    }
+}
+
+impl Controller {
+    /// What every node of the attempt must check before launch.
+    pub(super) async fn send_prepare(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
+        let Some(entry) = state.jobs.get(id) else { return Ok(()) };
+        let Some(plan) = entry.job.plan.clone() else { return Ok(()) };
+        let spec = entry.spec.clone();
+        let attempt = entry.job.attempt;
+        let marker = format!("{}-{}-{:08x}", id, attempt, rand::random::<u32>());
+        let workdir = plan.nodes.first().map(|a| a.workdir.clone()).unwrap_or_default();
+        let resolve = |p: &str| -> Option<String> {
+            if p.starts_with('/') {
+                Some(p.to_string())
+            } else if !workdir.is_empty() {
+                Some(format!("{workdir}/{p}"))
+            } else {
+                None
+            }
+        };
+        let rank0_env: Vec<EnvVar> =
+            plan.nodes.first().and_then(|a| a.processes.first()).map(|p| p.env.clone()).unwrap_or_default();
+        let env_value = |env: &[EnvVar], name: &str| env.iter().rev().find(|v| v.name == name).map(|v| v.value.clone());
+
+        let mut shared: BTreeSet<String> = spec.shared_paths.iter().cloned().collect();
+        let mut datasets = Vec::new();
+        let mut output_dir = String::new();
+        let megatron = matches!(spec.workload, Workload::MegatronSft(_));
+        if let Workload::MegatronSft(m) = &spec.workload {
+            if let Some(cache) = env_value(&rank0_env, "MODELSCOPE_CACHE") {
+                shared.insert(cache);
+            }
+            if let Some(dir) = m.output_dir().and_then(resolve) {
+                output_dir = dir.clone();
+                shared.insert(dir);
+            }
+            if let Some(model) = m.model_ref().filter(|p| p.starts_with('/')) {
+                shared.insert(model.to_string());
+            }
+            for value in m.flag("dataset").map(flag_values).unwrap_or_default() {
+                // ms-swift's `path#N` samples N rows of a file.
+                let path = value.split('#').next().unwrap_or_default();
+                if path.ends_with(".jsonl") {
+                    datasets.push(path.to_string());
+                }
+            }
+        }
+        let stage: Vec<StageInput> = spec
+            .stage
+            .iter()
+            .map(|s| StageInput {
+                name: s.name.clone(),
+                source: s.source.clone(),
+                sha256: s.sha256.clone().unwrap_or_default(),
+            })
+            .collect();
+        for a in &plan.nodes {
+            let env = a.processes.first().map(|p| p.env.clone()).unwrap_or_default();
+            let mut interfaces: Vec<String> = Vec::new();
+            for name in ["NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"] {
+                for iface in env_value(&env, name).unwrap_or_default().split(',') {
+                    // "^docker" excludes and "=eth0" is exact in NCCL's syntax: only plain names are checked.
+                    if !iface.is_empty() && !iface.starts_with('^') && !interfaces.contains(&iface.to_string()) {
+                        interfaces.push(iface.trim_start_matches('=').to_string());
+                    }
+                }
+            }
+            let command = PrepareCommand {
+                job_id: id.into(),
+                attempt,
+                node_rank: a.node_rank,
+                python: spec.python.clone().unwrap_or_default(),
+                probe_packages: megatron,
+                shared_paths: if plan.nodes.len() > 1 { shared.iter().cloned().collect() } else { Vec::new() },
+                marker: marker.clone(),
+                output_dir: output_dir.clone(),
+                master_port: plan.master_port,
+                interfaces,
+                stage: stage.clone(),
+                datasets: datasets.clone(),
+                workdir: a.workdir.clone(),
+            };
+            if !Self::send_command(state, &a.node_name, Command::Prepare(command)) {
+                let message = format!("node {} dropped its stream while the job was being prepared", a.node_name);
+                self.fail(
+                    state,
+                    id,
+                    Failure { node_name: a.node_name.clone(), node_rank: a.node_rank, message, ..Failure::default() },
+                );
+                self.persist_job(state, id).await?;
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn prepare_result(&self, node: &str, result: PrepareResult) {
+        let mut state = self.state.lock().await;
+        let id = result.job_id.clone();
+        let Some(entry) = state.jobs.get_mut(&id) else { return };
+        if entry.job.attempt != result.attempt || entry.state() != JobState::Preparing || !entry.on_node(node) {
+            return;
+        }
+        // The staged paths on this node become its processes' COHORT_STAGED_* variables.
+        if let Some(a) = entry.job.plan.as_mut().and_then(|p| p.nodes.iter_mut().find(|a| a.node_name == node)) {
+            for process in a.processes.iter_mut() {
+                for staged in &result.staged {
+                    process
+                        .env
+                        .push(EnvVar { name: JobSpec::staged_env_name(&staged.name), value: staged.path.clone() });
+                }
+            }
+        }
+        for staged in &result.staged {
+            let status = cohort_proto::StageStatus {
+                node_name: node.into(),
+                item: staged.name.clone(),
+                bytes_done: staged.bytes,
+                bytes_total: staged.bytes,
+                state: if staged.from_cache { "cached".into() } else { "ready".into() },
+                path: staged.path.clone(),
+                ..Default::default()
+            };
+            upsert_stage(&mut entry.job, status);
+        }
+        entry.job.datasets.extend(result.datasets.iter().cloned());
+        entry.prepared.insert(node.to_string(), result);
+        let expected = entry.plan().map(|p| p.nodes.len()).unwrap_or(0);
+        let done = entry.prepared.len() >= expected;
+        let message = format!("node {node} prepared ({}/{expected})", entry.prepared.len());
+        if done {
+            let problems = evaluate(entry);
+            let reports: Vec<PreflightReport> = entry
+                .plan()
+                .map(|p| {
+                    p.nodes
+                        .iter()
+                        .filter_map(|a| entry.prepared.get(&a.node_name))
+                        .filter_map(|r| r.preflight.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            entry.job.preflight = Some(PreflightTable { nodes: reports, problems: problems.clone() });
+            if problems.is_empty() {
+                if let Err(e) = self.send_launch(&mut state, &id).await {
+                    tracing::error!(job = %id, error = %e, "launch after preparation failed");
+                }
+            } else {
+                let more = if problems.len() > 1 {
+                    format!(" (and {} more: `cohort status`)", problems.len() - 1)
+                } else {
+                    String::new()
+                };
+                let message = format!("refused before launch: {}{more}", problems[0]);
+                self.fail(&mut state, &id, Failure { message, ..Failure::default() });
+                if let Err(e) = self.persist_job(&mut state, &id).await {
+                    tracing::error!(job = %id, error = %e, "could not persist job");
+                }
+            }
+        }
+        self.publish(&state, &id, &message);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    pub async fn stage_progress(&self, progress: StageProgress) {
+        let mut state = self.state.lock().await;
+        let Some(entry) = state.jobs.get_mut(&progress.job_id) else { return };
+        if entry.job.attempt != progress.attempt {
+            return;
+        }
+        if let Some(status) = progress.status {
+            upsert_stage(&mut entry.job, status);
+            self.publish(&state, &progress.job_id, "staging");
+        }
+    }
+
+    pub async fn node_preflight(&self, node: &str, report: PreflightReport) {
+        let mut state = self.state.lock().await;
+        if let Some(entry) = state.nodes.get_mut(node) {
+            entry.preflight = Some(report);
+        }
+    }
+
+    pub async fn metrics(&self, batch: MetricsBatch) {
+        let newest = self.metrics.append(&batch.job_id, batch.points).await;
+        let mut state = self.state.lock().await;
+        if let (Some(newest), Some(entry)) = (newest, state.jobs.get_mut(&batch.job_id)) {
+            entry.job.progress = Some(newest);
+            self.publish(&state, &batch.job_id, "metrics");
+        }
+    }
+
+    /// Every Ready node's last preflight report, with what disagrees.
+    pub async fn doctor(&self) -> PreflightTable {
+        let state = self.state.lock().await;
+        let reports: Vec<PreflightReport> = state
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Ready)
+            .map(|n| {
+                n.preflight.clone().unwrap_or_else(|| PreflightReport {
+                    node_name: n.info.name.clone(),
+                    error: "no report yet (the probe runs at agent start-up)".into(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let problems = compare_reports(&reports, false);
+        PreflightTable { nodes: reports, problems }
+    }
+
+    /// Starts a new attempt of a finished megatron-sft job from the newest
+    /// complete checkpoint in its output directory, found by an agent.
+    pub async fn resume(&self, job_ref: &str) -> Result<Job, ControllerError> {
+        let (id, node, directory, rx) = {
+            let mut state = self.state.lock().await;
+            let entry = Self::resolve(&state, job_ref)?;
+            let id = entry.job.id.clone();
+            let Workload::MegatronSft(m) = &entry.spec.workload else {
+                return Err(ControllerError::FailedPrecondition(format!(
+                    "job {id} is a {} job; only megatron-sft jobs resume from checkpoints",
+                    entry.job.kind
+                )));
+            };
+            if !matches!(entry.state(), JobState::Failed | JobState::Cancelled) {
+                return Err(ControllerError::FailedPrecondition(format!(
+                    "job {id} is {}; only a Failed or Cancelled job can be resumed",
+                    state_name(entry.job.state)
+                )));
+            }
+            let workdir = entry.spec.workdir.clone().unwrap_or_default();
+            let directory = match m.output_dir() {
+                Some(dir) if dir.starts_with('/') => dir.to_string(),
+                Some(dir) if !workdir.is_empty() => format!("{workdir}/{dir}"),
+                _ => {
+                    return Err(ControllerError::FailedPrecondition(format!(
+                        "job {id} names no absolute save/output_dir to look for checkpoints in"
+                    )));
+                }
+            };
+            // The output dir is shared: any connected node can look; prefer the last rank 0.
+            let last_rank0 = entry.plan().and_then(|p| p.nodes.first()).map(|a| a.node_name.clone());
+            let connected = |n: &&NodeEntry| n.session.is_some() && n.state == NodeState::Ready;
+            let node = last_rank0
+                .filter(|n| state.nodes.get(n).is_some_and(|e| connected(&e)))
+                .or_else(|| state.nodes.values().find(connected).map(|n| n.info.name.clone()))
+                .ok_or_else(|| {
+                    ControllerError::FailedPrecondition("no node is connected to look for checkpoints".into())
+                })?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let command_id = state.next_command_id;
+            state.queries.insert(command_id, tx);
+            if !Self::send_command(
+                &mut state,
+                &node,
+                Command::FindCheckpoint(FindCheckpointCommand { directory: directory.clone() }),
+            ) {
+                state.queries.remove(&command_id);
+                return Err(ControllerError::FailedPrecondition(format!("node {node} is not connected")));
+            }
+            (id, node, directory, rx)
+        };
+        let answer = tokio::time::timeout(QUERY_TIMEOUT, rx)
+            .await
+            .map_err(|_| {
+                ControllerError::FailedPrecondition(format!("node {node} did not answer within {QUERY_TIMEOUT:?}"))
+            })?
+            .map_err(|_| ControllerError::FailedPrecondition(format!("node {node} went away before answering")))?;
+        if !answer.error.is_empty() {
+            return Err(ControllerError::FailedPrecondition(format!("node {node}: {}", answer.error)));
+        }
+        let checkpoint = match answer.result {
+            Some(QueryAnswer::Checkpoint(c)) => c.checkpoint,
+            None => None,
+        }
+        .ok_or_else(|| {
+            ControllerError::FailedPrecondition(format!("no complete checkpoint in {directory} (looked on {node})"))
+        })?;
+
+        let mut state = self.state.lock().await;
+        let Some(entry) = state.jobs.get_mut(&id) else { return Err(ControllerError::JobNotFound(id)) };
+        if !matches!(entry.state(), JobState::Failed | JobState::Cancelled) {
+            return Err(ControllerError::FailedPrecondition(format!("job {id} changed state meanwhile")));
+        }
+        entry.job.state = JobState::Pending as i32;
+        entry.job.reason = format!("resuming from iteration {} ({})", checkpoint.iteration, checkpoint.path);
+        entry.job.resume_from = Some(checkpoint);
+        self.persist_job(&mut state, &id).await?;
+        self.publish(&state, &id, "resume requested");
+        tracing::info!(job = %id, "resume requested");
+        drop(state);
+        self.wake.notify_one();
+        self.get(&id).await
+    }
+
+    pub async fn query_result(&self, result: QueryResult) {
+        let mut state = self.state.lock().await;
+        if let Some(tx) = state.queries.remove(&result.command_id) {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+fn flag_values(value: &cohort_shared::spec::FlagValue) -> Vec<String> {
+    match value {
+        cohort_shared::spec::FlagValue::Scalar(s) => vec![s.clone()],
+        cohort_shared::spec::FlagValue::List(l) => l.clone(),
+    }
+}
+
+fn upsert_stage(job: &mut Job, status: cohort_proto::StageStatus) {
+    match job.staging.iter_mut().find(|s| s.node_name == status.node_name && s.item == status.item) {
+        Some(existing) => {
+            let path = if status.path.is_empty() { existing.path.clone() } else { status.path.clone() };
+            *existing = cohort_proto::StageStatus { path, ..status };
+        }
+        None => job.staging.push(status),
+    }
+}
+
+/// Everything that refuses the launch, one line each.
+fn evaluate(entry: &JobEntry) -> Vec<String> {
+    let Some(plan) = entry.plan() else { return vec!["the attempt has no plan".into()] };
+    let megatron = matches!(entry.spec.workload, Workload::MegatronSft(_));
+    let mut problems = Vec::new();
+    let mut reports = Vec::new();
+    for a in &plan.nodes {
+        let Some(result) = entry.prepared.get(&a.node_name) else { continue };
+        if !result.error.is_empty() {
+            problems.push(format!("node {}: {}", a.node_name, result.error));
+        }
+        if let Some(report) = &result.preflight {
+            reports.push(report.clone());
+        }
+        let writer = plan.nodes.first().map(|a| a.node_name.as_str()).unwrap_or_default();
+        for check in result.shared_paths.iter().filter(|c| !c.ok) {
+            if check.writer {
+                problems.push(format!(
+                    "shared path {}: node {} could not write its marker: {}",
+                    check.path, a.node_name, check.detail
+                ));
+            } else {
+                problems.push(format!(
+                    "shared path {} is not shared: node {} cannot see the marker node {writer} wrote ({})",
+                    check.path, a.node_name, check.detail
+                ));
+            }
+        }
+        for dataset in result.datasets.iter().filter(|d| !d.ok) {
+            // `warn` goes on with the valid rows (ms-swift drops the others), if there are any.
+            let refused = match entry.spec.dataset_policy {
+                DatasetPolicy::Fail => true,
+                DatasetPolicy::Warn => dataset.rows <= dataset.bad_rows,
+            };
+            if refused {
+                problems.push(format!("dataset {}: {}", dataset.path, first_dataset_problem(dataset)));
+            }
+        }
+    }
+    problems.extend(compare_reports(&reports, megatron));
+    problems
+}
+
+fn first_dataset_problem(d: &DatasetSummary) -> String {
+    if d.bad_rows > 0 {
+        let first = d.report.lines().find(|l| l.trim_start().starts_with(&d.path)).map(str::trim).unwrap_or_default();
+        format!("{} bad row(s) of {} (dataset_policy: fail), first: {first}", d.bad_rows, d.rows)
+    } else {
+        d.report.lines().next().unwrap_or("unreadable").to_string()
+    }
+}
+
+/// Failed required checks and values that differ between nodes.
+fn compare_reports(reports: &[PreflightReport], require_packages: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    for report in reports {
+        if !report.error.is_empty() && (require_packages || !report.checks.is_empty()) {
+            problems.push(format!("node {}: {}", report.node_name, report.error));
+        }
+        for check in report.checks.iter().filter(|c| !c.ok) {
+            let required = REQUIRED_PACKAGES.contains(&check.name.as_str());
+            let system = matches!(check.name.as_str(), "disk" | "master_port") || check.name.starts_with("interface:");
+            if (required && require_packages) || system {
+                let detail = if check.detail.is_empty() { "missing".to_string() } else { check.detail.clone() };
+                problems.push(format!("node {}: {}: {detail}", report.node_name, check.name));
+            }
+        }
+    }
+    for name in SAME_EVERYWHERE.iter().chain(&["transformer_engine.pytorch"]) {
+        // Importable on some nodes, broken on others: the nodes run different code.
+        let (working, broken): (Vec<&PreflightReport>, Vec<&PreflightReport>) = reports
+            .iter()
+            .filter(|r| r.checks.iter().any(|c| c.name == *name))
+            .partition(|r| r.checks.iter().any(|c| c.name == *name && c.ok));
+        if !working.is_empty() && !broken.is_empty() {
+            let detail = broken
+                .iter()
+                .filter_map(|r| r.checks.iter().find(|c| c.name == *name))
+                .map(|c| c.detail.as_str())
+                .find(|d| !d.is_empty())
+                .unwrap_or("missing");
+            let names =
+                |rs: &[&PreflightReport]| rs.iter().map(|r| r.node_name.as_str()).collect::<Vec<_>>().join(", ");
+            let line = format!("{name} works on {} but not on {}: {detail}", names(&working), names(&broken));
+            if !problems.contains(&line) {
+                problems.push(line);
+            }
+        }
+    }
+    for name in SAME_EVERYWHERE {
+        let values: Vec<(String, String)> = reports
+            .iter()
+            .filter_map(|r| {
+                r.checks.iter().find(|c| c.name == *name && c.ok).map(|c| (r.node_name.clone(), c.value.clone()))
+            })
+            .collect();
+        let distinct: BTreeSet<&str> = values.iter().map(|(_, v)| v.as_str()).collect();
+        if distinct.len() > 1 {
+            let list: Vec<String> = values.iter().map(|(n, v)| format!("{n} {v}")).collect();
+            problems.push(format!("{name} differs between nodes: {}", list.join(", ")));
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_proto::PreflightCheck;
+
+    fn report(node: &str, checks: &[(&str, &str, bool)]) -> PreflightReport {
+        PreflightReport {
+            node_name: node.into(),
+            checks: checks
+                .iter()
+                .map(|(n, v, ok)| PreflightCheck {
+                    name: (*n).into(),
+                    value: (*v).into(),
+                    ok: *ok,
+                    detail: String::new(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn versions_must_agree_and_required_imports_must_work() {
+        let good =
+            [("python", "3.12.3", true), ("torch", "2.11.0", true), ("transformer_engine.pytorch", "importable", true)];
+        let a = report("a", &[good[0], good[1], good[2], ("megatron.core", "0.15", true), ("swift", "3.12.6", true)]);
+        let b = report(
+            "b",
+            &[
+                good[0],
+                ("torch", "2.10.0", true),
+                ("transformer_engine.pytorch", "", false),
+                ("megatron.core", "0.15", true),
+                ("swift", "3.12.6", true),
+            ],
+        );
+        let problems = compare_reports(&[a.clone(), b.clone()], true);
+        assert!(problems.iter().any(|p| p == "torch differs between nodes: a 2.11.0, b 2.10.0"), "{problems:?}");
+        assert!(problems.iter().any(|p| p == "node b: transformer_engine.pytorch: missing"), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p == "transformer_engine.pytorch works on a but not on b: missing"),
+            "{problems:?}"
+        );
+        assert_eq!(problems.len(), 3);
+        // Without package requirements (doctor), the disagreement alone is still reported.
+        assert_eq!(compare_reports(&[a.clone(), b], false).len(), 2);
+        // The same package problems do not refuse a job that needs no packages.
+        assert!(compare_reports(&[a.clone(), a], false).is_empty());
+    }
+
+    #[test]
+    fn a_taken_port_or_missing_interface_refuses_any_job() {
+        let r = report("a", &[("master_port", "29500", false), ("interface:ib0", "", false), ("apex", "", false)]);
+        let problems = compare_reports(&[r], false);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+}

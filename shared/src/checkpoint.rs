@@ -1,0 +1,294 @@
+//! Finding the checkpoint a megatron-sft job resumes from, and the flags that resume it.
+//!
+//! Two layouts exist on the shared filesystem (see the ms-swift reference, section 3):
+//! - Megatron-LM's: `<dir>/latest_checkpointed_iteration.txt` + `<dir>/iter_NNNNNNN/`;
+//!   ms-swift <= 3.9 puts these in `<save>/vN-TIMESTAMP/` (or `<save>/` with `add_version false`).
+//! - ms-swift 3.10+ and 4.x: `<output_dir>/vN-TIMESTAMP/checkpoint-N/`, each holding its own
+//!   tracker and `iter_NNNNNNN/` (plus safetensors when `--save_safetensors true`).
+//!
+//! Only complete checkpoints count: a rank that died mid-save leaves directories that
+//! Megatron cannot load, and resuming from one would fail the next attempt too.
+
+use std::cmp::Reverse;
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::megatron::{FlagValue, MegatronSpec, SwiftVersion};
+
+/// Megatron-LM's tracker file: the latest saved iteration, or `release`.
+pub const TRACKER_FILE: &str = "latest_checkpointed_iteration.txt";
+
+/// How a checkpoint is laid out on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointLayout {
+    /// `<dir>/latest_checkpointed_iteration.txt` + `<dir>/iter_NNNNNNN/`; ms-swift <= 3.9
+    /// puts these in `<save>/vN-TIMESTAMP/`.
+    MegatronIter,
+    /// `<output_dir>/vN-TIMESTAMP/checkpoint-N/` containing the tracker and `iter_NNNNNNN/`
+    /// (ms-swift 3.10+ and 4.x).
+    SwiftCheckpointN,
+}
+
+/// A complete checkpoint a new attempt can resume from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The training iteration it holds; 0 for a tracker that says `release`.
+    pub iteration: u64,
+    /// The directory holding the tracker and `iter_*`: what 3.x takes as `--load` and
+    /// 4.x as `--mcore_model` (for [`CheckpointLayout::SwiftCheckpointN`], the `checkpoint-N` dir).
+    pub path: PathBuf,
+    pub layout: CheckpointLayout,
+    /// The `vN-TIMESTAMP` run directory it belongs to, or the save dir itself when the
+    /// job ran with `add_version false`.
+    pub run_dir: PathBuf,
+}
+
+/// Why the save dir could not be searched.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(
+        "checkpoint directory {} does not exist: check the job's save/output_dir and that the shared filesystem is mounted",
+        path.display()
+    )]
+    Missing { path: PathBuf },
+    #[error("checkpoint directory {} is not a directory: point save/output_dir at a directory", path.display())]
+    NotADirectory { path: PathBuf },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The newest complete checkpoint under a save/output dir, searching its `vN-*` run dirs
+/// (newest run first: by version number, then timestamp) and then the dir itself. The newest
+/// run that holds any complete checkpoint wins, even when an older run reached a higher
+/// iteration: a later run is a later attempt.
+///
+/// "Complete" means: the tracker exists and names an iteration whose `iter_XXXXXXX` dir holds
+/// a whole checkpoint: `common.pt` plus `.metadata` or `metadata.json` for `torch_dist`
+/// (`common.pt` alone when there are no `.distcp` shards, as ms-swift 4.x writes with
+/// `--no_save_optim`), or `mp_rank_*` dirs that each hold `model_optim_rng.pt` for the legacy
+/// format; and a `model.safetensors.index.json` beside the tracker names only files that exist.
+/// Half-written checkpoints (an `iter_*` dir without its metadata, a tracker naming a missing
+/// `iter_*` dir, a `checkpoint-N` dir without a tracker, an unparsable tracker) are skipped,
+/// and the next older complete one is used: within one tracker's dir that is an older `iter_*`
+/// dir (note that `--load <dir>` still reads the tracker, which names the broken one).
+///
+/// A tracker that says `release` names the `release/` dir, reported as iteration 0.
+pub fn latest_complete(save_dir: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
+    match fs::metadata(save_dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(CheckpointError::NotADirectory { path: save_dir.to_path_buf() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(CheckpointError::Missing { path: save_dir.to_path_buf() });
+        }
+        Err(source) => return Err(CheckpointError::Read { path: save_dir.to_path_buf(), source }),
+    }
+    let mut runs = run_dirs(save_dir)?;
+    runs.push(save_dir.to_path_buf());
+    for run in runs {
+        if let Some(checkpoint) = latest_in_run(&run)? {
+            return Ok(Some(checkpoint));
+        }
+    }
+    Ok(None)
+}
+
+/// The flags that make a new attempt resume from `ckpt`, in the job's dialect: 3.x
+/// `--load <path> --finetune false`; 4.x `--mcore_model <checkpoint-N path> --finetune false`
+/// (`--finetune true` would reset the iteration to 0 and retrain on the same data).
+/// A path that is not UTF-8 is converted lossily.
+pub fn resume_flags(version: SwiftVersion, ckpt: &Checkpoint) -> Vec<(String, String)> {
+    let load_key = match version {
+        SwiftVersion::V3 => "load",
+        SwiftVersion::V4 => "mcore_model",
+    };
+    vec![(load_key.to_owned(), ckpt.path.to_string_lossy().into_owned()), ("finetune".to_owned(), "false".to_owned())]
+}
+
+/// A copy of `spec` that resumes from `ckpt`: each of [`resume_flags`] replaces the flag of
+/// the same name in place, or is appended when the spec does not set it. In 4.x `model` is
+/// left as the job set it: `mcore_model` is what restores the weights and the iteration.
+/// The same flags are dropped from `extra_args`, which render last and would otherwise win.
+pub fn apply_resume(spec: &MegatronSpec, ckpt: &Checkpoint) -> MegatronSpec {
+    let mut resumed = spec.clone();
+    for (key, value) in resume_flags(spec.swift_version, ckpt) {
+        remove_extra_arg(&mut resumed.extra_args, &key);
+        match resumed.flags.get_mut(&key) {
+            Some(existing) => *existing = FlagValue::Scalar(value),
+            None => {
+                resumed.flags.insert(key, FlagValue::Scalar(value));
+            }
+        }
+    }
+    resumed
+}
+
+/// Removes `--key value`, `--key=value` and a bare `--key` (also spelled with dashes).
+fn remove_extra_arg(args: &mut Vec<String>, key: &str) {
+    let names = [format!("--{key}"), format!("--{}", key.replace('_', "-"))];
+    let mut kept = Vec::with_capacity(args.len());
+    let mut rest = std::mem::take(args).into_iter().peekable();
+    while let Some(arg) = rest.next() {
+        let (name, inline_value) = match arg.split_once('=') {
+            Some((name, _)) => (name, true),
+            None => (arg.as_str(), false),
+        };
+        if !names.iter().any(|n| n == name) {
+            kept.push(arg);
+            continue;
+        }
+        if !inline_value && rest.peek().is_some_and(|next| !next.starts_with("--")) {
+            rest.next();
+        }
+    }
+    *args = kept;
+}
+
+/// `vN-TIMESTAMP` children of `save_dir`, newest first.
+fn run_dirs(save_dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut runs: Vec<((u64, String), PathBuf)> = list_dir(save_dir)?
+        .into_iter()
+        .filter_map(|(name, path)| Some((run_version(&name)?, path)))
+        .filter(|(_, path)| path.is_dir())
+        .collect();
+    runs.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(runs.into_iter().map(|(_, path)| path).collect())
+}
+
+/// `v12-20260822-101500` -> (12, "20260822-101500"); the timestamp sorts as text.
+fn run_version(name: &str) -> Option<(u64, String)> {
+    let (version, timestamp) = name.strip_prefix('v')?.split_once('-')?;
+    Some((parse_digits(version)?, timestamp.to_owned()))
+}
+
+/// The complete checkpoint with the highest iteration in one run dir: its own tracker
+/// (Megatron layout) and its `checkpoint-N` children (ms-swift 3.10+/4.x layout).
+fn latest_in_run(run: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
+    let mut tracker_dirs = vec![(run.to_path_buf(), layout_of(run))];
+    for (name, path) in list_dir(run)? {
+        if name.strip_prefix("checkpoint-").and_then(parse_digits).is_some() && path.is_dir() {
+            tracker_dirs.push((path, CheckpointLayout::SwiftCheckpointN));
+        }
+    }
+    let mut best: Option<Checkpoint> = None;
+    for (dir, layout) in tracker_dirs {
+        let Some(iteration) = complete_iteration(&dir)? else {
+            continue;
+        };
+        if best.as_ref().is_none_or(|b| iteration > b.iteration) {
+            best = Some(Checkpoint { iteration, path: dir, layout, run_dir: run.to_path_buf() });
+        }
+    }
+    Ok(best)
+}
+
+/// A save dir given as a `checkpoint-N` dir itself still reports the ms-swift layout.
+fn layout_of(dir: &Path) -> CheckpointLayout {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if name.strip_prefix("checkpoint-").and_then(parse_digits).is_some() {
+        CheckpointLayout::SwiftCheckpointN
+    } else {
+        CheckpointLayout::MegatronIter
+    }
+}
+
+/// The newest complete iteration in a dir holding a tracker: the one the tracker names or,
+/// when that is incomplete, the newest older `iter_*` dir that is complete.
+fn complete_iteration(dir: &Path) -> Result<Option<u64>, CheckpointError> {
+    let tracker = dir.join(TRACKER_FILE);
+    let text = match fs::read_to_string(&tracker) {
+        Ok(text) => text,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Ok(None),
+        Err(source) => return Err(CheckpointError::Read { path: tracker, source }),
+    };
+    if !safetensors_complete(dir)? {
+        tracing::debug!(dir = %dir.display(), "skipping checkpoint: safetensors index names missing files");
+        return Ok(None);
+    }
+    let text = text.trim();
+    if text == "release" {
+        return Ok(iter_dir_complete(&dir.join("release"))?.then_some(0));
+    }
+    let Some(tracked) = parse_digits(text) else {
+        tracing::debug!(tracker = %tracker.display(), "skipping checkpoint: tracker is not an iteration");
+        return Ok(None);
+    };
+    let mut iterations: Vec<(u64, PathBuf)> = list_dir(dir)?
+        .into_iter()
+        .filter_map(|(name, path)| Some((parse_digits(name.strip_prefix("iter_")?)?, path)))
+        .filter(|(iteration, _)| *iteration <= tracked)
+        .collect();
+    iterations.sort_by_key(|(iteration, _)| Reverse(*iteration));
+    for (iteration, path) in iterations {
+        if iter_dir_complete(&path)? {
+            return Ok(Some(iteration));
+        }
+        tracing::debug!(dir = %path.display(), "skipping half-written checkpoint");
+    }
+    Ok(None)
+}
+
+/// Whether an `iter_*` (or `release`) dir holds a whole checkpoint; see [`latest_complete`].
+fn iter_dir_complete(dir: &Path) -> Result<bool, CheckpointError> {
+    let names: HashSet<String> = list_dir(dir)?.into_iter().map(|(name, _)| name).collect();
+    let mp_ranks: Vec<&String> = names.iter().filter(|name| name.starts_with("mp_rank_")).collect();
+    if !mp_ranks.is_empty() {
+        return Ok(mp_ranks.iter().all(|rank| dir.join(rank).join("model_optim_rng.pt").is_file()));
+    }
+    let has_metadata = names.contains(".metadata") || names.contains("metadata.json");
+    let has_shards = names.iter().any(|name| name.ends_with(".distcp"));
+    Ok(names.contains("common.pt") && (has_metadata || !has_shards))
+}
+
+/// False when `model.safetensors.index.json` exists but is unreadable as JSON or names a
+/// shard that is not there (rank 0 was still writing the weights); true without an index.
+fn safetensors_complete(dir: &Path) -> Result<bool, CheckpointError> {
+    let index = dir.join("model.safetensors.index.json");
+    let text = match fs::read_to_string(&index) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(source) => return Err(CheckpointError::Read { path: index, source }),
+    };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(false);
+    };
+    let Some(weight_map) = json.get("weight_map").and_then(|map| map.as_object()) else {
+        return Ok(false);
+    };
+    let shards: HashSet<&str> = weight_map.values().filter_map(|file| file.as_str()).collect();
+    Ok(shards.iter().all(|shard| dir.join(shard).is_file()))
+}
+
+/// The entries of a dir as (name, path); a dir that vanished (rotated away by
+/// `--save_total_limit` while we looked) is empty. Names that are not UTF-8 are skipped.
+fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>, CheckpointError> {
+    let read_error = |source| CheckpointError::Read { path: dir.to_path_buf(), source };
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
+            return Ok(Vec::new());
+        }
+        Err(source) => return Err(read_error(source)),
+    };
+    let mut listed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(read_error)?;
+        if let Ok(name) = entry.file_name().into_string() {
+            listed.push((name, entry.path()));
+        }
+    }
+    Ok(listed)
+}
+
+/// A run of ASCII digits as a number; None for anything else (no sign, no spaces).
+fn parse_digits(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}

@@ -1,0 +1,312 @@
+//! Finding the newest complete checkpoint in real directory trees, and the resume flags.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use cohort_shared::checkpoint::{
+    Checkpoint, CheckpointError, CheckpointLayout, TRACKER_FILE, apply_resume, latest_complete, resume_flags,
+};
+use cohort_shared::spec::{FlagValue, JobSpec, MegatronSpec, SwiftVersion, Workload};
+use tempfile::TempDir;
+
+const V3_JOB: &str = include_str!("fixtures/jobs/qwen3-8b-sft-2node.yaml");
+const V4_JOB: &str = include_str!("fixtures/jobs/qwen3-8b-sft-2node-v4.yaml");
+
+fn touch(path: &Path) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, b"x").unwrap();
+}
+
+fn tracker(dir: &Path, text: &str) {
+    fs::create_dir_all(dir).unwrap();
+    fs::write(dir.join(TRACKER_FILE), text).unwrap();
+}
+
+fn iter_name(iteration: u64) -> String {
+    format!("iter_{iteration:07}")
+}
+
+/// A finished torch_dist checkpoint: shards, `.metadata`, `common.pt`, `metadata.json`.
+fn torch_dist(dir: &Path, iteration: u64) {
+    let iter = dir.join(iter_name(iteration));
+    for file in ["__0_0.distcp", "__1_0.distcp", ".metadata", "common.pt", "metadata.json"] {
+        touch(&iter.join(file));
+    }
+}
+
+/// What a save interrupted before rank 0 finalised looks like: shards and common.pt only.
+fn half_written(dir: &Path, iteration: u64) {
+    let iter = dir.join(iter_name(iteration));
+    for file in ["__0_0.distcp", "common.pt"] {
+        touch(&iter.join(file));
+    }
+}
+
+/// ms-swift 4.x `checkpoint-N`, torch_dist inside, with or without its tracker.
+fn swift_checkpoint(run: &Path, iteration: u64, with_tracker: bool) -> PathBuf {
+    let dir = run.join(format!("checkpoint-{iteration}"));
+    torch_dist(&dir, iteration);
+    touch(&dir.join("args.json"));
+    if with_tracker {
+        tracker(&dir, &iteration.to_string());
+    }
+    dir
+}
+
+fn latest(dir: &Path) -> Checkpoint {
+    latest_complete(dir).unwrap().expect("a complete checkpoint")
+}
+
+#[test]
+fn v3_flat_layout_takes_the_tracked_iteration() {
+    let save = TempDir::new().unwrap();
+    torch_dist(save.path(), 50);
+    torch_dist(save.path(), 100);
+    tracker(save.path(), "100\n");
+    let ckpt = latest(save.path());
+    assert_eq!(ckpt.iteration, 100);
+    assert_eq!(ckpt.path, save.path());
+    assert_eq!(ckpt.run_dir, save.path());
+    assert_eq!(ckpt.layout, CheckpointLayout::MegatronIter);
+}
+
+#[test]
+fn v3_run_dir_is_found_under_the_save_dir() {
+    let save = TempDir::new().unwrap();
+    let run = save.path().join("v0-20260822-101500");
+    torch_dist(&run, 50);
+    tracker(&run, "50");
+    let ckpt = latest(save.path());
+    assert_eq!((ckpt.iteration, &ckpt.path, &ckpt.run_dir), (50, &run, &run));
+}
+
+#[test]
+fn a_half_written_tracked_iteration_falls_back_to_the_previous_one() {
+    let save = TempDir::new().unwrap();
+    torch_dist(save.path(), 50);
+    half_written(save.path(), 100);
+    tracker(save.path(), "100");
+    assert_eq!(latest(save.path()).iteration, 50);
+}
+
+#[test]
+fn an_iteration_newer_than_the_tracker_is_still_being_written() {
+    let save = TempDir::new().unwrap();
+    torch_dist(save.path(), 50);
+    torch_dist(save.path(), 100);
+    tracker(save.path(), "50");
+    assert_eq!(latest(save.path()).iteration, 50);
+}
+
+#[test]
+fn a_tracker_naming_a_missing_dir_or_garbage_is_ignored() {
+    let save = TempDir::new().unwrap();
+    tracker(save.path(), "100");
+    assert_eq!(latest_complete(save.path()).unwrap(), None);
+    tracker(save.path(), "");
+    torch_dist(save.path(), 100);
+    assert_eq!(latest_complete(save.path()).unwrap(), None);
+}
+
+#[test]
+fn v4_checkpoint_without_tracker_is_skipped() {
+    let output = TempDir::new().unwrap();
+    let run = output.path().join("v0-20260822-101500");
+    let done = swift_checkpoint(&run, 200, true);
+    swift_checkpoint(&run, 400, false);
+    let ckpt = latest(output.path());
+    assert_eq!(ckpt.iteration, 200);
+    assert_eq!(ckpt.path, done);
+    assert!(ckpt.path.ends_with("v0-20260822-101500/checkpoint-200"));
+    assert_eq!(ckpt.run_dir, run);
+    assert_eq!(ckpt.layout, CheckpointLayout::SwiftCheckpointN);
+}
+
+#[test]
+fn v4_checkpoint_with_only_common_pt_is_complete() {
+    // --no_save_optim true with safetensors: iter_* holds only common.pt.
+    let output = TempDir::new().unwrap();
+    let ckpt_dir = output.path().join("checkpoint-300");
+    touch(&ckpt_dir.join(iter_name(300)).join("common.pt"));
+    tracker(&ckpt_dir, "300");
+    touch(&ckpt_dir.join("model-00001-of-00002.safetensors"));
+    fs::write(
+        ckpt_dir.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    // The second safetensors shard is still being written.
+    assert_eq!(latest_complete(output.path()).unwrap(), None);
+    touch(&ckpt_dir.join("model-00002-of-00002.safetensors"));
+    let ckpt = latest(output.path());
+    assert_eq!((ckpt.iteration, &ckpt.path), (300, &ckpt_dir));
+    assert_eq!(ckpt.run_dir, output.path());
+}
+
+#[test]
+fn the_newest_run_wins_even_with_a_lower_iteration() {
+    let output = TempDir::new().unwrap();
+    swift_checkpoint(&output.path().join("v0-20260822-101500"), 400, true);
+    let newest = output.path().join("v1-20260822-120000");
+    swift_checkpoint(&newest, 100, true);
+    let ckpt = latest(output.path());
+    assert_eq!((ckpt.iteration, &ckpt.run_dir), (100, &newest));
+}
+
+#[test]
+fn runs_sort_by_version_number_not_text() {
+    let output = TempDir::new().unwrap();
+    swift_checkpoint(&output.path().join("v9-20260822-101500"), 900, true);
+    let v10 = output.path().join("v10-20260822-091500");
+    swift_checkpoint(&v10, 100, true);
+    assert_eq!(latest(output.path()).run_dir, v10);
+}
+
+#[test]
+fn a_newest_run_without_checkpoints_falls_back_to_the_older_run() {
+    let output = TempDir::new().unwrap();
+    let older = output.path().join("v0-20260822-101500");
+    swift_checkpoint(&older, 200, true);
+    let newest = output.path().join("v1-20260822-120000");
+    swift_checkpoint(&newest, 50, false);
+    touch(&newest.join("args.json"));
+    let ckpt = latest(output.path());
+    assert_eq!((ckpt.iteration, &ckpt.run_dir), (200, &older));
+}
+
+#[test]
+fn legacy_mp_rank_checkpoints_need_every_rank_file() {
+    let save = TempDir::new().unwrap();
+    let iter = save.path().join(iter_name(10));
+    touch(&iter.join("mp_rank_00").join("model_optim_rng.pt"));
+    fs::create_dir_all(iter.join("mp_rank_01")).unwrap();
+    tracker(save.path(), "10");
+    assert_eq!(latest_complete(save.path()).unwrap(), None);
+    touch(&iter.join("mp_rank_01").join("model_optim_rng.pt"));
+    assert_eq!(latest(save.path()).iteration, 10);
+}
+
+#[test]
+fn release_tracker_is_iteration_zero_in_the_release_dir() {
+    let save = TempDir::new().unwrap();
+    tracker(save.path(), "release");
+    assert_eq!(latest_complete(save.path()).unwrap(), None);
+    touch(&save.path().join("release").join("common.pt"));
+    touch(&save.path().join("release").join("metadata.json"));
+    assert_eq!(latest(save.path()).iteration, 0);
+}
+
+#[test]
+fn empty_dir_has_no_checkpoint() {
+    let save = TempDir::new().unwrap();
+    fs::create_dir_all(save.path().join("v0-20260822-101500").join("runs")).unwrap();
+    assert_eq!(latest_complete(save.path()).unwrap(), None);
+}
+
+#[test]
+fn missing_dir_is_an_error_naming_it() {
+    let root = TempDir::new().unwrap();
+    let missing = root.path().join("megatron_output").join("Qwen3-8B-sft");
+    let error = latest_complete(&missing).unwrap_err();
+    assert!(matches!(error, CheckpointError::Missing { .. }));
+    let message = error.to_string();
+    assert!(message.contains(&missing.display().to_string()), "{message}");
+    let file = root.path().join("not-a-dir");
+    touch(&file);
+    assert!(matches!(latest_complete(&file), Err(CheckpointError::NotADirectory { .. })));
+}
+
+fn checkpoint(path: &str, layout: CheckpointLayout) -> Checkpoint {
+    Checkpoint { iteration: 200, path: PathBuf::from(path), layout, run_dir: PathBuf::from("/out/v0") }
+}
+
+fn pairs(flags: &[(&str, &str)]) -> Vec<(String, String)> {
+    flags.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+#[test]
+fn resume_flags_follow_the_dialect() {
+    let v3 = checkpoint("/out/v0-20260822-101500", CheckpointLayout::MegatronIter);
+    assert_eq!(
+        resume_flags(SwiftVersion::V3, &v3),
+        pairs(&[("load", "/out/v0-20260822-101500"), ("finetune", "false")])
+    );
+    let v4 = checkpoint("/out/v0-20260822-101500/checkpoint-200", CheckpointLayout::SwiftCheckpointN);
+    assert_eq!(
+        resume_flags(SwiftVersion::V4, &v4),
+        pairs(&[("mcore_model", "/out/v0-20260822-101500/checkpoint-200"), ("finetune", "false")])
+    );
+}
+
+fn megatron_of(text: &str) -> MegatronSpec {
+    let job = match JobSpec::from_yaml(text, "job.yaml") {
+        Ok(job) => job,
+        Err(errors) => panic!("{errors}"),
+    };
+    match job.workload {
+        Workload::MegatronSft(megatron) => megatron,
+        Workload::Command(_) => panic!("not a megatron-sft job"),
+    }
+}
+
+/// The value after `--key` in an argv, and where `--key` is.
+fn flag_at(argv: &[String], key: &str) -> (usize, String) {
+    let at = argv.iter().position(|arg| arg == &format!("--{key}")).unwrap();
+    (at, argv[at + 1].clone())
+}
+
+#[test]
+fn apply_resume_replaces_load_and_finetune_in_place_for_v3() {
+    let spec = megatron_of(V3_JOB);
+    let ckpt = checkpoint("/mnt/shared/megatron_output/Qwen3-8B-sft", CheckpointLayout::MegatronIter);
+    let resumed = apply_resume(&spec, &ckpt);
+    let (before, after) = (spec.render_args(), resumed.render_args());
+    assert_eq!(before.len(), after.len());
+    assert_eq!(flag_at(&before, "load"), (2, "Qwen3-8B-mcore".to_owned()));
+    assert_eq!(flag_at(&after, "load"), (2, "/mnt/shared/megatron_output/Qwen3-8B-sft".to_owned()));
+    let (finetune_at, value) = flag_at(&after, "finetune");
+    assert_eq!((finetune_at, value.as_str()), (flag_at(&before, "finetune").0, "false"));
+    // Nothing else moved or changed.
+    let differing: Vec<usize> = (0..before.len()).filter(|&i| before[i] != after[i]).collect();
+    assert_eq!(differing, [3, finetune_at + 1]);
+    assert_eq!(resumed.flags.keys().collect::<Vec<_>>(), spec.flags.keys().collect::<Vec<_>>());
+}
+
+#[test]
+fn apply_resume_adds_mcore_model_and_keeps_model_for_v4() {
+    let spec = megatron_of(V4_JOB);
+    assert_eq!(spec.swift_version, SwiftVersion::V4);
+    let ckpt =
+        checkpoint("/mnt/shared/megatron_output/Qwen3-8B-sft/v0/checkpoint-200", CheckpointLayout::SwiftCheckpointN);
+    let resumed = apply_resume(&spec, &ckpt);
+    let argv = resumed.render_args();
+    assert_eq!(flag_at(&argv, "model"), (2, "Qwen/Qwen3-8B".to_owned()));
+    assert_eq!(flag_at(&argv, "finetune"), (flag_at(&spec.render_args(), "finetune").0, "false".to_owned()));
+    // Appended after the job's own flags, before extra_args.
+    assert_eq!(
+        resumed.flags.last(),
+        Some((&"mcore_model".to_owned(), &FlagValue::Scalar(ckpt.path.display().to_string())))
+    );
+
+    // A second resume replaces the first checkpoint rather than adding another flag.
+    let later =
+        checkpoint("/mnt/shared/megatron_output/Qwen3-8B-sft/v1/checkpoint-400", CheckpointLayout::SwiftCheckpointN);
+    let again = apply_resume(&resumed, &later);
+    assert_eq!(again.flags.len(), resumed.flags.len());
+    assert_eq!(again.scalar("mcore_model"), Some("/mnt/shared/megatron_output/Qwen3-8B-sft/v1/checkpoint-400"));
+}
+
+#[test]
+fn apply_resume_drops_conflicting_extra_args() {
+    let mut spec = MegatronSpec::new(SwiftVersion::V3);
+    spec.flags.insert("load".into(), FlagValue::Scalar("base".into()));
+    spec.extra_args = ["--seed", "7", "--finetune", "true", "--load=other", "--no-load-optim", "--finetune"]
+        .map(String::from)
+        .to_vec();
+    let resumed = apply_resume(&spec, &checkpoint("/ckpt", CheckpointLayout::MegatronIter));
+    assert_eq!(
+        resumed.render_args(),
+        ["megatron", "sft", "--load", "/ckpt", "--finetune", "false", "--seed", "7", "--no-load-optim"]
+    );
+}

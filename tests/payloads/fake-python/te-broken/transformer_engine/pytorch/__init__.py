@@ -1,0 +1,1 @@
+raise AttributeError("module 'transformer_engine' has no attribute 'pytorch'")
