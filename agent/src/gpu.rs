@@ -32,6 +32,7 @@ impl GpuInventory for FakeInventory {
                 name: "fake GPU (--fake-gpus)".into(),
                 memory_total_bytes: 80 << 30,
                 fake: true,
+                ..GpuInfo::default()
             })
             .collect()
     }
@@ -85,6 +86,7 @@ fn read_devices(nvml: &Nvml) -> Result<Vec<GpuInfo>, NvmlError> {
             name: device.name()?,
             memory_total_bytes: device.memory_info()?.total,
             fake: false,
+            ..GpuInfo::default()
         });
     }
     Ok(gpus)

@@ -126,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         agent_version: env!("CARGO_PKG_VERSION").into(),
         gpu_note: inventory.note(),
         node_env,
+        fence_after_ms: 0,
     };
 
     let (out_tx, out_rx) = tokio::sync::mpsc::channel(8192);

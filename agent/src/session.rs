@@ -126,18 +126,18 @@ async fn session(
             _ = heartbeat.tick() => {
                 seq += 1;
                 let running = supervisor.report(false).await;
-                send(Msg::Heartbeat(Heartbeat { seq, sent_unix_ms: now_unix_ms(), running })).await?;
+                send(Msg::Heartbeat(Heartbeat { seq, sent_unix_ms: now_unix_ms(), running, gpus: Vec::new() })).await?;
             }
             _ = flush.tick() => {
                 for ((job_id, attempt), lines) in pending.drain() {
-                    send(Msg::Logs(LogBatch { job_id, attempt, lines })).await?;
+                    send(Msg::Logs(LogBatch { job_id, attempt, lines, fetch_command_id: 0 })).await?;
                 }
             }
             item = outbound.recv() => match item {
                 Some(Outbound::Metrics { job_id, attempt, point }) => {
                     // Metrics follow the lines they were parsed from.
                     if let Some(lines) = pending.remove(&(job_id.clone(), attempt)) {
-                        send(Msg::Logs(LogBatch { job_id: job_id.clone(), attempt, lines })).await?;
+                        send(Msg::Logs(LogBatch { job_id: job_id.clone(), attempt, lines, fetch_command_id: 0 })).await?;
                     }
                     send(Msg::Metrics(MetricsBatch { job_id, attempt, points: vec![point] })).await?;
                 }
@@ -146,7 +146,7 @@ async fn session(
                     batch.push(line);
                     if batch.len() >= MAX_BATCH {
                         let lines = std::mem::take(batch);
-                        send(Msg::Logs(LogBatch { job_id, attempt, lines })).await?;
+                        send(Msg::Logs(LogBatch { job_id, attempt, lines, fetch_command_id: 0 })).await?;
                     }
                 }
                 Some(Outbound::Message(msg)) => {
@@ -154,7 +154,7 @@ async fn session(
                     if let Some(Msg::ProcessEvent(ev)) = &msg.msg
                         && let Some(lines) = pending.remove(&(ev.job_id.clone(), ev.attempt))
                     {
-                        send(Msg::Logs(LogBatch { job_id: ev.job_id.clone(), attempt: ev.attempt, lines })).await?;
+                        send(Msg::Logs(LogBatch { job_id: ev.job_id.clone(), attempt: ev.attempt, lines, fetch_command_id: 0 })).await?;
                     }
                     tx.send(msg).await.map_err(|_| SessionError::Closed)?;
                 }
@@ -162,8 +162,9 @@ async fn session(
             },
             message = inbound.message() => match message? {
                 Some(command) => {
-                    let ack = handle(supervisor, preparer, command).await;
-                    send(Msg::Ack(ack)).await?;
+                    if let Some(ack) = handle(supervisor, preparer, command).await {
+                        send(Msg::Ack(ack)).await?;
+                    }
                 }
                 None => return Ok(()),
             },
@@ -173,7 +174,8 @@ async fn session(
 
 /// Carries out one command. Stops run in the background (they wait out a
 /// grace period); launches complete before the acknowledgement.
-async fn handle(supervisor: &Supervisor, preparer: &Preparer, message: ControllerMessage) -> CommandAck {
+/// Returns the acknowledgement to send, if the command wants one.
+async fn handle(supervisor: &Supervisor, preparer: &Preparer, message: ControllerMessage) -> Option<CommandAck> {
     let command_id = message.command_id;
     let result = match message.command {
         Some(Command::Launch(launch)) => {
@@ -212,10 +214,20 @@ async fn handle(supervisor: &Supervisor, preparer: &Preparer, message: Controlle
             tokio::spawn(async move { preparer.find_checkpoint(command_id, find).await });
             Ok(())
         }
+        Some(Command::HeartbeatAck(_)) => return None,
+        Some(Command::ClearGpu(clear)) => {
+            tracing::info!(gpu = clear.index, "GPU cleared by an operator");
+            Ok(())
+        }
+        Some(Command::FetchLogs(fetch)) => {
+            let supervisor = supervisor.clone();
+            tokio::spawn(async move { supervisor.fetch_logs(command_id, fetch).await });
+            Ok(())
+        }
         None => Err("empty command: this agent may be older than the controller".to_string()),
     };
-    match result {
+    Some(match result {
         Ok(()) => CommandAck { command_id, ok: true, error: String::new() },
         Err(error) => CommandAck { command_id, ok: false, error },
-    }
+    })
 }

@@ -11,6 +11,7 @@ use cohort_proto::{
     PlanJobRequest, PlanJobResponse, RegisterRequest, RegisterResponse, ResumeJobRequest, StreamLogsRequest,
     SubmitJobRequest, SubmitJobResponse, TrainingPoint, WatchJobRequest, agent_message::Msg,
 };
+use cohort_proto::{ClearGpuRequest, GetLeaderRequest, LeaderInfo, Node, NodeRequest};
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::StreamExt;
@@ -24,6 +25,20 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[derive(Clone)]
 pub struct Api {
     pub controller: Arc<Controller>,
+    pub controller_id: String,
+    pub advertise_url: String,
+}
+
+impl Api {
+    /// With the embedded store this controller is the only one, so it leads.
+    fn leader_info(&self) -> LeaderInfo {
+        LeaderInfo {
+            controller_id: self.controller_id.clone(),
+            is_leader: true,
+            leader_url: self.advertise_url.clone(),
+            leader_id: self.controller_id.clone(),
+        }
+    }
 }
 
 fn finished(job: &Job) -> bool {
@@ -76,6 +91,7 @@ impl AgentService for Api {
                     Some(Msg::PrepareResult(result)) => controller.prepare_result(&node, result).await,
                     Some(Msg::StageProgress(progress)) => controller.stage_progress(progress).await,
                     Some(Msg::QueryResult(result)) => controller.query_result(result).await,
+                    Some(Msg::GpuEvent(event)) => controller.gpu_event(&node, event).await,
                     Some(Msg::Hello(_)) | None => {
                         tracing::warn!(node = %node, "ignoring an unexpected or empty agent message");
                     }
@@ -173,6 +189,27 @@ impl JobService for Api {
 
     async fn doctor(&self, _: Request<DoctorRequest>) -> Result<Response<DoctorResponse>, Status> {
         Ok(Response::new(DoctorResponse { table: Some(self.controller.doctor().await) }))
+    }
+
+    async fn cordon_node(&self, request: Request<NodeRequest>) -> Result<Response<Node>, Status> {
+        Ok(Response::new(self.controller.set_schedulable(&request.into_inner().node, true, false).await?))
+    }
+
+    async fn drain_node(&self, request: Request<NodeRequest>) -> Result<Response<Node>, Status> {
+        Ok(Response::new(self.controller.set_schedulable(&request.into_inner().node, true, true).await?))
+    }
+
+    async fn uncordon_node(&self, request: Request<NodeRequest>) -> Result<Response<Node>, Status> {
+        Ok(Response::new(self.controller.set_schedulable(&request.into_inner().node, false, false).await?))
+    }
+
+    async fn clear_gpu(&self, request: Request<ClearGpuRequest>) -> Result<Response<Node>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(self.controller.clear_gpu(&req.node, req.gpu_index).await?))
+    }
+
+    async fn get_leader(&self, _: Request<GetLeaderRequest>) -> Result<Response<LeaderInfo>, Status> {
+        Ok(Response::new(self.leader_info()))
     }
 
     type StreamLogsStream = BoxStream<JobLogLine>;

@@ -56,7 +56,11 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
     tracing::info!(listen = %local, data_dir = %config.data_dir.display(), "controller serving");
 
     let reconcile = tokio::spawn(controller.clone().run(shutdown.clone()));
-    let api = api::Api { controller: controller.clone() };
+    let api = api::Api {
+        controller: controller.clone(),
+        controller_id: format!("controller-{}", local.port()),
+        advertise_url: format!("http://{local}"),
+    };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut drain = shutdown.clone();
     let server = tonic::transport::Server::builder()

@@ -29,9 +29,17 @@ fn measure(lines: &[&str], f: impl Fn(&str) -> bool) -> f64 {
 
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
-    println!("metrics parser, one thread, {n} lines per case ({})", if cfg!(debug_assertions) { "debug build: use --release" } else { "release" });
+    println!(
+        "metrics parser, one thread, {n} lines per case ({})",
+        if cfg!(debug_assertions) { "debug build: use --release" } else { "release" }
+    );
     println!("{:<28} {:>14} {:>16} {:>8}", "case", "lines/s", "baseline lines/s", "ratio");
-    for (name, line) in [("Megatron-LM line", MEGATRON), ("ms-swift 3.x line", SWIFT3), ("ms-swift 4.x dict", SWIFT4), ("other output line", OTHER)] {
+    for (name, line) in [
+        ("Megatron-LM line", MEGATRON),
+        ("ms-swift 3.x line", SWIFT3),
+        ("ms-swift 4.x dict", SWIFT4),
+        ("other output line", OTHER),
+    ] {
         assert!(parse_line(line).is_some() == (name != "other output line"), "{name} must parse");
         let lines = vec![line; n];
         // Warm up, then measure each twice and keep the faster.

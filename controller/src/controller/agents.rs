@@ -3,6 +3,22 @@
 
 use super::*;
 
+/// Remembers GPUs the agent reports unhealthy (they stay so until cleared).
+/// Returns whether one became unhealthy now.
+fn record_health(entry: &mut NodeEntry, gpus: &[cohort_proto::GpuTelemetry]) -> bool {
+    let mut changed = false;
+    for t in gpus {
+        if let Some(health) = t.health.as_ref().filter(|h| h.state == cohort_proto::GpuHealthState::Unhealthy as i32)
+            && !entry.unhealthy_gpus.contains_key(&t.index)
+        {
+            tracing::warn!(node = %entry.info.name, gpu = t.index, reasons = ?health.reasons, "GPU unhealthy; no new work goes there");
+            entry.unhealthy_gpus.insert(t.index, health.clone());
+            changed = true;
+        }
+    }
+    changed
+}
+
 impl Controller {
     // --------------------------------------------------------------- agent API
 
@@ -42,6 +58,10 @@ impl Controller {
                         state: NodeState::Ready,
                         reported: req.running.clone(),
                         preflight: None,
+                        cordoned: false,
+                        draining: false,
+                        unhealthy_gpus: HashMap::new(),
+                        telemetry: Vec::new(),
                     },
                 );
                 true
@@ -55,6 +75,7 @@ impl Controller {
         drop(state);
         self.wake.notify_one();
         Ok(cohort_proto::RegisterResponse {
+            controller_id: String::new(),
             session_id,
             heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32,
         })
@@ -166,14 +187,48 @@ impl Controller {
 
     pub async fn heartbeat(&self, node: &str, hb: cohort_proto::Heartbeat) {
         let mut state = self.state.lock().await;
-        if let Some(entry) = state.nodes.get_mut(node) {
-            entry.last_seen = Instant::now();
-            entry.last_seen_unix_ms = now_unix_ms();
-            if entry.state != NodeState::Ready {
-                tracing::info!(node, "node is Ready again");
+        let Some(entry) = state.nodes.get_mut(node) else { return };
+        entry.last_seen = Instant::now();
+        entry.last_seen_unix_ms = now_unix_ms();
+        if entry.state != NodeState::Ready {
+            tracing::info!(node, "node is Ready again");
+        }
+        entry.state = NodeState::Ready;
+        entry.reported = hb.running;
+        let newly_unhealthy = record_health(entry, &hb.gpus);
+        entry.telemetry = hb.gpus;
+        // The acknowledgement is the agent's proof that a controller hears it (fencing).
+        Self::send_command(&mut state, node, Command::HeartbeatAck(cohort_proto::HeartbeatAck { seq: hb.seq }));
+        if newly_unhealthy && let Err(e) = self.persist_node(&mut state, node).await {
+            tracing::error!(node, error = %e, "could not persist GPU health");
+        }
+    }
+
+    /// An XID or ECC event: the GPU's health changes now, not at the next heartbeat.
+    pub async fn gpu_event(&self, node: &str, event: cohort_proto::GpuEvent) {
+        let mut state = self.state.lock().await;
+        let Some(entry) = state.nodes.get_mut(node) else { return };
+        tracing::warn!(node, gpu = event.index, kind = %event.kind, xid = event.xid, detail = %event.detail, "GPU event");
+        let mut changed = false;
+        if let Some(health) = &event.health {
+            if let Some(t) = entry.telemetry.iter_mut().find(|t| t.index == event.index) {
+                t.health = Some(health.clone());
+            } else {
+                entry.telemetry.push(cohort_proto::GpuTelemetry {
+                    index: event.index,
+                    uuid: event.uuid.clone(),
+                    health: Some(health.clone()),
+                    ..Default::default()
+                });
             }
-            entry.state = NodeState::Ready;
-            entry.reported = hb.running;
+            changed = record_health(entry, &entry.telemetry.clone());
+        }
+        if changed {
+            if let Err(e) = self.persist_node(&mut state, node).await {
+                tracing::error!(node, error = %e, "could not persist GPU health");
+            }
+            drop(state);
+            self.wake.notify_one();
         }
     }
 

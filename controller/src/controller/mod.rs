@@ -97,6 +97,13 @@ struct NodeEntry {
     reported: Vec<RunningLaunch>,
     /// The agent's start-up preflight report.
     preflight: Option<PreflightReport>,
+    /// No new work (cordon, drain); persisted.
+    cordoned: bool,
+    draining: bool,
+    /// GPUs the health policy marked unhealthy, until an operator clears them; persisted.
+    unhealthy_gpus: HashMap<u32, cohort_proto::GpuHealth>,
+    /// The newest telemetry of each GPU (memory only).
+    telemetry: Vec<cohort_proto::GpuTelemetry>,
 }
 
 impl JobEntry {
@@ -224,6 +231,10 @@ impl Controller {
                     state: NodeState::Disconnected,
                     reported: Vec::new(),
                     preflight: None,
+                    cordoned: record.cordoned,
+                    draining: record.draining,
+                    unhealthy_gpus: record.unhealthy_gpus.into_iter().collect(),
+                    telemetry: Vec::new(),
                 },
             );
         }
@@ -438,9 +449,57 @@ impl Controller {
                     jobs,
                     registered_unix_ms: n.registered_unix_ms,
                     preflight: n.preflight.clone(),
+                    telemetry: n.telemetry.clone(),
+                    cordoned: n.cordoned,
+                    draining: n.draining,
+                    fence_deadline_unix_ms: 0,
                 }
             })
             .collect()
+    }
+
+    /// Cordon (no new work), drain (cordon, Draining until its jobs end) or uncordon a node.
+    pub async fn set_schedulable(&self, node: &str, cordon: bool, drain: bool) -> Result<Node, ControllerError> {
+        let mut state = self.state.lock().await;
+        let entry = state.nodes.get_mut(node).ok_or_else(|| {
+            ControllerError::InvalidRequest(format!("no node {node:?}: `cohort nodes` lists the known nodes"))
+        })?;
+        entry.cordoned = cordon;
+        entry.draining = drain;
+        tracing::info!(node, cordon, drain, "node scheduling changed");
+        self.persist_node(&mut state, node).await?;
+        drop(state);
+        self.wake.notify_one();
+        self.node(node).await
+    }
+
+    /// Declares a GPU healthy again: forgotten by the controller, reset on the agent.
+    pub async fn clear_gpu(&self, node: &str, index: u32) -> Result<Node, ControllerError> {
+        let mut state = self.state.lock().await;
+        let entry = state.nodes.get_mut(node).ok_or_else(|| {
+            ControllerError::InvalidRequest(format!("no node {node:?}: `cohort nodes` lists the known nodes"))
+        })?;
+        if !entry.info.gpus.iter().any(|g| g.index == index) {
+            return Err(ControllerError::InvalidRequest(format!("node {node} has no GPU {index}")));
+        }
+        entry.unhealthy_gpus.remove(&index);
+        for t in entry.telemetry.iter_mut().filter(|t| t.index == index) {
+            t.health = None;
+        }
+        tracing::info!(node, gpu = index, "GPU cleared by an operator");
+        self.persist_node(&mut state, node).await?;
+        Self::send_command(&mut state, node, Command::ClearGpu(cohort_proto::ClearGpuCommand { index }));
+        drop(state);
+        self.wake.notify_one();
+        self.node(node).await
+    }
+
+    async fn node(&self, name: &str) -> Result<Node, ControllerError> {
+        self.nodes()
+            .await
+            .into_iter()
+            .find(|n| n.info.as_ref().is_some_and(|i| i.name == name))
+            .ok_or_else(|| ControllerError::InvalidRequest(format!("no node {name:?}")))
     }
 
     // ------------------------------------------------------------ persistence
@@ -456,7 +515,13 @@ impl Controller {
 
     async fn persist_node(&self, state: &mut State, name: &str) -> Result<(), ControllerError> {
         let Some(node) = state.nodes.get_mut(name) else { return Ok(()) };
-        let record = NodeRecord { info: Some(node.info.clone()), registered_unix_ms: node.registered_unix_ms };
+        let record = NodeRecord {
+            info: Some(node.info.clone()),
+            registered_unix_ms: node.registered_unix_ms,
+            cordoned: node.cordoned,
+            draining: node.draining,
+            unhealthy_gpus: node.unhealthy_gpus.clone().into_iter().collect(),
+        };
         let expect = node.revision.map(Expect::Revision).unwrap_or(Expect::Absent);
         let revision = self.store.put(&format!("nodes/{name}"), record.encode_to_vec(), expect).await?;
         node.revision = Some(revision);

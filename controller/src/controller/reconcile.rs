@@ -94,10 +94,18 @@ impl Controller {
             .values()
             .map(|n| {
                 let taken = used.get(n.info.name.as_str());
-                let free_gpus: Vec<u32> =
-                    n.info.gpus.iter().map(|g| g.index).filter(|i| taken.is_none_or(|t| !t.contains(i))).collect();
+                // Unhealthy GPUs are never granted.
+                let free_gpus: Vec<u32> = n
+                    .info
+                    .gpus
+                    .iter()
+                    .map(|g| g.index)
+                    .filter(|i| taken.is_none_or(|t| !t.contains(i)) && !n.unhealthy_gpus.contains_key(i))
+                    .collect();
                 let unavailable = match (n.state, &n.session) {
-                    (NodeState::Ready, Some(_)) => None,
+                    _ if n.draining => Some("draining".to_string()),
+                    _ if n.cordoned => Some("cordoned".to_string()),
+                    (NodeState::Ready | NodeState::Suspect, Some(_)) => None,
                     (NodeState::Lost, _) => Some("lost".to_string()),
                     _ => Some("not connected".to_string()),
                 };
