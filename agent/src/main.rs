@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::Parser;
 use cohort_agent::prepare::Preparer;
 use cohort_agent::stage::Stager;
-use cohort_agent::{gpu, session, supervisor::Supervisor};
+use cohort_agent::supervisor::{self, Supervisor};
+use cohort_agent::{gpu, session};
 use cohort_proto::{EnvVar, NodeInfo};
 
 /// Registers this node with the controller, reports its GPUs, and starts,
@@ -17,9 +18,14 @@ use cohort_proto::{EnvVar, NodeInfo};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// The controller's gRPC address, e.g. http://10.0.0.1:7070.
-    #[arg(long, env = "COHORT_CONTROLLER", default_value = "http://127.0.0.1:7070")]
-    controller: String,
+    /// The controllers' gRPC addresses, comma-separated, e.g.
+    /// http://10.0.0.1:7070,http://10.0.0.2:7070; the agent finds the leader.
+    #[arg(long, env = "COHORT_CONTROLLER", default_value = "http://127.0.0.1:7070", value_delimiter = ',')]
+    controller: Vec<String>,
+    /// Stop every rank after this long without reaching any controller
+    /// (fencing: the controller may already run the job elsewhere).
+    #[arg(long, env = "COHORT_FENCE_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
+    fence_after: Duration,
     /// This node's name (default: the host name).
     #[arg(long, env = "COHORT_NODE_NAME")]
     node_name: Option<String>,
@@ -36,6 +42,18 @@ struct Args {
     /// Offer N fake GPU slots instead of reading NVML (development machines without GPUs).
     #[arg(long, env = "COHORT_FAKE_GPUS")]
     fake_gpus: Option<u32>,
+    /// Fake GPUs in NVLink islands of these sizes, e.g. 4,4 (8 GPUs, 0-3 and 4-7),
+    /// for planner tests; implies --fake-gpus.
+    #[arg(long, env = "COHORT_FAKE_GPU_ISLANDS", value_delimiter = ',')]
+    fake_gpu_islands: Option<Vec<u32>>,
+    /// Test hook for alerting: follow FILE and turn lines such as `xid 1 79`,
+    /// `ecc-dbe 0`, `ecc-sbe 0` or `throttle 2 HW_SLOWDOWN` into the events and
+    /// readings NVML would give (fake GPUs only; see agent/HEALTH.md).
+    #[arg(long, env = "COHORT_FAKE_GPU_EVENTS")]
+    fake_gpu_events: Option<PathBuf>,
+    /// How often GPU telemetry is read; heartbeats carry the latest reading.
+    #[arg(long, env = "COHORT_TELEMETRY_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    telemetry_interval: Duration,
     /// Offer only these GPU indices, e.g. 0,1 (several agents sharing one host).
     #[arg(long, env = "COHORT_GPU_INDICES", value_delimiter = ',')]
     gpu_indices: Option<Vec<u32>>,
@@ -60,6 +78,10 @@ struct Args {
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     max_backoff: Duration,
+    /// On SIGTERM, leave the ranks running (their shims keep them) for the
+    /// next agent to adopt: for upgrades under a unit with KillMode=process.
+    #[arg(long, env = "COHORT_KEEP_RANKS_ON_EXIT")]
+    keep_ranks_on_exit: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -77,8 +99,16 @@ fn parse_labels(text: &str) -> Result<Labels, String> {
     Ok(Labels(labels))
 }
 
+fn main() -> anyhow::Result<()> {
+    // `cohort-agent shim ...` runs one rank for the agent: no worker threads, no logging setup.
+    if supervisor::shim::invoked() {
+        std::process::exit(supervisor::shim::main());
+    }
+    agent()
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn agent() -> anyhow::Result<()> {
     cohort_shared::telemetry::init("info");
     let args = Args::parse();
     let name = match args.node_name {
@@ -91,22 +121,20 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("creating --work-dir {}", args.work_dir.display()))?;
 
-    let inventory = gpu::detect(args.fake_gpus);
-    let mut gpus = inventory.gpus();
-    if let Some(keep) = &args.gpu_indices {
-        if let Some(missing) = keep.iter().find(|i| !gpus.iter().any(|g| g.index == **i)) {
-            anyhow::bail!(
-                "--gpu-indices names GPU {missing}, but this node has {} GPU(s) ({})",
-                gpus.len(),
-                inventory.note()
-            );
-        }
-        gpus.retain(|g| keep.contains(&g.index));
-    }
+    let fake = gpu::FakeGpuFlags {
+        count: args.fake_gpus,
+        islands: args.fake_gpu_islands.clone(),
+        events_file: args.fake_gpu_events.clone(),
+    };
+    let backend = gpu::open_backend(fake).map_err(anyhow::Error::msg)?;
+    let (gpu_events_tx, mut gpu_events) = tokio::sync::mpsc::channel(1024);
+    let gpu_config = gpu::MonitorConfig { interval: args.telemetry_interval, keep: args.gpu_indices.clone() };
+    let gpu_monitor = gpu::GpuMonitor::start(backend, gpu_config, gpu_events_tx).await?;
+    let gpus = gpu_monitor.gpus().to_vec();
     if gpus.is_empty() {
-        tracing::warn!(note = %inventory.note(), "this node offers no GPUs");
+        tracing::warn!(note = %gpu_monitor.note(), "this node offers no GPUs");
     } else {
-        tracing::info!(count = gpus.len(), note = %inventory.note(), "GPU inventory");
+        tracing::info!(count = gpus.len(), note = %gpu_monitor.note(), "GPU inventory");
     }
     let mut node_env = Vec::new();
     let mut add = |name: &str, value: &Option<String>| {
@@ -124,13 +152,26 @@ async fn main() -> anyhow::Result<()> {
         labels: args.labels.0,
         gpus,
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        gpu_note: inventory.note(),
+        gpu_note: gpu_monitor.note().to_string(),
         node_env,
-        fence_after_ms: 0,
+        fence_after_ms: args.fence_after.as_millis() as u32,
     };
 
     let (out_tx, out_rx) = tokio::sync::mpsc::channel(8192);
+    // GPU events go up at once, on the session's outbound queue.
+    let gpu_out = out_tx.clone();
+    tokio::spawn(async move {
+        while let Some(event) = gpu_events.recv().await {
+            let msg = cohort_proto::AgentMessage { msg: Some(cohort_proto::agent_message::Msg::GpuEvent(event)) };
+            if gpu_out.send(supervisor::Outbound::Message(msg)).await.is_err() {
+                return;
+            }
+        }
+    });
     let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone());
+    // Before registering, so that the controller hears what survived the last agent.
+    let recovery = supervisor.recover().await;
+    tracing::info!(?recovery, "launch state recovered");
     let cache_dir = args.cache_dir.clone().unwrap_or_else(|| args.work_dir.join("cache"));
     let preparer = Preparer {
         node_name: name.clone(),
@@ -141,16 +182,34 @@ async fn main() -> anyhow::Result<()> {
         report: tokio::sync::watch::channel(None).0,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let config = session::SessionConfig { controller_url: args.controller, node, max_backoff: args.max_backoff };
+    let urls: Vec<String> = args.controller.iter().map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+    if urls.is_empty() {
+        anyhow::bail!("--controller names no URL");
+    }
+    let config = session::SessionConfig {
+        controller_urls: urls,
+        node,
+        max_backoff: args.max_backoff,
+        fence_after: args.fence_after,
+        gpus: gpu_monitor,
+    };
+    let liveness = session::Liveness::new();
+    tokio::spawn(session::fence(liveness.clone(), args.fence_after, supervisor.clone(), stop_rx.clone()));
     let probe = preparer.clone();
     tokio::spawn(async move { probe.probe_at_startup().await });
-    let session = tokio::spawn(session::run(config, supervisor.clone(), preparer, out_rx, stop_rx));
+    let session = tokio::spawn(session::run(config, supervisor.clone(), preparer, liveness, out_rx, stop_rx));
     tracing::info!(node = %name, "agent started");
 
     wait_for_signal().await;
     let _ = stop_tx.send(true);
-    tracing::info!("stopping every process this agent supervises");
-    supervisor.stop_all().await;
+    // A SIGTERM'd agent stops its ranks: `systemctl stop` means drain the node.
+    // Only a crash or kill -9 (or --keep-ranks-on-exit, for an upgrade) leaves them to the next agent.
+    if args.keep_ranks_on_exit {
+        tracing::info!("leaving every process running for the next agent (--keep-ranks-on-exit)");
+    } else {
+        tracing::info!("stopping every process this agent supervises");
+        supervisor.stop_all().await;
+    }
     let _ = session.await;
     tracing::info!("agent stopped");
     Ok(())

@@ -1,7 +1,11 @@
 //! The agent's connection to the controller: register, then one stream with
 //! heartbeats, process events and logs going up and commands coming down.
-//! A broken stream is re-dialled with capped exponential backoff; running
-//! processes are not touched by a disconnect.
+//! A broken stream is re-dialled with capped exponential backoff, trying each
+//! controller of the list and following a standby's pointer to the leader;
+//! running processes are not touched by a disconnect. But an agent that has
+//! not heard a controller acknowledge a heartbeat for `fence_after` stops its
+//! ranks (fencing): by then the controller has called the node lost and may
+//! run the job elsewhere, and two attempts of a job must never run at once.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -33,19 +37,77 @@ pub enum SessionError {
     Rpc(#[from] tonic::Status),
     #[error("the stream to the controller closed")]
     Closed,
+    #[error("no heartbeat acknowledged for {0:?}")]
+    Silent(Duration),
 }
 
 pub struct SessionConfig {
-    pub controller_url: String,
+    /// Every controller's URL; any of them leads or points at the leader.
+    pub controller_urls: Vec<String>,
     pub node: NodeInfo,
     pub max_backoff: Duration,
+    /// Stop the ranks after this long without an acknowledged heartbeat.
+    pub fence_after: Duration,
+    /// The node's GPUs: heartbeats carry their latest telemetry, ClearGpu resets their health.
+    pub gpus: crate::gpu::GpuMonitor,
 }
 
-/// Keeps a session to the controller open until `shutdown` fires.
+/// When a controller last acknowledged this agent, shared by the session and the fence.
+#[derive(Clone)]
+pub struct Liveness(std::sync::Arc<std::sync::Mutex<tokio::time::Instant>>);
+
+impl Liveness {
+    pub fn new() -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())))
+    }
+    fn touch(&self) {
+        if let Ok(mut t) = self.0.lock() {
+            *t = tokio::time::Instant::now();
+        }
+    }
+    fn since(&self) -> Duration {
+        self.0.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Stops every rank once no controller has acknowledged a heartbeat for
+/// `fence_after`; runs until `shutdown`.
+pub async fn fence(
+    liveness: Liveness,
+    fence_after: Duration,
+    supervisor: Supervisor,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let silent = liveness.since();
+        if silent >= fence_after && !supervisor.report(false).await.is_empty() {
+            tracing::error!(
+                silent = ?silent,
+                fence_after = ?fence_after,
+                "no controller reachable: fencing, stopping every rank so that no second attempt overlaps"
+            );
+            supervisor.stop_all().await;
+        }
+    }
+}
+
+/// Keeps a session to a controller open until `shutdown` fires.
 pub async fn run(
     config: SessionConfig,
     supervisor: Supervisor,
     preparer: Preparer,
+    liveness: Liveness,
     mut outbound: mpsc::Receiver<Outbound>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -58,16 +120,36 @@ pub async fn run(
             .build()
     };
     let mut delays = backoff();
+    let mut next = 0usize;
+    let mut redirect: Option<String> = None;
     loop {
+        let url =
+            redirect.take().unwrap_or_else(|| config.controller_urls[next % config.controller_urls.len()].clone());
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
-            r = session(&config, &supervisor, &preparer, &mut outbound) => r,
+            r = session(&config, &url, &supervisor, &preparer, &liveness, &mut outbound) => r,
             _ = shutdown.changed() => return,
         };
         match result {
-            Ok(()) => tracing::warn!("controller ended the session; reconnecting"),
-            Err(e) => tracing::warn!(error = %e, "session to the controller failed; ranks keep running, reconnecting"),
+            Ok(()) => tracing::warn!(controller = %url, "controller ended the session; reconnecting"),
+            Err(SessionError::Rpc(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                // A standby names the leader: go there at once.
+                match leader_hint(status.message()) {
+                    Some(leader) if leader != url => {
+                        tracing::info!(standby = %url, leader = %leader, "redirected to the leader");
+                        redirect = Some(leader);
+                        continue;
+                    }
+                    _ => {
+                        tracing::warn!(controller = %url, error = %status.message(), "controller is not leading; trying the next")
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(controller = %url, error = %e, "session to the controller failed; ranks keep running, reconnecting")
+            }
         }
+        next += 1;
         if started.elapsed() > Duration::from_secs(30) {
             delays = backoff();
         }
@@ -77,6 +159,11 @@ pub async fn run(
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// A standby's refusal ends with "leader: <url>" when it knows the leader.
+fn leader_hint(message: &str) -> Option<String> {
+    message.rsplit_once("leader: ").map(|(_, url)| url.trim().to_string()).filter(|u| !u.is_empty())
 }
 
 async fn connect(url: &str) -> Result<Channel, SessionError> {
@@ -93,12 +180,13 @@ async fn connect(url: &str) -> Result<Channel, SessionError> {
 
 async fn session(
     config: &SessionConfig,
+    url: &str,
     supervisor: &Supervisor,
     preparer: &Preparer,
+    liveness: &Liveness,
     outbound: &mut mpsc::Receiver<Outbound>,
 ) -> Result<(), SessionError> {
-    let mut client =
-        AgentServiceClient::new(connect(&config.controller_url).await?).max_decoding_message_size(16 << 20);
+    let mut client = AgentServiceClient::new(connect(url).await?).max_decoding_message_size(16 << 20);
     let running = supervisor.report(true).await;
     let registered = client.register(RegisterRequest { node: Some(config.node.clone()), running }).await?.into_inner();
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
@@ -106,7 +194,8 @@ async fn session(
     let hello = Hello { node_name: config.node.name.clone(), session_id: registered.session_id };
     tx.send(AgentMessage { msg: Some(Msg::Hello(hello)) }).await.map_err(|_| SessionError::Closed)?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
-    tracing::info!(controller = %config.controller_url, "connected and registered");
+    tracing::info!(controller = %url, "connected and registered");
+    liveness.touch();
     // A controller that restarted has not seen this node's environment yet.
     let report = preparer.report.borrow().clone();
     if let Some(report) = report {
@@ -114,6 +203,10 @@ async fn session(
     }
 
     let mut heartbeat = tokio::time::interval(interval);
+    // A stream that stops acknowledging (a silent partition keeps TCP open) is
+    // abandoned for another controller well before the fence.
+    let silent_limit = (interval * 5).max(Duration::from_secs(3)).min(config.fence_after / 2);
+    let mut last_ack = tokio::time::Instant::now();
     let mut flush = tokio::time::interval(LOG_FLUSH);
     let mut seq = 0u64;
     let mut pending: HashMap<(String, u32), Vec<LogLine>> = HashMap::new();
@@ -124,9 +217,13 @@ async fn session(
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
+                if last_ack.elapsed() > silent_limit {
+                    return Err(SessionError::Silent(last_ack.elapsed()));
+                }
                 seq += 1;
                 let running = supervisor.report(false).await;
-                send(Msg::Heartbeat(Heartbeat { seq, sent_unix_ms: now_unix_ms(), running, gpus: Vec::new() })).await?;
+                let gpus = config.gpus.latest();
+                send(Msg::Heartbeat(Heartbeat { seq, sent_unix_ms: now_unix_ms(), running, gpus })).await?;
             }
             _ = flush.tick() => {
                 for ((job_id, attempt), lines) in pending.drain() {
@@ -161,8 +258,12 @@ async fn session(
                 None => return Ok(()),
             },
             message = inbound.message() => match message? {
+                Some(ControllerMessage { command: Some(Command::HeartbeatAck(_)), .. }) => {
+                    last_ack = tokio::time::Instant::now();
+                    liveness.touch();
+                }
                 Some(command) => {
-                    if let Some(ack) = handle(supervisor, preparer, command).await {
+                    if let Some(ack) = handle(supervisor, preparer, &config.gpus, command).await {
                         send(Msg::Ack(ack)).await?;
                     }
                 }
@@ -175,7 +276,12 @@ async fn session(
 /// Carries out one command. Stops run in the background (they wait out a
 /// grace period); launches complete before the acknowledgement.
 /// Returns the acknowledgement to send, if the command wants one.
-async fn handle(supervisor: &Supervisor, preparer: &Preparer, message: ControllerMessage) -> Option<CommandAck> {
+async fn handle(
+    supervisor: &Supervisor,
+    preparer: &Preparer,
+    gpus: &crate::gpu::GpuMonitor,
+    message: ControllerMessage,
+) -> Option<CommandAck> {
     let command_id = message.command_id;
     let result = match message.command {
         Some(Command::Launch(launch)) => {
@@ -214,10 +320,10 @@ async fn handle(supervisor: &Supervisor, preparer: &Preparer, message: Controlle
             tokio::spawn(async move { preparer.find_checkpoint(command_id, find).await });
             Ok(())
         }
-        Some(Command::HeartbeatAck(_)) => return None,
+        Some(Command::HeartbeatAck(_)) => return None, // handled by the session loop
         Some(Command::ClearGpu(clear)) => {
             tracing::info!(gpu = clear.index, "GPU cleared by an operator");
-            Ok(())
+            gpus.clear(clear.index).await.map(|_| ())
         }
         Some(Command::FetchLogs(fetch)) => {
             let supervisor = supervisor.clone();

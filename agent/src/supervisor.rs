@@ -1,7 +1,13 @@
 //! Starts and supervises the processes of job launches on this node.
 //!
-//! Each process is the leader of its own process group; its stdout and stderr
-//! go to files in the launch's directory and, line by line, to the controller.
+//! Each process runs under a shim (`cohort-agent shim`, see [`shim`]) that
+//! leads the process group holding the rank, sends the rank's stdout and
+//! stderr to files in the launch's directory, and records its exit there. The
+//! agent follows those files and sends them, line by line, to the controller.
+//! Nothing ties a rank to the agent process, so an agent that crashes or is
+//! restarted finds its launches again ([`Supervisor::recover`]) from the
+//! state file each launch keeps next to its output.
+//!
 //! Stopping is SIGTERM to the group, SIGKILL after the grace period, then a
 //! sweep of /proc for any process of the launch that left the group (e.g. by
 //! `setsid`), recognised by the COHORT_* variables it inherited.
@@ -13,23 +19,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_proto::{
-    AgentMessage, LaunchCommand, LogLine, LogStream, ProcessEvent, ProcessExited, ProcessStarted, RunningLaunch,
-    RunningProcess, TrainingPoint, agent_message::Msg, now_unix_ms, process_event::Event,
+    AgentMessage, LaunchCommand, LogLine, ProcessEvent, ProcessExited, ProcessStarted, RunningLaunch, RunningProcess,
+    TrainingPoint, agent_message::Msg, now_unix_ms, process_event::Event,
 };
-use cohort_shared::metrics::{ChildFailureParser, LogFormat, TrainingMetrics, parse_line};
+use cohort_shared::metrics::{LogFormat, TrainingMetrics};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::Instant;
 
-/// Longest line kept whole; longer output is split.
-const MAX_LINE: usize = 64 * 1024;
+mod logs;
+mod recover;
+pub mod shim;
+mod state;
+mod tail;
+
+use state::{ExitRecord, LaunchRecord, ProcessFiles, ProcessRecord, launch_dir};
+use tail::{Destination, Follower};
+
 /// How long finished launches are remembered for a reconnecting controller.
 const KEEP_ENDED: Duration = Duration::from_secs(600);
-/// How long output readers may lag behind a process's exit (a grandchild may
-/// hold the pipe open).
-const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How long a shim may take to say whether it started its process.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the exit of an adopted shim (not the agent's child) is looked for.
+const ADOPTED_POLL: Duration = Duration::from_millis(25);
+/// What is reported for a process whose shim died without recording its exit.
+const SHIM_KILLED: &str = "exit unknown: the shim was killed";
 
 /// What the supervisor sends towards the controller, in order.
 #[derive(Debug)]
@@ -58,9 +74,23 @@ pub enum LaunchError {
     Io { path: String, source: std::io::Error },
 }
 
+/// What a restarted agent found of the launches it had supervised.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Recovery {
+    /// Processes whose shims still run, now supervised again.
+    pub adopted: usize,
+    /// Processes that ended while no agent watched; their exits are reported at registration.
+    pub ended: usize,
+    /// Launches that ended longer than the retention time ago; their state was removed.
+    pub removed: usize,
+}
+
 type LaunchKey = (String, u32);
 
 struct Launch {
+    /// Where its output, exit files and state file live.
+    dir: PathBuf,
+    record: LaunchRecord,
     processes: Vec<Supervised>,
     grace: Duration,
     ended_at: Option<Instant>,
@@ -68,12 +98,23 @@ struct Launch {
 
 struct Supervised {
     index: u32,
+    /// The shim's pid, which is also the process group of the rank.
     pid: u32,
     started_unix_ms: i64,
     exited: Option<ProcessExited>,
     stop_requested: bool,
+    /// The agent sent SIGKILL to the group after the grace period.
+    killed: bool,
     /// Becomes true when the process has exited and its output is drained.
     done: watch::Receiver<bool>,
+}
+
+/// How the agent learns that a shim ended.
+enum Shim {
+    /// Its own child: waited for.
+    Child(tokio::process::Child),
+    /// A shim of an earlier agent: polled by pid and start time.
+    Adopted { start_ticks: u64 },
 }
 
 #[derive(Clone)]
@@ -84,13 +125,23 @@ pub struct Supervisor {
 struct Inner {
     node_name: String,
     work_dir: PathBuf,
+    /// The program run as `<shim> shim ...`.
+    shim: PathBuf,
     launches: Mutex<HashMap<LaunchKey, Launch>>,
     out: mpsc::Sender<Outbound>,
 }
 
 impl Supervisor {
+    /// A supervisor whose shims are this very binary (`/proc/self/exe` still
+    /// runs it after a package upgrade replaced the file).
     pub fn new(node_name: String, work_dir: PathBuf, out: mpsc::Sender<Outbound>) -> Self {
-        Self { inner: Arc::new(Inner { node_name, work_dir, launches: Mutex::new(HashMap::new()), out }) }
+        Self::with_shim(node_name, work_dir, out, PathBuf::from("/proc/self/exe"))
+    }
+
+    /// A supervisor that runs `shim` (a `cohort-agent` binary) as the shim.
+    pub fn with_shim(node_name: String, work_dir: PathBuf, out: mpsc::Sender<Outbound>, shim: PathBuf) -> Self {
+        let launches = Mutex::new(HashMap::new());
+        Self { inner: Arc::new(Inner { node_name, work_dir, shim, launches, out }) }
     }
 
     /// Starts every process of a launch. A process that cannot be spawned is
@@ -102,9 +153,8 @@ impl Supervisor {
         if launches.contains_key(&key) {
             return Err(LaunchError::Duplicate { job: cmd.job_id, attempt: cmd.attempt });
         }
-        let log_dir = self.inner.work_dir.join("jobs").join(&cmd.job_id).join(format!("attempt-{}", cmd.attempt));
-        std::fs::create_dir_all(&log_dir)
-            .map_err(|source| LaunchError::Io { path: log_dir.display().to_string(), source })?;
+        let dir = launch_dir(&self.inner.work_dir, &cmd.job_id, cmd.attempt);
+        std::fs::create_dir_all(&dir).map_err(|source| LaunchError::Io { path: dir.display().to_string(), source })?;
         let cwd = if cmd.workdir.is_empty() {
             let dir = self.inner.work_dir.join("jobs").join(&cmd.job_id).join("workdir");
             std::fs::create_dir_all(&dir)
@@ -117,35 +167,48 @@ impl Supervisor {
             }
             dir
         };
-        let mut launch = Launch {
+        let grace = Duration::from_millis(u64::from(cmd.stop_grace_ms));
+        let record = LaunchRecord {
+            job_id: cmd.job_id.clone(),
+            attempt: cmd.attempt,
+            grace_ms: grace.as_millis() as u64,
+            node_name: self.inner.node_name.clone(),
+            boot_id: state::boot_id(),
+            stopping_since_unix_ms: None,
             processes: Vec::new(),
-            grace: Duration::from_millis(u64::from(cmd.stop_grace_ms)),
-            ended_at: None,
         };
+        let mut launch = Launch { dir: dir.clone(), record, processes: Vec::new(), grace, ended_at: None };
         for spec in &cmd.processes {
-            match self.spawn(&cmd, spec, &cwd, &log_dir).await {
-                Ok(p) => launch.processes.push(p),
+            let files = ProcessFiles::new(&dir, spec.index);
+            match self.spawn(&cmd, spec, &cwd, &files).await {
+                Ok((p, r)) => {
+                    launch.processes.push(p);
+                    launch.record.processes.push(r);
+                }
                 Err(error) => {
                     tracing::warn!(job = %cmd.job_id, index = spec.index, %error, "spawn failed");
-                    let (tx, done) = watch::channel(true);
-                    drop(tx);
-                    launch.processes.push(Supervised {
+                    let ended_unix_ms = now_unix_ms();
+                    let exited = ProcessExited { exit_code: Some(127), ended_unix_ms, ..Default::default() };
+                    launch.processes.push(Supervised::ended(spec.index, 0, 0, exited));
+                    launch.record.processes.push(ProcessRecord {
                         index: spec.index,
-                        pid: 0,
-                        started_unix_ms: 0,
-                        exited: Some(ProcessExited {
-                            exit_code: Some(127),
-                            signal: None,
-                            stopped_by_agent: false,
-                            ended_unix_ms: now_unix_ms(),
-                            root_cause: String::new(),
-                        }),
-                        stop_requested: false,
-                        done,
+                        shim_pid: 0,
+                        shim_start_ticks: 0,
+                        rank_pid: 0,
+                        started_unix_ms: ended_unix_ms,
+                        spawn_error: Some(error.clone()),
+                        files,
                     });
                     self.event(&cmd.job_id, cmd.attempt, spec.index, Event::SpawnFailed(error)).await;
                 }
             }
+        }
+        if launch.processes.iter().all(|p| p.exited.is_some()) {
+            launch.ended_at = Some(Instant::now());
+        }
+        // Without it a restarted agent cannot adopt the launch; the launch itself still runs.
+        if let Err(e) = launch.record.save(&dir) {
+            tracing::warn!(job = %cmd.job_id, dir = %dir.display(), error = %e, "cannot write the launch's state file");
         }
         launches.insert(key, launch);
         Ok(())
@@ -156,14 +219,34 @@ impl Supervisor {
         cmd: &LaunchCommand,
         spec: &cohort_proto::ProcessSpec,
         cwd: &Path,
-        log_dir: &Path,
-    ) -> Result<Supervised, String> {
+        files: &ProcessFiles,
+    ) -> Result<(Supervised, ProcessRecord), String> {
         let Some(program) = spec.argv.first() else { return Err("empty command line".into()) };
         // A relative program path with a slash is relative to the workdir.
         let program =
             if program.contains('/') && !program.starts_with('/') { cwd.join(program) } else { PathBuf::from(program) };
-        let mut command = tokio::process::Command::new(&program);
+        // Fresh output files, no exit file: the follower starts at byte 0.
+        let fresh = |path: &Path| std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()));
+        fresh(&files.stdout)?;
+        fresh(&files.stderr)?;
+        let _ = std::fs::remove_file(&files.exit);
+        // The shim's own complaints land in the process's stderr file, appended like the rank's output.
+        let shim_stderr = std::fs::File::options()
+            .append(true)
+            .open(&files.stderr)
+            .map_err(|e| format!("{}: {e}", files.stderr.display()))?;
+        let mut command = tokio::process::Command::new(&self.inner.shim);
         command
+            .arg0("cohort-agent")
+            .arg(shim::SUBCOMMAND)
+            .arg("--exit-file")
+            .arg(&files.exit)
+            .arg("--stdout")
+            .arg(&files.stdout)
+            .arg("--stderr")
+            .arg(&files.stderr)
+            .arg("--")
+            .arg(&program)
             .args(&spec.argv[1..])
             .current_dir(cwd)
             .envs(spec.env.iter().map(|v| (v.name.as_str(), v.value.as_str())))
@@ -173,100 +256,92 @@ impl Supervisor {
             .env("COHORT_NODE_NAME", &self.inner.node_name)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
+            .stderr(shim_stderr)
             .kill_on_drop(false);
-        let mut child = command.spawn().map_err(|e| format!("{}: {e}", program.display()))?;
-        let pid = child.id().ok_or("process exited before its pid was read")?;
-        let started_unix_ms = now_unix_ms();
-        tracing::info!(job = %cmd.job_id, attempt = cmd.attempt, index = spec.index, pid, "process started");
-        self.event(&cmd.job_id, cmd.attempt, spec.index, Event::Started(ProcessStarted { pid, started_unix_ms })).await;
-
-        let readers = [
-            child.stdout.take().map(|s| {
-                self.capture(cmd, spec.index, LogStream::Stdout, s, log_dir.join(format!("{}.out", spec.index)))
-            }),
-            child.stderr.take().map(|s| {
-                self.capture(cmd, spec.index, LogStream::Stderr, s, log_dir.join(format!("{}.err", spec.index)))
-            }),
-        ];
-        let (done_tx, done) = watch::channel(false);
-        let this = self.clone();
-        let (job_id, attempt, index) = (cmd.job_id.clone(), cmd.attempt, spec.index);
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            // Whatever the leader left in its group goes with it.
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let mut root_cause = String::new();
-            for reader in readers.into_iter().flatten() {
-                if let Ok(Ok(Some(cause))) = tokio::time::timeout(DRAIN_AFTER_EXIT, reader).await {
-                    root_cause = cause;
-                }
+        let mut child =
+            command.spawn().map_err(|e| format!("cannot start the shim {}: {e}", self.inner.shim.display()))?;
+        let pid = child.id().ok_or("the shim exited before its pid was read")?;
+        let rank_pid = match handshake(&mut child).await {
+            Ok(shim::Handshake::Started { rank_pid }) => rank_pid,
+            Ok(shim::Handshake::Failed { error }) => {
+                let _ = child.wait().await;
+                return Err(error);
             }
-            this.on_exit(&job_id, attempt, index, status, root_cause).await;
-            let _ = done_tx.send(true);
-        });
-        Ok(Supervised { index: spec.index, pid, started_unix_ms, exited: None, stop_requested: false, done })
+            Err(error) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(format!("the shim did not start {}: {error}", program.display()));
+            }
+        };
+        let started_unix_ms = now_unix_ms();
+        // 0 when the shim is already gone (a very short process): then its exit file says everything.
+        let shim_start_ticks = state::start_ticks(pid).unwrap_or(0);
+        tracing::info!(job = %cmd.job_id, attempt = cmd.attempt, index = spec.index, pid, rank_pid, "process started");
+        self.event(&cmd.job_id, cmd.attempt, spec.index, Event::Started(ProcessStarted { pid, started_unix_ms })).await;
+        let key = (cmd.job_id.clone(), cmd.attempt);
+        let done = self.follow(&key, spec.index, pid, files, tail::StartAt::Beginning, Shim::Child(child));
+        let p = Supervised {
+            index: spec.index,
+            pid,
+            started_unix_ms,
+            exited: None,
+            stop_requested: false,
+            killed: false,
+            done,
+        };
+        let r = ProcessRecord {
+            index: spec.index,
+            shim_pid: pid,
+            shim_start_ticks,
+            rank_pid,
+            started_unix_ms,
+            spawn_error: None,
+            files: files.clone(),
+        };
+        Ok((p, r))
     }
 
-    /// Copies one output stream to its file and, line by line, to the controller.
-    fn capture(
+    /// Follows a process's output and waits for its shim to end; then reports
+    /// the exit (after the last line). The receiver turns true when all is done.
+    fn follow(
         &self,
-        cmd: &LaunchCommand,
+        (job_id, attempt): &LaunchKey,
         index: u32,
-        stream: LogStream,
-        pipe: impl AsyncRead + Unpin + Send + 'static,
-        path: PathBuf,
-    ) -> tokio::task::JoinHandle<Option<String>> {
-        let out = self.inner.out.clone();
-        let node = self.inner.node_name.clone();
-        let (job_id, attempt) = (cmd.job_id.clone(), cmd.attempt);
+        pid: u32,
+        files: &ProcessFiles,
+        from: tail::StartAt,
+        shim: Shim,
+    ) -> watch::Receiver<bool> {
+        let dest = Destination {
+            out: self.inner.out.clone(),
+            node: self.inner.node_name.clone(),
+            job_id: job_id.clone(),
+            attempt: *attempt,
+            index,
+        };
+        let follower = Follower::start(dest, files.stdout.clone(), files.stderr.clone(), from);
+        let (done_tx, done) = watch::channel(false);
+        let this = self.clone();
+        let (job_id, attempt, exit_file) = (job_id.clone(), *attempt, files.exit.clone());
         tokio::spawn(async move {
-            let mut file = match tokio::fs::File::create(&path).await {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot write output file");
+            let status = match shim {
+                Shim::Child(mut child) => Some(child.wait().await),
+                Shim::Adopted { start_ticks } => {
+                    while state::is_alive(pid, start_ticks) && !exit_file.exists() {
+                        tokio::time::sleep(ADOPTED_POLL).await;
+                    }
                     None
                 }
             };
-            let mut reader = BufReader::new(pipe);
-            let mut buf = Vec::with_capacity(1024);
-            let mut trailer = ChildFailureParser::new();
-            loop {
-                buf.clear();
-                let n = match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                if let Some(f) = file.as_mut() {
-                    let _ = f.write_all(&buf[..n]).await;
-                }
-                let text = String::from_utf8_lossy(&buf[..n]).trim_end_matches(['\n', '\r']).to_string();
-                trailer.feed(&text);
-                // Metrics go first so that they are never dropped with a line.
-                if let Some(metrics) = parse_line(&text) {
-                    let point = training_point(metrics, &node);
-                    if out.send(Outbound::Metrics { job_id: job_id.clone(), attempt, point }).await.is_err() {
-                        break;
-                    }
-                }
-                let line = LogLine { process_index: index, stream: stream as i32, text, unix_ms: now_unix_ms() };
-                // Never block a training process on a slow controller: drop
-                // the line (it is in the file) when the queue is full.
-                if let Err(mpsc::error::TrySendError::Closed(_)) =
-                    out.try_send(Outbound::Line { job_id: job_id.clone(), attempt, line })
-                {
-                    break;
-                }
-            }
-            if let Some(f) = file.as_mut() {
-                let _ = f.flush().await;
-            }
-            trailer.root_cause().map(|c| {
-                let signal = c.signal.map(|s| format!(", {s}")).unwrap_or_default();
-                format!("torchrun root cause: rank {} exited with code {}{signal}", c.rank, c.exit_code)
-            })
-        })
+            // Whatever the rank left in its group goes with it (the shim does
+            // this too; not when it was killed).
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let root_cause = follower.finish().await.unwrap_or_default();
+            let record = ExitRecord::read(&exit_file);
+            this.on_exit(&job_id, attempt, index, record, status, root_cause).await;
+            let _ = done_tx.send(true);
+        });
+        done
     }
 
     async fn on_exit(
@@ -274,36 +349,37 @@ impl Supervisor {
         job_id: &str,
         attempt: u32,
         index: u32,
-        status: std::io::Result<std::process::ExitStatus>,
+        record: Option<ExitRecord>,
+        shim_status: Option<std::io::Result<std::process::ExitStatus>>,
         root_cause: String,
     ) {
-        use std::os::unix::process::ExitStatusExt;
         let mut launches = self.inner.launches.lock().await;
         let Some(launch) = launches.get_mut(&(job_id.to_string(), attempt)) else { return };
+        let exit_file = launch.record.processes.iter().find(|r| r.index == index).map(|r| r.files.exit.clone());
         let Some(p) = launch.processes.iter_mut().find(|p| p.index == index) else { return };
-        let exited = match status {
-            Ok(s) => ProcessExited {
-                exit_code: s.code(),
-                signal: s.signal(),
-                stopped_by_agent: p.stop_requested,
-                ended_unix_ms: now_unix_ms(),
-                root_cause: root_cause.clone(),
-            },
-            Err(e) => {
-                tracing::error!(job = job_id, index, error = %e, "waiting for the process failed");
-                ProcessExited {
-                    exit_code: None,
-                    signal: None,
-                    stopped_by_agent: p.stop_requested,
-                    ended_unix_ms: now_unix_ms(),
-                    root_cause,
+        let record = match record {
+            Some(record) => record,
+            None => {
+                let record = unrecorded_exit(p.killed, shim_status);
+                // Written for the shim, so that a restarted agent reports the same.
+                if let Some(path) = exit_file
+                    && let Err(e) = record.write(&path)
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the exit file");
                 }
+                record
             }
+        };
+        let exited = ProcessExited {
+            exit_code: record.exit_code,
+            signal: record.signal,
+            stopped_by_agent: p.stop_requested,
+            ended_unix_ms: record.ended_unix_ms,
+            root_cause: join_causes(&record.note, &root_cause),
         };
         p.exited = Some(exited.clone());
         tracing::info!(job = job_id, attempt, index, code = ?exited.exit_code, signal = ?exited.signal, "process exited");
-        let clean = exited.exit_code == Some(0) && exited.signal.is_none();
-        let failed = !exited.stopped_by_agent && !clean;
+        let failed = !exited.stopped_by_agent && !is_clean(&exited);
         let siblings_alive = launch.processes.iter().any(|p| p.exited.is_none());
         if !siblings_alive {
             launch.ended_at = Some(Instant::now());
@@ -332,20 +408,29 @@ impl Supervisor {
         {
             let mut launches = self.inner.launches.lock().await;
             let Some(launch) = launches.get_mut(&(job_id.to_string(), attempt)) else { return };
+            let alive = launch.processes.iter().any(|p| p.exited.is_none());
+            if alive && launch.record.stopping_since_unix_ms.is_none() {
+                // Before the first signal: a restarted agent counts later exits as its own doing.
+                launch.record.stopping_since_unix_ms = Some(now_unix_ms());
+                if let Err(e) = launch.record.save(&launch.dir) {
+                    tracing::warn!(job = job_id, error = %e, "cannot update the launch's state file");
+                }
+            }
             for p in launch.processes.iter_mut().filter(|p| p.exited.is_none()) {
                 if !p.stop_requested {
                     p.stop_requested = true;
                     tracing::info!(job = job_id, attempt, index = p.index, pid = p.pid, "SIGTERM to process group");
                     let _ = killpg(Pid::from_raw(p.pid as i32), Signal::SIGTERM);
                 }
-                waits.push((p.pid, p.done.clone()));
+                waits.push((p.index, p.pid, p.done.clone()));
             }
         }
         let deadline = Instant::now() + grace;
-        for (pid, mut done) in waits {
+        for (index, pid, mut done) in waits {
             let in_time = tokio::time::timeout_at(deadline, done.wait_for(|d| *d)).await.is_ok();
             if !in_time {
                 tracing::warn!(job = job_id, pid, ?grace, "still running after the grace period; SIGKILL");
+                self.mark_killed(job_id, attempt, index).await;
                 let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 let _ = done.wait_for(|d| *d).await;
             }
@@ -353,6 +438,16 @@ impl Supervisor {
         let swept = sweep(job_id, attempt, &self.inner.node_name);
         if swept > 0 {
             tracing::warn!(job = job_id, attempt, swept, "killed processes that had left their process group");
+        }
+    }
+
+    async fn mark_killed(&self, job_id: &str, attempt: u32, index: u32) {
+        let mut launches = self.inner.launches.lock().await;
+        if let Some(p) = launches
+            .get_mut(&(job_id.to_string(), attempt))
+            .and_then(|l| l.processes.iter_mut().find(|p| p.index == index))
+        {
+            p.killed = true;
         }
     }
 
@@ -371,7 +466,13 @@ impl Supervisor {
     pub async fn report(&self, include_ended: bool) -> Vec<RunningLaunch> {
         let mut launches = self.inner.launches.lock().await;
         let now = Instant::now();
-        launches.retain(|_, l| l.ended_at.is_none_or(|t| now.duration_since(t) < KEEP_ENDED));
+        launches.retain(|_, l| {
+            let keep = l.ended_at.is_none_or(|t| now.duration_since(t) < KEEP_ENDED);
+            if !keep {
+                l.record.remove(&l.dir);
+            }
+            keep
+        });
         let mut out: Vec<RunningLaunch> = launches
             .iter()
             .filter(|(_, l)| include_ended || l.ended_at.is_none())
@@ -394,63 +495,6 @@ impl Supervisor {
         out
     }
 
-    /// Sends the output files of a launch back (a new leader has no history),
-    /// the last `max_lines_per_file` lines of each, then the query's answer.
-    pub async fn fetch_logs(&self, command_id: u64, cmd: cohort_proto::FetchLogsCommand) {
-        let dir = self.inner.work_dir.join("jobs").join(&cmd.job_id).join(format!("attempt-{}", cmd.attempt));
-        let max = if cmd.max_lines_per_file == 0 { 10_000 } else { cmd.max_lines_per_file as usize };
-        let mut error = String::new();
-        let mut files: Vec<(u32, LogStream, PathBuf)> = Vec::new();
-        match std::fs::read_dir(&dir) {
-            Ok(entries) => {
-                for entry in entries.flatten() {
-                    let path = entry.path();
-                    let (Some(stem), Some(ext)) =
-                        (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|s| s.to_str()))
-                    else {
-                        continue;
-                    };
-                    let Ok(index) = stem.parse::<u32>() else { continue };
-                    let stream = match ext {
-                        "out" => LogStream::Stdout,
-                        "err" => LogStream::Stderr,
-                        _ => continue,
-                    };
-                    files.push((index, stream, path));
-                }
-            }
-            Err(e) => {
-                error = format!("no output of {} attempt {} here ({}: {e})", cmd.job_id, cmd.attempt, dir.display())
-            }
-        }
-        files.sort_by_key(|(index, stream, _)| (*index, *stream as i32));
-        for (index, stream, path) in files {
-            let text =
-                tokio::fs::read(&path).await.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let unix_ms = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or_default();
-            for chunk in lines[lines.len().saturating_sub(max)..].chunks(1000) {
-                let batch = cohort_proto::LogBatch {
-                    job_id: cmd.job_id.clone(),
-                    attempt: cmd.attempt,
-                    lines: chunk
-                        .iter()
-                        .map(|t| LogLine { process_index: index, stream: stream as i32, text: t.to_string(), unix_ms })
-                        .collect(),
-                    fetch_command_id: command_id,
-                };
-                let _ = self.inner.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::Logs(batch)) })).await;
-            }
-        }
-        let answer = cohort_proto::QueryResult { command_id, error, result: None };
-        let _ = self.inner.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::QueryResult(answer)) })).await;
-    }
-
     /// Reports a process that could not be started at all.
     pub async fn spawn_failed(&self, job_id: &str, attempt: u32, index: u32, error: String) {
         self.event(job_id, attempt, index, Event::SpawnFailed(error)).await;
@@ -462,6 +506,59 @@ impl Supervisor {
         };
         // Process events are few and must not be lost: wait for room.
         let _ = self.inner.out.send(Outbound::Message(msg)).await;
+    }
+}
+
+impl Supervised {
+    /// A process that is over (or never started).
+    fn ended(index: u32, pid: u32, started_unix_ms: i64, exited: ProcessExited) -> Self {
+        let (tx, done) = watch::channel(true);
+        drop(tx);
+        Self { index, pid, started_unix_ms, exited: Some(exited), stop_requested: false, killed: false, done }
+    }
+}
+
+/// Reads the shim's one-line answer: the rank's pid, or why it did not start.
+async fn handshake(child: &mut tokio::process::Child) -> Result<shim::Handshake, String> {
+    let pipe = child.stdout.take().ok_or("no pipe to the shim")?;
+    let mut line = String::new();
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, BufReader::new(pipe).read_line(&mut line)).await {
+        Err(_) => Err(format!("no answer within {HANDSHAKE_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(0)) => Err("it exited without an answer".into()),
+        Ok(Ok(_)) => serde_json::from_str(line.trim()).map_err(|e| format!("unreadable answer {line:?}: {e}")),
+    }
+}
+
+fn is_clean(exited: &ProcessExited) -> bool {
+    exited.exit_code == Some(0) && exited.signal.is_none()
+}
+
+fn join_causes(note: &str, root_cause: &str) -> String {
+    match (note.is_empty(), root_cause.is_empty()) {
+        (false, false) => format!("{note}; {root_cause}"),
+        (true, _) => root_cause.to_string(),
+        (false, true) => note.to_string(),
+    }
+}
+
+/// The exit of a process whose shim left no exit file: killed with its
+/// group by the agent's escalation, killed alone, or unable to write it.
+fn unrecorded_exit(killed_by_agent: bool, shim: Option<std::io::Result<std::process::ExitStatus>>) -> ExitRecord {
+    use std::os::unix::process::ExitStatusExt;
+    let unknown =
+        |note: String| ExitRecord { exit_code: None, signal: None, ended_unix_ms: now_unix_ms(), rank_pid: 0, note };
+    if killed_by_agent {
+        return ExitRecord { signal: Some(Signal::SIGKILL as i32), ..unknown(String::new()) };
+    }
+    match shim {
+        // The shim exits with the rank's code when it cannot write the file.
+        Some(Ok(status)) if status.code().is_some() => {
+            ExitRecord { exit_code: status.code(), ..unknown("the shim could not write the exit file".into()) }
+        }
+        Some(Ok(status)) => unknown(format!("{SHIM_KILLED} (signal {})", status.signal().unwrap_or_default())),
+        Some(Err(e)) => unknown(format!("exit unknown: waiting for the shim failed: {e}")),
+        None => unknown(SHIM_KILLED.into()),
     }
 }
 

@@ -19,25 +19,143 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::controller::Controller;
+use crate::leading::{Leading, Target};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// The job and agent APIs as the leader serves them, on its `Controller`.
+#[derive(Clone)]
+pub struct Local {
+    pub controller: Arc<Controller>,
+    pub leading: Arc<Leading>,
+}
+
+/// What the gRPC server runs: the leader's `Local` when this process leads;
+/// otherwise the job API is forwarded to the leader and agents are told
+/// where it is.
 #[derive(Clone)]
 pub struct Api {
-    pub controller: Arc<Controller>,
-    pub controller_id: String,
-    pub advertise_url: String,
+    pub leading: Arc<Leading>,
 }
 
 impl Api {
-    /// With the embedded store this controller is the only one, so it leads.
     fn leader_info(&self) -> LeaderInfo {
-        LeaderInfo {
-            controller_id: self.controller_id.clone(),
-            is_leader: true,
-            leader_url: self.advertise_url.clone(),
-            leader_id: self.controller_id.clone(),
+        leader_info(&self.leading)
+    }
+}
+
+fn leader_info(leading: &Leading) -> LeaderInfo {
+    let state = leading.state();
+    LeaderInfo {
+        controller_id: leading.id.clone(),
+        is_leader: state.is_leader,
+        leader_url: state.leader_url,
+        leader_id: state.leader_id,
+    }
+}
+
+/// A unary job-API call: served here when leading, else by the leader.
+macro_rules! unary {
+    ($self:ident, $request:ident, $method:ident) => {
+        match $self.leading.target().await? {
+            Target::Local(controller) => Local { controller, leading: $self.leading.clone() }.$method($request).await,
+            Target::Leader(mut leader) => leader.$method($request.into_inner()).await,
         }
+    };
+}
+
+/// A server-streaming job-API call, likewise.
+macro_rules! streaming {
+    ($self:ident, $request:ident, $method:ident) => {
+        match $self.leading.target().await? {
+            Target::Local(controller) => Local { controller, leading: $self.leading.clone() }.$method($request).await,
+            Target::Leader(mut leader) => {
+                let stream = leader.$method($request.into_inner()).await?.into_inner();
+                Ok(Response::new(Box::pin(stream) as BoxStream<_>))
+            }
+        }
+    };
+}
+
+#[tonic::async_trait]
+impl AgentService for Api {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let controller = self.leading.for_agents().await?;
+        let mut response = Local { controller, leading: self.leading.clone() }.register(request).await?;
+        response.get_mut().controller_id = self.leading.id.clone();
+        Ok(response)
+    }
+
+    type SessionStream = BoxStream<ControllerMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let controller = self.leading.for_agents().await?;
+        Local { controller, leading: self.leading.clone() }.session(request).await
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for Api {
+    async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
+        unary!(self, request, submit_job)
+    }
+    async fn plan_job(&self, request: Request<PlanJobRequest>) -> Result<Response<PlanJobResponse>, Status> {
+        unary!(self, request, plan_job)
+    }
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        unary!(self, request, get_job)
+    }
+    async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        unary!(self, request, list_jobs)
+    }
+    async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        unary!(self, request, cancel_job)
+    }
+    type WatchJobStream = BoxStream<JobEvent>;
+    async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        streaming!(self, request, watch_job)
+    }
+    async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
+        unary!(self, request, list_nodes)
+    }
+    type StreamLogsStream = BoxStream<JobLogLine>;
+    async fn stream_logs(
+        &self,
+        request: Request<StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        streaming!(self, request, stream_logs)
+    }
+    type GetMetricsStream = BoxStream<TrainingPoint>;
+    async fn get_metrics(
+        &self,
+        request: Request<GetMetricsRequest>,
+    ) -> Result<Response<Self::GetMetricsStream>, Status> {
+        streaming!(self, request, get_metrics)
+    }
+    async fn resume_job(&self, request: Request<ResumeJobRequest>) -> Result<Response<Job>, Status> {
+        unary!(self, request, resume_job)
+    }
+    async fn doctor(&self, request: Request<DoctorRequest>) -> Result<Response<DoctorResponse>, Status> {
+        unary!(self, request, doctor)
+    }
+    async fn cordon_node(&self, request: Request<NodeRequest>) -> Result<Response<Node>, Status> {
+        unary!(self, request, cordon_node)
+    }
+    async fn drain_node(&self, request: Request<NodeRequest>) -> Result<Response<Node>, Status> {
+        unary!(self, request, drain_node)
+    }
+    async fn uncordon_node(&self, request: Request<NodeRequest>) -> Result<Response<Node>, Status> {
+        unary!(self, request, uncordon_node)
+    }
+    async fn clear_gpu(&self, request: Request<ClearGpuRequest>) -> Result<Response<Node>, Status> {
+        unary!(self, request, clear_gpu)
+    }
+    /// Every controller answers this itself: agents and the CLI use it to find the leader.
+    async fn get_leader(&self, _: Request<GetLeaderRequest>) -> Result<Response<LeaderInfo>, Status> {
+        Ok(Response::new(self.leader_info()))
     }
 }
 
@@ -47,7 +165,7 @@ fn finished(job: &Job) -> bool {
 }
 
 #[tonic::async_trait]
-impl AgentService for Api {
+impl AgentService for Local {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         Ok(Response::new(self.controller.register(request.into_inner()).await?))
     }
@@ -82,6 +200,9 @@ impl AgentService for Api {
                     Some(Msg::Heartbeat(hb)) => controller.heartbeat(&node, hb).await,
                     Some(Msg::ProcessEvent(ev)) => controller.process_event(&node, ev).await,
                     Some(Msg::Ack(ack)) => controller.command_ack(&node, ack).await,
+                    Some(Msg::Logs(batch)) if batch.fetch_command_id != 0 => {
+                        controller.fetched_lines(&node, batch).await;
+                    }
                     Some(Msg::Logs(batch)) => {
                         let rank = controller.node_rank(&batch.job_id, &node).await;
                         controller.logs.append(&batch.job_id, &node, rank, batch.attempt, batch.lines).await;
@@ -104,7 +225,7 @@ impl AgentService for Api {
 }
 
 #[tonic::async_trait]
-impl JobService for Api {
+impl JobService for Local {
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
         let file =
             request.into_inner().file.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.file is required"))?;
@@ -209,7 +330,7 @@ impl JobService for Api {
     }
 
     async fn get_leader(&self, _: Request<GetLeaderRequest>) -> Result<Response<LeaderInfo>, Status> {
-        Ok(Response::new(self.leader_info()))
+        Ok(Response::new(leader_info(&self.leading)))
     }
 
     type StreamLogsStream = BoxStream<JobLogLine>;
@@ -219,6 +340,7 @@ impl JobService for Api {
         request: Request<StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let req = request.into_inner();
+        self.controller.ensure_log_history(&req.job).await;
         let (job, mut events) = self.controller.watch(&req.job).await?;
         let id = job.id.clone();
         let (history, mut lines) = self.controller.logs.snapshot(&id, 0).await;
@@ -290,7 +412,7 @@ trait MetricsApi {
 }
 
 #[tonic::async_trait]
-impl MetricsApi for Api {
+impl MetricsApi for Local {
     async fn metrics_stream(&self, req: GetMetricsRequest) -> Result<BoxStream<TrainingPoint>, Status> {
         let (job, mut events) = self.controller.watch(&req.job).await?;
         let id = job.id.clone();

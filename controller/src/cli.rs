@@ -22,7 +22,7 @@ use crate::controller::{describe_exit, state_name};
 #[derive(Parser, Debug)]
 #[command(name = "cohort", version)]
 pub struct Cli {
-    /// The controller's gRPC address.
+    /// The controllers' gRPC addresses, comma-separated; any of them answers.
     #[arg(long, global = true, env = "COHORT_CONTROLLER", default_value = "http://127.0.0.1:7070")]
     pub controller: String,
     #[command(subcommand)]
@@ -275,17 +275,24 @@ fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
     Ok(JobFile { yaml, source_name: path.display().to_string(), base_dir })
 }
 
-async fn connect(url: &str) -> anyhow::Result<JobServiceClient<Channel>> {
-    let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("invalid controller URL {url:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach the controller at {url}: is cohort-controller running? (set --controller or COHORT_CONTROLLER)")
-        })?;
-    Ok(JobServiceClient::new(channel))
+/// Connects to the first reachable controller of a comma-separated list; a
+/// standby forwards every call to the leader.
+async fn connect(urls: &str) -> anyhow::Result<JobServiceClient<Channel>> {
+    let mut errors = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+        let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+            .with_context(|| format!("invalid controller URL {url:?}"))?
+            .connect_timeout(Duration::from_secs(5));
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(JobServiceClient::new(channel)),
+            Err(e) => errors.push(format!("{url}: {e}")),
+        }
+    }
+    anyhow::bail!(
+        "cannot reach a controller ({}): is cohort-controller running? (set --controller or COHORT_CONTROLLER)",
+        errors.join("; ")
+    )
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {

@@ -19,6 +19,9 @@ pub mod cli;
 pub mod cli_metrics;
 pub mod controller;
 pub mod error;
+pub mod http;
+pub mod leader;
+pub mod leading;
 pub mod logs;
 pub mod metrics;
 pub mod planner;
@@ -37,30 +40,72 @@ pub use controller::{Controller, ControllerConfig};
 /// How long open streams get to finish after SIGTERM (well under systemd's TimeoutStopSec).
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Where the state lives.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// One redb file in the data dir: one controller, no etcd needed.
+    Embedded,
+    /// etcd: several controllers, one leader.
+    Etcd { endpoints: Vec<String>, prefix: String },
+}
+
 /// Everything a controller process needs.
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub controller: ControllerConfig,
+    pub store: StoreConfig,
+    /// This controller's name in the election (default: host name and port).
+    pub id: Option<String>,
+    /// The URL agents and other controllers reach this one at (default: http://<listen>).
+    pub advertise_url: Option<String>,
+    /// The leader's lease: a leader that cannot renew it for this long is replaced.
+    pub leader_ttl: std::time::Duration,
+    /// Where to serve /healthz, /metrics, the JSON API and the web page (none: no HTTP).
+    pub http: Option<SocketAddr>,
 }
 
-/// Runs a whole controller until `shutdown` fires: loads the store, serves the
-/// gRPC API, runs the reconcile loop; then stops accepting and returns.
+/// Runs a whole controller until `shutdown` fires: serves the gRPC API and,
+/// while it leads (always, with the embedded store), loads the state and runs
+/// the reconcile loop; then stops accepting and returns.
 pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
-    let store = Arc::new(store::EmbeddedStore::open(&config.data_dir)?);
-    let controller = Controller::load(store, &config.data_dir, config.controller).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let local = listener.local_addr()?;
-    tracing::info!(listen = %local, data_dir = %config.data_dir.display(), "controller serving");
-
-    let reconcile = tokio::spawn(controller.clone().run(shutdown.clone()));
-    let api = api::Api {
-        controller: controller.clone(),
-        controller_id: format!("controller-{}", local.port()),
-        advertise_url: format!("http://{local}"),
+    let http_listener = match config.http {
+        Some(addr) => {
+            let http = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on --http {addr}: {e}"))?;
+            tracing::info!(http = %http.local_addr()?, "HTTP: /healthz, /metrics, /api and the web page");
+            Some(http)
+        }
+        None => None,
     };
+    let host =
+        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "controller".into());
+    let id = config.id.clone().unwrap_or_else(|| format!("{host}-{}", local.port()));
+    let url = config.advertise_url.clone().unwrap_or_else(|| format!("http://{local}"));
+    let (store, leader): (Arc<dyn store::Store>, _) = match &config.store {
+        StoreConfig::Embedded => {
+            (Arc::new(store::EmbeddedStore::open(&config.data_dir)?), leader::single(id.clone(), url.clone()))
+        }
+        StoreConfig::Etcd { endpoints, prefix } => {
+            let store = store::EtcdStore::connect(endpoints, prefix).await?;
+            let leader = leader::etcd(endpoints, prefix, &id, &url, config.leader_ttl, shutdown.clone()).await?;
+            (Arc::new(store), leader)
+        }
+    };
+    tracing::info!(listen = %local, id = %id, store = ?config.store, data_dir = %config.data_dir.display(), "controller serving");
+
+    let leading = leading::Leading::new(id, url, leader);
+    let leadership =
+        tokio::spawn(leading.clone().run(store, config.data_dir.clone(), config.controller, shutdown.clone()));
+    let http_server = http_listener.map(|listener| {
+        tokio::spawn(http::serve(listener, http::HttpApi { leading: leading.clone() }, shutdown.clone()))
+    });
+    let api = api::Api { leading: leading.clone() };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut drain = shutdown.clone();
     let server = tonic::transport::Server::builder()
@@ -71,7 +116,9 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
             let _ = shutdown.changed().await;
             tracing::info!("shutting down: no new connections");
             // Ending the session streams lets agents fail over or retry.
-            controller.close_sessions().await;
+            if let Some(controller) = leading.controller().await {
+                controller.close_sessions().await;
+            }
         });
     tokio::select! {
         result = server => result?,
@@ -80,6 +127,13 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         } => tracing::warn!("open streams did not close within {SHUTDOWN_GRACE:?}; exiting anyway"),
     }
-    reconcile.abort();
+    if let Some(server) = http_server {
+        server.abort();
+    }
+    match tokio::time::timeout(SHUTDOWN_GRACE, leadership).await {
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "leadership loop failed"),
+        Err(_) => tracing::warn!("leadership loop did not stop in time"),
+        _ => {}
+    }
     Ok(())
 }

@@ -76,6 +76,32 @@ impl LogHub {
         }
     }
 
+    /// Replaces an attempt's lines with `lines` (read back from the agents'
+    /// files by a controller that did not see the attempt from its start),
+    /// numbered after every line so far; later live lines follow them.
+    pub async fn replace_attempt(&self, job_id: &str, attempt: u32, lines: Vec<(String, u32, LogLine)>) {
+        let mut jobs = self.jobs.lock().await;
+        let logs = self.loaded(&mut jobs, job_id);
+        logs.lines.retain(|l| l.attempt != attempt);
+        let mut text = format!("{REPLACE_MARKER}\t{attempt}\n");
+        for (node_name, node_rank, line) in lines {
+            let entry = JobLogLine { node_name, node_rank, attempt, line: Some(line), seq: logs.next_seq };
+            logs.next_seq += 1;
+            text.push_str(&encode(&entry));
+            text.push('\n');
+            logs.lines.push_back(entry);
+        }
+        while logs.lines.len() > MEMORY_LINES {
+            logs.lines.pop_front();
+        }
+        if logs.file.is_none() {
+            logs.file = std::fs::OpenOptions::new().create(true).append(true).open(self.path(job_id)).ok();
+        }
+        if let Some(file) = logs.file.as_mut() {
+            let _ = file.write_all(text.as_bytes());
+        }
+    }
+
     /// The job's lines with `seq >= from` (from memory, or the file after a
     /// restart) and a receiver for the lines that come after them.
     pub async fn snapshot(&self, job_id: &str, from: u64) -> (Vec<JobLogLine>, broadcast::Receiver<TaggedLine>) {
@@ -139,9 +165,20 @@ fn decode(text: &str) -> Option<JobLogLine> {
     })
 }
 
+/// Written before an attempt's replacement lines: earlier lines of that attempt no longer count.
+const REPLACE_MARKER: &str = "#replace-attempt";
+
 fn read_file(path: &std::path::Path) -> Vec<JobLogLine> {
     let Ok(file) = std::fs::File::open(path) else { return Vec::new() };
-    BufReader::new(file).lines().map_while(Result::ok).filter_map(|l| decode(&l)).collect()
+    let mut lines: Vec<JobLogLine> = Vec::new();
+    for text in BufReader::new(file).lines().map_while(Result::ok) {
+        if let Some(attempt) = text.strip_prefix(REPLACE_MARKER).and_then(|a| a.trim().parse::<u32>().ok()) {
+            lines.retain(|l| l.attempt != attempt);
+        } else if let Some(line) = decode(&text) {
+            lines.push(line);
+        }
+    }
+    lines
 }
 
 #[cfg(test)]
@@ -170,5 +207,26 @@ mod tests {
         assert_eq!(lines[0].line.as_ref().unwrap().stream, LogStream::Stderr as i32);
         let (from_two, _) = hub.snapshot("j-1", 2).await;
         assert_eq!(from_two.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_replaced_attempt_stays_replaced_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let hub = LogHub::new(dir.path().into()).unwrap();
+            hub.append("j", "n1", 0, 1, vec![line("live, also in the file")]).await;
+            hub.append("j", "n1", 0, 0, vec![line("older attempt")]).await;
+            hub.replace_attempt(
+                "j",
+                1,
+                vec![("n1".into(), 0, line("from the file")), ("n1".into(), 0, line("live, also in the file"))],
+            )
+            .await;
+            hub.append("j", "n1", 0, 1, vec![line("after")]).await;
+        }
+        let hub = LogHub::new(dir.path().into()).unwrap();
+        let (lines, _) = hub.snapshot("j", 0).await;
+        let texts: Vec<_> = lines.iter().map(|l| l.line.as_ref().unwrap().text.as_str()).collect();
+        assert_eq!(texts, ["older attempt", "from the file", "live, also in the file", "after"]);
     }
 }

@@ -6,6 +6,9 @@
 //! first: `cargo build --workspace`).
 #![allow(clippy::unwrap_used)]
 
+pub mod etcd;
+pub mod proxy;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -63,6 +66,25 @@ impl PortBlock {
     }
 }
 
+/// A port that no other test takes while this is held (it locks a port block of
+/// its own), e.g. for `--http`: `Cluster::start_with(nodes, &["--http", &spare.addr()])`.
+pub struct SparePort {
+    _block: PortBlock,
+    pub port: u16,
+}
+
+impl SparePort {
+    pub fn take() -> SparePort {
+        let block = PortBlock::take();
+        SparePort { port: block.base, _block: block }
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
 pub struct NodeSpec {
     pub name: String,
     pub address: String,
@@ -73,6 +95,8 @@ pub struct NodeSpec {
     /// A command line the agent is started under, e.g. `unshare -m ...` to
     /// give this node a private mount (a path that is local to it).
     pub wrapper: Vec<String>,
+    /// Reach the controllers through proxies the test can cut (`partitions`).
+    pub partitionable: bool,
 }
 
 impl NodeSpec {
@@ -85,6 +109,7 @@ impl NodeSpec {
             labels: String::new(),
             extra_args: Vec::new(),
             wrapper: Vec::new(),
+            partitionable: false,
         }
     }
 }
@@ -97,7 +122,14 @@ pub struct Cluster {
     agents: Vec<Option<Child>>,
     pub nodes: Vec<NodeSpec>,
     extra_controller_args: Vec<String>,
+    /// More controllers (etcd store): `standbys[i]` is controller i + 1.
+    standbys: Vec<Option<Child>>,
+    /// Per node, a proxy between its agent and every controller, when asked for.
+    pub partitions: Vec<Vec<proxy::Partition>>,
 }
+
+/// How many controllers a cluster may run (ports base .. base + MAX_CONTROLLERS).
+const MAX_CONTROLLERS: u16 = 3;
 
 impl Cluster {
     /// Starts a controller and one agent per node; returns once every node is Ready.
@@ -117,39 +149,115 @@ impl Cluster {
             agents: Vec::new(),
             nodes,
             extra_controller_args: controller_args.iter().map(|s| s.to_string()).collect(),
+            standbys: Vec::new(),
+            partitions: Vec::new(),
         };
         cluster.start_controller()?;
-        for i in 0..cluster.nodes.len() {
-            let child = cluster.spawn_agent(i)?;
-            cluster.agents.push(Some(child));
-        }
+        cluster.start_agents().await?;
         let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
         cluster.wait_nodes_ready(&names, Duration::from_secs(20)).await?;
         Ok(cluster)
     }
 
+    /// Several controllers against one etcd (`controller_args` must name the
+    /// `--store etcd://...`), agents given every controller's URL.
+    pub async fn start_ha(nodes: Vec<NodeSpec>, controllers: u16, controller_args: &[&str]) -> anyhow::Result<Cluster> {
+        assert!((1..=MAX_CONTROLLERS).contains(&controllers));
+        let ports = PortBlock::take();
+        let dir = tempfile::Builder::new().prefix("cohort-test-").tempdir()?;
+        let url =
+            (0..controllers).map(|i| format!("http://127.0.0.1:{}", ports.base + i)).collect::<Vec<_>>().join(",");
+        let mut cluster = Cluster {
+            dir,
+            url,
+            ports,
+            controller: None,
+            agents: Vec::new(),
+            nodes,
+            extra_controller_args: controller_args.iter().map(|s| s.to_string()).collect(),
+            standbys: Vec::new(),
+            partitions: Vec::new(),
+        };
+        cluster.controller = Some(cluster.spawn_controller(0)?);
+        for i in 1..controllers {
+            let child = cluster.spawn_controller(i)?;
+            cluster.standbys.push(Some(child));
+        }
+        cluster.start_agents().await?;
+        Ok(cluster)
+    }
+
+    async fn start_agents(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            let mut proxies = Vec::new();
+            if self.nodes[i].partitionable {
+                for url in self.url.split(',') {
+                    let target: std::net::SocketAddr = url.trim_start_matches("http://").parse()?;
+                    proxies.push(proxy::Partition::start("127.0.0.1:0".parse()?, target).await?);
+                }
+            }
+            self.partitions.push(proxies);
+            let child = self.spawn_agent(i)?;
+            self.agents.push(Some(child));
+        }
+        Ok(())
+    }
+
+    /// The controllers' URLs, comma-separated (what agents and the CLI get).
+    pub fn controller_url(&self, i: u16) -> String {
+        format!("http://127.0.0.1:{}", self.ports.base + i)
+    }
+
     pub fn start_controller(&mut self) -> anyhow::Result<()> {
-        let log = File::create(self.dir.path().join("controller.log"))?;
-        let master = format!("{}-{}", self.ports.base + 1, self.ports.base + BLOCK - 1);
-        let child = Command::new(bin("cohort-controller"))
-            .args(["--listen", &format!("127.0.0.1:{}", self.ports.base)])
+        self.controller = Some(self.spawn_controller(0)?);
+        Ok(())
+    }
+
+    fn spawn_controller(&self, i: u16) -> anyhow::Result<Child> {
+        let name = if i == 0 { "controller".to_string() } else { format!("controller-{i}") };
+        let log = File::options().create(true).append(true).open(self.dir.path().join(format!("{name}.log")))?;
+        let master = format!("{}-{}", self.ports.base + MAX_CONTROLLERS, self.ports.base + BLOCK - 1);
+        Command::new(bin("cohort-controller"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.ports.base + i)])
             .arg("--data-dir")
-            .arg(self.dir.path().join("controller"))
-            .args(["--master-ports", &master])
+            .arg(self.dir.path().join(&name))
+            .args(["--master-ports", &master, "--id", &name])
             .args(&self.extra_controller_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting cohort-controller")?;
-        self.controller = Some(child);
+            .context("starting cohort-controller")
+    }
+
+    /// SIGKILLs controller `i` (0 is the first).
+    pub fn kill_controller_at(&mut self, i: usize) {
+        let child = if i == 0 { self.controller.take() } else { self.standbys.get_mut(i - 1).and_then(Option::take) };
+        if let Some(mut c) = child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts controller `i` again with the same flags.
+    pub fn restart_controller_at(&mut self, i: usize) -> anyhow::Result<()> {
+        let child = self.spawn_controller(i as u16)?;
+        if i == 0 {
+            self.controller = Some(child);
+        } else if let Some(slot) = self.standbys.get_mut(i - 1) {
+            *slot = Some(child);
+        }
         Ok(())
     }
 
     fn spawn_agent(&self, i: usize) -> anyhow::Result<Child> {
         let node = &self.nodes[i];
         let log = File::options().create(true).append(true).open(self.dir.path().join(format!("{}.log", node.name)))?;
+        let controllers = match self.partitions.get(i).filter(|p| !p.is_empty()) {
+            Some(proxies) => proxies.iter().map(|p| format!("http://{}", p.addr)).collect::<Vec<_>>().join(","),
+            None => self.url.clone(),
+        };
         let mut command = match node.wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
@@ -159,7 +267,7 @@ impl Cluster {
             None => Command::new(bin("cohort-agent")),
         };
         command
-            .args(["--controller", &self.url, "--node-name", &node.name, "--advertise-addr", &node.address])
+            .args(["--controller", &controllers, "--node-name", &node.name, "--advertise-addr", &node.address])
             .arg("--work-dir")
             .arg(self.dir.path().join(&node.name))
             .args(["--fake-gpus", &node.fake_gpus.to_string(), "--labels", &node.labels, "--max-backoff", "1s"])
@@ -194,14 +302,26 @@ impl Cluster {
         }
     }
 
+    /// SIGKILLs agent `i` (a crash) and starts it again with the same flags
+    /// and work dir; its ranks' shims outlive it and the new agent adopts them.
+    pub fn restart_agent(&mut self, i: usize) {
+        self.kill_agent(i);
+        self.agents[i] = Some(self.spawn_agent(i).unwrap());
+    }
+
     pub async fn client(&self) -> anyhow::Result<JobServiceClient<Channel>> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match JobServiceClient::connect(self.url.clone()).await {
-                Ok(c) => return Ok(c),
-                Err(e) if tokio::time::Instant::now() > deadline => bail!("controller unreachable: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            // Any live controller answers (standbys forward to the leader).
+            for url in self.url.split(',') {
+                if let Ok(c) = JobServiceClient::connect(url.to_string()).await {
+                    return Ok(c);
+                }
             }
+            if tokio::time::Instant::now() > deadline {
+                bail!("no controller of {} reachable", self.url);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -294,8 +414,13 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         // Agents first (they stop their ranks on SIGTERM), then the controller.
-        let children: Vec<Child> =
-            self.agents.iter_mut().filter_map(Option::take).chain(self.controller.take()).collect();
+        let children: Vec<Child> = self
+            .agents
+            .iter_mut()
+            .filter_map(Option::take)
+            .chain(self.controller.take())
+            .chain(self.standbys.iter_mut().filter_map(Option::take))
+            .collect();
         for c in &children {
             let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
         }

@@ -1,15 +1,30 @@
 #![allow(clippy::unwrap_used)]
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cohort_proto::{EnvVar, LaunchCommand, ProcessSpec};
 
 use super::*;
 
+/// The `cohort-agent` binary, which the supervisor runs as its shim. `cargo
+/// test -p cohort-agent` builds it (the crate has integration tests).
+fn shim_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("cohort-agent");
+    assert!(bin.exists(), "{} not found: run `cargo build -p cohort-agent` first", bin.display());
+    bin
+}
+
+fn supervisor_in(dir: &Path) -> (Supervisor, mpsc::Receiver<Outbound>) {
+    let (tx, rx) = mpsc::channel(1024);
+    (Supervisor::with_shim("test-node".into(), dir.into(), tx, shim_binary()), rx)
+}
+
 fn supervisor() -> (Supervisor, mpsc::Receiver<Outbound>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let (tx, rx) = mpsc::channel(1024);
-    (Supervisor::new("test-node".into(), dir.path().into(), tx), rx, dir)
+    let (sup, rx) = supervisor_in(dir.path());
+    (sup, rx, dir)
 }
 
 fn launch(job: &str, scripts: &[&str], grace_ms: u32) -> LaunchCommand {
@@ -82,6 +97,8 @@ async fn output_lines_arrive_before_the_exit_and_land_in_files() {
     let out = std::fs::read_to_string(dir.path().join("jobs/out/attempt-1/0.out")).unwrap();
     let err = std::fs::read_to_string(dir.path().join("jobs/out/attempt-1/0.err")).unwrap();
     assert_eq!((out.as_str(), err.as_str()), ("hi\n", "oops\n"));
+    let record = state::ExitRecord::read(&dir.path().join("jobs/out/attempt-1/0.exit")).unwrap();
+    assert_eq!((record.exit_code, record.signal), (Some(4), None), "the shim recorded the exit");
 }
 
 #[tokio::test]
@@ -142,4 +159,157 @@ async fn a_relaunch_of_the_same_attempt_is_refused_and_a_missing_workdir_named()
     assert_eq!(err, "workdir /nonexistent/workdir does not exist on this node");
     sup.stop_all().await;
     assert!(sup.report(false).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_program_that_cannot_start_is_reported_with_its_path() {
+    let (sup, mut rx, _dir) = supervisor();
+    let mut cmd = launch("missing", &["true"], 100);
+    cmd.processes[0].argv = vec!["/nonexistent/binary".into()];
+    sup.launch(cmd).await.unwrap();
+    let item = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+    let Outbound::Message(AgentMessage { msg: Some(Msg::ProcessEvent(ev)) }) = item else { panic!("{item:?}") };
+    let Some(Event::SpawnFailed(error)) = ev.event else { panic!("{ev:?}") };
+    assert!(error.contains("/nonexistent/binary"), "{error}");
+    let exited = sup.report(true).await[0].processes[0].exited.clone().unwrap();
+    assert_eq!(exited.exit_code, Some(127));
+}
+
+#[tokio::test]
+async fn a_shim_killed_alone_takes_its_rank_along_and_the_exit_is_unknown() {
+    let (sup, mut rx, dir) = supervisor();
+    sup.launch(launch("shimkill", &["exec sleep 600"], 1000)).await.unwrap();
+    let shim = sup.report(false).await[0].processes[0].pid;
+    let record = LaunchRecord::load(&dir.path().join("jobs/shimkill/attempt-1/launch.json")).unwrap();
+    let rank = record.processes[0].rank_pid;
+    assert!(rank > 0 && rank != shim && alive(rank));
+    nix::sys::signal::kill(Pid::from_raw(shim as i32), Signal::SIGKILL).unwrap();
+    let (_, exited) = until_exit(&mut rx, 0).await;
+    assert_eq!((exited.exit_code, exited.signal), (None, None));
+    assert!(!exited.stopped_by_agent);
+    assert!(exited.root_cause.starts_with("exit unknown: the shim was killed"), "{}", exited.root_cause);
+    assert!(gone_within(rank, Duration::from_secs(2)).await, "the rank must not outlive its shim");
+}
+
+/// Runs `f` on a runtime of its own that is dropped afterwards: every task
+/// of a supervisor made there ends, its shims run on (an agent killed -9).
+fn in_an_agent_that_dies<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap().block_on(f)
+}
+
+/// Lines of process `index` until one satisfies `want`.
+async fn until_line(rx: &mut mpsc::Receiver<Outbound>, index: u32, want: impl Fn(&str) -> bool) -> String {
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap();
+        if let Outbound::Line { line, .. } = item
+            && line.process_index == index
+            && want(&line.text)
+        {
+            return line.text;
+        }
+    }
+}
+
+#[test]
+fn running_processes_survive_the_agent_and_are_adopted_by_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("flag");
+    let printer = format!(
+        "i=0; while [ ! -e {} ]; do i=$((i+1)); echo line $i; sleep 0.05; done; echo bye; exit 0",
+        flag.display()
+    );
+    let pids = in_an_agent_that_dies(async {
+        let (sup, mut rx) = supervisor_in(dir.path());
+        sup.launch(launch("adopt", &[&printer, "exec sleep 600"], 2000)).await.unwrap();
+        until_line(&mut rx, 0, |l| l == "line 2").await;
+        sup.report(false).await[0].processes.iter().map(|p| p.pid).collect::<Vec<_>>()
+    });
+
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let (sup, mut rx) = supervisor_in(dir.path());
+        let recovery = sup.recover().await;
+        assert_eq!(recovery, Recovery { adopted: 2, ended: 0, removed: 0 });
+        let running = sup.report(true).await;
+        assert_eq!(running[0].processes.iter().map(|p| p.pid).collect::<Vec<_>>(), pids, "the same shims");
+        assert!(running[0].processes.iter().all(|p| p.exited.is_none()));
+
+        // New output is streamed again, and the exit comes from the shim's exit file.
+        let line = until_line(&mut rx, 0, |l| l.starts_with("line ")).await;
+        std::fs::write(&flag, "").unwrap();
+        let (lines, exited) = until_exit(&mut rx, 0).await;
+        assert_eq!(lines.last().map(String::as_str), Some("bye"), "after {line}: {lines:?}");
+        assert_eq!((exited.exit_code, exited.signal, exited.stopped_by_agent), (Some(0), None, false));
+
+        // An adopted process is stopped like any other: SIGTERM to its group.
+        sup.stop("adopt", 1, Duration::from_secs(5)).await;
+        let (_, stopped) = until_exit(&mut rx, 1).await;
+        assert_eq!((stopped.signal, stopped.stopped_by_agent), (Some(15), true));
+        for pid in pids {
+            assert!(gone_within(pid, Duration::from_secs(2)).await);
+        }
+        assert!(sup.report(false).await.is_empty());
+    });
+}
+
+#[test]
+fn an_exit_while_no_agent_runs_is_reported_by_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("flag");
+    let script = format!("while [ ! -e {} ]; do sleep 0.02; done; echo failing >&2; exit 3", flag.display());
+    in_an_agent_that_dies(async {
+        let (sup, _rx) = supervisor_in(dir.path());
+        sup.launch(launch("away", &[&script], 1000)).await.unwrap();
+    });
+    std::fs::write(&flag, "").unwrap();
+    let exit_file = dir.path().join("jobs/away/attempt-1/0.exit");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !exit_file.exists() {
+        assert!(std::time::Instant::now() < deadline, "the shim wrote no exit file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let (sup, _rx) = supervisor_in(dir.path());
+        assert_eq!(sup.recover().await, Recovery { adopted: 0, ended: 1, removed: 0 });
+        assert!(sup.report(false).await.is_empty(), "nothing runs");
+        let ended = sup.report(true).await;
+        let exited = ended[0].processes[0].exited.clone().unwrap();
+        assert_eq!((exited.exit_code, exited.stopped_by_agent), (Some(3), false), "for the Register's `running`");
+    });
+}
+
+#[tokio::test]
+async fn state_of_launches_that_ended_long_ago_is_removed_but_their_output_kept() {
+    let (sup, _rx, dir) = supervisor();
+    let launch_dir = state::launch_dir(dir.path(), "old", 4);
+    std::fs::create_dir_all(&launch_dir).unwrap();
+    let files = state::ProcessFiles::new(&launch_dir, 0);
+    std::fs::write(&files.stdout, "done\n").unwrap();
+    let long_ago = now_unix_ms() - 3_600_000;
+    let exit =
+        state::ExitRecord { exit_code: Some(0), signal: None, ended_unix_ms: long_ago, rank_pid: 1, note: "".into() };
+    exit.write(&files.exit).unwrap();
+    let record = LaunchRecord {
+        job_id: "old".into(),
+        attempt: 4,
+        grace_ms: 1000,
+        node_name: "test-node".into(),
+        boot_id: state::boot_id(),
+        stopping_since_unix_ms: None,
+        processes: vec![state::ProcessRecord {
+            index: 0,
+            shim_pid: 0,
+            shim_start_ticks: 0,
+            rank_pid: 2,
+            started_unix_ms: long_ago - 1000,
+            spawn_error: None,
+            files: files.clone(),
+        }],
+    };
+    record.save(&launch_dir).unwrap();
+
+    assert_eq!(sup.recover().await, Recovery { adopted: 0, ended: 0, removed: 1 });
+    assert!(sup.report(true).await.is_empty());
+    assert!(!launch_dir.join(state::STATE_FILE).exists() && !files.exit.exists());
+    assert_eq!(std::fs::read_to_string(&files.stdout).unwrap(), "done\n", "output stays for FetchLogs");
 }

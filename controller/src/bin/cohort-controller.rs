@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use cohort_controller::{ControllerConfig, ServeConfig, serve};
+use cohort_controller::{ControllerConfig, ServeConfig, StoreConfig, serve};
 
 /// Plans and supervises multi-node training jobs; agents and the `cohort` CLI
 /// talk to it over gRPC.
@@ -25,10 +25,32 @@ struct Args {
     /// How often agents send heartbeats.
     #[arg(long, env = "COHORT_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     heartbeat_interval: Duration,
+    /// Where the state lives: `embedded` (a file in --data-dir; one controller)
+    /// or etcd://host:port[,host:port...] (several controllers, one leader).
+    #[arg(long, env = "COHORT_STORE", default_value = "embedded")]
+    store: String,
+    /// Key prefix in etcd.
+    #[arg(long, env = "COHORT_ETCD_PREFIX", default_value = "/cohort/")]
+    etcd_prefix: String,
+    /// This controller's name in the leader election (default: host name and port).
+    #[arg(long, env = "COHORT_CONTROLLER_ID")]
+    id: Option<String>,
+    /// The URL agents and the other controllers use for this one (default: http://<listen>).
+    #[arg(long, env = "COHORT_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// The leader's lease TTL: a leader that cannot renew it for this long is replaced.
+    #[arg(long, env = "COHORT_LEADER_TTL", default_value = "3s", value_parser = humantime::parse_duration)]
+    leader_ttl: Duration,
     /// MASTER_PORT range, FIRST-LAST; keep it outside the kernel's ephemeral range
     /// (/proc/sys/net/ipv4/ip_local_port_range, usually 32768-60999).
     #[arg(long, env = "COHORT_MASTER_PORTS", default_value = "29500-29999", value_parser = parse_port_range)]
     master_ports: (u16, u16),
+    /// Serve /healthz, Prometheus /metrics and the web page on this address (e.g. 0.0.0.0:7080).
+    #[arg(long, env = "COHORT_HTTP", value_name = "ADDR")]
+    http: Option<SocketAddr>,
+    /// Export tracing spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317).
+    #[arg(long, env = "COHORT_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
@@ -43,8 +65,10 @@ fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cohort_shared::telemetry::init("info");
     let args = Args::parse();
+    let telemetry =
+        cohort_shared::telemetry::init_with_otlp("info", "cohort-controller", args.otlp_endpoint.as_deref())
+            .context("--otlp-endpoint")?;
     if args.heartbeat_interval >= args.node_ttl {
         anyhow::bail!(
             "--heartbeat-interval {:?} must be shorter than --node-ttl {:?}",
@@ -57,9 +81,21 @@ async fn main() -> anyhow::Result<()> {
         wait_for_signal().await;
         let _ = tx.send(true);
     });
+    let store = if args.store == "embedded" {
+        StoreConfig::Embedded
+    } else {
+        let endpoints = cohort_controller::store::parse_endpoints(&args.store)
+            .with_context(|| format!("--store {:?}: use `embedded` or etcd://host:port[,host:port...]", args.store))?;
+        StoreConfig::Etcd { endpoints, prefix: args.etcd_prefix.clone() }
+    };
     let config = ServeConfig {
         listen: args.listen,
         data_dir: args.data_dir,
+        store,
+        id: args.id,
+        advertise_url: args.advertise_url,
+        leader_ttl: args.leader_ttl,
+        http: args.http,
         controller: ControllerConfig {
             node_ttl: args.node_ttl,
             heartbeat_interval: args.heartbeat_interval,
@@ -67,8 +103,13 @@ async fn main() -> anyhow::Result<()> {
             ..ControllerConfig::default()
         },
     };
-    serve(config, rx).await.context("controller failed")?;
+    let served = serve(config, rx).await.context("controller failed");
     tracing::info!("controller stopped");
+    // Export the spans still queued (blocks: off the runtime's workers).
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || telemetry.shutdown()).await {
+        eprintln!("{e}");
+    }
+    served?;
     Ok(())
 }
 

@@ -90,6 +90,33 @@ impl Controller {
         node: &str,
         running: &[RunningLaunch],
     ) -> Result<(), ControllerError> {
+        // A node back from a partition may still run a finished job's ranks
+        // (until its fence): they hold their GPUs again and are stopped.
+        for launch in running {
+            let Some(entry) = state.jobs.get_mut(&launch.job_id) else { continue };
+            if !entry.is_terminal() || entry.job.attempt != launch.attempt {
+                continue;
+            }
+            let mut revived = false;
+            for rp in launch.processes.iter().filter(|rp| rp.exited.is_none()) {
+                if let Some(p) = entry
+                    .job
+                    .processes
+                    .iter_mut()
+                    .find(|p| p.node_name == node && p.index == rp.index && p.phase == ProcessPhase::Lost as i32)
+                {
+                    p.phase = ProcessPhase::Running as i32;
+                    p.pid = rp.pid;
+                    revived = true;
+                }
+            }
+            if revived {
+                tracing::warn!(node, job = %launch.job_id, "a lost node still runs a finished job's processes; stopping them");
+                recount(&mut entry.job);
+                let id = launch.job_id.clone();
+                self.persist_job(state, &id).await?;
+            }
+        }
         let ids: Vec<String> = state
             .jobs
             .values()

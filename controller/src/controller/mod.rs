@@ -72,6 +72,11 @@ struct State {
     stops_sent: HashMap<(String, String, u32), Instant>,
     /// Queries sent to agents, by command id, waiting for their answer.
     queries: HashMap<u64, tokio::sync::oneshot::Sender<QueryResult>>,
+    /// Attempts whose whole output this controller has (it launched them, or
+    /// fetched their files from the agents after taking over).
+    logs_complete: HashSet<(String, u32)>,
+    /// Lines of FetchLogs answers being collected, by command id.
+    fetching: HashMap<u64, Vec<(String, cohort_proto::LogBatch)>>,
 }
 
 struct JobEntry {
@@ -452,7 +457,11 @@ impl Controller {
                     telemetry: n.telemetry.clone(),
                     cordoned: n.cordoned,
                     draining: n.draining,
-                    fence_deadline_unix_ms: 0,
+                    fence_deadline_unix_ms: if n.session.is_some() && n.state == NodeState::Ready {
+                        0
+                    } else {
+                        reconcile::fence_deadline(Some(n))
+                    },
                 }
             })
             .collect()

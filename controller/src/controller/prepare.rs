@@ -338,6 +338,75 @@ impl Controller {
         self.get(&id).await
     }
 
+    /// Makes sure the hub holds the current attempt's whole output: a leader
+    /// that took over mid-run fetches the agents' output files once.
+    pub async fn ensure_log_history(&self, job_ref: &str) {
+        let mut waits = Vec::new();
+        let (id, attempt, ranks) = {
+            let mut state = self.state.lock().await;
+            let Ok(entry) = Self::resolve(&state, job_ref) else { return };
+            let (id, attempt) = (entry.job.id.clone(), entry.job.attempt);
+            if attempt == 0 || state.logs_complete.contains(&(id.clone(), attempt)) {
+                return;
+            }
+            let nodes: Vec<(String, u32)> = entry
+                .plan()
+                .map(|p| p.nodes.iter().map(|a| (a.node_name.clone(), a.node_rank)).collect())
+                .unwrap_or_default();
+            for (node, _) in &nodes {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let command_id = state.next_command_id;
+                state.queries.insert(command_id, tx);
+                state.fetching.insert(command_id, Vec::new());
+                let fetch = cohort_proto::FetchLogsCommand { job_id: id.clone(), attempt, max_lines_per_file: 0 };
+                if Self::send_command(&mut state, node, Command::FetchLogs(fetch)) {
+                    waits.push((command_id, rx));
+                } else {
+                    state.queries.remove(&command_id);
+                    state.fetching.remove(&command_id);
+                }
+            }
+            if waits.len() < nodes.len() {
+                tracing::warn!(job = %id, "some nodes are not connected: their earlier output is missing");
+            }
+            (id, attempt, nodes.into_iter().collect::<HashMap<String, u32>>())
+        };
+        let created: Vec<u64> = waits.iter().map(|(id, _)| *id).collect();
+        let mut answered = Vec::new();
+        for (command_id, rx) in waits {
+            if let Ok(Ok(result)) = tokio::time::timeout(QUERY_TIMEOUT / 6, rx).await {
+                if !result.error.is_empty() {
+                    tracing::warn!(job = %id, error = %result.error, "fetching output failed on a node");
+                }
+                answered.push(command_id);
+            }
+        }
+        let mut state = self.state.lock().await;
+        let mut lines = Vec::new();
+        for command_id in answered {
+            for (node, batch) in state.fetching.remove(&command_id).unwrap_or_default() {
+                let rank = ranks.get(&node).copied().unwrap_or(0);
+                lines.extend(batch.lines.into_iter().map(|l| (node.clone(), rank, l)));
+            }
+        }
+        for command_id in created {
+            state.fetching.remove(&command_id);
+            state.queries.remove(&command_id);
+        }
+        state.logs_complete.insert((id.clone(), attempt));
+        drop(state);
+        tracing::info!(job = %id, attempt, lines = lines.len(), "output history fetched from the agents");
+        self.logs.replace_attempt(&id, attempt, lines).await;
+    }
+
+    /// Lines of a FetchLogs answer.
+    pub async fn fetched_lines(&self, node: &str, batch: cohort_proto::LogBatch) {
+        let mut state = self.state.lock().await;
+        if let Some(buffer) = state.fetching.get_mut(&batch.fetch_command_id) {
+            buffer.push((node.to_string(), batch));
+        }
+    }
+
     pub async fn query_result(&self, result: QueryResult) {
         let mut state = self.state.lock().await;
         if let Some(tx) = state.queries.remove(&result.command_id) {

@@ -37,8 +37,14 @@ impl Controller {
         let now = Instant::now();
         let ttl = self.config.node_ttl;
         let mut lost = Vec::new();
+        let suspect_after = self.config.heartbeat_interval * 3;
         for node in state.nodes.values_mut() {
-            if node.state != NodeState::Lost && now.duration_since(node.last_seen) > ttl {
+            let silent = now.duration_since(node.last_seen);
+            if node.state == NodeState::Ready && silent > suspect_after && silent <= ttl {
+                tracing::warn!(node = %node.info.name, silent = ?silent, "heartbeats late; node suspect");
+                node.state = NodeState::Suspect;
+            }
+            if node.state != NodeState::Lost && silent > ttl {
                 tracing::warn!(node = %node.info.name, ttl = ?ttl, "no heartbeat within the TTL; node lost");
                 node.state = NodeState::Lost;
                 node.session = None;
@@ -66,6 +72,12 @@ impl Controller {
                     p.phase = ProcessPhase::Lost as i32;
                 }
                 recount(&mut entry.job);
+                // The lost node's agent stops its ranks only at its fence deadline:
+                // no new attempt of this job may start before then.
+                let deadline = fence_deadline(state.nodes.get(&node));
+                if let Some(entry) = state.jobs.get_mut(&id) {
+                    entry.job.not_before_unix_ms = entry.job.not_before_unix_ms.max(deadline);
+                }
                 let message = format!(
                     "node {node} (node rank {node_rank}) lost: no heartbeat for {}",
                     humantime::format_duration(ttl)
@@ -155,6 +167,17 @@ impl Controller {
         for (_, _, id) in pending {
             let views = Self::node_views(state);
             let Some(entry) = state.jobs.get(&id) else { continue };
+            let wait_ms = entry.job.not_before_unix_ms - now_unix_ms();
+            if wait_ms > 0 {
+                let reason = format!(
+                    "waiting {:.0}s for the fence deadline of the nodes the last attempt lost, so that two attempts never overlap",
+                    wait_ms as f64 / 1000.0
+                );
+                if let Some(entry) = state.jobs.get_mut(&id) {
+                    entry.job.reason = reason;
+                }
+                continue;
+            }
             let placement = match planner::place(&entry.spec, &views) {
                 Ok(p) => p,
                 Err(e) => {
@@ -271,6 +294,7 @@ impl Controller {
             .collect();
         recount(&mut entry.job);
         let grace = entry.spec.stop_grace;
+        state.logs_complete.insert((id.to_string(), attempt));
         // Persist before sending: a controller that dies here restarts knowing
         // the attempt exists, and reconciles what the agents report.
         self.persist_job(state, id).await?;
@@ -373,4 +397,10 @@ impl Controller {
         state.stops_sent.retain(|_, t| now.duration_since(*t) < resend * 10);
         changed
     }
+}
+
+/// When a node's agent stops its ranks if it stays cut off: its last
+/// acknowledged heartbeat plus its `--fence-after`.
+pub(super) fn fence_deadline(node: Option<&NodeEntry>) -> i64 {
+    node.map(|n| n.last_seen_unix_ms + i64::from(n.info.fence_after_ms)).unwrap_or(0)
 }

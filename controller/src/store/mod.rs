@@ -1,15 +1,21 @@
 //! The controller's durable state, behind one `Store` trait: an embedded,
-//! persistent store for a single machine (the default) and, later, etcd.
+//! persistent store for a single machine (the default) and etcd (several
+//! controllers, high availability).
 //!
 //! Keys are plain strings (`jobs/<id>`, `nodes/<name>`); values are encoded
 //! protobuf records. Every key carries a revision so that writers can make
 //! compare-and-set updates: two controllers can never both move a job.
 
 mod embedded;
+pub(crate) mod etcd;
 
 pub use embedded::EmbeddedStore;
+pub use etcd::{DEFAULT_PREFIX, EtcdOptions, EtcdStore, parse_endpoints};
+
+use std::pin::Pin;
 
 use async_trait::async_trait;
+use futures::Stream;
 
 /// A value and the revision it was written at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +43,26 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// One change seen by a [`Store::watch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        revision: u64,
+    },
+    Delete {
+        key: String,
+        revision: u64,
+    },
+    /// Changes may have been missed (history compacted, the watcher fell
+    /// behind): re-list the prefix, then keep consuming the stream.
+    Resync,
+}
+
+/// Changes under a prefix, in revision order. Ends only when the store is dropped.
+pub type WatchStream = Pin<Box<dyn Stream<Item = WatchEvent> + Send>>;
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
@@ -45,15 +71,39 @@ pub trait Store: Send + Sync + 'static {
     /// Writes `value` if `expect` holds; returns the new revision.
     async fn put(&self, key: &str, value: Vec<u8>, expect: Expect) -> Result<u64, StoreError>;
     async fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError>;
+    /// Changes to keys starting with `prefix` from `from_revision` on (0: from
+    /// now). The watch is in place when this returns, so a write made after it
+    /// is seen. Open it before listing, so nothing falls between the list and
+    /// the first event; a backend that cannot replay an older `from_revision`
+    /// yields [`WatchEvent::Resync`] first.
+    async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError>;
 }
 
-#[cfg(test)]
-pub(crate) mod conformance {
-    //! The behaviour every `Store` must have; run against each backend.
-    #![allow(clippy::unwrap_used)]
+/// The behaviour every `Store` must have; run against each backend (the etcd
+/// one from `controller/tests/etcd_store.rs`, hence public).
+#[doc(hidden)]
+pub mod conformance {
+    #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+    use std::time::Duration;
+
+    use futures::StreamExt;
+
     use super::*;
 
+    /// Every case below, on a store whose keyspace is empty.
     pub async fn run_all(store: &dyn Store) {
+        kv(store).await;
+        watch(store).await;
+    }
+
+    async fn next_event(events: &mut WatchStream) -> WatchEvent {
+        tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("no watch event within 10 s")
+            .expect("watch stream ended")
+    }
+
+    pub async fn kv(store: &dyn Store) {
         assert_eq!(store.get("jobs/a").await.unwrap(), None);
 
         let r1 = store.put("jobs/a", b"one".to_vec(), Expect::Absent).await.unwrap();
@@ -77,10 +127,69 @@ pub(crate) mod conformance {
         let keys: Vec<&str> = jobs.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["jobs/a", "jobs/b"]);
 
+        // Revision 0 is no key's revision: it never matches, not even an absent key.
+        let zero = store.put("jobs/z", b"z".to_vec(), Expect::Revision(0)).await;
+        assert!(matches!(zero, Err(StoreError::Conflict { found: None, .. })), "{zero:?}");
+        assert_eq!(store.get("jobs/z").await.unwrap(), None);
+
         let wrong = store.delete("jobs/a", Expect::Revision(r1)).await;
         assert!(matches!(wrong, Err(StoreError::Conflict { .. })));
         store.delete("jobs/a", Expect::Revision(r2)).await.unwrap();
         assert_eq!(store.get("jobs/a").await.unwrap(), None);
         assert_eq!(store.list("jobs/").await.unwrap().len(), 1);
+    }
+
+    pub async fn watch(store: &dyn Store) {
+        let mut events = store.watch("watched/", 0).await.unwrap();
+
+        // A put after watch() arrives, with the revision the put returned.
+        let r1 = store.put("watched/a", b"1".to_vec(), Expect::Absent).await.unwrap();
+        assert_eq!(
+            next_event(&mut events).await,
+            WatchEvent::Put { key: "watched/a".into(), value: b"1".to_vec(), revision: r1 }
+        );
+
+        // Keys outside the prefix are not seen; order is revision order.
+        store.put("unwatched/x", b"x".to_vec(), Expect::Any).await.unwrap();
+        let r2 = store.put("watched/b", b"2".to_vec(), Expect::Any).await.unwrap();
+        let r3 = store.put("watched/a", b"3".to_vec(), Expect::Revision(r1)).await.unwrap();
+        assert_eq!(
+            next_event(&mut events).await,
+            WatchEvent::Put { key: "watched/b".into(), value: b"2".to_vec(), revision: r2 }
+        );
+        assert_eq!(
+            next_event(&mut events).await,
+            WatchEvent::Put { key: "watched/a".into(), value: b"3".to_vec(), revision: r3 }
+        );
+
+        // A refused write is not an event; a delete is.
+        assert!(store.put("watched/a", b"no".to_vec(), Expect::Absent).await.is_err());
+        store.delete("watched/b", Expect::Revision(r2)).await.unwrap();
+        match next_event(&mut events).await {
+            WatchEvent::Delete { key, revision } => {
+                assert_eq!(key, "watched/b");
+                assert!(revision > r3, "delete at {revision}, after {r3}");
+            }
+            other => panic!("expected the delete of watched/b, got {other:?}"),
+        }
+
+        // From an older revision: replayed, or a Resync where history is not kept.
+        let mut replay = store.watch("watched/", r1).await.unwrap();
+        match next_event(&mut replay).await {
+            WatchEvent::Resync => {}
+            WatchEvent::Put { key, revision, .. } => assert_eq!((key.as_str(), revision), ("watched/a", r1)),
+            other => panic!("expected the put at {r1} or Resync, got {other:?}"),
+        }
+
+        // Two watchers see the same change.
+        let r4 = store.put("watched/c", b"4".to_vec(), Expect::Any).await.unwrap();
+        let expected = WatchEvent::Put { key: "watched/c".into(), value: b"4".to_vec(), revision: r4 };
+        assert_eq!(next_event(&mut events).await, expected);
+        loop {
+            match next_event(&mut replay).await {
+                event if event == expected => break,
+                WatchEvent::Resync | WatchEvent::Put { .. } | WatchEvent::Delete { .. } => {}
+            }
+        }
     }
 }

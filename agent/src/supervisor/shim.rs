@@ -1,0 +1,194 @@
+//! The shim: `cohort-agent shim`, one per process of a launch, between the
+//! agent and the rank (like containerd-shim or conmon). It lets ranks survive
+//! an agent restart:
+//!
+//! - it calls `setsid`, so it leads a session and process group of its own
+//!   that holds the rank too: the agent's death does not reach it, and the
+//!   agent stops the rank by signalling the group (pgid = shim pid);
+//! - the rank writes its output straight to files (append), never to a pipe
+//!   whose reader could die;
+//! - it handles SIGTERM/SIGINT/SIGHUP by doing nothing (the rank starts with
+//!   the default dispositions), so a group SIGTERM stops the rank and the shim
+//!   lives to record it;
+//! - it writes the rank's exit status to the exit file atomically, kills what
+//!   the rank left in the group, and exits.
+//!
+//! A SIGKILL to the group kills the shim too: then there is no exit file.
+//!
+//! One JSON line on the shim's stdout (a pipe the agent reads once) tells the
+//! agent the rank's pid, or why it could not be started.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use clap::Parser;
+use cohort_proto::now_unix_ms;
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::state::ExitRecord;
+
+/// The first argument that makes `cohort-agent` a shim.
+pub const SUBCOMMAND: &str = "shim";
+
+#[derive(Parser, Debug)]
+#[command(name = "cohort-agent")]
+enum ShimCli {
+    /// Runs one process of a launch for the agent (internal).
+    #[command(hide = true)]
+    Shim(ShimArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ShimArgs {
+    /// Where to write the exit status (JSON) once the process has exited.
+    #[arg(long)]
+    exit_file: PathBuf,
+    /// The process's stdout (appended to).
+    #[arg(long)]
+    stdout: PathBuf,
+    /// The process's stderr (appended to).
+    #[arg(long)]
+    stderr: PathBuf,
+    /// The process's command line.
+    #[arg(last = true, required = true)]
+    argv: Vec<OsString>,
+}
+
+/// The shim's one-line answer to the agent.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Handshake {
+    Started { rank_pid: u32 },
+    Failed { error: String },
+}
+
+/// Whether this process was started as a shim (checked before anything else runs).
+pub fn invoked() -> bool {
+    std::env::args_os().nth(1).is_some_and(|a| a == SUBCOMMAND)
+}
+
+/// Runs the shim; returns its exit status. One thread and no logging: it
+/// lives as long as the rank (tokio only installs the signal handlers).
+pub fn main() -> i32 {
+    let ShimCli::Shim(args) = ShimCli::parse();
+    run(args)
+}
+
+fn run(args: ShimArgs) -> i32 {
+    let mut agent = std::io::stdout();
+    let mut answer = |h: Handshake| {
+        if let Ok(line) = serde_json::to_string(&h) {
+            let _ = writeln!(agent, "{line}");
+            let _ = agent.flush();
+        }
+    };
+    if let Err(e) = nix::unistd::setsid() {
+        answer(Handshake::Failed { error: format!("shim: setsid: {e}") });
+        return 127;
+    }
+    // Handled (by tokio's handler, which does nothing with them), neither
+    // blocked nor ignored: exec resets handled signals to their default in the
+    // rank, while a blocked mask or an ignored disposition would be inherited.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            answer(Handshake::Failed { error: format!("shim: {e}") });
+            return 127;
+        }
+    };
+    let _runtime = runtime.enter();
+    for kind in [SignalKind::terminate(), SignalKind::interrupt(), SignalKind::hangup()] {
+        if let Err(e) = signal(kind) {
+            answer(Handshake::Failed { error: format!("shim: cannot handle {kind:?}: {e}") });
+            return 127;
+        }
+    }
+    let open = |path: &PathBuf| {
+        File::options().create(true).append(true).open(path).map_err(|e| format!("shim: {}: {e}", path.display()))
+    };
+    let (stdout, stderr) = match (open(&args.stdout), open(&args.stderr)) {
+        (Ok(o), Ok(e)) => (o, e),
+        (Err(error), _) | (_, Err(error)) => {
+            answer(Handshake::Failed { error });
+            return 127;
+        }
+    };
+    let program = &args.argv[0];
+    let spawned =
+        Command::new(program).args(&args.argv[1..]).stdin(Stdio::null()).stdout(stdout).stderr(stderr).spawn();
+    let mut rank = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            answer(Handshake::Failed { error: format!("{}: {e}", PathBuf::from(program).display()) });
+            return 127;
+        }
+    };
+    let rank_pid = rank.id();
+    answer(Handshake::Started { rank_pid });
+    let status = rank.wait();
+    let record = match status {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            ExitRecord {
+                exit_code: status.code(),
+                signal: status.signal(),
+                ended_unix_ms: now_unix_ms(),
+                rank_pid,
+                note: String::new(),
+            }
+        }
+        Err(e) => ExitRecord {
+            exit_code: None,
+            signal: None,
+            ended_unix_ms: now_unix_ms(),
+            rank_pid,
+            note: format!("exit unknown: the shim could not wait for the process: {e}"),
+        },
+    };
+    if let Err(e) = record.write(&args.exit_file) {
+        eprintln!("cohort-agent shim: cannot write {}: {e}", args.exit_file.display());
+    }
+    // Whatever the rank left in its group goes with it, even with no agent around.
+    kill_rest_of_group();
+    match (record.exit_code, record.signal) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 127,
+    }
+}
+
+/// SIGKILLs every other member of this process's group (found in /proc).
+fn kill_rest_of_group() {
+    let me = std::process::id();
+    // A member may fork while we look: a few rounds catch its children.
+    for _ in 0..3 {
+        let members = group_members(me);
+        if members.is_empty() {
+            return;
+        }
+        for pid in members {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Live processes of process group `pgid`, other than this one.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ');
+            let state = fields.next()?;
+            let pgrp: u32 = fields.nth(1)?.parse().ok()?;
+            (pid != me && pgrp == pgid && state != "Z").then_some(pid)
+        })
+        .collect()
+}

@@ -1,0 +1,138 @@
+//! Which controller acts. With etcd several controllers run; exactly one
+//! leads (etcd's election on a lease) and only it holds a `Controller`: it
+//! loads the state from the store when it wins, runs the reconcile loop and
+//! accepts agents. A standby forwards the job API to the leader and tells
+//! agents where the leader is. A leader that loses its lease drops its
+//! `Controller` at once (stops acting) and becomes a standby.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cohort_proto::job_service_client::JobServiceClient;
+use tokio::sync::{RwLock, watch};
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::controller::{Controller, ControllerConfig};
+use crate::leader::LeaderState;
+use crate::store::Store;
+
+pub struct Leading {
+    pub id: String,
+    pub url: String,
+    current: RwLock<Option<Arc<Controller>>>,
+    leader: watch::Receiver<LeaderState>,
+    /// A channel to the leader (standbys), rebuilt when the leader changes.
+    channel: RwLock<Option<(String, Channel)>>,
+}
+
+/// Where a job-API call goes.
+pub enum Target {
+    Local(Arc<Controller>),
+    Leader(Box<JobServiceClient<Channel>>),
+}
+
+impl Leading {
+    pub fn new(id: String, url: String, leader: watch::Receiver<LeaderState>) -> Arc<Self> {
+        Arc::new(Self { id, url, current: RwLock::new(None), leader, channel: RwLock::new(None) })
+    }
+
+    /// The local controller while this process leads.
+    pub async fn controller(&self) -> Option<Arc<Controller>> {
+        self.current.read().await.clone()
+    }
+
+    pub fn state(&self) -> LeaderState {
+        self.leader.borrow().clone()
+    }
+
+    /// For agents: the local controller, or a refusal naming the leader
+    /// ("...; leader: URL", which agents parse).
+    pub async fn for_agents(&self) -> Result<Arc<Controller>, Status> {
+        if let Some(c) = self.controller().await {
+            return Ok(c);
+        }
+        let state = self.state();
+        Err(Status::failed_precondition(if state.leader_url.is_empty() || state.leader_url == self.url {
+            format!("controller {} is not leading (an election is under way)", self.id)
+        } else {
+            format!("controller {} is a standby; leader: {}", self.id, state.leader_url)
+        }))
+    }
+
+    /// For the job API: the local controller, or a client of the leader.
+    pub async fn target(&self) -> Result<Target, Status> {
+        if let Some(c) = self.controller().await {
+            return Ok(Target::Local(c));
+        }
+        let leader = self.state().leader_url;
+        if leader.is_empty() || leader == self.url {
+            return Err(Status::unavailable(format!(
+                "controller {} is a standby and no leader is known yet; retry in a few seconds",
+                self.id
+            )));
+        }
+        if let Some((url, channel)) = self.channel.read().await.as_ref()
+            && *url == leader
+        {
+            return Ok(Target::Leader(Box::new(JobServiceClient::new(channel.clone()))));
+        }
+        let channel = Endpoint::from_shared(leader.clone())
+            .map_err(|e| Status::internal(format!("the leader's URL {leader:?} is invalid: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .connect_lazy();
+        *self.channel.write().await = Some((leader, channel.clone()));
+        Ok(Target::Leader(Box::new(JobServiceClient::new(channel))))
+    }
+
+    /// Follows the election until `shutdown`: loads a `Controller` from the
+    /// store and runs its reconcile loop whenever this process leads, and
+    /// drops it the moment it does not.
+    pub async fn run(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        data_dir: PathBuf,
+        config: ControllerConfig,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut leader = self.leader.clone();
+        loop {
+            // Wait to lead.
+            loop {
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+                if leader.borrow_and_update().is_leader {
+                    break;
+                }
+                tokio::select! {
+                    changed = leader.changed() => if changed.is_err() { return Ok(()) },
+                    _ = shutdown.changed() => {}
+                }
+            }
+            tracing::info!(id = %self.id, "leading: loading the state from the store");
+            let controller = Controller::load(store.clone(), &data_dir, config.clone()).await?;
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let reconcile = tokio::spawn(controller.clone().run(stop_rx));
+            *self.current.write().await = Some(controller.clone());
+            // Lead until the lease is lost or we shut down.
+            loop {
+                if !leader.borrow_and_update().is_leader || *shutdown.borrow() {
+                    break;
+                }
+                tokio::select! {
+                    changed = leader.changed() => if changed.is_err() { break },
+                    _ = shutdown.changed() => {}
+                }
+            }
+            tracing::warn!(id = %self.id, "no longer leading: stopping all control actions");
+            *self.current.write().await = None;
+            let _ = stop_tx.send(true);
+            reconcile.abort();
+            controller.close_sessions().await;
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+        }
+    }
+}
