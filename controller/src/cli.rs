@@ -12,6 +12,7 @@ use cohort_proto::{
     ListNodesRequest, LogStream, NodeState, PlanJobRequest, PlanJobResponse, ProcessPhase, ResumeJobRequest,
     StreamLogsRequest, SubmitJobRequest, WatchJobRequest,
 };
+use cohort_proto::{ClearGpuRequest, NodeRequest};
 use comfy_table::{Table, presets::NOTHING};
 use tonic::transport::Channel;
 
@@ -45,10 +46,33 @@ pub struct Format {
 
 #[derive(Subcommand, Debug)]
 pub enum Verb {
-    /// List the nodes, their state and GPUs.
+    /// List the nodes, their state and GPUs (`-o wide`: unhealthy GPUs, fence deadlines).
     Nodes {
+        /// table, json, or wide.
+        #[arg(long = "output", short = 'o', default_value = "table", value_parser = ["table", "json", "wide"])]
+        output: String,
+    },
+    /// Every GPU of every node with its health, utilisation, memory and job.
+    Gpus {
         #[command(flatten)]
         format: Format,
+    },
+    /// No new work on NODE; running jobs go on.
+    Cordon { node: String },
+    /// Cordon NODE and show it Draining until its jobs have ended.
+    Drain {
+        node: String,
+        /// Wait until no job runs on the node.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Let NODE take new work again.
+    Uncordon { node: String },
+    /// Declare a GPU that the health policy marked unhealthy healthy again.
+    ClearGpu {
+        node: String,
+        /// The GPU's index on that node.
+        index: u32,
     },
     /// Validate a job file and show where and how it would run, without launching it.
     Plan {
@@ -170,7 +194,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let mut client = connect(&cli.controller).await?;
     match cli.command {
-        Verb::Nodes { format } => nodes(&mut client, format.output).await,
+        Verb::Nodes { output } => {
+            let out = if output == "json" { Output::Json } else { Output::Table };
+            nodes(&mut client, out, output == "wide").await
+        }
+        Verb::Gpus { format } => gpus(&mut client, format.output).await,
+        Verb::Cordon { node } => {
+            let node = client.cordon_node(NodeRequest { node }).await.map_err(status_error)?.into_inner();
+            say!("{}: {}", node.info.clone().map(|i| i.name).unwrap_or_default(), node_state(&node));
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Uncordon { node } => {
+            let node = client.uncordon_node(NodeRequest { node }).await.map_err(status_error)?.into_inner();
+            say!("{}: {}", node.info.clone().map(|i| i.name).unwrap_or_default(), node_state(&node));
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Drain { node, wait } => {
+            let mut drained =
+                client.drain_node(NodeRequest { node: node.clone() }).await.map_err(status_error)?.into_inner();
+            while wait && !drained.jobs.is_empty() {
+                eprintln!("{node}: waiting for {}", drained.jobs.join(", "));
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let all = client.list_nodes(ListNodesRequest {}).await.map_err(status_error)?.into_inner().nodes;
+                drained = all.into_iter().find(|n| n.info.as_ref().is_some_and(|i| i.name == node)).unwrap_or_default();
+            }
+            say!("{node}: {}", node_state(&drained));
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::ClearGpu { node, index } => {
+            client.clear_gpu(ClearGpuRequest { node: node.clone(), gpu_index: index }).await.map_err(status_error)?;
+            say!("{node}: GPU {index} cleared");
+            Ok(ExitCode::SUCCESS)
+        }
         Verb::Plan { format, .. } => plan(&mut client, file.unwrap_or_default(), format.output).await,
         Verb::Submit { wait, follow, format, .. } => {
             let out = format.output;
@@ -379,38 +434,128 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
-async fn nodes(client: &mut JobServiceClient<Channel>, out: Output) -> anyhow::Result<ExitCode> {
+/// "Ready", "Suspect,Cordoned", "Lost", "Ready,Draining", ...
+pub fn node_state(node: &cohort_proto::Node) -> String {
+    let mut state = match NodeState::try_from(node.state) {
+        Ok(NodeState::Ready) => "Ready",
+        Ok(NodeState::Suspect) => "Suspect",
+        Ok(NodeState::Lost) => "Lost",
+        Ok(NodeState::Disconnected) => "Disconnected",
+        _ => "Unknown",
+    }
+    .to_string();
+    if node.draining {
+        state.push_str(",Draining");
+    } else if node.cordoned {
+        state.push_str(",Cordoned");
+    }
+    state
+}
+
+fn health_of(t: &cohort_proto::GpuTelemetry) -> (&'static str, String) {
+    use cohort_proto::GpuHealthState;
+    match &t.health {
+        Some(h) => {
+            let state = match GpuHealthState::try_from(h.state) {
+                Ok(GpuHealthState::Healthy) => "Healthy",
+                Ok(GpuHealthState::Warning) => "Warning",
+                Ok(GpuHealthState::Unhealthy) => "Unhealthy",
+                _ => "Unknown",
+            };
+            (state, h.reasons.join("; "))
+        }
+        None => ("Unknown", String::new()),
+    }
+}
+
+async fn nodes(client: &mut JobServiceClient<Channel>, out: Output, wide: bool) -> anyhow::Result<ExitCode> {
     let nodes = client.list_nodes(ListNodesRequest {}).await.map_err(status_error)?.into_inner();
     if out == Output::Json {
         print_json(&nodes)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut t = table(&["NAME", "ADDRESS", "STATE", "GPUS", "GPU MODEL", "LABELS", "JOBS", "LAST HEARTBEAT"]);
+    let mut header = vec!["NAME", "ADDRESS", "STATE", "GPUS", "GPU MODEL", "LABELS", "JOBS", "LAST HEARTBEAT"];
+    if wide {
+        header.extend(["UNHEALTHY GPUS", "FENCE DEADLINE"]);
+    }
+    let mut t = table(&header);
     for node in &nodes.nodes {
         let info = node.info.clone().unwrap_or_default();
-        let state = match NodeState::try_from(node.state) {
-            Ok(NodeState::Ready) => "Ready",
-            Ok(NodeState::Lost) => "Lost",
-            Ok(NodeState::Disconnected) => "Disconnected",
-            _ => "Unknown",
-        };
         let mut models: Vec<String> = info.gpus.iter().map(|g| g.name.clone()).collect();
         models.dedup();
         let mut labels: Vec<String> = info.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
-        t.add_row(vec![
+        let mut row = vec![
             info.name.clone(),
             info.advertise_addr.clone(),
-            state.to_string(),
+            node_state(node),
             format!("{}/{} used", node.allocated_gpus.len(), info.gpus.len()),
             if models.is_empty() { format!("none ({})", info.gpu_note) } else { models.join(", ") },
             labels.join(","),
             node.jobs.join(","),
             ago(node.last_heartbeat_unix_ms),
-        ]);
+        ];
+        if wide {
+            let unhealthy: Vec<String> = node
+                .telemetry
+                .iter()
+                .filter(|t| health_of(t).0 == "Unhealthy")
+                .map(|t| format!("{} ({})", t.index, health_of(t).1))
+                .collect();
+            row.push(if unhealthy.is_empty() { "-".into() } else { unhealthy.join("; ") });
+            row.push(if node.fence_deadline_unix_ms > 0 { until(node.fence_deadline_unix_ms) } else { "-".into() });
+        }
+        t.add_row(row);
     }
     say!("{t}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every GPU of every node: model, health and why, utilisation, memory, temperature, power, job.
+async fn gpus(client: &mut JobServiceClient<Channel>, out: Output) -> anyhow::Result<ExitCode> {
+    let nodes = client.list_nodes(ListNodesRequest {}).await.map_err(status_error)?.into_inner();
+    if out == Output::Json {
+        print_json(&nodes)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t =
+        table(&["NODE", "GPU", "MODEL", "UUID", "ISLAND", "HEALTH", "UTIL", "MEMORY", "TEMP", "POWER", "JOBS", "WHY"]);
+    for node in &nodes.nodes {
+        let info = node.info.clone().unwrap_or_default();
+        for gpu in &info.gpus {
+            let telemetry = node.telemetry.iter().find(|t| t.index == gpu.index);
+            let (health, why) = telemetry.map(health_of).unwrap_or(("Unknown", String::new()));
+            let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            let allocated = node.allocated_gpus.contains(&gpu.index);
+            t.add_row(vec![
+                info.name.clone(),
+                gpu.index.to_string(),
+                gpu.name.clone(),
+                gpu.uuid.clone(),
+                gpu.nvlink_island.to_string(),
+                health.to_string(),
+                opt(telemetry.and_then(|t| t.utilization_gpu_pct).map(|u| format!("{u}%"))),
+                opt(telemetry
+                    .and_then(|t| Some((t.memory_used_bytes?, t.memory_total_bytes?)))
+                    .map(|(u, m)| format!("{}/{}", crate::cli_metrics::bytes(u), crate::cli_metrics::bytes(m)))),
+                opt(telemetry.and_then(|t| t.temperature_c).map(|c| format!("{c}°C"))),
+                opt(telemetry.and_then(|t| t.power_w).map(|w| format!("{w:.0} W"))),
+                if allocated { node.jobs.join(",") } else { String::new() },
+                why,
+            ]);
+        }
+    }
+    say!("{t}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn until(unix_ms: i64) -> String {
+    let left = unix_ms - cohort_proto::now_unix_ms();
+    if left <= 0 {
+        "passed".into()
+    } else {
+        format!("in {}", humantime::format_duration(Duration::from_secs((left / 1000) as u64)))
+    }
 }
 
 async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output) -> anyhow::Result<ExitCode> {
@@ -443,6 +588,9 @@ async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output
     match &response.plan {
         Some(plan) => {
             say!("master: {}:{}", plan.master_addr, plan.master_port);
+            for note in &plan.notes {
+                say!("note: {note}");
+            }
             for node in &plan.nodes {
                 let gpus: Vec<String> = node.gpu_indices.iter().map(u32::to_string).collect();
                 say!();

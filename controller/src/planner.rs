@@ -4,7 +4,7 @@
 //! `render` turns that choice into each node's processes: command line and the
 //! full environment of DESIGN.md's contract.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use cohort_proto::{EnvVar, GangPlan, NodeAssignment, ProcessSpec};
 use cohort_shared::spec::{JobSpec, LaunchMode, Workload};
@@ -22,12 +22,16 @@ pub struct NodeView {
     pub unavailable: Option<String>,
     /// Node-specific variables of the contract (MODELSCOPE_CACHE, ...).
     pub node_env: Vec<EnvVar>,
+    /// NVLink island of each GPU index (GPUs without NVLink are islands of one).
+    pub islands: HashMap<u32, u32>,
 }
 
 /// The chosen nodes, in node-rank order, with the GPUs granted on each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     pub nodes: Vec<(String, Vec<u32>)>,
+    /// Why, for `cohort plan`: islands used per node.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,12 +89,61 @@ pub fn place(spec: &JobSpec, nodes: &[NodeView]) -> Result<Placement, PlacementE
     eligible.sort_by(|a, b| a.free_gpus.len().cmp(&b.free_gpus.len()).then(a.name.cmp(&b.name)));
     let mut chosen: Vec<&NodeView> = eligible.into_iter().take(spec.nodes as usize).collect();
     chosen.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Placement {
-        nodes: chosen
-            .into_iter()
-            .map(|n| (n.name.clone(), n.free_gpus[..spec.gpus_per_node as usize].to_vec()))
-            .collect(),
-    })
+    let mut notes = Vec::new();
+    let nodes = chosen
+        .into_iter()
+        .map(|n| {
+            let (gpus, note) = pick_gpus(n, spec.gpus_per_node as usize);
+            if let Some(note) = note {
+                notes.push(format!("{}: {note}", n.name));
+            }
+            (n.name.clone(), gpus)
+        })
+        .collect();
+    Ok(Placement { nodes, notes })
+}
+
+/// `count` free GPUs of `node`, from one NVLink island when one has room (the
+/// one with the fewest free GPUs that fits, so big islands stay whole),
+/// else from as few islands as possible. Returns a note when islands matter.
+fn pick_gpus(node: &NodeView, count: usize) -> (Vec<u32>, Option<String>) {
+    if count == 0 {
+        return (Vec::new(), None);
+    }
+    let mut by_island: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for gpu in &node.free_gpus {
+        let island = node.islands.get(gpu).copied().unwrap_or(u32::MAX - gpu);
+        by_island.entry(island).or_default().push(*gpu);
+    }
+    let multi_gpu_islands = by_island.values().any(|g| g.len() > 1)
+        || node.islands.values().collect::<BTreeSet<_>>().len() < node.islands.len();
+    if let Some((island, gpus)) =
+        by_island.iter().filter(|(_, g)| g.len() >= count).min_by_key(|(_, g)| (g.len(), g[0]))
+    {
+        let picked = gpus[..count].to_vec();
+        let note = (count > 1 && multi_gpu_islands)
+            .then(|| format!("GPUs {} share NVLink island {island} ({} free there)", join(&picked), gpus.len()));
+        return (picked, note);
+    }
+    // No island has room: fewest islands, biggest first.
+    let mut islands: Vec<&Vec<u32>> = by_island.values().collect();
+    islands.sort_by_key(|g| std::cmp::Reverse(g.len()));
+    let picked: Vec<u32> = islands.iter().flat_map(|g| g.iter().copied()).take(count).collect();
+    let used = islands.iter().scan(0usize, |taken, g| {
+        let before = *taken;
+        *taken += g.len();
+        (before < count).then_some(())
+    });
+    let note = multi_gpu_islands.then(|| {
+        format!(
+            "no NVLink island has {count} free GPUs: GPUs {} span {} islands (traffic between them crosses PCIe)",
+            join(&picked),
+            used.count()
+        )
+    });
+    let mut picked = picked;
+    picked.sort_unstable();
+    (picked, note)
 }
 
 /// What `render` needs besides the spec and the placement.
@@ -164,7 +217,7 @@ pub fn render(spec: &JobSpec, placement: &Placement, nodes: &[NodeView], input: 
             }
         })
         .collect();
-    GangPlan { master_addr, master_port: input.master_port as u32, nodes: assignments }
+    GangPlan { master_addr, master_port: input.master_port as u32, nodes: assignments, notes: placement.notes.clone() }
 }
 
 fn var(name: &str, value: impl ToString) -> EnvVar {

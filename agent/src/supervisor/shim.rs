@@ -10,8 +10,8 @@
 //! - it handles SIGTERM/SIGINT/SIGHUP by doing nothing (the rank starts with
 //!   the default dispositions), so a group SIGTERM stops the rank and the shim
 //!   lives to record it;
-//! - it writes the rank's exit status to the exit file atomically, kills what
-//!   the rank left in the group, and exits.
+//! - it writes the rank's exit status to the exit file atomically, then
+//!   SIGKILLs its group: what the rank left behind, and itself.
 //!
 //! A SIGKILL to the group kills the shim too: then there is no exit file.
 //!
@@ -26,7 +26,8 @@ use std::process::{Command, Stdio};
 
 use clap::Parser;
 use cohort_proto::now_unix_ms;
-use nix::sys::signal::Signal;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::getpgrp;
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -150,16 +151,22 @@ fn run(args: ShimArgs) -> i32 {
             note: format!("exit unknown: the shim could not wait for the process: {e}"),
         },
     };
-    if let Err(e) = record.write(&args.exit_file) {
-        eprintln!("cohort-agent shim: cannot write {}: {e}", args.exit_file.display());
-    }
-    // Whatever the rank left in its group goes with it, even with no agent around.
-    kill_rest_of_group();
-    match (record.exit_code, record.signal) {
+    let code = match (record.exit_code, record.signal) {
         (Some(code), _) => code,
         (None, Some(signal)) => 128 + signal,
         (None, None) => 127,
+    };
+    if let Err(e) = record.write(&args.exit_file) {
+        eprintln!("cohort-agent shim: cannot write {}: {e}", args.exit_file.display());
+        // Exiting with the rank's code is the only way left to tell the agent.
+        kill_rest_of_group();
+        return code;
     }
+    // Whatever the rank left in its group goes with it, even with no agent
+    // around, and the shim with them: one signal, no /proc scan between the
+    // rank's exit and the agent hearing of it (the exit file has the status).
+    let _ = killpg(getpgrp(), Signal::SIGKILL);
+    code
 }
 
 /// SIGKILLs every other member of this process's group (found in /proc).

@@ -445,6 +445,7 @@ impl Controller {
             .values()
             .map(|n| {
                 let (mut gpus, jobs) = allocated.remove(n.info.name.as_str()).unwrap_or_default();
+                let jobs_here = !jobs.is_empty();
                 gpus.sort_unstable();
                 Node {
                     info: Some(n.info.clone()),
@@ -456,7 +457,8 @@ impl Controller {
                     preflight: n.preflight.clone(),
                     telemetry: n.telemetry.clone(),
                     cordoned: n.cordoned,
-                    draining: n.draining,
+                    // Drained once its jobs are gone: then merely cordoned.
+                    draining: n.draining && jobs_here,
                     fence_deadline_unix_ms: if n.session.is_some() && n.state == NodeState::Ready {
                         0
                     } else {

@@ -129,6 +129,7 @@ impl Controller {
                     total_gpus: n.info.gpus.len() as u32,
                     unavailable,
                     node_env: n.info.node_env.clone(),
+                    islands: n.info.gpus.iter().map(|g| (g.index, g.nvlink_island)).collect(),
                 }
             })
             .collect()

@@ -11,7 +11,16 @@ fn node(name: &str, addr: &str, free: &[u32], total: u32) -> NodeView {
         total_gpus: total,
         unavailable: None,
         node_env: vec![],
+        islands: HashMap::new(),
     }
+}
+
+/// 8 GPUs in two NVLink islands (0-3, 4-7), minus `busy_or_unhealthy`.
+fn two_islands(name: &str, busy_or_unhealthy: &[u32]) -> NodeView {
+    let free: Vec<u32> = (0..8).filter(|g| !busy_or_unhealthy.contains(g)).collect();
+    let mut n = node(name, "10.0.0.1", &free, 8);
+    n.islands = (0..8).map(|g| (g, g / 4)).collect();
+    n
 }
 
 fn spec(yaml: &str) -> JobSpec {
@@ -189,4 +198,34 @@ fn cpu_only_command_jobs_get_one_process_and_no_gpus() {
     assert_eq!(env["NPROC_PER_NODE"], "1");
     assert_eq!(env["WORLD_SIZE"], "2");
     assert_eq!(env["CUDA_VISIBLE_DEVICES"], "");
+}
+
+#[test]
+fn a_job_gets_gpus_from_one_nvlink_island_and_the_plan_says_so() {
+    let four = spec("name: t\nkind: command\nnodes: 1\ngpus_per_node: 4\ncommand: [x]\n");
+    // GPU 1 busy: island 0 has 3 free, island 1 all 4.
+    let placement = place(&four, &[two_islands("n", &[1])]).unwrap();
+    assert_eq!(placement.nodes[0].1, vec![4, 5, 6, 7]);
+    assert_eq!(placement.notes, vec!["n: GPUs 4,5,6,7 share NVLink island 1 (4 free there)".to_string()]);
+
+    // Best fit: a 2-GPU job takes the island with fewer free GPUs, keeping island 1 whole.
+    let two = spec("name: t\nkind: command\nnodes: 1\ngpus_per_node: 2\ncommand: [x]\n");
+    let placement = place(&two, &[two_islands("n", &[1])]).unwrap();
+    assert_eq!(placement.nodes[0].1, vec![0, 2]);
+
+    // GPU 5 unhealthy (never free) and GPU 1 busy: no island has 4, so the job spans two and the plan warns.
+    let placement = place(&four, &[two_islands("n", &[1, 5])]).unwrap();
+    assert_eq!(placement.nodes[0].1.len(), 4);
+    assert!(!placement.nodes[0].1.contains(&5) && !placement.nodes[0].1.contains(&1));
+    assert!(placement.notes[0].contains("span 2 islands"), "{:?}", placement.notes);
+}
+
+#[test]
+fn without_nvlink_there_is_nothing_to_explain() {
+    let two = spec("name: t\nkind: command\nnodes: 1\ngpus_per_node: 2\ncommand: [x]\n");
+    let mut n = node("n", "10.0.0.1", &[0, 1, 2], 3);
+    n.islands = (0..3).map(|g| (g, g)).collect();
+    let placement = place(&two, &[n]).unwrap();
+    assert_eq!(placement.nodes[0].1, vec![0, 1]);
+    assert!(placement.notes.is_empty());
 }

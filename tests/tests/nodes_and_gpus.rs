@@ -1,0 +1,87 @@
+//! Node scheduling states and GPU health through real processes: cordon,
+//! drain and uncordon; an XID injected on a (fake-backend) GPU makes it
+//! unhealthy at once, the planner stops granting it, an operator clears it.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use cohort_proto::{GpuHealthState, JobState, ListNodesRequest};
+use cohort_tests::{Cluster, NodeSpec, state};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cordon_drain_and_uncordon_steer_new_work() {
+    let cluster = Cluster::start((0..2).map(|i| NodeSpec::loopback(i, 1)).collect()).await.unwrap();
+    assert!(cluster.cli(&["cordon", "node1"]).status.success());
+    let nodes = String::from_utf8_lossy(&cluster.cli(&["nodes"]).stdout).to_string();
+    assert!(nodes.contains("Ready,Cordoned"), "{nodes}");
+
+    let job =
+        cluster.submit("name: both\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: ['true']\n").await.unwrap();
+    let pending = cluster.wait_job(&job.id, Duration::from_secs(10), |j| j.reason.contains("cordoned")).await.unwrap();
+    assert_eq!(state(&pending), JobState::Pending, "{}", pending.reason);
+    assert!(cluster.cli(&["uncordon", "node1"]).status.success());
+    let done = cluster.wait_finished(&job.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(state(&done), JobState::Succeeded);
+
+    // Drain: the running job goes on, the node shows Draining, then merely Cordoned.
+    let flag = cluster.dir.path().join("release");
+    let yaml = format!(
+        "name: long\nkind: command\nnodes: 1\ngpus_per_node: 1\nnode_selector: {{}}\ncommand: [sh, -c, 'while [ ! -e {} ]; do sleep 0.05; done']\n",
+        flag.display()
+    );
+    let long = cluster.submit(&yaml).await.unwrap();
+    let running = cluster.wait_job(&long.id, Duration::from_secs(10), |j| state(j) == JobState::Running).await.unwrap();
+    let host = running.plan.as_ref().unwrap().nodes[0].node_name.clone();
+    assert!(cluster.cli(&["drain", &host]).status.success());
+    let nodes = String::from_utf8_lossy(&cluster.cli(&["nodes"]).stdout).to_string();
+    assert!(nodes.contains("Ready,Draining"), "{nodes}");
+    std::fs::write(&flag, "").unwrap();
+    let out = cluster.cli(&["drain", &host, "--wait"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Ready,Cordoned"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(state(&cluster.wait_finished(&long.id, Duration::from_secs(10)).await.unwrap()), JobState::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_xid_makes_a_gpu_unhealthy_at_once_and_the_planner_skips_it_until_cleared() {
+    let events = tempfile::NamedTempFile::new().unwrap();
+    let mut node = NodeSpec::loopback(0, 2);
+    node.extra_args = vec!["--fake-gpu-events".into(), events.path().display().to_string()];
+    let cluster = Cluster::start(vec![node]).await.unwrap();
+
+    let injected = Instant::now();
+    writeln!(events.as_file(), "xid 1 79").unwrap();
+    let mut client = cluster.client().await.unwrap();
+    let delay = loop {
+        let nodes = client.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
+        let unhealthy = nodes[0]
+            .telemetry
+            .iter()
+            .any(|t| t.index == 1 && t.health.as_ref().is_some_and(|h| h.state == GpuHealthState::Unhealthy as i32));
+        if unhealthy {
+            break injected.elapsed();
+        }
+        assert!(injected.elapsed() < Duration::from_secs(10), "GPU 1 never became unhealthy");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    eprintln!("figures: XID injected -> GPU shown unhealthy by the controller in {} ms", delay.as_millis());
+
+    let gpus = String::from_utf8_lossy(&cluster.cli(&["gpus"]).stdout).to_string();
+    assert!(gpus.contains("Unhealthy") && gpus.contains("79"), "{gpus}");
+    let wide = String::from_utf8_lossy(&cluster.cli(&["nodes", "-o", "wide"]).stdout).to_string();
+    assert!(wide.contains("1 ("), "{wide}");
+
+    let job =
+        cluster.submit("name: two\nkind: command\nnodes: 1\ngpus_per_node: 2\ncommand: ['true']\n").await.unwrap();
+    let pending = cluster.wait_job(&job.id, Duration::from_secs(10), |j| j.reason.contains("GPUs free")).await.unwrap();
+    assert_eq!(state(&pending), JobState::Pending);
+    assert!(pending.reason.contains("node0 has 1 of 2 GPUs free"), "{}", pending.reason);
+    assert!(cluster.cli(&["clear-gpu", "node0", "1"]).status.success());
+    let done = cluster.wait_finished(&job.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(state(&done), JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.plan.unwrap().nodes[0].gpu_indices, vec![0, 1]);
+}
