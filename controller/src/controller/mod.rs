@@ -86,6 +86,9 @@ struct JobEntry {
     revision: Option<u64>,
     /// Preparation results of the current attempt, by node.
     prepared: HashMap<String, PrepareResult>,
+    /// The current attempt's tracing span (exported over OTLP when configured):
+    /// opened at launch, an event per transition, closed when the attempt ends.
+    span: Option<tracing::Span>,
 }
 
 struct NodeEntry {
@@ -215,7 +218,7 @@ impl Controller {
             }
             state.jobs.insert(
                 job.id.clone(),
-                JobEntry { job, spec, seq: record.seq, revision: Some(v.revision), prepared: HashMap::new() },
+                JobEntry { job, spec, seq: record.seq, revision: Some(v.revision), prepared: HashMap::new(), span: None },
             );
         }
         let now = Instant::now();
@@ -304,7 +307,7 @@ impl Controller {
             file: Some(file),
             ..Job::default()
         };
-        state.jobs.insert(id.clone(), JobEntry { job, spec, seq, revision: None, prepared: HashMap::new() });
+        state.jobs.insert(id.clone(), JobEntry { job, spec, seq, revision: None, prepared: HashMap::new(), span: None });
         self.persist_job(&mut state, &id).await?;
         self.publish(&state, &id, "submitted");
         tracing::info!(job = %id, "job submitted");
@@ -541,6 +544,9 @@ impl Controller {
 
     fn publish(&self, state: &State, id: &str, message: &str) {
         if let Some(entry) = state.jobs.get(id) {
+            if let Some(span) = &entry.span {
+                span.in_scope(|| tracing::info!(state = state_name(entry.job.state), reason = %entry.job.reason, "{message}"));
+            }
             let _ = self.events.send(JobEvent {
                 unix_ms: now_unix_ms(),
                 job: Some(entry.job.clone()),

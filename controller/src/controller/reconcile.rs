@@ -30,6 +30,10 @@ impl Controller {
         for id in self.resend_stops(&mut state) {
             self.persist_job(&mut state, &id).await?;
         }
+        // An attempt's span ends (and is exported) once the attempt is over.
+        for entry in state.jobs.values_mut().filter(|e| e.is_terminal() && e.job.live_processes == 0) {
+            entry.span = None;
+        }
         Ok(())
     }
 
@@ -258,6 +262,7 @@ impl Controller {
         });
         entry.job.plan = Some(plan);
         entry.prepared.clear();
+        entry.span = Some(tracing::info_span!(parent: None, "attempt", job = %id, attempt, nodes = %nodes.join(",")));
         if entry.spec.needs_preparation() {
             entry.job.state = JobState::Preparing as i32;
             entry.job.reason = format!("preparing {}: preflight, shared paths, datasets, staging", nodes.join(", "));
