@@ -113,7 +113,8 @@ impl Leading {
             tracing::info!(id = %self.id, "leading: loading the state from the store");
             let controller = Controller::load(store.clone(), &data_dir, config.clone()).await?;
             let (stop_tx, stop_rx) = watch::channel(false);
-            let reconcile = tokio::spawn(controller.clone().run(stop_rx));
+            let reconcile = tokio::spawn(controller.clone().run(stop_rx.clone()));
+            let follow = tokio::spawn(controller.clone().follow_store(stop_rx));
             *self.current.write().await = Some(controller.clone());
             // Lead until the lease is lost or we shut down.
             loop {
@@ -129,6 +130,7 @@ impl Leading {
             *self.current.write().await = None;
             let _ = stop_tx.send(true);
             reconcile.abort();
+            follow.abort();
             controller.close_sessions().await;
             if *shutdown.borrow() {
                 return Ok(());

@@ -186,3 +186,25 @@ async fn losing_an_etcd_member_is_invisible_to_the_cli() {
     let states: Vec<&str> = listed["jobs"].as_array().unwrap().iter().map(|j| j["state"].as_str().unwrap()).collect();
     assert_eq!(states, vec!["JOB_STATE_SUCCEEDED"; 6]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_changed_in_etcd_behind_the_leaders_back_is_taken_from_the_store() {
+    use cohort_controller::store::{EtcdStore, Expect, Store};
+    use prost::Message;
+    let etcd = EtcdCluster::start(1);
+    let cluster = Cluster::start_ha(vec![NodeSpec::loopback(0, 1)], 1, &["--store", &etcd.url()]).await.unwrap();
+    cluster.wait_nodes_ready(&["node0".into()], Duration::from_secs(30)).await.unwrap();
+    // Too big to place: it stays Pending, and nothing rewrites its priority.
+    let job = cluster.submit("name: big\nkind: command\nnodes: 3\ncommand: ['true']\n").await.unwrap();
+
+    let endpoints: Vec<String> = etcd.url().trim_start_matches("etcd://").split(',').map(String::from).collect();
+    let store = EtcdStore::connect(&endpoints, "/cohort/").await.unwrap();
+    let key = format!("jobs/{}", job.id);
+    let stored = store.get(&key).await.unwrap().unwrap();
+    let mut record = cohort_proto::JobRecord::decode(stored.value.as_slice()).unwrap();
+    record.job.as_mut().unwrap().priority = 7;
+    store.put(&key, record.encode_to_vec(), Expect::Revision(stored.revision)).await.unwrap();
+
+    let seen = cluster.wait_job(&job.id, Duration::from_secs(10), |j| j.priority == 7).await.unwrap();
+    assert_eq!(state(&seen), JobState::Pending);
+}

@@ -218,7 +218,14 @@ impl Controller {
             }
             state.jobs.insert(
                 job.id.clone(),
-                JobEntry { job, spec, seq: record.seq, revision: Some(v.revision), prepared: HashMap::new(), span: None },
+                JobEntry {
+                    job,
+                    spec,
+                    seq: record.seq,
+                    revision: Some(v.revision),
+                    prepared: HashMap::new(),
+                    span: None,
+                },
             );
         }
         let now = Instant::now();
@@ -307,7 +314,9 @@ impl Controller {
             file: Some(file),
             ..Job::default()
         };
-        state.jobs.insert(id.clone(), JobEntry { job, spec, seq, revision: None, prepared: HashMap::new(), span: None });
+        state
+            .jobs
+            .insert(id.clone(), JobEntry { job, spec, seq, revision: None, prepared: HashMap::new(), span: None });
         self.persist_job(&mut state, &id).await?;
         self.publish(&state, &id, "submitted");
         tracing::info!(job = %id, "job submitted");
@@ -545,7 +554,9 @@ impl Controller {
     fn publish(&self, state: &State, id: &str, message: &str) {
         if let Some(entry) = state.jobs.get(id) {
             if let Some(span) = &entry.span {
-                span.in_scope(|| tracing::info!(state = state_name(entry.job.state), reason = %entry.job.reason, "{message}"));
+                span.in_scope(
+                    || tracing::info!(state = state_name(entry.job.state), reason = %entry.job.reason, "{message}"),
+                );
             }
             let _ = self.events.send(JobEvent {
                 unix_ms: now_unix_ms(),

@@ -7,6 +7,77 @@ use super::*;
 impl Controller {
     // -------------------------------------------------------------- reconcile
 
+    /// Follows the store's `jobs/` keys: a job written by anyone but this
+    /// controller (an operator, a deposed leader racing it) is taken from the
+    /// store, and after a compaction everything is re-read; then reconcile runs.
+    pub async fn follow_store(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        use crate::store::WatchEvent;
+        use futures::StreamExt;
+        loop {
+            let mut stream = match self.store.watch("jobs/", 0).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the store; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            };
+            // Whatever changed before the watch opened.
+            self.resync_jobs().await;
+            loop {
+                let event = tokio::select! {
+                    event = stream.next() => event,
+                    _ = shutdown.changed() => return,
+                };
+                match event {
+                    Some(WatchEvent::Put { key, value, revision }) => self.stored_job(&key, &value, revision).await,
+                    Some(WatchEvent::Delete { key, .. }) => {
+                        tracing::warn!(
+                            key,
+                            "a job was deleted from the store behind the controller's back; keeping it in memory"
+                        );
+                    }
+                    Some(WatchEvent::Resync) => self.resync_jobs().await,
+                    None => break,
+                }
+            }
+        }
+    }
+
+    async fn resync_jobs(&self) {
+        match self.store.list("jobs/").await {
+            Ok(entries) => {
+                for (key, v) in entries {
+                    self.stored_job(&key, &v.value, v.revision).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "re-listing jobs failed"),
+        }
+    }
+
+    /// Takes a job record from the store when it is newer than the one held.
+    async fn stored_job(&self, key: &str, value: &[u8], revision: u64) {
+        let mut state = self.state.lock().await;
+        let Some(id) = key.strip_prefix("jobs/") else { return };
+        let Some(entry) = state.jobs.get_mut(id) else { return };
+        if entry.revision.is_some_and(|r| r >= revision) {
+            return; // our own write, or older
+        }
+        let Ok(record) = JobRecord::decode(value) else {
+            tracing::warn!(key, "undecodable job record in the store; ignoring it");
+            return;
+        };
+        if let Some(job) = record.job {
+            tracing::warn!(job = %id, revision, "the job was changed in the store by someone else; taking that version");
+            entry.job = job;
+            entry.revision = Some(revision);
+            drop(state);
+            self.wake.notify_one();
+        }
+    }
+
     /// Runs the reconcile loop until `shutdown` fires.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
