@@ -1,6 +1,6 @@
-//! An agent killed with SIGKILL and started again: its ranks run on under
-//! their shims, the new agent adopts them, and exits that happened while it
-//! was away reach the controller.
+//! An agent killed with SIGKILL (or SIGTERM'd with --keep-ranks-on-exit) and
+//! started again: its ranks run on under their shims, the new agent adopts
+//! them, and exits that happened while it was away reach the controller.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use cohort_proto::{Job, JobState};
 use cohort_tests::{Cluster, NodeSpec, processes_of_job, state};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 fn two_nodes() -> Vec<NodeSpec> {
     (0..2).map(|i| NodeSpec::loopback(i, 1)).collect()
@@ -121,4 +123,42 @@ async fn an_exit_while_the_agent_is_down_reaches_the_controller_when_it_returns(
     let node1 = job.processes.iter().find(|p| p.node_name == "node1").unwrap();
     assert_eq!((node1.exit_code, node1.stopped_by_agent), (Some(3), false));
     assert!(processes_of_job(&job.id).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_keep_ranks_on_exit_a_sigtermed_agent_leaves_its_ranks_to_the_next_one() {
+    let mut nodes = two_nodes();
+    nodes[1].extra_args = vec!["--keep-ranks-on-exit".into()];
+    let mut cluster = Cluster::start(nodes).await.unwrap();
+    let flag = cluster.dir.path().join("finish");
+    let job = cluster.submit(&ticker("upgrade", &flag, 0)).await.unwrap();
+    let before = cluster
+        .wait_job(&job.id, Duration::from_secs(20), |j| {
+            state(j) == JobState::Running && j.processes.iter().all(|p| p.pid > 0)
+        })
+        .await
+        .unwrap();
+
+    // An upgrade: SIGTERM, the agent exits, its ranks stay.
+    let agent = cluster.agent_pids()[1];
+    kill(Pid::from_raw(agent as i32), Signal::SIGTERM).unwrap();
+    wait_until(Duration::from_secs(10), "node1's agent to exit", || exited(agent)).await;
+    let node1 = before.processes.iter().find(|p| p.node_name == "node1").unwrap().pid;
+    assert!(kill(Pid::from_raw(node1 as i32), None).is_ok(), "node1's process must outlive its agent");
+
+    cluster.restart_agent(1);
+    cluster.wait_nodes_ready(&["node0".into(), "node1".into()], Duration::from_secs(20)).await.unwrap();
+    let after = cluster.job(&job.id).await.unwrap();
+    assert_eq!((state(&after), pids(&after)), (JobState::Running, pids(&before)), "{}", after.reason);
+    std::fs::write(&flag, "").unwrap();
+    let done = cluster.wait_finished(&job.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(state(&done), JobState::Succeeded, "{}", done.reason);
+}
+
+/// Whether a child of this test has exited (a zombie until the harness reaps it).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .unwrap_or(true)
 }

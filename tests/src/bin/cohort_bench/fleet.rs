@@ -52,6 +52,8 @@ pub struct Shared {
     pub session_breaks: AtomicU64,
     /// Sessions abandoned because no ack came for the silent limit.
     pub silent: AtomicU64,
+    /// The last error that ended a session, for the report when agents do not connect.
+    last_error: Mutex<String>,
     agents: Vec<AgentStatus>,
     /// Per job id: when each agent received its LaunchCommand, and its StopCommand.
     launches: Mutex<HashMap<String, Vec<Instant>>>,
@@ -107,6 +109,7 @@ impl Fleet {
             acks: AtomicU64::new(0),
             session_breaks: AtomicU64::new(0),
             silent: AtomicU64::new(0),
+            last_error: Mutex::new(String::new()),
             agents: (0..config.agents).map(|_| AgentStatus::default()).collect(),
             launches: Mutex::new(HashMap::new()),
             stops: Mutex::new(HashMap::new()),
@@ -164,15 +167,16 @@ impl Fleet {
     pub async fn wait_acked(&self, since: Instant, url: Option<usize>, within: Duration) -> anyhow::Result<Instant> {
         let deadline = Instant::now() + within;
         loop {
-            let (count, latest) = self.acked_since(since, url, );
+            let (count, latest) = self.acked_since(since, url);
             if count == self.len()
                 && let Some(latest) = latest
             {
                 return Ok(latest);
             }
             if Instant::now() > deadline {
+                let last = self.shared.last_error.lock().map(|e| e.clone()).unwrap_or_default();
                 anyhow::bail!(
-                    "only {count} of {} simulated agents connected within {within:?} ({} session breaks so far)",
+                    "only {count} of {} simulated agents connected within {within:?} ({} sessions ended so far; last error: {last})",
                     self.len(),
                     self.shared.session_breaks.load(Ordering::Relaxed)
                 );
@@ -240,6 +244,17 @@ enum SessionError {
     Rpc(tonic::Status),
     Closed,
     Silent,
+}
+
+impl std::fmt::Display for SessionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionError::Connect(e) => write!(f, "cannot connect to {e}"),
+            SessionError::Rpc(status) => write!(f, "{:?}: {}", status.code(), status.message()),
+            SessionError::Closed => write!(f, "the stream closed"),
+            SessionError::Silent => write!(f, "no HeartbeatAck for the silent limit"),
+        }
+    }
 }
 
 impl From<tonic::Status> for SessionError {
@@ -333,6 +348,11 @@ impl SimAgent {
                 status.url.store(0, Ordering::Release);
             }
             self.shared.session_breaks.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = &result
+                && let Ok(mut last) = self.shared.last_error.lock()
+            {
+                *last = e.to_string();
+            }
             match result {
                 Err(SessionError::Rpc(status)) if status.code() == tonic::Code::FailedPrecondition => {
                     if let Some(leader) = leader_hint(status.message()).filter(|l| *l != url) {
@@ -363,7 +383,8 @@ impl SimAgent {
         let channel = connect(url).await?;
         let mut client = AgentServiceClient::new(channel).max_decoding_message_size(16 << 20);
         let running = self.report();
-        let registered = client.register(RegisterRequest { node: Some(self.info.clone()), running }).await?.into_inner();
+        let registered =
+            client.register(RegisterRequest { node: Some(self.info.clone()), running }).await?.into_inner();
         *permit = None;
         let status = &self.shared.agents[self.ix];
         let url_ix = self.urls.iter().position(|u| u == url).map(|i| i + 1).unwrap_or(usize::MAX);
@@ -492,7 +513,8 @@ impl SimAgent {
                 }
                 if !processes.is_empty() {
                     let key = (launch.job_id.clone(), launch.attempt);
-                    self.running.insert(key, RunningLaunch { job_id: launch.job_id, attempt: launch.attempt, processes });
+                    self.running
+                        .insert(key, RunningLaunch { job_id: launch.job_id, attempt: launch.attempt, processes });
                 }
                 out.push(Msg::Ack(ok));
                 out

@@ -4,9 +4,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail, ensure};
 use cohort_proto::job_service_client::JobServiceClient;
-use cohort_proto::{
-    CancelJobRequest, GetJobRequest, GetLeaderRequest, Job, JobFile, JobState, SubmitJobRequest,
-};
+use cohort_proto::{CancelJobRequest, GetJobRequest, GetLeaderRequest, Job, JobFile, JobState, SubmitJobRequest};
 use prost::Message;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
@@ -105,6 +103,29 @@ async fn cancel_and_clear(client: &mut Client, id: &str, within: Duration) -> an
 }
 
 // ------------------------------------------------------------ steady state
+
+/// Waits until the controller keeps up: one-second spans in which every
+/// heartbeat is acked (2% slack) and the slowest ack took under a second, for
+/// `spans` spans in a row. Returns the seconds it took, or None after `within`.
+pub async fn settle(fleet: &Fleet, spans: usize, within: Duration) -> Option<f64> {
+    let start = Instant::now();
+    let mut good = 0;
+    while start.elapsed() < within {
+        let sent = fleet.shared.heartbeats_sent.load(std::sync::atomic::Ordering::Relaxed);
+        let acks = fleet.shared.acks.load(std::sync::atomic::Ordering::Relaxed);
+        fleet.start_recording();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let worst = Stats::of(&fleet.stop_recording()).max;
+        let sent = fleet.shared.heartbeats_sent.load(std::sync::atomic::Ordering::Relaxed) - sent;
+        let acks = fleet.shared.acks.load(std::sync::atomic::Ordering::Relaxed) - acks;
+        let keeps_up = acks as f64 >= 0.98 * sent as f64 && (acks as f64) <= 1.02 * sent as f64 + 1.0 && worst < 1000.0;
+        good = if keeps_up { good + 1 } else { 0 };
+        if good >= spans {
+            return Some(start.elapsed().as_secs_f64());
+        }
+    }
+    None
+}
 
 /// The controller (and etcd) at rest with the fleet heartbeating.
 pub struct Steady {
@@ -242,6 +263,8 @@ pub async fn launch_gang(
     nodes: usize,
     repeats: usize,
     budget: Duration,
+    timeout: Duration,
+    cleanup: Duration,
 ) -> Gang {
     let mut gang = Gang {
         nodes,
@@ -266,13 +289,19 @@ pub async fn launch_gang(
         let yaml = gang_yaml(&format!("bench-gang-{nodes}"), nodes, false);
         let submitted_at = Instant::now();
         let submitted_ms = unix_ms_f64();
+        let mut submitted = None;
         let result = async {
             let job = submit(client, &yaml).await?;
-            let running = wait_job(client, &job.id, poll, Duration::from_secs(120), |j| {
-                state(j) == JobState::Running || is_terminal(j)
-            })
-            .await?;
-            ensure!(state(&running) == JobState::Running, "job {} ended {:?}: {}", job.id, state(&running), running.reason);
+            submitted = Some(job.id.clone());
+            let running =
+                wait_job(client, &job.id, poll, timeout, |j| state(j) == JobState::Running || is_terminal(j)).await?;
+            ensure!(
+                state(&running) == JobState::Running,
+                "job {} ended {:?}: {}",
+                job.id,
+                state(&running),
+                running.reason
+            );
             let launches = fleet.launches_of(&job.id);
             let last_launch = launches.iter().max().map(|t| ms(t.duration_since(submitted_at)));
             let record = running.encoded_len() as f64 / 1024.0;
@@ -289,7 +318,30 @@ pub async fn launch_gang(
                 gang.cancel_to_clear.push(clear);
             }
             Err(e) => {
-                gang.note = Some(format!("job {} failed: {e:#}", run + 1));
+                let mut note =
+                    format!("job {} failed {:.1} s after submit: {e:#}", run + 1, submitted_at.elapsed().as_secs_f64());
+                if let Some(id) = submitted {
+                    if let Ok(job) = client.get_job(GetJobRequest { job: id.clone() }).await.map(|r| r.into_inner()) {
+                        gang.record_kib = job.encoded_len() as f64 / 1024.0;
+                        let started = job.processes.iter().filter(|p| p.started_unix_ms > 0).count();
+                        note += &format!("; {started} of {} processes recorded started", job.processes.len());
+                    }
+                    let launches = fleet.launches_of(&id);
+                    if let Some(last) = launches.iter().max() {
+                        note += &format!(
+                            "; {} agents got their LaunchCommand, the last {:.0} ms after submit",
+                            launches.len(),
+                            ms(last.duration_since(submitted_at))
+                        );
+                    }
+                    // A job left launching would weigh on every later measurement.
+                    let cleared = Instant::now();
+                    note += &match cancel_and_clear(client, &id, cleanup).await {
+                        Ok(()) => format!("; cancel -> cleared in {:.1} s", cleared.elapsed().as_secs_f64()),
+                        Err(e) => format!("; after cancel: {e:#}"),
+                    };
+                }
+                gang.note = Some(note);
                 break;
             }
         }
@@ -391,10 +443,8 @@ pub async fn start_jobs(client: &mut Client, count: usize, nodes: usize) -> anyh
         ids.push(submit(client, &gang_yaml(&format!("bench-busy-{i}"), nodes, false)).await?.id);
     }
     for id in &ids {
-        wait_job(client, id, Duration::from_millis(100), Duration::from_secs(120), |j| {
-            state(j) == JobState::Running
-        })
-        .await?;
+        wait_job(client, id, Duration::from_millis(100), Duration::from_secs(120), |j| state(j) == JobState::Running)
+            .await?;
     }
     Ok(ids)
 }
@@ -430,12 +480,7 @@ impl Takeover {
 
 /// SIGKILLs the leader; times the standby (controller index 1) leading and
 /// every agent registered with it and acked by it.
-pub async fn takeover(
-    fleet: &Fleet,
-    leader: &mut ControllerProc,
-    standby: &mut Client,
-    within: Duration,
-) -> Takeover {
+pub async fn takeover(fleet: &Fleet, leader: &mut ControllerProc, standby: &mut Client, within: Duration) -> Takeover {
     let t0 = Instant::now();
     leader.kill();
     let deadline = t0 + within;
