@@ -29,6 +29,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::Instant;
 
+mod jsonl;
 mod logs;
 mod recover;
 pub mod shim;
@@ -148,6 +149,17 @@ impl Supervisor {
     /// reported as `spawn_failed`; the others still start (the controller
     /// tears the gang down).
     pub async fn launch(&self, cmd: LaunchCommand) -> Result<(), LaunchError> {
+        if !cmd.metrics_dir.is_empty() {
+            let follower = crate::supervisor::jsonl::JsonlMetrics {
+                supervisor: self.clone(),
+                dir: PathBuf::from(&cmd.metrics_dir),
+                job_id: cmd.job_id.clone(),
+                attempt: cmd.attempt,
+                node: self.inner.node_name.clone(),
+                out: self.inner.out.clone(),
+            };
+            tokio::spawn(follower.run());
+        }
         let key = (cmd.job_id.clone(), cmd.attempt);
         let mut launches = self.inner.launches.lock().await;
         if launches.contains_key(&key) {

@@ -21,21 +21,29 @@ pub struct TaggedPoint {
 pub struct MetricsHub {
     dir: PathBuf,
     jobs: Mutex<HashMap<String, Vec<TrainingPoint>>>,
+    /// (job, attempt, iteration, eval) already recorded: the same record can
+    /// arrive twice, from stdout and from ms-swift's logging.jsonl.
+    seen: Mutex<std::collections::HashSet<(String, u32, u64, bool)>>,
     tx: broadcast::Sender<TaggedPoint>,
 }
 
 impl MetricsHub {
     pub fn new(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir, jobs: Mutex::new(HashMap::new()), tx: broadcast::channel(4096).0 })
+        Ok(Self { dir, jobs: Mutex::new(HashMap::new()), seen: Mutex::default(), tx: broadcast::channel(4096).0 })
     }
 
     fn path(&self, job_id: &str) -> PathBuf {
         self.dir.join(format!("{job_id}.jsonl"))
     }
 
-    /// Appends points; returns the newest training (non-eval) point, if any.
-    pub async fn append(&self, job_id: &str, points: Vec<TrainingPoint>) -> Option<TrainingPoint> {
+    /// Appends the points of an attempt not recorded yet; returns the newest
+    /// training (non-eval) point, if any.
+    pub async fn append(&self, job_id: &str, attempt: u32, points: Vec<TrainingPoint>) -> Option<TrainingPoint> {
+        let points: Vec<TrainingPoint> = {
+            let mut seen = self.seen.lock().await;
+            points.into_iter().filter(|p| seen.insert((job_id.to_string(), attempt, p.iteration, p.is_eval))).collect()
+        };
         let mut jobs = self.jobs.lock().await;
         let series = self.loaded(&mut jobs, job_id);
         let mut text = String::new();
@@ -97,14 +105,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let hub = MetricsHub::new(dir.path().into()).unwrap();
-            let newest = hub.append("j", vec![point(1, 2.0, false), point(5, 1.5, false), point(5, 1.7, true)]).await;
+            let newest =
+                hub.append("j", 1, vec![point(1, 2.0, false), point(5, 1.5, false), point(5, 1.7, true)]).await;
+            // The same records again (stdout and logging.jsonl) change nothing.
+            hub.append("j", 1, vec![point(5, 1.5, false)]).await;
             assert_eq!(newest.unwrap().iteration, 5, "the eval point is not progress");
         }
         let hub = MetricsHub::new(dir.path().into()).unwrap();
-        hub.append("j", vec![point(10, 1.0, false)]).await;
+        hub.append("j", 2, vec![point(10, 1.0, false), point(5, 1.4, false)]).await;
         let (all, _) = hub.snapshot("j", 0).await;
-        assert_eq!(all.iter().map(|p| p.iteration).collect::<Vec<_>>(), [1, 5, 5, 10]);
+        // A resumed attempt may log an iteration again: that one counts.
+        assert_eq!(all.iter().map(|p| p.iteration).collect::<Vec<_>>(), [1, 5, 5, 10, 5]);
         let (later, _) = hub.snapshot("j", 3).await;
-        assert_eq!(later.len(), 1);
+        assert_eq!(later.len(), 2);
     }
 }

@@ -282,3 +282,37 @@ fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_written_only_to_logging_jsonl_are_read_too() {
+    let cluster = cluster(["good", "good"]).await;
+    let out = cluster.dir.path().join("output");
+    let yaml = format!(
+        "
+name: v4
+kind: megatron-sft
+nodes: 2
+gpus_per_node: 1
+workdir: tests/payloads
+megatron:
+  swift_version: 4
+  program: [python3, jsonl_trainer.py]
+  model: Qwen/Qwen3-8B
+  dataset: [{}]
+  micro_batch_size: 1
+  global_batch_size: 2
+  output_dir: {}
+",
+        good_dataset(cluster.dir.path()).display(),
+        out.display()
+    );
+    let job = cluster.submit(&yaml).await.unwrap();
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&job), JobState::Succeeded, "{}", job.reason);
+    let out = cluster.cli(&["metrics", &job.id, "-o", "json"]);
+    let iterations: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["iteration"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(iterations, [1, 5, 10], "from logging.jsonl, each once");
+}

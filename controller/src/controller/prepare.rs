@@ -227,7 +227,7 @@ impl Controller {
     }
 
     pub async fn metrics(&self, batch: MetricsBatch) {
-        let newest = self.metrics.append(&batch.job_id, batch.points).await;
+        let newest = self.metrics.append(&batch.job_id, batch.attempt, batch.points).await;
         let mut state = self.state.lock().await;
         if let (Some(newest), Some(entry)) = (newest, state.jobs.get_mut(&batch.job_id)) {
             entry.job.progress = Some(newest);

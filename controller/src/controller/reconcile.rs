@@ -371,6 +371,16 @@ impl Controller {
             .collect();
         recount(&mut entry.job);
         let grace = entry.spec.stop_grace;
+        // ms-swift also writes its metrics to <output_dir>/.../logging.jsonl on the last rank.
+        let metrics_dir = match &entry.spec.workload {
+            Workload::MegatronSft(m) => match (m.output_dir(), plan.nodes.first().map(|a| a.workdir.as_str())) {
+                (Some(dir), _) if dir.starts_with('/') => dir.to_string(),
+                (Some(dir), Some(workdir)) if !workdir.is_empty() => format!("{workdir}/{dir}"),
+                _ => String::new(),
+            },
+            Workload::Command(_) => String::new(),
+        };
+        let last_rank = plan.nodes.len().saturating_sub(1) as u32;
         state.logs_complete.insert((id.to_string(), attempt));
         // Persist before sending: a controller that dies here restarts knowing
         // the attempt exists, and reconciles what the agents report.
@@ -385,6 +395,7 @@ impl Controller {
                 workdir: a.workdir.clone(),
                 stop_grace_ms: grace.as_millis() as u32,
                 processes: a.processes.clone(),
+                metrics_dir: if a.node_rank == last_rank { metrics_dir.clone() } else { String::new() },
             };
             if !Self::send_command(state, &a.node_name, Command::Launch(msg)) {
                 unreachable = Some((a.node_name.clone(), a.node_rank));
