@@ -17,10 +17,14 @@ use crate::controller::{Controller, ControllerConfig};
 use crate::leader::LeaderState;
 use crate::store::Store;
 
+/// How long a call waits for a new leader to finish loading its state.
+const LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Leading {
     pub id: String,
     pub url: String,
-    current: RwLock<Option<Arc<Controller>>>,
+    /// The controller while this process leads (None while loading or standing by).
+    current: watch::Sender<Option<Arc<Controller>>>,
     leader: watch::Receiver<LeaderState>,
     /// A channel to the leader (standbys), rebuilt when the leader changes.
     channel: RwLock<Option<(String, Channel)>>,
@@ -34,12 +38,24 @@ pub enum Target {
 
 impl Leading {
     pub fn new(id: String, url: String, leader: watch::Receiver<LeaderState>) -> Arc<Self> {
-        Arc::new(Self { id, url, current: RwLock::new(None), leader, channel: RwLock::new(None) })
+        Arc::new(Self { id, url, current: watch::channel(None).0, leader, channel: RwLock::new(None) })
     }
 
-    /// The local controller while this process leads.
+    /// The local controller while this process leads. A leader still loading
+    /// its state is waited for (briefly) rather than reported as a standby.
     pub async fn controller(&self) -> Option<Arc<Controller>> {
-        self.current.read().await.clone()
+        if let Some(c) = self.current.borrow().clone() {
+            return Some(c);
+        }
+        if !self.leader.borrow().is_leader {
+            return None;
+        }
+        let mut rx = self.current.subscribe();
+        let loaded = tokio::time::timeout(LOAD_WAIT, rx.wait_for(|c| c.is_some())).await;
+        match loaded {
+            Ok(Ok(c)) => c.clone(),
+            _ => None,
+        }
     }
 
     pub fn state(&self) -> LeaderState {
@@ -115,7 +131,7 @@ impl Leading {
             let (stop_tx, stop_rx) = watch::channel(false);
             let reconcile = tokio::spawn(controller.clone().run(stop_rx.clone()));
             let follow = tokio::spawn(controller.clone().follow_store(stop_rx));
-            *self.current.write().await = Some(controller.clone());
+            self.current.send_replace(Some(controller.clone()));
             // Lead until the lease is lost or we shut down.
             loop {
                 if !leader.borrow_and_update().is_leader || *shutdown.borrow() {
@@ -127,7 +143,7 @@ impl Leading {
                 }
             }
             tracing::warn!(id = %self.id, "no longer leading: stopping all control actions");
-            *self.current.write().await = None;
+            self.current.send_replace(None);
             let _ = stop_tx.send(true);
             reconcile.abort();
             follow.abort();
