@@ -109,6 +109,7 @@ impl Leading {
         store: Arc<dyn Store>,
         data_dir: PathBuf,
         config: ControllerConfig,
+        watch_store: bool,
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let mut leader = self.leader.clone();
@@ -130,7 +131,8 @@ impl Leading {
             let controller = Controller::load(store.clone(), &data_dir, config.clone()).await?;
             let (stop_tx, stop_rx) = watch::channel(false);
             let reconcile = tokio::spawn(controller.clone().run(stop_rx.clone()));
-            let follow = tokio::spawn(controller.clone().follow_store(stop_rx));
+            // Only a shared store (etcd) can change behind this controller's back.
+            let follow = watch_store.then(|| tokio::spawn(controller.clone().follow_store(stop_rx)));
             self.current.send_replace(Some(controller.clone()));
             // Lead until the lease is lost or we shut down.
             loop {
@@ -146,7 +148,9 @@ impl Leading {
             self.current.send_replace(None);
             let _ = stop_tx.send(true);
             reconcile.abort();
-            follow.abort();
+            if let Some(follow) = follow {
+                follow.abort();
+            }
             controller.close_sessions().await;
             if *shutdown.borrow() {
                 return Ok(());

@@ -100,8 +100,14 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
     tracing::info!(listen = %local, id = %id, store = ?config.store, data_dir = %config.data_dir.display(), "controller serving");
 
     let leading = leading::Leading::new(id, url, leader);
-    let leadership =
-        tokio::spawn(leading.clone().run(store, config.data_dir.clone(), config.controller, shutdown.clone()));
+    let shared_store = matches!(config.store, StoreConfig::Etcd { .. });
+    let leadership = tokio::spawn(leading.clone().run(
+        store,
+        config.data_dir.clone(),
+        config.controller,
+        shared_store,
+        shutdown.clone(),
+    ));
     let http_server = http_listener.map(|listener| {
         tokio::spawn(http::serve(listener, http::HttpApi { leading: leading.clone() }, shutdown.clone()))
     });

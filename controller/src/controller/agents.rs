@@ -267,6 +267,7 @@ impl Controller {
         if entry.job.attempt != event.attempt {
             return;
         }
+        let state_before = entry.job.state;
         let message = match event.event {
             Some(Event::Started(started)) => {
                 if let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == event.index)
@@ -275,9 +276,12 @@ impl Controller {
                     p.pid = started.pid;
                     p.started_unix_ms = started.started_unix_ms;
                 }
-                if entry.state() == JobState::Starting
-                    && entry.job.processes.iter().all(|p| p.phase == ProcessPhase::Running as i32)
-                {
+                // Every process has started (quick ones may have exited already).
+                let has_started = |p: &ProcessStatus| {
+                    p.phase == ProcessPhase::Running as i32
+                        || (p.phase == ProcessPhase::Exited as i32 && p.started_unix_ms > 0)
+                };
+                if entry.state() == JobState::Starting && entry.job.processes.iter().all(has_started) {
                     entry.job.state = JobState::Running as i32;
                     entry.job.reason = "every process of the gang has started".into();
                     entry.job.running_unix_ms = now_unix_ms();
@@ -319,7 +323,10 @@ impl Controller {
             }
             None => return,
         };
-        if let Err(e) = self.persist_job(&mut state, &id).await {
+        // A gang of N nodes sends N starts: persist state changes, not each
+        // event (pids and exits come back from the agents after a restart).
+        let changed = state.jobs.get(&id).is_some_and(|e| e.job.state != state_before || e.is_terminal());
+        if changed && let Err(e) = self.persist_job(&mut state, &id).await {
             tracing::error!(job = %id, error = %e, "could not persist job");
         }
         self.publish(&state, &id, &message);

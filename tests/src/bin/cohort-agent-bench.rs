@@ -124,7 +124,9 @@ async fn main() -> anyhow::Result<()> {
             })
         );
     } else {
-        println!("agent footprint ({cores} CPUs, {profile} build), telemetry every 1 s for 8 fake GPUs, CPU over {window:?}");
+        println!(
+            "agent footprint ({cores} CPUs, {profile} build), telemetry every 1 s for 8 fake GPUs, CPU over {window:?}"
+        );
         println!("{:<44} {:>10} {:>12}", "", "CPU %", "RSS (KiB)");
         println!("{:<44} {:>10.2} {:>12}", "idle", idle_cpu, idle_rss);
         println!("{:<44} {:>10.2} {:>12}", "supervising 8 ranks", ranks_cpu, ranks_rss);

@@ -83,6 +83,10 @@ pub struct Args {
     /// Agents connecting and registering at once while a fleet starts.
     #[arg(long, default_value_t = 256)]
     start_concurrency: usize,
+    /// Address-space limit of each controller (prlimit --as), GiB; 0: none. A
+    /// controller past it aborts instead of pushing the machine out of memory.
+    #[arg(long, default_value_t = 6)]
+    controller_memory_gib: u64,
     /// Skip the etcd runs.
     #[arg(long)]
     no_etcd: bool,
@@ -156,13 +160,14 @@ async fn embedded(args: &Args, n: usize, launches: bool) -> EmbeddedRun {
     let outcome = async {
         let port = SparePort::take();
         let dir = tempfile::Builder::new().prefix("cohort-bench-").tempdir()?;
-        let controller = ControllerProc::spawn(ControllerArgs {
+        let mut controller = ControllerProc::spawn(ControllerArgs {
             name: "controller",
             port: port.port,
             data_dir: dir.path(),
             master_ports: format!("{}-{}", port.port + 3, port.port + 39),
             etcd: None,
             leader_ttl: Duration::from_millis(args.leader_ttl_ms),
+            memory_limit: memory_limit(args),
         })?;
         let mut client = procs::client(&controller.url, Duration::from_secs(20)).await?;
         procs::wait_leading(&mut client, Duration::from_secs(20)).await?;
@@ -181,7 +186,7 @@ async fn embedded(args: &Args, n: usize, launches: bool) -> EmbeddedRun {
             eprintln!("  settled: {:?} s", run.settle_s);
             run.steady = Some(scenarios::steady(&fleet, &controller, &mut client, window(args), None).await?);
             if launches {
-                run.launches = Some(launch_figures(args, &mut client, &fleet).await);
+                run.launches = Some(launch_figures(args, &mut client, &fleet, &mut controller).await);
             }
             anyhow::Ok(())
         }
@@ -200,37 +205,59 @@ async fn embedded(args: &Args, n: usize, launches: bool) -> EmbeddedRun {
     run
 }
 
+fn memory_limit(args: &Args) -> Option<u64> {
+    (args.controller_memory_gib > 0).then_some(args.controller_memory_gib << 30)
+}
+
 fn window(args: &Args) -> Duration {
     Duration::from_secs(args.window)
 }
 
-async fn gang(args: &Args, client: &mut scenarios::Client, fleet: &Fleet, nodes: usize) -> Option<scenarios::Gang> {
+/// One gang size; afterwards the controller's peak RSS, or how it died.
+async fn gang(
+    args: &Args,
+    client: &mut scenarios::Client,
+    fleet: &Fleet,
+    controller: &mut ControllerProc,
+    nodes: usize,
+) -> Option<scenarios::Gang> {
     if nodes > fleet.len() {
         eprintln!("  gang of {nodes}: skipped, only {} agents", fleet.len());
         return None;
     }
-    Some(
-        scenarios::launch_gang(
-            client,
-            fleet,
-            nodes,
-            args.repeats,
-            Duration::from_secs(args.gang_budget),
-            Duration::from_secs(args.gang_timeout),
-            Duration::from_secs(args.gang_cleanup),
-        )
-        .await,
+    let rss = procs::RssSampler::start(controller.pid());
+    let mut gang = scenarios::launch_gang(
+        client,
+        fleet,
+        nodes,
+        args.repeats,
+        Duration::from_secs(args.gang_budget),
+        Duration::from_secs(args.gang_timeout),
+        Duration::from_secs(args.gang_cleanup),
     )
+    .await;
+    gang.peak_rss_mib = Some(rss.finish());
+    if let Some(how) = controller.exited() {
+        let note = format!("the controller died ({how}; address space capped at {} GiB)", args.controller_memory_gib);
+        eprintln!("  {note}");
+        gang.note = Some(gang.note.map(|n| format!("{n}; {note}")).unwrap_or(note));
+    }
+    Some(gang)
 }
 
-async fn launch_figures(args: &Args, client: &mut scenarios::Client, fleet: &Fleet) -> Launches {
+async fn launch_figures(
+    args: &Args,
+    client: &mut scenarios::Client,
+    fleet: &Fleet,
+    controller: &mut ControllerProc,
+) -> Launches {
     let n = fleet.len();
     let mut launches = Launches { agents: n, gangs: Vec::new(), teardown: None, quick: None };
     // Gangs up to the teardown's size first, then the teardown, then the
     // bigger gangs: one that overwhelms the controller must not spoil the rest.
     let (small, big): (Vec<usize>, Vec<usize>) = args.gangs.iter().partition(|g| **g <= args.teardown_nodes);
     for &nodes in &small {
-        launches.gangs.extend(gang(args, client, fleet, nodes).await);
+        launches.gangs.extend(gang(args, client, fleet, controller, nodes).await);
     }
     if args.teardown_nodes <= n && args.teardown_nodes >= 2 {
         launches.teardown = Some(scenarios::teardown(client, fleet, args.teardown_nodes, args.repeats).await);
@@ -242,7 +269,10 @@ async fn launch_figures(args: &Args, client: &mut scenarios::Client, fleet: &Fle
         Err(e) => (quick_nodes, format!("error: {e:#}"), false),
     });
     for &nodes in &big {
-        launches.gangs.extend(gang(args, client, fleet, nodes).await);
+        if controller.exited().is_some() {
+            break;
+        }
+        launches.gangs.extend(gang(args, client, fleet, controller, nodes).await);
     }
     launches
 }
@@ -266,6 +296,7 @@ async fn etcd(args: &Args, n: usize, largest: bool) -> EtcdRun {
                 master_ports: format!("{}-{}", port.port + 3, port.port + 39),
                 etcd: Some(&etcd.url()),
                 leader_ttl: Duration::from_millis(args.leader_ttl_ms),
+                memory_limit: memory_limit(args),
             })
         };
         let mut leader = spawn(0, "controller-0")?;
@@ -289,8 +320,10 @@ async fn etcd(args: &Args, n: usize, largest: bool) -> EtcdRun {
             run.idle = Some(scenarios::steady(&fleet, &leader, &mut leader_client, window(args), Some(&probe)).await?);
             let nodes = (n / args.etcd_jobs.max(1)).clamp(1, 128);
             eprintln!("  {} gangs of {nodes} running", args.etcd_jobs);
+            let started = Instant::now();
             let busy = async {
                 let ids = scenarios::start_jobs(&mut leader_client, args.etcd_jobs, nodes).await?;
+                run.busy_start_s = Some(started.elapsed().as_secs_f64());
                 let steady = scenarios::steady(&fleet, &leader, &mut leader_client, window(args), Some(&probe)).await?;
                 scenarios::stop_jobs(&mut leader_client, &ids).await?;
                 anyhow::Ok(steady)
@@ -298,7 +331,14 @@ async fn etcd(args: &Args, n: usize, largest: bool) -> EtcdRun {
             .await;
             match busy {
                 Ok(steady) => run.busy = Some((args.etcd_jobs, nodes, steady)),
-                Err(e) => run.busy_error = Some(format!("{e:#}")),
+                Err(e) => {
+                    let breaks = fleet.shared.session_breaks.load(std::sync::atomic::Ordering::Relaxed);
+                    run.busy_error = Some(format!(
+                        "{e:#} ({:.1} s after the submits; {} agent sessions ended so far)",
+                        started.elapsed().as_secs_f64(),
+                        breaks
+                    ));
+                }
             }
             eprintln!("  takeover: SIGKILL {}", leader.name);
             let takeover = scenarios::takeover(&fleet, &mut leader, &mut standby_client, connect_timeout(n)).await;

@@ -14,6 +14,8 @@ use cohort_proto::GetLeaderRequest;
 use cohort_proto::job_service_client::JobServiceClient;
 use tonic::transport::Channel;
 
+use crate::scenarios::clip;
+
 pub struct ControllerProc {
     pub name: String,
     pub url: String,
@@ -31,6 +33,8 @@ pub struct ControllerArgs<'a> {
     /// `etcd://...`, or None for the embedded store.
     pub etcd: Option<&'a str>,
     pub leader_ttl: Duration,
+    /// Address-space limit in bytes (`prlimit --as`), or None.
+    pub memory_limit: Option<u64>,
 }
 
 impl ControllerProc {
@@ -38,7 +42,16 @@ impl ControllerProc {
         std::fs::create_dir_all(args.data_dir)?;
         let log = args.data_dir.join(format!("{}.log", args.name));
         let out = File::options().create(true).append(true).open(&log)?;
-        let mut command = Command::new(cohort_tests::bin("cohort-controller"));
+        // A controller that runs away with memory must not take the shared machine
+        // down with it: cap its address space (prlimit execs it, so the pid is its own).
+        let mut command = match args.memory_limit {
+            Some(bytes) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--as={bytes}")).arg("--").arg(cohort_tests::bin("cohort-controller"));
+                c
+            }
+            None => Command::new(cohort_tests::bin("cohort-controller")),
+        };
         command
             .args(["--listen", &format!("127.0.0.1:{}", args.port), "--id", args.name])
             .arg("--data-dir")
@@ -68,6 +81,17 @@ impl ControllerProc {
         self.pid
     }
 
+    /// How it ended, if it has: "exit code N" or "signal N".
+    pub fn exited(&mut self) -> Option<String> {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        Some(match (status.code(), status.signal()) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(signal)) => format!("signal {signal}"),
+            _ => status.to_string(),
+        })
+    }
+
     /// SIGKILL, and wait until it is gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -79,8 +103,12 @@ impl ControllerProc {
     /// The last lines of its log that look like errors.
     pub fn log_errors(&self, max: usize) -> Vec<String> {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<String> =
-            text.lines().filter(|l| l.contains("ERROR") || l.contains("WARN")).map(strip_ansi).collect();
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+            .map(strip_ansi)
+            .map(|l| clip(&l, 400))
+            .collect();
         lines[lines.len().saturating_sub(max)..].to_vec()
     }
 }
@@ -194,6 +222,33 @@ impl CpuWindow {
             .zip(&self.ticks)
             .map(|(pid, before)| Ok((cpu_ticks(*pid)? - before) as f64 / hz / elapsed))
             .collect()
+    }
+}
+
+/// The highest VmRSS of a process, sampled every 100 ms until `finish` (it
+/// outlives VmHWM when the process dies).
+pub struct RssSampler {
+    max_kib: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> RssSampler {
+        let max_kib = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let max = max_kib.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((rss, _)) = memory_kib(pid) {
+                max.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        RssSampler { max_kib, task }
+    }
+
+    /// The highest RSS seen, MiB.
+    pub fn finish(self) -> f64 {
+        self.task.abort();
+        self.max_kib.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0
     }
 }
 

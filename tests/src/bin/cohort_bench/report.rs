@@ -18,6 +18,7 @@ pub struct Results {
     pub load_end: [f64; 3],
     pub elapsed_s: f64,
     pub leader_ttl_ms: u64,
+    pub memory_gib: u64,
     pub window_s: u64,
     pub warmup_s: u64,
     pub embedded: Vec<EmbeddedRun>,
@@ -35,6 +36,7 @@ impl Results {
             load_end: [0.0; 3],
             elapsed_s: 0.0,
             leader_ttl_ms: args.leader_ttl_ms,
+            memory_gib: args.controller_memory_gib,
             window_s: args.window,
             warmup_s: args.warmup,
             embedded: Vec::new(),
@@ -88,6 +90,8 @@ pub struct EtcdRun {
     /// (jobs, nodes each, window)
     pub busy: Option<(usize, usize, Steady)>,
     pub busy_error: Option<String>,
+    /// Submit of the busy gangs to all of them Running, s.
+    pub busy_start_s: Option<f64>,
     pub takeover: Option<Takeover>,
     pub big_gang: Option<String>,
     pub error: Option<String>,
@@ -104,6 +108,7 @@ impl EtcdRun {
             idle: None,
             busy: None,
             busy_error: None,
+            busy_start_s: None,
             takeover: None,
             big_gang: None,
             error: None,
@@ -139,7 +144,8 @@ pub fn table(r: &Results) -> String {
     );
     let _ = writeln!(
         t,
-        "agents: simulated in this process, one HTTP/2 connection each, 8 fake GPUs, heartbeat 1 s; controller defaults (node TTL 10 s)\n"
+        "agents: simulated in this process, one HTTP/2 connection each, 8 fake GPUs, heartbeat 1 s; controller defaults (node TTL\n10 s), its address space capped at {} GiB (0: no cap)\n",
+        r.memory_gib
     );
 
     let _ =
@@ -209,8 +215,17 @@ pub fn table(r: &Results) -> String {
         );
         let _ = writeln!(
             t,
-            "{:>6} {:>4} {:>9} {:>9} {:>9} {:>12} {:>12} {:>10} {:>12}",
-            "nodes", "n", "p50 ms", "p99 ms", "max ms", "last LC p50", "last LC p99", "job KiB", "cancel p50"
+            "{:>6} {:>4} {:>9} {:>9} {:>9} {:>12} {:>12} {:>9} {:>11} {:>9}",
+            "nodes",
+            "n",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "last LC p50",
+            "last LC p99",
+            "job KiB",
+            "cancel p50",
+            "peak MiB"
         );
         for g in &l.gangs {
             let s = Stats::of(&g.to_running);
@@ -218,8 +233,17 @@ pub fn table(r: &Results) -> String {
             let c = Stats::of(&g.cancel_to_clear);
             let _ = writeln!(
                 t,
-                "{:>6} {:>4} {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>12.1} {:>10.0} {:>12.1}",
-                g.nodes, s.n, s.p50, s.p99, s.max, lc.p50, lc.p99, g.record_kib, c.p50
+                "{:>6} {:>4} {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>12.1} {:>9.0} {:>11.1} {:>9}",
+                g.nodes,
+                s.n,
+                s.p50,
+                s.p99,
+                s.max,
+                lc.p50,
+                lc.p99,
+                g.record_kib,
+                c.p50,
+                opt(g.peak_rss_mib, 0)
             );
             if let Some(note) = &g.note {
                 let _ = writeln!(t, "       note: {note}");
@@ -227,7 +251,7 @@ pub fn table(r: &Results) -> String {
         }
         let _ = writeln!(
             t,
-            "   submit on this clock -> running_unix_ms on the controller's (same host); last LC: submit -> the last agent\n   got its LaunchCommand; job KiB: the Job message (what every persist of the job writes); cancel: cancel ->\n   live_processes 0. Baseline: none exists for simulated agents (no other launcher drives them)."
+            "   submit on this clock -> running_unix_ms on the controller's (same host); last LC: submit -> the last agent\n   got its LaunchCommand; job KiB: the Job message (what every persist of the job writes); cancel: cancel ->\n   live_processes 0; peak MiB: the controller's highest RSS during the gang size. Baseline: none exists for simulated agents (no other launcher drives them)."
         );
         if let Some((nodes, state, running)) = &l.quick {
             let _ = writeln!(
@@ -317,6 +341,9 @@ pub fn table(r: &Results) -> String {
                     "        takeover: only {} registered, {} acked of {}",
                     tk.registered, tk.acked, tk.agents
                 );
+            }
+            if let Some(s) = e.busy_start_s {
+                let _ = writeln!(t, "        busy gangs: submit -> all Running in {s:.1} s");
             }
             if let Some(err) = &e.busy_error {
                 let _ = writeln!(t, "        busy window: {err}");
@@ -473,6 +500,7 @@ pub fn json(r: &Results) -> Value {
                 "idle": e.idle.as_ref().map(Steady::json),
                 "busy": e.busy.as_ref().map(|(jobs, nodes, s)| json!({"jobs": jobs, "nodes_each": nodes, "window": s.json()})),
                 "busy_error": e.busy_error,
+                "busy_submit_to_all_running_s": e.busy_start_s,
                 "takeover": e.takeover.as_ref().map(Takeover::json),
                 "gang_1024": e.big_gang,
                 "error": e.error,
@@ -489,6 +517,7 @@ pub fn json(r: &Results) -> Value {
         "open_files_limit": r.fd_limit,
         "elapsed_s": r.elapsed_s,
         "leader_ttl_ms": r.leader_ttl_ms,
+        "controller_memory_limit_gib": r.memory_gib,
         "window_s": r.window_s,
         "settle_spans_s": r.warmup_s,
         "embedded": embedded,

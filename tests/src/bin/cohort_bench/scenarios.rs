@@ -42,6 +42,14 @@ impl Stats {
     }
 }
 
+/// The first `max` characters of `text`, with "..." when cut (a gang's reason names every node).
+pub fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -66,7 +74,11 @@ pub fn gang_yaml(name: &str, nodes: usize, quick: bool) -> String {
 
 pub async fn submit(client: &mut Client, yaml: &str) -> anyhow::Result<Job> {
     let file = JobFile { yaml: yaml.into(), source_name: "cohort-bench.yaml".into(), base_dir: String::new() };
-    let response = client.submit_job(SubmitJobRequest { file: Some(file) }).await.context("SubmitJob")?;
+    let response =
+        tokio::time::timeout(Duration::from_secs(60), client.submit_job(SubmitJobRequest { file: Some(file) }))
+            .await
+            .map_err(|_| anyhow::anyhow!("SubmitJob got no answer within 60 s"))?
+            .context("SubmitJob")?;
     response.into_inner().job.context("SubmitJob answered without a job")
 }
 
@@ -80,7 +92,13 @@ pub async fn wait_job(
 ) -> anyhow::Result<Job> {
     let deadline = Instant::now() + within;
     loop {
-        let job = client.get_job(GetJobRequest { job: id.into() }).await.context("GetJob")?.into_inner();
+        // A controller stuck on its lock answers late or never: the deadline holds for each call too.
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let job = tokio::time::timeout(left, client.get_job(GetJobRequest { job: id.into() }))
+            .await
+            .map_err(|_| anyhow::anyhow!("GetJob {id} got no answer within {within:?}"))?
+            .context("GetJob")?
+            .into_inner();
         if done(&job) {
             return Ok(job);
         }
@@ -89,7 +107,7 @@ pub async fn wait_job(
                 "job {id} is {:?} ({} live processes) after {within:?}: {}",
                 state(&job),
                 job.live_processes,
-                job.reason
+                clip(&job.reason, 100)
             );
         }
         tokio::time::sleep(poll).await;
@@ -97,7 +115,10 @@ pub async fn wait_job(
 }
 
 async fn cancel_and_clear(client: &mut Client, id: &str, within: Duration) -> anyhow::Result<()> {
-    client.cancel_job(CancelJobRequest { job: id.into() }).await.context("CancelJob")?;
+    tokio::time::timeout(within, client.cancel_job(CancelJobRequest { job: id.into() }))
+        .await
+        .map_err(|_| anyhow::anyhow!("CancelJob {id} got no answer within {within:?}"))?
+        .context("CancelJob")?;
     wait_job(client, id, Duration::from_millis(50), within, |j| is_terminal(j) && j.live_processes == 0).await?;
     Ok(())
 }
@@ -238,6 +259,8 @@ pub struct Gang {
     pub cancel_to_clear: Vec<f64>,
     /// The job as GetJob returns it, encoded (what each persist writes).
     pub record_kib: f64,
+    /// The controller's peak RSS (VmHWM) after this gang size, MiB.
+    pub peak_rss_mib: Option<f64>,
     pub note: Option<String>,
 }
 
@@ -249,6 +272,7 @@ impl Gang {
             "submit_to_last_launch_command_ms": Stats::of(&self.to_last_launch).json(),
             "cancel_to_all_stopped_ms": Stats::of(&self.cancel_to_clear).json(),
             "job_record_kib": self.record_kib,
+            "controller_peak_rss_mib": self.peak_rss_mib,
             "note": self.note,
             "samples_submit_to_running_ms": self.to_running,
         })
@@ -272,6 +296,7 @@ pub async fn launch_gang(
         to_last_launch: Vec::new(),
         cancel_to_clear: Vec::new(),
         record_kib: 0.0,
+        peak_rss_mib: None,
         note: None,
     };
     let poll = Duration::from_millis(match nodes {
@@ -300,7 +325,7 @@ pub async fn launch_gang(
                 "job {} ended {:?}: {}",
                 job.id,
                 state(&running),
-                running.reason
+                clip(&running.reason, 100)
             );
             let launches = fleet.launches_of(&job.id);
             let last_launch = launches.iter().max().map(|t| ms(t.duration_since(submitted_at)));
@@ -394,7 +419,12 @@ pub async fn teardown(client: &mut Client, fleet: &Fleet, nodes: usize, repeats:
                 state(j) == JobState::Running || is_terminal(j)
             })
             .await?;
-            ensure!(state(&running) == JobState::Running, "job {} ended before running: {}", job.id, running.reason);
+            ensure!(
+                state(&running) == JobState::Running,
+                "job {} ended before running: {}",
+                job.id,
+                clip(&running.reason, 100)
+            );
             let plan = running.plan.as_ref().context("a running job without a plan")?;
             let victim = plan.nodes.get(1).context("a gang of one node")?;
             let ix = node_index(&victim.node_name).context("not a simulated node")?;
@@ -443,8 +473,11 @@ pub async fn start_jobs(client: &mut Client, count: usize, nodes: usize) -> anyh
         ids.push(submit(client, &gang_yaml(&format!("bench-busy-{i}"), nodes, false)).await?.id);
     }
     for id in &ids {
-        wait_job(client, id, Duration::from_millis(100), Duration::from_secs(120), |j| state(j) == JobState::Running)
-            .await?;
+        let job = wait_job(client, id, Duration::from_millis(100), Duration::from_secs(120), |j| {
+            state(j) == JobState::Running || is_terminal(j)
+        })
+        .await?;
+        ensure!(state(&job) == JobState::Running, "job {id} ended {:?}: {}", state(&job), clip(&job.reason, 100));
     }
     Ok(ids)
 }
