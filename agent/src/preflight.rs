@@ -200,9 +200,13 @@ mod tests {
         assert!(missing.error.contains("cannot run /nonexistent/python"), "{}", missing.error);
 
         let dir = tempfile::tempdir().unwrap();
+        // Written by a child process: a write descriptor held in this process
+        // could leak into a concurrent test's fork and make exec fail (ETXTBSY).
         let hung = dir.path().join("python");
-        std::fs::write(&hung, "#!/bin/sh\nexec sleep 600\n").unwrap();
-        std::fs::set_permissions(&hung, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let source = dir.path().join("python.src");
+        std::fs::write(&source, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        let installed = std::process::Command::new("install").arg("-m").arg("755").arg(&source).arg(&hung).status();
+        assert!(installed.unwrap().success());
         let report = probe_packages("n", hung.to_str().unwrap(), &[], Duration::from_millis(300)).await;
         assert!(report.error.contains("did not finish"), "{}", report.error);
     }

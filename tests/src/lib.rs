@@ -138,20 +138,7 @@ impl Cluster {
     }
 
     pub async fn start_with(nodes: Vec<NodeSpec>, controller_args: &[&str]) -> anyhow::Result<Cluster> {
-        let ports = PortBlock::take();
-        let dir = tempfile::Builder::new().prefix("cohort-test-").tempdir()?;
-        let url = format!("http://127.0.0.1:{}", ports.base);
-        let mut cluster = Cluster {
-            dir,
-            url,
-            ports,
-            controller: None,
-            agents: Vec::new(),
-            nodes,
-            extra_controller_args: controller_args.iter().map(|s| s.to_string()).collect(),
-            standbys: Vec::new(),
-            partitions: Vec::new(),
-        };
+        let mut cluster = Self::new(nodes, 1, controller_args)?;
         cluster.start_controller()?;
         cluster.start_agents().await?;
         let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
@@ -159,15 +146,14 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Several controllers against one etcd (`controller_args` must name the
-    /// `--store etcd://...`), agents given every controller's URL.
-    pub async fn start_ha(nodes: Vec<NodeSpec>, controllers: u16, controller_args: &[&str]) -> anyhow::Result<Cluster> {
+    /// A cluster with its port block and directory, nothing started yet.
+    fn new(nodes: Vec<NodeSpec>, controllers: u16, controller_args: &[&str]) -> anyhow::Result<Cluster> {
         assert!((1..=MAX_CONTROLLERS).contains(&controllers));
         let ports = PortBlock::take();
         let dir = tempfile::Builder::new().prefix("cohort-test-").tempdir()?;
         let url =
             (0..controllers).map(|i| format!("http://127.0.0.1:{}", ports.base + i)).collect::<Vec<_>>().join(",");
-        let mut cluster = Cluster {
+        Ok(Cluster {
             dir,
             url,
             ports,
@@ -177,7 +163,13 @@ impl Cluster {
             extra_controller_args: controller_args.iter().map(|s| s.to_string()).collect(),
             standbys: Vec::new(),
             partitions: Vec::new(),
-        };
+        })
+    }
+
+    /// Several controllers against one etcd (`controller_args` must name the
+    /// `--store etcd://...`), agents given every controller's URL.
+    pub async fn start_ha(nodes: Vec<NodeSpec>, controllers: u16, controller_args: &[&str]) -> anyhow::Result<Cluster> {
+        let mut cluster = Self::new(nodes, controllers, controller_args)?;
         cluster.controller = Some(cluster.spawn_controller(0)?);
         for i in 1..controllers {
             let child = cluster.spawn_controller(i)?;

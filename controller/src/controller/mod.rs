@@ -160,30 +160,13 @@ pub fn state_name(state: i32) -> &'static str {
 /// "code 3" or "signal 9 (SIGKILL)".
 pub fn describe_exit(exit_code: Option<i32>, signal: Option<i32>) -> String {
     match (exit_code, signal) {
-        (_, Some(sig)) => match nix_signal_name(sig) {
+        (_, Some(sig)) => match cohort_shared::metrics::signal_name(sig.unsigned_abs()) {
             Some(name) => format!("signal {sig} ({name})"),
             None => format!("signal {sig}"),
         },
         (Some(code), None) => format!("code {code}"),
         (None, None) => "an unknown status".to_string(),
     }
-}
-
-fn nix_signal_name(sig: i32) -> Option<&'static str> {
-    Some(match sig {
-        1 => "SIGHUP",
-        2 => "SIGINT",
-        3 => "SIGQUIT",
-        4 => "SIGILL",
-        6 => "SIGABRT",
-        7 => "SIGBUS",
-        8 => "SIGFPE",
-        9 => "SIGKILL",
-        11 => "SIGSEGV",
-        13 => "SIGPIPE",
-        15 => "SIGTERM",
-        _ => return None,
-    })
 }
 
 mod agents;

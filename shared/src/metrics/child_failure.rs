@@ -79,8 +79,12 @@ impl ChildFailureParser {
             }
         }
         if let (Some(rank), Some(exit_code)) = (self.current.rank, self.current.exit_code) {
-            let signal =
-                self.current.signal.clone().or_else(|| (exit_code < 0).then(|| signal_name(exit_code.unsigned_abs())));
+            let signal = self.current.signal.clone().or_else(|| {
+                (exit_code < 0).then(|| {
+                    let number = exit_code.unsigned_abs();
+                    signal_name(number).map_or_else(|| format!("signal {number}"), str::to_owned)
+                })
+            });
             self.root_cause = Some(ChildFailure {
                 rank,
                 local_rank: self.current.local_rank,
@@ -111,8 +115,10 @@ fn split_parenthesised(value: &str) -> (&str, Option<&str>) {
     }
 }
 
-fn signal_name(number: u32) -> String {
-    let name = match number {
+/// The conventional name of a Linux signal number ("SIGKILL" for 9), for the
+/// signals a dying training process usually gets.
+pub fn signal_name(number: u32) -> Option<&'static str> {
+    Some(match number {
         1 => "SIGHUP",
         2 => "SIGINT",
         3 => "SIGQUIT",
@@ -124,9 +130,8 @@ fn signal_name(number: u32) -> String {
         11 => "SIGSEGV",
         13 => "SIGPIPE",
         15 => "SIGTERM",
-        _ => return format!("signal {number}"),
-    };
-    name.to_owned()
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
