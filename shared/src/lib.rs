@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod dataset;
 pub mod duration;
+pub mod failure;
 pub mod megatron;
 pub mod metrics;
 pub mod model;

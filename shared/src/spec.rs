@@ -16,6 +16,7 @@
 mod fields;
 mod locate;
 mod report;
+mod restart;
 pub(crate) mod scalar;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,7 @@ use fields::{check_name, read_command, read_env, read_node_selector};
 pub(crate) use report::Problems;
 use report::suggestion;
 pub use report::{SpecErrors, SpecIssue};
+pub use restart::{DEFAULT_STRAGGLER_FACTOR, RestartPolicy};
 use scalar::describe;
 
 /// A validated job file.
@@ -58,6 +60,10 @@ pub struct JobSpec {
     pub stop_grace: Duration,
     /// No progress for this long means the job hangs.
     pub hang_timeout: Option<Duration>,
+    /// New attempts after a failure (`restart:`); none by default.
+    pub restart: RestartPolicy,
+    /// A node progressing this many times slower than the others is a straggler.
+    pub straggler_factor: f64,
     /// The interpreter preflight probes (default: each agent's `--python`).
     pub python: Option<String>,
     /// Inputs copied into every node's local cache before launch.
@@ -150,10 +156,12 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "stage",
     "shared_paths",
     "dataset_policy",
+    "restart",
+    "straggler_factor",
 ];
 
 /// Keys that the design names but this version does not implement yet.
-const NOT_YET_SUPPORTED: &[&str] = &["restart"];
+const NOT_YET_SUPPORTED: &[&str] = &[];
 
 /// Variables that Cohort sets for every process; a job may not override them.
 pub const RESERVED_ENV: &[&str] = &[
@@ -332,6 +340,8 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
     let priority = typed::<i32>(root, "priority", problems).unwrap_or(0);
     let stop_grace = typed::<DurationText>(root, "stop_grace", problems).map_or(DEFAULT_STOP_GRACE, |d| d.0);
     let hang_timeout = typed::<DurationText>(root, "hang_timeout", problems).map(|d| d.0);
+    let restart = restart::read_restart(root, problems);
+    let straggler_factor = restart::read_straggler_factor(root, problems);
     let python = typed::<String>(root, "python", problems);
     let stage = typed::<Vec<StageSpec>>(root, "stage", problems).unwrap_or_default();
     check_stage(&stage, problems);
@@ -389,6 +399,8 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
         priority,
         stop_grace,
         hang_timeout,
+        restart,
+        straggler_factor,
         python,
         stage,
         shared_paths,

@@ -240,3 +240,35 @@ fn flow_style_megatron_section_is_accepted() {
     let spec = parse(text);
     assert_eq!(spec.layout().map(|l| (l.tp, l.dp, l.grad_accum)), Some((2, 1, 16)));
 }
+
+#[test]
+fn restart_policy_defaults_and_overrides() {
+    use cohort_shared::failure::FailureCause as C;
+    let base = "name: a\nkind: command\nnodes: 1\ncommand: [x]\n";
+    let none = parse(base);
+    assert_eq!(none.restart.max_restarts, 0, "no restart section: no restarts");
+    assert!(!none.restart.retries(C::NodeLost));
+    assert_eq!(none.straggler_factor, 1.5);
+
+    let defaults = parse(&format!("{base}restart: {{}}\n"));
+    assert_eq!(defaults.restart.max_restarts, 3);
+    assert_eq!(defaults.restart.backoff, Duration::from_secs(10));
+    assert_eq!(defaults.restart.on, [C::RankFailed, C::NodeLost, C::Hang]);
+    // Infrastructure failures are retried, OOM and user errors are not.
+    assert!(defaults.restart.retries(C::Nccl) && defaults.restart.retries(C::Hang));
+    assert!(!defaults.restart.retries(C::CudaOom) && !defaults.restart.retries(C::UserError));
+    assert!(!defaults.restart.retries(C::PreflightFailed));
+    assert_eq!(defaults.restart.backoff_for(1), Duration::from_secs(10));
+    assert_eq!(defaults.restart.backoff_for(3), Duration::from_secs(40));
+    assert_eq!(defaults.restart.backoff_for(30), Duration::from_secs(300));
+
+    let custom = parse(&format!(
+        "{base}straggler_factor: 2\nrestart:\n  max_restarts: 1\n  backoff: 500ms\n  on: [node_lost, cuda_oom]\n  exclude_failed_nodes: true\n"
+    ));
+    assert_eq!(custom.straggler_factor, 2.0);
+    assert_eq!(custom.restart.max_restarts, 1);
+    assert_eq!(custom.restart.backoff, Duration::from_millis(500));
+    assert!(custom.restart.exclude_failed_nodes);
+    assert!(custom.restart.retries(C::CudaOom), "a cause named in `on` is retried");
+    assert!(!custom.restart.retries(C::Nccl), "rank_failed is not in `on`");
+}

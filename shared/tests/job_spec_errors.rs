@@ -244,7 +244,11 @@ fn name_env_selector_and_durations() {
     single(&format!("{V3_JOB}hang_timeout: 0s\n"), "hang_timeout", Some(35), "longer than zero");
     single(&format!("{V3_JOB}node_selector: [gpu]\n"), "node_selector", Some(35), "must be a mapping");
     single(&format!("{V3_JOB}priority: high\n"), "priority", Some(35), "expected i32");
-    single(&format!("{V3_JOB}restart: always\n"), "restart", Some(35), "not supported yet");
+    single(&format!("{V3_JOB}restart: always\n"), "restart", Some(35), "must be a mapping");
+    single(&format!("{V3_JOB}restart: {{on: [node_lots]}}\n"), "restart.on[0]", Some(35), "did you mean `node_lost`?");
+    single(&format!("{V3_JOB}restart: {{max_restart: 2}}\n"), "restart.max_restart", Some(35), "unknown field");
+    single(&format!("{V3_JOB}restart: {{backoff: 10}}\n"), "restart.backoff", Some(35), "write e.g. \"10s\"");
+    single(&format!("{V3_JOB}straggler_factor: 0.5\n"), "straggler_factor", Some(35), "above 1");
     single(
         &format!("{V3_JOB}stage: [{{name: m, source: rel/path}}]\n"),
         "stage[0].source",
