@@ -10,3 +10,10 @@ bash tests/install-deps.sh
 examples/tiny-sft/setup-venv.sh
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast "$@"
+# The fault-injection suite (tests/tests/faults.rs): real multi-process
+# failures, each case once, with assertions on the end state. Skipped when
+# arguments narrow the run (e.g. `-p cohort-shared`).
+if (( $# == 0 )); then
+    echo "== fault-injection suite"
+    cargo test -p cohort-tests --test faults -- --ignored --skip fault_figures --test-threads 2
+fi

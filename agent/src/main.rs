@@ -75,6 +75,10 @@ struct Args {
     /// How many files staging copies at once.
     #[arg(long, default_value_t = 4)]
     stage_parallel: usize,
+    /// py-spy for the stack dumps of hung jobs (default: `py-spy` on PATH;
+    /// without it, ranks that registered faulthandler for SIGUSR1 dump themselves).
+    #[arg(long, env = "COHORT_PY_SPY")]
+    py_spy: Option<PathBuf>,
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     max_backoff: Duration,
@@ -169,6 +173,9 @@ async fn agent() -> anyhow::Result<()> {
         }
     });
     let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone());
+    let py_spy = supervisor::stacks::find_py_spy(args.py_spy.clone());
+    tracing::info!(py_spy = ?py_spy, "stack dumps of hung jobs: {}", if py_spy.is_some() { "py-spy" } else { "faulthandler (SIGUSR1) where the trainer registered it" });
+    supervisor.set_py_spy(py_spy);
     // Before registering, so that the controller hears what survived the last agent.
     let recovery = supervisor.recover().await;
     tracing::info!(?recovery, "launch state recovered");
@@ -193,7 +200,10 @@ async fn agent() -> anyhow::Result<()> {
         fence_after: args.fence_after,
         gpus: gpu_monitor,
     };
-    let liveness = session::Liveness::new();
+    // The shims watch this file too: a killed agent's ranks are fenced all the same.
+    let lease = args.work_dir.join("controller.lease");
+    supervisor.set_fence(lease.clone(), args.fence_after);
+    let liveness = session::Liveness::with_lease_file(lease);
     tokio::spawn(session::fence(liveness.clone(), args.fence_after, supervisor.clone(), stop_rx.clone()));
     let probe = preparer.clone();
     tokio::spawn(async move { probe.probe_at_startup().await });

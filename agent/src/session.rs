@@ -52,17 +52,33 @@ pub struct SessionConfig {
     pub gpus: crate::gpu::GpuMonitor,
 }
 
-/// When a controller last acknowledged this agent, shared by the session and the fence.
+/// When a controller last acknowledged this agent, shared by the session and
+/// the fence; with a lease file, also as that file's modification time, which
+/// the shims watch (they fence their ranks even when the agent is dead).
 #[derive(Clone)]
-pub struct Liveness(std::sync::Arc<std::sync::Mutex<tokio::time::Instant>>);
+pub struct Liveness(std::sync::Arc<std::sync::Mutex<tokio::time::Instant>>, Option<std::sync::Arc<std::path::PathBuf>>);
 
 impl Liveness {
     pub fn new() -> Self {
-        Self(std::sync::Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())))
+        Self(std::sync::Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())), None)
+    }
+    pub fn with_lease_file(path: std::path::PathBuf) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())), Some(std::sync::Arc::new(path)))
     }
     fn touch(&self) {
         if let Ok(mut t) = self.0.lock() {
             *t = tokio::time::Instant::now();
+        }
+        if let Some(path) = &self.1 {
+            let renewed = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path.as_path())
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            if let Err(e) = renewed {
+                tracing::warn!(path = %path.display(), error = %e, "cannot renew the controller lease file");
+            }
         }
     }
     fn since(&self) -> Duration {
@@ -324,6 +340,12 @@ async fn handle(
         Some(Command::ClearGpu(clear)) => {
             tracing::info!(gpu = clear.index, "GPU cleared by an operator");
             gpus.clear(clear.index).await.map(|_| ())
+        }
+        Some(Command::DumpStacks(dump)) => {
+            tracing::warn!(job = %dump.job_id, attempt = dump.attempt, "dumping stacks (hang)");
+            let supervisor = supervisor.clone();
+            tokio::spawn(async move { supervisor.dump_stacks(command_id, dump).await });
+            Ok(())
         }
         Some(Command::FetchLogs(fetch)) => {
             let supervisor = supervisor.clone();

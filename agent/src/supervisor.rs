@@ -30,9 +30,11 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::Instant;
 
 mod jsonl;
+mod kmsg;
 mod logs;
 mod recover;
 pub mod shim;
+pub mod stacks;
 mod state;
 mod tail;
 
@@ -130,6 +132,10 @@ struct Inner {
     shim: PathBuf,
     launches: Mutex<HashMap<LaunchKey, Launch>>,
     out: mpsc::Sender<Outbound>,
+    /// py-spy for stack dumps; without it, faulthandler via SIGUSR1.
+    py_spy: std::sync::OnceLock<PathBuf>,
+    /// The controller lease file and fence delay the shims watch.
+    fence: std::sync::OnceLock<(PathBuf, Duration)>,
 }
 
 impl Supervisor {
@@ -142,7 +148,38 @@ impl Supervisor {
     /// A supervisor that runs `shim` (a `cohort-agent` binary) as the shim.
     pub fn with_shim(node_name: String, work_dir: PathBuf, out: mpsc::Sender<Outbound>, shim: PathBuf) -> Self {
         let launches = Mutex::new(HashMap::new());
-        Self { inner: Arc::new(Inner { node_name, work_dir, shim, launches, out }) }
+        Self {
+            inner: Arc::new(Inner {
+                node_name,
+                work_dir,
+                shim,
+                launches,
+                out,
+                py_spy: Default::default(),
+                fence: Default::default(),
+            }),
+        }
+    }
+
+    /// Makes every shim stop its rank itself once `lease` (renewed by the
+    /// session on each acknowledged heartbeat) is older than `after`, so that
+    /// a killed agent's ranks are fenced too.
+    pub fn set_fence(&self, lease: PathBuf, after: Duration) {
+        let _ = self.inner.fence.set((lease, after));
+    }
+
+    fn fence_args(&self, grace_ms: u32) -> Vec<String> {
+        match self.inner.fence.get() {
+            Some((lease, after)) => vec![
+                "--lease-file".into(),
+                lease.display().to_string(),
+                "--fence-after-ms".into(),
+                after.as_millis().to_string(),
+                "--grace-ms".into(),
+                grace_ms.to_string(),
+            ],
+            None => Vec::new(),
+        }
     }
 
     /// Starts every process of a launch. A process that cannot be spawned is
@@ -257,6 +294,7 @@ impl Supervisor {
             .arg(&files.stdout)
             .arg("--stderr")
             .arg(&files.stderr)
+            .args(self.fence_args(cmd.stop_grace_ms))
             .arg("--")
             .arg(&program)
             .args(&spec.argv[1..])
@@ -348,9 +386,9 @@ impl Supervisor {
             // Whatever the rank left in its group goes with it (the shim does
             // this too; not when it was killed).
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let root_cause = follower.finish().await.unwrap_or_default();
+            let ended = follower.finish().await;
             let record = ExitRecord::read(&exit_file);
-            this.on_exit(&job_id, attempt, index, record, status, root_cause).await;
+            this.on_exit(&job_id, attempt, index, record, status, ended).await;
             let _ = done_tx.send(true);
         });
         done
@@ -363,7 +401,7 @@ impl Supervisor {
         index: u32,
         record: Option<ExitRecord>,
         shim_status: Option<std::io::Result<std::process::ExitStatus>>,
-        root_cause: String,
+        ended: tail::Ended,
     ) {
         let mut launches = self.inner.launches.lock().await;
         let Some(launch) = launches.get_mut(&(job_id.to_string(), attempt)) else { return };
@@ -382,12 +420,18 @@ impl Supervisor {
                 record
             }
         };
+        let mut last_lines = ended.last_lines;
+        if !p.stop_requested && !(record.exit_code == Some(0) && record.signal.is_none()) {
+            // A rank the kernel's OOM killer took says nothing itself: the kernel log does.
+            last_lines.extend(kmsg::oom_kills_since(p.started_unix_ms));
+        }
         let exited = ProcessExited {
             exit_code: record.exit_code,
             signal: record.signal,
             stopped_by_agent: p.stop_requested,
             ended_unix_ms: record.ended_unix_ms,
-            root_cause: join_causes(&record.note, &root_cause),
+            root_cause: join_causes(&record.note, &ended.root_cause),
+            last_lines,
         };
         p.exited = Some(exited.clone());
         tracing::info!(job = job_id, attempt, index, code = ?exited.exit_code, signal = ?exited.signal, "process exited");

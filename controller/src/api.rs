@@ -205,6 +205,7 @@ impl AgentService for Local {
                     }
                     Some(Msg::Logs(batch)) => {
                         let rank = controller.node_rank(&batch.job_id, &node).await;
+                        controller.output_seen(&batch.job_id, batch.attempt, &node).await;
                         controller.logs.append(&batch.job_id, &node, rank, batch.attempt, batch.lines).await;
                     }
                     Some(Msg::Metrics(batch)) => controller.metrics(batch).await,
@@ -213,6 +214,7 @@ impl AgentService for Local {
                     Some(Msg::StageProgress(progress)) => controller.stage_progress(progress).await,
                     Some(Msg::QueryResult(result)) => controller.query_result(result).await,
                     Some(Msg::GpuEvent(event)) => controller.gpu_event(&node, event).await,
+                    Some(Msg::StackDump(dump)) => controller.stack_dump(&node, dump).await,
                     Some(Msg::Hello(_)) | None => {
                         tracing::warn!(node = %node, "ignoring an unexpected or empty agent message");
                     }

@@ -660,6 +660,7 @@ fn print_status(job: &Job) {
     if let Some(f) = &job.failure {
         say!("failure:   {}", f.message);
     }
+    crate::cli_failures::print_failure_status(job);
     crate::cli_metrics::print_training_status(job);
     if job.live_processes > 0 {
         say!("alive:     {} process(es)", job.live_processes);

@@ -227,7 +227,15 @@ pub fn print_training_status(job: &Job) {
     }
     if job.attempts.len() > 1 || job.attempts.iter().any(|a| a.resumed_from.is_some()) {
         let mut t = Table::new();
-        t.load_preset(NOTHING).set_header(vec!["ATTEMPT", "STARTED", "NODES", "FROM CHECKPOINT", "ENDED", "WHY"]);
+        t.load_preset(NOTHING).set_header(vec![
+            "ATTEMPT",
+            "STARTED",
+            "NODES",
+            "FROM CHECKPOINT",
+            "ENDED",
+            "CAUSE",
+            "WHY",
+        ]);
         for a in &job.attempts {
             t.add_row(vec![
                 a.attempt.to_string(),
@@ -239,6 +247,7 @@ pub fn print_training_status(job: &Job) {
                 } else {
                     "-".into()
                 },
+                a.failure.as_ref().map(|f| f.cause.clone()).filter(|c| !c.is_empty()).unwrap_or_else(|| "-".into()),
                 a.reason.clone(),
             ]);
         }

@@ -16,6 +16,7 @@ macro_rules! say {
 
 pub mod api;
 pub mod cli;
+pub mod cli_failures;
 pub mod cli_metrics;
 pub mod controller;
 pub mod error;

@@ -8,11 +8,13 @@ log lines, so that Cohort's agent supervises and parses it exactly like the
 real thing. Started by launch.sh on every node; see README.md.
 """
 import argparse
+import faulthandler
 import json
 import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from datetime import datetime
@@ -24,6 +26,11 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import Qwen3Config, Qwen3ForCausalLM
+
+# Cohort dumps the stacks of a hung job: with py-spy when the node has it,
+# otherwise by sending SIGUSR1, which this line (and `import faulthandler, signal`)
+# turns into a dump of every thread on stderr.
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 REPO = Path(__file__).resolve().parents[2]
 IGNORE = -100  # label value that the loss skips (PyTorch's and HF's convention)

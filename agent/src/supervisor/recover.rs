@@ -123,6 +123,7 @@ fn ended_while_away(launch: &LaunchRecord, r: &ProcessRecord) -> ProcessExited {
         stopped_by_agent: stopping_since.is_some_and(|t| record.ended_unix_ms >= t),
         ended_unix_ms: record.ended_unix_ms,
         root_cause: join_causes(&record.note, &root_cause),
+        last_lines: tail::last_lines_of(&[&r.files.stdout, &r.files.stderr]),
     }
 }
 

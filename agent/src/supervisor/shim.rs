@@ -23,6 +23,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use clap::Parser;
 use cohort_proto::now_unix_ms;
@@ -55,6 +56,16 @@ struct ShimArgs {
     /// The process's stderr (appended to).
     #[arg(long)]
     stderr: PathBuf,
+    /// A file whose modification time the agent renews whenever a controller
+    /// acknowledges it; older than `fence_after_ms` means no agent is in touch
+    /// with a controller (even a dead agent): the shim stops the rank itself.
+    #[arg(long)]
+    lease_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    fence_after_ms: u64,
+    /// SIGTERM-to-SIGKILL grace of a fence stop.
+    #[arg(long, default_value_t = 10_000)]
+    grace_ms: u64,
     /// The process's command line.
     #[arg(last = true, required = true)]
     argv: Vec<OsString>,
@@ -131,6 +142,12 @@ fn run(args: ShimArgs) -> i32 {
     };
     let rank_pid = rank.id();
     answer(Handshake::Started { rank_pid });
+    let fenced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(lease) = args.lease_file.clone().filter(|_| args.fence_after_ms > 0) {
+        let (after, grace) = (Duration::from_millis(args.fence_after_ms), Duration::from_millis(args.grace_ms));
+        let fenced = fenced.clone();
+        std::thread::spawn(move || watch_lease(&lease, after, grace, &fenced));
+    }
     let status = rank.wait();
     let record = match status {
         Ok(status) => {
@@ -140,7 +157,14 @@ fn run(args: ShimArgs) -> i32 {
                 signal: status.signal(),
                 ended_unix_ms: now_unix_ms(),
                 rank_pid,
-                note: String::new(),
+                note: if fenced.load(std::sync::atomic::Ordering::SeqCst) {
+                    format!(
+                        "fenced by its shim: no agent heard a controller for {}",
+                        humantime::format_duration(Duration::from_millis(args.fence_after_ms))
+                    )
+                } else {
+                    String::new()
+                },
             }
         }
         Err(e) => ExitRecord {
@@ -167,6 +191,24 @@ fn run(args: ShimArgs) -> i32 {
     // rank's exit and the agent hearing of it (the exit file has the status).
     let _ = killpg(getpgrp(), Signal::SIGKILL);
     code
+}
+
+/// Stops the rank once the lease is older than `after`: SIGTERM to the group
+/// (the shim ignores it), SIGKILL to the others after `grace`. A missing lease
+/// file is never stale (an agent that does not keep one).
+fn watch_lease(lease: &std::path::Path, after: Duration, grace: Duration, fenced: &std::sync::atomic::AtomicBool) {
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let age = std::fs::metadata(lease).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|age| age > after) {
+            break;
+        }
+    }
+    fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+    eprintln!("cohort-agent shim: no agent has heard a controller for {after:?}: fencing, stopping the rank");
+    let _ = killpg(getpgrp(), Signal::SIGTERM);
+    std::thread::sleep(grace);
+    kill_rest_of_group();
 }
 
 /// SIGKILLs every other member of this process's group (found in /proc).

@@ -25,6 +25,8 @@ const POLL_QUIET: Duration = Duration::from_millis(50);
 const READ_PER_POLL: u64 = 4 << 20;
 /// How much of an existing file's end is read to find a torchrun trailer.
 const TRAILER_WINDOW: u64 = 64 * 1024;
+/// The last lines of a process kept for the failure classifier.
+pub const LAST_LINES: usize = 40;
 
 /// Where the lines of one process go.
 #[derive(Clone)]
@@ -50,7 +52,16 @@ pub enum StartAt {
 /// A running follower of a process's stdout and stderr files.
 pub struct Follower {
     finish: oneshot::Sender<()>,
-    task: JoinHandle<Option<String>>,
+    task: JoinHandle<Ended>,
+}
+
+/// What the output of a finished process says.
+#[derive(Debug, Default)]
+pub struct Ended {
+    /// torchrun's root cause, described; empty when there was none.
+    pub root_cause: String,
+    /// The last lines of stdout and stderr, oldest first.
+    pub last_lines: Vec<String>,
 }
 
 impl Follower {
@@ -59,10 +70,11 @@ impl Follower {
         let mut streams = [Stream::new(LogStream::Stdout, stdout, from), Stream::new(LogStream::Stderr, stderr, from)];
         let task = tokio::spawn(async move {
             let mut delay = POLL_BUSY;
+            let mut last = std::collections::VecDeque::with_capacity(LAST_LINES);
             loop {
                 let mut got = false;
                 for s in &mut streams {
-                    got |= s.poll(&dest, false).await;
+                    got |= s.poll(&dest, false, &mut last).await;
                 }
                 delay = if got { POLL_BUSY } else { (delay * 3 / 2).min(POLL_QUIET) };
                 tokio::select! {
@@ -72,19 +84,20 @@ impl Follower {
             }
             // The process is gone: read to the end, unfinished last lines included.
             for s in &mut streams {
-                s.poll(&dest, true).await;
+                s.poll(&dest, true, &mut last).await;
             }
             // stderr's trailer over stdout's.
-            streams.iter().rev().find_map(|s| s.trailer.root_cause()).map(describe)
+            let root_cause = streams.iter().rev().find_map(|s| s.trailer.root_cause()).map(describe);
+            Ended { root_cause: root_cause.unwrap_or_default(), last_lines: last.into() }
         });
         Self { finish, task }
     }
 
     /// Reads the files to their end, sends the rest, and returns the torchrun
-    /// root cause seen in the output, if any.
-    pub async fn finish(self) -> Option<String> {
+    /// root cause seen in the output and the last lines.
+    pub async fn finish(self) -> Ended {
         let _ = self.finish.send(());
-        self.task.await.ok().flatten()
+        self.task.await.unwrap_or_default()
     }
 }
 
@@ -103,6 +116,23 @@ pub fn root_cause_of(files: &[&Path]) -> String {
 fn describe(c: ChildFailure) -> String {
     let signal = c.signal.map(|s| format!(", {s}")).unwrap_or_default();
     format!("torchrun root cause: rank {} exited with code {}{signal}", c.rank, c.exit_code)
+}
+
+/// The last lines of finished output files (an exit seen by a restarted agent).
+pub fn last_lines_of(files: &[&Path]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for path in files {
+        let Ok(mut file) = std::fs::File::open(path) else { continue };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut tail = Vec::new();
+        if file.seek(SeekFrom::Start(len.saturating_sub(TRAILER_WINDOW))).is_ok() {
+            let _ = file.take(TRAILER_WINDOW).read_to_end(&mut tail);
+        }
+        let text = String::from_utf8_lossy(&tail);
+        let all: Vec<&str> = text.lines().collect();
+        lines.extend(all[all.len().saturating_sub(LAST_LINES / 2)..].iter().map(|l| l.to_string()));
+    }
+    lines
 }
 
 /// Feeds the last lines of a file to the parser; returns the file's length.
@@ -138,10 +168,14 @@ impl Stream {
 
     /// Sends the lines written since the last poll; with `last`, also an
     /// unfinished last line. Returns whether there was anything new.
-    async fn poll(&mut self, dest: &Destination, last: bool) -> bool {
+    async fn poll(&mut self, dest: &Destination, last: bool, kept: &mut std::collections::VecDeque<String>) -> bool {
         let lines = self.read_lines(last);
         let got = !lines.is_empty();
         for text in lines {
+            if kept.len() == LAST_LINES {
+                kept.pop_front();
+            }
+            kept.push_back(text.clone());
             send(dest, self.kind, text).await;
         }
         got

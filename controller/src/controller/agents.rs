@@ -94,7 +94,7 @@ impl Controller {
         // (until its fence): they hold their GPUs again and are stopped.
         for launch in running {
             let Some(entry) = state.jobs.get_mut(&launch.job_id) else { continue };
-            if !entry.is_terminal() || entry.job.attempt != launch.attempt {
+            if !entry.is_over() || entry.job.attempt != launch.attempt {
                 continue;
             }
             let mut revived = false;
@@ -147,7 +147,7 @@ impl Controller {
             for (index, exited) in exits {
                 self.apply_exit(state, &id, node, index, exited);
             }
-            if vanished && state.jobs.get(&id).is_some_and(|e| e.is_terminal()) {
+            if vanished && state.jobs.get(&id).is_some_and(|e| e.is_over()) {
                 // A finished job's process the agent no longer has: it is gone.
                 if let Some(entry) = state.jobs.get_mut(&id) {
                     for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
@@ -168,7 +168,11 @@ impl Controller {
                     }
                     recount(&mut entry.job);
                     let message = format!("node {node} came back without the job's processes");
-                    self.fail(state, &id, Failure { node_name: node.into(), node_rank, message, ..Failure::default() });
+                    let failure = super::restart::with_cause(
+                        Failure { node_name: node.into(), node_rank, message, ..Failure::default() },
+                        cohort_shared::failure::FailureCause::RankFailed,
+                    );
+                    self.fail(state, &id, failure);
                 }
             }
             self.persist_job(state, &id).await?;
@@ -224,6 +228,7 @@ impl Controller {
         entry.reported = hb.running;
         let newly_unhealthy = record_health(entry, &hb.gpus);
         entry.telemetry = hb.gpus;
+        Self::gpus_seen(&mut state, node);
         // The acknowledgement is the agent's proof that a controller hears it (fencing).
         Self::send_command(&mut state, node, Command::HeartbeatAck(cohort_proto::HeartbeatAck { seq: hb.seq }));
         if newly_unhealthy && let Err(e) = self.persist_node(&mut state, node).await {
@@ -307,9 +312,8 @@ impl Controller {
                 recount(&mut entry.job);
                 let message = format!("could not start process {} on node {node}: {error}", event.index);
                 if entry.is_active() {
-                    self.fail(
-                        &mut state,
-                        &id,
+                    // A program or workdir that does not exist: the job file's mistake.
+                    let failure = super::restart::with_cause(
                         Failure {
                             node_name: node.into(),
                             node_rank,
@@ -317,7 +321,9 @@ impl Controller {
                             message: message.clone(),
                             ..Failure::default()
                         },
+                        cohort_shared::failure::FailureCause::UserError,
                     );
+                    self.fail(&mut state, &id, failure);
                 }
                 message
             }
@@ -386,19 +392,26 @@ impl Controller {
             };
             // torchrun's trailer names the rank that failed first inside the node.
             let cause = if exited.root_cause.is_empty() { String::new() } else { format!("; {}", exited.root_cause) };
-            let message = format!("node {node} (node rank {node_rank}): {who} {how}{cause}");
-            self.fail(
-                state,
-                id,
+            let failure = super::restart::classified(
                 Failure {
                     node_name: node.into(),
                     node_rank,
                     process_index: index,
                     exit_code: exited.exit_code,
                     signal: exited.signal,
-                    message,
+                    ..Failure::default()
                 },
+                &exited,
             );
+            // The cause leads when the output revealed more than the exit status.
+            let known = if failure.cause == "rank_failed" { String::new() } else { format!(" [{}]", failure.cause) };
+            let detail = if failure.cause == "rank_failed" || failure.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", failure.detail)
+            };
+            let message = format!("node {node} (node rank {node_rank}): {who} {how}{cause}{known}{detail}");
+            self.fail(state, id, Failure { message, ..failure });
         } else if entry.job.processes.iter().all(|p| p.phase == ProcessPhase::Exited as i32 && p.exit_code == Some(0)) {
             entry.job.state = JobState::Succeeded as i32;
             entry.job.reason = "every process exited with code 0".into();
@@ -421,6 +434,7 @@ impl Controller {
         entry.job.finished_unix_ms = now_unix_ms();
         super::prepare::close_attempt(&mut entry.job);
         self.teardown(state, id, "gang failure");
+        self.consider_restart(state, id);
     }
 
     /// Sends a stop to every connected node of the job that still has live processes.

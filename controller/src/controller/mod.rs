@@ -89,6 +89,10 @@ struct JobEntry {
     /// The current attempt's tracing span (exported over OTLP when configured):
     /// opened at launch, an event per transition, closed when the attempt ends.
     span: Option<tracing::Span>,
+    /// Progress of the current attempt: hang and straggler detection (memory only).
+    progress: progress::AttemptProgress,
+    /// A restart's checkpoint lookup in flight.
+    lookup: Option<restart::Lookup>,
 }
 
 struct NodeEntry {
@@ -124,9 +128,13 @@ impl JobEntry {
     fn is_terminal(&self) -> bool {
         matches!(self.state(), JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
-    /// Holds GPUs and its port: running, or finished with processes still alive.
+    /// The current attempt is over (finished, or failed with a restart to come).
+    fn is_over(&self) -> bool {
+        self.is_terminal() || self.state() == JobState::Restarting
+    }
+    /// Holds GPUs and its port: running, or over with processes still alive.
     fn holds_resources(&self) -> bool {
-        self.is_active() || (self.is_terminal() && self.job.live_processes > 0)
+        self.is_active() || (self.is_over() && self.job.live_processes > 0)
     }
     fn plan(&self) -> Option<&GangPlan> {
         self.job.plan.as_ref()
@@ -154,6 +162,7 @@ pub fn state_name(state: i32) -> &'static str {
         JobState::Succeeded => "Succeeded",
         JobState::Failed => "Failed",
         JobState::Cancelled => "Cancelled",
+        JobState::Restarting => "Restarting",
     }
 }
 
@@ -171,7 +180,9 @@ pub fn describe_exit(exit_code: Option<i32>, signal: Option<i32>) -> String {
 
 mod agents;
 mod prepare;
+mod progress;
 mod reconcile;
+mod restart;
 
 impl Controller {
     /// Loads jobs and nodes from the store. Stored nodes start `Disconnected`
@@ -208,6 +219,8 @@ impl Controller {
                     revision: Some(v.revision),
                     prepared: HashMap::new(),
                     span: None,
+                    progress: Default::default(),
+                    lookup: None,
                 },
             );
         }
@@ -297,9 +310,19 @@ impl Controller {
             file: Some(file),
             ..Job::default()
         };
-        state
-            .jobs
-            .insert(id.clone(), JobEntry { job, spec, seq, revision: None, prepared: HashMap::new(), span: None });
+        state.jobs.insert(
+            id.clone(),
+            JobEntry {
+                job,
+                spec,
+                seq,
+                revision: None,
+                prepared: HashMap::new(),
+                span: None,
+                progress: Default::default(),
+                lookup: None,
+            },
+        );
         self.persist_job(&mut state, &id).await?;
         self.publish(&state, &id, "submitted");
         tracing::info!(job = %id, "job submitted");
@@ -407,6 +430,13 @@ impl Controller {
                 entry.job.state = JobState::Cancelled as i32;
                 entry.job.reason = "cancelled before it was placed".into();
                 entry.job.finished_unix_ms = now_unix_ms();
+            }
+            JobState::Restarting => {
+                // The failed attempt's gang may still be stopping; it goes on being stopped.
+                entry.job.state = JobState::Cancelled as i32;
+                entry.job.reason = "cancelled by the user while restarting".into();
+                entry.job.finished_unix_ms = now_unix_ms();
+                entry.lookup = None;
             }
             JobState::Preparing | JobState::Starting | JobState::Running => {
                 entry.job.state = JobState::Cancelled as i32;

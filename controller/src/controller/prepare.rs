@@ -34,13 +34,27 @@ pub(super) fn to_shared_checkpoint(c: &Checkpoint) -> cohort_shared::checkpoint:
     Shared { iteration: c.iteration, layout, run_dir, path }
 }
 
+/// Where a megatron-sft job's checkpoints are: its save/output_dir, made
+/// absolute with the workdir.
+pub(super) fn checkpoint_dir(entry: &JobEntry) -> Option<String> {
+    let Workload::MegatronSft(m) = &entry.spec.workload else { return None };
+    let workdir = entry.spec.workdir.clone().unwrap_or_default();
+    match m.output_dir() {
+        Some(dir) if dir.starts_with('/') => Some(dir.to_string()),
+        Some(dir) if !workdir.is_empty() => Some(format!("{workdir}/{dir}")),
+        _ => None,
+    }
+}
+
 /// Sets the current attempt's record from the job's terminal state.
 pub(super) fn close_attempt(job: &mut Job) {
     let (state, reason, finished) = (job.state, job.reason.clone(), job.finished_unix_ms);
+    let failure = job.failure.clone();
     if let Some(record) = job.attempts.last_mut() {
         record.state = state;
         record.reason = reason;
         record.finished_unix_ms = finished;
+        record.failure = failure;
     }
 }
 
@@ -129,7 +143,15 @@ impl Controller {
                 self.fail(
                     state,
                     id,
-                    Failure { node_name: a.node_name.clone(), node_rank: a.node_rank, message, ..Failure::default() },
+                    super::restart::with_cause(
+                        Failure {
+                            node_name: a.node_name.clone(),
+                            node_rank: a.node_rank,
+                            message,
+                            ..Failure::default()
+                        },
+                        cohort_shared::failure::FailureCause::NodeLost,
+                    ),
                 );
                 self.persist_job(state, id).await?;
                 return Ok(());
@@ -196,7 +218,11 @@ impl Controller {
                     String::new()
                 };
                 let message = format!("refused before launch: {}{more}", problems[0]);
-                self.fail(&mut state, &id, Failure { message, ..Failure::default() });
+                let failure = super::restart::with_cause(
+                    Failure { message, decisive_lines: problems.clone(), ..Failure::default() },
+                    cohort_shared::failure::FailureCause::PreflightFailed,
+                );
+                self.fail(&mut state, &id, failure);
                 if let Err(e) = self.persist_job(&mut state, &id).await {
                     tracing::error!(job = %id, error = %e, "could not persist job");
                 }
@@ -227,8 +253,14 @@ impl Controller {
     }
 
     pub async fn metrics(&self, batch: MetricsBatch) {
+        let points = batch.points.clone();
         let newest = self.metrics.append(&batch.job_id, batch.attempt, batch.points).await;
         let mut state = self.state.lock().await;
+        if let Some(entry) = state.jobs.get_mut(&batch.job_id) {
+            for point in &points {
+                Self::iteration_seen(entry, batch.attempt, point);
+            }
+        }
         if let (Some(newest), Some(entry)) = (newest, state.jobs.get_mut(&batch.job_id)) {
             entry.job.progress = Some(newest);
             self.publish(&state, &batch.job_id, "metrics");
@@ -273,15 +305,11 @@ impl Controller {
                     state_name(entry.job.state)
                 )));
             }
-            let workdir = entry.spec.workdir.clone().unwrap_or_default();
-            let directory = match m.output_dir() {
-                Some(dir) if dir.starts_with('/') => dir.to_string(),
-                Some(dir) if !workdir.is_empty() => format!("{workdir}/{dir}"),
-                _ => {
-                    return Err(ControllerError::FailedPrecondition(format!(
-                        "job {id} names no absolute save/output_dir to look for checkpoints in"
-                    )));
-                }
+            let _ = m;
+            let Some(directory) = checkpoint_dir(entry) else {
+                return Err(ControllerError::FailedPrecondition(format!(
+                    "job {id} names no absolute save/output_dir to look for checkpoints in"
+                )));
             };
             // The output dir is shared: any connected node can look; prefer the last rank 0.
             let last_rank0 = entry.plan().and_then(|p| p.nodes.first()).map(|a| a.node_name.clone());

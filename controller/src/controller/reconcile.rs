@@ -97,6 +97,10 @@ impl Controller {
     pub async fn reconcile(&self) -> Result<(), ControllerError> {
         let mut state = self.state.lock().await;
         self.expire_nodes(&mut state).await?;
+        for id in self.check_progress(&mut state) {
+            self.persist_job(&mut state, &id).await?;
+        }
+        self.advance_restarts(&mut state).await?;
         self.schedule(&mut state).await?;
         for id in self.resend_stops(&mut state) {
             self.persist_job(&mut state, &id).await?;
@@ -157,11 +161,11 @@ impl Controller {
                     "node {node} (node rank {node_rank}) lost: no heartbeat for {}",
                     humantime::format_duration(ttl)
                 );
-                self.fail(
-                    state,
-                    &id,
+                let failure = super::restart::with_cause(
                     Failure { node_name: node.clone(), node_rank, message: message.clone(), ..Failure::default() },
+                    cohort_shared::failure::FailureCause::NodeLost,
                 );
+                self.fail(state, &id, failure);
                 self.persist_job(state, &id).await?;
                 self.publish(state, &id, &message);
             }
@@ -246,7 +250,7 @@ impl Controller {
             let wait_ms = entry.job.not_before_unix_ms - now_unix_ms();
             if wait_ms > 0 {
                 let reason = format!(
-                    "waiting {:.0}s for the fence deadline of the nodes the last attempt lost, so that two attempts never overlap",
+                    "waiting {:.0}s before the next attempt: the restart backoff, or the fence deadline of the nodes the last attempt lost, so that two attempts never overlap",
                     wait_ms as f64 / 1000.0
                 );
                 if let Some(entry) = state.jobs.get_mut(&id) {
@@ -254,7 +258,8 @@ impl Controller {
                 }
                 continue;
             }
-            let placement = match planner::place(&entry.spec, &views) {
+            // Without the nodes blamed for earlier failures when the others suffice.
+            let placement = match super::progress::place_excluding(&entry.spec, &views, &entry.job.excluded_nodes) {
                 Ok(p) => p,
                 Err(e) => {
                     let reason = if e.never_fits {
@@ -410,7 +415,11 @@ impl Controller {
                 recount(&mut entry.job);
             }
             let message = format!("node {node} dropped its stream while the job was launched");
-            self.fail(state, id, Failure { node_name: node, node_rank, message, ..Failure::default() });
+            let failure = super::restart::with_cause(
+                Failure { node_name: node, node_rank, message, ..Failure::default() },
+                cohort_shared::failure::FailureCause::NodeLost,
+            );
+            self.fail(state, id, failure);
             self.persist_job(state, id).await?;
         }
         self.publish(state, id, "launching");
@@ -434,7 +443,7 @@ impl Controller {
         let now = Instant::now();
         let resend = self.config.stop_resend;
         let mut wanted_stops: Vec<(String, String, u32, Duration)> = Vec::new();
-        for entry in state.jobs.values().filter(|e| e.is_terminal() && e.job.live_processes > 0) {
+        for entry in state.jobs.values().filter(|e| e.is_over() && e.job.live_processes > 0) {
             let nodes: HashSet<&str> =
                 entry.job.processes.iter().filter(|p| is_live(p)).map(|p| p.node_name.as_str()).collect();
             for node in nodes {
@@ -468,7 +477,7 @@ impl Controller {
                     .any(|l| l.job_id == job && l.attempt == attempt && l.processes.iter().any(|p| p.exited.is_none()))
             });
             if last_stop.is_some() && !reported {
-                if let Some(entry) = state.jobs.get_mut(&job).filter(|e| e.is_terminal() && e.job.attempt == attempt) {
+                if let Some(entry) = state.jobs.get_mut(&job).filter(|e| e.is_over() && e.job.attempt == attempt) {
                     for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
                         p.phase = ProcessPhase::Lost as i32;
                     }

@@ -2,6 +2,7 @@
 //! a small JSON API and the web page that draws on it. Read-only: everything
 //! that changes the cluster goes through the gRPC API.
 
+mod progress_metrics;
 mod prometheus;
 
 use std::sync::Arc;

@@ -73,7 +73,7 @@ struct JobLabels {
 }
 
 const NODE_STATES: [NodeState; 4] = [NodeState::Ready, NodeState::Suspect, NodeState::Lost, NodeState::Disconnected];
-const JOB_STATES: [JobState; 7] = [
+const JOB_STATES: [JobState; 8] = [
     JobState::Pending,
     JobState::Preparing,
     JobState::Starting,
@@ -81,6 +81,7 @@ const JOB_STATES: [JobState; 7] = [
     JobState::Succeeded,
     JobState::Failed,
     JobState::Cancelled,
+    JobState::Restarting,
 ];
 
 pub fn node_state_label(state: i32) -> &'static str {
@@ -275,6 +276,7 @@ pub fn registry(controller_id: &str, leading: bool, nodes: &[Node], jobs: &[Job]
     let job_count = family::<StateLabels>(&mut r, "jobs", "Jobs by state");
     let gpus = GpuGauges::register(&mut r);
     let job_gauges = JobGauges::register(&mut r);
+    let progress = crate::http::progress_metrics::ProgressGauges::register(&mut r);
 
     // Every state is present, at 0 when empty, so that series do not vanish.
     for state in NODE_STATES {
@@ -309,6 +311,7 @@ pub fn registry(controller_id: &str, leading: bool, nodes: &[Node], jobs: &[Job]
     for job in jobs {
         job_count.get_or_create(&StateLabels { state: job_state_label(job.state) }).inc();
         job_gauges.record(job);
+        progress.record(job);
     }
     r
 }

@@ -556,6 +556,15 @@ impl SimAgent {
                     result: Some(query_result::Result::Checkpoint(CheckpointAnswer { checkpoint: None })),
                 }),
             ],
+            Some(Command::DumpStacks(dump)) => vec![
+                Msg::Ack(ok),
+                Msg::StackDump(cohort_proto::StackDump {
+                    job_id: dump.job_id,
+                    attempt: dump.attempt,
+                    command_id,
+                    processes: Vec::new(),
+                }),
+            ],
             Some(Command::FetchLogs(_)) => {
                 vec![Msg::Ack(ok), Msg::QueryResult(QueryResult { command_id, ..QueryResult::default() })]
             }

@@ -1,0 +1,185 @@
+//! Restart policy: a failed attempt whose cause the job's `restart.on`
+//! retries becomes `Restarting`; once its gang is gone, the newest complete
+//! checkpoint looked up (megatron-sft) and the backoff over, the job is
+//! placed again as a new attempt (fresh MASTER_PORT and COHORT_ATTEMPT),
+//! without the blamed node when `exclude_failed_nodes` and others are free.
+
+use cohort_shared::failure::{ExitEvidence, FailureCause, classify};
+use tokio::sync::oneshot;
+
+use super::*;
+
+/// How long a restart waits for an agent to find the newest checkpoint.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A restart's checkpoint lookup.
+pub(super) enum Lookup {
+    /// To be sent once the failed gang is gone.
+    Wanted,
+    InFlight {
+        rx: oneshot::Receiver<QueryResult>,
+        deadline: Instant,
+        node: String,
+    },
+}
+
+/// A failure with its cause read from a rank's exit and last lines.
+pub(super) fn classified(mut failure: Failure, exited: &ProcessExited) -> Failure {
+    let c = classify(&ExitEvidence {
+        exit_code: exited.exit_code,
+        signal: exited.signal,
+        root_cause: &exited.root_cause,
+        lines: &exited.last_lines,
+    });
+    failure.cause = c.cause.name().into();
+    failure.detail = c.detail;
+    failure.decisive_lines = c.decisive;
+    failure
+}
+
+/// A failure whose cause is known without reading output (a lost node, a refusal).
+pub(super) fn with_cause(mut failure: Failure, cause: FailureCause) -> Failure {
+    failure.cause = cause.name().into();
+    if failure.detail.is_empty() {
+        failure.detail = failure.message.clone();
+    }
+    failure
+}
+
+impl Controller {
+    /// After `fail`: starts the restart when the policy retries the cause and
+    /// restarts are left; otherwise says in the reason why there is none.
+    pub(super) fn consider_restart(&self, state: &mut State, id: &str) {
+        let Some(entry) = state.jobs.get_mut(id) else { return };
+        if entry.state() != JobState::Failed {
+            return;
+        }
+        let failure = entry.job.failure.clone().unwrap_or_default();
+        let cause = FailureCause::from_name(&failure.cause).unwrap_or(FailureCause::RankFailed);
+        let policy = entry.spec.restart.clone();
+        if policy.max_restarts == 0 {
+            return;
+        }
+        let done = entry.job.attempts.len().saturating_sub(1) as u32;
+        if !policy.retries(cause) {
+            entry.job.reason =
+                format!("{}; not restarted: {cause} failures are not retried (restart.on)", failure.message);
+            return;
+        }
+        if done >= policy.max_restarts {
+            entry.job.reason = format!("{}; not restarted: all {} restarts used", failure.message, policy.max_restarts);
+            return;
+        }
+        let n = done + 1;
+        let wait = policy.backoff_for(n);
+        let attempt = entry.job.attempt;
+        entry.job.state = JobState::Restarting as i32;
+        entry.job.finished_unix_ms = 0;
+        entry.job.not_before_unix_ms = entry.job.not_before_unix_ms.max(now_unix_ms() + wait.as_millis() as i64);
+        entry.job.reason = format!(
+            "restart {n} of {} in {}: attempt {attempt} failed ({cause}): {}",
+            policy.max_restarts,
+            humantime::format_duration(wait),
+            failure.message
+        );
+        if policy.exclude_failed_nodes
+            && cause.blames_node()
+            && !failure.node_name.is_empty()
+            && !entry.job.excluded_nodes.contains(&failure.node_name)
+        {
+            entry.job.excluded_nodes.push(failure.node_name.clone());
+        }
+        if matches!(entry.spec.workload, Workload::MegatronSft(_)) {
+            entry.lookup = Some(Lookup::Wanted);
+        }
+        tracing::warn!(job = %id, attempt, restart = n, cause = %cause, wait = ?wait, "attempt failed; restarting");
+    }
+
+    /// Moves restarting jobs on: once the failed gang is gone, looks the
+    /// newest checkpoint up, then queues the job to be placed again (the
+    /// scheduler waits for `not_before_unix_ms`).
+    pub(super) async fn advance_restarts(&self, state: &mut State) -> Result<(), ControllerError> {
+        let ids: Vec<String> = state
+            .jobs
+            .values()
+            .filter(|e| e.state() == JobState::Restarting && e.job.live_processes == 0)
+            .map(|e| e.job.id.clone())
+            .collect();
+        for id in ids {
+            let Some(entry) = state.jobs.get_mut(&id) else { continue };
+            match entry.lookup.take() {
+                Some(Lookup::Wanted) => {
+                    self.send_lookup(state, &id);
+                    continue;
+                }
+                Some(Lookup::InFlight { mut rx, deadline, node }) => match rx.try_recv() {
+                    Ok(answer) => apply_lookup(entry, answer, &node),
+                    Err(oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                        entry.lookup = Some(Lookup::InFlight { rx, deadline, node });
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!(job = %id, node, "no checkpoint answer; the next attempt starts from the last known one")
+                    }
+                },
+                None => {}
+            }
+            let Some(entry) = state.jobs.get_mut(&id) else { continue };
+            entry.job.state = JobState::Pending as i32;
+            let from = match &entry.job.resume_from {
+                Some(c) => format!(" from iteration {} ({})", c.iteration, c.path),
+                None => String::new(),
+            };
+            entry.job.reason = format!("restarting{from}: waiting to be placed");
+            self.persist_job(state, &id).await?;
+            self.publish(state, &id, "restart queued");
+        }
+        Ok(())
+    }
+
+    fn send_lookup(&self, state: &mut State, id: &str) {
+        let Some(entry) = state.jobs.get(id) else { return };
+        let Some(directory) = prepare::checkpoint_dir(entry) else { return };
+        // The output dir is shared: any connected node of the last attempt, else any node.
+        let connected = |n: &NodeEntry| n.session.is_some() && n.state == NodeState::Ready;
+        let from_plan = entry
+            .plan()
+            .map(|p| p.nodes.iter().map(|a| a.node_name.clone()).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .find(|n| state.nodes.get(n).is_some_and(connected));
+        let Some(node) = from_plan.or_else(|| state.nodes.values().find(|n| connected(n)).map(|n| n.info.name.clone()))
+        else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        let command_id = state.next_command_id;
+        state.queries.insert(command_id, tx);
+        let command = Command::FindCheckpoint(cohort_proto::FindCheckpointCommand { directory });
+        if !Self::send_command(state, &node, command) {
+            state.queries.remove(&command_id);
+            return;
+        }
+        if let Some(entry) = state.jobs.get_mut(id) {
+            entry.lookup = Some(Lookup::InFlight { rx, deadline: Instant::now() + LOOKUP_TIMEOUT, node });
+        }
+    }
+}
+
+fn apply_lookup(entry: &mut JobEntry, answer: QueryResult, node: &str) {
+    use cohort_proto::query_result::Result as Answer;
+    if !answer.error.is_empty() {
+        tracing::warn!(job = %entry.job.id, node, error = %answer.error, "checkpoint lookup failed");
+        return;
+    }
+    match answer.result {
+        Some(Answer::Checkpoint(c)) => match c.checkpoint {
+            Some(checkpoint) => {
+                tracing::info!(job = %entry.job.id, iteration = checkpoint.iteration, path = %checkpoint.path, "next attempt resumes from the newest complete checkpoint");
+                entry.job.resume_from = Some(checkpoint);
+            }
+            None => tracing::info!(job = %entry.job.id, "no complete checkpoint yet; the next attempt starts afresh"),
+        },
+        None => {}
+    }
+}
