@@ -421,7 +421,8 @@ impl Supervisor {
             }
         };
         let mut last_lines = ended.last_lines;
-        if !p.stop_requested && !(record.exit_code == Some(0) && record.signal.is_none()) {
+        let clean = record.exit_code == Some(0) && record.signal.is_none();
+        if !p.stop_requested && !clean {
             // A rank the kernel's OOM killer took says nothing itself: the kernel log does.
             last_lines.extend(kmsg::oom_kills_since(p.started_unix_ms));
         }

@@ -316,3 +316,26 @@ megatron:
         .collect();
     assert_eq!(iterations, [1, 5, 10], "from logging.jsonl, each once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_policy_resumes_from_the_newest_complete_checkpoint_by_itself() {
+    let cluster = cluster(["good", "good"]).await;
+    let save = cluster.dir.path().join("out");
+    let restart = "restart: {max_restarts: 1, backoff: 200ms}";
+    let job = cluster.submit(&megatron_job(&save, &good_dataset(cluster.dir.path()), restart)).await.unwrap();
+    let done = cluster.wait_finished(&job.id, Duration::from_secs(90)).await.unwrap();
+    assert_eq!(state(&done), JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.attempts.len(), 2, "{:?}", done.attempts);
+    let first = done.attempts[0].failure.as_ref().unwrap();
+    assert_eq!(first.cause, "rank_failed", "{first:?}");
+    assert!(first.detail.contains("illegal memory access"), "{first:?}");
+    assert_eq!(done.attempts[1].resumed_from.as_ref().unwrap().iteration, 4, "iteration 6 was half-written");
+    assert_ne!(done.attempts[0].master_port, done.attempts[1].master_port);
+    let argv = &done.plan.as_ref().unwrap().nodes[0].processes[0].argv;
+    let finetune = argv.iter().position(|a| a == "--finetune").unwrap();
+    assert_eq!(argv[finetune + 1], "false", "{argv:?}");
+    let env = &done.plan.as_ref().unwrap().nodes[0].processes[0].env;
+    assert!(env.iter().any(|v| v.name == "COHORT_ATTEMPT" && v.value == "2"), "{env:?}");
+    let status = String::from_utf8_lossy(&cluster.cli(&["status", &job.id]).stdout).to_string();
+    assert!(status.contains("rank_failed") && status.contains("iteration 4"), "{status}");
+}

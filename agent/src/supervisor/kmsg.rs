@@ -57,6 +57,7 @@ fn oom_line(record: &str, since_us: u64) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -218,6 +218,7 @@ fn read_from(path: &Path, offset: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -85,7 +85,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     }
     values.sort_by(|a, b| a.total_cmp(b));
     let mid = values.len() / 2;
-    Some(if values.len() % 2 == 0 { (values[mid - 1] + values[mid]) / 2.0 } else { values[mid] })
+    Some(if values.len().is_multiple_of(2) { (values[mid - 1] + values[mid]) / 2.0 } else { values[mid] })
 }
 
 /// The hang timeout in force: the job's `hang_timeout`, else the larger of
@@ -443,6 +443,7 @@ fn hang_failure(entry: &JobEntry, hang: &HangCheck) -> Failure {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn track(intervals: &[f64]) -> NodeTrack {
