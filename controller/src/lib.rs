@@ -17,6 +17,7 @@ macro_rules! say {
 pub mod api;
 pub mod cli;
 pub mod cli_metrics;
+pub mod cli_pipeline;
 pub mod controller;
 pub mod error;
 pub mod http;

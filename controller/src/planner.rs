@@ -167,6 +167,8 @@ pub fn render(spec: &JobSpec, placement: &Placement, nodes: &[NodeView], input: 
     let (argv, mode) = match &spec.workload {
         Workload::Command(c) => (c.argv.clone(), c.launch),
         Workload::MegatronSft(m) => (m.render_args(), LaunchMode::PerNode),
+        // A pipeline runs nothing itself; its stages are jobs of their own.
+        Workload::Pipeline(_) => (Vec::new(), LaunchMode::PerNode),
     };
 
     let assignments = placement

@@ -5,9 +5,11 @@
 
 pub mod checkpoint;
 pub mod dataset;
+pub mod digest;
 pub mod duration;
 pub mod megatron;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod spec;
 pub mod telemetry;

@@ -556,7 +556,7 @@ impl SimAgent {
                     result: Some(query_result::Result::Checkpoint(CheckpointAnswer { checkpoint: None })),
                 }),
             ],
-            Some(Command::FetchLogs(_)) => {
+            Some(Command::FetchLogs(_) | Command::InspectPath(_)) => {
                 vec![Msg::Ack(ok), Msg::QueryResult(QueryResult { command_id, ..QueryResult::default() })]
             }
             Some(Command::ClearGpu(_)) => vec![Msg::Ack(ok)],
