@@ -12,6 +12,10 @@ use cohort_proto::{
     SubmitJobRequest, SubmitJobResponse, TrainingPoint, WatchJobRequest, agent_message::Msg,
 };
 use cohort_proto::{ClearGpuRequest, GetLeaderRequest, LeaderInfo, Node, NodeRequest};
+use cohort_proto::{
+    ConversionCacheEntry, GetReportRequest, ListConversionCacheRequest, ListConversionCacheResponse, PipelineReport,
+    RemoveConversionCacheRequest,
+};
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::StreamExt;
@@ -156,6 +160,21 @@ impl JobService for Api {
     /// Every controller answers this itself: agents and the CLI use it to find the leader.
     async fn get_leader(&self, _: Request<GetLeaderRequest>) -> Result<Response<LeaderInfo>, Status> {
         Ok(Response::new(self.leader_info()))
+    }
+    async fn get_report(&self, request: Request<GetReportRequest>) -> Result<Response<PipelineReport>, Status> {
+        unary!(self, request, get_report)
+    }
+    async fn list_conversion_cache(
+        &self,
+        request: Request<ListConversionCacheRequest>,
+    ) -> Result<Response<ListConversionCacheResponse>, Status> {
+        unary!(self, request, list_conversion_cache)
+    }
+    async fn remove_conversion_cache(
+        &self,
+        request: Request<RemoveConversionCacheRequest>,
+    ) -> Result<Response<ConversionCacheEntry>, Status> {
+        unary!(self, request, remove_conversion_cache)
     }
 }
 
@@ -333,6 +352,24 @@ impl JobService for Local {
 
     async fn get_leader(&self, _: Request<GetLeaderRequest>) -> Result<Response<LeaderInfo>, Status> {
         Ok(Response::new(leader_info(&self.leading)))
+    }
+
+    async fn get_report(&self, request: Request<GetReportRequest>) -> Result<Response<PipelineReport>, Status> {
+        Ok(Response::new(self.controller.report(&request.into_inner().job).await?))
+    }
+
+    async fn list_conversion_cache(
+        &self,
+        _: Request<ListConversionCacheRequest>,
+    ) -> Result<Response<ListConversionCacheResponse>, Status> {
+        Ok(Response::new(ListConversionCacheResponse { entries: self.controller.conversion_cache().await? }))
+    }
+
+    async fn remove_conversion_cache(
+        &self,
+        request: Request<RemoveConversionCacheRequest>,
+    ) -> Result<Response<ConversionCacheEntry>, Status> {
+        Ok(Response::new(self.controller.remove_conversion(&request.into_inner().key).await?))
     }
 
     type StreamLogsStream = BoxStream<JobLogLine>;

@@ -162,6 +162,27 @@ pub enum Verb {
     /// Check datasets without a cluster.
     #[command(subcommand)]
     Dataset(DatasetVerb),
+    /// Write a pipeline's before/after report (report.md and report.html) and print the Markdown.
+    Report {
+        job: String,
+        /// Where to write report.md and report.html.
+        #[arg(long = "dir", short = 'd', default_value = ".")]
+        dir: PathBuf,
+    },
+    /// The conversion cache: Megatron checkpoints converted by earlier pipelines.
+    #[command(subcommand)]
+    Cache(CacheVerb),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheVerb {
+    /// List the converted checkpoints: key, model, layout, ms-swift version, path, hits.
+    Ls {
+        #[command(flatten)]
+        format: Format,
+    },
+    /// Forget an entry and delete its directory (a unique prefix of the key is enough).
+    Rm { key: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -305,6 +326,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(if table.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Verb::Dataset(_) => Ok(ExitCode::SUCCESS),
+        Verb::Report { job, dir } => {
+            crate::cli_pipeline::report(&mut client, &job, &dir).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Cache(CacheVerb::Ls { format }) => {
+            crate::cli_pipeline::cache_ls(&mut client, format.output).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Cache(CacheVerb::Rm { key }) => {
+            crate::cli_pipeline::cache_rm(&mut client, &key).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -651,8 +684,10 @@ fn print_status(job: &Job) {
     say!("job:       {} ({})", job.id, job.kind);
     say!("state:     {}", state_name(job.state));
     say!("reason:    {}", job.reason);
-    say!("size:      {} node(s) × {} GPU(s), priority {}", job.nodes, job.gpus_per_node, job.priority);
-    say!("attempt:   {}", job.attempt);
+    if job.stages.is_empty() {
+        say!("size:      {} node(s) × {} GPU(s), priority {}", job.nodes, job.gpus_per_node, job.priority);
+        say!("attempt:   {}", job.attempt);
+    }
     say!("submitted: {}", ago(job.submitted_unix_ms));
     if job.started_unix_ms > 0 {
         say!("duration:  {}", duration(job));
@@ -662,6 +697,7 @@ fn print_status(job: &Job) {
     }
     crate::cli_failures::print_failure_status(job);
     crate::cli_metrics::print_training_status(job);
+    crate::cli_pipeline::print_stages(job);
     if job.live_processes > 0 {
         say!("alive:     {} process(es)", job.live_processes);
     }

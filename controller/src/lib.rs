@@ -18,6 +18,7 @@ pub mod api;
 pub mod cli;
 pub mod cli_failures;
 pub mod cli_metrics;
+pub mod cli_pipeline;
 pub mod controller;
 pub mod error;
 pub mod http;
@@ -115,8 +116,18 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
     let api = api::Api { leading: leading.clone() };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut drain = shutdown.clone();
+    // Server reflection (v1 and v1alpha, as grpcurl and other tools ask either),
+    // so any gRPC client can list and call the API without the .proto files.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cohort_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cohort_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(AgentServiceServer::new(api.clone()).max_decoding_message_size(16 << 20))
         .add_service(JobServiceServer::new(api).max_decoding_message_size(4 << 20))
         .serve_with_incoming_shutdown(incoming, async move {

@@ -193,6 +193,8 @@ fn command(spec: &JobSpec) -> (Vec<String>, LaunchMode) {
     match &spec.workload {
         Workload::Command(c) => (c.argv.clone(), c.launch),
         Workload::MegatronSft(m) => (m.render_args(), LaunchMode::PerNode),
+        // A pipeline runs nothing itself; its stages are jobs of their own.
+        Workload::Pipeline(_) => (Vec::new(), LaunchMode::PerNode),
     }
 }
 

@@ -5,10 +5,12 @@
 
 pub mod checkpoint;
 pub mod dataset;
+pub mod digest;
 pub mod duration;
 pub mod failure;
 pub mod megatron;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod spec;
 pub mod telemetry;

@@ -18,6 +18,7 @@ mod locate;
 mod report;
 mod restart;
 pub(crate) mod scalar;
+pub mod stages;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -94,7 +95,15 @@ pub use crate::dataset::DatasetPolicy;
 impl JobSpec {
     /// Whether placement is followed by a preparation phase on every node.
     pub fn needs_preparation(&self) -> bool {
+        if self.is_pipeline() {
+            return false;
+        }
         matches!(self.workload, Workload::MegatronSft(_)) || !self.stage.is_empty() || !self.shared_paths.is_empty()
+    }
+
+    /// Whether the job is a pipeline of stages (it runs no processes itself).
+    pub fn is_pipeline(&self) -> bool {
+        matches!(self.workload, Workload::Pipeline(_))
     }
 
     /// The env name under which the processes find a staged input.
@@ -110,6 +119,8 @@ impl JobSpec {
 pub enum Workload {
     Command(CommandSpec),
     MegatronSft(MegatronSpec),
+    /// `kind: pipeline`: stages run in dependency order, each its own gang launch.
+    Pipeline(stages::PipelineSpec),
 }
 
 /// `kind: command`: any program with Cohort's environment contract.
@@ -135,6 +146,7 @@ pub enum LaunchMode {
 enum JobKind {
     Command,
     MegatronSft,
+    Pipeline,
 }
 
 /// The top-level keys of a job file.
@@ -158,6 +170,12 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "dataset_policy",
     "restart",
     "straggler_factor",
+    // kind: pipeline (spec/stages.rs)
+    "swift_version",
+    "model",
+    "output_dir",
+    "conversion_cache",
+    "stages",
 ];
 
 /// Keys that the design names but this version does not implement yet.
@@ -277,7 +295,7 @@ impl JobSpec {
     pub fn model(&self) -> Option<ModelConfig> {
         match &self.workload {
             Workload::MegatronSft(megatron) => ModelConfig::known(megatron.model_ref()?),
-            Workload::Command(_) => None,
+            Workload::Command(_) | Workload::Pipeline(_) => None,
         }
     }
 
@@ -285,7 +303,7 @@ impl JobSpec {
     pub fn layout(&self) -> Option<ParallelLayout> {
         match &self.workload {
             Workload::MegatronSft(megatron) => Some(megatron.layout(self.nodes, self.gpus_per_node)),
-            Workload::Command(_) => None,
+            Workload::Command(_) | Workload::Pipeline(_) => None,
         }
     }
 
@@ -322,7 +340,13 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
     }
     let kind = typed::<JobKind>(root, "kind", problems);
     if kind.is_none() {
-        required(root, "kind", "`command` or `megatron-sft`", problems);
+        required(root, "kind", "`command`, `megatron-sft` or `pipeline`", problems);
+    }
+    if kind == Some(JobKind::Pipeline) {
+        return read_pipeline_job(root, name, problems);
+    }
+    for key in stages::PIPELINE_KEYS {
+        misplaced(root, key, "command or megatron-sft", "a pipeline job", problems);
     }
     let nodes = typed::<u32>(root, "nodes", problems);
     match nodes {
@@ -365,6 +389,7 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
             misplaced(root, "megatron", "command", "a megatron-sft job", problems);
             read_command(root, problems).map(Workload::Command)
         }
+        JobKind::Pipeline => None,
         JobKind::MegatronSft => {
             misplaced(root, "command", "megatron-sft", "a command job", problems);
             misplaced(
@@ -406,6 +431,43 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
         shared_paths,
         dataset_policy,
         workload: workload?,
+    })
+}
+
+/// A `kind: pipeline` job: the shared top-level fields, then `stages:`.
+fn read_pipeline_job(root: &Mapping, name: Option<String>, problems: &mut Problems) -> Option<JobSpec> {
+    let env = read_env(root, problems);
+    let node_selector = read_node_selector(root, problems);
+    let priority = typed::<i32>(root, "priority", problems).unwrap_or(0);
+    let stop_grace = typed::<DurationText>(root, "stop_grace", problems).map_or(DEFAULT_STOP_GRACE, |d| d.0);
+    let hang_timeout = typed::<DurationText>(root, "hang_timeout", problems).map(|d| d.0);
+    let workdir = typed::<String>(root, "workdir", problems);
+    let python = typed::<String>(root, "python", problems);
+    let stage = typed::<Vec<StageSpec>>(root, "stage", problems).unwrap_or_default();
+    check_stage(&stage, problems);
+    let shared_paths = typed::<Vec<String>>(root, "shared_paths", problems).unwrap_or_default();
+    let dataset_policy = typed::<DatasetPolicy>(root, "dataset_policy", problems).unwrap_or_default();
+    // Read here for their errors; each stage's job inherits them (stages.rs).
+    let restart = restart::read_restart(root, problems);
+    let straggler_factor = restart::read_straggler_factor(root, problems);
+    let pipeline = stages::read_pipeline(root, problems.text(), problems)?;
+    Some(JobSpec {
+        name: name?,
+        nodes: 0,
+        gpus_per_node: 0,
+        env,
+        workdir,
+        node_selector,
+        priority,
+        stop_grace,
+        hang_timeout,
+        restart,
+        straggler_factor,
+        python,
+        stage,
+        shared_paths,
+        dataset_policy,
+        workload: Workload::Pipeline(pipeline),
     })
 }
 

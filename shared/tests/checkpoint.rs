@@ -246,7 +246,7 @@ fn megatron_of(text: &str) -> MegatronSpec {
     };
     match job.workload {
         Workload::MegatronSft(megatron) => megatron,
-        Workload::Command(_) => panic!("not a megatron-sft job"),
+        _ => panic!("not a megatron-sft job"),
     }
 }
 

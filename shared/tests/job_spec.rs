@@ -20,7 +20,7 @@ fn parse(text: &str) -> JobSpec {
 fn megatron(spec: &JobSpec) -> &cohort_shared::spec::MegatronSpec {
     match &spec.workload {
         Workload::MegatronSft(megatron) => megatron,
-        Workload::Command(_) => panic!("not a megatron-sft job"),
+        _ => panic!("not a megatron-sft job"),
     }
 }
 

@@ -192,7 +192,7 @@ fn bad_command_elements_are_indexed() {
 #[test]
 fn kind_is_required_and_sections_must_match_it() {
     let no_kind = variant("kind: megatron-sft\n", "");
-    single(&no_kind, "kind", None, "is required: `command` or `megatron-sft`");
+    single(&no_kind, "kind", None, "is required: `command`, `megatron-sft` or `pipeline`");
     single(&variant("kind: megatron-sft", "kind: megatron"), "kind", Some(2), "unknown variant `megatron`");
     let issues = problems_in(&variant("kind: megatron-sft", "kind: command"));
     assert_eq!(fields(&issues), ["megatron", "command"], "{issues:#?}");

@@ -77,6 +77,10 @@ struct State {
     logs_complete: HashSet<(String, u32)>,
     /// Lines of FetchLogs answers being collected, by command id.
     fetching: HashMap<u64, Vec<(String, cohort_proto::LogBatch)>>,
+    /// Pipeline stages (job, stage) whose resolving task runs (pipeline.rs).
+    pipeline_tasks: HashSet<(String, String)>,
+    /// Conversions running now, recorded in the cache when their run succeeds.
+    pending_conversions: HashMap<String, cohort_proto::ConversionCacheEntry>,
 }
 
 struct JobEntry {
@@ -179,10 +183,13 @@ pub fn describe_exit(exit_code: Option<i32>, signal: Option<i32>) -> String {
 }
 
 mod agents;
+mod pipeline;
 mod prepare;
 mod progress;
 mod reconcile;
 mod restart;
+
+pub use pipeline::stage_state_name;
 
 impl Controller {
     /// Loads jobs and nodes from the store. Stored nodes start `Disconnected`
@@ -294,13 +301,10 @@ impl Controller {
         let seq = state.next_seq;
         state.next_seq += 1;
         let id = format!("{}-{}", spec.name, seq);
-        let job = Job {
+        let mut job = Job {
             id: id.clone(),
             name: spec.name.clone(),
-            kind: match spec.workload {
-                Workload::Command(_) => "command".into(),
-                Workload::MegatronSft(_) => "megatron-sft".into(),
-            },
+            kind: pipeline::kind_name(&spec).into(),
             state: JobState::Pending as i32,
             reason: "waiting to be placed".into(),
             nodes: spec.nodes,
@@ -310,6 +314,13 @@ impl Controller {
             file: Some(file),
             ..Job::default()
         };
+        if let Workload::Pipeline(pipeline) = &spec.workload {
+            // A pipeline holds no GPUs itself: it runs while its stages do.
+            job.state = JobState::Running as i32;
+            job.reason = "starting its first stages".into();
+            job.started_unix_ms = job.submitted_unix_ms;
+            job.stages = pipeline::initial_stages(pipeline);
+        }
         state.jobs.insert(
             id.clone(),
             JobEntry {
@@ -364,6 +375,27 @@ impl Controller {
         };
         if let Workload::MegatronSft(m) = &spec.workload {
             response.parallel_layout = m.layout(spec.nodes, spec.gpus_per_node).to_string();
+        }
+        if let Workload::Pipeline(p) = &spec.workload {
+            let order: Vec<String> = p
+                .order()
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} ({}{})",
+                        s.name,
+                        s.kind.name(),
+                        if s.depends_on.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" after {}", s.depends_on.join(", "))
+                        }
+                    )
+                })
+                .collect();
+            response.placement_error =
+                format!("a pipeline is placed stage by stage as each starts; stages in order: {}", order.join(" → "));
+            return response;
         }
         let state = self.state.lock().await;
         let views = Self::node_views(&state);

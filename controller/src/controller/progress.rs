@@ -99,7 +99,7 @@ pub(super) fn hang_timeout(spec: &JobSpec, median_iteration_s: Option<f64>) -> O
     match (median_iteration_s, &spec.workload) {
         (Some(m), _) => Some(Duration::from_secs_f64(m * f64::from(HANG_ITERATIONS)).max(DEFAULT_HANG_FLOOR)),
         (None, Workload::MegatronSft(_)) => Some(DEFAULT_HANG_FLOOR),
-        (None, Workload::Command(_)) => None,
+        (None, Workload::Command(_) | Workload::Pipeline(_)) => None,
     }
 }
 

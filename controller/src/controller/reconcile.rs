@@ -93,6 +93,7 @@ impl Controller {
             if let Err(e) = self.reconcile().await {
                 tracing::error!(error = %e, "reconcile failed; retrying on the next tick");
             }
+            self.advance_pipelines().await;
         }
     }
 
@@ -242,7 +243,7 @@ impl Controller {
         let mut pending: Vec<(i32, u64, String)> = state
             .jobs
             .values()
-            .filter(|e| e.state() == JobState::Pending)
+            .filter(|e| e.state() == JobState::Pending && !e.spec.is_pipeline())
             .map(|e| (-e.job.priority, e.seq, e.job.id.clone()))
             .collect();
         pending.sort();
@@ -379,7 +380,7 @@ impl Controller {
                 (Some(dir), Some(workdir)) if !workdir.is_empty() => format!("{workdir}/{dir}"),
                 _ => String::new(),
             },
-            Workload::Command(_) => String::new(),
+            Workload::Command(_) | Workload::Pipeline(_) => String::new(),
         };
         let last_rank = plan.nodes.len().saturating_sub(1) as u32;
         state.logs_complete.insert((id.to_string(), attempt));

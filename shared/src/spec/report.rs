@@ -76,6 +76,11 @@ impl<'a> Problems<'a> {
         self.issues.push(SpecIssue { field, line, message: message.into() });
     }
 
+    /// The YAML text the problems are about.
+    pub(crate) fn text(&self) -> &'a str {
+        self.text
+    }
+
     pub(crate) fn into_issues(self) -> Vec<SpecIssue> {
         self.issues
     }

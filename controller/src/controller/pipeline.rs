@@ -1,0 +1,780 @@
+//! Pipeline jobs: the stages of a `kind: pipeline` job run in dependency
+//! order, each stage as one or two jobs of its own ("runs", ids
+//! `<pipeline>.<stage>[.before|.after]`) that go through the ordinary path:
+//! placement, preparation, gang launch, supervision. This module only watches
+//! the runs (level-triggered, every reconcile pass), starts the stages whose
+//! dependencies have succeeded, and ends the pipeline when a stage fails or
+//! every stage is done. A run inherits the pipeline's `restart` policy, so a
+//! stage counts as failed only once its run is finally Failed: after its
+//! restart policy has given up.
+//!
+//! Work that needs an agent (the model digest of a to_mcore stage, the newest
+//! checkpoint of a megatron-sft stage, the result files for the report) runs
+//! in a task per stage; the stage shows `Resolving` meanwhile, and a
+//! controller that restarts starts the task again.
+
+use cohort_proto::{
+    ConversionCacheEntry, InspectPathCommand, PipelineReport, PipelineStage, QueryResult, StageState,
+    query_result::Result as QueryAnswer,
+};
+use cohort_shared::pipeline::report::{Report, pair, read_answers, read_scores, score_rows};
+use cohort_shared::pipeline::{Resolved, conversion_key, document_yaml};
+use cohort_shared::spec::stages::{PipelineSpec, StepKind};
+
+use super::*;
+
+/// How long a question to an agent may take (a model digest reads every byte).
+const ASK_TIMEOUT: Duration = Duration::from_secs(600);
+/// The pseudo-stage of the report task.
+const REPORT_TASK: &str = "#report";
+
+fn stage_state(stage: &PipelineStage) -> StageState {
+    StageState::try_from(stage.state).unwrap_or(StageState::Unspecified)
+}
+
+fn stage_done(stage: &PipelineStage) -> bool {
+    matches!(stage_state(stage), StageState::Succeeded | StageState::Cached)
+}
+
+/// "Waiting", "Running", ... for `cohort status`.
+pub fn stage_state_name(state: i32) -> &'static str {
+    match StageState::try_from(state).unwrap_or(StageState::Unspecified) {
+        StageState::Unspecified => "Unknown",
+        StageState::Waiting => "Waiting",
+        StageState::Running => "Running",
+        StageState::Succeeded => "Succeeded",
+        StageState::Failed => "Failed",
+        StageState::Cached => "Cached",
+        StageState::Skipped => "Skipped",
+        StageState::Resolving => "Resolving",
+    }
+}
+
+/// The stages of a freshly submitted pipeline, all waiting.
+pub(super) fn initial_stages(spec: &PipelineSpec) -> Vec<PipelineStage> {
+    spec.stages
+        .iter()
+        .map(|s| PipelineStage {
+            name: s.name.clone(),
+            kind: s.kind.name().to_string(),
+            depends_on: s.depends_on.clone(),
+            state: StageState::Waiting as i32,
+            reason: if s.depends_on.is_empty() {
+                "starting".into()
+            } else {
+                format!("waiting for {}", s.depends_on.join(", "))
+            },
+            ..PipelineStage::default()
+        })
+        .collect()
+}
+
+/// What a stage task found.
+enum TaskOutcome {
+    /// Start the stage's runs with this output path (and cache key).
+    Start {
+        output: String,
+        cache_key: String,
+        model: String,
+        model_digest: String,
+        layout: (u32, u32),
+    },
+    /// A cached conversion: the stage is done without running.
+    Cached {
+        output: String,
+        cache_key: String,
+    },
+    /// The megatron-sft stage's newest checkpoint.
+    Checkpoint(String),
+    /// The report is stored.
+    Report,
+    Failed(String),
+}
+
+impl Controller {
+    /// One pass over every pipeline that is not finished.
+    pub(super) async fn advance_pipelines(self: &Arc<Self>) {
+        let mut state = self.state.lock().await;
+        let ids: Vec<String> = state
+            .jobs
+            .values()
+            .filter(|e| e.spec.is_pipeline())
+            .filter(|e| !e.is_terminal() || e.job.stages.iter().any(|s| stage_state(s) == StageState::Running))
+            .map(|e| e.job.id.clone())
+            .collect();
+        for id in ids {
+            if let Err(e) = self.advance_pipeline(&mut state, &id).await {
+                tracing::error!(job = %id, error = %e, "advancing the pipeline failed; retrying on the next pass");
+            }
+        }
+    }
+
+    async fn advance_pipeline(self: &Arc<Self>, state: &mut State, id: &str) -> Result<(), ControllerError> {
+        let Some(entry) = state.jobs.get(id) else { return Ok(()) };
+        let Workload::Pipeline(spec) = entry.spec.workload.clone() else { return Ok(()) };
+        let before = entry.job.stages.clone();
+        let parent_terminal = entry.is_terminal();
+        let mut stages = before.clone();
+
+        // Runs that ended decide their stage.
+        let mut failed: Option<String> = None;
+        for stage in stages.iter_mut().filter(|s| stage_state(s) == StageState::Running) {
+            let runs: Vec<(String, JobState, String)> = stage
+                .runs
+                .iter()
+                .map(|run| {
+                    let (state, reason) = state
+                        .jobs
+                        .get(run)
+                        .map(|e| (e.state(), e.job.reason.clone()))
+                        .unwrap_or((JobState::Failed, "its job record is gone".into()));
+                    (run.clone(), state, reason)
+                })
+                .collect();
+            if let Some((run, job_state, reason)) =
+                runs.iter().find(|(_, s, _)| matches!(s, JobState::Failed | JobState::Cancelled))
+            {
+                stage.state = StageState::Failed as i32;
+                stage.finished_unix_ms = now_unix_ms();
+                stage.reason = format!("{run} {}: {reason}", state_name(*job_state as i32).to_lowercase());
+                failed.get_or_insert_with(|| format!("stage {} failed: {}", stage.name, stage.reason));
+            } else if runs.iter().all(|(_, s, _)| *s == JobState::Succeeded) {
+                let needs_checkpoint =
+                    stage.kind == StepKind::MegatronSft.name() && spec.checkpoint_needed(&stage.name);
+                if needs_checkpoint {
+                    stage.state = StageState::Resolving as i32;
+                    stage.reason = "finding its newest complete checkpoint".into();
+                } else {
+                    stage.state = StageState::Succeeded as i32;
+                    stage.finished_unix_ms = now_unix_ms();
+                    stage.reason = String::new();
+                    if !stage.cache_key.is_empty() {
+                        self.remember_conversion(state, id, &spec, stage).await;
+                    }
+                }
+            }
+        }
+        if let Some(stage) = stages.iter().find(|s| stage_state(s) == StageState::Failed)
+            && failed.is_none()
+        {
+            failed = Some(format!("stage {} failed: {}", stage.name, stage.reason));
+        }
+
+        let stop_all = parent_terminal || failed.is_some();
+        if stop_all {
+            for stage in stages.iter_mut() {
+                match stage_state(stage) {
+                    StageState::Waiting | StageState::Resolving => {
+                        stage.state = StageState::Skipped as i32;
+                        stage.reason = if parent_terminal {
+                            "the pipeline ended".into()
+                        } else {
+                            "an earlier stage failed".into()
+                        };
+                    }
+                    StageState::Running => {
+                        for run in stage.runs.clone() {
+                            self.cancel_run(state, &run, "the pipeline stopped").await?;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            // Stages whose dependencies are done start (or resolve first).
+            let done: Vec<String> = stages.iter().filter(|s| stage_done(s)).map(|s| s.name.clone()).collect();
+            for index in 0..stages.len() {
+                let stage = &stages[index];
+                let ready = stage.depends_on.iter().all(|d| done.contains(d));
+                match stage_state(stage) {
+                    StageState::Waiting if ready => {
+                        let Some(stage_spec) = spec.stage(&stage.name) else { continue };
+                        if stage_spec.kind == StepKind::ToMcore && spec.conversion_cache.is_some() {
+                            stages[index].state = StageState::Resolving as i32;
+                            stages[index].reason =
+                                "looking for the converted checkpoint in the conversion cache".into();
+                            stages[index].started_unix_ms = now_unix_ms();
+                        } else {
+                            let output = spec.stage_output(stage_spec, id, &resolved(&stages)).unwrap_or_default();
+                            self.start_stage(state, id, &spec, &mut stages, index, output, String::new()).await?;
+                        }
+                    }
+                    StageState::Waiting => {
+                        let missing: Vec<&str> =
+                            stage.depends_on.iter().filter(|d| !done.contains(d)).map(String::as_str).collect();
+                        stages[index].reason = format!("waiting for {}", missing.join(", "));
+                    }
+                    _ => {}
+                }
+            }
+            for stage in stages.iter().filter(|s| stage_state(s) == StageState::Resolving) {
+                self.spawn_task(state, id, &stage.name);
+            }
+        }
+
+        // Write what changed, then end the pipeline when its stages are done.
+        let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
+        let changed = entry.job.stages != stages;
+        entry.job.stages = stages;
+        let all_done = entry.job.stages.iter().all(stage_done);
+        let needs_report = entry.job.stages.iter().any(|s| s.kind == "infer" || s.kind == "eval");
+        let mut message = None;
+        if !parent_terminal {
+            if let Some(reason) = failed {
+                entry.job.state = JobState::Failed as i32;
+                entry.job.reason = reason.clone();
+                entry.job.failure = Some(Failure { message: reason.clone(), ..Failure::default() });
+                entry.job.finished_unix_ms = now_unix_ms();
+                tracing::warn!(job = %id, reason = %reason, "pipeline failed");
+                message = Some(reason);
+            } else if all_done && (!needs_report || entry.job.report_ready) {
+                entry.job.state = JobState::Succeeded as i32;
+                entry.job.reason = "every stage succeeded".into();
+                entry.job.finished_unix_ms = now_unix_ms();
+                tracing::info!(job = %id, "pipeline succeeded");
+                message = Some("pipeline succeeded".to_string());
+            } else if all_done {
+                entry.job.reason = "writing the report".into();
+                self.spawn_task(state, id, REPORT_TASK);
+            } else if let Some(entry) = state.jobs.get_mut(id) {
+                let running: Vec<&str> = entry
+                    .job
+                    .stages
+                    .iter()
+                    .filter(|s| matches!(stage_state(s), StageState::Running | StageState::Resolving))
+                    .map(|s| s.name.as_str())
+                    .collect();
+                if !running.is_empty() {
+                    entry.job.reason = format!("running stage {}", running.join(", "));
+                }
+            }
+        }
+        if changed || message.is_some() {
+            self.persist_job(state, id).await?;
+            self.publish(state, id, message.as_deref().unwrap_or("stages changed"));
+        }
+        Ok(())
+    }
+
+    /// Submits a stage's runs as jobs of their own.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_stage(
+        &self,
+        state: &mut State,
+        pipeline_id: &str,
+        spec: &PipelineSpec,
+        stages: &mut [PipelineStage],
+        index: usize,
+        output: String,
+        cache_key: String,
+    ) -> Result<(), ControllerError> {
+        let Some(stage_spec) = spec.stage(&stages[index].name) else { return Ok(()) };
+        let Some(parent) = state.jobs.get(pipeline_id) else { return Ok(()) };
+        let (name, file) = (parent.job.name.clone(), parent.job.file.clone().unwrap_or_default());
+        let mut refs = resolved(stages);
+        refs.outputs.insert(stage_spec.name.clone(), output.clone());
+        let stage = &mut stages[index];
+        stage.output = output;
+        stage.cache_key = cache_key;
+        if stage.started_unix_ms == 0 {
+            stage.started_unix_ms = now_unix_ms();
+        }
+        let runs = match spec.runs(stage_spec, &name, &refs) {
+            Ok(runs) => runs,
+            Err(e) => {
+                stage.state = StageState::Failed as i32;
+                stage.reason = e.to_string();
+                return Ok(());
+            }
+        };
+        let mut children = Vec::new();
+        for run in runs {
+            let suffix = run.part.suffix();
+            let child_id = if suffix.is_empty() {
+                format!("{pipeline_id}.{}", stage.name)
+            } else {
+                format!("{pipeline_id}.{}.{suffix}", stage.name)
+            };
+            let child_file = JobFile {
+                yaml: document_yaml(&run.document),
+                source_name: format!("{}#stages.{}", file.source_name, stage.name),
+                base_dir: file.base_dir.clone(),
+            };
+            let child_spec = match Self::parse(&child_file) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    stage.state = StageState::Failed as i32;
+                    stage.reason = format!("its job does not validate: {e}");
+                    return Ok(());
+                }
+            };
+            children.push((child_id, child_file, child_spec, run.result_path.unwrap_or_default()));
+        }
+        stage.runs = children.iter().map(|(id, ..)| id.clone()).collect();
+        stage.result_paths = children.iter().map(|(.., path)| path.clone()).collect();
+        stage.state = StageState::Running as i32;
+        stage.reason = String::new();
+        let stage_name = stage.name.clone();
+        for (child_id, child_file, child_spec, _) in children {
+            if state.jobs.contains_key(&child_id) {
+                continue; // submitted before a controller restart
+            }
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            let job = Job {
+                id: child_id.clone(),
+                name: child_spec.name.clone(),
+                kind: kind_name(&child_spec).into(),
+                state: JobState::Pending as i32,
+                reason: "waiting to be placed".into(),
+                nodes: child_spec.nodes,
+                gpus_per_node: child_spec.gpus_per_node,
+                priority: child_spec.priority,
+                submitted_unix_ms: now_unix_ms(),
+                file: Some(child_file),
+                pipeline_id: pipeline_id.to_string(),
+                pipeline_stage: stage_name.clone(),
+                ..Job::default()
+            };
+            state.jobs.insert(
+                child_id.clone(),
+                JobEntry {
+                    job,
+                    spec: child_spec,
+                    seq,
+                    revision: None,
+                    prepared: HashMap::new(),
+                    span: None,
+                    progress: Default::default(),
+                    lookup: None,
+                },
+            );
+            self.persist_job(state, &child_id).await?;
+            self.publish(state, &child_id, "submitted by its pipeline");
+            tracing::info!(pipeline = %pipeline_id, stage = %stage_name, job = %child_id, "stage run submitted");
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Cancels a run of a stopped pipeline (as `cohort cancel` would).
+    async fn cancel_run(&self, state: &mut State, id: &str, reason: &str) -> Result<(), ControllerError> {
+        let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
+        match entry.state() {
+            JobState::Pending => {
+                entry.job.state = JobState::Cancelled as i32;
+                entry.job.reason = format!("{reason} before it was placed");
+            }
+            JobState::Preparing | JobState::Starting | JobState::Running => {
+                entry.job.state = JobState::Cancelled as i32;
+                entry.job.reason = format!("{reason}; stopping every process");
+                entry.job.finished_unix_ms = now_unix_ms();
+                prepare::close_attempt(&mut entry.job);
+                self.teardown(state, id, reason);
+            }
+            _ => return Ok(()),
+        }
+        if let Some(entry) = state.jobs.get_mut(id) {
+            entry.job.finished_unix_ms = now_unix_ms();
+        }
+        self.persist_job(state, id).await?;
+        self.publish(state, id, "cancelled by its pipeline");
+        Ok(())
+    }
+
+    /// Starts the task of a resolving stage (or the report), once.
+    fn spawn_task(self: &Arc<Self>, state: &mut State, id: &str, stage: &str) {
+        let key = (id.to_string(), stage.to_string());
+        if !state.pipeline_tasks.insert(key.clone()) {
+            return;
+        }
+        let controller = self.clone();
+        tokio::spawn(async move {
+            let outcome = controller.run_task(&key.0, &key.1).await;
+            controller.finish_task(&key.0, &key.1, outcome).await;
+            let mut state = controller.state.lock().await;
+            state.pipeline_tasks.remove(&key);
+            drop(state);
+            controller.wake.notify_one();
+        });
+    }
+
+    async fn run_task(&self, id: &str, stage: &str) -> TaskOutcome {
+        let (spec, stages, selector) = {
+            let state = self.state.lock().await;
+            let Some(entry) = state.jobs.get(id) else { return TaskOutcome::Failed("the job is gone".into()) };
+            let Workload::Pipeline(spec) = entry.spec.workload.clone() else {
+                return TaskOutcome::Failed("not a pipeline".into());
+            };
+            (spec, entry.job.stages.clone(), entry.spec.node_selector.clone())
+        };
+        if stage == REPORT_TASK {
+            return match self.write_report(id, &stages, &selector).await {
+                Ok(()) => TaskOutcome::Report,
+                Err(e) => TaskOutcome::Failed(format!("the report could not be written: {e}")),
+            };
+        }
+        let Some(record) = stages.iter().find(|s| s.name == stage) else {
+            return TaskOutcome::Failed("no such stage".into());
+        };
+        let Some(stage_spec) = spec.stage(stage) else { return TaskOutcome::Failed("no such stage".into()) };
+        match stage_spec.kind {
+            StepKind::MegatronSft => {
+                let find = cohort_proto::FindCheckpointCommand { directory: record.output.clone() };
+                match self.ask(&selector, Command::FindCheckpoint(find)).await {
+                    Ok(QueryResult { result: Some(QueryAnswer::Checkpoint(c)), .. }) => match c.checkpoint {
+                        Some(c) => TaskOutcome::Checkpoint(c.path),
+                        None => TaskOutcome::Failed(format!("no complete checkpoint in {}", record.output)),
+                    },
+                    Ok(other) => TaskOutcome::Failed(format!("finding the checkpoint: {}", other.error)),
+                    Err(e) => TaskOutcome::Failed(format!("finding the checkpoint: {e}")),
+                }
+            }
+            StepKind::ToMcore => self.look_up_conversion(id, &spec, stage_spec, &selector).await,
+            _ => TaskOutcome::Failed("nothing to resolve".into()),
+        }
+    }
+
+    /// The cache key of a to_mcore stage, and the cached checkpoint if it is still there.
+    async fn look_up_conversion(
+        &self,
+        id: &str,
+        spec: &PipelineSpec,
+        stage: &cohort_shared::spec::stages::PipelineStage,
+        selector: &BTreeMap<String, String>,
+    ) -> TaskOutcome {
+        let Some(cache_dir) = spec.conversion_cache.clone() else {
+            return TaskOutcome::Failed("no conversion cache".into());
+        };
+        let model = spec.conversion_source(stage).unwrap_or_default();
+        let digest = if model.starts_with('/') {
+            let inspect = InspectPathCommand { path: model.clone(), digest: true, ..Default::default() };
+            match self.ask(selector, Command::InspectPath(inspect)).await {
+                Ok(QueryResult { result: Some(QueryAnswer::Path(p)), .. }) if p.exists => p.digest,
+                Ok(QueryResult { result: Some(QueryAnswer::Path(_)), .. }) => {
+                    return TaskOutcome::Failed(format!("the model {model} does not exist on the nodes"));
+                }
+                Ok(other) => return TaskOutcome::Failed(format!("digesting {model}: {}", other.error)),
+                Err(e) => return TaskOutcome::Failed(format!("digesting {model}: {e}")),
+            }
+        } else {
+            // A hub id: its name and revision are all there is to key on.
+            format!("hub:{model}")
+        };
+        let layout = spec.conversion_layout(stage);
+        let key = conversion_key(&digest, layout.0, layout.1, spec.swift_version);
+        if let Ok(Some(stored)) = self.store.get(&format!("cache/{key}")).await
+            && let Ok(mut entry) = ConversionCacheEntry::decode(stored.value.as_slice())
+        {
+            let inspect = InspectPathCommand { path: entry.path.clone(), ..Default::default() };
+            let still_there = matches!(
+                self.ask(selector, Command::InspectPath(inspect)).await,
+                Ok(QueryResult { result: Some(QueryAnswer::Path(p)), .. }) if p.exists
+            );
+            if still_there {
+                entry.hits += 1;
+                entry.last_used_unix_ms = now_unix_ms();
+                let _ = self
+                    .store
+                    .put(&format!("cache/{key}"), entry.encode_to_vec(), Expect::Revision(stored.revision))
+                    .await;
+                tracing::info!(job = %id, key = %key, path = %entry.path, "conversion cache hit");
+                return TaskOutcome::Cached { output: entry.path, cache_key: key };
+            }
+            tracing::warn!(key = %key, path = %entry.path, "cached conversion is gone from the nodes; converting again");
+            let _ = self.store.delete(&format!("cache/{key}"), Expect::Any).await;
+        }
+        let output = format!("{}/{key}", cache_dir.trim_end_matches('/'));
+        TaskOutcome::Start { output, cache_key: key, model, model_digest: digest, layout }
+    }
+
+    async fn finish_task(self: &Arc<Self>, id: &str, stage: &str, outcome: TaskOutcome) {
+        let mut state = self.state.lock().await;
+        let Some(entry) = state.jobs.get(id) else { return };
+        let Workload::Pipeline(spec) = entry.spec.workload.clone() else { return };
+        let mut stages = entry.job.stages.clone();
+        let index = stages.iter().position(|s| s.name == stage);
+        let resolving = index.is_some_and(|i| stage_state(&stages[i]) == StageState::Resolving);
+        match outcome {
+            TaskOutcome::Report => {
+                if let Some(entry) = state.jobs.get_mut(id) {
+                    entry.job.report_ready = true;
+                }
+            }
+            TaskOutcome::Failed(reason) if stage == REPORT_TASK => {
+                if let Some(entry) = state.jobs.get_mut(id)
+                    && entry.is_active()
+                {
+                    entry.job.state = JobState::Failed as i32;
+                    entry.job.reason = reason.clone();
+                    entry.job.failure = Some(Failure { message: reason, ..Failure::default() });
+                    entry.job.finished_unix_ms = now_unix_ms();
+                }
+            }
+            _ if !resolving => return, // the pipeline moved on meanwhile
+            TaskOutcome::Failed(reason) => {
+                if let Some(i) = index {
+                    stages[i].state = StageState::Failed as i32;
+                    stages[i].reason = reason;
+                    stages[i].finished_unix_ms = now_unix_ms();
+                }
+            }
+            TaskOutcome::Checkpoint(path) => {
+                if let Some(i) = index {
+                    stages[i].checkpoint = path;
+                    stages[i].state = StageState::Succeeded as i32;
+                    stages[i].reason = String::new();
+                    stages[i].finished_unix_ms = now_unix_ms();
+                }
+            }
+            TaskOutcome::Cached { output, cache_key } => {
+                if let Some(i) = index {
+                    stages[i].output = output;
+                    stages[i].cache_key = cache_key;
+                    stages[i].state = StageState::Cached as i32;
+                    stages[i].reason = "converted checkpoint found in the conversion cache".into();
+                    stages[i].finished_unix_ms = now_unix_ms();
+                }
+            }
+            TaskOutcome::Start { output, cache_key, model, model_digest, layout } => {
+                if let Some(i) = index {
+                    state.pending_conversions.insert(
+                        cache_key.clone(),
+                        ConversionCacheEntry {
+                            key: cache_key.clone(),
+                            model,
+                            model_digest,
+                            tensor_model_parallel_size: layout.0,
+                            pipeline_model_parallel_size: layout.1,
+                            swift_version: u32::from(spec.swift_version.major()),
+                            path: output.clone(),
+                            created_by: id.to_string(),
+                            ..ConversionCacheEntry::default()
+                        },
+                    );
+                    if let Err(e) = self.start_stage(&mut state, id, &spec, &mut stages, i, output, cache_key).await {
+                        tracing::error!(job = %id, error = %e, "starting the stage failed");
+                    }
+                }
+            }
+        }
+        if let Some(entry) = state.jobs.get_mut(id) {
+            entry.job.stages = stages;
+        }
+        if let Err(e) = self.persist_job(&mut state, id).await {
+            tracing::error!(job = %id, error = %e, "could not persist the pipeline");
+        }
+        self.publish(&state, id, "stages changed");
+    }
+
+    /// A to_mcore run succeeded: its output becomes a cache entry.
+    async fn remember_conversion(&self, state: &mut State, id: &str, spec: &PipelineSpec, stage: &PipelineStage) {
+        let mut entry = state.pending_conversions.remove(&stage.cache_key).unwrap_or_else(|| ConversionCacheEntry {
+            key: stage.cache_key.clone(),
+            path: stage.output.clone(),
+            swift_version: u32::from(spec.swift_version.major()),
+            created_by: id.to_string(),
+            ..ConversionCacheEntry::default()
+        });
+        entry.created_unix_ms = now_unix_ms();
+        entry.last_used_unix_ms = entry.created_unix_ms;
+        if let Err(e) = self.store.put(&format!("cache/{}", entry.key), entry.encode_to_vec(), Expect::Any).await {
+            tracing::warn!(key = %entry.key, error = %e, "could not record the conversion in the cache");
+        } else {
+            tracing::info!(job = %id, key = %entry.key, path = %entry.path, "conversion cached");
+        }
+    }
+
+    /// Reads the infer and eval results from a node and stores the report.
+    async fn write_report(
+        &self,
+        id: &str,
+        stages: &[PipelineStage],
+        selector: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let mut report = Report { title: id.to_string(), ..Report::default() };
+        for stage in stages.iter().filter(|s| s.kind == "infer" || s.kind == "eval") {
+            let mut parts = Vec::new();
+            for path in stage.result_paths.iter().filter(|p| !p.is_empty()) {
+                let inspect = InspectPathCommand { path: path.clone(), read: true, ..Default::default() };
+                let files = match self.ask(selector, Command::InspectPath(inspect)).await {
+                    Ok(QueryResult { result: Some(QueryAnswer::Path(p)), .. }) if p.exists => p.files,
+                    Ok(QueryResult { result: Some(QueryAnswer::Path(_)), .. }) => {
+                        return Err(format!("stage {}: {path} does not exist", stage.name));
+                    }
+                    Ok(other) => return Err(format!("stage {}: reading {path}: {}", stage.name, other.error)),
+                    Err(e) => return Err(format!("stage {}: reading {path}: {e}", stage.name)),
+                };
+                let files: Vec<(String, String)> = files
+                    .into_iter()
+                    .filter(|f| f.path.ends_with(".json") || f.path.ends_with(".jsonl"))
+                    .map(|f| (f.path, String::from_utf8_lossy(&f.content).into_owned()))
+                    .collect();
+                parts.push((path.clone(), files));
+            }
+            match stage.kind.as_str() {
+                "infer" if parts.len() == 2 => {
+                    let answers = |(path, files): &(String, Vec<(String, String)>)| {
+                        let text: String = files.iter().map(|(_, t)| t.as_str()).collect();
+                        read_answers(&text, path).map_err(|e| e.to_string())
+                    };
+                    let (before, after) = (answers(&parts[0])?, answers(&parts[1])?);
+                    report.comparisons.push((stage.name.clone(), pair(&before, &after)));
+                }
+                "eval" if parts.len() == 2 => {
+                    let (before, after) = (read_scores(&parts[0].1), read_scores(&parts[1].1));
+                    if before.is_empty() && after.is_empty() {
+                        return Err(format!(
+                            "stage {}: no scores found under {} and {}",
+                            stage.name, parts[0].0, parts[1].0
+                        ));
+                    }
+                    report.scores.push((stage.name.clone(), score_rows(&before, &after)));
+                }
+                _ => {}
+            }
+        }
+        let stored = PipelineReport {
+            job_id: id.to_string(),
+            markdown: report.markdown(),
+            html: report.html(),
+            created_unix_ms: now_unix_ms(),
+        };
+        self.store
+            .put(&format!("reports/{id}"), stored.encode_to_vec(), Expect::Any)
+            .await
+            .map_err(|e| format!("storing it: {e}"))?;
+        Ok(())
+    }
+
+    /// Asks a connected node (one the pipeline's node_selector allows) a question.
+    async fn ask(&self, selector: &BTreeMap<String, String>, command: Command) -> Result<QueryResult, String> {
+        let rx = {
+            let mut state = self.state.lock().await;
+            let node = state
+                .nodes
+                .values()
+                .filter(|n| n.session.is_some() && n.state == NodeState::Ready)
+                .find(|n| selector.iter().all(|(k, v)| n.info.labels.get(k) == Some(v)))
+                .map(|n| n.info.name.clone())
+                .ok_or_else(|| "no node is connected to ask".to_string())?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let command_id = state.next_command_id;
+            state.queries.insert(command_id, tx);
+            if !Self::send_command(&mut state, &node, command) {
+                state.queries.remove(&command_id);
+                return Err(format!("node {node} is not connected"));
+            }
+            rx
+        };
+        let answer = tokio::time::timeout(ASK_TIMEOUT, rx)
+            .await
+            .map_err(|_| format!("no answer within {ASK_TIMEOUT:?}"))?
+            .map_err(|_| "the node went away before answering".to_string())?;
+        if !answer.error.is_empty() {
+            return Err(answer.error);
+        }
+        Ok(answer)
+    }
+
+    // ------------------------------------------------------- API: report, cache
+
+    pub async fn report(&self, job_ref: &str) -> Result<PipelineReport, ControllerError> {
+        let (id, ready, is_pipeline) = {
+            let state = self.state.lock().await;
+            let entry = Self::resolve(&state, job_ref)?;
+            (entry.job.id.clone(), entry.job.report_ready, entry.spec.is_pipeline())
+        };
+        if !is_pipeline {
+            return Err(ControllerError::FailedPrecondition(format!("job {id} is not a pipeline; it has no report")));
+        }
+        if !ready {
+            return Err(ControllerError::FailedPrecondition(format!(
+                "job {id} has no report yet: it is written when every stage has succeeded (`cohort status {id}`)"
+            )));
+        }
+        let stored = self.store.get(&format!("reports/{id}")).await?.ok_or_else(|| {
+            ControllerError::FailedPrecondition(format!("the report of {id} is missing from the store"))
+        })?;
+        PipelineReport::decode(stored.value.as_slice())
+            .map_err(|e| ControllerError::FailedPrecondition(format!("the stored report of {id} is unreadable: {e}")))
+    }
+
+    pub async fn conversion_cache(&self) -> Result<Vec<ConversionCacheEntry>, ControllerError> {
+        let mut entries: Vec<ConversionCacheEntry> = self
+            .store
+            .list("cache/")
+            .await?
+            .into_iter()
+            .filter_map(|(_, v)| ConversionCacheEntry::decode(v.value.as_slice()).ok())
+            .collect();
+        entries.sort_by_key(|e| std::cmp::Reverse(e.last_used_unix_ms));
+        Ok(entries)
+    }
+
+    /// Forgets an entry and deletes its directory on a node (the cache is shared storage).
+    pub async fn remove_conversion(&self, key: &str) -> Result<ConversionCacheEntry, ControllerError> {
+        if key.is_empty() {
+            return Err(ControllerError::InvalidRequest("give the key of the entry (`cohort cache ls`)".into()));
+        }
+        let matches: Vec<ConversionCacheEntry> =
+            self.conversion_cache().await?.into_iter().filter(|e| e.key.starts_with(key)).collect();
+        let entry = match matches.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                return Err(ControllerError::InvalidRequest(format!(
+                    "no cache entry {key:?}: `cohort cache ls` lists them"
+                )));
+            }
+            _ => {
+                return Err(ControllerError::InvalidRequest(format!(
+                    "{key:?} matches {} entries; give more of the key",
+                    matches.len()
+                )));
+            }
+        };
+        let in_use = {
+            let state = self.state.lock().await;
+            state
+                .jobs
+                .values()
+                .filter(|e| e.spec.is_pipeline() && !e.is_terminal())
+                .find_map(|e| e.job.stages.iter().find(|s| s.cache_key == entry.key).map(|_| e.job.id.clone()))
+        };
+        if let Some(job) = in_use {
+            return Err(ControllerError::FailedPrecondition(format!(
+                "cache entry {} is used by the running pipeline {job}; remove it when that has ended",
+                entry.key
+            )));
+        }
+        let inspect = InspectPathCommand { path: entry.path.clone(), remove: true, ..Default::default() };
+        self.ask(&BTreeMap::new(), Command::InspectPath(inspect))
+            .await
+            .map_err(|e| ControllerError::FailedPrecondition(format!("deleting {}: {e}", entry.path)))?;
+        self.store.delete(&format!("cache/{}", entry.key), Expect::Any).await?;
+        tracing::info!(key = %entry.key, path = %entry.path, "conversion cache entry removed");
+        Ok(entry)
+    }
+}
+
+/// Outputs and checkpoints of the stages that have them.
+fn resolved(stages: &[PipelineStage]) -> Resolved {
+    let mut resolved = Resolved::default();
+    for stage in stages {
+        if !stage.output.is_empty() {
+            resolved.outputs.insert(stage.name.clone(), stage.output.clone());
+        }
+        if !stage.checkpoint.is_empty() {
+            resolved.checkpoints.insert(stage.name.clone(), stage.checkpoint.clone());
+        }
+    }
+    resolved
+}
+
+pub(super) fn kind_name(spec: &JobSpec) -> &'static str {
+    match spec.workload {
+        Workload::Command(_) => "command",
+        Workload::MegatronSft(_) => "megatron-sft",
+        Workload::Pipeline(_) => "pipeline",
+    }
+}
