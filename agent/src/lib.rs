@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod gpu;
+pub mod join;
 pub mod preflight;
 pub mod prepare;
 pub mod session;

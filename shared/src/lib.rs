@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod model;
 pub mod spec;
 pub mod telemetry;
+pub mod tls;
