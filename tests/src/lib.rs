@@ -337,7 +337,10 @@ impl Cluster {
         let node = &self.nodes[i];
         let log = File::options().create(true).append(true).open(self.dir.path().join(format!("{}.log", node.name)))?;
         let controllers = match self.partitions.get(i).filter(|p| !p.is_empty()) {
-            Some(proxies) => proxies.iter().map(|p| format!("http://{}", p.addr)).collect::<Vec<_>>().join(","),
+            Some(proxies) => {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                proxies.iter().map(|p| format!("{scheme}://{}", p.addr)).collect::<Vec<_>>().join(",")
+            }
             None => self.url.clone(),
         };
         let mut command = match node.wrapper.split_first() {
