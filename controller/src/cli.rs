@@ -655,6 +655,9 @@ fn print_status(job: &Job) {
     }
     if let Some(plan) = &job.plan {
         say!("master:    {}:{}", plan.master_addr, plan.master_port);
+        if !plan.argv.is_empty() {
+            say!("command:   {}", shell_words::join(&plan.argv));
+        }
         let mut t = table(&["NODE", "NODE RANK", "PROCESS", "RANK", "PID", "PHASE", "EXIT"]);
         for p in &job.processes {
             let phase = match ProcessPhase::try_from(p.phase) {

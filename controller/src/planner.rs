@@ -1,8 +1,9 @@
 //! Gang placement and the environment contract.
 //!
 //! `place` chooses the nodes and GPUs of a job attempt, all or nothing;
-//! `render` turns that choice into each node's processes: command line and the
-//! full environment of DESIGN.md's contract.
+//! `layout` records that choice (what the job record keeps) and `node_processes`
+//! renders one node's processes from it at launch: command line and the full
+//! environment of DESIGN.md's contract. `render` does both for every node.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -155,69 +156,110 @@ pub struct RenderInput<'a> {
     pub workdir: Option<&'a str>,
 }
 
-/// Renders each node's processes with the environment contract. Nodes absent
-/// from `nodes` (which `place` never returns) render with an empty address.
-pub fn render(spec: &JobSpec, placement: &Placement, nodes: &[NodeView], input: &RenderInput) -> GangPlan {
+/// Renders the attempt's layout: nodes in rank order with their address and
+/// GPUs, the master address and port, but not the processes. The job record
+/// keeps only this: each node's processes (argv and the full environment, which
+/// names every node's address) are rendered by [`node_processes`] when its launch
+/// command is sent, so the record grows with the number of nodes, not with its
+/// square. Nodes absent from `nodes` (which `place` never returns) get an empty address.
+pub fn layout(spec: &JobSpec, placement: &Placement, nodes: &[NodeView], input: &RenderInput) -> GangPlan {
     let by_name: BTreeMap<&str, &NodeView> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let address = |name: &str| by_name.get(name).map(|n| n.address.clone()).unwrap_or_default();
     let master_addr = placement.nodes.first().map(|(n, _)| address(n)).unwrap_or_default();
-    let node_ips: Vec<String> = placement.nodes.iter().map(|(n, _)| address(n)).collect();
-    let nnodes = placement.nodes.len() as u32;
-    let nproc = spec.gpus_per_node.max(1);
-    let (argv, mode) = match &spec.workload {
-        Workload::Command(c) => (c.argv.clone(), c.launch),
-        Workload::MegatronSft(m) => (m.render_args(), LaunchMode::PerNode),
-    };
-
     let assignments = placement
         .nodes
         .iter()
         .enumerate()
-        .map(|(rank, (name, gpus))| {
-            let node_rank = rank as u32;
-            let mut env = vec![
-                var("NNODES", nnodes),
-                var("NODE_RANK", node_rank),
-                var("NPROC_PER_NODE", nproc),
-                var("WORLD_SIZE", nnodes * nproc),
-                var("MASTER_ADDR", &master_addr),
-                var("MASTER_PORT", input.master_port),
-                var("CUDA_VISIBLE_DEVICES", join(gpus)),
-            ];
-            if let Some(node) = by_name.get(name.as_str()) {
-                // The job's own env wins over the node's defaults.
-                env.extend(node.node_env.iter().filter(|v| !spec.env.contains_key(&v.name)).cloned());
-            }
-            env.extend([
-                var("COHORT_JOB_ID", input.job_id),
-                var("COHORT_ATTEMPT", input.attempt),
-                var("COHORT_NODE_NAME", name),
-                var("COHORT_NODE_IPS", node_ips.join(",")),
-            ]);
-            env.extend(spec.env.iter().map(|(k, v)| var(k, v)));
-            let processes = match mode {
-                LaunchMode::PerNode => vec![ProcessSpec { index: 0, argv: argv.clone(), env, global_rank: None }],
-                LaunchMode::PerRank => (0..nproc)
-                    .map(|local| {
-                        let global = node_rank * nproc + local;
-                        let mut env = env.clone();
-                        env.push(var("RANK", global));
-                        env.push(var("LOCAL_RANK", local));
-                        ProcessSpec { index: local, argv: argv.clone(), env, global_rank: Some(global) }
-                    })
-                    .collect(),
-            };
-            NodeAssignment {
-                node_name: name.clone(),
-                address: address(name),
-                node_rank,
-                gpu_indices: gpus.clone(),
-                workdir: input.workdir.unwrap_or_default().to_string(),
-                processes,
-            }
+        .map(|(rank, (name, gpus))| NodeAssignment {
+            node_name: name.clone(),
+            address: address(name),
+            node_rank: rank as u32,
+            gpu_indices: gpus.clone(),
+            workdir: input.workdir.unwrap_or_default().to_string(),
+            processes: Vec::new(),
         })
         .collect();
-    GangPlan { master_addr, master_port: input.master_port as u32, nodes: assignments, notes: placement.notes.clone() }
+    GangPlan {
+        master_addr,
+        master_port: input.master_port as u32,
+        nodes: assignments,
+        notes: placement.notes.clone(),
+        argv: command(spec).0,
+    }
+}
+
+/// The command line every node runs, and whether once per node or per rank.
+fn command(spec: &JobSpec) -> (Vec<String>, LaunchMode) {
+    match &spec.workload {
+        Workload::Command(c) => (c.argv.clone(), c.launch),
+        Workload::MegatronSft(m) => (m.render_args(), LaunchMode::PerNode),
+    }
+}
+
+/// Renders one node's processes of a laid-out attempt with the environment
+/// contract: the contract's variables, then the node's defaults (unless the job
+/// sets them), then Cohort's own, then the job's `env`.
+pub fn node_processes(
+    spec: &JobSpec,
+    plan: &GangPlan,
+    node: &NodeAssignment,
+    node_env: &[EnvVar],
+    input: &RenderInput,
+) -> Vec<ProcessSpec> {
+    let nnodes = plan.nodes.len() as u32;
+    let nproc = spec.gpus_per_node.max(1);
+    let node_ips: Vec<&str> = plan.nodes.iter().map(|a| a.address.as_str()).collect();
+    let (argv, mode) = command(spec);
+    let node_rank = node.node_rank;
+    let mut env = vec![
+        var("NNODES", nnodes),
+        var("NODE_RANK", node_rank),
+        var("NPROC_PER_NODE", nproc),
+        var("WORLD_SIZE", nnodes * nproc),
+        var("MASTER_ADDR", &plan.master_addr),
+        var("MASTER_PORT", plan.master_port),
+        var("CUDA_VISIBLE_DEVICES", join(&node.gpu_indices)),
+    ];
+    // The job's own env wins over the node's defaults.
+    env.extend(node_env.iter().filter(|v| !spec.env.contains_key(&v.name)).cloned());
+    env.extend([
+        var("COHORT_JOB_ID", input.job_id),
+        var("COHORT_ATTEMPT", input.attempt),
+        var("COHORT_NODE_NAME", &node.node_name),
+        var("COHORT_NODE_IPS", node_ips.join(",")),
+    ]);
+    env.extend(spec.env.iter().map(|(k, v)| var(k, v)));
+    match mode {
+        LaunchMode::PerNode => vec![ProcessSpec { index: 0, argv, env, global_rank: None }],
+        LaunchMode::PerRank => (0..nproc)
+            .map(|local| {
+                let global = node_rank * nproc + local;
+                let mut env = env.clone();
+                env.push(var("RANK", global));
+                env.push(var("LOCAL_RANK", local));
+                ProcessSpec { index: local, argv: argv.clone(), env, global_rank: Some(global) }
+            })
+            .collect(),
+    }
+}
+
+/// Renders each node's processes: [`layout`] plus [`node_processes`] for every
+/// node, as `cohort plan` shows it.
+pub fn render(spec: &JobSpec, placement: &Placement, nodes: &[NodeView], input: &RenderInput) -> GangPlan {
+    let mut plan = layout(spec, placement, nodes, input);
+    let by_name: BTreeMap<&str, &NodeView> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let processes: Vec<Vec<ProcessSpec>> = plan
+        .nodes
+        .iter()
+        .map(|a| {
+            let node_env = by_name.get(a.node_name.as_str()).map(|n| n.node_env.as_slice()).unwrap_or_default();
+            node_processes(spec, &plan, a, node_env, input)
+        })
+        .collect();
+    for (a, processes) in plan.nodes.iter_mut().zip(processes) {
+        a.processes = processes;
+    }
+    plan
 }
 
 fn var(name: &str, value: impl ToString) -> EnvVar {

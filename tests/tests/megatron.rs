@@ -215,7 +215,7 @@ async fn a_failed_run_resumes_from_its_newest_complete_checkpoint() {
     let resumed = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(state(&resumed), JobState::Succeeded, "{}", resumed.reason);
     assert_eq!(resumed.attempt, 2);
-    let argv = &resumed.plan.as_ref().unwrap().nodes[0].processes[0].argv;
+    let argv = &resumed.plan.as_ref().unwrap().argv;
     let load = argv.iter().position(|a| a == "--load").unwrap();
     assert_eq!(argv[load + 1], save.display().to_string(), "{argv:?}");
     let finetune = argv.iter().position(|a| a == "--finetune").unwrap();

@@ -62,8 +62,11 @@ impl Controller {
                 None
             }
         };
-        let rank0_env: Vec<EnvVar> =
-            plan.nodes.first().and_then(|a| a.processes.first()).map(|p| p.env.clone()).unwrap_or_default();
+        let env_of = |a: &cohort_proto::NodeAssignment| {
+            super::reconcile::node_processes(state, id, a).into_iter().next().map(|p| p.env).unwrap_or_default()
+        };
+        let envs: Vec<Vec<EnvVar>> = plan.nodes.iter().map(env_of).collect();
+        let rank0_env: Vec<EnvVar> = envs.first().cloned().unwrap_or_default();
         let env_value = |env: &[EnvVar], name: &str| env.iter().rev().find(|v| v.name == name).map(|v| v.value.clone());
 
         let mut shared: BTreeSet<String> = spec.shared_paths.iter().cloned().collect();
@@ -98,11 +101,10 @@ impl Controller {
                 sha256: s.sha256.clone().unwrap_or_default(),
             })
             .collect();
-        for a in &plan.nodes {
-            let env = a.processes.first().map(|p| p.env.clone()).unwrap_or_default();
+        for (a, env) in plan.nodes.iter().zip(&envs) {
             let mut interfaces: Vec<String> = Vec::new();
             for name in ["NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"] {
-                for iface in env_value(&env, name).unwrap_or_default().split(',') {
+                for iface in env_value(env, name).unwrap_or_default().split(',') {
                     // "^docker" excludes and "=eth0" is exact in NCCL's syntax: only plain names are checked.
                     if !iface.is_empty() && !iface.starts_with('^') && !interfaces.contains(&iface.to_string()) {
                         interfaces.push(iface.trim_start_matches('=').to_string());
@@ -145,16 +147,7 @@ impl Controller {
         if entry.job.attempt != result.attempt || entry.state() != JobState::Preparing || !entry.on_node(node) {
             return;
         }
-        // The staged paths on this node become its processes' COHORT_STAGED_* variables.
-        if let Some(a) = entry.job.plan.as_mut().and_then(|p| p.nodes.iter_mut().find(|a| a.node_name == node)) {
-            for process in a.processes.iter_mut() {
-                for staged in &result.staged {
-                    process
-                        .env
-                        .push(EnvVar { name: JobSpec::staged_env_name(&staged.name), value: staged.path.clone() });
-                }
-            }
-        }
+        // The staged paths become the node's COHORT_STAGED_* variables at launch (reconcile::node_processes).
         for staged in &result.staged {
             let status = cohort_proto::StageStatus {
                 node_name: node.into(),

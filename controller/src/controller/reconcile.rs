@@ -1,6 +1,8 @@
 //! The reconcile loop: silent nodes become lost, pending jobs are placed and
 //! launched, and stops are re-sent until every unwanted process is gone.
 
+use cohort_proto::{EnvVar, NodeAssignment, ProcessSpec};
+
 use super::prepare::to_shared_checkpoint;
 use super::*;
 
@@ -297,17 +299,8 @@ impl Controller {
     ) -> Result<(), ControllerError> {
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
         let attempt = entry.job.attempt + 1;
-        let spec = match (&entry.spec.workload, &entry.job.resume_from) {
-            (Workload::MegatronSft(m), Some(ckpt)) => {
-                let mut spec = entry.spec.clone();
-                spec.workload =
-                    Workload::MegatronSft(cohort_shared::checkpoint::apply_resume(m, &to_shared_checkpoint(ckpt)));
-                spec
-            }
-            _ => entry.spec.clone(),
-        };
-        let plan = planner::render(
-            &spec,
+        let plan = planner::layout(
+            &attempt_spec(entry),
             placement,
             views,
             &RenderInput { job_id: id, attempt, master_port: port, workdir: entry.spec.workdir.as_deref() },
@@ -355,11 +348,14 @@ impl Controller {
         entry.job.state = JobState::Starting as i32;
         entry.job.reason =
             format!("launching on {}", plan.nodes.iter().map(|a| a.node_name.as_str()).collect::<Vec<_>>().join(", "));
+        let rendered: Vec<Vec<ProcessSpec>> = plan.nodes.iter().map(|a| node_processes(state, id, a)).collect();
+        let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
         entry.job.processes = plan
             .nodes
             .iter()
-            .flat_map(|a| {
-                a.processes.iter().map(|p| ProcessStatus {
+            .zip(&rendered)
+            .flat_map(|(a, processes)| {
+                processes.iter().map(|p| ProcessStatus {
                     node_name: a.node_name.clone(),
                     node_rank: a.node_rank,
                     index: p.index,
@@ -387,14 +383,14 @@ impl Controller {
         self.persist_job(state, id).await?;
         tracing::info!(job = %id, attempt, port = plan.master_port, "launching");
         let mut unreachable = None;
-        for a in &plan.nodes {
+        for (a, processes) in plan.nodes.iter().zip(rendered) {
             let msg = LaunchCommand {
                 job_id: id.into(),
                 attempt,
                 node_rank: a.node_rank,
                 workdir: a.workdir.clone(),
                 stop_grace_ms: grace.as_millis() as u32,
-                processes: a.processes.clone(),
+                processes,
                 metrics_dir: if a.node_rank == last_rank { metrics_dir.clone() } else { String::new() },
             };
             if !Self::send_command(state, &a.node_name, Command::Launch(msg)) {
@@ -491,4 +487,44 @@ impl Controller {
 /// acknowledged heartbeat plus its `--fence-after`.
 pub(super) fn fence_deadline(node: Option<&NodeEntry>) -> i64 {
     node.map(|n| n.last_seen_unix_ms + i64::from(n.info.fence_after_ms)).unwrap_or(0)
+}
+
+/// The spec an attempt runs: the job's own, with the resume flags when the
+/// attempt resumes from a checkpoint.
+pub(super) fn attempt_spec(entry: &JobEntry) -> JobSpec {
+    match (&entry.spec.workload, &entry.job.resume_from) {
+        (Workload::MegatronSft(m), Some(ckpt)) => {
+            let mut spec = entry.spec.clone();
+            spec.workload =
+                Workload::MegatronSft(cohort_shared::checkpoint::apply_resume(m, &to_shared_checkpoint(ckpt)));
+            spec
+        }
+        _ => entry.spec.clone(),
+    }
+}
+
+/// One node's processes of the job's current attempt, rendered when they are
+/// needed from the stored layout, the node's own defaults and what was staged
+/// on it (`COHORT_STAGED_<NAME>`); the record never holds them.
+pub(super) fn node_processes(state: &State, id: &str, node: &NodeAssignment) -> Vec<ProcessSpec> {
+    let Some(entry) = state.jobs.get(id) else { return Vec::new() };
+    let Some(plan) = entry.plan() else { return Vec::new() };
+    let node_env = state.nodes.get(&node.node_name).map(|n| n.info.node_env.as_slice()).unwrap_or_default();
+    let input = RenderInput {
+        job_id: id,
+        attempt: entry.job.attempt,
+        master_port: plan.master_port as u16,
+        workdir: entry.spec.workdir.as_deref(),
+    };
+    let mut processes = planner::node_processes(&attempt_spec(entry), plan, node, node_env, &input);
+    let staged =
+        entry.job.staging.iter().filter(|s| {
+            s.node_name == node.node_name && (s.state == "ready" || s.state == "cached") && !s.path.is_empty()
+        });
+    for s in staged {
+        for process in processes.iter_mut() {
+            process.env.push(EnvVar { name: JobSpec::staged_env_name(&s.item), value: s.path.clone() });
+        }
+    }
+    processes
 }

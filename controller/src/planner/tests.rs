@@ -229,3 +229,30 @@ fn without_nvlink_there_is_nothing_to_explain() {
     assert_eq!(placement.nodes[0].1, vec![0, 1]);
     assert!(placement.notes.is_empty());
 }
+
+#[test]
+fn the_recorded_layout_grows_linearly_and_each_node_renders_its_own_processes() {
+    // A 1,024-node gang: rendering every node's env into the record (each env
+    // names all 1,024 addresses) made it O(N^2), about 12 MB, over etcd's 2 MiB limit.
+    let n = 1024u32;
+    let spec = spec_nodes(n);
+    let nodes: Vec<NodeView> =
+        (0..n).map(|i| node(&format!("node-{i:04}"), &format!("10.1.{}.{}", i / 256, i % 256), &[0, 1], 2)).collect();
+    let placement = place(&spec, &nodes).unwrap();
+    let input = RenderInput { job_id: "x-1", attempt: 3, master_port: 29501, workdir: None };
+    let plan = layout(&spec, &placement, &nodes, &input);
+    assert!(plan.nodes.iter().all(|a| a.processes.is_empty()));
+    let bytes = prost::Message::encoded_len(&plan);
+    assert!(bytes < 64 * n as usize, "the layout of {n} nodes takes {bytes} bytes");
+
+    let full = render(&spec, &placement, &nodes, &input);
+    let rank = 700usize;
+    let processes = node_processes(&spec, &plan, &plan.nodes[rank], &nodes[rank].node_env, &input);
+    assert_eq!(processes, full.nodes[rank].processes);
+    let env = env_of(&processes[0]);
+    assert_eq!(env["NODE_RANK"], "700");
+    assert_eq!(env["COHORT_NODE_NAME"], plan.nodes[rank].node_name);
+    assert_eq!(env["MASTER_ADDR"], plan.nodes[0].address);
+    assert_eq!(env["COHORT_NODE_IPS"].split(',').count(), n as usize);
+    assert_eq!(env["COHORT_ATTEMPT"], "3");
+}
