@@ -68,6 +68,7 @@ impl Drop for Compose {
             eprintln!("{}", String::from_utf8_lossy(&logs.stdout));
         }
         let _ = self.compose(&["down", "-v", "--remove-orphans", "-t", "5"]);
+        let _ = Command::new("docker").args(["image", "rm", "-f", "cohort-local:test"]).output();
     }
 }
 

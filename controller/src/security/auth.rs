@@ -225,6 +225,32 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Caller {
     request.extensions().get::<Caller>().cloned().unwrap_or(Caller::Anonymous)
 }
 
+/// A call to pass on to the leader: the message and the caller's token (the
+/// leader checks it again).
+pub fn forward<T>(request: tonic::Request<T>) -> tonic::Request<T> {
+    let token = request.metadata().get("authorization").cloned();
+    let mut forwarded = tonic::Request::new(request.into_inner());
+    if let Some(token) = token {
+        forwarded.metadata_mut().insert("authorization", token);
+    }
+    forwarded
+}
+
+/// A `submit` token changes only jobs submitted with its user name.
+pub fn check_owner(caller: &Caller, job: &cohort_proto::Job, verb: &str) -> Result<(), Status> {
+    let Some(user) = caller.own_jobs_only() else { return Ok(()) };
+    let owner = job.file.as_ref().map(|f| f.submitted_by.as_str()).unwrap_or_default();
+    if owner == user {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "{user} may {verb} only their own jobs; job {} was submitted by {}",
+            job.id,
+            if owner.is_empty() { "nobody known" } else { owner }
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,31 +287,5 @@ mod tests {
         assert!(node.check_node("gpu-01").is_ok());
         assert_eq!(node.check_node("gpu-02").map_err(|s| s.code()), Err(tonic::Code::PermissionDenied));
         assert_eq!(Caller::Anonymous.check_node("gpu-01").map_err(|s| s.code()), Err(tonic::Code::Unauthenticated));
-    }
-}
-
-/// A call to pass on to the leader: the message and the caller's token (the
-/// leader checks it again).
-pub fn forward<T>(request: tonic::Request<T>) -> tonic::Request<T> {
-    let token = request.metadata().get("authorization").cloned();
-    let mut forwarded = tonic::Request::new(request.into_inner());
-    if let Some(token) = token {
-        forwarded.metadata_mut().insert("authorization", token);
-    }
-    forwarded
-}
-
-/// A `submit` token changes only jobs submitted with its user name.
-pub fn check_owner(caller: &Caller, job: &cohort_proto::Job, verb: &str) -> Result<(), Status> {
-    let Some(user) = caller.own_jobs_only() else { return Ok(()) };
-    let owner = job.file.as_ref().map(|f| f.submitted_by.as_str()).unwrap_or_default();
-    if owner == user {
-        Ok(())
-    } else {
-        Err(Status::permission_denied(format!(
-            "{user} may {verb} only their own jobs; job {} was submitted by {}",
-            job.id,
-            if owner.is_empty() { "nobody known" } else { owner }
-        )))
     }
 }
