@@ -76,7 +76,7 @@ step() { printf '\n==> %s\n' "$*"; }
 now_ms() { date +%s%3N; }
 die() { say "  FAIL: $*" >&2; exit 1; }
 figure() { printf '%s\t%s\n' "$1" "$2" >>"$figures"; say "  $1: $2"; }
-cohort() { "$bin/cohort" --controller "$url" "$@"; }
+cohort() { "$bin/cohort" --insecure --controller "$url" "$@"; }
 # pyj EXPR: evaluates EXPR with d = the JSON document on stdin.
 pyj() { "$HOST_PY" -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
 http_get() {
@@ -221,7 +221,7 @@ trap 'exit 130' INT TERM
 start_agent() { # name addr extra-args...
     local name="$1" addr="$2"
     shift 2
-    "$bin/cohort-agent" --controller "$url" --node-name "$name" --advertise-addr "$addr" \
+    "$bin/cohort-agent" --insecure --controller "$url" --node-name "$name" --advertise-addr "$addr" \
         --work-dir "$work/$name" --net-ifname lo --python "$PY" --telemetry-interval 1s "$@" \
         >"$logs/$name.log" 2>&1 &
     pid_of[$name]=$!
@@ -311,7 +311,7 @@ step "Cluster: controller on $url (/metrics on :$http_port), agents node-a and n
 mode="GPU"
 ((rehearsal)) && mode="CPU REHEARSAL (fake GPUs, gloo; GPU-only checks are skipped)"
 say "mode: $mode; binaries: $bin; python: $PY; megatron-core importable: $megatron_ok; GPUs on host: $gpus"
-"$bin/cohort-controller" --listen "127.0.0.1:$port" --http "127.0.0.1:$http_port" --data-dir "$work/controller" \
+"$bin/cohort-controller" --insecure --listen "127.0.0.1:$port" --http "127.0.0.1:$http_port" --data-dir "$work/controller" \
     --master-ports "$master_ports" >"$logs/controller.log" 2>&1 &
 pid_of[controller]=$!
 if ((rehearsal)); then

@@ -20,7 +20,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 port="${COHORT_QUICKSTART_PORT:-17070}"
 dir="${COHORT_QUICKSTART_DIR:-$root/.cohort/quickstart}"
-url="http://127.0.0.1:$port"
+url="https://127.0.0.1:$port"
+tls="$dir/controller/tls"
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -52,6 +53,11 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step "Starting a controller on $url and two agents (logs in $dir)"
+# Mutual TLS, as on a real cluster: a cluster CA and an admin token (init), a
+# join token with which each agent gets its node certificate.
+"$bin/cohort-controller" init --tls-dir "$tls" >"$dir/init.log"
+join_token="$("$bin/cohort-controller" token --tls-dir "$tls" --role join --ttl 10m)"
+export COHORT_CA_CERT="$tls/ca.crt" COHORT_TOKEN_FILE="$tls/admin.token"
 "$bin/cohort-controller" --listen "127.0.0.1:$port" --data-dir "$dir/controller" >"$dir/controller.log" 2>&1 &
 pids+=($!)
 gpus=0
@@ -64,6 +70,7 @@ for node in node-a:127.0.0.2 node-b:127.0.0.3; do
     addr="${node##*:}"
     if ((gpus >= 2)); then gpu_args=(--gpu-indices "$i"); else gpu_args=(--fake-gpus 1); fi
     "$bin/cohort-agent" --controller "$url" --node-name "$name" --advertise-addr "$addr" \
+        --ca-cert "$tls/ca.crt" --join-token "$join_token" \
         --work-dir "$dir/$name" --net-ifname lo "${gpu_args[@]}" >"$dir/$name.log" 2>&1 &
     pids+=($!)
     i=$((i + 1))

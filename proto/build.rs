@@ -2,7 +2,12 @@
 //! Cohort needs no `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/cohort/v1/common.proto", "proto/cohort/v1/agent.proto", "proto/cohort/v1/job.proto"];
+    let files = [
+        "proto/cohort/v1/common.proto",
+        "proto/cohort/v1/agent.proto",
+        "proto/cohort/v1/job.proto",
+        "proto/cohort/v1/security.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -4,6 +4,7 @@
 
 pub mod gpu;
 pub mod inspect;
+pub mod join;
 pub mod preflight;
 pub mod prepare;
 pub mod session;

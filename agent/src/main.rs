@@ -86,6 +86,21 @@ struct Args {
     /// next agent to adopt: for upgrades under a unit with KillMode=process.
     #[arg(long, env = "COHORT_KEEP_RANKS_ON_EXIT")]
     keep_ranks_on_exit: bool,
+    /// The cluster CA certificate (ca.crt from `cohort-controller init`); kept in
+    /// --tls-dir after joining.
+    #[arg(long, env = "COHORT_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// A join token (`cohort token create --role join`): needed once, while this
+    /// node has no certificate.
+    #[arg(long, env = "COHORT_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Where the node's key and certificate live (default: <work-dir>/tls).
+    #[arg(long, env = "COHORT_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Plaintext to a controller started with --insecure: no certificates, and
+    /// anyone who can reach the controller can command this node.
+    #[arg(long, env = "COHORT_INSECURE")]
+    insecure: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -189,16 +204,44 @@ async fn agent() -> anyhow::Result<()> {
         report: tokio::sync::watch::channel(None).0,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let urls: Vec<String> = args.controller.iter().map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+    let scheme = if args.insecure { "http" } else { "https" };
+    let urls: Vec<String> = args
+        .controller
+        .iter()
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+        .map(|u| if u.contains("://") { u.to_string() } else { format!("{scheme}://{u}") })
+        .collect();
     if urls.is_empty() {
         anyhow::bail!("--controller names no URL");
     }
+    let tls = if args.insecure {
+        tracing::warn!(
+            "--insecure: plaintext to the controller, no certificate; whoever reaches the controller can command this node"
+        );
+        None
+    } else {
+        if let Some(url) = urls.iter().find(|u| u.starts_with("http://")) {
+            anyhow::bail!("--controller {url}: plaintext http:// needs --insecure; use https:// with --ca-cert");
+        }
+        let tls_dir = args.tls_dir.clone().unwrap_or_else(|| args.work_dir.join("tls"));
+        let join = cohort_agent::join::JoinConfig {
+            node: &name,
+            tls_dir: &tls_dir,
+            ca_cert: args.ca_cert.as_deref(),
+            join_token: args.join_token.as_deref(),
+            controller_urls: &urls,
+            max_backoff: args.max_backoff,
+        };
+        Some(cohort_agent::join::node_tls(join).await?)
+    };
     let config = session::SessionConfig {
         controller_urls: urls,
         node,
         max_backoff: args.max_backoff,
         fence_after: args.fence_after,
         gpus: gpu_monitor,
+        tls,
     };
     // The shims watch this file too: a killed agent's ranks are fenced all the same.
     let lease = args.work_dir.join("controller.lease");

@@ -39,6 +39,10 @@ pub enum SessionError {
     Closed,
     #[error("no heartbeat acknowledged for {0:?}")]
     Silent(Duration),
+    #[error("{0}: plaintext http:// while this agent uses TLS (run both sides with --insecure, or use https://)")]
+    Plaintext(String),
+    #[error(transparent)]
+    Tls(#[from] cohort_shared::tls::TlsError),
 }
 
 pub struct SessionConfig {
@@ -50,6 +54,8 @@ pub struct SessionConfig {
     pub fence_after: Duration,
     /// The node's GPUs: heartbeats carry their latest telemetry, ClearGpu resets their health.
     pub gpus: crate::gpu::GpuMonitor,
+    /// The node's certificate and the cluster CA (None: --insecure, plaintext).
+    pub tls: Option<cohort_shared::tls::ClientTls>,
 }
 
 /// When a controller last acknowledged this agent, shared by the session and
@@ -182,16 +188,24 @@ fn leader_hint(message: &str) -> Option<String> {
     message.rsplit_once("leader: ").map(|(_, url)| url.trim().to_string()).filter(|u| !u.is_empty())
 }
 
-async fn connect(url: &str) -> Result<Channel, SessionError> {
-    let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-    Endpoint::from_shared(url.clone())
+async fn connect(url: &str, tls: Option<&cohort_shared::tls::ClientTls>) -> Result<Channel, SessionError> {
+    let url = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("{}://{url}", if tls.is_some() { "https" } else { "http" })
+    };
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|source| SessionError::Url { url: url.clone(), source })?
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|source| SessionError::Connect { url, source })
+        .keep_alive_timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        if url.starts_with("http://") {
+            return Err(SessionError::Plaintext(url));
+        }
+        endpoint = tls.apply(endpoint)?;
+    }
+    endpoint.connect().await.map_err(|source| SessionError::Connect { url, source })
 }
 
 async fn session(
@@ -202,7 +216,8 @@ async fn session(
     liveness: &Liveness,
     outbound: &mut mpsc::Receiver<Outbound>,
 ) -> Result<(), SessionError> {
-    let mut client = AgentServiceClient::new(connect(url).await?).max_decoding_message_size(16 << 20);
+    let mut client =
+        AgentServiceClient::new(connect(url, config.tls.as_ref()).await?).max_decoding_message_size(16 << 20);
     let running = supervisor.report(true).await;
     let registered = client.register(RegisterRequest { node: Some(config.node.clone()), running }).await?.into_inner();
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));

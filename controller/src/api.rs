@@ -63,7 +63,7 @@ macro_rules! unary {
     ($self:ident, $request:ident, $method:ident) => {
         match $self.leading.target().await? {
             Target::Local(controller) => Local { controller, leading: $self.leading.clone() }.$method($request).await,
-            Target::Leader(mut leader) => leader.$method($request.into_inner()).await,
+            Target::Leader(mut leader) => leader.$method(crate::security::auth::forward($request)).await,
         }
     };
 }
@@ -74,7 +74,7 @@ macro_rules! streaming {
         match $self.leading.target().await? {
             Target::Local(controller) => Local { controller, leading: $self.leading.clone() }.$method($request).await,
             Target::Leader(mut leader) => {
-                let stream = leader.$method($request.into_inner()).await?.into_inner();
+                let stream = leader.$method(crate::security::auth::forward($request)).await?.into_inner();
                 Ok(Response::new(Box::pin(stream) as BoxStream<_>))
             }
         }
@@ -84,6 +84,8 @@ macro_rules! streaming {
 #[tonic::async_trait]
 impl AgentService for Api {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let node = request.get_ref().node.as_ref().map(|n| n.name.as_str()).unwrap_or_default();
+        crate::security::auth::caller(&request).check_node(node)?;
         let controller = self.leading.for_agents().await?;
         let mut response = Local { controller, leading: self.leading.clone() }.register(request).await?;
         response.get_mut().controller_id = self.leading.id.clone();
@@ -195,11 +197,13 @@ impl AgentService for Local {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let caller = crate::security::auth::caller(&request);
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(AgentMessage { msg: Some(Msg::Hello(hello)) }) => hello,
             _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
         };
+        caller.check_node(&hello.node_name)?;
         let (tx, rx) = mpsc::unbounded_channel();
         self.controller.attach(&hello.node_name, &hello.session_id, tx).await?;
         tracing::info!(node = %hello.node_name, "agent session open");
@@ -248,8 +252,10 @@ impl AgentService for Local {
 #[tonic::async_trait]
 impl JobService for Local {
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
-        let file =
+        let submitter = crate::security::auth::caller(&request).submitter();
+        let mut file =
             request.into_inner().file.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.file is required"))?;
+        file.submitted_by = submitter;
         let (job, warnings) = self.controller.submit(file).await?;
         Ok(Response::new(SubmitJobResponse { job: Some(job), warnings }))
     }
@@ -270,7 +276,10 @@ impl JobService for Local {
     }
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.controller.cancel(&request.into_inner().job).await?))
+        let caller = crate::security::auth::caller(&request);
+        let job = request.into_inner().job;
+        crate::security::auth::check_owner(&caller, &self.controller.get(&job).await?, "cancel")?;
+        Ok(Response::new(self.controller.cancel(&job).await?))
     }
 
     type WatchJobStream = BoxStream<JobEvent>;
@@ -326,7 +335,10 @@ impl JobService for Local {
     }
 
     async fn resume_job(&self, request: Request<ResumeJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.controller.resume(&request.into_inner().job).await?))
+        let caller = crate::security::auth::caller(&request);
+        let job = request.into_inner().job;
+        crate::security::auth::check_owner(&caller, &self.controller.get(&job).await?, "resume")?;
+        Ok(Response::new(self.controller.resume(&job).await?))
     }
 
     async fn doctor(&self, _: Request<DoctorRequest>) -> Result<Response<DoctorResponse>, Status> {

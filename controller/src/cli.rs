@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::security::client::ApiChannel as Channel;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_proto::job_service_client::JobServiceClient;
@@ -14,7 +15,6 @@ use cohort_proto::{
 };
 use cohort_proto::{ClearGpuRequest, NodeRequest};
 use comfy_table::{Table, presets::NOTHING};
-use tonic::transport::Channel;
 
 use crate::controller::{describe_exit, state_name};
 
@@ -23,9 +23,12 @@ use crate::controller::{describe_exit, state_name};
 #[derive(Parser, Debug)]
 #[command(name = "cohort", version)]
 pub struct Cli {
-    /// The controllers' gRPC addresses, comma-separated; any of them answers.
-    #[arg(long, global = true, env = "COHORT_CONTROLLER", default_value = "http://127.0.0.1:7070")]
+    /// The controllers' gRPC addresses, comma-separated; any of them answers
+    /// (https:// unless --insecure).
+    #[arg(long, global = true, env = "COHORT_CONTROLLER", default_value = "127.0.0.1:7070")]
     pub controller: String,
+    #[command(flatten)]
+    pub connection: crate::security::client::ClientArgs,
     #[command(subcommand)]
     pub command: Verb,
 }
@@ -172,6 +175,9 @@ pub enum Verb {
     /// The conversion cache: Megatron checkpoints converted by earlier pipelines.
     #[command(subcommand)]
     Cache(CacheVerb),
+    /// Make tokens: join tokens for new nodes, API tokens for people (admin only).
+    #[command(subcommand)]
+    Token(crate::cli_token::TokenVerb),
 }
 
 #[derive(Subcommand, Debug)]
@@ -213,7 +219,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Verb::Plan { file, .. } | Verb::Submit { file, .. } => Some(read_job_file(file)?),
         _ => None,
     };
-    let mut client = connect(&cli.controller).await?;
+    if let Verb::Token(verb) = &cli.command {
+        return crate::cli_token::run(&cli.connection, &cli.controller, verb).await;
+    }
+    let mut client = cli.connection.connect(&cli.controller).await?;
     match cli.command {
         Verb::Nodes { output } => {
             let out = if output == "json" { Output::Json } else { Output::Table };
@@ -325,7 +334,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if table.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Verb::Dataset(_) => Ok(ExitCode::SUCCESS),
+        Verb::Dataset(_) | Verb::Token(_) => Ok(ExitCode::SUCCESS),
         Verb::Report { job, dir } => {
             crate::cli_pipeline::report(&mut client, &job, &dir).await?;
             Ok(ExitCode::SUCCESS)
@@ -360,27 +369,7 @@ fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
     let yaml = std::fs::read_to_string(path).with_context(|| format!("cannot read job file {}", path.display()))?;
     let absolute = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
     let base_dir = absolute.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(JobFile { yaml, source_name: path.display().to_string(), base_dir })
-}
-
-/// Connects to the first reachable controller of a comma-separated list; a
-/// standby forwards every call to the leader.
-async fn connect(urls: &str) -> anyhow::Result<JobServiceClient<Channel>> {
-    let mut errors = Vec::new();
-    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-        let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
-            .with_context(|| format!("invalid controller URL {url:?}"))?
-            .connect_timeout(Duration::from_secs(5));
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(JobServiceClient::new(channel)),
-            Err(e) => errors.push(format!("{url}: {e}")),
-        }
-    }
-    anyhow::bail!(
-        "cannot reach a controller ({}): is cohort-controller running? (set --controller or COHORT_CONTROLLER)",
-        errors.join("; ")
-    )
+    Ok(JobFile { yaml, source_name: path.display().to_string(), base_dir, submitted_by: String::new() })
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::security::client::ApiChannel as Channel;
 use cohort_proto::job_service_client::JobServiceClient;
 use cohort_proto::{GetMetricsRequest, Job, PreflightTable, TrainingPoint};
 use cohort_shared::metrics::{LogFormat, TrainingMetrics};
 use comfy_table::{Cell, Color, Table, presets::NOTHING};
-use tonic::transport::Channel;
 
 use crate::cli::Output;
 use crate::controller::state_name;

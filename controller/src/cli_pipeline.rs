@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::security::client::ApiChannel as Channel;
 use anyhow::Context;
 use cohort_proto::job_service_client::JobServiceClient;
 use cohort_proto::{
     GetReportRequest, Job, ListConversionCacheRequest, PipelineStage, RemoveConversionCacheRequest, StageState,
 };
 use comfy_table::{Table, presets::NOTHING};
-use tonic::transport::Channel;
 
 use crate::cli::Output;
 use crate::controller::stage_state_name;

@@ -28,6 +28,8 @@ pub struct Leading {
     leader: watch::Receiver<LeaderState>,
     /// A channel to the leader (standbys), rebuilt when the leader changes.
     channel: RwLock<Option<(String, Channel)>>,
+    /// TLS to the leader (None: --insecure).
+    tls: Option<cohort_shared::tls::ClientTls>,
 }
 
 /// Where a job-API call goes.
@@ -37,8 +39,13 @@ pub enum Target {
 }
 
 impl Leading {
-    pub fn new(id: String, url: String, leader: watch::Receiver<LeaderState>) -> Arc<Self> {
-        Arc::new(Self { id, url, current: watch::channel(None).0, leader, channel: RwLock::new(None) })
+    pub fn new(
+        id: String,
+        url: String,
+        leader: watch::Receiver<LeaderState>,
+        tls: Option<cohort_shared::tls::ClientTls>,
+    ) -> Arc<Self> {
+        Arc::new(Self { id, url, current: watch::channel(None).0, leader, channel: RwLock::new(None), tls })
     }
 
     /// The local controller while this process leads. A leader still loading
@@ -93,10 +100,13 @@ impl Leading {
         {
             return Ok(Target::Leader(Box::new(JobServiceClient::new(channel.clone()))));
         }
-        let channel = Endpoint::from_shared(leader.clone())
+        let mut endpoint = Endpoint::from_shared(leader.clone())
             .map_err(|e| Status::internal(format!("the leader's URL {leader:?} is invalid: {e}")))?
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .connect_lazy();
+            .connect_timeout(std::time::Duration::from_secs(3));
+        if let Some(tls) = &self.tls {
+            endpoint = tls.apply(endpoint).map_err(|e| Status::internal(format!("TLS to the leader {leader}: {e}")))?;
+        }
+        let channel = endpoint.connect_lazy();
         *self.channel.write().await = Some((leader, channel.clone()));
         Ok(Target::Leader(Box::new(JobServiceClient::new(channel))))
     }

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod cli_failures;
 pub mod cli_metrics;
 pub mod cli_pipeline;
+pub mod cli_token;
 pub mod controller;
 pub mod error;
 pub mod http;
@@ -28,6 +29,7 @@ pub mod logs;
 pub mod metrics;
 pub mod planner;
 pub mod plot;
+pub mod security;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -65,6 +67,8 @@ pub struct ServeConfig {
     pub leader_ttl: std::time::Duration,
     /// Where to serve /healthz, /metrics, the JSON API and the web page (none: no HTTP).
     pub http: Option<SocketAddr>,
+    /// TLS and tokens; None serves plaintext and checks nobody (`--insecure`).
+    pub security: security::Security,
 }
 
 /// Runs a whole controller until `shutdown` fires: serves the gRPC API and,
@@ -88,7 +92,8 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
     let host =
         nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "controller".into());
     let id = config.id.clone().unwrap_or_else(|| format!("{host}-{}", local.port()));
-    let url = config.advertise_url.clone().unwrap_or_else(|| format!("http://{local}"));
+    let scheme = if config.security.is_some() { "https" } else { "http" };
+    let url = config.advertise_url.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
     let (store, leader): (Arc<dyn store::Store>, _) = match &config.store {
         StoreConfig::Embedded => {
             (Arc::new(store::EmbeddedStore::open(&config.data_dir)?), leader::single(id.clone(), url.clone()))
@@ -101,7 +106,7 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
     };
     tracing::info!(listen = %local, id = %id, store = ?config.store, data_dir = %config.data_dir.display(), "controller serving");
 
-    let leading = leading::Leading::new(id, url, leader);
+    let leading = leading::Leading::new(id, url, leader, config.security.as_ref().map(|s| s.client.clone()));
     let shared_store = matches!(config.store, StoreConfig::Etcd { .. });
     let leadership = tokio::spawn(leading.clone().run(
         store,
@@ -110,8 +115,12 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
         shared_store,
         shutdown.clone(),
     ));
+    let http_tls = match &config.security {
+        Some(state) => Some((state.server.https()?, state.token_key.clone())),
+        None => None,
+    };
     let http_server = http_listener.map(|listener| {
-        tokio::spawn(http::serve(listener, http::HttpApi { leading: leading.clone() }, shutdown.clone()))
+        tokio::spawn(http::serve(listener, http::HttpApi { leading: leading.clone() }, http_tls, shutdown.clone()))
     });
     let api = api::Api { leading: leading.clone() };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -124,12 +133,24 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
     let reflection_alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cohort_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(state) = &config.security {
+        builder = builder.tls_config(state.server.grpc())?;
+    } else {
+        tracing::warn!(
+            "--insecure: plaintext gRPC and HTTP, no certificates, no tokens; anyone who reaches this port can run commands on every node"
+        );
+    }
+    let auth = security::AuthLayer { key: config.security.as_ref().map(|s| s.token_key.clone()) };
+    let security_api = security::SecurityApi { state: config.security.clone() };
+    let server = builder
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .layer(auth)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(AgentServiceServer::new(api.clone()).max_decoding_message_size(16 << 20))
         .add_service(JobServiceServer::new(api).max_decoding_message_size(4 << 20))
+        .add_service(cohort_proto::security_service_server::SecurityServiceServer::new(security_api))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.changed().await;
             tracing::info!("shutting down: no new connections");

@@ -46,6 +46,7 @@ async fn start_controller() -> Controller {
         advertise_url: None,
         leader_ttl: Duration::from_secs(3),
         http: Some(http),
+        security: None,
     };
     let (stop, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -225,7 +226,8 @@ async fn metrics_show_nodes_gpus_and_the_job_with_its_training_progress() {
 
     let mut jobs = JobServiceClient::connect(controller.grpc.clone()).await.unwrap();
     let yaml = "name: sft\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: [python3, train.py]\n";
-    let file = JobFile { yaml: yaml.into(), source_name: "sft.yaml".into(), base_dir: "/tmp".into() };
+    let file =
+        JobFile { yaml: yaml.into(), source_name: "sft.yaml".into(), base_dir: "/tmp".into(), ..JobFile::default() };
     let job = jobs.submit_job(SubmitJobRequest { file: Some(file) }).await.unwrap().into_inner().job.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let job = loop {

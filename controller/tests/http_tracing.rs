@@ -75,6 +75,7 @@ async fn spans_are_exported_to_the_otlp_endpoint() {
         advertise_url: None,
         leader_ttl: Duration::from_secs(3),
         http: Some(http),
+        security: None,
     };
     let (stop, rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(serve(config, rx));

@@ -14,3 +14,4 @@ pub mod model;
 pub mod pipeline;
 pub mod spec;
 pub mod telemetry;
+pub mod tls;

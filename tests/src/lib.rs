@@ -4,11 +4,16 @@
 //!
 //! The binaries come from the same target directory as the test (build them
 //! first: `cargo build --workspace`).
+//!
+//! Clusters run with TLS like a real one: `cohort-controller init` makes a CA
+//! per cluster, agents join with a join token, clients use the admin token.
+//! A cluster whose controller flags include `--insecure` runs plaintext.
 #![allow(clippy::unwrap_used)]
 
 pub mod etcd;
 pub mod proxy;
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,10 +22,61 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use cohort_proto::job_service_client::JobServiceClient;
 use cohort_proto::{GetJobRequest, Job, JobFile, JobState, ListNodesRequest, NodeState, SubmitJobRequest};
+use cohort_shared::tls::{Bearer, Claims, ClientTls, Role, TokenKey, files};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// A job-API client of a test cluster (with the admin token under TLS).
+pub type Client = JobServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A TLS cluster's CA and tokens.
+pub struct ClusterTls {
+    /// The controllers' TLS directory (ca.crt, ca.key, token.key, controller.crt, ...).
+    pub dir: PathBuf,
+    pub ca_pem: String,
+    pub admin_token: String,
+    pub join_token: String,
+    pub token_key: TokenKey,
+}
+
+impl ClusterTls {
+    fn init(dir: PathBuf) -> anyhow::Result<ClusterTls> {
+        let out = Command::new(bin("cohort-controller"))
+            .args(["init", "--id", "controller", "--tls-dir"])
+            .arg(&dir)
+            .output()
+            .context("running cohort-controller init")?;
+        if !out.status.success() {
+            bail!("cohort-controller init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).with_context(|| format!("reading {name}"));
+        let token_key = TokenKey::from_text(&read(files::TOKEN_KEY)?)?;
+        let join_token = token_key.mint(&Claims::new(Role::Join, "tests", Duration::from_secs(3600)));
+        Ok(ClusterTls {
+            ca_pem: read(files::CA_CERT)?,
+            admin_token: read(files::ADMIN_TOKEN)?.trim().to_string(),
+            join_token,
+            token_key,
+            dir,
+        })
+    }
+
+    /// A token of `role` for `user`, valid for an hour.
+    pub fn token(&self, role: Role, user: &str) -> String {
+        self.token_key.mint(&Claims::new(role, user, Duration::from_secs(3600)))
+    }
+
+    /// A job-API client of `url` sending `token` (the server must hold a controller certificate).
+    pub async fn client(&self, url: &str, token: Option<&str>) -> anyhow::Result<Client> {
+        let tls = ClientTls { ca_pem: self.ca_pem.clone(), identity: None };
+        let endpoint = tls.apply(Endpoint::from_shared(url.to_string())?.connect_timeout(Duration::from_secs(5)))?;
+        let channel = endpoint.connect().await?;
+        Ok(JobServiceClient::with_interceptor(channel, Bearer::new(token)?))
+    }
+}
 
 /// Where `cargo build` put the binaries of this workspace.
 pub fn bin_dir() -> PathBuf {
@@ -126,6 +182,8 @@ pub struct Cluster {
     standbys: Vec<Option<Child>>,
     /// Per node, a proxy between its agent and every controller, when asked for.
     pub partitions: Vec<Vec<proxy::Partition>>,
+    /// The CA and tokens; None for a cluster started with `--insecure`.
+    pub tls: Option<ClusterTls>,
 }
 
 /// How many controllers a cluster may run (ports base .. base + MAX_CONTROLLERS).
@@ -151,8 +209,13 @@ impl Cluster {
         assert!((1..=MAX_CONTROLLERS).contains(&controllers));
         let ports = PortBlock::take();
         let dir = tempfile::Builder::new().prefix("cohort-test-").tempdir()?;
+        let tls = match controller_args.contains(&"--insecure") {
+            true => None,
+            false => Some(ClusterTls::init(dir.path().join("tls"))?),
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let url =
-            (0..controllers).map(|i| format!("http://127.0.0.1:{}", ports.base + i)).collect::<Vec<_>>().join(",");
+            (0..controllers).map(|i| format!("{scheme}://127.0.0.1:{}", ports.base + i)).collect::<Vec<_>>().join(",");
         Ok(Cluster {
             dir,
             url,
@@ -163,6 +226,7 @@ impl Cluster {
             extra_controller_args: controller_args.iter().map(|s| s.to_string()).collect(),
             standbys: Vec::new(),
             partitions: Vec::new(),
+            tls,
         })
     }
 
@@ -184,7 +248,8 @@ impl Cluster {
             let mut proxies = Vec::new();
             if self.nodes[i].partitionable {
                 for url in self.url.split(',') {
-                    let target: std::net::SocketAddr = url.trim_start_matches("http://").parse()?;
+                    let target: std::net::SocketAddr =
+                        url.trim_start_matches("http://").trim_start_matches("https://").parse()?;
                     proxies.push(proxy::Partition::start("127.0.0.1:0".parse()?, target).await?);
                 }
             }
@@ -197,7 +262,31 @@ impl Cluster {
 
     /// The controllers' URLs, comma-separated (what agents and the CLI get).
     pub fn controller_url(&self, i: u16) -> String {
-        format!("http://127.0.0.1:{}", self.ports.base + i)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.ports.base + i)
+    }
+
+    /// A job-API client of controller `i` (the admin token under TLS).
+    pub async fn client_of(&self, i: u16) -> anyhow::Result<Client> {
+        self.connect(&self.controller_url(i)).await
+    }
+
+    async fn connect(&self, url: &str) -> anyhow::Result<Client> {
+        match &self.tls {
+            Some(tls) => tls.client(url, Some(&tls.admin_token)).await,
+            None => {
+                let channel = Endpoint::from_shared(url.to_string())?.connect().await?;
+                Ok(JobServiceClient::with_interceptor(channel, Bearer::default()))
+            }
+        }
+    }
+
+    /// The web page's address for `--http ADDR`, with the admin token under TLS.
+    pub fn page_url(&self, addr: &str) -> String {
+        match &self.tls {
+            Some(tls) => format!("https://{addr}/#token={}", tls.admin_token),
+            None => format!("http://{addr}/"),
+        }
     }
 
     pub fn start_controller(&mut self) -> anyhow::Result<()> {
@@ -214,6 +303,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.dir.path().join(&name))
             .args(["--master-ports", &master, "--id", &name])
+            .args(self.tls.iter().flat_map(|t| [OsStr::new("--tls-dir"), t.dir.as_os_str()]))
             .args(&self.extra_controller_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -247,7 +337,10 @@ impl Cluster {
         let node = &self.nodes[i];
         let log = File::options().create(true).append(true).open(self.dir.path().join(format!("{}.log", node.name)))?;
         let controllers = match self.partitions.get(i).filter(|p| !p.is_empty()) {
-            Some(proxies) => proxies.iter().map(|p| format!("http://{}", p.addr)).collect::<Vec<_>>().join(","),
+            Some(proxies) => {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                proxies.iter().map(|p| format!("{scheme}://{}", p.addr)).collect::<Vec<_>>().join(",")
+            }
             None => self.url.clone(),
         };
         let mut command = match node.wrapper.split_first() {
@@ -263,6 +356,7 @@ impl Cluster {
             .arg("--work-dir")
             .arg(self.dir.path().join(&node.name))
             .args(["--fake-gpus", &node.fake_gpus.to_string(), "--labels", &node.labels, "--max-backoff", "1s"])
+            .args(self.security_args_for_agent())
             .args(&node.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -301,12 +395,38 @@ impl Cluster {
         self.agents[i] = Some(self.spawn_agent(i).unwrap());
     }
 
-    pub async fn client(&self) -> anyhow::Result<JobServiceClient<Channel>> {
+    /// What an agent of this cluster needs: the CA and a join token, or `--insecure`.
+    fn security_args_for_agent(&self) -> Vec<String> {
+        match &self.tls {
+            Some(tls) => vec![
+                "--ca-cert".into(),
+                tls.dir.join(files::CA_CERT).display().to_string(),
+                "--join-token".into(),
+                tls.join_token.clone(),
+            ],
+            None => vec!["--insecure".into()],
+        }
+    }
+
+    /// What the CLI needs: the CA and the admin token, or `--insecure`.
+    fn security_args_for_cli(&self) -> Vec<String> {
+        match &self.tls {
+            Some(tls) => vec![
+                "--ca-cert".into(),
+                tls.dir.join(files::CA_CERT).display().to_string(),
+                "--token".into(),
+                tls.admin_token.clone(),
+            ],
+            None => vec!["--insecure".into()],
+        }
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             // Any live controller answers (standbys forward to the leader).
             for url in self.url.split(',') {
-                if let Ok(c) = JobServiceClient::connect(url.to_string()).await {
+                if let Ok(c) = self.connect(url).await {
                     return Ok(c);
                 }
             }
@@ -344,8 +464,12 @@ impl Cluster {
     }
 
     pub async fn submit(&self, yaml: &str) -> anyhow::Result<Job> {
-        let file =
-            JobFile { yaml: yaml.into(), source_name: "test.yaml".into(), base_dir: repo_root().display().to_string() };
+        let file = JobFile {
+            yaml: yaml.into(),
+            source_name: "test.yaml".into(),
+            base_dir: repo_root().display().to_string(),
+            ..JobFile::default()
+        };
         let r = self.client().await?.submit_job(SubmitJobRequest { file: Some(file) }).await?;
         r.into_inner().job.context("no job in response")
     }
@@ -383,6 +507,7 @@ impl Cluster {
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(bin("cohort"))
             .args(["--controller", &self.url])
+            .args(self.security_args_for_cli())
             .args(args)
             .current_dir(repo_root())
             .output()

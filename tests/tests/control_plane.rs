@@ -121,10 +121,9 @@ async fn the_standby_takes_over_and_the_job_keeps_its_processes() {
     let survivor = 1 - leader_index;
     let killed_at = Instant::now();
     cluster.kill_controller_at(leader_index);
-    let survivor_url = cluster.controller_url(survivor as u16);
     let mut takeover = Duration::ZERO;
     wait_until(Duration::from_secs(10), "the standby to lead", async || {
-        let Ok(mut c) = cohort_proto::job_service_client::JobServiceClient::connect(survivor_url.clone()).await else {
+        let Ok(mut c) = cluster.client_of(survivor as u16).await else {
             return false;
         };
         let leads = c.get_leader(GetLeaderRequest {}).await.map(|r| r.into_inner().is_leader).unwrap_or(false);
@@ -152,7 +151,7 @@ async fn the_standby_takes_over_and_the_job_keeps_its_processes() {
 
 async fn leader_index(cluster: &Cluster) -> usize {
     for i in 0..2u16 {
-        if let Ok(mut c) = cohort_proto::job_service_client::JobServiceClient::connect(cluster.controller_url(i)).await
+        if let Ok(mut c) = cluster.client_of(i).await
             && c.get_leader(GetLeaderRequest {}).await.map(|r| r.into_inner().is_leader).unwrap_or(false)
         {
             return i as usize;

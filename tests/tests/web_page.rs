@@ -32,6 +32,8 @@ fn chromium() -> PathBuf {
 async fn headless(profile: &Path, url: &str, args: &[&str]) -> String {
     let run = tokio::process::Command::new(chromium())
         .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--virtual-time-budget=8000"])
+        // The test cluster's own CA is not in the browser's store.
+        .arg("--ignore-certificate-errors")
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)
         .arg(url)
@@ -74,7 +76,7 @@ async fn the_page_shows_both_nodes_and_the_jobs_loss_curve() {
         .await
         .unwrap();
 
-    let url = format!("http://{}/", http.addr());
+    let url = cluster.page_url(&http.addr());
     let profile = cluster.dir.path().join("chromium");
     let dom = headless(&profile, &url, &["--dump-dom"]).await;
     for name in ["node0", "node1", "127.0.0.2", "127.0.0.3", &job.id] {

@@ -51,6 +51,18 @@ struct Args {
     /// Export tracing spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317).
     #[arg(long, env = "COHORT_OTLP_ENDPOINT", value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// The CA, this controller's certificate and the token key (`cohort-controller init`);
+    /// default <data-dir>/tls.
+    #[arg(long, env = "COHORT_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Serve plaintext gRPC and HTTP and check no certificate or token: only on a trusted network.
+    #[arg(long, env = "COHORT_INSECURE")]
+    insecure: bool,
+    /// Validity of the certificates issued to joining nodes.
+    #[arg(long, env = "COHORT_NODE_CERT_TTL", default_value = "365d", value_parser = humantime::parse_duration)]
+    node_cert_ttl: Duration,
+    #[command(subcommand)]
+    setup: Option<cohort_controller::security::init::Setup>,
 }
 
 fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
@@ -66,6 +78,9 @@ fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(setup) = args.setup {
+        return cohort_controller::security::init::run(setup);
+    }
     let telemetry =
         cohort_shared::telemetry::init_with_otlp("info", "cohort-controller", args.otlp_endpoint.as_deref())
             .context("--otlp-endpoint")?;
@@ -76,6 +91,14 @@ async fn main() -> anyhow::Result<()> {
             args.node_ttl
         );
     }
+    let security = if args.insecure {
+        None
+    } else {
+        let dir = args.tls_dir.clone().unwrap_or_else(|| args.data_dir.join("tls"));
+        let state = cohort_controller::security::TlsState::load(&dir, args.node_cert_ttl)?;
+        tracing::info!(tls_dir = %dir.display(), "TLS: agents need node certificates, clients tokens");
+        Some(std::sync::Arc::new(state))
+    };
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -96,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
         advertise_url: args.advertise_url,
         leader_ttl: args.leader_ttl,
         http: args.http,
+        security,
         controller: ControllerConfig {
             node_ttl: args.node_ttl,
             heartbeat_interval: args.heartbeat_interval,

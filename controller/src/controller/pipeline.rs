@@ -299,6 +299,8 @@ impl Controller {
                 yaml: document_yaml(&run.document),
                 source_name: format!("{}#stages.{}", file.source_name, stage.name),
                 base_dir: file.base_dir.clone(),
+                // A stage's runs belong to whoever submitted the pipeline.
+                submitted_by: file.submitted_by.clone(),
             };
             let child_spec = match Self::parse(&child_file) {
                 Ok(spec) => spec,

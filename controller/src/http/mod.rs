@@ -58,26 +58,40 @@ impl HttpApi {
 }
 
 pub fn router(api: HttpApi) -> Router {
-    Router::new()
-        .route("/", get(index))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/api/cluster", get(cluster))
-        .route("/api/jobs/{id}/metrics", get(job_metrics))
-        .with_state(api)
+    router_with(api, None)
 }
 
-/// Serves `router(api)` on `listener` until `shutdown` fires.
+/// With a token key, the data routes need a reading token (`/` and `/healthz` stay open).
+fn router_with(api: HttpApi, key: Option<Arc<cohort_shared::tls::TokenKey>>) -> Router {
+    let data = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/cluster", get(cluster))
+        .route("/api/jobs/{id}/metrics", get(job_metrics));
+    let data = match key {
+        Some(key) => data.route_layer(axum::middleware::from_fn_with_state(key, crate::security::http::require_reader)),
+        None => data,
+    };
+    Router::new().route("/", get(index)).route("/healthz", get(healthz)).merge(data).with_state(api)
+}
+
+/// Serves the routes on `listener` until `shutdown` fires: over HTTPS with
+/// tokens when `tls` is given, else plaintext and open (`--insecure`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     api: HttpApi,
+    tls: Option<(rustls::ServerConfig, Arc<cohort_shared::tls::TokenKey>)>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(api))
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.changed().await;
-        })
-        .await
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    match tls {
+        None => axum::serve(listener, router(api)).with_graceful_shutdown(stop).await,
+        Some((config, key)) => {
+            let listener = crate::security::http::TlsListener::new(listener, config)?;
+            axum::serve(listener, router_with(api, Some(key))).with_graceful_shutdown(stop).await
+        }
+    }
 }
 
 async fn index() -> Html<&'static str> {

@@ -56,7 +56,9 @@ impl ControllerProc {
             .args(["--listen", &format!("127.0.0.1:{}", args.port), "--id", args.name])
             .arg("--data-dir")
             .arg(args.data_dir.join(args.name))
-            .args(["--master-ports", &args.master_ports]);
+            .args(["--master-ports", &args.master_ports])
+            // The simulated agents speak plaintext: the figures are the control plane's, not TLS's.
+            .arg("--insecure");
         if let Some(etcd) = args.etcd {
             let ttl = format!("{}ms", args.leader_ttl.as_millis());
             command.args(["--store", etcd, "--leader-ttl", &ttl]);

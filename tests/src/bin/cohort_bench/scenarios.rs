@@ -73,7 +73,7 @@ pub fn gang_yaml(name: &str, nodes: usize, quick: bool) -> String {
 }
 
 pub async fn submit(client: &mut Client, yaml: &str) -> anyhow::Result<Job> {
-    let file = JobFile { yaml: yaml.into(), source_name: "cohort-bench.yaml".into(), base_dir: String::new() };
+    let file = JobFile { yaml: yaml.into(), source_name: "cohort-bench.yaml".into(), ..JobFile::default() };
     let response =
         tokio::time::timeout(Duration::from_secs(60), client.submit_job(SubmitJobRequest { file: Some(file) }))
             .await

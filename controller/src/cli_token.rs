@@ -1,0 +1,53 @@
+//! `cohort token create`: a join token for a new node, or an API token with a
+//! role for a person or a script. Needs an admin token.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use cohort_proto::CreateTokenRequest;
+use cohort_proto::security_service_client::SecurityServiceClient;
+use cohort_shared::tls::{Bearer, Role};
+
+use crate::security::client::ClientArgs;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum TokenVerb {
+    /// Print a new token. A node joins with `cohort-agent --join-token TOKEN --ca-cert ca.crt`.
+    Create {
+        /// join (a node gets its certificate), view (read only), submit (own jobs), admin (everything).
+        #[arg(long, default_value = "join")]
+        role: Role,
+        /// Whose token it is: the jobs submitted with it are theirs (default: you).
+        #[arg(long)]
+        user: Option<String>,
+        /// How long it is valid (default: join 15m, others 30 days).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// A join token valid for this node name only.
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+pub async fn run(connection: &ClientArgs, urls: &str, verb: &TokenVerb) -> anyhow::Result<ExitCode> {
+    let TokenVerb::Create { role, user, ttl, node } = verb;
+    let channel = connection.channel(urls).await?;
+    let mut client = SecurityServiceClient::with_interceptor(channel, Bearer::new(connection.token()?.as_deref())?);
+    let request = CreateTokenRequest {
+        role: role.name().into(),
+        user: user.clone().unwrap_or_default(),
+        ttl_seconds: ttl.map(|t| t.as_secs().max(1)).unwrap_or(0),
+        node: node.clone().unwrap_or_default(),
+    };
+    let created = client.create_token(request).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    let expires = std::time::UNIX_EPOCH + Duration::from_millis(created.expires_unix_ms.max(0) as u64);
+    eprintln!(
+        "{} token {} for {}, valid until {}",
+        created.role,
+        created.id,
+        created.user,
+        humantime::format_rfc3339_seconds(expires)
+    );
+    say!("{}", created.token);
+    Ok(ExitCode::SUCCESS)
+}
