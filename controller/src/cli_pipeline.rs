@@ -191,8 +191,14 @@ mod tests {
             stage("bench", &["sft", "export"], StageState::Waiting),
         ];
         let lines = stage_graph(&stages);
-        let firsts: Vec<String> =
-            lines.iter().map(|l| l.split("  ").next().unwrap_or_default().trim_end().to_string()).collect();
+        // The STAGE column, whatever padding the table style puts around it.
+        let header = &lines[0];
+        let pad = header.len() - header.trim_start().len();
+        let width = header.find("KIND").unwrap_or(header.len());
+        let firsts: Vec<String> = lines
+            .iter()
+            .map(|l| l.chars().skip(pad).take(width - pad).collect::<String>().trim_end().to_string())
+            .collect();
         assert_eq!(
             firsts[1..],
             ["convert", "└─ sft", "   └─ export", "      ├─ answers", "      └─ bench"],
