@@ -243,7 +243,7 @@ conversion_cache: {cache}
     kind: command
     nodes: 2
     gpus_per_node: 1
-    command: [sh, -c, 'test -f ${{stages.convert.output}}/latest_checkpointed_iteration.txt && mkdir -p ${{output}} && cp -r ${{stages.convert.output}}/. ${{output}}/']
+    command: [sh, -c, 'test -f ${{stages.convert.output}}/latest_checkpointed_iteration.txt && {{ test "$NODE_RANK" != 0 || {{ mkdir -p ${{output}} && cp -r ${{stages.convert.output}}/. ${{output}}/; }}; }}']
   - name: export
     kind: to_hf
     model: ${{stages.train.output}}
