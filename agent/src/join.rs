@@ -101,7 +101,7 @@ async fn join_once(url: &str, tls: &ClientTls, request: JoinRequest) -> Result<c
         .map_err(|e| Attempt::Refused(format!("invalid controller URL {url:?}: {e}")))?
         .connect_timeout(Duration::from_secs(3));
     let endpoint = tls.apply(endpoint).map_err(|e| Attempt::Refused(e.to_string()))?;
-    let channel = endpoint.connect().await.map_err(|e| Attempt::Unreachable(chain(&e)))?;
+    let channel = endpoint.connect().await.map_err(|e| Attempt::Unreachable(cohort_shared::error_chain(&e)))?;
     match SecurityServiceClient::new(channel).join(request).await {
         Ok(response) => Ok(response.into_inner()),
         Err(status) if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => {
@@ -109,17 +109,6 @@ async fn join_once(url: &str, tls: &ClientTls, request: JoinRequest) -> Result<c
         }
         Err(status) => Err(Attempt::Refused(status.message().to_string())),
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The saved certificate and key, if they are this node's and not about to expire.

@@ -15,3 +15,17 @@ pub mod pipeline;
 pub mod spec;
 pub mod telemetry;
 pub mod tls;
+
+/// An error with its causes, "transport error: ... invalid peer certificate:
+/// UnknownIssuer": the top-level messages of tonic and reqwest are terse, the
+/// reason is further down.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}

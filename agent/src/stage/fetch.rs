@@ -343,7 +343,7 @@ async fn fetch_once(
     if offset > 0 {
         request = request.header(RANGE, format!("bytes={offset}-"));
     }
-    let response = request.send().await.map_err(|e| Failure::Transient(error_chain(&e)))?;
+    let response = request.send().await.map_err(|e| Failure::Transient(cohort_shared::error_chain(&e)))?;
     let status = response.status();
     let content_range = response.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let total = match status {
@@ -385,7 +385,7 @@ async fn fetch_once(
     meter.set_bytes_total(total);
     let mut body = response.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| Failure::Transient(error_chain(&e)))?;
+        let chunk = chunk.map_err(|e| Failure::Transient(cohort_shared::error_chain(&e)))?;
         sink.write(&chunk).await.map_err(Failure::Write)?;
         meter.add(chunk.len() as u64);
     }
@@ -413,19 +413,6 @@ fn parse_content_range(value: &str) -> Option<(Option<u64>, Option<u64>)> {
     let total = if total.trim() == "*" { None } else { Some(total.trim().parse().ok()?) };
     let start = if range.trim() == "*" { None } else { Some(range.split_once('-')?.0.trim().parse().ok()?) };
     Some((start, total))
-}
-
-/// "error sending request: connection refused": reqwest's own message is
-/// terse, the cause is further down.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
 }
 
 #[cfg(test)]

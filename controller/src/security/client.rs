@@ -103,14 +103,4 @@ impl ClientArgs {
     }
 }
 
-/// A transport error with its causes ("transport error: ... invalid peer certificate: UnknownIssuer").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub use cohort_shared::error_chain;
