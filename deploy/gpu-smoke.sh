@@ -11,6 +11,10 @@
 #   d. a long Megatron run loses ONE rank (SIGKILL of the python worker on
 #      node-b): the job ends Failed and no process of it is left on either
 #      node within 10 s (teardown time printed);
+#   f. a tiny-sft run over NCCL loses progress when one rank is SIGSTOPped
+#      (the other blocks in an all-reduce): the hang is detected within
+#      hang_timeout (20 s), stacks are dumped, node-b is named the suspect,
+#      and attempt 2 (restart: on: [hang]) runs to success;
 #   e. figures: launch latency (submit -> Running) of both jobs, and the
 #      agent's CPU and RSS over 10 s while it reads its GPU's telemetry every
 #      second, against an idle agent with --fake-gpus.
@@ -28,6 +32,7 @@
 #                   the wheel is unpacked into the work directory and put on PYTHONPATH.
 #   OUT             where results go (summary.txt, results.json, logs.tar.gz);
 #                   default <repo>/.cohort/gpu-smoke
+#   COHORT_SMOKE_STEPS         run only these steps, e.g. "a,b,f" (default: all)
 #   COHORT_SMOKE_PORT          controller gRPC port (default 17170; /metrics on +1)
 #   COHORT_SMOKE_MASTER_PORTS  MASTER_PORT range (default 26100-26199)
 set -euo pipefail
@@ -287,6 +292,10 @@ job_variant() { # src dst sed-expr-for-command-line
 
 run_step() { # id title function
     local id="$1" title="$2" fn="$3" rc
+    if [[ -n "${COHORT_SMOKE_STEPS:-}" && ",$COHORT_SMOKE_STEPS," != *",$id,"* ]]; then
+        printf '%s\tSKIP\t%s\n' "$id" "$title (not in COHORT_SMOKE_STEPS)" >>"$results"
+        return 0
+    fi
     step "$id. $title"
     # In the background and waited for, so that INT/TERM reach the main
     # shell's trap at once (bash defers traps while a foreground child runs).
@@ -524,6 +533,100 @@ EOF
 }
 
 # ---------------------------------------------------------------------------
+# f. A hang on real NCCL: one rank of a tiny-sft run is SIGSTOPped, so the
+# other blocks in an all-reduce (its GPU spinning at a flat rate). Cohort must
+# see no progress for hang_timeout, dump the stacks, fail the attempt as
+# `hang` with node-b as the suspect, and run attempt 2 (a short run) to the end.
+hang_job_file() { # path
+    cat >"$1" <<JOB
+name: tiny-sft-hang
+kind: command
+nodes: 2
+gpus_per_node: 1
+workdir: $root/examples
+env:
+  OMP_NUM_THREADS: "1"
+  NCCL_NVLS_ENABLE: "0"
+  TORCH_SYMM_MEM_DISABLE_MULTICAST: "1"
+stop_grace: 5s
+hang_timeout: 20s
+restart: {max_restarts: 1, backoff: 1s, on: [hang]}
+# Attempt 1 trains "forever" (until the hang); attempt 2 is a short run.
+command: [bash, -c, 'exec tiny-sft/launch.sh --steps "\$(if [ "\$COHORT_ATTEMPT" = 1 ]; then echo 1000000; else echo 60; fi)" --log-interval 5']
+JOB
+}
+
+step_f() {
+    local file job state attempt cause shim worker pid t_stop t_hang="" t_run2="" t_now deadline doc left status
+    file="$work/tiny-sft-hang.yaml"
+    hang_job_file "$file"
+    job="$(cohort submit "$file")"
+    say "  submitted $job ($file)"
+    echo "$job" >"$work/job.tiny-sft-hang"
+    state="$(wait_state "$job" 120 RUNNING)"
+    [[ "$state" == RUNNING ]] || { give_up "$job"; save_job "$job" tiny-sft-hang; die "$job is $state, not Running"; }
+    deadline=$((SECONDS + 120))
+    until (($(cohort metrics "$job" -o json 2>/dev/null | grep -c '"iteration"') >= 2)); do
+        ((SECONDS <= deadline)) || { give_up "$job"; save_job "$job" tiny-sft-hang; die "no training metrics from $job within 120 s"; }
+        sleep 0.5
+    done
+    shim="$(job_json "$job" | pyj '[p["pid"] for p in d["processes"] if p["node_name"] == "node-b"][0]')"
+    worker=""
+    for pid in $(descendants "$shim"); do
+        if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'train.py' &&
+            ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'torch.distributed.run'; then
+            worker="$worker $pid"
+        fi
+    done
+    worker="${worker# }"
+    if [[ -z "$worker" || "$worker" == *" "* ]]; then
+        give_up "$job"
+        die "expected one python worker under node-b's process $shim, found '$worker'"
+    fi
+    say "  node-b: SIGSTOP of the python worker $worker (under shim $shim)"
+    t_stop=$(now_ms)
+    kill -STOP "$worker"
+    deadline=$((t_stop + 180000))
+    while :; do
+        t_now=$(now_ms)
+        doc="$(job_json "$job" 2>/dev/null || true)"
+        if [[ -n "$doc" ]]; then
+            read -r state attempt cause < <(pyj '" ".join([d["state"].removeprefix("JOB_STATE_"), str(d.get("attempt", 0)), ((d.get("attempts") or [{}])[0].get("failure") or {}).get("cause", "-")])' <<<"$doc")
+            [[ "$cause" == hang && -z "$t_hang" ]] && t_hang=$t_now
+            [[ "$attempt" == 2 && "$state" == RUNNING && -z "$t_run2" ]] && t_run2=$t_now
+            case "$state" in SUCCEEDED | FAILED | CANCELLED) break ;; esac
+        fi
+        ((t_now <= deadline)) || break
+        sleep 0.5
+    done
+    kill -CONT "$worker" 2>/dev/null || true
+    state="$(wait_state "$job" 120 SUCCEEDED)"
+    save_job "$job" tiny-sft-hang
+    status="$logs/tiny-sft-hang.status.json"
+    [[ -n "$t_hang" ]] && figure "NCCL hang (SIGSTOP of one rank) -> attempt failed as hang (ms; hang_timeout 20 s)" "$((t_hang - t_stop))"
+    [[ -n "$t_run2" ]] && figure "NCCL hang -> attempt 2 Running (ms)" "$((t_run2 - t_stop))"
+    "$HOST_PY" - "$status" <<'PY' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+for a in d.get("attempts", []):
+    f = a.get("failure") or {}
+    print("  attempt %s: %s; cause %s; suspect %s (%s)" % (a.get("attempt"), a.get("state", "").removeprefix("JOB_STATE_"),
+          f.get("cause", "-"), f.get("suspect_node", "-"), f.get("suspect_reason", "-")[:100]))
+    for line in a.get("stack_dumps", []):
+        print("    stack dump:", line[:160])
+PY
+    grep -m 16 '\[cohort stack dump\]' "$logs/tiny-sft-hang.log" | cut -c1-200 | sed 's/^/  /' || true
+    [[ -n "$t_hang" ]] || { give_up "$job"; die "no attempt of $job failed as a hang within 180 s of the SIGSTOP (state $state)"; }
+    [[ "$(pyj '(d["attempts"][0].get("failure") or {}).get("suspect_node", "")' <"$status")" == node-b ]] ||
+        die "the suspect of the hang is not node-b"
+    [[ "$(pyj 'len(d["attempts"][0].get("stack_dumps", []))' <"$status")" -ge 1 ]] || die "attempt 1 kept no stack dumps"
+    grep -q '\[cohort stack dump\]' "$logs/tiny-sft-hang.log" || die "no stack dump lines in the job's log"
+    [[ "$state" == SUCCEEDED ]] || die "$job ended $state after the hang, not SUCCEEDED (attempt 2 should have run to the end)"
+    left="$(procs_matching tiny-sft/train.py | tr '\n' ' ')"
+    [[ -z "${left// /}" ]] || die "processes of $job left: $left"
+}
+
+# ---------------------------------------------------------------------------
 # ticks and RSS of a pid: "<utime+stime ticks> <VmRSS kB>"
 proc_sample() {
     local stat rss
@@ -579,11 +682,13 @@ if ((megatron_ok)); then
     run_step d "one rank SIGKILLed: job Failed, nothing left on either node within 10 s" step_d
 else
     for s in c d; do
+        [[ -z "${COHORT_SMOKE_STEPS:-}" || ",$COHORT_SMOKE_STEPS," == *",$s,"* ]] || continue
         step "$s. Megatron"
         say "FAIL $s: megatron-core is not importable by $PY and no .whl/megatron_core-*.whl to unpack"
         printf '%s\tFAIL\t%s\n' "$s" "Megatron: megatron-core missing" >>"$results"
     done
 fi
+run_step f "one rank SIGSTOPped (NCCL hang): hang detected, stacks dumped, attempt 2 succeeds" step_f
 run_step e "figures: launch latency, agent CPU and RSS with 1 s GPU telemetry" step_e
 
 # ---------------------------------------------------------------------------

@@ -15,10 +15,5 @@ cargo test --workspace --no-fail-fast "$@"
 # arguments narrow the run (e.g. `-p cohort-shared`).
 if (( $# == 0 )); then
     echo "== fault-injection suite"
-    # Known failure, left out until fixed (issue 5): in the partition case the
-    # next attempt's ranks were once seen alive while the cut-off node's rank
-    # had not yet fenced itself (overlapping attempts). Run it alone with
-    # `cargo test -p cohort-tests --test faults a_partitioned -- --ignored`.
-    cargo test -p cohort-tests --test faults -- --ignored --skip fault_figures \
-        --skip a_partitioned_agent_fences_and_the_job_restarts_elsewhere --test-threads 2
+    cargo test -p cohort-tests --test faults -- --ignored --skip fault_figures --test-threads 2
 fi

@@ -29,7 +29,15 @@ async fn tiny_sft_trains_across_two_nodes_and_the_loss_falls() {
     let out = cluster.cli(&["submit", "examples/jobs/tiny-sft.yaml"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let job = cluster.wait_finished(&id, Duration::from_secs(300)).await.unwrap();
+    let job = match cluster.wait_finished(&id, Duration::from_secs(300)).await {
+        Ok(job) => job,
+        // Everything there is to know about a run that did not end: where each rank was.
+        Err(e) => panic!(
+            "{e}\n{}\n{}",
+            String::from_utf8_lossy(&cluster.cli(&["status", &id]).stdout),
+            String::from_utf8_lossy(&cluster.cli(&["logs", &id]).stdout)
+        ),
+    };
     assert_eq!(
         state(&job),
         JobState::Succeeded,

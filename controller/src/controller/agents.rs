@@ -273,6 +273,7 @@ impl Controller {
             return;
         }
         let state_before = entry.job.state;
+        let is_start = matches!(event.event, Some(Event::Started(_)));
         let message = match event.event {
             Some(Event::Started(started)) => {
                 if let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == event.index)
@@ -335,7 +336,13 @@ impl Controller {
         if changed && let Err(e) = self.persist_job(&mut state, &id).await {
             tracing::error!(job = %id, error = %e, "could not persist job");
         }
-        self.publish(&state, &id, &message);
+        // A start that changes nothing else goes out with the next batch and
+        // leaves the reconcile loop asleep (it has nothing to act on).
+        if !changed && is_start {
+            self.publish_start(&mut state, &id, message);
+            return;
+        }
+        self.flush_starts(&mut state, &id, Some(&message));
         drop(state);
         self.wake.notify_one();
     }

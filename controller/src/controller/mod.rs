@@ -75,6 +75,10 @@ struct State {
     /// Attempts whose whole output this controller has (it launched them, or
     /// fetched their files from the agents after taking over).
     logs_complete: HashSet<(String, u32)>,
+    /// "Process started" messages not yet published, by job, with when the
+    /// first was held: a gang of N nodes sends N starts, and every published
+    /// event carries the whole job record, so starts go out in batches.
+    held_starts: HashMap<String, (Instant, Vec<String>)>,
     /// Lines of FetchLogs answers being collected, by command id.
     fetching: HashMap<u64, Vec<(String, cohort_proto::LogBatch)>>,
     /// Pipeline stages (job, stage) whose resolving task runs (pipeline.rs).
@@ -596,6 +600,39 @@ impl Controller {
         Ok(())
     }
 
+    /// Holds a "process started" message for the job's next batch, and
+    /// publishes the batch once its first message is [`START_BATCH`] old.
+    fn publish_start(&self, state: &mut State, id: &str, message: String) {
+        let held = state.held_starts.entry(id.to_string()).or_insert_with(|| (Instant::now(), Vec::new()));
+        held.1.push(message);
+        if held.0.elapsed() >= START_BATCH {
+            self.flush_starts(state, id, None);
+        }
+    }
+
+    /// Publishes the job's held start messages (followed by `message`, when
+    /// given) as one event; with nothing held, just `message`.
+    fn flush_starts(&self, state: &mut State, id: &str, message: Option<&str>) {
+        let mut lines = state.held_starts.remove(id).map(|(_, lines)| lines).unwrap_or_default();
+        lines.extend(message.map(str::to_string));
+        if !lines.is_empty() {
+            self.publish(state, id, &batch_message(&lines));
+        }
+    }
+
+    /// Publishes every batch of start messages older than [`START_BATCH`].
+    fn flush_old_starts(&self, state: &mut State) {
+        let due: Vec<String> = state
+            .held_starts
+            .iter()
+            .filter(|(_, (since, _))| since.elapsed() >= START_BATCH)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.flush_starts(state, &id, None);
+        }
+    }
+
     fn publish(&self, state: &State, id: &str, message: &str) {
         if let Some(entry) = state.jobs.get(id) {
             if let Some(span) = &entry.span {
@@ -610,6 +647,26 @@ impl Controller {
             });
         }
     }
+}
+
+/// How long "process started" messages are held to go out as one event.
+const START_BATCH: Duration = Duration::from_millis(50);
+
+/// One event message for several: all of them when few, else the first and
+/// last two around a count (a 1,024-node gang's starts make one line).
+fn batch_message(lines: &[String]) -> String {
+    const SHOWN: usize = 4;
+    if lines.len() <= SHOWN {
+        return lines.join("; ");
+    }
+    format!(
+        "{}; {}; ... {} more ...; {}; {}",
+        lines[0],
+        lines[1],
+        lines.len() - SHOWN,
+        lines[lines.len() - 2],
+        lines[lines.len() - 1]
+    )
 }
 
 /// `a/b/../c` -> `a/c` without touching the file system (the path is on the nodes).
@@ -654,4 +711,47 @@ fn validate_node(info: &NodeInfo) -> Result<(), ControllerError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_of_starts_is_one_line_with_the_ends_and_a_count() {
+        let lines: Vec<String> = (0..1024).map(|i| format!("process 0 on node n{i} started")).collect();
+        let message = batch_message(&lines);
+        assert_eq!(
+            message,
+            "process 0 on node n0 started; process 0 on node n1 started; ... 1020 more ...; \
+             process 0 on node n1022 started; process 0 on node n1023 started"
+        );
+        assert_eq!(batch_message(&lines[..3]), lines[..3].join("; "));
+        assert_eq!(batch_message(&lines[..1]), lines[0]);
+    }
+
+    #[test]
+    fn a_new_attempt_waits_for_the_fence_the_grace_and_the_slack() {
+        let node = NodeEntry {
+            info: NodeInfo { name: "n1".into(), fence_after_ms: 4_000, ..NodeInfo::default() },
+            registered_unix_ms: 0,
+            revision: None,
+            session: None,
+            registered_session: None,
+            last_seen: Instant::now(),
+            last_seen_unix_ms: 1_000_000,
+            state: NodeState::Lost,
+            reported: Vec::new(),
+            preflight: None,
+            cordoned: false,
+            draining: false,
+            unhealthy_gpus: HashMap::new(),
+            telemetry: Vec::new(),
+        };
+        assert_eq!(reconcile::fence_deadline(Some(&node)), 1_004_000);
+        // The ranks get SIGTERM at the deadline and SIGKILL `grace` later.
+        let gone = reconcile::ranks_fenced_by(Some(&node), Duration::from_secs(2));
+        assert_eq!(gone, 1_004_000 + 2_000 + 1_500);
+        assert_eq!(reconcile::ranks_fenced_by(None, Duration::from_secs(2)), 0);
+    }
 }

@@ -99,6 +99,7 @@ impl Controller {
 
     pub async fn reconcile(&self) -> Result<(), ControllerError> {
         let mut state = self.state.lock().await;
+        self.flush_old_starts(&mut state);
         self.expire_nodes(&mut state).await?;
         for id in self.check_progress(&mut state) {
             self.persist_job(&mut state, &id).await?;
@@ -154,12 +155,11 @@ impl Controller {
                     p.phase = ProcessPhase::Lost as i32;
                 }
                 recount(&mut entry.job);
-                // The lost node's agent stops its ranks only at its fence deadline:
-                // no new attempt of this job may start before then.
-                let deadline = fence_deadline(state.nodes.get(&node));
-                if let Some(entry) = state.jobs.get_mut(&id) {
-                    entry.job.not_before_unix_ms = entry.job.not_before_unix_ms.max(deadline);
-                }
+                // The lost node's agent (or, with the agent dead, each rank's shim)
+                // starts stopping its ranks at its fence deadline and needs up to the
+                // job's stop grace to finish: no new attempt may start before then.
+                let deadline = ranks_fenced_by(state.nodes.get(&node), entry.spec.stop_grace);
+                entry.job.not_before_unix_ms = entry.job.not_before_unix_ms.max(deadline);
                 let message = format!(
                     "node {node} (node rank {node_rank}) lost: no heartbeat for {}",
                     humantime::format_duration(ttl)
@@ -497,6 +497,20 @@ impl Controller {
 /// acknowledged heartbeat plus its `--fence-after`.
 pub(super) fn fence_deadline(node: Option<&NodeEntry>) -> i64 {
     node.map(|n| n.last_seen_unix_ms + i64::from(n.info.fence_after_ms)).unwrap_or(0)
+}
+
+/// Slack on top of a fence deadline: the agent renews its lease when the ack
+/// arrives (after the controller saw the heartbeat), the shims and the agent
+/// look at it every 250 ms, and a SIGKILLed group takes a moment to be gone.
+const FENCE_SLACK_MS: i64 = 1_500;
+
+/// When every rank of a cut-off node is surely gone: the fence deadline, then
+/// the SIGTERM-to-SIGKILL `grace`, then [`FENCE_SLACK_MS`]. 0 for an unknown node.
+pub(super) fn ranks_fenced_by(node: Option<&NodeEntry>, grace: Duration) -> i64 {
+    match fence_deadline(node) {
+        0 => 0,
+        deadline => deadline + grace.as_millis() as i64 + FENCE_SLACK_MS,
+    }
 }
 
 /// The spec an attempt runs: the job's own, with the resume flags when the
