@@ -130,6 +130,8 @@ def open_channel(grpc, target, args):
         ca = Path(args.ca_cert).read_bytes()
     except OSError as e:
         raise ClientError(f"cannot read CA certificate {args.ca_cert}: {e.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in ca:
+        raise ClientError(f"{args.ca_cert} holds no PEM certificate: pass the cluster CA (ca.crt)")
     options = []
     if args.server_name:
         # The name the controller's certificate must hold, when it differs from the dialled host.
