@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): installs missing system
-# packages (tests/install-deps.sh), prepares the example job's Python
-# environment, builds every binary (the integration tests start the
-# real cohort-controller and cohort-agent), and runs every test.
+# packages (tests/install-deps.sh), prepares the Python environments of the
+# example job and of the Python client example (tests/tests/python_client.rs),
+# builds every binary (the integration tests start the real cohort-controller
+# and cohort-agent), and runs every test.
 # Extra arguments go to `cargo test`, e.g. `bash tests/run.sh -p cohort-shared`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tests/install-deps.sh
 examples/tiny-sft/setup-venv.sh
+examples/python-client/setup.sh
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast "$@"
 # The fault-injection suite (tests/tests/faults.rs): real multi-process
