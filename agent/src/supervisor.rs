@@ -300,10 +300,12 @@ impl Supervisor {
             .args(&spec.argv[1..])
             .current_dir(cwd)
             .envs(spec.env.iter().map(|v| (v.name.as_str(), v.value.as_str())))
-            // The sweep finds escaped descendants by these three.
+            // The sweep finds escaped descendants by these four (the work
+            // dir tells apart two agents on one host, e.g. test clusters).
             .env("COHORT_JOB_ID", &cmd.job_id)
             .env("COHORT_ATTEMPT", cmd.attempt.to_string())
             .env("COHORT_NODE_NAME", &self.inner.node_name)
+            .env(AGENT_DIR_VAR, &self.inner.work_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(shim_stderr)
@@ -445,7 +447,7 @@ impl Supervisor {
         drop(launches);
         if !siblings_alive {
             // The launch is over: nothing of it may outlive it.
-            let swept = sweep(job_id, attempt, &self.inner.node_name);
+            let swept = sweep(job_id, attempt, &self.inner.node_name, &self.inner.work_dir);
             if swept > 0 {
                 tracing::warn!(job = job_id, attempt, swept, "killed leftovers of a finished launch");
             }
@@ -492,7 +494,7 @@ impl Supervisor {
                 let _ = done.wait_for(|d| *d).await;
             }
         }
-        let swept = sweep(job_id, attempt, &self.inner.node_name);
+        let swept = sweep(job_id, attempt, &self.inner.node_name, &self.inner.work_dir);
         if swept > 0 {
             tracing::warn!(job = job_id, attempt, swept, "killed processes that had left their process group");
         }
@@ -645,11 +647,20 @@ pub fn training_point(m: TrainingMetrics, node: &str) -> TrainingPoint {
     }
 }
 
+/// The variable naming the work dir of the agent that started a process.
+const AGENT_DIR_VAR: &str = "COHORT_AGENT_WORK_DIR";
+
 /// Kills (SIGKILL) every process of this node's launch that is still alive,
-/// found by its inherited COHORT_* variables. Returns how many it killed.
-fn sweep(job_id: &str, attempt: u32, node: &str) -> usize {
+/// found by its inherited COHORT_* variables: those of this agent's work dir
+/// (or of none: started before the variable existed). Returns how many it killed.
+fn sweep(job_id: &str, attempt: u32, node: &str, work_dir: &Path) -> usize {
     let wanted =
         [format!("COHORT_JOB_ID={job_id}"), format!("COHORT_ATTEMPT={attempt}"), format!("COHORT_NODE_NAME={node}")];
+    let own_dir = format!("{AGENT_DIR_VAR}={}", work_dir.display());
+    let other_agent = |vars: &[&[u8]]| {
+        vars.iter().any(|v| v.starts_with(AGENT_DIR_VAR.as_bytes()) && v.get(AGENT_DIR_VAR.len()) == Some(&b'='))
+            && !vars.contains(&own_dir.as_bytes())
+    };
     let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
     let me = std::process::id();
     let mut killed = 0;
@@ -660,7 +671,7 @@ fn sweep(job_id: &str, attempt: u32, node: &str) -> usize {
         }
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
         let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
-        if wanted.iter().all(|w| vars.contains(&w.as_bytes())) {
+        if wanted.iter().all(|w| vars.contains(&w.as_bytes())) && !other_agent(&vars) {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             killed += 1;
         }

@@ -84,7 +84,7 @@ impl Supervisor {
             recovery.adopted += processes.len() - ended.len();
             recovery.ended += ended.len();
             if all_ended {
-                sweep(&record.job_id, record.attempt, &self.inner.node_name);
+                sweep(&record.job_id, record.attempt, &self.inner.node_name, &self.inner.work_dir);
             } else if stopping || ended.iter().any(|e| !e.stopped_by_agent && !is_clean(e)) {
                 // Finish what the previous agent started, or the local gang stop it missed.
                 to_stop.push((key.clone(), Duration::from_millis(record.grace_ms)));

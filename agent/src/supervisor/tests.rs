@@ -138,6 +138,22 @@ async fn stop_escalates_to_sigkill_and_sweeps_processes_that_left_the_group() {
 }
 
 #[tokio::test]
+async fn the_sweep_spares_the_same_launch_of_another_agent_on_the_host() {
+    // Two agents on one host (two test clusters, or two work dirs), each running
+    // attempt 1 of a job with the same id on a node of the same name.
+    let (a, mut rx_a, _dir_a) = supervisor();
+    let (b, _rx_b, _dir_b) = supervisor();
+    a.launch(launch("twin", &["sleep 600"], 300)).await.unwrap();
+    b.launch(launch("twin", &["sleep 600"], 300)).await.unwrap();
+    let b_leader = b.report(false).await[0].processes[0].pid;
+    a.stop("twin", 1, Duration::from_millis(300)).await;
+    until_exit(&mut rx_a, 0).await;
+    assert!(alive(b_leader), "stopping one agent's launch swept the other agent's process");
+    b.stop("twin", 1, Duration::from_millis(300)).await;
+    assert!(gone_within(b_leader, Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
 async fn a_failing_process_stops_its_siblings_on_the_node_at_once() {
     let (sup, mut rx, _dir) = supervisor();
     sup.launch(launch("ranks", &["exec sleep 600", "exit 7"], 5000)).await.unwrap();
