@@ -13,7 +13,7 @@
 #      node within 10 s (teardown time printed);
 #   f. a tiny-sft run over NCCL loses progress when one rank is SIGSTOPped
 #      (the other blocks in an all-reduce): the hang is detected within
-#      hang_timeout (20 s), stacks are dumped, node-b is named the suspect,
+#      hang_timeout (45 s), stacks are dumped, node-b is named the suspect,
 #      and attempt 2 (restart: on: [hang]) runs to success;
 #   e. figures: launch latency (submit -> Running) of both jobs, and the
 #      agent's CPU and RSS over 10 s while it reads its GPU's telemetry every
@@ -549,7 +549,7 @@ env:
   NCCL_NVLS_ENABLE: "0"
   TORCH_SYMM_MEM_DISABLE_MULTICAST: "1"
 stop_grace: 5s
-hang_timeout: 20s
+hang_timeout: 45s
 restart: {max_restarts: 1, backoff: 1s, on: [hang]}
 # Attempt 1 trains "forever" (until the hang); attempt 2 is a short run.
 command: [bash, -c, 'exec tiny-sft/launch.sh --steps "\$(if [ "\$COHORT_ATTEMPT" = 1 ]; then echo 1000000; else echo 60; fi)" --log-interval 5']
@@ -570,6 +570,9 @@ step_f() {
         ((SECONDS <= deadline)) || { give_up "$job"; save_job "$job" tiny-sft-hang; die "no training metrics from $job within 120 s"; }
         sleep 0.5
     done
+    # Training in attempt 1 (a start slower than hang_timeout would already have ended it).
+    attempt="$(job_json "$job" | pyj 'd["state"].removeprefix("JOB_STATE_") + "/" + str(d.get("attempt", 0))')"
+    [[ "$attempt" == RUNNING/1 ]] || { give_up "$job"; save_job "$job" tiny-sft-hang; die "$job is $attempt before the SIGSTOP, not RUNNING/1"; }
     shim="$(job_json "$job" | pyj '[p["pid"] for p in d["processes"] if p["node_name"] == "node-b"][0]')"
     worker=""
     for pid in $(descendants "$shim"); do
@@ -603,7 +606,7 @@ step_f() {
     state="$(wait_state "$job" 120 SUCCEEDED)"
     save_job "$job" tiny-sft-hang
     status="$logs/tiny-sft-hang.status.json"
-    [[ -n "$t_hang" ]] && figure "NCCL hang (SIGSTOP of one rank) -> attempt failed as hang (ms; hang_timeout 20 s)" "$((t_hang - t_stop))"
+    [[ -n "$t_hang" ]] && figure "NCCL hang (SIGSTOP of one rank) -> attempt failed as hang (ms; hang_timeout 45 s)" "$((t_hang - t_stop))"
     [[ -n "$t_run2" ]] && figure "NCCL hang -> attempt 2 Running (ms)" "$((t_run2 - t_stop))"
     "$HOST_PY" - "$status" <<'PY' || true
 import json, sys

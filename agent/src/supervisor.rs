@@ -32,6 +32,7 @@ use tokio::time::Instant;
 mod jsonl;
 mod kmsg;
 mod logs;
+mod proctree;
 mod recover;
 pub mod shim;
 pub mod stacks;

@@ -103,6 +103,12 @@ fn run(args: ShimArgs) -> i32 {
         answer(Handshake::Failed { error: format!("shim: setsid: {e}") });
         return 127;
     }
+    // Descendants whose parent dies are re-parented to the shim, not to init:
+    // torchrun's workers (sessions of their own) stay findable below it.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        answer(Handshake::Failed { error: format!("shim: cannot become a child subreaper: {e}") });
+        return 127;
+    }
     // Handled (by tokio's handler, which does nothing with them), neither
     // blocked nor ignored: exec resets handled signals to their default in the
     // rank, while a blocked mask or an ignored disposition would be inherited.
@@ -186,9 +192,11 @@ fn run(args: ShimArgs) -> i32 {
         kill_rest_of_group();
         return code;
     }
-    // Whatever the rank left in its group goes with it, even with no agent
-    // around, and the shim with them: one signal, no /proc scan between the
-    // rank's exit and the agent hearing of it (the exit file has the status).
+    // Whatever the rank left goes with it, even with no agent around, and the
+    // shim with them: descendants in sessions of their own first (they are
+    // rare: torchrun's workers outlive torchrun only when it is SIGKILLed),
+    // then one signal to the group (the exit file already has the status).
+    kill_descendants_outside_group();
     let _ = killpg(getpgrp(), Signal::SIGKILL);
     code
 }
@@ -211,33 +219,27 @@ fn watch_lease(lease: &std::path::Path, after: Duration, grace: Duration, fenced
     kill_rest_of_group();
 }
 
-/// SIGKILLs every other member of this process's group (found in /proc).
+/// SIGKILLs every other process of this shim's launch: its group and its
+/// descendants (found in /proc).
 fn kill_rest_of_group() {
     let me = std::process::id();
     // A member may fork while we look: a few rounds catch its children.
     for _ in 0..3 {
-        let members = group_members(me);
-        if members.is_empty() {
+        let rest: Vec<u32> =
+            super::proctree::launch_processes(me).into_iter().map(|p| p.pid).filter(|&pid| pid != me).collect();
+        if rest.is_empty() {
             return;
         }
-        for pid in members {
+        for pid in rest {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
 }
 
-/// Live processes of process group `pgid`, other than this one.
-fn group_members(pgid: u32) -> Vec<u32> {
+/// SIGKILLs this shim's descendants that are not in its process group.
+fn kill_descendants_outside_group() {
     let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ');
-            let state = fields.next()?;
-            let pgrp: u32 = fields.nth(1)?.parse().ok()?;
-            (pid != me && pgrp == pgid && state != "Z").then_some(pid)
-        })
-        .collect()
+    for p in super::proctree::launch_processes(me).into_iter().filter(|p| p.pgrp != me) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid as i32), Signal::SIGKILL);
+    }
 }

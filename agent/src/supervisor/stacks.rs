@@ -8,8 +8,9 @@
 //! ```
 //!
 //! SIGUSR1 goes only to processes that catch it (`SigCgt` in /proc), since
-//! its default action ends a process. Every process of the group is listed
-//! with its state: one stopped (T) or in uninterruptible sleep (D) is named.
+//! its default action ends a process. Every process of the launch (the
+//! shim's group and descendants, torchrun's workers included) is listed with
+//! its state: one stopped (T) or in uninterruptible sleep (D) is named.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -169,31 +170,13 @@ async fn py_spy_dump(py_spy: &Path, pid: u32) -> String {
     }
 }
 
-/// Every live process whose process group is `group`.
+/// Every live process of the launch led by `group` (its shim): the group's
+/// members and the shim's descendants in sessions of their own (torchrun's workers).
 fn group_tasks(group: u32) -> Vec<Task> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let mut tasks: Vec<Task> = dir
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-            let open = stat.find('(')?;
-            let close = stat.rfind(')')?;
-            let comm = stat.get(open + 1..close)?.to_string();
-            let mut rest = stat.get(close + 2..)?.split(' ');
-            let state = rest.next()?.chars().next()?;
-            let pgrp: u32 = rest.nth(1)?.parse().ok()?;
-            if pgrp != group || state == 'Z' {
-                return None;
-            }
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let argv0 = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
-            Some(Task { pid, comm, state, argv0 })
-        })
-        .collect();
-    tasks.sort_by_key(|t| t.pid);
-    tasks
+    super::proctree::launch_processes(group)
+        .into_iter()
+        .map(|p| Task { pid: p.pid, comm: p.comm, state: p.state, argv0: p.argv0 })
+        .collect()
 }
 
 /// Whether the process has a handler for `signal` (SigCgt in /proc/PID/status).
