@@ -87,6 +87,11 @@ pub struct Args {
     /// controller past it aborts instead of pushing the machine out of memory.
     #[arg(long, default_value_t = 6)]
     controller_memory_gib: u64,
+    /// CPUs the controllers are confined to (`taskset -c`, e.g. `0,1`), so that
+    /// the simulated agents in this process (pin it elsewhere) do not share
+    /// them, as agents on other hosts would not. Default: not confined.
+    #[arg(long)]
+    controller_cpus: Option<String>,
     /// Skip the etcd runs.
     #[arg(long)]
     no_etcd: bool,
@@ -168,6 +173,7 @@ async fn embedded(args: &Args, n: usize, launches: bool) -> EmbeddedRun {
             etcd: None,
             leader_ttl: Duration::from_millis(args.leader_ttl_ms),
             memory_limit: memory_limit(args),
+            cpus: args.controller_cpus.as_deref(),
         })?;
         let mut client = procs::client(&controller.url, Duration::from_secs(20)).await?;
         procs::wait_leading(&mut client, Duration::from_secs(20)).await?;
@@ -297,6 +303,7 @@ async fn etcd(args: &Args, n: usize, largest: bool) -> EtcdRun {
                 etcd: Some(&etcd.url()),
                 leader_ttl: Duration::from_millis(args.leader_ttl_ms),
                 memory_limit: memory_limit(args),
+                cpus: args.controller_cpus.as_deref(),
             })
         };
         let mut leader = spawn(0, "controller-0")?;

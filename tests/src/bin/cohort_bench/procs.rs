@@ -35,6 +35,8 @@ pub struct ControllerArgs<'a> {
     pub leader_ttl: Duration,
     /// Address-space limit in bytes (`prlimit --as`), or None.
     pub memory_limit: Option<u64>,
+    /// `taskset -c` CPU list, or None.
+    pub cpus: Option<&'a str>,
 }
 
 impl ControllerProc {
@@ -44,13 +46,22 @@ impl ControllerProc {
         let out = File::options().create(true).append(true).open(&log)?;
         // A controller that runs away with memory must not take the shared machine
         // down with it: cap its address space (prlimit execs it, so the pid is its own).
-        let mut command = match args.memory_limit {
-            Some(bytes) => {
-                let mut c = Command::new("prlimit");
-                c.arg(format!("--as={bytes}")).arg("--").arg(cohort_tests::bin("cohort-controller"));
+        // taskset and prlimit exec what follows, so the pid is the controller's own.
+        let mut wrapper: Vec<String> = Vec::new();
+        if let Some(cpus) = args.cpus {
+            wrapper.extend(["taskset".into(), "-c".into(), cpus.into()]);
+        }
+        if let Some(bytes) = args.memory_limit {
+            wrapper.extend(["prlimit".into(), format!("--as={bytes}"), "--".into()]);
+        }
+        let controller = cohort_tests::bin("cohort-controller");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&controller);
                 c
             }
-            None => Command::new(cohort_tests::bin("cohort-controller")),
+            None => Command::new(&controller),
         };
         command
             .args(["--listen", &format!("127.0.0.1:{}", args.port), "--id", args.name])

@@ -19,6 +19,8 @@ pub struct Results {
     pub elapsed_s: f64,
     pub leader_ttl_ms: u64,
     pub memory_gib: u64,
+    /// The controllers' CPU list (`--controller-cpus`), empty when not confined.
+    pub controller_cpus: String,
     pub window_s: u64,
     pub warmup_s: u64,
     pub embedded: Vec<EmbeddedRun>,
@@ -37,6 +39,7 @@ impl Results {
             elapsed_s: 0.0,
             leader_ttl_ms: args.leader_ttl_ms,
             memory_gib: args.controller_memory_gib,
+            controller_cpus: args.controller_cpus.clone().unwrap_or_default(),
             window_s: args.window,
             warmup_s: args.warmup,
             embedded: Vec::new(),
@@ -144,8 +147,9 @@ pub fn table(r: &Results) -> String {
     );
     let _ = writeln!(
         t,
-        "agents: simulated in this process, one HTTP/2 connection each, 8 fake GPUs, heartbeat 1 s; controller defaults (node TTL\n10 s), its address space capped at {} GiB (0: no cap)\n",
-        r.memory_gib
+        "agents: simulated in this process, one HTTP/2 connection each, 8 fake GPUs, heartbeat 1 s; controller defaults (node TTL\n10 s), its address space capped at {} GiB (0: no cap), its CPUs: {}\n",
+        r.memory_gib,
+        if r.controller_cpus.is_empty() { "shared with this process" } else { &r.controller_cpus }
     );
 
     let _ =
@@ -518,6 +522,7 @@ pub fn json(r: &Results) -> Value {
         "elapsed_s": r.elapsed_s,
         "leader_ttl_ms": r.leader_ttl_ms,
         "controller_memory_limit_gib": r.memory_gib,
+        "controller_cpus": r.controller_cpus,
         "window_s": r.window_s,
         "settle_spans_s": r.warmup_s,
         "embedded": embedded,
