@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod join;
 pub mod preflight;
 pub mod prepare;
+pub mod rank_user;
 pub mod session;
 pub mod stage;
 pub mod supervisor;

@@ -50,6 +50,10 @@ pub struct JobSpec {
     pub gpus_per_node: u32,
     /// Extra environment, in file order; YAML numbers and bools become their text.
     pub env: IndexMap<String, String>,
+    /// The `env` names written `NAME: {value: ..., secret: true}`: never shown or logged.
+    pub secret_env: std::collections::BTreeSet<String>,
+    /// The user the processes run as (`user:`); None: each node's rank-user.
+    pub user: Option<String>,
     /// The directory the processes start in, on every node. A relative path is
     /// kept as written; the controller resolves it against the job file's directory.
     pub workdir: Option<String>,
@@ -170,6 +174,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "dataset_policy",
     "restart",
     "straggler_factor",
+    "user",
     // kind: pipeline (spec/stages.rs)
     "swift_version",
     "model",
@@ -355,7 +360,8 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
         Some(_) => {}
     }
     let gpus_per_node = typed::<u32>(root, "gpus_per_node", problems);
-    let env = read_env(root, problems);
+    let (env, secret_env) = read_env(root, problems);
+    let user = read_user(root, problems);
     let workdir = typed::<String>(root, "workdir", problems);
     if workdir.as_deref().is_some_and(|dir| dir.trim().is_empty()) {
         problems.at(&["workdir"], "is empty; leave it out or name a directory");
@@ -419,6 +425,8 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
         nodes: nodes?,
         gpus_per_node: gpus_per_node.unwrap_or(0),
         env,
+        secret_env,
+        user,
         workdir,
         node_selector,
         priority,
@@ -436,7 +444,8 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
 
 /// A `kind: pipeline` job: the shared top-level fields, then `stages:`.
 fn read_pipeline_job(root: &Mapping, name: Option<String>, problems: &mut Problems) -> Option<JobSpec> {
-    let env = read_env(root, problems);
+    let (env, secret_env) = read_env(root, problems);
+    let user = read_user(root, problems);
     let node_selector = read_node_selector(root, problems);
     let priority = typed::<i32>(root, "priority", problems).unwrap_or(0);
     let stop_grace = typed::<DurationText>(root, "stop_grace", problems).map_or(DEFAULT_STOP_GRACE, |d| d.0);
@@ -456,6 +465,8 @@ fn read_pipeline_job(root: &Mapping, name: Option<String>, problems: &mut Proble
         nodes: 0,
         gpus_per_node: 0,
         env,
+        secret_env,
+        user,
         workdir,
         node_selector,
         priority,
@@ -469,6 +480,15 @@ fn read_pipeline_job(root: &Mapping, name: Option<String>, problems: &mut Proble
         dataset_policy,
         workload: Workload::Pipeline(pipeline),
     })
+}
+
+/// `user:`, the account the processes run as (each node decides whether it allows it).
+fn read_user(root: &Mapping, problems: &mut Problems) -> Option<String> {
+    let user = typed::<String>(root, "user", problems);
+    if user.as_deref().is_some_and(|u| u.trim().is_empty() || u.contains(char::is_whitespace)) {
+        problems.at(&["user"], "must be a user name or uid without spaces; leave it out for the node's rank-user");
+    }
+    user
 }
 
 fn check_stage(stage: &[StageSpec], problems: &mut Problems) {
