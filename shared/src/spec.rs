@@ -14,6 +14,8 @@
 //! A command job has `command: [python3, train.py]` and `launch: per-node | per-rank`.
 
 mod fields;
+#[doc(hidden)]
+pub mod fuzzing;
 mod locate;
 mod report;
 mod restart;
@@ -322,17 +324,34 @@ impl JobSpec {
 fn parse_document(text: &str) -> Result<Mapping, SpecIssue> {
     let whole = |line, message: String| SpecIssue { field: String::new(), line, message };
     let mut value: Value = serde_yaml_ng::from_str(text).map_err(|err| {
-        let line = err.location().map(|location| location.line());
-        whole(line, format!("not valid YAML: {err}"))
+        // Some errors (several documents, recursion limits) carry no position:
+        // the second document's `---`, else the document as a whole (line 1).
+        let line = err.location().map(|location| location.line()).or_else(|| second_document(text)).unwrap_or(1);
+        whole(Some(line), format!("not valid YAML: {err}"))
     })?;
-    value.apply_merge().map_err(|err| whole(None, format!("bad YAML merge key: {err}")))?;
+    value.apply_merge().map_err(|err| {
+        let line = locate::line_of(text, &["<<"]).unwrap_or(1);
+        whole(Some(line), format!("bad YAML merge key: {err}"))
+    })?;
     match value {
         Value::Mapping(root) => Ok(root),
-        Value::Null => Err(whole(None, "the job file is empty".to_owned())),
+        Value::Null => Err(whole(Some(1), "the job file is empty".to_owned())),
         other => {
             Err(whole(Some(1), format!("a job file is a mapping (`name: ...`, `kind: ...`), got {}", describe(&other))))
         }
     }
+}
+
+/// The line of the `---` that starts a second YAML document, if any.
+fn second_document(text: &str) -> Option<usize> {
+    let mut content = false;
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("---") && content {
+            return Some(i + 1);
+        }
+        content |= !line.trim().is_empty() && !line.trim_start().starts_with('#') && !line.starts_with("---");
+    }
+    None
 }
 
 fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
