@@ -581,10 +581,28 @@ fn misplaced(root: &Mapping, key: &str, kind: &str, belongs_to: &str, problems: 
     }
 }
 
+/// The first top-level line whose key is not text (`&anchor:`, `1:`, `~:`).
+fn line_of_odd_key(text: &str) -> Option<usize> {
+    text.lines().enumerate().find_map(|(i, line)| {
+        let top = !line.is_empty() && !line.starts_with([' ', '\t', '#', '-', '.']);
+        let key = line.split(':').next().unwrap_or_default();
+        let odd = top && !matches!(serde_yaml_ng::from_str::<Value>(key), Ok(Value::String(_)));
+        odd.then_some(i + 1)
+    })
+}
+
 fn check_top_level_keys(root: &Mapping, problems: &mut Problems) {
     for key in root.keys() {
         let Some(key) = key.as_str() else {
-            problems.at(&[], format!("top-level keys must be text, got {}", describe(key)));
+            let message = format!("top-level keys must be text, got {}", describe(key));
+            // Found by the job_file fuzz target: such a key had neither a field nor a line.
+            match line_of_odd_key(problems.text()) {
+                Some(line) => problems.at_line(String::new(), Some(line), message),
+                None => {
+                    let shown = serde_yaml_ng::to_string(key).unwrap_or_default().trim().to_owned();
+                    problems.at_line(if shown.is_empty() { "?".into() } else { shown }, None, message)
+                }
+            }
             continue;
         };
         if TOP_LEVEL_KEYS.contains(&key) {

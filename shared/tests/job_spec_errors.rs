@@ -305,6 +305,10 @@ fn errors_the_yaml_parser_gives_no_position_for_still_name_a_line() {
     let stray = problems_in("#\n   text\nname: a\n");
     assert!(stray[0].line.is_some(), "{stray:?}");
     assert_eq!(problems_in("")[0].line, Some(1));
+    // An anchor on an empty key: a null key, on line 3.
+    let null_key = problems_in("name: a\nkind: command\n&anchor: [x]\n");
+    let odd = null_key.iter().find(|i| i.message.contains("must be text")).unwrap();
+    assert_eq!(odd.line, Some(3), "{null_key:?}");
 }
 
 #[test]
