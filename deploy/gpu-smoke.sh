@@ -226,6 +226,8 @@ trap 'exit 130' INT TERM
 start_agent() { # name addr extra-args...
     local name="$1" addr="$2"
     shift 2
+    # As root, the ranks run as root too: say that is wanted (a node's config names an unprivileged rank-user).
+    COHORT_ALLOW_ROOT_RANKS=$([ "$(id -u)" = 0 ] && echo true || echo false) \
     "$bin/cohort-agent" --insecure --controller "$url" --node-name "$name" --advertise-addr "$addr" \
         --work-dir "$work/$name" --net-ifname lo --python "$PY" --telemetry-interval 1s "$@" \
         >"$logs/$name.log" 2>&1 &

@@ -69,6 +69,8 @@ for node in node-a:127.0.0.2 node-b:127.0.0.3; do
     name="${node%%:*}"
     addr="${node##*:}"
     if ((gpus >= 2)); then gpu_args=(--gpu-indices "$i"); else gpu_args=(--fake-gpus 1); fi
+    # As root, the ranks run as root too: say that is wanted (a node's config names an unprivileged rank-user).
+    COHORT_ALLOW_ROOT_RANKS=$([ "$(id -u)" = 0 ] && echo true || echo false) \
     "$bin/cohort-agent" --controller "$url" --node-name "$name" --advertise-addr "$addr" \
         --ca-cert "$tls/ca.crt" --join-token "$join_token" \
         --work-dir "$dir/$name" --net-ifname lo "${gpu_args[@]}" >"$dir/$name.log" 2>&1 &

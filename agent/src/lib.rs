@@ -2,11 +2,13 @@
 //! session to the controller.
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod gpu;
 pub mod inspect;
 pub mod join;
 pub mod preflight;
 pub mod prepare;
+pub mod rank_user;
 pub mod session;
 pub mod stage;
 pub mod supervisor;

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
 use cohort_agent::prepare::Preparer;
+use cohort_agent::rank_user::RankUserPolicy;
 use cohort_agent::stage::Stager;
 use cohort_agent::supervisor::{self, Supervisor};
 use cohort_agent::{gpu, session};
@@ -15,7 +15,7 @@ use cohort_proto::{EnvVar, NodeInfo};
 
 /// Registers this node with the controller, reports its GPUs, and starts,
 /// supervises and stops the processes of the jobs placed on it.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(version)]
 struct Args {
     /// The controllers' gRPC addresses, comma-separated, e.g.
@@ -101,7 +101,23 @@ struct Args {
     /// anyone who can reach the controller can command this node.
     #[arg(long, env = "COHORT_INSECURE")]
     insecure: bool,
+    /// The user ranks run as when a job names none (a name or uid; default:
+    /// the agent's own user, which must not be root unless --allow-root-ranks).
+    #[arg(long, env = "COHORT_RANK_USER")]
+    rank_user: Option<String>,
+    /// Other users a job may choose with `user:`, comma-separated; `*` allows
+    /// any user (root still needs --allow-root-ranks).
+    #[arg(long, env = "COHORT_ALLOWED_RANK_USERS", value_delimiter = ',')]
+    allowed_rank_users: Vec<String>,
+    /// Let ranks run as root (uid 0). Off: a job or a configuration that would
+    /// run them as root is refused.
+    #[arg(long, env = "COHORT_ALLOW_ROOT_RANKS")]
+    allow_root_ranks: bool,
 }
+
+/// Every long flag can also be set in this file (flag > env > file > default).
+const CONFIG: cohort_shared::config_file::ConfigLocation =
+    cohort_shared::config_file::ConfigLocation { default_path: "/etc/cohort/agent.toml", env: "COHORT_AGENT_CONFIG" };
 
 #[derive(Debug, Clone, Default)]
 struct Labels(HashMap<String, String>);
@@ -123,13 +139,17 @@ fn main() -> anyhow::Result<()> {
     if supervisor::shim::invoked() {
         std::process::exit(supervisor::shim::main());
     }
+    // `cohort-agent exec-as ...`: the shim starting a rank as another user.
+    if supervisor::shim::exec_as_invoked() {
+        std::process::exit(supervisor::shim::exec_as_main());
+    }
     agent()
 }
 
 #[tokio::main]
 async fn agent() -> anyhow::Result<()> {
     cohort_shared::telemetry::init("info");
-    let args = Args::parse();
+    let args: Args = cohort_shared::config_file::parse(CONFIG)?;
     let name = match args.node_name {
         Some(name) => name,
         None => nix::unistd::gethostname()
@@ -187,7 +207,15 @@ async fn agent() -> anyhow::Result<()> {
             }
         }
     });
-    let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone());
+    let rank_users = RankUserPolicy {
+        default_user: args.rank_user.clone().filter(|u| !u.trim().is_empty()),
+        allowed: args.allowed_rank_users.iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),
+        allow_root: args.allow_root_ranks,
+    };
+    // A node that could not run a job without `user:` says so now, not at the first launch.
+    let identity = rank_users.check().map_err(|e| anyhow::anyhow!("rank-user: {e}"))?;
+    tracing::info!(user = %identity.name, uid = identity.uid, allowed = ?rank_users.allowed, "ranks run as");
+    let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone()).with_rank_users(rank_users);
     let py_spy = supervisor::stacks::find_py_spy(args.py_spy.clone());
     tracing::info!(py_spy = ?py_spy, "stack dumps of hung jobs: {}", if py_spy.is_some() { "py-spy" } else { "faulthandler (SIGUSR1) where the trainer registered it" });
     supervisor.set_py_spy(py_spy);
@@ -252,8 +280,11 @@ async fn agent() -> anyhow::Result<()> {
     tokio::spawn(async move { probe.probe_at_startup().await });
     let session = tokio::spawn(session::run(config, supervisor.clone(), preparer, liveness, out_rx, stop_rx));
     tracing::info!(node = %name, "agent started");
+    cohort_shared::service::notify_ready(&format!("node {name}: supervising"));
+    let _watchdog = cohort_shared::service::spawn_watchdog();
 
     wait_for_signal().await;
+    cohort_shared::service::notify_stopping();
     let _ = stop_tx.send(true);
     // A SIGTERM'd agent stops its ranks: `systemctl stop` means drain the node.
     // Only a crash or kill -9 (or --keep-ranks-on-exit, for an upgrade) leaves them to the next agent.

@@ -314,6 +314,16 @@ async fn handle(
     message: ControllerMessage,
 ) -> Option<CommandAck> {
     let command_id = message.command_id;
+    if let Err(e) = crate::commands::check(&message) {
+        tracing::warn!(command = command_id, error = %e, "refusing a controller command");
+        // A refused launch starts nothing: say so for every process, so the gang fails now.
+        if let Some(Command::Launch(launch)) = &message.command {
+            for process in &launch.processes {
+                supervisor.spawn_failed(&launch.job_id, launch.attempt, process.index, e.to_string()).await;
+            }
+        }
+        return Some(CommandAck { command_id, ok: false, error: e.to_string() });
+    }
     let result = match message.command {
         Some(Command::Launch(launch)) => {
             tracing::info!(job = %launch.job_id, attempt = launch.attempt, node_rank = launch.node_rank, processes = launch.processes.len(), "launch");

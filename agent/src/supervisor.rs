@@ -39,6 +39,8 @@ pub mod stacks;
 mod state;
 mod tail;
 
+use crate::rank_user::{RankIdentity, RankUserError, RankUserPolicy};
+
 use state::{ExitRecord, LaunchRecord, ProcessFiles, ProcessRecord, launch_dir};
 use tail::{Destination, Follower};
 
@@ -76,6 +78,8 @@ pub enum LaunchError {
     MissingWorkdir(String),
     #[error("cannot create {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error(transparent)]
+    User(#[from] RankUserError),
 }
 
 /// What a restarted agent found of the launches it had supervised.
@@ -137,6 +141,8 @@ struct Inner {
     py_spy: std::sync::OnceLock<PathBuf>,
     /// The controller lease file and fence delay the shims watch.
     fence: std::sync::OnceLock<(PathBuf, Duration)>,
+    /// Which users the processes may run as.
+    rank_users: RankUserPolicy,
 }
 
 impl Supervisor {
@@ -158,6 +164,7 @@ impl Supervisor {
                 out,
                 py_spy: Default::default(),
                 fence: Default::default(),
+                rank_users: RankUserPolicy::agent_user(),
             }),
         }
     }
@@ -183,10 +190,21 @@ impl Supervisor {
         }
     }
 
+    /// The same supervisor with the node's rule for the users processes run as
+    /// (before it is cloned or used).
+    pub fn with_rank_users(mut self, policy: RankUserPolicy) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.rank_users = policy;
+        }
+        self
+    }
+
     /// Starts every process of a launch. A process that cannot be spawned is
     /// reported as `spawn_failed`; the others still start (the controller
     /// tears the gang down).
     pub async fn launch(&self, cmd: LaunchCommand) -> Result<(), LaunchError> {
+        // Before anything is created: a user this node does not allow changes nothing.
+        let identity = self.inner.rank_users.resolve(&cmd.user)?;
         if !cmd.metrics_dir.is_empty() {
             let follower = crate::supervisor::jsonl::JsonlMetrics {
                 supervisor: self.clone(),
@@ -209,6 +227,11 @@ impl Supervisor {
             let dir = self.inner.work_dir.join("jobs").join(&cmd.job_id).join("workdir");
             std::fs::create_dir_all(&dir)
                 .map_err(|source| LaunchError::Io { path: dir.display().to_string(), source })?;
+            // The processes write there: it is theirs.
+            if identity.needs_switch() {
+                nix::unistd::chown(&dir, Some(identity.uid.into()), Some(identity.gid.into()))
+                    .map_err(|e| LaunchError::Io { path: dir.display().to_string(), source: e.into() })?;
+            }
             dir
         } else {
             let dir = PathBuf::from(&cmd.workdir);
@@ -230,7 +253,7 @@ impl Supervisor {
         let mut launch = Launch { dir: dir.clone(), record, processes: Vec::new(), grace, ended_at: None };
         for spec in &cmd.processes {
             let files = ProcessFiles::new(&dir, spec.index);
-            match self.spawn(&cmd, spec, &cwd, &files).await {
+            match self.spawn(&cmd, spec, &cwd, &files, &identity).await {
                 Ok((p, r)) => {
                     launch.processes.push(p);
                     launch.record.processes.push(r);
@@ -270,6 +293,7 @@ impl Supervisor {
         spec: &cohort_proto::ProcessSpec,
         cwd: &Path,
         files: &ProcessFiles,
+        identity: &RankIdentity,
     ) -> Result<(Supervised, ProcessRecord), String> {
         let Some(program) = spec.argv.first() else { return Err("empty command line".into()) };
         // A relative program path with a slash is relative to the workdir.
@@ -296,10 +320,13 @@ impl Supervisor {
             .arg("--stderr")
             .arg(&files.stderr)
             .args(self.fence_args(cmd.stop_grace_ms))
+            .args(identity.needs_switch().then(|| format!("--run-as={}", identity.to_arg())))
             .arg("--")
             .arg(&program)
             .args(&spec.argv[1..])
             .current_dir(cwd)
+            // Another user's own HOME, USER and LOGNAME, unless the job sets them.
+            .envs(identity.needs_switch().then(|| identity.login_env()).into_iter().flatten())
             .envs(spec.env.iter().map(|v| (v.name.as_str(), v.value.as_str())))
             // The sweep finds escaped descendants by these four (the work
             // dir tells apart two agents on one host, e.g. test clusters).
@@ -311,6 +338,9 @@ impl Supervisor {
             .stdout(Stdio::piped())
             .stderr(shim_stderr)
             .kill_on_drop(false);
+        for name in cohort_shared::service::NOTIFY_ENV {
+            command.env_remove(name);
+        }
         let mut child =
             command.spawn().map_err(|e| format!("cannot start the shim {}: {e}", self.inner.shim.display()))?;
         let pid = child.id().ok_or("the shim exited before its pid was read")?;

@@ -24,6 +24,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::controller::Controller;
 use crate::leading::{Leading, Target};
+use crate::secrets::redact_job;
+
+/// A job as the job API shows it: secret env values hidden.
+fn redacted(mut job: Job) -> Job {
+    redact_job(&mut job);
+    job
+}
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -256,22 +263,30 @@ impl JobService for Local {
         let mut file =
             request.into_inner().file.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.file is required"))?;
         file.submitted_by = submitter;
-        let (job, warnings) = self.controller.submit(file).await?;
+        let (mut job, warnings) = self.controller.submit(file).await?;
+        redact_job(&mut job);
         Ok(Response::new(SubmitJobResponse { job: Some(job), warnings }))
     }
 
     async fn plan_job(&self, request: Request<PlanJobRequest>) -> Result<Response<PlanJobResponse>, Status> {
         let file =
             request.into_inner().file.ok_or_else(|| Status::invalid_argument("PlanJobRequest.file is required"))?;
-        Ok(Response::new(self.controller.plan(file).await))
+        let secret: Vec<String> = cohort_shared::spec::JobSpec::from_yaml(&file.yaml, &file.source_name)
+            .map(|spec| spec.secret_env.into_iter().collect())
+            .unwrap_or_default();
+        let mut response = self.controller.plan(file).await;
+        if let Some(plan) = response.plan.as_mut() {
+            crate::secrets::redact_plan(plan, &secret);
+        }
+        Ok(Response::new(response))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.controller.get(&request.into_inner().job).await?))
+        Ok(Response::new(redacted(self.controller.get(&request.into_inner().job).await?)))
     }
 
     async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
-        let jobs = self.controller.list(request.into_inner().active_only).await;
+        let jobs = self.controller.list(request.into_inner().active_only).await.into_iter().map(redacted).collect();
         Ok(Response::new(ListJobsResponse { jobs }))
     }
 
@@ -279,7 +294,7 @@ impl JobService for Local {
         let caller = crate::security::auth::caller(&request);
         let job = request.into_inner().job;
         crate::security::auth::check_owner(&caller, &self.controller.get(&job).await?, "cancel")?;
-        Ok(Response::new(self.controller.cancel(&job).await?))
+        Ok(Response::new(redacted(self.controller.cancel(&job).await?)))
     }
 
     type WatchJobStream = BoxStream<JobEvent>;
@@ -290,15 +305,19 @@ impl JobService for Local {
         let stream = async_stream(move |tx| async move {
             let id = job.id.clone();
             let done = finished(&job);
-            let first =
-                JobEvent { unix_ms: cohort_proto::now_unix_ms(), job: Some(job), message: "current state".into() };
+            let first = JobEvent {
+                unix_ms: cohort_proto::now_unix_ms(),
+                job: Some(redacted(job)),
+                message: "current state".into(),
+            };
             if tx.send(Ok(first)).await.is_err() || done {
                 return;
             }
             loop {
                 match rx.recv().await {
-                    Ok(ev) if ev.job.as_ref().is_some_and(|j| j.id == id) => {
+                    Ok(mut ev) if ev.job.as_ref().is_some_and(|j| j.id == id) => {
                         let done = ev.job.as_ref().is_some_and(finished);
+                        ev.job.iter_mut().for_each(redact_job);
                         if tx.send(Ok(ev)).await.is_err() || done {
                             return;
                         }
@@ -308,8 +327,11 @@ impl JobService for Local {
                         // Missed events: send the current state instead.
                         let Ok(job) = controller.get(&id).await else { return };
                         let done = finished(&job);
-                        let ev =
-                            JobEvent { unix_ms: cohort_proto::now_unix_ms(), job: Some(job), message: "resync".into() };
+                        let ev = JobEvent {
+                            unix_ms: cohort_proto::now_unix_ms(),
+                            job: Some(redacted(job)),
+                            message: "resync".into(),
+                        };
                         if tx.send(Ok(ev)).await.is_err() || done {
                             return;
                         }
@@ -338,7 +360,7 @@ impl JobService for Local {
         let caller = crate::security::auth::caller(&request);
         let job = request.into_inner().job;
         crate::security::auth::check_owner(&caller, &self.controller.get(&job).await?, "resume")?;
-        Ok(Response::new(self.controller.resume(&job).await?))
+        Ok(Response::new(redacted(self.controller.resume(&job).await?)))
     }
 
     async fn doctor(&self, _: Request<DoctorRequest>) -> Result<Response<DoctorResponse>, Status> {

@@ -365,8 +365,24 @@ fn dataset_check(files: &[PathBuf], policy: PolicyArg) -> anyhow::Result<ExitCod
     Ok(if allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// Job files bigger than this are not even read (the controller's own limit,
+/// --max-job-file-size, is 1 MiB by default).
+const MAX_JOB_FILE_READ: u64 = 64 << 20;
+
 fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
-    let yaml = std::fs::read_to_string(path).with_context(|| format!("cannot read job file {}", path.display()))?;
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read job file {}", path.display()))?;
+    let mut yaml = String::new();
+    file.take(MAX_JOB_FILE_READ + 1)
+        .read_to_string(&mut yaml)
+        .with_context(|| format!("cannot read job file {}", path.display()))?;
+    if yaml.len() as u64 > MAX_JOB_FILE_READ {
+        anyhow::bail!(
+            "job file {} is larger than {} MiB; a job file is a short YAML text",
+            path.display(),
+            MAX_JOB_FILE_READ >> 20
+        );
+    }
     let absolute = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
     let base_dir = absolute.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(JobFile { yaml, source_name: path.display().to_string(), base_dir, submitted_by: String::new() })

@@ -25,10 +25,12 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod leading;
+pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod planner;
 pub mod plot;
+pub mod secrets;
 pub mod security;
 pub mod store;
 
@@ -105,7 +107,9 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
         }
     };
     tracing::info!(listen = %local, id = %id, store = ?config.store, data_dir = %config.data_dir.display(), "controller serving");
+    cohort_shared::service::notify_ready(&format!("serving on {local} as {id}"));
 
+    let limits = config.controller.limits;
     let leading = leading::Leading::new(id, url, leader, config.security.as_ref().map(|s| s.client.clone()));
     let shared_store = matches!(config.store, StoreConfig::Etcd { .. });
     let leadership = tokio::spawn(leading.clone().run(
@@ -123,6 +127,12 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
         tokio::spawn(http::serve(listener, http::HttpApi { leading: leading.clone() }, http_tls, shutdown.clone()))
     });
     let api = api::Api { leading: leading.clone() };
+    let rate_limit = limits::RateLimit::new(&limits);
+    rate_limit.spawn_cleanup();
+    let job_api = tonic::service::interceptor::InterceptedService::new(
+        JobServiceServer::new(api.clone()).max_decoding_message_size(limits.max_request_bytes),
+        move |request| rate_limit.check(request),
+    );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut drain = shutdown.clone();
     // Server reflection (v1 and v1alpha, as grpcurl and other tools ask either),
@@ -148,8 +158,8 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
         .layer(auth)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(AgentServiceServer::new(api.clone()).max_decoding_message_size(16 << 20))
-        .add_service(JobServiceServer::new(api).max_decoding_message_size(4 << 20))
+        .add_service(AgentServiceServer::new(api).max_decoding_message_size(limits.max_agent_message_bytes))
+        .add_service(job_api)
         .add_service(cohort_proto::security_service_server::SecurityServiceServer::new(security_api))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.changed().await;

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod config_file;
 pub mod dataset;
 pub mod digest;
 pub mod duration;
@@ -12,6 +13,7 @@ pub mod megatron;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod service;
 pub mod spec;
 pub mod telemetry;
 pub mod tls;

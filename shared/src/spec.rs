@@ -14,6 +14,8 @@
 //! A command job has `command: [python3, train.py]` and `launch: per-node | per-rank`.
 
 mod fields;
+#[doc(hidden)]
+pub mod fuzzing;
 mod locate;
 mod report;
 mod restart;
@@ -50,6 +52,10 @@ pub struct JobSpec {
     pub gpus_per_node: u32,
     /// Extra environment, in file order; YAML numbers and bools become their text.
     pub env: IndexMap<String, String>,
+    /// The `env` names written `NAME: {value: ..., secret: true}`: never shown or logged.
+    pub secret_env: std::collections::BTreeSet<String>,
+    /// The user the processes run as (`user:`); None: each node's rank-user.
+    pub user: Option<String>,
     /// The directory the processes start in, on every node. A relative path is
     /// kept as written; the controller resolves it against the job file's directory.
     pub workdir: Option<String>,
@@ -170,6 +176,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "dataset_policy",
     "restart",
     "straggler_factor",
+    "user",
     // kind: pipeline (spec/stages.rs)
     "swift_version",
     "model",
@@ -317,17 +324,34 @@ impl JobSpec {
 fn parse_document(text: &str) -> Result<Mapping, SpecIssue> {
     let whole = |line, message: String| SpecIssue { field: String::new(), line, message };
     let mut value: Value = serde_yaml_ng::from_str(text).map_err(|err| {
-        let line = err.location().map(|location| location.line());
-        whole(line, format!("not valid YAML: {err}"))
+        // Some errors (several documents, recursion limits) carry no position:
+        // the second document's `---`, else the document as a whole (line 1).
+        let line = err.location().map(|location| location.line()).or_else(|| second_document(text)).unwrap_or(1);
+        whole(Some(line), format!("not valid YAML: {err}"))
     })?;
-    value.apply_merge().map_err(|err| whole(None, format!("bad YAML merge key: {err}")))?;
+    value.apply_merge().map_err(|err| {
+        let line = locate::line_of(text, &["<<"]).unwrap_or(1);
+        whole(Some(line), format!("bad YAML merge key: {err}"))
+    })?;
     match value {
         Value::Mapping(root) => Ok(root),
-        Value::Null => Err(whole(None, "the job file is empty".to_owned())),
+        Value::Null => Err(whole(Some(1), "the job file is empty".to_owned())),
         other => {
             Err(whole(Some(1), format!("a job file is a mapping (`name: ...`, `kind: ...`), got {}", describe(&other))))
         }
     }
+}
+
+/// The line of the `---` that starts a second YAML document, if any.
+fn second_document(text: &str) -> Option<usize> {
+    let mut content = false;
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("---") && content {
+            return Some(i + 1);
+        }
+        content |= !line.trim().is_empty() && !line.trim_start().starts_with('#') && !line.starts_with("---");
+    }
+    None
 }
 
 fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
@@ -355,7 +379,8 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
         Some(_) => {}
     }
     let gpus_per_node = typed::<u32>(root, "gpus_per_node", problems);
-    let env = read_env(root, problems);
+    let (env, secret_env) = read_env(root, problems);
+    let user = read_user(root, problems);
     let workdir = typed::<String>(root, "workdir", problems);
     if workdir.as_deref().is_some_and(|dir| dir.trim().is_empty()) {
         problems.at(&["workdir"], "is empty; leave it out or name a directory");
@@ -419,6 +444,8 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
         nodes: nodes?,
         gpus_per_node: gpus_per_node.unwrap_or(0),
         env,
+        secret_env,
+        user,
         workdir,
         node_selector,
         priority,
@@ -436,7 +463,8 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
 
 /// A `kind: pipeline` job: the shared top-level fields, then `stages:`.
 fn read_pipeline_job(root: &Mapping, name: Option<String>, problems: &mut Problems) -> Option<JobSpec> {
-    let env = read_env(root, problems);
+    let (env, secret_env) = read_env(root, problems);
+    let user = read_user(root, problems);
     let node_selector = read_node_selector(root, problems);
     let priority = typed::<i32>(root, "priority", problems).unwrap_or(0);
     let stop_grace = typed::<DurationText>(root, "stop_grace", problems).map_or(DEFAULT_STOP_GRACE, |d| d.0);
@@ -456,6 +484,8 @@ fn read_pipeline_job(root: &Mapping, name: Option<String>, problems: &mut Proble
         nodes: 0,
         gpus_per_node: 0,
         env,
+        secret_env,
+        user,
         workdir,
         node_selector,
         priority,
@@ -469,6 +499,15 @@ fn read_pipeline_job(root: &Mapping, name: Option<String>, problems: &mut Proble
         dataset_policy,
         workload: Workload::Pipeline(pipeline),
     })
+}
+
+/// `user:`, the account the processes run as (each node decides whether it allows it).
+fn read_user(root: &Mapping, problems: &mut Problems) -> Option<String> {
+    let user = typed::<String>(root, "user", problems);
+    if user.as_deref().is_some_and(|u| u.trim().is_empty() || u.contains(char::is_whitespace)) {
+        problems.at(&["user"], "must be a user name or uid without spaces; leave it out for the node's rank-user");
+    }
+    user
 }
 
 fn check_stage(stage: &[StageSpec], problems: &mut Problems) {
@@ -542,10 +581,28 @@ fn misplaced(root: &Mapping, key: &str, kind: &str, belongs_to: &str, problems: 
     }
 }
 
+/// The first top-level line whose key is not text (`&anchor:`, `1:`, `~:`).
+fn line_of_odd_key(text: &str) -> Option<usize> {
+    text.lines().enumerate().find_map(|(i, line)| {
+        let top = !line.is_empty() && !line.starts_with([' ', '\t', '#', '-', '.']);
+        let key = line.split(':').next().unwrap_or_default();
+        let odd = top && !matches!(serde_yaml_ng::from_str::<Value>(key), Ok(Value::String(_)));
+        odd.then_some(i + 1)
+    })
+}
+
 fn check_top_level_keys(root: &Mapping, problems: &mut Problems) {
     for key in root.keys() {
         let Some(key) = key.as_str() else {
-            problems.at(&[], format!("top-level keys must be text, got {}", describe(key)));
+            let message = format!("top-level keys must be text, got {}", describe(key));
+            // Found by the job_file fuzz target: such a key had neither a field nor a line.
+            match line_of_odd_key(problems.text()) {
+                Some(line) => problems.at_line(String::new(), Some(line), message),
+                None => {
+                    let shown = serde_yaml_ng::to_string(key).unwrap_or_default().trim().to_owned();
+                    problems.at_line(if shown.is_empty() { "?".into() } else { shown }, None, message)
+                }
+            }
             continue;
         };
         if TOP_LEVEL_KEYS.contains(&key) {

@@ -298,6 +298,20 @@ fn syntax_errors_carry_the_line_and_stop_there() {
 }
 
 #[test]
+fn errors_the_yaml_parser_gives_no_position_for_still_name_a_line() {
+    // Found by the job_file fuzz target: serde_yaml has no location for these.
+    let two = problems_in("# job\nname: a\nkind: command\n---\nname: b\n");
+    assert_eq!((two[0].line, two[0].message.contains("more than one document")), (Some(4), true), "{two:?}");
+    let stray = problems_in("#\n   text\nname: a\n");
+    assert!(stray[0].line.is_some(), "{stray:?}");
+    assert_eq!(problems_in("")[0].line, Some(1));
+    // An anchor on an empty key: a null key, on line 3.
+    let null_key = problems_in("name: a\nkind: command\n&anchor: [x]\n");
+    let odd = null_key.iter().find(|i| i.message.contains("must be text")).unwrap();
+    assert_eq!(odd.line, Some(3), "{null_key:?}");
+}
+
+#[test]
 fn display_lists_file_line_field_and_message() {
     let errors: SpecErrors = JobSpec::from_yaml(&variant("nodes: 2", "nodes: 0"), "jobs/q.yaml").unwrap_err();
     assert_eq!(errors.to_string(), "job file jobs/q.yaml: 1 problem\n  jobs/q.yaml:3: nodes: must be at least 1");

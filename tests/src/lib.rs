@@ -153,6 +153,9 @@ pub struct NodeSpec {
     pub wrapper: Vec<String>,
     /// Reach the controllers through proxies the test can cut (`partitions`).
     pub partitionable: bool,
+    /// Environment of the agent over the harness's own (e.g.
+    /// `COHORT_ALLOW_ROOT_RANKS=false` for a node that refuses root ranks).
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeSpec {
@@ -166,6 +169,7 @@ impl NodeSpec {
             extra_args: Vec::new(),
             wrapper: Vec::new(),
             partitionable: false,
+            env: Vec::new(),
         }
     }
 }
@@ -305,6 +309,8 @@ impl Cluster {
             .args(["--master-ports", &master, "--id", &name])
             .args(self.tls.iter().flat_map(|t| [OsStr::new("--tls-dir"), t.dir.as_os_str()]))
             .args(&self.extra_controller_args)
+            // No /etc/cohort/controller.toml of the machine (a test passes --config).
+            .env("COHORT_CONTROLLER_CONFIG", "/dev/null")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -358,7 +364,12 @@ impl Cluster {
             .args(["--fake-gpus", &node.fake_gpus.to_string(), "--labels", &node.labels, "--max-backoff", "1s"])
             .args(self.security_args_for_agent())
             .args(&node.extra_args)
+            // No /etc/cohort/agent.toml of the machine (a test passes --config);
+            // tests run as root and start their ranks as themselves.
+            .env("COHORT_AGENT_CONFIG", "/dev/null")
+            .env("COHORT_ALLOW_ROOT_RANKS", "true")
             .env("RUST_LOG", "info")
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

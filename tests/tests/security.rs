@@ -97,6 +97,9 @@ async fn only_agents_with_a_valid_certificate_of_their_own_node_get_in() {
         .arg("--ca-cert")
         .arg(tls.dir.join(files::CA_CERT))
         .args(["--join-token", &expired, "--fake-gpus", "1"])
+        // As the harness's agents: no machine config; tests run as root and so do their ranks.
+        .env("COHORT_AGENT_CONFIG", "/dev/null")
+        .env("COHORT_ALLOW_ROOT_RANKS", "true")
         .stdin(Stdio::null())
         .output()
         .unwrap();

@@ -21,6 +21,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -66,9 +67,28 @@ struct ShimArgs {
     /// SIGTERM-to-SIGKILL grace of a fence stop.
     #[arg(long, default_value_t = 10_000)]
     grace_ms: u64,
+    /// Start the process as this user: `uid:gid:group,group` (through
+    /// `cohort-agent exec-as`, which drops privileges and execs it).
+    #[arg(long)]
+    run_as: Option<String>,
     /// The process's command line.
     #[arg(last = true, required = true)]
     argv: Vec<OsString>,
+}
+
+/// The first argument that makes `cohort-agent` drop to a user and exec a program.
+pub const EXEC_AS: &str = "exec-as";
+
+#[derive(Parser, Debug)]
+#[command(name = "cohort-agent")]
+enum ExecAsCli {
+    /// Becomes `uid:gid:groups` and execs the command (internal; the shim uses it).
+    #[command(hide = true)]
+    ExecAs {
+        run_as: String,
+        #[arg(last = true, required = true)]
+        argv: Vec<OsString>,
+    },
 }
 
 /// The shim's one-line answer to the agent.
@@ -82,6 +102,39 @@ pub enum Handshake {
 /// Whether this process was started as a shim (checked before anything else runs).
 pub fn invoked() -> bool {
     std::env::args_os().nth(1).is_some_and(|a| a == SUBCOMMAND)
+}
+
+/// Whether this process was started as `cohort-agent exec-as`.
+pub fn exec_as_invoked() -> bool {
+    std::env::args_os().nth(1).is_some_and(|a| a == EXEC_AS)
+}
+
+/// `cohort-agent exec-as`: sets the supplementary groups, the group and the
+/// user (in that order, while still allowed to), then execs the command in
+/// this same process, so the pid the shim reported stays the rank's. Returns
+/// only on failure, with 127 (what a shell gives for a command it cannot run).
+pub fn exec_as_main() -> i32 {
+    let ExecAsCli::ExecAs { run_as, argv } = ExecAsCli::parse();
+    let fail = |message: String| {
+        eprintln!("cohort-agent exec-as: {message}");
+        127
+    };
+    let (uid, gid, groups) = match crate::rank_user::parse_run_as(&run_as) {
+        Ok(ids) => ids,
+        Err(e) => return fail(e),
+    };
+    let groups: Vec<nix::unistd::Gid> = groups.into_iter().map(nix::unistd::Gid::from_raw).collect();
+    if let Err(e) = nix::unistd::setgroups(&groups) {
+        return fail(format!("setgroups: {e}"));
+    }
+    if let Err(e) = nix::unistd::setgid(nix::unistd::Gid::from_raw(gid)) {
+        return fail(format!("setgid {gid}: {e}"));
+    }
+    if let Err(e) = nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)) {
+        return fail(format!("setuid {uid}: {e}"));
+    }
+    let error = Command::new(&argv[0]).args(&argv[1..]).exec();
+    fail(format!("{}: {error}", PathBuf::from(&argv[0]).display()))
 }
 
 /// Runs the shim; returns its exit status. One thread and no logging: it
@@ -137,8 +190,20 @@ fn run(args: ShimArgs) -> i32 {
         }
     };
     let program = &args.argv[0];
-    let spawned =
-        Command::new(program).args(&args.argv[1..]).stdin(Stdio::null()).stdout(stdout).stderr(stderr).spawn();
+    let mut command = match &args.run_as {
+        // The same binary, as `exec-as`: the rank keeps the pid we report.
+        Some(run_as) => {
+            let mut command = Command::new("/proc/self/exe");
+            command.arg0("cohort-agent").arg(EXEC_AS).arg(run_as).arg("--").args(&args.argv);
+            command
+        }
+        None => {
+            let mut command = Command::new(program);
+            command.args(&args.argv[1..]);
+            command
+        }
+    };
+    let spawned = command.stdin(Stdio::null()).stdout(stdout).stderr(stderr).spawn();
     let mut rank = match spawned {
         Ok(child) => child,
         Err(e) => {

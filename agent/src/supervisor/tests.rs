@@ -30,6 +30,7 @@ fn supervisor() -> (Supervisor, mpsc::Receiver<Outbound>, tempfile::TempDir) {
 fn launch(job: &str, scripts: &[&str], grace_ms: u32) -> LaunchCommand {
     LaunchCommand {
         metrics_dir: String::new(),
+        user: String::new(),
         job_id: job.into(),
         attempt: 1,
         node_rank: 0,

@@ -5,12 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
-use cohort_controller::{ControllerConfig, ServeConfig, StoreConfig, serve};
+use cohort_controller::{ControllerConfig, ServeConfig, StoreConfig, limits, serve};
 
 /// Plans and supervises multi-node training jobs; agents and the `cohort` CLI
 /// talk to it over gRPC.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(version)]
 struct Args {
     /// Address for the gRPC API (agents and CLI).
@@ -61,9 +60,31 @@ struct Args {
     /// Validity of the certificates issued to joining nodes.
     #[arg(long, env = "COHORT_NODE_CERT_TTL", default_value = "365d", value_parser = humantime::parse_duration)]
     node_cert_ttl: Duration,
+    /// The largest job file `cohort submit` and `cohort plan` may send (e.g. 1MiB).
+    #[arg(long, env = "COHORT_MAX_JOB_FILE_SIZE", default_value = "1MiB", value_parser = limits::parse_size)]
+    max_job_file_size: usize,
+    /// The largest job-API request message; bigger ones are refused with OUT_OF_RANGE.
+    #[arg(long, env = "COHORT_MAX_REQUEST_SIZE", default_value = "4MiB", value_parser = limits::parse_size)]
+    max_request_size: usize,
+    /// The largest message an agent may send (heartbeats, log batches, reports).
+    #[arg(long, env = "COHORT_MAX_AGENT_MESSAGE_SIZE", default_value = "16MiB", value_parser = limits::parse_size)]
+    max_agent_message_size: usize,
+    /// Job-API calls per second each client address may make on average (0: no limit);
+    /// more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "COHORT_API_RATE_LIMIT", default_value_t = 50)]
+    api_rate_limit: u32,
+    /// Calls a client may make in a burst above --api-rate-limit.
+    #[arg(long, env = "COHORT_API_RATE_BURST", default_value_t = 200)]
+    api_rate_burst: u32,
     #[command(subcommand)]
     setup: Option<cohort_controller::security::init::Setup>,
 }
+
+/// Every long flag can also be set in this file (flag > env > file > default).
+const CONFIG: cohort_shared::config_file::ConfigLocation = cohort_shared::config_file::ConfigLocation {
+    default_path: "/etc/cohort/controller.toml",
+    env: "COHORT_CONTROLLER_CONFIG",
+};
 
 fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
     let (lo, hi) = text.split_once('-').ok_or_else(|| format!("{text:?}: expected FIRST-LAST, e.g. 29500-29999"))?;
@@ -77,7 +98,7 @@ fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args: Args = cohort_shared::config_file::parse(CONFIG)?;
     if let Some(setup) = args.setup {
         return cohort_controller::security::init::run(setup);
     }
@@ -102,8 +123,10 @@ async fn main() -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
+        cohort_shared::service::notify_stopping();
         let _ = tx.send(true);
     });
+    let _watchdog = cohort_shared::service::spawn_watchdog();
     let store = if args.store == "embedded" {
         StoreConfig::Embedded
     } else {
@@ -124,6 +147,13 @@ async fn main() -> anyhow::Result<()> {
             node_ttl: args.node_ttl,
             heartbeat_interval: args.heartbeat_interval,
             master_ports: args.master_ports.0..=args.master_ports.1,
+            limits: limits::ApiLimits {
+                max_job_file_bytes: args.max_job_file_size,
+                max_request_bytes: args.max_request_size,
+                max_agent_message_bytes: args.max_agent_message_size,
+                rate_per_second: args.api_rate_limit,
+                rate_burst: args.api_rate_burst,
+            },
             ..ControllerConfig::default()
         },
     };

@@ -38,6 +38,8 @@ pub struct ControllerConfig {
     pub master_ports: RangeInclusive<u16>,
     /// How often an unanswered stop is sent again.
     pub stop_resend: Duration,
+    /// Sizes and rates clients may not exceed.
+    pub limits: crate::limits::ApiLimits,
 }
 
 impl Default for ControllerConfig {
@@ -47,6 +49,7 @@ impl Default for ControllerConfig {
             heartbeat_interval: Duration::from_secs(1),
             master_ports: 29500..=29999,
             stop_resend: Duration::from_secs(2),
+            limits: crate::limits::ApiLimits::default(),
         }
     }
 }
@@ -275,10 +278,11 @@ impl Controller {
     // ---------------------------------------------------------------- jobs API
 
     /// Parses and validates a job file; resolves a relative `workdir`.
-    fn parse(file: &JobFile) -> Result<JobSpec, ControllerError> {
-        if file.yaml.len() > 1 << 20 {
+    fn parse(&self, file: &JobFile) -> Result<JobSpec, ControllerError> {
+        let limit = self.config.limits.max_job_file_bytes;
+        if file.yaml.len() > limit {
             return Err(ControllerError::InvalidRequest(format!(
-                "job file {} is {} bytes; the limit is 1 MiB",
+                "job file {} is {} bytes; the controller accepts at most {limit} (--max-job-file-size)",
                 file.source_name,
                 file.yaml.len()
             )));
@@ -299,7 +303,7 @@ impl Controller {
     }
 
     pub async fn submit(&self, file: JobFile) -> Result<(Job, Vec<String>), ControllerError> {
-        let spec = Self::parse(&file)?;
+        let spec = self.parse(&file)?;
         let warnings: Vec<String> = spec.warnings().iter().map(|w| format!("{}: {}", w.field, w.message)).collect();
         let mut state = self.state.lock().await;
         let seq = state.next_seq;
@@ -316,6 +320,7 @@ impl Controller {
             priority: spec.priority,
             submitted_unix_ms: now_unix_ms(),
             file: Some(file),
+            secret_env: spec.secret_env.iter().cloned().collect(),
             ..Job::default()
         };
         if let Workload::Pipeline(pipeline) = &spec.workload {
@@ -349,7 +354,7 @@ impl Controller {
 
     pub async fn plan(&self, file: JobFile) -> cohort_proto::PlanJobResponse {
         use cohort_proto::{PlanJobResponse, SpecProblem};
-        let spec = match Self::parse(&file) {
+        let spec = match self.parse(&file) {
             Ok(spec) => spec,
             Err(ControllerError::InvalidSpec(errors)) => {
                 return PlanJobResponse {

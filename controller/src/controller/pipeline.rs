@@ -302,7 +302,7 @@ impl Controller {
                 // A stage's runs belong to whoever submitted the pipeline.
                 submitted_by: file.submitted_by.clone(),
             };
-            let child_spec = match Self::parse(&child_file) {
+            let child_spec = match self.parse(&child_file) {
                 Ok(spec) => spec,
                 Err(e) => {
                     stage.state = StageState::Failed as i32;
@@ -336,6 +336,7 @@ impl Controller {
                 file: Some(child_file),
                 pipeline_id: pipeline_id.to_string(),
                 pipeline_stage: stage_name.clone(),
+                secret_env: child_spec.secret_env.iter().cloned().collect(),
                 ..Job::default()
             };
             state.jobs.insert(

@@ -373,6 +373,7 @@ impl Controller {
             .collect();
         recount(&mut entry.job);
         let grace = entry.spec.stop_grace;
+        let user = entry.spec.user.clone().unwrap_or_default();
         // ms-swift also writes its metrics to <output_dir>/.../logging.jsonl on the last rank.
         let metrics_dir = match &entry.spec.workload {
             Workload::MegatronSft(m) => match (m.output_dir(), plan.nodes.first().map(|a| a.workdir.as_str())) {
@@ -398,6 +399,7 @@ impl Controller {
                 stop_grace_ms: grace.as_millis() as u32,
                 processes,
                 metrics_dir: if a.node_rank == last_rank { metrics_dir.clone() } else { String::new() },
+                user: user.clone(),
             };
             if !Self::send_command(state, &a.node_name, Command::Launch(msg)) {
                 unreachable = Some((a.node_name.clone(), a.node_rank));

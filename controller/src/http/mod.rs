@@ -171,6 +171,7 @@ async fn cluster(State(api): State<HttpApi>) -> Response {
         .await
         .into_iter()
         .map(|mut j| {
+            crate::secrets::redact_job(&mut j);
             j.file = None;
             j.preflight = None;
             j.datasets.iter_mut().for_each(|d| d.report.clear());

@@ -3,7 +3,7 @@
 
 use indexmap::IndexMap;
 use serde_yaml_ng::{Mapping, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::scalar::{as_flow_list, describe, scalar_text};
 use super::{CommandSpec, LaunchMode, MAX_NAME_LEN, Problems, RESERVED_ENV, RESERVED_ENV_PREFIX, typed};
@@ -43,10 +43,13 @@ fn sanitize_name(name: &str) -> String {
     fixed.trim_matches('-').to_owned()
 }
 
-pub(super) fn read_env(root: &Mapping, problems: &mut Problems) -> IndexMap<String, String> {
+/// The job's `env`, and the names of the values marked secret
+/// (`NAME: {value: ..., secret: true}`).
+pub(super) fn read_env(root: &Mapping, problems: &mut Problems) -> (IndexMap<String, String>, BTreeSet<String>) {
     let mut env = IndexMap::new();
+    let mut secrets = BTreeSet::new();
     let Some(entries) = string_keyed_mapping(root, "env", "a mapping of NAME: value", problems) else {
-        return env;
+        return (env, secrets);
     };
     for (key, value) in entries {
         let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
@@ -59,6 +62,21 @@ pub(super) fn read_env(root: &Mapping, problems: &mut Problems) -> IndexMap<Stri
                 format!("{key} is set by Cohort for every process (like NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT); remove it from env"),
             );
         }
+        let value = match value {
+            Value::Mapping(entry) => match secret_entry(entry) {
+                Ok((value, secret)) => {
+                    if secret {
+                        secrets.insert(key.to_owned());
+                    }
+                    value
+                }
+                Err(message) => {
+                    problems.at(&["env", key], message);
+                    continue;
+                }
+            },
+            other => other,
+        };
         match scalar_text(value) {
             Ok(text) => {
                 env.insert(key.to_owned(), text);
@@ -66,7 +84,26 @@ pub(super) fn read_env(root: &Mapping, problems: &mut Problems) -> IndexMap<Stri
             Err(message) => problems.at(&["env", key], message),
         }
     }
-    env
+    (env, secrets)
+}
+
+/// `{value: ..., secret: true}`: the value, and whether it is secret.
+fn secret_entry(entry: &Mapping) -> Result<(&Value, bool), String> {
+    let mut value = None;
+    let mut secret = false;
+    for (k, v) in entry {
+        match (k.as_str(), v) {
+            (Some("value"), v) => value = Some(v),
+            (Some("secret"), Value::Bool(b)) => secret = *b,
+            (Some("secret"), _) => return Err("`secret` must be true or false".to_owned()),
+            _ => {
+                return Err(
+                    "a mapping here takes only `value` and `secret`, e.g. {value: hf_xxx, secret: true}".to_owned()
+                );
+            }
+        }
+    }
+    value.map(|v| (v, secret)).ok_or_else(|| "has no `value`; write {value: ..., secret: true}".to_owned())
 }
 
 pub(super) fn read_node_selector(root: &Mapping, problems: &mut Problems) -> BTreeMap<String, String> {

@@ -117,6 +117,7 @@ pub const INHERITED_KEYS: &[&str] = &[
     "dataset_policy",
     "restart",
     "straggler_factor",
+    "user",
 ];
 
 /// A validated `kind: pipeline` job.

@@ -1,0 +1,124 @@
+//! Ranks run as the node's unprivileged rank-user, read back from the rank's
+//! own /proc entry, and a job that asks for root on a node that does not
+//! allow root ranks is refused, naming the job's `user` field.
+//!
+//! Needs root (to create the user and to switch to it), as CI and this
+//! repository's machines run the tests.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use cohort_proto::JobState;
+use cohort_tests::{Cluster, NodeSpec, state};
+
+const RANK_USER: &str = "cohort-test-rank";
+
+/// The uid of `RANK_USER`, created (a system user, no home) when absent.
+fn rank_user_uid() -> u32 {
+    let lookup = || {
+        let out = std::process::Command::new("id").args(["-u", RANK_USER]).output().unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().unwrap())
+    };
+    if let Some(uid) = lookup() {
+        return uid;
+    }
+    let out = std::process::Command::new("useradd")
+        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", RANK_USER])
+        .output()
+        .expect("useradd (package passwd) is needed to create the test's rank user");
+    // A parallel test process may have created it in the meantime (exit 9: exists).
+    assert!(
+        out.status.success() || out.status.code() == Some(9),
+        "useradd {RANK_USER}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lookup().expect("the rank user exists after useradd")
+}
+
+/// The `Uid:` line of /proc/<pid>/status: real, effective, saved, filesystem.
+fn uids_of(pid: u32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().skip(1).map(|n| n.parse().unwrap()).collect()
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned()
+}
+
+/// Processes whose parent is `parent` (from /proc/<pid>/stat).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+            let ppid: u32 = stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
+}
+
+fn node_with_rank_user() -> NodeSpec {
+    let mut node = NodeSpec::loopback(0, 1);
+    // The harness allows root ranks (tests run as root); this node does not.
+    node.env = vec![("COHORT_ALLOW_ROOT_RANKS".into(), "false".into())];
+    node.extra_args = vec!["--rank-user".into(), RANK_USER.into(), "--allowed-rank-users".into(), "*".into()];
+    node
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ranks_run_as_the_rank_user_and_root_is_refused() {
+    if !nix_is_root() {
+        panic!("this test switches users: run it as root (as CI does)");
+    }
+    let uid = rank_user_uid();
+    assert_ne!(uid, 0, "{RANK_USER} must not be root");
+    let cluster = Cluster::start(vec![node_with_rank_user()]).await.unwrap();
+
+    let job = cluster
+        .submit(
+            "name: as-rank-user\nkind: command\nnodes: 1\ngpus_per_node: 1\nstop_grace: 1s\ncommand: [sleep, '60']\n",
+        )
+        .await
+        .unwrap();
+    let running =
+        cluster.wait_job(&job.id, Duration::from_secs(30), |j| !j.processes.is_empty() && j.processes[0].pid > 0).await;
+    let running = running.unwrap();
+    assert_eq!(state(&running), JobState::Running, "{}", running.reason);
+    // The reported pid leads the process group: the shim, whose child is the
+    // rank (exec-as execs the program in place, so it is `sleep` itself).
+    let shim = running.processes[0].pid;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rank = loop {
+        if let Some(pid) = children_of(shim).into_iter().find(|&pid| comm(pid) == "sleep") {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no `sleep` under the shim {shim}: {:?}", children_of(shim));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let uids = uids_of(rank);
+    assert_ne!(uids_of(shim), vec![uid; 4], "the shim itself stays root (it must signal and reap the rank)");
+    assert_eq!(uids, vec![uid; 4], "the rank's real, effective, saved and filesystem uids");
+    assert!(uids.iter().all(|&u| u != 0));
+    cluster.cli(&["cancel", &job.id]);
+    cluster.wait_finished(&job.id, Duration::from_secs(30)).await.unwrap();
+
+    let job = cluster
+        .submit("name: as-root\nkind: command\nnodes: 1\ngpus_per_node: 1\nuser: root\ncommand: [sleep, '60']\n")
+        .await
+        .unwrap();
+    let refused = cluster.wait_finished(&job.id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(state(&refused), JobState::Failed, "{}", refused.reason);
+    let said = format!("{} {:?}", refused.reason, refused.attempts);
+    assert!(said.contains("`user: root`") && said.contains("allow-root-ranks"), "{said}");
+    assert!(cohort_tests::processes_of_job(&job.id).is_empty(), "nothing of the refused job runs");
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
