@@ -39,11 +39,18 @@ pub enum SessionError {
     Closed,
     #[error("no heartbeat acknowledged for {0:?}")]
     Silent(Duration),
+    #[error("the controller accepted the connection but did not answer {0} within {1:?}")]
+    NoAnswer(&'static str, Duration),
     #[error("{0}: plaintext http:// while this agent uses TLS (run both sides with --insecure, or use https://)")]
     Plaintext(String),
     #[error(transparent)]
     Tls(#[from] cohort_shared::tls::TlsError),
 }
+
+/// How long Register, and opening the session stream, may take: a controller
+/// that accepts the connection but never answers (stopped, stuck) must not hold
+/// the agent forever; it tries the next controller instead.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct SessionConfig {
     /// Every controller's URL; any of them leads or points at the leader.
@@ -219,12 +226,21 @@ async fn session(
     let mut client =
         AgentServiceClient::new(connect(url, config.tls.as_ref()).await?).max_decoding_message_size(16 << 20);
     let running = supervisor.report(true).await;
-    let registered = client.register(RegisterRequest { node: Some(config.node.clone()), running }).await?.into_inner();
+    let registered = tokio::time::timeout(
+        ANSWER_TIMEOUT,
+        client.register(RegisterRequest { node: Some(config.node.clone()), running }),
+    )
+    .await
+    .map_err(|_| SessionError::NoAnswer("Register", ANSWER_TIMEOUT))??
+    .into_inner();
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
     let (tx, rx) = mpsc::channel::<AgentMessage>(1024);
     let hello = Hello { node_name: config.node.name.clone(), session_id: registered.session_id };
     tx.send(AgentMessage { msg: Some(Msg::Hello(hello)) }).await.map_err(|_| SessionError::Closed)?;
-    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    let mut inbound = tokio::time::timeout(ANSWER_TIMEOUT, client.session(ReceiverStream::new(rx)))
+        .await
+        .map_err(|_| SessionError::NoAnswer("Session", ANSWER_TIMEOUT))??
+        .into_inner();
     tracing::info!(controller = %url, "connected and registered");
     liveness.touch();
     // A controller that restarted has not seen this node's environment yet.

@@ -379,35 +379,7 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
         Some(_) => {}
     }
     let gpus_per_node = typed::<u32>(root, "gpus_per_node", problems);
-    let (env, secret_env) = read_env(root, problems);
-    let user = read_user(root, problems);
-    let workdir = typed::<String>(root, "workdir", problems);
-    if workdir.as_deref().is_some_and(|dir| dir.trim().is_empty()) {
-        problems.at(&["workdir"], "is empty; leave it out or name a directory");
-    }
-    let node_selector = read_node_selector(root, problems);
-    let priority = typed::<i32>(root, "priority", problems).unwrap_or(0);
-    let stop_grace = typed::<DurationText>(root, "stop_grace", problems).map_or(DEFAULT_STOP_GRACE, |d| d.0);
-    let hang_timeout = typed::<DurationText>(root, "hang_timeout", problems).map(|d| d.0);
-    let restart = restart::read_restart(root, problems);
-    let straggler_factor = restart::read_straggler_factor(root, problems);
-    let python = typed::<String>(root, "python", problems);
-    let stage = typed::<Vec<StageSpec>>(root, "stage", problems).unwrap_or_default();
-    check_stage(&stage, problems);
-    let shared_paths = typed::<Vec<String>>(root, "shared_paths", problems).unwrap_or_default();
-    for (i, path) in shared_paths.iter().enumerate() {
-        if !path.starts_with('/') {
-            problems.at_field(
-                format!("shared_paths[{i}]"),
-                &["shared_paths"],
-                format!("{path:?} must be an absolute path"),
-            );
-        }
-    }
-    let dataset_policy = typed::<DatasetPolicy>(root, "dataset_policy", problems).unwrap_or_default();
-    if hang_timeout == Some(Duration::ZERO) {
-        problems.at(&["hang_timeout"], "must be longer than zero; leave it out to turn hang detection off");
-    }
+    let common = read_common(root, problems);
 
     let workload = match kind? {
         JobKind::Command => {
@@ -439,50 +411,66 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
             Some(Workload::MegatronSft(megatron))
         }
     };
-    Some(JobSpec {
-        name: name?,
-        nodes: nodes?,
-        gpus_per_node: gpus_per_node.unwrap_or(0),
-        env,
-        secret_env,
-        user,
-        workdir,
-        node_selector,
-        priority,
-        stop_grace,
-        hang_timeout,
-        restart,
-        straggler_factor,
-        python,
-        stage,
-        shared_paths,
-        dataset_policy,
-        workload: workload?,
-    })
+    Some(common.into_spec(name?, nodes?, gpus_per_node.unwrap_or(0), workload?))
 }
 
 /// A `kind: pipeline` job: the shared top-level fields, then `stages:`.
 fn read_pipeline_job(root: &Mapping, name: Option<String>, problems: &mut Problems) -> Option<JobSpec> {
+    // Read here for their errors; each stage's job inherits them (stages.rs).
+    let common = read_common(root, problems);
+    let pipeline = stages::read_pipeline(root, problems.text(), problems)?;
+    Some(common.into_spec(name?, 0, 0, Workload::Pipeline(pipeline)))
+}
+
+/// The top-level fields every kind of job has, read and checked once.
+struct Common {
+    env: IndexMap<String, String>,
+    secret_env: std::collections::BTreeSet<String>,
+    user: Option<String>,
+    workdir: Option<String>,
+    node_selector: BTreeMap<String, String>,
+    priority: i32,
+    stop_grace: Duration,
+    hang_timeout: Option<Duration>,
+    restart: RestartPolicy,
+    straggler_factor: f64,
+    python: Option<String>,
+    stage: Vec<StageSpec>,
+    shared_paths: Vec<String>,
+    dataset_policy: DatasetPolicy,
+}
+
+fn read_common(root: &Mapping, problems: &mut Problems) -> Common {
     let (env, secret_env) = read_env(root, problems);
     let user = read_user(root, problems);
+    let workdir = typed::<String>(root, "workdir", problems);
+    if workdir.as_deref().is_some_and(|dir| dir.trim().is_empty()) {
+        problems.at(&["workdir"], "is empty; leave it out or name a directory");
+    }
     let node_selector = read_node_selector(root, problems);
     let priority = typed::<i32>(root, "priority", problems).unwrap_or(0);
     let stop_grace = typed::<DurationText>(root, "stop_grace", problems).map_or(DEFAULT_STOP_GRACE, |d| d.0);
     let hang_timeout = typed::<DurationText>(root, "hang_timeout", problems).map(|d| d.0);
-    let workdir = typed::<String>(root, "workdir", problems);
+    if hang_timeout == Some(Duration::ZERO) {
+        problems.at(&["hang_timeout"], "must be longer than zero; leave it out to turn hang detection off");
+    }
+    let restart = restart::read_restart(root, problems);
+    let straggler_factor = restart::read_straggler_factor(root, problems);
     let python = typed::<String>(root, "python", problems);
     let stage = typed::<Vec<StageSpec>>(root, "stage", problems).unwrap_or_default();
     check_stage(&stage, problems);
     let shared_paths = typed::<Vec<String>>(root, "shared_paths", problems).unwrap_or_default();
+    for (i, path) in shared_paths.iter().enumerate() {
+        if !path.starts_with('/') {
+            problems.at_field(
+                format!("shared_paths[{i}]"),
+                &["shared_paths"],
+                format!("{path:?} must be an absolute path"),
+            );
+        }
+    }
     let dataset_policy = typed::<DatasetPolicy>(root, "dataset_policy", problems).unwrap_or_default();
-    // Read here for their errors; each stage's job inherits them (stages.rs).
-    let restart = restart::read_restart(root, problems);
-    let straggler_factor = restart::read_straggler_factor(root, problems);
-    let pipeline = stages::read_pipeline(root, problems.text(), problems)?;
-    Some(JobSpec {
-        name: name?,
-        nodes: 0,
-        gpus_per_node: 0,
+    Common {
         env,
         secret_env,
         user,
@@ -497,8 +485,32 @@ fn read_pipeline_job(root: &Mapping, name: Option<String>, problems: &mut Proble
         stage,
         shared_paths,
         dataset_policy,
-        workload: Workload::Pipeline(pipeline),
-    })
+    }
+}
+
+impl Common {
+    fn into_spec(self, name: String, nodes: u32, gpus_per_node: u32, workload: Workload) -> JobSpec {
+        JobSpec {
+            name,
+            nodes,
+            gpus_per_node,
+            env: self.env,
+            secret_env: self.secret_env,
+            user: self.user,
+            workdir: self.workdir,
+            node_selector: self.node_selector,
+            priority: self.priority,
+            stop_grace: self.stop_grace,
+            hang_timeout: self.hang_timeout,
+            restart: self.restart,
+            straggler_factor: self.straggler_factor,
+            python: self.python,
+            stage: self.stage,
+            shared_paths: self.shared_paths,
+            dataset_policy: self.dataset_policy,
+            workload,
+        }
+    }
 }
 
 /// `user:`, the account the processes run as (each node decides whether it allows it).

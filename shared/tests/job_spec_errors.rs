@@ -316,3 +316,12 @@ fn display_lists_file_line_field_and_message() {
     let errors: SpecErrors = JobSpec::from_yaml(&variant("nodes: 2", "nodes: 0"), "jobs/q.yaml").unwrap_err();
     assert_eq!(errors.to_string(), "job file jobs/q.yaml: 1 problem\n  jobs/q.yaml:3: nodes: must be at least 1");
 }
+
+#[test]
+fn a_pipeline_checks_the_shared_fields_as_every_job_does() {
+    let text = "name: flow\nkind: pipeline\nworkdir: ' '\nhang_timeout: 0s\nshared_paths: [relative/dir]\noutput_dir: /tmp/flow\n\
+                stages:\n  - {name: a, kind: command, command: ['true']}\n";
+    let issues = problems_in(text);
+    assert_eq!(fields(&issues), ["workdir", "hang_timeout", "shared_paths[0]"], "{issues:#?}");
+    assert_eq!(issues.iter().map(|i| i.line).collect::<Vec<_>>(), [Some(3), Some(4), Some(5)]);
+}

@@ -244,6 +244,7 @@ enum SessionError {
     Rpc(tonic::Status),
     Closed,
     Silent,
+    NoAnswer(&'static str),
 }
 
 impl std::fmt::Display for SessionError {
@@ -253,6 +254,7 @@ impl std::fmt::Display for SessionError {
             SessionError::Rpc(status) => write!(f, "{:?}: {}", status.code(), status.message()),
             SessionError::Closed => write!(f, "the stream closed"),
             SessionError::Silent => write!(f, "no HeartbeatAck for the silent limit"),
+            SessionError::NoAnswer(rpc) => write!(f, "no answer to {rpc} within 15 s"),
         }
     }
 }
@@ -383,8 +385,13 @@ impl SimAgent {
         let channel = connect(url).await?;
         let mut client = AgentServiceClient::new(channel).max_decoding_message_size(16 << 20);
         let running = self.report();
+        // As the agent: a controller that never answers is left after 15 s.
+        let answer = Duration::from_secs(15);
         let registered =
-            client.register(RegisterRequest { node: Some(self.info.clone()), running }).await?.into_inner();
+            tokio::time::timeout(answer, client.register(RegisterRequest { node: Some(self.info.clone()), running }))
+                .await
+                .map_err(|_| SessionError::NoAnswer("Register"))??
+                .into_inner();
         *permit = None;
         let status = &self.shared.agents[self.ix];
         let url_ix = self.urls.iter().position(|u| u == url).map(|i| i + 1).unwrap_or(usize::MAX);
@@ -396,7 +403,10 @@ impl SimAgent {
         let (tx, rx) = mpsc::channel::<AgentMessage>(1024);
         let hello = Hello { node_name: self.info.name.clone(), session_id: registered.session_id };
         tx.send(AgentMessage { msg: Some(Msg::Hello(hello)) }).await.map_err(|_| SessionError::Closed)?;
-        let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        let mut inbound = tokio::time::timeout(answer, client.session(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| SessionError::NoAnswer("Session"))??
+            .into_inner();
 
         // The first session starts at a random phase of the interval, so that
         // heartbeats spread as they do across real nodes; reconnects tick at once.

@@ -69,7 +69,9 @@ impl ControllerProc {
             .arg(args.data_dir.join(args.name))
             .args(["--master-ports", &args.master_ports])
             // The simulated agents speak plaintext: the figures are the control plane's, not TLS's.
-            .arg("--insecure");
+            .arg("--insecure")
+            // One client polls every few ms: the job API's per-client rate limit would refuse it.
+            .args(["--api-rate-limit", "0"]);
         if let Some(etcd) = args.etcd {
             let ttl = format!("{}ms", args.leader_ttl.as_millis());
             command.args(["--store", etcd, "--leader-ttl", &ttl]);
