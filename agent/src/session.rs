@@ -223,8 +223,10 @@ async fn session(
     liveness: &Liveness,
     outbound: &mut mpsc::Receiver<Outbound>,
 ) -> Result<(), SessionError> {
-    let mut client =
-        AgentServiceClient::new(connect(url, config.tls.as_ref()).await?).max_decoding_message_size(16 << 20);
+    let channel = tokio::time::timeout(ANSWER_TIMEOUT, connect(url, config.tls.as_ref()))
+        .await
+        .map_err(|_| SessionError::NoAnswer("the connection handshake", ANSWER_TIMEOUT))??;
+    let mut client = AgentServiceClient::new(channel).max_decoding_message_size(16 << 20);
     let running = supervisor.report(true).await;
     let registered = tokio::time::timeout(
         ANSWER_TIMEOUT,
