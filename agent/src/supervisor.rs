@@ -300,7 +300,19 @@ impl Supervisor {
         let program =
             if program.contains('/') && !program.starts_with('/') { cwd.join(program) } else { PathBuf::from(program) };
         // Fresh output files, no exit file: the follower starts at byte 0.
-        let fresh = |path: &Path| std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()));
+        // Readable by the agent (root) only: on a shared node, ranks of other
+        // jobs (other users) must not read this job's output. The rank writes
+        // through the descriptors its shim opened.
+        let fresh = |path: &Path| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::File::options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| format!("{}: {e}", path.display()))
+        };
         fresh(&files.stdout)?;
         fresh(&files.stderr)?;
         let _ = std::fs::remove_file(&files.exit);

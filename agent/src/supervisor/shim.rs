@@ -180,7 +180,13 @@ fn run(args: ShimArgs) -> i32 {
         }
     }
     let open = |path: &PathBuf| {
-        File::options().create(true).append(true).open(path).map_err(|e| format!("shim: {}: {e}", path.display()))
+        use std::os::unix::fs::OpenOptionsExt;
+        File::options()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("shim: {}: {e}", path.display()))
     };
     let (stdout, stderr) = match (open(&args.stdout), open(&args.stderr)) {
         (Ok(o), Ok(e)) => (o, e),

@@ -99,6 +99,11 @@ async fn output_lines_arrive_before_the_exit_and_land_in_files() {
     let out = std::fs::read_to_string(dir.path().join("jobs/out/attempt-1/0.out")).unwrap();
     let err = std::fs::read_to_string(dir.path().join("jobs/out/attempt-1/0.err")).unwrap();
     assert_eq!((out.as_str(), err.as_str()), ("hi\n", "oops\n"));
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["0.out", "0.err"] {
+        let mode = std::fs::metadata(dir.path().join("jobs/out/attempt-1").join(file)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}: other users' ranks must not read it");
+    }
     let record = state::ExitRecord::read(&dir.path().join("jobs/out/attempt-1/0.exit")).unwrap();
     assert_eq!((record.exit_code, record.signal), (Some(4), None), "the shim recorded the exit");
 }
