@@ -52,6 +52,17 @@ pub enum SessionError {
 /// the agent forever; it tries the next controller instead.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// `call`'s result, or [`SessionError::NoAnswer`] after [`ANSWER_TIMEOUT`].
+async fn answered<T, E: Into<SessionError>>(
+    what: &'static str,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, SessionError> {
+    match tokio::time::timeout(ANSWER_TIMEOUT, call).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(SessionError::NoAnswer(what, ANSWER_TIMEOUT)),
+    }
+}
+
 pub struct SessionConfig {
     /// Every controller's URL; any of them leads or points at the leader.
     pub controller_urls: Vec<String>,
@@ -223,26 +234,16 @@ async fn session(
     liveness: &Liveness,
     outbound: &mut mpsc::Receiver<Outbound>,
 ) -> Result<(), SessionError> {
-    let channel = tokio::time::timeout(ANSWER_TIMEOUT, connect(url, config.tls.as_ref()))
-        .await
-        .map_err(|_| SessionError::NoAnswer("the connection handshake", ANSWER_TIMEOUT))??;
+    let channel = answered("the connection handshake", connect(url, config.tls.as_ref())).await?;
     let mut client = AgentServiceClient::new(channel).max_decoding_message_size(16 << 20);
     let running = supervisor.report(true).await;
-    let registered = tokio::time::timeout(
-        ANSWER_TIMEOUT,
-        client.register(RegisterRequest { node: Some(config.node.clone()), running }),
-    )
-    .await
-    .map_err(|_| SessionError::NoAnswer("Register", ANSWER_TIMEOUT))??
-    .into_inner();
+    let register = client.register(RegisterRequest { node: Some(config.node.clone()), running });
+    let registered = answered("Register", register).await?.into_inner();
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
     let (tx, rx) = mpsc::channel::<AgentMessage>(1024);
     let hello = Hello { node_name: config.node.name.clone(), session_id: registered.session_id };
     tx.send(AgentMessage { msg: Some(Msg::Hello(hello)) }).await.map_err(|_| SessionError::Closed)?;
-    let mut inbound = tokio::time::timeout(ANSWER_TIMEOUT, client.session(ReceiverStream::new(rx)))
-        .await
-        .map_err(|_| SessionError::NoAnswer("Session", ANSWER_TIMEOUT))??
-        .into_inner();
+    let mut inbound = answered("Session", client.session(ReceiverStream::new(rx))).await?.into_inner();
     tracing::info!(controller = %url, "connected and registered");
     liveness.touch();
     // A controller that restarted has not seen this node's environment yet.

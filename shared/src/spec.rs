@@ -155,35 +155,15 @@ enum JobKind {
     Pipeline,
 }
 
-/// The top-level keys of a job file.
-pub const TOP_LEVEL_KEYS: &[&str] = &[
-    "name",
-    "kind",
-    "nodes",
-    "gpus_per_node",
-    "env",
-    "workdir",
-    "node_selector",
-    "priority",
-    "stop_grace",
-    "hang_timeout",
-    "command",
-    "launch",
-    "megatron",
-    "python",
-    "stage",
-    "shared_paths",
-    "dataset_policy",
-    "restart",
-    "straggler_factor",
-    "user",
-    // kind: pipeline (spec/stages.rs)
-    "swift_version",
-    "model",
-    "output_dir",
-    "conversion_cache",
-    "stages",
-];
+/// The top-level keys of command and megatron-sft jobs besides those every
+/// job has ([`stages::INHERITED_KEYS`], read by `read_common`); `name` and
+/// `kind` a pipeline has too.
+const JOB_KEYS: &[&str] = &["name", "kind", "nodes", "gpus_per_node", "command", "launch", "megatron"];
+
+/// Every top-level key of a job file, of any kind.
+fn top_level_keys() -> impl Iterator<Item = &'static str> + Clone {
+    JOB_KEYS.iter().chain(stages::INHERITED_KEYS).chain(stages::PIPELINE_KEYS).copied()
+}
 
 /// Keys that the design names but this version does not implement yet.
 const NOT_YET_SUPPORTED: &[&str] = &[];
@@ -617,13 +597,13 @@ fn check_top_level_keys(root: &Mapping, problems: &mut Problems) {
             }
             continue;
         };
-        if TOP_LEVEL_KEYS.contains(&key) {
+        if top_level_keys().any(|k| k == key) {
             continue;
         }
         let message = if NOT_YET_SUPPORTED.contains(&key) {
             format!("`{key}` is not supported yet")
         } else {
-            format!("unknown key `{key}`{}", suggestion(key, TOP_LEVEL_KEYS.iter().copied()))
+            format!("unknown key `{key}`{}", suggestion(key, top_level_keys()))
         };
         problems.at(&[key], message);
     }

@@ -29,14 +29,8 @@ const FAULTHANDLER_WAIT: Duration = Duration::from_millis(1000);
 /// Most bytes of dump text kept per process group.
 const MAX_DUMP: usize = 256 * 1024;
 
-/// One process of a rank's group, from /proc.
-#[derive(Debug, Clone)]
-struct Task {
-    pid: u32,
-    comm: String,
-    state: char,
-    argv0: String,
-}
+/// One process of a rank's launch, from /proc.
+use super::proctree::Proc as Task;
 
 impl Task {
     fn is_stuck(&self) -> bool {
@@ -174,9 +168,6 @@ async fn py_spy_dump(py_spy: &Path, pid: u32) -> String {
 /// members and the shim's descendants in sessions of their own (torchrun's workers).
 fn group_tasks(group: u32) -> Vec<Task> {
     super::proctree::launch_processes(group)
-        .into_iter()
-        .map(|p| Task { pid: p.pid, comm: p.comm, state: p.state, argv0: p.argv0 })
-        .collect()
 }
 
 /// Whether the process has a handler for `signal` (SigCgt in /proc/PID/status).

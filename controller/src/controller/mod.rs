@@ -130,6 +130,21 @@ struct NodeEntry {
 }
 
 impl JobEntry {
+    /// A job as submitted or read back from the store (`revision`): nothing of
+    /// an attempt in memory yet.
+    fn new(job: Job, spec: JobSpec, seq: u64, revision: Option<u64>) -> Self {
+        JobEntry {
+            job,
+            spec,
+            seq,
+            revision,
+            prepared: HashMap::new(),
+            span: None,
+            progress: Default::default(),
+            lookup: None,
+        }
+    }
+
     fn state(&self) -> JobState {
         JobState::try_from(self.job.state).unwrap_or(JobState::Unspecified)
     }
@@ -224,19 +239,7 @@ impl Controller {
                 job.plan = None;
                 prepare::close_attempt(&mut job);
             }
-            state.jobs.insert(
-                job.id.clone(),
-                JobEntry {
-                    job,
-                    spec,
-                    seq: record.seq,
-                    revision: Some(v.revision),
-                    prepared: HashMap::new(),
-                    span: None,
-                    progress: Default::default(),
-                    lookup: None,
-                },
-            );
+            state.jobs.insert(job.id.clone(), JobEntry::new(job, spec, record.seq, Some(v.revision)));
         }
         let now = Instant::now();
         for (key, v) in store.list("nodes/").await? {
@@ -330,19 +333,7 @@ impl Controller {
             job.started_unix_ms = job.submitted_unix_ms;
             job.stages = pipeline::initial_stages(pipeline);
         }
-        state.jobs.insert(
-            id.clone(),
-            JobEntry {
-                job,
-                spec,
-                seq,
-                revision: None,
-                prepared: HashMap::new(),
-                span: None,
-                progress: Default::default(),
-                lookup: None,
-            },
-        );
+        state.jobs.insert(id.clone(), JobEntry::new(job, spec, seq, None));
         self.persist_job(&mut state, &id).await?;
         self.publish(&state, &id, "submitted");
         tracing::info!(job = %id, "job submitted");

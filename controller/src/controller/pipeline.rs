@@ -339,19 +339,7 @@ impl Controller {
                 secret_env: child_spec.secret_env.iter().cloned().collect(),
                 ..Job::default()
             };
-            state.jobs.insert(
-                child_id.clone(),
-                JobEntry {
-                    job,
-                    spec: child_spec,
-                    seq,
-                    revision: None,
-                    prepared: HashMap::new(),
-                    span: None,
-                    progress: Default::default(),
-                    lookup: None,
-                },
-            );
+            state.jobs.insert(child_id.clone(), JobEntry::new(job, child_spec, seq, None));
             self.persist_job(state, &child_id).await?;
             self.publish(state, &child_id, "submitted by its pipeline");
             tracing::info!(pipeline = %pipeline_id, stage = %stage_name, job = %child_id, "stage run submitted");

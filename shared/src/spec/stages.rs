@@ -102,8 +102,9 @@ const COMMON_STAGE_KEYS: &[&str] = &["name", "kind", "depends_on", "output", "en
 /// Top-level keys of a pipeline besides the ones every job has.
 pub const PIPELINE_KEYS: &[&str] = &["swift_version", "model", "output_dir", "conversion_cache", "stages"];
 
-/// Top-level keys a pipeline passes on to the job of every stage: a stage
-/// failure goes through the job's restart policy first.
+/// Top-level keys every job has (`read_common` in spec.rs reads them), which a
+/// pipeline passes on to the job of every stage: a stage failure goes through
+/// the job's restart policy first.
 pub const INHERITED_KEYS: &[&str] = &[
     "env",
     "workdir",
