@@ -126,8 +126,13 @@ fn a_job_runs_across_three_agent_containers_and_a_stopped_agent_fails_it() {
 
     // A job across the three containers: each node its own host name and
     // address; rank 0 is reached over the containers' network.
-    let out = compose.cohort(&["submit", "--wait", "/jobs/hello.yaml"]);
+    let out = compose.cohort(&["submit", "/jobs/hello.yaml"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hello = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let job = compose.wait_job(&hello, Duration::from_secs(60), |j| {
+        matches!(state(j), "JOB_STATE_SUCCEEDED" | "JOB_STATE_FAILED" | "JOB_STATE_CANCELLED") && live(j) == 0
+    });
+    assert_eq!(state(&job), "JOB_STATE_SUCCEEDED", "{job}");
     let logs = String::from_utf8(compose.cohort(&["logs", "hello"]).stdout).unwrap();
     for (i, rank) in [(1, 0), (2, 1), (3, 2)] {
         let line = format!("node-{i}/0 | node {rank} of 3 on node-{i}, master {}.21:", compose.net);
