@@ -9,6 +9,7 @@ real thing. Started by launch.sh on every node; see README.md.
 """
 import argparse
 import faulthandler
+import gc
 import json
 import math
 import os
@@ -355,6 +356,14 @@ def main():
         model.save_pretrained(args.save)
         print(f"tiny-sft: saved the model to {args.save}", flush=True)
     dist.barrier()  # nobody tears the group down while rank 0 still saves
+    # DDP's reducer must not be the last holder of the process group: it is
+    # freed with the GIL held, and ProcessGroupGloo's destructor then joins
+    # its work thread, which may still be freeing the barrier's work and need
+    # the GIL. The process hangs at exit, now and then, after training ended
+    # (pytorch/pytorch#56297). Freed first, the reducer leaves the group to
+    # destroy_process_group, which destroys it without the GIL.
+    del ddp, optimizer, model
+    gc.collect()
     dist.destroy_process_group()
 
 
