@@ -330,19 +330,25 @@ impl Controller {
             }
             None => return,
         };
-        // A gang of N nodes sends N starts: persist state changes, not each
-        // event (pids and exits come back from the agents after a restart).
-        let changed = state.jobs.get(&id).is_some_and(|e| e.job.state != state_before || e.is_terminal());
+        // A gang of N nodes sends N starts, and N exits when it is stopped:
+        // persist state changes and a finished job's last exit, not each
+        // event (pids and exits come back from the agents after a restart,
+        // and stops are resent until the agents no longer report the ranks).
+        let Some(entry) = state.jobs.get(&id) else { return };
+        let state_changed = entry.job.state != state_before;
+        let over_with_live = entry.is_over() && entry.job.live_processes > 0;
+        let changed = state_changed || (entry.is_terminal() && !over_with_live);
         if changed && let Err(e) = self.persist_job(&mut state, &id).await {
             tracing::error!(job = %id, error = %e, "could not persist job");
         }
-        // A start that changes nothing else goes out with the next batch and
+        // A start, or an exit while a finished attempt still has ranks to
+        // stop, that changes nothing else goes out with the next batch and
         // leaves the reconcile loop asleep (it has nothing to act on).
-        if !changed && is_start {
-            self.publish_start(&mut state, &id, message);
+        if !state_changed && (is_start || over_with_live) {
+            self.hold_message(&mut state, &id, message);
             return;
         }
-        self.flush_starts(&mut state, &id, Some(&message));
+        self.flush_held(&mut state, &id, Some(&message));
         drop(state);
         self.wake.notify_one();
     }
@@ -472,5 +478,81 @@ impl Controller {
         if tx.send(Ok(msg)).is_ok() {
             state.stops_sent.insert((node.into(), job_id.into(), attempt), Instant::now());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::store::EmbeddedStore;
+
+    type Session = mpsc::UnboundedReceiver<Result<ControllerMessage, Status>>;
+
+    /// A controller with `nodes` registered nodes of one GPU, each with an
+    /// open session; returns the store and the sessions' receiving ends.
+    async fn controller_with(dir: &Path, nodes: usize) -> (Arc<Controller>, Arc<EmbeddedStore>, Vec<Session>) {
+        let store = Arc::new(EmbeddedStore::open(&dir.join("store")).unwrap());
+        let controller = Controller::load(store.clone(), dir, ControllerConfig::default()).await.unwrap();
+        let mut sessions = Vec::new();
+        for i in 0..nodes {
+            let node = NodeInfo {
+                name: format!("n{i}"),
+                advertise_addr: "127.0.0.1".into(),
+                gpus: vec![cohort_proto::GpuInfo { index: 0, ..Default::default() }],
+                ..NodeInfo::default()
+            };
+            let request = cohort_proto::RegisterRequest { node: Some(node), running: Vec::new() };
+            let registered = controller.register(request).await.unwrap();
+            let (tx, rx) = mpsc::unbounded_channel();
+            controller.attach(&format!("n{i}"), &registered.session_id, tx).await.unwrap();
+            sessions.push(rx);
+        }
+        (controller, store, sessions)
+    }
+
+    fn event(job_id: &str, event: cohort_proto::process_event::Event) -> cohort_proto::ProcessEvent {
+        cohort_proto::ProcessEvent { job_id: job_id.into(), attempt: 1, index: 0, event: Some(event) }
+    }
+
+    #[tokio::test]
+    async fn a_stopped_gangs_exits_are_persisted_once_and_published_together() {
+        use cohort_proto::process_event::Event;
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, store, mut sessions) = controller_with(dir.path(), 3).await;
+        let yaml = "name: t\nkind: command\nnodes: 3\ngpus_per_node: 1\ncommand: [sleep, '100']\n";
+        let file = JobFile { yaml: yaml.into(), source_name: "t.yaml".into(), ..JobFile::default() };
+        let (job, _) = controller.submit(file).await.unwrap();
+        controller.reconcile().await.unwrap();
+        for session in &mut sessions {
+            let launched = std::iter::from_fn(|| session.try_recv().ok())
+                .any(|msg| matches!(msg, Ok(ControllerMessage { command: Some(Command::Launch(_)), .. })));
+            assert!(launched, "every node gets its launch");
+        }
+        for (i, node) in ["n0", "n1", "n2"].iter().enumerate() {
+            let started = cohort_proto::ProcessStarted { pid: 100 + i as u32, started_unix_ms: now_unix_ms() };
+            controller.process_event(node, event(&job.id, Event::Started(started))).await;
+        }
+        let (_, mut events) = controller.watch(&job.id).await.unwrap();
+        controller.cancel(&job.id).await.unwrap();
+        while events.try_recv().is_ok() {}
+
+        let revision = || async { store.get(&format!("jobs/{}", job.id)).await.unwrap().unwrap().revision };
+        let before = revision().await;
+        let exited = || Event::Exited(ProcessExited { signal: Some(15), stopped_by_agent: true, ..Default::default() });
+        for node in ["n0", "n1"] {
+            controller.process_event(node, event(&job.id, exited())).await;
+            assert_eq!(revision().await, before, "an exit with ranks still to stop is not persisted");
+        }
+        assert!(events.try_recv().is_err(), "exits with ranks still to stop are held");
+        controller.process_event("n2", event(&job.id, exited())).await;
+        assert_ne!(revision().await, before, "the last exit is persisted");
+        let last = events.try_recv().unwrap();
+        assert_eq!(last.job.as_ref().unwrap().live_processes, 0);
+        for node in ["n0", "n1", "n2"] {
+            assert!(last.message.contains(&format!("on node {node} exited")), "{}", last.message);
+        }
+        assert!(events.try_recv().is_err(), "one event for the three exits");
     }
 }

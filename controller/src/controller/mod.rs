@@ -78,10 +78,11 @@ struct State {
     /// Attempts whose whole output this controller has (it launched them, or
     /// fetched their files from the agents after taking over).
     logs_complete: HashSet<(String, u32)>,
-    /// "Process started" messages not yet published, by job, with when the
-    /// first was held: a gang of N nodes sends N starts, and every published
-    /// event carries the whole job record, so starts go out in batches.
-    held_starts: HashMap<String, (Instant, Vec<String>)>,
+    /// Event messages not yet published, by job, with when the first was
+    /// held: a gang of N nodes sends N starts, and N exits when it is
+    /// stopped, and every published event carries the whole job record, so
+    /// these go out in batches.
+    held_messages: HashMap<String, (Instant, Vec<String>)>,
     /// Lines of FetchLogs answers being collected, by command id.
     fetching: HashMap<u64, Vec<(String, cohort_proto::LogBatch)>>,
     /// Pipeline stages (job, stage) whose resolving task runs (pipeline.rs).
@@ -596,36 +597,36 @@ impl Controller {
         Ok(())
     }
 
-    /// Holds a "process started" message for the job's next batch, and
-    /// publishes the batch once its first message is [`START_BATCH`] old.
-    fn publish_start(&self, state: &mut State, id: &str, message: String) {
-        let held = state.held_starts.entry(id.to_string()).or_insert_with(|| (Instant::now(), Vec::new()));
+    /// Holds a message for the job's next batch, and publishes the batch once
+    /// its first message is [`HOLD_FOR`] old.
+    fn hold_message(&self, state: &mut State, id: &str, message: String) {
+        let held = state.held_messages.entry(id.to_string()).or_insert_with(|| (Instant::now(), Vec::new()));
         held.1.push(message);
-        if held.0.elapsed() >= START_BATCH {
-            self.flush_starts(state, id, None);
+        if held.0.elapsed() >= HOLD_FOR {
+            self.flush_held(state, id, None);
         }
     }
 
-    /// Publishes the job's held start messages (followed by `message`, when
-    /// given) as one event; with nothing held, just `message`.
-    fn flush_starts(&self, state: &mut State, id: &str, message: Option<&str>) {
-        let mut lines = state.held_starts.remove(id).map(|(_, lines)| lines).unwrap_or_default();
+    /// Publishes the job's held messages (followed by `message`, when given)
+    /// as one event; with nothing held, just `message`.
+    fn flush_held(&self, state: &mut State, id: &str, message: Option<&str>) {
+        let mut lines = state.held_messages.remove(id).map(|(_, lines)| lines).unwrap_or_default();
         lines.extend(message.map(str::to_string));
         if !lines.is_empty() {
             self.publish(state, id, &batch_message(&lines));
         }
     }
 
-    /// Publishes every batch of start messages older than [`START_BATCH`].
-    fn flush_old_starts(&self, state: &mut State) {
+    /// Publishes every batch of held messages older than [`HOLD_FOR`].
+    fn flush_old_held(&self, state: &mut State) {
         let due: Vec<String> = state
-            .held_starts
+            .held_messages
             .iter()
-            .filter(|(_, (since, _))| since.elapsed() >= START_BATCH)
+            .filter(|(_, (since, _))| since.elapsed() >= HOLD_FOR)
             .map(|(id, _)| id.clone())
             .collect();
         for id in due {
-            self.flush_starts(state, &id, None);
+            self.flush_held(state, &id, None);
         }
     }
 
@@ -645,8 +646,22 @@ impl Controller {
     }
 }
 
-/// How long "process started" messages are held to go out as one event.
-const START_BATCH: Duration = Duration::from_millis(50);
+/// How long batched event messages are held to go out as one event.
+const HOLD_FOR: Duration = Duration::from_millis(50);
+
+/// Node names for a reason or a log field: all of them when few, else the
+/// first three, the last and the count. Every log line of an attempt carries
+/// this, and a 1,024-node list is 9 KB.
+fn node_list<S: AsRef<str>>(nodes: &[S]) -> String {
+    const SHOWN: usize = 8;
+    let names = |nodes: &[S]| nodes.iter().map(|n| n.as_ref()).collect::<Vec<_>>().join(", ");
+    match nodes {
+        [first @ .., last] if nodes.len() > SHOWN => {
+            format!("{}, ..., {} ({} nodes)", names(&first[..3]), last.as_ref(), nodes.len())
+        }
+        _ => names(nodes),
+    }
+}
 
 /// One event message for several: all of them when few, else the first and
 /// last two around a count (a 1,024-node gang's starts make one line).
@@ -724,6 +739,15 @@ mod tests {
         );
         assert_eq!(batch_message(&lines[..3]), lines[..3].join("; "));
         assert_eq!(batch_message(&lines[..1]), lines[0]);
+    }
+
+    #[test]
+    fn a_long_node_list_is_its_ends_and_a_count() {
+        let nodes: Vec<String> = (0..1024).map(|i| format!("n{i}")).collect();
+        assert_eq!(node_list(&nodes), "n0, n1, n2, ..., n1023 (1024 nodes)");
+        assert_eq!(node_list(&nodes[..8]), "n0, n1, n2, n3, n4, n5, n6, n7");
+        assert_eq!(node_list(&nodes[..9]), "n0, n1, n2, ..., n8 (9 nodes)");
+        assert_eq!(node_list::<String>(&[]), "");
     }
 
     #[test]

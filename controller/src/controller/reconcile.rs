@@ -99,7 +99,7 @@ impl Controller {
 
     pub async fn reconcile(&self) -> Result<(), ControllerError> {
         let mut state = self.state.lock().await;
-        self.flush_old_starts(&mut state);
+        self.flush_old_held(&mut state);
         self.expire_nodes(&mut state).await?;
         for id in self.check_progress(&mut state) {
             self.persist_job(&mut state, &id).await?;
@@ -332,10 +332,10 @@ impl Controller {
         });
         entry.job.plan = Some(plan);
         entry.prepared.clear();
-        entry.span = Some(tracing::info_span!(parent: None, "attempt", job = %id, attempt, nodes = %nodes.join(",")));
+        entry.span = Some(tracing::info_span!(parent: None, "attempt", job = %id, attempt, nodes = %node_list(&nodes)));
         if entry.spec.needs_preparation() {
             entry.job.state = JobState::Preparing as i32;
-            entry.job.reason = format!("preparing {}: preflight, shared paths, datasets, staging", nodes.join(", "));
+            entry.job.reason = format!("preparing {}: preflight, shared paths, datasets, staging", node_list(&nodes));
             self.persist_job(state, id).await?;
             tracing::info!(job = %id, attempt, port, "preparing");
             self.send_prepare(state, id).await?;
@@ -353,7 +353,7 @@ impl Controller {
         let attempt = entry.job.attempt;
         entry.job.state = JobState::Starting as i32;
         entry.job.reason =
-            format!("launching on {}", plan.nodes.iter().map(|a| a.node_name.as_str()).collect::<Vec<_>>().join(", "));
+            format!("launching on {}", node_list(&plan.nodes.iter().map(|a| &a.node_name).collect::<Vec<_>>()));
         let rendered: Vec<Vec<ProcessSpec>> = plan.nodes.iter().map(|a| node_processes(state, id, a)).collect();
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
         entry.job.processes = plan
