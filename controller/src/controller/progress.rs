@@ -371,6 +371,14 @@ fn summarize(dumps: &[(String, StackDump)]) -> Vec<String> {
         .collect()
 }
 
+/// The last iteration and the total, when the current attempt has reported
+/// its last training iteration: a hang after it is a hang at exit.
+fn finished_training(job: &Job) -> Option<(u64, u64)> {
+    let point = job.progress.as_ref().filter(|p| !p.is_eval && p.unix_ms >= job.started_unix_ms)?;
+    let total = point.total_iterations.filter(|total| *total > 0 && point.iteration >= *total)?;
+    Some((point.iteration, total))
+}
+
 /// The failure of a hung attempt, with the suspect node: one with a stopped
 /// or stuck process; else one whose ranks all exited 0 while the others
 /// waited; else the one whose ranks' output stopped first.
@@ -424,16 +432,27 @@ fn hang_failure(entry: &JobEntry, hang: &HangCheck) -> Failure {
             })
     };
     let (suspect, why) = stuck.or_else(exited_clean).or_else(first_silent).unwrap_or_default();
+    let at_exit = finished_training(&entry.job)
+        .map(|(it, total)| {
+            format!(
+                "; this attempt had finished training (iteration {it}/{total}): it hung in its tear-down \
+                 (process group destroy, final barrier or checkpoint)"
+            )
+        })
+        .unwrap_or_default();
     let message = if suspect.is_empty() {
-        format!("hung: no progress for {silent}")
+        format!("hung: no progress for {silent}{at_exit}")
     } else {
-        format!("hung: no progress for {silent}; suspect node {suspect} (node rank {}): {why}", rank_of(&suspect))
+        format!(
+            "hung: no progress for {silent}; suspect node {suspect} (node rank {}): {why}{at_exit}",
+            rank_of(&suspect)
+        )
     };
     Failure {
         node_name: suspect.clone(),
         node_rank: rank_of(&suspect),
         cause: FailureCause::Hang.name().into(),
-        detail: format!("no progress (iteration, output, GPU utilisation) for {silent}"),
+        detail: format!("no progress (iteration, output, GPU utilisation) for {silent}{at_exit}"),
         suspect_node: suspect,
         suspect_reason: why,
         message,
@@ -476,6 +495,42 @@ mod tests {
         progress.nodes.insert("b".into(), track(&[1.6; 6]));
         let report = node_report(&progress, 1.5);
         assert_eq!(report.iter().map(|n| n.straggler).collect::<Vec<_>>(), [false, true]);
+    }
+
+    #[test]
+    fn a_hang_after_the_last_iteration_is_called_a_hang_at_exit() {
+        let spec = JobSpec::from_yaml("name: a\nkind: command\nnodes: 1\ncommand: [x]\n", "t").unwrap();
+        let point = |iteration, unix_ms| cohort_proto::TrainingPoint {
+            iteration,
+            total_iterations: Some(60),
+            unix_ms,
+            ..Default::default()
+        };
+        let hang = HangCheck {
+            declared: Instant::now(),
+            silent_for: Duration::from_secs(300),
+            waiting: HashSet::new(),
+            dumps: Vec::new(),
+        };
+        let failure_with = |progress| {
+            let job = Job { id: "a-1".into(), started_unix_ms: 1_000, progress, ..Job::default() };
+            hang_failure(&JobEntry::new(job, spec.clone(), 1, None), &hang)
+        };
+        let at_exit = failure_with(Some(point(60, 2_000)));
+        assert_eq!(at_exit.cause, "hang");
+        assert!(
+            at_exit.message.contains("finished training (iteration 60/60): it hung in its tear-down"),
+            "{at_exit:?}"
+        );
+        assert!(at_exit.detail.contains("hung in its tear-down"), "{at_exit:?}");
+        for (progress, why) in [
+            (Some(point(45, 2_000)), "mid-training"),
+            (Some(point(60, 500)), "the last iteration of an earlier attempt"),
+            (None, "no metrics"),
+        ] {
+            let failure = failure_with(progress);
+            assert!(!failure.message.contains("tear-down"), "{why}: {failure:?}");
+        }
     }
 
     #[test]
