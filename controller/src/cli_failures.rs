@@ -5,7 +5,7 @@
 use comfy_table::Table;
 use comfy_table::presets::NOTHING;
 
-use cohort_proto::Job;
+use cohort_proto::{Job, JobState};
 
 pub fn print_failure_status(job: &Job) {
     if let Some(f) = job.failure.as_ref().filter(|f| !f.cause.is_empty()) {
@@ -40,7 +40,8 @@ pub fn print_failure_status(job: &Job) {
             job.excluded_nodes.join(", ")
         );
     }
-    if job.hang_timeout_ms > 0 && job.last_progress_unix_ms > 0 {
+    // Only a running attempt can hang; after it, "last progress" only grows.
+    if job.state == JobState::Running as i32 && job.hang_timeout_ms > 0 && job.last_progress_unix_ms > 0 {
         let quiet = (cohort_proto::now_unix_ms() - job.last_progress_unix_ms).max(0) as f64 / 1000.0;
         say!(
             "hang:      last progress {quiet:.0}s ago; hung after {:.0}s without progress",

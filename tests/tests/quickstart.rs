@@ -65,4 +65,9 @@ async fn tiny_sft_trains_across_two_nodes_and_the_loss_falls() {
     assert!(last < first, "loss must fall: first {first}, last {last}");
     assert_eq!(metrics[metrics.len() - 1].iteration, metrics[0].total_iterations.unwrap());
     assert!(processes_of_job(&id).is_empty());
+
+    // Status shows where training ended, and no hang clock for a job that is over.
+    let status = String::from_utf8_lossy(&cluster.cli(&["status", &id]).stdout).into_owned();
+    assert!(status.contains("progress:  iteration 60/60 (100%)"), "{status}");
+    assert!(!status.contains("hang:"), "a finished job cannot hang:\n{status}");
 }
