@@ -141,14 +141,11 @@ async fn the_python_example_submits_a_pipeline_follows_it_and_prints_its_metrics
     // current-state event, and its Running could not be seen.
     let transition = |stage: &str, to: &str| {
         let prefix = format!("stage {stage}: ");
-        let into = |state: &str| {
-            let suffix = format!(" -> {state}");
-            move |l: &str| l.ends_with(&suffix) || l.contains(&format!("{suffix} ("))
-        };
-        let (to_state, past) = (into(to), into("Succeeded"));
+        let states: &[&str] = if to == "Running" { &["Running", "Succeeded"] } else { &[to] };
+        let into = |l: &str, state: &str| l.ends_with(&format!(" -> {state}")) || l.contains(&format!(" -> {state} ("));
         stdout
             .lines()
-            .position(|l| l.starts_with(&prefix) && (to_state(l) || (to == "Running" && past(l))))
+            .position(|l| l.starts_with(&prefix) && states.iter().any(|state| into(l, state)))
             .unwrap_or_else(|| panic!("no transition of {stage} to {to} in {all}"))
     };
     for stage in ["produce", "train", "check"] {

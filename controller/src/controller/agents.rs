@@ -337,7 +337,7 @@ impl Controller {
         let Some(entry) = state.jobs.get(&id) else { return };
         let state_changed = entry.job.state != state_before;
         let over_with_live = entry.is_over() && entry.job.live_processes > 0;
-        let changed = state_changed || (entry.is_terminal() && !over_with_live);
+        let changed = state_changed || (entry.is_terminal() && entry.job.live_processes == 0);
         if changed && let Err(e) = self.persist_job(&mut state, &id).await {
             tracing::error!(job = %id, error = %e, "could not persist job");
         }
