@@ -131,6 +131,14 @@ fn rank_pid(shim: u32) -> u32 {
     }
 }
 
+/// The node that runs `node_rank` in the job's current attempt, with its
+/// index in the cluster (nodes are named `node<index>`).
+fn node_of_rank(job: &Job, node_rank: u32) -> (String, usize) {
+    let node = job.processes.iter().find(|p| p.node_rank == node_rank).unwrap().node_name.clone();
+    let index = node.trim_start_matches("node").parse().unwrap();
+    (node, index)
+}
+
 /// Waits until the attempt runs and every rank has passed `step`.
 async fn running_past(cluster: &Cluster, id: &str, attempt: u32, step: u32) -> Job {
     let job = cluster
@@ -237,8 +245,7 @@ async fn kill_agent() -> Figures {
     let mut cluster = cluster(nodes(3)).await;
     let job = cluster.submit(&job("kill-agent", 2, "env: {STEPS_FIRST: '100000'}\n")).await.unwrap();
     let running = running_past(&cluster, &job.id, 1, 2).await;
-    let victim = running.processes.iter().find(|p| p.node_rank == 1).unwrap().node_name.clone();
-    let index: usize = victim.trim_start_matches("node").parse().unwrap();
+    let (victim, index) = node_of_rank(&running, 1);
     let watch = OverlapWatch::start(&job.id);
     let fault_at = unix_ms_now();
     cluster.kill_agent(index);
@@ -257,13 +264,17 @@ async fn kill_agent() -> Figures {
 /// the fence deadline and runs elsewhere.
 async fn partition_agent() -> Figures {
     let mut nodes = nodes(3);
-    nodes[1].partitionable = true;
+    // Any two of the three nodes may get the job: each can be cut off.
+    for node in &mut nodes {
+        node.partitionable = true;
+    }
     let cluster = cluster(nodes).await;
     let job = cluster.submit(&job("partition", 2, "env: {STEPS_FIRST: '100000'}\n")).await.unwrap();
     let watch = OverlapWatch::start(&job.id);
-    running_past(&cluster, &job.id, 1, 2).await;
+    let running = running_past(&cluster, &job.id, 1, 2).await;
+    let (victim, index) = node_of_rank(&running, 1);
     let fault_at = unix_ms_now();
-    for p in &cluster.partitions[1] {
+    for p in &cluster.partitions[index] {
         p.cut();
     }
     let figures = figures(&cluster, &job.id, fault_at).await;
@@ -271,8 +282,8 @@ async fn partition_agent() -> Figures {
     watch.assert_none();
     assert_eq!(state(&done), JobState::Succeeded, "{done:?}");
     let failure = assert_attempt_failed(&done, "node_lost");
-    assert_eq!(failure.node_name, "node1");
-    assert!(!done.attempts[1].nodes.contains(&"node1".to_string()));
+    assert_eq!(failure.node_name, victim);
+    assert!(!done.attempts[1].nodes.contains(&victim));
     figures
 }
 
