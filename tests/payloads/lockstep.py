@@ -44,10 +44,20 @@ def wait_forever():
 
 
 def recv_byte(sock):
-    data = sock.recv(1)
+    try:
+        data = sock.recv(1)
+    except ConnectionError:  # the peer is gone (reset): wait, as for a clean close
+        data = b""
     if not data:
         wait_forever()
     return data
+
+
+def send_byte(sock, byte):
+    try:
+        sock.sendall(byte)
+    except ConnectionError:  # the peer is gone (reset, broken pipe)
+        wait_forever()
 
 
 if rank == 0:
@@ -61,7 +71,7 @@ if rank == 0:
         for p in peers:
             recv_byte(p)
         for p in peers:
-            p.sendall(b"g")
+            send_byte(p, b"g")
 else:
     deadline = time.time() + 60
     while True:
@@ -75,7 +85,7 @@ else:
             time.sleep(0.05)
 
     def barrier():
-        conn.sendall(b"s")
+        send_byte(conn, b"s")
         recv_byte(conn)
 
 
