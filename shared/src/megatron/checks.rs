@@ -194,6 +194,12 @@ fn check_layers(
 /// `recompute_num_layers` None). Returns the chunk size of uniform full
 /// recompute, which must also divide the layers of a pipeline stage.
 fn check_recompute(spec: &MegatronSpec, problems: &mut Problems) -> Option<u32> {
+    // A recompute flag refused already (bad type or choice) is left out of `spec`;
+    // judging the rest against its default would only add noise.
+    let keys = ["recompute_granularity", "recompute_method", "recompute_num_layers"];
+    if keys.iter().any(|key| problems.reported(&format!("{SECTION}.{key}"))) {
+        return None;
+    }
     let sft = spec.release.table().command(MEGATRON_SFT);
     let default = |key: &str| sft.and_then(|sft| sft.flag(key)).and_then(|flag| flag.default_text());
     let granularity =

@@ -131,12 +131,13 @@ pub fn check_name(context: FlagContext<'_>, name: &str) -> Result<&'static Flag,
     }
 }
 
-/// The newest other version whose `megatron sft` has exactly `name`.
+/// The newest other version whose `megatron sft` has exactly `name`, one of
+/// the same major first.
 fn newest_release_with(name: &str, except: SwiftRelease) -> Option<SwiftRelease> {
     SwiftRelease::available()
         .filter(|release| *release != except)
         .filter(|release| release.table().command(MEGATRON_SFT).is_some_and(|sft| sft.flag(name).is_some()))
-        .max()
+        .max_by_key(|release| (release.major() == except.major(), *release))
 }
 
 impl Flag {

@@ -90,6 +90,11 @@ impl<'a> Problems<'a> {
         self.text
     }
 
+    /// Whether a problem was already recorded at `field` (dotted).
+    pub(crate) fn reported(&self, field: &str) -> bool {
+        self.issues.iter().any(|issue| issue.field == field)
+    }
+
     pub(crate) fn into_issues(self) -> Vec<SpecIssue> {
         self.issues
     }
