@@ -60,17 +60,25 @@ const RENAMES: &[Rename] = &[
     rename("gradient_accumulation_fusion", &["no_gradient_accumulation_fusion"], 3, OPPOSITE),
 ];
 
-/// The job's ms-swift version and how the job wrote it, for messages.
+/// The job's ms-swift version and how the job wrote it, for messages, and the
+/// command whose flags are checked.
 #[derive(Clone, Copy, Debug)]
 pub struct FlagContext<'a> {
     pub release: SwiftRelease,
     /// `swift_version` as written (`3`, `"3.10"`).
     pub written: &'a str,
+    /// A command of the tables: [`MEGATRON_SFT`], `swift export`, ...
+    pub command: &'a str,
 }
 
-impl FlagContext<'_> {
-    fn sft(&self) -> Option<&'static CommandFlags> {
-        self.release.table().command(MEGATRON_SFT)
+impl<'a> FlagContext<'a> {
+    /// `megatron sft` flags of `release`.
+    pub fn megatron_sft(release: SwiftRelease, written: &'a str) -> Self {
+        FlagContext { release, written, command: MEGATRON_SFT }
+    }
+
+    fn flags(&self) -> Option<&'static CommandFlags> {
+        self.release.table().command(self.command)
     }
 
     /// `ms-swift 3.12.6 (swift_version 3)`
@@ -79,18 +87,21 @@ impl FlagContext<'_> {
     }
 }
 
-/// The `megatron sft` flag `name` (without dashes) of the job's version, or why
-/// ms-swift's parser would not take `--{name}` as the user meant it.
+/// The flag `name` (without dashes) of the context's command and version, or
+/// why ms-swift's parser would not take `--{name}` as the user meant it.
 pub fn check_name(context: FlagContext<'_>, name: &str) -> Result<&'static Flag, String> {
-    let Some(sft) = context.sft() else {
-        return Err(format!("{} has no `megatron sft` command", context.version()));
+    let command = context.command;
+    let Some(sft) = context.flags() else {
+        return Err(format!("{} has no `{command}` command", context.version()));
     };
     let lookup = sft.lookup(name);
     if let Lookup::Exact(flag) = lookup {
         return Ok(flag);
     }
     let release = context.release;
-    if let Some(rename) = RENAMES.iter().find(|r| r.from == name && r.major == release.major()) {
+    // The dialect renames are those of `megatron sft`.
+    let mut renames = RENAMES.iter().filter(|_| command == MEGATRON_SFT);
+    if let Some(rename) = renames.find(|r| r.from == name && r.major == release.major()) {
         let other = if release.major() == 3 { 4 } else { 3 };
         let to = rename.to.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(" or ");
         return Err(format!(
@@ -100,21 +111,21 @@ pub fn check_name(context: FlagContext<'_>, name: &str) -> Result<&'static Flag,
     }
     match lookup {
         Lookup::Abbreviation(targets) if targets.len() == 1 => Err(format!(
-            "`{name}` is not a megatron sft flag of {}, only an abbreviation that argparse would silently take as --{}; write the whole flag name `{}`",
+            "`{name}` is not a {command} flag of {}, only an abbreviation that argparse would silently take as --{}; write the whole flag name `{}`",
             context.version(),
             targets[0],
             targets[0]
         )),
         Lookup::Abbreviation(targets) => Err(format!(
-            "`{name}` is not a megatron sft flag of {}; argparse would refuse it as an abbreviation of several flags ({}); write the whole name of the one you mean",
+            "`{name}` is not a {command} flag of {}; argparse would refuse it as an abbreviation of several flags ({}); write the whole name of the one you mean",
             context.version(),
             targets.iter().map(|t| format!("--{t}")).collect::<Vec<_>>().join(", ")
         )),
         Lookup::Exact(_) | Lookup::Unknown => {
-            let mut message = format!("`{name}` is not a megatron sft flag of {}", context.version());
+            let mut message = format!("`{name}` is not a {command} flag of {}", context.version());
             if let Some(close) = did_you_mean(name, sft.canonical_names()) {
                 message.push_str(&format!("; did you mean `{close}`?"));
-            } else if let Some(other) = newest_release_with(name, release) {
+            } else if let Some(other) = newest_release_with(command, name, release) {
                 let written = if other.major() == release.major() {
                     format!("\"{}.{}\"", other.major(), other.minor())
                 } else {
@@ -131,12 +142,12 @@ pub fn check_name(context: FlagContext<'_>, name: &str) -> Result<&'static Flag,
     }
 }
 
-/// The newest other version whose `megatron sft` has exactly `name`, one of
-/// the same major first.
-fn newest_release_with(name: &str, except: SwiftRelease) -> Option<SwiftRelease> {
+/// The newest other version whose `command` has exactly `name`, one of the
+/// same major first.
+fn newest_release_with(command: &str, name: &str, except: SwiftRelease) -> Option<SwiftRelease> {
     SwiftRelease::available()
         .filter(|release| *release != except)
-        .filter(|release| release.table().command(MEGATRON_SFT).is_some_and(|sft| sft.flag(name).is_some()))
+        .filter(|release| release.table().command(command).is_some_and(|flags| flags.flag(name).is_some()))
         .max_by_key(|release| (release.major() == except.major(), *release))
 }
 

@@ -28,7 +28,7 @@ pub(crate) fn read_megatron(value: &Value, problems: &mut Problems) -> Option<Me
     }
     // With an invalid swift_version the flags are read but not checked: the
     // table they would be checked against is unknown.
-    let context = version.as_ref().map(|(release, written)| FlagContext { release: *release, written });
+    let context = version.as_ref().map(|(release, written)| FlagContext::megatron_sft(*release, written));
     if let Some(program) = read_arg_list(section, "program", problems) {
         if program.is_empty() {
             problems.at(&[SECTION, "program"], r#"must not be empty; the default is ["megatron", "sft"]"#);
