@@ -252,6 +252,10 @@ fn swift_version_takes_a_quoted_minor_and_refuses_a_float() {
         9,
         &["3.10 is read by YAML as the number 3.1", "quote it: `swift_version: \"3.10\"`"],
     );
+    // In flow style the line does not show the value alone: the message still says to quote.
+    let text =
+        "name: a\nkind: megatron-sft\nnodes: 1\ngpus_per_node: 1\nmegatron: {swift_version: 3.10, load: Qwen3-8B}\n";
+    single(text, "megatron.swift_version", 5, &["read by YAML as the number 3.1", "`swift_version: \"3.10\"`"]);
     let issue = single(
         &replaced(V3_JOB, "swift_version: 3", "swift_version: \"3.11\""),
         "megatron.swift_version",

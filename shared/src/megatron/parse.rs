@@ -84,17 +84,19 @@ fn read_swift_version(section: &Mapping, problems: &mut Problems) -> Option<(Swi
     let written = match section.get("swift_version") {
         None => return Some((SwiftRelease::newest(SwiftVersion::V3), "3".to_owned())),
         Some(Value::Number(number)) if number.is_f64() => {
-            // YAML reads 3.10 as the float 3.1: the minor cannot be recovered.
+            // YAML reads 3.10 as the float 3.1: the minor is recovered from the line when it can be.
             let typed = problems
                 .written(&path)
-                .filter(|text| text.chars().all(|c| c.is_ascii_digit() || c == '.'))
-                .map_or_else(|| number.to_string(), str::to_owned);
-            problems.at(
-                &path,
-                format!(
+                .filter(|text| !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == '.'));
+            let message = match typed {
+                Some(typed) => format!(
                     "{typed} is read by YAML as the number {number}, which loses the minor version; quote it: `swift_version: \"{typed}\"`"
                 ),
-            );
+                None => format!(
+                    "is read by YAML as the number {number}, which loses the minor version (3.10 reads as 3.1); quote it, e.g. `swift_version: \"3.10\"`"
+                ),
+            };
+            problems.at(&path, message);
             return None;
         }
         Some(Value::Number(number)) => number.to_string(),
