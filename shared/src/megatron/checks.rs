@@ -243,7 +243,7 @@ fn check_recompute(spec: &MegatronSpec, problems: &mut Problems) -> Option<u32> 
             }
             None
         }
-        Some(_full) => {
+        Some("full") => {
             // core_r0.15.0 transformer_config.py:911-920: full needs a method.
             if method.is_none() {
                 problems.at(
@@ -271,6 +271,8 @@ fn check_recompute(spec: &MegatronSpec, problems: &mut Problems) -> Option<u32> 
                 _ => None,
             }
         }
+        // Only reachable when the flags went unchecked (an invalid swift_version).
+        Some(_) => None,
     }
 }
 

@@ -22,10 +22,9 @@ pub(crate) fn read_megatron(value: &Value, problems: &mut Problems) -> Option<Me
         return None;
     };
     let version = read_swift_version(section, problems);
-    let mut spec = MegatronSpec::new(SwiftVersion::V3);
-    if let Some((release, _)) = &version {
-        spec = MegatronSpec::with_release(*release);
-    }
+    let mut spec = version
+        .as_ref()
+        .map_or_else(|| MegatronSpec::new(SwiftVersion::V3), |(release, _)| MegatronSpec::with_release(*release));
     // With an invalid swift_version the flags are read but not checked: the
     // table they would be checked against is unknown.
     let context = version.as_ref().map(|(release, written)| FlagContext::megatron_sft(*release, written));
