@@ -13,6 +13,7 @@
 //! ```
 //! A command job has `command: [python3, train.py]` and `launch: per-node | per-rank`.
 
+mod bounds;
 mod fields;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -303,6 +304,7 @@ impl JobSpec {
 /// The top-level mapping, or the one issue that stops parsing.
 fn parse_document(text: &str) -> Result<Mapping, SpecIssue> {
     let whole = |line, message: String| SpecIssue { field: String::new(), line, message };
+    bounds::check(text)?;
     let mut value: Value = serde_yaml_ng::from_str(text).map_err(|err| {
         // Some errors (several documents, recursion limits) carry no position:
         // the second document's `---`, else the document as a whole (line 1).
