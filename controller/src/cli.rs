@@ -486,16 +486,6 @@ fn print_line(l: &JobLogLine, raw: bool) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn terminal_escapes_and_control_characters_do_not_reach_the_terminal() {
-        assert_eq!(super::terminal_safe("\x1b[31mred\x1b[0m\0nul\x07\tend"), "rednul\tend");
-        assert_eq!(super::terminal_safe("\x1b]0;title\x07plain"), "plain");
-        assert_eq!(super::terminal_safe("iteration 5/20 | loss 1.0"), "iteration 5/20 | loss 1.0");
-    }
-}
-
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING).set_header(header.iter().map(|h| h.to_string()));
@@ -786,4 +776,14 @@ fn duration(job: &Job) -> String {
     let end = if job.finished_unix_ms > 0 { job.finished_unix_ms } else { cohort_proto::now_unix_ms() };
     let secs = ((end - job.started_unix_ms).max(0) / 1000) as u64;
     humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn terminal_escapes_and_control_characters_do_not_reach_the_terminal() {
+        assert_eq!(super::terminal_safe("\x1b[31mred\x1b[0m\0nul\x07\tend"), "rednul\tend");
+        assert_eq!(super::terminal_safe("\x1b]0;title\x07plain"), "plain");
+        assert_eq!(super::terminal_safe("iteration 5/20 | loss 1.0"), "iteration 5/20 | loss 1.0");
+    }
 }
