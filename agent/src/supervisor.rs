@@ -333,20 +333,18 @@ impl Supervisor {
             .arg(&files.stderr)
             .args(self.fence_args(cmd.stop_grace_ms))
             .args(identity.needs_switch().then(|| format!("--run-as={}", identity.to_arg())))
+            .arg("--env-stdin")
             .arg("--")
             .arg(&program)
             .args(&spec.argv[1..])
             .current_dir(cwd)
-            // Another user's own HOME, USER and LOGNAME, unless the job sets them.
-            .envs(identity.needs_switch().then(|| identity.login_env()).into_iter().flatten())
-            .envs(spec.env.iter().map(|v| (v.name.as_str(), v.value.as_str())))
             // The sweep finds escaped descendants by these four (the work
             // dir tells apart two agents on one host, e.g. test clusters).
             .env("COHORT_JOB_ID", &cmd.job_id)
             .env("COHORT_ATTEMPT", cmd.attempt.to_string())
             .env("COHORT_NODE_NAME", &self.inner.node_name)
             .env(AGENT_DIR_VAR, &self.inner.work_dir)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(shim_stderr)
             .kill_on_drop(false);
@@ -356,6 +354,24 @@ impl Supervisor {
         let mut child =
             command.spawn().map_err(|e| format!("cannot start the shim {}: {e}", self.inner.shim.display()))?;
         let pid = child.id().ok_or("the shim exited before its pid was read")?;
+        // The job's environment reaches only the rank's own exec, never the shim's or
+        // exec-as's (both root): see shim.rs. Another user's own HOME, USER and
+        // LOGNAME first, so that the job's env can override them.
+        let env = shim::JobEnv {
+            vars: identity
+                .needs_switch()
+                .then(|| identity.login_env())
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.to_owned(), v.to_string_lossy().into_owned()))
+                .chain(spec.env.iter().map(|v| (v.name.clone(), v.value.clone())))
+                .collect(),
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            use tokio::io::AsyncWriteExt as _;
+            // A shim that died before reading shows in the handshake below.
+            let _ = stdin.write_all(&env.to_json()).await;
+        }
         let rank_pid = match handshake(&mut child).await {
             Ok(shim::Handshake::Started { rank_pid }) => rank_pid,
             Ok(shim::Handshake::Failed { error }) => {

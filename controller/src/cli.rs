@@ -123,6 +123,11 @@ pub enum Verb {
         /// Only the last N lines of what is already there.
         #[arg(long)]
         tail: Option<u32>,
+        /// Print the lines as the ranks wrote them: terminal escape sequences
+        /// and control characters included (by default they are removed, so
+        /// that a job cannot drive the reader's terminal).
+        #[arg(long)]
+        raw: bool,
         #[command(flatten)]
         format: Format,
     },
@@ -270,7 +275,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             eprintln!("submitted job {}", job.id);
             if follow {
-                logs(&mut client, &job.id, None, true, None, Output::Table).await?;
+                logs(&mut client, &job.id, None, true, None, false, Output::Table).await?;
             }
             if wait || follow {
                 let job = wait_finished(&mut client, &job.id).await?;
@@ -299,8 +304,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Logs { job, node, follow, tail, format } => {
-            logs(&mut client, &job, node, follow, tail, format.output).await?;
+        Verb::Logs { job, node, follow, tail, raw, format } => {
+            logs(&mut client, &job, node, follow, tail, raw, format.output).await?;
             Ok(ExitCode::SUCCESS)
         }
         Verb::Cancel { job, wait, format } => {
@@ -441,6 +446,7 @@ async fn logs(
     node: Option<String>,
     follow: bool,
     tail: Option<u32>,
+    raw: bool,
     out: Output,
 ) -> anyhow::Result<()> {
     let request =
@@ -448,17 +454,31 @@ async fn logs(
     let mut lines = client.stream_logs(request).await.map_err(status_error)?.into_inner();
     while let Some(line) = lines.message().await.map_err(status_error)? {
         if out == Output::Json {
+            // JSON escapes control characters itself.
             say!("{}", serde_json::to_string(&line)?);
         } else {
-            print_line(&line);
+            print_line(&line, raw);
         }
     }
     Ok(())
 }
 
-fn print_line(l: &JobLogLine) {
+/// A rank's line made safe for a terminal: escape sequences (colours, cursor
+/// moves, title changes) and control characters other than tab removed.
+pub fn terminal_safe(text: &str) -> String {
+    // strip-ansi-escapes drops tabs with the other controls: keep them.
+    text.split('\t').map(strip_ansi_escapes::strip_str).collect::<Vec<_>>().join("\t")
+}
+
+fn print_line(l: &JobLogLine, raw: bool) {
     let Some(line) = &l.line else { return };
-    let text = &line.text;
+    let safe;
+    let text = if raw {
+        &line.text
+    } else {
+        safe = terminal_safe(&line.text);
+        &safe
+    };
     if line.stream == LogStream::Stderr as i32 {
         say!("{}/{} ! {text}", l.node_name, line.process_index);
     } else {
@@ -756,4 +776,14 @@ fn duration(job: &Job) -> String {
     let end = if job.finished_unix_ms > 0 { job.finished_unix_ms } else { cohort_proto::now_unix_ms() };
     let secs = ((end - job.started_unix_ms).max(0) / 1000) as u64;
     humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn terminal_escapes_and_control_characters_do_not_reach_the_terminal() {
+        assert_eq!(super::terminal_safe("\x1b[31mred\x1b[0m\0nul\x07\tend"), "rednul\tend");
+        assert_eq!(super::terminal_safe("\x1b]0;title\x07plain"), "plain");
+        assert_eq!(super::terminal_safe("iteration 5/20 | loss 1.0"), "iteration 5/20 | loss 1.0");
+    }
 }

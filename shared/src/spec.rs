@@ -13,6 +13,7 @@
 //! ```
 //! A command job has `command: [python3, train.py]` and `launch: per-node | per-rank`.
 
+mod bounds;
 mod fields;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -187,6 +188,9 @@ pub const RESERVED_ENV_PREFIX: &str = "COHORT_";
 
 pub const MAX_NAME_LEN: usize = 48;
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// The longest `stop_grace`: a stop that waits longer holds GPUs no one uses
+/// (and an hour in milliseconds still fits the wire's u32).
+pub const MAX_STOP_GRACE: Duration = Duration::from_secs(3600);
 
 impl JobSpec {
     /// Parses and validates a job file. `source` names the file in messages.
@@ -288,6 +292,7 @@ impl JobSpec {
 /// The top-level mapping, or the one issue that stops parsing.
 fn parse_document(text: &str) -> Result<Mapping, SpecIssue> {
     let whole = |line, message: String| SpecIssue { field: String::new(), line, message };
+    bounds::check(text)?;
     let mut value: Value = serde_yaml_ng::from_str(text).map_err(|err| {
         // Some errors (several documents, recursion limits) carry no position:
         // the second document's `---`, else the document as a whole (line 1).
@@ -415,6 +420,16 @@ fn read_common(root: &Mapping, problems: &mut Problems) -> Common {
     let node_selector = read_node_selector(root, problems);
     let priority = typed::<i32>(root, "priority", problems).unwrap_or(0);
     let stop_grace = typed::<DurationText>(root, "stop_grace", problems).map_or(DEFAULT_STOP_GRACE, |d| d.0);
+    if stop_grace > MAX_STOP_GRACE {
+        problems.at(
+            &["stop_grace"],
+            format!(
+                "{} is longer than the longest wait between SIGTERM and SIGKILL, {}; a trainer that needs more should save a checkpoint on SIGTERM",
+                humantime::format_duration(stop_grace),
+                humantime::format_duration(MAX_STOP_GRACE)
+            ),
+        );
+    }
     let hang_timeout = typed::<DurationText>(root, "hang_timeout", problems).map(|d| d.0);
     if hang_timeout == Some(Duration::ZERO) {
         problems.at(&["hang_timeout"], "must be longer than zero; leave it out to turn hang detection off");

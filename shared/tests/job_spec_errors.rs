@@ -245,6 +245,8 @@ fn name_env_selector_and_durations() {
     single(&variant("name: qwen3-8b-sft", &format!("name: {}", "a".repeat(49))), "name", Some(1), "at most 48");
     single(&format!("{V3_JOB}workdir: ' '\n"), "workdir", Some(35), "is empty");
     single(&format!("{V3_JOB}stop_grace: 30\n"), "stop_grace", Some(35), r#"write e.g. "30s""#);
+    // It went to the agents as u32 milliseconds, truncated: 999999999h became about 12 days.
+    single(&format!("{V3_JOB}stop_grace: 999999999h\n"), "stop_grace", Some(35), "longer than the longest wait");
     single(&format!("{V3_JOB}hang_timeout: 0s\n"), "hang_timeout", Some(35), "longer than zero");
     single(&format!("{V3_JOB}node_selector: [gpu]\n"), "node_selector", Some(35), "must be a mapping");
     single(&format!("{V3_JOB}priority: high\n"), "priority", Some(35), "expected i32");

@@ -13,8 +13,14 @@ use cohort_tests::{Cluster, NodeSpec, state};
 
 const RANK_USER: &str = "cohort-test-rank";
 
-/// The uid of `RANK_USER`, created (a system user, no home) when absent.
+/// The uid of `RANK_USER`, created (a system user, no home) when absent; once
+/// per test binary (two useradd at once fail on the passwd lock).
 fn rank_user_uid() -> u32 {
+    static UID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UID.get_or_init(create_rank_user)
+}
+
+fn create_rank_user() -> u32 {
     let lookup = || {
         let out = std::process::Command::new("id").args(["-u", RANK_USER]).output().unwrap();
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().unwrap())
@@ -121,4 +127,78 @@ fn nix_is_root() -> bool {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
         .unwrap_or(false)
+}
+
+/// A library that appends "<uid> <euid> <exe>" to $PRELOAD_OUT in every process that loads it.
+const PRELOAD_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+__attribute__((constructor)) static void mark(void) {
+    const char *out = getenv("PRELOAD_OUT");
+    if (!out) return;
+    FILE *f = fopen(out, "a");
+    if (!f) return;
+    char exe[512] = {0};
+    if (readlink("/proc/self/exe", exe, sizeof exe - 1) < 0) exe[0] = '?';
+    fprintf(f, "%u %u %s\n", (unsigned)getuid(), (unsigned)geteuid(), exe);
+    fclose(f);
+}
+"#;
+
+/// Issue 14, finding 1: `env: {LD_PRELOAD: ...}` ran the library as root in the shim and
+/// its exec helper, which started with the job's environment and dropped privileges only
+/// afterwards. Now only the rank itself, already the rank user, may load it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jobs_ld_preload_never_runs_as_root() {
+    if !nix_is_root() {
+        panic!("this test switches users: run it as root (as CI does)");
+    }
+    let uid = rank_user_uid();
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let source = dir.path().join("preload.c");
+    let library = dir.path().join("preload.so");
+    let marks = dir.path().join("marks.txt");
+    std::fs::write(&source, PRELOAD_C).unwrap();
+    // Writable by every process that may load the library, whatever its user.
+    std::fs::write(&marks, "").unwrap();
+    std::fs::set_permissions(&marks, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let cc = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .output()
+        .expect("a C compiler (cc) builds the test's LD_PRELOAD library");
+    assert!(cc.status.success(), "cc: {}", String::from_utf8_lossy(&cc.stderr));
+    std::fs::set_permissions(&library, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let cluster = Cluster::start(vec![node_with_rank_user()]).await.unwrap();
+    let job = cluster
+        .submit(&format!(
+            "name: preload\nkind: command\nnodes: 1\ngpus_per_node: 1\nenv:\n  LD_PRELOAD: {}\n  PRELOAD_OUT: {}\ncommand: [/bin/true]\n",
+            library.display(),
+            marks.display()
+        ))
+        .await
+        .unwrap();
+    let done = cluster.wait_finished(&job.id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(state(&done), JobState::Succeeded, "{}", done.reason);
+    let marks = std::fs::read_to_string(&marks).unwrap_or_default();
+    let loads: Vec<(u32, u32, &str)> = marks
+        .lines()
+        .map(|l| {
+            let mut f = l.splitn(3, ' ');
+            (f.next().unwrap().parse().unwrap(), f.next().unwrap().parse().unwrap(), f.next().unwrap_or(""))
+        })
+        .collect();
+    assert!(
+        loads.iter().any(|(_, _, exe)| exe.ends_with("/true")),
+        "the rank gets the job's environment, LD_PRELOAD included: {marks}"
+    );
+    assert!(
+        loads.iter().all(|&(real, effective, _)| real == uid && effective == uid),
+        "every process that loaded the job's LD_PRELOAD runs as the rank user {uid}, none as root: {marks}"
+    );
 }

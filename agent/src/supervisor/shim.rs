@@ -17,10 +17,16 @@
 //!
 //! One JSON line on the shim's stdout (a pipe the agent reads once) tells the
 //! agent the rank's pid, or why it could not be started.
+//!
+//! The job's environment is everything a submitter controls (`LD_PRELOAD`,
+//! `PYTHONPATH`, ...), and the shim and `exec-as` run as root: so it never is
+//! their process environment. It arrives as JSON on the shim's stdin
+//! ([`JobEnv`]), goes on to `exec-as` the same way, and is applied only to the
+//! final exec of the rank, after the switch to the rank's user.
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -71,9 +77,42 @@ struct ShimArgs {
     /// `cohort-agent exec-as`, which drops privileges and execs it).
     #[arg(long)]
     run_as: Option<String>,
+    /// Read the process's environment ([`JobEnv`]) from stdin.
+    #[arg(long)]
+    env_stdin: bool,
     /// The process's command line.
     #[arg(last = true, required = true)]
     argv: Vec<OsString>,
+}
+
+/// The variables the rank gets on top of the shim's own environment, in order
+/// (a later one wins): sent as one JSON document on stdin.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct JobEnv {
+    pub vars: Vec<(String, String)>,
+}
+
+/// More than this on stdin is refused: a job's env is limited far below it by the API.
+const MAX_ENV_BYTES: u64 = 16 << 20;
+
+impl JobEnv {
+    /// Reads the whole of stdin (the sender closes it).
+    fn read_stdin() -> Result<JobEnv, String> {
+        let mut text = Vec::new();
+        std::io::stdin()
+            .take(MAX_ENV_BYTES + 1)
+            .read_to_end(&mut text)
+            .map_err(|e| format!("reading the job's environment from stdin: {e}"))?;
+        if text.len() as u64 > MAX_ENV_BYTES {
+            return Err(format!("the job's environment is over {MAX_ENV_BYTES} bytes"));
+        }
+        serde_json::from_slice(&text).map_err(|e| format!("the job's environment on stdin is not valid: {e}"))
+    }
+
+    /// The JSON the agent and the shim write to the next process's stdin.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_else(|_| b"{\"vars\":[]}".to_vec())
+    }
 }
 
 /// The first argument that makes `cohort-agent` drop to a user and exec a program.
@@ -86,6 +125,9 @@ enum ExecAsCli {
     #[command(hide = true)]
     ExecAs {
         run_as: String,
+        /// Read the program's environment ([`JobEnv`]) from stdin before switching user.
+        #[arg(long)]
+        env_stdin: bool,
         #[arg(last = true, required = true)]
         argv: Vec<OsString>,
     },
@@ -111,13 +153,23 @@ pub fn exec_as_invoked() -> bool {
 
 /// `cohort-agent exec-as`: sets the supplementary groups, the group and the
 /// user (in that order, while still allowed to), then execs the command in
-/// this same process, so the pid the shim reported stays the rank's. Returns
-/// only on failure, with 127 (what a shell gives for a command it cannot run).
+/// this same process, so the pid the shim reported stays the rank's. The job's
+/// environment is applied by that exec only, as the new user, and stdin is
+/// /dev/null again. Returns only on failure, with 127 (what a shell gives for
+/// a command it cannot run).
 pub fn exec_as_main() -> i32 {
-    let ExecAsCli::ExecAs { run_as, argv } = ExecAsCli::parse();
+    let ExecAsCli::ExecAs { run_as, env_stdin, argv } = ExecAsCli::parse();
     let fail = |message: String| {
         eprintln!("cohort-agent exec-as: {message}");
         127
+    };
+    let env = if env_stdin {
+        match JobEnv::read_stdin() {
+            Ok(env) => env,
+            Err(e) => return fail(e),
+        }
+    } else {
+        JobEnv::default()
     };
     let (uid, gid, groups) = match crate::rank_user::parse_run_as(&run_as) {
         Ok(ids) => ids,
@@ -133,7 +185,7 @@ pub fn exec_as_main() -> i32 {
     if let Err(e) = nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)) {
         return fail(format!("setuid {uid}: {e}"));
     }
-    let error = Command::new(&argv[0]).args(&argv[1..]).exec();
+    let error = Command::new(&argv[0]).args(&argv[1..]).envs(env.vars).stdin(Stdio::null()).exec();
     fail(format!("{}: {error}", PathBuf::from(&argv[0]).display()))
 }
 
@@ -151,6 +203,17 @@ fn run(args: ShimArgs) -> i32 {
             let _ = writeln!(agent, "{line}");
             let _ = agent.flush();
         }
+    };
+    let env = if args.env_stdin {
+        match JobEnv::read_stdin() {
+            Ok(env) => env,
+            Err(error) => {
+                answer(Handshake::Failed { error: format!("shim: {error}") });
+                return 127;
+            }
+        }
+    } else {
+        JobEnv::default()
     };
     if let Err(e) = nix::unistd::setsid() {
         answer(Handshake::Failed { error: format!("shim: setsid: {e}") });
@@ -198,18 +261,20 @@ fn run(args: ShimArgs) -> i32 {
     let program = &args.argv[0];
     let mut command = match &args.run_as {
         // The same binary, as `exec-as`: the rank keeps the pid we report.
+        // The environment goes over a pipe: exec-as starts as root.
         Some(run_as) => {
             let mut command = Command::new("/proc/self/exe");
-            command.arg0("cohort-agent").arg(EXEC_AS).arg(run_as).arg("--").args(&args.argv);
+            command.arg0("cohort-agent").arg(EXEC_AS).arg(run_as).arg("--env-stdin").arg("--").args(&args.argv);
+            command.stdin(Stdio::piped());
             command
         }
         None => {
             let mut command = Command::new(program);
-            command.args(&args.argv[1..]);
+            command.args(&args.argv[1..]).envs(env.vars.iter().map(|(k, v)| (k, v))).stdin(Stdio::null());
             command
         }
     };
-    let spawned = command.stdin(Stdio::null()).stdout(stdout).stderr(stderr).spawn();
+    let spawned = command.stdout(stdout).stderr(stderr).spawn();
     let mut rank = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -217,6 +282,10 @@ fn run(args: ShimArgs) -> i32 {
             return 127;
         }
     };
+    if let Some(mut pipe) = rank.stdin.take() {
+        // exec-as reads it all before it execs; a failure shows as its exit (127) and message.
+        let _ = pipe.write_all(&env.to_json());
+    }
     let rank_pid = rank.id();
     answer(Handshake::Started { rank_pid });
     let fenced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -471,7 +471,7 @@ impl Controller {
             command: Some(Command::Stop(StopCommand {
                 job_id: job_id.into(),
                 attempt,
-                grace_ms: grace.as_millis() as u32,
+                grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
                 reason: reason.into(),
             })),
         };

@@ -396,7 +396,7 @@ impl Controller {
                 attempt,
                 node_rank: a.node_rank,
                 workdir: a.workdir.clone(),
-                stop_grace_ms: grace.as_millis() as u32,
+                stop_grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
                 processes,
                 metrics_dir: if a.node_rank == last_rank { metrics_dir.clone() } else { String::new() },
                 user: user.clone(),
