@@ -136,7 +136,8 @@ def main():
         if v is not None:
             env[dist.replace('-', '_')] = v
     core = sys.modules.get('megatron.core')
-    if os.environ.get('MEGATRON_LM_PATH') and core is not None and getattr(core, '__version__', None):
+    mlm = os.environ.get('MEGATRON_LM_PATH')
+    if mlm and core is not None and os.path.abspath(core.__file__).startswith(os.path.abspath(mlm)):
         # 3.x imports megatron from MEGATRON_LM_PATH, ahead of the megatron-core wheel
         env['megatron_core'] = core.__version__
     table = {'ms_swift': version, 'generated_by': 'tools/swift-flags/dump_flags.py', 'environment': env,

@@ -83,8 +83,12 @@ def swift_version():
         from importlib.metadata import version
         return version('ms-swift')
     except Exception:
+        pass
+    try:
         import swift
         return getattr(swift, '__version__', 'unknown')
+    except ImportError as e:
+        raise CannotJudge('ms-swift is not installed for %s: %s' % (sys.executable, e))
 
 
 def _have_module(name):
