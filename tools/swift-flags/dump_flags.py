@@ -72,7 +72,8 @@ def flags_of(parser, cls):
         if isinstance(action, argparse._HelpAction) or not action.option_strings:
             continue
         kind = type_name(action, annotations.get(action.dest))
-        names = [o.lstrip('-') for o in action.option_strings]
+        # exactly the option string without its `--`: a field named `_x` has the alias `---x`
+        names = [o[2:] if o.startswith('--') else o[1:] for o in action.option_strings]
         primary = names[0]
         entry = {
             'name': primary,

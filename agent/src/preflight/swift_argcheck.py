@@ -255,6 +255,18 @@ def _suggest(parser, opt):
     return ' (did you mean %s?)' % ' or '.join('--' + n for n in close[:3])
 
 
+def _as_written(parser, opt, argv):
+    """argparse names an action by its first option string (`--lr_decay_style`): name it as the argv wrote it
+    (`--lr-decay-style`, HfArgumentParser's dashed alias, or the `=` form)."""
+    action = _option_strings(parser).get(opt)
+    if action is None:
+        return opt
+    for token in argv:
+        if _split_option(token) in action.option_strings:
+            return _split_option(token)
+    return opt
+
+
 def _drop_option(argv, opt):
     """argv without the first occurrence of opt and the values that follow it."""
     for i, token in enumerate(argv):
@@ -289,7 +301,7 @@ def check(parser, cli, version, argv):
             flag = None
             if message.startswith('argument '):
                 head, _, rest = message[len('argument '):].partition(': ')
-                flag = head.split('/')[0]
+                flag = _as_written(parser, head.split('/')[0], remaining)
                 message = rest or message
             problems.append({'flag': flag or '', 'message': message})
             nxt = _drop_option(remaining, flag) if flag else None
