@@ -7,6 +7,7 @@
 //! table's valid values and refuse every one with a deliberately wrong flag, value or
 //! abbreviation. All argvs of a version go through ONE Python process (`--batch`): importing
 //! ms-swift takes seconds.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
