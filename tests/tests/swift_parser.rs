@@ -361,3 +361,26 @@ fn flag_tables_agree_with_the_real_parser_on_a_generated_corpus() {
     }
     assert!(bad.is_empty(), "{} disagreements between the tables and the real parser:\n{}", bad.len(), bad.join("\n"));
 }
+
+/// The agent passes the script text through `python -c`, one argv per process: one JSON line,
+/// exit 0 when it could judge, 3 when it could not.
+#[test]
+fn argcheck_through_python_c_as_the_agent_runs_it() {
+    let script = std::fs::read_to_string(repo_root().join("agent/src/preflight/swift_argcheck.py")).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(swift_python("4.6.0")).arg("-c").arg(&script).args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let [line] = stdout.lines().collect::<Vec<_>>()[..] else { panic!("one JSON line expected: {stdout}") };
+        (out.status.code(), serde_json::from_str::<Value>(line).unwrap())
+    };
+    let (code, answer) = run(&["megatron-sft", "--num_workers", "4", "--lr_warmup_it", "3", "--lr", "1e-5"]);
+    assert_eq!(code, Some(0), "{answer}");
+    assert_eq!(answer["ok"], json!(false), "{answer}");
+    let flags: Vec<&str> = answer["problems"].as_array().unwrap().iter().map(|p| p["flag"].as_str().unwrap()).collect();
+    assert_eq!(flags, ["--lr_warmup_it", "--num_workers"], "{answer}");
+    assert!(answer["problems"][1]["message"].as_str().unwrap().contains("--dataloader_num_workers"), "{answer}");
+
+    let (code, answer) = run(&["no-such-command"]);
+    assert_eq!(code, Some(3), "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("unknown command"), "{answer}");
+}
