@@ -97,6 +97,26 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// The python of `<repo>/.venv-swift/<version>/`, the venv with the real ms-swift `version` that
+/// `tools/swift-flags/venvs.sh` creates (tests/run.sh runs it before the tests).
+pub fn swift_python(version: &str) -> PathBuf {
+    let python = repo_root().join(".venv-swift").join(version).join("bin").join("python");
+    assert!(
+        python.exists(),
+        "{} not found: run `tools/swift-flags/venvs.sh {version}` (tests/run.sh does) to install ms-swift {version}",
+        python.display()
+    );
+    python
+}
+
+/// Megatron-LM core_r0.15.0 as extracted by `tools/swift-flags/venvs.sh`: ms-swift 3.x imports it from
+/// `MEGATRON_LM_PATH` (else it `git clone`s it).
+pub fn megatron_lm_path() -> PathBuf {
+    let path = repo_root().join(".venv-swift").join("megatron-lm-core_r0.15.0");
+    assert!(path.join("megatron").is_dir(), "{} not found: run `tools/swift-flags/venvs.sh`", path.display());
+    path
+}
+
 /// A block of ports held for one cluster (controller port and MASTER_PORT
 /// range), locked across test processes so parallel tests never share ports.
 struct PortBlock {
