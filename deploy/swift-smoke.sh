@@ -104,6 +104,7 @@ while IFS='=' read -r key value; do
     case "$key" in
         SWIFT_GPU_TINY) tiny="$value" ;;
         SWIFT_GPU_EMPTY_MCORE) empty_mcore="$value" ;;
+        SWIFT_GPU_BIN) ov_bin="$value" ;;
         *) job_env+=("$key=$value") ;;
     esac
 done < <(PYTHON="$PY" SWIFT_GPU_DIR="${SWIFT_GPU_DIR:-$root/.cohort/swift-gpu}" bash "$root/tests/swift-gpu/setup.sh")
@@ -279,6 +280,46 @@ step_b() {
 }
 
 # ---------------------------------------------------------------------------
+# c. a pipeline: swift infer before and after training, cohort report
+# ---------------------------------------------------------------------------
+step_c() {
+    ((rehearsal)) && { say "  needs CUDA"; return 3; }
+    "$PY" -c '
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])][:4]
+with open(sys.argv[2], "w") as f:
+    for r in rows:
+        f.write(json.dumps({"messages": [m for m in r["messages"] if m["role"] != "assistant"]}) + "\n")
+' "$tiny/data/train.jsonl" "$work/prompts.jsonl"
+    local env_yaml="" kv job st
+    for kv in "${job_env[@]}"; do env_yaml+="  ${kv%%=*}: \"${kv#*=}\""$'\n'; done
+    # The sft stage: step a's megatron: section (the pipeline sets swift_version), saving
+    # Hugging Face safetensors too, so that infer reads the checkpoint (3.10+ does that itself).
+    sft_job unused "$work/pipeline-sft" 20 "" | sed -n '/^megatron:/,$p' | grep -v '^  swift_version:' \
+        | sed -e 's/^  save_safetensors: false$/  save_safetensors: true/' -e 's/^/    /' >"$work/c.megatron"
+    {
+        printf 'name: swift-pipeline\nkind: pipeline\nswift_version: "3.12"\n'
+        printf 'model: %s\noutput_dir: %s\npython: %s\nworkdir: %s\nhang_timeout: 600s\n' \
+            "$tiny/Qwen3-tiny" "$work/pipeline" "$PY" "$work"
+        printf 'env:\n%s  PATH: "%s:/usr/local/bin:/usr/bin:/bin"\n' "$env_yaml" "$ov_bin"
+        printf 'stages:\n  - name: sft\n    kind: megatron-sft\n    nodes: 1\n    gpus_per_node: 1\n'
+        cat "$work/c.megatron"
+        printf '  - name: answers\n    kind: infer\n    prompts: %s\n    max_new_tokens: 32\n' "$work/prompts.jsonl"
+        printf '    after: ${stages.sft.checkpoint}\n'
+    } >"$work/c.yaml"
+    cohort plan "$work/c.yaml" >"$logs/c.plan.txt" 2>&1 || { cat "$logs/c.plan.txt"; return 1; }
+    job="$(cohort submit "$work/c.yaml" | awk '/submitted job/ {print $3}')"
+    say "  job $job"
+    st="$(wait_state "$job" 1200)"
+    save_job "$job" c
+    cohort report "$job" --dir "$logs/c.report" >"$logs/c.report.md" 2>&1 || true
+    [[ "$st" == SUCCEEDED ]] || { say "  pipeline ended $st"; head -40 "$logs/c.status.txt"; return 1; }
+    head -30 "$logs/c.report.md"
+    grep -qi "before" "$logs/c.report.md" && grep -qi "after" "$logs/c.report.md" \
+        || { say "  the report lacks before/after"; return 1; }
+}
+
+# ---------------------------------------------------------------------------
 # d. the same training by hand, for the step time
 # ---------------------------------------------------------------------------
 step_d() {
@@ -300,6 +341,7 @@ EOF
 
 run_step a "megatron-sft job, real ms-swift, to Succeeded with train and eval metrics" step_a
 run_step b "rank killed after checkpoint 10; the next attempt resumes from it" step_b
+run_step c "pipeline: swift infer before and after the sft stage, cohort report" step_c
 run_step d "the same training by hand (step time)" step_d
 
 say ""
