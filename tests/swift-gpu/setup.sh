@@ -20,7 +20,7 @@ if [ ! -f "$OV/.done" ]; then
   else  # no pip: a wheel is a zip
     for w in "$HERE"/whl/*.whl; do "$PY" -m zipfile -e "$w" "$OV"; done
   fi
-  tar xzf "$HERE/megatron-lm-core_r0.15.0.tgz" -C "$DIR/Megatron-LM"
+  tar xzf "$HERE/../../tools/swift-flags/megatron-lm-core_r0.15.0.tgz" -C "$DIR/Megatron-LM"
   touch "$OV/.done"
 fi
 [ -f "$DIR/tiny/Qwen3-tiny/model.safetensors" ] || PYTHONPATH="$OV" "$PY" "$HERE/make_tiny.py" "$DIR/tiny" >&2
