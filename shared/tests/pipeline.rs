@@ -4,7 +4,9 @@
 
 use cohort_shared::megatron::SwiftVersion;
 use cohort_shared::pipeline::report::{Report, pair, read_answers, read_scores, score_rows, summary};
-use cohort_shared::pipeline::{Part, Resolved, conversion_key, eval_args, infer_args, to_hf_args, to_mcore_args};
+use cohort_shared::pipeline::{
+    ConvertOptions, Part, Resolved, conversion_key, eval_args, infer_args, to_hf_args, to_mcore_args,
+};
 use cohort_shared::spec::stages::{PipelineSpec, StepKind};
 use cohort_shared::spec::{JobSpec, Workload};
 
@@ -36,8 +38,9 @@ fn problems(text: &str) -> Vec<String> {
 #[test]
 fn builtin_steps_render_the_ms_swift_commands_of_both_dialects() {
     for version in [SwiftVersion::V3, SwiftVersion::V4] {
+        let bf16_tested = ConvertOptions { torch_dtype: Some("bfloat16".into()), test_convert_precision: Some(true) };
         assert_eq!(
-            to_mcore_args(version, "/m/Qwen3-8B", "/c/k", "bfloat16", true),
+            to_mcore_args(version, "/m/Qwen3-8B", "/c/k", &bf16_tested),
             strings(&[
                 "swift",
                 "export",
@@ -45,16 +48,18 @@ fn builtin_steps_render_the_ms_swift_commands_of_both_dialects() {
                 "/m/Qwen3-8B",
                 "--to_mcore",
                 "true",
-                "--torch_dtype",
-                "bfloat16",
                 "--output_dir",
                 "/c/k",
+                "--exist_ok",
+                "true",
+                "--torch_dtype",
+                "bfloat16",
                 "--test_convert_precision",
                 "true"
             ])
         );
         assert_eq!(
-            to_hf_args(version, "/o/sft", "/o/export", "bfloat16", false),
+            to_hf_args(version, "/o/sft", "/o/export", &ConvertOptions::default()),
             strings(&[
                 "swift",
                 "export",
@@ -62,12 +67,10 @@ fn builtin_steps_render_the_ms_swift_commands_of_both_dialects() {
                 "/o/sft",
                 "--to_hf",
                 "true",
-                "--torch_dtype",
-                "bfloat16",
                 "--output_dir",
                 "/o/export",
-                "--test_convert_precision",
-                "false"
+                "--exist_ok",
+                "true"
             ])
         );
         assert_eq!(
@@ -181,6 +184,28 @@ fn each_stage_becomes_an_ordinary_job_with_outputs_of_earlier_stages() {
     let (_, _, bench_after, dir) = &runs[6];
     assert_eq!(dir.as_deref(), Some(&*format!("{out}/bench/after")));
     assert!(argv(bench_after).windows(2).any(|w| w == ["--eval_limit", "200"]));
+}
+
+#[test]
+fn conversions_render_ms_swift_defaults_and_overwrite_a_half_written_output() {
+    let runs = all_runs(PIPELINE, "qwen3-8b-ft-7");
+    for (stage, _, spec, _) in runs.iter().filter(|(name, ..)| name == "convert" || name == "export") {
+        let argv = argv(spec);
+        // ms-swift's defaults: torch_dtype None, test_convert_precision false; the job sets neither.
+        assert!(!argv.iter().any(|a| a == "--torch_dtype" || a == "--test_convert_precision"), "{stage}: {argv:?}");
+        // A retried stage finds its own half-written output: ms-swift refuses it without this.
+        assert!(argv.windows(2).any(|w| w == ["--exist_ok", "true"]), "{stage}: {argv:?}");
+    }
+    let text = PIPELINE.replace(
+        "    kind: to_mcore\n",
+        "    kind: to_mcore\n    torch_dtype: float16\n    test_convert_precision: yes\n",
+    );
+    let convert = argv(&all_runs(&text, "j").remove(0).2);
+    assert!(convert.windows(2).any(|w| w == ["--torch_dtype", "float16"]), "{convert:?}");
+    assert!(convert.windows(2).any(|w| w == ["--test_convert_precision", "true"]), "{convert:?}");
+    let bad =
+        problems(&PIPELINE.replace("    kind: to_mcore\n", "    kind: to_mcore\n    test_convert_precision: sure\n"));
+    assert!(bad.iter().any(|p| p.starts_with("17:stages[0].test_convert_precision: must be true or false")), "{bad:?}");
 }
 
 #[test]

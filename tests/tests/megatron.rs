@@ -236,6 +236,25 @@ async fn a_failed_run_resumes_from_its_newest_complete_checkpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_without_model_weights_is_not_resumed_from_and_resume_says_why() {
+    let cluster = cluster(["good", "good"]).await;
+    let save = cluster.dir.path().join("out");
+    let yaml = megatron_job(&save, &good_dataset(cluster.dir.path()), "")
+        .replace("  save_interval: 2\n", "  save_interval: 2\n  save_safetensors: true\n  no_save_optim: true\n");
+    let job = cluster.submit(&yaml).await.unwrap();
+    let failed = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&failed), JobState::Failed, "{}", failed.reason);
+    assert!(save.join("iter_0000004/common.pt").exists() && !save.join("iter_0000004/.metadata").exists());
+
+    let out = cluster.cli(&["resume", &job.id]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no complete checkpoint in"), "{stderr}");
+    assert!(stderr.contains("iter_0000004: not resumable: it holds no model weights"), "{stderr}");
+    assert!(stderr.contains("no_save_optim"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn staged_inputs_are_verified_cached_and_shared_by_jobs() {
     let cluster = Cluster::start((0..2).map(|i| NodeSpec::loopback(i, 1)).collect()).await.unwrap();
     let input = cluster.dir.path().join("weights.bin");

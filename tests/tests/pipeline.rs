@@ -292,3 +292,28 @@ conversion_cache: {cache}
     assert!(html.contains("Canberra.") && html.starts_with("<!doctype html>"));
     assert_eq!(String::from_utf8_lossy(&report.stdout).trim(), md.trim());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_conversion_writes_over_its_half_written_output() {
+    let cluster = Cluster::start(two_nodes()).await.unwrap();
+    let root = cluster.dir.path().to_path_buf();
+    let model = model_dir(&root, "weights");
+    let log = root.join("swift.log");
+    let failed_once = root.join("failed-once");
+    let yaml = format!(
+        "name: retry\nkind: pipeline\nswift_version: 4\nmodel: {}\noutput_dir: {}\nrestart: {{max_restarts: 1, backoff: 100ms, on: [rank_failed, user_error]}}\n{}  FAKE_SWIFT_FAIL_ONCE: {}\nstages:\n  - {{name: convert, kind: to_mcore}}\n  - {{name: export, kind: to_hf, model: '${{stages.convert.output}}'}}\n",
+        model.display(),
+        root.join("out").display(),
+        fake_swift_env(&log),
+        failed_once.display()
+    );
+    let job = cluster.submit(&yaml).await.unwrap();
+    let job = cluster.wait_finished(&job.id, WITHIN).await.unwrap();
+    assert_eq!(state(&job), JobState::Succeeded, "{job:#?}");
+    assert!(failed_once.exists(), "the first conversion failed after writing part of its output");
+    let convert = cluster.job(&format!("{}.convert", job.id)).await.unwrap();
+    assert_eq!(convert.attempts.len(), 2, "{convert:#?}");
+    assert_eq!(swift_calls(&log, "export"), 3, "convert twice, export once");
+    let output = Path::new(&stage(&job, "convert").output);
+    assert!(output.join("latest_checkpointed_iteration.txt").is_file());
+}

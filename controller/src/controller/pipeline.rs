@@ -414,8 +414,12 @@ impl Controller {
                 let find = cohort_proto::FindCheckpointCommand { directory: record.output.clone() };
                 match self.ask(&selector, Command::FindCheckpoint(find)).await {
                     Ok(QueryResult { result: Some(QueryAnswer::Checkpoint(c)), .. }) => match c.checkpoint {
-                        Some(c) => TaskOutcome::Checkpoint(c.path),
-                        None => TaskOutcome::Failed(format!("no complete checkpoint in {}", record.output)),
+                        Some(checkpoint) => TaskOutcome::Checkpoint(checkpoint.path),
+                        None => TaskOutcome::Failed(format!(
+                            "no complete checkpoint in {}{}",
+                            record.output,
+                            super::prepare::skipped_note(&c.skipped)
+                        )),
                     },
                     Ok(other) => TaskOutcome::Failed(format!("finding the checkpoint: {}", other.error)),
                     Err(e) => TaskOutcome::Failed(format!("finding the checkpoint: {e}")),

@@ -157,6 +157,19 @@ impl PipelineStage {
         self.raw.get(key).and_then(|value| scalar_text(value).ok())
     }
 
+    /// A yes/no field as ms-swift's argparse reads it (transformers' `string_to_bool`:
+    /// true/false, yes/no, t/f, y/n, 1/0); None when absent or not one of those.
+    pub fn flag(&self, key: &str) -> Option<bool> {
+        match self.raw.get(key)? {
+            Value::Bool(value) => Some(*value),
+            other => match scalar_text(other).ok()?.to_ascii_lowercase().as_str() {
+                "true" | "yes" | "t" | "y" | "1" => Some(true),
+                "false" | "no" | "f" | "n" | "0" => Some(false),
+                _ => None,
+            },
+        }
+    }
+
     /// A field that is a list of scalars.
     pub fn list(&self, key: &str) -> Vec<String> {
         match self.raw.get(key) {
@@ -681,6 +694,11 @@ fn check_stage_fields(spec: &PipelineSpec, names: &[&str], lines: &StageLines, p
                     );
                 }
             }
+        }
+        if stage.raw.get("test_convert_precision").is_some_and(|v| !v.is_null())
+            && stage.flag("test_convert_precision").is_none()
+        {
+            stage_problem(problems, lines, index, Some("test_convert_precision"), "must be true or false".to_owned());
         }
         if let Some(prompts) = stage.text("prompts")
             && !prompts.starts_with('/')
