@@ -11,6 +11,7 @@ use cohort_shared::spec::stages::{PipelineSpec, StepKind};
 use cohort_shared::spec::{JobSpec, Workload};
 
 const PIPELINE: &str = include_str!("fixtures/jobs/qwen3-8b-pipeline.yaml");
+const PIPELINE_V4: &str = include_str!("fixtures/jobs/qwen3-8b-pipeline-v4.yaml");
 
 fn pipeline(text: &str) -> (JobSpec, PipelineSpec) {
     let spec = JobSpec::from_yaml(text, "p.yaml").unwrap_or_else(|e| panic!("{e}"));
@@ -203,9 +204,11 @@ fn conversions_render_ms_swift_defaults_and_overwrite_a_half_written_output() {
     let convert = argv(&all_runs(&text, "j").remove(0).2);
     assert!(convert.windows(2).any(|w| w == ["--torch_dtype", "float16"]), "{convert:?}");
     assert!(convert.windows(2).any(|w| w == ["--test_convert_precision", "true"]), "{convert:?}");
-    let bad =
-        problems(&PIPELINE.replace("    kind: to_mcore\n", "    kind: to_mcore\n    test_convert_precision: sure\n"));
-    assert!(bad.iter().any(|p| p.starts_with("17:stages[0].test_convert_precision: must be true or false")), "{bad:?}");
+    let bad_text = PIPELINE.replace("    kind: to_mcore\n", "    kind: to_mcore\n    test_convert_precision: sure\n");
+    let line = bad_text.lines().position(|l| l.contains("sure")).unwrap() + 1;
+    let bad = problems(&bad_text);
+    let want = format!("{line}:stages[0].test_convert_precision: must be true or false");
+    assert!(bad.iter().any(|p| p.starts_with(&want)), "{bad:?}");
 }
 
 #[test]
@@ -228,6 +231,23 @@ fn version_4_megatron_stage_saves_to_output_dir_and_conversion_layout_follows_th
     assert_ne!(key, conversion_key("digest-a", 2, 1, SwiftVersion::V3));
     assert_ne!(key, conversion_key("digest-a", 1, 1, SwiftVersion::V4));
     assert_ne!(key, conversion_key("digest-b", 2, 1, SwiftVersion::V4));
+}
+
+#[test]
+fn version_4_example_trains_from_hf_weights_and_compares_the_checkpoint_without_conversions() {
+    let (_, p) = pipeline(PIPELINE_V4);
+    assert!(!p.stages.iter().any(|s| matches!(s.kind, StepKind::ToMcore | StepKind::ToHf)));
+    let runs = all_runs(PIPELINE_V4, "j-2");
+    let out = "/mnt/shared/runs/j-2";
+    let sft = argv(&runs[0].2);
+    assert_eq!(sft[..4], strings(&["megatron", "sft", "--model", "/mnt/shared/models/Qwen3-8B"]));
+    assert!(sft.windows(2).any(|w| w == ["--output_dir", &format!("{out}/sft")]), "{sft:?}");
+    // checkpoint-N holds Hugging Face safetensors (save_safetensors defaults to true): infer reads it.
+    let checkpoint = format!("{out}/sft/v0-20261128-101500/checkpoint-50");
+    let (_, part, after, _) = &runs[2];
+    assert_eq!((*part, argv(after)[..4].to_vec()), (Part::After, strings(&["swift", "infer", "--model", &checkpoint])));
+    let (_, part, before, _) = &runs[1];
+    assert_eq!((*part, argv(before)[3].as_str()), (Part::Before, "/mnt/shared/models/Qwen3-8B"));
 }
 
 #[test]
