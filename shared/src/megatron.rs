@@ -5,13 +5,17 @@
 pub(crate) mod checks;
 pub mod flags;
 pub(crate) mod parse;
+pub mod table;
 
 use std::fmt;
 
 use indexmap::IndexMap;
 
+pub use table::SwiftRelease;
+
 /// The ms-swift major version on the nodes; it decides the flag dialect
 /// (`--load/--save` in 3.x, `--model/--output_dir` in 4.x) and the log format.
+/// The exact version whose flags a job is checked against is a [`SwiftRelease`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SwiftVersion {
     V3,
@@ -46,8 +50,11 @@ pub enum FlagValue {
 /// A validated `megatron:` section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MegatronSpec {
-    /// `swift_version: 3 | 4`, default 3.
+    /// The dialect of `release` (`swift_version: 3 | 4 | "major.minor"`, default 3).
     pub swift_version: SwiftVersion,
+    /// The ms-swift version whose flag table the section was checked against:
+    /// the newest of the major, or the minor that `swift_version` names.
+    pub release: SwiftRelease,
     /// Every other key of the section, in file order, except `extra_args` and `program`.
     pub flags: IndexMap<String, FlagValue>,
     /// Appended verbatim after the flags.
@@ -65,9 +72,21 @@ pub fn default_program() -> Vec<String> {
 }
 
 impl MegatronSpec {
-    /// A section with the default program and no flags.
+    /// A section with the default program and no flags, for the newest
+    /// version of the dialect that Cohort has a flag table for.
     pub fn new(swift_version: SwiftVersion) -> Self {
-        MegatronSpec { swift_version, flags: IndexMap::new(), extra_args: Vec::new(), program: default_program() }
+        Self::with_release(SwiftRelease::newest(swift_version))
+    }
+
+    /// A section with the default program and no flags, for `release`.
+    pub fn with_release(release: SwiftRelease) -> Self {
+        MegatronSpec {
+            swift_version: release.dialect(),
+            release,
+            flags: IndexMap::new(),
+            extra_args: Vec::new(),
+            program: default_program(),
+        }
     }
 
     /// The full argv: the program, then `--key value` per flag in file order (a
@@ -102,12 +121,23 @@ impl MegatronSpec {
         )
     }
 
-    /// The model to fine-tune: `load` in 3.x; `model`, else `mcore_model`, in 4.x.
+    /// The model to fine-tune: `load`, else `model` in 3.x (3.10+ loads a Hugging
+    /// Face `--model` itself; with both, `load` holds the weights); `model`, else
+    /// `mcore_model`, in 4.x.
     pub fn model_ref(&self) -> Option<&str> {
         match self.swift_version {
-            SwiftVersion::V3 => self.scalar("load"),
+            SwiftVersion::V3 => self.scalar("load").or_else(|| self.scalar("model")),
             SwiftVersion::V4 => self.scalar("model").or_else(|| self.scalar("mcore_model")),
         }
+    }
+
+    /// The flag that [`model_ref`](Self::model_ref) read, if any.
+    pub fn model_key(&self) -> Option<&'static str> {
+        let keys: &[&'static str] = match self.swift_version {
+            SwiftVersion::V3 => &["load", "model"],
+            SwiftVersion::V4 => &["model", "mcore_model"],
+        };
+        keys.iter().copied().find(|key| self.scalar(key).is_some())
     }
 
     /// Where checkpoints go: `save` in 3.x, `output_dir` in 4.x.

@@ -31,11 +31,12 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value};
 
 use crate::megatron::checks::{Cluster, check_parallelism};
+use crate::megatron::parse::read_megatron;
 pub use crate::megatron::{FlagValue, MegatronSpec, ParallelLayout, SwiftVersion};
-use crate::megatron::{flags, parse::read_megatron};
 use crate::model::ModelConfig;
 use fields::{check_name, read_command, read_env, read_node_selector};
 pub(crate) use report::Problems;
+pub(crate) use report::did_you_mean;
 use report::suggestion;
 pub use report::{SpecErrors, SpecIssue};
 pub use restart::{DEFAULT_STRAGGLER_FACTOR, RestartPolicy};
@@ -206,9 +207,9 @@ impl JobSpec {
         }
     }
 
-    /// Remarks that do not stop the job: flags Cohort does not know (with a
-    /// "did you mean"), a model missing from the built-in table (so the head,
-    /// layer and memory checks were skipped), ms-swift 3.x's `finetune` default.
+    /// Remarks that do not stop the job: a model missing from the built-in table
+    /// (so the head, layer and memory checks were skipped), ms-swift 3.x's
+    /// `finetune` default. (A flag ms-swift does not know is an error.)
     /// Lines are not known here (`line` is None).
     pub fn warnings(&self) -> Vec<SpecIssue> {
         let Workload::MegatronSft(megatron) = &self.workload else {
@@ -219,23 +220,7 @@ impl JobSpec {
             warnings.push(SpecIssue { field, line: None, message });
         };
         let version = megatron.swift_version;
-        for key in megatron.flags.keys() {
-            if !flags::is_known(version, key) {
-                warn(
-                    format!("megatron.{key}"),
-                    format!(
-                        "`{key}` is not an {version} flag Cohort knows; it is passed on as --{key}{}",
-                        suggestion(key, flags::known_flags(version))
-                    ),
-                );
-            }
-        }
-        let model_key = match version {
-            SwiftVersion::V3 => "load",
-            SwiftVersion::V4 if megatron.flags.contains_key("model") => "model",
-            SwiftVersion::V4 => "mcore_model",
-        };
-        if let Some(model_ref) = megatron.model_ref()
+        if let (Some(model_ref), Some(model_key)) = (megatron.model_ref(), megatron.model_key())
             && ModelConfig::known(model_ref).is_none()
         {
             warn(
@@ -626,20 +611,34 @@ fn check_megatron(
     root: &Mapping,
     problems: &mut Problems,
 ) {
-    let model_key = match megatron.swift_version {
-        SwiftVersion::V3 => "`load`",
-        SwiftVersion::V4 => "`model` or `mcore_model`",
+    // Which flags name the model: the table says whether this version has each
+    // (`model` in 3.x since 3.10, where ms-swift loads Hugging Face weights itself).
+    let candidates: &[&str] = match megatron.swift_version {
+        SwiftVersion::V3 => &["load", "model"],
+        SwiftVersion::V4 => &["model", "mcore_model"],
     };
-    let in_extra_args = |flag: &str| megatron.extra_args.iter().any(|arg| arg == flag);
-    let has_model =
-        megatron.model_ref().is_some() || ["--load", "--model", "--mcore_model"].iter().any(|flag| in_extra_args(flag));
+    let sft = megatron.release.table().command(crate::megatron::table::MEGATRON_SFT);
+    let model_keys: Vec<&str> =
+        candidates.iter().copied().filter(|key| sft.is_some_and(|sft| sft.flag(key).is_some())).collect();
+    let in_extra_args = |flag: &str| {
+        megatron.extra_args.iter().any(|arg| arg == &format!("--{flag}") || arg.starts_with(&format!("--{flag}=")))
+    };
+    let has_model = megatron.model_ref().is_some() || model_keys.iter().any(|key| in_extra_args(key));
     // A flag reported as bad is absent from `flags` but present in the file.
     let reported = ["load", "model", "mcore_model"]
         .iter()
         .any(|key| root.get("megatron").and_then(|section| section.get(*key)).is_some());
     if !has_model && !reported {
+        let named = model_keys
+            .iter()
+            .map(|key| match *key {
+                "load" | "mcore_model" => format!("`{key}` (an mcore checkpoint)"),
+                _ => format!("`{key}` (a Hugging Face model id or directory)"),
+            })
+            .collect::<Vec<_>>()
+            .join(" or ");
         problems
-            .at(&["megatron"], format!("names no model to fine-tune; with {} set {model_key}", megatron.swift_version));
+            .at(&["megatron"], format!("names no model to fine-tune; with ms-swift {} set {named}", megatron.release));
     }
     let model = megatron.model_ref().and_then(ModelConfig::known);
     let cluster = Cluster { nodes, gpus_per_node };

@@ -90,18 +90,17 @@ fn recompute_layers_must_divide_layers_per_stage() {
 
 #[test]
 fn recompute_method_needs_full_granularity() {
-    single(
-        &variant("recompute_granularity: full", "recompute_granularity: selective"),
-        "megatron.recompute_method",
-        Some(18),
-        "only applies to recompute_granularity full",
-    );
-    single(
-        &variant("  recompute_granularity: full\n", ""),
-        "megatron.recompute_method",
-        Some(17),
-        "selective (ms-swift's default)",
-    );
+    let issues = problems_in(&variant("recompute_granularity: full", "recompute_granularity: selective"));
+    assert_eq!(fields(&issues), ["megatron.recompute_method", "megatron.recompute_num_layers"], "{issues:#?}");
+    assert_eq!((issues[0].line, issues[1].line), (Some(18), Some(19)));
+    assert!(issues[0].message.contains("only applies to recompute_granularity full"), "{issues:#?}");
+    // Without a granularity ms-swift's default (selective) applies, and megatron-core
+    // refuses both a method and a layer count with it.
+    let issues = problems_in(&variant("  recompute_granularity: full\n", ""));
+    assert_eq!(fields(&issues), ["megatron.recompute_method", "megatron.recompute_num_layers"], "{issues:#?}");
+    assert_eq!((issues[0].line, issues[1].line), (Some(17), Some(18)));
+    assert!(issues[0].message.contains("selective (ms-swift's default)"), "{issues:#?}");
+    assert!(issues[1].message.contains("must not be set with recompute_granularity selective"), "{issues:#?}");
 }
 
 #[test]
@@ -174,7 +173,12 @@ fn dialect_spellings_name_the_right_one() {
 
 #[test]
 fn swift_version_must_be_3_or_4() {
-    single(&variant("swift_version: 3", "swift_version: 5"), "megatron.swift_version", Some(9), "must be 3 or 4");
+    single(
+        &variant("swift_version: 3", "swift_version: 5"),
+        "megatron.swift_version",
+        Some(9),
+        "must be 3, 4 or a quoted \"major.minor\" such as \"3.10\"",
+    );
 }
 
 #[test]
@@ -209,7 +213,7 @@ fn megatron_needs_gpus_and_a_model() {
         &variant("  load: Qwen3-8B-mcore\n", ""),
         "megatron",
         Some(8),
-        "names no model to fine-tune; with ms-swift 3.x set `load`",
+        "names no model to fine-tune; with ms-swift 3.12.6 set `load` (an mcore checkpoint) or `model` (a Hugging Face model id or directory)",
     );
 }
 
@@ -232,7 +236,7 @@ fn bad_flag_values_name_the_flag() {
     );
     assert_eq!(issues.iter().map(|issue| issue.line).collect::<Vec<_>>(), [31, 32, 33, 34, 35].map(Some));
     assert!(issues[3].message.contains("write the flag as `tensor_model_parallel_size`"));
-    assert!(issues[4].message.contains("\"two\" is not a positive integer"));
+    assert!(issues[4].message.contains("`context_parallel_size` takes an integer, got \"two\""), "{issues:#?}");
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! node has started (or, for some, silently ignore); checked up front so that a
 //! bad layout is a job-file error, reported all at once, each with a fix.
 
+use super::table::MEGATRON_SFT;
 use super::{MegatronSpec, ParallelLayout, parse_bool};
 use crate::model::ModelConfig;
 use crate::spec::Problems;
@@ -36,7 +37,7 @@ pub(crate) fn check_parallelism(
     let cp = size(CP, 1);
     let micro_batch = size("micro_batch_size", 1);
     let global_batch = size("global_batch_size", super::DEFAULT_GLOBAL_BATCH_SIZE);
-    let recompute_layers = size("recompute_num_layers", 1);
+    let recompute_chunk = check_recompute(spec, problems);
 
     if let Some(tp) = tp {
         check_sequence_parallel(spec, tp, problems);
@@ -67,10 +68,9 @@ pub(crate) fn check_parallelism(
             check_heads(model, tp, problems);
         }
         if let Some(pp) = pp {
-            check_layers(spec, model, pp, recompute_layers, problems);
+            check_layers(spec, model, pp, recompute_chunk, problems);
         }
     }
-    check_recompute_method(spec, problems);
 }
 
 fn check_sequence_parallel(spec: &MegatronSpec, tp: u32, problems: &mut Problems) {
@@ -149,7 +149,7 @@ fn check_layers(
     spec: &MegatronSpec,
     model: &ModelConfig,
     pp: u32,
-    recompute_layers: Option<u32>,
+    recompute_chunk: Option<u32>,
     problems: &mut Problems,
 ) {
     let layers = model.num_hidden_layers;
@@ -172,7 +172,10 @@ fn check_layers(
         return;
     }
     let per_stage = layers / pp;
-    if let (Some("uniform"), Some(chunk)) = (spec.scalar("recompute_method"), recompute_layers)
+    // megatron-core core_r0.15.0 transformer_block.py:466-476: uniform recompute walks the
+    // stage's layers in chunks of recompute_num_layers and indexes past the last layer
+    // (IndexError at the first step) when the chunk does not divide them.
+    if let Some(chunk) = recompute_chunk
         && !per_stage.is_multiple_of(chunk)
     {
         problems.at(
@@ -185,27 +188,83 @@ fn check_layers(
     }
 }
 
-fn check_recompute_method(spec: &MegatronSpec, problems: &mut Problems) {
-    let granularity = spec.scalar("recompute_granularity");
-    if let Some(value) = granularity
-        && !["full", "selective", "none"].contains(&value)
-    {
-        problems.at(&[SECTION, "recompute_granularity"], format!("{value:?} is not one of full, selective, none"));
-        return;
-    }
-    let Some(method) = spec.scalar("recompute_method") else {
-        return;
+/// The recompute settings as megatron-core enforces them (it raises at start-up,
+/// on every rank), with ms-swift's defaults from the job's flag table
+/// (`recompute_granularity` selective, `recompute_method` and
+/// `recompute_num_layers` None). Returns the chunk size of uniform full
+/// recompute, which must also divide the layers of a pipeline stage.
+fn check_recompute(spec: &MegatronSpec, problems: &mut Problems) -> Option<u32> {
+    let sft = spec.release.table().command(MEGATRON_SFT);
+    let default = |key: &str| sft.and_then(|sft| sft.flag(key)).and_then(|flag| flag.default_text());
+    let granularity =
+        spec.scalar("recompute_granularity").map(str::to_owned).or_else(|| default("recompute_granularity"));
+    let method = spec.scalar("recompute_method").map(str::to_owned).or_else(|| default("recompute_method"));
+    let layers_set = spec.flags.contains_key("recompute_num_layers");
+    let layers = spec.scalar("recompute_num_layers").and_then(|text| text.trim().parse::<i64>().ok());
+    let shown = |value: &str| {
+        if spec.flags.contains_key("recompute_granularity") {
+            value.to_owned()
+        } else {
+            format!("{value} (ms-swift's default)")
+        }
     };
-    if !["uniform", "block"].contains(&method) {
-        problems.at(&[SECTION, "recompute_method"], format!("{method:?} is not uniform or block"));
-    } else if granularity != Some("full") {
-        let shown = granularity.unwrap_or("selective (ms-swift's default)");
-        problems.at(
-            &[SECTION, "recompute_method"],
-            format!(
-                "only applies to recompute_granularity full, but the granularity is {shown}; remove recompute_method or set recompute_granularity: full"
-            ),
-        );
+    match granularity.as_deref() {
+        // ms-swift turns `none` into None (3.12.6 megatron_args.py:721-722, 4.6.0
+        // megatron_args.py:847-848), and megatron-core checks nothing more without a
+        // granularity (core_r0.15.0 transformer_config.py:904).
+        None | Some("none") => None,
+        Some("selective") => {
+            // Megatron-LM core_r0.15.0 megatron/training/arguments.py:914-917 (3.x);
+            // ms-swift 4.6.0 megatron_args.py:849-850.
+            if method.is_some() {
+                problems.at(
+                    &[SECTION, "recompute_method"],
+                    format!(
+                        "only applies to recompute_granularity full, but the granularity is {}; remove recompute_method or set recompute_granularity: full",
+                        shown("selective")
+                    ),
+                );
+            }
+            // core_r0.15.0 transformer_config.py:929-935.
+            if layers_set {
+                problems.at(
+                    &[SECTION, "recompute_num_layers"],
+                    format!(
+                        "must not be set with recompute_granularity {} (megatron-core refuses it there); remove recompute_num_layers or set recompute_granularity: full",
+                        shown("selective")
+                    ),
+                );
+            }
+            None
+        }
+        Some(_full) => {
+            // core_r0.15.0 transformer_config.py:911-920: full needs a method.
+            if method.is_none() {
+                problems.at(
+                    &[SECTION, "recompute_granularity"],
+                    "full needs recompute_method: uniform (recompute every chunk of recompute_num_layers layers) or block (recompute the first recompute_num_layers layers of each pipeline stage); megatron-core refuses full without a method",
+                );
+            }
+            // core_r0.15.0 transformer_config.py:922-927: and a layer count (ms-swift's default is None).
+            if !layers_set {
+                problems.at(
+                    &[SECTION, "recompute_granularity"],
+                    "full needs recompute_num_layers (ms-swift's default is None, which megatron-core refuses): the layers per recompute chunk with uniform, the layers recomputed per pipeline stage with block",
+                );
+            }
+            match (method.as_deref(), layers) {
+                // transformer_block.py:470-476: a chunk of 0 (or less) never advances.
+                (Some("uniform"), Some(chunk)) if chunk < 1 => {
+                    problems.at(
+                        &[SECTION, "recompute_num_layers"],
+                        format!("{chunk} layers per uniform recompute chunk never advances through the layers; use at least 1"),
+                    );
+                    None
+                }
+                (Some("uniform"), Some(chunk)) => u32::try_from(chunk).ok(),
+                _ => None,
+            }
+        }
     }
 }
 

@@ -1,146 +1,322 @@
-//! The ms-swift `megatron sft` flags Cohort knows, and the spellings that differ
-//! between the 3.x and 4.x dialects. The list only feeds "did you mean"
-//! warnings: an unknown flag is still passed through.
+//! A flag name and value checked against the flag table of the job's ms-swift
+//! version: unknown flags (with a "did you mean" in that version), the other
+//! dialect's spelling (with the rename), argparse abbreviations, wrong types,
+//! values outside `choices`, switches given a value, lists where one value goes.
 
-use super::SwiftVersion;
+use super::table::{CommandFlags, Flag, FlagType, Lookup, MEGATRON_SFT, SwiftRelease};
+use super::{FlagValue, parse_bool};
+use crate::spec::did_you_mean;
 
 /// Keys of the `megatron:` section that are Cohort settings, not flags.
 pub const RESERVED_KEYS: &[&str] = &["swift_version", "extra_args", "program"];
 
-/// (3.x spelling, 4.x spelling) pairs. The 4.x side of `load` has two spellings.
-const RENAMED: &[(&str, &[&str])] = &[
-    ("load", &["model", "mcore_model"]),
-    ("save", &["output_dir"]),
-    ("save_interval", &["save_steps"]),
-    ("max_epochs", &["num_train_epochs"]),
-    ("log_interval", &["logging_steps"]),
+/// A flag that ms-swift renamed between the 3.x and 4.x dialects: `from` is
+/// absent in every table of major `major` and each of `to` is present (a unit
+/// test checks both against the tables).
+struct Rename {
+    from: &'static str,
+    to: &'static [&'static str],
+    major: u16,
+    /// What else changes besides the name.
+    note: &'static str,
+}
+
+const fn rename(from: &'static str, to: &'static [&'static str], major: u16, note: &'static str) -> Rename {
+    Rename { from, to, major, note }
+}
+
+const OPPOSITE: &str = " with the opposite value";
+
+#[rustfmt::skip]
+const RENAMES: &[Rename] = &[
+    // 3.x spelling -> 4.x spelling
+    rename("load", &["model", "mcore_model"], 4, " (`model`: a Hugging Face model, which 4.x loads itself; `mcore_model`: an mcore checkpoint)"),
+    rename("save", &["output_dir"], 4, ""),
+    rename("save_interval", &["save_steps"], 4, ""),
+    rename("max_epochs", &["num_train_epochs"], 4, ""),
+    rename("log_interval", &["logging_steps"], 4, ""),
+    rename("train_type", &["tuner_type"], 4, ""),
+    rename("eval_interval", &["eval_steps"], 4, ""),
+    rename("num_workers", &["dataloader_num_workers"], 4, ""),
+    rename("no_initialization", &["perform_initialization"], 4, OPPOSITE),
+    rename("adapter_load", &["mcore_adapter"], 4, ""),
+    rename("ref_load", &["mcore_ref_model"], 4, ""),
+    rename("distributed_backend", &["ddp_backend"], 4, ""),
+    rename("distributed_timeout_minutes", &["ddp_timeout"], 4, " (in seconds, not minutes)"),
+    rename("manual_gc_interval", &["manual_gc_steps"], 4, ""),
+    // 4.x spelling -> 3.x spelling
+    rename("mcore_model", &["load"], 3, ""),
+    rename("output_dir", &["save"], 3, ""),
+    rename("save_steps", &["save_interval"], 3, ""),
+    rename("num_train_epochs", &["max_epochs"], 3, ""),
+    rename("logging_steps", &["log_interval"], 3, ""),
+    rename("tuner_type", &["train_type"], 3, ""),
+    rename("eval_steps", &["eval_interval"], 3, ""),
+    rename("dataloader_num_workers", &["num_workers"], 3, ""),
+    rename("perform_initialization", &["no_initialization"], 3, OPPOSITE),
+    rename("mcore_adapter", &["adapter_load"], 3, ""),
+    rename("mcore_ref_model", &["ref_load"], 3, ""),
+    rename("manual_gc_steps", &["manual_gc_interval"], 3, ""),
+    rename("gradient_accumulation_fusion", &["no_gradient_accumulation_fusion"], 3, OPPOSITE),
 ];
 
-/// The spelling to use instead of `flag` under `version`, when `flag` belongs
-/// to the other dialect: `output_dir` under 3.x gives `save`.
-pub fn dialect_replacement(version: SwiftVersion, flag: &str) -> Option<String> {
-    match version {
-        SwiftVersion::V3 => RENAMED.iter().find(|(_, v4)| v4.contains(&flag)).map(|(v3, _)| format!("`{v3}`")),
-        SwiftVersion::V4 => RENAMED
-            .iter()
-            .find(|(v3, _)| *v3 == flag)
-            .map(|(_, v4)| v4.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(" or ")),
+/// The job's ms-swift version and how the job wrote it, for messages.
+#[derive(Clone, Copy, Debug)]
+pub struct FlagContext<'a> {
+    pub release: SwiftRelease,
+    /// `swift_version` as written (`3`, `"3.10"`).
+    pub written: &'a str,
+}
+
+impl FlagContext<'_> {
+    fn sft(&self) -> Option<&'static CommandFlags> {
+        self.release.table().command(MEGATRON_SFT)
+    }
+
+    /// `ms-swift 3.12.6 (swift_version 3)`
+    fn version(&self) -> String {
+        format!("ms-swift {} (swift_version {})", self.release, self.written)
     }
 }
 
-/// Flags spelt the same way in both dialects.
-#[rustfmt::skip]
-const COMMON: &[&str] = &[
-    // model, template, data
-    "model_type", "model_revision", "template", "system", "max_length", "truncation_strategy",
-    "torch_dtype", "dataset", "val_dataset", "split_dataset_ratio", "dataset_num_proc",
-    "dataset_shuffle", "val_dataset_shuffle", "streaming", "load_from_cache_file", "columns",
-    "strict", "packing", "padding_free", "lazy_tokenize", "num_workers", "model_author",
-    "model_name", "seed", "data_seed", "use_hf", "hub_token", "check_model",
-    "custom_register_path", "custom_dataset_info", "loss_scale", "agent_template",
-    "enable_thinking", "new_special_tokens", "task_type", "num_labels", "attn_impl",
-    "interleave_prob", "stopping_strategy", "remove_unused_columns", "download_mode",
-    "enable_channel_loss", "max_pixels", "vit_gradient_checkpointing",
-    // parallelism
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-    "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel",
-    "virtual_pipeline_model_parallel_size", "decoder_first_pipeline_num_layers",
-    "decoder_last_pipeline_num_layers", "account_for_embedding_in_pipeline_split",
-    "account_for_loss_in_pipeline_split", "use_distributed_optimizer", "overlap_grad_reduce",
-    "overlap_param_gather", "distributed_backend", "distributed_timeout_minutes",
-    "tp_comm_overlap", "cp_comm_type",
-    // batch, schedule, recompute
-    "micro_batch_size", "global_batch_size", "train_iters", "recompute_granularity",
-    "recompute_method", "recompute_num_layers", "recompute_modules", "use_cpu_initialization",
-    "deterministic_mode", "train_dataloader_shuffle", "dataloader_type",
-    "gradient_accumulation_fusion", "cross_entropy_loss_fusion", "cross_entropy_fusion_impl",
-    "calculate_per_token_loss", "attention_backend", "manual_gc", "manual_gc_interval",
-    "finetune", "eval_iters", "eval_interval", "eval_steps",
-    // optimizer and learning rate
-    "optimizer", "optimizer_cpu_offload", "optimizer_offload_fraction",
-    "use_precision_aware_optimizer", "lr", "lr_decay_style", "lr_decay_iters",
-    "lr_warmup_iters", "lr_warmup_fraction", "lr_warmup_init", "min_lr", "weight_decay",
-    "clip_grad", "adam_beta1", "adam_beta2", "adam_eps", "sgd_momentum",
-    // precision
-    "fp16", "bf16", "attention_softmax_in_fp32", "initial_loss_scale", "min_loss_scale",
-    "loss_scale_window", "hysteresis", "fp8_format", "fp8_recipe", "fp8_amax_history_len",
-    "fp8_amax_compute_algo", "fp8_param_gather",
-    // checkpoints
-    "ckpt_format", "no_save_optim", "no_save_rng", "no_load_optim", "no_load_rng",
-    "save_safetensors", "load_safetensors", "async_save", "use_persistent_ckpt_worker",
-    "dist_ckpt_optim_fully_reshardable", "exit_on_missing_checkpoint", "add_version",
-    "save_total_limit", "no_initialization", "use_checkpoint_opt_param_scheduler",
-    "adapter_load", "mcore_adapter", "ref_load", "ref_model", "ref_adapter_load",
-    // logging
-    "tensorboard_dir", "tensorboard_queue_size", "log_throughput", "log_params_norm",
-    "log_timers_to_tensorboard", "log_memory_to_tensorboard", "log_validation_ppl_to_tensorboard",
-    "no_log_learning_rate_to_tensorboard", "wandb_project", "wandb_exp_name", "wandb_save_dir",
-    "report_to", "logging_level",
-    // tuners
-    "train_type", "tuner_type", "freeze_llm", "freeze_vit", "freeze_aligner", "target_modules",
-    "target_regex", "modules_to_save", "lora_rank", "lora_alpha", "lora_dropout", "lora_bias",
-    "lora_dtype", "use_rslora",
-    // mixture of experts
-    "moe_grouped_gemm", "moe_router_topk", "moe_aux_loss_coeff", "moe_z_loss_coeff",
-    "moe_token_dispatcher_type", "moe_shared_expert_overlap", "moe_permute_fusion",
-    "moe_expert_capacity_factor", "moe_router_dtype", "moe_layer_freq",
-    "moe_router_load_balancing_type",
-    // architecture overrides
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-    "group_query_attention", "num_query_groups", "max_position_embeddings",
-    "position_embedding_type", "rotary_base", "rotary_percent", "rope_scaling", "normalization",
-    "norm_epsilon", "swiglu", "untie_embeddings_and_output_weights", "disable_bias_linear",
-    "add_qkv_bias", "attention_dropout", "hidden_dropout", "kv_channels", "qk_layernorm",
-    "transformer_impl", "padded_vocab_size",
-];
-
-/// Every flag Cohort knows under `version`, in no particular order.
-pub fn known_flags(version: SwiftVersion) -> impl Iterator<Item = &'static str> {
-    let dialect: Vec<&'static str> = match version {
-        SwiftVersion::V3 => RENAMED.iter().map(|(v3, _)| *v3).collect(),
-        SwiftVersion::V4 => RENAMED.iter().flat_map(|(_, v4)| v4.iter().copied()).collect(),
+/// The `megatron sft` flag `name` (without dashes) of the job's version, or why
+/// ms-swift's parser would not take `--{name}` as the user meant it.
+pub fn check_name(context: FlagContext<'_>, name: &str) -> Result<&'static Flag, String> {
+    let Some(sft) = context.sft() else {
+        return Err(format!("{} has no `megatron sft` command", context.version()));
     };
-    COMMON.iter().copied().chain(dialect)
+    let lookup = sft.lookup(name);
+    if let Lookup::Exact(flag) = lookup {
+        return Ok(flag);
+    }
+    let release = context.release;
+    if let Some(rename) = RENAMES.iter().find(|r| r.from == name && r.major == release.major()) {
+        let other = if release.major() == 3 { 4 } else { 3 };
+        let to = rename.to.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(" or ");
+        return Err(format!(
+            "`{name}` is the ms-swift {other}.x spelling; with swift_version {} write {to}{} (ms-swift {release} has no --{name}), or set swift_version: {other}",
+            context.written, rename.note
+        ));
+    }
+    match lookup {
+        Lookup::Abbreviation(targets) if targets.len() == 1 => Err(format!(
+            "`{name}` is not a megatron sft flag of {}, only an abbreviation that argparse would silently take as --{}; write the whole flag name `{}`",
+            context.version(),
+            targets[0],
+            targets[0]
+        )),
+        Lookup::Abbreviation(targets) => Err(format!(
+            "`{name}` is not a megatron sft flag of {}; argparse would refuse it as an abbreviation of several flags ({}); write the whole name of the one you mean",
+            context.version(),
+            targets.iter().map(|t| format!("--{t}")).collect::<Vec<_>>().join(", ")
+        )),
+        Lookup::Exact(_) | Lookup::Unknown => {
+            let mut message = format!("`{name}` is not a megatron sft flag of {}", context.version());
+            if let Some(close) = did_you_mean(name, sft.canonical_names()) {
+                message.push_str(&format!("; did you mean `{close}`?"));
+            } else if let Some(other) = newest_release_with(name, release) {
+                let written = if other.major() == release.major() {
+                    format!("\"{}.{}\"", other.major(), other.minor())
+                } else {
+                    other.major().to_string()
+                };
+                message.push_str(&format!(
+                    "; ms-swift {other} has it: if the nodes run that version, set swift_version: {written}"
+                ));
+            } else {
+                message.push_str(&format!("; its flags are listed in shared/swift-flags/ms-swift-{release}.json"));
+            }
+            Err(message)
+        }
+    }
 }
 
-/// Whether `flag` is one Cohort knows under `version`.
-pub fn is_known(version: SwiftVersion, flag: &str) -> bool {
-    known_flags(version).any(|known| known == flag)
+/// The newest other version whose `megatron sft` has exactly `name`.
+fn newest_release_with(name: &str, except: SwiftRelease) -> Option<SwiftRelease> {
+    SwiftRelease::available()
+        .filter(|release| *release != except)
+        .filter(|release| release.table().command(MEGATRON_SFT).is_some_and(|sft| sft.flag(name).is_some()))
+        .max()
+}
+
+impl Flag {
+    /// Whether ms-swift's parser takes `value` for this flag; the error names
+    /// what it expects. A value is checked only as far as the parser itself
+    /// checks it (a JSON-typed value may also be a file path, so it is not parsed).
+    pub fn check_value(&self, value: &FlagValue) -> Result<(), String> {
+        let name = self.canonical();
+        if self.kind == FlagType::Switch {
+            let form = match &self.negates {
+                Some(field) => format!("write `{field}: false` instead (or `--{}` alone in extra_args)", self.name),
+                None => format!("write `--{}` alone in extra_args", self.name),
+            };
+            return Err(format!("`{}` is a switch that takes no value; {form}", self.name));
+        }
+        if !self.cli_usable {
+            return Err(format!(
+                "ms-swift's parser refuses every value of `{name}` on the command line (a Dict-typed field argparse cannot build); leave it out"
+            ));
+        }
+        match value {
+            FlagValue::List(items) if !self.list => Err(format!(
+                "`{name}` takes one value ({}), got a list of {}; write `{name}: <value>`",
+                self.expected(),
+                items.len()
+            )),
+            FlagValue::List(items) => items.iter().try_for_each(|item| self.check_one(item)),
+            FlagValue::Scalar(text) if self.list && text.contains(char::is_whitespace) => Err(format!(
+                "`{name}` takes several values, but {text:?} would reach ms-swift as ONE value with spaces in it; write a list (`{name}: [a, b]`), or a one-element list if the spaces belong to the value"
+            )),
+            FlagValue::Scalar(text) => self.check_one(text),
+        }
+    }
+
+    /// One value of the flag (the only one, or one element of a list).
+    pub fn check_one(&self, text: &str) -> Result<(), String> {
+        let name = self.canonical();
+        let typed = match self.kind {
+            FlagType::Bool => parse_bool(text).is_some(),
+            FlagType::Int => python_int(text),
+            FlagType::Float => python_float(text),
+            FlagType::Str | FlagType::Json | FlagType::Switch => true,
+        };
+        if !typed {
+            return Err(format!("`{name}` takes {}, got {text:?}", self.kind));
+        }
+        match &self.choices {
+            Some(choices) if !choices.iter().any(|choice| choice == text) => {
+                let hint = did_you_mean(text, choices.iter().map(String::as_str))
+                    .map(|close| format!("; did you mean `{close}`?"))
+                    .unwrap_or_default();
+                Err(format!("`{name}` must be one of {}, got {text:?}{hint}", choices.join(", ")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn expected(&self) -> String {
+        match &self.choices {
+            Some(choices) => format!("one of {}", choices.join(", ")),
+            None => self.kind.to_string(),
+        }
+    }
+}
+
+/// What Python's `int()` takes: optional sign, digits, single underscores between digits.
+fn python_int(text: &str) -> bool {
+    let digits = text.trim().trim_start_matches(['+', '-']);
+    let stripped = text.trim();
+    stripped.len() - digits.len() <= 1
+        && !digits.is_empty()
+        && !digits.starts_with('_')
+        && !digits.ends_with('_')
+        && !digits.contains("__")
+        && digits.chars().all(|c| c.is_ascii_digit() || c == '_')
+}
+
+/// What Python's `float()` takes, as far as Rust's parser agrees (both read
+/// `1e-5`, `.5`, `5.`, `inf`, `nan`); underscores between digits are dropped first.
+fn python_float(text: &str) -> bool {
+    let trimmed = text.trim();
+    if trimmed.contains("__") || trimmed.starts_with('_') || trimmed.ends_with('_') {
+        return false;
+    }
+    trimmed.replace('_', "").parse::<f64>().is_ok()
+}
+
+/// Checks the `--flag value ...` tokens of `extra_args`: each `--name` (also
+/// `--name=value`) as a flag name, and its values where the count makes them
+/// clear. Returns (index of the token, message) per problem.
+pub fn check_extra_args(context: FlagContext<'_>, args: &[String]) -> Vec<(usize, String)> {
+    let mut problems = Vec::new();
+    let mut index = 0;
+    while index < args.len() {
+        let token = &args[index];
+        let Some(body) = token.strip_prefix("--") else {
+            // ms-swift refuses any string its parser leaves over (remaining_argv).
+            problems.push((
+                index,
+                format!(
+                    "{token:?} follows no --flag; ms-swift refuses leftover arguments (write flags as `--name value`)"
+                ),
+            ));
+            index += 1;
+            continue;
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_owned())),
+            None => (body, None),
+        };
+        let start = index;
+        index += 1;
+        let mut values: Vec<String> = inline.into_iter().collect();
+        while index < args.len() && !args[index].starts_with("--") {
+            values.push(args[index].clone());
+            index += 1;
+        }
+        let flag = match check_name(context, name) {
+            Ok(flag) => flag,
+            Err(message) => {
+                problems.push((start, message));
+                continue;
+            }
+        };
+        let verdict = match (values.len(), flag.kind) {
+            (0, FlagType::Switch) => Ok(()),
+            (0, FlagType::Bool) if flag.value_optional => Ok(()),
+            (0, _) => Err(format!("`{token}` needs a value ({})", flag.expected())),
+            (1, _) => flag.check_value(&FlagValue::Scalar(values.remove(0))),
+            (_, _) => flag.check_value(&FlagValue::List(values)),
+        };
+        if let Err(message) = verdict {
+            problems.push((start, message));
+        }
+    }
+    problems
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::megatron::SwiftVersion;
 
     #[test]
-    fn dialects_name_each_others_spellings() {
-        assert_eq!(dialect_replacement(SwiftVersion::V3, "output_dir").as_deref(), Some("`save`"));
-        assert_eq!(dialect_replacement(SwiftVersion::V3, "mcore_model").as_deref(), Some("`load`"));
-        assert_eq!(dialect_replacement(SwiftVersion::V3, "model").as_deref(), Some("`load`"));
-        assert_eq!(dialect_replacement(SwiftVersion::V4, "load").as_deref(), Some("`model` or `mcore_model`"));
-        assert_eq!(dialect_replacement(SwiftVersion::V4, "log_interval").as_deref(), Some("`logging_steps`"));
-        assert_eq!(dialect_replacement(SwiftVersion::V3, "save"), None);
-        assert_eq!(dialect_replacement(SwiftVersion::V4, "lr"), None);
+    fn every_rename_holds_in_every_table_of_its_major() {
+        let mut checked = 0;
+        for rename in RENAMES {
+            for release in SwiftRelease::available().filter(|r| r.major() == rename.major) {
+                let sft = release.table().command(MEGATRON_SFT).unwrap();
+                assert!(sft.flag(rename.from).is_none(), "{release} has --{}, so it is no rename there", rename.from);
+                for to in rename.to {
+                    assert!(sft.flag(to).is_some(), "{release} lacks --{to}, offered for --{}", rename.from);
+                }
+                checked += 1;
+            }
+            // The old spelling must exist in the other dialect, else it is no rename at all.
+            let other = SwiftRelease::newest(if rename.major == 3 { SwiftVersion::V4 } else { SwiftVersion::V3 });
+            assert!(
+                other.table().command(MEGATRON_SFT).unwrap().flag(rename.from).is_some(),
+                "ms-swift {other} lacks --{}",
+                rename.from
+            );
+        }
+        assert!(checked >= RENAMES.len());
     }
 
     #[test]
-    fn known_flags_follow_the_dialect() {
-        assert!(is_known(SwiftVersion::V3, "save_interval"));
-        assert!(!is_known(SwiftVersion::V4, "save_interval"));
-        assert!(is_known(SwiftVersion::V4, "save_steps"));
-        assert!(is_known(SwiftVersion::V4, "lr"));
-        assert!(!is_known(SwiftVersion::V3, "lrr"));
-    }
-
-    #[test]
-    fn no_flag_is_listed_twice_or_reserved() {
-        let mut all: Vec<&str> = COMMON.to_vec();
-        all.extend(RENAMED.iter().map(|(v3, _)| *v3));
-        all.extend(RENAMED.iter().flat_map(|(_, v4)| v4.iter().copied()));
-        let count = all.len();
-        all.sort_unstable();
-        all.dedup();
-        assert_eq!(all.len(), count);
-        assert!(!all.iter().any(|flag| RESERVED_KEYS.contains(flag)));
+    fn python_number_syntax() {
+        for good in ["3", "-3", "+3", "1_000", " 7 "] {
+            assert!(python_int(good), "{good}");
+        }
+        for bad in ["three", "3.0", "1e3", "", "-", "_1", "1__0", "--3"] {
+            assert!(!python_int(bad), "{bad}");
+        }
+        for good in ["1e-5", ".5", "5.", "inf", "nan", "3", "1_0.5"] {
+            assert!(python_float(good), "{good}");
+        }
+        for bad in ["fast", "1e", "1,5"] {
+            assert!(!python_float(bad), "{bad}");
+        }
     }
 }

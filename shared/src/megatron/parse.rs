@@ -3,7 +3,8 @@
 
 use serde_yaml_ng::{Mapping, Value};
 
-use super::flags::{RESERVED_KEYS, dialect_replacement};
+use super::flags::{FlagContext, RESERVED_KEYS, check_extra_args, check_name};
+use super::table::SwiftRelease;
 use super::{FlagValue, MegatronSpec, SwiftVersion};
 use crate::spec::Problems;
 use crate::spec::scalar::{as_flow_list, describe, scalar_text};
@@ -20,8 +21,14 @@ pub(crate) fn read_megatron(value: &Value, problems: &mut Problems) -> Option<Me
         );
         return None;
     };
-    let swift_version = read_swift_version(section, problems);
-    let mut spec = MegatronSpec::new(swift_version.unwrap_or(SwiftVersion::V3));
+    let version = read_swift_version(section, problems);
+    let mut spec = MegatronSpec::new(SwiftVersion::V3);
+    if let Some((release, _)) = &version {
+        spec = MegatronSpec::with_release(*release);
+    }
+    // With an invalid swift_version the flags are read but not checked: the
+    // table they would be checked against is unknown.
+    let context = version.as_ref().map(|(release, written)| FlagContext { release: *release, written });
     if let Some(program) = read_arg_list(section, "program", problems) {
         if program.is_empty() {
             problems.at(&[SECTION, "program"], r#"must not be empty; the default is ["megatron", "sft"]"#);
@@ -30,6 +37,11 @@ pub(crate) fn read_megatron(value: &Value, problems: &mut Problems) -> Option<Me
         }
     }
     spec.extra_args = read_arg_list(section, "extra_args", problems).unwrap_or_default();
+    if let Some(context) = context {
+        for (index, message) in check_extra_args(context, &spec.extra_args) {
+            problems.at_field(format!("{SECTION}.extra_args[{index}]"), &[SECTION, "extra_args"], message);
+        }
+    }
 
     for (key, value) in section {
         let Value::String(key) = key else {
@@ -42,37 +54,63 @@ pub(crate) fn read_megatron(value: &Value, problems: &mut Problems) -> Option<Me
         if !flag_name_ok(key, problems) {
             continue;
         }
-        if let (Some(version), Some(spelling)) = (swift_version, dialect_replacement(spec.swift_version, key)) {
-            let other = if version == SwiftVersion::V3 { 4 } else { 3 };
-            problems.at(
-                &[SECTION, key],
-                format!(
-                    "`{key}` is the ms-swift {other}.x spelling; with swift_version {} write {spelling} (or set swift_version: {other})",
-                    version.major()
-                ),
-            );
+        let flag = match context.map(|context| check_name(context, key)) {
+            Some(Err(message)) => {
+                problems.at(&[SECTION, key], message);
+                continue;
+            }
+            Some(Ok(flag)) => Some(flag),
+            None => None,
+        };
+        let Some(value) = read_flag_value(key, value, problems) else {
+            continue;
+        };
+        // A value of the wrong type is reported here once and left out, so that
+        // the layout checks fall back to the default instead of repeating it.
+        if let Some(Err(message)) = flag.map(|flag| flag.check_value(&value)) {
+            problems.at(&[SECTION, key], message);
             continue;
         }
-        if let Some(flag) = read_flag_value(key, value, problems) {
-            spec.flags.insert(key.clone(), flag);
-        }
+        spec.flags.insert(key.clone(), value);
     }
     Some(spec)
 }
 
-/// `swift_version: 3 | 4`; absent means 3. None (and a problem) when invalid.
-fn read_swift_version(section: &Mapping, problems: &mut Problems) -> Option<SwiftVersion> {
-    let Some(value) = section.get("swift_version") else {
-        return Some(SwiftVersion::V3);
-    };
-    match value.as_u64() {
-        Some(3) => Some(SwiftVersion::V3),
-        Some(4) => Some(SwiftVersion::V4),
-        _ => {
+/// `swift_version`: `3` / `4` (the newest table of that major) or a quoted
+/// `"major.minor"`; absent means 3. Also returns the text as written, for
+/// messages. None (and a problem) when invalid.
+fn read_swift_version(section: &Mapping, problems: &mut Problems) -> Option<(SwiftRelease, String)> {
+    let path = [SECTION, "swift_version"];
+    let written = match section.get("swift_version") {
+        None => return Some((SwiftRelease::newest(SwiftVersion::V3), "3".to_owned())),
+        Some(Value::Number(number)) if number.is_f64() => {
+            // YAML reads 3.10 as the float 3.1: the minor cannot be recovered.
+            let typed = problems
+                .written(&path)
+                .filter(|text| text.chars().all(|c| c.is_ascii_digit() || c == '.'))
+                .map_or_else(|| number.to_string(), str::to_owned);
             problems.at(
-                &[SECTION, "swift_version"],
-                format!("must be 3 or 4 (the ms-swift major version on the nodes), got {}", describe(value)),
+                &path,
+                format!(
+                    "{typed} is read by YAML as the number {number}, which loses the minor version; quote it: `swift_version: \"{typed}\"`"
+                ),
             );
+            return None;
+        }
+        Some(Value::Number(number)) => number.to_string(),
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => {
+            problems.at(
+                &path,
+                format!("must be 3, 4 or a quoted \"major.minor\" such as \"3.10\", got {}", describe(other)),
+            );
+            return None;
+        }
+    };
+    match SwiftRelease::resolve(&written) {
+        Ok(release) => Some((release, written.trim().to_owned())),
+        Err(err) => {
+            problems.at(&path, err.to_string());
             None
         }
     }

@@ -76,6 +76,15 @@ impl<'a> Problems<'a> {
         self.issues.push(SpecIssue { field, line, message: message.into() });
     }
 
+    /// The value as written on the line of the field at `path` (a comment cut
+    /// off): what the user typed, before YAML turned `3.10` into the number 3.1.
+    pub(crate) fn written(&self, path: &[&str]) -> Option<&'a str> {
+        let line = self.text.lines().nth(line_of(self.text, path)?.checked_sub(1)?)?;
+        let (_, value) = line.split_once(':')?;
+        let value = value.split(" #").next().unwrap_or(value).trim();
+        (!value.is_empty()).then_some(value)
+    }
+
     /// The YAML text the problems are about.
     pub(crate) fn text(&self) -> &'a str {
         self.text
