@@ -311,6 +311,54 @@ stages:
 }
 
 #[test]
+fn extra_args_of_builtin_steps_are_checked_against_ms_swift_flag_tables() {
+    let text = |version: u32| {
+        format!(
+            r#"name: p
+kind: pipeline
+swift_version: {version}
+output_dir: /o
+model: /m
+stages:
+  - name: convert
+    kind: to_mcore
+    extra_args: [--exist_ok, "true", --to_megatron, "true"]
+  - name: ask
+    kind: infer
+    prompts: /p.jsonl
+    after: /m2
+    extra_args: [--max_new_token, "100", --temprature, "0.5", --top_k, many, --infer_backend, pt]
+  - name: bench
+    kind: eval
+    benchmarks: [gsm8k]
+    after: /m2
+    extra_args: [--eval_backend, Natve]
+"#
+        )
+    };
+    for version in [3, 4] {
+        let found = problems(&text(version));
+        let release = if version == 3 { "3.12.6" } else { "4.6.0" };
+        let expect = [
+            format!("9:stages[0].extra_args: `--to_megatron` is not a flag of `swift export` in ms-swift {release}"),
+            format!(
+                "14:stages[1].extra_args: `--max_new_token` is not a flag of `swift infer` in ms-swift {release}, only an abbreviation (of --max_new_tokens)"
+            ),
+            format!(
+                "14:stages[1].extra_args: `--temprature` is not a flag of `swift infer` in ms-swift {release}; did you mean `--temperature`?"
+            ),
+            "14:stages[1].extra_args: `top_k` takes an integer, got \"many\"".to_owned(),
+            "19:stages[2].extra_args: `eval_backend` must be one of Native, OpenCompass, VLMEvalKit, got \"Natve\""
+                .to_owned(),
+        ];
+        for want in &expect {
+            assert!(found.iter().any(|f| f.starts_with(want.as_str())), "missing {want:?} in\n{}", found.join("\n"));
+        }
+        assert_eq!(found.len(), expect.len(), "--exist_ok and --infer_backend pt are fine: {found:#?}");
+    }
+}
+
+#[test]
 fn a_megatron_stage_is_checked_like_a_megatron_job() {
     let text = r#"name: p
 kind: pipeline

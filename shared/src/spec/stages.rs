@@ -26,10 +26,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_yaml_ng::{Mapping, Value};
 
-use super::report::suggestion;
+use super::report::{did_you_mean, suggestion};
 use super::scalar::{describe, scalar_text};
 use super::{JobSpec, Problems, SpecIssue};
-use crate::megatron::SwiftVersion;
+use crate::megatron::table::{FlagType, Lookup};
+use crate::megatron::{FlagValue, SwiftRelease, SwiftVersion};
 
 /// What a stage runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,6 +70,16 @@ impl StepKind {
     /// Built-in steps take one GPU on one node.
     pub fn is_builtin(self) -> bool {
         matches!(self, StepKind::ToMcore | StepKind::ToHf | StepKind::Infer | StepKind::Eval)
+    }
+
+    /// The ms-swift command a built-in step runs (its flag table's key).
+    pub fn swift_command(self) -> Option<&'static str> {
+        match self {
+            StepKind::ToMcore | StepKind::ToHf => Some("swift export"),
+            StepKind::Infer => Some("swift infer"),
+            StepKind::Eval => Some("swift eval"),
+            StepKind::MegatronSft | StepKind::Command => None,
+        }
     }
 
     /// Infer and eval run twice: on the model before and after training.
@@ -635,6 +646,72 @@ fn find_cycle(spec: &PipelineSpec) -> Option<Vec<String>> {
     None
 }
 
+/// The `--flag value ...` tokens of a built-in step's `extra_args`, checked against the flag
+/// table of its ms-swift command (`swift export`/`infer`/`eval`) in the newest release of the
+/// pipeline's major version: each flag must be one the command has, written whole (argparse's
+/// abbreviations are refused), with values of its type and choices. An eval stage with its own
+/// `command:` runs no ms-swift, so its `extra_args` are not checked.
+fn check_builtin_extra_args(version: SwiftVersion, stage: &PipelineStage) -> Vec<String> {
+    let Some(command) = stage.kind.swift_command() else { return Vec::new() };
+    if stage.kind == StepKind::Eval && stage.raw.contains_key("command") {
+        return Vec::new();
+    }
+    let release = SwiftRelease::newest(version);
+    let Some(flags) = release.table().command(command) else {
+        return vec![format!("ms-swift {release} has no `{command}` command")];
+    };
+    let args = stage.list("extra_args");
+    let mut problems = Vec::new();
+    let mut index = 0;
+    while index < args.len() {
+        let token = &args[index];
+        index += 1;
+        let Some(body) = token.strip_prefix("--") else {
+            problems.push(format!(
+                "{token:?} follows no --flag; ms-swift refuses leftover arguments (write `--name value`)"
+            ));
+            continue;
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_owned())),
+            None => (body, None),
+        };
+        let mut values: Vec<String> = inline.into_iter().collect();
+        while index < args.len() && !args[index].starts_with("--") {
+            values.push(args[index].clone());
+            index += 1;
+        }
+        let flag = match flags.lookup(name) {
+            Lookup::Exact(flag) => flag,
+            Lookup::Abbreviation(targets) => {
+                problems.push(format!(
+                    "`--{name}` is not a flag of `{command}` in ms-swift {release}, only an abbreviation (of {}) that argparse would take; write the whole flag name",
+                    targets.iter().map(|t| format!("--{t}")).collect::<Vec<_>>().join(", ")
+                ));
+                continue;
+            }
+            Lookup::Unknown => {
+                let hint = did_you_mean(name, flags.canonical_names())
+                    .map(|close| format!("; did you mean `--{close}`?"))
+                    .unwrap_or_default();
+                problems.push(format!("`--{name}` is not a flag of `{command}` in ms-swift {release}{hint}"));
+                continue;
+            }
+        };
+        let verdict = match (values.len(), flag.kind) {
+            (0, FlagType::Switch) => Ok(()),
+            (0, FlagType::Bool) if flag.value_optional => Ok(()),
+            (0, _) => Err(format!("`{token}` needs a value")),
+            (1, _) => flag.check_value(&FlagValue::Scalar(values.remove(0))),
+            (_, _) => flag.check_value(&FlagValue::List(values)),
+        };
+        if let Err(message) = verdict {
+            problems.push(format!("{message} (`{command}` of ms-swift {release})"));
+        }
+    }
+    problems
+}
+
 /// Fields of each kind: what the built-in steps need, and a megatron-sft or
 /// command stage checked as the job it becomes.
 fn check_stage_fields(spec: &PipelineSpec, names: &[&str], lines: &StageLines, problems: &mut Problems) {
@@ -681,6 +758,9 @@ fn check_stage_fields(spec: &PipelineSpec, names: &[&str], lines: &StageLines, p
             _ => {}
         }
         if stage.kind.is_builtin() {
+            for message in check_builtin_extra_args(spec.swift_version, stage) {
+                stage_problem(problems, lines, index, Some("extra_args"), message);
+            }
             for key in ["extra_args", "command"] {
                 if let Some(value) = stage.raw.get(key)
                     && !matches!(value, Value::Sequence(_))
