@@ -12,6 +12,7 @@ use serde_yaml_ng::{Mapping, Value};
 use sha2::{Digest, Sha256};
 
 use crate::megatron::SwiftVersion;
+use crate::spec::scalar::scalar_text;
 use crate::spec::stages::{PipelineSpec, PipelineStage, StepKind, placeholders};
 
 /// Which run of a stage: infer and eval run on the model before and after training.
@@ -385,13 +386,20 @@ impl PipelineSpec {
         }
         if let Some(Value::Mapping(section)) = stage.raw.get("megatron") {
             let mut section = section.clone();
-            let version = match section.get("swift_version").and_then(Value::as_u64) {
-                Some(4) => SwiftVersion::V4,
-                Some(_) => SwiftVersion::V3,
-                None => self.swift_version,
+            // The stage's own swift_version (3, 4 or "major.minor"), else the pipeline's; an
+            // invalid one is reported when the stage is checked as the job it becomes.
+            let own = section.get("swift_version").and_then(|v| scalar_text(v).ok());
+            let version = match own.as_deref().map(crate::megatron::SwiftRelease::resolve) {
+                Some(Ok(release)) => release.dialect(),
+                _ => self.swift_version,
             };
-            if !section.contains_key("swift_version") {
-                section.insert("swift_version".into(), Value::Number(u64::from(version.major()).into()));
+            if own.is_none() {
+                let written = &self.swift_version_written;
+                let value = match written.parse::<u64>() {
+                    Ok(major) => Value::Number(major.into()),
+                    Err(_) => Value::String(written.clone()),
+                };
+                section.insert("swift_version".into(), value);
             }
             let save_key = match version {
                 SwiftVersion::V3 => "save",

@@ -359,6 +359,30 @@ stages:
 }
 
 #[test]
+fn swift_version_may_name_a_minor_release_which_stages_inherit() {
+    // ms-swift 3.10+ loads Hugging Face weights itself (`--model`), which 3.x before 3.10 cannot.
+    let text =
+        PIPELINE_V4.replace("swift_version: 4", "swift_version: \"3.10\"").replace("num_train_epochs", "max_epochs");
+    let (_, p) = pipeline(&text);
+    assert_eq!((p.swift_version, p.swift_release.to_string().as_str()), (SwiftVersion::V3, "3.10.3"));
+    let runs = all_runs(&text, "j-3");
+    let Workload::MegatronSft(m) = &runs[0].2.workload else { panic!() };
+    assert_eq!(m.swift_version, SwiftVersion::V3);
+    assert_eq!(m.scalar("save"), Some("/mnt/shared/runs/j-3/sft"), "3.x saves with --save");
+    assert_eq!(m.scalar("model"), Some("/mnt/shared/models/Qwen3-8B"));
+
+    // A stage's own "major.minor" decides its dialect (here: where it saves).
+    let own = PIPELINE.replace("      max_epochs: 1\n", "      max_epochs: 1\n      swift_version: \"3.12\"\n");
+    let Workload::MegatronSft(m) = &all_runs(&own, "j-4")[1].2.workload else { panic!() };
+    assert_eq!(m.scalar("save"), Some("/mnt/shared/runs/j-4/sft"));
+
+    let float = problems(&PIPELINE.replace("swift_version: 3", "swift_version: 3.10"));
+    assert!(float.iter().any(|f| f.contains(":swift_version: ") && f.contains("quote it")), "{float:?}");
+    let unknown = problems(&PIPELINE.replace("swift_version: 3", "swift_version: \"3.7\""));
+    assert!(unknown.iter().any(|f| f.contains("no flag table for ms-swift 3.7")), "{unknown:?}");
+}
+
+#[test]
 fn a_megatron_stage_is_checked_like_a_megatron_job() {
     let text = r#"name: p
 kind: pipeline

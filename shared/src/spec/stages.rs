@@ -135,8 +135,13 @@ pub const INHERITED_KEYS: &[&str] = &[
 /// A validated `kind: pipeline` job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineSpec {
-    /// The ms-swift dialect of the built-in steps; default 3.
+    /// The ms-swift dialect of the built-in steps and megatron-sft stages; default 3.
     pub swift_version: SwiftVersion,
+    /// The ms-swift release whose flag tables check the stages: `swift_version: 3`/`4` is the
+    /// newest table of that major, `"3.10"` that minor's.
+    pub swift_release: SwiftRelease,
+    /// `swift_version` as written (`3`, `"3.10"`): what megatron-sft stages inherit.
+    pub swift_version_written: String,
     /// The Hugging Face model the pipeline starts from: `to_mcore`'s input and
     /// the "before" model of `infer` and `eval`.
     pub model: Option<String>,
@@ -251,20 +256,7 @@ pub(crate) fn strings(value: &Value) -> Vec<&str> {
 /// Reads `swift_version`, `model`, `output_dir`, `conversion_cache` and
 /// `stages` of a pipeline job.
 pub(super) fn read_pipeline(root: &Mapping, text: &str, problems: &mut Problems) -> Option<PipelineSpec> {
-    let swift_version = match root.get("swift_version") {
-        None | Some(Value::Null) => Some(SwiftVersion::V3),
-        Some(value) => match value.as_u64() {
-            Some(3) => Some(SwiftVersion::V3),
-            Some(4) => Some(SwiftVersion::V4),
-            _ => {
-                problems.at(
-                    &["swift_version"],
-                    format!("must be 3 or 4 (the ms-swift major version on the nodes), got {}", describe(value)),
-                );
-                None
-            }
-        },
-    };
+    let release = read_swift_version(root, problems);
     let model = top_text(root, "model", problems);
     let output_dir = top_text(root, "output_dir", problems);
     match &output_dir {
@@ -314,8 +306,12 @@ pub(super) fn read_pipeline(root: &Mapping, text: &str, problems: &mut Problems)
             inherited.insert(Value::String((*key).to_owned()), value.clone());
         }
     }
+    let (swift_release, swift_version_written) =
+        release.unwrap_or_else(|| (SwiftRelease::newest(SwiftVersion::V3), "3".to_owned()));
     let spec = PipelineSpec {
-        swift_version: swift_version.unwrap_or(SwiftVersion::V3),
+        swift_version: swift_release.dialect(),
+        swift_release,
+        swift_version_written,
         model,
         output_dir: output_dir.unwrap_or_default(),
         conversion_cache,
@@ -327,6 +323,39 @@ pub(super) fn read_pipeline(root: &Mapping, text: &str, problems: &mut Problems)
     check_graph(&spec, &written, &lines, problems);
     check_stage_fields(&spec, &written, &lines, problems);
     Some(spec)
+}
+
+/// `swift_version`: `3`, `4` or a quoted `"major.minor"` as in a megatron-sft job; absent
+/// means 3. None (and a problem) when invalid.
+fn read_swift_version(root: &Mapping, problems: &mut Problems) -> Option<(SwiftRelease, String)> {
+    let written = match root.get("swift_version") {
+        None | Some(Value::Null) => return None,
+        Some(Value::Number(number)) if number.is_f64() => {
+            problems.at(
+                &["swift_version"],
+                format!(
+                    "{number} is a YAML number, which loses the minor version (3.10 reads as 3.1); quote it: `swift_version: \"3.10\"`"
+                ),
+            );
+            return None;
+        }
+        Some(Value::Number(number)) => number.to_string(),
+        Some(Value::String(text)) => text.trim().to_owned(),
+        Some(other) => {
+            problems.at(
+                &["swift_version"],
+                format!("must be 3, 4 or a quoted \"major.minor\" such as \"3.10\", got {}", describe(other)),
+            );
+            return None;
+        }
+    };
+    match SwiftRelease::resolve(&written) {
+        Ok(release) => Some((release, written)),
+        Err(err) => {
+            problems.at(&["swift_version"], err.to_string());
+            None
+        }
+    }
 }
 
 fn top_text(root: &Mapping, key: &str, problems: &mut Problems) -> Option<String> {
@@ -647,16 +676,15 @@ fn find_cycle(spec: &PipelineSpec) -> Option<Vec<String>> {
 }
 
 /// The `--flag value ...` tokens of a built-in step's `extra_args`, checked against the flag
-/// table of its ms-swift command (`swift export`/`infer`/`eval`) in the newest release of the
-/// pipeline's major version: each flag must be one the command has, written whole (argparse's
+/// table of its ms-swift command (`swift export`/`infer`/`eval`) in the pipeline's ms-swift
+/// release: each flag must be one the command has, written whole (argparse's
 /// abbreviations are refused), with values of its type and choices. An eval stage with its own
 /// `command:` runs no ms-swift, so its `extra_args` are not checked.
-fn check_builtin_extra_args(version: SwiftVersion, stage: &PipelineStage) -> Vec<String> {
+fn check_builtin_extra_args(release: SwiftRelease, stage: &PipelineStage) -> Vec<String> {
     let Some(command) = stage.kind.swift_command() else { return Vec::new() };
     if stage.kind == StepKind::Eval && stage.raw.contains_key("command") {
         return Vec::new();
     }
-    let release = SwiftRelease::newest(version);
     let Some(flags) = release.table().command(command) else {
         return vec![format!("ms-swift {release} has no `{command}` command")];
     };
@@ -758,7 +786,7 @@ fn check_stage_fields(spec: &PipelineSpec, names: &[&str], lines: &StageLines, p
             _ => {}
         }
         if stage.kind.is_builtin() {
-            for message in check_builtin_extra_args(spec.swift_version, stage) {
+            for message in check_builtin_extra_args(spec.swift_release, stage) {
                 stage_problem(problems, lines, index, Some("extra_args"), message);
             }
             for key in ["extra_args", "command"] {
