@@ -337,6 +337,41 @@ megatron:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn ms_swift_3_eval_records_in_logging_jsonl_count_at_the_last_training_iteration() {
+    let cluster = cluster(["good", "good"]).await;
+    let out = cluster.dir.path().join("output");
+    let yaml = format!(
+        "
+name: v3
+kind: megatron-sft
+nodes: 2
+gpus_per_node: 1
+workdir: tests/payloads
+megatron:
+  swift_version: 3
+  program: [python3, jsonl_trainer.py]
+  load: Qwen3-8B-mcore
+  dataset: [{}]
+  micro_batch_size: 1
+  global_batch_size: 2
+  save: {}
+",
+        good_dataset(cluster.dir.path()).display(),
+        out.display()
+    );
+    let job = cluster.submit(&yaml).await.unwrap();
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&job), JobState::Succeeded, "{}", job.reason);
+    let out = cluster.cli(&["metrics", &job.id, "-o", "json"]);
+    let points: Vec<(u64, bool)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|p| (p["iteration"].as_str().unwrap().parse().unwrap(), p["is_eval"].as_bool().unwrap_or(false)))
+        .collect();
+    assert_eq!(points, [(1, false), (5, false), (5, true), (10, false)], "the eval record has no iteration of its own");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_restart_policy_resumes_from_the_newest_complete_checkpoint_by_itself() {
     let cluster = cluster(["good", "good"]).await;
     let save = cluster.dir.path().join("out");
