@@ -383,6 +383,42 @@ fn swift_version_may_name_a_minor_release_which_stages_inherit() {
 }
 
 #[test]
+fn every_rendered_builtin_flag_is_in_each_ms_swift_flag_table() {
+    use cohort_shared::megatron::table::Lookup;
+    use cohort_shared::megatron::{FlagValue, SwiftRelease};
+    let all = ConvertOptions { torch_dtype: Some("bfloat16".into()), test_convert_precision: Some(true) };
+    for release in SwiftRelease::available() {
+        let version = release.dialect();
+        let lines = [
+            to_mcore_args(version, "/m", "/o", &all),
+            to_hf_args(version, "/c", "/o", &all),
+            infer_args(version, "/m", "/p.jsonl", "/o/a.jsonl", "0", "2048"),
+            eval_args(version, "/m", "Native", &strings(&["gsm8k", "arc_c"]), "/o", Some("200")),
+        ];
+        for argv in lines {
+            let command = argv[..2].join(" ");
+            let flags = release.table().command(&command).unwrap_or_else(|| panic!("{release}: no {command}"));
+            let mut index = 2;
+            while index < argv.len() {
+                let name = argv[index].strip_prefix("--").unwrap_or_else(|| panic!("{argv:?}"));
+                index += 1;
+                let mut values = Vec::new();
+                while index < argv.len() && !argv[index].starts_with("--") {
+                    values.push(argv[index].clone());
+                    index += 1;
+                }
+                let Lookup::Exact(flag) = flags.lookup(name) else {
+                    panic!("ms-swift {release} {command}: no --{name}")
+                };
+                let value =
+                    if values.len() == 1 { FlagValue::Scalar(values.remove(0)) } else { FlagValue::List(values) };
+                flag.check_value(&value).unwrap_or_else(|e| panic!("ms-swift {release} {command}: {e}"));
+            }
+        }
+    }
+}
+
+#[test]
 fn a_megatron_stage_is_checked_like_a_megatron_job() {
     let text = r#"name: p
 kind: pipeline
