@@ -419,6 +419,21 @@ fn every_rendered_builtin_flag_is_in_each_ms_swift_flag_table() {
 }
 
 #[test]
+fn a_checkpoint_reference_to_a_stage_that_saves_no_megatron_weights_is_refused() {
+    let text = PIPELINE_V4.replace("      max_length: 2048\n", "      max_length: 2048\n      no_save_optim: true\n");
+    let found = problems(&text);
+    assert!(
+        found.iter().any(|f| f.contains("stages[0].megatron: no_save_optim with save_safetensors")
+            && f.contains("`${stages.sft.checkpoint}` would find none")),
+        "{found:?}"
+    );
+    // With save_safetensors false the Megatron checkpoint keeps the model.
+    let kept =
+        text.replace("      no_save_optim: true\n", "      no_save_optim: true\n      save_safetensors: false\n");
+    pipeline(&kept);
+}
+
+#[test]
 fn a_megatron_stage_is_checked_like_a_megatron_job() {
     let text = r#"name: p
 kind: pipeline

@@ -740,6 +740,19 @@ fn check_builtin_extra_args(release: SwiftRelease, stage: &PipelineStage) -> Vec
     problems
 }
 
+/// A megatron-sft stage whose `megatron:` section sets `no_save_optim` and leaves
+/// `save_safetensors` at ms-swift's default (true) or sets it true.
+fn saves_without_weights(stage: &PipelineStage) -> bool {
+    let Some(Value::Mapping(section)) = stage.raw.get("megatron") else { return false };
+    let flag = |key: &str| {
+        section.get(key).and_then(|value| match value {
+            Value::Bool(b) => Some(*b),
+            other => scalar_text(other).ok().map(|t| matches!(t.to_ascii_lowercase().as_str(), "true" | "yes" | "1")),
+        })
+    };
+    flag("no_save_optim") == Some(true) && flag("save_safetensors") != Some(false)
+}
+
 /// Fields of each kind: what the built-in steps need, and a megatron-sft or
 /// command stage checked as the job it becomes.
 fn check_stage_fields(spec: &PipelineSpec, names: &[&str], lines: &StageLines, problems: &mut Problems) {
@@ -818,6 +831,20 @@ fn check_stage_fields(spec: &PipelineSpec, names: &[&str], lines: &StageLines, p
                 index,
                 Some("prompts"),
                 format!("{prompts:?} must be an absolute path on storage every node shares"),
+            );
+        }
+        if stage.kind == StepKind::MegatronSft && spec.checkpoint_needed(&stage.name) && saves_without_weights(stage) {
+            stage_problem(
+                problems,
+                lines,
+                index,
+                Some("megatron"),
+                format!(
+                    "no_save_optim with save_safetensors (ms-swift's default) saves Megatron checkpoints without the model \
+                     (4.6.0 swift/megatron/trainers/base.py:837, 3.12.6 :1051), so `${{stages.{}.checkpoint}}` would find \
+                     none to use; drop no_save_optim",
+                    stage.name
+                ),
             );
         }
         if matches!(stage.kind, StepKind::MegatronSft | StepKind::Command) {
