@@ -205,8 +205,8 @@ impl Preparer {
     pub async fn find_checkpoint(&self, command_id: u64, cmd: FindCheckpointCommand) {
         let dir = PathBuf::from(&cmd.directory);
         let found = tokio::task::spawn_blocking(move || {
-            let found = cohort_shared::checkpoint::latest_complete(&dir)?;
-            if let Some(c) = &found {
+            let found = cohort_shared::checkpoint::search(&dir)?;
+            if let Some(c) = &found.found {
                 repoint_tracker(c);
             }
             Ok::<_, cohort_shared::checkpoint::CheckpointError>(found)
@@ -215,7 +215,8 @@ impl Preparer {
         let mut answer = QueryResult { command_id, ..QueryResult::default() };
         match found {
             Ok(Ok(found)) => {
-                let checkpoint = found.map(|c| Checkpoint {
+                let skipped = found.skipped.iter().map(ToString::to_string).collect();
+                let checkpoint = found.found.map(|c| Checkpoint {
                     iteration: c.iteration,
                     path: c.path.display().to_string(),
                     layout: match c.layout {
@@ -223,7 +224,7 @@ impl Preparer {
                         cohort_shared::checkpoint::CheckpointLayout::SwiftCheckpointN => "swift-checkpoint-n".into(),
                     },
                 });
-                answer.result = Some(QueryAnswer::Checkpoint(CheckpointAnswer { checkpoint }));
+                answer.result = Some(QueryAnswer::Checkpoint(CheckpointAnswer { checkpoint, skipped }));
             }
             Ok(Err(e)) => answer.error = e.to_string(),
             Err(e) => answer.error = format!("checkpoint search crashed: {e}"),

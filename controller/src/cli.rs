@@ -637,6 +637,10 @@ async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output
         }
         return Ok(plan_exit(&response));
     }
+    if !response.stages.is_empty() {
+        crate::cli_pipeline::print_stage_plans(&response.stages);
+        return Ok(plan_exit(&response));
+    }
     if !response.parallel_layout.is_empty() {
         say!("parallel layout: {}", response.parallel_layout);
     }
@@ -681,7 +685,8 @@ async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output
 fn plan_exit(response: &PlanJobResponse) -> ExitCode {
     if !response.problems.is_empty() {
         ExitCode::from(2)
-    } else if response.plan.is_none() {
+    } else if response.plan.is_none() && response.stages.is_empty() {
+        // Not placeable now (a pipeline has no plan of its own: its stages are placed as they start).
         ExitCode::from(3)
     } else {
         ExitCode::SUCCESS

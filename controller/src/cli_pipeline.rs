@@ -9,7 +9,8 @@ use crate::security::client::ApiChannel as Channel;
 use anyhow::Context;
 use cohort_proto::job_service_client::JobServiceClient;
 use cohort_proto::{
-    GetReportRequest, Job, ListConversionCacheRequest, PipelineStage, RemoveConversionCacheRequest, StageState,
+    GetReportRequest, Job, ListConversionCacheRequest, PipelineStage, RemoveConversionCacheRequest, StagePlan,
+    StageState,
 };
 use comfy_table::{Table, presets::NOTHING};
 
@@ -107,6 +108,44 @@ pub fn print_stages(job: &Job) {
     }
     if job.report_ready {
         say!("report:    cohort report {}", job.id);
+    }
+}
+
+/// `cohort plan` of a pipeline: each stage in the order it runs, and for each of its runs the
+/// size, the environment that matters and the command line.
+pub fn stage_plan_lines(stages: &[StagePlan]) -> Vec<String> {
+    let mut lines = vec![format!(
+        "pipeline of {} stage(s), each placed when it starts; what earlier stages produce shows as <stage NAME: output>",
+        stages.len()
+    )];
+    for stage in stages {
+        let after = if stage.depends_on.is_empty() {
+            String::new()
+        } else {
+            format!(", after {}", stage.depends_on.join(", "))
+        };
+        lines.push(String::new());
+        lines.push(format!("stage {} ({}{after})", stage.name, stage.kind));
+        for run in &stage.runs {
+            let indent = if run.part.is_empty() {
+                "  ".to_owned()
+            } else {
+                lines.push(format!("  {}:", run.part));
+                "    ".to_owned()
+            };
+            lines.push(format!("{indent}{} node(s) × {} GPU(s)", run.nodes, run.gpus_per_node));
+            for var in &run.env {
+                lines.push(format!("{indent}{}={}", var.name, var.value));
+            }
+            lines.push(format!("{indent}command: {}", shell_words::join(&run.argv)));
+        }
+    }
+    lines
+}
+
+pub fn print_stage_plans(stages: &[StagePlan]) {
+    for line in stage_plan_lines(stages) {
+        say!("{line}");
     }
 }
 

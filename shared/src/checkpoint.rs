@@ -69,10 +69,14 @@ pub enum CheckpointError {
 /// iteration: a later run is a later attempt.
 ///
 /// "Complete" means: the tracker exists and names an iteration whose `iter_XXXXXXX` dir holds
-/// a whole checkpoint: `common.pt` plus `.metadata` or `metadata.json` for `torch_dist`
-/// (`common.pt` alone when there are no `.distcp` shards, as ms-swift 4.x writes with
-/// `--no_save_optim`), or `mp_rank_*` dirs that each hold `model_optim_rng.pt` for the legacy
-/// format; and a `model.safetensors.index.json` beside the tracker names only files that exist.
+/// a whole checkpoint with the model's weights: `common.pt`, `.metadata` or `metadata.json` and
+/// `.distcp` shards for `torch_dist`, or `mp_rank_*` dirs that each hold `model_optim_rng.pt` for
+/// the legacy format; and a `model.safetensors.index.json` beside the tracker names only files
+/// that exist. An `iter_*` dir with `common.pt` and no shards holds no weights: ms-swift with
+/// `save_safetensors` (its default) and `no_save_optim` saves the mcore checkpoint without the
+/// model and puts the weights only in the Hugging Face safetensors beside it (4.6.0
+/// `swift/megatron/trainers/base.py:837-838` and `utils/megatron_lm_utils.py:339-345`;
+/// 3.12.6 `swift/megatron/trainers/base.py:1051-1052`), which `--load`/`--mcore_model` do not read.
 /// Half-written checkpoints (an `iter_*` dir without its metadata, a tracker naming a missing
 /// `iter_*` dir, a `checkpoint-N` dir without a tracker, an unparsable tracker) are skipped,
 /// and the next older complete one is used: within one tracker's dir that is an older `iter_*`
@@ -80,6 +84,33 @@ pub enum CheckpointError {
 ///
 /// A tracker that says `release` names the `release/` dir, reported as iteration 0.
 pub fn latest_complete(save_dir: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
+    Ok(search(save_dir)?.found)
+}
+
+/// A checkpoint the search passed over, and why: shown where the resume decision is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The `iter_*` dir, or the dir of the tracker when the tracker itself is the problem.
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.reason)
+    }
+}
+
+/// What [`search`] found: the checkpoint to resume from, and the newer ones it passed over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Search {
+    pub found: Option<Checkpoint>,
+    /// Checkpoints newer than `found` (all of them when it is None) that cannot be resumed from.
+    pub skipped: Vec<Skipped>,
+}
+
+/// [`latest_complete`], and why each newer checkpoint was not taken.
+pub fn search(save_dir: &Path) -> Result<Search, CheckpointError> {
     match fs::metadata(save_dir) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => return Err(CheckpointError::NotADirectory { path: save_dir.to_path_buf() }),
@@ -90,12 +121,15 @@ pub fn latest_complete(save_dir: &Path) -> Result<Option<Checkpoint>, Checkpoint
     }
     let mut runs = run_dirs(save_dir)?;
     runs.push(save_dir.to_path_buf());
+    let mut skipped = Vec::new();
     for run in runs {
-        if let Some(checkpoint) = latest_in_run(&run)? {
-            return Ok(Some(checkpoint));
+        let (found, passed_over) = latest_in_run(&run)?;
+        skipped.extend(passed_over);
+        if found.is_some() {
+            return Ok(Search { found, skipped });
         }
     }
-    Ok(None)
+    Ok(Search { found: None, skipped })
 }
 
 /// The flags that make a new attempt resume from `ckpt`, in the job's dialect: 3.x
@@ -167,8 +201,9 @@ fn run_version(name: &str) -> Option<(u64, String)> {
 }
 
 /// The complete checkpoint with the highest iteration in one run dir: its own tracker
-/// (Megatron layout) and its `checkpoint-N` children (ms-swift 3.10+/4.x layout).
-fn latest_in_run(run: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
+/// (Megatron layout) and its `checkpoint-N` children (ms-swift 3.10+/4.x layout), and the
+/// newer ones passed over.
+fn latest_in_run(run: &Path) -> Result<(Option<Checkpoint>, Vec<Skipped>), CheckpointError> {
     let mut tracker_dirs = vec![(run.to_path_buf(), layout_of(run))];
     for (name, path) in list_dir(run)? {
         if name.strip_prefix("checkpoint-").and_then(parse_digits).is_some() && path.is_dir() {
@@ -176,15 +211,22 @@ fn latest_in_run(run: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
         }
     }
     let mut best: Option<Checkpoint> = None;
+    // (the iteration it was for, when known; what was wrong)
+    let mut skipped: Vec<(Option<u64>, Skipped)> = Vec::new();
     for (dir, layout) in tracker_dirs {
-        let Some(iteration) = complete_iteration(&dir)? else {
+        let Some(iteration) = complete_iteration(&dir, &mut skipped)? else {
             continue;
         };
         if best.as_ref().is_none_or(|b| iteration > b.iteration) {
             best = Some(Checkpoint { iteration, path: dir, layout, run_dir: run.to_path_buf() });
         }
     }
-    Ok(best)
+    let newer = |iteration: Option<u64>| match (&best, iteration) {
+        (Some(best), Some(iteration)) => iteration > best.iteration,
+        _ => true,
+    };
+    let skipped = skipped.into_iter().filter(|(iteration, _)| newer(*iteration)).map(|(_, s)| s).collect();
+    Ok((best, skipped))
 }
 
 /// A save dir given as a `checkpoint-N` dir itself still reports the ms-swift layout.
@@ -198,24 +240,41 @@ fn layout_of(dir: &Path) -> CheckpointLayout {
 }
 
 /// The newest complete iteration in a dir holding a tracker: the one the tracker names or,
-/// when that is incomplete, the newest older `iter_*` dir that is complete.
-fn complete_iteration(dir: &Path) -> Result<Option<u64>, CheckpointError> {
+/// when that is incomplete, the newest older `iter_*` dir that is complete. What it passes
+/// over goes to `skipped`.
+fn complete_iteration(dir: &Path, skipped: &mut Vec<(Option<u64>, Skipped)>) -> Result<Option<u64>, CheckpointError> {
     let tracker = dir.join(TRACKER_FILE);
     let text = match fs::read_to_string(&tracker) {
         Ok(text) => text,
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Ok(None),
         Err(source) => return Err(CheckpointError::Read { path: tracker, source }),
     };
+    let text = text.trim();
+    let tracked = parse_digits(text);
+    let mut skip = |iteration: Option<u64>, path: PathBuf, reason: String| {
+        tracing::debug!(dir = %path.display(), reason, "skipping checkpoint");
+        skipped.push((iteration, Skipped { path, reason }));
+    };
     if !safetensors_complete(dir)? {
-        tracing::debug!(dir = %dir.display(), "skipping checkpoint: safetensors index names missing files");
+        skip(
+            tracked,
+            dir.to_path_buf(),
+            "model.safetensors.index.json names safetensors files that are missing (still being written)".into(),
+        );
         return Ok(None);
     }
-    let text = text.trim();
     if text == "release" {
-        return Ok(iter_dir_complete(&dir.join("release"))?.then_some(0));
+        let release = dir.join("release");
+        return Ok(match iter_dir_state(&release)? {
+            IterDir::Complete => Some(0),
+            state => {
+                skip(Some(0), release, state.reason());
+                None
+            }
+        });
     }
-    let Some(tracked) = parse_digits(text) else {
-        tracing::debug!(tracker = %tracker.display(), "skipping checkpoint: tracker is not an iteration");
+    let Some(tracked) = tracked else {
+        skip(None, tracker, format!("the tracker says {text:?}, not an iteration"));
         return Ok(None);
     };
     let mut iterations: Vec<(u64, PathBuf)> = list_dir(dir)?
@@ -224,25 +283,60 @@ fn complete_iteration(dir: &Path) -> Result<Option<u64>, CheckpointError> {
         .filter(|(iteration, _)| *iteration <= tracked)
         .collect();
     iterations.sort_by_key(|(iteration, _)| Reverse(*iteration));
+    if iterations.first().is_none_or(|(newest, _)| *newest != tracked) {
+        skip(
+            Some(tracked),
+            dir.join(format!("iter_{tracked:07}")),
+            "the tracker names it but it does not exist".into(),
+        );
+    }
     for (iteration, path) in iterations {
-        if iter_dir_complete(&path)? {
-            return Ok(Some(iteration));
+        match iter_dir_state(&path)? {
+            IterDir::Complete => return Ok(Some(iteration)),
+            state => skip(Some(iteration), path, state.reason()),
         }
-        tracing::debug!(dir = %path.display(), "skipping half-written checkpoint");
     }
     Ok(None)
 }
 
-/// Whether an `iter_*` (or `release`) dir holds a whole checkpoint; see [`latest_complete`].
-fn iter_dir_complete(dir: &Path) -> Result<bool, CheckpointError> {
+/// What an `iter_*` (or `release`) dir holds; see [`latest_complete`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IterDir {
+    Complete,
+    /// A save that has not finished (or died): shards without metadata, rank files missing.
+    HalfWritten,
+    /// `common.pt` without any shard: saved without the model (`save_safetensors` + `no_save_optim`).
+    NoWeights,
+}
+
+impl IterDir {
+    fn reason(self) -> String {
+        match self {
+            IterDir::Complete => String::new(),
+            IterDir::HalfWritten => "half-written: its save did not finish".into(),
+            IterDir::NoWeights => "not resumable: it holds no model weights, only common.pt (what ms-swift \
+                 writes with save_safetensors and no_save_optim: the weights are then only in the safetensors \
+                 beside it, which --load/--mcore_model do not read); drop no_save_optim to keep checkpoints \
+                 resumable"
+                .into(),
+        }
+    }
+}
+
+fn iter_dir_state(dir: &Path) -> Result<IterDir, CheckpointError> {
     let names: HashSet<String> = list_dir(dir)?.into_iter().map(|(name, _)| name).collect();
     let mp_ranks: Vec<&String> = names.iter().filter(|name| name.starts_with("mp_rank_")).collect();
     if !mp_ranks.is_empty() {
-        return Ok(mp_ranks.iter().all(|rank| dir.join(rank).join("model_optim_rng.pt").is_file()));
+        let all = mp_ranks.iter().all(|rank| dir.join(rank).join("model_optim_rng.pt").is_file());
+        return Ok(if all { IterDir::Complete } else { IterDir::HalfWritten });
     }
     let has_metadata = names.contains(".metadata") || names.contains("metadata.json");
     let has_shards = names.iter().any(|name| name.ends_with(".distcp"));
-    Ok(names.contains("common.pt") && (has_metadata || !has_shards))
+    Ok(match (names.contains("common.pt"), has_shards, has_metadata) {
+        (true, true, true) => IterDir::Complete,
+        (true, false, _) => IterDir::NoWeights,
+        _ => IterDir::HalfWritten,
+    })
 }
 
 /// False when `model.safetensors.index.json` exists but is unreadable as JSON or names a

@@ -26,9 +26,14 @@ pub struct TrainingMetrics {
     pub loss: Option<f64>,
     pub learning_rate: Option<f64>,
     pub grad_norm: Option<f64>,
-    /// Seconds per iteration (Megatron prints milliseconds; ms-swift 4.x `train_speed(s/it)`).
+    /// Seconds per iteration over the last logging interval (Megatron prints milliseconds;
+    /// ms-swift 3.x `elapsed_time_per_iteration` in `logging.jsonl`). Not ms-swift 4.x's
+    /// `train_speed(s/it)`: that is the mean since the launch started (4.6.0
+    /// `swift/megatron/callbacks/print.py:58-65`: elapsed / steps since `on_train_begin`), so it
+    /// stays None for 4.x and consumers time the interval between records themselves.
     pub iteration_time_s: Option<f64>,
-    /// Megatron's `throughput per GPU (TFLOP/s/GPU)`.
+    /// Megatron's `throughput per GPU (TFLOP/s/GPU)`; ms-swift 3.x `throughput` in
+    /// `logging.jsonl` (3.12.6 `swift/megatron/trainers/base.py:923,1000-1001`, with `--log_throughput`).
     pub throughput_tflops: Option<f64>,
     /// ms-swift's `memory(GiB)`: peak memory on the printing rank's GPU.
     pub memory_gib: Option<f64>,
@@ -48,6 +53,46 @@ pub enum LogFormat {
     MegatronLm,
     MsSwift3,
     MsSwift4,
+}
+
+/// Follows one `logging.jsonl` file: [`parse_line`] plus the ms-swift 3.x eval records.
+///
+/// ms-swift 3.x writes an evaluation to `logging.jsonl` as `{"eval_lm loss": 6.48}` with no
+/// iteration (3.12.6 `swift/megatron/trainers/base.py:721-725`, after the training record of the
+/// same iteration at :985-1005). Such a record belongs to the last training iteration written
+/// before it, so the follower remembers that iteration; an eval record before any training
+/// record (nothing to attach it to) is dropped.
+#[derive(Debug, Default)]
+pub struct LoggingJsonl {
+    /// (iteration, total iterations) of the last record that carried them.
+    last: Option<(u64, Option<u64>)>,
+}
+
+impl LoggingJsonl {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The metrics of one line of the file; None for a line that holds none.
+    pub fn parse(&mut self, line: &str) -> Option<TrainingMetrics> {
+        let body = strip_prefixes(line);
+        if !body.starts_with('{') {
+            return parse_line(line);
+        }
+        let (mut metrics, found_iteration) = parse_dict_record(body)?;
+        if found_iteration {
+            self.last = Some((metrics.iteration, metrics.total_iterations));
+            return Some(metrics);
+        }
+        let (iteration, total) = self.last?;
+        if !metrics.is_eval {
+            return None;
+        }
+        metrics.iteration = iteration;
+        metrics.total_iterations = total;
+        metrics.format = LogFormat::MsSwift3;
+        Some(metrics)
+    }
 }
 
 /// Parses one output line; None for any line that is not a metrics line.
@@ -133,6 +178,12 @@ fn parse_megatron_line(body: &str) -> Option<TrainingMetrics> {
 
 /// ms-swift 4.x stdout, or a `logging.jsonl` record of 3.x (`global_step/max_steps`) or 4.x.
 fn parse_dict_line(body: &str) -> Option<TrainingMetrics> {
+    let (metrics, found_iteration) = parse_dict_record(body)?;
+    found_iteration.then_some(metrics)
+}
+
+/// A dict record and whether it named its iteration (3.x eval records in `logging.jsonl` do not).
+fn parse_dict_record(body: &str) -> Option<(TrainingMetrics, bool)> {
     let entries = parse_dict(body)?;
     let mut metrics = TrainingMetrics { format: LogFormat::MsSwift4, ..TrainingMetrics::default() };
     let mut found_iteration = false;
@@ -162,11 +213,15 @@ fn parse_dict_line(body: &str) -> Option<TrainingMetrics> {
                 metrics.total_iterations = total;
                 found_iteration = true;
             }
-            "loss" | "lm loss" | "eval_loss" => metrics.loss = number,
+            // 3.x: Megatron's loss name with `eval_` before it (3.12.6 trainers/base.py:724).
+            "loss" | "lm loss" | "eval_loss" | "eval_lm loss" => metrics.loss = number,
             "grad_norm" => metrics.grad_norm = number,
             "learning_rate" => metrics.learning_rate = number,
             "memory(GiB)" => metrics.memory_gib = number,
-            "train_speed(s/it)" | "elapsed_time_per_iteration" => metrics.iteration_time_s = number,
+            "elapsed_time_per_iteration" => metrics.iteration_time_s = number,
+            "throughput" => metrics.throughput_tflops = number,
+            // `train_speed(s/it)` (4.x) is a mean since the start, `loss_scale` and `params_norm`
+            // (3.x) have no place in the metrics model: see `TrainingMetrics::iteration_time_s`.
             "elapsed_time" => metrics.elapsed_s = text.and_then(seconds).or(number),
             "remaining_time" => metrics.remaining_s = text.and_then(seconds).or(number),
             "consumed_samples" => metrics.consumed_samples = number.and_then(exact_u64),
@@ -177,7 +232,7 @@ fn parse_dict_line(body: &str) -> Option<TrainingMetrics> {
             metrics.is_eval = true;
         }
     }
-    found_iteration.then_some(metrics)
+    Some((metrics, found_iteration))
 }
 
 /// A count printed as `5504` (or `5504.0`).

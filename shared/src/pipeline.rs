@@ -12,6 +12,7 @@ use serde_yaml_ng::{Mapping, Value};
 use sha2::{Digest, Sha256};
 
 use crate::megatron::SwiftVersion;
+use crate::spec::scalar::scalar_text;
 use crate::spec::stages::{PipelineSpec, PipelineStage, StepKind, placeholders};
 
 /// Which run of a stage: infer and eval run on the model before and after training.
@@ -61,41 +62,61 @@ pub enum RenderError {
     Invalid { stage: String, message: String },
 }
 
-/// Defaults of the built-in steps, as in the commands of the ms-swift docs.
-pub const DEFAULT_TORCH_DTYPE: &str = "bfloat16";
+/// Defaults of the built-in steps where ms-swift's own would not serve the pipeline. The
+/// conversions take ms-swift's defaults (no `torch_dtype`, no precision test) unless the stage
+/// sets them. `infer` answers deterministically (temperature 0; ms-swift's None samples with the
+/// model's generation config) so that the before/after answers are comparable, and with a bound
+/// on the answer length (ms-swift's None is unbounded up to max_model_len).
 pub const DEFAULT_MAX_NEW_TOKENS: &str = "2048";
 pub const DEFAULT_TEMPERATURE: &str = "0";
-/// ms-swift's own evaluation backend (evalscope).
+/// ms-swift's own evaluation backend (evalscope), its default too.
 pub const DEFAULT_EVAL_BACKEND: &str = "Native";
 
-/// `swift export --model M --to_mcore true --torch_dtype bfloat16 --output_dir O --test_convert_precision true`.
-/// The same line in 3.x and 4.x (the "Traditional Method" of the 4.x docs);
-/// `swift export` runs as one process on one GPU, never under torchrun.
-pub fn to_mcore_args(
-    _version: SwiftVersion,
-    model: &str,
-    output: &str,
-    torch_dtype: &str,
-    test_precision: bool,
-) -> Vec<String> {
-    let mut argv = words(&["swift", "export", "--model", model, "--to_mcore", "true", "--torch_dtype", torch_dtype]);
-    argv.extend(words(&["--output_dir", output, "--test_convert_precision", bool_text(test_precision)]));
+/// What a conversion stage sets beyond its input and output; None leaves ms-swift's default
+/// (`torch_dtype` None: the checkpoint's own dtype; `test_convert_precision` false:
+/// 3.12.6 `swift/llm/argument/export_args.py:74`, 4.6.0 `swift/arguments/export_args.py:75`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConvertOptions {
+    pub torch_dtype: Option<String>,
+    pub test_convert_precision: Option<bool>,
+}
+
+impl ConvertOptions {
+    fn args(&self) -> Vec<String> {
+        let mut argv = Vec::new();
+        if let Some(dtype) = &self.torch_dtype {
+            argv.extend(words(&["--torch_dtype", dtype]));
+        }
+        if let Some(test) = self.test_convert_precision {
+            argv.extend(words(&["--test_convert_precision", bool_text(test)]));
+        }
+        argv
+    }
+}
+
+/// `swift export` refuses an output directory that exists (`FileExistsError`) unless
+/// `--exist_ok true` (3.12.6 `swift/llm/argument/export_args.py:85,118-119`; 4.6.0
+/// `swift/arguments/export_args.py:87,120-121`), and a retried stage finds the directory its
+/// failed attempt half wrote; with the flag ms-swift writes over it.
+const EXIST_OK: [&str; 2] = ["--exist_ok", "true"];
+
+/// `swift export --model M --to_mcore true --output_dir O --exist_ok true [--torch_dtype D]
+/// [--test_convert_precision B]`. The same line in 3.x and 4.x (the "Traditional Method" of
+/// the 4.x docs); `swift export` runs as one process on one GPU, never under torchrun.
+pub fn to_mcore_args(_version: SwiftVersion, model: &str, output: &str, options: &ConvertOptions) -> Vec<String> {
+    let mut argv = words(&["swift", "export", "--model", model, "--to_mcore", "true", "--output_dir", output]);
+    argv.extend(words(&EXIST_OK));
+    argv.extend(options.args());
     argv
 }
 
-/// `swift export --mcore_model C --to_hf true --torch_dtype bfloat16 --output_dir O --test_convert_precision true`.
+/// `swift export --mcore_model C --to_hf true --output_dir O --exist_ok true [...]`.
 /// `C` is the directory holding `latest_checkpointed_iteration.txt`: the save
-/// directory in 3.x, a `checkpoint-N` directory in 4.x.
-pub fn to_hf_args(
-    _version: SwiftVersion,
-    mcore_model: &str,
-    output: &str,
-    torch_dtype: &str,
-    test_precision: bool,
-) -> Vec<String> {
-    let mut argv =
-        words(&["swift", "export", "--mcore_model", mcore_model, "--to_hf", "true", "--torch_dtype", torch_dtype]);
-    argv.extend(words(&["--output_dir", output, "--test_convert_precision", bool_text(test_precision)]));
+/// directory in 3.x before 3.10, a `checkpoint-N` directory in 3.10+ and 4.x.
+pub fn to_hf_args(_version: SwiftVersion, mcore_model: &str, output: &str, options: &ConvertOptions) -> Vec<String> {
+    let mut argv = words(&["swift", "export", "--mcore_model", mcore_model, "--to_hf", "true", "--output_dir", output]);
+    argv.extend(words(&EXIST_OK));
+    argv.extend(options.args());
     argv
 }
 
@@ -242,9 +263,10 @@ impl PipelineSpec {
             message: "its output path is not known".into(),
         })?;
         let version = self.swift_version;
-        let dtype = stage.text("torch_dtype").unwrap_or_else(|| DEFAULT_TORCH_DTYPE.to_owned());
-        let precision =
-            stage.text("test_convert_precision").is_none_or(|t| crate::megatron::parse_bool(&t) != Some(false));
+        let convert = ConvertOptions {
+            torch_dtype: stage.text("torch_dtype"),
+            test_convert_precision: stage.flag("test_convert_precision"),
+        };
         let extra = stage.list("extra_args");
         let base = |part: Part| self.base_document(stage, pipeline_name, part);
         let mut vars = BTreeMap::from([("output".to_owned(), own_output.clone())]);
@@ -255,13 +277,13 @@ impl PipelineSpec {
             }
             StepKind::ToMcore => {
                 let model = self.conversion_source(stage).unwrap_or_default();
-                let mut argv = to_mcore_args(version, &model, &own_output, &dtype, precision);
+                let mut argv = to_mcore_args(version, &model, &own_output, &convert);
                 argv.extend(extra);
                 vec![single_gpu(Part::Main, base(Part::Main), argv, None)]
             }
             StepKind::ToHf => {
                 let model = stage.text("model").unwrap_or_default();
-                let mut argv = to_hf_args(version, &model, &own_output, &dtype, precision);
+                let mut argv = to_hf_args(version, &model, &own_output, &convert);
                 argv.extend(extra);
                 vec![single_gpu(Part::Main, base(Part::Main), argv, None)]
             }
@@ -364,13 +386,20 @@ impl PipelineSpec {
         }
         if let Some(Value::Mapping(section)) = stage.raw.get("megatron") {
             let mut section = section.clone();
-            let version = match section.get("swift_version").and_then(Value::as_u64) {
-                Some(4) => SwiftVersion::V4,
-                Some(_) => SwiftVersion::V3,
-                None => self.swift_version,
+            // The stage's own swift_version (3, 4 or "major.minor"), else the pipeline's; an
+            // invalid one is reported when the stage is checked as the job it becomes.
+            let own = section.get("swift_version").and_then(|v| scalar_text(v).ok());
+            let version = match own.as_deref().map(crate::megatron::SwiftRelease::resolve) {
+                Some(Ok(release)) => release.dialect(),
+                _ => self.swift_version,
             };
-            if !section.contains_key("swift_version") {
-                section.insert("swift_version".into(), Value::Number(u64::from(version.major()).into()));
+            if own.is_none() {
+                let written = &self.swift_version_written;
+                let value = match written.parse::<u64>() {
+                    Ok(major) => Value::Number(major.into()),
+                    Err(_) => Value::String(written.clone()),
+                };
+                section.insert("swift_version".into(), value);
             }
             let save_key = match version {
                 SwiftVersion::V3 => "save",

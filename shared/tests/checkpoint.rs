@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use cohort_shared::checkpoint::{
-    Checkpoint, CheckpointError, CheckpointLayout, TRACKER_FILE, apply_resume, latest_complete, resume_flags,
+    Checkpoint, CheckpointError, CheckpointLayout, TRACKER_FILE, apply_resume, latest_complete, resume_flags, search,
 };
 use cohort_shared::spec::{FlagValue, JobSpec, MegatronSpec, SwiftVersion, Workload};
 use tempfile::TempDir;
@@ -124,12 +124,9 @@ fn v4_checkpoint_without_tracker_is_skipped() {
 }
 
 #[test]
-fn v4_checkpoint_with_only_common_pt_is_complete() {
-    // --no_save_optim true with safetensors: iter_* holds only common.pt.
+fn safetensors_still_being_written_make_a_checkpoint_incomplete() {
     let output = TempDir::new().unwrap();
-    let ckpt_dir = output.path().join("checkpoint-300");
-    touch(&ckpt_dir.join(iter_name(300)).join("common.pt"));
-    tracker(&ckpt_dir, "300");
+    let ckpt_dir = swift_checkpoint(output.path(), 300, true);
     touch(&ckpt_dir.join("model-00001-of-00002.safetensors"));
     fs::write(
         ckpt_dir.join("model.safetensors.index.json"),
@@ -137,11 +134,66 @@ fn v4_checkpoint_with_only_common_pt_is_complete() {
     )
     .unwrap();
     // The second safetensors shard is still being written.
-    assert_eq!(latest_complete(output.path()).unwrap(), None);
+    let found = search(output.path()).unwrap();
+    assert_eq!(found.found, None);
+    assert!(found.skipped[0].reason.contains("safetensors files that are missing"), "{:?}", found.skipped);
     touch(&ckpt_dir.join("model-00002-of-00002.safetensors"));
     let ckpt = latest(output.path());
     assert_eq!((ckpt.iteration, &ckpt.path), (300, &ckpt_dir));
     assert_eq!(ckpt.run_dir, output.path());
+}
+
+/// What ms-swift writes with `save_safetensors` (its default) and `no_save_optim`: the mcore
+/// checkpoint without the model (iter_* holds only common.pt), the weights as safetensors.
+fn weightless_checkpoint(run: &Path, iteration: u64) -> PathBuf {
+    let dir = run.join(format!("checkpoint-{iteration}"));
+    touch(&dir.join(iter_name(iteration)).join("common.pt"));
+    tracker(&dir, &iteration.to_string());
+    touch(&dir.join("args.json"));
+    touch(&dir.join("model.safetensors"));
+    touch(&dir.join("config.json"));
+    dir
+}
+
+#[test]
+fn a_checkpoint_without_model_weights_is_not_resumable_and_says_why() {
+    let output = TempDir::new().unwrap();
+    let run = output.path().join("v0-20261205-042720");
+    let resumable = swift_checkpoint(&run, 10, true);
+    let weightless = weightless_checkpoint(&run, 20);
+    let found = search(output.path()).unwrap();
+    assert_eq!(found.found.as_ref().map(|c| (c.iteration, &c.path)), Some((10, &resumable)));
+    let [skipped] = &found.skipped[..] else { panic!("{:?}", found.skipped) };
+    assert_eq!(skipped.path, weightless.join(iter_name(20)));
+    assert!(skipped.reason.contains("holds no model weights"), "{skipped}");
+    assert!(skipped.reason.contains("no_save_optim"), "{skipped}");
+
+    // Nothing else: no checkpoint to resume from, and the reason.
+    let only = TempDir::new().unwrap();
+    weightless_checkpoint(&only.path().join("v0-20261205-042720"), 20);
+    let found = search(only.path()).unwrap();
+    assert_eq!(found.found, None);
+    assert_eq!(found.skipped.len(), 1, "{:?}", found.skipped);
+    assert_eq!(latest_complete(only.path()).unwrap(), None);
+}
+
+#[test]
+fn ms_swift_3_10_layout_with_merged_lora_and_last_checkpoint_link() {
+    // ms-swift 3.10+ / 4.x: <save>/vN-<ts>/checkpoint-N/{tracker, iter_N/}; with merge_lora a
+    // checkpoint-N-merged copy (3.12.6 trainers/base.py:1060-1063), and 4.6 keeps a
+    // `last-checkpoint` symlink (utils/io_utils.py:113-139). Only checkpoint-N counts.
+    let output = TempDir::new().unwrap();
+    let run = output.path().join("v3-20261205-042720");
+    let ckpt = swift_checkpoint(&run, 30, true);
+    let merged = run.join("checkpoint-40-merged");
+    torch_dist(&merged, 40);
+    tracker(&merged, "40");
+    std::os::unix::fs::symlink("checkpoint-30", run.join("last-checkpoint")).unwrap();
+    let found = latest(output.path());
+    assert_eq!((found.iteration, &found.path, found.layout), (30, &ckpt, CheckpointLayout::SwiftCheckpointN));
+    // The save dir given as the run dir itself, or as the checkpoint dir, finds the same.
+    assert_eq!(latest(&run).path, ckpt);
+    assert_eq!(latest(&ckpt).path, ckpt);
 }
 
 #[test]
@@ -194,6 +246,8 @@ fn release_tracker_is_iteration_zero_in_the_release_dir() {
     assert_eq!(latest_complete(save.path()).unwrap(), None);
     touch(&save.path().join("release").join("common.pt"));
     touch(&save.path().join("release").join("metadata.json"));
+    assert_eq!(latest_complete(save.path()).unwrap(), None, "no shards: no weights");
+    touch(&save.path().join("release").join("__0_0.distcp"));
     assert_eq!(latest(save.path()).iteration, 0);
 }
 

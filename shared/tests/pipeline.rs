@@ -4,11 +4,14 @@
 
 use cohort_shared::megatron::SwiftVersion;
 use cohort_shared::pipeline::report::{Report, pair, read_answers, read_scores, score_rows, summary};
-use cohort_shared::pipeline::{Part, Resolved, conversion_key, eval_args, infer_args, to_hf_args, to_mcore_args};
+use cohort_shared::pipeline::{
+    ConvertOptions, Part, Resolved, conversion_key, eval_args, infer_args, to_hf_args, to_mcore_args,
+};
 use cohort_shared::spec::stages::{PipelineSpec, StepKind};
 use cohort_shared::spec::{JobSpec, Workload};
 
 const PIPELINE: &str = include_str!("fixtures/jobs/qwen3-8b-pipeline.yaml");
+const PIPELINE_V4: &str = include_str!("fixtures/jobs/qwen3-8b-pipeline-v4.yaml");
 
 fn pipeline(text: &str) -> (JobSpec, PipelineSpec) {
     let spec = JobSpec::from_yaml(text, "p.yaml").unwrap_or_else(|e| panic!("{e}"));
@@ -36,8 +39,9 @@ fn problems(text: &str) -> Vec<String> {
 #[test]
 fn builtin_steps_render_the_ms_swift_commands_of_both_dialects() {
     for version in [SwiftVersion::V3, SwiftVersion::V4] {
+        let bf16_tested = ConvertOptions { torch_dtype: Some("bfloat16".into()), test_convert_precision: Some(true) };
         assert_eq!(
-            to_mcore_args(version, "/m/Qwen3-8B", "/c/k", "bfloat16", true),
+            to_mcore_args(version, "/m/Qwen3-8B", "/c/k", &bf16_tested),
             strings(&[
                 "swift",
                 "export",
@@ -45,16 +49,18 @@ fn builtin_steps_render_the_ms_swift_commands_of_both_dialects() {
                 "/m/Qwen3-8B",
                 "--to_mcore",
                 "true",
-                "--torch_dtype",
-                "bfloat16",
                 "--output_dir",
                 "/c/k",
+                "--exist_ok",
+                "true",
+                "--torch_dtype",
+                "bfloat16",
                 "--test_convert_precision",
                 "true"
             ])
         );
         assert_eq!(
-            to_hf_args(version, "/o/sft", "/o/export", "bfloat16", false),
+            to_hf_args(version, "/o/sft", "/o/export", &ConvertOptions::default()),
             strings(&[
                 "swift",
                 "export",
@@ -62,12 +68,10 @@ fn builtin_steps_render_the_ms_swift_commands_of_both_dialects() {
                 "/o/sft",
                 "--to_hf",
                 "true",
-                "--torch_dtype",
-                "bfloat16",
                 "--output_dir",
                 "/o/export",
-                "--test_convert_precision",
-                "false"
+                "--exist_ok",
+                "true"
             ])
         );
         assert_eq!(
@@ -184,6 +188,30 @@ fn each_stage_becomes_an_ordinary_job_with_outputs_of_earlier_stages() {
 }
 
 #[test]
+fn conversions_render_ms_swift_defaults_and_overwrite_a_half_written_output() {
+    let runs = all_runs(PIPELINE, "qwen3-8b-ft-7");
+    for (stage, _, spec, _) in runs.iter().filter(|(name, ..)| name == "convert" || name == "export") {
+        let argv = argv(spec);
+        // ms-swift's defaults: torch_dtype None, test_convert_precision false; the job sets neither.
+        assert!(!argv.iter().any(|a| a == "--torch_dtype" || a == "--test_convert_precision"), "{stage}: {argv:?}");
+        // A retried stage finds its own half-written output: ms-swift refuses it without this.
+        assert!(argv.windows(2).any(|w| w == ["--exist_ok", "true"]), "{stage}: {argv:?}");
+    }
+    let text = PIPELINE.replace(
+        "    kind: to_mcore\n",
+        "    kind: to_mcore\n    torch_dtype: float16\n    test_convert_precision: yes\n",
+    );
+    let convert = argv(&all_runs(&text, "j").remove(0).2);
+    assert!(convert.windows(2).any(|w| w == ["--torch_dtype", "float16"]), "{convert:?}");
+    assert!(convert.windows(2).any(|w| w == ["--test_convert_precision", "true"]), "{convert:?}");
+    let bad_text = PIPELINE.replace("    kind: to_mcore\n", "    kind: to_mcore\n    test_convert_precision: sure\n");
+    let line = bad_text.lines().position(|l| l.contains("sure")).unwrap() + 1;
+    let bad = problems(&bad_text);
+    let want = format!("{line}:stages[0].test_convert_precision: must be true or false");
+    assert!(bad.iter().any(|p| p.starts_with(&want)), "{bad:?}");
+}
+
+#[test]
 fn version_4_megatron_stage_saves_to_output_dir_and_conversion_layout_follows_the_consumer() {
     let text = PIPELINE
         .replace("swift_version: 3", "swift_version: 4")
@@ -203,6 +231,23 @@ fn version_4_megatron_stage_saves_to_output_dir_and_conversion_layout_follows_th
     assert_ne!(key, conversion_key("digest-a", 2, 1, SwiftVersion::V3));
     assert_ne!(key, conversion_key("digest-a", 1, 1, SwiftVersion::V4));
     assert_ne!(key, conversion_key("digest-b", 2, 1, SwiftVersion::V4));
+}
+
+#[test]
+fn version_4_example_trains_from_hf_weights_and_compares_the_checkpoint_without_conversions() {
+    let (_, p) = pipeline(PIPELINE_V4);
+    assert!(!p.stages.iter().any(|s| matches!(s.kind, StepKind::ToMcore | StepKind::ToHf)));
+    let runs = all_runs(PIPELINE_V4, "j-2");
+    let out = "/mnt/shared/runs/j-2";
+    let sft = argv(&runs[0].2);
+    assert_eq!(sft[..4], strings(&["megatron", "sft", "--model", "/mnt/shared/models/Qwen3-8B"]));
+    assert!(sft.windows(2).any(|w| w == ["--output_dir", &format!("{out}/sft")]), "{sft:?}");
+    // checkpoint-N holds Hugging Face safetensors (save_safetensors defaults to true): infer reads it.
+    let checkpoint = format!("{out}/sft/v0-20261128-101500/checkpoint-50");
+    let (_, part, after, _) = &runs[2];
+    assert_eq!((*part, argv(after)[..4].to_vec()), (Part::After, strings(&["swift", "infer", "--model", &checkpoint])));
+    let (_, part, before, _) = &runs[1];
+    assert_eq!((*part, argv(before)[3].as_str()), (Part::Before, "/mnt/shared/models/Qwen3-8B"));
 }
 
 #[test]
@@ -263,6 +308,129 @@ stages:
     for want in expect {
         assert!(found.iter().any(|f| f.starts_with(want)), "missing {want:?} in\n{}", found.join("\n"));
     }
+}
+
+#[test]
+fn extra_args_of_builtin_steps_are_checked_against_ms_swift_flag_tables() {
+    let text = |version: u32| {
+        format!(
+            r#"name: p
+kind: pipeline
+swift_version: {version}
+output_dir: /o
+model: /m
+stages:
+  - name: convert
+    kind: to_mcore
+    extra_args: [--exist_ok, "true", --to_megatron, "true"]
+  - name: ask
+    kind: infer
+    prompts: /p.jsonl
+    after: /m2
+    extra_args: [--max_new_token, "100", --temprature, "0.5", --top_k, many, --infer_backend, pt]
+  - name: bench
+    kind: eval
+    benchmarks: [gsm8k]
+    after: /m2
+    extra_args: [--eval_backend, Natve]
+"#
+        )
+    };
+    for version in [3, 4] {
+        let found = problems(&text(version));
+        let release = if version == 3 { "3.12.6" } else { "4.6.0" };
+        let expect = [
+            format!("9:stages[0].extra_args: `--to_megatron` is not a flag of `swift export` in ms-swift {release}"),
+            format!(
+                "14:stages[1].extra_args: `--max_new_token` is not a flag of `swift infer` in ms-swift {release}, only an abbreviation (of --max_new_tokens)"
+            ),
+            format!(
+                "14:stages[1].extra_args: `--temprature` is not a flag of `swift infer` in ms-swift {release}; did you mean `--temperature`?"
+            ),
+            "14:stages[1].extra_args: `top_k` takes an integer, got \"many\"".to_owned(),
+            "19:stages[2].extra_args: `eval_backend` must be one of Native, OpenCompass, VLMEvalKit, got \"Natve\""
+                .to_owned(),
+        ];
+        for want in &expect {
+            assert!(found.iter().any(|f| f.starts_with(want.as_str())), "missing {want:?} in\n{}", found.join("\n"));
+        }
+        assert_eq!(found.len(), expect.len(), "--exist_ok and --infer_backend pt are fine: {found:#?}");
+    }
+}
+
+#[test]
+fn swift_version_may_name_a_minor_release_which_stages_inherit() {
+    // ms-swift 3.10+ loads Hugging Face weights itself (`--model`), which 3.x before 3.10 cannot.
+    let text =
+        PIPELINE_V4.replace("swift_version: 4", "swift_version: \"3.10\"").replace("num_train_epochs", "max_epochs");
+    let (_, p) = pipeline(&text);
+    assert_eq!((p.swift_version, p.swift_release.to_string().as_str()), (SwiftVersion::V3, "3.10.3"));
+    let runs = all_runs(&text, "j-3");
+    let Workload::MegatronSft(m) = &runs[0].2.workload else { panic!() };
+    assert_eq!(m.swift_version, SwiftVersion::V3);
+    assert_eq!(m.scalar("save"), Some("/mnt/shared/runs/j-3/sft"), "3.x saves with --save");
+    assert_eq!(m.scalar("model"), Some("/mnt/shared/models/Qwen3-8B"));
+
+    // A stage's own "major.minor" decides its dialect (here: where it saves).
+    let own = PIPELINE.replace("      max_epochs: 1\n", "      max_epochs: 1\n      swift_version: \"3.12\"\n");
+    let Workload::MegatronSft(m) = &all_runs(&own, "j-4")[1].2.workload else { panic!() };
+    assert_eq!(m.scalar("save"), Some("/mnt/shared/runs/j-4/sft"));
+
+    let float = problems(&PIPELINE.replace("swift_version: 3", "swift_version: 3.10"));
+    assert!(float.iter().any(|f| f.contains(":swift_version: ") && f.contains("quote it")), "{float:?}");
+    let unknown = problems(&PIPELINE.replace("swift_version: 3", "swift_version: \"3.7\""));
+    assert!(unknown.iter().any(|f| f.contains("no flag table for ms-swift 3.7")), "{unknown:?}");
+}
+
+#[test]
+fn every_rendered_builtin_flag_is_in_each_ms_swift_flag_table() {
+    use cohort_shared::megatron::table::Lookup;
+    use cohort_shared::megatron::{FlagValue, SwiftRelease};
+    let all = ConvertOptions { torch_dtype: Some("bfloat16".into()), test_convert_precision: Some(true) };
+    for release in SwiftRelease::available() {
+        let version = release.dialect();
+        let lines = [
+            to_mcore_args(version, "/m", "/o", &all),
+            to_hf_args(version, "/c", "/o", &all),
+            infer_args(version, "/m", "/p.jsonl", "/o/a.jsonl", "0", "2048"),
+            eval_args(version, "/m", "Native", &strings(&["gsm8k", "arc_c"]), "/o", Some("200")),
+        ];
+        for argv in lines {
+            let command = argv[..2].join(" ");
+            let flags = release.table().command(&command).unwrap_or_else(|| panic!("{release}: no {command}"));
+            let mut index = 2;
+            while index < argv.len() {
+                let name = argv[index].strip_prefix("--").unwrap_or_else(|| panic!("{argv:?}"));
+                index += 1;
+                let mut values = Vec::new();
+                while index < argv.len() && !argv[index].starts_with("--") {
+                    values.push(argv[index].clone());
+                    index += 1;
+                }
+                let Lookup::Exact(flag) = flags.lookup(name) else {
+                    panic!("ms-swift {release} {command}: no --{name}")
+                };
+                let value =
+                    if values.len() == 1 { FlagValue::Scalar(values.remove(0)) } else { FlagValue::List(values) };
+                flag.check_value(&value).unwrap_or_else(|e| panic!("ms-swift {release} {command}: {e}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_reference_to_a_stage_that_saves_no_megatron_weights_is_refused() {
+    let text = PIPELINE_V4.replace("      max_length: 2048\n", "      max_length: 2048\n      no_save_optim: true\n");
+    let found = problems(&text);
+    assert!(
+        found.iter().any(|f| f.contains("stages[0].megatron: no_save_optim with save_safetensors")
+            && f.contains("`${stages.sft.checkpoint}` would find none")),
+        "{found:?}"
+    );
+    // With save_safetensors false the Megatron checkpoint keeps the model.
+    let kept =
+        text.replace("      no_save_optim: true\n", "      no_save_optim: true\n      save_safetensors: false\n");
+    pipeline(&kept);
 }
 
 #[test]

@@ -2,12 +2,14 @@
 //! no input panics, and generated lines give back the values they were made from.
 #![allow(clippy::unwrap_used)]
 
-use cohort_shared::metrics::{ChildFailure, ChildFailureParser, LogFormat, TrainingMetrics, parse_line};
+use cohort_shared::metrics::{ChildFailure, ChildFailureParser, LogFormat, LoggingJsonl, TrainingMetrics, parse_line};
 use proptest::prelude::*;
 
 const MEGATRON_LM: &str = include_str!("fixtures/logs/megatron-lm.log");
 const MS_SWIFT_3: &str = include_str!("fixtures/logs/ms-swift-3x.log");
 const MS_SWIFT_4: &str = include_str!("fixtures/logs/ms-swift-4x.log");
+const H200_STDOUT: &str = include_str!("fixtures/logs/ms-swift-3.12.6-h200-real.log");
+const H200_JSONL: &str = include_str!("fixtures/logs/ms-swift-3.12.6-h200-real.logging.jsonl");
 const CHILD_FAILED: &str = include_str!("fixtures/logs/torchrun-child-failed.log");
 
 fn lines(text: &str) -> Vec<&str> {
@@ -73,7 +75,6 @@ fn ms_swift_4x_fixture() {
             loss: Some(1.87345123),
             learning_rate: Some(2e-6),
             grad_norm: Some(12.375),
-            iteration_time_s: Some(41.3),
             memory_gib: Some(61.23),
             elapsed_s: Some(41.0),
             remaining_s: Some((5 * 3600 + 43 * 60 + 29) as f64),
@@ -87,7 +88,6 @@ fn ms_swift_4x_fixture() {
             iteration: 100,
             total_iterations: Some(500),
             loss: Some(1.3512),
-            iteration_time_s: Some(10.301),
             memory_gib: Some(63.9),
             elapsed_s: Some((17 * 60 + 10) as f64),
             remaining_s: Some((3600 + 8 * 60 + 40) as f64),
@@ -124,6 +124,72 @@ fn ms_swift_3x_logging_jsonl_record() {
     assert_eq!(metrics.format, LogFormat::MsSwift3);
     assert_eq!((metrics.iteration, metrics.total_iterations), (1530, Some(1926)));
     assert_eq!((metrics.loss, metrics.consumed_samples, metrics.elapsed_s), (Some(0.35), Some(24480), Some(111_251.0)));
+}
+
+/// (iteration, is_eval, loss) of every record.
+fn points(records: &[TrainingMetrics]) -> Vec<(u64, bool, Option<f64>)> {
+    records.iter().map(|m| (m.iteration, m.is_eval, m.loss)).collect()
+}
+
+#[test]
+fn ms_swift_3x_real_logging_jsonl_evals_attach_to_the_last_training_iteration() {
+    // ms-swift 3.12.6 on an H200: eval records are `{"eval_lm loss": ...}` with no iteration.
+    let mut follower = LoggingJsonl::new();
+    let records: Vec<TrainingMetrics> = lines(H200_JSONL).into_iter().filter_map(|l| follower.parse(l)).collect();
+    assert_eq!(
+        points(&records),
+        [
+            (1, false, Some(6.98245096)),
+            (5, false, Some(6.91264057)),
+            (10, false, Some(6.60913696)),
+            (10, true, Some(6.4828558)),
+            (15, false, Some(6.4310112)),
+            (20, false, Some(6.39254875)),
+            (20, true, Some(6.35573959)),
+            (20, true, Some(6.33211756)),
+        ]
+    );
+    let eval = &records[3];
+    assert_eq!((eval.total_iterations, eval.format), (Some(20), LogFormat::MsSwift3));
+    let first = &records[0];
+    assert_eq!(
+        (first.iteration_time_s, first.memory_gib, first.consumed_samples, first.remaining_s),
+        (Some(0.56775117), Some(0.09), Some(8), Some(11.0))
+    );
+}
+
+#[test]
+fn ms_swift_3x_real_stdout_matches_its_logging_jsonl() {
+    let stdout: Vec<TrainingMetrics> = lines(H200_STDOUT).into_iter().filter_map(parse_line).collect();
+    let mut follower = LoggingJsonl::new();
+    let jsonl: Vec<TrainingMetrics> = lines(H200_JSONL).into_iter().filter_map(|l| follower.parse(l)).collect();
+    let key = |records: &[TrainingMetrics]| -> Vec<(u64, bool)> {
+        records.iter().map(|m| (m.iteration, m.is_eval)).collect()
+    };
+    assert_eq!(key(&stdout), key(&jsonl));
+    for (out, json) in stdout.iter().zip(&jsonl) {
+        // stdout rounds to 7 significant digits.
+        let (a, b) = (out.loss.unwrap(), json.loss.unwrap());
+        assert!((a - b).abs() < 1e-5, "iteration {}: {a} vs {b}", out.iteration);
+    }
+}
+
+#[test]
+fn an_eval_record_before_any_training_record_has_no_iteration_to_take() {
+    let mut follower = LoggingJsonl::new();
+    assert_eq!(follower.parse(r#"{"eval_lm loss": 6.48}"#), None);
+    // A record without iteration that is not an evaluation is not metrics either.
+    follower.parse(r#"{"lm loss": 6.9, "global_step/max_steps": "5/20"}"#).unwrap();
+    assert_eq!(follower.parse(r#"{"lm loss": 6.9}"#), None);
+    // parse_line alone (stdout) never invents an iteration.
+    assert_eq!(parse_line(r#"{"eval_lm loss": 6.48}"#), None);
+}
+
+#[test]
+fn ms_swift_3x_logging_jsonl_throughput_is_tflops_per_gpu() {
+    let line = r#"{"lm loss": 1.5, "grad_norm": 2.0, "params_norm": 310.2, "learning_rate": 1e-05, "elapsed_time_per_iteration": 0.5, "memory(GiB)": 40.0, "elapsed_time": "10s", "remaining_time": "5s", "throughput": 412.5, "loss_scale": 1.0, "consumed_samples": 16, "global_step/max_steps": "2/4"}"#;
+    let metrics = LoggingJsonl::new().parse(line).unwrap();
+    assert_eq!((metrics.throughput_tflops, metrics.iteration_time_s), (Some(412.5), Some(0.5)));
 }
 
 #[test]
@@ -289,7 +355,8 @@ proptest! {
         prop_assert_eq!(metrics.grad_norm, (!eval).then_some(grad));
         prop_assert_eq!(metrics.learning_rate, (!eval).then_some(lr));
         prop_assert_eq!(metrics.memory_gib, Some(memory));
-        prop_assert_eq!(metrics.iteration_time_s, Some(speed));
+        // train_speed(s/it) is the mean since the start, not this interval's time per iteration.
+        prop_assert_eq!(metrics.iteration_time_s, None);
         prop_assert_eq!(metrics.elapsed_s, Some(elapsed as f64));
         prop_assert_eq!(metrics.remaining_s, Some(remaining as f64));
     }

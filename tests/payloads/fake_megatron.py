@@ -32,8 +32,16 @@ def log(iteration, total, loss):
 def checkpoint(save, iteration, complete=True):
     d = os.path.join(save, f"iter_{iteration:07d}")
     os.makedirs(d, exist_ok=True)
-    if complete:
-        for name in ("common.pt", "metadata.json", ".metadata"):
+    if complete and flag("--save_safetensors") == "true" and flag("--no_save_optim") == "true":
+        # Like ms-swift: the mcore checkpoint without the model, the weights as safetensors
+        # (3.12.6 swift/megatron/trainers/base.py:1051-1052).
+        with open(os.path.join(d, "common.pt"), "w") as f:
+            f.write("stub")
+        with open(os.path.join(save, "model.safetensors"), "w") as f:
+            f.write("stub")
+    elif complete:
+        # torch_dist: the weights are in the .distcp shards.
+        for name in ("__0_0.distcp", "common.pt", "metadata.json", ".metadata"):
             with open(os.path.join(d, name), "w") as f:
                 f.write("stub")
     with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as f:

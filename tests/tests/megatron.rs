@@ -236,6 +236,25 @@ async fn a_failed_run_resumes_from_its_newest_complete_checkpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_without_model_weights_is_not_resumed_from_and_resume_says_why() {
+    let cluster = cluster(["good", "good"]).await;
+    let save = cluster.dir.path().join("out");
+    let yaml = megatron_job(&save, &good_dataset(cluster.dir.path()), "")
+        .replace("  save_interval: 2\n", "  save_interval: 2\n  save_safetensors: true\n  no_save_optim: true\n");
+    let job = cluster.submit(&yaml).await.unwrap();
+    let failed = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&failed), JobState::Failed, "{}", failed.reason);
+    assert!(save.join("iter_0000004/common.pt").exists() && !save.join("iter_0000004/.metadata").exists());
+
+    let out = cluster.cli(&["resume", &job.id]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no complete checkpoint in"), "{stderr}");
+    assert!(stderr.contains("iter_0000004: not resumable: it holds no model weights"), "{stderr}");
+    assert!(stderr.contains("no_save_optim"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn staged_inputs_are_verified_cached_and_shared_by_jobs() {
     let cluster = Cluster::start((0..2).map(|i| NodeSpec::loopback(i, 1)).collect()).await.unwrap();
     let input = cluster.dir.path().join("weights.bin");
@@ -315,6 +334,41 @@ megatron:
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["iteration"].as_str().unwrap().parse().unwrap())
         .collect();
     assert_eq!(iterations, [1, 5, 10], "from logging.jsonl, each once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ms_swift_3_eval_records_in_logging_jsonl_count_at_the_last_training_iteration() {
+    let cluster = cluster(["good", "good"]).await;
+    let out = cluster.dir.path().join("output");
+    let yaml = format!(
+        "
+name: v3
+kind: megatron-sft
+nodes: 2
+gpus_per_node: 1
+workdir: tests/payloads
+megatron:
+  swift_version: 3
+  program: [python3, jsonl_trainer.py]
+  load: Qwen3-8B-mcore
+  dataset: [{}]
+  micro_batch_size: 1
+  global_batch_size: 2
+  save: {}
+",
+        good_dataset(cluster.dir.path()).display(),
+        out.display()
+    );
+    let job = cluster.submit(&yaml).await.unwrap();
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&job), JobState::Succeeded, "{}", job.reason);
+    let out = cluster.cli(&["metrics", &job.id, "-o", "json"]);
+    let points: Vec<(u64, bool)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|p| (p["iteration"].as_str().unwrap().parse().unwrap(), p["is_eval"].as_bool().unwrap_or(false)))
+        .collect();
+    assert_eq!(points, [(1, false), (5, false), (5, true), (10, false)], "the eval record has no iteration of its own");
 }
 
 #[tokio::test(flavor = "multi_thread")]

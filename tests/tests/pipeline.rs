@@ -292,3 +292,89 @@ conversion_cache: {cache}
     assert!(html.contains("Canberra.") && html.starts_with("<!doctype html>"));
     assert_eq!(String::from_utf8_lossy(&report.stdout).trim(), md.trim());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_conversion_writes_over_its_half_written_output() {
+    let cluster = Cluster::start(two_nodes()).await.unwrap();
+    let root = cluster.dir.path().to_path_buf();
+    let model = model_dir(&root, "weights");
+    let log = root.join("swift.log");
+    let failed_once = root.join("failed-once");
+    let yaml = format!(
+        "name: retry\nkind: pipeline\nswift_version: 4\nmodel: {}\noutput_dir: {}\nrestart: {{max_restarts: 1, backoff: 100ms, on: [rank_failed, user_error]}}\n{}  FAKE_SWIFT_FAIL_ONCE: {}\nstages:\n  - {{name: convert, kind: to_mcore}}\n  - {{name: export, kind: to_hf, model: '${{stages.convert.output}}'}}\n",
+        model.display(),
+        root.join("out").display(),
+        fake_swift_env(&log),
+        failed_once.display()
+    );
+    let job = cluster.submit(&yaml).await.unwrap();
+    let job = cluster.wait_finished(&job.id, WITHIN).await.unwrap();
+    assert_eq!(state(&job), JobState::Succeeded, "{job:#?}");
+    assert!(failed_once.exists(), "the first conversion failed after writing part of its output");
+    let convert = cluster.job(&format!("{}.convert", job.id)).await.unwrap();
+    assert_eq!(convert.attempts.len(), 2, "{convert:#?}");
+    assert_eq!(swift_calls(&log, "export"), 3, "convert twice, export once");
+    let output = Path::new(&stage(&job, "convert").output);
+    assert!(output.join("latest_checkpointed_iteration.txt").is_file());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_of_a_pipeline_shows_each_stage_command_with_earlier_outputs_as_placeholders() {
+    let cluster = Cluster::start(two_nodes()).await.unwrap();
+    let out = cluster.cli(&["plan", "examples/jobs/qwen3-8b-pipeline.yaml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let command_of = |stage: &str| -> Vec<String> {
+        let start = stdout.find(&format!("stage {stage} (")).unwrap_or_else(|| panic!("no stage {stage}: {stdout}"));
+        stdout[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.starts_with("stage "))
+            .filter_map(|l| l.trim().strip_prefix("command: "))
+            // Shell quoting aside (no argument here holds a quote).
+            .map(|c| c.replace('\'', ""))
+            .collect()
+    };
+    assert_eq!(
+        command_of("convert"),
+        [
+            "swift export --model /mnt/shared/models/Qwen3-8B --to_mcore true --output_dir /mnt/shared/cohort-conversions/<cache key> --exist_ok true"
+        ]
+    );
+    let [sft] = &command_of("sft")[..] else { panic!("{stdout}") };
+    assert!(sft.starts_with("megatron sft --load <stage convert: output> "), "{sft}");
+    assert!(sft.contains("--save /mnt/shared/runs/<job id>/sft"), "{sft}");
+    assert_eq!(
+        command_of("export"),
+        [
+            "swift export --mcore_model <stage sft: checkpoint> --to_hf true --output_dir /mnt/shared/runs/<job id>/export --exist_ok true"
+        ]
+    );
+    let answers = command_of("answers");
+    assert_eq!(answers.len(), 2, "before and after: {stdout}");
+    assert!(answers[0].starts_with("swift infer --model /mnt/shared/models/Qwen3-8B "), "{answers:?}");
+    assert!(answers[1].starts_with("swift infer --model <stage export: output> "), "{answers:?}");
+    assert!(stdout.contains("stage sft (megatron-sft, after convert)"), "{stdout}");
+    assert!(stdout.contains("2 node(s) × 2 GPU(s)") && stdout.contains("NPROC_PER_NODE=2"), "{stdout}");
+    assert!(stdout.contains("MEGATRON_LM_PATH=/root/Megatron-LM"), "the job's env: {stdout}");
+
+    // The 4.x example: no conversions, infer on the checkpoint.
+    let v4 = cluster.cli(&["plan", "examples/jobs/qwen3-8b-pipeline-v4.yaml"]);
+    let text = String::from_utf8_lossy(&v4.stdout).to_string();
+    assert_eq!(v4.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&v4.stderr));
+    assert!(text.contains("command: megatron sft --model /mnt/shared/models/Qwen3-8B "), "{text}");
+    assert!(text.contains("command: swift infer --model '<stage sft: checkpoint>' "), "{text}");
+
+    // An invalid pipeline: every problem, and a non-zero exit.
+    let bad = cluster.dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "name: bad\nkind: pipeline\noutput_dir: /o\nstages:\n  - {name: a, kind: to_hf}\n  - {name: b, kind: infer, after: /m}\n",
+    )
+    .unwrap();
+    let out = cluster.cli(&["plan", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("stages[0].model: is required for a to_hf stage"), "{stderr}");
+    assert!(stderr.contains("stages[1].prompts: is required for a infer stage"), "{stderr}");
+}

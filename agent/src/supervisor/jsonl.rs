@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use cohort_shared::metrics::parse_line;
+use cohort_shared::metrics::LoggingJsonl;
 use tokio::sync::mpsc;
 
 use super::{Outbound, Supervisor, training_point};
@@ -27,7 +27,9 @@ pub(super) struct JsonlMetrics {
 impl JsonlMetrics {
     pub async fn run(self) {
         let started = SystemTime::now() - Duration::from_secs(5);
-        let mut current: Option<(PathBuf, u64)> = None;
+        // The file, the offset read up to, and its parser (which remembers the last iteration,
+        // for ms-swift 3.x eval records that carry none).
+        let mut current: Option<(PathBuf, u64, LoggingJsonl)> = None;
         loop {
             tokio::time::sleep(POLL).await;
             let running = self
@@ -38,15 +40,15 @@ impl JsonlMetrics {
                 .any(|l| l.job_id == self.job_id && l.attempt == self.attempt);
             // Written by this launch: newer than its start (older runs' files are not ours).
             if let Some(newest) = newest_log(&self.dir, started)
-                && current.as_ref().is_none_or(|(path, _)| *path != newest)
+                && current.as_ref().is_none_or(|(path, ..)| *path != newest)
             {
                 tracing::info!(file = %newest.display(), job = %self.job_id, "following logging.jsonl for metrics");
-                current = Some((newest, 0));
+                current = Some((newest, 0, LoggingJsonl::new()));
             }
-            if let Some((path, offset)) = current.as_mut() {
+            if let Some((path, offset, parser)) = current.as_mut() {
                 let lines = read_from(path, offset);
                 for line in lines {
-                    if let Some(metrics) = parse_line(&line) {
+                    if let Some(metrics) = parser.parse(&line) {
                         let point = training_point(metrics, &self.node);
                         let msg = Outbound::Metrics { job_id: self.job_id.clone(), attempt: self.attempt, point };
                         if self.out.send(msg).await.is_err() {

@@ -378,24 +378,11 @@ impl Controller {
             response.parallel_layout = m.layout(spec.nodes, spec.gpus_per_node).to_string();
         }
         if let Workload::Pipeline(p) = &spec.workload {
-            let order: Vec<String> = p
-                .order()
-                .iter()
-                .map(|s| {
-                    format!(
-                        "{} ({}{})",
-                        s.name,
-                        s.kind.name(),
-                        if s.depends_on.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" after {}", s.depends_on.join(", "))
-                        }
-                    )
-                })
-                .collect();
-            response.placement_error =
-                format!("a pipeline is placed stage by stage as each starts; stages in order: {}", order.join(" → "));
+            // A pipeline is placed stage by stage as each starts: its plan is each stage's command.
+            match self.plan_stages(p, &spec.name, &file) {
+                Ok(stages) => response.stages = stages,
+                Err(problems) => response.problems = problems,
+            }
             return response;
         }
         let state = self.state.lock().await;

@@ -14,8 +14,8 @@
 //! controller that restarts starts the task again.
 
 use cohort_proto::{
-    ConversionCacheEntry, InspectPathCommand, PipelineReport, PipelineStage, QueryResult, StageState,
-    query_result::Result as QueryAnswer,
+    ConversionCacheEntry, EnvVar, InspectPathCommand, PipelineReport, PipelineStage, QueryResult, SpecProblem,
+    StagePlan, StageRunPlan, StageState, query_result::Result as QueryAnswer,
 };
 use cohort_shared::pipeline::report::{Report, pair, read_answers, read_scores, score_rows};
 use cohort_shared::pipeline::{Resolved, conversion_key, document_yaml};
@@ -91,7 +91,114 @@ enum TaskOutcome {
     Failed(String),
 }
 
+/// What `cohort plan` shows of a job id that does not exist yet.
+const PLAN_JOB_ID: &str = "<job id>";
+
+/// `${stages.NAME.FIELD}` as `cohort plan` shows it: `<stage NAME: FIELD>`.
+fn plan_placeholder(text: &str, names: &[&str]) -> String {
+    let mut shown = text.to_owned();
+    for name in names {
+        for field in ["output", "checkpoint"] {
+            shown = shown.replace(&format!("${{stages.{name}.{field}}}"), &format!("<stage {name}: {field}>"));
+        }
+    }
+    shown
+}
+
 impl Controller {
+    /// The stages of a valid pipeline as `cohort plan` shows them: each run's command line and
+    /// the environment that matters, rendered by the same code that starts the stage, with what
+    /// earlier stages produce as placeholders. A run that cannot be rendered or does not
+    /// validate is a problem of its stage.
+    pub(super) fn plan_stages(
+        &self,
+        spec: &PipelineSpec,
+        pipeline_name: &str,
+        file: &JobFile,
+    ) -> Result<Vec<StagePlan>, Vec<SpecProblem>> {
+        let names: Vec<&str> = spec.stages.iter().map(|s| s.name.as_str()).collect();
+        // Each reference resolves to its own text: the run validates as the stage did when the
+        // pipeline was checked, and the text becomes a placeholder when shown.
+        let mut refs = Resolved::default();
+        for name in &names {
+            refs.outputs.insert((*name).to_owned(), format!("${{stages.{name}.output}}"));
+            refs.checkpoints.insert((*name).to_owned(), format!("${{stages.{name}.checkpoint}}"));
+        }
+        let mut problems = Vec::new();
+        let mut plans = Vec::new();
+        for stage in spec.order() {
+            let index = spec.stages.iter().position(|s| s.name == stage.name).unwrap_or_default();
+            let mut problem = |message: String| {
+                problems.push(SpecProblem { field: format!("stages[{index}]"), line: 0, message });
+            };
+            let mut own = refs.clone();
+            let output = match (&spec.conversion_cache, stage.kind, stage.raw.contains_key("output")) {
+                // As `look_up_conversion` names it; the key needs the model's digest from a node.
+                (Some(cache), StepKind::ToMcore, false) => format!("{}/<cache key>", cache.trim_end_matches('/')),
+                _ => match spec.stage_output(stage, PLAN_JOB_ID, &refs) {
+                    Ok(output) => output,
+                    Err(e) => {
+                        problem(e.to_string());
+                        continue;
+                    }
+                },
+            };
+            own.outputs.insert(stage.name.clone(), output);
+            let runs = match spec.runs(stage, pipeline_name, &own) {
+                Ok(runs) => runs,
+                Err(e) => {
+                    problem(e.to_string());
+                    continue;
+                }
+            };
+            let mut plan = StagePlan {
+                name: stage.name.clone(),
+                kind: stage.kind.name().to_owned(),
+                depends_on: stage.depends_on.clone(),
+                runs: Vec::new(),
+            };
+            for run in runs {
+                let run_file = JobFile {
+                    yaml: document_yaml(&run.document),
+                    source_name: format!("{}#stages.{}", file.source_name, stage.name),
+                    base_dir: file.base_dir.clone(),
+                    submitted_by: file.submitted_by.clone(),
+                };
+                let run_spec = match self.parse(&run_file) {
+                    Ok(run_spec) => run_spec,
+                    Err(e) => {
+                        problem(format!("its job does not validate: {e}"));
+                        continue;
+                    }
+                };
+                let argv = match &run_spec.workload {
+                    Workload::Command(c) => c.argv.clone(),
+                    Workload::MegatronSft(m) => m.render_args(),
+                    Workload::Pipeline(_) => Vec::new(),
+                };
+                let mut env = vec![
+                    EnvVar { name: "NNODES".into(), value: run_spec.nodes.to_string() },
+                    EnvVar { name: "NPROC_PER_NODE".into(), value: run_spec.gpus_per_node.max(1).to_string() },
+                ];
+                env.extend(
+                    run_spec
+                        .env
+                        .iter()
+                        .map(|(name, value)| EnvVar { name: name.clone(), value: plan_placeholder(value, &names) }),
+                );
+                plan.runs.push(StageRunPlan {
+                    part: run.part.suffix().to_owned(),
+                    nodes: run_spec.nodes,
+                    gpus_per_node: run_spec.gpus_per_node,
+                    argv: argv.iter().map(|arg| plan_placeholder(arg, &names)).collect(),
+                    env,
+                });
+            }
+            plans.push(plan);
+        }
+        if problems.is_empty() { Ok(plans) } else { Err(problems) }
+    }
+
     /// One pass over every pipeline that is not finished.
     pub(super) async fn advance_pipelines(self: &Arc<Self>) {
         let mut state = self.state.lock().await;
@@ -414,8 +521,12 @@ impl Controller {
                 let find = cohort_proto::FindCheckpointCommand { directory: record.output.clone() };
                 match self.ask(&selector, Command::FindCheckpoint(find)).await {
                     Ok(QueryResult { result: Some(QueryAnswer::Checkpoint(c)), .. }) => match c.checkpoint {
-                        Some(c) => TaskOutcome::Checkpoint(c.path),
-                        None => TaskOutcome::Failed(format!("no complete checkpoint in {}", record.output)),
+                        Some(checkpoint) => TaskOutcome::Checkpoint(checkpoint.path),
+                        None => TaskOutcome::Failed(format!(
+                            "no complete checkpoint in {}{}",
+                            record.output,
+                            super::prepare::skipped_note(&c.skipped)
+                        )),
                     },
                     Ok(other) => TaskOutcome::Failed(format!("finding the checkpoint: {}", other.error)),
                     Err(e) => TaskOutcome::Failed(format!("finding the checkpoint: {e}")),

@@ -22,6 +22,20 @@ const SAME_EVERYWHERE: &[&str] =
 /// How long a query to an agent may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// "; passed over: <dir>: <why>; ..." for the checkpoints a search did not take, shown where
+/// the resume decision is (the job's reason, `cohort resume`'s error); empty when none.
+pub(super) fn skipped_note(skipped: &[String]) -> String {
+    const SHOWN: usize = 3;
+    if skipped.is_empty() {
+        return String::new();
+    }
+    let mut note = format!("; passed over: {}", skipped.iter().take(SHOWN).cloned().collect::<Vec<_>>().join("; "));
+    if skipped.len() > SHOWN {
+        note.push_str(&format!(" (and {} more)", skipped.len() - SHOWN));
+    }
+    note
+}
+
 pub(super) fn to_shared_checkpoint(c: &Checkpoint) -> cohort_shared::checkpoint::Checkpoint {
     use cohort_shared::checkpoint::{Checkpoint as Shared, CheckpointLayout};
     let path = std::path::PathBuf::from(&c.path);
@@ -335,13 +349,16 @@ impl Controller {
         if !answer.error.is_empty() {
             return Err(ControllerError::FailedPrecondition(format!("node {node}: {}", answer.error)));
         }
-        let checkpoint = match answer.result {
-            Some(QueryAnswer::Checkpoint(c)) => c.checkpoint,
-            Some(QueryAnswer::Path(_)) | None => None,
-        }
-        .ok_or_else(|| {
-            ControllerError::FailedPrecondition(format!("no complete checkpoint in {directory} (looked on {node})"))
-        })?;
+        let (checkpoint, skipped) = match answer.result {
+            Some(QueryAnswer::Checkpoint(c)) => (c.checkpoint, c.skipped),
+            Some(QueryAnswer::Path(_)) | None => (None, Vec::new()),
+        };
+        let Some(checkpoint) = checkpoint else {
+            return Err(ControllerError::FailedPrecondition(format!(
+                "no complete checkpoint in {directory} (looked on {node}){}",
+                skipped_note(&skipped)
+            )));
+        };
 
         let mut state = self.state.lock().await;
         let Some(entry) = state.jobs.get_mut(&id) else { return Err(ControllerError::JobNotFound(id)) };
@@ -349,7 +366,8 @@ impl Controller {
             return Err(ControllerError::FailedPrecondition(format!("job {id} changed state meanwhile")));
         }
         entry.job.state = JobState::Pending as i32;
-        entry.job.reason = format!("resuming from iteration {} ({})", checkpoint.iteration, checkpoint.path);
+        entry.job.reason =
+            format!("resuming from iteration {} ({}){}", checkpoint.iteration, checkpoint.path, skipped_note(&skipped));
         entry.job.resume_from = Some(checkpoint);
         self.persist_job(&mut state, &id).await?;
         self.publish(&state, &id, "resume requested");

@@ -107,13 +107,14 @@ impl Controller {
             .collect();
         for id in ids {
             let Some(entry) = state.jobs.get_mut(&id) else { continue };
+            let mut note = String::new();
             match entry.lookup.take() {
                 Some(Lookup::Wanted) => {
                     self.send_lookup(state, &id);
                     continue;
                 }
                 Some(Lookup::InFlight { mut rx, deadline, node }) => match rx.try_recv() {
-                    Ok(answer) => apply_lookup(entry, answer, &node),
+                    Ok(answer) => note = apply_lookup(entry, answer, &node),
                     Err(oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
                         entry.lookup = Some(Lookup::InFlight { rx, deadline, node });
                         continue;
@@ -130,7 +131,7 @@ impl Controller {
                 Some(c) => format!(" from iteration {} ({})", c.iteration, c.path),
                 None => String::new(),
             };
-            entry.job.reason = format!("restarting{from}: waiting to be placed");
+            entry.job.reason = format!("restarting{from}: waiting to be placed{note}");
             self.persist_job(state, &id).await?;
             self.publish(state, &id, "restart queued");
         }
@@ -166,20 +167,29 @@ impl Controller {
     }
 }
 
-fn apply_lookup(entry: &mut JobEntry, answer: QueryResult, node: &str) {
+/// Takes the checkpoint the lookup found; returns the note on what it passed over.
+fn apply_lookup(entry: &mut JobEntry, answer: QueryResult, node: &str) -> String {
     use cohort_proto::query_result::Result as Answer;
     if !answer.error.is_empty() {
         tracing::warn!(job = %entry.job.id, node, error = %answer.error, "checkpoint lookup failed");
-        return;
+        return String::new();
     }
     match answer.result {
-        Some(Answer::Checkpoint(c)) => match c.checkpoint {
-            Some(checkpoint) => {
-                tracing::info!(job = %entry.job.id, iteration = checkpoint.iteration, path = %checkpoint.path, "next attempt resumes from the newest complete checkpoint");
-                entry.job.resume_from = Some(checkpoint);
+        Some(Answer::Checkpoint(c)) => {
+            match c.checkpoint {
+                Some(checkpoint) => {
+                    tracing::info!(job = %entry.job.id, iteration = checkpoint.iteration, path = %checkpoint.path, "next attempt resumes from the newest complete checkpoint");
+                    entry.job.resume_from = Some(checkpoint);
+                }
+                None => {
+                    tracing::info!(job = %entry.job.id, "no complete checkpoint yet; the next attempt starts afresh")
+                }
             }
-            None => tracing::info!(job = %entry.job.id, "no complete checkpoint yet; the next attempt starts afresh"),
-        },
-        Some(Answer::Path(_)) | None => {}
+            for skipped in &c.skipped {
+                tracing::warn!(job = %entry.job.id, skipped = %skipped, "checkpoint not resumable");
+            }
+            prepare::skipped_note(&c.skipped)
+        }
+        Some(Answer::Path(_)) | None => String::new(),
     }
 }

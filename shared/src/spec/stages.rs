@@ -26,10 +26,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_yaml_ng::{Mapping, Value};
 
-use super::report::suggestion;
+use super::report::{did_you_mean, suggestion};
 use super::scalar::{describe, scalar_text};
 use super::{JobSpec, Problems, SpecIssue};
-use crate::megatron::SwiftVersion;
+use crate::megatron::table::{FlagType, Lookup};
+use crate::megatron::{FlagValue, SwiftRelease, SwiftVersion};
 
 /// What a stage runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,6 +70,16 @@ impl StepKind {
     /// Built-in steps take one GPU on one node.
     pub fn is_builtin(self) -> bool {
         matches!(self, StepKind::ToMcore | StepKind::ToHf | StepKind::Infer | StepKind::Eval)
+    }
+
+    /// The ms-swift command a built-in step runs (its flag table's key).
+    pub fn swift_command(self) -> Option<&'static str> {
+        match self {
+            StepKind::ToMcore | StepKind::ToHf => Some("swift export"),
+            StepKind::Infer => Some("swift infer"),
+            StepKind::Eval => Some("swift eval"),
+            StepKind::MegatronSft | StepKind::Command => None,
+        }
     }
 
     /// Infer and eval run twice: on the model before and after training.
@@ -124,8 +135,13 @@ pub const INHERITED_KEYS: &[&str] = &[
 /// A validated `kind: pipeline` job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineSpec {
-    /// The ms-swift dialect of the built-in steps; default 3.
+    /// The ms-swift dialect of the built-in steps and megatron-sft stages; default 3.
     pub swift_version: SwiftVersion,
+    /// The ms-swift release whose flag tables check the stages: `swift_version: 3`/`4` is the
+    /// newest table of that major, `"3.10"` that minor's.
+    pub swift_release: SwiftRelease,
+    /// `swift_version` as written (`3`, `"3.10"`): what megatron-sft stages inherit.
+    pub swift_version_written: String,
     /// The Hugging Face model the pipeline starts from: `to_mcore`'s input and
     /// the "before" model of `infer` and `eval`.
     pub model: Option<String>,
@@ -155,6 +171,19 @@ impl PipelineStage {
     /// A field of the stage as text, when it is a scalar.
     pub fn text(&self, key: &str) -> Option<String> {
         self.raw.get(key).and_then(|value| scalar_text(value).ok())
+    }
+
+    /// A yes/no field as ms-swift's argparse reads it (transformers' `string_to_bool`:
+    /// true/false, yes/no, t/f, y/n, 1/0); None when absent or not one of those.
+    pub fn flag(&self, key: &str) -> Option<bool> {
+        match self.raw.get(key)? {
+            Value::Bool(value) => Some(*value),
+            other => match scalar_text(other).ok()?.to_ascii_lowercase().as_str() {
+                "true" | "yes" | "t" | "y" | "1" => Some(true),
+                "false" | "no" | "f" | "n" | "0" => Some(false),
+                _ => None,
+            },
+        }
     }
 
     /// A field that is a list of scalars.
@@ -227,20 +256,7 @@ pub(crate) fn strings(value: &Value) -> Vec<&str> {
 /// Reads `swift_version`, `model`, `output_dir`, `conversion_cache` and
 /// `stages` of a pipeline job.
 pub(super) fn read_pipeline(root: &Mapping, text: &str, problems: &mut Problems) -> Option<PipelineSpec> {
-    let swift_version = match root.get("swift_version") {
-        None | Some(Value::Null) => Some(SwiftVersion::V3),
-        Some(value) => match value.as_u64() {
-            Some(3) => Some(SwiftVersion::V3),
-            Some(4) => Some(SwiftVersion::V4),
-            _ => {
-                problems.at(
-                    &["swift_version"],
-                    format!("must be 3 or 4 (the ms-swift major version on the nodes), got {}", describe(value)),
-                );
-                None
-            }
-        },
-    };
+    let release = read_swift_version(root, problems);
     let model = top_text(root, "model", problems);
     let output_dir = top_text(root, "output_dir", problems);
     match &output_dir {
@@ -290,8 +306,12 @@ pub(super) fn read_pipeline(root: &Mapping, text: &str, problems: &mut Problems)
             inherited.insert(Value::String((*key).to_owned()), value.clone());
         }
     }
+    let (swift_release, swift_version_written) =
+        release.unwrap_or_else(|| (SwiftRelease::newest(SwiftVersion::V3), "3".to_owned()));
     let spec = PipelineSpec {
-        swift_version: swift_version.unwrap_or(SwiftVersion::V3),
+        swift_version: swift_release.dialect(),
+        swift_release,
+        swift_version_written,
         model,
         output_dir: output_dir.unwrap_or_default(),
         conversion_cache,
@@ -303,6 +323,39 @@ pub(super) fn read_pipeline(root: &Mapping, text: &str, problems: &mut Problems)
     check_graph(&spec, &written, &lines, problems);
     check_stage_fields(&spec, &written, &lines, problems);
     Some(spec)
+}
+
+/// `swift_version`: `3`, `4` or a quoted `"major.minor"` as in a megatron-sft job; absent
+/// means 3. None (and a problem) when invalid.
+fn read_swift_version(root: &Mapping, problems: &mut Problems) -> Option<(SwiftRelease, String)> {
+    let written = match root.get("swift_version") {
+        None | Some(Value::Null) => return None,
+        Some(Value::Number(number)) if number.is_f64() => {
+            problems.at(
+                &["swift_version"],
+                format!(
+                    "{number} is a YAML number, which loses the minor version (3.10 reads as 3.1); quote it: `swift_version: \"3.10\"`"
+                ),
+            );
+            return None;
+        }
+        Some(Value::Number(number)) => number.to_string(),
+        Some(Value::String(text)) => text.trim().to_owned(),
+        Some(other) => {
+            problems.at(
+                &["swift_version"],
+                format!("must be 3, 4 or a quoted \"major.minor\" such as \"3.10\", got {}", describe(other)),
+            );
+            return None;
+        }
+    };
+    match SwiftRelease::resolve(&written) {
+        Ok(release) => Some((release, written)),
+        Err(err) => {
+            problems.at(&["swift_version"], err.to_string());
+            None
+        }
+    }
 }
 
 fn top_text(root: &Mapping, key: &str, problems: &mut Problems) -> Option<String> {
@@ -622,6 +675,84 @@ fn find_cycle(spec: &PipelineSpec) -> Option<Vec<String>> {
     None
 }
 
+/// The `--flag value ...` tokens of a built-in step's `extra_args`, checked against the flag
+/// table of its ms-swift command (`swift export`/`infer`/`eval`) in the pipeline's ms-swift
+/// release: each flag must be one the command has, written whole (argparse's
+/// abbreviations are refused), with values of its type and choices. An eval stage with its own
+/// `command:` runs no ms-swift, so its `extra_args` are not checked.
+fn check_builtin_extra_args(release: SwiftRelease, stage: &PipelineStage) -> Vec<String> {
+    let Some(command) = stage.kind.swift_command() else { return Vec::new() };
+    if stage.kind == StepKind::Eval && stage.raw.contains_key("command") {
+        return Vec::new();
+    }
+    let Some(flags) = release.table().command(command) else {
+        return vec![format!("ms-swift {release} has no `{command}` command")];
+    };
+    let args = stage.list("extra_args");
+    let mut problems = Vec::new();
+    let mut index = 0;
+    while index < args.len() {
+        let token = &args[index];
+        index += 1;
+        let Some(body) = token.strip_prefix("--") else {
+            problems.push(format!(
+                "{token:?} follows no --flag; ms-swift refuses leftover arguments (write `--name value`)"
+            ));
+            continue;
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_owned())),
+            None => (body, None),
+        };
+        let mut values: Vec<String> = inline.into_iter().collect();
+        while index < args.len() && !args[index].starts_with("--") {
+            values.push(args[index].clone());
+            index += 1;
+        }
+        let flag = match flags.lookup(name) {
+            Lookup::Exact(flag) => flag,
+            Lookup::Abbreviation(targets) => {
+                problems.push(format!(
+                    "`--{name}` is not a flag of `{command}` in ms-swift {release}, only an abbreviation (of {}) that argparse would take; write the whole flag name",
+                    targets.iter().map(|t| format!("--{t}")).collect::<Vec<_>>().join(", ")
+                ));
+                continue;
+            }
+            Lookup::Unknown => {
+                let hint = did_you_mean(name, flags.canonical_names())
+                    .map(|close| format!("; did you mean `--{close}`?"))
+                    .unwrap_or_default();
+                problems.push(format!("`--{name}` is not a flag of `{command}` in ms-swift {release}{hint}"));
+                continue;
+            }
+        };
+        let verdict = match (values.len(), flag.kind) {
+            (0, FlagType::Switch) => Ok(()),
+            (0, FlagType::Bool) if flag.value_optional => Ok(()),
+            (0, _) => Err(format!("`{token}` needs a value")),
+            (1, _) => flag.check_value(&FlagValue::Scalar(values.remove(0))),
+            (_, _) => flag.check_value(&FlagValue::List(values)),
+        };
+        if let Err(message) = verdict {
+            problems.push(format!("{message} (`{command}` of ms-swift {release})"));
+        }
+    }
+    problems
+}
+
+/// A megatron-sft stage whose `megatron:` section sets `no_save_optim` and leaves
+/// `save_safetensors` at ms-swift's default (true) or sets it true.
+fn saves_without_weights(stage: &PipelineStage) -> bool {
+    let Some(Value::Mapping(section)) = stage.raw.get("megatron") else { return false };
+    let flag = |key: &str| {
+        section.get(key).and_then(|value| match value {
+            Value::Bool(b) => Some(*b),
+            other => scalar_text(other).ok().map(|t| matches!(t.to_ascii_lowercase().as_str(), "true" | "yes" | "1")),
+        })
+    };
+    flag("no_save_optim") == Some(true) && flag("save_safetensors") != Some(false)
+}
+
 /// Fields of each kind: what the built-in steps need, and a megatron-sft or
 /// command stage checked as the job it becomes.
 fn check_stage_fields(spec: &PipelineSpec, names: &[&str], lines: &StageLines, problems: &mut Problems) {
@@ -668,6 +799,9 @@ fn check_stage_fields(spec: &PipelineSpec, names: &[&str], lines: &StageLines, p
             _ => {}
         }
         if stage.kind.is_builtin() {
+            for message in check_builtin_extra_args(spec.swift_release, stage) {
+                stage_problem(problems, lines, index, Some("extra_args"), message);
+            }
             for key in ["extra_args", "command"] {
                 if let Some(value) = stage.raw.get(key)
                     && !matches!(value, Value::Sequence(_))
@@ -682,6 +816,11 @@ fn check_stage_fields(spec: &PipelineSpec, names: &[&str], lines: &StageLines, p
                 }
             }
         }
+        if stage.raw.get("test_convert_precision").is_some_and(|v| !v.is_null())
+            && stage.flag("test_convert_precision").is_none()
+        {
+            stage_problem(problems, lines, index, Some("test_convert_precision"), "must be true or false".to_owned());
+        }
         if let Some(prompts) = stage.text("prompts")
             && !prompts.starts_with('/')
             && !prompts.starts_with("${")
@@ -692,6 +831,20 @@ fn check_stage_fields(spec: &PipelineSpec, names: &[&str], lines: &StageLines, p
                 index,
                 Some("prompts"),
                 format!("{prompts:?} must be an absolute path on storage every node shares"),
+            );
+        }
+        if stage.kind == StepKind::MegatronSft && spec.checkpoint_needed(&stage.name) && saves_without_weights(stage) {
+            stage_problem(
+                problems,
+                lines,
+                index,
+                Some("megatron"),
+                format!(
+                    "no_save_optim with save_safetensors (ms-swift's default) saves Megatron checkpoints without the model \
+                     (4.6.0 swift/megatron/trainers/base.py:837, 3.12.6 :1051), so `${{stages.{}.checkpoint}}` would find \
+                     none to use; drop no_save_optim",
+                    stage.name
+                ),
             );
         }
         if matches!(stage.kind, StepKind::MegatronSft | StepKind::Command) {

@@ -563,7 +563,10 @@ impl SimAgent {
                 Msg::QueryResult(QueryResult {
                     command_id,
                     error: String::new(),
-                    result: Some(query_result::Result::Checkpoint(CheckpointAnswer { checkpoint: None })),
+                    result: Some(query_result::Result::Checkpoint(CheckpointAnswer {
+                        checkpoint: None,
+                        skipped: Vec::new(),
+                    })),
                 }),
             ],
             Some(Command::DumpStacks(dump)) => vec![
