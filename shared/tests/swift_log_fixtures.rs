@@ -5,7 +5,7 @@
 //! `logging.jsonl` record too, as the agent's jsonl follower does.
 #![allow(clippy::unwrap_used)]
 
-use cohort_shared::metrics::{LogFormat, TrainingMetrics, parse_line};
+use cohort_shared::metrics::{LogFormat, LoggingJsonl, TrainingMetrics, parse_line};
 
 /// The made-up (iteration, loss) of make_log_fixtures.py's training points.
 const MADE_UP_TRAIN: [(u64, f64); 5] = [(1, 6.9824), (5, 6.9126), (10, 6.6091), (15, 6.3522), (20, 6.2105)];
@@ -101,22 +101,18 @@ fn real_h200_run_train_and_eval_points() {
 }
 
 /// 3.x writes eval records as `{"eval_lm loss": 6.48}`, with no iteration key
-/// (swift/megatron/trainers/base.py:715-725): each must become an eval point with its loss.
-/// Which iteration it belongs to (the last training record's) needs the records before it.
+/// (swift/megatron/trainers/base.py:715-725): each becomes an eval point at the iteration of
+/// the last training record before it, read as the agent reads the file (LoggingJsonl).
 #[test]
-#[ignore = "eval records without iteration: swift-pipeline branch"]
 fn ms_swift_3_logging_jsonl_eval_records_are_read() {
     for (fixture, want) in [
         (&GENERATED[0], MADE_UP_EVAL.to_vec()),
         (&GENERATED[1], MADE_UP_EVAL.to_vec()),
         (&H200, vec![(10, 6.4828558), (20, 6.35573959), (20, 6.33211756)]),
     ] {
-        let records: Vec<&str> = fixture.jsonl.lines().filter(|l| l.contains("\"eval_")).collect();
-        assert_eq!(records.len(), want.len(), "{}", fixture.name);
-        for (line, (_, loss)) in records.iter().zip(&want) {
-            let point = parse_line(line).unwrap_or_else(|| panic!("{}: eval record dropped: {line}", fixture.name));
-            assert!(point.is_eval, "{}: {line}", fixture.name);
-            assert!((point.loss.unwrap() - loss).abs() < 1e-6, "{}: {line}", fixture.name);
-        }
+        let mut reader = LoggingJsonl::new();
+        let points: Vec<TrainingMetrics> = fixture.jsonl.lines().filter_map(|l| reader.parse(l)).collect();
+        assert_close(&format!("{} logging.jsonl eval", fixture.name), &eval(&points), &want);
+        assert!(points.iter().filter(|p| p.is_eval).all(|p| p.format == LogFormat::MsSwift3), "{}", fixture.name);
     }
 }
