@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cohort_proto::{
-    AgentMessage, Checkpoint, CheckpointAnswer, DatasetSummary, FindCheckpointCommand, PreflightReport, PrepareCommand,
-    PrepareResult, QueryResult, SharedPathCheck, StageProgress, StageStatus, StagedInput, agent_message::Msg,
-    query_result::Result as QueryAnswer,
+    AgentMessage, Checkpoint, CheckpointAnswer, DatasetSummary, EnvVar, FindCheckpointCommand, PreflightReport,
+    PrepareCommand, PrepareResult, QueryResult, SharedPathCheck, StageProgress, StageStatus, StagedInput,
+    SwiftArgcheckCommand, agent_message::Msg, query_result::Result as QueryAnswer,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -72,17 +72,7 @@ impl Preparer {
         match self.rank_users.resolve(&cmd.user) {
             Ok(identity) => {
                 let python = if cmd.python.is_empty() { self.python.as_str() } else { cmd.python.as_str() };
-                let env: Vec<(String, String)> = if cmd.env.is_empty() {
-                    self.node_env.clone()
-                } else {
-                    // Without the variables the launch sweep finds a job's processes by: a
-                    // probe is no rank, and another agent on this host must not kill it.
-                    cmd.env
-                        .iter()
-                        .filter(|v| !SWEPT_BY.contains(&v.name.as_str()))
-                        .map(|v| (v.name.clone(), v.value.clone()))
-                        .collect()
-                };
+                let env = self.job_env(&cmd.env);
                 let python = Interpreter {
                     python,
                     env: &env,
@@ -129,6 +119,39 @@ impl Preparer {
             Err(e) => result.error = e,
         }
         let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::PrepareResult(result)) })).await;
+    }
+
+    /// The environment the job's interpreter gets for preflight: the job's
+    /// processes' (the node's own when the controller sent none).
+    fn job_env(&self, env: &[EnvVar]) -> Vec<(String, String)> {
+        if env.is_empty() {
+            return self.node_env.clone();
+        }
+        // Without the variables the launch sweep finds a job's processes by: a
+        // probe is no rank, and another agent on this host must not kill it.
+        env.iter().filter(|v| !SWEPT_BY.contains(&v.name.as_str())).map(|v| (v.name.clone(), v.value.clone())).collect()
+    }
+
+    /// `cohort plan --check`: the node's ms-swift on a command line, nothing prepared or launched.
+    pub async fn check_swift_args(&self, command_id: u64, cmd: SwiftArgcheckCommand) {
+        let mut answer = QueryResult { command_id, ..QueryResult::default() };
+        match (self.rank_users.resolve(&cmd.user), &cmd.check) {
+            (Ok(identity), Some(check)) => {
+                let env = self.job_env(&cmd.env);
+                let python = Interpreter {
+                    python: if cmd.python.is_empty() { &self.python } else { &cmd.python },
+                    env: &env,
+                    identity: Some(&identity),
+                    helper: &self.helper,
+                    cwd: &cmd.workdir,
+                };
+                let result = preflight::swift_argcheck(&python, check, PROBE_TIMEOUT).await;
+                answer.result = Some(QueryAnswer::SwiftArgcheck(result));
+            }
+            (Err(e), _) => answer.error = format!("cannot run as the job's user: {e}"),
+            (Ok(_), None) => answer.error = "the request names no command line to check".into(),
+        }
+        let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::QueryResult(answer)) })).await;
     }
 
     /// Node rank 0 writes `marker` into each path; every other node must read it back.

@@ -189,6 +189,39 @@ async fn only_a_job_on_transformer_engine_layers_needs_transformer_engine() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn plan_check_asks_each_environments_ms_swift_without_launching() {
+    let cluster = cluster(["good", "good"]).await;
+    wait_for_preflight(&cluster).await;
+    let save = cluster.dir.path().join("out");
+    let dataset = good_dataset(cluster.dir.path());
+    let refused = cluster.dir.path().join("refused.yaml");
+    std::fs::write(&refused, format!("{}  num_workers: 4\n", megatron_job(&save, &dataset, ""))).unwrap();
+    let out = cluster.cli(&["plan", "--check", refused.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(4), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    // Both nodes report the same versions: one environment, asked once.
+    assert_eq!(text.matches("  environment: ").count(), 1, "{text}");
+    assert!(text.contains("    nodes: node0, node1"), "{text}");
+    assert!(
+        text.contains(
+            "node node0 (ms-swift 3.12.6+stub) refuses --num_workers: not a flag of ms-swift 3.12.6+stub's megatron sft \
+             (did you mean --dataloader_num_workers?)"
+        ),
+        "{text}"
+    );
+
+    let accepted = cluster.dir.path().join("accepted.yaml");
+    std::fs::write(&accepted, megatron_job(&save, &dataset, "")).unwrap();
+    let out = cluster.cli(&["plan", "--check", accepted.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("node0 (ms-swift 3.12.6+stub): megatron-sft ok"), "{text}");
+    // Planning launched nothing.
+    let jobs = String::from_utf8_lossy(&cluster.cli(&["list", "-o", "json"]).stdout).to_string();
+    assert!(!jobs.contains("\"id\""), "{jobs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_shared_path_that_is_local_on_one_node_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("not-shared");

@@ -346,7 +346,7 @@ impl Controller {
         }
         let checkpoint = match answer.result {
             Some(QueryAnswer::Checkpoint(c)) => c.checkpoint,
-            Some(QueryAnswer::Path(_)) | None => None,
+            Some(QueryAnswer::Path(_) | QueryAnswer::SwiftArgcheck(_)) | None => None,
         }
         .ok_or_else(|| {
             ControllerError::FailedPrecondition(format!("no complete checkpoint in {directory} (looked on {node})"))

@@ -180,6 +180,6 @@ fn apply_lookup(entry: &mut JobEntry, answer: QueryResult, node: &str) {
             }
             None => tracing::info!(job = %entry.job.id, "no complete checkpoint yet; the next attempt starts afresh"),
         },
-        Some(Answer::Path(_)) | None => {}
+        Some(Answer::Path(_) | Answer::SwiftArgcheck(_)) | None => {}
     }
 }

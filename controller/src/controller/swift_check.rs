@@ -5,8 +5,21 @@
 //! (agent/src/preflight/swift_argcheck.py) with the job's interpreter; this
 //! module builds the request and turns the answers into refusal lines.
 
-use cohort_proto::{PreflightReport, SwiftArgcheck, SwiftArgcheckResult};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cohort_proto::{
+    EnvVar, EnvironmentCheck, JobFile, PreflightReport, SwiftArgcheck, SwiftArgcheckCommand, SwiftArgcheckResult,
+    query_result::Result as QueryAnswer,
+};
 use cohort_shared::spec::{JobSpec, Workload};
+
+use super::{Command, Controller, NodeState, State};
+
+/// How long `cohort plan --check` waits for a node (the agent gives the check 120 s).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(130);
+/// The preflight rows whose versions make an environment.
+const ENVIRONMENT: &[&str] = &["python", "torch", "swift", "megatron.core"];
 
 /// `(program, subcommand)` of an ms-swift CLI and the command name the check script takes.
 const COMMANDS: &[(&str, &str, &str)] = &[
@@ -87,6 +100,111 @@ pub(super) fn refusal_lines(node: &str, check: &SwiftArgcheckResult) -> Vec<Stri
             let flag = if p.flag.is_empty() { "the command line".to_owned() } else { p.flag.clone() };
             format!("node {node} ({version}) refuses {flag}: {}", p.message)
         })
+        .collect()
+}
+
+/// The job's command line as the spec renders it (no node's contract variables needed).
+fn job_argv(spec: &JobSpec) -> Vec<String> {
+    match &spec.workload {
+        Workload::MegatronSft(m) => m.render_args(),
+        Workload::Command(c) => c.argv.clone(),
+        Workload::Pipeline(_) => Vec::new(),
+    }
+}
+
+/// "python 3.12.3, torch 2.11.0, swift 3.12.6, megatron.core 0.15.3" from a start-up report.
+fn environment_of(report: Option<&PreflightReport>) -> String {
+    let Some(report) = report.filter(|r| !r.checks.is_empty()) else {
+        return "unknown (no preflight report from the node yet)".into();
+    };
+    ENVIRONMENT
+        .iter()
+        .map(|name| {
+            let value = report.checks.iter().find(|c| c.name == *name && c.ok).map(|c| c.value.as_str());
+            format!("{name} {}", value.unwrap_or("missing"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Controller {
+    /// `cohort plan --check`: one connected Ready node per distinct environment
+    /// parses the job's ms-swift command line with its own ms-swift. Nothing is
+    /// prepared or launched. Empty when the job runs no ms-swift command.
+    pub async fn check_swift_args(&self, file: &JobFile) -> Vec<EnvironmentCheck> {
+        let Ok(spec) = self.parse(file) else { return Vec::new() };
+        let Some(check) = for_job(&spec, &job_argv(&spec)) else { return Vec::new() };
+        let mut pending = Vec::new();
+        {
+            let mut state = self.state.lock().await;
+            let mut environments: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for node in state.nodes.values().filter(|n| n.state == NodeState::Ready && n.session.is_some()) {
+                environments.entry(environment_of(node.preflight.as_ref())).or_default().push(node.info.name.clone());
+            }
+            for (environment, mut nodes) in environments {
+                nodes.sort();
+                let node = nodes[0].clone();
+                let command = SwiftArgcheckCommand {
+                    check: Some(check.clone()),
+                    python: spec.python.clone().unwrap_or_default(),
+                    user: spec.user.clone().unwrap_or_default(),
+                    env: job_env(&state, &node, &spec),
+                    workdir: spec.workdir.clone().unwrap_or_default(),
+                };
+                let entry = EnvironmentCheck { nodes, environment, node: node.clone(), ..Default::default() };
+                pending.push((entry, ask(&mut state, &node, command)));
+            }
+        }
+        let answers = futures::future::join_all(pending.into_iter().map(|(mut entry, rx)| async move {
+            let Some(rx) = rx else {
+                entry.error = format!("node {} is not connected", entry.node);
+                return entry;
+            };
+            match tokio::time::timeout(CHECK_TIMEOUT, rx).await {
+                Err(_) => entry.error = format!("node {} did not answer within {CHECK_TIMEOUT:?}", entry.node),
+                Ok(Err(_)) => entry.error = format!("node {} went away before answering", entry.node),
+                Ok(Ok(answer)) if !answer.error.is_empty() => {
+                    entry.error = format!("node {}: {}", entry.node, answer.error)
+                }
+                Ok(Ok(answer)) => match answer.result {
+                    Some(QueryAnswer::SwiftArgcheck(result)) => entry.result = Some(result),
+                    _ => entry.error = format!("node {} answered something else", entry.node),
+                },
+            }
+            entry
+        }))
+        .await;
+        let mut state = self.state.lock().await;
+        // Queries that were never answered.
+        state.queries.retain(|_, tx| !tx.is_closed());
+        answers
+    }
+}
+
+/// Sends `command` to `node` as a query; None when the node is not connected.
+fn ask(
+    state: &mut State,
+    node: &str,
+    command: SwiftArgcheckCommand,
+) -> Option<tokio::sync::oneshot::Receiver<cohort_proto::QueryResult>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let command_id = state.next_command_id;
+    state.queries.insert(command_id, tx);
+    if Controller::send_command(state, node, Command::SwiftArgcheck(command)) {
+        Some(rx)
+    } else {
+        state.queries.remove(&command_id);
+        None
+    }
+}
+
+/// The node's defaults (unless the job sets them), then the job's `env`, as a launch renders them.
+fn job_env(state: &State, node: &str, spec: &JobSpec) -> Vec<EnvVar> {
+    let node_env = state.nodes.get(node).map(|n| n.info.node_env.clone()).unwrap_or_default();
+    node_env
+        .into_iter()
+        .filter(|v| !spec.env.contains_key(&v.name))
+        .chain(spec.env.iter().map(|(k, v)| EnvVar { name: k.clone(), value: v.clone() }))
         .collect()
 }
 
