@@ -168,6 +168,22 @@ async fn a_flag_the_nodes_own_ms_swift_refuses_refuses_the_launch_naming_node_an
     let checked = job.preflight.as_ref().unwrap().nodes.iter().filter_map(|r| r.swift_argcheck.as_ref());
     let versions: Vec<&str> = checked.map(|c| if c.ok { c.ms_swift.as_str() } else { "refused" }).collect();
     assert_eq!(versions, ["3.12.6+stub", "3.12.6+stub"]);
+
+    // A command job that runs an ms-swift CLI (as the built-in pipeline steps do) is checked too.
+    let yaml = format!(
+        "name: infer\nkind: command\nnodes: 1\ngpus_per_node: 1\npython: {}\n\
+         command: [swift, infer, --model, m, --num_workers, '4']\n",
+        fake_python("good")
+    );
+    let job = cluster.submit(&yaml).await.unwrap();
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&job), JobState::Failed, "{}", job.reason);
+    assert!(
+        job.reason
+            .contains("(ms-swift 3.12.6+stub) refuses --num_workers: not a flag of ms-swift 3.12.6+stub's swift infer"),
+        "{}",
+        job.reason
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
