@@ -83,8 +83,12 @@ def swift_version():
         from importlib.metadata import version
         return version('ms-swift')
     except Exception:
+        pass
+    try:
         import swift
         return getattr(swift, '__version__', 'unknown')
+    except ImportError as e:
+        raise CannotJudge('ms-swift is not installed for %s: %s' % (sys.executable, e))
 
 
 def _have_module(name):
@@ -205,6 +209,11 @@ def _option_strings(parser):
     return parser._option_string_actions
 
 
+def _is_flag(token):
+    # '-1' and '-.5' are values, not flags
+    return token.startswith('-') and len(token) > 1 and not (token[1:2].isdigit() or token[1:2] == '.')
+
+
 def _split_option(token):
     return token.split('=', 1)[0] if '=' in token else token
 
@@ -217,10 +226,8 @@ def _abbreviation_problems(parser, argv):
         return problems
     options = _option_strings(parser)
     for token in argv:
-        if token == '--' or not token.startswith('-') or len(token) < 2:
+        if token == '--' or not _is_flag(token):
             continue
-        if token[1:2].isdigit() or token[1:2] == '.':
-            continue  # a negative number, a value
         opt = _split_option(token)
         if opt in options:
             continue
@@ -236,7 +243,8 @@ def _abbreviation_problems(parser, argv):
 
 def _suggest(parser, opt):
     name = opt.lstrip('-')
-    names = sorted({o.lstrip('-') for o in _option_strings(parser) if o.startswith('--')})
+    # field names only: HfArgumentParser's --dashed-aliases would repeat each suggestion
+    names = sorted({o[2:] for o in _option_strings(parser) if o.startswith('--') and '-' not in o[2:]})
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     longer = [n for n in names if n.endswith('_' + name) or n.startswith(name + '_')]
     for n in longer:
@@ -247,14 +255,25 @@ def _suggest(parser, opt):
     return ' (did you mean %s?)' % ' or '.join('--' + n for n in close[:3])
 
 
+def _as_written(parser, opt, argv):
+    """argparse names an action by its first option string (`--lr_decay_style`): name it as the argv wrote it
+    (`--lr-decay-style`, HfArgumentParser's dashed alias, or the `=` form)."""
+    action = _option_strings(parser).get(opt)
+    if action is None:
+        return opt
+    for token in argv:
+        if _split_option(token) in action.option_strings:
+            return _split_option(token)
+    return opt
+
+
 def _drop_option(argv, opt):
     """argv without the first occurrence of opt and the values that follow it."""
     for i, token in enumerate(argv):
         if _split_option(token) == opt:
             j = i + 1
             if '=' not in token:
-                while j < len(argv) and not (argv[j].startswith('--') or
-                                             (argv[j].startswith('-') and argv[j][1:2].isalpha())):
+                while j < len(argv) and not _is_flag(argv[j]):
                     j += 1
             return argv[:i] + argv[j:]
     return None
@@ -282,7 +301,7 @@ def check(parser, cli, version, argv):
             flag = None
             if message.startswith('argument '):
                 head, _, rest = message[len('argument '):].partition(': ')
-                flag = head.split('/')[0]
+                flag = _as_written(parser, head.split('/')[0], remaining)
                 message = rest or message
             problems.append({'flag': flag or '', 'message': message})
             nxt = _drop_option(remaining, flag) if flag else None
@@ -294,9 +313,9 @@ def check(parser, cli, version, argv):
         while i < len(leftovers):
             token = leftovers[i]
             opt = _split_option(token)
-            if token.startswith('-'):
+            if _is_flag(token):
                 # the values that follow an unknown flag are left over with it
-                while i + 1 < len(leftovers) and not leftovers[i + 1].startswith('-'):
+                while i + 1 < len(leftovers) and not _is_flag(leftovers[i + 1]):
                     i += 1
                 if opt not in abbreviated:
                     problems.append({'flag': opt, 'message': 'not a flag of %s%s' % (label, _suggest(parser, opt))})
