@@ -244,6 +244,29 @@ mod tests {
     }
 
     #[test]
+    fn an_environment_is_the_python_torch_swift_and_megatron_versions() {
+        let check = |name: &str, value: &str, ok: bool| cohort_proto::PreflightCheck {
+            name: name.into(),
+            value: value.into(),
+            ok,
+            detail: String::new(),
+        };
+        let report = PreflightReport {
+            checks: vec![
+                check("python", "3.12.1", true),
+                check("torch", "2.11.0", true),
+                check("transformer_engine", "2.1", true),
+                check("swift", "", false),
+                check("megatron.core", "0.15.3", true),
+            ],
+            ..Default::default()
+        };
+        // transformer_engine does not split environments: the parse does not depend on it.
+        assert_eq!(environment_of(Some(&report)), "python 3.12.1, torch 2.11.0, swift missing, megatron.core 0.15.3");
+        assert!(environment_of(None).starts_with("unknown"));
+    }
+
+    #[test]
     fn a_refusal_names_the_node_the_version_and_the_flag() {
         let report = PreflightReport {
             node_name: "node1".into(),
