@@ -99,7 +99,22 @@ pub fn check(message: &ControllerMessage) -> Result<(), CommandError> {
             }
             text("PrepareCommand.output_dir", &prepare.output_dir)?;
             text("PrepareCommand.workdir", &prepare.workdir)?;
+            user_name("PrepareCommand.user", &prepare.user)?;
+            env_vars("PrepareCommand.env", &prepare.env)?;
+            if let Some(check) = &prepare.swift_argcheck {
+                argcheck("PrepareCommand.swift_argcheck", check)?;
+            }
             text("PrepareCommand.python", &prepare.python)
+        }
+        Some(Command::SwiftArgcheck(cmd)) => {
+            match &cmd.check {
+                Some(check) => argcheck("SwiftArgcheckCommand.check", check)?,
+                None => return Err(CommandError::at("SwiftArgcheckCommand.check", "is missing")),
+            }
+            user_name("SwiftArgcheckCommand.user", &cmd.user)?;
+            env_vars("SwiftArgcheckCommand.env", &cmd.env)?;
+            text("SwiftArgcheckCommand.workdir", &cmd.workdir)?;
+            text("SwiftArgcheckCommand.python", &cmd.python)
         }
         Some(Command::FindCheckpoint(find)) => text("FindCheckpointCommand.directory", &find.directory),
         Some(Command::InspectPath(inspect)) => {
@@ -111,6 +126,35 @@ pub fn check(message: &ControllerMessage) -> Result<(), CommandError> {
         Some(Command::DumpStacks(dump)) => job_id("DumpStacksCommand.job_id", &dump.job_id),
         Some(Command::FetchLogs(fetch)) => job_id("FetchLogsCommand.job_id", &fetch.job_id),
     }
+}
+
+/// A user name or uid for the rank-user policy: no blanks or control characters.
+fn user_name(field: &str, user: &str) -> Result<(), CommandError> {
+    if user.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(CommandError::at(field, format!("{user:?} is not a user name or uid")));
+    }
+    Ok(())
+}
+
+/// Variables that become a process's environment.
+fn env_vars(field: &str, env: &[cohort_proto::EnvVar]) -> Result<(), CommandError> {
+    for var in env {
+        let name = format!("{field}.{}", var.name);
+        if var.name.is_empty() || var.name.contains('=') || var.name.contains('\0') {
+            return Err(CommandError::at(name, "is not an environment variable name"));
+        }
+        text(&name, &var.value)?;
+    }
+    Ok(())
+}
+
+/// An ms-swift command line to check: its words become arguments.
+fn argcheck(field: &str, check: &cohort_proto::SwiftArgcheck) -> Result<(), CommandError> {
+    text(&format!("{field}.command"), &check.command)?;
+    for (i, arg) in check.argv.iter().enumerate() {
+        text(&format!("{field}.argv[{i}]"), arg)?;
+    }
+    Ok(())
 }
 
 /// A job id names a directory under the work dir: one path component.

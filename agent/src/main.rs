@@ -143,6 +143,10 @@ fn main() -> anyhow::Result<()> {
     if supervisor::shim::exec_as_invoked() {
         std::process::exit(supervisor::shim::exec_as_main());
     }
+    // `cohort-agent preflight-as ...`: preflight running a job's interpreter as the job's user.
+    if cohort_agent::preflight::run::invoked() {
+        std::process::exit(cohort_agent::preflight::run::preflight_as_main());
+    }
     agent()
 }
 
@@ -215,7 +219,8 @@ async fn agent() -> anyhow::Result<()> {
     // A node that could not run a job without `user:` says so now, not at the first launch.
     let identity = rank_users.check().map_err(|e| anyhow::anyhow!("rank-user: {e}"))?;
     tracing::info!(user = %identity.name, uid = identity.uid, allowed = ?rank_users.allowed, "ranks run as");
-    let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone()).with_rank_users(rank_users);
+    let supervisor =
+        Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone()).with_rank_users(rank_users.clone());
     let py_spy = supervisor::stacks::find_py_spy(args.py_spy.clone());
     tracing::info!(py_spy = ?py_spy, "stack dumps of hung jobs: {}", if py_spy.is_some() { "py-spy" } else { "faulthandler (SIGUSR1) where the trainer registered it" });
     supervisor.set_py_spy(py_spy);
@@ -230,6 +235,8 @@ async fn agent() -> anyhow::Result<()> {
         stager: std::sync::Arc::new(Stager::new(cache_dir, args.stage_parallel.max(1))),
         out: out_tx,
         report: tokio::sync::watch::channel(None).0,
+        rank_users,
+        helper: PathBuf::from("/proc/self/exe"),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let scheme = if args.insecure { "http" } else { "https" };

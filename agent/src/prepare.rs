@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cohort_proto::{
-    AgentMessage, Checkpoint, CheckpointAnswer, DatasetSummary, FindCheckpointCommand, PreflightReport, PrepareCommand,
-    PrepareResult, QueryResult, SharedPathCheck, StageProgress, StageStatus, StagedInput, agent_message::Msg,
-    query_result::Result as QueryAnswer,
+    AgentMessage, Checkpoint, CheckpointAnswer, DatasetSummary, EnvVar, FindCheckpointCommand, PreflightReport,
+    PrepareCommand, PrepareResult, QueryResult, SharedPathCheck, StageProgress, StageStatus, StagedInput,
+    SwiftArgcheckCommand, agent_message::Msg, query_result::Result as QueryAnswer,
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::preflight;
+use crate::preflight::{self, Interpreter};
+use crate::rank_user::RankUserPolicy;
 use crate::stage::{StageItem, StageState, Stager};
 use crate::supervisor::Outbound;
 
@@ -21,6 +22,8 @@ use crate::supervisor::Outbound;
 /// file systems cache directory entries for a few seconds).
 const MARKER_WAIT: Duration = Duration::from_secs(15);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The variables by which the supervisor's sweep recognises a launch's processes.
+const SWEPT_BY: &[&str] = &["COHORT_JOB_ID", "COHORT_ATTEMPT", "COHORT_NODE_NAME"];
 
 #[derive(Clone)]
 pub struct Preparer {
@@ -33,12 +36,26 @@ pub struct Preparer {
     pub out: mpsc::Sender<Outbound>,
     /// The latest registration-time report, re-sent on every new session.
     pub report: watch::Sender<Option<PreflightReport>>,
+    /// Which users the job's interpreter may run as (the ranks' rule).
+    pub rank_users: RankUserPolicy,
+    /// The `cohort-agent` binary that runs an interpreter as another user
+    /// (`preflight-as`); `/proc/self/exe` in the daemon.
+    pub helper: PathBuf,
 }
 
 impl Preparer {
     /// Probes the node's default python once (at start-up) and keeps the report.
     pub async fn probe_at_startup(&self) {
-        let report = preflight::probe_packages(&self.node_name, &self.python, &self.node_env, PROBE_TIMEOUT).await;
+        // As the user a job without `user:` runs as; the agent checked at start-up that it resolves.
+        let identity = self.rank_users.check().ok();
+        let python = Interpreter {
+            python: &self.python,
+            env: &self.node_env,
+            identity: identity.as_ref(),
+            helper: &self.helper,
+            cwd: "/",
+        };
+        let report = preflight::probe_packages(&self.node_name, &python, PROBE_TIMEOUT).await;
         if !report.error.is_empty() {
             tracing::warn!(python = %self.python, error = %report.error, "preflight probe failed");
         } else {
@@ -51,12 +68,39 @@ impl Preparer {
 
     pub async fn prepare(&self, cmd: PrepareCommand) {
         let mut result = PrepareResult { job_id: cmd.job_id.clone(), attempt: cmd.attempt, ..PrepareResult::default() };
-        let mut report = if cmd.probe_packages {
-            let python = if cmd.python.is_empty() { self.python.clone() } else { cmd.python.clone() };
-            preflight::probe_packages(&self.node_name, &python, &self.node_env, PROBE_TIMEOUT).await
-        } else {
-            PreflightReport { node_name: self.node_name.clone(), ..PreflightReport::default() }
-        };
+        let mut report = PreflightReport { node_name: self.node_name.clone(), ..PreflightReport::default() };
+        match self.rank_users.resolve(&cmd.user) {
+            Ok(identity) => {
+                let python = if cmd.python.is_empty() { self.python.as_str() } else { cmd.python.as_str() };
+                let env = self.job_env(&cmd.env);
+                let python = Interpreter {
+                    python,
+                    env: &env,
+                    identity: Some(&identity),
+                    helper: &self.helper,
+                    cwd: &cmd.workdir,
+                };
+                let probe = async {
+                    match cmd.probe_packages {
+                        true => Some(preflight::probe_packages(&self.node_name, &python, PROBE_TIMEOUT).await),
+                        false => None,
+                    }
+                };
+                let argcheck = async {
+                    match &cmd.swift_argcheck {
+                        Some(check) => Some(preflight::swift_argcheck(&python, check, PROBE_TIMEOUT).await),
+                        None => None,
+                    }
+                };
+                let (probed, checked) = tokio::join!(probe, argcheck);
+                if let Some(probed) = probed {
+                    report = probed;
+                }
+                report.swift_argcheck = checked;
+            }
+            // The launch would be refused the same way: say it now, before anything runs.
+            Err(e) => result.error = format!("preflight cannot run as the job's user: {e}"),
+        }
         if !cmd.output_dir.is_empty() {
             report.checks.push(preflight::free_disk(Path::new(&cmd.output_dir)));
         }
@@ -75,6 +119,39 @@ impl Preparer {
             Err(e) => result.error = e,
         }
         let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::PrepareResult(result)) })).await;
+    }
+
+    /// The environment the job's interpreter gets for preflight: the job's
+    /// processes' (the node's own when the controller sent none).
+    fn job_env(&self, env: &[EnvVar]) -> Vec<(String, String)> {
+        if env.is_empty() {
+            return self.node_env.clone();
+        }
+        // Without the variables the launch sweep finds a job's processes by: a
+        // probe is no rank, and another agent on this host must not kill it.
+        env.iter().filter(|v| !SWEPT_BY.contains(&v.name.as_str())).map(|v| (v.name.clone(), v.value.clone())).collect()
+    }
+
+    /// `cohort plan --check`: the node's ms-swift on a command line, nothing prepared or launched.
+    pub async fn check_swift_args(&self, command_id: u64, cmd: SwiftArgcheckCommand) {
+        let mut answer = QueryResult { command_id, ..QueryResult::default() };
+        match (self.rank_users.resolve(&cmd.user), &cmd.check) {
+            (Ok(identity), Some(check)) => {
+                let env = self.job_env(&cmd.env);
+                let python = Interpreter {
+                    python: if cmd.python.is_empty() { &self.python } else { &cmd.python },
+                    env: &env,
+                    identity: Some(&identity),
+                    helper: &self.helper,
+                    cwd: &cmd.workdir,
+                };
+                let result = preflight::swift_argcheck(&python, check, PROBE_TIMEOUT).await;
+                answer.result = Some(QueryAnswer::SwiftArgcheck(result));
+            }
+            (Err(e), _) => answer.error = format!("cannot run as the job's user: {e}"),
+            (Ok(_), None) => answer.error = "the request names no command line to check".into(),
+        }
+        let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::QueryResult(answer)) })).await;
     }
 
     /// Node rank 0 writes `marker` into each path; every other node must read it back.

@@ -380,6 +380,11 @@ async fn handle(
             tokio::spawn(async move { preparer.find_checkpoint(command_id, find).await });
             Ok(())
         }
+        Some(Command::SwiftArgcheck(check)) => {
+            let preparer = preparer.clone();
+            tokio::spawn(async move { preparer.check_swift_args(command_id, check).await });
+            Ok(())
+        }
         Some(Command::InspectPath(inspect)) => {
             let preparer = preparer.clone();
             tokio::spawn(async move { preparer.inspect_path(command_id, inspect).await });

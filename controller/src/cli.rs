@@ -81,6 +81,10 @@ pub enum Verb {
     Plan {
         /// The job file (YAML).
         file: PathBuf,
+        /// Also have one node per distinct environment parse the job's rendered
+        /// ms-swift command line with its own ms-swift (exit 4 when one refuses).
+        #[arg(long)]
+        check: bool,
         #[command(flatten)]
         format: Format,
     },
@@ -261,7 +265,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             say!("{node}: GPU {index} cleared");
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Plan { format, .. } => plan(&mut client, file.unwrap_or_default(), format.output).await,
+        Verb::Plan { format, check, .. } => plan(&mut client, file.unwrap_or_default(), check, format.output).await,
         Verb::Submit { wait, follow, format, .. } => {
             let out = format.output;
             let response = client.submit_job(SubmitJobRequest { file }).await.map_err(status_error)?.into_inner();
@@ -616,9 +620,15 @@ fn until(unix_ms: i64) -> String {
     }
 }
 
-async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output) -> anyhow::Result<ExitCode> {
+async fn plan(
+    client: &mut JobServiceClient<Channel>,
+    file: JobFile,
+    check: bool,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
     let source = file.source_name.clone();
-    let response = client.plan_job(PlanJobRequest { file: Some(file) }).await.map_err(status_error)?.into_inner();
+    let response =
+        client.plan_job(PlanJobRequest { file: Some(file), check }).await.map_err(status_error)?.into_inner();
     if out == Output::Json {
         print_json(&response)?;
         return Ok(plan_exit(&response));
@@ -679,12 +689,50 @@ async fn plan(client: &mut JobServiceClient<Channel>, file: JobFile, out: Output
         }
         None => say!("not placeable now: {}", response.placement_error),
     }
+    if check {
+        print_swift_checks(&response.checks);
+    }
     Ok(plan_exit(&response))
+}
+
+/// `cohort plan --check`: per node environment, what its own ms-swift said.
+fn print_swift_checks(checks: &[cohort_proto::EnvironmentCheck]) {
+    say!();
+    if checks.is_empty() {
+        say!("ms-swift check: nothing to check (the job runs no ms-swift command, or no node is connected)");
+        return;
+    }
+    say!("ms-swift check, one node per environment:");
+    for check in checks {
+        say!("  environment: {}", check.environment);
+        say!("    nodes: {}", check.nodes.join(", "));
+        match &check.result {
+            None => say!("    not checked: {}", check.error),
+            Some(r) if !r.error.is_empty() => say!("    not checked on {}: {}", check.node, r.error),
+            Some(r) => {
+                let version =
+                    if r.ms_swift.is_empty() { "ms-swift".into() } else { format!("ms-swift {}", r.ms_swift) };
+                if r.problems.is_empty() {
+                    say!("    {} ({version}): {} ok", check.node, r.command);
+                }
+                for p in &r.problems {
+                    say!("    node {} ({version}) refuses {}: {}", check.node, p.flag, p.message);
+                }
+            }
+        }
+    }
+}
+
+/// Whether every environment's ms-swift took the command line.
+fn swift_checks_ok(checks: &[cohort_proto::EnvironmentCheck]) -> bool {
+    checks.iter().all(|c| c.result.as_ref().is_some_and(|r| r.error.is_empty() && r.problems.is_empty() && r.ok))
 }
 
 fn plan_exit(response: &PlanJobResponse) -> ExitCode {
     if !response.problems.is_empty() {
         ExitCode::from(2)
+    } else if !swift_checks_ok(&response.checks) {
+        ExitCode::from(4)
     } else if response.plan.is_none() && response.stages.is_empty() {
         // Not placeable now (a pipeline has no plan of its own: its stages are placed as they start).
         ExitCode::from(3)

@@ -134,6 +134,14 @@ pub fn progress_line(p: &TrainingPoint) -> String {
 /// Nodes as columns, checks as rows; a row whose values differ, or a failed
 /// check, is marked `!` (and red on a terminal).
 pub fn print_preflight(table: &PreflightTable) {
+    let mut table = table.clone();
+    // The node's own ms-swift on the job's command line, as one more row.
+    for report in &mut table.nodes {
+        if let Some(check) = &report.swift_argcheck {
+            report.checks.push(argcheck_row(check));
+        }
+    }
+    let table = &table;
     let mut names: Vec<String> = Vec::new();
     for report in &table.nodes {
         for check in &report.checks {
@@ -179,6 +187,27 @@ pub fn print_preflight(table: &PreflightTable) {
         for p in &table.problems {
             say!("  - {p}");
         }
+    }
+}
+
+/// `ms-swift argv` row: `ok (4.6.0)`, or the first refused flag, or why it could not judge.
+fn argcheck_row(check: &cohort_proto::SwiftArgcheckResult) -> cohort_proto::PreflightCheck {
+    let name = "ms-swift argv".to_string();
+    let version = if check.ms_swift.is_empty() { String::new() } else { format!(" ({})", check.ms_swift) };
+    match check.problems.first() {
+        _ if !check.error.is_empty() => cohort_proto::PreflightCheck {
+            name,
+            value: String::new(),
+            ok: false,
+            detail: format!("not checked: {}", check.error),
+        },
+        Some(p) => cohort_proto::PreflightCheck {
+            name,
+            value: String::new(),
+            ok: false,
+            detail: format!("refuses {}{}", p.flag, if check.problems.len() > 1 { " (and more)" } else { "" }),
+        },
+        None => cohort_proto::PreflightCheck { name, value: format!("ok{version}"), ok: true, detail: String::new() },
     }
 }
 

@@ -62,6 +62,13 @@ fn good_dataset(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// The job got past preflight and its processes ran.
+fn assert_launched(cluster: &Cluster, job: &cohort_proto::Job) {
+    assert!(!job.reason.contains("refused before launch"), "{}", job.reason);
+    let logs = String::from_utf8_lossy(&cluster.cli(&["logs", &job.id]).stdout).to_string();
+    assert!(logs.contains("fake megatron argv:"), "{}: {logs}", job.reason);
+}
+
 async fn wait_for_preflight(cluster: &Cluster) {
     // The agents probe their python at start-up; doctor shows it once reported.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -131,6 +138,103 @@ async fn a_broken_transformer_engine_refuses_the_launch_with_the_table() {
     assert_eq!(table.nodes.len(), 2);
     let status = String::from_utf8_lossy(&cluster.cli(&["status", &job.id]).stdout).to_string();
     assert!(status.contains("preflight:") && status.contains("2.11.0+stub") && status.contains("✗"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flag_the_nodes_own_ms_swift_refuses_refuses_the_launch_naming_node_and_version() {
+    let cluster = cluster(["good", "good"]).await;
+    let save = cluster.dir.path().join("out");
+    // The stand-in parser (tests/payloads/fake-python/argcheck.py) refuses --num_workers as ms-swift 4.6 does.
+    let yaml = format!("{}  num_workers: 4\n", megatron_job(&save, &good_dataset(cluster.dir.path()), ""));
+    let job = cluster.submit(&yaml).await.unwrap();
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&job), JobState::Failed, "{}", job.reason);
+    let refusal = "(ms-swift 3.12.6+stub) refuses --num_workers: not a flag of ms-swift 3.12.6+stub's megatron sft \
+                   (did you mean --dataloader_num_workers?)";
+    assert!(job.reason.contains("refused before launch: node node") && job.reason.contains(refusal), "{}", job.reason);
+    let problems = &job.preflight.as_ref().unwrap().problems;
+    for node in ["node0", "node1"] {
+        assert!(problems.contains(&format!("node {node} {refusal}")), "{problems:?}");
+    }
+    assert!(job.processes.is_empty(), "nothing was launched: {:?}", job.processes);
+    let status = String::from_utf8_lossy(&cluster.cli(&["status", &job.id]).stdout).to_string();
+    assert!(status.contains("! ms-swift argv") && status.contains("refuses --num_workers"), "{status}");
+
+    // The same job without the flag: every node's ms-swift takes it, and it runs
+    // (the fake megatron's fresh run fails after its checkpoints, by design).
+    let job = cluster.submit(&megatron_job(&save, &good_dataset(cluster.dir.path()), "")).await.unwrap();
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_launched(&cluster, &job);
+    let checked = job.preflight.as_ref().unwrap().nodes.iter().filter_map(|r| r.swift_argcheck.as_ref());
+    let versions: Vec<&str> = checked.map(|c| if c.ok { c.ms_swift.as_str() } else { "refused" }).collect();
+    assert_eq!(versions, ["3.12.6+stub", "3.12.6+stub"]);
+
+    // A command job that runs an ms-swift CLI (as the built-in pipeline steps do) is checked too.
+    let yaml = format!(
+        "name: infer\nkind: command\nnodes: 1\ngpus_per_node: 1\npython: {}\n\
+         command: [swift, infer, --model, m, --num_workers, '4']\n",
+        fake_python("good")
+    );
+    let job = cluster.submit(&yaml).await.unwrap();
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&job), JobState::Failed, "{}", job.reason);
+    assert!(
+        job.reason
+            .contains("(ms-swift 3.12.6+stub) refuses --num_workers: not a flag of ms-swift 3.12.6+stub's swift infer"),
+        "{}",
+        job.reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_job_on_transformer_engine_layers_needs_transformer_engine() {
+    // Both nodes' transformer_engine is broken the same way: nothing disagrees.
+    let cluster = cluster(["broken", "broken"]).await;
+    let save = cluster.dir.path().join("out");
+    let dataset = good_dataset(cluster.dir.path());
+    let local = format!("{}  transformer_impl: local\n", megatron_job(&save, &dataset, ""));
+    let job = cluster.submit(&local).await.unwrap();
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    // transformer_impl: local needs no transformer_engine.
+    assert_launched(&cluster, &job);
+
+    let job = cluster.submit(&megatron_job(&cluster.dir.path().join("out2"), &dataset, "")).await.unwrap();
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&job), JobState::Failed);
+    assert!(job.reason.contains("transformer_engine.pytorch: AttributeError"), "{}", job.reason);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_check_asks_each_environments_ms_swift_without_launching() {
+    let cluster = cluster(["good", "good"]).await;
+    wait_for_preflight(&cluster).await;
+    let save = cluster.dir.path().join("out");
+    let dataset = good_dataset(cluster.dir.path());
+    let refused = cluster.dir.path().join("refused.yaml");
+    std::fs::write(&refused, format!("{}  num_workers: 4\n", megatron_job(&save, &dataset, ""))).unwrap();
+    let out = cluster.cli(&["plan", "--check", refused.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(4), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    // Both nodes report the same versions: one environment, asked once.
+    assert_eq!(text.matches("  environment: ").count(), 1, "{text}");
+    assert!(text.contains("    nodes: node0, node1"), "{text}");
+    assert!(
+        text.contains(
+            "node node0 (ms-swift 3.12.6+stub) refuses --num_workers: not a flag of ms-swift 3.12.6+stub's megatron sft \
+             (did you mean --dataloader_num_workers?)"
+        ),
+        "{text}"
+    );
+
+    let accepted = cluster.dir.path().join("accepted.yaml");
+    std::fs::write(&accepted, megatron_job(&save, &dataset, "")).unwrap();
+    let out = cluster.cli(&["plan", "--check", accepted.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("node0 (ms-swift 3.12.6+stub): megatron-sft ok"), "{text}");
+    // Planning launched nothing.
+    let jobs = String::from_utf8_lossy(&cluster.cli(&["list", "-o", "json"]).stdout).to_string();
+    assert!(!jobs.contains("\"id\""), "{jobs}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

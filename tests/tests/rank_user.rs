@@ -122,6 +122,43 @@ async fn ranks_run_as_the_rank_user_and_root_is_refused() {
     assert!(cohort_tests::processes_of_job(&job.id).is_empty(), "nothing of the refused job runs");
 }
 
+/// Issue 14 finding 2: the package probe and the ms-swift argument check run the
+/// job's `python:` (anything the submitter names) as the job's user, with the
+/// job's environment, never as the agent's root.
+#[tokio::test(flavor = "multi_thread")]
+async fn preflight_runs_the_jobs_python_as_the_rank_user_with_the_jobs_env() {
+    if !nix_is_root() {
+        panic!("this test switches users: run it as root (as CI does)");
+    }
+    let uid = rank_user_uid();
+    let cluster = Cluster::start(vec![node_with_rank_user()]).await.unwrap();
+    let whoami = cohort_tests::repo_root().join("tests/payloads/fake-python/whoami");
+    let yaml = format!(
+        "name: probe-as-user\nkind: megatron-sft\nnodes: 1\ngpus_per_node: 1\npython: {}\n\
+         env: {{PROBE_MARK: from-the-job}}\n\
+         megatron:\n  swift_version: 3\n  load: /nonexistent/model\n  dataset: [/nonexistent/train.jsonl]\n",
+        whoami.display()
+    );
+    let job = cluster.submit(&yaml).await.unwrap();
+    // whoami reports no torch: the launch is refused, with the table.
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&job), JobState::Failed, "{}", job.reason);
+    let report = &job.preflight.as_ref().unwrap().nodes[0];
+    let check = |name: &str| report.checks.iter().find(|c| c.name == name).map(|c| c.value.clone());
+    let uids = format!("{uid} {uid} {uid} {uid}");
+    assert_eq!(
+        check("uids").as_deref(),
+        Some(uids.as_str()),
+        "the probe's real, effective, saved, fs uids: {report:?}"
+    );
+    assert_eq!(check("mark").as_deref(), Some("from-the-job"), "the job's env reaches the probe: {report:?}");
+    let out = std::process::Command::new("id").args(["-G", RANK_USER]).output().unwrap();
+    let groups = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(check("groups").as_deref(), Some(groups.as_str()), "the user's groups, not root's: {report:?}");
+    let argcheck = report.swift_argcheck.as_ref().unwrap();
+    assert_eq!(argcheck.ms_swift, format!("uids {uids}"), "the argument check runs as the user too: {argcheck:?}");
+}
+
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -211,6 +211,7 @@ mod prepare;
 mod progress;
 mod reconcile;
 mod restart;
+mod swift_check;
 
 pub use pipeline::stage_state_name;
 

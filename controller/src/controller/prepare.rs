@@ -12,10 +12,14 @@ use cohort_proto::{
 };
 use cohort_shared::spec::DatasetPolicy;
 
+use super::swift_check;
 use super::*;
 
-/// Packages a megatron-sft launch needs on every node.
+/// Packages a megatron-sft launch needs on every node (transformer_engine only
+/// where the job uses its layers: [`swift_check::needs_transformer_engine`]).
 const REQUIRED_PACKAGES: &[&str] = &["python", "torch", "transformer_engine.pytorch", "megatron.core", "swift"];
+/// The check that only jobs on transformer_engine's layers require.
+const TRANSFORMER_ENGINE: &str = "transformer_engine.pytorch";
 /// Checks whose values must agree across the nodes of a job.
 const SAME_EVERYWHERE: &[&str] =
     &["python", "torch", "torch.cuda", "nccl", "transformer_engine", "flash_attn", "apex", "megatron.core", "swift"];
@@ -90,10 +94,12 @@ impl Controller {
                 None
             }
         };
-        let env_of = |a: &cohort_proto::NodeAssignment| {
-            super::reconcile::node_processes(state, id, a).into_iter().next().map(|p| p.env).unwrap_or_default()
+        let process_of = |a: &cohort_proto::NodeAssignment| {
+            super::reconcile::node_processes(state, id, a).into_iter().next().unwrap_or_default()
         };
-        let envs: Vec<Vec<EnvVar>> = plan.nodes.iter().map(env_of).collect();
+        let processes: Vec<cohort_proto::ProcessSpec> = plan.nodes.iter().map(process_of).collect();
+        let envs: Vec<Vec<EnvVar>> = processes.iter().map(|p| p.env.clone()).collect();
+        let attempt_spec = super::reconcile::attempt_spec(entry);
         let rank0_env: Vec<EnvVar> = envs.first().cloned().unwrap_or_default();
         let env_value = |env: &[EnvVar], name: &str| env.iter().rev().find(|v| v.name == name).map(|v| v.value.clone());
 
@@ -129,7 +135,7 @@ impl Controller {
                 sha256: s.sha256.clone().unwrap_or_default(),
             })
             .collect();
-        for (a, env) in plan.nodes.iter().zip(&envs) {
+        for ((a, env), process) in plan.nodes.iter().zip(&envs).zip(&processes) {
             let mut interfaces: Vec<String> = Vec::new();
             for name in ["NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"] {
                 for iface in env_value(env, name).unwrap_or_default().split(',') {
@@ -153,6 +159,9 @@ impl Controller {
                 stage: stage.clone(),
                 datasets: datasets.clone(),
                 workdir: a.workdir.clone(),
+                swift_argcheck: swift_check::for_job(&attempt_spec, &process.argv),
+                user: spec.user.clone().unwrap_or_default(),
+                env: env.clone(),
             };
             if !Self::send_command(state, &a.node_name, Command::Prepare(command)) {
                 let message = format!("node {} dropped its stream while the job was being prepared", a.node_name);
@@ -289,7 +298,7 @@ impl Controller {
                 })
             })
             .collect();
-        let problems = compare_reports(&reports, false);
+        let problems = compare_reports(&reports, &[]);
         PreflightTable { nodes: reports, problems }
     }
 
@@ -351,7 +360,7 @@ impl Controller {
         }
         let (checkpoint, skipped) = match answer.result {
             Some(QueryAnswer::Checkpoint(c)) => (c.checkpoint, c.skipped),
-            Some(QueryAnswer::Path(_)) | None => (None, Vec::new()),
+            Some(QueryAnswer::Path(_) | QueryAnswer::SwiftArgcheck(_)) | None => (None, Vec::new()),
         };
         let Some(checkpoint) = checkpoint else {
             return Err(ControllerError::FailedPrecondition(format!(
@@ -510,7 +519,15 @@ fn evaluate(entry: &JobEntry) -> Vec<String> {
             }
         }
     }
-    problems.extend(compare_reports(&reports, megatron));
+    let required = if !megatron {
+        Vec::new()
+    } else if swift_check::needs_transformer_engine(&entry.spec) {
+        REQUIRED_PACKAGES.to_vec()
+    } else {
+        REQUIRED_PACKAGES.iter().copied().filter(|p| *p != TRANSFORMER_ENGINE).collect()
+    };
+    problems.extend(compare_reports(&reports, &required));
+    problems.extend(swift_check::refusals(&reports));
     problems
 }
 
@@ -523,17 +540,17 @@ fn first_dataset_problem(d: &DatasetSummary) -> String {
     }
 }
 
-/// Failed required checks and values that differ between nodes.
-fn compare_reports(reports: &[PreflightReport], require_packages: bool) -> Vec<String> {
+/// Failed `required` checks and values that differ between nodes.
+fn compare_reports(reports: &[PreflightReport], required: &[&str]) -> Vec<String> {
+    let require_packages = !required.is_empty();
     let mut problems = Vec::new();
     for report in reports {
         if !report.error.is_empty() && (require_packages || !report.checks.is_empty()) {
             problems.push(format!("node {}: {}", report.node_name, report.error));
         }
         for check in report.checks.iter().filter(|c| !c.ok) {
-            let required = REQUIRED_PACKAGES.contains(&check.name.as_str());
             let system = matches!(check.name.as_str(), "disk" | "master_port") || check.name.starts_with("interface:");
-            if (required && require_packages) || system {
+            if required.contains(&check.name.as_str()) || system {
                 let detail = if check.detail.is_empty() { "missing".to_string() } else { check.detail.clone() };
                 problems.push(format!("node {}: {}: {detail}", report.node_name, check.name));
             }
@@ -612,7 +629,7 @@ mod tests {
                 ("swift", "3.12.6", true),
             ],
         );
-        let problems = compare_reports(&[a.clone(), b.clone()], true);
+        let problems = compare_reports(&[a.clone(), b.clone()], REQUIRED_PACKAGES);
         assert!(problems.iter().any(|p| p == "torch differs between nodes: a 2.11.0, b 2.10.0"), "{problems:?}");
         assert!(problems.iter().any(|p| p == "node b: transformer_engine.pytorch: missing"), "{problems:?}");
         assert!(
@@ -621,15 +638,15 @@ mod tests {
         );
         assert_eq!(problems.len(), 3);
         // Without package requirements (doctor), the disagreement alone is still reported.
-        assert_eq!(compare_reports(&[a.clone(), b], false).len(), 2);
+        assert_eq!(compare_reports(&[a.clone(), b], &[]).len(), 2);
         // The same package problems do not refuse a job that needs no packages.
-        assert!(compare_reports(&[a.clone(), a], false).is_empty());
+        assert!(compare_reports(&[a.clone(), a], &[]).is_empty());
     }
 
     #[test]
     fn a_taken_port_or_missing_interface_refuses_any_job() {
         let r = report("a", &[("master_port", "29500", false), ("interface:ib0", "", false), ("apex", "", false)]);
-        let problems = compare_reports(&[r], false);
+        let problems = compare_reports(&[r], &[]);
         assert_eq!(problems.len(), 2, "{problems:?}");
     }
 }

@@ -333,7 +333,10 @@ impl Controller {
         entry.job.plan = Some(plan);
         entry.prepared.clear();
         entry.span = Some(tracing::info_span!(parent: None, "attempt", job = %id, attempt, nodes = %node_list(&nodes)));
-        if entry.spec.needs_preparation() {
+        // A job that runs an ms-swift CLI (a pipeline step) is prepared too: the node's ms-swift checks its argv.
+        let runs_swift =
+            matches!(&entry.spec.workload, Workload::Command(c) if super::swift_check::from_argv(&c.argv).is_some());
+        if entry.spec.needs_preparation() || runs_swift {
             entry.job.state = JobState::Preparing as i32;
             entry.job.reason = format!("preparing {}: preflight, shared paths, datasets, staging", node_list(&nodes));
             self.persist_job(state, id).await?;

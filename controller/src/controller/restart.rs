@@ -190,6 +190,6 @@ fn apply_lookup(entry: &mut JobEntry, answer: QueryResult, node: &str) -> String
             }
             prepare::skipped_note(&c.skipped)
         }
-        Some(Answer::Path(_)) | None => String::new(),
+        Some(Answer::Path(_) | Answer::SwiftArgcheck(_)) | None => String::new(),
     }
 }

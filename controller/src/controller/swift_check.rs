@@ -1,0 +1,291 @@
+//! The node's own ms-swift decides (issue 13): which ms-swift command a job
+//! runs, what its argv is, and how a node's answer refuses a launch.
+//!
+//! The agent runs the rendered argv through the installed ms-swift's parser
+//! (agent/src/preflight/swift_argcheck.py) with the job's interpreter; this
+//! module builds the request and turns the answers into refusal lines.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cohort_proto::{
+    EnvVar, EnvironmentCheck, JobFile, PreflightReport, SwiftArgcheck, SwiftArgcheckCommand, SwiftArgcheckResult,
+    query_result::Result as QueryAnswer,
+};
+use cohort_shared::spec::{JobSpec, Workload};
+
+use super::{Command, Controller, NodeState, State};
+
+/// How long `cohort plan --check` waits for a node (the agent gives the check 120 s).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(130);
+/// The preflight rows whose versions make an environment.
+const ENVIRONMENT: &[&str] = &["python", "torch", "swift", "megatron.core"];
+
+/// `(program, subcommand)` of an ms-swift CLI and the command name the check script takes.
+const COMMANDS: &[(&str, &str, &str)] = &[
+    ("megatron", "sft", "megatron-sft"),
+    ("megatron", "export", "megatron-export"),
+    ("swift", "export", "swift-export"),
+    ("swift", "infer", "swift-infer"),
+    ("swift", "eval", "swift-eval"),
+];
+
+/// The check for a command line that runs an ms-swift CLI: the first
+/// `swift|megatron <subcommand>` in it (`/usr/bin/swift export ...`,
+/// `env X=1 swift infer ...`), with everything after it.
+pub(super) fn from_argv(argv: &[String]) -> Option<SwiftArgcheck> {
+    let base = |word: &str| word.rsplit('/').next().unwrap_or(word).to_owned();
+    argv.windows(2).enumerate().find_map(|(i, pair)| {
+        let (program, sub) = (base(&pair[0]), pair[1].as_str());
+        COMMANDS
+            .iter()
+            .find(|(p, s, _)| *p == program && *s == sub)
+            .map(|(_, _, command)| SwiftArgcheck { command: (*command).to_owned(), argv: argv[i + 2..].to_vec() })
+    })
+}
+
+/// What the node's ms-swift must accept for `spec`, whose rendered argv (one
+/// node's process) is `argv`. A megatron-sft job is checked as `megatron sft`
+/// whatever its `program:` (a wrapper still passes ms-swift's flags), unless the
+/// program itself names another ms-swift command; a command job only when it
+/// runs an ms-swift CLI (the built-in pipeline steps do).
+pub(super) fn for_job(spec: &JobSpec, argv: &[String]) -> Option<SwiftArgcheck> {
+    match &spec.workload {
+        Workload::MegatronSft(m) => {
+            let flags = argv.get(m.program.len()..).unwrap_or_default().to_vec();
+            let named = from_argv(&m.program.iter().cloned().chain(std::iter::once(String::new())).collect::<Vec<_>>());
+            let command = named.map(|c| c.command).unwrap_or_else(|| "megatron-sft".to_owned());
+            Some(SwiftArgcheck { command, argv: flags })
+        }
+        Workload::Command(c) => from_argv(&c.argv),
+        Workload::Pipeline(_) => None,
+    }
+}
+
+/// Whether a megatron-sft job needs transformer_engine: not when it asks for
+/// Megatron's own layers (`transformer_impl: local`, Megatron-LM
+/// megatron/training/arguments.py `--transformer-impl`, choices local and
+/// transformer_engine, default transformer_engine; ms-swift 3.x passes it on
+/// from swift/megatron/argument/megatron_args.py `transformer_impl`).
+pub(super) fn needs_transformer_engine(spec: &JobSpec) -> bool {
+    let Workload::MegatronSft(m) = &spec.workload else { return false };
+    let flag = m.scalar("transformer_impl").map(str::to_owned);
+    // `extra_args: [--transformer_impl, local]` (or `--transformer_impl=local`) says the same.
+    let extra = m.extra_args.iter().enumerate().find_map(|(i, a)| match a.strip_prefix("--transformer_impl") {
+        Some("") => m.extra_args.get(i + 1).cloned(),
+        Some(rest) => rest.strip_prefix('=').map(str::to_owned),
+        None => None,
+    });
+    extra.or(flag).is_none_or(|v| v.trim() != "local")
+}
+
+/// `node node1 (ms-swift 4.6.0) refuses --num_workers: not a flag of ...`,
+/// one line per refused flag of each node's answer.
+pub(super) fn refusals(reports: &[PreflightReport]) -> Vec<String> {
+    reports
+        .iter()
+        .filter_map(|r| r.swift_argcheck.as_ref().map(|c| (r.node_name.as_str(), c)))
+        .flat_map(|(node, check)| refusal_lines(node, check))
+        .collect()
+}
+
+/// The refusal lines of one node's answer (none when it accepted or could not judge).
+pub(super) fn refusal_lines(node: &str, check: &SwiftArgcheckResult) -> Vec<String> {
+    let version =
+        if check.ms_swift.is_empty() { "ms-swift".to_owned() } else { format!("ms-swift {}", check.ms_swift) };
+    check
+        .problems
+        .iter()
+        .map(|p| {
+            let flag = if p.flag.is_empty() { "the command line".to_owned() } else { p.flag.clone() };
+            format!("node {node} ({version}) refuses {flag}: {}", p.message)
+        })
+        .collect()
+}
+
+/// The job's command line as the spec renders it (no node's contract variables needed).
+fn job_argv(spec: &JobSpec) -> Vec<String> {
+    match &spec.workload {
+        Workload::MegatronSft(m) => m.render_args(),
+        Workload::Command(c) => c.argv.clone(),
+        Workload::Pipeline(_) => Vec::new(),
+    }
+}
+
+/// "python 3.12.3, torch 2.11.0, swift 3.12.6, megatron.core 0.15.3" from a start-up report.
+fn environment_of(report: Option<&PreflightReport>) -> String {
+    let Some(report) = report.filter(|r| !r.checks.is_empty()) else {
+        return "unknown (no preflight report from the node yet)".into();
+    };
+    ENVIRONMENT
+        .iter()
+        .map(|name| {
+            let value = report.checks.iter().find(|c| c.name == *name && c.ok).map(|c| c.value.as_str());
+            format!("{name} {}", value.unwrap_or("missing"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Controller {
+    /// `cohort plan --check`: one connected Ready node per distinct environment
+    /// parses the job's ms-swift command line with its own ms-swift. Nothing is
+    /// prepared or launched. Empty when the job runs no ms-swift command.
+    pub async fn check_swift_args(&self, file: &JobFile) -> Vec<EnvironmentCheck> {
+        let Ok(spec) = self.parse(file) else { return Vec::new() };
+        let Some(check) = for_job(&spec, &job_argv(&spec)) else { return Vec::new() };
+        let mut pending = Vec::new();
+        {
+            let mut state = self.state.lock().await;
+            let mut environments: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for node in state.nodes.values().filter(|n| n.state == NodeState::Ready && n.session.is_some()) {
+                environments.entry(environment_of(node.preflight.as_ref())).or_default().push(node.info.name.clone());
+            }
+            for (environment, mut nodes) in environments {
+                nodes.sort();
+                let node = nodes[0].clone();
+                let command = SwiftArgcheckCommand {
+                    check: Some(check.clone()),
+                    python: spec.python.clone().unwrap_or_default(),
+                    user: spec.user.clone().unwrap_or_default(),
+                    env: job_env(&state, &node, &spec),
+                    workdir: spec.workdir.clone().unwrap_or_default(),
+                };
+                let entry = EnvironmentCheck { nodes, environment, node: node.clone(), ..Default::default() };
+                pending.push((entry, ask(&mut state, &node, command)));
+            }
+        }
+        let answers = futures::future::join_all(pending.into_iter().map(|(mut entry, rx)| async move {
+            let Some(rx) = rx else {
+                entry.error = format!("node {} is not connected", entry.node);
+                return entry;
+            };
+            match tokio::time::timeout(CHECK_TIMEOUT, rx).await {
+                Err(_) => entry.error = format!("node {} did not answer within {CHECK_TIMEOUT:?}", entry.node),
+                Ok(Err(_)) => entry.error = format!("node {} went away before answering", entry.node),
+                Ok(Ok(answer)) if !answer.error.is_empty() => {
+                    entry.error = format!("node {}: {}", entry.node, answer.error)
+                }
+                Ok(Ok(answer)) => match answer.result {
+                    Some(QueryAnswer::SwiftArgcheck(result)) => entry.result = Some(result),
+                    _ => entry.error = format!("node {} answered something else", entry.node),
+                },
+            }
+            entry
+        }))
+        .await;
+        let mut state = self.state.lock().await;
+        // Queries that were never answered.
+        state.queries.retain(|_, tx| !tx.is_closed());
+        answers
+    }
+}
+
+/// Sends `command` to `node` as a query; None when the node is not connected.
+fn ask(
+    state: &mut State,
+    node: &str,
+    command: SwiftArgcheckCommand,
+) -> Option<tokio::sync::oneshot::Receiver<cohort_proto::QueryResult>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let command_id = state.next_command_id;
+    state.queries.insert(command_id, tx);
+    if Controller::send_command(state, node, Command::SwiftArgcheck(command)) {
+        Some(rx)
+    } else {
+        state.queries.remove(&command_id);
+        None
+    }
+}
+
+/// The node's defaults (unless the job sets them), then the job's `env`, as a launch renders them.
+fn job_env(state: &State, node: &str, spec: &JobSpec) -> Vec<EnvVar> {
+    let node_env = state.nodes.get(node).map(|n| n.info.node_env.clone()).unwrap_or_default();
+    node_env
+        .into_iter()
+        .filter(|v| !spec.env.contains_key(&v.name))
+        .chain(spec.env.iter().map(|(k, v)| EnvVar { name: k.clone(), value: v.clone() }))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use cohort_proto::SwiftFlagProblem;
+
+    fn words(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn ms_swift_commands_are_found_in_a_command_line() {
+        let check = from_argv(&words("/opt/venv/bin/swift export --model m --to_mcore true")).unwrap();
+        assert_eq!(check.command, "swift-export");
+        assert_eq!(check.argv, words("--model m --to_mcore true"));
+        assert_eq!(from_argv(&words("env A=1 megatron sft --lr 1")).unwrap().command, "megatron-sft");
+        assert!(from_argv(&words("python3 train.py --swift export")).is_none());
+        assert!(from_argv(&words("swift")).is_none());
+    }
+
+    fn spec(text: &str) -> JobSpec {
+        JobSpec::from_yaml(text, "job.yaml").unwrap()
+    }
+
+    #[test]
+    fn transformer_engine_is_needed_unless_the_job_asks_for_local_layers() {
+        let base =
+            "name: a\nkind: megatron-sft\nnodes: 1\ngpus_per_node: 1\nmegatron:\n  swift_version: 3\n  load: m\n";
+        assert!(needs_transformer_engine(&spec(base)));
+        assert!(!needs_transformer_engine(&spec(&format!("{base}  transformer_impl: local\n"))));
+        assert!(needs_transformer_engine(&spec(&format!("{base}  transformer_impl: transformer_engine\n"))));
+        assert!(!needs_transformer_engine(&spec(&format!("{base}  extra_args: [--transformer_impl, local]\n"))));
+        assert!(!needs_transformer_engine(&spec(&format!("{base}  extra_args: [--transformer_impl=local]\n"))));
+    }
+
+    #[test]
+    fn an_environment_is_the_python_torch_swift_and_megatron_versions() {
+        let check = |name: &str, value: &str, ok: bool| cohort_proto::PreflightCheck {
+            name: name.into(),
+            value: value.into(),
+            ok,
+            detail: String::new(),
+        };
+        let report = PreflightReport {
+            checks: vec![
+                check("python", "3.12.1", true),
+                check("torch", "2.11.0", true),
+                check("transformer_engine", "2.1", true),
+                check("swift", "", false),
+                check("megatron.core", "0.15.3", true),
+            ],
+            ..Default::default()
+        };
+        // transformer_engine does not split environments: the parse does not depend on it.
+        assert_eq!(environment_of(Some(&report)), "python 3.12.1, torch 2.11.0, swift missing, megatron.core 0.15.3");
+        assert!(environment_of(None).starts_with("unknown"));
+    }
+
+    #[test]
+    fn a_refusal_names_the_node_the_version_and_the_flag() {
+        let report = PreflightReport {
+            node_name: "node1".into(),
+            swift_argcheck: Some(SwiftArgcheckResult {
+                command: "megatron-sft".into(),
+                ms_swift: "4.6.0".into(),
+                problems: vec![SwiftFlagProblem {
+                    flag: "--num_workers".into(),
+                    message: "not a flag of megatron sft (did you mean --dataloader_num_workers?)".into(),
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            refusals(&[report]),
+            [
+                "node node1 (ms-swift 4.6.0) refuses --num_workers: not a flag of megatron sft (did you mean --dataloader_num_workers?)"
+            ]
+        );
+    }
+}
