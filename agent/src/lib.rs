@@ -5,6 +5,7 @@
 pub mod commands;
 pub mod gpu;
 pub mod inspect;
+pub mod job_files;
 pub mod join;
 pub mod preflight;
 pub mod prepare;

@@ -147,6 +147,10 @@ fn main() -> anyhow::Result<()> {
     if cohort_agent::preflight::run::invoked() {
         std::process::exit(cohort_agent::preflight::run::preflight_as_main());
     }
+    // `cohort-agent files-as ...`: a job's stage sources, datasets and shared paths, as the job's user.
+    if cohort_agent::job_files::invoked() {
+        std::process::exit(cohort_agent::job_files::files_as_main());
+    }
     agent()
 }
 

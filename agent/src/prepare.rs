@@ -13,6 +13,7 @@ use cohort_proto::{
 };
 use tokio::sync::{mpsc, watch};
 
+use crate::job_files::AsJobUser;
 use crate::preflight::{self, Interpreter};
 use crate::rank_user::RankUserPolicy;
 use crate::stage::{StageItem, StageState, Stager};
@@ -69,14 +70,15 @@ impl Preparer {
     pub async fn prepare(&self, cmd: PrepareCommand) {
         let mut result = PrepareResult { job_id: cmd.job_id.clone(), attempt: cmd.attempt, ..PrepareResult::default() };
         let mut report = PreflightReport { node_name: self.node_name.clone(), ..PreflightReport::default() };
-        match self.rank_users.resolve(&cmd.user) {
+        let identity = self.rank_users.resolve(&cmd.user);
+        match &identity {
             Ok(identity) => {
                 let python = if cmd.python.is_empty() { self.python.as_str() } else { cmd.python.as_str() };
                 let env = self.job_env(&cmd.env);
                 let python = Interpreter {
                     python,
                     env: &env,
-                    identity: Some(&identity),
+                    identity: Some(identity),
                     helper: &self.helper,
                     cwd: &cmd.workdir,
                 };
@@ -112,11 +114,15 @@ impl Preparer {
             report.checks.push(preflight::interface(name));
         }
         result.preflight = Some(report);
-        result.shared_paths = self.check_shared(&cmd).await;
-        result.datasets = self.check_datasets(&cmd).await;
-        match self.stage(&cmd).await {
-            Ok(staged) => result.staged = staged,
-            Err(e) => result.error = e,
+        // Everything the job names is touched as the job's user, or not at all.
+        if let Ok(identity) = &identity {
+            let user = AsJobUser { identity, helper: &self.helper };
+            result.shared_paths = self.check_shared(&cmd, user).await;
+            result.datasets = self.check_datasets(&cmd, user).await;
+            match self.stage(&cmd, user).await {
+                Ok(staged) => result.staged = staged,
+                Err(e) => result.error = e,
+            }
         }
         let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::PrepareResult(result)) })).await;
     }
@@ -155,35 +161,47 @@ impl Preparer {
     }
 
     /// Node rank 0 writes `marker` into each path; every other node must read it back.
-    async fn check_shared(&self, cmd: &PrepareCommand) -> Vec<SharedPathCheck> {
+    async fn check_shared(&self, cmd: &PrepareCommand, user: AsJobUser<'_>) -> Vec<SharedPathCheck> {
         let mut checks = Vec::new();
         for path in &cmd.shared_paths {
-            let file = Path::new(path).join(format!(".cohort-shared-check-{}", cmd.marker));
+            let dir = Path::new(path);
+            let file = dir.join(format!(".cohort-shared-check-{}", cmd.marker));
             let check = if cmd.node_rank == 0 {
-                let written = std::fs::create_dir_all(path).and_then(|_| std::fs::write(&file, &cmd.marker));
+                let written = user.write_marker(dir, &file, &cmd.marker).await;
                 if written.is_ok() {
                     // Removed once the readers have had their time.
-                    let file = file.clone();
+                    let (identity, helper) = (user.identity.clone(), user.helper.to_owned());
                     tokio::spawn(async move {
                         tokio::time::sleep(MARKER_WAIT * 2).await;
-                        let _ = std::fs::remove_file(file);
+                        let user = AsJobUser { identity: &identity, helper: &helper };
+                        if let Err(e) = user.remove_marker(&file).await {
+                            tracing::warn!(error = %e, "shared-path marker left behind");
+                        }
                     });
                 }
                 SharedPathCheck {
                     path: path.clone(),
                     writer: true,
                     ok: written.is_ok(),
-                    detail: written.err().map(|e| format!("cannot write {}: {e}", file.display())).unwrap_or_default(),
+                    detail: written.err().map(|e| format!("shared_paths: {e}")).unwrap_or_default(),
                 }
             } else {
-                read_marker(path, &file, &cmd.marker).await
+                let read = user.read_marker(&file, &cmd.marker, MARKER_WAIT).await;
+                SharedPathCheck {
+                    path: path.clone(),
+                    writer: false,
+                    ok: read.is_ok(),
+                    detail: read.err().map(|e| e.to_string()).unwrap_or_default(),
+                }
             };
             checks.push(check);
         }
         checks
     }
 
-    async fn check_datasets(&self, cmd: &PrepareCommand) -> Vec<DatasetSummary> {
+    /// Node rank 0 checks every row of each dataset, as the job's user, in a
+    /// helper with time and memory limits ([`crate::job_files`]).
+    async fn check_datasets(&self, cmd: &PrepareCommand, user: AsJobUser<'_>) -> Vec<DatasetSummary> {
         if cmd.node_rank != 0 {
             return Vec::new();
         }
@@ -194,9 +212,8 @@ impl Preparer {
             } else {
                 Path::new(&cmd.workdir).join(dataset)
             };
-            let checked = tokio::task::spawn_blocking(move || cohort_shared::dataset::check_jsonl(&path)).await;
-            let summary = match checked {
-                Ok(Ok(report)) => DatasetSummary {
+            let summary = match user.check_dataset(&path).await {
+                Ok(report) => DatasetSummary {
                     path: dataset.clone(),
                     format: format!("{:?}", report.format),
                     rows: report.stats.rows as u64,
@@ -204,22 +221,16 @@ impl Preparer {
                     ok: report.is_ok(),
                     report: report.render(),
                 },
-                Ok(Err(e)) => {
+                Err(e) => {
                     DatasetSummary { path: dataset.clone(), ok: false, report: e.to_string(), ..Default::default() }
                 }
-                Err(e) => DatasetSummary {
-                    path: dataset.clone(),
-                    ok: false,
-                    report: format!("dataset check crashed: {e}"),
-                    ..Default::default()
-                },
             };
             out.push(summary);
         }
         out
     }
 
-    async fn stage(&self, cmd: &PrepareCommand) -> Result<Vec<StagedInput>, String> {
+    async fn stage(&self, cmd: &PrepareCommand, user: AsJobUser<'_>) -> Result<Vec<StagedInput>, String> {
         if cmd.stage.is_empty() {
             return Ok(Vec::new());
         }
@@ -261,7 +272,7 @@ impl Preparer {
                 let _ = out.try_send(Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) }));
             }
         });
-        let staged = self.stager.stage(&items, tx).await;
+        let staged = user.stage(self.stager.cache_dir(), self.stager.parallel_files(), items, tx).await;
         let _ = forward.await;
         match staged {
             Ok(staged) => Ok(staged
@@ -330,38 +341,5 @@ fn repoint_tracker(c: &cohort_shared::checkpoint::Checkpoint) {
             "the tracker named an incomplete checkpoint; it now names the newest complete one"
         ),
         Err(e) => tracing::error!(tracker = %tracker.display(), error = %e, "could not repoint the checkpoint tracker"),
-    }
-}
-
-async fn read_marker(path: &str, file: &Path, marker: &str) -> SharedPathCheck {
-    let deadline = tokio::time::Instant::now() + MARKER_WAIT;
-    loop {
-        match tokio::fs::read_to_string(file).await {
-            Ok(text) if text == marker => {
-                return SharedPathCheck { path: path.into(), writer: false, ok: true, detail: String::new() };
-            }
-            Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Ok(other) => {
-                return SharedPathCheck {
-                    path: path.into(),
-                    writer: false,
-                    ok: false,
-                    detail: format!("{} holds {other:?}, not this job's marker", file.display()),
-                };
-            }
-            Err(e) => {
-                return SharedPathCheck {
-                    path: path.into(),
-                    writer: false,
-                    ok: false,
-                    detail: format!(
-                        "the marker node rank 0 wrote is not visible here after {}s ({e}): {path} is local to each node",
-                        MARKER_WAIT.as_secs()
-                    ),
-                };
-            }
-        }
     }
 }

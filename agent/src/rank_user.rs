@@ -197,6 +197,36 @@ pub fn parse_run_as(text: &str) -> Result<(u32, u32, Vec<u32>), String> {
     Ok((uid, gid, groups))
 }
 
+/// Why a helper could not become the job's user.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    #[error("{0}")]
+    BadRunAs(String),
+    #[error("setgroups {groups:?}: {errno}")]
+    SetGroups { groups: Vec<u32>, errno: nix::errno::Errno },
+    #[error("setgid {gid}: {errno}")]
+    SetGid { gid: u32, errno: nix::errno::Errno },
+    #[error("setuid {uid}: {errno}")]
+    SetUid { uid: u32, errno: nix::errno::Errno },
+}
+
+/// Makes this process `run_as` (`uid:gid:g1,g2`, as [`RankIdentity::to_arg`]
+/// writes it): supplementary groups, group, then user, in that order while
+/// still allowed to. A process that already is that uid and gid switches
+/// nothing (an unprivileged agent running a helper as itself). The one
+/// privilege drop of `exec-as`, `preflight-as` and `files-as`.
+pub fn become_user(run_as: &str) -> Result<(), SwitchError> {
+    let (uid, gid, groups) = parse_run_as(run_as).map_err(SwitchError::BadRunAs)?;
+    if Uid::current().as_raw() == uid && Gid::current().as_raw() == gid && !Uid::effective().is_root() {
+        return Ok(());
+    }
+    let gids: Vec<Gid> = groups.iter().copied().map(Gid::from_raw).collect();
+    nix::unistd::setgroups(&gids).map_err(|errno| SwitchError::SetGroups { groups, errno })?;
+    nix::unistd::setgid(Gid::from_raw(gid)).map_err(|errno| SwitchError::SetGid { gid, errno })?;
+    nix::unistd::setuid(Uid::from_raw(uid)).map_err(|errno| SwitchError::SetUid { uid, errno })?;
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -40,12 +40,15 @@ mod tree;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
+use std::fs::Permissions;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::{StatusCode, Url};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -54,7 +57,7 @@ use self::lock::ContentLock;
 use self::progress::Meter;
 
 /// One input to stage.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageItem {
     pub name: String,
     /// An absolute local path (a file or a directory, e.g. on an NFS mount) or
@@ -64,7 +67,7 @@ pub struct StageItem {
     pub sha256: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StageState {
     Checking,
     Copying,
@@ -74,7 +77,7 @@ pub enum StageState {
     Failed(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageProgress {
     pub item: String,
     pub bytes_done: u64,
@@ -85,7 +88,7 @@ pub struct StageProgress {
 }
 
 /// An item in the cache.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StagedItem {
     pub name: String,
     /// Where the job finds it.
@@ -182,6 +185,10 @@ impl Stager {
         &self.cache_dir
     }
 
+    pub fn parallel_files(&self) -> usize {
+        self.parallel_files
+    }
+
     /// Stages all items (several files at a time), reporting to `progress` as it
     /// goes; state changes wait for room in the channel, so drain it. Fails with
     /// the first item that fails; what was copied of the others stays for a
@@ -194,12 +201,11 @@ impl Stager {
         let plans = plan(items)?;
         let layout = Layout(self.cache_dir.clone());
         for dir in [layout.0.join("sha256"), layout.0.join("partial"), layout.0.join("locks")] {
-            tokio::fs::create_dir_all(&dir).await.map_err(|error| StageError::Io {
-                item: "(cache)".into(),
-                action: "create",
-                path: dir.clone(),
-                error,
-            })?;
+            let cache_error =
+                |error| StageError::Io { item: "(cache)".into(), action: "create", path: dir.clone(), error };
+            tokio::fs::create_dir_all(&dir).await.map_err(cache_error)?;
+            // What is staged is its user's (or the agent's) alone; see `job_files::user_cache`.
+            tokio::fs::set_permissions(&dir, Permissions::from_mode(0o700)).await.map_err(cache_error)?;
         }
         let http = if plans.iter().any(|p| matches!(p.source, Source::Url(_))) { Some(http_client()?) } else { None };
         let run = Arc::new(Run {

@@ -173,19 +173,8 @@ pub fn preflight_as_main() -> i32 {
         Ok(input) => input,
         Err(e) => return fail(format!("the environment on stdin is not valid: {e}")),
     };
-    let (uid, gid, groups) = match crate::rank_user::parse_run_as(&run_as.to_string_lossy()) {
-        Ok(ids) => ids,
-        Err(e) => return fail(e),
-    };
-    let groups: Vec<nix::unistd::Gid> = groups.into_iter().map(nix::unistd::Gid::from_raw).collect();
-    if let Err(e) = nix::unistd::setgroups(&groups) {
-        return fail(format!("setgroups: {e}"));
-    }
-    if let Err(e) = nix::unistd::setgid(nix::unistd::Gid::from_raw(gid)) {
-        return fail(format!("setgid {gid}: {e}"));
-    }
-    if let Err(e) = nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)) {
-        return fail(format!("setuid {uid}: {e}"));
+    if let Err(e) = crate::rank_user::become_user(&run_as.to_string_lossy()) {
+        return fail(e.to_string());
     }
     let program = PathBuf::from(&args[2]);
     let error = std::process::Command::new(&program).args(&args[3..]).envs(input.env).stdin(Stdio::null()).exec();

@@ -215,7 +215,7 @@ pub(super) fn copy_local(
     let read_error = |error| StageError::Io { item: item.to_owned(), action: "read", path: from.to_owned(), error };
     let write_error =
         |error| StageError::Io { item: item.to_owned(), action: "write", path: partial_path.to_owned(), error };
-    let mut source = File::open(from).map_err(read_error)?;
+    let mut source = open_source(from).map_err(read_error)?;
     let meta = source.metadata().map_err(read_error)?;
     let (size, mode) = (meta.len(), meta.permissions().mode() & MODE_BITS);
     let mut partial = Partial::open(partial_path, resume, meter).map_err(write_error)?;
@@ -238,12 +238,24 @@ pub(super) fn copy_local(
                 tracing::warn!(item, from = %from.display(), error = %e, retry_in = ?delay, "read failed; retrying");
                 std::thread::sleep(delay);
                 // A stale NFS handle needs a fresh open.
-                source = File::open(from).map_err(read_error)?;
+                source = open_source(from).map_err(read_error)?;
             }
             Err(PumpError::Read(e)) => return Err(read_error(e)),
         }
     }
     Ok((partial, mode))
+}
+
+/// Opens a source file without blocking on a FIFO, and refuses anything but
+/// a regular file by the type of what was opened (not of a name that could
+/// have been swapped since the directory was listed).
+fn open_source(from: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY).open(from)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file (a FIFO or a device?); stage regular files only"));
+    }
+    Ok(file)
 }
 
 /// Appends the source from the partial's length up to `size`, and checks that

@@ -171,19 +171,8 @@ pub fn exec_as_main() -> i32 {
     } else {
         JobEnv::default()
     };
-    let (uid, gid, groups) = match crate::rank_user::parse_run_as(&run_as) {
-        Ok(ids) => ids,
-        Err(e) => return fail(e),
-    };
-    let groups: Vec<nix::unistd::Gid> = groups.into_iter().map(nix::unistd::Gid::from_raw).collect();
-    if let Err(e) = nix::unistd::setgroups(&groups) {
-        return fail(format!("setgroups: {e}"));
-    }
-    if let Err(e) = nix::unistd::setgid(nix::unistd::Gid::from_raw(gid)) {
-        return fail(format!("setgid {gid}: {e}"));
-    }
-    if let Err(e) = nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)) {
-        return fail(format!("setuid {uid}: {e}"));
+    if let Err(e) = crate::rank_user::become_user(&run_as) {
+        return fail(e.to_string());
     }
     let error = Command::new(&argv[0]).args(&argv[1..]).envs(env.vars).stdin(Stdio::null()).exec();
     fail(format!("{}: {error}", PathBuf::from(&argv[0]).display()))

@@ -1,0 +1,352 @@
+//! Files a job names (its `stage:` sources, its datasets, its shared paths)
+//! are touched only as the job's user, never as the agent's root (issue 14:
+//! a submitter could read `/etc/shadow` through a staging, hang the agent on
+//! a FIFO dataset, or create directories anywhere).
+//!
+//! The agent starts itself as `cohort-agent files-as uid:gid:groups`, with one
+//! [`Request`] as JSON on stdin. That helper becomes the job's user first
+//! ([`crate::rank_user::become_user`]), sets its resource limits
+//! ([`Limits`]: address space, CPU time, size of the files it may write), and
+//! only then opens anything; it answers with JSON lines ([`Reply`]) on stdout.
+//! The agent kills it at its wall-clock deadline, so a FIFO, `/dev/zero`, a
+//! hung NFS mount or a huge line costs the agent nothing but a child process.
+//! Only regular files are read: a path that opens as anything else is refused
+//! (the check is on the opened file, not on a name that could change).
+
+mod helper;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use cohort_shared::dataset::DatasetReport;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+use crate::rank_user::RankIdentity;
+use crate::stage::{StageItem, StageProgress, StagedItem};
+
+pub use helper::{invoked, main as files_as_main};
+
+/// The first argument that makes `cohort-agent` touch a job's files as its user.
+pub const FILES_AS: &str = "files-as";
+/// The most stderr kept from a helper, for the error that names its failure.
+const MAX_STDERR: usize = 64 << 10;
+/// The most a single reply line may hold (a dataset report is a few KiB).
+const MAX_REPLY: usize = 16 << 20;
+
+/// One thing the helper does as the job's user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Checks every row of a JSONL dataset.
+    CheckDataset {
+        path: PathBuf,
+    },
+    /// Creates `dir` (and its parents) and writes `marker` to a new file in it.
+    WriteMarker {
+        dir: PathBuf,
+        file: PathBuf,
+        marker: String,
+    },
+    /// Waits up to `wait_ms` for `file` to hold `marker`.
+    ReadMarker {
+        file: PathBuf,
+        marker: String,
+        wait_ms: u64,
+    },
+    RemoveMarker {
+        file: PathBuf,
+    },
+    /// Stages `items` into `cache_dir` (the job user's own cache).
+    Stage {
+        cache_dir: PathBuf,
+        parallel_files: usize,
+        items: Vec<StageItem>,
+    },
+}
+
+/// One line of the helper's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reply {
+    Dataset(DatasetReport),
+    Progress(StageProgress),
+    Staged(Vec<StagedItem>),
+    Done,
+    /// The operation failed; the message names the path and the fix.
+    Failed(String),
+}
+
+/// What a helper may use. Exceeding the address space or the file size kills
+/// it (or fails its allocation); CPU time past the limit, SIGKILL; the wall
+/// clock is the agent's and covers a helper blocked in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// RLIMIT_AS, bytes.
+    pub address_space: u64,
+    /// RLIMIT_CPU, seconds; None: unlimited.
+    pub cpu_secs: Option<u64>,
+    /// RLIMIT_FSIZE, bytes; None: unlimited.
+    pub file_size: Option<u64>,
+    /// Killed after this long; None: only when the agent drops the request.
+    pub wall: Option<Duration>,
+}
+
+impl Request {
+    /// The limits of each operation: a dataset check reads one line at a time
+    /// and writes nothing; markers are a few bytes; a staging copies files of
+    /// any size, as long as the job waits for it, in 1 MiB chunks.
+    pub fn limits(&self) -> Limits {
+        match self {
+            Request::CheckDataset { .. } => Limits {
+                address_space: 2 << 30,
+                cpu_secs: Some(600),
+                file_size: Some(0),
+                wall: Some(Duration::from_secs(600)),
+            },
+            Request::WriteMarker { .. } | Request::RemoveMarker { .. } => Limits {
+                address_space: 512 << 20,
+                cpu_secs: Some(10),
+                file_size: Some(4096),
+                wall: Some(Duration::from_secs(30)),
+            },
+            Request::ReadMarker { wait_ms, .. } => Limits {
+                address_space: 512 << 20,
+                cpu_secs: Some(10),
+                file_size: Some(0),
+                wall: Some(Duration::from_millis(*wait_ms) + Duration::from_secs(30)),
+            },
+            Request::Stage { .. } => Limits { address_space: 16 << 30, cpu_secs: None, file_size: None, wall: None },
+        }
+    }
+
+    /// What the request touches, for errors.
+    fn describe(&self) -> String {
+        match self {
+            Request::CheckDataset { path } => format!("the check of dataset {}", path.display()),
+            Request::WriteMarker { file, .. } => format!("writing the marker {}", file.display()),
+            Request::ReadMarker { file, .. } => format!("reading the marker {}", file.display()),
+            Request::RemoveMarker { file } => format!("removing the marker {}", file.display()),
+            Request::Stage { items, .. } => {
+                let names: Vec<&str> = items.iter().map(|i| i.name.as_str()).collect();
+                format!("the staging of {}", names.join(", "))
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobFilesError {
+    /// The helper ran and refused: the path and the fix are in the message.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{what} did not finish within {limit:?} and was killed (a FIFO, a device or a hung mount?)")]
+    Timeout { what: String, limit: Duration },
+    #[error("{what} was killed: {cause}")]
+    Killed { what: String, cause: String },
+    #[error("{what}: the helper failed ({status}): {stderr}")]
+    Helper { what: String, status: String, stderr: String },
+    #[error("cannot start the helper for {what}: {error}")]
+    Spawn { what: String, error: std::io::Error },
+    #[error("cannot prepare the staging cache {}: {error}; check --cache-dir", path.display())]
+    Cache { path: PathBuf, error: std::io::Error },
+}
+
+/// Runs [`Request`]s as one job's user, through `helper` (`/proc/self/exe`
+/// in the daemon).
+#[derive(Clone, Copy)]
+pub struct AsJobUser<'a> {
+    pub identity: &'a RankIdentity,
+    pub helper: &'a Path,
+}
+
+impl AsJobUser<'_> {
+    /// Checks a JSONL dataset; a file that cannot be read is an error.
+    pub async fn check_dataset(&self, path: &Path) -> Result<DatasetReport, JobFilesError> {
+        match self.run(Request::CheckDataset { path: path.to_owned() }, None).await? {
+            Reply::Dataset(report) => Ok(report),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn write_marker(&self, dir: &Path, file: &Path, marker: &str) -> Result<(), JobFilesError> {
+        let request = Request::WriteMarker { dir: dir.to_owned(), file: file.to_owned(), marker: marker.to_owned() };
+        self.run(request, None).await.map(|_| ())
+    }
+
+    pub async fn read_marker(&self, file: &Path, marker: &str, wait: Duration) -> Result<(), JobFilesError> {
+        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let request = Request::ReadMarker { file: file.to_owned(), marker: marker.to_owned(), wait_ms };
+        self.run(request, None).await.map(|_| ())
+    }
+
+    pub async fn remove_marker(&self, file: &Path) -> Result<(), JobFilesError> {
+        self.run(Request::RemoveMarker { file: file.to_owned() }, None).await.map(|_| ())
+    }
+
+    /// Stages `items` into this user's cache under `cache_root` (see
+    /// [`user_cache`]), reporting progress as it goes.
+    pub async fn stage(
+        &self,
+        cache_root: &Path,
+        parallel_files: usize,
+        items: Vec<StageItem>,
+        progress: mpsc::Sender<StageProgress>,
+    ) -> Result<Vec<StagedItem>, JobFilesError> {
+        let cache_dir = user_cache(cache_root, self.identity)?;
+        let request = Request::Stage { cache_dir, parallel_files, items };
+        match self.run(request, Some(progress)).await? {
+            Reply::Staged(staged) => Ok(staged),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Runs one request; progress lines go to `progress`, the last line is the answer.
+    async fn run(
+        &self,
+        request: Request,
+        progress: Option<mpsc::Sender<StageProgress>>,
+    ) -> Result<Reply, JobFilesError> {
+        let what = request.describe();
+        let limits = request.limits();
+        let mut command = tokio::process::Command::new(self.helper);
+        command
+            .arg0("cohort-agent")
+            .arg(FILES_AS)
+            .arg(self.identity.to_arg())
+            // Nothing of the agent's environment reaches a process of the job's user.
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|error| JobFilesError::Spawn { what: what.clone(), error })?;
+        let talk = async {
+            if let Some(mut stdin) = child.stdin.take() {
+                let input = serde_json::to_vec(&request).unwrap_or_default();
+                // A helper that died before reading shows in its exit status and stderr.
+                let _ = stdin.write_all(&input).await;
+            }
+            let stdout = child.stdout.take();
+            let stderr = child.stderr.take();
+            let replies = read_replies(stdout, progress);
+            let (last, stderr, status) = tokio::join!(replies, read_stderr(stderr), child.wait());
+            (last, stderr, status)
+        };
+        let (last, stderr, status) = match limits.wall {
+            Some(limit) => match tokio::time::timeout(limit, talk).await {
+                Ok(done) => done,
+                // Dropping `talk` and `child` kills the helper (kill_on_drop).
+                Err(_) => return Err(JobFilesError::Timeout { what, limit }),
+            },
+            None => talk.await,
+        };
+        match last {
+            Some(Reply::Failed(message)) => Err(JobFilesError::Refused(message)),
+            Some(reply) if status.as_ref().is_ok_and(ExitStatus::success) => Ok(reply),
+            _ => Err(explain_exit(what, &limits, status, stderr)),
+        }
+    }
+}
+
+/// The last reply on `stdout`, after forwarding every progress line.
+async fn read_replies(
+    stdout: Option<tokio::process::ChildStdout>,
+    progress: Option<mpsc::Sender<StageProgress>>,
+) -> Option<Reply> {
+    let stdout = stdout?;
+    let mut lines = BufReader::new(stdout.take(u64::MAX));
+    let mut last = None;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut lines).take(MAX_REPLY as u64);
+        match limited.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return last,
+            Ok(_) => {}
+        }
+        match serde_json::from_slice::<Reply>(&line) {
+            Ok(Reply::Progress(p)) => {
+                if let Some(tx) = &progress {
+                    let _ = tx.send(p).await;
+                }
+            }
+            Ok(reply) => last = Some(reply),
+            Err(_) => {}
+        }
+    }
+}
+
+async fn read_stderr(stderr: Option<tokio::process::ChildStderr>) -> String {
+    let Some(stderr) = stderr else { return String::new() };
+    let mut kept = Vec::new();
+    let _ = stderr.take(MAX_STDERR as u64).read_to_end(&mut kept).await;
+    String::from_utf8_lossy(&kept).trim().to_owned()
+}
+
+fn explain_exit(what: String, limits: &Limits, status: std::io::Result<ExitStatus>, stderr: String) -> JobFilesError {
+    let status = match status {
+        Ok(status) => status,
+        Err(e) => return JobFilesError::Helper { what, status: "not waited for".into(), stderr: e.to_string() },
+    };
+    let gib = |bytes: u64| format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30));
+    let cause = match status.signal() {
+        Some(nix::libc::SIGXCPU) | Some(nix::libc::SIGKILL) if limits.cpu_secs.is_some() => {
+            Some(format!("it used up its {} s of CPU time (or was killed)", limits.cpu_secs.unwrap_or_default()))
+        }
+        Some(nix::libc::SIGABRT) | Some(nix::libc::SIGSEGV) | Some(nix::libc::SIGBUS) => Some(format!(
+            "it ran out of its {} memory limit (a line or file too large to check?)",
+            gib(limits.address_space)
+        )),
+        Some(nix::libc::SIGXFSZ) => Some("it wrote more than its file size limit".to_owned()),
+        Some(signal) => Some(format!("signal {signal}")),
+        None => None,
+    };
+    match cause {
+        Some(cause) => JobFilesError::Killed { what, cause },
+        None => JobFilesError::Helper { what, status: status.to_string(), stderr },
+    }
+}
+
+fn unexpected(reply: Reply) -> JobFilesError {
+    JobFilesError::Helper {
+        what: "a job file operation".into(),
+        status: "bad answer".into(),
+        stderr: format!("{reply:?}"),
+    }
+}
+
+/// The staging cache of `identity`: `cache_root` itself for the agent's own
+/// user, else `cache_root/users/<uid>`, owned by that user and mode 0700, so
+/// that nothing staged from a source only that user could read is readable
+/// by any other (and one user's cached digests never answer another's).
+pub fn user_cache(cache_root: &Path, identity: &RankIdentity) -> Result<PathBuf, JobFilesError> {
+    if !identity.needs_switch() {
+        return Ok(cache_root.to_owned());
+    }
+    let users = cache_root.join("users");
+    let error = |path: &Path| {
+        let path = path.to_owned();
+        move |error| JobFilesError::Cache { path, error }
+    };
+    std::fs::create_dir_all(&users).map_err(error(&users))?;
+    let dir = users.join(identity.uid.to_string());
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(error(&dir)(e)),
+    }
+    // `users/` is the agent's: only it could have put something else here.
+    let meta = std::fs::symlink_metadata(&dir).map_err(error(&dir))?;
+    if !meta.is_dir() {
+        return Err(error(&dir)(std::io::Error::other("not a directory; remove it")));
+    }
+    std::os::unix::fs::lchown(&dir, Some(identity.uid), Some(identity.gid)).map_err(error(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(error(&dir))?;
+    Ok(dir)
+}
