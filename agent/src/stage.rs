@@ -397,6 +397,12 @@ impl Run {
                 if meta.is_dir() {
                     self.stage_tree(plan, path, meter, lock).await
                 } else if meta.is_file() {
+                    // A stat needs no read permission: nothing of the file is reported until it opens.
+                    let from = path.clone();
+                    tokio::task::spawn_blocking(move || fetch::open_source(&from))
+                        .await
+                        .map_err(task_error)?
+                        .map_err(io_error(&plan.name, "read", path))?;
                     meter.set_totals(Some(meta.len()), 1);
                     self.stage_file(plan, Some(path), None, meter, lock).await
                 } else {

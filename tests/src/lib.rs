@@ -593,6 +593,38 @@ impl Drop for Cluster {
     }
 }
 
+/// Whether the test runs as root (needed to create users and switch to them).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// The uid of the system user `name` (no home, no login shell), created when
+/// absent. Test binaries run in parallel and two `useradd` at once fail on
+/// the passwd lock, so a failed one is tried again.
+pub fn system_user(name: &str) -> u32 {
+    let lookup = || {
+        let out = Command::new("id").args(["-u", name]).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().ok()).flatten()
+    };
+    for _ in 0..20 {
+        if let Some(uid) = lookup() {
+            return uid;
+        }
+        let out = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+            .output()
+            .expect("useradd (package passwd) is needed to create the test's users");
+        if out.status.success() {
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lookup().unwrap_or_else(|| panic!("cannot create user {name} with useradd"))
+}
+
 pub fn is_terminal(job: &Job) -> bool {
     matches!(JobState::try_from(job.state), Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled))
 }

@@ -249,7 +249,7 @@ pub(super) fn copy_local(
 /// Opens a source file without blocking on a FIFO, and refuses anything but
 /// a regular file by the type of what was opened (not of a name that could
 /// have been swapped since the directory was listed).
-fn open_source(from: &Path) -> io::Result<File> {
+pub(super) fn open_source(from: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY).open(from)?;
     if !file.metadata()?.is_file() {
