@@ -73,7 +73,7 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Reply {
-    Dataset(DatasetReport),
+    Dataset(Box<DatasetReport>),
     Progress(StageProgress),
     Staged(Vec<StagedItem>),
     Done,
@@ -168,7 +168,7 @@ impl AsJobUser<'_> {
     /// Checks a JSONL dataset; a file that cannot be read is an error.
     pub async fn check_dataset(&self, path: &Path) -> Result<DatasetReport, JobFilesError> {
         match self.run(Request::CheckDataset { path: path.to_owned() }, None).await? {
-            Reply::Dataset(report) => Ok(report),
+            Reply::Dataset(report) => Ok(*report),
             other => Err(unexpected(other)),
         }
     }
@@ -260,7 +260,7 @@ async fn read_replies(
     progress: Option<mpsc::Sender<StageProgress>>,
 ) -> Option<Reply> {
     let stdout = stdout?;
-    let mut lines = BufReader::new(stdout.take(u64::MAX));
+    let mut lines = BufReader::new(stdout);
     let mut last = None;
     let mut line = Vec::new();
     loop {

@@ -13,32 +13,9 @@ use cohort_tests::{Cluster, NodeSpec, state};
 
 const RANK_USER: &str = "cohort-test-rank";
 
-/// The uid of `RANK_USER`, created (a system user, no home) when absent; once
-/// per test binary (two useradd at once fail on the passwd lock).
+/// The uid of `RANK_USER`, created (a system user, no home) when absent.
 fn rank_user_uid() -> u32 {
-    static UID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *UID.get_or_init(create_rank_user)
-}
-
-fn create_rank_user() -> u32 {
-    let lookup = || {
-        let out = std::process::Command::new("id").args(["-u", RANK_USER]).output().unwrap();
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().unwrap())
-    };
-    if let Some(uid) = lookup() {
-        return uid;
-    }
-    let out = std::process::Command::new("useradd")
-        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", RANK_USER])
-        .output()
-        .expect("useradd (package passwd) is needed to create the test's rank user");
-    // A parallel test process may have created it in the meantime (exit 9: exists).
-    assert!(
-        out.status.success() || out.status.code() == Some(9),
-        "useradd {RANK_USER}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    lookup().expect("the rank user exists after useradd")
+    cohort_tests::system_user(RANK_USER)
 }
 
 /// The `Uid:` line of /proc/<pid>/status: real, effective, saved, filesystem.
@@ -160,10 +137,7 @@ async fn preflight_runs_the_jobs_python_as_the_rank_user_with_the_jobs_env() {
 }
 
 fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
-        .unwrap_or(false)
+    cohort_tests::is_root()
 }
 
 /// A library that appends "<uid> <euid> <exe>" to $PRELOAD_OUT in every process that loads it.

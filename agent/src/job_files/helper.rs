@@ -52,7 +52,7 @@ pub fn main() -> i32 {
         return fail(format!("setting resource limits: {e}"));
     }
     let reply = match request {
-        Request::CheckDataset { path } => check_dataset(&path).map(Reply::Dataset),
+        Request::CheckDataset { path } => check_dataset(&path).map(|r| Reply::Dataset(Box::new(r))),
         Request::WriteMarker { dir, file, marker } => write_marker(&dir, &file, &marker).map(|()| Reply::Done),
         Request::ReadMarker { file, marker, wait_ms } => {
             read_marker(&file, &marker, Duration::from_millis(wait_ms)).map(|()| Reply::Done)
@@ -205,4 +205,37 @@ fn stage(
         let _ = forward.await;
         staged.map(Reply::Staged).map_err(|e| e.to_string())
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_regular_files_open_and_a_fifo_is_never_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("data.jsonl");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = open_regular(&fifo).unwrap_err();
+        assert!(err.contains("data.jsonl is a FIFO, not a regular file"), "{err}");
+        let err = open_regular(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.contains("/dev/zero is a character device"), "{err}");
+        let file = dir.path().join("ok.jsonl");
+        std::fs::write(&file, "{}\n").unwrap();
+        assert!(open_regular(&file).is_ok());
+    }
+
+    #[test]
+    fn a_marker_is_never_written_through_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let marker = dir.path().join("shared/.cohort-shared-check-x");
+        std::fs::create_dir_all(dir.path().join("shared")).unwrap();
+        std::os::unix::fs::symlink(&victim, &marker).unwrap();
+        let err = write_marker(&dir.path().join("shared"), &marker, "x").unwrap_err();
+        assert!(err.contains("cannot write"), "{err}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    }
 }
