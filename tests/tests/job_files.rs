@@ -179,6 +179,7 @@ async fn a_hostile_dataset_fails_the_job_fast_and_the_agent_stays() {
         let refused = said(&job);
         assert!(refused.contains(&format!("dataset {}", path.display())) && refused.contains(why), "{refused}");
         assert!(started.elapsed() < Duration::from_secs(20), "{}: {:?}", path.display(), started.elapsed());
+        eprintln!("{}: failed in {:?}: {}", path.display(), started.elapsed(), job.reason);
     }
 
     let node0 = vec!["node0".to_string()];
@@ -191,11 +192,12 @@ async fn a_hostile_dataset_fails_the_job_fast_and_the_agent_stays() {
     let _stuck = cluster.submit(&megatron_job(&fifo)).await.unwrap();
     let agent = cluster.agent_pids()[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let (sent, deadline) = (Instant::now(), Instant::now() + Duration::from_secs(15));
     while is_running(agent) {
         assert!(Instant::now() < deadline, "the agent did not stop within 15 s of SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    eprintln!("the agent stopped {:?} after SIGTERM", sent.elapsed());
 }
 
 /// Finding 14: a shared path is created, and its marker written, as the
