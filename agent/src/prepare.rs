@@ -183,7 +183,7 @@ impl Preparer {
                     path: path.clone(),
                     writer: true,
                     ok: written.is_ok(),
-                    detail: written.err().map(|e| format!("shared_paths: {e}")).unwrap_or_default(),
+                    detail: written.err().map(|e| e.to_string()).unwrap_or_default(),
                 }
             } else {
                 let read = user.read_marker(&file, &cmd.marker, MARKER_WAIT).await;

@@ -215,8 +215,14 @@ async fn shared_paths_are_created_as_the_jobs_user() {
     assert!(!exists, "{evil} was created");
     assert_eq!(state(&job), JobState::Failed, "{}", job.reason);
     let refused = said(&job);
-    assert!(refused.contains(&format!("shared path {evil}/deep")) && refused.contains("shared_paths"), "{refused}");
-    assert!(refused.contains("Permission denied"), "{refused}");
+    assert!(
+        refused.contains(&format!("shared path {evil}/deep")) && refused.contains("as the job's user"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("Permission denied") && refused.contains("name a directory that user may write"),
+        "{refused}"
+    );
 
     let mine = cluster.dir.path().join("shared");
     std::fs::create_dir_all(&mine).unwrap();

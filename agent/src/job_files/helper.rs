@@ -143,11 +143,9 @@ fn check_dataset(path: &Path) -> Result<cohort_shared::dataset::DatasetReport, S
 }
 
 fn write_marker(dir: &Path, file: &Path, marker: &str) -> Result<(), String> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .map_err(|e| format!("cannot create {} as the job's user: {e}", dir.display()))?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).map_err(|e| {
+        format!("cannot create {} as the job's user: {e}; name a directory that user may write", dir.display())
+    })?;
     // A new file, never through a link someone left at that name.
     let mut out = OpenOptions::new()
         .write(true)
@@ -155,7 +153,9 @@ fn write_marker(dir: &Path, file: &Path, marker: &str) -> Result<(), String> {
         .custom_flags(nix::libc::O_NOFOLLOW)
         .mode(0o644)
         .open(file)
-        .map_err(|e| format!("cannot write {} as the job's user: {e}", file.display()))?;
+        .map_err(|e| {
+            format!("cannot write {} as the job's user: {e}; name a directory that user may write", file.display())
+        })?;
     out.write_all(marker.as_bytes()).map_err(|e| format!("cannot write {}: {e}", file.display()))
 }
 
