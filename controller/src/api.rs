@@ -259,11 +259,15 @@ impl AgentService for Local {
 #[tonic::async_trait]
 impl JobService for Local {
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
-        let submitter = crate::security::auth::caller(&request).submitter();
-        let mut file =
-            request.into_inner().file.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.file is required"))?;
-        file.submitted_by = submitter;
-        let (mut job, warnings) = self.controller.submit(file).await?;
+        let caller = crate::security::auth::caller(&request);
+        let request = request.into_inner();
+        let mut file = request.file.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.file is required"))?;
+        file.submitted_by = caller.submitter();
+        let options = crate::controller::admission::SubmitOptions {
+            request_id: request.request_id,
+            max_priority: caller.priority_capped().then_some(self.controller.config.admission.max_submit_priority),
+        };
+        let (mut job, warnings) = self.controller.submit(file, options).await?;
         redact_job(&mut job);
         Ok(Response::new(SubmitJobResponse { job: Some(job), warnings }))
     }

@@ -501,7 +501,7 @@ impl Cluster {
             base_dir: repo_root().display().to_string(),
             ..JobFile::default()
         };
-        let r = self.client().await?.submit_job(SubmitJobRequest { file: Some(file) }).await?;
+        let r = self.client().await?.submit_job(SubmitJobRequest { file: Some(file), ..Default::default() }).await?;
         r.into_inner().job.context("no job in response")
     }
 

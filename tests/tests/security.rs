@@ -212,7 +212,11 @@ async fn tokens_carry_roles_view_reads_submit_owns_admin_rules() {
     let mut alice = tls.client(&url, Some(&tls.token(Role::Submit, "alice"))).await.unwrap();
     let mut bob = tls.client(&url, Some(&tls.token(Role::Submit, "bob"))).await.unwrap();
 
-    let job = alice.submit_job(SubmitJobRequest { file: Some(sleeper("alices")) }).await.unwrap().into_inner();
+    let job = alice
+        .submit_job(SubmitJobRequest { file: Some(sleeper("alices")), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let job = job.job.unwrap();
     assert_eq!(job.file.as_ref().unwrap().submitted_by, "alice");
     cluster.wait_job(&job.id, Duration::from_secs(20), |j| state(j) == JobState::Running).await.unwrap();
@@ -220,7 +224,8 @@ async fn tokens_carry_roles_view_reads_submit_owns_admin_rules() {
     // view: reads, cannot submit or cancel; nothing changes.
     assert_eq!(view.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs.len(), 1);
     assert_eq!(view.get_job(GetJobRequest { job: job.id.clone() }).await.unwrap().into_inner().id, job.id);
-    let refused = view.submit_job(SubmitJobRequest { file: Some(sleeper("viewers")) }).await.unwrap_err();
+    let refused =
+        view.submit_job(SubmitJobRequest { file: Some(sleeper("viewers")), ..Default::default() }).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
     assert!(refused.message().contains("vera (view token)"), "{}", refused.message());
     let refused = view.cancel_job(CancelJobRequest { job: job.id.clone() }).await.unwrap_err();

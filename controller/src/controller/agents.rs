@@ -523,7 +523,7 @@ mod tests {
         let (controller, store, mut sessions) = controller_with(dir.path(), 3).await;
         let yaml = "name: t\nkind: command\nnodes: 3\ngpus_per_node: 1\ncommand: [sleep, '100']\n";
         let file = JobFile { yaml: yaml.into(), source_name: "t.yaml".into(), ..JobFile::default() };
-        let (job, _) = controller.submit(file).await.unwrap();
+        let (job, _) = controller.submit(file, Default::default()).await.unwrap();
         controller.reconcile().await.unwrap();
         for session in &mut sessions {
             let launched = std::iter::from_fn(|| session.try_recv().ok())

@@ -238,7 +238,7 @@ impl Controller {
 
     /// Places pending jobs in priority order, then submission order. A job
     /// that does not fit blocks the ones behind it (no backfill), so big jobs
-    /// are not starved by small ones.
+    /// are not starved by small ones; one that could never fit does not.
     pub(super) async fn schedule(&self, state: &mut State) -> Result<(), ControllerError> {
         let mut pending: Vec<(i32, u64, String)> = state
             .jobs
@@ -275,6 +275,11 @@ impl Controller {
                     {
                         entry.job.reason = reason;
                         self.publish(state, &id, "pending");
+                    }
+                    // A job no idle cluster could hold (admitted before nodes
+                    // left) must not hold up the queue behind it.
+                    if e.never_fits {
+                        continue;
                     }
                     break;
                 }

@@ -51,6 +51,11 @@ impl Caller {
         }
     }
 
+    /// Whether the controller's --max-submit-priority applies (submit tokens; admins set any priority).
+    pub fn priority_capped(&self) -> bool {
+        matches!(self, Caller::User { role: Role::Submit | Role::View | Role::Join, .. })
+    }
+
     /// The name recorded as a job's submitter.
     pub fn submitter(&self) -> String {
         match self {
