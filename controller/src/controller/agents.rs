@@ -555,4 +555,26 @@ mod tests {
         }
         assert!(events.try_recv().is_err(), "one event for the three exits");
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_controller_that_was_away_gives_nodes_a_ttl_but_a_dead_node_is_still_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _store, _sessions) = controller_with(dir.path(), 1).await;
+        let ttl = controller.config.node_ttl;
+        controller.reconcile().await.unwrap();
+        // Paused for twice the TTL: the node's silence is the controller's own.
+        tokio::time::advance(ttl * 2).await;
+        controller.reconcile().await.unwrap();
+        assert_eq!(controller.nodes().await[0].state, NodeState::Ready as i32);
+        // The node never speaks again: lost one TTL after the resume, sweeping on time.
+        let step = Duration::from_millis(250);
+        let mut waited = Duration::ZERO;
+        while controller.nodes().await[0].state != NodeState::Lost as i32 {
+            tokio::time::advance(step).await;
+            waited += step;
+            controller.reconcile().await.unwrap();
+            assert!(waited <= ttl + step, "not lost {waited:?} after the resume");
+        }
+        assert!(waited > ttl, "lost after {waited:?}, before a whole TTL");
+    }
 }

@@ -94,6 +94,9 @@ struct State {
     pending_conversions: HashMap<String, cohort_proto::ConversionCacheEntry>,
     /// Jobs by (submitter, SubmitJobRequest.request_id): a repeated submit returns the first job.
     submitted: HashMap<(String, String), String>,
+    /// When the liveness sweep last ran (monotonic): a sweep much later than
+    /// its tick means this controller was paused or starved, not the nodes.
+    last_sweep: Option<Instant>,
 }
 
 struct JobEntry {
