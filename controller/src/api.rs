@@ -93,7 +93,11 @@ impl AgentService for Api {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let node = request.get_ref().node.as_ref().map(|n| n.name.as_str()).unwrap_or_default();
         crate::security::auth::caller(&request).check_node(node)?;
+        let fingerprint = request.extensions().get::<crate::security::auth::PeerFingerprint>().cloned();
         let controller = self.leading.for_agents().await?;
+        if let Some(fingerprint) = fingerprint {
+            controller.check_node_certificate(node, &fingerprint.0).await?;
+        }
         let mut response = Local { controller, leading: self.leading.clone() }.register(request).await?;
         response.get_mut().controller_id = self.leading.id.clone();
         Ok(response)

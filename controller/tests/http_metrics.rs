@@ -126,8 +126,12 @@ async fn fake_agent(grpc: &str) {
         agent_version: "test".into(),
         ..Default::default()
     };
-    let session_id =
-        client.register(RegisterRequest { node: Some(node), running: vec![] }).await.unwrap().into_inner().session_id;
+    let session_id = client
+        .register(RegisterRequest { node: Some(node), running: vec![], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
     let (tx, rx) = mpsc::unbounded_channel();
     let send = move |msg: Msg| tx.send(AgentMessage { msg: Some(msg) }).is_ok();
     send(Msg::Hello(Hello { node_name: "gpu-node-1".into(), session_id }));

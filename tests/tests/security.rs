@@ -60,7 +60,10 @@ async fn only_agents_with_a_valid_certificate_of_their_own_node_get_in() {
 
     // 1. No certificate: TLS works (the CLI has none either), registering does not.
     let mut agent = AgentServiceClient::new(channel(&cluster, &ca_only).await.unwrap());
-    let refused = agent.register(RegisterRequest { node: Some(node("intruder")), running: vec![] }).await.unwrap_err();
+    let refused = agent
+        .register(RegisterRequest { node: Some(node("intruder")), running: vec![], ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     assert!(refused.message().contains("node certificate"), "{}", refused.message());
 
@@ -70,7 +73,7 @@ async fn only_agents_with_a_valid_certificate_of_their_own_node_get_in() {
     let outcome = match channel(&cluster, &foreign).await {
         Err(e) => Err(format!("{e:?}")),
         Ok(ch) => AgentServiceClient::new(ch)
-            .register(RegisterRequest { node: Some(node("intruder-2")), running: vec![] })
+            .register(RegisterRequest { node: Some(node("intruder-2")), running: vec![], ..Default::default() })
             .await
             .map(|_| ())
             .map_err(|s| format!("{s:?}")),
@@ -120,7 +123,10 @@ async fn only_agents_with_a_valid_certificate_of_their_own_node_get_in() {
     let node_x = ClientTls { ca_pem: tls.ca_pem.clone(), identity: Some((cert, key)) };
     let mut agent = AgentServiceClient::new(channel(&cluster, &node_x).await.unwrap());
     for victim in ["node0", "victim"] {
-        let refused = agent.register(RegisterRequest { node: Some(node(victim)), running: vec![] }).await.unwrap_err();
+        let refused = agent
+            .register(RegisterRequest { node: Some(node(victim)), running: vec![], ..Default::default() })
+            .await
+            .unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
         assert!(refused.message().contains("node-x"), "{}", refused.message());
     }

@@ -78,6 +78,16 @@ impl std::fmt::Display for Caller {
     }
 }
 
+/// The SHA-256 of the client certificate a node called with (a request
+/// extension next to its `Caller::Node`): the name is bound to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerFingerprint(pub String);
+
+fn peer_fingerprint<B>(request: &http::Request<B>) -> Option<PeerFingerprint> {
+    let certs = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.peer_certs())?;
+    certs.first().map(|cert| PeerFingerprint(cohort_shared::tls::pki::fingerprint(cert)))
+}
+
 /// What a method asks of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Need {
@@ -100,7 +110,7 @@ fn need(path: &str) -> Option<Need> {
     Some(match (service, method) {
         ("cohort.v1.AgentService", _) => Need::Node,
         ("cohort.v1.SecurityService", "Join") => Need::Nothing,
-        ("cohort.v1.SecurityService", "CreateToken") => Need::Admin,
+        ("cohort.v1.SecurityService", "CreateToken" | "RevokeToken") => Need::Admin,
         ("cohort.v1.JobService", "GetLeader") => Need::Authenticated,
         ("cohort.v1.JobService", "SubmitJob" | "CancelJob" | "ResumeJob") => Need::Submit,
         (
@@ -219,6 +229,11 @@ where
         };
         match caller {
             Ok(caller) => {
+                if let Caller::Node(_) = caller
+                    && let Some(fingerprint) = peer_fingerprint(&request)
+                {
+                    request.extensions_mut().insert(fingerprint);
+                }
                 request.extensions_mut().insert(caller);
                 Box::pin(self.inner.call(request))
             }
