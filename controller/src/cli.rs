@@ -831,16 +831,6 @@ fn duration(job: &Job) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn terminal_escapes_and_control_characters_do_not_reach_the_terminal() {
-        assert_eq!(super::terminal_safe("\x1b[31mred\x1b[0m\0nul\x07\tend"), "rednul\tend");
-        assert_eq!(super::terminal_safe("\x1b]0;title\x07plain"), "plain");
-        assert_eq!(super::terminal_safe("iteration 5/20 | loss 1.0"), "iteration 5/20 | loss 1.0");
-    }
-}
-
 /// Submits with a fresh request id, retrying transport failures with the same
 /// id: a submit whose answer was lost is not made twice (the controller
 /// returns the first job for a repeated id).
@@ -881,5 +871,15 @@ fn is_transport_failure(status: &tonic::Status) -> bool {
             m.contains("transport") || m.contains("h2 protocol error") || m.contains("connection")
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn terminal_escapes_and_control_characters_do_not_reach_the_terminal() {
+        assert_eq!(super::terminal_safe("\x1b[31mred\x1b[0m\0nul\x07\tend"), "rednul\tend");
+        assert_eq!(super::terminal_safe("\x1b]0;title\x07plain"), "plain");
+        assert_eq!(super::terminal_safe("iteration 5/20 | loss 1.0"), "iteration 5/20 | loss 1.0");
     }
 }
