@@ -877,6 +877,19 @@ fn is_transport_failure(status: &tonic::Status) -> bool {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn only_transport_failures_are_retried_under_the_same_request_id() {
+        use tonic::{Code, Status};
+        assert!(super::is_transport_failure(&Status::unavailable("tcp connect error")));
+        assert!(super::is_transport_failure(&Status::unknown("transport error")));
+        assert!(super::is_transport_failure(&Status::internal("h2 protocol error: connection reset")));
+        // Answers of the controller are final.
+        for code in [Code::InvalidArgument, Code::PermissionDenied, Code::ResourceExhausted, Code::Aborted] {
+            assert!(!super::is_transport_failure(&Status::new(code, "connection")), "{code:?}");
+        }
+        assert!(!super::is_transport_failure(&Status::internal("store write failed")));
+    }
+
+    #[test]
     fn terminal_escapes_and_control_characters_do_not_reach_the_terminal() {
         assert_eq!(super::terminal_safe("\x1b[31mred\x1b[0m\0nul\x07\tend"), "rednul\tend");
         assert_eq!(super::terminal_safe("\x1b]0;title\x07plain"), "plain");

@@ -94,3 +94,84 @@ async fn a_repeated_request_id_returns_the_first_job_instead_of_a_second() {
     let jobs = cluster.client().await.unwrap().list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
     assert_eq!(jobs.len(), 2, "{:?}", jobs.iter().map(|j| &j.id).collect::<Vec<_>>());
 }
+
+/// Forwards TCP to `target`, except that the first connection whose client
+/// bytes contain `marker` delivers the request and loses the answer: from
+/// then on nothing comes back on it, and it is closed (a controller that
+/// took the submit, then a network that dropped the reply).
+async fn answer_losing_proxy(target: std::net::SocketAddr, marker: &'static [u8]) -> std::net::SocketAddr {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let lost_one = Arc::new(AtomicBool::new(false));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(target).await else { continue };
+            let lost_one = lost_one.clone();
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let seen = Arc::new(AtomicBool::new(false));
+                let saw = seen.clone();
+                let up = tokio::spawn(async move {
+                    let (mut buf, mut window) = (vec![0u8; 16384], Vec::new());
+                    while let Ok(n) = client_read.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        window.extend_from_slice(&buf[..n]);
+                        // Flagged before the request reaches the controller: its answer comes after.
+                        if window.windows(marker.len()).any(|w| w == marker) && !lost_one.swap(true, Ordering::SeqCst) {
+                            saw.store(true, Ordering::SeqCst);
+                        }
+                        window.drain(..window.len().saturating_sub(marker.len()));
+                        if server_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 16384];
+                while let Ok(n) = server_read.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if seen.load(Ordering::SeqCst) {
+                        // The answer is lost; give the controller a moment, then hang up.
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        break;
+                    }
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                up.abort();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_retries_a_submit_whose_answer_was_lost_and_one_job_is_queued() {
+    let cluster = Cluster::start_with(vec![NodeSpec::loopback(0, 1)], &["--insecure"]).await.unwrap();
+    let target = cluster.url.trim_start_matches("http://").parse().unwrap();
+    let proxy = answer_losing_proxy(target, b"lost-answer-job").await;
+    let path = cluster.dir.path().join("job.yaml");
+    std::fs::write(&path, "name: lost-answer-job\nkind: command\nnodes: 1\ncommand: [sleep, '300']\n").unwrap();
+
+    let out = std::process::Command::new(cohort_tests::bin("cohort"))
+        .args(["--controller", &format!("http://{proxy}"), "--insecure", "submit"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("retrying") && stderr.contains("same request id"), "{stderr}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    let jobs = cluster.client().await.unwrap().list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, [id.as_str()], "the retried submit made a second job");
+}
