@@ -56,7 +56,8 @@ step "Starting a controller on $url and two agents (logs in $dir)"
 # Mutual TLS, as on a real cluster: a cluster CA and an admin token (init), a
 # join token with which each agent gets its node certificate.
 "$bin/cohort-controller" init --tls-dir "$tls" >"$dir/init.log"
-join_token="$("$bin/cohort-controller" token --tls-dir "$tls" --role join --ttl 10m)"
+# One join token for both agents: reusable (join tokens are single-use by default).
+join_token="$("$bin/cohort-controller" token --tls-dir "$tls" --role join --reusable --ttl 10m 2>/dev/null)"
 export COHORT_CA_CERT="$tls/ca.crt" COHORT_TOKEN_FILE="$tls/admin.token"
 "$bin/cohort-controller" --listen "127.0.0.1:$port" --data-dir "$dir/controller" >"$dir/controller.log" 2>&1 &
 pids+=($!)

@@ -160,6 +160,9 @@ pub async fn run(
             .build()
     };
     let mut delays = backoff();
+    // The session this process holds: presented when it registers again, so
+    // the controller tells this agent reconnecting from a second one.
+    let mut held_session = String::new();
     let mut next = 0usize;
     let mut redirect: Option<String> = None;
     loop {
@@ -167,7 +170,7 @@ pub async fn run(
             redirect.take().unwrap_or_else(|| config.controller_urls[next % config.controller_urls.len()].clone());
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
-            r = session(&config, &url, &supervisor, &preparer, &liveness, &mut outbound) => r,
+            r = session(&config, &url, &supervisor, &preparer, &liveness, &mut outbound, &mut held_session) => r,
             _ = shutdown.changed() => return,
         };
         match result {
@@ -184,6 +187,13 @@ pub async fn run(
                         tracing::warn!(controller = %url, error = %status.message(), "controller is not leading; trying the next")
                     }
                 }
+            }
+            Err(SessionError::Rpc(status)) if status.code() == tonic::Code::AlreadyExists => {
+                tracing::error!(
+                    controller = %url,
+                    error = %status.message(),
+                    "refused: another agent holds this node name; retrying in case it goes away"
+                )
             }
             Err(e) => {
                 tracing::warn!(controller = %url, error = %e, "session to the controller failed; ranks keep running, reconnecting")
@@ -233,12 +243,18 @@ async fn session(
     preparer: &Preparer,
     liveness: &Liveness,
     outbound: &mut mpsc::Receiver<Outbound>,
+    held_session: &mut String,
 ) -> Result<(), SessionError> {
     let channel = answered("the connection handshake", connect(url, config.tls.as_ref())).await?;
     let mut client = AgentServiceClient::new(channel).max_decoding_message_size(16 << 20);
     let running = supervisor.report(true).await;
-    let register = client.register(RegisterRequest { node: Some(config.node.clone()), running });
+    let register = client.register(RegisterRequest {
+        node: Some(config.node.clone()),
+        running,
+        previous_session_id: held_session.clone(),
+    });
     let registered = answered("Register", register).await?.into_inner();
+    held_session.clone_from(&registered.session_id);
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
     let (tx, rx) = mpsc::channel::<AgentMessage>(1024);
     let hello = Hello { node_name: config.node.name.clone(), session_id: registered.session_id };

@@ -93,7 +93,11 @@ impl AgentService for Api {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let node = request.get_ref().node.as_ref().map(|n| n.name.as_str()).unwrap_or_default();
         crate::security::auth::caller(&request).check_node(node)?;
+        let fingerprint = request.extensions().get::<crate::security::auth::PeerFingerprint>().cloned();
         let controller = self.leading.for_agents().await?;
+        if let Some(fingerprint) = fingerprint {
+            controller.check_node_certificate(node, &fingerprint.0).await?;
+        }
         let mut response = Local { controller, leading: self.leading.clone() }.register(request).await?;
         response.get_mut().controller_id = self.leading.id.clone();
         Ok(response)
@@ -259,11 +263,15 @@ impl AgentService for Local {
 #[tonic::async_trait]
 impl JobService for Local {
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
-        let submitter = crate::security::auth::caller(&request).submitter();
-        let mut file =
-            request.into_inner().file.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.file is required"))?;
-        file.submitted_by = submitter;
-        let (mut job, warnings) = self.controller.submit(file).await?;
+        let caller = crate::security::auth::caller(&request);
+        let request = request.into_inner();
+        let mut file = request.file.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.file is required"))?;
+        file.submitted_by = caller.submitter();
+        let options = crate::controller::admission::SubmitOptions {
+            request_id: request.request_id,
+            max_priority: caller.priority_capped().then_some(self.controller.config.admission.max_submit_priority),
+        };
+        let (mut job, warnings) = self.controller.submit(file, options).await?;
         redact_job(&mut job);
         Ok(Response::new(SubmitJobResponse { job: Some(job), warnings }))
     }

@@ -268,7 +268,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Verb::Plan { format, check, .. } => plan(&mut client, file.unwrap_or_default(), check, format.output).await,
         Verb::Submit { wait, follow, format, .. } => {
             let out = format.output;
-            let response = client.submit_job(SubmitJobRequest { file }).await.map_err(status_error)?.into_inner();
+            let response = submit_retrying(&client, file).await.map_err(status_error)?.into_inner();
             let job = response.job.unwrap_or_default();
             for warning in &response.warnings {
                 eprintln!("warning: {warning}");
@@ -831,8 +831,64 @@ fn duration(job: &Job) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
+/// Submits with a fresh request id, retrying transport failures with the same
+/// id: a submit whose answer was lost is not made twice (the controller
+/// returns the first job for a repeated id).
+async fn submit_retrying(
+    client: &JobServiceClient<Channel>,
+    file: Option<cohort_proto::JobFile>,
+) -> Result<tonic::Response<cohort_proto::SubmitJobResponse>, tonic::Status> {
+    use backon::{ExponentialBuilder, Retryable};
+    let request_id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+    let attempt = || {
+        let mut client = client.clone();
+        let request = SubmitJobRequest { file: file.clone(), request_id: request_id.clone() };
+        async move { client.submit_job(request).await }
+    };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(300))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(5)
+                .with_jitter(),
+        )
+        .when(is_transport_failure)
+        .notify(|status: &tonic::Status, delay: Duration| {
+            eprintln!("submit: {}; retrying in {delay:.1?} with the same request id", status.message());
+        })
+        .await
+}
+
+/// A failure of the connection rather than an answer of the controller.
+fn is_transport_failure(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable => true,
+        // A connection reset mid-call reaches tonic as Unknown or Internal with an h2 error.
+        Code::Unknown | Code::Internal => {
+            let m = status.message();
+            m.contains("transport") || m.contains("h2 protocol error") || m.contains("connection")
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_transport_failures_are_retried_under_the_same_request_id() {
+        use tonic::{Code, Status};
+        assert!(super::is_transport_failure(&Status::unavailable("tcp connect error")));
+        assert!(super::is_transport_failure(&Status::unknown("transport error")));
+        assert!(super::is_transport_failure(&Status::internal("h2 protocol error: connection reset")));
+        // Answers of the controller are final.
+        for code in [Code::InvalidArgument, Code::PermissionDenied, Code::ResourceExhausted, Code::Aborted] {
+            assert!(!super::is_transport_failure(&Status::new(code, "connection")), "{code:?}");
+        }
+        assert!(!super::is_transport_failure(&Status::internal("store write failed")));
+    }
+
     #[test]
     fn terminal_escapes_and_control_characters_do_not_reach_the_terminal() {
         assert_eq!(super::terminal_safe("\x1b[31mred\x1b[0m\0nul\x07\tend"), "rednul\tend");

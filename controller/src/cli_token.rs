@@ -1,11 +1,12 @@
 //! `cohort token create`: a join token for a new node, or an API token with a
-//! role for a person or a script. Needs an admin token.
+//! role for a person or a script; `cohort token revoke`: a join token. Needs
+//! an admin token.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cohort_proto::CreateTokenRequest;
 use cohort_proto::security_service_client::SecurityServiceClient;
+use cohort_proto::{CreateTokenRequest, RevokeTokenRequest};
 use cohort_shared::tls::{Bearer, Role};
 
 use crate::security::client::ClientArgs;
@@ -23,21 +24,44 @@ pub enum TokenVerb {
         /// How long it is valid (default: join 15m, others 30 days).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
-        /// A join token valid for this node name only.
+        /// A join token valid for this node name only (also: re-issues the
+        /// certificate of a node that joined before, e.g. reinstalled).
         #[arg(long)]
         node: Option<String>,
+        /// A join token that may join several nodes until it expires or is
+        /// revoked (default: single-use).
+        #[arg(long)]
+        reusable: bool,
+    },
+    /// Revoke a join token by its id (printed by `create`): no node joins with it any more.
+    Revoke {
+        /// The token's id.
+        id: String,
     },
 }
 
 pub async fn run(connection: &ClientArgs, urls: &str, verb: &TokenVerb) -> anyhow::Result<ExitCode> {
-    let TokenVerb::Create { role, user, ttl, node } = verb;
     let channel = connection.channel(urls).await?;
     let mut client = SecurityServiceClient::with_interceptor(channel, Bearer::new(connection.token()?.as_deref())?);
+    let (role, user, ttl, node, reusable) = match verb {
+        TokenVerb::Create { role, user, ttl, node, reusable } => (role, user, ttl, node, *reusable),
+        TokenVerb::Revoke { id } => {
+            let revoked = client
+                .revoke_token(RevokeTokenRequest { id: id.clone() })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            let before = if revoked.previous.is_empty() { "unused".to_string() } else { revoked.previous };
+            say!("join token {} revoked (it was {before})", revoked.id);
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let request = CreateTokenRequest {
         role: role.name().into(),
         user: user.clone().unwrap_or_default(),
         ttl_seconds: ttl.map(|t| t.as_secs().max(1)).unwrap_or(0),
         node: node.clone().unwrap_or_default(),
+        reusable,
     };
     let created = client.create_token(request).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
     let expires = std::time::UNIX_EPOCH + Duration::from_millis(created.expires_unix_ms.max(0) as u64);

@@ -15,6 +15,15 @@ pub enum ControllerError {
     InvalidRequest(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A job this cluster could never run (more nodes or GPUs than it has).
+    #[error("{0}")]
+    Unsatisfiable(String),
+    /// Beyond what the caller's role may ask (a submit token's priority cap).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A node name another live agent holds.
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -22,7 +31,11 @@ pub enum ControllerError {
 impl From<ControllerError> for Status {
     fn from(err: ControllerError) -> Status {
         let code = match &err {
-            ControllerError::InvalidSpec(_) | ControllerError::InvalidRequest(_) => Code::InvalidArgument,
+            ControllerError::InvalidSpec(_)
+            | ControllerError::InvalidRequest(_)
+            | ControllerError::Unsatisfiable(_) => Code::InvalidArgument,
+            ControllerError::PermissionDenied(_) => Code::PermissionDenied,
+            ControllerError::AlreadyExists(_) => Code::AlreadyExists,
             ControllerError::JobNotFound(_) => Code::NotFound,
             ControllerError::FailedPrecondition(_) => Code::FailedPrecondition,
             ControllerError::Store(StoreError::Conflict { .. }) => Code::Aborted,

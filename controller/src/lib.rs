@@ -112,6 +112,7 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
     let limits = config.controller.limits;
     let leading = leading::Leading::new(id, url, leader, config.security.as_ref().map(|s| s.client.clone()));
     let shared_store = matches!(config.store, StoreConfig::Etcd { .. });
+    let security_api = security::SecurityApi { state: config.security.clone(), store: store.clone() };
     let leadership = tokio::spawn(leading.clone().run(
         store,
         config.data_dir.clone(),
@@ -152,7 +153,6 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
         );
     }
     let auth = security::AuthLayer { key: config.security.as_ref().map(|s| s.token_key.clone()) };
-    let security_api = security::SecurityApi { state: config.security.clone() };
     let server = builder
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .layer(auth)

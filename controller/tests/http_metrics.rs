@@ -126,8 +126,12 @@ async fn fake_agent(grpc: &str) {
         agent_version: "test".into(),
         ..Default::default()
     };
-    let session_id =
-        client.register(RegisterRequest { node: Some(node), running: vec![] }).await.unwrap().into_inner().session_id;
+    let session_id = client
+        .register(RegisterRequest { node: Some(node), running: vec![], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
     let (tx, rx) = mpsc::unbounded_channel();
     let send = move |msg: Msg| tx.send(AgentMessage { msg: Some(msg) }).is_ok();
     send(Msg::Hello(Hello { node_name: "gpu-node-1".into(), session_id }));
@@ -228,7 +232,13 @@ async fn metrics_show_nodes_gpus_and_the_job_with_its_training_progress() {
     let yaml = "name: sft\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: [python3, train.py]\n";
     let file =
         JobFile { yaml: yaml.into(), source_name: "sft.yaml".into(), base_dir: "/tmp".into(), ..JobFile::default() };
-    let job = jobs.submit_job(SubmitJobRequest { file: Some(file) }).await.unwrap().into_inner().job.unwrap();
+    let job = jobs
+        .submit_job(SubmitJobRequest { file: Some(file), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let job = loop {
         let now = jobs.get_job(GetJobRequest { job: job.id.clone() }).await.unwrap().into_inner();

@@ -54,7 +54,10 @@ impl ClusterTls {
         }
         let read = |name: &str| std::fs::read_to_string(dir.join(name)).with_context(|| format!("reading {name}"));
         let token_key = TokenKey::from_text(&read(files::TOKEN_KEY)?)?;
-        let join_token = token_key.mint(&Claims::new(Role::Join, "tests", Duration::from_secs(3600)));
+        // Every agent of the cluster joins with it: reusable (join tokens are single-use by default).
+        let mut join = Claims::new(Role::Join, "tests", Duration::from_secs(3600));
+        join.reusable = true;
+        let join_token = token_key.mint(&join);
         Ok(ClusterTls {
             ca_pem: read(files::CA_CERT)?,
             admin_token: read(files::ADMIN_TOKEN)?.trim().to_string(),
@@ -176,6 +179,9 @@ pub struct NodeSpec {
     /// Environment of the agent over the harness's own (e.g.
     /// `COHORT_ALLOW_ROOT_RANKS=false` for a node that refuses root ranks).
     pub env: Vec<(String, String)>,
+    /// The agent's work directory and log name under the cluster's directory
+    /// (default: the node name; a second agent with the same name needs its own).
+    pub work_dir_name: Option<String>,
 }
 
 impl NodeSpec {
@@ -190,6 +196,7 @@ impl NodeSpec {
             wrapper: Vec::new(),
             partitionable: false,
             env: Vec::new(),
+            work_dir_name: None,
         }
     }
 }
@@ -361,7 +368,8 @@ impl Cluster {
 
     fn spawn_agent(&self, i: usize) -> anyhow::Result<Child> {
         let node = &self.nodes[i];
-        let log = File::options().create(true).append(true).open(self.dir.path().join(format!("{}.log", node.name)))?;
+        let dir_name = node.work_dir_name.as_deref().unwrap_or(&node.name);
+        let log = File::options().create(true).append(true).open(self.dir.path().join(format!("{dir_name}.log")))?;
         let controllers = match self.partitions.get(i).filter(|p| !p.is_empty()) {
             Some(proxies) => {
                 let scheme = if self.tls.is_some() { "https" } else { "http" };
@@ -380,7 +388,7 @@ impl Cluster {
         command
             .args(["--controller", &controllers, "--node-name", &node.name, "--advertise-addr", &node.address])
             .arg("--work-dir")
-            .arg(self.dir.path().join(&node.name))
+            .arg(self.dir.path().join(dir_name))
             .args(["--fake-gpus", &node.fake_gpus.to_string(), "--labels", &node.labels, "--max-backoff", "1s"])
             .args(self.security_args_for_agent())
             .args(&node.extra_args)
@@ -395,6 +403,31 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .context("starting cohort-agent")
+    }
+
+    /// Starts a second agent claiming node `i`'s name from another address and
+    /// work directory (an impostor, or a copy-pasted config); returns its
+    /// index among the agents and its log file.
+    pub fn start_twin_agent(&mut self, i: usize, address: &str) -> anyhow::Result<(usize, PathBuf)> {
+        let first = &self.nodes[i];
+        let dir_name = format!("{}-twin", first.name);
+        let twin = NodeSpec {
+            name: first.name.clone(),
+            address: address.to_string(),
+            fake_gpus: first.fake_gpus,
+            labels: first.labels.clone(),
+            extra_args: first.extra_args.clone(),
+            wrapper: first.wrapper.clone(),
+            partitionable: false,
+            env: first.env.clone(),
+            work_dir_name: Some(dir_name.clone()),
+        };
+        self.nodes.push(twin);
+        self.partitions.push(Vec::new());
+        let index = self.nodes.len() - 1;
+        let child = self.spawn_agent(index)?;
+        self.agents.push(Some(child));
+        Ok((index, self.dir.path().join(format!("{dir_name}.log"))))
     }
 
     /// SIGKILLs the controller (a crash) and waits for it to be gone.
@@ -501,7 +534,7 @@ impl Cluster {
             base_dir: repo_root().display().to_string(),
             ..JobFile::default()
         };
-        let r = self.client().await?.submit_job(SubmitJobRequest { file: Some(file) }).await?;
+        let r = self.client().await?.submit_job(SubmitJobRequest { file: Some(file), ..Default::default() }).await?;
         r.into_inner().job.context("no job in response")
     }
 

@@ -193,8 +193,9 @@ async fn a_job_changed_in_etcd_behind_the_leaders_back_is_taken_from_the_store()
     let etcd = EtcdCluster::start(1);
     let cluster = Cluster::start_ha(vec![NodeSpec::loopback(0, 1)], 1, &["--store", &etcd.url()]).await.unwrap();
     cluster.wait_nodes_ready(&["node0".into()], Duration::from_secs(30)).await.unwrap();
-    // Too big to place: it stays Pending, and nothing rewrites its priority.
-    let job = cluster.submit("name: big\nkind: command\nnodes: 3\ncommand: ['true']\n").await.unwrap();
+    // No node takes work: it stays Pending, and nothing rewrites its priority.
+    assert!(cluster.cli(&["cordon", "node0"]).status.success());
+    let job = cluster.submit("name: big\nkind: command\nnodes: 1\ncommand: ['true']\n").await.unwrap();
 
     let endpoints: Vec<String> = etcd.url().trim_start_matches("etcd://").split(',').map(String::from).collect();
     let store = EtcdStore::connect(&endpoints, "/cohort/").await.unwrap();

@@ -11,7 +11,10 @@ use cohort_tests::{Cluster, NodeSpec};
 const JOB: &str = "name: small\nkind: command\nnodes: 1\ncommand: ['true']\n";
 
 fn submit_request(yaml: String) -> SubmitJobRequest {
-    SubmitJobRequest { file: Some(JobFile { yaml, source_name: "big.yaml".into(), ..JobFile::default() }) }
+    SubmitJobRequest {
+        file: Some(JobFile { yaml, source_name: "big.yaml".into(), ..JobFile::default() }),
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

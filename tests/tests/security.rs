@@ -60,7 +60,10 @@ async fn only_agents_with_a_valid_certificate_of_their_own_node_get_in() {
 
     // 1. No certificate: TLS works (the CLI has none either), registering does not.
     let mut agent = AgentServiceClient::new(channel(&cluster, &ca_only).await.unwrap());
-    let refused = agent.register(RegisterRequest { node: Some(node("intruder")), running: vec![] }).await.unwrap_err();
+    let refused = agent
+        .register(RegisterRequest { node: Some(node("intruder")), running: vec![], ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     assert!(refused.message().contains("node certificate"), "{}", refused.message());
 
@@ -70,7 +73,7 @@ async fn only_agents_with_a_valid_certificate_of_their_own_node_get_in() {
     let outcome = match channel(&cluster, &foreign).await {
         Err(e) => Err(format!("{e:?}")),
         Ok(ch) => AgentServiceClient::new(ch)
-            .register(RegisterRequest { node: Some(node("intruder-2")), running: vec![] })
+            .register(RegisterRequest { node: Some(node("intruder-2")), running: vec![], ..Default::default() })
             .await
             .map(|_| ())
             .map_err(|s| format!("{s:?}")),
@@ -120,7 +123,10 @@ async fn only_agents_with_a_valid_certificate_of_their_own_node_get_in() {
     let node_x = ClientTls { ca_pem: tls.ca_pem.clone(), identity: Some((cert, key)) };
     let mut agent = AgentServiceClient::new(channel(&cluster, &node_x).await.unwrap());
     for victim in ["node0", "victim"] {
-        let refused = agent.register(RegisterRequest { node: Some(node(victim)), running: vec![] }).await.unwrap_err();
+        let refused = agent
+            .register(RegisterRequest { node: Some(node(victim)), running: vec![], ..Default::default() })
+            .await
+            .unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
         assert!(refused.message().contains("node-x"), "{}", refused.message());
     }
@@ -212,7 +218,11 @@ async fn tokens_carry_roles_view_reads_submit_owns_admin_rules() {
     let mut alice = tls.client(&url, Some(&tls.token(Role::Submit, "alice"))).await.unwrap();
     let mut bob = tls.client(&url, Some(&tls.token(Role::Submit, "bob"))).await.unwrap();
 
-    let job = alice.submit_job(SubmitJobRequest { file: Some(sleeper("alices")) }).await.unwrap().into_inner();
+    let job = alice
+        .submit_job(SubmitJobRequest { file: Some(sleeper("alices")), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let job = job.job.unwrap();
     assert_eq!(job.file.as_ref().unwrap().submitted_by, "alice");
     cluster.wait_job(&job.id, Duration::from_secs(20), |j| state(j) == JobState::Running).await.unwrap();
@@ -220,7 +230,8 @@ async fn tokens_carry_roles_view_reads_submit_owns_admin_rules() {
     // view: reads, cannot submit or cancel; nothing changes.
     assert_eq!(view.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs.len(), 1);
     assert_eq!(view.get_job(GetJobRequest { job: job.id.clone() }).await.unwrap().into_inner().id, job.id);
-    let refused = view.submit_job(SubmitJobRequest { file: Some(sleeper("viewers")) }).await.unwrap_err();
+    let refused =
+        view.submit_job(SubmitJobRequest { file: Some(sleeper("viewers")), ..Default::default() }).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
     assert!(refused.message().contains("vera (view token)"), "{}", refused.message());
     let refused = view.cancel_job(CancelJobRequest { job: job.id.clone() }).await.unwrap_err();

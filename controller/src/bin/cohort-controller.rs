@@ -76,6 +76,14 @@ struct Args {
     /// Calls a client may make in a burst above --api-rate-limit.
     #[arg(long, env = "COHORT_API_RATE_BURST", default_value_t = 200)]
     api_rate_burst: u32,
+    /// The highest `priority` a submit-role token may give a job (admin tokens: any);
+    /// a job above it is refused at submit.
+    #[arg(long, env = "COHORT_MAX_SUBMIT_PRIORITY", default_value_t = 100, allow_negative_numbers = true)]
+    max_submit_priority: i32,
+    /// The most nodes one job may ask for (0: only the registered nodes bound it);
+    /// a job asking for more is refused at submit.
+    #[arg(long, env = "COHORT_MAX_JOB_NODES", default_value_t = 0)]
+    max_job_nodes: u32,
     #[command(subcommand)]
     setup: Option<cohort_controller::security::init::Setup>,
 }
@@ -153,6 +161,10 @@ async fn main() -> anyhow::Result<()> {
                 max_agent_message_bytes: args.max_agent_message_size,
                 rate_per_second: args.api_rate_limit,
                 rate_burst: args.api_rate_burst,
+            },
+            admission: cohort_controller::controller::admission::AdmissionLimits {
+                max_submit_priority: args.max_submit_priority,
+                max_job_nodes: args.max_job_nodes,
             },
             ..ControllerConfig::default()
         },

@@ -33,6 +33,9 @@ impl Controller {
         let mut state = self.state.lock().await;
         let name = info.name.clone();
         let now = Instant::now();
+        if let Some(node) = state.nodes.get(&name) {
+            self.check_not_held(node, &req.previous_session_id, now)?;
+        }
         let changed = match state.nodes.get_mut(&name) {
             Some(node) => {
                 let changed = node.info != info;
@@ -79,6 +82,60 @@ impl Controller {
             session_id,
             heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32,
         })
+    }
+
+    /// A node name is bound to the certificate it first joined with (recorded
+    /// at Join, or at its first Register for a certificate issued before):
+    /// another certificate for the same name, however validly signed, is refused.
+    pub async fn check_node_certificate(&self, node: &str, fingerprint: &str) -> Result<(), ControllerError> {
+        let key = crate::security::node_cert_key(node);
+        let bound = match self.store.get(&key).await? {
+            Some(found) => String::from_utf8_lossy(&found.value).into_owned(),
+            None => match self.store.put(&key, fingerprint.as_bytes().to_vec(), Expect::Absent).await {
+                Ok(_) => {
+                    tracing::info!(node, "node name bound to the certificate it registered with");
+                    return Ok(());
+                }
+                Err(crate::store::StoreError::Conflict { .. }) => self
+                    .store
+                    .get(&key)
+                    .await?
+                    .map(|v| String::from_utf8_lossy(&v.value).into_owned())
+                    .unwrap_or_default(),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if bound == fingerprint {
+            return Ok(());
+        }
+        tracing::warn!(node, "refused a certificate other than the one the node name is bound to");
+        Err(ControllerError::PermissionDenied(format!(
+            "node {node} is bound to the certificate it first joined with (sha256 {}...); this connection presents \
+             another (sha256 {}...). If the node was reinstalled, re-issue its certificate with a join token bound \
+             to it: `cohort token create --role join --node {node}`",
+            bound.get(..16).unwrap_or(&bound),
+            fingerprint.get(..16).unwrap_or(fingerprint)
+        )))
+    }
+
+    /// A node name is one agent's: while its session is live (the stream open
+    /// and heartbeats on time), only the agent holding it may register again.
+    /// A second agent with the name is refused rather than taking the session
+    /// (and the node's jobs) from the first.
+    fn check_not_held(&self, node: &NodeEntry, previous_session: &str, now: Instant) -> Result<(), ControllerError> {
+        let Some((current, tx)) = &node.session else { return Ok(()) };
+        let silent = now.duration_since(node.last_seen);
+        let live = !tx.is_closed() && silent <= self.config.heartbeat_interval * 3;
+        if !live || previous_session == current {
+            return Ok(());
+        }
+        tracing::warn!(node = %node.info.name, "refused a second agent for a node whose session is live");
+        Err(ControllerError::AlreadyExists(format!(
+            "node {} is already connected: another agent holds its session (last heartbeat {} ms ago); a second \
+             agent with the same node name is refused. Stop the other agent, or give this one its own --node-name",
+            node.info.name,
+            silent.as_millis()
+        )))
     }
 
     /// Reconciles what a (re)registering agent runs with what the jobs expect:
@@ -503,7 +560,7 @@ mod tests {
                 gpus: vec![cohort_proto::GpuInfo { index: 0, ..Default::default() }],
                 ..NodeInfo::default()
             };
-            let request = cohort_proto::RegisterRequest { node: Some(node), running: Vec::new() };
+            let request = cohort_proto::RegisterRequest { node: Some(node), running: Vec::new(), ..Default::default() };
             let registered = controller.register(request).await.unwrap();
             let (tx, rx) = mpsc::unbounded_channel();
             controller.attach(&format!("n{i}"), &registered.session_id, tx).await.unwrap();
@@ -523,7 +580,7 @@ mod tests {
         let (controller, store, mut sessions) = controller_with(dir.path(), 3).await;
         let yaml = "name: t\nkind: command\nnodes: 3\ngpus_per_node: 1\ncommand: [sleep, '100']\n";
         let file = JobFile { yaml: yaml.into(), source_name: "t.yaml".into(), ..JobFile::default() };
-        let (job, _) = controller.submit(file).await.unwrap();
+        let (job, _) = controller.submit(file, Default::default()).await.unwrap();
         controller.reconcile().await.unwrap();
         for session in &mut sessions {
             let launched = std::iter::from_fn(|| session.try_recv().ok())
@@ -554,5 +611,27 @@ mod tests {
             assert!(last.message.contains(&format!("on node {node} exited")), "{}", last.message);
         }
         assert!(events.try_recv().is_err(), "one event for the three exits");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_controller_that_was_away_gives_nodes_a_ttl_but_a_dead_node_is_still_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _store, _sessions) = controller_with(dir.path(), 1).await;
+        let ttl = controller.config.node_ttl;
+        controller.reconcile().await.unwrap();
+        // Paused for twice the TTL: the node's silence is the controller's own.
+        tokio::time::advance(ttl * 2).await;
+        controller.reconcile().await.unwrap();
+        assert_eq!(controller.nodes().await[0].state, NodeState::Ready as i32);
+        // The node never speaks again: lost one TTL after the resume, sweeping on time.
+        let step = Duration::from_millis(250);
+        let mut waited = Duration::ZERO;
+        while controller.nodes().await[0].state != NodeState::Lost as i32 {
+            tokio::time::advance(step).await;
+            waited += step;
+            controller.reconcile().await.unwrap();
+            assert!(waited <= ttl + step, "not lost {waited:?} after the resume");
+        }
+        assert!(waited > ttl, "lost after {waited:?}, before a whole TTL");
     }
 }

@@ -40,6 +40,8 @@ pub struct ControllerConfig {
     pub stop_resend: Duration,
     /// Sizes and rates clients may not exceed.
     pub limits: crate::limits::ApiLimits,
+    /// What submit admits (`--max-submit-priority`, `--max-job-nodes`).
+    pub admission: admission::AdmissionLimits,
 }
 
 impl Default for ControllerConfig {
@@ -50,6 +52,7 @@ impl Default for ControllerConfig {
             master_ports: 29500..=29999,
             stop_resend: Duration::from_secs(2),
             limits: crate::limits::ApiLimits::default(),
+            admission: admission::AdmissionLimits::default(),
         }
     }
 }
@@ -89,6 +92,11 @@ struct State {
     pipeline_tasks: HashSet<(String, String)>,
     /// Conversions running now, recorded in the cache when their run succeeds.
     pending_conversions: HashMap<String, cohort_proto::ConversionCacheEntry>,
+    /// Jobs by (submitter, SubmitJobRequest.request_id): a repeated submit returns the first job.
+    submitted: HashMap<(String, String), String>,
+    /// When the liveness sweep last ran (monotonic): a sweep much later than
+    /// its tick means this controller was paused or starved, not the nodes.
+    last_sweep: Option<Instant>,
 }
 
 struct JobEntry {
@@ -205,6 +213,7 @@ pub fn describe_exit(exit_code: Option<i32>, signal: Option<i32>) -> String {
     }
 }
 
+pub mod admission;
 mod agents;
 mod pipeline;
 mod prepare;
@@ -233,6 +242,10 @@ impl Controller {
                 }
             };
             state.next_seq = state.next_seq.max(record.seq + 1);
+            if !job.request_id.is_empty() {
+                let submitter = job.file.as_ref().map(|f| f.submitted_by.clone()).unwrap_or_default();
+                state.submitted.insert((submitter, job.request_id.clone()), job.id.clone());
+            }
             let mut job = job;
             if job.state == JobState::Preparing as i32 {
                 // Preparation results died with the old controller: place the job again.
@@ -307,10 +320,29 @@ impl Controller {
         Ok(spec)
     }
 
-    pub async fn submit(&self, file: JobFile) -> Result<(Job, Vec<String>), ControllerError> {
+    /// Admits a job file: parsed, within the caller's priority cap and the
+    /// cluster's size, and not a repeat of an earlier submit (`request_id`).
+    pub async fn submit(
+        &self,
+        file: JobFile,
+        options: admission::SubmitOptions,
+    ) -> Result<(Job, Vec<String>), ControllerError> {
         let spec = self.parse(&file)?;
         let warnings: Vec<String> = spec.warnings().iter().map(|w| format!("{}: {}", w.field, w.message)).collect();
+        admission::check_request_id(&options.request_id)?;
         let mut state = self.state.lock().await;
+        let repeat_key = (file.submitted_by.clone(), options.request_id.clone());
+        if !options.request_id.is_empty()
+            && let Some(id) = state.submitted.get(&repeat_key)
+        {
+            let first =
+                state.jobs.get(id).map(|e| e.job.clone()).ok_or_else(|| ControllerError::JobNotFound(id.clone()))?;
+            admission::check_same_file(&options.request_id, &first, &file)?;
+            tracing::info!(job = %first.id, request_id = %options.request_id, "repeated submit: returning the first job");
+            return Ok((first, warnings));
+        }
+        admission::check_priority(&spec, options.max_priority)?;
+        admission::check_fits(&spec, &state, &self.config.admission)?;
         let seq = state.next_seq;
         state.next_seq += 1;
         let id = format!("{}-{}", spec.name, seq);
@@ -326,6 +358,7 @@ impl Controller {
             submitted_unix_ms: now_unix_ms(),
             file: Some(file),
             secret_env: spec.secret_env.iter().cloned().collect(),
+            request_id: options.request_id.clone(),
             ..Job::default()
         };
         if let Workload::Pipeline(pipeline) = &spec.workload {
@@ -337,6 +370,9 @@ impl Controller {
         }
         state.jobs.insert(id.clone(), JobEntry::new(job, spec, seq, None));
         self.persist_job(&mut state, &id).await?;
+        if !options.request_id.is_empty() {
+            state.submitted.insert(repeat_key, id.clone());
+        }
         self.publish(&state, &id, "submitted");
         tracing::info!(job = %id, "job submitted");
         drop(state);

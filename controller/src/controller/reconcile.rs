@@ -121,6 +121,7 @@ impl Controller {
         let ttl = self.config.node_ttl;
         let mut lost = Vec::new();
         let suspect_after = self.config.heartbeat_interval * 3;
+        self.grace_after_stall(state, now);
         for node in state.nodes.values_mut() {
             let silent = now.duration_since(node.last_seen);
             if node.state == NodeState::Ready && silent > suspect_after && silent <= ttl {
@@ -174,6 +175,29 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// A sweep that comes more than [`stall_limit`] after the last one means
+    /// this controller did not run (SIGSTOP, a VM pause, CPU starvation):
+    /// the nodes' silence meanwhile is its own, so every node not yet lost
+    /// gets one TTL from now before anything is declared lost.
+    fn grace_after_stall(&self, state: &mut State, now: Instant) {
+        let last = state.last_sweep.replace(now);
+        let Some(gap) = last.map(|last| now.duration_since(last)) else { return };
+        if gap <= stall_limit(&self.config) {
+            return;
+        }
+        tracing::warn!(
+            gap = ?gap,
+            ttl = ?self.config.node_ttl,
+            "the liveness sweep ran late: this controller was paused or starved; every node gets one TTL from now before it is declared lost"
+        );
+        for node in state.nodes.values_mut().filter(|n| n.state != NodeState::Lost) {
+            node.last_seen = now;
+            if node.state == NodeState::Suspect {
+                node.state = NodeState::Ready;
+            }
+        }
     }
 
     pub(super) fn node_views(state: &State) -> Vec<NodeView> {
@@ -238,7 +262,7 @@ impl Controller {
 
     /// Places pending jobs in priority order, then submission order. A job
     /// that does not fit blocks the ones behind it (no backfill), so big jobs
-    /// are not starved by small ones.
+    /// are not starved by small ones; one that could never fit does not.
     pub(super) async fn schedule(&self, state: &mut State) -> Result<(), ControllerError> {
         let mut pending: Vec<(i32, u64, String)> = state
             .jobs
@@ -275,6 +299,11 @@ impl Controller {
                     {
                         entry.job.reason = reason;
                         self.publish(state, &id, "pending");
+                    }
+                    // A job no idle cluster could hold (admitted before nodes
+                    // left) must not hold up the queue behind it.
+                    if e.never_fits {
+                        continue;
                     }
                     break;
                 }
@@ -556,4 +585,11 @@ pub(super) fn node_processes(state: &State, id: &str, node: &NodeAssignment) -> 
         }
     }
     processes
+}
+
+/// How late the liveness sweep (a 250 ms tick) may run before the controller
+/// counts itself as having been away: the time after which a node's own
+/// silence would make it Suspect, and at least a second.
+pub(super) fn stall_limit(config: &ControllerConfig) -> Duration {
+    (config.heartbeat_interval * 3).max(Duration::from_secs(1))
 }

@@ -51,6 +51,11 @@ impl Caller {
         }
     }
 
+    /// Whether the controller's --max-submit-priority applies (submit tokens; admins set any priority).
+    pub fn priority_capped(&self) -> bool {
+        matches!(self, Caller::User { role: Role::Submit | Role::View | Role::Join, .. })
+    }
+
     /// The name recorded as a job's submitter.
     pub fn submitter(&self) -> String {
         match self {
@@ -71,6 +76,16 @@ impl std::fmt::Display for Caller {
             Caller::Anonymous => write!(f, "a caller without certificate or token"),
         }
     }
+}
+
+/// The SHA-256 of the client certificate a node called with (a request
+/// extension next to its `Caller::Node`): the name is bound to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerFingerprint(pub String);
+
+fn peer_fingerprint<B>(request: &http::Request<B>) -> Option<PeerFingerprint> {
+    let certs = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.peer_certs())?;
+    certs.first().map(|cert| PeerFingerprint(cohort_shared::tls::pki::fingerprint(cert)))
 }
 
 /// What a method asks of its caller.
@@ -95,7 +110,7 @@ fn need(path: &str) -> Option<Need> {
     Some(match (service, method) {
         ("cohort.v1.AgentService", _) => Need::Node,
         ("cohort.v1.SecurityService", "Join") => Need::Nothing,
-        ("cohort.v1.SecurityService", "CreateToken") => Need::Admin,
+        ("cohort.v1.SecurityService", "CreateToken" | "RevokeToken") => Need::Admin,
         ("cohort.v1.JobService", "GetLeader") => Need::Authenticated,
         ("cohort.v1.JobService", "SubmitJob" | "CancelJob" | "ResumeJob") => Need::Submit,
         (
@@ -214,6 +229,11 @@ where
         };
         match caller {
             Ok(caller) => {
+                if let Caller::Node(_) = caller
+                    && let Some(fingerprint) = peer_fingerprint(&request)
+                {
+                    request.extensions_mut().insert(fingerprint);
+                }
                 request.extensions_mut().insert(caller);
                 Box::pin(self.inner.call(request))
             }

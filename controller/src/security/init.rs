@@ -71,6 +71,9 @@ pub struct TokenArgs {
     /// A join token for this node name only.
     #[arg(long)]
     pub node: Option<String>,
+    /// A join token that may join several nodes until it expires (default: single-use).
+    #[arg(long)]
+    pub reusable: bool,
 }
 
 pub fn run(setup: Setup) -> anyhow::Result<()> {
@@ -81,8 +84,13 @@ pub fn run(setup: Setup) -> anyhow::Result<()> {
             let key = TokenKey::from_text(&tls::read(&dir.join(files::TOKEN_KEY))?)?;
             let user = args.user.unwrap_or_else(|| args.role.name().to_string());
             let ttl = args.ttl.map(|t| t.as_secs().max(1)).unwrap_or(0);
-            let claims = super::mint_claims(args.role, &user, ttl, args.node.as_deref().unwrap_or(""))
+            let mut claims = super::mint_claims(args.role, &user, ttl, args.node.as_deref().unwrap_or(""))
                 .map_err(anyhow::Error::msg)?;
+            if args.reusable && args.role != Role::Join {
+                anyhow::bail!("--reusable: only a join token is single-use or reusable");
+            }
+            claims.reusable = args.reusable;
+            eprintln!("{} token {}", args.role.name(), claims.id);
             println!("{}", key.mint(&claims));
             Ok(())
         }

@@ -77,6 +77,19 @@ pub fn identity_of_pem(cert_pem: &str) -> Result<PeerIdentity, TlsError> {
     identity_of(&pem.contents)
 }
 
+/// SHA-256 of a certificate's DER bytes, lowercase hex: what a node name is bound to.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// [`fingerprint`] of a PEM certificate.
+pub fn fingerprint_pem(cert_pem: &str) -> Result<String, TlsError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| TlsError::Invalid(format!("unreadable certificate: {e}")))?;
+    Ok(fingerprint(&pem.contents))
+}
+
 /// Node names end up in certificates, file names and log lines: keep them plain.
 pub fn check_node_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()

@@ -62,6 +62,10 @@ pub struct Claims {
     /// A join token bound to one node name can only get that node's certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// A join token that may join several nodes (until it expires or is
+    /// revoked); without it a join token is single-use.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reusable: bool,
     /// Unix seconds.
     pub iat: u64,
     pub exp: u64,
@@ -77,6 +81,7 @@ impl Claims {
             role,
             user: user.to_string(),
             node: None,
+            reusable: false,
             iat,
             exp: iat.saturating_add(ttl.as_secs()),
             id: format!("{id:016x}"),

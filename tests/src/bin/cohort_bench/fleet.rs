@@ -387,11 +387,13 @@ impl SimAgent {
         let running = self.report();
         // As the agent: a controller that never answers is left after 15 s.
         let answer = Duration::from_secs(15);
-        let registered =
-            tokio::time::timeout(answer, client.register(RegisterRequest { node: Some(self.info.clone()), running }))
-                .await
-                .map_err(|_| SessionError::NoAnswer("Register"))??
-                .into_inner();
+        let registered = tokio::time::timeout(
+            answer,
+            client.register(RegisterRequest { node: Some(self.info.clone()), running, ..Default::default() }),
+        )
+        .await
+        .map_err(|_| SessionError::NoAnswer("Register"))??
+        .into_inner();
         *permit = None;
         let status = &self.shared.agents[self.ix];
         let url_ix = self.urls.iter().position(|u| u == url).map(|i| i + 1).unwrap_or(usize::MAX);

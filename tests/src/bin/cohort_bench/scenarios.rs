@@ -74,11 +74,13 @@ pub fn gang_yaml(name: &str, nodes: usize, quick: bool) -> String {
 
 pub async fn submit(client: &mut Client, yaml: &str) -> anyhow::Result<Job> {
     let file = JobFile { yaml: yaml.into(), source_name: "cohort-bench.yaml".into(), ..JobFile::default() };
-    let response =
-        tokio::time::timeout(Duration::from_secs(60), client.submit_job(SubmitJobRequest { file: Some(file) }))
-            .await
-            .map_err(|_| anyhow::anyhow!("SubmitJob got no answer within 60 s"))?
-            .context("SubmitJob")?;
+    let response = tokio::time::timeout(
+        Duration::from_secs(60),
+        client.submit_job(SubmitJobRequest { file: Some(file), ..Default::default() }),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("SubmitJob got no answer within 60 s"))?
+    .context("SubmitJob")?;
     response.into_inner().job.context("SubmitJob answered without a job")
 }
 
