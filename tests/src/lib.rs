@@ -562,6 +562,23 @@ impl Cluster {
         }
     }
 
+    /// Submits a `kind: command` job of `nodes` nodes (one GPU each) whose
+    /// processes run until the returned file is created, and waits until every
+    /// process runs.
+    pub async fn submit_held(&self, name: &str, nodes: u32) -> anyhow::Result<(Job, PathBuf)> {
+        let release = self.dir.path().join(format!("release-{name}"));
+        let yaml = format!(
+            "name: {name}\nkind: command\nnodes: {nodes}\ngpus_per_node: 1\n\
+             command: [sh, -c, 'while [ ! -e {} ]; do sleep 0.1; done']\n",
+            release.display()
+        );
+        let job = self.submit(&yaml).await?;
+        let job = self
+            .wait_job(&job.id, Duration::from_secs(20), |j| state(j) == JobState::Running && j.live_processes == nodes)
+            .await?;
+        Ok((job, release))
+    }
+
     /// Waits until the job is terminal and every process is gone.
     pub async fn wait_finished(&self, id: &str, within: Duration) -> anyhow::Result<Job> {
         self.wait_job(id, within, |j| is_terminal(j) && j.live_processes == 0).await

@@ -24,17 +24,7 @@ async fn a_controller_paused_past_the_node_ttl_keeps_its_running_jobs() {
         })
         .collect();
     let cluster = Cluster::start_with(nodes, &["--node-ttl", "3s", "--heartbeat-interval", "500ms"]).await.unwrap();
-    let flag = cluster.dir.path().join("release");
-    let yaml = format!(
-        "name: steady\nkind: command\nnodes: 2\ngpus_per_node: 1\n\
-         command: [sh, -c, 'while [ ! -e {} ]; do sleep 0.1; done']\n",
-        flag.display()
-    );
-    let job = cluster.submit(&yaml).await.unwrap();
-    cluster
-        .wait_job(&job.id, Duration::from_secs(20), |j| state(j) == JobState::Running && j.live_processes == 2)
-        .await
-        .unwrap();
+    let (job, flag) = cluster.submit_held("steady", 2).await.unwrap();
 
     let pid = Pid::from_raw(cluster.controller_pid().unwrap() as i32);
     kill(pid, Signal::SIGSTOP).unwrap();

@@ -22,17 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 /// address; returns what the twin's log said.
 async fn twin_is_refused(controller_args: &[&str]) -> String {
     let mut cluster = Cluster::start_with(vec![NodeSpec::loopback(0, 1)], controller_args).await.unwrap();
-    let flag = cluster.dir.path().join("release");
-    let yaml = format!(
-        "name: held\nkind: command\nnodes: 1\ngpus_per_node: 1\n\
-         command: [sh, -c, 'while [ ! -e {} ]; do sleep 0.1; done']\n",
-        flag.display()
-    );
-    let job = cluster.submit(&yaml).await.unwrap();
-    cluster
-        .wait_job(&job.id, Duration::from_secs(20), |j| state(j) == JobState::Running && j.live_processes == 1)
-        .await
-        .unwrap();
+    let (job, flag) = cluster.submit_held("held", 1).await.unwrap();
 
     let (_, twin_log) = cluster.start_twin_agent(0, "127.0.0.9").unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
