@@ -2,6 +2,7 @@
 //! jobs: the digest of a model directory (conversion-cache key), the result
 //! files of infer and eval runs (the report), removal of a cache entry.
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use cohort_proto::{
@@ -9,6 +10,7 @@ use cohort_proto::{
     query_result::Result as QueryAnswer,
 };
 
+use crate::job_files::{AsJobUser, FileRead, InspectRequest, PathInfo, open_regular};
 use crate::prepare::Preparer;
 use crate::supervisor::Outbound;
 
@@ -16,48 +18,73 @@ use crate::supervisor::Outbound;
 const DEFAULT_MAX_BYTES: u64 = 4 << 20;
 
 impl Preparer {
+    /// Answers as the job's user (`cmd.user`, else the node's rank-user),
+    /// through the `files-as` helper: a job's output or result path that
+    /// links to a file only root may read is refused, and a FIFO, a device
+    /// or a hung mount costs a killed helper, not the agent.
     pub async fn inspect_path(&self, command_id: u64, cmd: InspectPathCommand) {
-        let answer = tokio::task::spawn_blocking(move || inspect(&cmd)).await;
+        let request = InspectRequest {
+            path: PathBuf::from(&cmd.path),
+            digest: cmd.digest,
+            read: cmd.read,
+            suffix: cmd.suffix,
+            max_bytes: if cmd.max_bytes == 0 { DEFAULT_MAX_BYTES } else { cmd.max_bytes },
+            remove: cmd.remove,
+        };
         let mut result = QueryResult { command_id, ..QueryResult::default() };
-        match answer {
-            Ok(Ok(path)) => result.result = Some(QueryAnswer::Path(path)),
-            Ok(Err(error)) => result.error = error,
-            Err(e) => result.error = format!("inspecting the path crashed: {e}"),
+        match self.rank_users.resolve(&cmd.user) {
+            Err(e) => result.error = e.to_string(),
+            Ok(identity) => match (AsJobUser { identity: &identity, helper: &self.helper }).inspect_path(request).await
+            {
+                Ok(info) => {
+                    result.result = Some(QueryAnswer::Path(PathAnswer {
+                        exists: info.exists,
+                        digest: info.digest,
+                        files: info
+                            .files
+                            .into_iter()
+                            .map(|f| FileContent { path: f.path, truncated: f.truncated, content: f.content })
+                            .collect(),
+                    }));
+                }
+                Err(e) => result.error = e.to_string(),
+            },
         }
         let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::QueryResult(result)) })).await;
     }
 }
 
-fn inspect(cmd: &InspectPathCommand) -> Result<PathAnswer, String> {
-    let path = PathBuf::from(&cmd.path);
+/// Does one [`InspectRequest`]; run by the `files-as` helper as the job's user.
+pub(crate) fn inspect(cmd: &InspectRequest) -> Result<PathInfo, String> {
+    let path = cmd.path.as_path();
     if !path.is_absolute() {
-        return Err(format!("{:?} is not an absolute path", cmd.path));
+        return Err(format!("{:?} is not an absolute path", path.display().to_string()));
     }
-    let mut answer = PathAnswer { exists: path.exists(), ..PathAnswer::default() };
+    let mut answer = PathInfo { exists: path.exists(), ..PathInfo::default() };
     if !answer.exists {
         return Ok(answer);
     }
     if cmd.digest {
-        answer.digest = cohort_shared::digest::tree_digest(&path).map_err(|e| format!("digest: {e}"))?;
+        answer.digest = cohort_shared::digest::tree_digest(path).map_err(|e| format!("digest: {e}"))?;
     }
     if cmd.read {
-        let limit = if cmd.max_bytes == 0 { DEFAULT_MAX_BYTES } else { cmd.max_bytes };
-        answer.files = read_files(&path, &cmd.suffix, limit)?;
+        answer.files = read_files(path, &cmd.suffix, cmd.max_bytes)?;
     }
     if cmd.remove {
-        let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-        removed.map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+        let removed = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+        removed.map_err(|e| format!("cannot remove {} as the job's user: {e}", path.display()))?;
         answer.exists = false;
     }
     Ok(answer)
 }
 
 /// The file, or the files under the directory whose names end with `suffix`,
-/// in path order, `limit` bytes in all.
-fn read_files(path: &Path, suffix: &str, limit: u64) -> Result<Vec<FileContent>, String> {
+/// in path order, `limit` bytes in all. Only regular files are read, and
+/// only up to what is left of `limit`.
+fn read_files(path: &Path, suffix: &str, limit: u64) -> Result<Vec<FileRead>, String> {
     let mut paths = Vec::new();
     if path.is_dir() {
-        walk(path, suffix, &mut paths).map_err(|e| format!("cannot list {}: {e}", path.display()))?;
+        walk(path, suffix, &mut paths).map_err(|e| format!("cannot list {} as the job's user: {e}", path.display()))?;
         paths.sort();
     } else {
         paths.push(path.to_path_buf());
@@ -65,23 +92,23 @@ fn read_files(path: &Path, suffix: &str, limit: u64) -> Result<Vec<FileContent>,
     let mut left = limit;
     let mut files = Vec::new();
     for file in paths {
-        let content = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-        let take = (content.len() as u64).min(left) as usize;
-        left -= take as u64;
-        files.push(FileContent {
-            path: file.display().to_string(),
-            truncated: take < content.len(),
-            content: content[..take].to_vec(),
-        });
+        let opened = open_regular(&file)?;
+        let size = opened.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut content = Vec::new();
+        opened.take(left).read_to_end(&mut content).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        left -= content.len() as u64;
+        files.push(FileRead { path: file.display().to_string(), truncated: (content.len() as u64) < size, content });
     }
     Ok(files)
 }
 
+/// Files under `dir`, not following links to directories (a loop of links
+/// cannot make it walk forever).
 fn walk(dir: &Path, suffix: &str, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
-        if path.is_dir() {
+        if entry.file_type()?.is_dir() {
             walk(&path, suffix, out)?;
         } else if entry.file_name().to_string_lossy().ends_with(suffix) {
             out.push(path);
@@ -103,12 +130,12 @@ mod tests {
         std::fs::write(reports.join("gsm8k.json"), r#"{"score": 0.5}"#).unwrap();
         std::fs::write(reports.join("notes.txt"), "x").unwrap();
         let ask = |read, remove, suffix: &str| {
-            inspect(&InspectPathCommand {
-                path: dir.path().join("out").display().to_string(),
+            inspect(&InspectRequest {
+                path: dir.path().join("out"),
                 digest: true,
                 read,
                 suffix: suffix.into(),
-                max_bytes: 0,
+                max_bytes: DEFAULT_MAX_BYTES,
                 remove,
             })
         };
@@ -120,7 +147,27 @@ mod tests {
         let answer = ask(false, true, "").unwrap();
         assert!(!answer.exists && !dir.path().join("out").exists());
         assert!(!ask(true, false, "").unwrap().exists, "a missing path is an answer, not an error");
-        let relative = inspect(&InspectPathCommand { path: "rel".into(), ..Default::default() });
+        let relative = inspect(&InspectRequest { path: "rel".into(), ..Default::default() });
         assert!(relative.unwrap_err().contains("not an absolute path"));
+    }
+
+    #[test]
+    fn reads_stop_at_the_limit_and_refuse_what_is_not_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.json"), "0123456789").unwrap();
+        std::fs::write(dir.path().join("b.json"), "abcdef").unwrap();
+        let read = |path: PathBuf, max_bytes| {
+            inspect(&InspectRequest { path, read: true, max_bytes, suffix: ".json".into(), ..Default::default() })
+        };
+        let answer = read(dir.path().to_path_buf(), 12).unwrap();
+        assert_eq!(answer.files.len(), 2);
+        assert_eq!(answer.files[0].content, b"0123456789");
+        assert_eq!((answer.files[1].content.as_slice(), answer.files[1].truncated), (&b"ab"[..], true));
+        let fifo = dir.path().join("results.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = read(dir.path().to_path_buf(), 1 << 20).unwrap_err();
+        assert!(err.contains("results.json is a FIFO, not a regular file"), "{err}");
+        let err = read("/dev/zero".into(), 1 << 20).unwrap_err();
+        assert!(err.contains("character device"), "{err}");
     }
 }

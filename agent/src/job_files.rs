@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use crate::rank_user::RankIdentity;
 use crate::stage::{StageItem, StageProgress, StagedItem};
 
+pub(crate) use helper::open_regular;
 pub use helper::{invoked, main as files_as_main};
 
 /// The first argument that makes `cohort-agent` touch a job's files as its user.
@@ -67,6 +68,67 @@ pub enum Request {
         parallel_files: usize,
         items: Vec<StageItem>,
     },
+    /// Finds the newest complete checkpoint under a job's save directory and
+    /// repoints a tracker that names a half-written one.
+    FindCheckpoint {
+        directory: PathBuf,
+    },
+    /// Looks at a pipeline's path: its digest, its files, or removes it.
+    InspectPath(InspectRequest),
+}
+
+/// What [`Request::InspectPath`] does (the fields of `InspectPathCommand`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InspectRequest {
+    pub path: PathBuf,
+    pub digest: bool,
+    pub read: bool,
+    pub suffix: String,
+    /// The most bytes read in all.
+    pub max_bytes: u64,
+    pub remove: bool,
+}
+
+/// The answer to [`Request::FindCheckpoint`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FoundCheckpoint {
+    /// The newest complete checkpoint: iteration, path, layout name.
+    pub checkpoint: Option<(u64, String, String)>,
+    /// Why newer ones were passed over.
+    pub skipped: Vec<String>,
+}
+
+/// The answer to [`Request::InspectPath`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PathInfo {
+    pub exists: bool,
+    pub digest: String,
+    pub files: Vec<FileRead>,
+}
+
+/// One file read by [`Request::InspectPath`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FileRead {
+    pub path: String,
+    pub truncated: bool,
+    #[serde(with = "base64_bytes")]
+    pub content: Vec<u8>,
+}
+
+/// Bytes as base64 in the helper's JSON (a number per byte would quadruple it).
+mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// One line of the helper's answer.
@@ -76,6 +138,8 @@ pub enum Reply {
     Dataset(Box<DatasetReport>),
     Progress(StageProgress),
     Staged(Vec<StagedItem>),
+    Checkpoint(FoundCheckpoint),
+    Path(PathInfo),
     Done,
     /// The operation failed; the message names the path and the fix.
     Failed(String),
@@ -121,6 +185,20 @@ impl Request {
                 wall: Some(Duration::from_millis(*wait_ms) + Duration::from_secs(30)),
             },
             Request::Stage { .. } => Limits { address_space: 16 << 30, cpu_secs: None, file_size: None, wall: None },
+            // Reads small files (tracker, metadata); writes only the tracker.
+            Request::FindCheckpoint { .. } => Limits {
+                address_space: 2 << 30,
+                cpu_secs: Some(120),
+                file_size: Some(64),
+                wall: Some(Duration::from_secs(300)),
+            },
+            // A digest reads a whole model (16 GB for Qwen3-8B); a read takes at most `max_bytes`.
+            Request::InspectPath(inspect) => Limits {
+                address_space: 4 << 30,
+                cpu_secs: None,
+                file_size: Some(0),
+                wall: Some(Duration::from_secs(if inspect.digest || inspect.remove { 3600 } else { 300 })),
+            },
         }
     }
 
@@ -135,6 +213,8 @@ impl Request {
                 let names: Vec<&str> = items.iter().map(|i| i.name.as_str()).collect();
                 format!("the staging of {}", names.join(", "))
             }
+            Request::FindCheckpoint { directory } => format!("the checkpoint search in {}", directory.display()),
+            Request::InspectPath(inspect) => format!("looking at {}", inspect.path.display()),
         }
     }
 }
@@ -201,6 +281,22 @@ impl AsJobUser<'_> {
         let request = Request::Stage { cache_dir, parallel_files, items };
         match self.run(request, Some(progress)).await? {
             Reply::Staged(staged) => Ok(staged),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The newest complete checkpoint under a job's save directory.
+    pub async fn find_checkpoint(&self, directory: &Path) -> Result<FoundCheckpoint, JobFilesError> {
+        match self.run(Request::FindCheckpoint { directory: directory.to_owned() }, None).await? {
+            Reply::Checkpoint(found) => Ok(found),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Digests, reads or removes a pipeline's path.
+    pub async fn inspect_path(&self, inspect: InspectRequest) -> Result<PathInfo, JobFilesError> {
+        match self.run(Request::InspectPath(inspect), None).await? {
+            Reply::Path(info) => Ok(info),
             other => Err(unexpected(other)),
         }
     }

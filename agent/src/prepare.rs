@@ -13,7 +13,7 @@ use cohort_proto::{
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::job_files::AsJobUser;
+use crate::job_files::{AsJobUser, FoundCheckpoint};
 use crate::preflight::{self, Interpreter};
 use crate::rank_user::RankUserPolicy;
 use crate::stage::{StageItem, StageState, Stager};
@@ -290,35 +290,46 @@ impl Preparer {
         }
     }
 
+    /// Searches as the job's user (`cmd.user`, else the node's rank-user),
+    /// through the `files-as` helper: a save directory that links into a
+    /// directory only root may write never gets its tracker rewritten by root.
     pub async fn find_checkpoint(&self, command_id: u64, cmd: FindCheckpointCommand) {
-        let dir = PathBuf::from(&cmd.directory);
-        let found = tokio::task::spawn_blocking(move || {
-            let found = cohort_shared::checkpoint::search(&dir)?;
-            if let Some(c) = &found.found {
-                repoint_tracker(c);
-            }
-            Ok::<_, cohort_shared::checkpoint::CheckpointError>(found)
-        })
-        .await;
         let mut answer = QueryResult { command_id, ..QueryResult::default() };
-        match found {
-            Ok(Ok(found)) => {
-                let skipped = found.skipped.iter().map(ToString::to_string).collect();
-                let checkpoint = found.found.map(|c| Checkpoint {
-                    iteration: c.iteration,
-                    path: c.path.display().to_string(),
-                    layout: match c.layout {
-                        cohort_shared::checkpoint::CheckpointLayout::MegatronIter => "megatron-iter".into(),
-                        cohort_shared::checkpoint::CheckpointLayout::SwiftCheckpointN => "swift-checkpoint-n".into(),
-                    },
-                });
-                answer.result = Some(QueryAnswer::Checkpoint(CheckpointAnswer { checkpoint, skipped }));
+        let directory = PathBuf::from(&cmd.directory);
+        match self.rank_users.resolve(&cmd.user) {
+            Err(e) => answer.error = e.to_string(),
+            Ok(identity) => {
+                match (AsJobUser { identity: &identity, helper: &self.helper }).find_checkpoint(&directory).await {
+                    Ok(found) => {
+                        let checkpoint =
+                            found.checkpoint.map(|(iteration, path, layout)| Checkpoint { iteration, path, layout });
+                        answer.result =
+                            Some(QueryAnswer::Checkpoint(CheckpointAnswer { checkpoint, skipped: found.skipped }));
+                    }
+                    Err(e) => answer.error = e.to_string(),
+                }
             }
-            Ok(Err(e)) => answer.error = e.to_string(),
-            Err(e) => answer.error = format!("checkpoint search crashed: {e}"),
         }
         let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::QueryResult(answer)) })).await;
     }
+}
+
+/// The newest complete checkpoint under `directory`, its tracker repointed
+/// at it; run by the `files-as` helper as the job's user.
+pub(crate) fn find_checkpoint_in(directory: &Path) -> Result<FoundCheckpoint, String> {
+    use cohort_shared::checkpoint::CheckpointLayout;
+    let found = cohort_shared::checkpoint::search(directory).map_err(|e| e.to_string())?;
+    if let Some(c) = &found.found {
+        repoint_tracker(c);
+    }
+    let layout = |l: CheckpointLayout| match l {
+        CheckpointLayout::MegatronIter => "megatron-iter".to_owned(),
+        CheckpointLayout::SwiftCheckpointN => "swift-checkpoint-n".to_owned(),
+    };
+    Ok(FoundCheckpoint {
+        checkpoint: found.found.map(|c| (c.iteration, c.path.display().to_string(), layout(c.layout))),
+        skipped: found.skipped.iter().map(ToString::to_string).collect(),
+    })
 }
 
 /// `--load <dir>` resumes from whatever the tracker names. When it names a

@@ -101,7 +101,13 @@ fn seed_messages() -> Vec<(&'static str, ControllerMessage)> {
                 }),
             ),
         ),
-        ("find-checkpoint", message(5, Command::FindCheckpoint(FindCheckpointCommand { directory: "/ckpt".into() }))),
+        (
+            "find-checkpoint",
+            message(
+                5,
+                Command::FindCheckpoint(FindCheckpointCommand { directory: "/ckpt".into(), user: "alice".into() }),
+            ),
+        ),
         ("clear-gpu", message(6, Command::ClearGpu(ClearGpuCommand { index: 3 }))),
         ("heartbeat-ack", message(7, Command::HeartbeatAck(HeartbeatAck::default()))),
         (
@@ -115,6 +121,7 @@ fn seed_messages() -> Vec<(&'static str, ControllerMessage)> {
                     suffix: ".json".into(),
                     max_bytes: 1 << 20,
                     remove: false,
+                    user: "alice".into(),
                 }),
             ),
         ),

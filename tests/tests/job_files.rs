@@ -233,3 +233,48 @@ async fn shared_paths_are_created_as_the_jobs_user() {
     assert_eq!(state(&job), JobState::Succeeded, "{}", said(&job));
     assert_eq!(std::fs::metadata(mine.join("runs")).unwrap().uid(), uid, "created as the job's user");
 }
+
+/// The checkpoint search (restart, `cohort resume`, a pipeline's sft stage)
+/// runs as the job's user: a job whose `save:` names another user's run
+/// (here a root-owned directory the job's user can read, not write) never
+/// gets that run's tracker rewritten. The old agent searched as root and
+/// repointed the tracker from the half-written iteration 6 to 4.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_checkpoint_search_never_rewrites_another_users_tracker() {
+    let (cluster, _) = cluster(1).await;
+    let root = cluster.dir.path();
+    let save = root.join("someone-elses-run");
+    for it in [2, 4] {
+        let iter = save.join(format!("iter_{it:07}"));
+        std::fs::create_dir_all(&iter).unwrap();
+        for name in ["__0_0.distcp", "common.pt", "metadata.json", ".metadata"] {
+            std::fs::write(iter.join(name), "stub").unwrap();
+        }
+    }
+    std::fs::create_dir_all(save.join("iter_0000006")).unwrap();
+    let tracker = save.join("latest_checkpointed_iteration.txt");
+    std::fs::write(&tracker, "6").unwrap();
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    chmod(&data, 0o755);
+    let dataset = data.join("train.jsonl");
+    std::fs::copy(repo_root().join("shared/tests/fixtures/datasets/messages-good.jsonl"), &dataset).unwrap();
+    chmod(&dataset, 0o644);
+    let yaml = megatron_job(&dataset).replace(
+        "  global_batch_size: 1\n",
+        &format!("  global_batch_size: 1\n  finetune: true\n  save: {}\n  save_interval: 2\n", save.display()),
+    );
+    let job = cluster.submit(&yaml).await.unwrap();
+    let failed = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&failed), JobState::Failed, "the job's user cannot write {}: {}", save.display(), said(&failed));
+
+    // Resume searches the save dir: readable, so checkpoint 4 is found, but
+    // the tracker is the other user's and stays as it was.
+    let out = cluster.cli(&["resume", &job.id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let resumed = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(resumed.attempt, 2, "{}", said(&resumed));
+    assert_eq!(std::fs::read_to_string(&tracker).unwrap(), "6", "the tracker was rewritten");
+    assert!(!save.join("latest_checkpointed_iteration.txt.cohort-bak").exists());
+    assert_eq!(std::fs::metadata(&tracker).unwrap().uid(), 0);
+}

@@ -498,16 +498,17 @@ impl Controller {
     }
 
     async fn run_task(&self, id: &str, stage: &str) -> TaskOutcome {
-        let (spec, stages, selector) = {
+        let (spec, stages, selector, user) = {
             let state = self.state.lock().await;
             let Some(entry) = state.jobs.get(id) else { return TaskOutcome::Failed("the job is gone".into()) };
             let Workload::Pipeline(spec) = entry.spec.workload.clone() else {
                 return TaskOutcome::Failed("not a pipeline".into());
             };
-            (spec, entry.job.stages.clone(), entry.spec.node_selector.clone())
+            let user = entry.spec.user.clone().unwrap_or_default();
+            (spec, entry.job.stages.clone(), entry.spec.node_selector.clone(), user)
         };
         if stage == REPORT_TASK {
-            return match self.write_report(id, &stages, &selector).await {
+            return match self.write_report(id, &stages, &selector, &user).await {
                 Ok(()) => TaskOutcome::Report,
                 Err(e) => TaskOutcome::Failed(format!("the report could not be written: {e}")),
             };
@@ -518,7 +519,7 @@ impl Controller {
         let Some(stage_spec) = spec.stage(stage) else { return TaskOutcome::Failed("no such stage".into()) };
         match stage_spec.kind {
             StepKind::MegatronSft => {
-                let find = cohort_proto::FindCheckpointCommand { directory: record.output.clone() };
+                let find = cohort_proto::FindCheckpointCommand { directory: record.output.clone(), user };
                 match self.ask(&selector, Command::FindCheckpoint(find)).await {
                     Ok(QueryResult { result: Some(QueryAnswer::Checkpoint(c)), .. }) => match c.checkpoint {
                         Some(checkpoint) => TaskOutcome::Checkpoint(checkpoint.path),
@@ -532,7 +533,7 @@ impl Controller {
                     Err(e) => TaskOutcome::Failed(format!("finding the checkpoint: {e}")),
                 }
             }
-            StepKind::ToMcore => self.look_up_conversion(id, &spec, stage_spec, &selector).await,
+            StepKind::ToMcore => self.look_up_conversion(id, &spec, stage_spec, &selector, &user).await,
             _ => TaskOutcome::Failed("nothing to resolve".into()),
         }
     }
@@ -544,13 +545,15 @@ impl Controller {
         spec: &PipelineSpec,
         stage: &cohort_shared::spec::stages::PipelineStage,
         selector: &BTreeMap<String, String>,
+        user: &str,
     ) -> TaskOutcome {
         let Some(cache_dir) = spec.conversion_cache.clone() else {
             return TaskOutcome::Failed("no conversion cache".into());
         };
         let model = spec.conversion_source(stage).unwrap_or_default();
         let digest = if model.starts_with('/') {
-            let inspect = InspectPathCommand { path: model.clone(), digest: true, ..Default::default() };
+            let inspect =
+                InspectPathCommand { path: model.clone(), digest: true, user: user.to_owned(), ..Default::default() };
             match self.ask(selector, Command::InspectPath(inspect)).await {
                 Ok(QueryResult { result: Some(QueryAnswer::Path(p)), .. }) if p.exists => p.digest,
                 Ok(QueryResult { result: Some(QueryAnswer::Path(_)), .. }) => {
@@ -568,7 +571,7 @@ impl Controller {
         if let Ok(Some(stored)) = self.store.get(&format!("cache/{key}")).await
             && let Ok(mut entry) = ConversionCacheEntry::decode(stored.value.as_slice())
         {
-            let inspect = InspectPathCommand { path: entry.path.clone(), ..Default::default() };
+            let inspect = InspectPathCommand { path: entry.path.clone(), user: user.to_owned(), ..Default::default() };
             let still_there = matches!(
                 self.ask(selector, Command::InspectPath(inspect)).await,
                 Ok(QueryResult { result: Some(QueryAnswer::Path(p)), .. }) if p.exists
@@ -693,12 +696,14 @@ impl Controller {
         id: &str,
         stages: &[PipelineStage],
         selector: &BTreeMap<String, String>,
+        user: &str,
     ) -> Result<(), String> {
         let mut report = Report { title: id.to_string(), ..Report::default() };
         for stage in stages.iter().filter(|s| s.kind == "infer" || s.kind == "eval") {
             let mut parts = Vec::new();
             for path in stage.result_paths.iter().filter(|p| !p.is_empty()) {
-                let inspect = InspectPathCommand { path: path.clone(), read: true, ..Default::default() };
+                let inspect =
+                    InspectPathCommand { path: path.clone(), read: true, user: user.to_owned(), ..Default::default() };
                 let files = match self.ask(selector, Command::InspectPath(inspect)).await {
                     Ok(QueryResult { result: Some(QueryAnswer::Path(p)), .. }) if p.exists => p.files,
                     Ok(QueryResult { result: Some(QueryAnswer::Path(_)), .. }) => {
@@ -849,6 +854,7 @@ impl Controller {
                 entry.key
             )));
         }
+        // As the node's rank-user (the entry outlives the job that wrote it), never as the agent's root.
         let inspect = InspectPathCommand { path: entry.path.clone(), remove: true, ..Default::default() };
         self.ask(&BTreeMap::new(), Command::InspectPath(inspect))
             .await

@@ -327,6 +327,7 @@ impl Controller {
                     "job {id} names no absolute save/output_dir to look for checkpoints in"
                 )));
             };
+            let user = entry.spec.user.clone().unwrap_or_default();
             // The output dir is shared: any connected node can look; prefer the last rank 0.
             let last_rank0 = entry.plan().and_then(|p| p.nodes.first()).map(|a| a.node_name.clone());
             let connected = |n: &&NodeEntry| n.session.is_some() && n.state == NodeState::Ready;
@@ -342,7 +343,7 @@ impl Controller {
             if !Self::send_command(
                 &mut state,
                 &node,
-                Command::FindCheckpoint(FindCheckpointCommand { directory: directory.clone() }),
+                Command::FindCheckpoint(FindCheckpointCommand { directory: directory.clone(), user }),
             ) {
                 state.queries.remove(&command_id);
                 return Err(ControllerError::FailedPrecondition(format!("node {node} is not connected")));

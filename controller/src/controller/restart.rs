@@ -141,6 +141,7 @@ impl Controller {
     fn send_lookup(&self, state: &mut State, id: &str) {
         let Some(entry) = state.jobs.get(id) else { return };
         let Some(directory) = prepare::checkpoint_dir(entry) else { return };
+        let user = entry.spec.user.clone().unwrap_or_default();
         // The output dir is shared: any connected node of the last attempt, else any node.
         let connected = |n: &NodeEntry| n.session.is_some() && n.state == NodeState::Ready;
         let from_plan = entry
@@ -156,7 +157,7 @@ impl Controller {
         let (tx, rx) = oneshot::channel();
         let command_id = state.next_command_id;
         state.queries.insert(command_id, tx);
-        let command = Command::FindCheckpoint(cohort_proto::FindCheckpointCommand { directory });
+        let command = Command::FindCheckpoint(cohort_proto::FindCheckpointCommand { directory, user });
         if !Self::send_command(state, &node, command) {
             state.queries.remove(&command_id);
             return;
