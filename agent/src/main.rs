@@ -241,6 +241,7 @@ async fn agent() -> anyhow::Result<()> {
         report: tokio::sync::watch::channel(None).0,
         rank_users,
         helper: PathBuf::from("/proc/self/exe"),
+        preparing: Default::default(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let scheme = if args.insecure { "http" } else { "https" };

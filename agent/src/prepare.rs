@@ -3,7 +3,9 @@
 //! controller's queries. Each command runs as its own task and answers on the
 //! session's outbound queue, so a long staging never blocks the stream.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cohort_proto::{
@@ -12,6 +14,7 @@ use cohort_proto::{
     SwiftArgcheckCommand, agent_message::Msg, query_result::Result as QueryAnswer,
 };
 use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
 
 use crate::job_files::{AsJobUser, FoundCheckpoint};
 use crate::preflight::{self, Interpreter};
@@ -42,6 +45,13 @@ pub struct Preparer {
     /// The `cohort-agent` binary that runs an interpreter as another user
     /// (`preflight-as`); `/proc/self/exe` in the daemon.
     pub helper: PathBuf,
+    /// Preparations in flight, by job and attempt; a stop of the job aborts
+    /// them, and with them their helpers (staging, dataset check, probes).
+    pub preparing: Arc<Mutex<HashMap<(String, u32), AbortHandle>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Preparer {
@@ -65,6 +75,35 @@ impl Preparer {
         }
         self.report.send_replace(Some(report.clone()));
         let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::Preflight(report)) })).await;
+    }
+
+    /// Runs [`Preparer::prepare`] as its own task, which [`Preparer::abort`] ends.
+    pub fn spawn_prepare(&self, cmd: PrepareCommand) {
+        let key = (cmd.job_id.clone(), cmd.attempt);
+        let preparer = self.clone();
+        // Held while spawning: the task's own removal waits for its insertion.
+        let mut preparing = lock(&self.preparing);
+        let done = key.clone();
+        let task = tokio::spawn(async move {
+            preparer.prepare(cmd).await;
+            lock(&preparer.preparing).remove(&done);
+        });
+        preparing.insert(key, task.abort_handle());
+    }
+
+    /// Ends the preparations of `job_id` up to `attempt` (the job was
+    /// cancelled or failed elsewhere while this node was still preparing):
+    /// dropping them kills their helpers, so a staging of a large model or a
+    /// dataset check does not go on for a job that is over.
+    pub fn abort(&self, job_id: &str, attempt: u32) {
+        lock(&self.preparing).retain(|(job, a), task| {
+            let over = job == job_id && *a <= attempt;
+            if over {
+                tracing::info!(job = job_id, attempt = *a, "preparation aborted: the job is being stopped");
+                task.abort();
+            }
+            !over
+        });
     }
 
     pub async fn prepare(&self, cmd: PrepareCommand) {

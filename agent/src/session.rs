@@ -379,6 +379,7 @@ async fn handle(
         }
         Some(Command::Stop(stop)) => {
             tracing::info!(job = %stop.job_id, attempt = stop.attempt, reason = %stop.reason, "stop");
+            preparer.abort(&stop.job_id, stop.attempt);
             let supervisor = supervisor.clone();
             tokio::spawn(async move {
                 supervisor.stop(&stop.job_id, stop.attempt, Duration::from_millis(u64::from(stop.grace_ms))).await;
@@ -387,8 +388,7 @@ async fn handle(
         }
         Some(Command::Prepare(prepare)) => {
             tracing::info!(job = %prepare.job_id, attempt = prepare.attempt, "prepare");
-            let preparer = preparer.clone();
-            tokio::spawn(async move { preparer.prepare(prepare).await });
+            preparer.spawn_prepare(prepare);
             Ok(())
         }
         Some(Command::FindCheckpoint(find)) => {

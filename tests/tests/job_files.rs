@@ -278,3 +278,43 @@ async fn the_checkpoint_search_never_rewrites_another_users_tracker() {
     assert!(!save.join("latest_checkpointed_iteration.txt.cohort-bak").exists());
     assert_eq!(std::fs::metadata(&tracker).unwrap().uid(), 0);
 }
+
+/// A job cancelled while its node is still preparing (here: the preflight
+/// probe of an interpreter that never answers) takes its preparation down
+/// with it. The old controller sent no stop to a node without processes, and
+/// the old agent let the probe run to its 120 s timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_preparing_job_stops_its_preparation() {
+    let (cluster, _) = cluster(1).await;
+    let dir = cluster.dir.path().join("slow");
+    std::fs::create_dir_all(&dir).unwrap();
+    chmod(&dir, 0o777);
+    let pid_file = dir.join("probe.pid");
+    let python = dir.join("python");
+    std::fs::write(&python, format!("#!/bin/sh\necho $$ > {}\nexec sleep 600\n", pid_file.display())).unwrap();
+    chmod(&python, 0o755);
+    let dataset = dir.join("train.jsonl");
+    std::fs::copy(repo_root().join("shared/tests/fixtures/datasets/messages-good.jsonl"), &dataset).unwrap();
+    chmod(&dataset, 0o644);
+    let yaml = format!("python: {}\n{}", python.display(), megatron_job(&dataset));
+    let job = cluster.submit(&yaml).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()) {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the probe never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(state(&cluster.job(&job.id).await.unwrap()), JobState::Preparing);
+    let out = cluster.cli(&["cancel", &job.id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (cancelled, deadline) = (Instant::now(), Instant::now() + Duration::from_secs(15));
+    while is_running(pid) {
+        assert!(Instant::now() < deadline, "the probe (pid {pid}) still runs 15 s after the cancel");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("the probe was stopped {:?} after the cancel", cancelled.elapsed());
+    assert_eq!(state(&cluster.job(&job.id).await.unwrap()), JobState::Cancelled);
+}

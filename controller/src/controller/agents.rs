@@ -507,13 +507,19 @@ impl Controller {
         self.consider_restart(state, id);
     }
 
-    /// Sends a stop to every connected node of the job that still has live processes.
+    /// Sends a stop to every connected node of the job that still has live
+    /// processes, or to every node of its plan while none has started.
     pub(super) fn teardown(&self, state: &mut State, id: &str, reason: &str) {
         let Some(entry) = state.jobs.get(id) else { return };
         let attempt = entry.job.attempt;
         let grace = entry.spec.stop_grace;
-        let nodes: HashSet<String> =
+        let mut nodes: HashSet<String> =
             entry.job.processes.iter().filter(|p| is_live(p)).map(|p| p.node_name.clone()).collect();
+        // Nodes still preparing (staging, dataset checks) have no processes yet:
+        // the stop ends their preparation.
+        if entry.job.processes.is_empty() {
+            nodes.extend(entry.plan().map(|p| p.nodes.iter().map(|a| a.node_name.clone())).into_iter().flatten());
+        }
         for node in nodes {
             Self::send_stop(state, &node, id, attempt, grace, reason);
         }
