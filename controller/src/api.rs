@@ -278,19 +278,8 @@ impl JobService for Local {
 
     async fn plan_job(&self, request: Request<PlanJobRequest>) -> Result<Response<PlanJobResponse>, Status> {
         let request = request.into_inner();
-        let check = request.check;
         let file = request.file.ok_or_else(|| Status::invalid_argument("PlanJobRequest.file is required"))?;
-        let secret: Vec<String> = cohort_shared::spec::JobSpec::from_yaml(&file.yaml, &file.source_name)
-            .map(|spec| spec.secret_env.into_iter().collect())
-            .unwrap_or_default();
-        let mut response = self.controller.plan(file.clone()).await;
-        if check && response.problems.is_empty() {
-            response.checks = self.controller.check_swift_args(&file).await;
-        }
-        if let Some(plan) = response.plan.as_mut() {
-            crate::secrets::redact_plan(plan, &secret);
-        }
-        Ok(Response::new(response))
+        Ok(Response::new(self.controller.plan(file, request.check).await))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {

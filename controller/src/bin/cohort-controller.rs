@@ -69,6 +69,10 @@ struct Args {
     /// The largest message an agent may send (heartbeats, log batches, reports).
     #[arg(long, env = "COHORT_MAX_AGENT_MESSAGE_SIZE", default_value = "16MiB", value_parser = limits::parse_size)]
     max_agent_message_size: usize,
+    /// How long checking one job file from `cohort submit`/`plan` may take
+    /// (waiting for a free checker included) before it is refused.
+    #[arg(long, env = "COHORT_JOB_FILE_CHECK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    job_file_check_timeout: Duration,
     /// Job-API calls per second each client address may make on average (0: no limit);
     /// more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "COHORT_API_RATE_LIMIT", default_value_t = 50)]
@@ -161,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
                 max_agent_message_bytes: args.max_agent_message_size,
                 rate_per_second: args.api_rate_limit,
                 rate_burst: args.api_rate_burst,
+                job_file_check_timeout: args.job_file_check_timeout,
             },
             admission: cohort_controller::controller::admission::AdmissionLimits {
                 max_submit_priority: args.max_submit_priority,
