@@ -2,6 +2,7 @@
 //! session to the controller.
 #![forbid(unsafe_code)]
 
+pub mod cgroup;
 pub mod commands;
 pub mod gpu;
 pub mod inspect;

@@ -145,19 +145,14 @@ async fn a_file_that_takes_too_long_to_check_is_refused_and_named() {
             .await
             .unwrap();
     let mut client = cluster.client().await.unwrap();
-    let refused = client
-        .submit_job(SubmitJobRequest { file: Some(worst_case_file()), ..Default::default() })
-        .await
-        .unwrap_err();
+    let refused =
+        client.submit_job(SubmitJobRequest { file: Some(worst_case_file()), ..Default::default() }).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     for part in ["worst.yaml", "took too long to check", "--job-file-check-timeout"] {
         assert!(refused.message().contains(part), "{part:?} missing from: {}", refused.message());
     }
-    let plan = client
-        .plan_job(PlanJobRequest { file: Some(worst_case_file()), check: false })
-        .await
-        .unwrap()
-        .into_inner();
+    let plan =
+        client.plan_job(PlanJobRequest { file: Some(worst_case_file()), check: false }).await.unwrap().into_inner();
     assert!(plan.problems.iter().any(|p| p.message.contains("took too long to check")), "{:?}", plan.problems);
     // A small file is checked in time once the refused ones have let go of
     // the checker (each runs to its end on its blocking thread).

@@ -1,0 +1,110 @@
+//! Per-job isolation on a node (issue 14, finding 9) with real processes,
+//! real cgroups and real users: each job's processes run in a cgroup of their
+//! own with the node's per-job limits, which stop a fork bomb and an
+//! allocation with a reason that names the setting, and the cgroup is gone
+//! once the job is.
+//!
+//! Needs root (cgroups, users), as CI and this repository's machines run the tests.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cohort_proto::JobState;
+use cohort_tests::{Cluster, NodeSpec, children_of, state};
+
+/// The job cgroup directory of `pid` in the hierarchy that has `controller`
+/// (v1: /sys/fs/cgroup/<controller>/...; v2: the one unified hierarchy).
+fn cgroup_dir(pid: u32, controller: &str) -> PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let unified = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let path = text
+        .lines()
+        .find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let wanted = if unified { controllers.is_empty() } else { controllers.split(',').any(|c| c == controller) };
+            wanted.then(|| path.trim_start_matches('/').to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}: {text}"));
+    if unified {
+        PathBuf::from("/sys/fs/cgroup").join(path)
+    } else {
+        PathBuf::from("/sys/fs/cgroup").join(controller).join(path)
+    }
+}
+
+fn said(job: &cohort_proto::Job) -> String {
+    format!("{} {:?}", job.reason, job.attempts)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jobs_cgroup_has_the_nodes_limits_stops_a_fork_bomb_and_an_allocation_and_goes_with_the_job() {
+    assert!(cohort_tests::is_root(), "this test creates cgroups: run it as root (as CI does)");
+    let mut node = NodeSpec::loopback(0, 1);
+    node.extra_args = ["--job-pids-max", "24", "--job-memory-max", "128MiB"].map(String::from).to_vec();
+    let cluster = Cluster::start(vec![node]).await.unwrap();
+
+    // A running job: its rank is in a cgroup of its own with the limits.
+    let job = cluster
+        .submit("name: held\nkind: command\nnodes: 1\ngpus_per_node: 1\nstop_grace: 1s\ncommand: [sleep, '60']\n")
+        .await
+        .unwrap();
+    let running = cluster
+        .wait_job(&job.id, Duration::from_secs(30), |j| !j.processes.is_empty() && j.processes[0].pid > 0)
+        .await
+        .unwrap();
+    let shim = running.processes[0].pid;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rank = loop {
+        if let Some(&pid) = children_of(shim).first() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no rank under the shim {shim}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let pids = cgroup_dir(rank, "pids");
+    let memory = cgroup_dir(rank, "memory");
+    assert!(pids.display().to_string().contains("/cohort/"), "the rank is not in a job cgroup: {}", pids.display());
+    assert!(!cgroup_dir(shim, "pids").starts_with(&pids), "the shim stays outside the job's limits");
+    assert!(pids.display().to_string().ends_with(&format!("{}.1", job.id)), "{}", pids.display());
+    assert_eq!(std::fs::read_to_string(pids.join("pids.max")).unwrap().trim(), "24");
+    let memory_limit = ["memory.max", "memory.limit_in_bytes"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(memory.join(f)).ok())
+        .unwrap();
+    assert_eq!(memory_limit.trim(), (128u64 << 20).to_string());
+    cluster.cli(&["cancel", &job.id]);
+    cluster.wait_finished(&job.id, Duration::from_secs(30)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.exists() || memory.exists() {
+        assert!(Instant::now() < deadline, "the job's cgroup outlived the job: {}", pids.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A fork bomb stops at the pids limit, and the job says which setting stopped it.
+    let bomb = cluster
+        .submit(
+            "name: bomb\nkind: command\nnodes: 1\ngpus_per_node: 1\n\
+             command: [sh, -c, 'i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done; wait']\n",
+        )
+        .await
+        .unwrap();
+    let bomb = cluster.wait_finished(&bomb.id, Duration::from_secs(60)).await.unwrap();
+    println!("fork bomb: {}", said(&bomb));
+    assert_eq!(state(&bomb), JobState::Failed, "{}", said(&bomb));
+    assert!(said(&bomb).contains("job-pids-max") && said(&bomb).contains("24"), "{}", said(&bomb));
+
+    // So does an allocation over the memory limit (dd's 512 MiB block is touched as it reads).
+    let hog = cluster
+        .submit(
+            "name: hog\nkind: command\nnodes: 1\ngpus_per_node: 1\n\
+             command: [dd, if=/dev/zero, of=/dev/null, bs=512M, count=1]\n",
+        )
+        .await
+        .unwrap();
+    let hog = cluster.wait_finished(&hog.id, Duration::from_secs(60)).await.unwrap();
+    println!("allocation: {}", said(&hog));
+    assert_eq!(state(&hog), JobState::Failed, "{}", said(&hog));
+    assert!(said(&hog).contains("OOM killer") && said(&hog).contains("job-memory-max"), "{}", said(&hog));
+}
