@@ -10,6 +10,7 @@ pub mod job_files;
 pub mod join;
 pub mod preflight;
 pub mod prepare;
+pub mod private_proc;
 pub mod rank_user;
 pub mod session;
 pub mod stage;

@@ -108,3 +108,75 @@ async fn a_jobs_cgroup_has_the_nodes_limits_stops_a_fork_bomb_and_an_allocation_
     assert_eq!(state(&hog), JobState::Failed, "{}", said(&hog));
     assert!(said(&hog).contains("OOM killer") && said(&hog).contains("job-memory-max"), "{}", said(&hog));
 }
+
+/// The first child of a job's shim: the rank (exec-as execs it in place).
+async fn rank_of(cluster: &Cluster, job_id: &str) -> u32 {
+    let running = cluster
+        .wait_job(job_id, Duration::from_secs(30), |j| !j.processes.is_empty() && j.processes[0].pid > 0)
+        .await
+        .unwrap();
+    let shim = running.processes[0].pid;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(&pid) = children_of(shim).first()
+            && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() != "cohort-agent")
+        {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no rank under the shim {shim} of {job_id}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_cannot_see_another_users_jobs_processes_nor_read_its_secrets() {
+    assert!(cohort_tests::is_root(), "this test creates users: run it as root (as CI does)");
+    let (alice, bob) = ("cohort-test-iso-a", "cohort-test-iso-b");
+    cohort_tests::system_user(alice);
+    cohort_tests::system_user(bob);
+    let mut node = NodeSpec::loopback(0, 1);
+    node.extra_args = ["--allowed-rank-users", "*"].map(String::from).to_vec();
+    let cluster = Cluster::start(vec![node]).await.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(out.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+
+    let victim = cluster
+        .submit(&format!(
+            "name: victim\nkind: command\nnodes: 1\ngpus_per_node: 0\nuser: {bob}\nstop_grace: 1s\n\
+             env:\n  BOB_TOKEN: {{value: hunter2-secret, secret: true}}\ncommand: [sleep, '120']\n"
+        ))
+        .await
+        .unwrap();
+    let victim_pid = rank_of(&cluster, &victim.id).await;
+    // The secret is in the victim's environment (so the check below means something).
+    let environ = std::fs::read(format!("/proc/{victim_pid}/environ")).unwrap();
+    assert!(String::from_utf8_lossy(&environ).contains("hunter2-secret"));
+
+    let snoop = format!(
+        "echo $$ > {o}/self; ls /proc > {o}/ls; cat /proc/{victim_pid}/environ > {o}/environ 2> {o}/environ.err; \
+         cat /proc/{victim_pid}/cmdline > {o}/cmdline 2>/dev/null; true",
+        o = out.path().display()
+    );
+    let spy = cluster
+        .submit(&format!(
+            "name: spy\nkind: command\nnodes: 1\ngpus_per_node: 0\nuser: {alice}\ncommand: [sh, -c, {snoop:?}]\n"
+        ))
+        .await
+        .unwrap();
+    let spy = cluster.wait_finished(&spy.id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(state(&spy), JobState::Succeeded, "{}", spy.reason);
+
+    let read = |name: &str| std::fs::read_to_string(out.path().join(name)).unwrap_or_default();
+    let listed: Vec<String> = read("ls").lines().map(str::to_owned).collect();
+    let own = read("self").trim().to_owned();
+    assert!(listed.contains(&own), "the spy's /proc lists its own process {own}: {listed:?}");
+    assert!(
+        !listed.contains(&victim_pid.to_string()),
+        "the spy lists the other user's job process {victim_pid} in /proc: {listed:?}"
+    );
+    assert!(!read("environ").contains("hunter2"), "the spy read the other job's secret");
+    assert!(read("cmdline").is_empty(), "the spy read the other job's command line: {}", read("cmdline"));
+    cluster.cli(&["cancel", &victim.id]);
+    cluster.wait_finished(&victim.id, Duration::from_secs(30)).await.unwrap();
+}

@@ -186,10 +186,14 @@ pub fn exec_as_main() -> i32 {
     if let Err(e) = crate::cgroup::join(&cgroup) {
         return fail(format!("cannot join the job's cgroup: {e}"));
     }
-    if let Some(run_as) = run_as
-        && let Err(e) = crate::rank_user::become_user(&run_as)
-    {
-        return fail(e.to_string());
+    if let Some(run_as) = run_as {
+        // Another user than the agent's: other users' processes are none of its business.
+        if let Err(e) = crate::private_proc::enter() {
+            eprintln!("cohort-agent exec-as: {e}");
+        }
+        if let Err(e) = crate::rank_user::become_user(&run_as) {
+            return fail(e.to_string());
+        }
     }
     let error = Command::new(&argv[0]).args(&argv[1..]).envs(env.vars).stdin(Stdio::null()).exec();
     fail(format!("{}: {error}", PathBuf::from(&argv[0]).display()))
