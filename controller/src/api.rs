@@ -270,6 +270,7 @@ impl JobService for Local {
         let options = crate::controller::admission::SubmitOptions {
             request_id: request.request_id,
             max_priority: caller.priority_capped().then_some(self.controller.config.admission.max_submit_priority),
+            run_as_bound: caller.run_as_bound().map(str::to_owned),
         };
         let (mut job, warnings) = self.controller.submit(file, options).await?;
         redact_job(&mut job);

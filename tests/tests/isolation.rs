@@ -180,3 +180,35 @@ async fn a_job_cannot_see_another_users_jobs_processes_nor_read_its_secrets() {
     cluster.cli(&["cancel", &victim.id]);
     cluster.wait_finished(&victim.id, Duration::from_secs(30)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_may_run_jobs_only_as_the_users_it_is_allowed() {
+    use cohort_proto::{JobFile, SubmitJobRequest};
+    use cohort_shared::tls::Role;
+    let cluster =
+        Cluster::start_with(vec![NodeSpec::loopback(0, 1)], &["--allow-run-as", "carol=svc-train"]).await.unwrap();
+    let tls = cluster.tls.as_ref().unwrap();
+    let submit = |token: String, user: &'static str| {
+        let url = cluster.url.clone();
+        async move {
+            let mut client = tls.client(&url, Some(&token)).await.unwrap();
+            let line = if user.is_empty() { String::new() } else { format!("user: {user}\n") };
+            let yaml = format!("name: as-{user}x\nkind: command\nnodes: 1\n{line}command: ['true']\n");
+            let file = JobFile { yaml, source_name: "run-as.yaml".into(), ..JobFile::default() };
+            client.submit_job(SubmitJobRequest { file: Some(file), ..Default::default() }).await
+        }
+    };
+    let alice = tls.token(Role::Submit, "alice");
+    let refused = submit(alice.clone(), "root-ish-other").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    for part in ["`user: root-ish-other`", "\"alice\"", "--allow-run-as alice=root-ish-other"] {
+        assert!(refused.message().contains(part), "{part} missing from: {}", refused.message());
+    }
+    // The node's rank-user and the token's own name are always allowed; a rule adds more.
+    submit(alice.clone(), "").await.unwrap();
+    submit(alice.clone(), "alice").await.unwrap();
+    assert_eq!(submit(alice, "svc-train").await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    submit(tls.token(Role::Submit, "carol"), "svc-train").await.unwrap();
+    // Admin tokens are not bound (the nodes' allowed-rank-users still are).
+    submit(tls.admin_token.clone(), "root-ish-other").await.unwrap();
+}

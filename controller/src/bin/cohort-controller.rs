@@ -88,6 +88,13 @@ struct Args {
     /// a job asking for more is refused at submit.
     #[arg(long, env = "COHORT_MAX_JOB_NODES", default_value_t = 0)]
     max_job_nodes: u32,
+    /// More users a token's jobs may run as with `user:`, as
+    /// `identity=user[,user...]` (`*` for every identity or any user); several
+    /// rules are separated by `;` or given as repeated flags. Without a rule a
+    /// token of user alice may run jobs only as the node's rank-user (no
+    /// `user:`) or as `alice`; admin tokens are not bound.
+    #[arg(long, env = "COHORT_ALLOW_RUN_AS", value_delimiter = ';')]
+    allow_run_as: Vec<String>,
     #[command(subcommand)]
     setup: Option<cohort_controller::security::init::Setup>,
 }
@@ -167,6 +174,8 @@ async fn main() -> anyhow::Result<()> {
                 rate_burst: args.api_rate_burst,
                 job_file_check_timeout: args.job_file_check_timeout,
             },
+            run_as: cohort_controller::security::run_as::RunAsRules::parse(&args.allow_run_as)
+                .map_err(anyhow::Error::msg)?,
             admission: cohort_controller::controller::admission::AdmissionLimits {
                 max_submit_priority: args.max_submit_priority,
                 max_job_nodes: args.max_job_nodes,

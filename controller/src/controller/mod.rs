@@ -42,6 +42,8 @@ pub struct ControllerConfig {
     pub limits: crate::limits::ApiLimits,
     /// What submit admits (`--max-submit-priority`, `--max-job-nodes`).
     pub admission: admission::AdmissionLimits,
+    /// Which users a token's jobs may run as (`--allow-run-as`).
+    pub run_as: crate::security::run_as::RunAsRules,
 }
 
 impl Default for ControllerConfig {
@@ -53,6 +55,7 @@ impl Default for ControllerConfig {
             stop_resend: Duration::from_secs(2),
             limits: crate::limits::ApiLimits::default(),
             admission: admission::AdmissionLimits::default(),
+            run_as: crate::security::run_as::RunAsRules::default(),
         }
     }
 }
@@ -327,6 +330,9 @@ impl Controller {
             return Ok((first, warnings));
         }
         admission::check_priority(&spec, options.max_priority)?;
+        if let Some(identity) = &options.run_as_bound {
+            self.config.run_as.check(&spec.name, identity, spec.user.as_deref().unwrap_or(""))?;
+        }
         admission::check_fits(&spec, &state, &self.config.admission)?;
         let seq = state.next_seq;
         state.next_seq += 1;
