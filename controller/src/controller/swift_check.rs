@@ -147,7 +147,7 @@ impl Controller {
                     check: Some(check.clone()),
                     python: spec.python.clone().unwrap_or_default(),
                     user: spec.user.clone().unwrap_or_default(),
-                    env: job_env(&state, &node, &spec),
+                    env: job_env(&state, &node, spec),
                     workdir: spec.workdir.clone().unwrap_or_default(),
                 };
                 let entry = EnvironmentCheck { nodes, environment, node: node.clone(), ..Default::default() };
