@@ -215,6 +215,22 @@ impl JobCgroups {
     }
 }
 
+impl JobCgroups {
+    /// Removes this agent's own parent cgroups, once empty (an agent that
+    /// stopped every process on its way out): a host where test clusters come
+    /// and go does not collect empty cgroups. What still holds a job stays.
+    pub fn remove_agent_dirs(&self) {
+        for parent in &self.parents {
+            if let Ok(entries) = std::fs::read_dir(parent) {
+                for dir in entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+                    let _ = std::fs::remove_dir(dir.path());
+                }
+            }
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
 /// On v2, hands the controllers a job cgroup needs (of those `dir` has) to
 /// its children.
 fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {

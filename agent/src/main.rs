@@ -282,7 +282,7 @@ async fn agent() -> anyhow::Result<()> {
     tracing::info!(user = %identity.name, uid = identity.uid, allowed = ?rank_users.allowed, "ranks run as");
     let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone())
         .with_rank_users(rank_users.clone())
-        .with_cgroups(cgroups);
+        .with_cgroups(cgroups.clone());
     let py_spy = supervisor::stacks::find_py_spy(args.py_spy.clone());
     tracing::info!(py_spy = ?py_spy, "stack dumps of hung jobs: {}", if py_spy.is_some() { "py-spy" } else { "faulthandler (SIGUSR1) where the trainer registered it" });
     supervisor.set_py_spy(py_spy);
@@ -362,6 +362,9 @@ async fn agent() -> anyhow::Result<()> {
     } else {
         tracing::info!("stopping every process this agent supervises");
         supervisor.stop_all().await;
+        if let Some(cgroups) = &cgroups {
+            cgroups.remove_agent_dirs();
+        }
     }
     let _ = session.await;
     tracing::info!("agent stopped");
