@@ -269,6 +269,11 @@ fn run(args: ShimArgs) -> i32 {
         }
     };
     let program = &args.argv[0];
+    if let Some(error) = missing_program(program, &env) {
+        // exec-as would only say so on the rank's stderr, as an exit 127.
+        answer(Handshake::Failed { error });
+        return 127;
+    }
     let mut command = match args.run_as.is_some() || !args.cgroup.is_empty() {
         // The same binary, as `exec-as`: the rank keeps the pid we report.
         // The environment goes over a pipe: exec-as starts as root.
@@ -352,6 +357,28 @@ fn run(args: ShimArgs) -> i32 {
     kill_descendants_outside_group();
     let _ = killpg(getpgrp(), Signal::SIGKILL);
     code
+}
+
+/// Why `program` cannot be started when it is not there at all (a path that
+/// does not exist, or a name on none of the PATH the rank gets), as the
+/// spawn would say it; None when it may be there.
+fn missing_program(program: &OsString, env: &JobEnv) -> Option<String> {
+    let name = PathBuf::from(program);
+    let found = if program.as_encoded_bytes().contains(&b'/') {
+        name.exists()
+    } else {
+        let path = env
+            .vars
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| OsString::from(v))
+            .or_else(|| std::env::var_os("PATH"))
+            .unwrap_or_default();
+        std::env::split_paths(&path).any(|dir| dir.join(&name).is_file())
+    };
+    (!found)
+        .then(|| format!("{}: {}", name.display(), std::io::Error::from_raw_os_error(nix::errno::Errno::ENOENT as i32)))
 }
 
 /// Stops the rank once the lease is older than `after`: SIGTERM to the group
