@@ -299,6 +299,37 @@ mod tests {
         assert!(files.contains(&("cpu.cfs_quota_us", "150000".into())));
     }
 
+    /// A v2 tree as the kernel shows it (a tempdir stands in for cgroupfs:
+    /// the interface files the kernel would create are made by the test).
+    #[test]
+    fn on_v2_controllers_are_handed_down_and_the_job_cgroup_gets_the_limits() {
+        let root = tempfile::tempdir().unwrap();
+        let agent_dir = root.path().join("cohort/node0-1");
+        std::fs::create_dir_all(&agent_dir).unwrap();
+        for dir in [root.path(), &root.path().join("cohort"), &agent_dir] {
+            std::fs::write(dir.join("cgroup.controllers"), "cpuset cpu io memory hugetlb pids rdma misc\n").unwrap();
+        }
+        let limits = JobLimits { memory_max_bytes: Some(1 << 30), pids_max: Some(100), cpus: Some(2.0) };
+        let groups = JobCgroups::set_up(root.path(), "node0-1", limits).unwrap();
+        assert!(groups.describe().starts_with("cgroup v2"), "{}", groups.describe());
+        for dir in [root.path(), &root.path().join("cohort"), &agent_dir] {
+            let control = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap();
+            assert_eq!(control, "+memory +pids +cpu", "{}", dir.display());
+        }
+        let job_dir = agent_dir.join("train-7.2");
+        std::fs::create_dir_all(&job_dir).unwrap();
+        for file in ["memory.max", "memory.swap.max", "pids.max", "cpu.max"] {
+            std::fs::write(job_dir.join(file), "max").unwrap();
+        }
+        let cgroup = groups.create("train-7", 2).unwrap();
+        assert_eq!(cgroup.dirs, vec![job_dir.clone()]);
+        let read = |f: &str| std::fs::read_to_string(job_dir.join(f)).unwrap();
+        assert_eq!(read("memory.max"), (1u64 << 30).to_string());
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("pids.max"), "100");
+        assert_eq!(read("cpu.max"), "200000 100000");
+    }
+
     #[test]
     fn a_root_without_cgroups_is_named() {
         let dir = tempfile::tempdir().unwrap();

@@ -42,7 +42,7 @@ fn said(job: &cohort_proto::Job) -> String {
 async fn a_jobs_cgroup_has_the_nodes_limits_stops_a_fork_bomb_and_an_allocation_and_goes_with_the_job() {
     assert!(cohort_tests::is_root(), "this test creates cgroups: run it as root (as CI does)");
     let mut node = NodeSpec::loopback(0, 1);
-    node.extra_args = ["--job-pids-max", "24", "--job-memory-max", "128MiB"].map(String::from).to_vec();
+    node.extra_args = ["--job-pids-max", "24", "--job-memory-max", "128MiB", "--job-cpus", "1.5"].map(String::from).to_vec();
     let cluster = Cluster::start(vec![node]).await.unwrap();
 
     // A running job: its rank is in a cgroup of its own with the limits.
@@ -74,10 +74,15 @@ async fn a_jobs_cgroup_has_the_nodes_limits_stops_a_fork_bomb_and_an_allocation_
         .find_map(|f| std::fs::read_to_string(memory.join(f)).ok())
         .unwrap();
     assert_eq!(memory_limit.trim(), (128u64 << 20).to_string());
+    let cpu = cgroup_dir(rank, "cpu");
+    let cpu_limit = std::fs::read_to_string(cpu.join("cpu.max"))
+        .or_else(|_| std::fs::read_to_string(cpu.join("cpu.cfs_quota_us")))
+        .unwrap();
+    assert!(cpu_limit.starts_with("150000"), "1.5 cores: {cpu_limit}");
     cluster.cli(&["cancel", &job.id]);
     cluster.wait_finished(&job.id, Duration::from_secs(30)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.exists() || memory.exists() {
+    while pids.exists() || memory.exists() || cpu.exists() {
         assert!(Instant::now() < deadline, "the job's cgroup outlived the job: {}", pids.display());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
