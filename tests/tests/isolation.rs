@@ -42,7 +42,8 @@ fn said(job: &cohort_proto::Job) -> String {
 async fn a_jobs_cgroup_has_the_nodes_limits_stops_a_fork_bomb_and_an_allocation_and_goes_with_the_job() {
     assert!(cohort_tests::is_root(), "this test creates cgroups: run it as root (as CI does)");
     let mut node = NodeSpec::loopback(0, 1);
-    node.extra_args = ["--job-pids-max", "24", "--job-memory-max", "128MiB", "--job-cpus", "1.5"].map(String::from).to_vec();
+    node.extra_args =
+        ["--job-pids-max", "24", "--job-memory-max", "128MiB", "--job-cpus", "1.5"].map(String::from).to_vec();
     let cluster = Cluster::start(vec![node]).await.unwrap();
 
     // A running job: its rank is in a cgroup of its own with the limits.
