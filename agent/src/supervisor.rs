@@ -294,6 +294,10 @@ impl Supervisor {
         }
         if launch.processes.iter().all(|p| p.exited.is_some()) {
             launch.ended_at = Some(Instant::now());
+            // Nothing started, so no exit will remove the cgroup.
+            if let Some(cgroups) = &self.inner.cgroups {
+                cgroups.remove(&cgroups.cgroup(&cmd.job_id, cmd.attempt), Duration::ZERO).await;
+            }
         }
         // Without it a restarted agent cannot adopt the launch; the launch itself still runs.
         if let Err(e) = launch.record.save(&dir) {
