@@ -2,6 +2,7 @@
 //! session to the controller.
 #![forbid(unsafe_code)]
 
+pub mod cgroup;
 pub mod commands;
 pub mod gpu;
 pub mod inspect;
@@ -9,6 +10,7 @@ pub mod job_files;
 pub mod join;
 pub mod preflight;
 pub mod prepare;
+pub mod private_proc;
 pub mod rank_user;
 pub mod session;
 pub mod stage;

@@ -113,6 +113,62 @@ struct Args {
     /// run them as root is refused.
     #[arg(long, env = "COHORT_ALLOW_ROOT_RANKS")]
     allow_root_ranks: bool,
+    /// Where the cgroup hierarchy is mounted: each job's processes on this
+    /// node run in a cgroup of their own there (v2 or v1, found out at start;
+    /// none when not writable, with a warning). Empty: no per-job cgroups.
+    #[arg(long, env = "COHORT_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
+    /// Memory each job may use on this node (e.g. 200GiB): over it the
+    /// kernel's OOM killer stops a process and the job fails saying so.
+    #[arg(long, env = "COHORT_JOB_MEMORY_MAX", value_parser = parse_bytes)]
+    job_memory_max: Option<u64>,
+    /// Processes and threads each job may have on this node (a fork bomb stops there).
+    #[arg(long, env = "COHORT_JOB_PIDS_MAX")]
+    job_pids_max: Option<u64>,
+    /// CPU time each job may use on this node, in cores (e.g. 12 or 1.5).
+    #[arg(long, env = "COHORT_JOB_CPUS")]
+    job_cpus: Option<f64>,
+}
+
+/// `64MiB`, `2GiB`, `1G`, `4096`: a byte count.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size (e.g. 512MiB, 64GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use KiB, MiB, GiB or TiB)")),
+    };
+    number.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// The node's per-job cgroups, or None with a warning that says why.
+fn job_cgroups(args: &Args, node: &str) -> Option<cohort_agent::cgroup::JobCgroups> {
+    use cohort_agent::cgroup::{JobCgroups, JobLimits, agent_cgroup_name};
+    let limits = JobLimits { memory_max_bytes: args.job_memory_max, pids_max: args.job_pids_max, cpus: args.job_cpus };
+    if args.cgroup_root.as_os_str().is_empty() {
+        tracing::info!("per-job cgroups off (cgroup-root is empty)");
+        return None;
+    }
+    match JobCgroups::set_up(&args.cgroup_root, &agent_cgroup_name(node, &args.work_dir), limits) {
+        Ok(cgroups) => {
+            tracing::info!(?limits, "each job's processes run in a cgroup of their own: {}", cgroups.describe());
+            Some(cgroups)
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "per-job cgroups off: jobs on this node share the agent's cgroup and no job-memory-max, \
+                 job-pids-max or job-cpus applies; run the agent as root on a host with cgroup v2 or v1 mounted"
+            );
+            None
+        }
+    }
 }
 
 /// Every long flag can also be set in this file (flag > env > file > default).
@@ -158,7 +214,7 @@ fn main() -> anyhow::Result<()> {
 async fn agent() -> anyhow::Result<()> {
     cohort_shared::telemetry::init("info");
     let args: Args = cohort_shared::config_file::parse(CONFIG)?;
-    let name = match args.node_name {
+    let name = match args.node_name.clone() {
         Some(name) => name,
         None => nix::unistd::gethostname()
             .context("reading the host name; pass --node-name")?
@@ -167,6 +223,7 @@ async fn agent() -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("creating --work-dir {}", args.work_dir.display()))?;
+    let cgroups = job_cgroups(&args, &name);
 
     let fake = gpu::FakeGpuFlags {
         count: args.fake_gpus,
@@ -223,8 +280,9 @@ async fn agent() -> anyhow::Result<()> {
     // A node that could not run a job without `user:` says so now, not at the first launch.
     let identity = rank_users.check().map_err(|e| anyhow::anyhow!("rank-user: {e}"))?;
     tracing::info!(user = %identity.name, uid = identity.uid, allowed = ?rank_users.allowed, "ranks run as");
-    let supervisor =
-        Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone()).with_rank_users(rank_users.clone());
+    let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone())
+        .with_rank_users(rank_users.clone())
+        .with_cgroups(cgroups.clone());
     let py_spy = supervisor::stacks::find_py_spy(args.py_spy.clone());
     tracing::info!(py_spy = ?py_spy, "stack dumps of hung jobs: {}", if py_spy.is_some() { "py-spy" } else { "faulthandler (SIGUSR1) where the trainer registered it" });
     supervisor.set_py_spy(py_spy);
@@ -305,6 +363,9 @@ async fn agent() -> anyhow::Result<()> {
     } else {
         tracing::info!("stopping every process this agent supervises");
         supervisor.stop_all().await;
+        if let Some(cgroups) = &cgroups {
+            cgroups.remove_agent_dirs();
+        }
     }
     let _ = session.await;
     tracing::info!("agent stopped");

@@ -80,6 +80,8 @@ pub enum LaunchError {
     Io { path: String, source: std::io::Error },
     #[error(transparent)]
     User(#[from] RankUserError),
+    #[error("cannot create the job's cgroup: {0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
 }
 
 /// What a restarted agent found of the launches it had supervised.
@@ -143,6 +145,8 @@ struct Inner {
     fence: std::sync::OnceLock<(PathBuf, Duration)>,
     /// Which users the processes may run as.
     rank_users: RankUserPolicy,
+    /// Per-job cgroups with the node's limits; None where the node has none.
+    cgroups: Option<crate::cgroup::JobCgroups>,
 }
 
 impl Supervisor {
@@ -165,6 +169,7 @@ impl Supervisor {
                 py_spy: Default::default(),
                 fence: Default::default(),
                 rank_users: RankUserPolicy::agent_user(),
+                cgroups: None,
             }),
         }
     }
@@ -199,6 +204,15 @@ impl Supervisor {
         self
     }
 
+    /// The same supervisor running each job attempt's processes in a cgroup
+    /// of its own (before it is cloned or used).
+    pub fn with_cgroups(mut self, cgroups: Option<crate::cgroup::JobCgroups>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.cgroups = cgroups;
+        }
+        self
+    }
+
     /// Starts every process of a launch. A process that cannot be spawned is
     /// reported as `spawn_failed`; the others still start (the controller
     /// tears the gang down).
@@ -223,6 +237,8 @@ impl Supervisor {
         }
         let dir = launch_dir(&self.inner.work_dir, &cmd.job_id, cmd.attempt);
         std::fs::create_dir_all(&dir).map_err(|source| LaunchError::Io { path: dir.display().to_string(), source })?;
+        let cgroup = self.inner.cgroups.as_ref().map(|c| c.create(&cmd.job_id, cmd.attempt)).transpose()?;
+        let cgroup_dirs = cgroup.map(|c| c.dirs).unwrap_or_default();
         let cwd = if cmd.workdir.is_empty() {
             let dir = self.inner.work_dir.join("jobs").join(&cmd.job_id).join("workdir");
             std::fs::create_dir_all(&dir)
@@ -253,7 +269,7 @@ impl Supervisor {
         let mut launch = Launch { dir: dir.clone(), record, processes: Vec::new(), grace, ended_at: None };
         for spec in &cmd.processes {
             let files = ProcessFiles::new(&dir, spec.index);
-            match self.spawn(&cmd, spec, &cwd, &files, &identity).await {
+            match self.spawn(&cmd, spec, &cwd, &files, &identity, &cgroup_dirs).await {
                 Ok((p, r)) => {
                     launch.processes.push(p);
                     launch.record.processes.push(r);
@@ -278,6 +294,10 @@ impl Supervisor {
         }
         if launch.processes.iter().all(|p| p.exited.is_some()) {
             launch.ended_at = Some(Instant::now());
+            // Nothing started, so no exit will remove the cgroup.
+            if let Some(cgroups) = &self.inner.cgroups {
+                cgroups.remove(&cgroups.cgroup(&cmd.job_id, cmd.attempt), Duration::ZERO).await;
+            }
         }
         // Without it a restarted agent cannot adopt the launch; the launch itself still runs.
         if let Err(e) = launch.record.save(&dir) {
@@ -294,6 +314,7 @@ impl Supervisor {
         cwd: &Path,
         files: &ProcessFiles,
         identity: &RankIdentity,
+        cgroup_dirs: &[PathBuf],
     ) -> Result<(Supervised, ProcessRecord), String> {
         let Some(program) = spec.argv.first() else { return Err("empty command line".into()) };
         // A relative program path with a slash is relative to the workdir.
@@ -333,6 +354,7 @@ impl Supervisor {
             .arg(&files.stderr)
             .args(self.fence_args(cmd.stop_grace_ms))
             .args(identity.needs_switch().then(|| format!("--run-as={}", identity.to_arg())))
+            .args(cgroup_dirs.iter().map(|d| format!("--cgroup={}", d.display())))
             .arg("--env-stdin")
             .arg("--")
             .arg(&program)
@@ -483,16 +505,23 @@ impl Supervisor {
         };
         let mut last_lines = ended.last_lines;
         let clean = record.exit_code == Some(0) && record.signal.is_none();
+        let mut note = record.note.clone();
         if !p.stop_requested && !clean {
             // A rank the kernel's OOM killer took says nothing itself: the kernel log does.
             last_lines.extend(kmsg::oom_kills_since(p.started_unix_ms));
+            // Nor does one stopped by its cgroup's limits: the cgroup's counters do.
+            if let Some(cgroups) = &self.inner.cgroups
+                && let Some(hit) = cgroups.limits_hit(&cgroups.cgroup(job_id, attempt))
+            {
+                note = join_causes(&hit, &note);
+            }
         }
         let exited = ProcessExited {
             exit_code: record.exit_code,
             signal: record.signal,
             stopped_by_agent: p.stop_requested,
             ended_unix_ms: record.ended_unix_ms,
-            root_cause: join_causes(&record.note, &ended.root_cause),
+            root_cause: join_causes(&note, &ended.root_cause),
             last_lines,
         };
         p.exited = Some(exited.clone());
@@ -509,6 +538,9 @@ impl Supervisor {
             let swept = sweep(job_id, attempt, &self.inner.node_name, &self.inner.work_dir);
             if swept > 0 {
                 tracing::warn!(job = job_id, attempt, swept, "killed leftovers of a finished launch");
+            }
+            if let Some(cgroups) = &self.inner.cgroups {
+                cgroups.remove(&cgroups.cgroup(job_id, attempt), Duration::from_secs(5)).await;
             }
         }
         self.event(job_id, attempt, index, Event::Exited(exited)).await;

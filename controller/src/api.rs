@@ -270,6 +270,7 @@ impl JobService for Local {
         let options = crate::controller::admission::SubmitOptions {
             request_id: request.request_id,
             max_priority: caller.priority_capped().then_some(self.controller.config.admission.max_submit_priority),
+            run_as_bound: caller.run_as_bound().map(str::to_owned),
         };
         let (mut job, warnings) = self.controller.submit(file, options).await?;
         redact_job(&mut job);
@@ -278,19 +279,8 @@ impl JobService for Local {
 
     async fn plan_job(&self, request: Request<PlanJobRequest>) -> Result<Response<PlanJobResponse>, Status> {
         let request = request.into_inner();
-        let check = request.check;
         let file = request.file.ok_or_else(|| Status::invalid_argument("PlanJobRequest.file is required"))?;
-        let secret: Vec<String> = cohort_shared::spec::JobSpec::from_yaml(&file.yaml, &file.source_name)
-            .map(|spec| spec.secret_env.into_iter().collect())
-            .unwrap_or_default();
-        let mut response = self.controller.plan(file.clone()).await;
-        if check && response.problems.is_empty() {
-            response.checks = self.controller.check_swift_args(&file).await;
-        }
-        if let Some(plan) = response.plan.as_mut() {
-            crate::secrets::redact_plan(plan, &secret);
-        }
-        Ok(Response::new(response))
+        Ok(Response::new(self.controller.plan(file, request.check).await))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {

@@ -25,6 +25,9 @@ pub struct ApiLimits {
     pub rate_per_second: u32,
     /// Calls a client may make in a burst above the rate.
     pub rate_burst: u32,
+    /// How long checking one job file (parse and validation) may take,
+    /// waiting for a free checker included (`--job-file-check-timeout`).
+    pub job_file_check_timeout: Duration,
 }
 
 impl Default for ApiLimits {
@@ -35,6 +38,7 @@ impl Default for ApiLimits {
             max_agent_message_bytes: 16 << 20,
             rate_per_second: 50,
             rate_burst: 200,
+            job_file_check_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -675,6 +675,20 @@ pub fn system_user(name: &str) -> u32 {
     lookup().unwrap_or_else(|| panic!("cannot create user {name} with useradd"))
 }
 
+/// Processes whose parent is `parent` (from /proc/<pid>/stat).
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+            let ppid: u32 = stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
+}
+
 pub fn is_terminal(job: &Job) -> bool {
     matches!(JobState::try_from(job.state), Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled))
 }

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use cohort_proto::JobState;
-use cohort_tests::{Cluster, NodeSpec, state};
+use cohort_tests::{Cluster, NodeSpec, children_of, state};
 
 const RANK_USER: &str = "cohort-test-rank";
 
@@ -27,20 +27,6 @@ fn uids_of(pid: u32) -> Vec<u32> {
 
 fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned()
-}
-
-/// Processes whose parent is `parent` (from /proc/<pid>/stat).
-fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
-            let ppid: u32 = stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()?;
-            (ppid == parent).then_some(pid)
-        })
-        .collect()
 }
 
 fn node_with_rank_user() -> NodeSpec {

@@ -80,6 +80,11 @@ struct ShimArgs {
     /// Read the process's environment ([`JobEnv`]) from stdin.
     #[arg(long)]
     env_stdin: bool,
+    /// The job's cgroup (one directory per hierarchy on cgroup v1): the
+    /// process joins it (through `exec-as`) before its exec; the shim stays
+    /// outside, so a process at the job's limits cannot stop it recording the exit.
+    #[arg(long)]
+    cgroup: Vec<PathBuf>,
     /// The process's command line.
     #[arg(last = true, required = true)]
     argv: Vec<OsString>,
@@ -121,10 +126,16 @@ pub const EXEC_AS: &str = "exec-as";
 #[derive(Parser, Debug)]
 #[command(name = "cohort-agent")]
 enum ExecAsCli {
-    /// Becomes `uid:gid:groups` and execs the command (internal; the shim uses it).
+    /// Joins the job's cgroup, becomes `uid:gid:groups` and execs the command
+    /// (internal; the shim uses it).
     #[command(hide = true)]
     ExecAs {
-        run_as: String,
+        /// The user to become; none: stay who we are.
+        #[arg(long)]
+        run_as: Option<String>,
+        /// The job's cgroup directories to join first (as root, before the switch).
+        #[arg(long)]
+        cgroup: Vec<PathBuf>,
         /// Read the program's environment ([`JobEnv`]) from stdin before switching user.
         #[arg(long)]
         env_stdin: bool,
@@ -151,14 +162,15 @@ pub fn exec_as_invoked() -> bool {
     std::env::args_os().nth(1).is_some_and(|a| a == EXEC_AS)
 }
 
-/// `cohort-agent exec-as`: sets the supplementary groups, the group and the
-/// user (in that order, while still allowed to), then execs the command in
+/// `cohort-agent exec-as`: joins the job's cgroup (so the rank and all it
+/// forks count there, and the shim does not), sets the supplementary groups,
+/// the group and the user (in that order, while still allowed to), then execs the command in
 /// this same process, so the pid the shim reported stays the rank's. The job's
 /// environment is applied by that exec only, as the new user, and stdin is
 /// /dev/null again. Returns only on failure, with 127 (what a shell gives for
 /// a command it cannot run).
 pub fn exec_as_main() -> i32 {
-    let ExecAsCli::ExecAs { run_as, env_stdin, argv } = ExecAsCli::parse();
+    let ExecAsCli::ExecAs { run_as, cgroup, env_stdin, argv } = ExecAsCli::parse();
     let fail = |message: String| {
         eprintln!("cohort-agent exec-as: {message}");
         127
@@ -171,8 +183,17 @@ pub fn exec_as_main() -> i32 {
     } else {
         JobEnv::default()
     };
-    if let Err(e) = crate::rank_user::become_user(&run_as) {
-        return fail(e.to_string());
+    if let Err(e) = crate::cgroup::join(&cgroup) {
+        return fail(format!("cannot join the job's cgroup: {e}"));
+    }
+    if let Some(run_as) = run_as {
+        // Another user than the agent's: other users' processes are none of its business.
+        if let Err(e) = crate::private_proc::enter() {
+            eprintln!("cohort-agent exec-as: {e}");
+        }
+        if let Err(e) = crate::rank_user::become_user(&run_as) {
+            return fail(e.to_string());
+        }
     }
     let error = Command::new(&argv[0]).args(&argv[1..]).envs(env.vars).stdin(Stdio::null()).exec();
     fail(format!("{}: {error}", PathBuf::from(&argv[0]).display()))
@@ -248,16 +269,24 @@ fn run(args: ShimArgs) -> i32 {
         }
     };
     let program = &args.argv[0];
-    let mut command = match &args.run_as {
+    if let Some(error) = missing_program(program, &env) {
+        // exec-as would only say so on the rank's stderr, as an exit 127.
+        answer(Handshake::Failed { error });
+        return 127;
+    }
+    let mut command = match args.run_as.is_some() || !args.cgroup.is_empty() {
         // The same binary, as `exec-as`: the rank keeps the pid we report.
         // The environment goes over a pipe: exec-as starts as root.
-        Some(run_as) => {
+        true => {
             let mut command = Command::new("/proc/self/exe");
-            command.arg0("cohort-agent").arg(EXEC_AS).arg(run_as).arg("--env-stdin").arg("--").args(&args.argv);
+            command.arg0("cohort-agent").arg(EXEC_AS);
+            command.args(args.run_as.iter().map(|r| format!("--run-as={r}")));
+            command.args(args.cgroup.iter().map(|d| format!("--cgroup={}", d.display())));
+            command.arg("--env-stdin").arg("--").args(&args.argv);
             command.stdin(Stdio::piped());
             command
         }
-        None => {
+        false => {
             let mut command = Command::new(program);
             command.args(&args.argv[1..]).envs(env.vars.iter().map(|(k, v)| (k, v))).stdin(Stdio::null());
             command
@@ -328,6 +357,28 @@ fn run(args: ShimArgs) -> i32 {
     kill_descendants_outside_group();
     let _ = killpg(getpgrp(), Signal::SIGKILL);
     code
+}
+
+/// Why `program` cannot be started when it is not there at all (a path that
+/// does not exist, or a name on none of the PATH the rank gets), as the
+/// spawn would say it; None when it may be there.
+fn missing_program(program: &OsString, env: &JobEnv) -> Option<String> {
+    let name = PathBuf::from(program);
+    let found = if program.as_encoded_bytes().contains(&b'/') {
+        name.exists()
+    } else {
+        let path = env
+            .vars
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| OsString::from(v))
+            .or_else(|| std::env::var_os("PATH"))
+            .unwrap_or_default();
+        std::env::split_paths(&path).any(|dir| dir.join(&name).is_file())
+    };
+    (!found)
+        .then(|| format!("{}: {}", name.display(), std::io::Error::from_raw_os_error(nix::errno::Errno::ENOENT as i32)))
 }
 
 /// Stops the rank once the lease is older than `after`: SIGTERM to the group

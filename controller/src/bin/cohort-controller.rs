@@ -69,6 +69,10 @@ struct Args {
     /// The largest message an agent may send (heartbeats, log batches, reports).
     #[arg(long, env = "COHORT_MAX_AGENT_MESSAGE_SIZE", default_value = "16MiB", value_parser = limits::parse_size)]
     max_agent_message_size: usize,
+    /// How long checking one job file from `cohort submit`/`plan` may take
+    /// (waiting for a free checker included) before it is refused.
+    #[arg(long, env = "COHORT_JOB_FILE_CHECK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    job_file_check_timeout: Duration,
     /// Job-API calls per second each client address may make on average (0: no limit);
     /// more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "COHORT_API_RATE_LIMIT", default_value_t = 50)]
@@ -84,6 +88,13 @@ struct Args {
     /// a job asking for more is refused at submit.
     #[arg(long, env = "COHORT_MAX_JOB_NODES", default_value_t = 0)]
     max_job_nodes: u32,
+    /// More users a token's jobs may run as with `user:`, as
+    /// `identity=user[,user...]` (`*` for every identity or any user); several
+    /// rules are separated by `;` or given as repeated flags. Without a rule a
+    /// token of user alice may run jobs only as the node's rank-user (no
+    /// `user:`) or as `alice`; admin tokens are not bound.
+    #[arg(long, env = "COHORT_ALLOW_RUN_AS", value_delimiter = ';')]
+    allow_run_as: Vec<String>,
     #[command(subcommand)]
     setup: Option<cohort_controller::security::init::Setup>,
 }
@@ -161,7 +172,10 @@ async fn main() -> anyhow::Result<()> {
                 max_agent_message_bytes: args.max_agent_message_size,
                 rate_per_second: args.api_rate_limit,
                 rate_burst: args.api_rate_burst,
+                job_file_check_timeout: args.job_file_check_timeout,
             },
+            run_as: cohort_controller::security::run_as::RunAsRules::parse(&args.allow_run_as)
+                .map_err(anyhow::Error::msg)?,
             admission: cohort_controller::controller::admission::AdmissionLimits {
                 max_submit_priority: args.max_submit_priority,
                 max_job_nodes: args.max_job_nodes,

@@ -33,6 +33,9 @@ pub struct SubmitOptions {
     pub request_id: String,
     /// The caller's priority cap (None: an admin, or `--insecure`).
     pub max_priority: Option<i32>,
+    /// The identity whose `--allow-run-as` rules bound the job's `user:`
+    /// (None: an admin, or `--insecure`).
+    pub run_as_bound: Option<String>,
 }
 
 const MAX_REQUEST_ID_LEN: usize = 128;

@@ -42,6 +42,8 @@ pub struct ControllerConfig {
     pub limits: crate::limits::ApiLimits,
     /// What submit admits (`--max-submit-priority`, `--max-job-nodes`).
     pub admission: admission::AdmissionLimits,
+    /// Which users a token's jobs may run as (`--allow-run-as`).
+    pub run_as: crate::security::run_as::RunAsRules,
 }
 
 impl Default for ControllerConfig {
@@ -53,6 +55,7 @@ impl Default for ControllerConfig {
             stop_resend: Duration::from_secs(2),
             limits: crate::limits::ApiLimits::default(),
             admission: admission::AdmissionLimits::default(),
+            run_as: crate::security::run_as::RunAsRules::default(),
         }
     }
 }
@@ -65,6 +68,8 @@ pub struct Controller {
     events: broadcast::Sender<JobEvent>,
     pub logs: LogHub,
     pub metrics: MetricsHub,
+    /// Job files being checked now (see `checking`).
+    checks: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Default)]
@@ -215,6 +220,7 @@ pub fn describe_exit(exit_code: Option<i32>, signal: Option<i32>) -> String {
 
 pub mod admission;
 mod agents;
+mod checking;
 mod pipeline;
 mod prepare;
 mod progress;
@@ -290,34 +296,16 @@ impl Controller {
             events: broadcast::channel(4096).0,
             logs: LogHub::new(data_dir.join("logs"))?,
             metrics: MetricsHub::new(data_dir.join("metrics"))?,
+            checks: checking::concurrent_checks(),
         }))
     }
 
     // ---------------------------------------------------------------- jobs API
 
-    /// Parses and validates a job file; resolves a relative `workdir`.
+    /// Parses and validates a job file the controller made itself (a
+    /// pipeline's stage); files from clients go through `check_file`.
     fn parse(&self, file: &JobFile) -> Result<JobSpec, ControllerError> {
-        let limit = self.config.limits.max_job_file_bytes;
-        if file.yaml.len() > limit {
-            return Err(ControllerError::InvalidRequest(format!(
-                "job file {} is {} bytes; the controller accepts at most {limit} (--max-job-file-size)",
-                file.source_name,
-                file.yaml.len()
-            )));
-        }
-        let source = if file.source_name.is_empty() { "<job>" } else { file.source_name.as_str() };
-        let mut spec = JobSpec::from_yaml(&file.yaml, source)?;
-        if let Some(dir) = spec.workdir.as_deref()
-            && !dir.starts_with('/')
-        {
-            if file.base_dir.is_empty() {
-                return Err(ControllerError::InvalidRequest(format!(
-                    "job file {source}: workdir {dir:?} is relative but no base directory was sent; use an absolute path"
-                )));
-            }
-            spec.workdir = Some(normalize(&Path::new(&file.base_dir).join(dir)));
-        }
-        Ok(spec)
+        checking::parse_job_file(file, self.config.limits.max_job_file_bytes)
     }
 
     /// Admits a job file: parsed, within the caller's priority cap and the
@@ -327,7 +315,7 @@ impl Controller {
         file: JobFile,
         options: admission::SubmitOptions,
     ) -> Result<(Job, Vec<String>), ControllerError> {
-        let spec = self.parse(&file)?;
+        let spec = self.check_file(&file).await?;
         let warnings: Vec<String> = spec.warnings().iter().map(|w| format!("{}: {}", w.field, w.message)).collect();
         admission::check_request_id(&options.request_id)?;
         let mut state = self.state.lock().await;
@@ -342,6 +330,9 @@ impl Controller {
             return Ok((first, warnings));
         }
         admission::check_priority(&spec, options.max_priority)?;
+        if let Some(identity) = &options.run_as_bound {
+            self.config.run_as.check(&spec.name, identity, spec.user.as_deref().unwrap_or(""))?;
+        }
         admission::check_fits(&spec, &state, &self.config.admission)?;
         let seq = state.next_seq;
         state.next_seq += 1;
@@ -381,31 +372,46 @@ impl Controller {
         Ok((job, warnings))
     }
 
-    pub async fn plan(&self, file: JobFile) -> cohort_proto::PlanJobResponse {
-        use cohort_proto::{PlanJobResponse, SpecProblem};
-        let spec = match self.parse(&file) {
+    /// `cohort plan`: the file checked, its placement on the cluster now, and
+    /// with `check` its ms-swift arguments checked on the nodes; secret env
+    /// values hidden.
+    pub async fn plan(&self, file: JobFile, check: bool) -> cohort_proto::PlanJobResponse {
+        let spec = match self.check_file(&file).await {
             Ok(spec) => spec,
-            Err(ControllerError::InvalidSpec(errors)) => {
-                return PlanJobResponse {
-                    problems: errors
-                        .issues
-                        .iter()
-                        .map(|i| SpecProblem {
-                            field: i.field.clone(),
-                            line: i.line.unwrap_or(0) as u32,
-                            message: i.message.clone(),
-                        })
-                        .collect(),
-                    ..PlanJobResponse::default()
-                };
-            }
-            Err(other) => {
-                return PlanJobResponse {
-                    problems: vec![SpecProblem { field: String::new(), line: 0, message: other.to_string() }],
-                    ..PlanJobResponse::default()
-                };
-            }
+            Err(e) => return Self::problems(e),
         };
+        let secret: Vec<String> = spec.secret_env.iter().cloned().collect();
+        let mut response = self.plan_spec(&spec, &file).await;
+        if check && response.problems.is_empty() {
+            response.checks = self.check_swift_args(&spec).await;
+        }
+        if let Some(plan) = response.plan.as_mut() {
+            crate::secrets::redact_plan(plan, &secret);
+        }
+        response
+    }
+
+    /// A plan answer that holds only why the file was refused.
+    fn problems(error: ControllerError) -> cohort_proto::PlanJobResponse {
+        use cohort_proto::{PlanJobResponse, SpecProblem};
+        let problems = match error {
+            ControllerError::InvalidSpec(errors) => errors
+                .issues
+                .iter()
+                .map(|i| SpecProblem {
+                    field: i.field.clone(),
+                    line: i.line.unwrap_or(0) as u32,
+                    message: i.message.clone(),
+                })
+                .collect(),
+            other => vec![SpecProblem { field: String::new(), line: 0, message: other.to_string() }],
+        };
+        PlanJobResponse { problems, ..PlanJobResponse::default() }
+    }
+
+    /// The placement of a checked job on the cluster as it is now.
+    async fn plan_spec(&self, spec: &JobSpec, file: &JobFile) -> cohort_proto::PlanJobResponse {
+        use cohort_proto::PlanJobResponse;
         let mut response = PlanJobResponse {
             warnings: spec.warnings().iter().map(|w| format!("{}: {}", w.field, w.message)).collect(),
             memory_estimate_gib: spec.memory_estimate_gib(),
@@ -416,7 +422,7 @@ impl Controller {
         }
         if let Workload::Pipeline(p) = &spec.workload {
             // A pipeline is placed stage by stage as each starts: its plan is each stage's command.
-            match self.plan_stages(p, &spec.name, &file) {
+            match self.plan_stages(p, &spec.name, file) {
                 Ok(stages) => response.stages = stages,
                 Err(problems) => response.problems = problems,
             }
@@ -424,12 +430,12 @@ impl Controller {
         }
         let state = self.state.lock().await;
         let views = Self::node_views(&state);
-        match planner::place(&spec, &views) {
+        match planner::place(spec, &views) {
             Ok(placement) => {
                 let port = Self::peek_port(&state, &self.config);
                 let workdir = spec.workdir.clone();
                 response.plan = Some(planner::render(
-                    &spec,
+                    spec,
                     &placement,
                     &views,
                     &RenderInput {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cohort_proto::{
-    EnvVar, EnvironmentCheck, JobFile, PreflightReport, SwiftArgcheck, SwiftArgcheckCommand, SwiftArgcheckResult,
+    EnvVar, EnvironmentCheck, PreflightReport, SwiftArgcheck, SwiftArgcheckCommand, SwiftArgcheckResult,
     query_result::Result as QueryAnswer,
 };
 use cohort_shared::spec::{JobSpec, Workload};
@@ -131,9 +131,8 @@ impl Controller {
     /// `cohort plan --check`: one connected Ready node per distinct environment
     /// parses the job's ms-swift command line with its own ms-swift. Nothing is
     /// prepared or launched. Empty when the job runs no ms-swift command.
-    pub async fn check_swift_args(&self, file: &JobFile) -> Vec<EnvironmentCheck> {
-        let Ok(spec) = self.parse(file) else { return Vec::new() };
-        let Some(check) = for_job(&spec, &job_argv(&spec)) else { return Vec::new() };
+    pub async fn check_swift_args(&self, spec: &JobSpec) -> Vec<EnvironmentCheck> {
+        let Some(check) = for_job(spec, &job_argv(spec)) else { return Vec::new() };
         let mut pending = Vec::new();
         {
             let mut state = self.state.lock().await;
@@ -148,7 +147,7 @@ impl Controller {
                     check: Some(check.clone()),
                     python: spec.python.clone().unwrap_or_default(),
                     user: spec.user.clone().unwrap_or_default(),
-                    env: job_env(&state, &node, &spec),
+                    env: job_env(&state, &node, spec),
                     workdir: spec.workdir.clone().unwrap_or_default(),
                 };
                 let entry = EnvironmentCheck { nodes, environment, node: node.clone(), ..Default::default() };

@@ -56,6 +56,17 @@ impl Caller {
         matches!(self, Caller::User { role: Role::Submit | Role::View | Role::Join, .. })
     }
 
+    /// The identity whose `--allow-run-as` rules bound a job's `user:` (None:
+    /// an admin token or `--insecure`, which may name any user the nodes allow).
+    pub fn run_as_bound(&self) -> Option<&str> {
+        match self {
+            Caller::User { role: Role::Admin, .. } | Caller::Unchecked => None,
+            Caller::User { name, .. } => Some(name),
+            Caller::Node(name) | Caller::Controller(name) => Some(name),
+            Caller::Anonymous => Some(""),
+        }
+    }
+
     /// The name recorded as a job's submitter.
     pub fn submitter(&self) -> String {
         match self {

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod http;
 pub mod init;
+pub mod run_as;
 
 use std::path::Path;
 use std::sync::Arc;
