@@ -53,6 +53,10 @@ const ADOPTED_POLL: Duration = Duration::from_millis(25);
 /// What is reported for a process whose shim died without recording its exit.
 const SHIM_KILLED: &str = "exit unknown: the shim was killed";
 
+/// The most bytes of output lines in one `LogBatch`: far below the
+/// controller's 16 MiB message limit, so a chatty rank never breaks a session.
+pub const MAX_LOG_BATCH_BYTES: usize = 1 << 20;
+
 /// What the supervisor sends towards the controller, in order.
 #[derive(Debug)]
 pub enum Outbound {

@@ -265,6 +265,7 @@ impl Controller {
                 stream: cohort_proto::LogStream::Stderr as i32,
                 text,
                 unix_ms: now,
+                dropped_bytes: 0,
             })
             .collect();
         self.logs.append(&dump.job_id, node, rank, dump.attempt, lines).await;
