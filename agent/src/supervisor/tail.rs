@@ -206,6 +206,9 @@ impl Stream {
             if !last || self.end.is_none_or(|end| self.offset >= end) || self.offset == before {
                 return got;
             }
+            // Sending rarely waits: without this a long drain would hold the
+            // worker thread, and the session's heartbeats with it.
+            tokio::task::yield_now().await;
         }
     }
 
