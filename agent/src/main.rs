@@ -9,7 +9,7 @@ use anyhow::Context;
 use cohort_agent::prepare::Preparer;
 use cohort_agent::rank_user::RankUserPolicy;
 use cohort_agent::stage::Stager;
-use cohort_agent::supervisor::{self, Supervisor};
+use cohort_agent::supervisor::{self, OutputBudget, Supervisor};
 use cohort_agent::{gpu, session};
 use cohort_proto::{EnvVar, NodeInfo};
 
@@ -113,6 +113,20 @@ struct Args {
     /// run them as root is refused.
     #[arg(long, env = "COHORT_ALLOW_ROOT_RANKS")]
     allow_root_ranks: bool,
+    /// Bytes of output per second each process may send to the controller on
+    /// average (e.g. 1MiB; 0: no limit). More is dropped with a gap record in
+    /// `cohort logs`; the node's output files keep everything.
+    #[arg(long, env = "COHORT_OUTPUT_RATE", default_value = "1MiB", value_parser = parse_size)]
+    output_rate: u64,
+    /// Bytes of output a process may send at once above --output-rate.
+    #[arg(long, env = "COHORT_OUTPUT_BURST", default_value = "8MiB", value_parser = parse_size)]
+    output_burst: u64,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let size: bytesize::ByteSize =
+        text.trim().parse().map_err(|e| format!("{text:?}: {e}; e.g. 1MiB, 512KiB, 4000000"))?;
+    Ok(size.as_u64())
 }
 
 /// Every long flag can also be set in this file (flag > env > file > default).
@@ -223,8 +237,13 @@ async fn agent() -> anyhow::Result<()> {
     // A node that could not run a job without `user:` says so now, not at the first launch.
     let identity = rank_users.check().map_err(|e| anyhow::anyhow!("rank-user: {e}"))?;
     tracing::info!(user = %identity.name, uid = identity.uid, allowed = ?rank_users.allowed, "ranks run as");
-    let supervisor =
-        Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone()).with_rank_users(rank_users.clone());
+    // A line is up to 64 KiB: a smaller burst would drop every long line.
+    if args.output_rate > 0 && args.output_burst < 128 * 1024 {
+        anyhow::bail!("--output-burst {} is below 128KiB: lines of up to 64 KiB could never pass", args.output_burst);
+    }
+    let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone())
+        .with_rank_users(rank_users.clone())
+        .with_output_budget(OutputBudget { per_second: args.output_rate, burst: args.output_burst });
     let py_spy = supervisor::stacks::find_py_spy(args.py_spy.clone());
     tracing::info!(py_spy = ?py_spy, "stack dumps of hung jobs: {}", if py_spy.is_some() { "py-spy" } else { "faulthandler (SIGUSR1) where the trainer registered it" });
     supervisor.set_py_spy(py_spy);

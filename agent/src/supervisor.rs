@@ -42,6 +42,7 @@ mod tail;
 use crate::rank_user::{RankIdentity, RankUserError, RankUserPolicy};
 
 use state::{ExitRecord, LaunchRecord, ProcessFiles, ProcessRecord, launch_dir};
+pub use tail::OutputBudget;
 use tail::{Destination, Follower};
 
 /// How long finished launches are remembered for a reconnecting controller.
@@ -147,6 +148,8 @@ struct Inner {
     fence: std::sync::OnceLock<(PathBuf, Duration)>,
     /// Which users the processes may run as.
     rank_users: RankUserPolicy,
+    /// How much of each process's output goes to the controller.
+    output_budget: OutputBudget,
 }
 
 impl Supervisor {
@@ -169,6 +172,7 @@ impl Supervisor {
                 py_spy: Default::default(),
                 fence: Default::default(),
                 rank_users: RankUserPolicy::agent_user(),
+                output_budget: OutputBudget::default(),
             }),
         }
     }
@@ -199,6 +203,15 @@ impl Supervisor {
     pub fn with_rank_users(mut self, policy: RankUserPolicy) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.rank_users = policy;
+        }
+        self
+    }
+
+    /// The same supervisor with the node's output budget per process (before
+    /// it is cloned or used).
+    pub fn with_output_budget(mut self, budget: OutputBudget) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.output_budget = budget;
         }
         self
     }
@@ -433,6 +446,7 @@ impl Supervisor {
             job_id: job_id.clone(),
             attempt: *attempt,
             index,
+            budget: self.inner.output_budget,
         };
         let follower = Follower::start(dest, files.stdout.clone(), files.stderr.clone(), from);
         let (done_tx, done) = watch::channel(false);

@@ -106,14 +106,19 @@ fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// The figure of finding 10: the controller's RSS before and after JOBS jobs
-/// (default 20) that each print 100 MB of lines. Run with
-/// `COHORT_OUTPUT_JOBS=20 cargo test -p cohort-tests --test job_output -- --ignored --nocapture`.
+/// The figure of finding 10: the controller's RSS before and after
+/// COHORT_OUTPUT_JOBS jobs (default 20) that each print 100 MB of 100-byte
+/// lines, with the agent's --output-rate COHORT_OUTPUT_RATE (default 0: no
+/// limit, so that every byte goes through the controller). Run with
+/// `cargo test -p cohort-tests --test job_output -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a figure, not a check: prints the controller's RSS over many chatty jobs"]
 async fn controller_rss_over_many_jobs_of_100_mb_output() {
     let jobs: usize = std::env::var("COHORT_OUTPUT_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
-    let cluster = Cluster::start(vec![NodeSpec::loopback(0, 1)]).await.unwrap();
+    let rate = std::env::var("COHORT_OUTPUT_RATE").unwrap_or_else(|_| "0".into());
+    let mut node = NodeSpec::loopback(0, 1);
+    node.extra_args = vec!["--output-rate".into(), rate.clone()];
+    let cluster = Cluster::start(vec![node]).await.unwrap();
     cluster.wait_nodes_ready(&["node0".into()], Duration::from_secs(30)).await.unwrap();
     let pid = cluster.controller_pid().unwrap();
     // 100 MB of 100-byte lines.
@@ -138,8 +143,8 @@ async fn controller_rss_over_many_jobs_of_100_mb_output() {
         .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0);
     println!(
-        "{jobs} jobs x 100 MB of output in {:.0} s: controller RSS {} MiB before, {} MiB after; \
-         {} MiB of log records on the controller's disk, {} MiB dropped by the agent's budget",
+        "{jobs} jobs x 100 MB of output, agent --output-rate {rate}, in {:.0} s: controller RSS {} MiB before, \
+         {} MiB after; {} MiB of log records on the controller's disk, {} MiB dropped by the agent (budget or full queue)",
         started.elapsed().as_secs_f64(),
         before / 1024,
         after / 1024,

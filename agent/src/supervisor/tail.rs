@@ -24,8 +24,19 @@ pub const SPLIT_MARKER: &str = " [cohort: line over 64 KiB, continued on the nex
 /// Bytes of output a process may send to the controller per second on average,
 /// and in a burst: more is dropped with a gap record (the files keep it all),
 /// so one chatty rank cannot flood the session or the controller's disk.
-pub const BUDGET_PER_SECOND: u64 = 1 << 20;
-pub const BUDGET_BURST: u64 = 8 << 20;
+/// The agent's `--output-rate` and `--output-burst`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutputBudget {
+    /// 0: no limit.
+    pub per_second: u64,
+    pub burst: u64,
+}
+
+impl Default for OutputBudget {
+    fn default() -> Self {
+        OutputBudget { per_second: 1 << 20, burst: 8 << 20 }
+    }
+}
 /// Poll interval right after output, and the most it backs off to when quiet.
 const POLL_BUSY: Duration = Duration::from_millis(20);
 const POLL_QUIET: Duration = Duration::from_millis(50);
@@ -44,6 +55,7 @@ pub struct Destination {
     pub job_id: String,
     pub attempt: u32,
     pub index: u32,
+    pub budget: OutputBudget,
 }
 
 /// Where following starts.
@@ -79,7 +91,7 @@ impl Follower {
         let task = tokio::spawn(async move {
             let mut delay = POLL_BUSY;
             let mut last = std::collections::VecDeque::with_capacity(LAST_LINES);
-            let mut budget = Budget::new(BUDGET_PER_SECOND, BUDGET_BURST);
+            let mut budget = Budget::new(dest.budget);
             loop {
                 let mut got = false;
                 for s in &mut streams {
@@ -280,8 +292,7 @@ pub fn split_lines(bytes: &[u8], last: bool) -> (Vec<String>, usize) {
 
 /// A token bucket of output bytes, and what was dropped since the last gap record.
 pub struct Budget {
-    per_second: u64,
-    burst: u64,
+    limit: OutputBudget,
     tokens: u64,
     refilled: tokio::time::Instant,
     /// Bytes dropped and not yet reported.
@@ -290,9 +301,9 @@ pub struct Budget {
 }
 
 impl Budget {
-    pub fn new(per_second: u64, burst: u64) -> Self {
+    pub fn new(limit: OutputBudget) -> Self {
         let now = tokio::time::Instant::now();
-        Budget { per_second, burst, tokens: burst, refilled: now, dropped: 0, reported: now }
+        Budget { limit, tokens: limit.burst, refilled: now, dropped: 0, reported: now }
     }
 
     /// Whether a gap record should go out while output is still being dropped
@@ -303,10 +314,13 @@ impl Budget {
 
     /// Whether `bytes` more may be sent now (and takes them if so).
     fn take(&mut self, bytes: u64) -> bool {
+        if self.limit.per_second == 0 {
+            return true;
+        }
         let now = tokio::time::Instant::now();
-        let earned = (now.duration_since(self.refilled).as_secs_f64() * self.per_second as f64) as u64;
+        let earned = (now.duration_since(self.refilled).as_secs_f64() * self.limit.per_second as f64) as u64;
         if earned > 0 {
-            self.tokens = (self.tokens + earned).min(self.burst);
+            self.tokens = (self.tokens + earned).min(self.limit.burst);
             self.refilled = now;
         }
         if self.tokens < bytes {
@@ -328,7 +342,7 @@ impl Budget {
             self.dropped,
             dest.node,
             dest.index,
-            self.per_second / 1024
+            self.limit.per_second / 1024
         );
         let line = LogLine {
             process_index: dest.index,
@@ -399,8 +413,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn output_over_the_budget_is_dropped_and_reported_in_one_gap_record() {
         let (out, mut rx) = mpsc::channel(1024);
-        let dest = Destination { out, node: "n1".into(), job_id: "j".into(), attempt: 1, index: 3 };
-        let mut budget = Budget::new(1000, 2000);
+        let limit = OutputBudget { per_second: 1000, burst: 2000 };
+        let dest = Destination { out, node: "n1".into(), job_id: "j".into(), attempt: 1, index: 3, budget: limit };
+        let mut budget = Budget::new(limit);
         let text = "x".repeat(499);
         for _ in 0..10 {
             send(&dest, LogStream::Stdout, text.clone(), &mut budget).await;
@@ -422,8 +437,9 @@ mod tests {
     #[tokio::test]
     async fn lines_refused_by_a_full_queue_count_as_dropped() {
         let (out, mut rx) = mpsc::channel(1);
-        let dest = Destination { out, node: "n1".into(), job_id: "j".into(), attempt: 1, index: 0 };
-        let mut budget = Budget::new(BUDGET_PER_SECOND, BUDGET_BURST);
+        let limit = OutputBudget::default();
+        let dest = Destination { out, node: "n1".into(), job_id: "j".into(), attempt: 1, index: 0, budget: limit };
+        let mut budget = Budget::new(limit);
         send(&dest, LogStream::Stdout, "kept".into(), &mut budget).await;
         send(&dest, LogStream::Stdout, "lost".into(), &mut budget).await;
         assert!(rx.try_recv().is_ok());
