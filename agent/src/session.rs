@@ -449,3 +449,26 @@ async fn handle(
         Err(error) => CommandAck { command_id, ok: false, error },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finding 12: 1000 lines of 64 KiB made one 64 MiB message, over the controller's 16 MiB limit.
+    #[test]
+    fn a_batch_of_long_lines_is_sent_before_it_passes_a_mebibyte() {
+        let mut pending = PendingLines::default();
+        let mut sent = Vec::new();
+        for _ in 0..1000 {
+            let line = LogLine { text: "x".repeat(64 * 1024), ..LogLine::default() };
+            if let Some(lines) = pending.push(line) {
+                sent.push(lines);
+            }
+        }
+        assert!(sent.len() >= 60, "{} batches", sent.len());
+        for batch in &sent {
+            let encoded = prost::Message::encoded_len(&LogBatch { lines: batch.clone(), ..LogBatch::default() });
+            assert!(encoded <= MAX_LOG_BATCH_BYTES + 64 * 1024, "a batch of {encoded} bytes");
+        }
+    }
+}
