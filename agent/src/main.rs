@@ -9,7 +9,7 @@ use anyhow::Context;
 use cohort_agent::prepare::Preparer;
 use cohort_agent::rank_user::RankUserPolicy;
 use cohort_agent::stage::Stager;
-use cohort_agent::supervisor::{self, Supervisor};
+use cohort_agent::supervisor::{self, OutputBudget, Supervisor};
 use cohort_agent::{gpu, session};
 use cohort_proto::{EnvVar, NodeInfo};
 
@@ -120,7 +120,7 @@ struct Args {
     cgroup_root: PathBuf,
     /// Memory each job may use on this node (e.g. 200GiB): over it the
     /// kernel's OOM killer stops a process and the job fails saying so.
-    #[arg(long, env = "COHORT_JOB_MEMORY_MAX", value_parser = parse_bytes)]
+    #[arg(long, env = "COHORT_JOB_MEMORY_MAX", value_parser = parse_size)]
     job_memory_max: Option<u64>,
     /// Processes and threads each job may have on this node (a fork bomb stops there).
     #[arg(long, env = "COHORT_JOB_PIDS_MAX")]
@@ -128,23 +128,21 @@ struct Args {
     /// CPU time each job may use on this node, in cores (e.g. 12 or 1.5).
     #[arg(long, env = "COHORT_JOB_CPUS")]
     job_cpus: Option<f64>,
+    /// Bytes of output per second each process may send to the controller on
+    /// average (e.g. 1MiB; 0: no limit). More is dropped with a gap record in
+    /// `cohort logs`; the node's output files keep everything.
+    #[arg(long, env = "COHORT_OUTPUT_RATE", default_value = "1MiB", value_parser = parse_size)]
+    output_rate: u64,
+    /// Bytes of output a process may send at once above --output-rate.
+    #[arg(long, env = "COHORT_OUTPUT_BURST", default_value = "8MiB", value_parser = parse_size)]
+    output_burst: u64,
 }
 
-/// `64MiB`, `2GiB`, `1G`, `4096`: a byte count.
-fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size (e.g. 512MiB, 64GiB)"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use KiB, MiB, GiB or TiB)")),
-    };
-    number.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+/// `1MiB`, `64GiB`, `4096`: a byte count.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let size: bytesize::ByteSize =
+        text.trim().parse().map_err(|e| format!("{text:?}: {e}; e.g. 1MiB, 512KiB, 4000000"))?;
+    Ok(size.as_u64())
 }
 
 /// The node's per-job cgroups, or None with a warning that says why.
@@ -280,9 +278,14 @@ async fn agent() -> anyhow::Result<()> {
     // A node that could not run a job without `user:` says so now, not at the first launch.
     let identity = rank_users.check().map_err(|e| anyhow::anyhow!("rank-user: {e}"))?;
     tracing::info!(user = %identity.name, uid = identity.uid, allowed = ?rank_users.allowed, "ranks run as");
+    // A line is up to 64 KiB: a smaller burst would drop every long line.
+    if args.output_rate > 0 && args.output_burst < 128 * 1024 {
+        anyhow::bail!("--output-burst {} is below 128KiB: lines of up to 64 KiB could never pass", args.output_burst);
+    }
     let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone())
         .with_rank_users(rank_users.clone())
-        .with_cgroups(cgroups.clone());
+        .with_cgroups(cgroups.clone())
+        .with_output_budget(OutputBudget { per_second: args.output_rate, burst: args.output_burst });
     let py_spy = supervisor::stacks::find_py_spy(args.py_spy.clone());
     tracing::info!(py_spy = ?py_spy, "stack dumps of hung jobs: {}", if py_spy.is_some() { "py-spy" } else { "faulthandler (SIGUSR1) where the trainer registered it" });
     supervisor.set_py_spy(py_spy);

@@ -21,9 +21,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::prepare::Preparer;
-use crate::supervisor::{Outbound, Supervisor};
+use crate::supervisor::{MAX_LOG_BATCH_BYTES, Outbound, Supervisor};
 
-/// Log lines are shipped in batches at this cadence.
+/// Log lines are shipped in batches at this cadence, or sooner when a batch
+/// reaches [`MAX_BATCH`] lines or [`MAX_LOG_BATCH_BYTES`].
 const LOG_FLUSH: Duration = Duration::from_millis(50);
 const MAX_BATCH: usize = 1000;
 
@@ -275,7 +276,7 @@ async fn session(
     let mut last_ack = tokio::time::Instant::now();
     let mut flush = tokio::time::interval(LOG_FLUSH);
     let mut seq = 0u64;
-    let mut pending: HashMap<(String, u32), Vec<LogLine>> = HashMap::new();
+    let mut pending: HashMap<(String, u32), PendingLines> = HashMap::new();
     let send = |msg: Msg| {
         let tx = tx.clone();
         async move { tx.send(AgentMessage { msg: Some(msg) }).await.map_err(|_| SessionError::Closed) }
@@ -292,32 +293,30 @@ async fn session(
                 send(Msg::Heartbeat(Heartbeat { seq, sent_unix_ms: now_unix_ms(), running, gpus })).await?;
             }
             _ = flush.tick() => {
-                for ((job_id, attempt), lines) in pending.drain() {
-                    send(Msg::Logs(LogBatch { job_id, attempt, lines, fetch_command_id: 0 })).await?;
+                for ((job_id, attempt), pending) in pending.drain() {
+                    send(Msg::Logs(LogBatch { job_id, attempt, lines: pending.lines, fetch_command_id: 0 })).await?;
                 }
             }
             item = outbound.recv() => match item {
                 Some(Outbound::Metrics { job_id, attempt, point }) => {
                     // Metrics follow the lines they were parsed from.
-                    if let Some(lines) = pending.remove(&(job_id.clone(), attempt)) {
-                        send(Msg::Logs(LogBatch { job_id: job_id.clone(), attempt, lines, fetch_command_id: 0 })).await?;
+                    if let Some(pending) = pending.remove(&(job_id.clone(), attempt)) {
+                        send(Msg::Logs(LogBatch { job_id: job_id.clone(), attempt, lines: pending.lines, fetch_command_id: 0 })).await?;
                     }
                     send(Msg::Metrics(MetricsBatch { job_id, attempt, points: vec![point] })).await?;
                 }
                 Some(Outbound::Line { job_id, attempt, line }) => {
                     let batch = pending.entry((job_id.clone(), attempt)).or_default();
-                    batch.push(line);
-                    if batch.len() >= MAX_BATCH {
-                        let lines = std::mem::take(batch);
+                    if let Some(lines) = batch.push(line) {
                         send(Msg::Logs(LogBatch { job_id, attempt, lines, fetch_command_id: 0 })).await?;
                     }
                 }
                 Some(Outbound::Message(msg)) => {
                     // A process event follows the lines printed before it.
                     if let Some(Msg::ProcessEvent(ev)) = &msg.msg
-                        && let Some(lines) = pending.remove(&(ev.job_id.clone(), ev.attempt))
+                        && let Some(pending) = pending.remove(&(ev.job_id.clone(), ev.attempt))
                     {
-                        send(Msg::Logs(LogBatch { job_id: ev.job_id.clone(), attempt: ev.attempt, lines, fetch_command_id: 0 })).await?;
+                        send(Msg::Logs(LogBatch { job_id: ev.job_id.clone(), attempt: ev.attempt, lines: pending.lines, fetch_command_id: 0 })).await?;
                     }
                     tx.send(msg).await.map_err(|_| SessionError::Closed)?;
                 }
@@ -336,6 +335,27 @@ async fn session(
                 None => return Ok(()),
             },
         }
+    }
+}
+
+/// A launch's lines waiting for the next flush.
+#[derive(Default)]
+struct PendingLines {
+    lines: Vec<LogLine>,
+    bytes: usize,
+}
+
+impl PendingLines {
+    /// Adds a line; returns the lines to send now when the batch is full by
+    /// count or by bytes (a line is at most 64 KiB: a batch stays near 1 MiB).
+    fn push(&mut self, line: LogLine) -> Option<Vec<LogLine>> {
+        self.bytes += line.text.len() + 32;
+        self.lines.push(line);
+        if self.lines.len() < MAX_BATCH && self.bytes < MAX_LOG_BATCH_BYTES {
+            return None;
+        }
+        self.bytes = 0;
+        Some(std::mem::take(&mut self.lines))
     }
 }
 
@@ -428,4 +448,27 @@ async fn handle(
         Ok(()) => CommandAck { command_id, ok: true, error: String::new() },
         Err(error) => CommandAck { command_id, ok: false, error },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finding 12: 1000 lines of 64 KiB made one 64 MiB message, over the controller's 16 MiB limit.
+    #[test]
+    fn a_batch_of_long_lines_is_sent_before_it_passes_a_mebibyte() {
+        let mut pending = PendingLines::default();
+        let mut sent = Vec::new();
+        for _ in 0..1000 {
+            let line = LogLine { text: "x".repeat(64 * 1024), ..LogLine::default() };
+            if let Some(lines) = pending.push(line) {
+                sent.push(lines);
+            }
+        }
+        assert!(sent.len() >= 60, "{} batches", sent.len());
+        for batch in &sent {
+            let encoded = prost::Message::encoded_len(&LogBatch { lines: batch.clone(), ..LogBatch::default() });
+            assert!(encoded <= MAX_LOG_BATCH_BYTES + 64 * 1024, "a batch of {encoded} bytes");
+        }
+    }
 }

@@ -42,6 +42,7 @@ mod tail;
 use crate::rank_user::{RankIdentity, RankUserError, RankUserPolicy};
 
 use state::{ExitRecord, LaunchRecord, ProcessFiles, ProcessRecord, launch_dir};
+pub use tail::OutputBudget;
 use tail::{Destination, Follower};
 
 /// How long finished launches are remembered for a reconnecting controller.
@@ -52,6 +53,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const ADOPTED_POLL: Duration = Duration::from_millis(25);
 /// What is reported for a process whose shim died without recording its exit.
 const SHIM_KILLED: &str = "exit unknown: the shim was killed";
+
+/// The most bytes of output lines in one `LogBatch`: far below the
+/// controller's 16 MiB message limit, so a chatty rank never breaks a session.
+pub const MAX_LOG_BATCH_BYTES: usize = 1 << 20;
 
 /// What the supervisor sends towards the controller, in order.
 #[derive(Debug)]
@@ -147,6 +152,8 @@ struct Inner {
     rank_users: RankUserPolicy,
     /// Per-job cgroups with the node's limits; None where the node has none.
     cgroups: Option<crate::cgroup::JobCgroups>,
+    /// How much of each process's output goes to the controller.
+    output_budget: OutputBudget,
 }
 
 impl Supervisor {
@@ -170,6 +177,7 @@ impl Supervisor {
                 fence: Default::default(),
                 rank_users: RankUserPolicy::agent_user(),
                 cgroups: None,
+                output_budget: OutputBudget::default(),
             }),
         }
     }
@@ -209,6 +217,15 @@ impl Supervisor {
     pub fn with_cgroups(mut self, cgroups: Option<crate::cgroup::JobCgroups>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.cgroups = cgroups;
+        }
+        self
+    }
+
+    /// The same supervisor with the node's output budget per process (before
+    /// it is cloned or used).
+    pub fn with_output_budget(mut self, budget: OutputBudget) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.output_budget = budget;
         }
         self
     }
@@ -451,6 +468,7 @@ impl Supervisor {
             job_id: job_id.clone(),
             attempt: *attempt,
             index,
+            budget: self.inner.output_budget,
         };
         let follower = Follower::start(dest, files.stdout.clone(), files.stderr.clone(), from);
         let (done_tx, done) = watch::channel(false);

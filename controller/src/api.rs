@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::controller::Controller;
 use crate::leading::{Leading, Target};
+use crate::logs::LogReader;
 use crate::secrets::redact_job;
 
 /// A job as the job API shows it: secret env values hidden.
@@ -240,7 +241,16 @@ impl AgentService for Local {
                     Some(Msg::Logs(batch)) => {
                         let rank = controller.node_rank(&batch.job_id, &node).await;
                         controller.output_seen(&batch.job_id, batch.attempt, &node).await;
+                        let gaps: Vec<(u64, String)> = batch
+                            .lines
+                            .iter()
+                            .filter(|l| l.dropped_bytes > 0)
+                            .map(|l| (l.dropped_bytes, l.text.clone()))
+                            .collect();
                         controller.logs.append(&batch.job_id, &node, rank, batch.attempt, batch.lines).await;
+                        for (bytes, text) in gaps {
+                            controller.output_dropped(&batch.job_id, batch.attempt, bytes, &text).await;
+                        }
                     }
                     Some(Msg::Metrics(batch)) => controller.metrics(batch).await,
                     Some(Msg::Preflight(report)) => controller.node_preflight(&node, report).await,
@@ -418,43 +428,27 @@ impl JobService for Local {
         self.controller.ensure_log_history(&req.job).await;
         let (job, mut events) = self.controller.watch(&req.job).await?;
         let id = job.id.clone();
-        let (history, mut lines) = self.controller.logs.snapshot(&id, 0).await;
+        let mut reader = self.controller.logs.reader(&id).await;
         let controller = self.controller.clone();
         let node = req.node.clone();
         let keep = move |l: &JobLogLine| node.is_empty() || l.node_name == node;
         let stream = async_stream(move |tx| async move {
-            let history: Vec<JobLogLine> = history.into_iter().filter(|l| keep(l)).collect();
-            let skip = if req.tail > 0 { history.len().saturating_sub(req.tail as usize) } else { 0 };
-            let mut next_seq = 0;
-            for line in history.into_iter().skip(skip) {
-                next_seq = line.seq + 1;
-                if tx.send(Ok(line)).await.is_err() {
-                    return;
-                }
-            }
-            if !req.follow || finished(&job) {
+            // History and later records are read from the file by range, a chunk at a time.
+            let mut offset = match req.tail {
+                0 => 0,
+                n => reader.tail_start(n, keep.clone()).await,
+            };
+            let end = reader.end;
+            if !send_range(&tx, &reader, &mut offset, end, &keep).await || !req.follow || finished(&job) {
                 return;
             }
             loop {
-                tokio::select! {
-                    line = lines.recv() => match line {
-                        Ok(tagged) if *tagged.job_id == *id && tagged.line.seq >= next_seq => {
-                            next_seq = tagged.line.seq + 1;
-                            if keep(&tagged.line) && tx.send(Ok(tagged.line)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            let (missed, rx) = controller.logs.snapshot(&id, next_seq).await;
-                            lines = rx;
-                            for line in missed {
-                                next_seq = line.seq + 1;
-                                if keep(&line) && tx.send(Ok(line)).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
+                let end = tokio::select! {
+                    woken = reader.appended.recv() => match woken {
+                        Ok(appended) if *appended.job_id == *id => appended.end,
+                        Ok(_) => continue,
+                        // Missed wake-ups: read on to where the file ends now.
+                        Err(broadcast::error::RecvError::Lagged(_)) => controller.logs.end(&id).await,
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
                     ev = events.recv() => {
@@ -465,15 +459,15 @@ impl JobService for Local {
                         };
                         if done {
                             // Lines always arrive before the exit that ends the job: drain them.
-                            let (rest, _) = controller.logs.snapshot(&id, next_seq).await;
-                            for line in rest.into_iter().filter(|l| keep(l)) {
-                                if tx.send(Ok(line)).await.is_err() {
-                                    return;
-                                }
-                            }
+                            let end = controller.logs.end(&id).await;
+                            send_range(&tx, &reader, &mut offset, end, &keep).await;
                             return;
                         }
+                        continue;
                     }
+                };
+                if !send_range(&tx, &reader, &mut offset, end, &keep).await {
+                    return;
                 }
             }
         });
@@ -548,6 +542,27 @@ impl MetricsApi for Local {
 }
 
 /// A response stream fed by a spawned task; the task ends when the client goes away.
+/// Sends the job's lines in `[offset, end)` that `keep` keeps, reading the file a
+/// chunk at a time; `offset` moves on. False when the client has gone.
+async fn send_range(
+    tx: &mpsc::Sender<Result<JobLogLine, Status>>,
+    reader: &LogReader,
+    offset: &mut u64,
+    end: u64,
+    keep: &impl Fn(&JobLogLine) -> bool,
+) -> bool {
+    while *offset < end {
+        let (lines, next) = reader.chunk(*offset, end).await;
+        *offset = next;
+        for line in lines.into_iter().filter(|l| keep(l)) {
+            if tx.send(Ok(line)).await.is_err() {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 fn async_stream<T, F, Fut>(body: F) -> BoxStream<T>
 where
     T: Send + 'static,

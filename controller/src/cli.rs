@@ -441,6 +441,9 @@ fn print_final(job: &Job, out: Output) -> anyhow::Result<()> {
         return print_json(job);
     }
     say!("job {}: {} ({})", job.id, state_name(job.state), job.reason);
+    if job.output_dropped_bytes > 0 {
+        say!("job {}: {} bytes of output dropped (gap records in `cohort logs`)", job.id, job.output_dropped_bytes);
+    }
     Ok(())
 }
 
@@ -778,6 +781,12 @@ fn print_status(job: &Job) {
     crate::cli_pipeline::print_stages(job);
     if job.live_processes > 0 {
         say!("alive:     {} process(es)", job.live_processes);
+    }
+    if job.output_dropped_bytes > 0 {
+        say!(
+            "output:    {} bytes dropped by the agents (over the output budget; see the gap records in `cohort logs`, the nodes' output files keep everything)",
+            job.output_dropped_bytes
+        );
     }
     if let Some(plan) = &job.plan {
         say!("master:    {}:{}", plan.master_addr, plan.master_port);

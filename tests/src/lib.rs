@@ -595,6 +595,22 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Runs the `cohort` CLI like [`Cluster::cli`], but gives up after
+    /// `within`: kills it and returns None (a command that must not hang).
+    pub async fn cli_within(&self, args: &[&str], within: Duration) -> Option<std::process::Output> {
+        let child = tokio::process::Command::new(bin("cohort"))
+            .args(["--controller", &self.url])
+            .args(self.security_args_for_cli())
+            .args(args)
+            .current_dir(repo_root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        tokio::time::timeout(within, child.wait_with_output()).await.ok().map(Result::unwrap)
+    }
+
     /// Process ids of the controller and of the agents still running.
     pub fn controller_pid(&self) -> Option<u32> {
         self.controller.as_ref().map(Child::id)

@@ -180,6 +180,16 @@ impl Controller {
         }
     }
 
+    /// An agent dropped `bytes` of the attempt's output (a gap record, `text`):
+    /// counted on the job and told to its watchers.
+    pub async fn output_dropped(&self, job_id: &str, attempt: u32, bytes: u64, text: &str) {
+        let mut state = self.state.lock().await;
+        let Some(entry) = state.jobs.get_mut(job_id).filter(|e| e.job.attempt == attempt) else { return };
+        entry.job.output_dropped_bytes += bytes;
+        tracing::warn!(job = job_id, attempt, bytes, "{text}");
+        self.publish(&state, job_id, text);
+    }
+
     /// A training iteration was reported.
     pub(super) fn iteration_seen(entry: &mut JobEntry, attempt: u32, point: &cohort_proto::TrainingPoint) {
         if point.is_eval || entry.job.attempt != attempt {
@@ -265,6 +275,7 @@ impl Controller {
                 stream: cohort_proto::LogStream::Stderr as i32,
                 text,
                 unix_ms: now,
+                dropped_bytes: 0,
             })
             .collect();
         self.logs.append(&dump.job_id, node, rank, dump.attempt, lines).await;

@@ -113,6 +113,8 @@ impl Controller {
         for entry in state.jobs.values_mut().filter(|e| e.is_terminal() && e.job.live_processes == 0) {
             entry.span = None;
         }
+        // So does what the log hub keeps of its output (the file stays).
+        self.logs.retain(|id| state.jobs.get(id).is_some_and(|e| !e.is_terminal() || e.job.live_processes > 0)).await;
         Ok(())
     }
 
@@ -345,6 +347,7 @@ impl Controller {
         entry.job.started_unix_ms = now_unix_ms();
         entry.job.finished_unix_ms = 0;
         entry.job.running_unix_ms = 0;
+        entry.job.output_dropped_bytes = 0;
         entry.job.failure = None;
         entry.job.processes.clear();
         entry.job.preflight = None;
