@@ -223,8 +223,9 @@ step_a() {
     cohort plan "$work/a.yaml" >"$logs/a.plan.txt" 2>&1 || { cat "$logs/a.plan.txt"; return 1; }
     local t0 job st
     t0=$(now_ms)
-    job="$(cohort submit "$work/a.yaml" | awk '/submitted job/ {print $3}')"
+    job="$(cohort submit "$work/a.yaml" 2>&1 | awk '/submitted job/ {print $3}')"
     say "  job $job"
+    [[ -n "$job" ]] || { say "  the submit printed no job id"; return 1; }
     if ((rehearsal)); then
         st="$(wait_state "$job" 300)"
         save_job "$job" a
@@ -253,8 +254,9 @@ step_b() {
     ((rehearsal)) && { say "  needs CUDA"; return 3; }
     sft_job swift-sft-resume "$work/out-b" 60 $'restart:\n  max_restarts: 1\n  backoff: 1s\n  on: [rank_failed]' >"$work/b.yaml"
     local job ckpt="" deadline newest pid kill_ms st
-    job="$(cohort submit "$work/b.yaml" | awk '/submitted job/ {print $3}')"
+    job="$(cohort submit "$work/b.yaml" 2>&1 | awk '/submitted job/ {print $3}')"
     say "  job $job"
+    [[ -n "$job" ]] || { say "  the submit printed no job id"; return 1; }
     deadline=$((SECONDS + 600))
     until [[ -n "$ckpt" ]]; do
         ckpt="$(compgen -G "$work/out-b/v*/checkpoint-10/latest_checkpointed_iteration.txt" || true)"
@@ -308,8 +310,9 @@ with open(sys.argv[2], "w") as f:
         printf '    after: ${stages.sft.checkpoint}\n'
     } >"$work/c.yaml"
     cohort plan "$work/c.yaml" >"$logs/c.plan.txt" 2>&1 || { cat "$logs/c.plan.txt"; return 1; }
-    job="$(cohort submit "$work/c.yaml" | awk '/submitted job/ {print $3}')"
+    job="$(cohort submit "$work/c.yaml" 2>&1 | awk '/submitted job/ {print $3}')"
     say "  job $job"
+    [[ -n "$job" ]] || { say "  the submit printed no job id"; return 1; }
     st="$(wait_state "$job" 1200)"
     save_job "$job" c
     cohort report "$job" --dir "$logs/c.report" >"$logs/c.report.md" 2>&1 || true
