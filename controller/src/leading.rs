@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use cohort_proto::job_service_client::JobServiceClient;
 use tokio::sync::{RwLock, watch};
 use tonic::Status;
@@ -30,6 +31,8 @@ pub struct Leading {
     channel: RwLock<Option<(String, Channel)>>,
     /// TLS to the leader (None: --insecure).
     tls: Option<cohort_shared::tls::ClientTls>,
+    /// Why the last load of the state failed, while it is retried.
+    load_failure: std::sync::Mutex<Option<String>>,
 }
 
 /// Where a job-API call goes.
@@ -45,7 +48,15 @@ impl Leading {
         leader: watch::Receiver<LeaderState>,
         tls: Option<cohort_shared::tls::ClientTls>,
     ) -> Arc<Self> {
-        Arc::new(Self { id, url, current: watch::channel(None).0, leader, channel: RwLock::new(None), tls })
+        Arc::new(Self {
+            id,
+            url,
+            current: watch::channel(None).0,
+            leader,
+            channel: RwLock::new(None),
+            tls,
+            load_failure: std::sync::Mutex::new(None),
+        })
     }
 
     /// The local controller while this process leads. A leader still loading
@@ -67,6 +78,56 @@ impl Leading {
 
     pub fn state(&self) -> LeaderState {
         self.leader.borrow().clone()
+    }
+
+    /// Why this leader has no state yet: the last load's error, retried with backoff.
+    pub fn load_failure(&self) -> Option<String> {
+        self.load_failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_load_failure(&self, failure: Option<String>) {
+        *self.load_failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
+    }
+
+    /// Loads the state, retrying with backoff (the store unreachable or
+    /// failing) while this process leads; None once it no longer does.
+    async fn load(
+        &self,
+        store: &Arc<dyn Store>,
+        data_dir: &std::path::Path,
+        config: &ControllerConfig,
+        leader: &mut watch::Receiver<LeaderState>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Arc<Controller>> {
+        let mut delays = ExponentialBuilder::new()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_delay(std::time::Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            match Controller::load(store.clone(), data_dir, config.clone()).await {
+                Ok(controller) => {
+                    self.set_load_failure(None);
+                    return Some(controller);
+                }
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(std::time::Duration::from_secs(5));
+                    let failure = format!("{e:#}");
+                    tracing::error!(id = %self.id, error = %failure, retry_in = ?delay, "cannot load the state from the store");
+                    self.set_load_failure(Some(failure));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        changed = shutdown.changed() => if changed.is_err() { return None },
+                        changed = leader.changed() => if changed.is_err() { return None },
+                    }
+                    if *shutdown.borrow() || !leader.borrow().is_leader {
+                        self.set_load_failure(None);
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// For agents: the local controller, or a refusal naming the leader
@@ -138,7 +199,9 @@ impl Leading {
                 }
             }
             tracing::info!(id = %self.id, "leading: loading the state from the store");
-            let controller = Controller::load(store.clone(), &data_dir, config.clone()).await?;
+            let Some(controller) = self.load(&store, &data_dir, &config, &mut leader, &mut shutdown).await else {
+                continue;
+            };
             let (stop_tx, stop_rx) = watch::channel(false);
             let reconcile = tokio::spawn(controller.clone().run(stop_rx.clone()));
             // Only a shared store (etcd) can change behind this controller's back.
