@@ -27,8 +27,13 @@ use super::{Expect, Store, StoreError, StoreHealth, Versioned, WatchEvent, Watch
 
 /// key -> (revision, value)
 const KV: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("kv");
-/// "revision" -> the last revision handed out; "probe" -> when a reopen last wrote
+/// "revision" -> the last revision handed out
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// What a reopen writes, then removes, to know the disk takes writes again.
+const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
+/// As big as a large job record: a write that fits in pages the file already
+/// holds would pass on a disk that is still full.
+const PROBE_BYTES: usize = 256 * 1024;
 
 /// Changes a slow watcher may fall behind by before it gets a `Resync`.
 const WATCH_BUFFER: usize = 1024;
@@ -203,7 +208,8 @@ impl Inner {
     }
 
     /// Lets go of the file, opens it again (redb repairs what a failed commit
-    /// left) and commits a probe write: the store is writable once that commits.
+    /// left) and commits a probe write of [`PROBE_BYTES`]: the store is
+    /// writable once that commits.
     fn reopen(&self) -> Result<(), String> {
         let _publishing = lock(&self.publish);
         // A reader still holding the old handle keeps the file locked: the next attempt gets it.
@@ -214,8 +220,10 @@ impl Inner {
         })?;
         let probe = || -> Result<(), redb::Error> {
             let txn = db.begin_write()?;
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            txn.open_table(META)?.insert("probe", now.as_millis() as u64)?;
+            txn.open_table(PROBE)?.insert("probe", vec![0u8; PROBE_BYTES].as_slice())?;
+            txn.commit()?;
+            let txn = db.begin_write()?;
+            txn.open_table(PROBE)?.remove("probe")?;
             txn.commit()?;
             Ok(())
         };
@@ -289,7 +297,7 @@ fn open_verified(path: &Path) -> Result<Database, OpenError> {
         }
         Ok(Err(e @ (redb::Error::Io(_) | redb::Error::PreviousIo))) => Err(OpenError::Io(e.to_string())),
         Ok(Err(e)) => Err(OpenError::Corrupted(e.to_string())),
-        Err(panic) => Err(OpenError::Corrupted(format!("redb panicked reading it: {panic}"))),
+        Err(panic) => Err(OpenError::Corrupted(format!("redb stopped on an impossible value in it: {panic}"))),
     }
 }
 
@@ -310,8 +318,7 @@ fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
                 let mut caught = caught.borrow_mut();
                 match caught.as_mut() {
                     Some(slot) => {
-                        let location = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
-                        *slot = Some(format!("{}{location}", panic_message(info.payload())));
+                        *slot = Some(panic_message(info.payload()));
                         true
                     }
                     None => false,
