@@ -65,7 +65,7 @@ impl Leading {
         if let Some(c) = self.current.borrow().clone() {
             return Some(c);
         }
-        if !self.leader.borrow().is_leader {
+        if !self.leader.borrow().is_leader || self.load_failure().is_some() {
             return None;
         }
         let mut rx = self.current.subscribe();
@@ -83,6 +83,17 @@ impl Leading {
     /// Why this leader has no state yet: the last load's error, retried with backoff.
     pub fn load_failure(&self) -> Option<String> {
         self.load_failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A leader whose load fails says so, rather than "no leader known".
+    fn check_loading(&self) -> Result<(), Status> {
+        match self.load_failure() {
+            Some(failure) if self.leader.borrow().is_leader => Err(Status::unavailable(format!(
+                "controller {} leads but cannot load its state (retrying): {failure}",
+                self.id
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn set_load_failure(&self, failure: Option<String>) {
@@ -136,6 +147,7 @@ impl Leading {
         if let Some(c) = self.controller().await {
             return Ok(c);
         }
+        self.check_loading()?;
         let state = self.state();
         Err(Status::failed_precondition(if state.leader_url.is_empty() || state.leader_url == self.url {
             format!("controller {} is not leading (an election is under way)", self.id)
@@ -149,6 +161,7 @@ impl Leading {
         if let Some(c) = self.controller().await {
             return Ok(Target::Local(c));
         }
+        self.check_loading()?;
         let leader = self.state().leader_url;
         if leader.is_empty() || leader == self.url {
             return Err(Status::unavailable(format!(
@@ -229,5 +242,75 @@ impl Leading {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::store::{EmbeddedStore, Expect, StoreError, Versioned, WatchStream};
+
+    /// The embedded store, whose first `failures` lists fail (etcd unreachable at a load).
+    struct FailingLists {
+        store: EmbeddedStore,
+        failures: AtomicU32,
+    }
+
+    #[async_trait]
+    impl Store for FailingLists {
+        async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+            self.store.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+            if self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(StoreError::Backend("etcd at 10.0.0.9:2379 is unreachable".into()));
+            }
+            self.store.list(prefix).await
+        }
+        async fn put(&self, key: &str, value: Vec<u8>, expect: Expect) -> Result<u64, StoreError> {
+            self.store.put(key, value, expect).await
+        }
+        async fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError> {
+            self.store.delete(key, expect).await
+        }
+        async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
+            self.store.watch(prefix, from_revision).await
+        }
+    }
+
+    /// A load that fails is named (not "loading" forever) and retried until it works.
+    #[tokio::test]
+    async fn a_failed_load_is_reported_and_retried_until_it_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingLists { store: EmbeddedStore::open(dir.path()).unwrap(), failures: 3.into() });
+        let leader = crate::leader::single("c1".into(), "http://127.0.0.1:1".into());
+        let leading = Leading::new("c1".into(), "http://127.0.0.1:1".into(), leader, None);
+        let (_stop, shutdown) = watch::channel(false);
+        let config = ControllerConfig::default();
+        tokio::spawn(leading.clone().run(store, dir.path().to_path_buf(), config, false, shutdown));
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let failure = loop {
+            if let Some(failure) = leading.load_failure() {
+                break failure;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the failed load was never reported");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(failure.contains("etcd at 10.0.0.9:2379 is unreachable"), "{failure}");
+        let refused = leading.target().await.err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(refused.message().contains("cannot load its state"), "{}", refused.message());
+        while leading.controller().await.is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "the load was not retried: {:?}", leading.load_failure());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(leading.load_failure(), None);
     }
 }
