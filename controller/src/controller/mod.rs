@@ -810,6 +810,35 @@ fn validate_node(info: &NodeInfo) -> Result<(), ControllerError> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn undecodable_records_are_quarantined_and_ids_continue_after_the_stored_counter() {
+        #![allow(clippy::unwrap_used)]
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::EmbeddedStore::open(dir.path()).unwrap());
+        let garbage = vec![0xffu8; 12];
+        store.put("jobs/broken-3", garbage.clone(), Expect::Any).await.unwrap();
+        store.put("nodes/broken", garbage.clone(), Expect::Any).await.unwrap();
+        // A job whose record was lost after its id was handed out: the id is still taken.
+        store.put(JOB_SEQ_KEY, b"41".to_vec(), Expect::Any).await.unwrap();
+
+        let controller = Controller::load(store.clone(), dir.path(), ControllerConfig::default()).await.unwrap();
+        assert_eq!(controller.load_warnings.len(), 2, "{:?}", controller.load_warnings);
+        assert!(controller.load_warnings[0].starts_with("store key jobs/broken-3: undecodable job record"));
+        assert!(controller.load_warnings[1].contains("moved to quarantine/nodes/broken"));
+        assert_eq!(store.get("quarantine/jobs/broken-3").await.unwrap().unwrap().value, garbage);
+        assert_eq!(store.get("jobs/broken-3").await.unwrap(), None);
+        assert_eq!(store.get("nodes/broken").await.unwrap(), None);
+
+        let file = JobFile {
+            yaml: "name: next\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: ['true']\n".into(),
+            source_name: "next.yaml".into(),
+            ..JobFile::default()
+        };
+        let (job, _) = controller.submit(file, admission::SubmitOptions::default()).await.unwrap();
+        assert_eq!(job.id, "next-42");
+        assert_eq!(store.get(JOB_SEQ_KEY).await.unwrap().unwrap().value, b"42");
+    }
+
     #[test]
     fn a_batch_of_starts_is_one_line_with_the_ends_and_a_count() {
         let lines: Vec<String> = (0..1024).map(|i| format!("process 0 on node n{i} started")).collect();
