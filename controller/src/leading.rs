@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use cohort_proto::job_service_client::JobServiceClient;
 use tokio::sync::{RwLock, watch};
 use tonic::Status;
@@ -30,6 +31,8 @@ pub struct Leading {
     channel: RwLock<Option<(String, Channel)>>,
     /// TLS to the leader (None: --insecure).
     tls: Option<cohort_shared::tls::ClientTls>,
+    /// Why the last load of the state failed, while it is retried.
+    load_failure: std::sync::Mutex<Option<String>>,
 }
 
 /// Where a job-API call goes.
@@ -45,7 +48,15 @@ impl Leading {
         leader: watch::Receiver<LeaderState>,
         tls: Option<cohort_shared::tls::ClientTls>,
     ) -> Arc<Self> {
-        Arc::new(Self { id, url, current: watch::channel(None).0, leader, channel: RwLock::new(None), tls })
+        Arc::new(Self {
+            id,
+            url,
+            current: watch::channel(None).0,
+            leader,
+            channel: RwLock::new(None),
+            tls,
+            load_failure: std::sync::Mutex::new(None),
+        })
     }
 
     /// The local controller while this process leads. A leader still loading
@@ -54,7 +65,7 @@ impl Leading {
         if let Some(c) = self.current.borrow().clone() {
             return Some(c);
         }
-        if !self.leader.borrow().is_leader {
+        if !self.leader.borrow().is_leader || self.load_failure().is_some() {
             return None;
         }
         let mut rx = self.current.subscribe();
@@ -69,12 +80,74 @@ impl Leading {
         self.leader.borrow().clone()
     }
 
+    /// Why this leader has no state yet: the last load's error, retried with backoff.
+    pub fn load_failure(&self) -> Option<String> {
+        self.load_failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A leader whose load fails says so, rather than "no leader known".
+    fn check_loading(&self) -> Result<(), Status> {
+        match self.load_failure() {
+            Some(failure) if self.leader.borrow().is_leader => Err(Status::unavailable(format!(
+                "controller {} leads but cannot load its state (retrying): {failure}",
+                self.id
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn set_load_failure(&self, failure: Option<String>) {
+        *self.load_failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
+    }
+
+    /// Loads the state, retrying with backoff (the store unreachable or
+    /// failing) while this process leads; None once it no longer does.
+    async fn load(
+        &self,
+        store: &Arc<dyn Store>,
+        data_dir: &std::path::Path,
+        config: &ControllerConfig,
+        leader: &mut watch::Receiver<LeaderState>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Arc<Controller>> {
+        let mut delays = ExponentialBuilder::new()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_delay(std::time::Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            match Controller::load(store.clone(), data_dir, config.clone()).await {
+                Ok(controller) => {
+                    self.set_load_failure(None);
+                    return Some(controller);
+                }
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(std::time::Duration::from_secs(5));
+                    let failure = format!("{e:#}");
+                    tracing::error!(id = %self.id, error = %failure, retry_in = ?delay, "cannot load the state from the store");
+                    self.set_load_failure(Some(failure));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        changed = shutdown.changed() => if changed.is_err() { return None },
+                        changed = leader.changed() => if changed.is_err() { return None },
+                    }
+                    if *shutdown.borrow() || !leader.borrow().is_leader {
+                        self.set_load_failure(None);
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
     /// For agents: the local controller, or a refusal naming the leader
     /// ("...; leader: URL", which agents parse).
     pub async fn for_agents(&self) -> Result<Arc<Controller>, Status> {
         if let Some(c) = self.controller().await {
             return Ok(c);
         }
+        self.check_loading()?;
         let state = self.state();
         Err(Status::failed_precondition(if state.leader_url.is_empty() || state.leader_url == self.url {
             format!("controller {} is not leading (an election is under way)", self.id)
@@ -88,6 +161,7 @@ impl Leading {
         if let Some(c) = self.controller().await {
             return Ok(Target::Local(c));
         }
+        self.check_loading()?;
         let leader = self.state().leader_url;
         if leader.is_empty() || leader == self.url {
             return Err(Status::unavailable(format!(
@@ -138,7 +212,9 @@ impl Leading {
                 }
             }
             tracing::info!(id = %self.id, "leading: loading the state from the store");
-            let controller = Controller::load(store.clone(), &data_dir, config.clone()).await?;
+            let Some(controller) = self.load(&store, &data_dir, &config, &mut leader, &mut shutdown).await else {
+                continue;
+            };
             let (stop_tx, stop_rx) = watch::channel(false);
             let reconcile = tokio::spawn(controller.clone().run(stop_rx.clone()));
             // Only a shared store (etcd) can change behind this controller's back.
@@ -166,5 +242,75 @@ impl Leading {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::store::{EmbeddedStore, Expect, StoreError, Versioned, WatchStream};
+
+    /// The embedded store, whose first `failures` lists fail (etcd unreachable at a load).
+    struct FailingLists {
+        store: EmbeddedStore,
+        failures: AtomicU32,
+    }
+
+    #[async_trait]
+    impl Store for FailingLists {
+        async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+            self.store.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+            if self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(StoreError::Backend("etcd at 10.0.0.9:2379 is unreachable".into()));
+            }
+            self.store.list(prefix).await
+        }
+        async fn put(&self, key: &str, value: Vec<u8>, expect: Expect) -> Result<u64, StoreError> {
+            self.store.put(key, value, expect).await
+        }
+        async fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError> {
+            self.store.delete(key, expect).await
+        }
+        async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
+            self.store.watch(prefix, from_revision).await
+        }
+    }
+
+    /// A load that fails is named (not "loading" forever) and retried until it works.
+    #[tokio::test]
+    async fn a_failed_load_is_reported_and_retried_until_it_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingLists { store: EmbeddedStore::open(dir.path()).unwrap(), failures: 3.into() });
+        let leader = crate::leader::single("c1".into(), "http://127.0.0.1:1".into());
+        let leading = Leading::new("c1".into(), "http://127.0.0.1:1".into(), leader, None);
+        let (_stop, shutdown) = watch::channel(false);
+        let config = ControllerConfig::default();
+        tokio::spawn(leading.clone().run(store, dir.path().to_path_buf(), config, false, shutdown));
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let failure = loop {
+            if let Some(failure) = leading.load_failure() {
+                break failure;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the failed load was never reported");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(failure.contains("etcd at 10.0.0.9:2379 is unreachable"), "{failure}");
+        let refused = leading.target().await.err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(refused.message().contains("cannot load its state"), "{}", refused.message());
+        while leading.controller().await.is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "the load was not retried: {:?}", leading.load_failure());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(leading.load_failure(), None);
     }
 }

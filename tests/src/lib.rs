@@ -235,6 +235,20 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A cluster of one controller with its port block and directory, nothing
+    /// started yet: prepare the controller's data dir (`data_dir()`), then
+    /// `start_controller` (and no agents: nodes are for `start_with`).
+    pub fn prepare(controller_args: &[&str]) -> anyhow::Result<Cluster> {
+        let cluster = Self::new(Vec::new(), 1, controller_args)?;
+        std::fs::create_dir_all(cluster.data_dir())?;
+        Ok(cluster)
+    }
+
+    /// The first controller's `--data-dir`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("controller")
+    }
+
     /// A cluster with its port block and directory, nothing started yet.
     fn new(nodes: Vec<NodeSpec>, controllers: u16, controller_args: &[&str]) -> anyhow::Result<Cluster> {
         assert!((1..=MAX_CONTROLLERS).contains(&controllers));
@@ -436,6 +450,13 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The controller's exit status once it has exited by itself (None while it runs).
+    pub fn controller_exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.controller.as_mut()?.try_wait().ok()??;
+        self.controller = None;
+        Some(status)
     }
 
     /// SIGTERMs the controller and waits; returns its exit status.
@@ -656,6 +677,27 @@ impl Drop for Cluster {
             let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
             eprintln!("kept {}", dir.keep().display());
         }
+    }
+}
+
+/// A tmpfs mounted for one test (`size` as mount takes it: "3m"), unmounted
+/// (lazily) when dropped. Needs root.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> anyhow::Result<Tmpfs> {
+        let out =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).output()?;
+        if !out.status.success() {
+            bail!("mount -t tmpfs on {} (needs root): {}", dir.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cohort_proto::{Job, JobState};
-use cohort_tests::{Cluster, NodeSpec, processes_of_job, state};
+use cohort_tests::{Cluster, NodeSpec, Tmpfs, processes_of_job, state};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -315,7 +315,7 @@ async fn fill_disk() -> Figures {
     let cluster = cluster(nodes(2)).await;
     let disk = cluster.dir.path().join("small-disk");
     std::fs::create_dir_all(&disk).unwrap();
-    let _mount = Tmpfs::mount(&disk, "3m");
+    let _mount = Tmpfs::mount(&disk, "3m").unwrap();
     let extra = format!("env: {{STEPS: '100000', FILL_DIR: '{}'}}\n", disk.display());
     let job = cluster.submit(&job("disk-full", 2, &extra)).await.unwrap();
     let running = cluster.wait_job(&job.id, Duration::from_secs(30), |j| state(j) == JobState::Running).await.unwrap();
@@ -353,27 +353,6 @@ async fn exit_zero_while_others_block() -> Figures {
     assert_eq!(failure.suspect_node, "node1", "{failure:?}");
     assert!(failure.suspect_reason.contains("exited with code 0"), "{failure:?}");
     figures
-}
-
-/// A tmpfs mounted for one case, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "mount tmpfs (needs root): {}", String::from_utf8_lossy(&out.stderr));
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 // ------------------------------------------------------------------ tests

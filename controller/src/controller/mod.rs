@@ -63,6 +63,9 @@ impl Default for ControllerConfig {
 pub struct Controller {
     state: Mutex<State>,
     store: Arc<dyn Store>,
+    /// What the load found wrong in the store (records quarantined or
+    /// skipped), for `/healthz`.
+    pub load_warnings: Vec<String>,
     pub config: ControllerConfig,
     wake: Notify,
     events: broadcast::Sender<JobEvent>,
@@ -232,22 +235,32 @@ pub use pipeline::stage_state_name;
 
 impl Controller {
     /// Loads jobs and nodes from the store. Stored nodes start `Disconnected`
-    /// and get one TTL to reconnect before their jobs are failed.
+    /// and get one TTL to reconnect before their jobs are failed. A record
+    /// that cannot be decoded is moved under `quarantine/` and reported
+    /// (`/healthz`, the log); the rest of the state loads.
     pub async fn load(store: Arc<dyn Store>, data_dir: &Path, config: ControllerConfig) -> anyhow::Result<Arc<Self>> {
         let mut state = State { next_port: *config.master_ports.start(), next_seq: 1, ..State::default() };
+        let mut warnings = Vec::new();
         for (key, v) in store.list("jobs/").await? {
-            let record = JobRecord::decode(v.value.as_slice())
-                .map_err(|e| anyhow::anyhow!("store key {key}: undecodable job record: {e}"))?;
+            let record = match JobRecord::decode(v.value.as_slice()) {
+                Ok(record) => record,
+                Err(e) => {
+                    warnings.push(quarantine(store.as_ref(), &key, v, &format!("undecodable job record: {e}")).await?);
+                    continue;
+                }
+            };
             let Some(job) = record.job else { continue };
+            state.next_seq = state.next_seq.max(record.seq + 1);
             let file = job.file.clone().unwrap_or_default();
             let spec = match JobSpec::from_yaml(&file.yaml, &file.source_name) {
                 Ok(spec) => spec,
                 Err(e) => {
                     tracing::error!(job = %job.id, error = %e, "stored job no longer parses; skipping it");
+                    warnings
+                        .push(format!("store key {key}: the job file no longer parses ({e}); job {} skipped", job.id));
                     continue;
                 }
             };
-            state.next_seq = state.next_seq.max(record.seq + 1);
             if !job.request_id.is_empty() {
                 let submitter = job.file.as_ref().map(|f| f.submitted_by.clone()).unwrap_or_default();
                 state.submitted.insert((submitter, job.request_id.clone()), job.id.clone());
@@ -262,10 +275,24 @@ impl Controller {
             }
             state.jobs.insert(job.id.clone(), JobEntry::new(job, spec, record.seq, Some(v.revision)));
         }
+        if let Some(last) = store.get(JOB_SEQ_KEY).await? {
+            match std::str::from_utf8(&last.value).ok().and_then(|s| s.parse::<u64>().ok()) {
+                Some(last) => state.next_seq = state.next_seq.max(last + 1),
+                None => warnings.push(format!(
+                    "store key {JOB_SEQ_KEY}: {:?} is not a number; job ids continue after the newest stored job",
+                    String::from_utf8_lossy(&last.value)
+                )),
+            }
+        }
         let now = Instant::now();
         for (key, v) in store.list("nodes/").await? {
-            let record = NodeRecord::decode(v.value.as_slice())
-                .map_err(|e| anyhow::anyhow!("store key {key}: undecodable node record: {e}"))?;
+            let record = match NodeRecord::decode(v.value.as_slice()) {
+                Ok(record) => record,
+                Err(e) => {
+                    warnings.push(quarantine(store.as_ref(), &key, v, &format!("undecodable node record: {e}")).await?);
+                    continue;
+                }
+            };
             let Some(info) = record.info else { continue };
             state.nodes.insert(
                 info.name.clone(),
@@ -291,6 +318,7 @@ impl Controller {
         Ok(Arc::new(Self {
             state: Mutex::new(state),
             store,
+            load_warnings: warnings,
             config,
             wake: Notify::new(),
             events: broadcast::channel(4096).0,
@@ -335,6 +363,8 @@ impl Controller {
         }
         admission::check_fits(&spec, &state, &self.config.admission)?;
         let seq = state.next_seq;
+        // Durable before the id is handed out: a restart never gives it again.
+        self.store.put(JOB_SEQ_KEY, seq.to_string().into_bytes(), Expect::Any).await?;
         state.next_seq += 1;
         let id = format!("{}-{}", spec.name, seq);
         let mut job = Job {
@@ -360,7 +390,12 @@ impl Controller {
             job.stages = pipeline::initial_stages(pipeline);
         }
         state.jobs.insert(id.clone(), JobEntry::new(job, spec, seq, None));
-        self.persist_job(&mut state, &id).await?;
+        if let Err(e) = self.persist_job(&mut state, &id).await {
+            // Not stored, so not a job: nothing of it stays behind.
+            state.jobs.remove(&id);
+            tracing::warn!(job = %id, error = %e, "submit refused: the job could not be stored");
+            return Err(e);
+        }
         if !options.request_id.is_empty() {
             state.submitted.insert(repeat_key, id.clone());
         }
@@ -603,6 +638,11 @@ impl Controller {
 
     // ------------------------------------------------------------ persistence
 
+    /// Whether the store can be written now.
+    pub fn store_health(&self) -> crate::store::StoreHealth {
+        self.store.health()
+    }
+
     async fn persist_job(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
         let record = JobRecord { job: Some(entry.job.clone()), seq: entry.seq };
@@ -674,6 +714,24 @@ impl Controller {
             });
         }
     }
+}
+
+/// The last job sequence number handed out (decimal text): ids are never reused.
+const JOB_SEQ_KEY: &str = "counters/job-seq";
+
+/// Moves an undecodable record to `quarantine/<key>` so that the rest of the
+/// state loads; returns the warning that names it.
+async fn quarantine(
+    store: &dyn Store,
+    key: &str,
+    value: crate::store::Versioned,
+    problem: &str,
+) -> Result<String, crate::store::StoreError> {
+    let aside = format!("quarantine/{key}");
+    store.put(&aside, value.value, Expect::Any).await?;
+    store.delete(key, Expect::Revision(value.revision)).await?;
+    tracing::error!(key, moved_to = %aside, problem, "a stored record cannot be read; moved it aside");
+    Ok(format!("store key {key}: {problem}; moved to {aside}, the rest of the state loaded"))
 }
 
 /// How long batched event messages are held to go out as one event.
@@ -757,6 +815,35 @@ fn validate_node(info: &NodeInfo) -> Result<(), ControllerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn undecodable_records_are_quarantined_and_ids_continue_after_the_stored_counter() {
+        #![allow(clippy::unwrap_used)]
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::EmbeddedStore::open(dir.path()).unwrap());
+        let garbage = vec![0xffu8; 12];
+        store.put("jobs/broken-3", garbage.clone(), Expect::Any).await.unwrap();
+        store.put("nodes/broken", garbage.clone(), Expect::Any).await.unwrap();
+        // A job whose record was lost after its id was handed out: the id is still taken.
+        store.put(JOB_SEQ_KEY, b"41".to_vec(), Expect::Any).await.unwrap();
+
+        let controller = Controller::load(store.clone(), dir.path(), ControllerConfig::default()).await.unwrap();
+        assert_eq!(controller.load_warnings.len(), 2, "{:?}", controller.load_warnings);
+        assert!(controller.load_warnings[0].starts_with("store key jobs/broken-3: undecodable job record"));
+        assert!(controller.load_warnings[1].contains("moved to quarantine/nodes/broken"));
+        assert_eq!(store.get("quarantine/jobs/broken-3").await.unwrap().unwrap().value, garbage);
+        assert_eq!(store.get("jobs/broken-3").await.unwrap(), None);
+        assert_eq!(store.get("nodes/broken").await.unwrap(), None);
+
+        let file = JobFile {
+            yaml: "name: next\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: ['true']\n".into(),
+            source_name: "next.yaml".into(),
+            ..JobFile::default()
+        };
+        let (job, _) = controller.submit(file, admission::SubmitOptions::default()).await.unwrap();
+        assert_eq!(job.id, "next-42");
+        assert_eq!(store.get(JOB_SEQ_KEY).await.unwrap().unwrap().value, b"42");
+    }
 
     #[test]
     fn a_batch_of_starts_is_one_line_with_the_ends_and_a_count() {

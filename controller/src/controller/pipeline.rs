@@ -447,7 +447,11 @@ impl Controller {
                 ..Job::default()
             };
             state.jobs.insert(child_id.clone(), JobEntry::new(job, child_spec, seq, None));
-            self.persist_job(state, &child_id).await?;
+            if let Err(e) = self.persist_job(state, &child_id).await {
+                // Not stored, so not submitted: the next pass submits it again.
+                state.jobs.remove(&child_id);
+                return Err(e);
+            }
             self.publish(state, &child_id, "submitted by its pipeline");
             tracing::info!(pipeline = %pipeline_id, stage = %stage_name, job = %child_id, "stage run submitted");
         }

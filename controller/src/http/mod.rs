@@ -18,6 +18,7 @@ use serde::Deserialize;
 use crate::controller::Controller;
 use crate::error::ControllerError;
 use crate::leading::Leading;
+use crate::store::StoreHealth;
 
 /// The page at `/`: one self-contained file, no external assets.
 const INDEX_HTML: &str = include_str!("index.html");
@@ -98,13 +99,21 @@ async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
 }
 
-/// 200 "ok <role> <id>"; 503 while a new leader loads its state, or when the
-/// leader's state lock cannot be had (the reconcile loop or a handler is stuck
-/// holding it).
+/// 200 "ok <role> <id>", followed by a "warning: " line for each record the
+/// load quarantined; 503 while a new leader loads its state (naming why, when
+/// a load failed), while the store cannot write (naming the error and the data
+/// dir), or when the leader's state lock cannot be had (the reconcile loop or
+/// a handler is stuck holding it).
 #[tracing::instrument(level = "debug", skip_all)]
 async fn healthz(State(api): State<HttpApi>) -> Response {
     let role = api.role();
     let id = &api.leading.id;
+    if role.name == "leader"
+        && let Some(failure) = api.leading.load_failure()
+    {
+        let body = format!("failing: leader {id} cannot load the state (retrying): {failure}\n");
+        return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+    }
     let Some(controller) = api.leading.controller().await else {
         if role.name == "leader" {
             let body = format!("starting: leader {id} is loading the state\n");
@@ -113,8 +122,14 @@ async fn healthz(State(api): State<HttpApi>) -> Response {
         let leader = if role.leader_url.is_empty() { "none known yet" } else { role.leader_url.as_str() };
         return (StatusCode::OK, format!("ok {} {id} (leader: {leader})\n", role.name)).into_response();
     };
+    if let StoreHealth::Failing(why) = controller.store_health() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("failing: {} {id}: {why}\n", role.name)).into_response();
+    }
     match tokio::time::timeout(STUCK_AFTER, controller.list(true)).await {
-        Ok(_) => (StatusCode::OK, format!("ok {} {id}\n", role.name)).into_response(),
+        Ok(_) => {
+            let warnings: String = controller.load_warnings.iter().map(|w| format!("warning: {w}\n")).collect();
+            (StatusCode::OK, format!("ok {} {id}\n{warnings}", role.name)).into_response()
+        }
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("stuck: {} {id}: the controller's state was not free within {STUCK_AFTER:?}\n", role.name),

@@ -41,6 +41,20 @@ pub enum StoreError {
     Conflict { key: String, expected: Expect, found: Option<u64> },
     #[error("store backend error: {0}")]
     Backend(String),
+    /// The embedded store's file cannot be written (disk full, I/O error); it
+    /// reopens itself in the background and works again once it can write.
+    #[error(
+        "the controller's store cannot write: {error}; free space on {dir} (or fix the disk): it recovers by itself"
+    )]
+    Unwritable { error: String, dir: String },
+}
+
+/// Whether the store can be used now, for `/healthz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreHealth {
+    Ok,
+    /// Writes fail until this clears; the message names the error and the fix.
+    Failing(String),
 }
 
 /// One change seen by a [`Store::watch`].
@@ -77,6 +91,11 @@ pub trait Store: Send + Sync + 'static {
     /// the first event; a backend that cannot replay an older `from_revision`
     /// yields [`WatchEvent::Resync`] first.
     async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError>;
+    /// Whether the store works now. A backend whose failures are per call
+    /// (etcd: each call is retried or fails on its own) is always `Ok`.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::Ok
+    }
 }
 
 /// The behaviour every `Store` must have; run against each backend (the etcd
