@@ -29,8 +29,8 @@ use tokio::sync::mpsc;
 use crate::rank_user::RankIdentity;
 use crate::stage::{StageItem, StageProgress, StagedItem};
 
-pub(crate) use helper::open_regular;
 pub use helper::{invoked, main as files_as_main};
+pub(crate) use helper::{open_regular, read_stdin_json};
 
 /// The first argument that makes `cohort-agent` touch a job's files as its user.
 pub const FILES_AS: &str = "files-as";

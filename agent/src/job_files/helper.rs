@@ -33,16 +33,9 @@ pub fn main() -> i32 {
     let Some(run_as) = std::env::args().nth(2) else {
         return fail("usage: files-as uid:gid:groups < request.json".into());
     };
-    let mut text = Vec::new();
-    if let Err(e) = std::io::stdin().take(MAX_REQUEST + 1).read_to_end(&mut text) {
-        return fail(format!("reading the request from stdin: {e}"));
-    }
-    if text.len() as u64 > MAX_REQUEST {
-        return fail(format!("the request on stdin is over {MAX_REQUEST} bytes"));
-    }
-    let request: Request = match serde_json::from_slice(&text) {
+    let request: Request = match read_stdin_json(MAX_REQUEST, "request") {
         Ok(request) => request,
-        Err(e) => return fail(format!("the request on stdin is not valid: {e}")),
+        Err(message) => return fail(message),
     };
     // The user first: nothing of the job's is opened with the agent's privileges.
     if let Err(e) = crate::rank_user::become_user(&run_as) {
@@ -74,6 +67,20 @@ pub fn main() -> i32 {
         return 127;
     }
     code
+}
+
+/// One JSON value of at most `limit` bytes from stdin, as the agent's
+/// helpers (`files-as`, `preflight-as`) take their input; `what` names it in errors.
+pub(crate) fn read_stdin_json<T: serde::de::DeserializeOwned>(limit: u64, what: &str) -> Result<T, String> {
+    let mut text = Vec::new();
+    std::io::stdin()
+        .take(limit + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("reading the {what} from stdin: {e}"))?;
+    if text.len() as u64 > limit {
+        return Err(format!("the {what} on stdin is over {limit} bytes"));
+    }
+    serde_json::from_slice(&text).map_err(|e| format!("the {what} on stdin is not valid: {e}"))
 }
 
 fn print(reply: &Reply) -> std::io::Result<()> {

@@ -11,7 +11,7 @@
 //! Each run has a timeout (a hung import must not hang the agent; the child is
 //! killed) and keeps at most [`MAX_OUTPUT`] bytes of each stream.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -162,16 +162,9 @@ pub fn preflight_as_main() -> i32 {
     if dashes != "--" || args.len() < 3 {
         return fail("usage: preflight-as uid:gid:groups -- <program> [args...]".into());
     }
-    let mut text = Vec::new();
-    if let Err(e) = std::io::stdin().take(MAX_ENV_BYTES + 1).read_to_end(&mut text) {
-        return fail(format!("reading the environment from stdin: {e}"));
-    }
-    if text.len() as u64 > MAX_ENV_BYTES {
-        return fail(format!("the environment on stdin is over {MAX_ENV_BYTES} bytes"));
-    }
-    let input: HelperInput = match serde_json::from_slice(&text) {
+    let input: HelperInput = match crate::job_files::read_stdin_json(MAX_ENV_BYTES, "environment") {
         Ok(input) => input,
-        Err(e) => return fail(format!("the environment on stdin is not valid: {e}")),
+        Err(message) => return fail(message),
     };
     if let Err(e) = crate::rank_user::become_user(&run_as.to_string_lossy()) {
         return fail(e.to_string());
