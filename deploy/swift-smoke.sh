@@ -272,7 +272,12 @@ step_b() {
     st="$(wait_state "$job" 900)"
     save_job "$job" b
     [[ "$st" == SUCCEEDED ]] || { say "  job ended $st"; tail -30 "$logs/b.log"; return 1; }
-    read -r n it0 loss0 it1 loss1 evals first_ms < <(metric_summary "$logs/b.metrics.jsonl" "$kill_ms")
+    # The points of the next attempt: those read after it started (the killed attempt may
+    # have logged an iteration or two past checkpoint 10 before the kill landed).
+    local next_start
+    next_start="$(pyj 'max(int(a.get("startedUnixMs", a.get("started_unix_ms", 0))) for a in d.get("attempts", []))' <"$logs/b.status.json")"
+    ((next_start > kill_ms)) || { say "  no attempt started after the kill"; return 1; }
+    read -r n it0 loss0 it1 loss1 evals first_ms < <(metric_summary "$logs/b.metrics.jsonl" "$next_start")
     figure "b.killed_after_checkpoint" "$newest"
     figure "b.resumed_attempt_first_iteration" "$it0"
     figure "b.kill_to_next_attempt_first_iteration_s" "$(( (first_ms - kill_ms) / 1000 )).$(( (first_ms - kill_ms) % 1000 / 100 ))"
@@ -316,7 +321,13 @@ with open(sys.argv[2], "w") as f:
     st="$(wait_state "$job" 1200)"
     save_job "$job" c
     cohort report "$job" --dir "$logs/c.report" >"$logs/c.report.md" 2>&1 || true
-    [[ "$st" == SUCCEEDED ]] || { say "  pipeline ended $st"; head -40 "$logs/c.status.txt"; return 1; }
+    local stage
+    for stage in sft answers; do cohort logs "$job.$stage" >"$logs/c.$stage.log" 2>&1 || true; done
+    [[ "$st" == SUCCEEDED ]] || {
+        say "  pipeline ended $st"; head -40 "$logs/c.status.txt"
+        grep -v '^\s*$' "$logs/c.sft.log" | grep -B3 -A25 -m1 'Traceback' | head -60
+        return 1
+    }
     head -30 "$logs/c.report.md"
     grep -qi "before" "$logs/c.report.md" && grep -qi "after" "$logs/c.report.md" \
         || { say "  the report lacks before/after"; return 1; }
