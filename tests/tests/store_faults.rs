@@ -71,8 +71,9 @@ async fn full_data_disk_refuses_submits_cleanly_and_recovers_when_space_is_freed
     assert_eq!(job_ids(&cluster).await, [first.id.clone(), second.id.clone()]);
     let third = cluster.submit(&job("after-restart")).await.unwrap();
     assert!(seq(&third.id) > seq(&second.id), "{} after {}", third.id, second.id);
-    drop(cluster);
+    // Unmounted first (lazily, the controller may still hold it): the cluster's directory then goes with it.
     drop(disk);
+    drop(cluster);
 }
 
 #[tokio::test(flavor = "multi_thread")]
