@@ -69,9 +69,7 @@ pub fn read_raw_record(state_file: &Path, key: &str) -> Option<(u64, Vec<u8>)> {
     let db = redb::Database::open(state_file).unwrap();
     let txn = db.begin_read().unwrap();
     let table = txn.open_table(KV).unwrap();
-    let found = table.get(key).unwrap().map(|v| {
-        let (revision, value) = v.value();
-        (revision, value.to_vec())
-    });
-    found
+    let guard = table.get(key).unwrap()?;
+    let (revision, value) = guard.value();
+    Some((revision, value.to_vec()))
 }
