@@ -149,17 +149,10 @@ impl EmbeddedStore {
     /// failing and starts a reopen.
     fn fail(&self, e: impl Into<redb::Error>) -> StoreError {
         let e: redb::Error = e.into();
-        match e {
+        let damage = match &e {
             // A length or offset read from a damaged page that points past the file's end.
-            redb::Error::Io(ref io)
-                if matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData) =>
-            {
-                self.failing(Failing::Damaged(e.to_string()))
-            }
-            redb::Error::Io(_) | redb::Error::PreviousIo => self.failing(Failing::Io(e.to_string())),
-            // What a commit that failed on a full disk leaves is the disk's doing, not the file's.
-            redb::Error::Corrupted(_) if matches!(*lock(&self.inner.failing), Some(Failing::Io(_))) => {
-                self.failing(Failing::Io(e.to_string()))
+            redb::Error::Io(io) => {
+                matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData)
             }
             // Our tables are made at open with fixed types: finding them otherwise is a damaged page.
             redb::Error::Corrupted(_)
@@ -168,7 +161,15 @@ impl EmbeddedStore {
             | redb::Error::TableIsMultimap(_)
             | redb::Error::TableIsNotMultimap(_)
             | redb::Error::TableDoesNotExist(_)
-            | redb::Error::UpgradeRequired(_) => self.failing(Failing::Damaged(e.to_string())),
+            | redb::Error::UpgradeRequired(_) => true,
+            _ => false,
+        };
+        // What a commit that failed on a full disk leaves is the disk's doing, not the file's.
+        let disk_failing = matches!(*lock(&self.inner.failing), Some(Failing::Io(_)));
+        match e {
+            _ if damage && !disk_failing => self.failing(Failing::Damaged(e.to_string())),
+            _ if damage => self.failing(Failing::Io(e.to_string())),
+            redb::Error::Io(_) | redb::Error::PreviousIo => self.failing(Failing::Io(e.to_string())),
             other => StoreError::Backend(other.to_string()),
         }
     }
