@@ -39,7 +39,9 @@ impl From<ControllerError> for Status {
             ControllerError::JobNotFound(_) => Code::NotFound,
             ControllerError::FailedPrecondition(_) => Code::FailedPrecondition,
             ControllerError::Store(StoreError::Conflict { .. }) => Code::Aborted,
-            ControllerError::Store(StoreError::Backend(_) | StoreError::Unwritable { .. }) => Code::Unavailable,
+            ControllerError::Store(
+                StoreError::Backend(_) | StoreError::Unwritable { .. } | StoreError::Damaged { .. },
+            ) => Code::Unavailable,
         };
         Status::new(code, err.to_string())
     }

@@ -10,6 +10,8 @@ Environment (besides Cohort's contract):
   STEP_S        seconds of "work" per step (default 0.1)
   EXIT0_NODE_RANK  on attempt 1, this node exits 0 after step 3 (the others then wait)
   FILL_DIR      each step writes 1 MiB there (a full disk fails the rank)
+  FINISH_FILE   once this file exists, every rank finishes after the same step (rank 0
+                sees it and tells the others in the barrier): a job that runs until told
 """
 import faulthandler
 import os
@@ -30,6 +32,7 @@ if attempt == 1:
 step_s = float(os.environ.get("STEP_S", "0.1"))
 exit0 = os.environ.get("EXIT0_NODE_RANK")
 fill_dir = os.environ.get("FILL_DIR")
+finish_file = os.environ.get("FINISH_FILE")
 addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 
 
@@ -68,10 +71,13 @@ if rank == 0:
     peers = [server.accept()[0] for _ in range(nnodes - 1)]
 
     def barrier():
+        """Returns whether every rank finishes after this step."""
         for p in peers:
             recv_byte(p)
+        finish = bool(finish_file) and os.path.exists(finish_file)
         for p in peers:
-            send_byte(p, b"g")
+            send_byte(p, b"f" if finish else b"g")
+        return finish
 else:
     deadline = time.time() + 60
     while True:
@@ -86,7 +92,7 @@ else:
 
     def barrier():
         send_byte(conn, b"s")
-        recv_byte(conn)
+        return recv_byte(conn) == b"f"
 
 
 say(f"pid {os.getpid()} joined {nnodes} nodes")
@@ -95,8 +101,11 @@ for step in range(1, steps + 1):
     if fill_dir:
         with open(os.path.join(fill_dir, f"ckpt-{rank}-{attempt}-{step}"), "wb") as f:
             f.write(b"\0" * (1 << 20))
-    barrier()
+    finish = barrier()
     say(f"step {step}")
+    if finish:
+        say("finish file seen")
+        break
     if exit0 is not None and attempt == 1 and int(exit0) == rank and step == 3:
         say("leaving early with code 0")
         sys.exit(0)

@@ -12,6 +12,7 @@
 
 pub mod etcd;
 pub mod proxy;
+pub mod store_faults;
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -228,10 +229,7 @@ impl Cluster {
 
     pub async fn start_with(nodes: Vec<NodeSpec>, controller_args: &[&str]) -> anyhow::Result<Cluster> {
         let mut cluster = Self::new(nodes, 1, controller_args)?;
-        cluster.start_controller()?;
-        cluster.start_agents().await?;
-        let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
-        cluster.wait_nodes_ready(&names, Duration::from_secs(20)).await?;
+        cluster.start_prepared().await?;
         Ok(cluster)
     }
 
@@ -239,9 +237,23 @@ impl Cluster {
     /// started yet: prepare the controller's data dir (`data_dir()`), then
     /// `start_controller` (and no agents: nodes are for `start_with`).
     pub fn prepare(controller_args: &[&str]) -> anyhow::Result<Cluster> {
-        let cluster = Self::new(Vec::new(), 1, controller_args)?;
+        Self::prepare_with(Vec::new(), controller_args)
+    }
+
+    /// Like [`Cluster::prepare`] with nodes: prepare the data dir (e.g. mount
+    /// a small disk on it), then [`Cluster::start_prepared`].
+    pub fn prepare_with(nodes: Vec<NodeSpec>, controller_args: &[&str]) -> anyhow::Result<Cluster> {
+        let cluster = Self::new(nodes, 1, controller_args)?;
         std::fs::create_dir_all(cluster.data_dir())?;
         Ok(cluster)
+    }
+
+    /// Starts the controller and an agent per node; returns once every node is Ready.
+    pub async fn start_prepared(&mut self) -> anyhow::Result<()> {
+        self.start_controller()?;
+        self.start_agents().await?;
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        self.wait_nodes_ready(&names, Duration::from_secs(20)).await
     }
 
     /// The first controller's `--data-dir`.

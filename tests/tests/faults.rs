@@ -21,6 +21,10 @@ use cohort_tests::{Cluster, NodeSpec, Tmpfs, processes_of_job, state};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+#[path = "faults/controller.rs"]
+mod controller;
+use controller::{corrupt_store_record, fill_controller_disk, pause_controller};
+
 /// Detection: fault → the attempt is failed (by the controller's clock).
 /// Recovery: fault → the next attempt runs (every rank started).
 #[derive(Debug, Clone, Copy)]
@@ -33,17 +37,24 @@ const TTL: &str = "3s";
 const FENCE: &str = "4s";
 
 fn nodes(n: usize) -> Vec<NodeSpec> {
+    nodes_with(n, 1, FENCE)
+}
+
+/// `n` nodes of `gpus` fake GPUs whose agents fence after `fence`.
+fn nodes_with(n: usize, gpus: u32, fence: &str) -> Vec<NodeSpec> {
     (0..n)
         .map(|i| {
-            let mut node = NodeSpec::loopback(i, 1);
-            node.extra_args = vec!["--fence-after".into(), FENCE.into()];
+            let mut node = NodeSpec::loopback(i, gpus);
+            node.extra_args = vec!["--fence-after".into(), fence.into()];
             node
         })
         .collect()
 }
 
+const CONTROLLER_ARGS: [&str; 4] = ["--node-ttl", TTL, "--heartbeat-interval", "500ms"];
+
 async fn cluster(nodes: Vec<NodeSpec>) -> Cluster {
-    Cluster::start_with(nodes, &["--node-ttl", TTL, "--heartbeat-interval", "500ms"]).await.unwrap()
+    Cluster::start_with(nodes, &CONTROLLER_ARGS).await.unwrap()
 }
 
 /// The lockstep job: `nodes` ranks, restarts on the default events after 500 ms.
@@ -375,6 +386,9 @@ case!(a_partitioned_agent_fences_and_the_job_restarts_elsewhere, partition_agent
 case!(a_controller_killed_during_launch_adopts_the_job, kill_controller_during_launch);
 case!(a_full_output_disk_fails_the_job_without_retry, fill_disk);
 case!(exit_zero_on_one_node_while_others_block_is_a_hang, exit_zero_while_others_block);
+case!(a_controller_paused_past_the_node_ttl_keeps_the_job_running, pause_controller);
+case!(a_full_controller_data_disk_refuses_submits_and_the_job_runs_on, fill_controller_disk);
+case!(a_corrupted_job_record_is_quarantined_and_the_rest_adopted, corrupt_store_record);
 
 /// The figures table: every case `COHORT_FAULT_RUNS` times (default 5), medians.
 #[tokio::test(flavor = "multi_thread")]
@@ -422,6 +436,13 @@ async fn fault_figures() {
         exit_zero_while_others_block,
         "every anchor: never (kill-on-bad-exit ignores exit 0)"
     );
+    measure!(
+        "pause the controller (SIGSTOP 6 s, TTL 3s, fence 15s)",
+        pause_controller,
+        "Slurm and Kubernetes: running work is left alone while slurmctld / the API server is away"
+    );
+    measure!("fill the controller's data disk (8 MiB tmpfs)", fill_controller_disk, "no anchor measured");
+    measure!("a job record in the state file no longer decodes", corrupt_store_record, "no anchor measured");
     fn median(mut v: Vec<Duration>) -> String {
         if v.is_empty() {
             return "-".into();

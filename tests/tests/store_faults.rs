@@ -7,11 +7,9 @@
 //! is printed by `cargo test -p cohort-tests --test store_faults full_data_disk -- --nocapture`.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cohort_proto::{Job, ListJobsRequest};
+use cohort_tests::store_faults::{fill, healthz, job_ids, seq, wait_healthz, write_raw_record};
 use cohort_tests::{Cluster, SparePort, Tmpfs, is_root};
 
 /// The job file of a job that waits for a node (the test clusters have none).
@@ -22,46 +20,6 @@ fn job(name: &str) -> String {
 /// A job whose record needs more room than the state file has spare.
 fn big_job(name: &str) -> String {
     format!("{}# {}\n", job(name), "x".repeat(600 * 1024))
-}
-
-async fn healthz(http: &SparePort) -> Option<(u16, String)> {
-    let response = reqwest::get(format!("http://{}/healthz", http.addr())).await.ok()?;
-    let code = response.status().as_u16();
-    Some((code, response.text().await.unwrap_or_default()))
-}
-
-/// Polls `/healthz` until it answers `code`; returns the body.
-async fn wait_healthz(http: &SparePort, code: u16, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let got = healthz(http).await;
-        if let Some((c, body)) = &got
-            && *c == code
-        {
-            return body.clone();
-        }
-        assert!(Instant::now() < deadline, "/healthz did not answer {code} within {within:?}; last: {got:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn job_ids(cluster: &Cluster) -> Vec<String> {
-    let mut client = cluster.client().await.unwrap();
-    let jobs = client.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
-    jobs.into_iter().map(|j: Job| j.id).collect()
-}
-
-/// The sequence number of a job id `<name>-<seq>`.
-fn seq(id: &str) -> u64 {
-    id.rsplit('-').next().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("job id {id:?} has no sequence"))
-}
-
-/// Writes `path` until the disk is full.
-fn fill(path: &Path) {
-    let mut file = std::fs::File::create(path).unwrap();
-    let chunk = vec![0xa5u8; 64 * 1024];
-    while file.write_all(&chunk).is_ok() {}
-    let _ = file.write_all(&[0]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -113,8 +71,9 @@ async fn full_data_disk_refuses_submits_cleanly_and_recovers_when_space_is_freed
     assert_eq!(job_ids(&cluster).await, [first.id.clone(), second.id.clone()]);
     let third = cluster.submit(&job("after-restart")).await.unwrap();
     assert!(seq(&third.id) > seq(&second.id), "{} after {}", third.id, second.id);
-    drop(cluster);
+    // Unmounted first (lazily, the controller may still hold it): the cluster's directory then goes with it.
     drop(disk);
+    drop(cluster);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -182,13 +141,7 @@ async fn an_undecodable_job_record_is_quarantined_and_reported_and_the_rest_load
     assert!(cluster.stop_controller().is_some_and(|s| s.success()));
 
     // A raw write into the controller's redb file, as the store lays it out.
-    {
-        const KV: redb::TableDefinition<&str, (u64, &[u8])> = redb::TableDefinition::new("kv");
-        let db = redb::Database::open(cluster.data_dir().join("state.redb")).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(KV).unwrap().insert("jobs/broken-7", (1_000_000, [0xffu8; 12].as_slice())).unwrap();
-        txn.commit().unwrap();
-    }
+    write_raw_record(&cluster.data_dir().join("state.redb"), "jobs/broken-7", 1_000_000, &[0xffu8; 12]);
     let log_from = cluster.controller_log().len();
     cluster.start_controller().unwrap();
     let body = wait_healthz(&http, 200, Duration::from_secs(20)).await;

@@ -6,7 +6,10 @@
 //! database is reopened: the store then reports itself failing and reopens
 //! the file in the background, with backoff, until a write commits again.
 //! A file redb cannot open or verify stops the controller with a message
-//! naming the file; redb's own panics on a corrupted file are caught.
+//! naming the file; redb's own panics on a corrupted file are caught, at
+//! start and on every call after it: a page found damaged while serving makes
+//! the store failing (`/healthz` names the file and the fix) and reopens it,
+//! which repairs what redb can.
 
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
@@ -55,10 +58,24 @@ struct Inner {
     /// order; and by a reopen, so no write runs while the file changes hands.
     publish: Mutex<()>,
     changes: broadcast::Sender<WatchEvent>,
-    /// The last I/O error while the store is failing.
-    failing: Mutex<Option<String>>,
+    /// Why the store fails, while it does.
+    failing: Mutex<Option<Failing>>,
     /// A reopen task runs.
     reopening: AtomicBool,
+    /// redb's page cache, for every open of the file.
+    cache_bytes: usize,
+}
+
+/// redb's default page cache.
+const DEFAULT_CACHE_BYTES: usize = 1 << 30;
+
+/// Why the store fails now.
+#[derive(Debug, Clone)]
+enum Failing {
+    /// The disk: full, read-only, failing (redb refuses every call after one I/O error).
+    Io(String),
+    /// The file holds what redb cannot read (a damaged page, a panic on it).
+    Damaged(String),
 }
 
 /// Why the file could not be opened.
@@ -75,9 +92,15 @@ enum OpenError {
 impl EmbeddedStore {
     /// Opens (or creates) `dir/state.redb`, repairing and verifying it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`EmbeddedStore::open`] with redb's page cache of `cache_bytes` (0: every
+    /// read goes to the file, as a file bigger than the cache does).
+    fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
-        let db = open_verified(&path).map_err(|e| {
+        let db = open_verified(&path, cache_bytes).map_err(|e| {
             StoreError::Backend(match e {
                 OpenError::InUse => format!(
                     "opening {}: the file is in use (is another cohort-controller using this --data-dir?)",
@@ -107,6 +130,7 @@ impl EmbeddedStore {
                 changes: broadcast::channel(WATCH_BUFFER).0,
                 failing: Mutex::new(None),
                 reopening: AtomicBool::new(false),
+                cache_bytes,
             }),
         })
     }
@@ -114,24 +138,55 @@ impl EmbeddedStore {
     fn db(&self) -> Result<Arc<Database>, StoreError> {
         let db = self.inner.db.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         db.ok_or_else(|| {
-            let error = lock(&self.inner.failing).clone().unwrap_or_else(|| "the database is being reopened".into());
-            self.inner.unwritable(error)
+            let failing = lock(&self.inner.failing)
+                .clone()
+                .unwrap_or_else(|| Failing::Io("the database is being reopened".into()));
+            self.inner.error(failing)
         })
     }
 
-    /// Maps a redb error; an I/O error (or the corruption a failed commit
-    /// leaves) marks the store failing and starts a reopen.
+    /// Maps a redb error; an I/O error or a damaged page marks the store
+    /// failing and starts a reopen.
     fn fail(&self, e: impl Into<redb::Error>) -> StoreError {
         let e: redb::Error = e.into();
-        match e {
-            redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::Corrupted(_) => {
-                let error = e.to_string();
-                self.inner.set_failing(&error);
-                self.start_reopening();
-                self.inner.unwritable(error)
+        let damage = match &e {
+            // A length or offset read from a damaged page that points past the file's end.
+            redb::Error::Io(io) => {
+                matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData)
             }
+            // Our tables are made at open with fixed types: finding them otherwise is a damaged page.
+            redb::Error::Corrupted(_)
+            | redb::Error::TableTypeMismatch { .. }
+            | redb::Error::TypeDefinitionChanged { .. }
+            | redb::Error::TableIsMultimap(_)
+            | redb::Error::TableIsNotMultimap(_)
+            | redb::Error::TableDoesNotExist(_)
+            | redb::Error::UpgradeRequired(_) => true,
+            _ => false,
+        };
+        // What a commit that failed on a full disk leaves is the disk's doing, not the file's.
+        let disk_failing = matches!(*lock(&self.inner.failing), Some(Failing::Io(_)));
+        match e {
+            _ if damage && !disk_failing => self.failing(Failing::Damaged(e.to_string())),
+            _ if damage => self.failing(Failing::Io(e.to_string())),
+            redb::Error::Io(_) | redb::Error::PreviousIo => self.failing(Failing::Io(e.to_string())),
             other => StoreError::Backend(other.to_string()),
         }
+    }
+
+    fn failing(&self, failing: Failing) -> StoreError {
+        self.inner.set_failing(&failing);
+        self.start_reopening();
+        self.inner.error(failing)
+    }
+
+    /// Runs a call into redb, which panics on some impossible values read
+    /// from a damaged page: such a panic fails this call and the store (like
+    /// a damaged page redb reports), never the task that made the call.
+    fn guarded<T>(&self, call: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        quietly(call).unwrap_or_else(|panic| {
+            Err(self.failing(Failing::Damaged(format!("redb stopped on an impossible value read from it: {panic}"))))
+        })
     }
 
     fn start_reopening(&self) {
@@ -149,14 +204,29 @@ impl EmbeddedStore {
 
     fn current_revision(&self) -> Result<u64, StoreError> {
         let db = self.db()?;
-        let txn = db.begin_read().map_err(|e| self.fail(e))?;
-        let meta = txn.open_table(META).map_err(|e| self.fail(e))?;
-        Ok(meta.get("revision").map_err(|e| self.fail(e))?.map(|v| v.value()).unwrap_or(0))
+        self.guarded(|| {
+            let txn = db.begin_read().map_err(|e| self.fail(e))?;
+            let meta = txn.open_table(META).map_err(|e| self.fail(e))?;
+            Ok(meta.get("revision").map_err(|e| self.fail(e))?.map(|v| v.value()).unwrap_or(0))
+        })
     }
 
     fn write(&self, key: &str, value: Option<Vec<u8>>, expect: Expect) -> Result<u64, StoreError> {
         let _publishing = lock(&self.inner.publish);
         let db = self.db()?;
+        let revision = self.guarded(|| self.commit(&db, key, value.as_deref(), expect))?;
+        let key = key.to_string();
+        let event = match value {
+            Some(value) => WatchEvent::Put { key, value, revision },
+            None => WatchEvent::Delete { key, revision },
+        };
+        // No receiver is fine: nobody watches.
+        let _ = self.inner.changes.send(event);
+        Ok(revision)
+    }
+
+    /// One write transaction: `value` under `key` (None: removed) if `expect` holds.
+    fn commit(&self, db: &Database, key: &str, value: Option<&[u8]>, expect: Expect) -> Result<u64, StoreError> {
         let txn = db.begin_write().map_err(|e| self.fail(e))?;
         let revision = {
             let mut kv = txn.open_table(KV).map_err(|e| self.fail(e))?;
@@ -172,9 +242,9 @@ impl EmbeddedStore {
             }
             let revision = meta.get("revision").map_err(|e| self.fail(e))?.map(|v| v.value()).unwrap_or(0) + 1;
             meta.insert("revision", revision).map_err(|e| self.fail(e))?;
-            match &value {
+            match value {
                 Some(value) => {
-                    kv.insert(key, (revision, value.as_slice())).map_err(|e| self.fail(e))?;
+                    kv.insert(key, (revision, value)).map_err(|e| self.fail(e))?;
                 }
                 None => {
                     kv.remove(key).map_err(|e| self.fail(e))?;
@@ -183,40 +253,44 @@ impl EmbeddedStore {
             revision
         };
         txn.commit().map_err(|e| self.fail(e))?;
-        let key = key.to_string();
-        let event = match value {
-            Some(value) => WatchEvent::Put { key, value, revision },
-            None => WatchEvent::Delete { key, revision },
-        };
-        // No receiver is fine: nobody watches.
-        let _ = self.inner.changes.send(event);
         Ok(revision)
     }
 }
 
 impl Inner {
-    fn unwritable(&self, error: String) -> StoreError {
-        StoreError::Unwritable { error, dir: self.dir.display().to_string() }
+    fn error(&self, failing: Failing) -> StoreError {
+        match failing {
+            Failing::Io(error) => StoreError::Unwritable { error, dir: self.dir.display().to_string() },
+            Failing::Damaged(error) => StoreError::Damaged { error, file: self.path.display().to_string() },
+        }
     }
 
-    fn set_failing(&self, error: &str) {
+    fn set_failing(&self, new: &Failing) {
         let mut failing = lock(&self.failing);
-        if failing.is_none() {
-            tracing::error!(file = %self.path.display(), %error, "the store cannot write; reopening it until it can");
+        let file = self.path.display();
+        match (&*failing, new) {
+            (None | Some(Failing::Damaged(_)), Failing::Io(error)) => {
+                tracing::error!(file = %file, %error, "the store cannot write; reopening it until it can");
+            }
+            (None | Some(Failing::Io(_)), Failing::Damaged(error)) => {
+                tracing::error!(file = %file, %error, "the state file is damaged; reopening it (redb repairs what it can)");
+            }
+            _ => {}
         }
-        *failing = Some(error.to_string());
+        *failing = Some(new.clone());
     }
 
     /// Lets go of the file, opens it again (redb repairs what a failed commit
     /// left) and commits a probe write of [`PROBE_BYTES`]: the store is
     /// writable once that commits.
-    fn reopen(&self) -> Result<(), String> {
+    fn reopen(&self) -> Result<(), Failing> {
         let _publishing = lock(&self.publish);
         // A reader still holding the old handle keeps the file locked: the next attempt gets it.
         drop(self.db.write().unwrap_or_else(|poisoned| poisoned.into_inner()).take());
-        let db = open_verified(&self.path).map_err(|e| match e {
-            OpenError::Io(e) | OpenError::Corrupted(e) => e,
-            OpenError::InUse => "the old handle is still in use".into(),
+        let db = open_verified(&self.path, self.cache_bytes).map_err(|e| match e {
+            OpenError::Io(e) => Failing::Io(e),
+            OpenError::Corrupted(e) => Failing::Damaged(e),
+            OpenError::InUse => Failing::Io("the old handle is still in use".into()),
         })?;
         let probe = || -> Result<(), redb::Error> {
             let txn = db.begin_write()?;
@@ -227,7 +301,14 @@ impl Inner {
             txn.commit()?;
             Ok(())
         };
-        probe().map_err(|e| e.to_string())?;
+        match quietly(probe) {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ redb::Error::Corrupted(_))) => return Err(Failing::Damaged(e.to_string())),
+            Ok(Err(e)) => return Err(Failing::Io(e.to_string())),
+            Err(panic) => {
+                return Err(Failing::Damaged(format!("redb stopped on an impossible value read from it: {panic}")));
+            }
+        }
         *self.db.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(db));
         *lock(&self.failing) = None;
         Ok(())
@@ -249,11 +330,11 @@ async fn reopen_until_writable(inner: Arc<Inner>) {
             let attempt = inner.clone();
             match tokio::task::spawn_blocking(move || attempt.reopen()).await {
                 Ok(Ok(())) => break,
-                Ok(Err(error)) => {
-                    tracing::debug!(file = %inner.path.display(), %error, "the store still cannot write");
-                    inner.set_failing(&error);
+                Ok(Err(failing)) => {
+                    tracing::debug!(file = %inner.path.display(), ?failing, "the store still cannot write");
+                    inner.set_failing(&failing);
                 }
-                Err(e) => inner.set_failing(&format!("reopening the database: {e}")),
+                Err(e) => inner.set_failing(&Failing::Io(format!("reopening the database: {e}"))),
             }
         }
         tracing::info!(file = %inner.path.display(), after = ?since.elapsed(), "the store can write again");
@@ -268,9 +349,9 @@ async fn reopen_until_writable(inner: Arc<Inner>) {
 /// Opens `path` (redb repairs a file that was not closed cleanly), checks
 /// every page's checksum and reads every record, so a corrupted file fails
 /// here rather than in the middle of serving.
-fn open_verified(path: &Path) -> Result<Database, OpenError> {
+fn open_verified(path: &Path, cache_bytes: usize) -> Result<Database, OpenError> {
     let opened = quietly(|| -> Result<Database, redb::Error> {
-        let mut db = Database::create(path)?;
+        let mut db = Database::builder().set_cache_size(cache_bytes).create(path)?;
         if !db.check_integrity()? {
             tracing::warn!(file = %path.display(), "the store file was damaged; redb repaired it");
         }
@@ -354,29 +435,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         let db = self.db()?;
-        let txn = db.begin_read().map_err(|e| self.fail(e))?;
-        let kv = txn.open_table(KV).map_err(|e| self.fail(e))?;
-        Ok(kv.get(key).map_err(|e| self.fail(e))?.map(|v| {
-            let (revision, value) = v.value();
-            Versioned { value: value.to_vec(), revision }
-        }))
+        self.guarded(|| {
+            let txn = db.begin_read().map_err(|e| self.fail(e))?;
+            let kv = txn.open_table(KV).map_err(|e| self.fail(e))?;
+            Ok(kv.get(key).map_err(|e| self.fail(e))?.map(|v| {
+                let (revision, value) = v.value();
+                Versioned { value: value.to_vec(), revision }
+            }))
+        })
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
         let db = self.db()?;
-        let txn = db.begin_read().map_err(|e| self.fail(e))?;
-        let kv = txn.open_table(KV).map_err(|e| self.fail(e))?;
-        let mut out = Vec::new();
-        for entry in kv.range(prefix..).map_err(|e| self.fail(e))? {
-            let (k, v) = entry.map_err(|e| self.fail(e))?;
-            let key = k.value();
-            if !key.starts_with(prefix) {
-                break;
+        self.guarded(|| {
+            let txn = db.begin_read().map_err(|e| self.fail(e))?;
+            let kv = txn.open_table(KV).map_err(|e| self.fail(e))?;
+            let mut out = Vec::new();
+            for entry in kv.range(prefix..).map_err(|e| self.fail(e))? {
+                let (k, v) = entry.map_err(|e| self.fail(e))?;
+                let key = k.value();
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                let (revision, value) = v.value();
+                out.push((key.to_string(), Versioned { value: value.to_vec(), revision }));
             }
-            let (revision, value) = v.value();
-            out.push((key.to_string(), Versioned { value: value.to_vec(), revision }));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, expect: Expect) -> Result<u64, StoreError> {
@@ -416,7 +501,7 @@ impl Store for EmbeddedStore {
     fn health(&self) -> StoreHealth {
         match lock(&self.inner.failing).clone() {
             None => StoreHealth::Ok,
-            Some(error) => StoreHealth::Failing(self.inner.unwritable(error).to_string()),
+            Some(failing) => StoreHealth::Failing(self.inner.error(failing).to_string()),
         }
     }
 }
@@ -467,6 +552,59 @@ mod tests {
         assert_eq!(got, Versioned { value: b"kept".to_vec(), revision: rev });
         // Revisions keep increasing across restarts.
         assert!(store.put("jobs/y", vec![], Expect::Any).await.unwrap() > rev);
+    }
+
+    /// A page damaged under a running store (read from the file, as in a
+    /// file bigger than redb's cache): every call answers, Ok or an error
+    /// naming the file; a failure makes the store unhealthy with the file
+    /// and the fix; redb's panics on the page never reach the caller.
+    #[tokio::test]
+    async fn a_page_damaged_while_serving_is_an_unhealthy_store_never_a_panic() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            for i in 0..40 {
+                store.put(&format!("jobs/j{i}"), vec![i as u8; 300], Expect::Any).await.unwrap();
+            }
+        }
+        let pristine = std::fs::read(dir.path().join(FILE_NAME)).unwrap();
+        let (mut fine, mut damaged, mut panics) = (0, 0, 0);
+        for offset in (4096..pristine.len()).step_by(211) {
+            let case = tempfile::tempdir().unwrap();
+            let file = case.path().join(FILE_NAME);
+            std::fs::write(&file, &pristine).unwrap();
+            let store = EmbeddedStore::open_with_cache(case.path(), 0).unwrap();
+            let byte = pristine[offset] ^ 0xff;
+            std::fs::OpenOptions::new().write(true).open(&file).unwrap().write_all_at(&[byte], offset as u64).unwrap();
+            let results = [
+                store.list("jobs/").await.map(|_| ()),
+                store.get("jobs/j7").await.map(|_| ()),
+                store.put("jobs/new", vec![1; 300], Expect::Any).await.map(|_| ()),
+            ];
+            let errors: Vec<String> = results.into_iter().filter_map(Result::err).map(|e| e.to_string()).collect();
+            if errors.is_empty() {
+                fine += 1;
+                continue;
+            }
+            // The file (damage) or its directory (I/O).
+            for error in &errors {
+                assert!(error.contains(&case.path().display().to_string()), "offset {offset}: {error}");
+            }
+            match store.health() {
+                StoreHealth::Failing(why) => {
+                    assert!(why.contains(&case.path().display().to_string()), "offset {offset}: {why}");
+                    assert!(why.contains("mv ") || why.contains("free space"), "offset {offset}: {why}");
+                }
+                StoreHealth::Ok => panic!("offset {offset}: calls failed ({errors:?}) and the store says Ok"),
+            }
+            damaged += 1;
+            panics += usize::from(errors.iter().any(|e| e.contains("impossible value")));
+        }
+        eprintln!(
+            "a flipped byte under a running store: {fine} unnoticed, {damaged} failing ({panics} redb panics caught)"
+        );
+        assert!(damaged > 0, "no damaged page was noticed: the test does not reach the failing path");
     }
 
     /// One flipped byte anywhere in the file: redb repairs it (every record

@@ -47,6 +47,14 @@ pub enum StoreError {
         "the controller's store cannot write: {error}; free space on {dir} (or fix the disk): it recovers by itself"
     )]
     Unwritable { error: String, dir: String },
+    /// The embedded store's file holds a page redb cannot read; the store
+    /// reopens it (redb repairs what it can) and works again if that helps.
+    #[error(
+        "the controller's state file {file} is damaged: {error}; the controller reopens it until redb repairs it. \
+         If it stays so, stop the controller and restore {file} from a backup, or move it aside \
+         (mv {file} {file}.corrupt) and start again with no jobs and no nodes"
+    )]
+    Damaged { error: String, file: String },
 }
 
 /// Whether the store can be used now, for `/healthz`.
