@@ -714,4 +714,27 @@ mod tests {
         let loaded = JobEntry::from_store(running.job.clone(), spec, 1, 7);
         assert_eq!(loaded.job, running.job, "any other job loads as it was stored");
     }
+
+    /// The rule of this module, kept: the controller's other modules change
+    /// states only through JobEntry, NodeEntry and StageTransitions.
+    #[test]
+    fn no_other_module_writes_a_state_a_finish_time_or_a_process_phase() {
+        let others = [
+            ("admission.rs", include_str!("admission.rs")),
+            ("agents.rs", include_str!("agents.rs")),
+            ("checking.rs", include_str!("checking.rs")),
+            ("mod.rs", include_str!("mod.rs")),
+            ("pipeline.rs", include_str!("pipeline.rs")),
+            ("prepare.rs", include_str!("prepare.rs")),
+            ("progress.rs", include_str!("progress.rs")),
+            ("reconcile.rs", include_str!("reconcile.rs")),
+            ("restart.rs", include_str!("restart.rs")),
+            ("swift_check.rs", include_str!("swift_check.rs")),
+        ];
+        for (file, source) in others {
+            for write in [".state = ", "state: JobState::", "finished_unix_ms = ", ".phase = ", "set_state("] {
+                assert!(!source.contains(write), "{file} writes `{write}` itself: add a transition to the entry module");
+            }
+        }
+    }
 }

@@ -134,6 +134,7 @@ mod reconcile;
 mod restart;
 #[cfg(test)]
 mod scenarios;
+mod stage_entry;
 mod swift_check;
 
 use job_entry::{JobEntry, JobPhase, is_live};

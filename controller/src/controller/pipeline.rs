@@ -21,6 +21,7 @@ use cohort_shared::pipeline::report::{Report, pair, read_answers, read_scores, s
 use cohort_shared::pipeline::{Resolved, conversion_key, document_yaml};
 use cohort_shared::spec::stages::{PipelineSpec, StepKind};
 
+use super::stage_entry::StageTransitions;
 use super::*;
 
 /// How long a question to an agent may take (a model digest reads every byte).
@@ -241,20 +242,15 @@ impl Controller {
             if let Some((run, job_state, reason)) =
                 runs.iter().find(|(_, s, _)| matches!(s, JobPhase::Failed | JobPhase::Cancelled))
             {
-                stage.state = StageState::Failed as i32;
-                stage.finished_unix_ms = now_unix_ms();
-                stage.reason = format!("{run} {}: {reason}", job_state.name().to_lowercase());
+                stage.failed(format!("{run} {}: {reason}", job_state.name().to_lowercase()));
                 failed.get_or_insert_with(|| format!("stage {} failed: {}", stage.name, stage.reason));
             } else if runs.iter().all(|(_, s, _)| *s == JobPhase::Succeeded) {
                 let needs_checkpoint =
                     stage.kind == StepKind::MegatronSft.name() && spec.checkpoint_needed(&stage.name);
                 if needs_checkpoint {
-                    stage.state = StageState::Resolving as i32;
-                    stage.reason = "finding its newest complete checkpoint".into();
+                    stage.resolving("finding its newest complete checkpoint");
                 } else {
-                    stage.state = StageState::Succeeded as i32;
-                    stage.finished_unix_ms = now_unix_ms();
-                    stage.reason = String::new();
+                    stage.succeeded();
                     if !stage.cache_key.is_empty() {
                         self.remember_conversion(state, id, &spec, stage).await;
                     }
@@ -272,12 +268,7 @@ impl Controller {
             for stage in stages.iter_mut() {
                 match stage_state(stage) {
                     StageState::Waiting | StageState::Resolving => {
-                        stage.state = StageState::Skipped as i32;
-                        stage.reason = if parent_terminal {
-                            "the pipeline ended".into()
-                        } else {
-                            "an earlier stage failed".into()
-                        };
+                        stage.skipped(if parent_terminal { "the pipeline ended" } else { "an earlier stage failed" });
                     }
                     StageState::Running => {
                         for run in stage.runs.clone() {
@@ -297,10 +288,7 @@ impl Controller {
                     StageState::Waiting if ready => {
                         let Some(stage_spec) = spec.stage(&stage.name) else { continue };
                         if stage_spec.kind == StepKind::ToMcore && spec.conversion_cache.is_some() {
-                            stages[index].state = StageState::Resolving as i32;
-                            stages[index].reason =
-                                "looking for the converted checkpoint in the conversion cache".into();
-                            stages[index].started_unix_ms = now_unix_ms();
+                            stages[index].resolving("looking for the converted checkpoint in the conversion cache");
                         } else {
                             let output = spec.stage_output(stage_spec, id, &resolved(&stages)).unwrap_or_default();
                             self.start_stage(state, id, &spec, &mut stages, index, output, String::new()).await?;
@@ -378,14 +366,10 @@ impl Controller {
         let stage = &mut stages[index];
         stage.output = output;
         stage.cache_key = cache_key;
-        if stage.started_unix_ms == 0 {
-            stage.started_unix_ms = now_unix_ms();
-        }
         let runs = match spec.runs(stage_spec, &name, &refs) {
             Ok(runs) => runs,
             Err(e) => {
-                stage.state = StageState::Failed as i32;
-                stage.reason = e.to_string();
+                stage.failed(e.to_string());
                 return Ok(());
             }
         };
@@ -407,17 +391,16 @@ impl Controller {
             let child_spec = match self.parse(&child_file) {
                 Ok(spec) => spec,
                 Err(e) => {
-                    stage.state = StageState::Failed as i32;
-                    stage.reason = format!("its job does not validate: {e}");
+                    stage.failed(format!("its job does not validate: {e}"));
                     return Ok(());
                 }
             };
             children.push((child_id, child_file, child_spec, run.result_path.unwrap_or_default()));
         }
-        stage.runs = children.iter().map(|(id, ..)| id.clone()).collect();
-        stage.result_paths = children.iter().map(|(.., path)| path.clone()).collect();
-        stage.state = StageState::Running as i32;
-        stage.reason = String::new();
+        stage.running(
+            children.iter().map(|(id, ..)| id.clone()).collect(),
+            children.iter().map(|(.., path)| path.clone()).collect(),
+        );
         let stage_name = stage.name.clone();
         for (child_id, child_file, child_spec, _) in children {
             if state.jobs.contains_key(&child_id) {
@@ -606,26 +589,18 @@ impl Controller {
             _ if !resolving => return, // the pipeline moved on meanwhile
             TaskOutcome::Failed(reason) => {
                 if let Some(i) = index {
-                    stages[i].state = StageState::Failed as i32;
-                    stages[i].reason = reason;
-                    stages[i].finished_unix_ms = now_unix_ms();
+                    stages[i].failed(reason);
                 }
             }
             TaskOutcome::Checkpoint(path) => {
                 if let Some(i) = index {
                     stages[i].checkpoint = path;
-                    stages[i].state = StageState::Succeeded as i32;
-                    stages[i].reason = String::new();
-                    stages[i].finished_unix_ms = now_unix_ms();
+                    stages[i].succeeded();
                 }
             }
             TaskOutcome::Cached { output, cache_key } => {
                 if let Some(i) = index {
-                    stages[i].output = output;
-                    stages[i].cache_key = cache_key;
-                    stages[i].state = StageState::Cached as i32;
-                    stages[i].reason = "converted checkpoint found in the conversion cache".into();
-                    stages[i].finished_unix_ms = now_unix_ms();
+                    stages[i].cached(output, cache_key, "converted checkpoint found in the conversion cache");
                 }
             }
             TaskOutcome::Start { output, cache_key, model, model_digest, layout } => {
