@@ -1,6 +1,8 @@
 //! Agent sessions: registration and adoption of running processes, heartbeats,
 //! process events, and the job transitions they cause (exit, failure, teardown).
 
+use cohort_shared::failure::FailureCause;
+
 use super::job_entry::ExitSeen;
 use super::*;
 
@@ -173,16 +175,9 @@ impl Controller {
                     entry.mark_lost(node);
                 }
             } else if vanished {
-                let entry = state.jobs.get_mut(&id);
-                if let Some(entry) = entry.filter(|e| e.is_active()) {
-                    let node_rank = entry.mark_lost(node);
-                    let message = format!("node {node} came back without the job's processes");
-                    let failure = super::restart::with_cause(
-                        Failure { node_name: node.into(), node_rank, message, ..Failure::default() },
-                        cohort_shared::failure::FailureCause::RankFailed,
-                    );
-                    self.fail(state, &id, failure);
-                }
+                self.fail_on_node(state, &id, node, FailureCause::RankFailed, |_| {
+                    format!("node {node} came back without the job's processes")
+                });
             }
             self.persist_job(state, &id).await?;
         }
@@ -404,6 +399,28 @@ impl Controller {
         tracing::warn!(job = %id, cause = %cause, "job failed; stopping the gang");
         self.teardown(state, id, "gang failure");
         self.consider_restart(state, id);
+    }
+
+    /// The active attempt loses `node`: its live processes there are lost and
+    /// the job fails for `cause` with the message `describe(node_rank)`.
+    /// Returns the message (`None` when the job was not active).
+    pub(super) fn fail_on_node(
+        &self,
+        state: &mut State,
+        id: &str,
+        node: &str,
+        cause: FailureCause,
+        describe: impl FnOnce(u32) -> String,
+    ) -> Option<String> {
+        let entry = state.jobs.get_mut(id).filter(|e| e.is_active())?;
+        let node_rank = entry.mark_lost(node);
+        let message = describe(node_rank);
+        let failure = super::restart::with_cause(
+            Failure { node_name: node.into(), node_rank, message: message.clone(), ..Failure::default() },
+            cause,
+        );
+        self.fail(state, id, failure);
+        Some(message)
     }
 
     /// Sends a stop to every connected node of the job that still has live

@@ -733,7 +733,10 @@ mod tests {
         ];
         for (file, source) in others {
             for write in [".state = ", "state: JobState::", "finished_unix_ms = ", ".phase = ", "set_state("] {
-                assert!(!source.contains(write), "{file} writes `{write}` itself: add a transition to the entry module");
+                assert!(
+                    !source.contains(write),
+                    "{file} writes `{write}` itself: add a transition to the entry module"
+                );
             }
         }
     }

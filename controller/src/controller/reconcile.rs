@@ -3,6 +3,8 @@
 
 use cohort_proto::{EnvVar, NodeAssignment, ProcessSpec};
 
+use cohort_shared::failure::FailureCause;
+
 use super::node_entry::Sweep;
 use super::prepare::to_shared_checkpoint;
 use super::*;
@@ -141,20 +143,21 @@ impl Controller {
                 .collect();
             for id in ids {
                 let Some(entry) = state.jobs.get_mut(&id) else { continue };
-                let node_rank = entry.mark_lost(&node);
                 // The lost node's agent (or, with the agent dead, each rank's shim)
                 // starts stopping its ranks at its fence deadline and needs up to the
                 // job's stop grace to finish: no new attempt may start before then.
                 entry.hold_until(ranks_fenced_by(state.nodes.get(&node), entry.spec.stop_grace));
-                let message = format!(
-                    "node {node} (node rank {node_rank}) lost: no heartbeat for {}",
-                    humantime::format_duration(ttl)
-                );
-                let failure = super::restart::with_cause(
-                    Failure { node_name: node.clone(), node_rank, message: message.clone(), ..Failure::default() },
-                    cohort_shared::failure::FailureCause::NodeLost,
-                );
-                self.fail(state, &id, failure);
+                let describe = |node_rank| {
+                    format!(
+                        "node {node} (node rank {node_rank}) lost: no heartbeat for {}",
+                        humantime::format_duration(ttl)
+                    )
+                };
+                let message = match self.fail_on_node(state, &id, &node, FailureCause::NodeLost, describe) {
+                    Some(message) => message,
+                    // Over already: its processes on the node are lost all the same.
+                    None => describe(state.jobs.get_mut(&id).map(|e| e.mark_lost(&node)).unwrap_or(0)),
+                };
                 self.persist_job(state, &id).await?;
                 self.publish(state, &id, &message);
             }
@@ -393,20 +396,14 @@ impl Controller {
                 user: user.clone(),
             };
             if !Self::send_command(state, &a.node_name, Command::Launch(msg)) {
-                unreachable = Some((a.node_name.clone(), a.node_rank));
+                unreachable = Some(a.node_name.clone());
                 break;
             }
         }
-        if let Some((node, node_rank)) = unreachable {
-            if let Some(entry) = state.jobs.get_mut(id) {
-                entry.mark_lost(&node);
-            }
-            let message = format!("node {node} dropped its stream while the job was launched");
-            let failure = super::restart::with_cause(
-                Failure { node_name: node, node_rank, message, ..Failure::default() },
-                cohort_shared::failure::FailureCause::NodeLost,
-            );
-            self.fail(state, id, failure);
+        if let Some(node) = unreachable {
+            self.fail_on_node(state, id, &node, FailureCause::NodeLost, |_| {
+                format!("node {node} dropped its stream while the job was launched")
+            });
             self.persist_job(state, id).await?;
         }
         self.publish(state, id, "launching");
