@@ -66,16 +66,28 @@ fn exited(exit_code: Option<i32>, signal: Option<i32>) -> ProcessExited {
 
 /// Advances the paused clock by `by`, a heartbeat from each of `alive` every second.
 async fn pass(controller: &Controller, by: Duration, alive: &[&str]) {
+    let beats: Vec<(&str, Vec<RunningLaunch>)> = alive.iter().map(|n| (*n, Vec::new())).collect();
+    pass_reporting(controller, by, &beats).await;
+}
+
+/// [`pass`], each node's heartbeats reporting the launches it runs.
+async fn pass_reporting(controller: &Controller, by: Duration, beats: &[(&str, Vec<RunningLaunch>)]) {
     let step = Duration::from_secs(1);
     let mut passed = Duration::ZERO;
     while passed < by {
         tokio::time::advance(step).await;
         passed += step;
-        for node in alive {
-            controller.heartbeat(node, Heartbeat::default()).await;
+        for (node, running) in beats {
+            controller.heartbeat(node, Heartbeat { running: running.clone(), ..Heartbeat::default() }).await;
         }
         controller.reconcile().await.unwrap();
     }
+}
+
+/// A launch of attempt 1 whose process 0 still runs.
+fn running_launch(job: &str) -> Vec<RunningLaunch> {
+    let process = cohort_proto::RunningProcess { index: 0, pid: 100, ..Default::default() };
+    vec![RunningLaunch { job_id: job.into(), attempt: 1, processes: vec![process] }]
 }
 
 async fn stored(controller: &Controller, id: &str) -> Job {
@@ -153,12 +165,7 @@ async fn exits_while_a_cancelled_gang_stops_leave_it_cancelled_and_stops_are_res
 
     // n1 is slow to stop: its stop is sent again, n0 (no live process) gets none.
     for node in ["n0", "n1"] {
-        let running = if node == "n1" {
-            let process = cohort_proto::RunningProcess { index: 0, pid: 100, ..Default::default() };
-            vec![RunningLaunch { job_id: id.clone(), attempt: 1, processes: vec![process] }]
-        } else {
-            Vec::new()
-        };
+        let running = if node == "n1" { running_launch(&id) } else { Vec::new() };
         controller.heartbeat(node, Heartbeat { running, ..Heartbeat::default() }).await;
     }
     tokio::time::advance(controller.config.stop_resend + Duration::from_millis(1)).await;
@@ -248,4 +255,72 @@ async fn exits_not_yet_persisted_when_the_controller_restarts_come_back_with_the
     assert_eq!(stored(&controller, &id).await.state, JobState::Succeeded as i32, "and it is durable");
     pass(&controller, Duration::from_secs(3), &["n0", "n1"]).await;
     assert_eq!(controller.get(&id).await.unwrap().state, JobState::Succeeded as i32);
+}
+
+#[tokio::test]
+async fn a_node_lost_while_running_restarts_the_job_without_it_after_the_old_gang_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let mut sessions = HashMap::new();
+    for node in ["n0", "n1", "n2"] {
+        sessions.insert(node, connect(&controller, node, Vec::new()).await);
+    }
+    let yaml = "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\nstop_grace: 1s\ncommand: [sleep, '100']\n\
+                restart: {max_restarts: 1, backoff: 1ms, on: [node_lost], exclude_failed_nodes: true}\n";
+    let id = submit(&controller, yaml).await;
+    tokio::time::pause();
+    controller.reconcile().await.unwrap();
+    let first = controller.get(&id).await.unwrap();
+    let placed: Vec<String> = first.plan.as_ref().unwrap().nodes.iter().map(|a| a.node_name.clone()).collect();
+    for node in &placed {
+        controller.process_event(node, event(&id, started())).await;
+    }
+    let (survivor, lost) = (placed[0].as_str(), placed[1].as_str());
+    let spare = ["n0", "n1", "n2"].into_iter().find(|n| !placed.iter().any(|p| p == n)).unwrap();
+    for session in sessions.values_mut() {
+        commands(session);
+    }
+
+    let beats = [(survivor, running_launch(&id)), (spare, Vec::new())];
+    pass_reporting(&controller, controller.config.node_ttl + Duration::from_secs(1), &beats).await;
+    let restarting = controller.get(&id).await.unwrap();
+    assert_eq!(restarting.state, JobState::Restarting as i32, "{}", restarting.reason);
+    assert!(
+        restarting.reason.starts_with("restart 1 of 1 in 1ms: attempt 1 failed (node_lost)"),
+        "{}",
+        restarting.reason
+    );
+    assert_eq!(restarting.finished_unix_ms, 0, "not finished while a restart comes");
+    assert_eq!(restarting.excluded_nodes, [lost]);
+    assert_eq!(restarting.attempts[0].state, JobState::Failed as i32);
+    assert_eq!(restarting.live_processes, 1, "the survivor's rank still runs");
+    assert!(restarting.not_before_unix_ms > now_unix_ms(), "held until the lost node's ranks are surely fenced");
+    assert!(stops(&commands(sessions.get_mut(survivor).unwrap())) >= 1, "the survivor is told to stop");
+
+    // The old gang must be gone before anything is placed again.
+    pass_reporting(&controller, Duration::from_secs(5), &beats).await;
+    assert_eq!(controller.get(&id).await.unwrap().state, JobState::Restarting as i32);
+    controller.process_event(survivor, event(&id, Event::Exited(exited(None, Some(15))))).await;
+    controller.reconcile().await.unwrap();
+    let queued = controller.get(&id).await.unwrap();
+    assert_eq!((queued.state, queued.attempt), (JobState::Pending as i32, 1), "{}", queued.reason);
+
+    // The fence hold is wall-clock time (the lost node's ranks stop by its clock).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while controller.get(&id).await.unwrap().attempt < 2 {
+        assert!(std::time::Instant::now() < deadline, "attempt 2 never started");
+        std::thread::sleep(Duration::from_millis(100));
+        pass(&controller, Duration::from_secs(1), &[survivor, spare]).await;
+    }
+    let second = controller.get(&id).await.unwrap();
+    let mut nodes: Vec<&str> = second.plan.as_ref().unwrap().nodes.iter().map(|a| a.node_name.as_str()).collect();
+    nodes.sort_unstable();
+    let mut expected = vec![survivor, spare];
+    expected.sort_unstable();
+    assert_eq!(nodes, expected, "placed again without the lost node");
+    assert_eq!(second.state, JobState::Starting as i32);
+    assert_eq!((second.finished_unix_ms, second.attempts.len()), (0, 2));
+    assert_eq!(second.attempts[0].failure.as_ref().unwrap().cause, "node_lost", "attempt 1 keeps its failure");
+    assert!(second.failure.is_none(), "the new attempt has none yet");
+    assert_eq!(second.live_processes, 2);
 }
