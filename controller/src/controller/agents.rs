@@ -1,6 +1,9 @@
 //! Agent sessions: registration and adoption of running processes, heartbeats,
 //! process events, and the job transitions they cause (exit, failure, teardown).
 
+use cohort_shared::failure::FailureCause;
+
+use super::job_entry::ExitSeen;
 use super::*;
 
 /// Remembers GPUs the agent reports unhealthy (they stay so until cleared).
@@ -37,36 +40,11 @@ impl Controller {
             self.check_not_held(node, &req.previous_session_id, now)?;
         }
         let changed = match state.nodes.get_mut(&name) {
-            Some(node) => {
-                let changed = node.info != info;
-                node.info = info;
-                node.registered_session = Some(session_id.clone());
-                node.last_seen = now;
-                node.last_seen_unix_ms = now_unix_ms();
-                node.state = NodeState::Ready;
-                node.reported = req.running.clone();
-                changed
-            }
+            Some(node) => node.register(info, session_id.clone(), req.running.clone(), now),
             None => {
-                state.nodes.insert(
-                    name.clone(),
-                    NodeEntry {
-                        info,
-                        registered_unix_ms: now_unix_ms(),
-                        revision: None,
-                        session: None,
-                        registered_session: Some(session_id.clone()),
-                        last_seen: now,
-                        last_seen_unix_ms: now_unix_ms(),
-                        state: NodeState::Ready,
-                        reported: req.running.clone(),
-                        preflight: None,
-                        cordoned: false,
-                        draining: false,
-                        unhealthy_gpus: HashMap::new(),
-                        telemetry: Vec::new(),
-                    },
-                );
+                state
+                    .nodes
+                    .insert(name.clone(), NodeEntry::registered(info, session_id.clone(), req.running.clone(), now));
                 true
             }
         };
@@ -156,20 +134,10 @@ impl Controller {
             }
             let mut revived = false;
             for rp in launch.processes.iter().filter(|rp| rp.exited.is_none()) {
-                if let Some(p) = entry
-                    .job
-                    .processes
-                    .iter_mut()
-                    .find(|p| p.node_name == node && p.index == rp.index && p.phase == ProcessPhase::Lost as i32)
-                {
-                    p.phase = ProcessPhase::Running as i32;
-                    p.pid = rp.pid;
-                    revived = true;
-                }
+                revived |= entry.process_revived(node, rp.index, rp.pid);
             }
             if revived {
                 tracing::warn!(node, job = %launch.job_id, "a lost node still runs a finished job's processes; stopping them");
-                recount(&mut entry.job);
                 let id = launch.job_id.clone();
                 self.persist_job(state, &id).await?;
             }
@@ -186,18 +154,15 @@ impl Controller {
             let report = running.iter().find(|l| l.job_id == id && l.attempt == attempt);
             let mut exits = Vec::new();
             let mut vanished = false;
-            for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
-                match report.and_then(|r| r.processes.iter().find(|rp| rp.index == p.index)) {
+            let live: Vec<u32> =
+                entry.job.processes.iter().filter(|p| p.node_name == node && is_live(p)).map(|p| p.index).collect();
+            for index in live {
+                match report.and_then(|r| r.processes.iter().find(|rp| rp.index == index)) {
                     Some(rp) => match &rp.exited {
-                        Some(exited) => exits.push((p.index, exited.clone())),
-                        None => {
-                            p.phase = ProcessPhase::Running as i32;
-                            p.pid = rp.pid;
-                            p.started_unix_ms = rp.started_unix_ms;
-                        }
+                        Some(exited) => exits.push((index, exited.clone())),
+                        None => entry.process_running(node, index, rp.pid, rp.started_unix_ms),
                     },
                     // Launch sent but never started there, or the agent lost it.
-                    None if p.phase == ProcessPhase::Launching as i32 && report.is_none() => vanished = true,
                     None => vanished = true,
                 }
             }
@@ -207,30 +172,12 @@ impl Controller {
             if vanished && state.jobs.get(&id).is_some_and(|e| e.is_over()) {
                 // A finished job's process the agent no longer has: it is gone.
                 if let Some(entry) = state.jobs.get_mut(&id) {
-                    for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
-                        p.phase = ProcessPhase::Lost as i32;
-                    }
-                    recount(&mut entry.job);
+                    entry.mark_lost(node);
                 }
             } else if vanished {
-                let entry = state.jobs.get_mut(&id);
-                if let Some(entry) = entry.filter(|e| e.is_active()) {
-                    let node_rank = entry
-                        .plan()
-                        .and_then(|p| p.nodes.iter().find(|a| a.node_name == node))
-                        .map(|a| a.node_rank)
-                        .unwrap_or(0);
-                    for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
-                        p.phase = ProcessPhase::Lost as i32;
-                    }
-                    recount(&mut entry.job);
-                    let message = format!("node {node} came back without the job's processes");
-                    let failure = super::restart::with_cause(
-                        Failure { node_name: node.into(), node_rank, message, ..Failure::default() },
-                        cohort_shared::failure::FailureCause::RankFailed,
-                    );
-                    self.fail(state, &id, failure);
-                }
+                self.fail_on_node(state, &id, node, FailureCause::RankFailed, |_| {
+                    format!("node {node} came back without the job's processes")
+                });
             }
             self.persist_job(state, &id).await?;
         }
@@ -248,8 +195,7 @@ impl Controller {
                     ))
                 },
             )?;
-        entry.session = Some((session_id.to_string(), tx));
-        entry.last_seen = Instant::now();
+        entry.attach(session_id, tx, Instant::now());
         drop(state);
         self.wake.notify_one();
         Ok(())
@@ -258,9 +204,8 @@ impl Controller {
     pub async fn detach(&self, node: &str, session_id: &str) {
         let mut state = self.state.lock().await;
         if let Some(entry) = state.nodes.get_mut(node)
-            && entry.session.as_ref().is_some_and(|(id, _)| id == session_id)
+            && entry.detach(session_id)
         {
-            entry.session = None;
             tracing::warn!(node, "agent stream closed; the node is lost unless it reconnects within the TTL");
         }
     }
@@ -276,12 +221,9 @@ impl Controller {
     pub async fn heartbeat(&self, node: &str, hb: cohort_proto::Heartbeat) {
         let mut state = self.state.lock().await;
         let Some(entry) = state.nodes.get_mut(node) else { return };
-        entry.last_seen = Instant::now();
-        entry.last_seen_unix_ms = now_unix_ms();
-        if entry.state != NodeState::Ready {
+        if entry.heard_from(Instant::now()) {
             tracing::info!(node, "node is Ready again");
         }
-        entry.state = NodeState::Ready;
         entry.reported = hb.running;
         let newly_unhealthy = record_health(entry, &hb.gpus);
         entry.telemetry = hb.gpus;
@@ -329,25 +271,11 @@ impl Controller {
         if entry.job.attempt != event.attempt {
             return;
         }
-        let state_before = entry.job.state;
+        let phase_before = entry.phase();
         let is_start = matches!(event.event, Some(Event::Started(_)));
         let message = match event.event {
             Some(Event::Started(started)) => {
-                if let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == event.index)
-                {
-                    p.phase = ProcessPhase::Running as i32;
-                    p.pid = started.pid;
-                    p.started_unix_ms = started.started_unix_ms;
-                }
-                // Every process has started (quick ones may have exited already).
-                let has_started = |p: &ProcessStatus| {
-                    p.phase == ProcessPhase::Running as i32
-                        || (p.phase == ProcessPhase::Exited as i32 && p.started_unix_ms > 0)
-                };
-                if entry.state() == JobState::Starting && entry.job.processes.iter().all(has_started) {
-                    entry.job.state = JobState::Running as i32;
-                    entry.job.reason = "every process of the gang has started".into();
-                    entry.job.running_unix_ms = now_unix_ms();
+                if entry.process_started(node, event.index, started.pid, started.started_unix_ms) {
                     tracing::info!(job = %id, "job running");
                 }
                 format!("process {} on node {node} started (pid {})", event.index, started.pid)
@@ -358,16 +286,7 @@ impl Controller {
                 format!("process {} on node {node} exited with {how}", event.index)
             }
             Some(Event::SpawnFailed(error)) => {
-                let node_rank = entry
-                    .plan()
-                    .and_then(|p| p.nodes.iter().find(|a| a.node_name == node))
-                    .map(|a| a.node_rank)
-                    .unwrap_or(0);
-                if let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == event.index)
-                {
-                    p.phase = ProcessPhase::SpawnFailed as i32;
-                }
-                recount(&mut entry.job);
+                let node_rank = entry.process_spawn_failed(node, event.index);
                 let message = format!("could not start process {} on node {node}: {error}", event.index);
                 if entry.is_active() {
                     // A program or workdir that does not exist: the job file's mistake.
@@ -392,7 +311,7 @@ impl Controller {
         // event (pids and exits come back from the agents after a restart,
         // and stops are resent until the agents no longer report the ranks).
         let Some(entry) = state.jobs.get(&id) else { return };
-        let state_changed = entry.job.state != state_before;
+        let state_changed = entry.phase() != phase_before;
         let over_with_live = entry.is_over() && entry.job.live_processes > 0;
         let changed = state_changed || (entry.is_terminal() && entry.job.live_processes == 0);
         if changed && let Err(e) = self.persist_job(&mut state, &id).await {
@@ -419,33 +338,15 @@ impl Controller {
     /// The rank of `node` in a job's plan, for log lines.
     pub async fn node_rank(&self, job_id: &str, node: &str) -> u32 {
         let state = self.state.lock().await;
-        state
-            .jobs
-            .get(job_id)
-            .and_then(|e| e.plan())
-            .and_then(|p| p.nodes.iter().find(|a| a.node_name == node))
-            .map(|a| a.node_rank)
-            .unwrap_or(0)
+        state.jobs.get(job_id).map(|e| e.node_rank(node)).unwrap_or(0)
     }
 
     // ------------------------------------------------------------ transitions
 
     pub(super) fn apply_exit(&self, state: &mut State, id: &str, node: &str, index: u32, exited: ProcessExited) {
         let Some(entry) = state.jobs.get_mut(id) else { return };
-        let node_rank =
-            entry.plan().and_then(|p| p.nodes.iter().find(|a| a.node_name == node)).map(|a| a.node_rank).unwrap_or(0);
-        let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == index) else { return };
-        if !is_live(p) {
-            // Already known (an exit re-reported after a reconnect).
-            return;
-        }
-        p.phase = ProcessPhase::Exited as i32;
-        p.exit_code = exited.exit_code;
-        p.signal = exited.signal;
-        p.stopped_by_agent = exited.stopped_by_agent;
-        p.ended_unix_ms = exited.ended_unix_ms;
-        let global_rank = p.global_rank;
-        recount(&mut entry.job);
+        // Unknown, or already known (an exit re-reported after a reconnect).
+        let Some(ExitSeen { node_rank, global_rank }) = entry.process_exited(node, index, &exited) else { return };
         if !entry.is_active() {
             return;
         }
@@ -482,11 +383,7 @@ impl Controller {
             };
             let message = format!("node {node} (node rank {node_rank}): {who} {how}{cause}{known}{detail}");
             self.fail(state, id, Failure { message, ..failure });
-        } else if entry.job.processes.iter().all(|p| p.phase == ProcessPhase::Exited as i32 && p.exit_code == Some(0)) {
-            entry.job.state = JobState::Succeeded as i32;
-            entry.job.reason = "every process exited with code 0".into();
-            entry.job.finished_unix_ms = now_unix_ms();
-            super::prepare::close_attempt(&mut entry.job);
+        } else if entry.all_exited_cleanly() && entry.succeed("every process exited with code 0").is_ok() {
             tracing::info!(job = %id, "job succeeded");
         }
     }
@@ -494,17 +391,36 @@ impl Controller {
     /// Fails an active job and tears its gang down everywhere.
     pub(super) fn fail(&self, state: &mut State, id: &str, failure: Failure) {
         let Some(entry) = state.jobs.get_mut(id) else { return };
-        if !entry.is_active() {
+        let cause = failure.message.clone();
+        // A job that already ended (a second node lost after the first) stays as it ended.
+        if entry.fail(failure).is_err() {
             return;
         }
-        tracing::warn!(job = %id, cause = %failure.message, "job failed; stopping the gang");
-        entry.job.state = JobState::Failed as i32;
-        entry.job.reason = failure.message.clone();
-        entry.job.failure = Some(failure);
-        entry.job.finished_unix_ms = now_unix_ms();
-        super::prepare::close_attempt(&mut entry.job);
+        tracing::warn!(job = %id, cause = %cause, "job failed; stopping the gang");
         self.teardown(state, id, "gang failure");
         self.consider_restart(state, id);
+    }
+
+    /// The active attempt loses `node`: its live processes there are lost and
+    /// the job fails for `cause` with the message `describe(node_rank)`.
+    /// Returns the message (`None` when the job was not active).
+    pub(super) fn fail_on_node(
+        &self,
+        state: &mut State,
+        id: &str,
+        node: &str,
+        cause: FailureCause,
+        describe: impl FnOnce(u32) -> String,
+    ) -> Option<String> {
+        let entry = state.jobs.get_mut(id).filter(|e| e.is_active())?;
+        let node_rank = entry.mark_lost(node);
+        let message = describe(node_rank);
+        let failure = super::restart::with_cause(
+            Failure { node_name: node.into(), node_rank, message: message.clone(), ..Failure::default() },
+            cause,
+        );
+        self.fail(state, id, failure);
+        Some(message)
     }
 
     /// Sends a stop to every connected node of the job that still has live
@@ -547,6 +463,8 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use cohort_proto::NodeState;
 
     use super::*;
     use crate::store::EmbeddedStore;

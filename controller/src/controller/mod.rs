@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_proto::{
-    AttemptRecord, ControllerMessage, Failure, GangPlan, Job, JobEvent, JobFile, JobRecord, JobState, LaunchCommand,
-    Node, NodeInfo, NodeRecord, NodeState, PreflightReport, PrepareResult, ProcessExited, ProcessPhase, ProcessStatus,
-    QueryResult, RunningLaunch, StopCommand, controller_message::Command, now_unix_ms,
+    ControllerMessage, Failure, Job, JobEvent, JobFile, JobRecord, LaunchCommand, Node, NodeInfo, NodeRecord,
+    ProcessExited, ProcessStatus, QueryResult, RunningLaunch, StopCommand, controller_message::Command, now_unix_ms,
 };
 use cohort_shared::spec::{JobSpec, Workload};
 use prost::Message;
@@ -107,106 +106,8 @@ struct State {
     last_sweep: Option<Instant>,
 }
 
-struct JobEntry {
-    job: Job,
-    spec: JobSpec,
-    seq: u64,
-    revision: Option<u64>,
-    /// Preparation results of the current attempt, by node.
-    prepared: HashMap<String, PrepareResult>,
-    /// The current attempt's tracing span (exported over OTLP when configured):
-    /// opened at launch, an event per transition, closed when the attempt ends.
-    span: Option<tracing::Span>,
-    /// Progress of the current attempt: hang and straggler detection (memory only).
-    progress: progress::AttemptProgress,
-    /// A restart's checkpoint lookup in flight.
-    lookup: Option<restart::Lookup>,
-}
-
-struct NodeEntry {
-    info: NodeInfo,
-    registered_unix_ms: i64,
-    revision: Option<u64>,
-    session: Option<(String, SessionSender)>,
-    /// The session id handed out by the last Register.
-    registered_session: Option<String>,
-    last_seen: Instant,
-    last_seen_unix_ms: i64,
-    state: NodeState,
-    /// Launches the agent last said it runs.
-    reported: Vec<RunningLaunch>,
-    /// The agent's start-up preflight report.
-    preflight: Option<PreflightReport>,
-    /// No new work (cordon, drain); persisted.
-    cordoned: bool,
-    draining: bool,
-    /// GPUs the health policy marked unhealthy, until an operator clears them; persisted.
-    unhealthy_gpus: HashMap<u32, cohort_proto::GpuHealth>,
-    /// The newest telemetry of each GPU (memory only).
-    telemetry: Vec<cohort_proto::GpuTelemetry>,
-}
-
-impl JobEntry {
-    /// A job as submitted or read back from the store (`revision`): nothing of
-    /// an attempt in memory yet.
-    fn new(job: Job, spec: JobSpec, seq: u64, revision: Option<u64>) -> Self {
-        JobEntry {
-            job,
-            spec,
-            seq,
-            revision,
-            prepared: HashMap::new(),
-            span: None,
-            progress: Default::default(),
-            lookup: None,
-        }
-    }
-
-    fn state(&self) -> JobState {
-        JobState::try_from(self.job.state).unwrap_or(JobState::Unspecified)
-    }
-    fn is_active(&self) -> bool {
-        matches!(self.state(), JobState::Preparing | JobState::Starting | JobState::Running)
-    }
-    fn is_terminal(&self) -> bool {
-        matches!(self.state(), JobState::Succeeded | JobState::Failed | JobState::Cancelled)
-    }
-    /// The current attempt is over (finished, or failed with a restart to come).
-    fn is_over(&self) -> bool {
-        self.is_terminal() || self.state() == JobState::Restarting
-    }
-    /// Holds GPUs and its port: running, or over with processes still alive.
-    fn holds_resources(&self) -> bool {
-        self.is_active() || (self.is_over() && self.job.live_processes > 0)
-    }
-    fn plan(&self) -> Option<&GangPlan> {
-        self.job.plan.as_ref()
-    }
-    fn on_node(&self, node: &str) -> bool {
-        self.plan().is_some_and(|p| p.nodes.iter().any(|a| a.node_name == node))
-    }
-}
-
-fn is_live(p: &ProcessStatus) -> bool {
-    matches!(ProcessPhase::try_from(p.phase), Ok(ProcessPhase::Launching) | Ok(ProcessPhase::Running))
-}
-
-fn recount(job: &mut Job) {
-    job.live_processes = job.processes.iter().filter(|p| is_live(p)).count() as u32;
-}
-
 pub fn state_name(state: i32) -> &'static str {
-    match JobState::try_from(state).unwrap_or(JobState::Unspecified) {
-        JobState::Unspecified => "Unknown",
-        JobState::Pending => "Pending",
-        JobState::Preparing => "Preparing",
-        JobState::Starting => "Starting",
-        JobState::Running => "Running",
-        JobState::Succeeded => "Succeeded",
-        JobState::Failed => "Failed",
-        JobState::Cancelled => "Cancelled",
-        JobState::Restarting => "Restarting",
-    }
+    JobPhase::from_proto(state).name()
 }
 
 /// "code 3" or "signal 9 (SIGKILL)".
@@ -224,13 +125,20 @@ pub fn describe_exit(exit_code: Option<i32>, signal: Option<i32>) -> String {
 pub mod admission;
 mod agents;
 mod checking;
+mod job_entry;
+mod node_entry;
 mod pipeline;
 mod prepare;
 mod progress;
 mod reconcile;
 mod restart;
+#[cfg(test)]
+mod scenarios;
+mod stage_entry;
 mod swift_check;
 
+use job_entry::{JobEntry, JobPhase, is_live};
+use node_entry::{NodeEntry, NodePhase};
 pub use pipeline::stage_state_name;
 
 impl Controller {
@@ -265,15 +173,7 @@ impl Controller {
                 let submitter = job.file.as_ref().map(|f| f.submitted_by.clone()).unwrap_or_default();
                 state.submitted.insert((submitter, job.request_id.clone()), job.id.clone());
             }
-            let mut job = job;
-            if job.state == JobState::Preparing as i32 {
-                // Preparation results died with the old controller: place the job again.
-                job.state = JobState::Pending as i32;
-                job.reason = "placing again: the controller restarted while the job was being prepared".into();
-                job.plan = None;
-                prepare::close_attempt(&mut job);
-            }
-            state.jobs.insert(job.id.clone(), JobEntry::new(job, spec, record.seq, Some(v.revision)));
+            state.jobs.insert(job.id.clone(), JobEntry::from_store(job, spec, record.seq, v.revision));
         }
         if let Some(last) = store.get(JOB_SEQ_KEY).await? {
             match std::str::from_utf8(&last.value).ok().and_then(|s| s.parse::<u64>().ok()) {
@@ -293,26 +193,8 @@ impl Controller {
                     continue;
                 }
             };
-            let Some(info) = record.info else { continue };
-            state.nodes.insert(
-                info.name.clone(),
-                NodeEntry {
-                    info,
-                    registered_unix_ms: record.registered_unix_ms,
-                    revision: Some(v.revision),
-                    session: None,
-                    registered_session: None,
-                    last_seen: now,
-                    last_seen_unix_ms: 0,
-                    state: NodeState::Disconnected,
-                    reported: Vec::new(),
-                    preflight: None,
-                    cordoned: record.cordoned,
-                    draining: record.draining,
-                    unhealthy_gpus: record.unhealthy_gpus.into_iter().collect(),
-                    telemetry: Vec::new(),
-                },
-            );
+            let Some(node) = NodeEntry::from_store(record, v.revision, now) else { continue };
+            state.nodes.insert(node.info.name.clone(), node);
         }
         tracing::info!(jobs = state.jobs.len(), nodes = state.nodes.len(), "loaded state from the store");
         Ok(Arc::new(Self {
@@ -367,12 +249,10 @@ impl Controller {
         self.store.put(JOB_SEQ_KEY, seq.to_string().into_bytes(), Expect::Any).await?;
         state.next_seq += 1;
         let id = format!("{}-{}", spec.name, seq);
-        let mut job = Job {
+        let job = Job {
             id: id.clone(),
             name: spec.name.clone(),
             kind: pipeline::kind_name(&spec).into(),
-            state: JobState::Pending as i32,
-            reason: "waiting to be placed".into(),
             nodes: spec.nodes,
             gpus_per_node: spec.gpus_per_node,
             priority: spec.priority,
@@ -382,14 +262,15 @@ impl Controller {
             request_id: options.request_id.clone(),
             ..Job::default()
         };
-        if let Workload::Pipeline(pipeline) = &spec.workload {
-            // A pipeline holds no GPUs itself: it runs while its stages do.
-            job.state = JobState::Running as i32;
-            job.reason = "starting its first stages".into();
-            job.started_unix_ms = job.submitted_unix_ms;
-            job.stages = pipeline::initial_stages(pipeline);
+        let stages = match &spec.workload {
+            Workload::Pipeline(pipeline) => Some(pipeline::initial_stages(pipeline)),
+            _ => None,
+        };
+        let mut entry = JobEntry::submitted(job, spec, seq);
+        if let Some(stages) = stages {
+            entry.start_pipeline(stages)?;
         }
-        state.jobs.insert(id.clone(), JobEntry::new(job, spec, seq, None));
+        state.jobs.insert(id.clone(), entry);
         if let Err(e) = self.persist_job(&mut state, &id).await {
             // Not stored, so not a job: nothing of it stays behind.
             state.jobs.remove(&id);
@@ -523,27 +404,16 @@ impl Controller {
         let mut state = self.state.lock().await;
         let id = Self::resolve(&state, job_ref)?.job.id.clone();
         let Some(entry) = state.jobs.get_mut(&id) else { return Err(ControllerError::JobNotFound(id)) };
-        match entry.state() {
-            JobState::Pending => {
-                entry.job.state = JobState::Cancelled as i32;
-                entry.job.reason = "cancelled before it was placed".into();
-                entry.job.finished_unix_ms = now_unix_ms();
-            }
-            JobState::Restarting => {
-                // The failed attempt's gang may still be stopping; it goes on being stopped.
-                entry.job.state = JobState::Cancelled as i32;
-                entry.job.reason = "cancelled by the user while restarting".into();
-                entry.job.finished_unix_ms = now_unix_ms();
-                entry.lookup = None;
-            }
-            JobState::Preparing | JobState::Starting | JobState::Running => {
-                entry.job.state = JobState::Cancelled as i32;
-                entry.job.reason = "cancelled by the user; stopping every process".into();
-                entry.job.finished_unix_ms = now_unix_ms();
-                prepare::close_attempt(&mut entry.job);
-                self.teardown(&mut state, &id, "cancelled");
-            }
-            _ => return Ok(entry.job.clone()),
+        let reason = match entry.phase() {
+            JobPhase::Pending => "cancelled before it was placed",
+            // The failed attempt's gang may still be stopping; it goes on being stopped.
+            JobPhase::Restarting => "cancelled by the user while restarting",
+            _ => "cancelled by the user; stopping every process",
+        };
+        // A job that has ended is answered as it is.
+        let Ok(from) = entry.cancel(reason.into()) else { return Ok(entry.job.clone()) };
+        if from.is_active() {
+            self.teardown(&mut state, &id, "cancelled");
         }
         self.persist_job(&mut state, &id).await?;
         self.publish(&state, &id, "cancelled");
@@ -572,7 +442,7 @@ impl Controller {
                 gpus.sort_unstable();
                 Node {
                     info: Some(n.info.clone()),
-                    state: n.state as i32,
+                    state: n.phase().to_proto() as i32,
                     last_heartbeat_unix_ms: n.last_seen_unix_ms,
                     allocated_gpus: gpus,
                     jobs,
@@ -582,11 +452,7 @@ impl Controller {
                     cordoned: n.cordoned,
                     // Drained once its jobs are gone: then merely cordoned.
                     draining: n.draining && jobs_here,
-                    fence_deadline_unix_ms: if n.session.is_some() && n.state == NodeState::Ready {
-                        0
-                    } else {
-                        reconcile::fence_deadline(Some(n))
-                    },
+                    fence_deadline_unix_ms: if n.is_connected() { 0 } else { reconcile::fence_deadline(Some(n)) },
                 }
             })
             .collect()
@@ -654,13 +520,7 @@ impl Controller {
 
     async fn persist_node(&self, state: &mut State, name: &str) -> Result<(), ControllerError> {
         let Some(node) = state.nodes.get_mut(name) else { return Ok(()) };
-        let record = NodeRecord {
-            info: Some(node.info.clone()),
-            registered_unix_ms: node.registered_unix_ms,
-            cordoned: node.cordoned,
-            draining: node.draining,
-            unhealthy_gpus: node.unhealthy_gpus.clone().into_iter().collect(),
-        };
+        let record = node.record();
         let expect = node.revision.map(Expect::Revision).unwrap_or(Expect::Absent);
         let revision = self.store.put(&format!("nodes/{name}"), record.encode_to_vec(), expect).await?;
         node.revision = Some(revision);
@@ -869,22 +729,13 @@ mod tests {
 
     #[test]
     fn a_new_attempt_waits_for_the_fence_the_grace_and_the_slack() {
-        let node = NodeEntry {
-            info: NodeInfo { name: "n1".into(), fence_after_ms: 4_000, ..NodeInfo::default() },
-            registered_unix_ms: 0,
-            revision: None,
-            session: None,
-            registered_session: None,
-            last_seen: Instant::now(),
-            last_seen_unix_ms: 1_000_000,
-            state: NodeState::Lost,
-            reported: Vec::new(),
-            preflight: None,
-            cordoned: false,
-            draining: false,
-            unhealthy_gpus: HashMap::new(),
-            telemetry: Vec::new(),
+        #![allow(clippy::unwrap_used)]
+        let record = NodeRecord {
+            info: Some(NodeInfo { name: "n1".into(), fence_after_ms: 4_000, ..NodeInfo::default() }),
+            ..NodeRecord::default()
         };
+        let mut node = NodeEntry::from_store(record, 1, Instant::now()).unwrap();
+        node.last_seen_unix_ms = 1_000_000;
         assert_eq!(reconcile::fence_deadline(Some(&node)), 1_004_000);
         // The ranks get SIGTERM at the deadline and SIGKILL `grace` later.
         let gone = reconcile::ranks_fenced_by(Some(&node), Duration::from_secs(2));

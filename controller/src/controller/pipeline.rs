@@ -21,6 +21,7 @@ use cohort_shared::pipeline::report::{Report, pair, read_answers, read_scores, s
 use cohort_shared::pipeline::{Resolved, conversion_key, document_yaml};
 use cohort_shared::spec::stages::{PipelineSpec, StepKind};
 
+use super::stage_entry::StageTransitions;
 use super::*;
 
 /// How long a question to an agent may take (a model digest reads every byte).
@@ -226,35 +227,30 @@ impl Controller {
         // Runs that ended decide their stage.
         let mut failed: Option<String> = None;
         for stage in stages.iter_mut().filter(|s| stage_state(s) == StageState::Running) {
-            let runs: Vec<(String, JobState, String)> = stage
+            let runs: Vec<(String, JobPhase, String)> = stage
                 .runs
                 .iter()
                 .map(|run| {
                     let (state, reason) = state
                         .jobs
                         .get(run)
-                        .map(|e| (e.state(), e.job.reason.clone()))
-                        .unwrap_or((JobState::Failed, "its job record is gone".into()));
+                        .map(|e| (e.phase(), e.job.reason.clone()))
+                        .unwrap_or((JobPhase::Failed, "its job record is gone".into()));
                     (run.clone(), state, reason)
                 })
                 .collect();
             if let Some((run, job_state, reason)) =
-                runs.iter().find(|(_, s, _)| matches!(s, JobState::Failed | JobState::Cancelled))
+                runs.iter().find(|(_, s, _)| matches!(s, JobPhase::Failed | JobPhase::Cancelled))
             {
-                stage.state = StageState::Failed as i32;
-                stage.finished_unix_ms = now_unix_ms();
-                stage.reason = format!("{run} {}: {reason}", state_name(*job_state as i32).to_lowercase());
+                stage.failed(format!("{run} {}: {reason}", job_state.name().to_lowercase()));
                 failed.get_or_insert_with(|| format!("stage {} failed: {}", stage.name, stage.reason));
-            } else if runs.iter().all(|(_, s, _)| *s == JobState::Succeeded) {
+            } else if runs.iter().all(|(_, s, _)| *s == JobPhase::Succeeded) {
                 let needs_checkpoint =
                     stage.kind == StepKind::MegatronSft.name() && spec.checkpoint_needed(&stage.name);
                 if needs_checkpoint {
-                    stage.state = StageState::Resolving as i32;
-                    stage.reason = "finding its newest complete checkpoint".into();
+                    stage.resolving("finding its newest complete checkpoint");
                 } else {
-                    stage.state = StageState::Succeeded as i32;
-                    stage.finished_unix_ms = now_unix_ms();
-                    stage.reason = String::new();
+                    stage.succeeded();
                     if !stage.cache_key.is_empty() {
                         self.remember_conversion(state, id, &spec, stage).await;
                     }
@@ -272,12 +268,7 @@ impl Controller {
             for stage in stages.iter_mut() {
                 match stage_state(stage) {
                     StageState::Waiting | StageState::Resolving => {
-                        stage.state = StageState::Skipped as i32;
-                        stage.reason = if parent_terminal {
-                            "the pipeline ended".into()
-                        } else {
-                            "an earlier stage failed".into()
-                        };
+                        stage.skipped(if parent_terminal { "the pipeline ended" } else { "an earlier stage failed" });
                     }
                     StageState::Running => {
                         for run in stage.runs.clone() {
@@ -297,10 +288,7 @@ impl Controller {
                     StageState::Waiting if ready => {
                         let Some(stage_spec) = spec.stage(&stage.name) else { continue };
                         if stage_spec.kind == StepKind::ToMcore && spec.conversion_cache.is_some() {
-                            stages[index].state = StageState::Resolving as i32;
-                            stages[index].reason =
-                                "looking for the converted checkpoint in the conversion cache".into();
-                            stages[index].started_unix_ms = now_unix_ms();
+                            stages[index].resolving("looking for the converted checkpoint in the conversion cache");
                         } else {
                             let output = spec.stage_output(stage_spec, id, &resolved(&stages)).unwrap_or_default();
                             self.start_stage(state, id, &spec, &mut stages, index, output, String::new()).await?;
@@ -328,16 +316,11 @@ impl Controller {
         let mut message = None;
         if !parent_terminal {
             if let Some(reason) = failed {
-                entry.job.state = JobState::Failed as i32;
-                entry.job.reason = reason.clone();
-                entry.job.failure = Some(Failure { message: reason.clone(), ..Failure::default() });
-                entry.job.finished_unix_ms = now_unix_ms();
+                entry.fail(Failure { message: reason.clone(), ..Failure::default() })?;
                 tracing::warn!(job = %id, reason = %reason, "pipeline failed");
                 message = Some(reason);
             } else if all_done && (!needs_report || entry.job.report_ready) {
-                entry.job.state = JobState::Succeeded as i32;
-                entry.job.reason = "every stage succeeded".into();
-                entry.job.finished_unix_ms = now_unix_ms();
+                entry.succeed("every stage succeeded")?;
                 tracing::info!(job = %id, "pipeline succeeded");
                 message = Some("pipeline succeeded".to_string());
             } else if all_done {
@@ -383,14 +366,10 @@ impl Controller {
         let stage = &mut stages[index];
         stage.output = output;
         stage.cache_key = cache_key;
-        if stage.started_unix_ms == 0 {
-            stage.started_unix_ms = now_unix_ms();
-        }
         let runs = match spec.runs(stage_spec, &name, &refs) {
             Ok(runs) => runs,
             Err(e) => {
-                stage.state = StageState::Failed as i32;
-                stage.reason = e.to_string();
+                stage.failed(e.to_string());
                 return Ok(());
             }
         };
@@ -412,17 +391,16 @@ impl Controller {
             let child_spec = match self.parse(&child_file) {
                 Ok(spec) => spec,
                 Err(e) => {
-                    stage.state = StageState::Failed as i32;
-                    stage.reason = format!("its job does not validate: {e}");
+                    stage.failed(format!("its job does not validate: {e}"));
                     return Ok(());
                 }
             };
             children.push((child_id, child_file, child_spec, run.result_path.unwrap_or_default()));
         }
-        stage.runs = children.iter().map(|(id, ..)| id.clone()).collect();
-        stage.result_paths = children.iter().map(|(.., path)| path.clone()).collect();
-        stage.state = StageState::Running as i32;
-        stage.reason = String::new();
+        stage.running(
+            children.iter().map(|(id, ..)| id.clone()).collect(),
+            children.iter().map(|(.., path)| path.clone()).collect(),
+        );
         let stage_name = stage.name.clone();
         for (child_id, child_file, child_spec, _) in children {
             if state.jobs.contains_key(&child_id) {
@@ -434,8 +412,6 @@ impl Controller {
                 id: child_id.clone(),
                 name: child_spec.name.clone(),
                 kind: kind_name(&child_spec).into(),
-                state: JobState::Pending as i32,
-                reason: "waiting to be placed".into(),
                 nodes: child_spec.nodes,
                 gpus_per_node: child_spec.gpus_per_node,
                 priority: child_spec.priority,
@@ -446,7 +422,7 @@ impl Controller {
                 secret_env: child_spec.secret_env.iter().cloned().collect(),
                 ..Job::default()
             };
-            state.jobs.insert(child_id.clone(), JobEntry::new(job, child_spec, seq, None));
+            state.jobs.insert(child_id.clone(), JobEntry::submitted(job, child_spec, seq));
             if let Err(e) = self.persist_job(state, &child_id).await {
                 // Not stored, so not submitted: the next pass submits it again.
                 state.jobs.remove(&child_id);
@@ -462,22 +438,14 @@ impl Controller {
     /// Cancels a run of a stopped pipeline (as `cohort cancel` would).
     async fn cancel_run(&self, state: &mut State, id: &str, reason: &str) -> Result<(), ControllerError> {
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
-        match entry.state() {
-            JobState::Pending => {
-                entry.job.state = JobState::Cancelled as i32;
-                entry.job.reason = format!("{reason} before it was placed");
-            }
-            JobState::Preparing | JobState::Starting | JobState::Running => {
-                entry.job.state = JobState::Cancelled as i32;
-                entry.job.reason = format!("{reason}; stopping every process");
-                entry.job.finished_unix_ms = now_unix_ms();
-                prepare::close_attempt(&mut entry.job);
-                self.teardown(state, id, reason);
-            }
+        let why = match entry.phase() {
+            JobPhase::Pending => format!("{reason} before it was placed"),
+            p if p.is_active() => format!("{reason}; stopping every process"),
+            // A restarting run is left to its restart (as before the state machine).
             _ => return Ok(()),
-        }
-        if let Some(entry) = state.jobs.get_mut(id) {
-            entry.job.finished_unix_ms = now_unix_ms();
+        };
+        if entry.cancel(why)?.is_active() {
+            self.teardown(state, id, reason);
         }
         self.persist_job(state, id).await?;
         self.publish(state, id, "cancelled by its pipeline");
@@ -613,36 +581,26 @@ impl Controller {
             TaskOutcome::Failed(reason) if stage == REPORT_TASK => {
                 if let Some(entry) = state.jobs.get_mut(id)
                     && entry.is_active()
+                    && let Err(e) = entry.fail(Failure { message: reason, ..Failure::default() })
                 {
-                    entry.job.state = JobState::Failed as i32;
-                    entry.job.reason = reason.clone();
-                    entry.job.failure = Some(Failure { message: reason, ..Failure::default() });
-                    entry.job.finished_unix_ms = now_unix_ms();
+                    tracing::error!(error = %e, "the pipeline's report failed");
                 }
             }
             _ if !resolving => return, // the pipeline moved on meanwhile
             TaskOutcome::Failed(reason) => {
                 if let Some(i) = index {
-                    stages[i].state = StageState::Failed as i32;
-                    stages[i].reason = reason;
-                    stages[i].finished_unix_ms = now_unix_ms();
+                    stages[i].failed(reason);
                 }
             }
             TaskOutcome::Checkpoint(path) => {
                 if let Some(i) = index {
                     stages[i].checkpoint = path;
-                    stages[i].state = StageState::Succeeded as i32;
-                    stages[i].reason = String::new();
-                    stages[i].finished_unix_ms = now_unix_ms();
+                    stages[i].succeeded();
                 }
             }
             TaskOutcome::Cached { output, cache_key } => {
                 if let Some(i) = index {
-                    stages[i].output = output;
-                    stages[i].cache_key = cache_key;
-                    stages[i].state = StageState::Cached as i32;
-                    stages[i].reason = "converted checkpoint found in the conversion cache".into();
-                    stages[i].finished_unix_ms = now_unix_ms();
+                    stages[i].cached(output, cache_key, "converted checkpoint found in the conversion cache");
                 }
             }
             TaskOutcome::Start { output, cache_key, model, model_digest, layout } => {
@@ -765,7 +723,7 @@ impl Controller {
             let node = state
                 .nodes
                 .values()
-                .filter(|n| n.session.is_some() && n.state == NodeState::Ready)
+                .filter(|n| n.is_connected())
                 .find(|n| selector.iter().all(|(k, v)| n.info.labels.get(k) == Some(v)))
                 .map(|n| n.info.name.clone())
                 .ok_or_else(|| "no node is connected to ask".to_string())?;

@@ -64,18 +64,6 @@ pub(super) fn checkpoint_dir(entry: &JobEntry) -> Option<String> {
     }
 }
 
-/// Sets the current attempt's record from the job's terminal state.
-pub(super) fn close_attempt(job: &mut Job) {
-    let (state, reason, finished) = (job.state, job.reason.clone(), job.finished_unix_ms);
-    let failure = job.failure.clone();
-    if let Some(record) = job.attempts.last_mut() {
-        record.state = state;
-        record.reason = reason;
-        record.finished_unix_ms = finished;
-        record.failure = failure;
-    }
-}
-
 impl Controller {
     /// What every node of the attempt must check before launch.
     pub(super) async fn send_prepare(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
@@ -189,7 +177,7 @@ impl Controller {
         let mut state = self.state.lock().await;
         let id = result.job_id.clone();
         let Some(entry) = state.jobs.get_mut(&id) else { return };
-        if entry.job.attempt != result.attempt || entry.state() != JobState::Preparing || !entry.on_node(node) {
+        if entry.job.attempt != result.attempt || entry.phase() != JobPhase::Preparing || !entry.on_node(node) {
             return;
         }
         // The staged paths become the node's COHORT_STAGED_* variables at launch (reconcile::node_processes).
@@ -289,7 +277,7 @@ impl Controller {
         let reports: Vec<PreflightReport> = state
             .nodes
             .values()
-            .filter(|n| n.state == NodeState::Ready)
+            .filter(|n| n.phase() == NodePhase::Ready)
             .map(|n| {
                 n.preflight.clone().unwrap_or_else(|| PreflightReport {
                     node_name: n.info.name.clone(),
@@ -315,7 +303,7 @@ impl Controller {
                     entry.job.kind
                 )));
             };
-            if !matches!(entry.state(), JobState::Failed | JobState::Cancelled) {
+            if !matches!(entry.phase(), JobPhase::Failed | JobPhase::Cancelled) {
                 return Err(ControllerError::FailedPrecondition(format!(
                     "job {id} is {}; only a Failed or Cancelled job can be resumed",
                     state_name(entry.job.state)
@@ -330,7 +318,7 @@ impl Controller {
             let user = entry.spec.user.clone().unwrap_or_default();
             // The output dir is shared: any connected node can look; prefer the last rank 0.
             let last_rank0 = entry.plan().and_then(|p| p.nodes.first()).map(|a| a.node_name.clone());
-            let connected = |n: &&NodeEntry| n.session.is_some() && n.state == NodeState::Ready;
+            let connected = |n: &&NodeEntry| n.is_connected();
             let node = last_rank0
                 .filter(|n| state.nodes.get(n).is_some_and(|e| connected(&e)))
                 .or_else(|| state.nodes.values().find(connected).map(|n| n.info.name.clone()))
@@ -372,13 +360,12 @@ impl Controller {
 
         let mut state = self.state.lock().await;
         let Some(entry) = state.jobs.get_mut(&id) else { return Err(ControllerError::JobNotFound(id)) };
-        if !matches!(entry.state(), JobState::Failed | JobState::Cancelled) {
+        if !matches!(entry.phase(), JobPhase::Failed | JobPhase::Cancelled) {
             return Err(ControllerError::FailedPrecondition(format!("job {id} changed state meanwhile")));
         }
-        entry.job.state = JobState::Pending as i32;
-        entry.job.reason =
+        let reason =
             format!("resuming from iteration {} ({}){}", checkpoint.iteration, checkpoint.path, skipped_note(&skipped));
-        entry.job.resume_from = Some(checkpoint);
+        entry.resume(checkpoint, reason)?;
         self.persist_job(&mut state, &id).await?;
         self.publish(&state, &id, "resume requested");
         tracing::info!(job = %id, "resume requested");

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use cohort_proto::{NodeProgress, StackDump};
+use cohort_proto::{NodeProgress, ProcessPhase, StackDump};
 use cohort_shared::failure::FailureCause;
 
 use super::*;
@@ -218,7 +218,7 @@ impl Controller {
     pub(super) fn gpus_seen(state: &mut State, node: &str) {
         let Some(telemetry) = state.nodes.get(node).map(|n| n.telemetry.clone()) else { return };
         let now = Instant::now();
-        for entry in state.jobs.values_mut().filter(|e| e.state() == JobState::Running) {
+        for entry in state.jobs.values_mut().filter(|e| e.phase() == JobPhase::Running) {
             let Some(gpus) =
                 entry.plan().and_then(|p| p.nodes.iter().find(|a| a.node_name == node)).map(|a| a.gpu_indices.clone())
             else {
@@ -288,7 +288,7 @@ impl Controller {
         let now = Instant::now();
         let mut changed = Vec::new();
         let ids: Vec<String> =
-            state.jobs.values().filter(|e| e.state() == JobState::Running).map(|e| e.job.id.clone()).collect();
+            state.jobs.values().filter(|e| e.phase() == JobPhase::Running).map(|e| e.job.id.clone()).collect();
         for id in ids {
             let Some(entry) = state.jobs.get_mut(&id) else { continue };
             let attempt = entry.job.attempt;
@@ -525,7 +525,7 @@ mod tests {
         };
         let failure_with = |progress| {
             let job = Job { id: "a-1".into(), started_unix_ms: 1_000, progress, ..Job::default() };
-            hang_failure(&JobEntry::new(job, spec.clone(), 1, None), &hang)
+            hang_failure(&JobEntry::submitted(job, spec.clone(), 1), &hang)
         };
         let at_exit = failure_with(Some(point(60, 2_000)));
         assert_eq!(at_exit.cause, "hang");

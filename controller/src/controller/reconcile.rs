@@ -3,6 +3,9 @@
 
 use cohort_proto::{EnvVar, NodeAssignment, ProcessSpec};
 
+use cohort_shared::failure::FailureCause;
+
+use super::node_entry::Sweep;
 use super::prepare::to_shared_checkpoint;
 use super::*;
 
@@ -73,8 +76,7 @@ impl Controller {
         };
         if let Some(job) = record.job {
             tracing::warn!(job = %id, revision, "the job was changed in the store by someone else; taking that version");
-            entry.job = job;
-            entry.revision = Some(revision);
+            entry.replace_record(job, revision);
             drop(state);
             self.wake.notify_one();
         }
@@ -125,15 +127,7 @@ impl Controller {
         let suspect_after = self.config.heartbeat_interval * 3;
         self.grace_after_stall(state, now);
         for node in state.nodes.values_mut() {
-            let silent = now.duration_since(node.last_seen);
-            if node.state == NodeState::Ready && silent > suspect_after && silent <= ttl {
-                tracing::warn!(node = %node.info.name, silent = ?silent, "heartbeats late; node suspect");
-                node.state = NodeState::Suspect;
-            }
-            if node.state != NodeState::Lost && silent > ttl {
-                tracing::warn!(node = %node.info.name, ttl = ?ttl, "no heartbeat within the TTL; node lost");
-                node.state = NodeState::Lost;
-                node.session = None;
+            if node.sweep(now, suspect_after, ttl) == Sweep::Lost {
                 lost.push(node.info.name.clone());
             }
         }
@@ -143,35 +137,27 @@ impl Controller {
                 .values()
                 .filter(|e| {
                     e.job.processes.iter().any(|p| p.node_name == node && is_live(p))
-                        || (e.state() == JobState::Preparing && e.on_node(&node))
+                        || (e.phase() == JobPhase::Preparing && e.on_node(&node))
                 })
                 .map(|e| e.job.id.clone())
                 .collect();
             for id in ids {
                 let Some(entry) = state.jobs.get_mut(&id) else { continue };
-                let node_rank = entry
-                    .plan()
-                    .and_then(|p| p.nodes.iter().find(|a| a.node_name == node))
-                    .map(|a| a.node_rank)
-                    .unwrap_or(0);
-                for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
-                    p.phase = ProcessPhase::Lost as i32;
-                }
-                recount(&mut entry.job);
                 // The lost node's agent (or, with the agent dead, each rank's shim)
                 // starts stopping its ranks at its fence deadline and needs up to the
                 // job's stop grace to finish: no new attempt may start before then.
-                let deadline = ranks_fenced_by(state.nodes.get(&node), entry.spec.stop_grace);
-                entry.job.not_before_unix_ms = entry.job.not_before_unix_ms.max(deadline);
-                let message = format!(
-                    "node {node} (node rank {node_rank}) lost: no heartbeat for {}",
-                    humantime::format_duration(ttl)
-                );
-                let failure = super::restart::with_cause(
-                    Failure { node_name: node.clone(), node_rank, message: message.clone(), ..Failure::default() },
-                    cohort_shared::failure::FailureCause::NodeLost,
-                );
-                self.fail(state, &id, failure);
+                entry.hold_until(ranks_fenced_by(state.nodes.get(&node), entry.spec.stop_grace));
+                let describe = |node_rank| {
+                    format!(
+                        "node {node} (node rank {node_rank}) lost: no heartbeat for {}",
+                        humantime::format_duration(ttl)
+                    )
+                };
+                let message = match self.fail_on_node(state, &id, &node, FailureCause::NodeLost, describe) {
+                    Some(message) => message,
+                    // Over already: its processes on the node are lost all the same.
+                    None => describe(state.jobs.get_mut(&id).map(|e| e.mark_lost(&node)).unwrap_or(0)),
+                };
                 self.persist_job(state, &id).await?;
                 self.publish(state, &id, &message);
             }
@@ -194,11 +180,8 @@ impl Controller {
             ttl = ?self.config.node_ttl,
             "the liveness sweep ran late: this controller was paused or starved; every node gets one TTL from now before it is declared lost"
         );
-        for node in state.nodes.values_mut().filter(|n| n.state != NodeState::Lost) {
-            node.last_seen = now;
-            if node.state == NodeState::Suspect {
-                node.state = NodeState::Ready;
-            }
+        for node in state.nodes.values_mut() {
+            node.forgive_silence(now);
         }
     }
 
@@ -222,11 +205,11 @@ impl Controller {
                     .map(|g| g.index)
                     .filter(|i| taken.is_none_or(|t| !t.contains(i)) && !n.unhealthy_gpus.contains_key(i))
                     .collect();
-                let unavailable = match (n.state, &n.session) {
+                let unavailable = match (n.phase(), &n.session) {
                     _ if n.draining => Some("draining".to_string()),
                     _ if n.cordoned => Some("cordoned".to_string()),
-                    (NodeState::Ready | NodeState::Suspect, Some(_)) => None,
-                    (NodeState::Lost, _) => Some("lost".to_string()),
+                    (NodePhase::Ready | NodePhase::Suspect, Some(_)) => None,
+                    (NodePhase::Lost, _) => Some("lost".to_string()),
                     _ => Some("not connected".to_string()),
                 };
                 NodeView {
@@ -269,7 +252,7 @@ impl Controller {
         let mut pending: Vec<(i32, u64, String)> = state
             .jobs
             .values()
-            .filter(|e| e.state() == JobState::Pending && !e.spec.is_pipeline())
+            .filter(|e| e.phase() == JobPhase::Pending && !e.spec.is_pipeline())
             .map(|e| (-e.job.priority, e.seq, e.job.id.clone()))
             .collect();
         pending.sort();
@@ -335,42 +318,21 @@ impl Controller {
         port: u16,
     ) -> Result<(), ControllerError> {
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
-        let attempt = entry.job.attempt + 1;
+        let next = entry.job.attempt + 1;
         let plan = planner::layout(
             &attempt_spec(entry),
             placement,
             views,
-            &RenderInput { job_id: id, attempt, master_port: port, workdir: entry.spec.workdir.as_deref() },
+            &RenderInput { job_id: id, attempt: next, master_port: port, workdir: entry.spec.workdir.as_deref() },
         );
         let nodes: Vec<String> = placement.nodes.iter().map(|(n, _)| n.clone()).collect();
-        entry.job.attempt = attempt;
-        entry.job.started_unix_ms = now_unix_ms();
-        entry.job.finished_unix_ms = 0;
-        entry.job.running_unix_ms = 0;
-        entry.job.output_dropped_bytes = 0;
-        entry.job.failure = None;
-        entry.job.processes.clear();
-        entry.job.preflight = None;
-        entry.job.staging.clear();
-        entry.job.datasets.clear();
-        entry.job.attempts.push(AttemptRecord {
-            attempt,
-            started_unix_ms: now_unix_ms(),
-            nodes: nodes.clone(),
-            resumed_from: entry.job.resume_from.clone(),
-            master_port: port as u32,
-            state: JobState::Starting as i32,
-            ..AttemptRecord::default()
-        });
-        entry.job.plan = Some(plan);
-        entry.prepared.clear();
+        let attempt = entry.begin_attempt(plan, nodes.clone())?;
         entry.span = Some(tracing::info_span!(parent: None, "attempt", job = %id, attempt, nodes = %node_list(&nodes)));
         // A job that runs an ms-swift CLI (a pipeline step) is prepared too: the node's ms-swift checks its argv.
         let runs_swift =
             matches!(&entry.spec.workload, Workload::Command(c) if super::swift_check::from_argv(&c.argv).is_some());
         if entry.spec.needs_preparation() || runs_swift {
-            entry.job.state = JobState::Preparing as i32;
-            entry.job.reason = format!("preparing {}: preflight, shared paths, datasets, staging", node_list(&nodes));
+            entry.preparing(format!("preparing {}: preflight, shared paths, datasets, staging", node_list(&nodes)))?;
             self.persist_job(state, id).await?;
             tracing::info!(job = %id, attempt, port, "preparing");
             self.send_prepare(state, id).await?;
@@ -383,15 +345,12 @@ impl Controller {
 
     /// Sends the attempt's launch commands (the plan is already rendered).
     pub(super) async fn send_launch(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
-        let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
+        let Some(entry) = state.jobs.get(id) else { return Ok(()) };
         let Some(plan) = entry.job.plan.clone() else { return Ok(()) };
         let attempt = entry.job.attempt;
-        entry.job.state = JobState::Starting as i32;
-        entry.job.reason =
-            format!("launching on {}", node_list(&plan.nodes.iter().map(|a| &a.node_name).collect::<Vec<_>>()));
         let rendered: Vec<Vec<ProcessSpec>> = plan.nodes.iter().map(|a| node_processes(state, id, a)).collect();
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
-        entry.job.processes = plan
+        let processes = plan
             .nodes
             .iter()
             .zip(&rendered)
@@ -401,12 +360,12 @@ impl Controller {
                     node_rank: a.node_rank,
                     index: p.index,
                     global_rank: p.global_rank,
-                    phase: ProcessPhase::Launching as i32,
                     ..ProcessStatus::default()
                 })
             })
             .collect();
-        recount(&mut entry.job);
+        let nodes: Vec<&str> = plan.nodes.iter().map(|a| a.node_name.as_str()).collect();
+        entry.launching(processes, format!("launching on {}", node_list(&nodes)))?;
         let grace = entry.spec.stop_grace;
         let user = entry.spec.user.clone().unwrap_or_default();
         // ms-swift also writes its metrics to <output_dir>/.../logging.jsonl on the last rank.
@@ -437,23 +396,14 @@ impl Controller {
                 user: user.clone(),
             };
             if !Self::send_command(state, &a.node_name, Command::Launch(msg)) {
-                unreachable = Some((a.node_name.clone(), a.node_rank));
+                unreachable = Some(a.node_name.clone());
                 break;
             }
         }
-        if let Some((node, node_rank)) = unreachable {
-            if let Some(entry) = state.jobs.get_mut(id) {
-                for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node) {
-                    p.phase = ProcessPhase::Lost as i32;
-                }
-                recount(&mut entry.job);
-            }
-            let message = format!("node {node} dropped its stream while the job was launched");
-            let failure = super::restart::with_cause(
-                Failure { node_name: node, node_rank, message, ..Failure::default() },
-                cohort_shared::failure::FailureCause::NodeLost,
-            );
-            self.fail(state, id, failure);
+        if let Some(node) = unreachable {
+            self.fail_on_node(state, id, &node, FailureCause::NodeLost, |_| {
+                format!("node {node} dropped its stream while the job was launched")
+            });
             self.persist_job(state, id).await?;
         }
         self.publish(state, id, "launching");
@@ -512,10 +462,7 @@ impl Controller {
             });
             if last_stop.is_some() && !reported {
                 if let Some(entry) = state.jobs.get_mut(&job).filter(|e| e.is_over() && e.job.attempt == attempt) {
-                    for p in entry.job.processes.iter_mut().filter(|p| p.node_name == node && is_live(p)) {
-                        p.phase = ProcessPhase::Lost as i32;
-                    }
-                    recount(&mut entry.job);
+                    entry.mark_lost(&node);
                     tracing::warn!(node = %node, job = %job, "stopped launch no longer reported; marking its processes gone");
                     self.publish(state, &job, "processes gone");
                     changed.push(job.clone());

@@ -51,7 +51,7 @@ impl Controller {
     /// restarts are left; otherwise says in the reason why there is none.
     pub(super) fn consider_restart(&self, state: &mut State, id: &str) {
         let Some(entry) = state.jobs.get_mut(id) else { return };
-        if entry.state() != JobState::Failed {
+        if entry.phase() != JobPhase::Failed {
             return;
         }
         let failure = entry.job.failure.clone().unwrap_or_default();
@@ -73,15 +73,16 @@ impl Controller {
         let n = done + 1;
         let wait = policy.backoff_for(n);
         let attempt = entry.job.attempt;
-        entry.job.state = JobState::Restarting as i32;
-        entry.job.finished_unix_ms = 0;
-        entry.job.not_before_unix_ms = entry.job.not_before_unix_ms.max(now_unix_ms() + wait.as_millis() as i64);
-        entry.job.reason = format!(
+        let reason = format!(
             "restart {n} of {} in {}: attempt {attempt} failed ({cause}): {}",
             policy.max_restarts,
             humantime::format_duration(wait),
             failure.message
         );
+        if let Err(e) = entry.restarting(now_unix_ms() + wait.as_millis() as i64, reason) {
+            tracing::error!(error = %e, "restart refused");
+            return;
+        }
         if policy.exclude_failed_nodes
             && cause.blames_node()
             && !failure.node_name.is_empty()
@@ -102,7 +103,7 @@ impl Controller {
         let ids: Vec<String> = state
             .jobs
             .values()
-            .filter(|e| e.state() == JobState::Restarting && e.job.live_processes == 0)
+            .filter(|e| e.phase() == JobPhase::Restarting && e.job.live_processes == 0)
             .map(|e| e.job.id.clone())
             .collect();
         for id in ids {
@@ -126,12 +127,11 @@ impl Controller {
                 None => {}
             }
             let Some(entry) = state.jobs.get_mut(&id) else { continue };
-            entry.job.state = JobState::Pending as i32;
             let from = match &entry.job.resume_from {
                 Some(c) => format!(" from iteration {} ({})", c.iteration, c.path),
                 None => String::new(),
             };
-            entry.job.reason = format!("restarting{from}: waiting to be placed{note}");
+            entry.requeue(format!("restarting{from}: waiting to be placed{note}"))?;
             self.persist_job(state, &id).await?;
             self.publish(state, &id, "restart queued");
         }
@@ -143,7 +143,7 @@ impl Controller {
         let Some(directory) = prepare::checkpoint_dir(entry) else { return };
         let user = entry.spec.user.clone().unwrap_or_default();
         // The output dir is shared: any connected node of the last attempt, else any node.
-        let connected = |n: &NodeEntry| n.session.is_some() && n.state == NodeState::Ready;
+        let connected = |n: &NodeEntry| n.is_connected();
         let from_plan = entry
             .plan()
             .map(|p| p.nodes.iter().map(|a| a.node_name.clone()).collect::<Vec<_>>())

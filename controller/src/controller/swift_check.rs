@@ -14,7 +14,7 @@ use cohort_proto::{
 };
 use cohort_shared::spec::{JobSpec, Workload};
 
-use super::{Command, Controller, NodeState, State};
+use super::{Command, Controller, State};
 
 /// How long `cohort plan --check` waits for a node (the agent gives the check 120 s).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(130);
@@ -137,7 +137,7 @@ impl Controller {
         {
             let mut state = self.state.lock().await;
             let mut environments: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for node in state.nodes.values().filter(|n| n.state == NodeState::Ready && n.session.is_some()) {
+            for node in state.nodes.values().filter(|n| n.is_connected()) {
                 environments.entry(environment_of(node.preflight.as_ref())).or_default().push(node.info.name.clone());
             }
             for (environment, mut nodes) in environments {

@@ -1,0 +1,294 @@
+//! A node's state machine. `NodeEntry` is what the controller knows of one
+//! node: its registration, its agent's session, its liveness and what it
+//! reported last. Its phase changes only through the methods here
+//! (register, heartbeat, sweep, ...); the proto `NodeState` is only what
+//! `Node` answers carry.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cohort_proto::{NodeInfo, NodeRecord, NodeState, PreflightReport, RunningLaunch, now_unix_ms};
+use tokio::time::Instant;
+
+use super::SessionSender;
+
+/// Whether a node is heard from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NodePhase {
+    /// Registered and heartbeating on time: work may be placed there.
+    Ready,
+    /// Heartbeats late (more than three intervals) but within the TTL.
+    Suspect,
+    /// No heartbeat for the TTL: its jobs' processes there are lost.
+    Lost,
+    /// Known from the store, not registered since this controller started.
+    Disconnected,
+}
+
+impl NodePhase {
+    pub(super) fn to_proto(self) -> NodeState {
+        match self {
+            NodePhase::Ready => NodeState::Ready,
+            NodePhase::Suspect => NodeState::Suspect,
+            NodePhase::Lost => NodeState::Lost,
+            NodePhase::Disconnected => NodeState::Disconnected,
+        }
+    }
+}
+
+/// What a liveness sweep did to a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sweep {
+    Unchanged,
+    /// Became suspect now.
+    Suspect,
+    /// Lost now: its session is dropped, its jobs' processes there are lost.
+    Lost,
+}
+
+pub(super) struct NodeEntry {
+    pub(super) info: NodeInfo,
+    pub(super) registered_unix_ms: i64,
+    pub(super) revision: Option<u64>,
+    pub(super) session: Option<(String, SessionSender)>,
+    /// The session id handed out by the last Register.
+    pub(super) registered_session: Option<String>,
+    pub(super) last_seen: Instant,
+    pub(super) last_seen_unix_ms: i64,
+    phase: NodePhase,
+    /// Launches the agent last said it runs.
+    pub(super) reported: Vec<RunningLaunch>,
+    /// The agent's start-up preflight report.
+    pub(super) preflight: Option<PreflightReport>,
+    /// No new work (cordon, drain); persisted.
+    pub(super) cordoned: bool,
+    pub(super) draining: bool,
+    /// GPUs the health policy marked unhealthy, until an operator clears them; persisted.
+    pub(super) unhealthy_gpus: HashMap<u32, cohort_proto::GpuHealth>,
+    /// The newest telemetry of each GPU (memory only).
+    pub(super) telemetry: Vec<cohort_proto::GpuTelemetry>,
+}
+
+impl NodeEntry {
+    /// A node known from the store: `Disconnected` until its agent registers.
+    /// `now` starts its TTL. `None` for a record without the node's info.
+    pub(super) fn from_store(record: NodeRecord, revision: u64, now: Instant) -> Option<Self> {
+        let info = record.info?;
+        let mut node = Self::new(info, record.registered_unix_ms, now, NodePhase::Disconnected);
+        node.revision = Some(revision);
+        node.cordoned = record.cordoned;
+        node.draining = record.draining;
+        node.unhealthy_gpus = record.unhealthy_gpus.into_iter().collect();
+        Some(node)
+    }
+
+    /// A node registering for the first time: `Ready`.
+    pub(super) fn registered(info: NodeInfo, session_id: String, running: Vec<RunningLaunch>, now: Instant) -> Self {
+        let mut node = Self::new(info, now_unix_ms(), now, NodePhase::Ready);
+        node.registered_session = Some(session_id);
+        node.last_seen_unix_ms = now_unix_ms();
+        node.reported = running;
+        node
+    }
+
+    fn new(info: NodeInfo, registered_unix_ms: i64, now: Instant, phase: NodePhase) -> Self {
+        NodeEntry {
+            info,
+            registered_unix_ms,
+            revision: None,
+            session: None,
+            registered_session: None,
+            last_seen: now,
+            last_seen_unix_ms: 0,
+            phase,
+            reported: Vec::new(),
+            preflight: None,
+            cordoned: false,
+            draining: false,
+            unhealthy_gpus: HashMap::new(),
+            telemetry: Vec::new(),
+        }
+    }
+
+    /// What is persisted of the node (liveness and telemetry are memory only).
+    pub(super) fn record(&self) -> NodeRecord {
+        NodeRecord {
+            info: Some(self.info.clone()),
+            registered_unix_ms: self.registered_unix_ms,
+            cordoned: self.cordoned,
+            draining: self.draining,
+            unhealthy_gpus: self.unhealthy_gpus.clone().into_iter().collect(),
+        }
+    }
+
+    pub(super) fn phase(&self) -> NodePhase {
+        self.phase
+    }
+
+    /// Ready with an open session: commands reach it.
+    pub(super) fn is_connected(&self) -> bool {
+        self.session.is_some() && self.phase == NodePhase::Ready
+    }
+
+    // ------------------------------------------------------------ transitions
+
+    /// A known node's agent registered again (a restart or a reconnect):
+    /// `Ready`, with a new session id. Returns whether its info changed.
+    pub(super) fn register(
+        &mut self,
+        info: NodeInfo,
+        session_id: String,
+        running: Vec<RunningLaunch>,
+        now: Instant,
+    ) -> bool {
+        let changed = self.info != info;
+        self.info = info;
+        self.registered_session = Some(session_id);
+        self.heard_from(now);
+        self.reported = running;
+        changed
+    }
+
+    /// A heartbeat (or a registration): `Ready` again. Returns whether it was not.
+    pub(super) fn heard_from(&mut self, now: Instant) -> bool {
+        self.last_seen = now;
+        self.last_seen_unix_ms = now_unix_ms();
+        let was = std::mem::replace(&mut self.phase, NodePhase::Ready);
+        was != NodePhase::Ready
+    }
+
+    /// Binds the stream of the session `session_id` (checked by the caller).
+    pub(super) fn attach(&mut self, session_id: &str, tx: SessionSender, now: Instant) {
+        self.session = Some((session_id.to_string(), tx));
+        self.last_seen = now;
+    }
+
+    /// The stream of `session_id` closed. Returns whether it was the node's
+    /// session (a stale stream's close changes nothing).
+    pub(super) fn detach(&mut self, session_id: &str) -> bool {
+        if self.session.as_ref().is_some_and(|(id, _)| id == session_id) {
+            self.session = None;
+            return true;
+        }
+        false
+    }
+
+    /// The liveness sweep: silent for longer than `suspect_after`, suspect;
+    /// for longer than `ttl`, lost (and its session dropped).
+    pub(super) fn sweep(&mut self, now: Instant, suspect_after: Duration, ttl: Duration) -> Sweep {
+        let silent = now.duration_since(self.last_seen);
+        if self.phase != NodePhase::Lost && silent > ttl {
+            tracing::warn!(node = %self.info.name, ttl = ?ttl, "no heartbeat within the TTL; node lost");
+            self.phase = NodePhase::Lost;
+            self.session = None;
+            return Sweep::Lost;
+        }
+        if self.phase == NodePhase::Ready && silent > suspect_after && silent <= ttl {
+            tracing::warn!(node = %self.info.name, silent = ?silent, "heartbeats late; node suspect");
+            self.phase = NodePhase::Suspect;
+            return Sweep::Suspect;
+        }
+        Sweep::Unchanged
+    }
+
+    /// The controller itself was away (paused, starved): the node's silence
+    /// meanwhile is not its own, so its TTL starts again at `now`. A lost
+    /// node stays lost.
+    pub(super) fn forgive_silence(&mut self, now: Instant) {
+        if self.phase == NodePhase::Lost {
+            return;
+        }
+        self.last_seen = now;
+        if self.phase == NodePhase::Suspect {
+            self.phase = NodePhase::Ready;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const SUSPECT_AFTER: Duration = Duration::from_secs(3);
+    const TTL: Duration = Duration::from_secs(10);
+
+    fn info(name: &str) -> NodeInfo {
+        NodeInfo { name: name.into(), advertise_addr: "10.0.0.1".into(), ..NodeInfo::default() }
+    }
+
+    fn connected(now: Instant) -> NodeEntry {
+        let mut node = NodeEntry::registered(info("n1"), "s1".into(), Vec::new(), now);
+        node.attach("s1", tokio::sync::mpsc::unbounded_channel().0, now);
+        node
+    }
+
+    #[test]
+    fn a_stored_node_is_disconnected_until_it_registers() {
+        let now = Instant::now();
+        let record = NodeRecord { info: Some(info("n1")), cordoned: true, ..NodeRecord::default() };
+        let mut node = NodeEntry::from_store(record.clone(), 4, now).unwrap();
+        assert_eq!(node.phase(), NodePhase::Disconnected);
+        assert_eq!(node.phase().to_proto(), NodeState::Disconnected);
+        assert_eq!((node.revision, node.cordoned), (Some(4), true));
+        assert_eq!(node.record(), record, "what is stored comes back unchanged");
+        assert!(NodeEntry::from_store(NodeRecord::default(), 1, now).is_none(), "a record without its info");
+
+        let changed = node.register(info("n1"), "s2".into(), Vec::new(), now);
+        assert!(!changed, "the same info");
+        assert_eq!(node.phase(), NodePhase::Ready);
+        assert_eq!(node.registered_session.as_deref(), Some("s2"));
+        assert!(node.register(
+            NodeInfo { labels: [("gpu".into(), "h100".into())].into(), ..info("n1") },
+            "s3".into(),
+            Vec::new(),
+            now
+        ));
+    }
+
+    #[test]
+    fn silence_makes_a_node_suspect_then_lost_once() {
+        let start = Instant::now();
+        let mut node = connected(start);
+        assert!(node.is_connected());
+        assert_eq!(node.sweep(start + SUSPECT_AFTER, SUSPECT_AFTER, TTL), Sweep::Unchanged, "on the limit");
+        assert_eq!(node.sweep(start + Duration::from_secs(4), SUSPECT_AFTER, TTL), Sweep::Suspect);
+        assert_eq!(node.phase(), NodePhase::Suspect);
+        assert!(!node.is_connected(), "a suspect node gets no commands");
+        assert_eq!(node.sweep(start + Duration::from_secs(5), SUSPECT_AFTER, TTL), Sweep::Unchanged);
+        assert_eq!(node.sweep(start + Duration::from_secs(11), SUSPECT_AFTER, TTL), Sweep::Lost);
+        assert_eq!(node.phase(), NodePhase::Lost);
+        assert!(node.session.is_none(), "a lost node's stream is dropped");
+        assert_eq!(node.sweep(start + Duration::from_secs(30), SUSPECT_AFTER, TTL), Sweep::Unchanged, "lost once");
+
+        assert!(node.heard_from(start + Duration::from_secs(31)), "a heartbeat makes it Ready again");
+        assert_eq!(node.phase(), NodePhase::Ready);
+        assert!(!node.heard_from(start + Duration::from_secs(32)));
+    }
+
+    #[test]
+    fn a_controller_that_was_away_forgives_silence_but_not_a_loss() {
+        let start = Instant::now();
+        let mut node = connected(start);
+        node.sweep(start + Duration::from_secs(4), SUSPECT_AFTER, TTL);
+        let back = start + Duration::from_secs(60);
+        node.forgive_silence(back);
+        assert_eq!(node.phase(), NodePhase::Ready);
+        assert_eq!(node.last_seen, back);
+        assert_eq!(node.sweep(back + Duration::from_secs(2), SUSPECT_AFTER, TTL), Sweep::Unchanged);
+
+        node.sweep(back + Duration::from_secs(11), SUSPECT_AFTER, TTL);
+        node.forgive_silence(back + Duration::from_secs(100));
+        assert_eq!(node.phase(), NodePhase::Lost, "a lost node stays lost");
+    }
+
+    #[test]
+    fn only_the_current_sessions_close_detaches_the_node() {
+        let mut node = connected(Instant::now());
+        assert!(!node.detach("s0"), "a stale stream");
+        assert!(node.session.is_some());
+        assert!(node.detach("s1"));
+        assert!(node.session.is_none());
+    }
+}

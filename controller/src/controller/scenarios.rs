@@ -1,0 +1,326 @@
+//! Scenarios of the job and node state machines driven through the
+//! controller's own entry points (register, heartbeat, process events,
+//! reconcile) on an embedded store, with tokio's clock paused so that node
+//! TTLs pass in no time.
+
+#![allow(clippy::unwrap_used)]
+
+use cohort_proto::process_event::Event;
+use cohort_proto::{
+    Heartbeat, JobState, PrepareResult, ProcessEvent, ProcessPhase, ProcessStarted, RegisterRequest, RunningLaunch,
+};
+
+use super::*;
+use crate::store::EmbeddedStore;
+
+type Session = mpsc::UnboundedReceiver<Result<ControllerMessage, Status>>;
+
+fn node_info(name: &str) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        advertise_addr: "127.0.0.1".into(),
+        gpus: vec![cohort_proto::GpuInfo { index: 0, ..Default::default() }],
+        ..NodeInfo::default()
+    }
+}
+
+async fn open(dir: &Path) -> Arc<Controller> {
+    let store = Arc::new(EmbeddedStore::open(&dir.join("store")).unwrap());
+    Controller::load(store, dir, ControllerConfig::default()).await.unwrap()
+}
+
+/// Registers `node` (reporting `running`) and opens its session.
+async fn connect(controller: &Controller, node: &str, running: Vec<RunningLaunch>) -> Session {
+    let request = RegisterRequest { node: Some(node_info(node)), running, ..Default::default() };
+    let registered = controller.register(request).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    controller.attach(node, &registered.session_id, tx).await.unwrap();
+    rx
+}
+
+async fn submit(controller: &Controller, yaml: &str) -> String {
+    let file = JobFile { yaml: yaml.into(), source_name: "t.yaml".into(), ..JobFile::default() };
+    controller.submit(file, Default::default()).await.unwrap().0.id
+}
+
+/// The commands a session received since the last call.
+fn commands(session: &mut Session) -> Vec<Command> {
+    std::iter::from_fn(|| session.try_recv().ok()).filter_map(|m| m.ok().and_then(|m| m.command)).collect()
+}
+
+fn stops(commands: &[Command]) -> usize {
+    commands.iter().filter(|c| matches!(c, Command::Stop(_))).count()
+}
+
+fn event(job: &str, event: Event) -> ProcessEvent {
+    ProcessEvent { job_id: job.into(), attempt: 1, index: 0, event: Some(event) }
+}
+
+fn started() -> Event {
+    Event::Started(ProcessStarted { pid: 100, started_unix_ms: now_unix_ms() })
+}
+
+fn exited(exit_code: Option<i32>, signal: Option<i32>) -> ProcessExited {
+    ProcessExited { exit_code, signal, stopped_by_agent: signal.is_some(), ..Default::default() }
+}
+
+/// Advances the paused clock by `by`, a heartbeat from each of `alive` every second.
+async fn pass(controller: &Controller, by: Duration, alive: &[&str]) {
+    let beats: Vec<(&str, Vec<RunningLaunch>)> = alive.iter().map(|n| (*n, Vec::new())).collect();
+    pass_reporting(controller, by, &beats).await;
+}
+
+/// [`pass`], each node's heartbeats reporting the launches it runs.
+async fn pass_reporting(controller: &Controller, by: Duration, beats: &[(&str, Vec<RunningLaunch>)]) {
+    let step = Duration::from_secs(1);
+    let mut passed = Duration::ZERO;
+    while passed < by {
+        tokio::time::advance(step).await;
+        passed += step;
+        for (node, running) in beats {
+            controller.heartbeat(node, Heartbeat { running: running.clone(), ..Heartbeat::default() }).await;
+        }
+        controller.reconcile().await.unwrap();
+    }
+}
+
+/// A launch of attempt 1 whose process 0 still runs.
+fn running_launch(job: &str) -> Vec<RunningLaunch> {
+    let process = cohort_proto::RunningProcess { index: 0, pid: 100, ..Default::default() };
+    vec![RunningLaunch { job_id: job.into(), attempt: 1, processes: vec![process] }]
+}
+
+async fn stored(controller: &Controller, id: &str) -> Job {
+    let record = controller.store.get(&format!("jobs/{id}")).await.unwrap().unwrap();
+    JobRecord::decode(record.value.as_slice()).unwrap().job.unwrap()
+}
+
+#[tokio::test]
+async fn a_node_lost_during_preparation_fails_the_attempt_and_stops_the_others_preparation() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let mut n0 = connect(&controller, "n0", Vec::new()).await;
+    let _n1 = connect(&controller, "n1", Vec::new()).await;
+    let yaml = "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\nshared_paths: [/data]\ncommand: [sleep, '100']\n";
+    let id = submit(&controller, yaml).await;
+    // Submitted with the clock running: checking a job file has a real deadline.
+    tokio::time::pause();
+    controller.reconcile().await.unwrap();
+    assert_eq!(controller.get(&id).await.unwrap().state, JobState::Preparing as i32);
+    assert!(commands(&mut n0).iter().any(|c| matches!(c, Command::Prepare(_))));
+    let result = || PrepareResult { job_id: id.clone(), attempt: 1, ..PrepareResult::default() };
+    controller.prepare_result("n0", result()).await;
+    assert_eq!(controller.get(&id).await.unwrap().state, JobState::Preparing as i32, "n1 has not answered");
+
+    // n1 falls silent; n0 heartbeats on.
+    pass(&controller, controller.config.node_ttl + Duration::from_secs(1), &["n0"]).await;
+
+    let job = controller.get(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Failed as i32, "{}", job.reason);
+    assert!(job.reason.starts_with("node n1 (node rank 1) lost: no heartbeat for"), "{}", job.reason);
+    let failure = job.failure.as_ref().unwrap();
+    assert_eq!((failure.node_name.as_str(), failure.node_rank, failure.cause.as_str()), ("n1", 1, "node_lost"));
+    assert!(job.finished_unix_ms > 0);
+    assert_eq!(job.attempts[0].state, JobState::Failed as i32, "the attempt is closed");
+    assert!(job.processes.is_empty(), "nothing was launched");
+    assert_eq!(stops(&commands(&mut n0)), 1, "n0's preparation is stopped");
+    assert_eq!(stored(&controller, &id).await.state, JobState::Failed as i32, "the failure is durable");
+
+    // n1's answer arrives late: the attempt is over, nothing launches.
+    controller.prepare_result("n1", result()).await;
+    let after = controller.get(&id).await.unwrap();
+    assert_eq!(after.state, JobState::Failed as i32);
+    assert!(!commands(&mut n0).iter().any(|c| matches!(c, Command::Launch(_))));
+}
+
+#[tokio::test]
+async fn exits_while_a_cancelled_gang_stops_leave_it_cancelled_and_stops_are_resent_until_all_exited() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let mut sessions = Vec::new();
+    for node in ["n0", "n1"] {
+        sessions.push(connect(&controller, node, Vec::new()).await);
+    }
+    let id = submit(&controller, "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: [sleep, '100']\n").await;
+    tokio::time::pause();
+    controller.reconcile().await.unwrap();
+    for node in ["n0", "n1"] {
+        controller.process_event(node, event(&id, started())).await;
+    }
+    assert_eq!(controller.get(&id).await.unwrap().state, JobState::Running as i32);
+    let cancelled = controller.cancel(&id).await.unwrap();
+    let finished = cancelled.finished_unix_ms;
+    assert!(finished > 0);
+    for session in &mut sessions {
+        assert_eq!(stops(&commands(session)), 1, "every node gets a stop");
+    }
+
+    // n0's rank dies of the SIGTERM with a failing status: the job stays cancelled.
+    controller.process_event("n0", event(&id, Event::Exited(exited(Some(1), None)))).await;
+    let job = controller.get(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Cancelled as i32);
+    assert_eq!(job.reason, "cancelled by the user; stopping every process");
+    assert!(job.failure.is_none(), "an exit during the stop is no failure");
+    assert_eq!((job.live_processes, job.finished_unix_ms), (1, finished));
+
+    // n1 is slow to stop: its stop is sent again, n0 (no live process) gets none.
+    for node in ["n0", "n1"] {
+        let running = if node == "n1" { running_launch(&id) } else { Vec::new() };
+        controller.heartbeat(node, Heartbeat { running, ..Heartbeat::default() }).await;
+    }
+    tokio::time::advance(controller.config.stop_resend + Duration::from_millis(1)).await;
+    controller.reconcile().await.unwrap();
+    assert_eq!(stops(&commands(&mut sessions[0])), 0);
+    assert_eq!(stops(&commands(&mut sessions[1])), 1, "the stop is resent");
+
+    controller.process_event("n1", event(&id, Event::Exited(exited(None, Some(15))))).await;
+    let job = controller.get(&id).await.unwrap();
+    assert_eq!((job.state, job.live_processes), (JobState::Cancelled as i32, 0));
+    assert!(job.processes.iter().all(|p| p.phase == ProcessPhase::Exited as i32));
+    assert_eq!(job.attempts[0].state, JobState::Cancelled as i32);
+    let stored = stored(&controller, &id).await;
+    assert_eq!((stored.state, stored.live_processes), (JobState::Cancelled as i32, 0), "the last exit is durable");
+}
+
+#[tokio::test]
+async fn a_rank_failure_is_not_overwritten_by_the_exits_of_the_ranks_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let mut sessions = Vec::new();
+    for node in ["n0", "n1"] {
+        sessions.push(connect(&controller, node, Vec::new()).await);
+    }
+    let id = submit(&controller, "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: [sleep, '100']\n").await;
+    tokio::time::pause();
+    controller.reconcile().await.unwrap();
+    for node in ["n0", "n1"] {
+        controller.process_event(node, event(&id, started())).await;
+    }
+    controller.process_event("n1", event(&id, Event::Exited(exited(Some(3), None)))).await;
+    let failed = controller.get(&id).await.unwrap();
+    assert_eq!(failed.state, JobState::Failed as i32);
+    assert_eq!(failed.failure.as_ref().unwrap().node_name, "n1");
+    assert_eq!(stops(&commands(&mut sessions[0])), 1, "the rest of the gang is stopped");
+
+    controller.process_event("n0", event(&id, Event::Exited(exited(None, Some(15))))).await;
+    let job = controller.get(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Failed as i32);
+    assert_eq!(job.failure, failed.failure, "the first failure stands");
+    assert_eq!((job.reason, job.finished_unix_ms), (failed.reason, failed.finished_unix_ms));
+    assert_eq!(job.live_processes, 0);
+}
+
+#[tokio::test]
+async fn exits_not_yet_persisted_when_the_controller_restarts_come_back_with_the_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let controller = open(dir.path()).await;
+        let _sessions = (connect(&controller, "n0", Vec::new()).await, connect(&controller, "n1", Vec::new()).await);
+        let id =
+            submit(&controller, "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: [sleep, '100']\n").await;
+        controller.reconcile().await.unwrap();
+        for node in ["n0", "n1"] {
+            controller.process_event(node, event(&id, started())).await;
+        }
+        // n0's rank finishes; with n1's still running that changes no state and is not persisted.
+        controller.process_event("n0", event(&id, Event::Exited(exited(Some(0), None)))).await;
+        let stored = stored(&controller, &id).await;
+        assert_eq!((stored.state, stored.live_processes), (JobState::Running as i32, 2), "the exit is in memory only");
+        id
+        // The controller dies here, before n1's exit arrives.
+    };
+
+    let controller = open(dir.path()).await;
+    tokio::time::pause();
+    let job = controller.get(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Running as i32);
+    // Both agents reconnect reporting what ended while no controller listened.
+    let report = |code| {
+        let process = cohort_proto::RunningProcess {
+            index: 0,
+            pid: 100,
+            exited: Some(exited(Some(code), None)),
+            ..Default::default()
+        };
+        vec![RunningLaunch { job_id: id.clone(), attempt: 1, processes: vec![process] }]
+    };
+    let _n0 = connect(&controller, "n0", report(0)).await;
+    assert_eq!(controller.get(&id).await.unwrap().state, JobState::Running as i32, "n1's rank may still run");
+    let _n1 = connect(&controller, "n1", report(0)).await;
+
+    let job = controller.get(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Succeeded as i32, "{}", job.reason);
+    assert_eq!(job.live_processes, 0);
+    assert_eq!(job.attempts[0].state, JobState::Succeeded as i32);
+    assert_eq!(stored(&controller, &id).await.state, JobState::Succeeded as i32, "and it is durable");
+    pass(&controller, Duration::from_secs(3), &["n0", "n1"]).await;
+    assert_eq!(controller.get(&id).await.unwrap().state, JobState::Succeeded as i32);
+}
+
+#[tokio::test]
+async fn a_node_lost_while_running_restarts_the_job_without_it_after_the_old_gang_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let mut sessions = HashMap::new();
+    for node in ["n0", "n1", "n2"] {
+        sessions.insert(node, connect(&controller, node, Vec::new()).await);
+    }
+    let yaml = "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\nstop_grace: 1s\ncommand: [sleep, '100']\n\
+                restart: {max_restarts: 1, backoff: 1ms, on: [node_lost], exclude_failed_nodes: true}\n";
+    let id = submit(&controller, yaml).await;
+    tokio::time::pause();
+    controller.reconcile().await.unwrap();
+    let first = controller.get(&id).await.unwrap();
+    let placed: Vec<String> = first.plan.as_ref().unwrap().nodes.iter().map(|a| a.node_name.clone()).collect();
+    for node in &placed {
+        controller.process_event(node, event(&id, started())).await;
+    }
+    let (survivor, lost) = (placed[0].as_str(), placed[1].as_str());
+    let spare = ["n0", "n1", "n2"].into_iter().find(|n| !placed.iter().any(|p| p == n)).unwrap();
+    for session in sessions.values_mut() {
+        commands(session);
+    }
+
+    let beats = [(survivor, running_launch(&id)), (spare, Vec::new())];
+    pass_reporting(&controller, controller.config.node_ttl + Duration::from_secs(1), &beats).await;
+    let restarting = controller.get(&id).await.unwrap();
+    assert_eq!(restarting.state, JobState::Restarting as i32, "{}", restarting.reason);
+    assert!(
+        restarting.reason.starts_with("restart 1 of 1 in 1ms: attempt 1 failed (node_lost)"),
+        "{}",
+        restarting.reason
+    );
+    assert_eq!(restarting.finished_unix_ms, 0, "not finished while a restart comes");
+    assert_eq!(restarting.excluded_nodes, [lost]);
+    assert_eq!(restarting.attempts[0].state, JobState::Failed as i32);
+    assert_eq!(restarting.live_processes, 1, "the survivor's rank still runs");
+    assert!(restarting.not_before_unix_ms > now_unix_ms(), "held until the lost node's ranks are surely fenced");
+    assert!(stops(&commands(sessions.get_mut(survivor).unwrap())) >= 1, "the survivor is told to stop");
+
+    // The old gang must be gone before anything is placed again.
+    pass_reporting(&controller, Duration::from_secs(5), &beats).await;
+    assert_eq!(controller.get(&id).await.unwrap().state, JobState::Restarting as i32);
+    controller.process_event(survivor, event(&id, Event::Exited(exited(None, Some(15))))).await;
+    controller.reconcile().await.unwrap();
+    let queued = controller.get(&id).await.unwrap();
+    assert_eq!((queued.state, queued.attempt), (JobState::Pending as i32, 1), "{}", queued.reason);
+
+    // The fence hold is wall-clock time (the lost node's ranks stop by its clock).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while controller.get(&id).await.unwrap().attempt < 2 {
+        assert!(std::time::Instant::now() < deadline, "attempt 2 never started");
+        std::thread::sleep(Duration::from_millis(100));
+        pass(&controller, Duration::from_secs(1), &[survivor, spare]).await;
+    }
+    let second = controller.get(&id).await.unwrap();
+    let mut nodes: Vec<&str> = second.plan.as_ref().unwrap().nodes.iter().map(|a| a.node_name.as_str()).collect();
+    nodes.sort_unstable();
+    let mut expected = vec![survivor, spare];
+    expected.sort_unstable();
+    assert_eq!(nodes, expected, "placed again without the lost node");
+    assert_eq!(second.state, JobState::Starting as i32);
+    assert_eq!((second.finished_unix_ms, second.attempts.len()), (0, 2));
+    assert_eq!(second.attempts[0].failure.as_ref().unwrap().cause, "node_lost", "attempt 1 keeps its failure");
+    assert!(second.failure.is_none(), "the new attempt has none yet");
+    assert_eq!(second.live_processes, 2);
+}
