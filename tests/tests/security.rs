@@ -180,7 +180,7 @@ async fn clients_talk_only_to_a_controller_certificate() {
     let client = ClientTls { ca_pem: read(files::CA_CERT), identity: None };
     let endpoint = client.apply(Endpoint::from_shared(format!("https://{addr}")).unwrap()).unwrap();
     let err = endpoint.connect().await.unwrap_err();
-    let text = cohort_controller::security::client::error_chain(&err);
+    let text = cohort_shared::error_chain(&err);
     assert!(text.contains("not of a Cohort controller"), "{text}");
 
     // The same CA's controller certificate passes the same check.

@@ -195,31 +195,8 @@ fn recount(job: &mut Job) {
     job.live_processes = job.processes.iter().filter(|p| is_live(p)).count() as u32;
 }
 
-pub fn state_name(state: i32) -> &'static str {
-    match JobState::try_from(state).unwrap_or(JobState::Unspecified) {
-        JobState::Unspecified => "Unknown",
-        JobState::Pending => "Pending",
-        JobState::Preparing => "Preparing",
-        JobState::Starting => "Starting",
-        JobState::Running => "Running",
-        JobState::Succeeded => "Succeeded",
-        JobState::Failed => "Failed",
-        JobState::Cancelled => "Cancelled",
-        JobState::Restarting => "Restarting",
-    }
-}
-
-/// "code 3" or "signal 9 (SIGKILL)".
-pub fn describe_exit(exit_code: Option<i32>, signal: Option<i32>) -> String {
-    match (exit_code, signal) {
-        (_, Some(sig)) => match cohort_shared::metrics::signal_name(sig.unsigned_abs()) {
-            Some(name) => format!("signal {sig} ({name})"),
-            None => format!("signal {sig}"),
-        },
-        (Some(code), None) => format!("code {code}"),
-        (None, None) => "an unknown status".to_string(),
-    }
-}
+pub use cohort_proto::names::state_name;
+pub use cohort_shared::metrics::describe_exit;
 
 pub mod admission;
 mod agents;

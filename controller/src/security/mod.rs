@@ -3,7 +3,6 @@
 //! (nodes join, admins make tokens) and HTTPS for the web page.
 
 pub mod auth;
-pub mod client;
 pub mod http;
 pub mod init;
 pub mod run_as;

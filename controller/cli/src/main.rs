@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use cohort_controller::cli::{Cli, run};
+use cohort_cli::{Cli, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {

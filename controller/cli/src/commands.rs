@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::security::client::ApiChannel as Channel;
+use crate::connection::ApiChannel as Channel;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_proto::job_service_client::JobServiceClient;
@@ -14,9 +14,11 @@ use cohort_proto::{
     StreamLogsRequest, SubmitJobRequest, WatchJobRequest,
 };
 use cohort_proto::{ClearGpuRequest, NodeRequest};
-use comfy_table::{Table, presets::NOTHING};
 
-use crate::controller::{describe_exit, state_name};
+use cohort_proto::names::state_name;
+use cohort_shared::metrics::describe_exit;
+
+use crate::output::{Format, Output, print_json, table};
 
 /// Cohort: run multi-node training jobs (ms-swift `megatron sft`, torchrun,
 /// any command) on a cluster of GPU nodes.
@@ -28,23 +30,9 @@ pub struct Cli {
     #[arg(long, global = true, env = "COHORT_CONTROLLER", default_value = "127.0.0.1:7070")]
     pub controller: String,
     #[command(flatten)]
-    pub connection: crate::security::client::ClientArgs,
+    pub connection: crate::connection::ClientArgs,
     #[command(subcommand)]
     pub command: Verb,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-}
-
-/// `-o table|json` for the verbs that print records.
-#[derive(clap::Args, Debug, Clone, Copy)]
-pub struct Format {
-    /// Output format.
-    #[arg(long = "output", short = 'o', value_enum, default_value_t = Output::Table)]
-    pub output: Output,
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,7 +174,7 @@ pub enum Verb {
     Cache(CacheVerb),
     /// Make tokens: join tokens for new nodes, API tokens for people (admin only).
     #[command(subcommand)]
-    Token(crate::cli_token::TokenVerb),
+    Token(crate::token::TokenVerb),
 }
 
 #[derive(Subcommand, Debug)]
@@ -229,7 +217,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     if let Verb::Token(verb) = &cli.command {
-        return crate::cli_token::run(&cli.connection, &cli.controller, verb).await;
+        return crate::token::run(&cli.connection, &cli.controller, verb).await;
     }
     let mut client = cli.connection.connect(&cli.controller).await?;
     match cli.command {
@@ -321,11 +309,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Verb::Metrics { job, follow, format } => {
-            crate::cli_metrics::metrics(&mut client, &job, follow, format.output).await?;
+            crate::metrics::metrics(&mut client, &job, follow, format.output).await?;
             Ok(ExitCode::SUCCESS)
         }
         Verb::Plot { job, path } => {
-            crate::cli_metrics::plot(&mut client, &job, &path).await?;
+            crate::metrics::plot(&mut client, &job, &path).await?;
             Ok(ExitCode::SUCCESS)
         }
         Verb::Resume { job, format } => {
@@ -339,21 +327,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if format.output == Output::Json {
                 print_json(&table)?;
             } else {
-                crate::cli_metrics::print_preflight(&table);
+                crate::metrics::print_preflight(&table);
             }
             Ok(if table.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Verb::Dataset(_) | Verb::Token(_) => Ok(ExitCode::SUCCESS),
         Verb::Report { job, dir } => {
-            crate::cli_pipeline::report(&mut client, &job, &dir).await?;
+            crate::pipeline::report(&mut client, &job, &dir).await?;
             Ok(ExitCode::SUCCESS)
         }
         Verb::Cache(CacheVerb::Ls { format }) => {
-            crate::cli_pipeline::cache_ls(&mut client, format.output).await?;
+            crate::pipeline::cache_ls(&mut client, format.output).await?;
             Ok(ExitCode::SUCCESS)
         }
         Verb::Cache(CacheVerb::Rm { key }) => {
-            crate::cli_pipeline::cache_rm(&mut client, &key).await?;
+            crate::pipeline::cache_rm(&mut client, &key).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -401,11 +389,6 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", status.message())
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    say!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
-}
-
 fn finished(job: &Job) -> bool {
     matches!(JobState::try_from(job.state), Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled))
         && job.live_processes == 0
@@ -419,7 +402,7 @@ fn exit_for(job: &Job) -> ExitCode {
 async fn wait_finished(client: &mut JobServiceClient<Channel>, job: &str) -> anyhow::Result<Job> {
     let mut events = client.watch_job(WatchJobRequest { job: job.into() }).await.map_err(status_error)?.into_inner();
     let mut last = None;
-    let mut bars = crate::cli_metrics::StageBars::new();
+    let mut bars = crate::metrics::StageBars::new();
     while let Some(event) = events.message().await.map_err(status_error)? {
         if let Some(job) = event.job {
             bars.update(&job);
@@ -491,12 +474,6 @@ fn print_line(l: &JobLogLine, raw: bool) {
     } else {
         say!("{}/{} | {text}", l.node_name, line.process_index);
     }
-}
-
-fn table(header: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_preset(NOTHING).set_header(header.iter().map(|h| h.to_string()));
-    t
 }
 
 /// "Ready", "Suspect,Cordoned", "Lost", "Ready,Draining", ...
@@ -602,7 +579,7 @@ async fn gpus(client: &mut JobServiceClient<Channel>, out: Output) -> anyhow::Re
                 opt(telemetry.and_then(|t| t.utilization_gpu_pct).map(|u| format!("{u}%"))),
                 opt(telemetry
                     .and_then(|t| Some((t.memory_used_bytes?, t.memory_total_bytes?)))
-                    .map(|(u, m)| format!("{}/{}", crate::cli_metrics::bytes(u), crate::cli_metrics::bytes(m)))),
+                    .map(|(u, m)| format!("{}/{}", crate::metrics::bytes(u), crate::metrics::bytes(m)))),
                 opt(telemetry.and_then(|t| t.temperature_c).map(|c| format!("{c}°C"))),
                 opt(telemetry.and_then(|t| t.power_w).map(|w| format!("{w:.0} W"))),
                 if allocated { node.jobs.join(",") } else { String::new() },
@@ -651,7 +628,7 @@ async fn plan(
         return Ok(plan_exit(&response));
     }
     if !response.stages.is_empty() {
-        crate::cli_pipeline::print_stage_plans(&response.stages);
+        crate::pipeline::print_stage_plans(&response.stages);
         return Ok(plan_exit(&response));
     }
     if !response.parallel_layout.is_empty() {
@@ -776,9 +753,9 @@ fn print_status(job: &Job) {
     if let Some(f) = &job.failure {
         say!("failure:   {}", f.message);
     }
-    crate::cli_failures::print_failure_status(job);
-    crate::cli_metrics::print_training_status(job);
-    crate::cli_pipeline::print_stages(job);
+    crate::failures::print_failure_status(job);
+    crate::metrics::print_training_status(job);
+    crate::pipeline::print_stages(job);
     if job.live_processes > 0 {
         say!("alive:     {} process(es)", job.live_processes);
     }
