@@ -170,8 +170,8 @@ fn job_cgroups(args: &Args, node: &str) -> Option<cohort_agent::cgroup::JobCgrou
 }
 
 /// Every long flag can also be set in this file (flag > env > file > default).
-const CONFIG: cohort_shared::config_file::ConfigLocation =
-    cohort_shared::config_file::ConfigLocation { default_path: "/etc/cohort/agent.toml", env: "COHORT_AGENT_CONFIG" };
+const CONFIG: cohort_runtime::config_file::ConfigLocation =
+    cohort_runtime::config_file::ConfigLocation { default_path: "/etc/cohort/agent.toml", env: "COHORT_AGENT_CONFIG" };
 
 #[derive(Debug, Clone, Default)]
 struct Labels(HashMap<String, String>);
@@ -210,8 +210,8 @@ fn main() -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn agent() -> anyhow::Result<()> {
-    cohort_shared::telemetry::init("info");
-    let args: Args = cohort_shared::config_file::parse(CONFIG)?;
+    cohort_runtime::telemetry::init("info");
+    let args: Args = cohort_runtime::config_file::parse(CONFIG)?;
     let name = match args.node_name.clone() {
         Some(name) => name,
         None => nix::unistd::gethostname()
@@ -304,7 +304,6 @@ async fn agent() -> anyhow::Result<()> {
         helper: PathBuf::from("/proc/self/exe"),
         preparing: Default::default(),
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let scheme = if args.insecure { "http" } else { "https" };
     let urls: Vec<String> = args
         .controller
@@ -348,17 +347,17 @@ async fn agent() -> anyhow::Result<()> {
     let lease = args.work_dir.join("controller.lease");
     supervisor.set_fence(lease.clone(), args.fence_after);
     let liveness = session::Liveness::with_lease_file(lease);
+    // Handlers from here on: a SIGTERM while joining still ends the process at once.
+    let mut stop_rx = cohort_runtime::shutdown::on_signal();
     tokio::spawn(session::fence(liveness.clone(), args.fence_after, supervisor.clone(), stop_rx.clone()));
     let probe = preparer.clone();
     tokio::spawn(async move { probe.probe_at_startup().await });
-    let session = tokio::spawn(session::run(config, supervisor.clone(), preparer, liveness, out_rx, stop_rx));
+    let session = tokio::spawn(session::run(config, supervisor.clone(), preparer, liveness, out_rx, stop_rx.clone()));
     tracing::info!(node = %name, "agent started");
-    cohort_shared::service::notify_ready(&format!("node {name}: supervising"));
-    let _watchdog = cohort_shared::service::spawn_watchdog();
+    cohort_runtime::service::notify_ready(&format!("node {name}: supervising"));
+    let _watchdog = cohort_runtime::service::spawn_watchdog();
 
-    wait_for_signal().await;
-    cohort_shared::service::notify_stopping();
-    let _ = stop_tx.send(true);
+    cohort_runtime::shutdown::requested(&mut stop_rx).await;
     // A SIGTERM'd agent stops its ranks: `systemctl stop` means drain the node.
     // Only a crash or kill -9 (or --keep-ranks-on-exit, for an upgrade) leaves them to the next agent.
     if args.keep_ranks_on_exit {
@@ -373,20 +372,4 @@ async fn agent() -> anyhow::Result<()> {
     let _ = session.await;
     tracing::info!("agent stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
 }

@@ -45,7 +45,7 @@ pub enum SessionError {
     #[error("{0}: plaintext http:// while this agent uses TLS (run both sides with --insecure, or use https://)")]
     Plaintext(String),
     #[error(transparent)]
-    Tls(#[from] cohort_shared::tls::TlsError),
+    Tls(#[from] cohort_runtime::tls::TlsError),
 }
 
 /// How long Register, and opening the session stream, may take: a controller
@@ -74,7 +74,7 @@ pub struct SessionConfig {
     /// The node's GPUs: heartbeats carry their latest telemetry, ClearGpu resets their health.
     pub gpus: crate::gpu::GpuMonitor,
     /// The node's certificate and the cluster CA (None: --insecure, plaintext).
-    pub tls: Option<cohort_shared::tls::ClientTls>,
+    pub tls: Option<cohort_runtime::tls::ClientTls>,
 }
 
 /// When a controller last acknowledged this agent, shared by the session and
@@ -217,7 +217,7 @@ fn leader_hint(message: &str) -> Option<String> {
     message.rsplit_once("leader: ").map(|(_, url)| url.trim().to_string()).filter(|u| !u.is_empty())
 }
 
-async fn connect(url: &str, tls: Option<&cohort_shared::tls::ClientTls>) -> Result<Channel, SessionError> {
+async fn connect(url: &str, tls: Option<&cohort_runtime::tls::ClientTls>) -> Result<Channel, SessionError> {
     let url = if url.contains("://") {
         url.to_string()
     } else {

@@ -88,7 +88,7 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
         }
     };
     tracing::info!(listen = %local, id = %id, store = ?config.store, data_dir = %config.data_dir.display(), "controller serving");
-    cohort_shared::service::notify_ready(&format!("serving on {local} as {id}"));
+    cohort_runtime::service::notify_ready(&format!("serving on {local} as {id}"));
 
     let limits = config.controller.limits;
     let leading = leading::Leading::new(id, url, leader, config.security.as_ref().map(|s| s.client.clone()));

@@ -7,7 +7,7 @@ use cohort_cli::{Cli, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    cohort_shared::telemetry::init("warn");
+    cohort_runtime::telemetry::init("warn");
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(e) => {

@@ -15,8 +15,8 @@ use cohort_proto::security_service_server::SecurityService;
 use cohort_proto::{
     CreateTokenRequest, CreateTokenResponse, JoinRequest, JoinResponse, RevokeTokenRequest, RevokeTokenResponse,
 };
-use cohort_shared::tls::token::unix_now;
-use cohort_shared::tls::{self, Claims, ClientTls, ClusterCa, Role, ServerTls, TlsError, TokenKey, files};
+use cohort_runtime::tls::token::unix_now;
+use cohort_runtime::tls::{self, Claims, ClientTls, ClusterCa, Role, ServerTls, TlsError, TokenKey, files};
 use tonic::{Request, Response, Status};
 
 pub use auth::{AuthLayer, Caller};
