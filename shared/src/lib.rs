@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod digest;
 pub mod duration;
 pub mod failure;
+pub mod job_file;
 pub mod megatron;
 pub mod metrics;
 pub mod model;
