@@ -12,6 +12,9 @@ pub mod preflight;
 pub mod prepare;
 pub mod private_proc;
 pub mod rank_user;
+pub mod serve;
 pub mod session;
 pub mod stage;
 pub mod supervisor;
+
+pub use serve::{AgentConfig, AgentDeps, serve};
