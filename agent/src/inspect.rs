@@ -65,7 +65,7 @@ pub(crate) fn inspect(cmd: &InspectRequest) -> Result<PathInfo, String> {
         return Ok(answer);
     }
     if cmd.digest {
-        answer.digest = cohort_shared::digest::tree_digest(path).map_err(|e| format!("digest: {e}"))?;
+        answer.digest = crate::digest::tree_digest(path).map_err(|e| format!("digest: {e}"))?;
     }
     if cmd.read {
         answer.files = read_files(path, &cmd.suffix, cmd.max_bytes)?;

@@ -3,7 +3,9 @@
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
+pub mod checkpoint_search;
 pub mod commands;
+pub mod digest;
 pub mod gpu;
 pub mod inspect;
 pub mod job_files;

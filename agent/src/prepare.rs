@@ -357,7 +357,7 @@ impl Preparer {
 /// at it; run by the `files-as` helper as the job's user.
 pub(crate) fn find_checkpoint_in(directory: &Path) -> Result<FoundCheckpoint, String> {
     use cohort_shared::checkpoint::CheckpointLayout;
-    let found = cohort_shared::checkpoint::search(directory).map_err(|e| e.to_string())?;
+    let found = crate::checkpoint_search::search(directory).map_err(|e| e.to_string())?;
     if let Some(c) = &found.found {
         repoint_tracker(c);
     }

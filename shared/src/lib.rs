@@ -6,7 +6,6 @@
 
 pub mod checkpoint;
 pub mod dataset;
-pub mod digest;
 pub mod duration;
 pub mod failure;
 pub mod job_file;
