@@ -31,8 +31,8 @@ use tokio::sync::mpsc;
 use crate::rank_user::RankIdentity;
 use crate::stage::{StageItem, StageProgress, StagedItem};
 
-pub use helper::{invoked, main as files_as_main};
 pub(crate) use helper::read_stdin_json;
+pub use helper::{invoked, main as files_as_main};
 
 /// The first argument that makes `cohort-agent` touch a job's files as its user.
 pub const FILES_AS: &str = "files-as";
