@@ -10,7 +10,9 @@ pub mod commands;
 pub mod connection;
 pub mod failures;
 pub mod metrics;
+pub mod nodes;
 pub mod pipeline;
+pub mod plan;
 pub mod plot;
 pub mod token;
 

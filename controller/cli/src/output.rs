@@ -42,3 +42,17 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     say!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
+
+/// A refused call: the controller's message is the error.
+pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", status.message())
+}
+
+/// "3m 2s ago", or "never" for no time.
+pub fn ago(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "never".into();
+    }
+    let secs = ((cohort_proto::now_unix_ms() - unix_ms).max(0) / 1000) as u64;
+    format!("{} ago", humantime::format_duration(std::time::Duration::from_secs(secs)))
+}
