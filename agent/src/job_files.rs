@@ -13,7 +13,9 @@
 //! Only regular files are read: a path that opens as anything else is refused
 //! (the check is on the opened file, not on a name that could change).
 
+mod checkpoint;
 mod helper;
+mod paths;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt as _;
@@ -29,8 +31,8 @@ use tokio::sync::mpsc;
 use crate::rank_user::RankIdentity;
 use crate::stage::{StageItem, StageProgress, StagedItem};
 
+pub(crate) use helper::read_stdin_json;
 pub use helper::{invoked, main as files_as_main};
-pub(crate) use helper::{open_regular, read_stdin_json};
 
 /// The first argument that makes `cohort-agent` touch a job's files as its user.
 pub const FILES_AS: &str = "files-as";

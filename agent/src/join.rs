@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use cohort_proto::JoinRequest;
 use cohort_proto::security_service_client::SecurityServiceClient;
-use cohort_shared::tls::{self, ClientTls, PeerKind, TlsError, files};
+use cohort_runtime::tls::{self, ClientTls, PeerKind, TlsError, files};
 
 /// A certificate this close to its end is replaced by joining again.
 const RENEW_BEFORE: Duration = Duration::from_secs(24 * 3600);
@@ -101,7 +101,7 @@ async fn join_once(url: &str, tls: &ClientTls, request: JoinRequest) -> Result<c
         .map_err(|e| Attempt::Refused(format!("invalid controller URL {url:?}: {e}")))?
         .connect_timeout(Duration::from_secs(3));
     let endpoint = tls.apply(endpoint).map_err(|e| Attempt::Refused(e.to_string()))?;
-    let channel = endpoint.connect().await.map_err(|e| Attempt::Unreachable(cohort_shared::error_chain(&e)))?;
+    let channel = endpoint.connect().await.map_err(|e| Attempt::Unreachable(cohort_runtime::error_chain(&e)))?;
     match SecurityServiceClient::new(channel).join(request).await {
         Ok(response) => Ok(response.into_inner()),
         Err(status) if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => {

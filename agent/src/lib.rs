@@ -3,7 +3,9 @@
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
+pub mod checkpoint_search;
 pub mod commands;
+pub mod digest;
 pub mod gpu;
 pub mod inspect;
 pub mod job_files;
@@ -12,6 +14,9 @@ pub mod preflight;
 pub mod prepare;
 pub mod private_proc;
 pub mod rank_user;
+pub mod serve;
 pub mod session;
 pub mod stage;
 pub mod supervisor;
+
+pub use serve::{AgentConfig, AgentDeps, serve};

@@ -6,12 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use cohort_agent::prepare::Preparer;
+use cohort_agent::cgroup::JobLimits;
 use cohort_agent::rank_user::RankUserPolicy;
-use cohort_agent::stage::Stager;
-use cohort_agent::supervisor::{self, OutputBudget, Supervisor};
-use cohort_agent::{gpu, session};
-use cohort_proto::{EnvVar, NodeInfo};
+use cohort_agent::supervisor::{self, OutputBudget};
+use cohort_agent::{AgentConfig, AgentDeps, gpu, serve};
+use cohort_proto::EnvVar;
 
 /// Registers this node with the controller, reports its GPUs, and starts,
 /// supervises and stops the processes of the jobs placed on it.
@@ -145,33 +144,9 @@ fn parse_size(text: &str) -> Result<u64, String> {
     Ok(size.as_u64())
 }
 
-/// The node's per-job cgroups, or None with a warning that says why.
-fn job_cgroups(args: &Args, node: &str) -> Option<cohort_agent::cgroup::JobCgroups> {
-    use cohort_agent::cgroup::{JobCgroups, JobLimits, agent_cgroup_name};
-    let limits = JobLimits { memory_max_bytes: args.job_memory_max, pids_max: args.job_pids_max, cpus: args.job_cpus };
-    if args.cgroup_root.as_os_str().is_empty() {
-        tracing::info!("per-job cgroups off (cgroup-root is empty)");
-        return None;
-    }
-    match JobCgroups::set_up(&args.cgroup_root, &agent_cgroup_name(node, &args.work_dir), limits) {
-        Ok(cgroups) => {
-            tracing::info!(?limits, "each job's processes run in a cgroup of their own: {}", cgroups.describe());
-            Some(cgroups)
-        }
-        Err(e) => {
-            tracing::warn!(
-                error = %e,
-                "per-job cgroups off: jobs on this node share the agent's cgroup and no job-memory-max, \
-                 job-pids-max or job-cpus applies; run the agent as root on a host with cgroup v2 or v1 mounted"
-            );
-            None
-        }
-    }
-}
-
 /// Every long flag can also be set in this file (flag > env > file > default).
-const CONFIG: cohort_shared::config_file::ConfigLocation =
-    cohort_shared::config_file::ConfigLocation { default_path: "/etc/cohort/agent.toml", env: "COHORT_AGENT_CONFIG" };
+const CONFIG: cohort_runtime::config_file::ConfigLocation =
+    cohort_runtime::config_file::ConfigLocation { default_path: "/etc/cohort/agent.toml", env: "COHORT_AGENT_CONFIG" };
 
 #[derive(Debug, Clone, Default)]
 struct Labels(HashMap<String, String>);
@@ -210,34 +185,21 @@ fn main() -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn agent() -> anyhow::Result<()> {
-    cohort_shared::telemetry::init("info");
-    let args: Args = cohort_shared::config_file::parse(CONFIG)?;
-    let name = match args.node_name.clone() {
+    cohort_runtime::telemetry::init("info");
+    let args: Args = cohort_runtime::config_file::parse(CONFIG)?;
+    let node_name = match args.node_name.clone() {
         Some(name) => name,
         None => nix::unistd::gethostname()
             .context("reading the host name; pass --node-name")?
             .to_string_lossy()
             .into_owned(),
     };
-    std::fs::create_dir_all(&args.work_dir)
-        .with_context(|| format!("creating --work-dir {}", args.work_dir.display()))?;
-    let cgroups = job_cgroups(&args, &name);
-
     let fake = gpu::FakeGpuFlags {
         count: args.fake_gpus,
         islands: args.fake_gpu_islands.clone(),
         events_file: args.fake_gpu_events.clone(),
     };
-    let backend = gpu::open_backend(fake).map_err(anyhow::Error::msg)?;
-    let (gpu_events_tx, mut gpu_events) = tokio::sync::mpsc::channel(1024);
-    let gpu_config = gpu::MonitorConfig { interval: args.telemetry_interval, keep: args.gpu_indices.clone() };
-    let gpu_monitor = gpu::GpuMonitor::start(backend, gpu_config, gpu_events_tx).await?;
-    let gpus = gpu_monitor.gpus().to_vec();
-    if gpus.is_empty() {
-        tracing::warn!(note = %gpu_monitor.note(), "this node offers no GPUs");
-    } else {
-        tracing::info!(count = gpus.len(), note = %gpu_monitor.note(), "GPU inventory");
-    }
+    let deps = AgentDeps::this_binary(gpu::open_backend(fake).map_err(anyhow::Error::msg)?);
     let mut node_env = Vec::new();
     let mut add = |name: &str, value: &Option<String>| {
         if let Some(value) = value {
@@ -248,145 +210,38 @@ async fn agent() -> anyhow::Result<()> {
     add("MEGATRON_LM_PATH", &args.megatron_lm_path);
     add("NCCL_SOCKET_IFNAME", &args.net_ifname);
     add("GLOO_SOCKET_IFNAME", &args.net_ifname);
-    let node = NodeInfo {
-        name: name.clone(),
-        advertise_addr: args.advertise_addr.to_string(),
+    let config = AgentConfig {
+        node_name,
+        advertise_addr: args.advertise_addr,
+        controller_urls: args.controller,
+        insecure: args.insecure,
+        work_dir: args.work_dir,
         labels: args.labels.0,
-        gpus,
-        agent_version: env!("CARGO_PKG_VERSION").into(),
-        gpu_note: gpu_monitor.note().to_string(),
         node_env,
-        fence_after_ms: args.fence_after.as_millis() as u32,
-    };
-
-    let (out_tx, out_rx) = tokio::sync::mpsc::channel(8192);
-    // GPU events go up at once, on the session's outbound queue.
-    let gpu_out = out_tx.clone();
-    tokio::spawn(async move {
-        while let Some(event) = gpu_events.recv().await {
-            let msg = cohort_proto::AgentMessage { msg: Some(cohort_proto::agent_message::Msg::GpuEvent(event)) };
-            if gpu_out.send(supervisor::Outbound::Message(msg)).await.is_err() {
-                return;
-            }
-        }
-    });
-    let rank_users = RankUserPolicy {
-        default_user: args.rank_user.clone().filter(|u| !u.trim().is_empty()),
-        allowed: args.allowed_rank_users.iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),
-        allow_root: args.allow_root_ranks,
-    };
-    // A node that could not run a job without `user:` says so now, not at the first launch.
-    let identity = rank_users.check().map_err(|e| anyhow::anyhow!("rank-user: {e}"))?;
-    tracing::info!(user = %identity.name, uid = identity.uid, allowed = ?rank_users.allowed, "ranks run as");
-    // A line is up to 64 KiB: a smaller burst would drop every long line.
-    if args.output_rate > 0 && args.output_burst < 128 * 1024 {
-        anyhow::bail!("--output-burst {} is below 128KiB: lines of up to 64 KiB could never pass", args.output_burst);
-    }
-    let supervisor = Supervisor::new(name.clone(), args.work_dir.clone(), out_tx.clone())
-        .with_rank_users(rank_users.clone())
-        .with_cgroups(cgroups.clone())
-        .with_output_budget(OutputBudget { per_second: args.output_rate, burst: args.output_burst });
-    let py_spy = supervisor::stacks::find_py_spy(args.py_spy.clone());
-    tracing::info!(py_spy = ?py_spy, "stack dumps of hung jobs: {}", if py_spy.is_some() { "py-spy" } else { "faulthandler (SIGUSR1) where the trainer registered it" });
-    supervisor.set_py_spy(py_spy);
-    // Before registering, so that the controller hears what survived the last agent.
-    let recovery = supervisor.recover().await;
-    tracing::info!(?recovery, "launch state recovered");
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| args.work_dir.join("cache"));
-    let preparer = Preparer {
-        node_name: name.clone(),
-        python: args.python.clone(),
-        node_env: node.node_env.iter().map(|v| (v.name.clone(), v.value.clone())).collect(),
-        stager: std::sync::Arc::new(Stager::new(cache_dir, args.stage_parallel.max(1))),
-        out: out_tx,
-        report: tokio::sync::watch::channel(None).0,
-        rank_users,
-        helper: PathBuf::from("/proc/self/exe"),
-        preparing: Default::default(),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let scheme = if args.insecure { "http" } else { "https" };
-    let urls: Vec<String> = args
-        .controller
-        .iter()
-        .map(|u| u.trim())
-        .filter(|u| !u.is_empty())
-        .map(|u| if u.contains("://") { u.to_string() } else { format!("{scheme}://{u}") })
-        .collect();
-    if urls.is_empty() {
-        anyhow::bail!("--controller names no URL");
-    }
-    let tls = if args.insecure {
-        tracing::warn!(
-            "--insecure: plaintext to the controller, no certificate; whoever reaches the controller can command this node"
-        );
-        None
-    } else {
-        if let Some(url) = urls.iter().find(|u| u.starts_with("http://")) {
-            anyhow::bail!("--controller {url}: plaintext http:// needs --insecure; use https:// with --ca-cert");
-        }
-        let tls_dir = args.tls_dir.clone().unwrap_or_else(|| args.work_dir.join("tls"));
-        let join = cohort_agent::join::JoinConfig {
-            node: &name,
-            tls_dir: &tls_dir,
-            ca_cert: args.ca_cert.as_deref(),
-            join_token: args.join_token.as_deref(),
-            controller_urls: &urls,
-            max_backoff: args.max_backoff,
-        };
-        Some(cohort_agent::join::node_tls(join).await?)
-    };
-    let config = session::SessionConfig {
-        controller_urls: urls,
-        node,
+        telemetry_interval: args.telemetry_interval,
+        gpu_indices: args.gpu_indices,
+        python: args.python,
+        cache_dir: args.cache_dir,
+        stage_parallel: args.stage_parallel,
+        py_spy: args.py_spy,
         max_backoff: args.max_backoff,
         fence_after: args.fence_after,
-        gpus: gpu_monitor,
-        tls,
+        keep_ranks_on_exit: args.keep_ranks_on_exit,
+        ca_cert: args.ca_cert,
+        join_token: args.join_token,
+        tls_dir: args.tls_dir,
+        rank_users: RankUserPolicy {
+            default_user: args.rank_user.filter(|u| !u.trim().is_empty()),
+            allowed: args.allowed_rank_users.iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),
+            allow_root: args.allow_root_ranks,
+        },
+        cgroup_root: args.cgroup_root,
+        job_limits: JobLimits {
+            memory_max_bytes: args.job_memory_max,
+            pids_max: args.job_pids_max,
+            cpus: args.job_cpus,
+        },
+        output_budget: OutputBudget { per_second: args.output_rate, burst: args.output_burst },
     };
-    // The shims watch this file too: a killed agent's ranks are fenced all the same.
-    let lease = args.work_dir.join("controller.lease");
-    supervisor.set_fence(lease.clone(), args.fence_after);
-    let liveness = session::Liveness::with_lease_file(lease);
-    tokio::spawn(session::fence(liveness.clone(), args.fence_after, supervisor.clone(), stop_rx.clone()));
-    let probe = preparer.clone();
-    tokio::spawn(async move { probe.probe_at_startup().await });
-    let session = tokio::spawn(session::run(config, supervisor.clone(), preparer, liveness, out_rx, stop_rx));
-    tracing::info!(node = %name, "agent started");
-    cohort_shared::service::notify_ready(&format!("node {name}: supervising"));
-    let _watchdog = cohort_shared::service::spawn_watchdog();
-
-    wait_for_signal().await;
-    cohort_shared::service::notify_stopping();
-    let _ = stop_tx.send(true);
-    // A SIGTERM'd agent stops its ranks: `systemctl stop` means drain the node.
-    // Only a crash or kill -9 (or --keep-ranks-on-exit, for an upgrade) leaves them to the next agent.
-    if args.keep_ranks_on_exit {
-        tracing::info!("leaving every process running for the next agent (--keep-ranks-on-exit)");
-    } else {
-        tracing::info!("stopping every process this agent supervises");
-        supervisor.stop_all().await;
-        if let Some(cgroups) = &cgroups {
-            cgroups.remove_agent_dirs();
-        }
-    }
-    let _ = session.await;
-    tracing::info!("agent stopped");
-    Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
+    serve(config, deps, cohort_runtime::shutdown::on_signal()).await
 }

@@ -7,10 +7,11 @@
 //! ranks (fencing): by then the controller has called the node lost and may
 //! run the job elsewhere, and two attempts of a job must never run at once.
 
+mod reconnect;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use cohort_proto::agent_service_client::AgentServiceClient;
 use cohort_proto::{
     AgentMessage, CommandAck, ControllerMessage, Heartbeat, Hello, LogBatch, LogLine, MetricsBatch, NodeInfo,
@@ -22,6 +23,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::prepare::Preparer;
 use crate::supervisor::{MAX_LOG_BATCH_BYTES, Outbound, Supervisor};
+
+pub use reconnect::{Reconnect, leader_hint, silent_limit};
 
 /// Log lines are shipped in batches at this cadence, or sooner when a batch
 /// reaches [`MAX_BATCH`] lines or [`MAX_LOG_BATCH_BYTES`].
@@ -45,7 +48,7 @@ pub enum SessionError {
     #[error("{0}: plaintext http:// while this agent uses TLS (run both sides with --insecure, or use https://)")]
     Plaintext(String),
     #[error(transparent)]
-    Tls(#[from] cohort_shared::tls::TlsError),
+    Tls(#[from] cohort_runtime::tls::TlsError),
 }
 
 /// How long Register, and opening the session stream, may take: a controller
@@ -74,7 +77,7 @@ pub struct SessionConfig {
     /// The node's GPUs: heartbeats carry their latest telemetry, ClearGpu resets their health.
     pub gpus: crate::gpu::GpuMonitor,
     /// The node's certificate and the cluster CA (None: --insecure, plaintext).
-    pub tls: Option<cohort_shared::tls::ClientTls>,
+    pub tls: Option<cohort_runtime::tls::ClientTls>,
 }
 
 /// When a controller last acknowledged this agent, shared by the session and
@@ -152,23 +155,12 @@ pub async fn run(
     mut outbound: mpsc::Receiver<Outbound>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let backoff = || {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(config.max_backoff)
-            .with_jitter()
-            .without_max_times()
-            .build()
-    };
-    let mut delays = backoff();
+    let mut reconnect = Reconnect::new(config.controller_urls.clone(), config.max_backoff);
     // The session this process holds: presented when it registers again, so
     // the controller tells this agent reconnecting from a second one.
     let mut held_session = String::new();
-    let mut next = 0usize;
-    let mut redirect: Option<String> = None;
     loop {
-        let url =
-            redirect.take().unwrap_or_else(|| config.controller_urls[next % config.controller_urls.len()].clone());
+        let url = reconnect.url();
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             r = session(&config, &url, &supervisor, &preparer, &liveness, &mut outbound, &mut held_session) => r,
@@ -181,7 +173,7 @@ pub async fn run(
                 match leader_hint(status.message()) {
                     Some(leader) if leader != url => {
                         tracing::info!(standby = %url, leader = %leader, "redirected to the leader");
-                        redirect = Some(leader);
+                        reconnect.redirect_to(leader);
                         continue;
                     }
                     _ => {
@@ -200,11 +192,7 @@ pub async fn run(
                 tracing::warn!(controller = %url, error = %e, "session to the controller failed; ranks keep running, reconnecting")
             }
         }
-        next += 1;
-        if started.elapsed() > Duration::from_secs(30) {
-            delays = backoff();
-        }
-        let delay = delays.next().unwrap_or(config.max_backoff);
+        let delay = reconnect.failed(started.elapsed());
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return,
@@ -212,12 +200,7 @@ pub async fn run(
     }
 }
 
-/// A standby's refusal ends with "leader: <url>" when it knows the leader.
-fn leader_hint(message: &str) -> Option<String> {
-    message.rsplit_once("leader: ").map(|(_, url)| url.trim().to_string()).filter(|u| !u.is_empty())
-}
-
-async fn connect(url: &str, tls: Option<&cohort_shared::tls::ClientTls>) -> Result<Channel, SessionError> {
+async fn connect(url: &str, tls: Option<&cohort_runtime::tls::ClientTls>) -> Result<Channel, SessionError> {
     let url = if url.contains("://") {
         url.to_string()
     } else {
@@ -272,7 +255,7 @@ async fn session(
     let mut heartbeat = tokio::time::interval(interval);
     // A stream that stops acknowledging (a silent partition keeps TCP open) is
     // abandoned for another controller well before the fence.
-    let silent_limit = (interval * 5).max(Duration::from_secs(3)).min(config.fence_after / 2);
+    let silent_limit = silent_limit(interval, config.fence_after);
     let mut last_ack = tokio::time::Instant::now();
     let mut flush = tokio::time::interval(LOG_FLUSH);
     let mut seq = 0u64;

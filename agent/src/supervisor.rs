@@ -387,7 +387,7 @@ impl Supervisor {
             .stdout(Stdio::piped())
             .stderr(shim_stderr)
             .kill_on_drop(false);
-        for name in cohort_shared::service::NOTIFY_ENV {
+        for name in cohort_runtime::service::NOTIFY_ENV {
             command.env_remove(name);
         }
         let mut child =

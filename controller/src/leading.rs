@@ -30,7 +30,7 @@ pub struct Leading {
     /// A channel to the leader (standbys), rebuilt when the leader changes.
     channel: RwLock<Option<(String, Channel)>>,
     /// TLS to the leader (None: --insecure).
-    tls: Option<cohort_shared::tls::ClientTls>,
+    tls: Option<cohort_runtime::tls::ClientTls>,
     /// Why the last load of the state failed, while it is retried.
     load_failure: std::sync::Mutex<Option<String>>,
 }
@@ -46,7 +46,7 @@ impl Leading {
         id: String,
         url: String,
         leader: watch::Receiver<LeaderState>,
-        tls: Option<cohort_shared::tls::ClientTls>,
+        tls: Option<cohort_runtime::tls::ClientTls>,
     ) -> Arc<Self> {
         Arc::new(Self {
             id,

@@ -1,25 +1,7 @@
 //! The Cohort controller: job API, agent sessions, planner and state.
 #![forbid(unsafe_code)]
 
-/// `println!` that ends the process quietly when stdout is closed (`cohort jobs | head`).
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        if let Err(e) = writeln!(out, $($arg)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-        }
-    }};
-}
-
 pub mod api;
-pub mod cli;
-pub mod cli_failures;
-pub mod cli_metrics;
-pub mod cli_pipeline;
-pub mod cli_token;
 pub mod controller;
 pub mod error;
 pub mod http;
@@ -29,7 +11,6 @@ pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod planner;
-pub mod plot;
 pub mod secrets;
 pub mod security;
 pub mod store;
@@ -107,7 +88,7 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
         }
     };
     tracing::info!(listen = %local, id = %id, store = ?config.store, data_dir = %config.data_dir.display(), "controller serving");
-    cohort_shared::service::notify_ready(&format!("serving on {local} as {id}"));
+    cohort_runtime::service::notify_ready(&format!("serving on {local} as {id}"));
 
     let limits = config.controller.limits;
     let leading = leading::Leading::new(id, url, leader, config.security.as_ref().map(|s| s.client.clone()));

@@ -56,7 +56,7 @@ fn text(attributes: &[KeyValue], key: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn spans_are_exported_to_the_otlp_endpoint() {
     let (collector, mut received) = start_collector().await;
-    let guard = cohort_shared::telemetry::init_with_otlp(
+    let guard = cohort_runtime::telemetry::init_with_otlp(
         "info,cohort_controller=debug",
         "cohort-controller-test",
         Some(&format!("http://{collector}")),

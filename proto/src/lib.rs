@@ -10,6 +10,8 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cohort_descriptor");
 }
 
+pub mod names;
+
 pub use v1::*;
 
 /// Milliseconds since the Unix epoch, the time unit of every `*_unix_ms` field.

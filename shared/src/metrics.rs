@@ -13,7 +13,7 @@ mod pydict;
 
 use serde::{Deserialize, Serialize};
 
-pub use child_failure::{ChildFailure, ChildFailureParser, signal_name};
+pub use child_failure::{ChildFailure, ChildFailureParser, describe_exit, signal_name};
 use pydict::{PyValue, parse_dict};
 
 use crate::duration::parse_duration;

@@ -17,10 +17,8 @@ mod bounds;
 mod fields;
 #[doc(hidden)]
 pub mod fuzzing;
-mod locate;
-mod report;
 mod restart;
-pub(crate) mod scalar;
+pub mod stage_document;
 pub mod stages;
 
 use std::collections::BTreeMap;
@@ -31,17 +29,15 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value};
 
+use crate::job_file::scalar::describe;
+use crate::job_file::{Problems, suggestion};
+pub use crate::job_file::{SpecErrors, SpecIssue};
 use crate::megatron::checks::{Cluster, check_parallelism};
 use crate::megatron::parse::read_megatron;
 pub use crate::megatron::{FlagValue, MegatronSpec, ParallelLayout, SwiftVersion};
 use crate::model::ModelConfig;
 use fields::{check_name, read_command, read_env, read_node_selector};
-pub(crate) use report::Problems;
-pub(crate) use report::did_you_mean;
-use report::suggestion;
-pub use report::{SpecErrors, SpecIssue};
 pub use restart::{DEFAULT_STRAGGLER_FACTOR, RestartPolicy};
-use scalar::describe;
 
 /// A validated job file.
 #[derive(Debug, Clone, PartialEq)]
@@ -300,7 +296,7 @@ fn parse_document(text: &str) -> Result<Mapping, SpecIssue> {
         whole(Some(line), format!("not valid YAML: {err}"))
     })?;
     value.apply_merge().map_err(|err| {
-        let line = locate::line_of(text, &["<<"]).unwrap_or(1);
+        let line = crate::job_file::locate::line_of(text, &["<<"]).unwrap_or(1);
         whole(Some(line), format!("bad YAML merge key: {err}"))
     })?;
     match value {

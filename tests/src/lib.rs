@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use cohort_proto::job_service_client::JobServiceClient;
 use cohort_proto::{GetJobRequest, Job, JobFile, JobState, ListNodesRequest, NodeState, SubmitJobRequest};
-use cohort_shared::tls::{Bearer, Claims, ClientTls, Role, TokenKey, files};
+use cohort_runtime::tls::{Bearer, Claims, ClientTls, Role, TokenKey, files};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

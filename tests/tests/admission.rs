@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use cohort_proto::{JobFile, JobState, ListJobsRequest, SubmitJobRequest};
-use cohort_shared::tls::Role;
+use cohort_runtime::tls::Role;
 use cohort_tests::{Cluster, NodeSpec, state};
 use tonic::Code;
 

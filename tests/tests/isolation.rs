@@ -190,7 +190,7 @@ async fn a_job_cannot_see_another_users_jobs_processes_nor_read_its_secrets() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_may_run_jobs_only_as_the_users_it_is_allowed() {
     use cohort_proto::{JobFile, SubmitJobRequest};
-    use cohort_shared::tls::Role;
+    use cohort_runtime::tls::Role;
     let cluster =
         Cluster::start_with(vec![NodeSpec::loopback(0, 1)], &["--allow-run-as", "carol=svc-train"]).await.unwrap();
     let tls = cluster.tls.as_ref().unwrap();

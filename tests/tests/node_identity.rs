@@ -12,8 +12,8 @@ use cohort_proto::security_service_client::SecurityServiceClient;
 use cohort_proto::{
     CreateTokenRequest, JobState, JoinRequest, ListNodesRequest, NodeInfo, RegisterRequest, RevokeTokenRequest,
 };
-use cohort_shared::tls::pki::node_csr;
-use cohort_shared::tls::{Bearer, Claims, ClientTls, ClusterCa, Role, files};
+use cohort_runtime::tls::pki::node_csr;
+use cohort_runtime::tls::{Bearer, Claims, ClientTls, ClusterCa, Role, files};
 use cohort_tests::{Cluster, NodeSpec, state};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use cohort_proto::{GetMetricsRequest, JobState, TrainingPoint};
-use cohort_shared::tls::{Role, files};
+use cohort_runtime::tls::{Role, files};
 use cohort_tests::{Cluster, NodeSpec, repo_root, state};
 
 fn example() -> PathBuf {

@@ -5,7 +5,7 @@
 //! comments included, so any language's tools can call it without the .proto files.
 #![allow(clippy::unwrap_used)]
 
-use cohort_shared::tls::{Bearer, ClientTls};
+use cohort_runtime::tls::{Bearer, ClientTls};
 use cohort_tests::{Cluster, NodeSpec};
 use prost::Message;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
@@ -32,7 +32,7 @@ async fn try_ask(
 }
 
 async fn ask(cluster: &Cluster, request: MessageRequest) -> ServerReflectionResponse {
-    let token = cluster.tls.as_ref().map(|t| t.token(cohort_shared::tls::Role::View, "reader"));
+    let token = cluster.tls.as_ref().map(|t| t.token(cohort_runtime::tls::Role::View, "reader"));
     try_ask(cluster, token.as_deref(), request).await.unwrap()
 }
 

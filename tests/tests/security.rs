@@ -13,9 +13,9 @@ use cohort_proto::{
     AgentMessage, CancelJobRequest, GetJobRequest, Hello, JobFile, JobState, JoinRequest, ListJobsRequest,
     ListNodesRequest, NodeInfo, RegisterRequest, SubmitJobRequest, agent_message::Msg,
 };
-use cohort_shared::tls::pki::node_csr;
-use cohort_shared::tls::token::unix_now;
-use cohort_shared::tls::{Claims, ClientTls, ClusterCa, Role, ServerTls, files};
+use cohort_runtime::tls::pki::node_csr;
+use cohort_runtime::tls::token::unix_now;
+use cohort_runtime::tls::{Claims, ClientTls, ClusterCa, Role, ServerTls, files};
 use cohort_tests::{Cluster, NodeSpec, bin, state};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -180,7 +180,7 @@ async fn clients_talk_only_to_a_controller_certificate() {
     let client = ClientTls { ca_pem: read(files::CA_CERT), identity: None };
     let endpoint = client.apply(Endpoint::from_shared(format!("https://{addr}")).unwrap()).unwrap();
     let err = endpoint.connect().await.unwrap_err();
-    let text = cohort_controller::security::client::error_chain(&err);
+    let text = cohort_runtime::error_chain(&err);
     assert!(text.contains("not of a Cohort controller"), "{text}");
 
     // The same CA's controller certificate passes the same check.

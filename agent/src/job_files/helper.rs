@@ -56,8 +56,10 @@ pub fn main() -> i32 {
             Err(e) => Err(format!("cannot remove {}: {e}", file.display())),
         },
         Request::Stage { cache_dir, parallel_files, items } => stage(cache_dir, parallel_files, items),
-        Request::FindCheckpoint { directory } => crate::prepare::find_checkpoint_in(&directory).map(Reply::Checkpoint),
-        Request::InspectPath(inspect) => crate::inspect::inspect(&inspect).map(Reply::Path),
+        Request::FindCheckpoint { directory } => {
+            super::checkpoint::find_checkpoint_in(&directory).map(Reply::Checkpoint)
+        }
+        Request::InspectPath(inspect) => super::paths::inspect(&inspect).map(Reply::Path),
     };
     let (reply, code) = match reply {
         Ok(reply) => (reply, 0),

@@ -355,7 +355,7 @@ async fn fetch_once(
     if offset > 0 {
         request = request.header(RANGE, format!("bytes={offset}-"));
     }
-    let response = request.send().await.map_err(|e| Failure::Transient(cohort_shared::error_chain(&e)))?;
+    let response = request.send().await.map_err(|e| Failure::Transient(cohort_runtime::error_chain(&e)))?;
     let status = response.status();
     let content_range = response.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let total = match status {
@@ -397,7 +397,7 @@ async fn fetch_once(
     meter.set_bytes_total(total);
     let mut body = response.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| Failure::Transient(cohort_shared::error_chain(&e)))?;
+        let chunk = chunk.map_err(|e| Failure::Transient(cohort_runtime::error_chain(&e)))?;
         sink.write(&chunk).await.map_err(Failure::Write)?;
         meter.add(chunk.len() as u64);
     }

@@ -100,7 +100,7 @@ struct Args {
 }
 
 /// Every long flag can also be set in this file (flag > env > file > default).
-const CONFIG: cohort_shared::config_file::ConfigLocation = cohort_shared::config_file::ConfigLocation {
+const CONFIG: cohort_runtime::config_file::ConfigLocation = cohort_runtime::config_file::ConfigLocation {
     default_path: "/etc/cohort/controller.toml",
     env: "COHORT_CONTROLLER_CONFIG",
 };
@@ -117,12 +117,12 @@ fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Args = cohort_shared::config_file::parse(CONFIG)?;
+    let args: Args = cohort_runtime::config_file::parse(CONFIG)?;
     if let Some(setup) = args.setup {
         return cohort_controller::security::init::run(setup);
     }
     let telemetry =
-        cohort_shared::telemetry::init_with_otlp("info", "cohort-controller", args.otlp_endpoint.as_deref())
+        cohort_runtime::telemetry::init_with_otlp("info", "cohort-controller", args.otlp_endpoint.as_deref())
             .context("--otlp-endpoint")?;
     if args.heartbeat_interval >= args.node_ttl {
         anyhow::bail!(
@@ -139,13 +139,8 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(tls_dir = %dir.display(), "TLS: agents need node certificates, clients tokens");
         Some(std::sync::Arc::new(state))
     };
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        cohort_shared::service::notify_stopping();
-        let _ = tx.send(true);
-    });
-    let _watchdog = cohort_shared::service::spawn_watchdog();
+    let shutdown = cohort_runtime::shutdown::on_signal();
+    let _watchdog = cohort_runtime::service::spawn_watchdog();
     let store = if args.store == "embedded" {
         StoreConfig::Embedded
     } else {
@@ -183,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
             ..ControllerConfig::default()
         },
     };
-    let served = serve(config, rx).await.context("controller failed");
+    let served = serve(config, shutdown).await.context("controller failed");
     tracing::info!("controller stopped");
     // Export the spans still queued (blocks: off the runtime's workers).
     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || telemetry.shutdown()).await {
@@ -191,20 +186,4 @@ async fn main() -> anyhow::Result<()> {
     }
     served?;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
 }

@@ -106,21 +106,8 @@ struct State {
     last_sweep: Option<Instant>,
 }
 
-pub fn state_name(state: i32) -> &'static str {
-    JobPhase::from_proto(state).name()
-}
-
-/// "code 3" or "signal 9 (SIGKILL)".
-pub fn describe_exit(exit_code: Option<i32>, signal: Option<i32>) -> String {
-    match (exit_code, signal) {
-        (_, Some(sig)) => match cohort_shared::metrics::signal_name(sig.unsigned_abs()) {
-            Some(name) => format!("signal {sig} ({name})"),
-            None => format!("signal {sig}"),
-        },
-        (Some(code), None) => format!("code {code}"),
-        (None, None) => "an unknown status".to_string(),
-    }
-}
+pub use cohort_proto::names::state_name;
+pub use cohort_shared::metrics::describe_exit;
 
 pub mod admission;
 mod agents;

@@ -37,19 +37,7 @@ fn stage_done(stage: &PipelineStage) -> bool {
     matches!(stage_state(stage), StageState::Succeeded | StageState::Cached)
 }
 
-/// "Waiting", "Running", ... for `cohort status`.
-pub fn stage_state_name(state: i32) -> &'static str {
-    match StageState::try_from(state).unwrap_or(StageState::Unspecified) {
-        StageState::Unspecified => "Unknown",
-        StageState::Waiting => "Waiting",
-        StageState::Running => "Running",
-        StageState::Succeeded => "Succeeded",
-        StageState::Failed => "Failed",
-        StageState::Cached => "Cached",
-        StageState::Skipped => "Skipped",
-        StageState::Resolving => "Resolving",
-    }
-}
+pub use cohort_proto::names::stage_state_name;
 
 /// The stages of a freshly submitted pipeline, all waiting.
 pub(super) fn initial_stages(spec: &PipelineSpec) -> Vec<PipelineStage> {

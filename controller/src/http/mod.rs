@@ -63,7 +63,7 @@ pub fn router(api: HttpApi) -> Router {
 }
 
 /// With a token key, the data routes need a reading token (`/` and `/healthz` stay open).
-fn router_with(api: HttpApi, key: Option<Arc<cohort_shared::tls::TokenKey>>) -> Router {
+fn router_with(api: HttpApi, key: Option<Arc<cohort_runtime::tls::TokenKey>>) -> Router {
     let data = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/cluster", get(cluster))
@@ -80,7 +80,7 @@ fn router_with(api: HttpApi, key: Option<Arc<cohort_shared::tls::TokenKey>>) -> 
 pub async fn serve(
     listener: tokio::net::TcpListener,
     api: HttpApi,
-    tls: Option<(rustls::ServerConfig, Arc<cohort_shared::tls::TokenKey>)>,
+    tls: Option<(rustls::ServerConfig, Arc<cohort_runtime::tls::TokenKey>)>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let stop = async move {

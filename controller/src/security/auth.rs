@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use cohort_shared::tls::pki::identity_of;
-use cohort_shared::tls::token::{bearer_of, unix_now};
-use cohort_shared::tls::{PeerKind, Role, TokenKey};
+use cohort_runtime::tls::pki::identity_of;
+use cohort_runtime::tls::token::{bearer_of, unix_now};
+use cohort_runtime::tls::{PeerKind, Role, TokenKey};
 use futures::future::BoxFuture;
 use tonic::Status;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -96,7 +96,7 @@ pub struct PeerFingerprint(pub String);
 
 fn peer_fingerprint<B>(request: &http::Request<B>) -> Option<PeerFingerprint> {
     let certs = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.peer_certs())?;
-    certs.first().map(|cert| PeerFingerprint(cohort_shared::tls::pki::fingerprint(cert)))
+    certs.first().map(|cert| PeerFingerprint(cohort_runtime::tls::pki::fingerprint(cert)))
 }
 
 /// What a method asks of its caller.

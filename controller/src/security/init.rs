@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cohort_shared::tls::{self, ClusterCa, Role, TokenKey, files};
+use cohort_runtime::tls::{self, ClusterCa, Role, TokenKey, files};
 
 /// The CA outlives every certificate it signs.
 const CA_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);

@@ -3,7 +3,6 @@
 //! (nodes join, admins make tokens) and HTTPS for the web page.
 
 pub mod auth;
-pub mod client;
 pub mod http;
 pub mod init;
 pub mod run_as;
@@ -16,8 +15,8 @@ use cohort_proto::security_service_server::SecurityService;
 use cohort_proto::{
     CreateTokenRequest, CreateTokenResponse, JoinRequest, JoinResponse, RevokeTokenRequest, RevokeTokenResponse,
 };
-use cohort_shared::tls::token::unix_now;
-use cohort_shared::tls::{self, Claims, ClientTls, ClusterCa, Role, ServerTls, TlsError, TokenKey, files};
+use cohort_runtime::tls::token::unix_now;
+use cohort_runtime::tls::{self, Claims, ClientTls, ClusterCa, Role, ServerTls, TlsError, TokenKey, files};
 use tonic::{Request, Response, Status};
 
 pub use auth::{AuthLayer, Caller};

@@ -4,8 +4,8 @@
 
 use super::table::MEGATRON_SFT;
 use super::{MegatronSpec, ParallelLayout, parse_bool};
+use crate::job_file::Problems;
 use crate::model::ModelConfig;
-use crate::spec::Problems;
 
 const SECTION: &str = "megatron";
 const TP: &str = "tensor_model_parallel_size";

@@ -5,7 +5,7 @@
 
 use super::table::{CommandFlags, Flag, FlagType, Lookup, MEGATRON_SFT, SwiftRelease};
 use super::{FlagValue, parse_bool};
-use crate::spec::did_you_mean;
+use crate::job_file::did_you_mean;
 
 /// Keys of the `megatron:` section that are Cohort settings, not flags.
 pub const RESERVED_KEYS: &[&str] = &["swift_version", "extra_args", "program"];

@@ -6,8 +6,8 @@ use serde_yaml_ng::{Mapping, Value};
 use super::flags::{FlagContext, RESERVED_KEYS, check_extra_args, check_name};
 use super::table::SwiftRelease;
 use super::{FlagValue, MegatronSpec, SwiftVersion};
-use crate::spec::Problems;
-use crate::spec::scalar::{as_flow_list, describe, scalar_text};
+use crate::job_file::Problems;
+use crate::job_file::scalar::{as_flow_list, describe, scalar_text};
 
 const SECTION: &str = "megatron";
 

@@ -134,6 +134,18 @@ pub fn signal_name(number: u32) -> Option<&'static str> {
     })
 }
 
+/// "code 3" or "signal 9 (SIGKILL)".
+pub fn describe_exit(exit_code: Option<i32>, signal: Option<i32>) -> String {
+    match (exit_code, signal) {
+        (_, Some(sig)) => match signal_name(sig.unsigned_abs()) {
+            Some(name) => format!("signal {sig} ({name})"),
+            None => format!("signal {sig}"),
+        },
+        (Some(code), None) => format!("code {code}"),
+        (None, None) => "an unknown status".to_string(),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

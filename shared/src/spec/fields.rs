@@ -5,8 +5,9 @@ use indexmap::IndexMap;
 use serde_yaml_ng::{Mapping, Value};
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::scalar::{as_flow_list, describe, scalar_text};
-use super::{CommandSpec, LaunchMode, MAX_NAME_LEN, Problems, RESERVED_ENV, RESERVED_ENV_PREFIX, typed};
+use super::{CommandSpec, LaunchMode, MAX_NAME_LEN, RESERVED_ENV, RESERVED_ENV_PREFIX, typed};
+use crate::job_file::Problems;
+use crate::job_file::scalar::{as_flow_list, describe, scalar_text};
 use crate::megatron::parse::scalar_items;
 
 pub(super) fn check_name(name: &str, problems: &mut Problems) {

@@ -14,9 +14,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
 
-use super::report::suggestion;
-use super::{Problems, typed};
+use super::typed;
 use crate::failure::{ALL_CAUSES, FailureCause};
+use crate::job_file::Problems;
+use crate::job_file::suggestion;
 
 /// What a failed attempt may lead to.
 #[derive(Debug, Clone, PartialEq)]

@@ -26,9 +26,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_yaml_ng::{Mapping, Value};
 
-use super::report::{did_you_mean, suggestion};
-use super::scalar::{describe, scalar_text};
-use super::{JobSpec, Problems, SpecIssue};
+use super::JobSpec;
+use crate::job_file::scalar::{describe, scalar_text};
+use crate::job_file::{Problems, SpecIssue, did_you_mean, suggestion};
 use crate::megatron::table::{FlagType, Lookup};
 use crate::megatron::{FlagValue, SwiftRelease, SwiftVersion};
 
@@ -848,7 +848,7 @@ fn check_stage_fields(spec: &PipelineSpec, names: &[&str], lines: &StageLines, p
             );
         }
         if matches!(stage.kind, StepKind::MegatronSft | StepKind::Command) {
-            let document = crate::pipeline::stage_document_for_check(spec, stage);
+            let document = super::stage_document::stage_document_for_check(spec, stage);
             let text = serde_yaml_ng::to_string(&Value::Mapping(document)).unwrap_or_default();
             if let Err(errors) = JobSpec::from_yaml(&text, "stage") {
                 for SpecIssue { field, message, .. } in errors.issues {

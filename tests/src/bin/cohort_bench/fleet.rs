@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use cohort_agent::session::{Reconnect, leader_hint, silent_limit};
 use cohort_proto::agent_service_client::AgentServiceClient;
 use cohort_proto::{
     AgentMessage, CheckpointAnswer, CommandAck, ControllerMessage, GpuHealth, GpuHealthState, GpuInfo, GpuTelemetry,
@@ -324,24 +324,14 @@ impl SimAgent {
         SimAgent { ix, shared, urls, info, telemetry, running: BTreeMap::new() }
     }
 
-    /// The real agent's loop: next controller on failure, at once to a named
-    /// leader, capped exponential backoff with jitter, reset after a long session.
+    /// The real agent's reconnect policy (`cohort_agent::session::Reconnect`): next
+    /// controller on failure, at once to a named leader, capped backoff with jitter.
     async fn run(mut self, gate: Arc<Semaphore>, mut control: mpsc::UnboundedReceiver<Control>) {
-        let backoff = || {
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(MAX_BACKOFF)
-                .with_jitter()
-                .without_max_times()
-                .build()
-        };
-        let mut delays = backoff();
-        let mut next = 0usize;
-        let mut redirect: Option<String> = None;
+        let mut reconnect = Reconnect::new(self.urls.to_vec(), MAX_BACKOFF);
         let mut permit = gate.acquire_owned().await.ok();
         let mut first = true;
         loop {
-            let url = redirect.take().unwrap_or_else(|| self.urls[next % self.urls.len()].clone());
+            let url = reconnect.url();
             let started = Instant::now();
             let result = self.session(&url, &mut permit, first, &mut control).await;
             first = false;
@@ -358,7 +348,7 @@ impl SimAgent {
             match result {
                 Err(SessionError::Rpc(status)) if status.code() == tonic::Code::FailedPrecondition => {
                     if let Some(leader) = leader_hint(status.message()).filter(|l| *l != url) {
-                        redirect = Some(leader);
+                        reconnect.redirect_to(leader);
                         continue;
                     }
                 }
@@ -367,11 +357,7 @@ impl SimAgent {
                 }
                 _ => {}
             }
-            next += 1;
-            if started.elapsed() > Duration::from_secs(30) {
-                delays = backoff();
-            }
-            tokio::time::sleep(delays.next().unwrap_or(MAX_BACKOFF)).await;
+            tokio::time::sleep(reconnect.failed(started.elapsed())).await;
         }
     }
 
@@ -414,7 +400,7 @@ impl SimAgent {
         // heartbeats spread as they do across real nodes; reconnects tick at once.
         let offset = if jittered { interval.mul_f64(unit_random(self.ix as u64)) } else { Duration::ZERO };
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
-        let silent_limit = (interval * 5).max(Duration::from_secs(3)).min(FENCE_AFTER / 2);
+        let silent_limit = silent_limit(interval, FENCE_AFTER);
         let mut last_ack = Instant::now();
         let mut in_flight: VecDeque<(u64, Instant)> = VecDeque::new();
         let mut seq = 0u64;
@@ -620,11 +606,6 @@ async fn connect(url: &str) -> Result<Channel, SessionError> {
         .connect()
         .await
         .map_err(|e| SessionError::Connect(format!("{url}: {e}")))
-}
-
-/// A standby's refusal ends with "leader: <url>" when it knows the leader (as the agent parses it).
-fn leader_hint(message: &str) -> Option<String> {
-    message.rsplit_once("leader: ").map(|(_, url)| url.trim().to_string()).filter(|u| !u.is_empty())
 }
 
 /// A number in [0, 1) from a seed and the clock (splitmix64): the start jitter.

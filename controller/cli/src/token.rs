@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use cohort_proto::security_service_client::SecurityServiceClient;
 use cohort_proto::{CreateTokenRequest, RevokeTokenRequest};
-use cohort_shared::tls::{Bearer, Role};
+use cohort_runtime::tls::{Bearer, Role};
 
-use crate::security::client::ClientArgs;
+use crate::connection::ClientArgs;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum TokenVerb {

@@ -1,7 +1,7 @@
 //! Loss and learning-rate curves of a training job, drawn to PNG or SVG.
 //!
 //! Text is drawn with a font embedded in the binary (a Latin subset of DejaVu Sans, see
-//! `controller/assets/`), so plotting needs no system font libraries on the controller host.
+//! `controller/cli/assets/`), so plotting needs no system font libraries where `cohort` runs.
 
 use std::collections::BTreeMap;
 use std::ops::Range;

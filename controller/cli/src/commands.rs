@@ -4,19 +4,22 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::security::client::ApiChannel as Channel;
+use crate::connection::ApiChannel as Channel;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_proto::job_service_client::JobServiceClient;
 use cohort_proto::{
     CancelJobRequest, DoctorRequest, GetJobRequest, Job, JobFile, JobLogLine, JobState, ListJobsRequest,
-    ListNodesRequest, LogStream, NodeState, PlanJobRequest, PlanJobResponse, ProcessPhase, ResumeJobRequest,
-    StreamLogsRequest, SubmitJobRequest, WatchJobRequest,
+    ListNodesRequest, LogStream, ProcessPhase, ResumeJobRequest, StreamLogsRequest, SubmitJobRequest, WatchJobRequest,
 };
 use cohort_proto::{ClearGpuRequest, NodeRequest};
-use comfy_table::{Table, presets::NOTHING};
 
-use crate::controller::{describe_exit, state_name};
+use cohort_proto::names::state_name;
+use cohort_shared::metrics::describe_exit;
+
+use crate::nodes::{gpus, node_state, nodes};
+use crate::output::{Format, Output, ago, print_json, status_error, table};
+use crate::plan::plan;
 
 /// Cohort: run multi-node training jobs (ms-swift `megatron sft`, torchrun,
 /// any command) on a cluster of GPU nodes.
@@ -28,23 +31,9 @@ pub struct Cli {
     #[arg(long, global = true, env = "COHORT_CONTROLLER", default_value = "127.0.0.1:7070")]
     pub controller: String,
     #[command(flatten)]
-    pub connection: crate::security::client::ClientArgs,
+    pub connection: crate::connection::ClientArgs,
     #[command(subcommand)]
     pub command: Verb,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-}
-
-/// `-o table|json` for the verbs that print records.
-#[derive(clap::Args, Debug, Clone, Copy)]
-pub struct Format {
-    /// Output format.
-    #[arg(long = "output", short = 'o', value_enum, default_value_t = Output::Table)]
-    pub output: Output,
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,7 +175,7 @@ pub enum Verb {
     Cache(CacheVerb),
     /// Make tokens: join tokens for new nodes, API tokens for people (admin only).
     #[command(subcommand)]
-    Token(crate::cli_token::TokenVerb),
+    Token(crate::token::TokenVerb),
 }
 
 #[derive(Subcommand, Debug)]
@@ -229,7 +218,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     if let Verb::Token(verb) = &cli.command {
-        return crate::cli_token::run(&cli.connection, &cli.controller, verb).await;
+        return crate::token::run(&cli.connection, &cli.controller, verb).await;
     }
     let mut client = cli.connection.connect(&cli.controller).await?;
     match cli.command {
@@ -321,11 +310,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Verb::Metrics { job, follow, format } => {
-            crate::cli_metrics::metrics(&mut client, &job, follow, format.output).await?;
+            crate::metrics::metrics(&mut client, &job, follow, format.output).await?;
             Ok(ExitCode::SUCCESS)
         }
         Verb::Plot { job, path } => {
-            crate::cli_metrics::plot(&mut client, &job, &path).await?;
+            crate::metrics::plot(&mut client, &job, &path).await?;
             Ok(ExitCode::SUCCESS)
         }
         Verb::Resume { job, format } => {
@@ -339,21 +328,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if format.output == Output::Json {
                 print_json(&table)?;
             } else {
-                crate::cli_metrics::print_preflight(&table);
+                crate::metrics::print_preflight(&table);
             }
             Ok(if table.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Verb::Dataset(_) | Verb::Token(_) => Ok(ExitCode::SUCCESS),
         Verb::Report { job, dir } => {
-            crate::cli_pipeline::report(&mut client, &job, &dir).await?;
+            crate::pipeline::report(&mut client, &job, &dir).await?;
             Ok(ExitCode::SUCCESS)
         }
         Verb::Cache(CacheVerb::Ls { format }) => {
-            crate::cli_pipeline::cache_ls(&mut client, format.output).await?;
+            crate::pipeline::cache_ls(&mut client, format.output).await?;
             Ok(ExitCode::SUCCESS)
         }
         Verb::Cache(CacheVerb::Rm { key }) => {
-            crate::cli_pipeline::cache_rm(&mut client, &key).await?;
+            crate::pipeline::cache_rm(&mut client, &key).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -397,15 +386,6 @@ fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
     Ok(JobFile { yaml, source_name: path.display().to_string(), base_dir, submitted_by: String::new() })
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", status.message())
-}
-
-fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    say!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
-}
-
 fn finished(job: &Job) -> bool {
     matches!(JobState::try_from(job.state), Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled))
         && job.live_processes == 0
@@ -419,7 +399,7 @@ fn exit_for(job: &Job) -> ExitCode {
 async fn wait_finished(client: &mut JobServiceClient<Channel>, job: &str) -> anyhow::Result<Job> {
     let mut events = client.watch_job(WatchJobRequest { job: job.into() }).await.map_err(status_error)?.into_inner();
     let mut last = None;
-    let mut bars = crate::cli_metrics::StageBars::new();
+    let mut bars = crate::metrics::StageBars::new();
     while let Some(event) = events.message().await.map_err(status_error)? {
         if let Some(job) = event.job {
             bars.update(&job);
@@ -493,257 +473,6 @@ fn print_line(l: &JobLogLine, raw: bool) {
     }
 }
 
-fn table(header: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_preset(NOTHING).set_header(header.iter().map(|h| h.to_string()));
-    t
-}
-
-/// "Ready", "Suspect,Cordoned", "Lost", "Ready,Draining", ...
-pub fn node_state(node: &cohort_proto::Node) -> String {
-    let mut state = match NodeState::try_from(node.state) {
-        Ok(NodeState::Ready) => "Ready",
-        Ok(NodeState::Suspect) => "Suspect",
-        Ok(NodeState::Lost) => "Lost",
-        Ok(NodeState::Disconnected) => "Disconnected",
-        _ => "Unknown",
-    }
-    .to_string();
-    if node.draining {
-        state.push_str(",Draining");
-    } else if node.cordoned {
-        state.push_str(",Cordoned");
-    }
-    state
-}
-
-fn health_of(t: &cohort_proto::GpuTelemetry) -> (&'static str, String) {
-    use cohort_proto::GpuHealthState;
-    match &t.health {
-        Some(h) => {
-            let state = match GpuHealthState::try_from(h.state) {
-                Ok(GpuHealthState::Healthy) => "Healthy",
-                Ok(GpuHealthState::Warning) => "Warning",
-                Ok(GpuHealthState::Unhealthy) => "Unhealthy",
-                _ => "Unknown",
-            };
-            (state, h.reasons.join("; "))
-        }
-        None => ("Unknown", String::new()),
-    }
-}
-
-async fn nodes(client: &mut JobServiceClient<Channel>, out: Output, wide: bool) -> anyhow::Result<ExitCode> {
-    let nodes = client.list_nodes(ListNodesRequest {}).await.map_err(status_error)?.into_inner();
-    if out == Output::Json {
-        print_json(&nodes)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let mut header = vec!["NAME", "ADDRESS", "STATE", "GPUS", "GPU MODEL", "LABELS", "JOBS", "LAST HEARTBEAT"];
-    if wide {
-        header.extend(["UNHEALTHY GPUS", "FENCE DEADLINE"]);
-    }
-    let mut t = table(&header);
-    for node in &nodes.nodes {
-        let info = node.info.clone().unwrap_or_default();
-        let mut models: Vec<String> = info.gpus.iter().map(|g| g.name.clone()).collect();
-        models.dedup();
-        let mut labels: Vec<String> = info.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        labels.sort();
-        let mut row = vec![
-            info.name.clone(),
-            info.advertise_addr.clone(),
-            node_state(node),
-            format!("{}/{} used", node.allocated_gpus.len(), info.gpus.len()),
-            if models.is_empty() { format!("none ({})", info.gpu_note) } else { models.join(", ") },
-            labels.join(","),
-            node.jobs.join(","),
-            ago(node.last_heartbeat_unix_ms),
-        ];
-        if wide {
-            let unhealthy: Vec<String> = node
-                .telemetry
-                .iter()
-                .filter(|t| health_of(t).0 == "Unhealthy")
-                .map(|t| format!("{} ({})", t.index, health_of(t).1))
-                .collect();
-            row.push(if unhealthy.is_empty() { "-".into() } else { unhealthy.join("; ") });
-            row.push(if node.fence_deadline_unix_ms > 0 { until(node.fence_deadline_unix_ms) } else { "-".into() });
-        }
-        t.add_row(row);
-    }
-    say!("{t}");
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Every GPU of every node: model, health and why, utilisation, memory, temperature, power, job.
-async fn gpus(client: &mut JobServiceClient<Channel>, out: Output) -> anyhow::Result<ExitCode> {
-    let nodes = client.list_nodes(ListNodesRequest {}).await.map_err(status_error)?.into_inner();
-    if out == Output::Json {
-        print_json(&nodes)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let mut t =
-        table(&["NODE", "GPU", "MODEL", "UUID", "ISLAND", "HEALTH", "UTIL", "MEMORY", "TEMP", "POWER", "JOBS", "WHY"]);
-    for node in &nodes.nodes {
-        let info = node.info.clone().unwrap_or_default();
-        for gpu in &info.gpus {
-            let telemetry = node.telemetry.iter().find(|t| t.index == gpu.index);
-            let (health, why) = telemetry.map(health_of).unwrap_or(("Unknown", String::new()));
-            let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-            let allocated = node.allocated_gpus.contains(&gpu.index);
-            t.add_row(vec![
-                info.name.clone(),
-                gpu.index.to_string(),
-                gpu.name.clone(),
-                gpu.uuid.clone(),
-                gpu.nvlink_island.to_string(),
-                health.to_string(),
-                opt(telemetry.and_then(|t| t.utilization_gpu_pct).map(|u| format!("{u}%"))),
-                opt(telemetry
-                    .and_then(|t| Some((t.memory_used_bytes?, t.memory_total_bytes?)))
-                    .map(|(u, m)| format!("{}/{}", crate::cli_metrics::bytes(u), crate::cli_metrics::bytes(m)))),
-                opt(telemetry.and_then(|t| t.temperature_c).map(|c| format!("{c}°C"))),
-                opt(telemetry.and_then(|t| t.power_w).map(|w| format!("{w:.0} W"))),
-                if allocated { node.jobs.join(",") } else { String::new() },
-                why,
-            ]);
-        }
-    }
-    say!("{t}");
-    Ok(ExitCode::SUCCESS)
-}
-
-fn until(unix_ms: i64) -> String {
-    let left = unix_ms - cohort_proto::now_unix_ms();
-    if left <= 0 {
-        "passed".into()
-    } else {
-        format!("in {}", humantime::format_duration(Duration::from_secs((left / 1000) as u64)))
-    }
-}
-
-async fn plan(
-    client: &mut JobServiceClient<Channel>,
-    file: JobFile,
-    check: bool,
-    out: Output,
-) -> anyhow::Result<ExitCode> {
-    let source = file.source_name.clone();
-    let response =
-        client.plan_job(PlanJobRequest { file: Some(file), check }).await.map_err(status_error)?.into_inner();
-    if out == Output::Json {
-        print_json(&response)?;
-        return Ok(plan_exit(&response));
-    }
-    for warning in &response.warnings {
-        eprintln!("warning: {warning}");
-    }
-    if !response.problems.is_empty() {
-        eprintln!("job file {source}: {} problem(s)", response.problems.len());
-        for p in &response.problems {
-            match (p.line, p.field.is_empty()) {
-                (0, true) => eprintln!("  {source}: {}", p.message),
-                (0, false) => eprintln!("  {source}: {}: {}", p.field, p.message),
-                (line, _) => eprintln!("  {source}:{line}: {}: {}", p.field, p.message),
-            }
-        }
-        return Ok(plan_exit(&response));
-    }
-    if !response.stages.is_empty() {
-        crate::cli_pipeline::print_stage_plans(&response.stages);
-        return Ok(plan_exit(&response));
-    }
-    if !response.parallel_layout.is_empty() {
-        say!("parallel layout: {}", response.parallel_layout);
-    }
-    if let Some(gib) = response.memory_estimate_gib {
-        say!("memory estimate: {gib:.1} GiB per GPU (weights, gradients, optimizer state; activations not included)");
-    }
-    match &response.plan {
-        Some(plan) => {
-            say!("master: {}:{}", plan.master_addr, plan.master_port);
-            for note in &plan.notes {
-                say!("note: {note}");
-            }
-            for node in &plan.nodes {
-                let gpus: Vec<String> = node.gpu_indices.iter().map(u32::to_string).collect();
-                say!();
-                say!(
-                    "node {} ({}): node rank {}, GPUs [{}]",
-                    node.node_name,
-                    node.address,
-                    node.node_rank,
-                    gpus.join(",")
-                );
-                if !node.workdir.is_empty() {
-                    say!("  workdir: {}", node.workdir);
-                }
-                for process in &node.processes {
-                    if node.processes.len() > 1 {
-                        say!("  process {}:", process.index);
-                    }
-                    for var in &process.env {
-                        say!("  {}={}", var.name, var.value);
-                    }
-                    say!("  command: {}", shell_words::join(&process.argv));
-                }
-            }
-        }
-        None => say!("not placeable now: {}", response.placement_error),
-    }
-    if check {
-        print_swift_checks(&response.checks);
-    }
-    Ok(plan_exit(&response))
-}
-
-/// `cohort plan --check`: per node environment, what its own ms-swift said.
-fn print_swift_checks(checks: &[cohort_proto::EnvironmentCheck]) {
-    say!();
-    if checks.is_empty() {
-        say!("ms-swift check: nothing to check (the job runs no ms-swift command, or no node is connected)");
-        return;
-    }
-    say!("ms-swift check, one node per environment:");
-    for check in checks {
-        say!("  environment: {}", check.environment);
-        say!("    nodes: {}", check.nodes.join(", "));
-        match &check.result {
-            None => say!("    not checked: {}", check.error),
-            Some(r) if !r.error.is_empty() => say!("    not checked on {}: {}", check.node, r.error),
-            Some(r) => {
-                let version =
-                    if r.ms_swift.is_empty() { "ms-swift".into() } else { format!("ms-swift {}", r.ms_swift) };
-                if r.problems.is_empty() {
-                    say!("    {} ({version}): {} ok", check.node, r.command);
-                }
-                for p in &r.problems {
-                    say!("    node {} ({version}) refuses {}: {}", check.node, p.flag, p.message);
-                }
-            }
-        }
-    }
-}
-
-/// Whether every environment's ms-swift took the command line.
-fn swift_checks_ok(checks: &[cohort_proto::EnvironmentCheck]) -> bool {
-    checks.iter().all(|c| c.result.as_ref().is_some_and(|r| r.error.is_empty() && r.problems.is_empty() && r.ok))
-}
-
-fn plan_exit(response: &PlanJobResponse) -> ExitCode {
-    if !response.problems.is_empty() {
-        ExitCode::from(2)
-    } else if !swift_checks_ok(&response.checks) {
-        ExitCode::from(4)
-    } else if response.plan.is_none() && response.stages.is_empty() {
-        // Not placeable now (a pipeline has no plan of its own: its stages are placed as they start).
-        ExitCode::from(3)
-    } else {
-        ExitCode::SUCCESS
-    }
-}
-
 fn print_jobs(jobs: &[Job]) {
     let mut t = table(&["ID", "KIND", "STATE", "NODES×GPUS", "ATTEMPT", "SUBMITTED", "DURATION", "REASON"]);
     for job in jobs {
@@ -776,9 +505,9 @@ fn print_status(job: &Job) {
     if let Some(f) = &job.failure {
         say!("failure:   {}", f.message);
     }
-    crate::cli_failures::print_failure_status(job);
-    crate::cli_metrics::print_training_status(job);
-    crate::cli_pipeline::print_stages(job);
+    crate::failures::print_failure_status(job);
+    crate::metrics::print_training_status(job);
+    crate::pipeline::print_stages(job);
     if job.live_processes > 0 {
         say!("alive:     {} process(es)", job.live_processes);
     }
@@ -821,14 +550,6 @@ fn print_status(job: &Job) {
         }
         say!("{t}");
     }
-}
-
-fn ago(unix_ms: i64) -> String {
-    if unix_ms <= 0 {
-        return "never".into();
-    }
-    let secs = ((cohort_proto::now_unix_ms() - unix_ms).max(0) / 1000) as u64;
-    format!("{} ago", humantime::format_duration(Duration::from_secs(secs)))
 }
 
 fn duration(job: &Job) -> String {

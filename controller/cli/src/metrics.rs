@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::security::client::ApiChannel as Channel;
+use crate::connection::ApiChannel as Channel;
 use cohort_proto::job_service_client::JobServiceClient;
 use cohort_proto::{GetMetricsRequest, Job, PreflightTable, TrainingPoint};
 use cohort_shared::metrics::{LogFormat, TrainingMetrics};
 use comfy_table::{Cell, Color, Table, presets::NOTHING};
 
-use crate::cli::Output;
-use crate::controller::state_name;
+use crate::output::Output;
+use cohort_proto::names::state_name;
 
 /// Prints the job's metrics as a table or JSON lines, optionally following.
 pub async fn metrics(

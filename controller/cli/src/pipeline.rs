@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::security::client::ApiChannel as Channel;
+use crate::connection::ApiChannel as Channel;
 use anyhow::Context;
 use cohort_proto::job_service_client::JobServiceClient;
 use cohort_proto::{
@@ -14,8 +14,8 @@ use cohort_proto::{
 };
 use comfy_table::{Table, presets::NOTHING};
 
-use crate::cli::Output;
-use crate::controller::stage_state_name;
+use crate::output::Output;
+use cohort_proto::names::stage_state_name;
 
 /// How long a stage ran (or has been running).
 fn stage_duration(stage: &PipelineStage) -> String {

@@ -3,11 +3,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use cohort_controller::cli::{Cli, run};
+use cohort_cli::{Cli, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    cohort_shared::telemetry::init("warn");
+    cohort_runtime::telemetry::init("warn");
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(e) => {

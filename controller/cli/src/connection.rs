@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use cohort_proto::job_service_client::JobServiceClient;
-use cohort_shared::tls::{Bearer, ClientTls};
+use cohort_runtime::tls::{Bearer, ClientTls};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -103,4 +103,4 @@ impl ClientArgs {
     }
 }
 
-pub use cohort_shared::error_chain;
+pub use cohort_runtime::error_chain;

@@ -1,0 +1,20 @@
+//! `cohort`, the command line client of a Cohort controller: gRPC (and TLS
+//! with a bearer token) to the JobService and SecurityService, tables, JSON
+//! and plots. It links none of the controller: no store, no HTTP server.
+#![forbid(unsafe_code)]
+
+#[macro_use]
+mod output;
+
+pub mod commands;
+pub mod connection;
+pub mod failures;
+pub mod metrics;
+pub mod nodes;
+pub mod pipeline;
+pub mod plan;
+pub mod plot;
+pub mod token;
+
+pub use commands::{Cli, run};
+pub use output::{Format, Output};

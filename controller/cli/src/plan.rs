@@ -1,0 +1,131 @@
+//! `cohort plan`: where and how a job file would run, without launching it,
+//! and (`--check`) what each node's ms-swift says of its command line.
+
+use std::process::ExitCode;
+
+use cohort_proto::job_service_client::JobServiceClient;
+use cohort_proto::{JobFile, PlanJobRequest, PlanJobResponse};
+
+use crate::connection::ApiChannel as Channel;
+use crate::output::{Output, print_json, status_error};
+
+pub(crate) async fn plan(
+    client: &mut JobServiceClient<Channel>,
+    file: JobFile,
+    check: bool,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
+    let source = file.source_name.clone();
+    let response =
+        client.plan_job(PlanJobRequest { file: Some(file), check }).await.map_err(status_error)?.into_inner();
+    if out == Output::Json {
+        print_json(&response)?;
+        return Ok(plan_exit(&response));
+    }
+    for warning in &response.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if !response.problems.is_empty() {
+        eprintln!("job file {source}: {} problem(s)", response.problems.len());
+        for p in &response.problems {
+            match (p.line, p.field.is_empty()) {
+                (0, true) => eprintln!("  {source}: {}", p.message),
+                (0, false) => eprintln!("  {source}: {}: {}", p.field, p.message),
+                (line, _) => eprintln!("  {source}:{line}: {}: {}", p.field, p.message),
+            }
+        }
+        return Ok(plan_exit(&response));
+    }
+    if !response.stages.is_empty() {
+        crate::pipeline::print_stage_plans(&response.stages);
+        return Ok(plan_exit(&response));
+    }
+    if !response.parallel_layout.is_empty() {
+        say!("parallel layout: {}", response.parallel_layout);
+    }
+    if let Some(gib) = response.memory_estimate_gib {
+        say!("memory estimate: {gib:.1} GiB per GPU (weights, gradients, optimizer state; activations not included)");
+    }
+    match &response.plan {
+        Some(plan) => {
+            say!("master: {}:{}", plan.master_addr, plan.master_port);
+            for note in &plan.notes {
+                say!("note: {note}");
+            }
+            for node in &plan.nodes {
+                let gpus: Vec<String> = node.gpu_indices.iter().map(u32::to_string).collect();
+                say!();
+                say!(
+                    "node {} ({}): node rank {}, GPUs [{}]",
+                    node.node_name,
+                    node.address,
+                    node.node_rank,
+                    gpus.join(",")
+                );
+                if !node.workdir.is_empty() {
+                    say!("  workdir: {}", node.workdir);
+                }
+                for process in &node.processes {
+                    if node.processes.len() > 1 {
+                        say!("  process {}:", process.index);
+                    }
+                    for var in &process.env {
+                        say!("  {}={}", var.name, var.value);
+                    }
+                    say!("  command: {}", shell_words::join(&process.argv));
+                }
+            }
+        }
+        None => say!("not placeable now: {}", response.placement_error),
+    }
+    if check {
+        print_swift_checks(&response.checks);
+    }
+    Ok(plan_exit(&response))
+}
+
+/// `cohort plan --check`: per node environment, what its own ms-swift said.
+fn print_swift_checks(checks: &[cohort_proto::EnvironmentCheck]) {
+    say!();
+    if checks.is_empty() {
+        say!("ms-swift check: nothing to check (the job runs no ms-swift command, or no node is connected)");
+        return;
+    }
+    say!("ms-swift check, one node per environment:");
+    for check in checks {
+        say!("  environment: {}", check.environment);
+        say!("    nodes: {}", check.nodes.join(", "));
+        match &check.result {
+            None => say!("    not checked: {}", check.error),
+            Some(r) if !r.error.is_empty() => say!("    not checked on {}: {}", check.node, r.error),
+            Some(r) => {
+                let version =
+                    if r.ms_swift.is_empty() { "ms-swift".into() } else { format!("ms-swift {}", r.ms_swift) };
+                if r.problems.is_empty() {
+                    say!("    {} ({version}): {} ok", check.node, r.command);
+                }
+                for p in &r.problems {
+                    say!("    node {} ({version}) refuses {}: {}", check.node, p.flag, p.message);
+                }
+            }
+        }
+    }
+}
+
+/// Whether every environment's ms-swift took the command line.
+fn swift_checks_ok(checks: &[cohort_proto::EnvironmentCheck]) -> bool {
+    checks.iter().all(|c| c.result.as_ref().is_some_and(|r| r.error.is_empty() && r.problems.is_empty() && r.ok))
+}
+
+fn plan_exit(response: &PlanJobResponse) -> ExitCode {
+    if !response.problems.is_empty() {
+        ExitCode::from(2)
+    } else if !swift_checks_ok(&response.checks) {
+        ExitCode::from(4)
+    } else if response.plan.is_none() && response.stages.is_empty() {
+        // Not placeable now (a pipeline has no plan of its own: its stages are placed as they start).
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
