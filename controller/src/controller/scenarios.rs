@@ -95,6 +95,22 @@ async fn stored(controller: &Controller, id: &str) -> Job {
     JobRecord::decode(record.value.as_slice()).unwrap().job.unwrap()
 }
 
+/// Nodes n0 and n1 connected, a 2-node command job launched on them and both
+/// ranks reported started; time paused from the launch on.
+async fn running_gang(controller: &Controller) -> (Vec<Session>, String) {
+    let mut sessions = Vec::new();
+    for node in ["n0", "n1"] {
+        sessions.push(connect(controller, node, Vec::new()).await);
+    }
+    let id = submit(controller, "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: [sleep, '100']\n").await;
+    tokio::time::pause();
+    controller.reconcile().await.unwrap();
+    for node in ["n0", "n1"] {
+        controller.process_event(node, event(&id, started())).await;
+    }
+    (sessions, id)
+}
+
 #[tokio::test]
 async fn a_node_lost_during_preparation_fails_the_attempt_and_stops_the_others_preparation() {
     let dir = tempfile::tempdir().unwrap();
@@ -137,16 +153,7 @@ async fn a_node_lost_during_preparation_fails_the_attempt_and_stops_the_others_p
 async fn exits_while_a_cancelled_gang_stops_leave_it_cancelled_and_stops_are_resent_until_all_exited() {
     let dir = tempfile::tempdir().unwrap();
     let controller = open(dir.path()).await;
-    let mut sessions = Vec::new();
-    for node in ["n0", "n1"] {
-        sessions.push(connect(&controller, node, Vec::new()).await);
-    }
-    let id = submit(&controller, "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: [sleep, '100']\n").await;
-    tokio::time::pause();
-    controller.reconcile().await.unwrap();
-    for node in ["n0", "n1"] {
-        controller.process_event(node, event(&id, started())).await;
-    }
+    let (mut sessions, id) = running_gang(&controller).await;
     assert_eq!(controller.get(&id).await.unwrap().state, JobState::Running as i32);
     let cancelled = controller.cancel(&id).await.unwrap();
     let finished = cancelled.finished_unix_ms;
@@ -186,16 +193,7 @@ async fn exits_while_a_cancelled_gang_stops_leave_it_cancelled_and_stops_are_res
 async fn a_rank_failure_is_not_overwritten_by_the_exits_of_the_ranks_it_stops() {
     let dir = tempfile::tempdir().unwrap();
     let controller = open(dir.path()).await;
-    let mut sessions = Vec::new();
-    for node in ["n0", "n1"] {
-        sessions.push(connect(&controller, node, Vec::new()).await);
-    }
-    let id = submit(&controller, "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: [sleep, '100']\n").await;
-    tokio::time::pause();
-    controller.reconcile().await.unwrap();
-    for node in ["n0", "n1"] {
-        controller.process_event(node, event(&id, started())).await;
-    }
+    let (mut sessions, id) = running_gang(&controller).await;
     controller.process_event("n1", event(&id, Event::Exited(exited(Some(3), None)))).await;
     let failed = controller.get(&id).await.unwrap();
     assert_eq!(failed.state, JobState::Failed as i32);

@@ -554,6 +554,17 @@ mod tests {
         assert!(store.put("jobs/y", vec![], Expect::Any).await.unwrap() > rev);
     }
 
+    /// The bytes of a store file holding 40 job records of 300 bytes.
+    async fn store_file_of_40_records() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        for i in 0..40 {
+            store.put(&format!("jobs/j{i}"), vec![i as u8; 300], Expect::Any).await.unwrap();
+        }
+        drop(store);
+        std::fs::read(dir.path().join(FILE_NAME)).unwrap()
+    }
+
     /// A page damaged under a running store (read from the file, as in a
     /// file bigger than redb's cache): every call answers, Ok or an error
     /// naming the file; a failure makes the store unhealthy with the file
@@ -561,14 +572,7 @@ mod tests {
     #[tokio::test]
     async fn a_page_damaged_while_serving_is_an_unhealthy_store_never_a_panic() {
         use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = EmbeddedStore::open(dir.path()).unwrap();
-            for i in 0..40 {
-                store.put(&format!("jobs/j{i}"), vec![i as u8; 300], Expect::Any).await.unwrap();
-            }
-        }
-        let pristine = std::fs::read(dir.path().join(FILE_NAME)).unwrap();
+        let pristine = store_file_of_40_records().await;
         let (mut fine, mut damaged, mut panics) = (0, 0, 0);
         for offset in (4096..pristine.len()).step_by(211) {
             let case = tempfile::tempdir().unwrap();
@@ -611,14 +615,7 @@ mod tests {
     /// still reads, or the open names the file and what to do); never a panic.
     #[tokio::test]
     async fn a_flipped_byte_is_repaired_or_named_never_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = EmbeddedStore::open(dir.path()).unwrap();
-            for i in 0..40 {
-                store.put(&format!("jobs/j{i}"), vec![i as u8; 300], Expect::Any).await.unwrap();
-            }
-        }
-        let pristine = std::fs::read(dir.path().join(FILE_NAME)).unwrap();
+        let pristine = store_file_of_40_records().await;
         let header = (0..640).step_by(7);
         let body = (640..pristine.len()).step_by(pristine.len() / 150);
         let (mut opened, mut refused) = (0, 0);
