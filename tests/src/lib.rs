@@ -631,17 +631,24 @@ impl Cluster {
     /// Runs the `cohort` CLI like [`Cluster::cli`], but gives up after
     /// `within`: kills it and returns None (a command that must not hang).
     pub async fn cli_within(&self, args: &[&str], within: Duration) -> Option<std::process::Output> {
-        let child = tokio::process::Command::new(bin("cohort"))
+        let child = self.cli_command(args).spawn().unwrap();
+        tokio::time::timeout(within, child.wait_with_output()).await.ok().map(Result::unwrap)
+    }
+
+    /// The `cohort` CLI with this cluster's controllers and credentials, its
+    /// output piped and killed when dropped: for a CLI that runs while the
+    /// test goes on.
+    pub fn cli_command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(bin("cohort"));
+        command
             .args(["--controller", &self.url])
             .args(self.security_args_for_cli())
             .args(args)
             .current_dir(repo_root())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        tokio::time::timeout(within, child.wait_with_output()).await.ok().map(Result::unwrap)
+            .kill_on_drop(true);
+        command
     }
 
     /// Process ids of the controller and of the agents still running.

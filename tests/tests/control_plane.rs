@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cohort_proto::{GetLeaderRequest, JobState, ListNodesRequest, NodeState};
+use cohort_proto::{GetLeaderRequest, JobState, ListJobsRequest, ListNodesRequest, NodeState};
 use cohort_tests::etcd::EtcdCluster;
 use cohort_tests::{Cluster, NodeSpec, state};
 
@@ -110,7 +110,21 @@ async fn the_standby_takes_over_and_the_job_keeps_its_processes() {
     cluster.wait_nodes_ready(&["node0".into(), "node1".into(), "node2".into()], Duration::from_secs(30)).await.unwrap();
 
     let out = tempfile::tempdir().unwrap();
-    let job = cluster.submit(&timestamps_job("ha", 3, out.path())).await.unwrap();
+    // Submitted by `cohort submit --wait`, which must wait through the failover.
+    let file = out.path().join("ha.yaml");
+    let payloads = cohort_tests::repo_root().join("tests/payloads");
+    let spec = timestamps_job("ha", 3, out.path())
+        .replace("workdir: tests/payloads", &format!("workdir: {}", payloads.display()));
+    std::fs::write(&file, spec).unwrap();
+    let waiter = cluster.cli_command(&["submit", "--wait", file.to_str().unwrap()]).spawn().unwrap();
+    let mut job = None;
+    wait_until(Duration::from_secs(20), "the job to be submitted", async || {
+        let Ok(mut c) = cluster.client().await else { return false };
+        job = c.list_jobs(ListJobsRequest::default()).await.ok().and_then(|r| r.into_inner().jobs.into_iter().next());
+        job.is_some()
+    })
+    .await;
+    let job = job.unwrap();
     let before = cluster.wait_job(&job.id, Duration::from_secs(20), |j| state(j) == JobState::Running).await.unwrap();
     wait_until(Duration::from_secs(10), "output before the failover", async || {
         String::from_utf8_lossy(&cluster.cli(&["logs", &job.id]).stdout).contains("node2 tick 10")
@@ -147,6 +161,9 @@ async fn the_standby_takes_over_and_the_job_keeps_its_processes() {
     let logs = String::from_utf8_lossy(&cluster.cli(&["logs", &job.id]).stdout).to_string();
     assert!(logs.contains("node2 tick 10"), "output from before the failover must survive it:\n{logs}");
     assert_eq!(done.attempts.len(), 1);
+    let waited = tokio::time::timeout(Duration::from_secs(60), waiter.wait_with_output()).await.unwrap().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&waited.stdout), String::from_utf8_lossy(&waited.stderr));
+    assert!(waited.status.success() && said.contains("Succeeded"), "`submit --wait` across the failover: {said}");
 }
 
 async fn leader_index(cluster: &Cluster) -> usize {

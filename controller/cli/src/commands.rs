@@ -271,7 +271,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 logs(&mut client, &job.id, None, true, None, false, Output::Table).await?;
             }
             if wait || follow {
-                let job = wait_finished(&mut client, &job.id).await?;
+                let job = wait_finished(&mut client, (&cli.connection, &cli.controller), &job.id).await?;
                 print_final(&job, out)?;
                 return Ok(exit_for(&job));
             }
@@ -304,7 +304,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Verb::Cancel { job, wait, format } => {
             let mut job = client.cancel_job(CancelJobRequest { job }).await.map_err(status_error)?.into_inner();
             if wait {
-                job = wait_finished(&mut client, &job.id).await?;
+                job = wait_finished(&mut client, (&cli.connection, &cli.controller), &job.id).await?;
             }
             print_final(&job, format.output)?;
             Ok(ExitCode::SUCCESS)
@@ -396,24 +396,75 @@ fn exit_for(job: &Job) -> ExitCode {
 }
 
 /// Follows the job's events until it has finished and its processes are gone.
-async fn wait_finished(client: &mut JobServiceClient<Channel>, job: &str) -> anyhow::Result<Job> {
-    let mut events = client.watch_job(WatchJobRequest { job: job.into() }).await.map_err(status_error)?.into_inner();
-    let mut last = None;
+/// A broken connection or a controller between leaders (an etcd member lost,
+/// a standby taking over) is not the job's end: the watch is opened again
+/// with backoff, for about half a minute of consecutive failures, through the
+/// first reachable controller of the list again (the one we used may be gone).
+async fn wait_finished(
+    client: &mut JobServiceClient<Channel>,
+    (connection, urls): (&crate::connection::ClientArgs, &str),
+    job: &str,
+) -> anyhow::Result<Job> {
     let mut bars = crate::metrics::StageBars::new();
-    while let Some(event) = events.message().await.map_err(status_error)? {
+    let mut delays = reconnect_delays();
+    loop {
+        let status = match follow_until_finished(client, job, &mut bars, &mut delays).await {
+            Ok(Some(job)) => return Ok(job),
+            // The stream ended before the job did: ask once, else watch again.
+            Ok(None) => match client.get_job(GetJobRequest { job: job.into() }).await {
+                Ok(answer) if finished(answer.get_ref()) => return Ok(answer.into_inner()),
+                Ok(answer) => match delays.next() {
+                    Some(delay) => {
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
+                    None => return Ok(answer.into_inner()),
+                },
+                Err(status) => status,
+            },
+            Err(status) => status,
+        };
+        if !is_transport_failure(&status) {
+            return Err(status_error(status));
+        }
+        let Some(delay) = delays.next() else { return Err(status_error(status)) };
+        eprintln!("wait: {}; watching job {job} again in {delay:.1?}", status.message());
+        tokio::time::sleep(delay).await;
+        if let Ok(again) = connection.connect(urls).await {
+            *client = again;
+        }
+    }
+}
+
+fn reconnect_delays() -> backon::ExponentialBackoff {
+    use backon::{BackoffBuilder, ExponentialBuilder};
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(300))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(10)
+        .with_jitter()
+        .build()
+}
+
+/// One watch of the job: `Some(job)` once it has finished, `None` when the
+/// stream ended first. Each event received restores the reconnect budget.
+async fn follow_until_finished(
+    client: &mut JobServiceClient<Channel>,
+    job: &str,
+    bars: &mut crate::metrics::StageBars,
+    delays: &mut backon::ExponentialBackoff,
+) -> Result<Option<Job>, tonic::Status> {
+    let mut events = client.watch_job(WatchJobRequest { job: job.into() }).await?.into_inner();
+    while let Some(event) = events.message().await? {
+        *delays = reconnect_delays();
         if let Some(job) = event.job {
             bars.update(&job);
-            let done = finished(&job);
-            last = Some(job);
-            if done {
-                break;
+            if finished(&job) {
+                return Ok(Some(job));
             }
         }
     }
-    match last {
-        Some(job) if finished(&job) => Ok(job),
-        _ => Ok(client.get_job(GetJobRequest { job: job.into() }).await.map_err(status_error)?.into_inner()),
-    }
+    Ok(None)
 }
 
 fn print_final(job: &Job, out: Output) -> anyhow::Result<()> {
