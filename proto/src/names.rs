@@ -3,6 +3,10 @@
 
 use crate::{JobState, StageState};
 
+/// How a pending job's reason starts when no idle cluster of the current
+/// nodes (cordoned ones included) could hold it: `--wait` stops there.
+pub const NEVER_FITS: &str = "cannot fit this cluster even when idle";
+
 /// "Pending", "Running", ... ("Unknown" for a value this build does not know).
 pub fn state_name(state: i32) -> &'static str {
     match JobState::try_from(state).unwrap_or(JobState::Unspecified) {

@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
+
 use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
 
 use cohort_proto::{GpuHealthState, JobState, ListNodesRequest};
 use cohort_tests::{Cluster, NodeSpec, state};
@@ -16,14 +18,14 @@ async fn cordon_drain_and_uncordon_steer_new_work() {
     let nodes = String::from_utf8_lossy(&cluster.cli(&["nodes"]).stdout).to_string();
     assert!(nodes.contains("Ready,Cordoned"), "{nodes}");
 
-    let job =
-        cluster.submit("name: both\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: ['true']\n").await.unwrap();
-    let pending = cluster.wait_job(&job.id, Duration::from_secs(10), |j| j.reason.contains("cordoned")).await.unwrap();
-    assert_eq!(state(&pending), JobState::Pending, "{}", pending.reason);
-    assert!(cluster.cli(&["uncordon", "node1"]).status.success());
-    let done = cluster.wait_finished(&job.id, Duration::from_secs(20)).await.unwrap();
-    assert_eq!(state(&done), JobState::Succeeded);
-
+    // `submit --wait` and `--follow` say why the job waits, and go on once it can run.
+    for (flag, printed) in [("--wait", "Succeeded"), ("--follow", "hello from both")] {
+        if flag == "--follow" {
+            assert!(cluster.cli(&["cordon", "node1"]).status.success());
+        }
+        let out = says_why_it_waits_until_uncordoned(&cluster, flag).await;
+        assert!(out.contains(printed), "{flag}: {out}");
+    }
     // Drain: the running job goes on, the node shows Draining, then merely Cordoned.
     let flag = cluster.dir.path().join("release");
     let yaml = format!(
@@ -84,4 +86,36 @@ async fn an_xid_makes_a_gpu_unhealthy_at_once_and_the_planner_skips_it_until_cle
     let done = cluster.wait_finished(&job.id, Duration::from_secs(20)).await.unwrap();
     assert_eq!(state(&done), JobState::Succeeded, "{}", done.reason);
     assert_eq!(done.plan.unwrap().nodes[0].gpu_indices, vec![0, 1]);
+}
+
+/// Submits a two-node job with `flag` while node1 is cordoned; checks the CLI
+/// says the pending reason, uncordons, and returns what it printed to stdout.
+async fn says_why_it_waits_until_uncordoned(cluster: &Cluster, flag: &str) -> String {
+    let file = cluster.dir.path().join("both.yaml");
+    let job = "name: both\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: [echo, hello from both]\n";
+    std::fs::write(&file, job).unwrap();
+    let mut waiter = cluster.cli_command(&["submit", flag, file.to_str().unwrap()]).spawn().unwrap();
+    let mut said = tokio::io::BufReader::new(waiter.stderr.take().unwrap()).lines();
+    let mut heard = Vec::new();
+    let reason = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = said.next_line().await.unwrap() {
+            heard.push(line.clone());
+            if line.contains("Pending") && line.contains("node1 is cordoned") {
+                return line;
+            }
+        }
+        panic!("`submit {flag}` ended without saying why the job waits: {heard:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("`submit {flag}` said nothing about the pending reason within 20 s: {heard:?}"));
+    let id = heard.iter().find_map(|l| l.strip_prefix("submitted job ")).unwrap().to_owned();
+    assert!(reason.starts_with(&format!("job {id}: Pending: waiting for free GPUs")), "{reason}");
+    let mut client = cluster.client().await.unwrap();
+    let pending = client.get_job(cohort_proto::GetJobRequest { job: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(state(&pending), JobState::Pending, "{}", pending.reason);
+    assert!(cluster.cli(&["uncordon", "node1"]).status.success());
+    let out = tokio::time::timeout(Duration::from_secs(30), waiter.wait_with_output()).await.unwrap().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "`submit {flag}` of {id}: {printed}");
+    printed
 }

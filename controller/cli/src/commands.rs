@@ -268,6 +268,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             eprintln!("submitted job {}", job.id);
             if follow {
+                // Logs exist once the job runs; until then say why it waits.
+                let queued = wait_until(&mut client, (&cli.connection, &cli.controller), &job.id, started).await?;
+                if never_fits(&queued) {
+                    print_final(&queued, out)?;
+                    return Ok(exit_for(&queued));
+                }
                 logs(&mut client, &job.id, None, true, None, false, Output::Table).await?;
             }
             if wait || follow {
@@ -391,6 +397,34 @@ fn finished(job: &Job) -> bool {
         && job.live_processes == 0
 }
 
+/// Pending, and no idle cluster of the current nodes could ever hold it.
+fn never_fits(job: &Job) -> bool {
+    job.state == JobState::Pending as i32 && job.reason.starts_with(cohort_proto::names::NEVER_FITS)
+}
+
+/// What `--wait` says while the job has not started: its state and reason,
+/// each time they change (`None`: nothing new to say).
+#[derive(Default)]
+struct WaitingNote {
+    last: Option<(i32, String)>,
+}
+
+impl WaitingNote {
+    fn update(&mut self, job: &Job) -> Option<String> {
+        let waiting = matches!(JobState::try_from(job.state), Ok(JobState::Pending | JobState::Restarting));
+        if !waiting || job.reason.is_empty() {
+            self.last = None;
+            return None;
+        }
+        let now = (job.state, job.reason.clone());
+        if self.last.as_ref() == Some(&now) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(format!("job {}: {}: {}", job.id, state_name(job.state), terminal_safe(&job.reason)))
+    }
+}
+
 fn exit_for(job: &Job) -> ExitCode {
     if job.state == JobState::Succeeded as i32 { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
@@ -402,17 +436,36 @@ fn exit_for(job: &Job) -> ExitCode {
 /// first reachable controller of the list again (the one we used may be gone).
 async fn wait_finished(
     client: &mut JobServiceClient<Channel>,
-    (connection, urls): (&crate::connection::ClientArgs, &str),
+    connection: (&crate::connection::ClientArgs, &str),
     job: &str,
 ) -> anyhow::Result<Job> {
+    wait_until(client, connection, job, finished).await
+}
+
+/// Whether the job has left the queue: preparing, running or finished.
+fn started(job: &Job) -> bool {
+    !matches!(JobState::try_from(job.state), Ok(JobState::Pending | JobState::Unspecified)) || finished(job)
+}
+
+/// Follows the job's events until `until` holds or it can never be placed,
+/// saying each new pending reason on stderr (see [`wait_finished`]).
+async fn wait_until(
+    client: &mut JobServiceClient<Channel>,
+    (connection, urls): (&crate::connection::ClientArgs, &str),
+    job: &str,
+    until: fn(&Job) -> bool,
+) -> anyhow::Result<Job> {
     let mut bars = crate::metrics::StageBars::new();
+    let mut note = WaitingNote::default();
     let mut delays = reconnect_delays();
     loop {
-        let status = match follow_until_finished(client, job, &mut bars, &mut delays).await {
+        let status = match follow_until(client, job, until, &mut bars, &mut note, &mut delays).await {
             Ok(Some(job)) => return Ok(job),
             // The stream ended before the job did: ask once, else watch again.
             Ok(None) => match client.get_job(GetJobRequest { job: job.into() }).await {
-                Ok(answer) if finished(answer.get_ref()) => return Ok(answer.into_inner()),
+                Ok(answer) if until(answer.get_ref()) || never_fits(answer.get_ref()) => {
+                    return Ok(answer.into_inner());
+                }
                 Ok(answer) => match delays.next() {
                     Some(delay) => {
                         tokio::time::sleep(delay).await;
@@ -446,12 +499,14 @@ fn reconnect_delays() -> backon::ExponentialBackoff {
         .build()
 }
 
-/// One watch of the job: `Some(job)` once it has finished, `None` when the
+/// One watch of the job: `Some(job)` once `until` holds (or it never fits), `None` when the
 /// stream ended first. Each event received restores the reconnect budget.
-async fn follow_until_finished(
+async fn follow_until(
     client: &mut JobServiceClient<Channel>,
     job: &str,
+    until: fn(&Job) -> bool,
     bars: &mut crate::metrics::StageBars,
+    note: &mut WaitingNote,
     delays: &mut backon::ExponentialBackoff,
 ) -> Result<Option<Job>, tonic::Status> {
     let mut events = client.watch_job(WatchJobRequest { job: job.into() }).await?.into_inner();
@@ -459,7 +514,10 @@ async fn follow_until_finished(
         *delays = reconnect_delays();
         if let Some(job) = event.job {
             bars.update(&job);
-            if finished(&job) {
+            if let Some(line) = note.update(&job) {
+                eprintln!("{line}");
+            }
+            if until(&job) || never_fits(&job) {
                 return Ok(Some(job));
             }
         }
@@ -472,6 +530,13 @@ fn print_final(job: &Job, out: Output) -> anyhow::Result<()> {
         return print_json(job);
     }
     say!("job {}: {} ({})", job.id, state_name(job.state), job.reason);
+    if never_fits(job) {
+        eprintln!(
+            "job {0} stays queued but cannot start until nodes join or its request shrinks: `cohort cancel {0}`, \
+             or change nodes/gpus_per_node/node_selector and submit again",
+            job.id
+        );
+    }
     if job.output_dropped_bytes > 0 {
         say!("job {}: {} bytes of output dropped (gap records in `cohort logs`)", job.id, job.output_dropped_bytes);
     }
@@ -668,6 +733,30 @@ mod tests {
             assert!(!super::is_transport_failure(&Status::new(code, "connection")), "{code:?}");
         }
         assert!(!super::is_transport_failure(&Status::internal("store write failed")));
+    }
+
+    #[test]
+    fn wait_says_each_new_pending_reason_once_and_stops_at_never_fits() {
+        use cohort_proto::{Job, JobState};
+        let job = |state: JobState, reason: &str| Job {
+            id: "j-1".into(),
+            state: state as i32,
+            reason: reason.into(),
+            ..Default::default()
+        };
+        let mut note = super::WaitingNote::default();
+        let cordoned = job(JobState::Pending, "waiting for free GPUs: node1 is cordoned");
+        assert_eq!(
+            note.update(&cordoned).as_deref(),
+            Some("job j-1: Pending: waiting for free GPUs: node1 is cordoned")
+        );
+        assert_eq!(note.update(&cordoned), None, "an unchanged reason is said once");
+        assert_eq!(note.update(&job(JobState::Running, "")), None);
+        assert!(note.update(&job(JobState::Restarting, "backoff")).is_some());
+        assert!(!super::never_fits(&cordoned));
+        let never = job(JobState::Pending, &format!("{}: 3 nodes wanted, 2 exist", cohort_proto::names::NEVER_FITS));
+        assert!(super::never_fits(&never));
+        assert!(!super::never_fits(&job(JobState::Failed, cohort_proto::names::NEVER_FITS)));
     }
 
     #[test]

@@ -275,7 +275,7 @@ impl Controller {
                 Ok(p) => p,
                 Err(e) => {
                     let reason = if e.never_fits {
-                        format!("cannot fit this cluster even when idle: {e}")
+                        format!("{}: {e}", cohort_proto::names::NEVER_FITS)
                     } else {
                         format!("waiting for free GPUs: {e}")
                     };
