@@ -123,6 +123,13 @@ async fn a_broken_transformer_engine_refuses_the_launch_with_the_table() {
     assert!(text.contains("! transformer_engine.pytorch"), "{text}");
 
     let save = cluster.dir.path().join("out");
+    // `cohort plan` already knows from the start-up probes: exit 4, naming the node.
+    let file = cluster.dir.path().join("sft.yaml");
+    std::fs::write(&file, megatron_job(&save, &good_dataset(cluster.dir.path()), "")).unwrap();
+    let plan = cluster.cli(&["plan", file.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&plan.stderr);
+    assert_eq!(plan.status.code(), Some(4), "{said}");
+    assert!(said.contains("node node1: transformer_engine.pytorch") && !said.contains("node node0"), "{said}");
     let job = cluster.submit(&megatron_job(&save, &good_dataset(cluster.dir.path()), "")).await.unwrap();
     let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(state(&job), JobState::Failed);

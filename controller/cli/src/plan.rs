@@ -78,6 +78,15 @@ pub(crate) async fn plan(
         }
         None => say!("not placeable now: {}", response.placement_error),
     }
+    if !response.node_problems.is_empty() {
+        eprintln!("the nodes' environment refuses this job ({}):", response.node_problems.len());
+        for p in &response.node_problems {
+            eprintln!("  - {p}");
+        }
+        eprintln!(
+            "install the packages on those nodes, or point `python:` in the job file at an interpreter that has them"
+        );
+    }
     if check {
         print_swift_checks(&response.checks);
     }
@@ -120,7 +129,7 @@ fn swift_checks_ok(checks: &[cohort_proto::EnvironmentCheck]) -> bool {
 fn plan_exit(response: &PlanJobResponse) -> ExitCode {
     if !response.problems.is_empty() {
         ExitCode::from(2)
-    } else if !swift_checks_ok(&response.checks) {
+    } else if !swift_checks_ok(&response.checks) || !response.node_problems.is_empty() {
         ExitCode::from(4)
     } else if response.plan.is_none() && response.stages.is_empty() {
         // Not placeable now (a pipeline has no plan of its own: its stages are placed as they start).

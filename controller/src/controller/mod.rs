@@ -351,6 +351,18 @@ impl Controller {
             }
             Err(e) => response.placement_error = e.to_string(),
         }
+        // The nodes it would run on (unplaced: every Ready node) as their agents found them at start-up.
+        let placed: Vec<&str> =
+            response.plan.iter().flat_map(|p| p.nodes.iter().map(|n| n.node_name.as_str())).collect();
+        let reports: Vec<cohort_proto::PreflightReport> = state
+            .nodes
+            .values()
+            .filter(|n| {
+                if placed.is_empty() { n.phase() == NodePhase::Ready } else { placed.contains(&n.info.name.as_str()) }
+            })
+            .filter_map(|n| n.preflight.clone())
+            .collect();
+        response.node_problems = prepare::startup_refusals(spec, &reports);
         response
     }
 

@@ -286,7 +286,7 @@ impl Controller {
                 })
             })
             .collect();
-        let problems = compare_reports(&reports, &[]);
+        let problems = doctor_problems(&reports);
         PreflightTable { nodes: reports, problems }
     }
 
@@ -471,7 +471,6 @@ fn upsert_stage(job: &mut Job, status: cohort_proto::StageStatus) {
 /// Everything that refuses the launch, one line each.
 fn evaluate(entry: &JobEntry) -> Vec<String> {
     let Some(plan) = entry.plan() else { return vec!["the attempt has no plan".into()] };
-    let megatron = matches!(entry.spec.workload, Workload::MegatronSft(_));
     let mut problems = Vec::new();
     let mut reports = Vec::new();
     for a in &plan.nodes {
@@ -507,16 +506,40 @@ fn evaluate(entry: &JobEntry) -> Vec<String> {
             }
         }
     }
-    let required = if !megatron {
+    problems.extend(compare_reports(&reports, &required_packages(&entry.spec)));
+    problems.extend(swift_check::refusals(&reports));
+    problems
+}
+
+/// The packages preflight requires of every node of the job.
+fn required_packages(spec: &JobSpec) -> Vec<&'static str> {
+    if !matches!(spec.workload, Workload::MegatronSft(_)) {
         Vec::new()
-    } else if swift_check::needs_transformer_engine(&entry.spec) {
+    } else if swift_check::needs_transformer_engine(spec) {
         REQUIRED_PACKAGES.to_vec()
     } else {
         REQUIRED_PACKAGES.iter().copied().filter(|p| *p != TRANSFORMER_ENGINE).collect()
-    };
-    problems.extend(compare_reports(&reports, &required));
-    problems.extend(swift_check::refusals(&reports));
-    problems
+    }
+}
+
+/// What the nodes' start-up reports already say preflight would refuse of
+/// `spec` (for `cohort plan`: the launch's own probe would say it again).
+pub(super) fn startup_refusals(spec: &JobSpec, reports: &[PreflightReport]) -> Vec<String> {
+    let required = required_packages(spec);
+    if required.is_empty() {
+        return Vec::new();
+    }
+    compare_reports(reports, &required)
+        .into_iter()
+        .map(|p| format!("{p} (the node's start-up probe; preflight would refuse the launch)"))
+        .collect()
+}
+
+/// `cohort doctor`'s problems: every failed check, and what differs.
+fn doctor_problems(reports: &[PreflightReport]) -> Vec<String> {
+    let failed: BTreeSet<&str> =
+        reports.iter().flat_map(|r| r.checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str())).collect();
+    compare_reports(reports, &failed.into_iter().collect::<Vec<_>>())
 }
 
 fn first_dataset_problem(d: &DatasetSummary) -> String {
@@ -583,8 +606,31 @@ fn compare_reports(reports: &[PreflightReport], required: &[&str]) -> Vec<String
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use cohort_proto::PreflightCheck;
+
+    #[test]
+    fn a_check_failed_on_every_node_is_a_problem_for_doctor_and_plan() {
+        let broken = |node: &str| report(node, &[("python", "3.12", true), ("torch", "", false), ("swift", "", false)]);
+        let reports = [broken("n0"), broken("n1")];
+        // The nodes agree, yet nothing megatron needs is there.
+        assert!(compare_reports(&reports, &[]).is_empty());
+        let doctor = doctor_problems(&reports);
+        assert_eq!(doctor.len(), 4, "{doctor:?}");
+        assert!(doctor.iter().any(|p| p.starts_with("node n1: torch")), "{doctor:?}");
+        assert!(doctor_problems(&[report("n0", &[("python", "3.12", true)])]).is_empty());
+
+        let sft = JobSpec::from_yaml(
+            "name: a\nkind: megatron-sft\nnodes: 2\ngpus_per_node: 1\nmegatron:\n  swift_version: 3\n  load: m\n",
+            "job.yaml",
+        )
+        .unwrap();
+        let refusals = startup_refusals(&sft, &reports);
+        assert!(refusals.iter().any(|p| p.starts_with("node n0: torch") && p.contains("preflight would refuse")));
+        let command = JobSpec::from_yaml("name: c\nkind: command\nnodes: 1\ncommand: ['true']\n", "job.yaml").unwrap();
+        assert!(startup_refusals(&command, &reports).is_empty(), "a command job needs no Python stack");
+    }
 
     fn report(node: &str, checks: &[(&str, &str, bool)]) -> PreflightReport {
         PreflightReport {
