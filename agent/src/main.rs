@@ -18,8 +18,8 @@ use cohort_proto::EnvVar;
 #[command(version)]
 struct Args {
     /// The controllers' gRPC addresses, comma-separated, e.g.
-    /// http://10.0.0.1:7070,http://10.0.0.2:7070; the agent finds the leader.
-    #[arg(long, env = "COHORT_CONTROLLER", default_value = "http://127.0.0.1:7070", value_delimiter = ',')]
+    /// 10.0.0.1:7070,10.0.0.2:7070 (https:// unless --insecure); the agent finds the leader.
+    #[arg(long, env = "COHORT_CONTROLLER", default_value = "127.0.0.1:7070", value_delimiter = ',')]
     controller: Vec<String>,
     /// Stop every rank after this long without reaching any controller
     /// (fencing: the controller may already run the job elsewhere).
@@ -83,7 +83,7 @@ struct Args {
     max_backoff: Duration,
     /// On SIGTERM, leave the ranks running (their shims keep them) for the
     /// next agent to adopt: for upgrades under a unit with KillMode=process.
-    #[arg(long, env = "COHORT_KEEP_RANKS_ON_EXIT")]
+    #[arg(long, env = "COHORT_KEEP_RANKS_ON_EXIT", value_parser = clap::builder::BoolishValueParser::new())]
     keep_ranks_on_exit: bool,
     /// The cluster CA certificate (ca.crt from `cohort-controller init`); kept in
     /// --tls-dir after joining.
@@ -98,7 +98,7 @@ struct Args {
     tls_dir: Option<PathBuf>,
     /// Plaintext to a controller started with --insecure: no certificates, and
     /// anyone who can reach the controller can command this node.
-    #[arg(long, env = "COHORT_INSECURE")]
+    #[arg(long, env = "COHORT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     insecure: bool,
     /// The user ranks run as when a job names none (a name or uid; default:
     /// the agent's own user, which must not be root unless --allow-root-ranks).
@@ -110,7 +110,7 @@ struct Args {
     allowed_rank_users: Vec<String>,
     /// Let ranks run as root (uid 0). Off: a job or a configuration that would
     /// run them as root is refused.
-    #[arg(long, env = "COHORT_ALLOW_ROOT_RANKS")]
+    #[arg(long, env = "COHORT_ALLOW_ROOT_RANKS", value_parser = clap::builder::BoolishValueParser::new())]
     allow_root_ranks: bool,
     /// Where the cgroup hierarchy is mounted: each job's processes on this
     /// node run in a cgroup of their own there (v2 or v1, found out at start;
@@ -163,7 +163,7 @@ fn parse_labels(text: &str) -> Result<Labels, String> {
     Ok(Labels(labels))
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     // `cohort-agent shim ...` runs one rank for the agent: no worker threads, no logging setup.
     if supervisor::shim::invoked() {
         std::process::exit(supervisor::shim::main());
@@ -180,7 +180,7 @@ fn main() -> anyhow::Result<()> {
     if cohort_agent::job_files::invoked() {
         std::process::exit(cohort_agent::job_files::files_as_main());
     }
-    agent()
+    cohort_runtime::exit_code(agent())
 }
 
 #[tokio::main]

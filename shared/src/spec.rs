@@ -550,10 +550,39 @@ fn typed<T: DeserializeOwned>(root: &Mapping, key: &str, problems: &mut Problems
                 }
             }
             let path: Vec<&str> = path.iter().map(String::as_str).collect();
-            problems.at_field(field, &path, err.into_inner().to_string());
+            problems.at_field(field, &path, in_words(&err.into_inner().to_string()));
             None
         }
     }
+}
+
+/// serde's type names in words a job file's author knows: "expected u32"
+/// becomes "expected a whole number (e.g. 2)".
+fn in_words(message: &str) -> String {
+    const WORDS: &[(&str, &str)] = &[
+        ("expected u8", "expected a whole number (e.g. 2)"),
+        ("expected u16", "expected a whole number (e.g. 2)"),
+        ("expected u32", "expected a whole number (e.g. 2)"),
+        ("expected u64", "expected a whole number (e.g. 2)"),
+        ("expected usize", "expected a whole number (e.g. 2)"),
+        ("expected i32", "expected a whole number (e.g. 2)"),
+        ("expected i64", "expected a whole number (e.g. 2)"),
+        ("expected f32", "expected a number (e.g. 0.5)"),
+        ("expected f64", "expected a number (e.g. 0.5)"),
+        ("expected a sequence", "expected a list (e.g. [a, b])"),
+        ("expected a map", "expected a mapping (key: value lines)"),
+    ];
+    let mut text = message.to_owned();
+    for (serde, words) in WORDS {
+        if let Some(at) = text.find(serde) {
+            let end = at + serde.len();
+            // "u32" but not "u320"; the rest of the message stays.
+            if !text[end..].starts_with(|c: char| c.is_ascii_alphanumeric()) {
+                text.replace_range(at..end, words);
+            }
+        }
+    }
+    text
 }
 
 /// Reports a missing required field, unless it is present but already reported.

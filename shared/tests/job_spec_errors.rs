@@ -110,7 +110,12 @@ fn zero_nodes() {
 
 #[test]
 fn nodes_of_the_wrong_type() {
-    single(&variant("nodes: 2", "nodes: two"), "nodes", Some(3), "invalid type: string \"two\", expected u32");
+    single(
+        &variant("nodes: 2", "nodes: two"),
+        "nodes",
+        Some(3),
+        "invalid type: string \"two\", expected a whole number (e.g. 2)",
+    );
 }
 
 #[test]
@@ -249,7 +254,7 @@ fn name_env_selector_and_durations() {
     single(&format!("{V3_JOB}stop_grace: 999999999h\n"), "stop_grace", Some(35), "longer than the longest wait");
     single(&format!("{V3_JOB}hang_timeout: 0s\n"), "hang_timeout", Some(35), "longer than zero");
     single(&format!("{V3_JOB}node_selector: [gpu]\n"), "node_selector", Some(35), "must be a mapping");
-    single(&format!("{V3_JOB}priority: high\n"), "priority", Some(35), "expected i32");
+    single(&format!("{V3_JOB}priority: high\n"), "priority", Some(35), "expected a whole number (e.g. 2)");
     single(&format!("{V3_JOB}restart: always\n"), "restart", Some(35), "must be a mapping");
     single(&format!("{V3_JOB}restart: {{on: [node_lots]}}\n"), "restart.on[0]", Some(35), "did you mean `node_lost`?");
     single(&format!("{V3_JOB}restart: {{max_restart: 2}}\n"), "restart.max_restart", Some(35), "unknown field");

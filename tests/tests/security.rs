@@ -321,3 +321,56 @@ async fn insecure_is_explicit_and_warned_about() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cohort-controller init") && stderr.contains("--insecure"), "{stderr}");
 }
+
+/// Mistakes a new user makes get an error that says what to do, on one line
+/// each, and the daemons' logs and exits stay free of colour codes and
+/// backtraces (issue 16, finding 6).
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_say_what_to_do() {
+    let cluster = Cluster::start(vec![NodeSpec::loopback(0, 0)]).await.unwrap();
+    let tls = cluster.tls.as_ref().unwrap();
+    let ca = tls.dir.join(files::CA_CERT);
+    let address = cluster.url.trim_start_matches("https://").to_owned();
+    let cohort = |args: &[&str]| {
+        let out = Command::new(bin("cohort")).args(["--controller", &address]).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    // Plaintext against a TLS controller: what to pass instead.
+    let said = cohort(&["--insecure", "jobs"]);
+    assert!(said.contains("hint:") && said.contains("Drop --insecure") && said.contains("--ca-cert"), "{said}");
+    // No token: which flag takes one, and where one comes from.
+    let said = cohort(&["--ca-cert", ca.to_str().unwrap(), "jobs"]);
+    assert!(said.contains("pass --token") && said.contains("cohort token create"), "{said}");
+    assert!(!said.contains("the caller is a caller"), "{said}");
+
+    // COHORT_INSECURE=1 is a yes (like true/yes/on), and a refused
+    // connection says each cause once.
+    let out = Command::new(bin("cohort"))
+        .env("COHORT_INSECURE", "1")
+        .args(["--controller", "127.0.0.1:1", "jobs"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("cannot reach a controller") && !said.contains("invalid value"), "{said}");
+    assert_eq!(said.matches("tcp connect error").count(), 1, "{said}");
+
+    // A daemon that cannot start: one error line, no backtrace even with RUST_BACKTRACE.
+    let dir = tempfile::tempdir().unwrap();
+    let taken = cluster.url.trim_start_matches("https://");
+    let out = Command::new(bin("cohort-controller"))
+        .env("RUST_BACKTRACE", "1")
+        .args(["--insecure", "--listen", taken, "--http", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    let error = said.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {said}"));
+    assert!(error.contains(taken), "{error}");
+    assert!(!said.contains("stack backtrace") && !said.contains("<unknown>"), "{said}");
+
+    // Logs written to a file carry no terminal colour codes.
+    let log = cluster.controller_log();
+    assert!(log.contains("INFO") && !log.contains('\u{1b}'), "{}", &log[..log.len().min(400)]);
+}

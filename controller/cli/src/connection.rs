@@ -27,7 +27,7 @@ pub struct ClientArgs {
     #[arg(long, global = true, env = "COHORT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Talk plaintext HTTP/2 to a controller started with --insecure (trusted networks only).
-    #[arg(long, global = true, env = "COHORT_INSECURE")]
+    #[arg(long, global = true, env = "COHORT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
 }
 

@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 #[macro_use]
-mod output;
+pub mod output;
 
 pub mod commands;
 pub mod connection;

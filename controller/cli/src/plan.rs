@@ -28,11 +28,7 @@ pub(crate) async fn plan(
     if !response.problems.is_empty() {
         eprintln!("job file {source}: {} problem(s)", response.problems.len());
         for p in &response.problems {
-            match (p.line, p.field.is_empty()) {
-                (0, true) => eprintln!("  {source}: {}", p.message),
-                (0, false) => eprintln!("  {source}: {}: {}", p.field, p.message),
-                (line, _) => eprintln!("  {source}:{line}: {}: {}", p.field, p.message),
-            }
+            eprintln!("  {}", problem_line(&source, p));
         }
         return Ok(plan_exit(&response));
     }
@@ -121,6 +117,12 @@ fn print_swift_checks(checks: &[cohort_proto::EnvironmentCheck]) {
     }
 }
 
+/// `file:line: field: message`, leaving out what the problem does not have.
+fn problem_line(source: &str, p: &cohort_proto::SpecProblem) -> String {
+    let at = if p.line == 0 { source.to_owned() } else { format!("{source}:{}", p.line) };
+    if p.field.is_empty() { format!("{at}: {}", p.message) } else { format!("{at}: {}: {}", p.field, p.message) }
+}
+
 /// Whether every environment's ms-swift took the command line.
 fn swift_checks_ok(checks: &[cohort_proto::EnvironmentCheck]) -> bool {
     checks.iter().all(|c| c.result.as_ref().is_some_and(|r| r.error.is_empty() && r.problems.is_empty() && r.ok))
@@ -136,5 +138,17 @@ fn plan_exit(response: &PlanJobResponse) -> ExitCode {
         ExitCode::from(3)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_problem_line_has_no_empty_field() {
+        use cohort_proto::SpecProblem;
+        let p = |field: &str, line| SpecProblem { field: field.into(), line, message: "not valid YAML".into() };
+        assert_eq!(super::problem_line("syn.yaml", &p("", 5)), "syn.yaml:5: not valid YAML");
+        assert_eq!(super::problem_line("syn.yaml", &p("nodes", 3)), "syn.yaml:3: nodes: not valid YAML");
+        assert_eq!(super::problem_line("syn.yaml", &p("", 0)), "syn.yaml: not valid YAML");
     }
 }

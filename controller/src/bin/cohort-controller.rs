@@ -55,7 +55,7 @@ struct Args {
     #[arg(long, env = "COHORT_TLS_DIR")]
     tls_dir: Option<PathBuf>,
     /// Serve plaintext gRPC and HTTP and check no certificate or token: only on a trusted network.
-    #[arg(long, env = "COHORT_INSECURE")]
+    #[arg(long, env = "COHORT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     insecure: bool,
     /// Validity of the certificates issued to joining nodes.
     #[arg(long, env = "COHORT_NODE_CERT_TTL", default_value = "365d", value_parser = humantime::parse_duration)]
@@ -116,7 +116,11 @@ fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    cohort_runtime::exit_code(controller().await)
+}
+
+async fn controller() -> anyhow::Result<()> {
     let args: Args = cohort_runtime::config_file::parse(CONFIG)?;
     if let Some(setup) = args.setup {
         return cohort_controller::security::init::run(setup);

@@ -547,7 +547,9 @@ fn first_dataset_problem(d: &DatasetSummary) -> String {
         let first = d.report.lines().find(|l| l.trim_start().starts_with(&d.path)).map(str::trim).unwrap_or_default();
         format!("{} bad row(s) of {} (dataset_policy: fail), first: {first}", d.bad_rows, d.rows)
     } else {
-        d.report.lines().next().unwrap_or("unreadable").to_string()
+        // The report names the dataset itself ("dataset X: cannot open: ..."); the caller names it once.
+        let line = d.report.lines().next().unwrap_or("unreadable");
+        line.strip_prefix(&format!("dataset {}: ", d.path)).unwrap_or(line).to_string()
     }
 }
 
@@ -609,6 +611,16 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use cohort_proto::PreflightCheck;
+
+    #[test]
+    fn an_unreadable_dataset_is_named_once() {
+        let d = DatasetSummary {
+            path: "data/train.jsonl".into(),
+            report: "dataset data/train.jsonl: cannot open: No such file or directory (os error 2)\nmore".into(),
+            ..Default::default()
+        };
+        assert_eq!(first_dataset_problem(&d), "cannot open: No such file or directory (os error 2)");
+    }
 
     #[test]
     fn a_check_failed_on_every_node_is_a_problem_for_doctor_and_plan() {

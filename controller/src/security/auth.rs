@@ -185,7 +185,13 @@ fn refusal(need: Need, caller: &Caller, path: &str) -> Status {
         Need::Submit => "a token of role submit or admin",
         Need::Admin => "an admin token",
     };
-    let message = format!("{method} needs {wants}; the caller is {caller}");
+    let message = match caller {
+        Caller::Anonymous => format!(
+            "{method} needs {wants}, and the call carried neither a token nor a client certificate: pass --token \
+             (or COHORT_TOKEN / --token-file) with a token an admin made with `cohort token create --role submit`"
+        ),
+        _ => format!("{method} needs {wants}; the caller is {caller}"),
+    };
     match caller {
         Caller::Anonymous => Status::unauthenticated(message),
         _ => Status::permission_denied(message),

@@ -16,9 +16,25 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
+        // Layers that repeat their cause's words ("tcp connect error: tcp connect error") say them once.
+        let said = e.to_string();
+        if !said.is_empty() && !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
         cause = e.source();
     }
     text
+}
+
+/// A daemon's or tool's exit: the error as one line on stderr (`error: ...:
+/// cause`), never a backtrace, whatever `RUST_BACKTRACE` says; exit status 1.
+pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
 }

@@ -12,8 +12,19 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 /// Logs go to stderr so that a CLI's stdout stays machine-readable.
 pub fn init(default_filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour())
+        .with_target(false)
+        .try_init();
+}
+
+/// Colour codes only for a person at a terminal: never into a log file or
+/// the journal, and never with `NO_COLOR` set (<https://no-color.org>).
+pub fn colour() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +77,7 @@ pub fn init_with_otlp(
     endpoint: Option<&str>,
 ) -> Result<OtelGuard, TelemetryError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour()).with_target(false);
     let provider = match endpoint {
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
