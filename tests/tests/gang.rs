@@ -277,3 +277,84 @@ async fn sigterm_stops_the_controller_gracefully() {
     assert!(status.success(), "{status:?}");
     assert!(cluster.controller_log().contains("controller stopped"));
 }
+
+/// The verbs an `sbatch`/`srun` user reaches for: an inline command, flags
+/// over a job file, an offline check, and `jobs` filters (issue 16, finding 7).
+#[tokio::test(flavor = "multi_thread")]
+async fn run_inline_override_a_file_validate_offline_and_filter_jobs() {
+    let cluster = Cluster::start((0..2).map(|i| NodeSpec::loopback(i, 1)).collect()).await.unwrap();
+    let dir = cluster.dir.path().to_str().unwrap().to_owned();
+    // `cohort run -N 2 ... -- CMD`: a two-node command job in the given directory, its output printed.
+    let out = cluster.cli(&[
+        "run",
+        "-N",
+        "2",
+        "--gpus-per-node",
+        "1",
+        "--env",
+        "GREETING=hi",
+        "--workdir",
+        &dir,
+        "--follow",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING from $NODE_RANK in $(pwd)",
+    ]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}{}", String::from_utf8_lossy(&out.stderr));
+    for rank in 0..2 {
+        assert!(printed.contains(&format!("hi from {rank} in {dir}")), "{printed}");
+    }
+
+    // Flags over a file: the file says 1 node, WHO=file; the flags win.
+    let file = cluster.dir.path().join("over.yaml");
+    std::fs::write(
+        &file,
+        "name: over\nkind: command\nnodes: 1\nenv:\n  WHO: file\ncommand: [sh, -c, 'echo who=$WHO']\n",
+    )
+    .unwrap();
+    let out = cluster.cli(&[
+        "submit",
+        "--nodes",
+        "2",
+        "-e",
+        "WHO=flag",
+        "--name",
+        "flagged",
+        "--wait",
+        file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let jobs = cluster.cli(&["jobs", "--name", "flagged", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&jobs.stdout).unwrap();
+    let flagged = &listed["jobs"][0];
+    assert_eq!((flagged["nodes"].as_u64(), listed["jobs"].as_array().unwrap().len()), (Some(2), 1), "{listed}");
+    let logs = String::from_utf8_lossy(&cluster.cli(&["logs", flagged["id"].as_str().unwrap()]).stdout).to_string();
+    assert_eq!(logs.matches("who=flag").count(), 2, "{logs}");
+
+    // A failing job, then the filters.
+    let out = cluster.cli(&["run", "--name", "broken", "--wait", "--", "false"]);
+    assert_eq!(out.status.code(), Some(1));
+    let jobs = cluster.cli(&["jobs", "--state", "failed"]);
+    let table = String::from_utf8_lossy(&jobs.stdout);
+    assert!(table.contains("broken-") && !table.contains("flagged-") && !table.contains("sh-"), "{table}");
+    let jobs = cluster.cli(&["jobs", "--limit", "1", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&jobs.stdout).unwrap();
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 1);
+    assert!(listed["jobs"][0]["id"].as_str().unwrap().starts_with("broken-"), "{listed}");
+    let out = cluster.cli(&["jobs", "--state", "done"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a job state"));
+
+    // Offline: no controller at all.
+    let bad = cluster.dir.path().join("bad.yaml");
+    std::fs::write(&bad, "name: bad\nkind: command\nnodes: two\ncommand: [x]\n").unwrap();
+    let out = std::process::Command::new(cohort_tests::bin("cohort"))
+        .args(["--controller", "127.0.0.1:1", "validate", file.to_str().unwrap(), bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (said, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{said}{err}");
+    assert!(said.contains("over.yaml: ok: command job \"over\""), "{said}");
+    assert!(err.contains("bad.yaml:3: nodes:") && err.contains("expected a whole number"), "{err}");
+}

@@ -77,9 +77,16 @@ pub enum Verb {
         #[command(flatten)]
         format: Format,
     },
-    /// Submit a job file.
-    Submit {
-        file: PathBuf,
+    /// Check job files offline: YAML, fields, ms-swift flags (exit 2 when one is invalid).
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run a command on the cluster without a job file, like `srun`:
+    /// `cohort run -N 2 --gpus-per-node 8 --wait -- torchrun --nproc-per-node 8 train.py`.
+    Run {
+        #[command(flatten)]
+        inline: crate::compose::Inline,
         /// Wait until the job has finished; exit 0 only if it succeeded.
         #[arg(long)]
         wait: bool,
@@ -89,11 +96,39 @@ pub enum Verb {
         #[command(flatten)]
         format: Format,
     },
-    /// List jobs.
+    /// Print a shell completion script: `cohort completion bash > /etc/bash_completion.d/cohort`.
+    Completion { shell: clap_complete::Shell },
+    /// Submit a job file.
+    Submit {
+        file: PathBuf,
+        #[command(flatten)]
+        overrides: crate::compose::Overrides,
+        /// Wait until the job has finished; exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+        /// Print the job's output while it runs (implies --wait).
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        format: Format,
+    },
+    /// List jobs, oldest first.
     Jobs {
         /// Only jobs that are pending, running, or still stopping.
         #[arg(long)]
         active: bool,
+        /// Only jobs in these states (comma-separated: pending,running,failed,...).
+        #[arg(long, value_delimiter = ',')]
+        state: Vec<String>,
+        /// Only jobs submitted by this user (the token's user).
+        #[arg(long)]
+        user: Option<String>,
+        /// Only jobs of this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only the newest N of what is left.
+        #[arg(long)]
+        limit: Option<usize>,
         #[command(flatten)]
         format: Format,
     },
@@ -212,9 +247,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Verb::Dataset(DatasetVerb::Check { files, policy }) = &cli.command {
         return dataset_check(files, *policy);
     }
-    // `plan` and `submit` read the file first, so a bad path fails before any connection.
+    if let Verb::Validate { files } = &cli.command {
+        let files = files.iter().map(|f| read_job_file(f)).collect::<anyhow::Result<Vec<_>>>()?;
+        return Ok(crate::compose::validate(&files));
+    }
+    if let Verb::Completion { shell } = &cli.command {
+        use clap::CommandFactory as _;
+        use std::io::Write as _;
+        let mut script = Vec::new();
+        clap_complete::generate(*shell, &mut Cli::command(), "cohort", &mut script);
+        return match std::io::stdout().write_all(&script) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the completion script"),
+            _ => Ok(ExitCode::SUCCESS),
+        };
+    }
+    // `plan`, `submit` and `run` make the file first, so a bad path or flag fails before any connection.
     let file = match &cli.command {
-        Verb::Plan { file, .. } | Verb::Submit { file, .. } => Some(read_job_file(file)?),
+        Verb::Plan { file, .. } => Some(read_job_file(file)?),
+        Verb::Submit { file, overrides, .. } => Some(overrides.apply(read_job_file(file)?)?),
+        Verb::Run { inline, .. } => Some(inline.job_file(&std::env::current_dir().context("the current directory")?)?),
         _ => None,
     };
     if let Verb::Token(verb) = &cli.command {
@@ -255,7 +306,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Verb::Plan { format, check, .. } => plan(&mut client, file.unwrap_or_default(), check, format.output).await,
-        Verb::Submit { wait, follow, format, .. } => {
+        Verb::Submit { wait, follow, format, .. } | Verb::Run { wait, follow, format, .. } => {
             let out = format.output;
             let response = submit_retrying(&client, file).await.map_err(status_error)?.into_inner();
             let job = response.job.unwrap_or_default();
@@ -284,9 +335,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             say!("{}", job.id);
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Jobs { active, format } => {
-            let jobs =
+        Verb::Jobs { active, state, user, name, limit, format } => {
+            let mut jobs =
                 client.list_jobs(ListJobsRequest { active_only: active }).await.map_err(status_error)?.into_inner();
+            let filter = JobFilter::new(&state, user, name, limit)?;
+            jobs.jobs = filter.apply(jobs.jobs);
             if format.output == Output::Json {
                 print_json(&jobs)?;
             } else {
@@ -338,7 +391,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if table.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Verb::Dataset(_) | Verb::Token(_) => Ok(ExitCode::SUCCESS),
+        Verb::Dataset(_) | Verb::Token(_) | Verb::Validate { .. } | Verb::Completion { .. } => Ok(ExitCode::SUCCESS),
         Verb::Report { job, dir } => {
             crate::pipeline::report(&mut client, &job, &dir).await?;
             Ok(ExitCode::SUCCESS)
@@ -589,6 +642,55 @@ fn print_line(l: &JobLogLine, raw: bool) {
     }
 }
 
+/// `cohort jobs` filters.
+struct JobFilter {
+    states: Vec<i32>,
+    user: Option<String>,
+    name: Option<String>,
+    limit: Option<usize>,
+}
+
+impl JobFilter {
+    fn new(
+        states: &[String],
+        user: Option<String>,
+        name: Option<String>,
+        limit: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        let known: Vec<JobState> = (1..=8).filter_map(|s| JobState::try_from(s).ok()).collect();
+        let states = states
+            .iter()
+            .map(|wanted| {
+                known
+                    .iter()
+                    .find(|s| state_name(**s as i32).eq_ignore_ascii_case(wanted.trim()))
+                    .map(|s| *s as i32)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = known.iter().map(|s| state_name(*s as i32)).collect();
+                        anyhow::anyhow!(
+                            "--state {wanted:?}: not a job state; one of {}",
+                            names.join(", ").to_lowercase()
+                        )
+                    })
+            })
+            .collect::<anyhow::Result<Vec<i32>>>()?;
+        Ok(JobFilter { states, user, name, limit })
+    }
+
+    fn apply(&self, jobs: Vec<Job>) -> Vec<Job> {
+        let mut kept: Vec<Job> = jobs
+            .into_iter()
+            .filter(|j| self.states.is_empty() || self.states.contains(&j.state))
+            .filter(|j| self.user.as_ref().is_none_or(|u| j.file.as_ref().is_some_and(|f| &f.submitted_by == u)))
+            .filter(|j| self.name.as_ref().is_none_or(|n| &j.name == n))
+            .collect();
+        if let Some(limit) = self.limit {
+            kept.drain(..kept.len().saturating_sub(limit));
+        }
+        kept
+    }
+}
+
 fn print_jobs(jobs: &[Job]) {
     let mut t = table(&["ID", "KIND", "STATE", "NODES×GPUS", "ATTEMPT", "SUBMITTED", "DURATION", "REASON"]);
     for job in jobs {
@@ -721,6 +823,7 @@ fn is_transport_failure(status: &tonic::Status) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     #[test]
     fn only_transport_failures_are_retried_under_the_same_request_id() {
@@ -757,6 +860,35 @@ mod tests {
         let never = job(JobState::Pending, &format!("{}: 3 nodes wanted, 2 exist", cohort_proto::names::NEVER_FITS));
         assert!(super::never_fits(&never));
         assert!(!super::never_fits(&job(JobState::Failed, cohort_proto::names::NEVER_FITS)));
+    }
+
+    #[test]
+    fn jobs_filters_by_state_user_name_and_keeps_the_newest() {
+        use cohort_proto::{Job, JobFile, JobState};
+        let job = |id: &str, state: JobState, user: &str| Job {
+            id: id.into(),
+            name: id.split('-').next().unwrap_or_default().into(),
+            state: state as i32,
+            file: Some(JobFile { submitted_by: user.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        let jobs = vec![
+            job("a-1", JobState::Failed, "alice"),
+            job("b-2", JobState::Running, "bob"),
+            job("a-3", JobState::Succeeded, "alice"),
+            job("a-4", JobState::Failed, "alice"),
+        ];
+        let ids = |f: super::JobFilter| f.apply(jobs.clone()).into_iter().map(|j| j.id).collect::<Vec<_>>();
+        let filter = |states: &[&str], user: Option<&str>, name: Option<&str>, limit| {
+            let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
+            super::JobFilter::new(&states, user.map(Into::into), name.map(Into::into), limit).unwrap()
+        };
+        assert_eq!(ids(filter(&["FAILED"], None, None, None)), ["a-1", "a-4"]);
+        assert_eq!(ids(filter(&["failed", "running"], None, None, Some(2))), ["b-2", "a-4"]);
+        assert_eq!(ids(filter(&[], Some("alice"), None, None)), ["a-1", "a-3", "a-4"]);
+        assert_eq!(ids(filter(&[], None, Some("b"), None)), ["b-2"]);
+        let err = super::JobFilter::new(&["done".into()], None, None, None).err().unwrap().to_string();
+        assert!(err.contains("--state \"done\"") && err.contains("succeeded"), "{err}");
     }
 
     #[test]
