@@ -118,6 +118,8 @@ mod pipeline;
 mod prepare;
 mod progress;
 mod reconcile;
+#[cfg(test)]
+mod rendered_commands;
 mod restart;
 #[cfg(test)]
 mod scenarios;
