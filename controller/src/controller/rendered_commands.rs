@@ -180,7 +180,8 @@ async fn commands_sent_to_agents_are_rendered_as_recorded() {
         layout: "megatron-iter".into(),
     };
     let answer = CheckpointAnswer { checkpoint: Some(checkpoint), skipped: Vec::new() };
-    let result = QueryResult { command_id: query.command_id, result: Some(Answer::Checkpoint(answer)), ..Default::default() };
+    let result =
+        QueryResult { command_id: query.command_id, result: Some(Answer::Checkpoint(answer)), ..Default::default() };
     controller.query_result(result).await;
     resuming.await.unwrap().unwrap();
     controller.reconcile().await.unwrap();

@@ -140,7 +140,7 @@ impl Controller {
 
     fn send_lookup(&self, state: &mut State, id: &str) {
         let Some(entry) = state.jobs.get(id) else { return };
-        let Some(directory) = prepare::checkpoint_dir(entry) else { return };
+        let Some(directory) = planner::output_dir(&entry.spec) else { return };
         let user = entry.spec.user.clone().unwrap_or_default();
         // The output dir is shared: any connected node of the last attempt, else any node.
         let connected = |n: &NodeEntry| n.is_connected();

@@ -9,58 +9,20 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cohort_proto::{
-    EnvVar, EnvironmentCheck, PreflightReport, SwiftArgcheck, SwiftArgcheckCommand, SwiftArgcheckResult,
+    EnvVar, EnvironmentCheck, PreflightReport, SwiftArgcheckCommand, SwiftArgcheckResult,
     query_result::Result as QueryAnswer,
 };
 use cohort_shared::spec::{JobSpec, Workload};
 
 use super::{Command, Controller, State};
+#[cfg(test)]
+use crate::planner::swift_argcheck::from_argv;
+use crate::planner::{command_line, swift_argcheck::for_job};
 
 /// How long `cohort plan --check` waits for a node (the agent gives the check 120 s).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(130);
 /// The preflight rows whose versions make an environment.
 const ENVIRONMENT: &[&str] = &["python", "torch", "swift", "megatron.core"];
-
-/// `(program, subcommand)` of an ms-swift CLI and the command name the check script takes.
-const COMMANDS: &[(&str, &str, &str)] = &[
-    ("megatron", "sft", "megatron-sft"),
-    ("megatron", "export", "megatron-export"),
-    ("swift", "export", "swift-export"),
-    ("swift", "infer", "swift-infer"),
-    ("swift", "eval", "swift-eval"),
-];
-
-/// The check for a command line that runs an ms-swift CLI: the first
-/// `swift|megatron <subcommand>` in it (`/usr/bin/swift export ...`,
-/// `env X=1 swift infer ...`), with everything after it.
-pub(super) fn from_argv(argv: &[String]) -> Option<SwiftArgcheck> {
-    let base = |word: &str| word.rsplit('/').next().unwrap_or(word).to_owned();
-    argv.windows(2).enumerate().find_map(|(i, pair)| {
-        let (program, sub) = (base(&pair[0]), pair[1].as_str());
-        COMMANDS
-            .iter()
-            .find(|(p, s, _)| *p == program && *s == sub)
-            .map(|(_, _, command)| SwiftArgcheck { command: (*command).to_owned(), argv: argv[i + 2..].to_vec() })
-    })
-}
-
-/// What the node's ms-swift must accept for `spec`, whose rendered argv (one
-/// node's process) is `argv`. A megatron-sft job is checked as `megatron sft`
-/// whatever its `program:` (a wrapper still passes ms-swift's flags), unless the
-/// program itself names another ms-swift command; a command job only when it
-/// runs an ms-swift CLI (the built-in pipeline steps do).
-pub(super) fn for_job(spec: &JobSpec, argv: &[String]) -> Option<SwiftArgcheck> {
-    match &spec.workload {
-        Workload::MegatronSft(m) => {
-            let flags = argv.get(m.program.len()..).unwrap_or_default().to_vec();
-            let named = from_argv(&m.program.iter().cloned().chain(std::iter::once(String::new())).collect::<Vec<_>>());
-            let command = named.map(|c| c.command).unwrap_or_else(|| "megatron-sft".to_owned());
-            Some(SwiftArgcheck { command, argv: flags })
-        }
-        Workload::Command(c) => from_argv(&c.argv),
-        Workload::Pipeline(_) => None,
-    }
-}
 
 /// Whether a megatron-sft job needs transformer_engine: not when it asks for
 /// Megatron's own layers (`transformer_impl: local`, Megatron-LM
@@ -103,15 +65,6 @@ pub(super) fn refusal_lines(node: &str, check: &SwiftArgcheckResult) -> Vec<Stri
         .collect()
 }
 
-/// The job's command line as the spec renders it (no node's contract variables needed).
-fn job_argv(spec: &JobSpec) -> Vec<String> {
-    match &spec.workload {
-        Workload::MegatronSft(m) => m.render_args(),
-        Workload::Command(c) => c.argv.clone(),
-        Workload::Pipeline(_) => Vec::new(),
-    }
-}
-
 /// "python 3.12.3, torch 2.11.0, swift 3.12.6, megatron.core 0.15.3" from a start-up report.
 fn environment_of(report: Option<&PreflightReport>) -> String {
     let Some(report) = report.filter(|r| !r.checks.is_empty()) else {
@@ -132,7 +85,7 @@ impl Controller {
     /// parses the job's ms-swift command line with its own ms-swift. Nothing is
     /// prepared or launched. Empty when the job runs no ms-swift command.
     pub async fn check_swift_args(&self, spec: &JobSpec) -> Vec<EnvironmentCheck> {
-        let Some(check) = for_job(spec, &job_argv(spec)) else { return Vec::new() };
+        let Some(check) = for_job(spec, &command_line(spec).0) else { return Vec::new() };
         let mut pending = Vec::new();
         {
             let mut state = self.state.lock().await;

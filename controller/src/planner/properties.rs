@@ -1,0 +1,1 @@
+//! Property tests of the planner (filled below).
