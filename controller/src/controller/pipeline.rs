@@ -482,7 +482,7 @@ impl Controller {
                         None => TaskOutcome::Failed(format!(
                             "no complete checkpoint in {}{}",
                             record.output,
-                            super::prepare::skipped_note(&c.skipped)
+                            super::restart::skipped_note(&c.skipped)
                         )),
                     },
                     Ok(other) => TaskOutcome::Failed(format!("finding the checkpoint: {}", other.error)),

@@ -26,20 +26,6 @@ const SAME_EVERYWHERE: &[&str] =
 /// How long a query to an agent may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// "; passed over: <dir>: <why>; ..." for the checkpoints a search did not take, shown where
-/// the resume decision is (the job's reason, `cohort resume`'s error); empty when none.
-pub(super) fn skipped_note(skipped: &[String]) -> String {
-    const SHOWN: usize = 3;
-    if skipped.is_empty() {
-        return String::new();
-    }
-    let mut note = format!("; passed over: {}", skipped.iter().take(SHOWN).cloned().collect::<Vec<_>>().join("; "));
-    if skipped.len() > SHOWN {
-        note.push_str(&format!(" (and {} more)", skipped.len() - SHOWN));
-    }
-    note
-}
-
 impl Controller {
     /// What every node of the attempt must check before launch.
     pub(super) async fn send_prepare(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
@@ -247,7 +233,7 @@ impl Controller {
         let Some(checkpoint) = checkpoint else {
             return Err(ControllerError::FailedPrecondition(format!(
                 "no complete checkpoint in {directory} (looked on {node}){}",
-                skipped_note(&skipped)
+                super::restart::skipped_note(&skipped)
             )));
         };
 
@@ -256,8 +242,12 @@ impl Controller {
         if !matches!(entry.phase(), JobPhase::Failed | JobPhase::Cancelled) {
             return Err(ControllerError::FailedPrecondition(format!("job {id} changed state meanwhile")));
         }
-        let reason =
-            format!("resuming from iteration {} ({}){}", checkpoint.iteration, checkpoint.path, skipped_note(&skipped));
+        let reason = format!(
+            "resuming from iteration {} ({}){}",
+            checkpoint.iteration,
+            checkpoint.path,
+            super::restart::skipped_note(&skipped)
+        );
         entry.resume(checkpoint, reason)?;
         self.persist_job(&mut state, &id).await?;
         self.publish(&state, &id, "resume requested");

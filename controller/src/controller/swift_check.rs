@@ -15,8 +15,6 @@ use cohort_proto::{
 use cohort_shared::spec::{JobSpec, Workload};
 
 use super::{Command, Controller, State};
-#[cfg(test)]
-use crate::planner::swift_argcheck::from_argv;
 use crate::planner::{command_line, swift_argcheck::for_job};
 
 /// How long `cohort plan --check` waits for a node (the agent gives the check 120 s).
@@ -165,20 +163,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use cohort_proto::SwiftFlagProblem;
-
-    fn words(text: &str) -> Vec<String> {
-        text.split_whitespace().map(str::to_owned).collect()
-    }
-
-    #[test]
-    fn ms_swift_commands_are_found_in_a_command_line() {
-        let check = from_argv(&words("/opt/venv/bin/swift export --model m --to_mcore true")).unwrap();
-        assert_eq!(check.command, "swift-export");
-        assert_eq!(check.argv, words("--model m --to_mcore true"));
-        assert_eq!(from_argv(&words("env A=1 megatron sft --lr 1")).unwrap().command, "megatron-sft");
-        assert!(from_argv(&words("python3 train.py --swift export")).is_none());
-        assert!(from_argv(&words("swift")).is_none());
-    }
 
     fn spec(text: &str) -> JobSpec {
         JobSpec::from_yaml(text, "job.yaml").unwrap()

@@ -44,3 +44,23 @@ pub fn for_job(spec: &JobSpec, argv: &[String]) -> Option<SwiftArgcheck> {
         Workload::Pipeline(_) => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn words(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn ms_swift_commands_are_found_in_a_command_line() {
+        let check = from_argv(&words("/opt/venv/bin/swift export --model m --to_mcore true")).unwrap();
+        assert_eq!(check.command, "swift-export");
+        assert_eq!(check.argv, words("--model m --to_mcore true"));
+        assert_eq!(from_argv(&words("env A=1 megatron sft --lr 1")).unwrap().command, "megatron-sft");
+        assert!(from_argv(&words("python3 train.py --swift export")).is_none());
+        assert!(from_argv(&words("swift")).is_none());
+    }
+}
