@@ -12,6 +12,7 @@ use cohort_proto::{
 };
 use cohort_shared::spec::DatasetPolicy;
 
+use super::restart::skipped_note;
 use super::swift_check;
 use super::*;
 
@@ -233,7 +234,7 @@ impl Controller {
         let Some(checkpoint) = checkpoint else {
             return Err(ControllerError::FailedPrecondition(format!(
                 "no complete checkpoint in {directory} (looked on {node}){}",
-                super::restart::skipped_note(&skipped)
+                skipped_note(&skipped)
             )));
         };
 
@@ -246,7 +247,7 @@ impl Controller {
             "resuming from iteration {} ({}){}",
             checkpoint.iteration,
             checkpoint.path,
-            super::restart::skipped_note(&skipped)
+            skipped_note(&skipped)
         );
         entry.resume(checkpoint, reason)?;
         self.persist_job(&mut state, &id).await?;
