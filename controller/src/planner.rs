@@ -13,8 +13,8 @@ mod ports;
 pub mod swift_argcheck;
 
 pub use launch_plan::{
-    AttemptInputs, LaunchPlan, NodeLaunch, RenderInput, attempt_spec, command_line, launch_plan, layout,
-    node_processes, output_dir, render, to_shared_checkpoint,
+    AttemptInputs, LaunchPlan, NodeLaunch, RenderInput, attempt_spec, command_line, job_env, launch_plan, layout,
+    node_processes, nproc_per_node, output_dir, render, to_shared_checkpoint,
 };
 pub use placement::{NodeView, Placement, PlacementError, place};
 pub use ports::next_master_port;

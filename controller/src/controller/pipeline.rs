@@ -163,7 +163,7 @@ impl Controller {
                 let (argv, _) = planner::command_line(&run_spec);
                 let mut env = vec![
                     EnvVar { name: "NNODES".into(), value: run_spec.nodes.to_string() },
-                    EnvVar { name: "NPROC_PER_NODE".into(), value: run_spec.gpus_per_node.max(1).to_string() },
+                    EnvVar { name: "NPROC_PER_NODE".into(), value: planner::nproc_per_node(&run_spec).to_string() },
                 ];
                 env.extend(
                     run_spec

@@ -243,12 +243,8 @@ impl Controller {
         if !matches!(entry.phase(), JobPhase::Failed | JobPhase::Cancelled) {
             return Err(ControllerError::FailedPrecondition(format!("job {id} changed state meanwhile")));
         }
-        let reason = format!(
-            "resuming from iteration {} ({}){}",
-            checkpoint.iteration,
-            checkpoint.path,
-            skipped_note(&skipped)
-        );
+        let reason =
+            format!("resuming from iteration {} ({}){}", checkpoint.iteration, checkpoint.path, skipped_note(&skipped));
         entry.resume(checkpoint, reason)?;
         self.persist_job(&mut state, &id).await?;
         self.publish(&state, &id, "resume requested");

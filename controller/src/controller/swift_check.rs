@@ -9,13 +9,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cohort_proto::{
-    EnvVar, EnvironmentCheck, PreflightReport, SwiftArgcheckCommand, SwiftArgcheckResult,
-    query_result::Result as QueryAnswer,
+    EnvironmentCheck, PreflightReport, SwiftArgcheckCommand, SwiftArgcheckResult, query_result::Result as QueryAnswer,
 };
 use cohort_shared::spec::{JobSpec, Workload};
 
 use super::{Command, Controller, State};
-use crate::planner::{command_line, swift_argcheck::for_job};
+use crate::planner::{command_line, job_env, swift_argcheck::for_job};
 
 /// How long `cohort plan --check` waits for a node (the agent gives the check 120 s).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(130);
@@ -98,7 +97,7 @@ impl Controller {
                     check: Some(check.clone()),
                     python: spec.python.clone().unwrap_or_default(),
                     user: spec.user.clone().unwrap_or_default(),
-                    env: job_env(&state, &node, spec),
+                    env: job_env(spec, state.nodes.get(&node).map(|n| n.info.node_env.as_slice()).unwrap_or_default()),
                     workdir: spec.workdir.clone().unwrap_or_default(),
                 };
                 let entry = EnvironmentCheck { nodes, environment, node: node.clone(), ..Default::default() };
@@ -146,16 +145,6 @@ fn ask(
         state.queries.remove(&command_id);
         None
     }
-}
-
-/// The node's defaults (unless the job sets them), then the job's `env`, as a launch renders them.
-fn job_env(state: &State, node: &str, spec: &JobSpec) -> Vec<EnvVar> {
-    let node_env = state.nodes.get(node).map(|n| n.info.node_env.clone()).unwrap_or_default();
-    node_env
-        .into_iter()
-        .filter(|v| !spec.env.contains_key(&v.name))
-        .chain(spec.env.iter().map(|(k, v)| EnvVar { name: k.clone(), value: v.clone() }))
-        .collect()
 }
 
 #[cfg(test)]

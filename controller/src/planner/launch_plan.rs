@@ -75,7 +75,7 @@ pub fn node_processes(
     input: &RenderInput,
 ) -> Vec<ProcessSpec> {
     let nnodes = plan.nodes.len() as u32;
-    let nproc = spec.gpus_per_node.max(1);
+    let nproc = nproc_per_node(spec);
     let node_ips: Vec<&str> = plan.nodes.iter().map(|a| a.address.as_str()).collect();
     let (argv, mode) = command_line(spec);
     let node_rank = node.node_rank;
@@ -88,15 +88,14 @@ pub fn node_processes(
         var("MASTER_PORT", plan.master_port),
         var("CUDA_VISIBLE_DEVICES", join(&node.gpu_indices)),
     ];
-    // The job's own env wins over the node's defaults.
-    env.extend(node_env.iter().filter(|v| !spec.env.contains_key(&v.name)).cloned());
+    env.extend(node_defaults(spec, node_env));
     env.extend([
         var("COHORT_JOB_ID", input.job_id),
         var("COHORT_ATTEMPT", input.attempt),
         var("COHORT_NODE_NAME", &node.node_name),
         var("COHORT_NODE_IPS", node_ips.join(",")),
     ]);
-    env.extend(spec.env.iter().map(|(k, v)| var(k, v)));
+    env.extend(job_vars(spec));
     match mode {
         LaunchMode::PerNode => vec![ProcessSpec { index: 0, argv, env, global_rank: None }],
         LaunchMode::PerRank => (0..nproc)
@@ -109,6 +108,26 @@ pub fn node_processes(
             })
             .collect(),
     }
+}
+
+/// Processes per node (NPROC_PER_NODE): one per GPU, and one on a node without GPUs.
+pub fn nproc_per_node(spec: &JobSpec) -> u32 {
+    spec.gpus_per_node.max(1)
+}
+
+/// The node's defaults that the job does not set itself: the job's own env wins.
+fn node_defaults<'a>(spec: &'a JobSpec, node_env: &'a [EnvVar]) -> impl Iterator<Item = EnvVar> + 'a {
+    node_env.iter().filter(|v| !spec.env.contains_key(&v.name)).cloned()
+}
+
+fn job_vars(spec: &JobSpec) -> impl Iterator<Item = EnvVar> + '_ {
+    spec.env.iter().map(|(k, v)| var(k, v))
+}
+
+/// The environment a job runs with on a node outside a launch (no contract
+/// variables): the node's defaults, then the job's `env`.
+pub fn job_env(spec: &JobSpec, node_env: &[EnvVar]) -> Vec<EnvVar> {
+    node_defaults(spec, node_env).chain(job_vars(spec)).collect()
 }
 
 /// Renders each node's processes: [`layout`] plus [`node_processes`] for every
