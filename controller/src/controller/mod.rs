@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_proto::{
-    ControllerMessage, Failure, Job, JobEvent, JobFile, JobRecord, LaunchCommand, Node, NodeInfo, NodeRecord,
-    ProcessExited, ProcessStatus, QueryResult, RunningLaunch, StopCommand, controller_message::Command, now_unix_ms,
+    ControllerMessage, Failure, Job, JobEvent, JobFile, JobRecord, Node, NodeInfo, NodeRecord, ProcessExited,
+    ProcessStatus, QueryResult, RunningLaunch, StopCommand, controller_message::Command, now_unix_ms,
 };
 use cohort_shared::spec::{JobSpec, Workload};
 use prost::Message;
@@ -118,6 +118,8 @@ mod pipeline;
 mod prepare;
 mod progress;
 mod reconcile;
+#[cfg(test)]
+mod rendered_commands;
 mod restart;
 #[cfg(test)]
 mod scenarios;
@@ -333,9 +335,11 @@ impl Controller {
         }
         let state = self.state.lock().await;
         let views = Self::node_views(&state);
-        match planner::place(spec, &views) {
+        match planner::place(spec, &views, &[]) {
             Ok(placement) => {
-                let port = Self::peek_port(&state, &self.config);
+                // Every port leased: the launch would wait; the plan shows where the search starts.
+                let (lo, hi) = (*self.config.master_ports.start(), *self.config.master_ports.end());
+                let port = Self::peek_port(&state, &self.config).unwrap_or(state.next_port.clamp(lo, hi));
                 let workdir = spec.workdir.clone();
                 response.plan = Some(planner::render(
                     spec,

@@ -160,14 +160,10 @@ impl Controller {
                         continue;
                     }
                 };
-                let argv = match &run_spec.workload {
-                    Workload::Command(c) => c.argv.clone(),
-                    Workload::MegatronSft(m) => m.render_args(),
-                    Workload::Pipeline(_) => Vec::new(),
-                };
+                let (argv, _) = planner::command_line(&run_spec);
                 let mut env = vec![
                     EnvVar { name: "NNODES".into(), value: run_spec.nodes.to_string() },
-                    EnvVar { name: "NPROC_PER_NODE".into(), value: run_spec.gpus_per_node.max(1).to_string() },
+                    EnvVar { name: "NPROC_PER_NODE".into(), value: planner::nproc_per_node(&run_spec).to_string() },
                 ];
                 env.extend(
                     run_spec
@@ -486,7 +482,7 @@ impl Controller {
                         None => TaskOutcome::Failed(format!(
                             "no complete checkpoint in {}{}",
                             record.output,
-                            super::prepare::skipped_note(&c.skipped)
+                            super::restart::skipped_note(&c.skipped)
                         )),
                     },
                     Ok(other) => TaskOutcome::Failed(format!("finding the checkpoint: {}", other.error)),

@@ -7,11 +7,12 @@
 use std::collections::BTreeSet;
 
 use cohort_proto::{
-    Checkpoint, DatasetSummary, EnvVar, FindCheckpointCommand, MetricsBatch, PreflightReport, PreflightTable,
-    PrepareCommand, PrepareResult, QueryResult, StageInput, StageProgress, query_result::Result as QueryAnswer,
+    DatasetSummary, FindCheckpointCommand, MetricsBatch, PreflightReport, PreflightTable, PrepareResult, QueryResult,
+    StageProgress, query_result::Result as QueryAnswer,
 };
 use cohort_shared::spec::DatasetPolicy;
 
+use super::restart::skipped_note;
 use super::swift_check;
 use super::*;
 
@@ -26,143 +27,22 @@ const SAME_EVERYWHERE: &[&str] =
 /// How long a query to an agent may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// "; passed over: <dir>: <why>; ..." for the checkpoints a search did not take, shown where
-/// the resume decision is (the job's reason, `cohort resume`'s error); empty when none.
-pub(super) fn skipped_note(skipped: &[String]) -> String {
-    const SHOWN: usize = 3;
-    if skipped.is_empty() {
-        return String::new();
-    }
-    let mut note = format!("; passed over: {}", skipped.iter().take(SHOWN).cloned().collect::<Vec<_>>().join("; "));
-    if skipped.len() > SHOWN {
-        note.push_str(&format!(" (and {} more)", skipped.len() - SHOWN));
-    }
-    note
-}
-
-pub(super) fn to_shared_checkpoint(c: &Checkpoint) -> cohort_shared::checkpoint::Checkpoint {
-    use cohort_shared::checkpoint::{Checkpoint as Shared, CheckpointLayout};
-    let path = std::path::PathBuf::from(&c.path);
-    let (layout, run_dir) = if c.layout == "swift-checkpoint-n" {
-        (CheckpointLayout::SwiftCheckpointN, path.parent().map(|p| p.to_path_buf()).unwrap_or_default())
-    } else {
-        // The Megatron layout's checkpoint path is its run directory.
-        (CheckpointLayout::MegatronIter, path.clone())
-    };
-    Shared { iteration: c.iteration, layout, run_dir, path }
-}
-
-/// Where a megatron-sft job's checkpoints are: its save/output_dir, made
-/// absolute with the workdir.
-pub(super) fn checkpoint_dir(entry: &JobEntry) -> Option<String> {
-    let Workload::MegatronSft(m) = &entry.spec.workload else { return None };
-    let workdir = entry.spec.workdir.clone().unwrap_or_default();
-    match m.output_dir() {
-        Some(dir) if dir.starts_with('/') => Some(dir.to_string()),
-        Some(dir) if !workdir.is_empty() => Some(format!("{workdir}/{dir}")),
-        _ => None,
-    }
-}
-
 impl Controller {
     /// What every node of the attempt must check before launch.
     pub(super) async fn send_prepare(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
-        let Some(entry) = state.jobs.get(id) else { return Ok(()) };
-        let Some(plan) = entry.job.plan.clone() else { return Ok(()) };
-        let spec = entry.spec.clone();
-        let attempt = entry.job.attempt;
+        let Some(attempt) = state.jobs.get(id).map(|e| e.job.attempt) else { return Ok(()) };
         let marker = format!("{}-{}-{:08x}", id, attempt, rand::random::<u32>());
-        let workdir = plan.nodes.first().map(|a| a.workdir.clone()).unwrap_or_default();
-        let resolve = |p: &str| -> Option<String> {
-            if p.starts_with('/') {
-                Some(p.to_string())
-            } else if !workdir.is_empty() {
-                Some(format!("{workdir}/{p}"))
-            } else {
-                None
-            }
-        };
-        let process_of = |a: &cohort_proto::NodeAssignment| {
-            super::reconcile::node_processes(state, id, a).into_iter().next().unwrap_or_default()
-        };
-        let processes: Vec<cohort_proto::ProcessSpec> = plan.nodes.iter().map(process_of).collect();
-        let envs: Vec<Vec<EnvVar>> = processes.iter().map(|p| p.env.clone()).collect();
-        let attempt_spec = super::reconcile::attempt_spec(entry);
-        let rank0_env: Vec<EnvVar> = envs.first().cloned().unwrap_or_default();
-        let env_value = |env: &[EnvVar], name: &str| env.iter().rev().find(|v| v.name == name).map(|v| v.value.clone());
-
-        let mut shared: BTreeSet<String> = spec.shared_paths.iter().cloned().collect();
-        let mut datasets = Vec::new();
-        let mut output_dir = String::new();
-        let megatron = matches!(spec.workload, Workload::MegatronSft(_));
-        if let Workload::MegatronSft(m) = &spec.workload {
-            if let Some(cache) = env_value(&rank0_env, "MODELSCOPE_CACHE") {
-                shared.insert(cache);
-            }
-            if let Some(dir) = m.output_dir().and_then(resolve) {
-                output_dir = dir.clone();
-                shared.insert(dir);
-            }
-            if let Some(model) = m.model_ref().filter(|p| p.starts_with('/')) {
-                shared.insert(model.to_string());
-            }
-            for value in m.flag("dataset").map(flag_values).unwrap_or_default() {
-                // ms-swift's `path#N` samples N rows of a file.
-                let path = value.split('#').next().unwrap_or_default();
-                if path.ends_with(".jsonl") {
-                    datasets.push(path.to_string());
-                }
-            }
-        }
-        let stage: Vec<StageInput> = spec
-            .stage
-            .iter()
-            .map(|s| StageInput {
-                name: s.name.clone(),
-                source: s.source.clone(),
-                sha256: s.sha256.clone().unwrap_or_default(),
-            })
-            .collect();
-        for ((a, env), process) in plan.nodes.iter().zip(&envs).zip(&processes) {
-            let mut interfaces: Vec<String> = Vec::new();
-            for name in ["NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"] {
-                for iface in env_value(env, name).unwrap_or_default().split(',') {
-                    // "^docker" excludes and "=eth0" is exact in NCCL's syntax: only plain names are checked.
-                    if !iface.is_empty() && !iface.starts_with('^') && !interfaces.contains(&iface.to_string()) {
-                        interfaces.push(iface.trim_start_matches('=').to_string());
-                    }
-                }
-            }
-            let command = PrepareCommand {
-                job_id: id.into(),
-                attempt,
-                node_rank: a.node_rank,
-                python: spec.python.clone().unwrap_or_default(),
-                probe_packages: megatron,
-                shared_paths: if plan.nodes.len() > 1 { shared.iter().cloned().collect() } else { Vec::new() },
-                marker: marker.clone(),
-                output_dir: output_dir.clone(),
-                master_port: plan.master_port,
-                interfaces,
-                stage: stage.clone(),
-                datasets: datasets.clone(),
-                workdir: a.workdir.clone(),
-                swift_argcheck: swift_check::for_job(&attempt_spec, &process.argv),
-                user: spec.user.clone().unwrap_or_default(),
-                env: env.clone(),
-            };
-            if !Self::send_command(state, &a.node_name, Command::Prepare(command)) {
-                let message = format!("node {} dropped its stream while the job was being prepared", a.node_name);
+        let Some(launch_plan) = Self::launch_plan(state, id, Some(&marker)) else { return Ok(()) };
+        for node in launch_plan.nodes {
+            let Some(command) = node.prepare else { continue };
+            let node_rank = command.node_rank;
+            if !Self::send_command(state, &node.node_name, Command::Prepare(command)) {
+                let message = format!("node {} dropped its stream while the job was being prepared", node.node_name);
                 self.fail(
                     state,
                     id,
                     super::restart::with_cause(
-                        Failure {
-                            node_name: a.node_name.clone(),
-                            node_rank: a.node_rank,
-                            message,
-                            ..Failure::default()
-                        },
+                        Failure { node_name: node.node_name, node_rank, message, ..Failure::default() },
                         cohort_shared::failure::FailureCause::NodeLost,
                     ),
                 );
@@ -180,7 +60,7 @@ impl Controller {
         if entry.job.attempt != result.attempt || entry.phase() != JobPhase::Preparing || !entry.on_node(node) {
             return;
         }
-        // The staged paths become the node's COHORT_STAGED_* variables at launch (reconcile::node_processes).
+        // The staged paths become the node's COHORT_STAGED_* variables at launch (planner::launch_plan).
         for staged in &result.staged {
             let status = cohort_proto::StageStatus {
                 node_name: node.into(),
@@ -310,7 +190,7 @@ impl Controller {
                 )));
             }
             let _ = m;
-            let Some(directory) = checkpoint_dir(entry) else {
+            let Some(directory) = planner::output_dir(&entry.spec) else {
                 return Err(ControllerError::FailedPrecondition(format!(
                     "job {id} names no absolute save/output_dir to look for checkpoints in"
                 )));
@@ -448,13 +328,6 @@ impl Controller {
         if let Some(tx) = state.queries.remove(&result.command_id) {
             let _ = tx.send(result);
         }
-    }
-}
-
-fn flag_values(value: &cohort_shared::spec::FlagValue) -> Vec<String> {
-    match value {
-        cohort_shared::spec::FlagValue::Scalar(s) => vec![s.clone()],
-        cohort_shared::spec::FlagValue::List(l) => l.clone(),
     }
 }
 

@@ -103,30 +103,6 @@ pub(super) fn hang_timeout(spec: &JobSpec, median_iteration_s: Option<f64>) -> O
     }
 }
 
-/// Places a job without the `excluded` nodes when the others suffice, else anywhere.
-pub(super) fn place_excluding(
-    spec: &JobSpec,
-    views: &[NodeView],
-    excluded: &[String],
-) -> Result<planner::Placement, planner::PlacementError> {
-    if !excluded.is_empty() {
-        let without: Vec<NodeView> = views
-            .iter()
-            .cloned()
-            .map(|mut v| {
-                if excluded.contains(&v.name) && v.unavailable.is_none() {
-                    v.unavailable = Some("blamed for an earlier failure of this job".into());
-                }
-                v
-            })
-            .collect();
-        if let Ok(placement) = planner::place(spec, &without) {
-            return Ok(placement);
-        }
-    }
-    planner::place(spec, views)
-}
-
 /// The straggler report: per node, its median step interval and GPU use, and
 /// whether it is slower than the median of the others by `factor`.
 pub(super) fn node_report(progress: &AttemptProgress, factor: f64) -> Vec<NodeProgress> {

@@ -1,13 +1,11 @@
 //! The reconcile loop: silent nodes become lost, pending jobs are placed and
 //! launched, and stops are re-sent until every unwanted process is gone.
 
-use cohort_proto::{EnvVar, NodeAssignment, ProcessSpec};
-
 use cohort_shared::failure::FailureCause;
 
 use super::node_entry::Sweep;
-use super::prepare::to_shared_checkpoint;
 use super::*;
+use crate::planner::{AttemptInputs, LaunchPlan};
 
 impl Controller {
     // -------------------------------------------------------------- reconcile
@@ -235,14 +233,9 @@ impl Controller {
             .collect()
     }
 
-    /// The next free MASTER_PORT, round-robin through the range so that a port
-    /// just released (maybe in TIME_WAIT) is reused last.
-    pub(super) fn peek_port(state: &State, config: &ControllerConfig) -> u16 {
-        let used = Self::used_ports(state);
-        let (lo, hi) = (*config.master_ports.start(), *config.master_ports.end());
-        let span = (hi - lo) as u32 + 1;
-        let start = state.next_port.clamp(lo, hi);
-        (0..span).map(|i| lo + (((start - lo) as u32 + i) % span) as u16).find(|p| !used.contains(p)).unwrap_or(start)
+    /// The next free MASTER_PORT ([`planner::next_master_port`]); None when every one is leased.
+    pub(super) fn peek_port(state: &State, config: &ControllerConfig) -> Option<u16> {
+        planner::next_master_port(&config.master_ports, state.next_port, &Self::used_ports(state))
     }
 
     /// Places pending jobs in priority order, then submission order. A job
@@ -271,7 +264,7 @@ impl Controller {
                 continue;
             }
             // Without the nodes blamed for earlier failures when the others suffice.
-            let placement = match super::progress::place_excluding(&entry.spec, &views, &entry.job.excluded_nodes) {
+            let placement = match planner::place(&entry.spec, &views, &entry.job.excluded_nodes) {
                 Ok(p) => p,
                 Err(e) => {
                     let reason = if e.never_fits {
@@ -293,13 +286,10 @@ impl Controller {
                     break;
                 }
             };
-            if Self::used_ports(state).len()
-                > (self.config.master_ports.end() - self.config.master_ports.start()) as usize
-            {
+            let Some(port) = Self::peek_port(state, &self.config) else {
                 tracing::warn!(job = %id, "every MASTER_PORT of the range is leased; waiting");
                 break;
-            }
-            let port = Self::peek_port(state, &self.config);
+            };
             state.next_port = port.saturating_add(1);
             self.launch(state, &id, &placement, &views, port).await?;
         }
@@ -320,7 +310,7 @@ impl Controller {
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
         let next = entry.job.attempt + 1;
         let plan = planner::layout(
-            &attempt_spec(entry),
+            &planner::attempt_spec(&entry.spec, entry.job.resume_from.as_ref()),
             placement,
             views,
             &RenderInput { job_id: id, attempt: next, master_port: port, workdir: entry.spec.workdir.as_deref() },
@@ -329,8 +319,7 @@ impl Controller {
         let attempt = entry.begin_attempt(plan, nodes.clone())?;
         entry.span = Some(tracing::info_span!(parent: None, "attempt", job = %id, attempt, nodes = %node_list(&nodes)));
         // A job that runs an ms-swift CLI (a pipeline step) is prepared too: the node's ms-swift checks its argv.
-        let runs_swift =
-            matches!(&entry.spec.workload, Workload::Command(c) if super::swift_check::from_argv(&c.argv).is_some());
+        let runs_swift = matches!(&entry.spec.workload, Workload::Command(c) if planner::swift_argcheck::from_argv(&c.argv).is_some());
         if entry.spec.needs_preparation() || runs_swift {
             entry.preparing(format!("preparing {}: preflight, shared paths, datasets, staging", node_list(&nodes)))?;
             self.persist_job(state, id).await?;
@@ -343,60 +332,36 @@ impl Controller {
         Ok(())
     }
 
-    /// Sends the attempt's launch commands (the plan is already rendered).
+    /// Sends the attempt's launch commands (the plan is already laid out).
     pub(super) async fn send_launch(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
-        let Some(entry) = state.jobs.get(id) else { return Ok(()) };
-        let Some(plan) = entry.job.plan.clone() else { return Ok(()) };
-        let attempt = entry.job.attempt;
-        let rendered: Vec<Vec<ProcessSpec>> = plan.nodes.iter().map(|a| node_processes(state, id, a)).collect();
+        let Some(launch_plan) = Self::launch_plan(state, id, None) else { return Ok(()) };
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
-        let processes = plan
+        let attempt = entry.job.attempt;
+        let processes = launch_plan
             .nodes
             .iter()
-            .zip(&rendered)
-            .flat_map(|(a, processes)| {
-                processes.iter().map(|p| ProcessStatus {
-                    node_name: a.node_name.clone(),
-                    node_rank: a.node_rank,
+            .flat_map(|n| {
+                n.launch.processes.iter().map(|p| ProcessStatus {
+                    node_name: n.node_name.clone(),
+                    node_rank: n.launch.node_rank,
                     index: p.index,
                     global_rank: p.global_rank,
                     ..ProcessStatus::default()
                 })
             })
             .collect();
-        let nodes: Vec<&str> = plan.nodes.iter().map(|a| a.node_name.as_str()).collect();
+        let nodes: Vec<&str> = launch_plan.nodes.iter().map(|n| n.node_name.as_str()).collect();
         entry.launching(processes, format!("launching on {}", node_list(&nodes)))?;
-        let grace = entry.spec.stop_grace;
-        let user = entry.spec.user.clone().unwrap_or_default();
-        // ms-swift also writes its metrics to <output_dir>/.../logging.jsonl on the last rank.
-        let metrics_dir = match &entry.spec.workload {
-            Workload::MegatronSft(m) => match (m.output_dir(), plan.nodes.first().map(|a| a.workdir.as_str())) {
-                (Some(dir), _) if dir.starts_with('/') => dir.to_string(),
-                (Some(dir), Some(workdir)) if !workdir.is_empty() => format!("{workdir}/{dir}"),
-                _ => String::new(),
-            },
-            Workload::Command(_) | Workload::Pipeline(_) => String::new(),
-        };
-        let last_rank = plan.nodes.len().saturating_sub(1) as u32;
+        let port = entry.plan().map(|p| p.master_port).unwrap_or_default();
         state.logs_complete.insert((id.to_string(), attempt));
         // Persist before sending: a controller that dies here restarts knowing
         // the attempt exists, and reconciles what the agents report.
         self.persist_job(state, id).await?;
-        tracing::info!(job = %id, attempt, port = plan.master_port, "launching");
+        tracing::info!(job = %id, attempt, port, "launching");
         let mut unreachable = None;
-        for (a, processes) in plan.nodes.iter().zip(rendered) {
-            let msg = LaunchCommand {
-                job_id: id.into(),
-                attempt,
-                node_rank: a.node_rank,
-                workdir: a.workdir.clone(),
-                stop_grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
-                processes,
-                metrics_dir: if a.node_rank == last_rank { metrics_dir.clone() } else { String::new() },
-                user: user.clone(),
-            };
-            if !Self::send_command(state, &a.node_name, Command::Launch(msg)) {
-                unreachable = Some(a.node_name.clone());
+        for node in launch_plan.nodes {
+            if !Self::send_command(state, &node.node_name, Command::Launch(node.launch)) {
+                unreachable = Some(node.node_name);
                 break;
             }
         }
@@ -408,6 +373,28 @@ impl Controller {
         }
         self.publish(state, id, "launching");
         Ok(())
+    }
+
+    /// The current attempt's commands ([`planner::launch_plan`]) from its
+    /// recorded layout, the nodes' own variables and what they staged; with a
+    /// marker, the prepare commands too. None when the job has no laid-out attempt.
+    pub(super) fn launch_plan(state: &State, id: &str, prepare_marker: Option<&str>) -> Option<LaunchPlan> {
+        let entry = state.jobs.get(id)?;
+        let layout = entry.plan()?;
+        let node_env: HashMap<&str, &[cohort_proto::EnvVar]> = layout
+            .nodes
+            .iter()
+            .filter_map(|a| state.nodes.get(&a.node_name).map(|n| (a.node_name.as_str(), n.info.node_env.as_slice())))
+            .collect();
+        let inputs = AttemptInputs {
+            job_id: id,
+            attempt: entry.job.attempt,
+            resume_from: entry.job.resume_from.as_ref(),
+            staged: &entry.job.staging,
+            node_env: &node_env,
+            prepare_marker,
+        };
+        Some(planner::launch_plan(&entry.spec, layout, &inputs))
     }
 
     /// Sends one command to a node's session; false when the node has none.
@@ -495,46 +482,6 @@ pub(super) fn ranks_fenced_by(node: Option<&NodeEntry>, grace: Duration) -> i64 
         0 => 0,
         deadline => deadline + grace.as_millis() as i64 + FENCE_SLACK_MS,
     }
-}
-
-/// The spec an attempt runs: the job's own, with the resume flags when the
-/// attempt resumes from a checkpoint.
-pub(super) fn attempt_spec(entry: &JobEntry) -> JobSpec {
-    match (&entry.spec.workload, &entry.job.resume_from) {
-        (Workload::MegatronSft(m), Some(ckpt)) => {
-            let mut spec = entry.spec.clone();
-            spec.workload =
-                Workload::MegatronSft(cohort_shared::checkpoint::apply_resume(m, &to_shared_checkpoint(ckpt)));
-            spec
-        }
-        _ => entry.spec.clone(),
-    }
-}
-
-/// One node's processes of the job's current attempt, rendered when they are
-/// needed from the stored layout, the node's own defaults and what was staged
-/// on it (`COHORT_STAGED_<NAME>`); the record never holds them.
-pub(super) fn node_processes(state: &State, id: &str, node: &NodeAssignment) -> Vec<ProcessSpec> {
-    let Some(entry) = state.jobs.get(id) else { return Vec::new() };
-    let Some(plan) = entry.plan() else { return Vec::new() };
-    let node_env = state.nodes.get(&node.node_name).map(|n| n.info.node_env.as_slice()).unwrap_or_default();
-    let input = RenderInput {
-        job_id: id,
-        attempt: entry.job.attempt,
-        master_port: plan.master_port as u16,
-        workdir: entry.spec.workdir.as_deref(),
-    };
-    let mut processes = planner::node_processes(&attempt_spec(entry), plan, node, node_env, &input);
-    let staged =
-        entry.job.staging.iter().filter(|s| {
-            s.node_name == node.node_name && (s.state == "ready" || s.state == "cached") && !s.path.is_empty()
-        });
-    for s in staged {
-        for process in processes.iter_mut() {
-            process.env.push(EnvVar { name: JobSpec::staged_env_name(&s.item), value: s.path.clone() });
-        }
-    }
-    processes
 }
 
 /// How late the liveness sweep (a 250 ms tick) may run before the controller

@@ -46,6 +46,20 @@ pub(super) fn with_cause(mut failure: Failure, cause: FailureCause) -> Failure {
     failure
 }
 
+/// "; passed over: <dir>: <why>; ..." for the checkpoints a search did not take, shown where
+/// the resume decision is (the job's reason, `cohort resume`'s error); empty when none.
+pub(super) fn skipped_note(skipped: &[String]) -> String {
+    const SHOWN: usize = 3;
+    if skipped.is_empty() {
+        return String::new();
+    }
+    let mut note = format!("; passed over: {}", skipped.iter().take(SHOWN).cloned().collect::<Vec<_>>().join("; "));
+    if skipped.len() > SHOWN {
+        note.push_str(&format!(" (and {} more)", skipped.len() - SHOWN));
+    }
+    note
+}
+
 impl Controller {
     /// After `fail`: starts the restart when the policy retries the cause and
     /// restarts are left; otherwise says in the reason why there is none.
@@ -140,7 +154,7 @@ impl Controller {
 
     fn send_lookup(&self, state: &mut State, id: &str) {
         let Some(entry) = state.jobs.get(id) else { return };
-        let Some(directory) = prepare::checkpoint_dir(entry) else { return };
+        let Some(directory) = planner::output_dir(&entry.spec) else { return };
         let user = entry.spec.user.clone().unwrap_or_default();
         // The output dir is shared: any connected node of the last attempt, else any node.
         let connected = |n: &NodeEntry| n.is_connected();
@@ -189,7 +203,7 @@ fn apply_lookup(entry: &mut JobEntry, answer: QueryResult, node: &str) -> String
             for skipped in &c.skipped {
                 tracing::warn!(job = %entry.job.id, skipped = %skipped, "checkpoint not resumable");
             }
-            prepare::skipped_note(&c.skipped)
+            skipped_note(&c.skipped)
         }
         Some(Answer::Path(_) | Answer::SwiftArgcheck(_)) | None => String::new(),
     }

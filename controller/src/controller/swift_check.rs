@@ -9,58 +9,17 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cohort_proto::{
-    EnvVar, EnvironmentCheck, PreflightReport, SwiftArgcheck, SwiftArgcheckCommand, SwiftArgcheckResult,
-    query_result::Result as QueryAnswer,
+    EnvironmentCheck, PreflightReport, SwiftArgcheckCommand, SwiftArgcheckResult, query_result::Result as QueryAnswer,
 };
 use cohort_shared::spec::{JobSpec, Workload};
 
 use super::{Command, Controller, State};
+use crate::planner::{command_line, job_env, swift_argcheck::for_job};
 
 /// How long `cohort plan --check` waits for a node (the agent gives the check 120 s).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(130);
 /// The preflight rows whose versions make an environment.
 const ENVIRONMENT: &[&str] = &["python", "torch", "swift", "megatron.core"];
-
-/// `(program, subcommand)` of an ms-swift CLI and the command name the check script takes.
-const COMMANDS: &[(&str, &str, &str)] = &[
-    ("megatron", "sft", "megatron-sft"),
-    ("megatron", "export", "megatron-export"),
-    ("swift", "export", "swift-export"),
-    ("swift", "infer", "swift-infer"),
-    ("swift", "eval", "swift-eval"),
-];
-
-/// The check for a command line that runs an ms-swift CLI: the first
-/// `swift|megatron <subcommand>` in it (`/usr/bin/swift export ...`,
-/// `env X=1 swift infer ...`), with everything after it.
-pub(super) fn from_argv(argv: &[String]) -> Option<SwiftArgcheck> {
-    let base = |word: &str| word.rsplit('/').next().unwrap_or(word).to_owned();
-    argv.windows(2).enumerate().find_map(|(i, pair)| {
-        let (program, sub) = (base(&pair[0]), pair[1].as_str());
-        COMMANDS
-            .iter()
-            .find(|(p, s, _)| *p == program && *s == sub)
-            .map(|(_, _, command)| SwiftArgcheck { command: (*command).to_owned(), argv: argv[i + 2..].to_vec() })
-    })
-}
-
-/// What the node's ms-swift must accept for `spec`, whose rendered argv (one
-/// node's process) is `argv`. A megatron-sft job is checked as `megatron sft`
-/// whatever its `program:` (a wrapper still passes ms-swift's flags), unless the
-/// program itself names another ms-swift command; a command job only when it
-/// runs an ms-swift CLI (the built-in pipeline steps do).
-pub(super) fn for_job(spec: &JobSpec, argv: &[String]) -> Option<SwiftArgcheck> {
-    match &spec.workload {
-        Workload::MegatronSft(m) => {
-            let flags = argv.get(m.program.len()..).unwrap_or_default().to_vec();
-            let named = from_argv(&m.program.iter().cloned().chain(std::iter::once(String::new())).collect::<Vec<_>>());
-            let command = named.map(|c| c.command).unwrap_or_else(|| "megatron-sft".to_owned());
-            Some(SwiftArgcheck { command, argv: flags })
-        }
-        Workload::Command(c) => from_argv(&c.argv),
-        Workload::Pipeline(_) => None,
-    }
-}
 
 /// Whether a megatron-sft job needs transformer_engine: not when it asks for
 /// Megatron's own layers (`transformer_impl: local`, Megatron-LM
@@ -103,15 +62,6 @@ pub(super) fn refusal_lines(node: &str, check: &SwiftArgcheckResult) -> Vec<Stri
         .collect()
 }
 
-/// The job's command line as the spec renders it (no node's contract variables needed).
-fn job_argv(spec: &JobSpec) -> Vec<String> {
-    match &spec.workload {
-        Workload::MegatronSft(m) => m.render_args(),
-        Workload::Command(c) => c.argv.clone(),
-        Workload::Pipeline(_) => Vec::new(),
-    }
-}
-
 /// "python 3.12.3, torch 2.11.0, swift 3.12.6, megatron.core 0.15.3" from a start-up report.
 fn environment_of(report: Option<&PreflightReport>) -> String {
     let Some(report) = report.filter(|r| !r.checks.is_empty()) else {
@@ -132,7 +82,7 @@ impl Controller {
     /// parses the job's ms-swift command line with its own ms-swift. Nothing is
     /// prepared or launched. Empty when the job runs no ms-swift command.
     pub async fn check_swift_args(&self, spec: &JobSpec) -> Vec<EnvironmentCheck> {
-        let Some(check) = for_job(spec, &job_argv(spec)) else { return Vec::new() };
+        let Some(check) = for_job(spec, &command_line(spec).0) else { return Vec::new() };
         let mut pending = Vec::new();
         {
             let mut state = self.state.lock().await;
@@ -147,7 +97,7 @@ impl Controller {
                     check: Some(check.clone()),
                     python: spec.python.clone().unwrap_or_default(),
                     user: spec.user.clone().unwrap_or_default(),
-                    env: job_env(&state, &node, spec),
+                    env: job_env(spec, state.nodes.get(&node).map(|n| n.info.node_env.as_slice()).unwrap_or_default()),
                     workdir: spec.workdir.clone().unwrap_or_default(),
                 };
                 let entry = EnvironmentCheck { nodes, environment, node: node.clone(), ..Default::default() };
@@ -197,35 +147,11 @@ fn ask(
     }
 }
 
-/// The node's defaults (unless the job sets them), then the job's `env`, as a launch renders them.
-fn job_env(state: &State, node: &str, spec: &JobSpec) -> Vec<EnvVar> {
-    let node_env = state.nodes.get(node).map(|n| n.info.node_env.clone()).unwrap_or_default();
-    node_env
-        .into_iter()
-        .filter(|v| !spec.env.contains_key(&v.name))
-        .chain(spec.env.iter().map(|(k, v)| EnvVar { name: k.clone(), value: v.clone() }))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use cohort_proto::SwiftFlagProblem;
-
-    fn words(text: &str) -> Vec<String> {
-        text.split_whitespace().map(str::to_owned).collect()
-    }
-
-    #[test]
-    fn ms_swift_commands_are_found_in_a_command_line() {
-        let check = from_argv(&words("/opt/venv/bin/swift export --model m --to_mcore true")).unwrap();
-        assert_eq!(check.command, "swift-export");
-        assert_eq!(check.argv, words("--model m --to_mcore true"));
-        assert_eq!(from_argv(&words("env A=1 megatron sft --lr 1")).unwrap().command, "megatron-sft");
-        assert!(from_argv(&words("python3 train.py --swift export")).is_none());
-        assert!(from_argv(&words("swift")).is_none());
-    }
 
     fn spec(text: &str) -> JobSpec {
         JobSpec::from_yaml(text, "job.yaml").unwrap()

@@ -1,5 +1,10 @@
 #![allow(clippy::unwrap_used)]
 
+use std::collections::{BTreeMap, HashMap};
+
+use cohort_proto::{Checkpoint, EnvVar, GangPlan, ProcessSpec, StageStatus};
+use cohort_shared::spec::JobSpec;
+
 use super::*;
 
 fn node(name: &str, addr: &str, free: &[u32], total: u32) -> NodeView {
@@ -39,7 +44,7 @@ fn the_two_node_qwen3_job_renders_the_hand_written_command_and_env() {
     let mut n1 = node("gpu-a", "10.0.0.11", &[0, 1], 2);
     n1.node_env = vec![EnvVar { name: "MODELSCOPE_CACHE".into(), value: "/mnt/shared/modelscope".into() }];
     let nodes = [n1, node("gpu-b", "10.0.0.12", &[0, 1], 2)];
-    let placement = place(&spec, &nodes).unwrap();
+    let placement = place(&spec, &nodes, &[]).unwrap();
     let plan = render(
         &spec,
         &placement,
@@ -117,14 +122,14 @@ fn placement_is_all_or_nothing_and_explains_itself() {
     let mut lost = node("c", "10.0.0.3", &[0, 1], 2);
     lost.unavailable = Some("lost".into());
     let nodes = [node("a", "10.0.0.1", &[0, 1], 2), node("b", "10.0.0.2", &[1], 2), lost];
-    let err = place(&spec, &nodes).unwrap_err();
+    let err = place(&spec, &nodes, &[]).unwrap_err();
     assert_eq!(err.found, 1);
     assert!(!err.never_fits, "the cluster has three 2-GPU nodes");
     let text = err.to_string();
     assert!(text.contains("b has 1 of 2 GPUs free") && text.contains("c is lost"), "{text}");
 
     let too_big = spec_nodes(4);
-    assert!(place(&too_big, &nodes).unwrap_err().never_fits);
+    assert!(place(&too_big, &nodes, &[]).unwrap_err().never_fits);
 }
 
 fn spec_nodes(n: u32) -> JobSpec {
@@ -139,7 +144,7 @@ fn best_fit_keeps_whole_nodes_free_and_ranks_follow_names() {
         node("a-idle", "10.0.0.1", &[0, 1, 2, 3], 4),
         node("m-half", "10.0.0.5", &[2, 3], 4),
     ];
-    let placement = place(&spec, &nodes).unwrap();
+    let placement = place(&spec, &nodes, &[]).unwrap();
     assert_eq!(placement.nodes, vec![("m-half".to_string(), vec![2]), ("z-busy".to_string(), vec![3])]);
 }
 
@@ -149,8 +154,8 @@ fn node_selector_filters_on_labels() {
     let mut h100 = node("b", "10.0.0.2", &[0], 1);
     h100.labels.insert("gpu".into(), "h100".into());
     let nodes = [node("a", "10.0.0.1", &[0], 1), h100];
-    assert_eq!(place(&spec, &nodes).unwrap().nodes[0].0, "b");
-    let err = place(&spec, &nodes[..1]).unwrap_err().to_string();
+    assert_eq!(place(&spec, &nodes, &[]).unwrap().nodes[0].0, "b");
+    let err = place(&spec, &nodes[..1], &[]).unwrap_err().to_string();
     assert!(err.contains("a lacks label gpu=h100"), "{err}");
 }
 
@@ -158,7 +163,7 @@ fn node_selector_filters_on_labels() {
 fn per_rank_launch_renders_rank_and_local_rank() {
     let spec = spec("name: r\nkind: command\nnodes: 2\ngpus_per_node: 2\nlaunch: per-rank\ncommand: [python3, t.py]\n");
     let nodes = [node("a", "10.0.0.1", &[0, 1], 2), node("b", "10.0.0.2", &[0, 1], 2)];
-    let placement = place(&spec, &nodes).unwrap();
+    let placement = place(&spec, &nodes, &[]).unwrap();
     let plan = render(
         &spec,
         &placement,
@@ -187,7 +192,7 @@ fn per_rank_launch_renders_rank_and_local_rank() {
 fn cpu_only_command_jobs_get_one_process_and_no_gpus() {
     let spec = spec("name: cpu\nkind: command\nnodes: 2\ncommand: [x]\n");
     let nodes = [node("a", "10.0.0.1", &[], 0), node("b", "10.0.0.2", &[], 0)];
-    let placement = place(&spec, &nodes).unwrap();
+    let placement = place(&spec, &nodes, &[]).unwrap();
     let plan = render(
         &spec,
         &placement,
@@ -204,17 +209,17 @@ fn cpu_only_command_jobs_get_one_process_and_no_gpus() {
 fn a_job_gets_gpus_from_one_nvlink_island_and_the_plan_says_so() {
     let four = spec("name: t\nkind: command\nnodes: 1\ngpus_per_node: 4\ncommand: [x]\n");
     // GPU 1 busy: island 0 has 3 free, island 1 all 4.
-    let placement = place(&four, &[two_islands("n", &[1])]).unwrap();
+    let placement = place(&four, &[two_islands("n", &[1])], &[]).unwrap();
     assert_eq!(placement.nodes[0].1, vec![4, 5, 6, 7]);
     assert_eq!(placement.notes, vec!["n: GPUs 4,5,6,7 share NVLink island 1 (4 free there)".to_string()]);
 
     // Best fit: a 2-GPU job takes the island with fewer free GPUs, keeping island 1 whole.
     let two = spec("name: t\nkind: command\nnodes: 1\ngpus_per_node: 2\ncommand: [x]\n");
-    let placement = place(&two, &[two_islands("n", &[1])]).unwrap();
+    let placement = place(&two, &[two_islands("n", &[1])], &[]).unwrap();
     assert_eq!(placement.nodes[0].1, vec![0, 2]);
 
     // GPU 5 unhealthy (never free) and GPU 1 busy: no island has 4, so the job spans two and the plan warns.
-    let placement = place(&four, &[two_islands("n", &[1, 5])]).unwrap();
+    let placement = place(&four, &[two_islands("n", &[1, 5])], &[]).unwrap();
     assert_eq!(placement.nodes[0].1.len(), 4);
     assert!(!placement.nodes[0].1.contains(&5) && !placement.nodes[0].1.contains(&1));
     assert!(placement.notes[0].contains("span 2 islands"), "{:?}", placement.notes);
@@ -225,7 +230,7 @@ fn without_nvlink_there_is_nothing_to_explain() {
     let two = spec("name: t\nkind: command\nnodes: 1\ngpus_per_node: 2\ncommand: [x]\n");
     let mut n = node("n", "10.0.0.1", &[0, 1, 2], 3);
     n.islands = (0..3).map(|g| (g, g)).collect();
-    let placement = place(&two, &[n]).unwrap();
+    let placement = place(&two, &[n], &[]).unwrap();
     assert_eq!(placement.nodes[0].1, vec![0, 1]);
     assert!(placement.notes.is_empty());
 }
@@ -238,7 +243,7 @@ fn the_recorded_layout_grows_linearly_and_each_node_renders_its_own_processes() 
     let spec = spec_nodes(n);
     let nodes: Vec<NodeView> =
         (0..n).map(|i| node(&format!("node-{i:04}"), &format!("10.1.{}.{}", i / 256, i % 256), &[0, 1], 2)).collect();
-    let placement = place(&spec, &nodes).unwrap();
+    let placement = place(&spec, &nodes, &[]).unwrap();
     let input = RenderInput { job_id: "x-1", attempt: 3, master_port: 29501, workdir: None };
     let plan = layout(&spec, &placement, &nodes, &input);
     assert!(plan.nodes.iter().all(|a| a.processes.is_empty()));
@@ -255,4 +260,103 @@ fn the_recorded_layout_grows_linearly_and_each_node_renders_its_own_processes() 
     assert_eq!(env["MASTER_ADDR"], plan.nodes[0].address);
     assert_eq!(env["COHORT_NODE_IPS"].split(',').count(), n as usize);
     assert_eq!(env["COHORT_ATTEMPT"], "3");
+}
+
+/// Two nodes, each with its own MODELSCOPE_CACHE, laid out for `spec`.
+fn laid_out(spec: &JobSpec) -> (Vec<NodeView>, GangPlan) {
+    let mut nodes = vec![node("a", "10.0.0.1", &[0, 1], 2), node("b", "10.0.0.2", &[0, 1], 2)];
+    for n in &mut nodes {
+        n.node_env = vec![EnvVar { name: "MODELSCOPE_CACHE".into(), value: format!("/cache/{}", n.name) }];
+    }
+    let placement = place(spec, &nodes, &[]).unwrap();
+    let input = RenderInput { job_id: "j-1", attempt: 1, master_port: 29500, workdir: spec.workdir.as_deref() };
+    let plan = layout(spec, &placement, &nodes, &input);
+    (nodes, plan)
+}
+
+/// The launch plan of `layout`, resuming from `resume_from`, with `staged`, and
+/// prepare commands when `marker` is given.
+fn plan_of(
+    spec: &JobSpec,
+    nodes: &[NodeView],
+    layout: &GangPlan,
+    resume_from: Option<&Checkpoint>,
+    staged: &[StageStatus],
+    marker: Option<&str>,
+) -> LaunchPlan {
+    let node_env: HashMap<&str, &[EnvVar]> = nodes.iter().map(|n| (n.name.as_str(), n.node_env.as_slice())).collect();
+    let inputs =
+        AttemptInputs { job_id: "j-1", attempt: 1, resume_from, staged, node_env: &node_env, prepare_marker: marker };
+    launch_plan(spec, layout, &inputs)
+}
+
+const MARKER: Option<&str> = Some("j-1-1-00000000");
+
+const MEGATRON_RELATIVE: &str = "name: m\nkind: megatron-sft\nnodes: 2\ngpus_per_node: 2\nworkdir: /w\nmegatron:\n  swift_version: 3\n  load: /models/m\n  dataset: [/d/a.jsonl]\n  save: out/run\n";
+
+#[test]
+fn the_output_dir_is_resolved_against_the_workdir_the_same_way_everywhere() {
+    assert_eq!(output_dir(&spec(MEGATRON_RELATIVE)).as_deref(), Some("/w/out/run"));
+    let absolute = MEGATRON_RELATIVE.replace("save: out/run", "save: /mnt/s/run");
+    assert_eq!(output_dir(&spec(&absolute)).as_deref(), Some("/mnt/s/run"));
+    let no_workdir = MEGATRON_RELATIVE.replace("workdir: /w\n", "");
+    assert_eq!(output_dir(&spec(&no_workdir)), None, "a relative directory needs a workdir");
+    assert_eq!(output_dir(&spec_nodes(2)), None, "a command job has none");
+
+    let spec = spec(MEGATRON_RELATIVE);
+    let (nodes, layout) = laid_out(&spec);
+    let plan = plan_of(&spec, &nodes, &layout, None, &[], MARKER);
+    let metrics: Vec<&str> = plan.nodes.iter().map(|n| n.launch.metrics_dir.as_str()).collect();
+    assert_eq!(metrics, ["", "/w/out/run"], "only the last node rank reads ms-swift's metrics");
+    for node in &plan.nodes {
+        let prepare = node.prepare.as_ref().unwrap();
+        assert_eq!(prepare.output_dir, "/w/out/run");
+        // Rank 0's MODELSCOPE_CACHE, the output dir and the absolute model are proved shared.
+        assert_eq!(prepare.shared_paths, ["/cache/a", "/models/m", "/w/out/run"]);
+        assert_eq!(prepare.datasets, ["/d/a.jsonl"]);
+        assert_eq!(prepare.env, node.launch.processes[0].env);
+    }
+}
+
+#[test]
+fn staged_inputs_reach_only_the_node_that_holds_them_ready() {
+    let spec = spec(&format!(
+        "{}stage:\n  - name: weights\n    source: /s/w.bin\n",
+        "name: s\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: [run]\n"
+    ));
+    let (nodes, layout) = laid_out(&spec);
+    let status = |node: &str, state: &str, path: &str| StageStatus {
+        node_name: node.into(),
+        item: "weights".into(),
+        state: state.into(),
+        path: path.into(),
+        ..StageStatus::default()
+    };
+    let staged = [status("a", "cached", "/c/a/w.bin"), status("b", "copying", "/c/b/w.bin")];
+    let plan = plan_of(&spec, &nodes, &layout, None, &staged, MARKER);
+    let staged_env = |n: &NodeLaunch| env_of(&n.launch.processes[0]).get("COHORT_STAGED_WEIGHTS").cloned();
+    assert_eq!(staged_env(&plan.nodes[0]).as_deref(), Some("/c/a/w.bin"));
+    assert_eq!(staged_env(&plan.nodes[1]), None, "b has not finished copying");
+    assert_eq!(plan.nodes[0].prepare.as_ref().unwrap().stage[0].source, "/s/w.bin");
+}
+
+#[test]
+fn a_resumed_attempt_launches_and_checks_the_resume_flags_and_no_marker_means_no_preparation() {
+    let spec = spec(MEGATRON_RELATIVE);
+    let (nodes, layout) = laid_out(&spec);
+    let checkpoint =
+        cohort_proto::Checkpoint { iteration: 40, path: "/w/out/run/v0-1".into(), layout: "megatron-iter".into() };
+    let fresh = plan_of(&spec, &nodes, &layout, None, &[], MARKER);
+    let resumed = plan_of(&spec, &nodes, &layout, Some(&checkpoint), &[], MARKER);
+    let names_checkpoint = |argv: &[String]| argv.iter().any(|a| a == "/w/out/run/v0-1");
+    for (fresh, resumed) in fresh.nodes.iter().zip(&resumed.nodes) {
+        assert!(!names_checkpoint(&fresh.launch.processes[0].argv));
+        assert!(names_checkpoint(&resumed.launch.processes[0].argv), "{:?}", resumed.launch.processes[0].argv);
+        let check = resumed.prepare.as_ref().unwrap().swift_argcheck.as_ref().unwrap();
+        assert!(names_checkpoint(&check.argv), "the node's ms-swift checks the argv that launches");
+    }
+    let launch_only = plan_of(&spec, &nodes, &layout, None, &[], None);
+    assert!(launch_only.nodes.iter().all(|n| n.prepare.is_none()));
+    let launches = |p: &LaunchPlan| p.nodes.iter().map(|n| n.launch.clone()).collect::<Vec<_>>();
+    assert_eq!(launches(&launch_only), launches(&fresh));
 }
