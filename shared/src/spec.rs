@@ -608,6 +608,23 @@ fn line_of_odd_key(text: &str) -> Option<usize> {
     })
 }
 
+/// The first top-level line whose key reads as empty text (`"": x`, `!!binary : x`).
+fn line_of_empty_key(text: &str) -> Option<usize> {
+    text.lines().enumerate().find_map(|(i, line)| {
+        let top = !line.starts_with([' ', '\t', '#', '-', '.']) && line.contains(':');
+        let key = line.split(':').next().unwrap_or_default();
+        let empty = match serde_yaml_ng::from_str::<Value>(key) {
+            Ok(Value::String(s)) => s.trim().is_empty(),
+            Ok(Value::Tagged(tagged)) => {
+                tagged.value.as_str().is_some_and(|s| s.trim().is_empty()) || tagged.value.is_null()
+            }
+            Ok(Value::Null) => true,
+            _ => false,
+        };
+        (top && empty).then_some(i + 1)
+    })
+}
+
 fn check_top_level_keys(root: &Mapping, problems: &mut Problems) {
     for key in root.keys() {
         let Some(key) = key.as_str() else {
@@ -623,6 +640,13 @@ fn check_top_level_keys(root: &Mapping, problems: &mut Problems) {
             continue;
         };
         if top_level_keys().any(|k| k == key) {
+            continue;
+        }
+        if key.trim().is_empty() {
+            // Found by the corpus test: `!!binary &c:` is an empty text key, which no line shows as such.
+            let message = "an empty top-level key; each line is `field: value`".to_owned();
+            let line = line_of_empty_key(problems.text()).unwrap_or(1);
+            problems.at_line(String::new(), Some(line), message);
             continue;
         }
         let message = if NOT_YET_SUPPORTED.contains(&key) {

@@ -208,3 +208,21 @@ proptest! {
         check_within_budget(&String::from_utf8_lossy(&bytes));
     }
 }
+
+/// Found by `mutated_seeds_hold`: an empty text key (`!!binary &c` decodes
+/// to nothing) was reported as "unknown key ``" with neither field nor line.
+#[test]
+fn an_empty_top_level_key_names_its_line() {
+    for text in [
+        "name: a\nkind: command\n!!binary &c : x\ncommand: [x]\n",
+        "name: a\nkind: command\n\"\": x\ncommand: [x]\n",
+        "name: a\nkind: command\n!!binary : x\ncommand: [x]\n",
+    ] {
+        check_job_file(text);
+        let errors = cohort_shared::spec::JobSpec::from_yaml(text, "job.yaml").unwrap_err();
+        assert!(
+            errors.issues.iter().any(|i| i.message.contains("empty top-level key") && i.line == Some(3)),
+            "{errors}"
+        );
+    }
+}
