@@ -383,7 +383,7 @@ fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
     }
     let absolute = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
     let base_dir = absolute.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(JobFile { yaml, source_name: path.display().to_string(), base_dir, submitted_by: String::new() })
+    Ok(JobFile { yaml, source_name: path.display().to_string(), base_dir, ..JobFile::default() })
 }
 
 fn finished(job: &Job) -> bool {
