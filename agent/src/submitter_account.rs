@@ -190,8 +190,9 @@ impl SubmitterAccounts {
                 uid: user.uid.as_raw(),
             });
         }
-        // A home lost since (a wiped work directory) is made again.
-        if !user.dir.is_dir() {
+        // A home lost since (a wiped work directory) is made again, if it is
+        // one of this agent's; another agent's (of another work directory) is not ours to make.
+        if !user.dir.is_dir() && user.dir.starts_with(&self.home_root) {
             self.make_home(&user, &user.dir.clone())?;
         }
         Ok(user)

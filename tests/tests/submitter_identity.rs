@@ -125,6 +125,11 @@ async fn two_submitters_jobs_run_as_two_users_that_cannot_read_or_kill_each_othe
     let victim_now = cluster.job(&victim.id).await.unwrap();
     assert_eq!(state(&victim_now), JobState::Running, "{}", victim_now.reason);
     assert_eq!(victim_now.file.as_ref().unwrap().default_user, "submitter:alice");
+    // The job's record, and `cohort status`, say which Unix user it runs as.
+    assert_eq!(victim_now.processes[0].user, alice_account);
+    let status = cluster.cli(&["status", &victim.id]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains(&format!("runs as:   {alice_account}")), "{status}");
     cluster.cli(&["cancel", &victim.id]);
     cluster.wait_finished(&victim.id, Duration::from_secs(30)).await.unwrap();
     drop(cluster);

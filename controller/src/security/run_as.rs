@@ -2,7 +2,7 @@
 //! (issue 14, finding 9): a node runs ranks as any user its own
 //! `allowed-rank-users` lists, so without this any submit token could run
 //! code as any of them. By default a token of user `alice` may run jobs only
-//! without `user:` (the node's rank-user) or as `alice`; the controller's
+//! without `user:` (her own account, below) or as `alice`; the controller's
 //! `--allow-run-as alice=svc-train,svc-eval` adds users, `*=svc-shared` adds
 //! one for every caller, `alice=*` lets alice name any user. Admin tokens
 //! and `--insecure` controllers are not bound.
@@ -81,7 +81,7 @@ impl RunAsRules {
         }
     }
 
-    /// Whether `identity`'s jobs may ask for `user:` `user` (empty: the node's rank-user).
+    /// Whether `identity`'s jobs may ask for `user:` `user` (empty: the default user).
     pub fn allows(&self, identity: &str, user: &str) -> bool {
         let user = user.trim();
         if user.is_empty() || user == identity {
@@ -102,7 +102,11 @@ impl RunAsRules {
         if self.allows(identity, user) {
             return Ok(());
         }
-        let mut may: Vec<String> = vec!["the node's rank-user (no `user:`)".into(), identity.to_owned()];
+        let default = match self.default_job_user {
+            DefaultJobUser::Submitter => "its own Unix account (no `user:`)",
+            DefaultJobUser::RankUser => "the node's rank-user (no `user:`)",
+        };
+        let mut may: Vec<String> = vec![default.into(), identity.to_owned()];
         may.extend([identity, "*"].iter().filter_map(|who| self.allowed.get(*who)).flatten().cloned());
         Err(ControllerError::PermissionDenied(format!(
             "job {job}: `user: {user}` is not a user {identity:?} may run jobs as (allowed: {}); drop `user:` or \
