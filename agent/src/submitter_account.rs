@@ -89,17 +89,26 @@ impl SubmitterAccounts {
     /// valid Unix name as they are (never altered, so two submitters can never
     /// end up with one account).
     pub fn account_name(&self, submitter: &str) -> Result<String, AccountError> {
-        let bad = || AccountError::BadName {
-            submitter: submitter.to_owned(),
-            max: MAX_NAME.saturating_sub(self.prefix.len()),
-        };
+        self.check_name(submitter)?;
+        if self.prefix.len() + submitter.len() > MAX_NAME {
+            return Err(self.bad_name(submitter));
+        }
+        Ok(format!("{}{submitter}", self.prefix))
+    }
+
+    /// A submitter's name is used only if it is a portable Unix user name as it is.
+    fn check_name(&self, submitter: &str) -> Result<(), AccountError> {
         let mut chars = submitter.chars();
         let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
         let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
-        if !first_ok || !rest_ok || self.prefix.len() + submitter.len() > MAX_NAME {
-            return Err(bad());
+        if !first_ok || !rest_ok || submitter.len() > MAX_NAME {
+            return Err(self.bad_name(submitter));
         }
-        Ok(format!("{}{submitter}", self.prefix))
+        Ok(())
+    }
+
+    fn bad_name(&self, submitter: &str) -> AccountError {
+        AccountError::BadName { submitter: submitter.to_owned(), max: MAX_NAME.saturating_sub(self.prefix.len()) }
     }
 
     /// What the comment (GECOS) of an account made for `submitter` says.
@@ -111,7 +120,7 @@ impl SubmitterAccounts {
     /// user of that name if the node maps them, else the account the agent
     /// made for it, made now if it is the submitter's first job here.
     pub fn resolve(&self, submitter: &str) -> Result<User, AccountError> {
-        let name = self.account_name(submitter)?;
+        self.check_name(submitter)?;
         if self.map_existing
             && let Some(user) = lookup(submitter)?
             && user.uid.as_raw() >= self.min_existing_uid
@@ -120,7 +129,7 @@ impl SubmitterAccounts {
         {
             return Ok(user);
         }
-        self.ensure(submitter, &name)
+        self.ensure(submitter, &self.account_name(submitter)?)
     }
 
     /// The account `name` of `submitter`, made if it does not exist yet. Safe

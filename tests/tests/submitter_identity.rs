@@ -191,4 +191,20 @@ fn an_account_someone_else_made_is_never_used_and_root_never_is() {
     // A name that is not a Unix name as it is: refused, not altered.
     assert!(matches!(mapping.resolve("Root"), Err(AccountError::BadName { .. })));
     remove_user("cohort-t7-root");
+
+    // An ordinary login user (uid 1000 and up, an LDAP site's) of the submitter's name:
+    // used when the node maps submitters to users, never otherwise.
+    let eve = "t7eve";
+    remove_user(eve);
+    remove_user("cohort-t7-t7eve");
+    let out = Command::new("useradd").args(["--no-create-home", "--shell", "/usr/sbin/nologin", eve]).output().unwrap();
+    assert!(out.status.success(), "useradd {eve}: {}", String::from_utf8_lossy(&out.stderr));
+    let eve_uid = uid_of(eve).unwrap();
+    assert!(eve_uid >= 1000, "useradd gave a login user uid {eve_uid}");
+    assert_eq!(mapping.resolve(eve).unwrap().uid.as_raw(), eve_uid);
+    let own = accounts.resolve(eve).unwrap();
+    assert_eq!(own.name, "cohort-t7-t7eve");
+    assert_ne!(own.uid.as_raw(), eve_uid);
+    remove_user(eve);
+    remove_user("cohort-t7-t7eve");
 }
