@@ -80,6 +80,15 @@ impl RankUserPolicy {
         self.resolve("")
     }
 
+    /// [`Self::resolve`] on a blocking thread: the lookups may ask NSS
+    /// (LDAP), and a submitter's first job makes its account with `useradd`.
+    pub async fn resolve_blocking(&self, requested: &str) -> Result<RankIdentity, RankUserError> {
+        let (policy, wanted) = (self.clone(), requested.to_owned());
+        tokio::task::spawn_blocking(move || policy.resolve(&wanted)).await.unwrap_or_else(|e| {
+            Err(RankUserError::Lookup { user: requested.to_owned(), error: format!("the lookup did not finish: {e}") })
+        })
+    }
+
     /// The identity for a launch that asks for `requested` (empty: the default).
     pub fn resolve(&self, requested: &str) -> Result<RankIdentity, RankUserError> {
         let requested = requested.trim();

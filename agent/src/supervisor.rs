@@ -235,7 +235,7 @@ impl Supervisor {
     /// tears the gang down).
     pub async fn launch(&self, cmd: LaunchCommand) -> Result<(), LaunchError> {
         // Before anything is created: a user this node does not allow changes nothing.
-        let identity = self.inner.rank_users.resolve(&cmd.user)?;
+        let identity = self.inner.rank_users.resolve_blocking(&cmd.user).await?;
         if !cmd.metrics_dir.is_empty() {
             let follower = crate::supervisor::jsonl::JsonlMetrics {
                 supervisor: self.clone(),
