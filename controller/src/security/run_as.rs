@@ -97,8 +97,18 @@ impl RunAsRules {
             .any(|allowed| allowed == user || allowed == "*")
     }
 
-    /// Refuses a job whose `user:` its submitter may not run as.
+    /// Refuses a job whose `user:` its submitter may not run as, or whose
+    /// submitter's name could name no Unix account of its own.
     pub fn check(&self, job: &str, identity: &str, user: &str) -> Result<(), ControllerError> {
+        if let Some(submitter) = user.strip_prefix(SUBMITTER_PREFIX)
+            && !is_portable_user_name(submitter)
+        {
+            return Err(ControllerError::PermissionDenied(format!(
+                "job {job}: it would run as the Unix account of its submitter {submitter:?}, which is no Unix user \
+                 name (lowercase letters, digits, '.', '_', '-', starting with a letter or '_'); ask an admin for a \
+                 token whose user is such a name, or name a user you may run as with `user:`"
+            )));
+        }
         if self.allows(identity, user) {
             return Ok(());
         }
@@ -114,6 +124,15 @@ impl RunAsRules {
             may.join(", ")
         )))
     }
+}
+
+/// A user name every Unix accepts as it is (the agents make or map accounts
+/// of submitters only with such names, never altered: two submitters never share one).
+fn is_portable_user_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+        && name.len() <= 32
 }
 
 /// Fills a parsed job's `user` from the file's `default_user` when the job
@@ -165,6 +184,10 @@ mod tests {
         let open = RunAsRules::parse(&["alice=*".into()]).unwrap();
         assert!(open.allows("alice", "submitter:alice"));
         assert!(!open.allows("alice", "submitter:bob"));
+        // A token user that is no Unix name is refused at submit, not at launch on the nodes.
+        rules.check("j", "alice", "submitter:alice").unwrap();
+        let err = rules.check("j", "Alice Smith", "submitter:Alice Smith").unwrap_err().to_string();
+        assert!(err.contains("\"Alice Smith\", which is no Unix user name"), "{err}");
     }
 
     #[test]
