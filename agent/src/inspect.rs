@@ -31,7 +31,7 @@ impl Preparer {
             remove: cmd.remove,
         };
         let mut result = QueryResult { command_id, ..QueryResult::default() };
-        match self.rank_users.resolve(&cmd.user) {
+        match self.rank_users.resolve_blocking(&cmd.user).await {
             Err(e) => result.error = e.to_string(),
             Ok(identity) => match (AsJobUser { identity: &identity, helper: &self.helper }).inspect_path(request).await
             {

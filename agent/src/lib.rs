@@ -17,6 +17,7 @@ pub mod rank_user;
 pub mod serve;
 pub mod session;
 pub mod stage;
+pub mod submitter_account;
 pub mod supervisor;
 
 pub use serve::{AgentConfig, AgentDeps, serve};

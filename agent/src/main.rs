@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cohort_agent::cgroup::JobLimits;
 use cohort_agent::rank_user::RankUserPolicy;
+use cohort_agent::submitter_account::SubmitterAccounts;
 use cohort_agent::supervisor::{self, OutputBudget};
 use cohort_agent::{AgentConfig, AgentDeps, gpu, serve};
 use cohort_proto::EnvVar;
@@ -135,6 +136,30 @@ struct Args {
     /// Bytes of output a process may send at once above --output-rate.
     #[arg(long, env = "COHORT_OUTPUT_BURST", default_value = "8MiB", value_parser = parse_size)]
     output_burst: u64,
+    /// Run a submitter's jobs as the existing Unix user of the same name (a
+    /// site whose token user names are its LDAP/sssd login names). Users with
+    /// a uid below 1000 are never used. Off: each submitter gets an account
+    /// the agent makes, `cohort-<name>`.
+    #[arg(long, env = "COHORT_MAP_SUBMITTERS_TO_USERS")]
+    map_submitters_to_users: bool,
+    /// uids of the accounts the agent makes for submitters (`first-last`);
+    /// keep it clear of the site's own users (LDAP ranges included).
+    #[arg(long, env = "COHORT_SUBMITTER_UIDS", default_value = "62000-62999", value_parser = parse_uid_range)]
+    submitter_uids: std::ops::RangeInclusive<u32>,
+    /// Name prefix of the accounts the agent makes for submitters.
+    #[arg(long, env = "COHORT_SUBMITTER_ACCOUNT_PREFIX", default_value = "cohort-")]
+    submitter_account_prefix: String,
+}
+
+/// `62000-62999`: a range of uids, both ends included, none of them root.
+fn parse_uid_range(text: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let (first, last) = text.split_once('-').ok_or_else(|| format!("{text:?}: write first-last, e.g. 62000-62999"))?;
+    let number = |s: &str| s.trim().parse::<u32>().map_err(|_| format!("{text:?}: {s:?} is not a uid"));
+    let (first, last) = (number(first)?, number(last)?);
+    if first == 0 || first > last {
+        return Err(format!("{text:?}: the first uid must be above 0 and at most the last"));
+    }
+    Ok(first..=last)
 }
 
 /// `1MiB`, `64GiB`, `4096`: a byte count.
@@ -210,6 +235,7 @@ async fn agent() -> anyhow::Result<()> {
     add("MEGATRON_LM_PATH", &args.megatron_lm_path);
     add("NCCL_SOCKET_IFNAME", &args.net_ifname);
     add("GLOO_SOCKET_IFNAME", &args.net_ifname);
+    let submitter_homes = args.work_dir.join("homes");
     let config = AgentConfig {
         node_name,
         advertise_addr: args.advertise_addr,
@@ -234,6 +260,13 @@ async fn agent() -> anyhow::Result<()> {
             default_user: args.rank_user.filter(|u| !u.trim().is_empty()),
             allowed: args.allowed_rank_users.iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),
             allow_root: args.allow_root_ranks,
+            submitters: SubmitterAccounts {
+                prefix: args.submitter_account_prefix,
+                uids: args.submitter_uids,
+                map_existing: args.map_submitters_to_users,
+                min_existing_uid: 1000,
+                home_root: submitter_homes,
+            },
         },
         cgroup_root: args.cgroup_root,
         job_limits: JobLimits {

@@ -109,7 +109,7 @@ impl Preparer {
     pub async fn prepare(&self, cmd: PrepareCommand) {
         let mut result = PrepareResult { job_id: cmd.job_id.clone(), attempt: cmd.attempt, ..PrepareResult::default() };
         let mut report = PreflightReport { node_name: self.node_name.clone(), ..PreflightReport::default() };
-        let identity = self.rank_users.resolve(&cmd.user);
+        let identity = self.rank_users.resolve_blocking(&cmd.user).await;
         match &identity {
             Ok(identity) => {
                 let python = if cmd.python.is_empty() { self.python.as_str() } else { cmd.python.as_str() };
@@ -180,7 +180,7 @@ impl Preparer {
     /// `cohort plan --check`: the node's ms-swift on a command line, nothing prepared or launched.
     pub async fn check_swift_args(&self, command_id: u64, cmd: SwiftArgcheckCommand) {
         let mut answer = QueryResult { command_id, ..QueryResult::default() };
-        match (self.rank_users.resolve(&cmd.user), &cmd.check) {
+        match (self.rank_users.resolve_blocking(&cmd.user).await, &cmd.check) {
             (Ok(identity), Some(check)) => {
                 let env = self.job_env(&cmd.env);
                 let python = Interpreter {
@@ -335,7 +335,7 @@ impl Preparer {
     pub async fn find_checkpoint(&self, command_id: u64, cmd: FindCheckpointCommand) {
         let mut answer = QueryResult { command_id, ..QueryResult::default() };
         let directory = PathBuf::from(&cmd.directory);
-        match self.rank_users.resolve(&cmd.user) {
+        match self.rank_users.resolve_blocking(&cmd.user).await {
             Err(e) => answer.error = e.to_string(),
             Ok(identity) => {
                 match (AsJobUser { identity: &identity, helper: &self.helper }).find_checkpoint(&directory).await {

@@ -3,10 +3,14 @@
 //! (`allowed-rank-users`, `*` for any), and whether root is allowed at all
 //! (`allow-root-ranks`, off by default). The shim drops to the chosen user,
 //! with its primary and supplementary groups, just before it starts the rank.
+//! A secured controller asks for `submitter:<name>` instead of the default:
+//! that submitter's own account ([`crate::submitter_account`]).
 
 use std::path::PathBuf;
 
 use nix::unistd::{Gid, Uid, User};
+
+use crate::submitter_account::{AccountError, SUBMITTER_PREFIX, SubmitterAccounts};
 
 /// The node's rule for the users ranks may run as.
 #[derive(Debug, Clone)]
@@ -17,6 +21,8 @@ pub struct RankUserPolicy {
     pub allowed: Vec<String>,
     /// Whether ranks may run as uid 0.
     pub allow_root: bool,
+    /// The accounts of `submitter:<name>` identities.
+    pub submitters: SubmitterAccounts,
 }
 
 /// A resolved user, ready for the shim.
@@ -52,13 +58,20 @@ pub enum RankUserError {
         "the agent runs as uid {agent_uid} and cannot start processes as user {user:?} (uid {uid}); run the agent as root or use its own user"
     )]
     CannotSwitch { user: String, uid: u32, agent_uid: u32 },
+    #[error("{0}")]
+    Submitter(#[from] AccountError),
 }
 
 impl RankUserPolicy {
     /// Ranks run as the agent's own user, root included: for tests and
     /// embedded supervisors; the daemon always builds its policy from flags.
     pub fn agent_user() -> Self {
-        RankUserPolicy { default_user: None, allowed: Vec::new(), allow_root: true }
+        RankUserPolicy {
+            default_user: None,
+            allowed: Vec::new(),
+            allow_root: true,
+            submitters: SubmitterAccounts::default(),
+        }
     }
 
     /// Checks that launches without `user:` can run at all (at start-up, so a
@@ -67,9 +80,22 @@ impl RankUserPolicy {
         self.resolve("")
     }
 
+    /// [`Self::resolve`] on a blocking thread: the lookups may ask NSS
+    /// (LDAP), and a submitter's first job makes its account with `useradd`.
+    pub async fn resolve_blocking(&self, requested: &str) -> Result<RankIdentity, RankUserError> {
+        let (policy, wanted) = (self.clone(), requested.to_owned());
+        tokio::task::spawn_blocking(move || policy.resolve(&wanted)).await.unwrap_or_else(|e| {
+            Err(RankUserError::Lookup { user: requested.to_owned(), error: format!("the lookup did not finish: {e}") })
+        })
+    }
+
     /// The identity for a launch that asks for `requested` (empty: the default).
     pub fn resolve(&self, requested: &str) -> Result<RankIdentity, RankUserError> {
         let requested = requested.trim();
+        if let Some(submitter) = requested.strip_prefix(SUBMITTER_PREFIX) {
+            let user = self.submitters.resolve(submitter)?;
+            return self.identity(user, requested);
+        }
         let default = self.default_user.as_deref().unwrap_or("");
         if !requested.is_empty() && requested != default && !self.allowed.iter().any(|a| a == requested || a == "*") {
             return Err(RankUserError::NotAllowed {
@@ -82,7 +108,11 @@ impl RankUserPolicy {
         if name.is_empty() {
             return self.agent_identity();
         }
-        let user = lookup(name)?;
+        self.identity(lookup(name)?, requested)
+    }
+
+    /// `user` as a rank identity, if this node may run processes as it.
+    fn identity(&self, user: User, requested: &str) -> Result<RankIdentity, RankUserError> {
         if user.uid.is_root() && !self.allow_root {
             return Err(if requested.is_empty() {
                 RankUserError::Root
@@ -244,8 +274,12 @@ mod tests {
 
     #[test]
     fn a_user_outside_the_allowed_list_is_refused_and_named() {
-        let policy =
-            RankUserPolicy { default_user: Some("root".into()), allowed: vec!["daemon".into()], allow_root: true };
+        let policy = RankUserPolicy {
+            default_user: Some("root".into()),
+            allowed: vec!["daemon".into()],
+            allow_root: true,
+            submitters: SubmitterAccounts::default(),
+        };
         let err = policy.resolve("nobody").unwrap_err();
         assert!(matches!(&err, RankUserError::NotAllowed { user, .. } if user == "nobody"), "{err}");
         assert!(err.to_string().contains("allowed-rank-users [daemon]"), "{err}");
@@ -253,17 +287,32 @@ mod tests {
 
     #[test]
     fn root_needs_allow_root_even_when_named_or_wildcarded() {
-        let policy = RankUserPolicy { default_user: Some("root".into()), allowed: vec!["*".into()], allow_root: false };
+        let policy = RankUserPolicy {
+            default_user: Some("root".into()),
+            allowed: vec!["*".into()],
+            allow_root: false,
+            submitters: SubmitterAccounts::default(),
+        };
         assert_eq!(policy.check(), Err(RankUserError::Root));
         assert_eq!(policy.resolve("0"), Err(RankUserError::RootRequested { user: "0".into() }));
         assert!(policy.resolve("root").unwrap_err().to_string().contains("`user: root`"));
-        let numeric = RankUserPolicy { default_user: Some("0".into()), allowed: vec![], allow_root: false };
+        let numeric = RankUserPolicy {
+            default_user: Some("0".into()),
+            allowed: vec![],
+            allow_root: false,
+            submitters: SubmitterAccounts::default(),
+        };
         assert_eq!(numeric.check(), Err(RankUserError::Root));
     }
 
     #[test]
     fn an_unknown_user_is_named() {
-        let policy = RankUserPolicy { default_user: None, allowed: vec!["*".into()], allow_root: true };
+        let policy = RankUserPolicy {
+            default_user: None,
+            allowed: vec!["*".into()],
+            allow_root: true,
+            submitters: SubmitterAccounts::default(),
+        };
         assert_eq!(policy.resolve("no-such-user-cohort"), Err(RankUserError::Unknown("no-such-user-cohort".into())));
     }
 }

@@ -148,6 +148,13 @@ pub async fn serve(config: AgentConfig, deps: AgentDeps, mut shutdown: watch::Re
     // A node that could not run a job without `user:` says so now, not at the first launch.
     let identity = rank_users.check().map_err(|e| anyhow::anyhow!("rank-user: {e}"))?;
     tracing::info!(user = %identity.name, uid = identity.uid, allowed = ?rank_users.allowed, "ranks run as");
+    let submitters = &rank_users.submitters;
+    tracing::info!(
+        prefix = %submitters.prefix,
+        uids = ?submitters.uids,
+        map_existing = submitters.map_existing,
+        "a submitter's jobs without `user:` run as its own account"
+    );
     // A line is up to 64 KiB: a smaller burst would drop every long line.
     let budget = config.output_budget;
     if budget.per_second > 0 && budget.burst < 128 * 1024 {

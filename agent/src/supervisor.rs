@@ -235,7 +235,7 @@ impl Supervisor {
     /// tears the gang down).
     pub async fn launch(&self, cmd: LaunchCommand) -> Result<(), LaunchError> {
         // Before anything is created: a user this node does not allow changes nothing.
-        let identity = self.inner.rank_users.resolve(&cmd.user)?;
+        let identity = self.inner.rank_users.resolve_blocking(&cmd.user).await?;
         if !cmd.metrics_dir.is_empty() {
             let follower = crate::supervisor::jsonl::JsonlMetrics {
                 supervisor: self.clone(),
@@ -427,7 +427,8 @@ impl Supervisor {
         // 0 when the shim is already gone (a very short process): then its exit file says everything.
         let shim_start_ticks = state::start_ticks(pid).unwrap_or(0);
         tracing::info!(job = %cmd.job_id, attempt = cmd.attempt, index = spec.index, pid, rank_pid, "process started");
-        self.event(&cmd.job_id, cmd.attempt, spec.index, Event::Started(ProcessStarted { pid, started_unix_ms })).await;
+        let started = ProcessStarted { pid, started_unix_ms, user: identity.name.clone() };
+        self.event(&cmd.job_id, cmd.attempt, spec.index, Event::Started(started)).await;
         let key = (cmd.job_id.clone(), cmd.attempt);
         let done = self.follow(&key, spec.index, pid, files, tail::StartAt::Beginning, Shim::Child(child));
         let p = Supervised {

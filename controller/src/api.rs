@@ -277,6 +277,7 @@ impl JobService for Local {
         let request = request.into_inner();
         let mut file = request.file.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.file is required"))?;
         file.submitted_by = caller.submitter();
+        file.default_user = self.controller.config.run_as.default_user_for(&caller);
         let options = crate::controller::admission::SubmitOptions {
             request_id: request.request_id,
             max_priority: caller.priority_capped().then_some(self.controller.config.admission.max_submit_priority),
@@ -288,8 +289,11 @@ impl JobService for Local {
     }
 
     async fn plan_job(&self, request: Request<PlanJobRequest>) -> Result<Response<PlanJobResponse>, Status> {
+        let caller = crate::security::auth::caller(&request);
         let request = request.into_inner();
-        let file = request.file.ok_or_else(|| Status::invalid_argument("PlanJobRequest.file is required"))?;
+        let mut file = request.file.ok_or_else(|| Status::invalid_argument("PlanJobRequest.file is required"))?;
+        // `plan --check` runs ms-swift on the nodes as the user the job would run as.
+        file.default_user = self.controller.config.run_as.default_user_for(&caller);
         Ok(Response::new(self.controller.plan(file, request.check).await))
     }
 

@@ -170,7 +170,11 @@ async fn fake_agent(grpc: &str) {
                         job_id: l.job_id.clone(),
                         attempt: l.attempt,
                         index: 0,
-                        event: Some(Event::Started(ProcessStarted { pid: 4242, started_unix_ms: started })),
+                        event: Some(Event::Started(ProcessStarted {
+                            pid: 4242,
+                            started_unix_ms: started,
+                            ..Default::default()
+                        })),
                     }));
                     let point = |iteration: u64, loss: f64| TrainingPoint {
                         iteration,

@@ -492,8 +492,9 @@ impl Common {
 /// `user:`, the account the processes run as (each node decides whether it allows it).
 fn read_user(root: &Mapping, problems: &mut Problems) -> Option<String> {
     let user = typed::<String>(root, "user", problems);
-    if user.as_deref().is_some_and(|u| u.trim().is_empty() || u.contains(char::is_whitespace)) {
-        problems.at(&["user"], "must be a user name or uid without spaces; leave it out for the node's rank-user");
+    if user.as_deref().is_some_and(|u| u.trim().is_empty() || u.contains(char::is_whitespace) || u.contains(':')) {
+        problems
+            .at(&["user"], "must be a user name or uid without spaces or ':'; leave it out to run as the default user");
     }
     user
 }

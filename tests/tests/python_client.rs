@@ -83,10 +83,16 @@ fn two_nodes() -> Vec<NodeSpec> {
     (0..2).map(|i| NodeSpec::loopback(i, 2)).collect()
 }
 
-fn write_job(cluster: &Cluster, fail_check: bool) -> PathBuf {
+/// The job file, and the directory its stages write: a submit token's jobs run
+/// as its submitter's own Unix account, which must be able to write there
+/// (the cluster's directory is root's alone).
+fn write_job(cluster: &Cluster, fail_check: bool) -> (PathBuf, tempfile::TempDir) {
+    use std::os::unix::fs::PermissionsExt;
+    let out = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(out.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let path = cluster.dir.path().join("pipeline.yaml");
-    std::fs::write(&path, pipeline(&cluster.dir.path().join("out"), fail_check)).unwrap();
-    path
+    std::fs::write(&path, pipeline(&out.path().join("out"), fail_check)).unwrap();
+    (path, out)
 }
 
 /// The job id from "submitted job ID (pipeline) to ...".
@@ -125,7 +131,8 @@ async fn the_python_example_submits_a_pipeline_follows_it_and_prints_its_metrics
     tokio::task::spawn_blocking(setup).await.unwrap();
     let cluster = Cluster::start(two_nodes()).await.unwrap();
     let token = cluster.tls.as_ref().unwrap().token(Role::Submit, "alice");
-    let (stdout, stderr, code) = run_client(&cluster, &token, &write_job(&cluster, false)).await;
+    let (job_file, _out) = write_job(&cluster, false);
+    let (stdout, stderr, code) = run_client(&cluster, &token, &job_file).await;
     let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
     assert_eq!(code, Some(0), "{all}");
 
@@ -172,7 +179,8 @@ async fn the_python_example_exits_non_zero_naming_the_failed_stage() {
     tokio::task::spawn_blocking(setup).await.unwrap();
     let cluster = Cluster::start(two_nodes()).await.unwrap();
     let token = cluster.tls.as_ref().unwrap().token(Role::Submit, "alice");
-    let (stdout, stderr, code) = run_client(&cluster, &token, &write_job(&cluster, true)).await;
+    let (job_file, _out) = write_job(&cluster, true);
+    let (stdout, stderr, code) = run_client(&cluster, &token, &job_file).await;
     let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
     assert_eq!(code, Some(1), "{all}");
     let id = submitted_id(&stdout);
@@ -184,7 +192,7 @@ async fn the_python_example_exits_non_zero_naming_the_failed_stage() {
     assert_eq!(printed_metrics(&stdout).len(), 3, "{all}");
 
     // What cannot be submitted says why, with exit status 2.
-    let job_file = write_job(&cluster, false);
+    let (job_file, _out) = write_job(&cluster, false);
     let (_, stderr, code) = run_client(&cluster, "cohort1.bogus.token", &job_file).await;
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("refused the token"), "{stderr}");

@@ -37,7 +37,7 @@ fn agent_config(i: usize, url: &str, work: &std::path::Path) -> AgentConfig {
         join_token: None,
         tls_dir: None,
         // Tests run as root and start their ranks as themselves.
-        rank_users: RankUserPolicy { default_user: None, allowed: Vec::new(), allow_root: true },
+        rank_users: RankUserPolicy::agent_user(),
         cgroup_root: Default::default(),
         job_limits: Default::default(),
         output_budget: OutputBudget { per_second: 0, burst: 8 << 20 },

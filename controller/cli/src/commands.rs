@@ -442,7 +442,7 @@ fn read_job_file(path: &Path) -> anyhow::Result<JobFile> {
     }
     let absolute = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
     let base_dir = absolute.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(JobFile { yaml, source_name: path.display().to_string(), base_dir, submitted_by: String::new() })
+    Ok(JobFile { yaml, source_name: path.display().to_string(), base_dir, ..JobFile::default() })
 }
 
 fn finished(job: &Job) -> bool {
@@ -717,6 +717,9 @@ fn print_status(job: &Job) {
         say!("attempt:   {}", job.attempt);
     }
     say!("submitted: {}", ago(job.submitted_unix_ms));
+    if let Some(runs_as) = runs_as(job) {
+        say!("runs as:   {runs_as}");
+    }
     if job.started_unix_ms > 0 {
         say!("duration:  {}", duration(job));
     }
@@ -740,7 +743,7 @@ fn print_status(job: &Job) {
         if !plan.argv.is_empty() {
             say!("command:   {}", shell_words::join(&plan.argv));
         }
-        let mut t = table(&["NODE", "NODE RANK", "PROCESS", "RANK", "PID", "PHASE", "EXIT"]);
+        let mut t = table(&["NODE", "NODE RANK", "PROCESS", "RANK", "PID", "USER", "PHASE", "EXIT"]);
         for p in &job.processes {
             let phase = match ProcessPhase::try_from(p.phase) {
                 Ok(ProcessPhase::Launching) => "Launching",
@@ -762,12 +765,27 @@ fn print_status(job: &Job) {
                 p.index.to_string(),
                 p.global_rank.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
                 if p.pid > 0 { p.pid.to_string() } else { "-".into() },
+                if p.user.is_empty() { "-".into() } else { p.user.clone() },
                 phase.to_string(),
                 exit,
             ]);
         }
         say!("{t}");
     }
+}
+
+/// The Unix users the job's processes run as (from the nodes once they
+/// started), else who it will run as: its submitter's own account or the
+/// nodes' rank-user.
+fn runs_as(job: &Job) -> Option<String> {
+    let mut users: Vec<&str> = job.processes.iter().map(|p| p.user.as_str()).filter(|u| !u.is_empty()).collect();
+    users.sort_unstable();
+    users.dedup();
+    if !users.is_empty() {
+        return Some(users.join(", "));
+    }
+    let submitter = job.file.as_ref()?.default_user.strip_prefix("submitter:")?;
+    Some(format!("{submitter}'s own Unix account on each node (unless the job names `user:`)"))
 }
 
 fn duration(job: &Job) -> String {

@@ -95,6 +95,14 @@ struct Args {
     /// `user:`) or as `alice`; admin tokens are not bound.
     #[arg(long, env = "COHORT_ALLOW_RUN_AS", value_delimiter = ';')]
     allow_run_as: Vec<String>,
+    /// Who a submit token's job without `user:` runs as: `submitter`, its
+    /// submitter's own Unix account on each node (an existing user where the
+    /// agent maps them, else one the agent makes, `cohort-<name>`); or
+    /// `rank-user`, the node's one rank-user shared by every submitter, whose
+    /// jobs can then read each other's environment (secrets) and kill each
+    /// other's processes. Admin tokens and `--insecure` use the rank-user.
+    #[arg(long, env = "COHORT_DEFAULT_JOB_USER", value_enum, default_value = "submitter")]
+    default_job_user: cohort_controller::security::run_as::DefaultJobUser,
     #[command(subcommand)]
     setup: Option<cohort_controller::security::init::Setup>,
 }
@@ -174,7 +182,8 @@ async fn controller() -> anyhow::Result<()> {
                 job_file_check_timeout: args.job_file_check_timeout,
             },
             run_as: cohort_controller::security::run_as::RunAsRules::parse(&args.allow_run_as)
-                .map_err(anyhow::Error::msg)?,
+                .map_err(anyhow::Error::msg)?
+                .with_default_job_user(args.default_job_user),
             admission: cohort_controller::controller::admission::AdmissionLimits {
                 max_submit_priority: args.max_submit_priority,
                 max_job_nodes: args.max_job_nodes,

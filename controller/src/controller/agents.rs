@@ -278,6 +278,11 @@ impl Controller {
                 if entry.process_started(node, event.index, started.pid, started.started_unix_ms) {
                     tracing::info!(job = %id, "job running");
                 }
+                // Which Unix user it runs as, for `cohort status`.
+                if let Some(p) = entry.job.processes.iter_mut().find(|p| p.node_name == node && p.index == event.index)
+                {
+                    p.user = started.user.clone();
+                }
                 format!("process {} on node {node} started (pid {})", event.index, started.pid)
             }
             Some(Event::Exited(exited)) => {
@@ -512,7 +517,11 @@ mod tests {
             assert!(launched, "every node gets its launch");
         }
         for (i, node) in ["n0", "n1", "n2"].iter().enumerate() {
-            let started = cohort_proto::ProcessStarted { pid: 100 + i as u32, started_unix_ms: now_unix_ms() };
+            let started = cohort_proto::ProcessStarted {
+                pid: 100 + i as u32,
+                started_unix_ms: now_unix_ms(),
+                ..Default::default()
+            };
             controller.process_event(node, event(&job.id, Event::Started(started))).await;
         }
         let (_, mut events) = controller.watch(&job.id).await.unwrap();

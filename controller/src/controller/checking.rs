@@ -32,6 +32,7 @@ pub(super) fn parse_job_file(file: &JobFile, max_bytes: usize) -> Result<JobSpec
     }
     let source = if file.source_name.is_empty() { "<job>" } else { file.source_name.as_str() };
     let mut spec = JobSpec::from_yaml(&file.yaml, source)?;
+    crate::security::run_as::apply_default_user(&mut spec, file);
     if let Some(dir) = spec.workdir.as_deref()
         && !dir.starts_with('/')
     {

@@ -150,7 +150,10 @@ impl Controller {
             state.next_seq = state.next_seq.max(record.seq + 1);
             let file = job.file.clone().unwrap_or_default();
             let spec = match JobSpec::from_yaml(&file.yaml, &file.source_name) {
-                Ok(spec) => spec,
+                Ok(mut spec) => {
+                    crate::security::run_as::apply_default_user(&mut spec, &file);
+                    spec
+                }
                 Err(e) => {
                     tracing::error!(job = %job.id, error = %e, "stored job no longer parses; skipping it");
                     warnings

@@ -152,6 +152,7 @@ impl Controller {
                     source_name: format!("{}#stages.{}", file.source_name, stage.name),
                     base_dir: file.base_dir.clone(),
                     submitted_by: file.submitted_by.clone(),
+                    default_user: file.default_user.clone(),
                 };
                 let run_spec = match self.parse(&run_file) {
                     Ok(run_spec) => run_spec,
@@ -371,6 +372,7 @@ impl Controller {
                 base_dir: file.base_dir.clone(),
                 // A stage's runs belong to whoever submitted the pipeline.
                 submitted_by: file.submitted_by.clone(),
+                default_user: file.default_user.clone(),
             };
             let child_spec = match self.parse(&child_file) {
                 Ok(spec) => spec,

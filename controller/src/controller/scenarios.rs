@@ -57,7 +57,7 @@ fn event(job: &str, event: Event) -> ProcessEvent {
 }
 
 fn started() -> Event {
-    Event::Started(ProcessStarted { pid: 100, started_unix_ms: now_unix_ms() })
+    Event::Started(ProcessStarted { pid: 100, started_unix_ms: now_unix_ms(), ..Default::default() })
 }
 
 fn exited(exit_code: Option<i32>, signal: Option<i32>) -> ProcessExited {

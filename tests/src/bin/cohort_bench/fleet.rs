@@ -492,7 +492,7 @@ impl SimAgent {
                         job_id: launch.job_id.clone(),
                         attempt: launch.attempt,
                         index: p.index,
-                        event: Some(Event::Started(ProcessStarted { pid, started_unix_ms })),
+                        event: Some(Event::Started(ProcessStarted { pid, started_unix_ms, ..Default::default() })),
                     }));
                     if quick {
                         out.push(Msg::ProcessEvent(ProcessEvent {
