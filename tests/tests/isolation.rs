@@ -57,8 +57,10 @@ async fn a_jobs_cgroup_has_the_nodes_limits_stops_a_fork_bomb_and_an_allocation_
         .unwrap();
     let shim = running.processes[0].pid;
     let deadline = Instant::now() + Duration::from_secs(10);
+    // The rank once it is `sleep`: before its exec the shim's child is still the shim's helper.
     let rank = loop {
-        if let Some(&pid) = children_of(shim).first() {
+        let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if let Some(pid) = children_of(shim).into_iter().find(|&pid| comm(pid).trim() == "sleep") {
             break pid;
         }
         assert!(Instant::now() < deadline, "no rank under the shim {shim}");

@@ -157,7 +157,7 @@ impl Inline {
             yaml: serde_yaml_ng::to_string(&Value::Mapping(map))?,
             source_name: "cohort run".into(),
             base_dir: cwd.to_string_lossy().into_owned(),
-            submitted_by: String::new(),
+            ..JobFile::default()
         })
     }
 }

@@ -47,12 +47,13 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 /// An error with what to do about it, where the words alone do not say.
 pub fn with_hint(error: &str, insecure: bool) -> String {
     // Plaintext HTTP/2 to a TLS port dies in the HTTP/2 handshake, in one of several words.
-    let broken_handshake = ["h2 protocol error", "http2 error", "broken pipe", "connection error", "connection reset"]
-        .iter()
-        .any(|words| error.contains(words));
+    let broken_handshake =
+        ["transport error", "h2 protocol error", "http2 error", "broken pipe", "connection error", "connection reset"]
+            .iter()
+            .any(|words| error.contains(words));
     let hint = if insecure && broken_handshake && !error.contains("Connection refused") {
-        "the controller did not answer plaintext HTTP/2: it probably uses TLS. Drop --insecure (and COHORT_INSECURE) \
-         and pass --ca-cert with the cluster's ca.crt and a --token"
+        "the controller did not answer plaintext HTTP/2; if it uses TLS (the default), Drop --insecure (and \
+         COHORT_INSECURE) and pass --ca-cert with the cluster's ca.crt and a --token"
     } else if !insecure && error.contains("InvalidContentType") {
         "the controller answered without TLS: it was started with --insecure; pass --insecure too (trusted networks only)"
     } else {
