@@ -211,6 +211,9 @@ pub enum Verb {
     /// Make tokens: join tokens for new nodes, API tokens for people (admin only).
     #[command(subcommand)]
     Token(crate::token::TokenVerb),
+    /// A local TLS cluster that stays up: `cohort dev up`, `cohort dev status`, `cohort dev down`.
+    #[command(subcommand)]
+    Dev(crate::dev::DevVerb),
 }
 
 #[derive(Subcommand, Debug)]
@@ -268,6 +271,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Verb::Run { inline, .. } => Some(inline.job_file(&std::env::current_dir().context("the current directory")?)?),
         _ => None,
     };
+    if let Verb::Dev(verb) = &cli.command {
+        return crate::dev::run(verb).await;
+    }
     if let Verb::Token(verb) = &cli.command {
         return crate::token::run(&cli.connection, &cli.controller, verb).await;
     }
@@ -391,7 +397,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if table.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Verb::Dataset(_) | Verb::Token(_) | Verb::Validate { .. } | Verb::Completion { .. } => Ok(ExitCode::SUCCESS),
+        Verb::Dataset(_) | Verb::Token(_) | Verb::Dev(_) | Verb::Validate { .. } | Verb::Completion { .. } => Ok(ExitCode::SUCCESS),
         Verb::Report { job, dir } => {
             crate::pipeline::report(&mut client, &job, &dir).await?;
             Ok(ExitCode::SUCCESS)

@@ -9,6 +9,7 @@ pub mod output;
 pub mod commands;
 pub mod compose;
 pub mod connection;
+pub mod dev;
 pub mod failures;
 pub mod metrics;
 pub mod nodes;
