@@ -125,3 +125,23 @@ fn dev_up_on_a_port_in_use_names_the_flag_to_change() {
     assert!(stderr.contains(&format!("port {} on 127.0.0.1 is in use: pass --port", port.port)), "{stderr}");
     assert_eq!(processes_of(&tmp.path().canonicalize().unwrap()), Vec::new());
 }
+
+#[test]
+fn a_process_that_dies_during_dev_up_is_named_with_its_log() {
+    let tmp = tempfile::Builder::new().prefix("cohort-dev-").tempdir().unwrap();
+    let dir = tmp.path().canonicalize().unwrap();
+    // node1's work dir cannot be made: a file is in the way, and its agent exits at start.
+    std::fs::write(dir.join("node1"), "").unwrap();
+    let port = SparePort::take();
+    let dir_arg = dir.to_str().unwrap();
+    let up = cohort(&["dev", "up", "--dir", dir_arg, "--port", &port.port.to_string()], &[]);
+    assert!(!up.status.success(), "{}", text(&up));
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    let log = dir.join("node1.log");
+    assert!(stderr.contains("node1 exited during start"), "{stderr}");
+    assert!(stderr.contains(&format!("its log {} ends with", log.display())), "{stderr}");
+    assert!(stderr.contains("--work-dir"), "the log's last lines say why: {stderr}");
+    let down = cohort(&["dev", "down", "--dir", dir_arg], &[]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_eq!(processes_of(&dir), Vec::new(), "{}", text(&down));
+}

@@ -480,9 +480,11 @@ async fn wait_ready(dir: &DevDir, cluster: &DevCluster, started: &mut [(String, 
             if let Ok(Some(status)) = child.try_wait() {
                 bar.finish_and_clear();
                 bail!(
-                    "{name} exited during start ({status}); its log {} ends with:\n{}",
+                    "{name} exited during start ({status}); its log {} ends with:\n{}\n\
+                     (the others still run: `cohort dev down{}` stops them, `cohort dev up` starts what is missing)",
                     dir.log(name).display(),
-                    tail(&dir.log(name), 15)
+                    tail(&dir.log(name), 15),
+                    dir_flag(Some(&dir.0))
                 );
             }
         }
@@ -519,7 +521,11 @@ async fn wait_ready(dir: &DevDir, cluster: &DevCluster, started: &mut [(String, 
 fn print_lines(dir: &DevDir, cluster: &DevCluster) -> anyhow::Result<()> {
     let lines = dir.env_lines(cluster);
     std::fs::write(dir.0.join("env"), &lines).with_context(|| format!("writing {}/env", dir.0.display()))?;
-    eprintln!("\nPaste this into your shell (or `source {}/env`, or `eval \"$(cohort dev up)\"`):", dir.0.display());
+    eprintln!(
+        "\nPaste this into your shell (or `source {}/env`, or `eval \"$(cohort dev up{})\"`):",
+        dir.0.display(),
+        dir_flag(Some(&dir.0))
+    );
     say!("{}", lines.trim_end());
     eprintln!(
         "then try: cohort nodes; cohort run -N {} --wait -- hostname; cohort submit examples/jobs/tiny-sft.yaml",
