@@ -23,13 +23,15 @@ dir="${COHORT_QUICKSTART_DIR:-$root/.cohort/quickstart}"
 url="https://127.0.0.1:$port"
 tls="$dir/controller/tls"
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step says how long the quickstart has run so far (the first run builds for minutes).
+step() { printf '\n==> [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
 step "Python environment for the example job"
 examples/tiny-sft/setup-venv.sh
 
-step "Building Cohort"
-cargo build --workspace --bins --quiet
+step "Building Cohort (cargo build --workspace --bins: about 5 minutes the first time on 2 cores)"
+# Not --quiet: cargo's Compiling lines and progress bar show that it moves.
+cargo build --workspace --bins
 bin="$root/target/debug"
 cohort() { "$bin/cohort" --controller "$url" "$@"; }
 
@@ -99,3 +101,4 @@ cohort logs "$job" --follow
 step "cohort status $job"
 cohort status "$job"
 cohort status "$job" -o json | grep -q '"JOB_STATE_SUCCEEDED"'
+step "Done. To keep a cluster up for trying things: $bin/cohort dev up (and cohort dev down)"

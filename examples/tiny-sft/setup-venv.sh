@@ -31,9 +31,12 @@ if [[ ! -x "$venv/bin/python" ]]; then
     echo "setup-venv: creating $venv with $(command -v python3) ($(python3 --version 2>&1))"
     python3 -m venv "$venv"
 fi
-echo "setup-venv: installing $req into $venv (the first time takes a few minutes: torch is ~4.7 GB)"
+echo "setup-venv: installing into $venv (the first time takes a few minutes: torch from PyPI pulls"
+echo "  its CUDA libraries, ~4.7 GB in all, even on a machine without a GPU):"
+grep -v '^\s*#' "$req" | grep -v '^\s*$' | sed 's/^/    /'
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-"$venv/bin/python" -m pip install --disable-pip-version-check -r "$req"
+# pip's own progress: each download with its size and a progress bar.
+"$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar on -r "$req"
 "$venv/bin/python" -c 'import torch, transformers; print(f"setup-venv: torch {torch.__version__}, transformers {transformers.__version__}")'
 echo "$want" > "$stamp"
 echo "setup-venv: done"
