@@ -397,7 +397,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if table.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Verb::Dataset(_) | Verb::Token(_) | Verb::Dev(_) | Verb::Validate { .. } | Verb::Completion { .. } => Ok(ExitCode::SUCCESS),
+        Verb::Dataset(_) | Verb::Token(_) | Verb::Dev(_) | Verb::Validate { .. } | Verb::Completion { .. } => {
+            Ok(ExitCode::SUCCESS)
+        }
         Verb::Report { job, dir } => {
             crate::pipeline::report(&mut client, &job, &dir).await?;
             Ok(ExitCode::SUCCESS)

@@ -114,7 +114,10 @@ impl DevDir {
     fn read_state(&self) -> anyhow::Result<Option<DevCluster>> {
         match std::fs::read_to_string(self.state()) {
             Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| {
-                format!("{}: not a dev cluster's state; `cohort dev down --purge` starts afresh", self.state().display())
+                format!(
+                    "{}: not a dev cluster's state; `cohort dev down --purge` starts afresh",
+                    self.state().display()
+                )
             })?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", self.state().display())),
@@ -436,11 +439,7 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 fn dev_client_args(dir: &DevDir) -> ClientArgs {
-    ClientArgs {
-        ca_cert: Some(dir.ca_cert()),
-        token_file: Some(dir.admin_token()),
-        ..ClientArgs::default()
-    }
+    ClientArgs { ca_cert: Some(dir.ca_cert()), token_file: Some(dir.admin_token()), ..ClientArgs::default() }
 }
 
 /// The state of each node the controller knows, by name.
@@ -612,9 +611,11 @@ async fn status(dir: &DevDir) -> anyhow::Result<ExitCode> {
         all &= pid.is_some();
         let process = pid.map(|p| format!("running (pid {p})")).unwrap_or_else(|| "stopped".into());
         let node = match &states {
-            Ok(states) if name != "controller" => {
-                states.iter().find(|(n, _)| *n == name).map(|(_, s)| s.clone()).unwrap_or_else(|| "not registered".into())
-            }
+            Ok(states) if name != "controller" => states
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_else(|| "not registered".into()),
             _ => String::new(),
         };
         say!("  {name:<12} {process:<22} {node:<14} {}", dir.log(&name).display());
