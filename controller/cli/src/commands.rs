@@ -279,6 +279,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let mut client = cli.connection.connect(&cli.controller).await?;
     match cli.command {
+        Verb::Dev(_) => Ok(ExitCode::SUCCESS), // run above
         Verb::Nodes { output } => {
             let out = if output == "json" { Output::Json } else { Output::Table };
             nodes(&mut client, out, output == "wide").await
@@ -397,9 +398,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if table.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Verb::Dataset(_) | Verb::Token(_) | Verb::Dev(_) | Verb::Validate { .. } | Verb::Completion { .. } => {
-            Ok(ExitCode::SUCCESS)
-        }
+        Verb::Dataset(_) | Verb::Token(_) | Verb::Validate { .. } | Verb::Completion { .. } => Ok(ExitCode::SUCCESS),
         Verb::Report { job, dir } => {
             crate::pipeline::report(&mut client, &job, &dir).await?;
             Ok(ExitCode::SUCCESS)
