@@ -92,6 +92,11 @@ fn dev_up_gives_a_cluster_that_runs_a_two_node_job_and_dev_down_leaves_nothing_r
     let status = cohort(&["dev", "status", "--dir", dir_arg], &[]);
     assert!(status.status.success(), "{}", text(&status));
     assert_eq!(String::from_utf8_lossy(&status.stdout).matches("Ready").count(), 2, "{}", text(&status));
+    // Another shape while it runs is refused, naming the way out.
+    let reshape = cohort(&["dev", "up", "--nodes", "3", "--dir", dir_arg], &[]);
+    assert!(!reshape.status.success(), "{}", text(&reshape));
+    assert!(String::from_utf8_lossy(&reshape.stderr).contains("`cohort dev down --dir"), "{}", text(&reshape));
+    assert_eq!(processes_of(&dir), before);
 
     // A job still running when the cluster goes down: its ranks go too.
     let long = cohort(&["run", "-N", "2", "--", "sleep", "300"], &env);
@@ -108,6 +113,16 @@ fn dev_up_gives_a_cluster_that_runs_a_two_node_job_and_dev_down_leaves_nothing_r
     for name in ["controller", "node0", "node1"] {
         assert!(!dir.join(format!("{name}.pid")).exists(), "{name}.pid left");
     }
+    // Up again on the same directory: the same CA and port, the nodes join again.
+    let restart = cohort(&["dev", "up", "--dir", dir_arg], &[]);
+    assert!(restart.status.success(), "{}", text(&restart));
+    assert_eq!(exports(&restart.stdout), env);
+    let job = cohort(&["run", "-N", "2", "--wait", "--", "true"], &env);
+    assert!(job.status.success(), "{}", text(&job));
+    let down = cohort(&["dev", "down", "--dir", dir_arg], &[]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_eq!(processes_of(&dir), Vec::new(), "{}", text(&down));
+
     // Down again with nothing running is fine; --purge removes the directory.
     let purge = cohort(&["dev", "down", "--dir", dir_arg, "--purge"], &[]);
     assert!(purge.status.success(), "{}", text(&purge));

@@ -57,13 +57,13 @@ pub struct DirArg {
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// Agents to start, one node each (default 2, or what the running cluster has).
+    /// Agents to start, one node each (default: what the directory had last time, else 2).
     #[arg(long)]
     pub nodes: Option<u32>,
-    /// GPUs of each node: real ones when nvidia-smi lists enough, else fake slots (default 1).
+    /// GPUs of each node: real ones when nvidia-smi lists enough, else fake slots (default: as last time, else 1).
     #[arg(long)]
     pub gpus_per_node: Option<u32>,
-    /// The controller's port on 127.0.0.1 (default 17170).
+    /// The controller's port on 127.0.0.1 (default: as last time, else 17170).
     #[arg(long)]
     pub port: Option<u16>,
     #[command(flatten)]
@@ -252,11 +252,8 @@ async fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     let dir = dev_dir(&args.dir, true)?;
     let previous = dir.read_state()?;
     let anything_runs = dir.process_names(previous.as_ref()).iter().any(|n| dir.running(n).is_some());
-    let default = previous.clone().filter(|_| anything_runs).unwrap_or(DevCluster {
-        port: DEFAULT_PORT,
-        nodes: 2,
-        gpus_per_node: 1,
-    });
+    // What the directory had last time, so that `up` after `down` is the same cluster (port, size).
+    let default = previous.clone().unwrap_or(DevCluster { port: DEFAULT_PORT, nodes: 2, gpus_per_node: 1 });
     let cluster = DevCluster {
         port: args.port.unwrap_or(default.port),
         nodes: args.nodes.unwrap_or(default.nodes),
@@ -624,4 +621,41 @@ async fn status(dir: &DevDir) -> anyhow::Result<ExitCode> {
         say!("  node states unknown: {e}");
     }
     Ok(if all && states.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_export_line_survives_a_shell_when_the_dir_has_spaces_and_quotes() {
+        let dir = DevDir(PathBuf::from("/tmp/it's a dev dir"));
+        let cluster = DevCluster { port: 17170, nodes: 2, gpus_per_node: 1 };
+        let script = format!(
+            "{}printf '%s\\n' \"$COHORT_CONTROLLER\" \"$COHORT_CA_CERT\" \"$COHORT_TOKEN_FILE\"",
+            dir.env_lines(&cluster)
+        );
+        let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            "https://127.0.0.1:17170\n/tmp/it's a dev dir/controller/tls/ca.crt\n/tmp/it's a dev dir/controller/tls/admin.token\n"
+        );
+    }
+
+    #[test]
+    fn a_pid_file_naming_a_process_of_another_dir_is_not_running() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DevDir(tmp.path().to_path_buf());
+        // This test's own pid: alive, but its command line does not name the dir (a reused pid).
+        std::fs::write(dir.pid_file("node0"), std::process::id().to_string()).unwrap();
+        assert_eq!(dir.running("node0"), None);
+        let mut child = Command::new("sh").args(["-c", "sleep 30"]).arg(tmp.path()).spawn().unwrap();
+        std::fs::write(dir.pid_file("node0"), child.id().to_string()).unwrap();
+        assert_eq!(dir.running("node0"), Some(child.id() as i32));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(dir.running("node0"), None);
+    }
 }
