@@ -50,6 +50,18 @@ fn processes_of(dir: &Path) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// `cohort dev down` when a test ends, passed or not (declared after the temp
+/// dir, it drops first): a failed assertion leaves no cluster behind.
+struct DownOnDrop<'a>(&'a Path);
+
+impl Drop for DownOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            cohort(&["dev", "down", "--dir", self.0.to_str().unwrap()], &[]);
+        }
+    }
+}
+
 fn ranks_of(dir: &Path) -> usize {
     let marker = format!("COHORT_AGENT_WORK_DIR={}/", dir.to_str().unwrap());
     processes_of(dir)
@@ -65,6 +77,7 @@ fn ranks_of(dir: &Path) -> usize {
 fn dev_up_gives_a_cluster_that_runs_a_two_node_job_and_dev_down_leaves_nothing_running() {
     let tmp = tempfile::Builder::new().prefix("cohort-dev-").tempdir().unwrap();
     let dir = tmp.path().canonicalize().unwrap();
+    let _down = DownOnDrop(&dir);
     let dir_arg = dir.to_str().unwrap();
     let port = SparePort::take();
     let port_arg = port.port.to_string();
@@ -147,6 +160,7 @@ fn a_process_that_dies_during_dev_up_is_named_with_its_log() {
     let dir = tmp.path().canonicalize().unwrap();
     // node1's work dir cannot be made: a file is in the way, and its agent exits at start.
     std::fs::write(dir.join("node1"), "").unwrap();
+    let _down = DownOnDrop(&dir);
     let port = SparePort::take();
     let dir_arg = dir.to_str().unwrap();
     let up = cohort(&["dev", "up", "--dir", dir_arg, "--port", &port.port.to_string()], &[]);
