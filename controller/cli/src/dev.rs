@@ -527,13 +527,12 @@ fn print_lines(dir: &DevDir, cluster: &DevCluster) -> anyhow::Result<()> {
         "then try: cohort nodes; cohort run -N {} --wait -- hostname; cohort submit examples/jobs/tiny-sft.yaml",
         cluster.nodes
     );
-    eprintln!("stop it with `cohort dev down` (`--purge` also deletes {})", dir.0.display());
+    eprintln!("stop it with `cohort dev down{}` (`--purge` also deletes {})", dir_flag(Some(&dir.0)), dir.0.display());
     Ok(())
 }
 
-/// SIGTERM, then SIGKILL after `grace`; true when it had to be killed.
-fn stop(pid: i32, dir: &Path, grace: Duration) -> bool {
-    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+/// Waits up to `grace` for a process sent SIGTERM to be gone, then SIGKILLs it; true when it had to be killed.
+fn wait_gone_or_kill(pid: i32, dir: &Path, grace: Duration) -> bool {
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if !runs_in(pid, dir) {
@@ -562,7 +561,7 @@ fn down(dir: &DevDir, purge: bool) -> anyhow::Result<ExitCode> {
             eprintln!("stopping {name} (pid {pid})");
         }
         for (name, pid) in &running {
-            if stop(*pid, &dir.0, STOP_GRACE) {
+            if wait_gone_or_kill(*pid, &dir.0, STOP_GRACE) {
                 eprintln!("{name} (pid {pid}) did not stop within {}s: killed", STOP_GRACE.as_secs());
             }
             stopped += 1;
