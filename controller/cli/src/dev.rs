@@ -652,6 +652,11 @@ mod tests {
         assert_eq!(dir.running("node0"), None);
         let mut child = Command::new("sh").args(["-c", "sleep 30"]).arg(tmp.path()).spawn().unwrap();
         std::fs::write(dir.pid_file("node0"), child.id().to_string()).unwrap();
+        // Until its exec the child still has this test's command line.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while dir.running("node0").is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(dir.running("node0"), Some(child.id() as i32));
         child.kill().unwrap();
         child.wait().unwrap();
