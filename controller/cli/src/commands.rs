@@ -181,8 +181,11 @@ pub enum Verb {
     Plot {
         job: String,
         /// The image to write: .png or .svg.
-        #[arg(long = "output", short = 'o')]
-        path: PathBuf,
+        #[arg(long = "out", required_unless_present = "legacy_path")]
+        path: Option<PathBuf>,
+        /// Deprecated spelling of --out (`-o` is the output format in every other verb).
+        #[arg(short = 'o', long = "output", hide = true, conflicts_with = "path")]
+        legacy_path: Option<PathBuf>,
     },
     /// Start a new attempt of a failed or cancelled megatron-sft job from its newest complete checkpoint.
     Resume {
@@ -372,7 +375,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::metrics::metrics(&mut client, &job, follow, format.output).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Plot { job, path } => {
+        Verb::Plot { job, path, legacy_path } => {
+            if legacy_path.is_some() {
+                eprintln!(
+                    "warning: `cohort plot -o PATH` is deprecated: use `--out PATH` (-o is the output format elsewhere)"
+                );
+            }
+            let path = path.or(legacy_path).unwrap_or_default();
             crate::metrics::plot(&mut client, &job, &path).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -611,7 +620,7 @@ async fn logs(
     while let Some(line) = lines.message().await.map_err(status_error)? {
         if out == Output::Json {
             // JSON escapes control characters itself.
-            say!("{}", serde_json::to_string(&line)?);
+            crate::output::print_json_line(&line)?;
         } else {
             print_line(&line, raw);
         }

@@ -10,6 +10,7 @@ pub mod commands;
 pub mod compose;
 pub mod connection;
 pub mod failures;
+pub mod json;
 pub mod metrics;
 pub mod nodes;
 pub mod pipeline;
