@@ -617,13 +617,18 @@ async fn logs(
     let request =
         StreamLogsRequest { job: job.into(), node: node.unwrap_or_default(), follow, tail: tail.unwrap_or(0) };
     let mut lines = client.stream_logs(request).await.map_err(status_error)?.into_inner();
+    // JSON: one document of every line, or with --follow one JSON line per record as it comes
+    // (JSON escapes control characters itself).
+    let mut records = Vec::new();
     while let Some(line) = lines.message().await.map_err(status_error)? {
-        if out == Output::Json {
-            // JSON escapes control characters itself.
-            crate::output::print_json_line(&line)?;
-        } else {
-            print_line(&line, raw);
+        match out {
+            Output::Json if follow => crate::output::print_json_line(&line)?,
+            Output::Json => records.push(line),
+            Output::Table => print_line(&line, raw),
         }
+    }
+    if out == Output::Json && !follow {
+        say!("{}", serde_json::to_string_pretty(&crate::json::list_document("lines", &records)?)?);
     }
     Ok(())
 }
