@@ -208,6 +208,7 @@ fn screaming_snake(name: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use cohort_proto::names::{stage_state_name, state_name};
