@@ -82,4 +82,27 @@ async fn json_output_keeps_the_cohort_v1_schema() {
     assert!(lines.iter().any(|l| l["line"]["text"] == "node 0 up"), "{logs}");
     let out = cluster.cli_within(&["logs", &job.id, "-f", "-o", "json"], Duration::from_secs(30)).await.unwrap();
     assert_eq!(json_lines(&out).len(), lines.len());
+
+    // plan of a megatron-sft job without a workdir: where the ranks run, and a
+    // warning (stderr and `warnings`) for the relative save path.
+    let file = cluster.dir.path().join("sft.yaml");
+    std::fs::write(
+        &file,
+        "name: sft\nkind: megatron-sft\nnodes: 2\ngpus_per_node: 1\nmegatron:\n  swift_version: 3\n  load: /models/Qwen3-8B-mcore\n  dataset: [/data/train.jsonl]\n  finetune: true\n  micro_batch_size: 1\n  global_batch_size: 2\n  save: out/run\n",
+    )
+    .unwrap();
+    let out = cluster.cli(&["plan", file.to_str().unwrap()]);
+    let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("workdir: <agent --work-dir>/jobs/<job id>/workdir"), "{text}{err}");
+    assert!(err.contains("warning: megatron.save: \"out/run\" is relative"), "{err}");
+    assert!(err.contains("<agent --work-dir>/jobs/<job id>/workdir/out/run"), "{err}");
+    let out = cluster.cli(&["plan", file.to_str().unwrap(), "-o", "json"]);
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["schema"], "cohort.v1");
+    let warnings = plan["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| w.as_str().unwrap().starts_with("megatron.save: \"out/run\" is relative")),
+        "{plan}"
+    );
+    assert_eq!(plan["plan"]["nodes"][0]["workdir"], "", "{plan}");
 }
