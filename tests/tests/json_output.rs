@@ -76,6 +76,15 @@ async fn json_output_keeps_the_cohort_v1_schema() {
     let followed = json_lines(&out);
     assert_eq!(&followed, points, "--follow prints the document's records, one a line");
 
+    // plot writes to --out; the old `-o PATH` still works, with a warning.
+    for (flag, name) in [("--out", "a.svg"), ("-o", "b.svg")] {
+        let path = cluster.dir.path().join(name);
+        let out = cluster.cli(&["plot", &job.id, flag, path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && path.exists(), "{flag}: {err}");
+        assert_eq!(err.contains("`cohort plot -o PATH` is deprecated: use `--out PATH`"), flag == "-o", "{err}");
+    }
+
     // logs: one document; with -f, JSON lines.
     let logs = document(&cluster.cli(&["logs", &job.id, "-o", "json"]));
     let lines = logs["lines"].as_array().unwrap();
