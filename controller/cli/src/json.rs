@@ -98,8 +98,11 @@ impl Descriptors {
     }
 
     fn message(&self, name: &str, value: Value) -> Value {
-        let (Some(descriptor), Value::Object(mut given)) = (self.messages.get(name), value) else {
-            return Value::Null;
+        let Some(descriptor) = self.messages.get(name) else {
+            return value;
+        };
+        let Value::Object(mut given) = value else {
+            return value;
         };
         let mut out = Map::new();
         for field in &descriptor.field {
@@ -248,5 +251,32 @@ mod tests {
         assert_eq!(rec["learning_rate"].to_string(), "0.0003");
         assert_eq!(rec["grad_norm"], Value::Null);
         assert!(rec.get("schema").is_none());
+    }
+
+    #[test]
+    fn maps_repeated_messages_and_nested_zero_values_follow_the_same_rules() {
+        use cohort_proto::{GpuInfo, ListNodesResponse, Node, NodeInfo, NodeState};
+        let info = NodeInfo {
+            name: "node0".into(),
+            labels: [("zone".to_owned(), "a".to_owned())].into(),
+            gpus: vec![GpuInfo { index: 0, memory_total_bytes: 80 << 30, ..Default::default() }],
+            ..Default::default()
+        };
+        let nodes = ListNodesResponse {
+            nodes: vec![
+                Node { info: Some(info), state: NodeState::Ready as i32, ..Default::default() },
+                Node::default(),
+            ],
+        };
+        let doc = document(&nodes).unwrap();
+        let node = &doc["nodes"][0];
+        assert_eq!(node["state"], "Ready");
+        assert_eq!(node["info"]["labels"], serde_json::json!({"zone": "a"}));
+        assert_eq!(node["info"]["gpus"][0]["index"], 0);
+        assert_eq!(node["info"]["gpus"][0]["memory_total_bytes"], 80_u64 << 30);
+        assert_eq!(node["cordoned"], false);
+        let empty = &doc["nodes"][1];
+        assert_eq!((empty["state"].as_str(), empty["info"].is_null()), (Some("Unknown"), true), "{empty}");
+        assert_eq!(empty["allocated_gpus"], serde_json::json!([]));
     }
 }
