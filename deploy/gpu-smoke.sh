@@ -237,18 +237,18 @@ start_agent() { # name addr extra-args...
 background() { echo "$1" >"$work/pid.$2"; }
 wait_ready() { # count timeout_s
     local deadline=$((SECONDS + $2))
-    until [[ "$(cohort nodes -o json 2>/dev/null | grep -c '"NODE_STATE_READY"')" -ge "$1" ]]; do
+    until [[ "$(cohort nodes -o json 2>/dev/null | grep -c '"state": "Ready"')" -ge "$1" ]]; do
         ((SECONDS <= deadline)) || { echo "gpu-smoke: $1 agent(s) not Ready within $2 s; see $logs/*.log" >&2; return 1; }
         sleep 0.2
     done
 }
 job_json() { cohort status "$1" -o json; }
-# wait_state JOB TIMEOUT_S STATE...: waits until the job is in one of STATEs (JOB_STATE_ prefix omitted).
+# wait_state JOB TIMEOUT_S STATE...: waits until the job is in one of STATEs (upper case).
 wait_state() {
     local job="$1" deadline=$((SECONDS + $2)) state
     shift 2
     while :; do
-        state="$(job_json "$job" | pyj 'd["state"].removeprefix("JOB_STATE_")' 2>/dev/null || true)"
+        state="$(job_json "$job" | pyj 'd["state"].upper()' 2>/dev/null || true)"
         if [[ -z "$state" ]] && ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "NO-CONTROLLER"
             return 0
@@ -266,7 +266,8 @@ give_up() { # job: cancel a job that is still going, so that it frees its GPUs f
 }
 save_job() { # job tag: status, metrics and logs into the log directory
     job_json "$1" >"$logs/$2.status.json" 2>&1 || true
-    cohort metrics "$1" -o json >"$logs/$2.metrics.jsonl" 2>&1 || true
+    # One document of points (cohort.v1), saved as JSON lines.
+    cohort metrics "$1" -o json 2>&1 | python3 -c 'import json, sys; [print(json.dumps(p)) for p in json.load(sys.stdin)["points"]]' >"$logs/$2.metrics.jsonl" 2>&1 || true
     cohort logs "$1" >"$logs/$2.log" 2>&1 || true
 }
 launch_latency() { job_json "$1" | pyj 'int(d.get("running_unix_ms", 0)) - int(d["submitted_unix_ms"]) if d.get("running_unix_ms") else "never Running"'; }
@@ -505,7 +506,7 @@ EOF
     deadline=$((t_kill + 10000))
     while :; do
         t_now=$(now_ms)
-        state="$(job_json "$job" | pyj 'd["state"].removeprefix("JOB_STATE_") + " " + str(d.get("live_processes", 0))' || echo "UNKNOWN ?")"
+        state="$(job_json "$job" | pyj 'd["state"].upper() + " " + str(d.get("live_processes", 0))' || echo "UNKNOWN ?")"
         live="${state#* }"
         state="${state% *}"
         left="$(procs_matching train_gpt.py | tr '\n' ' ')"
@@ -573,7 +574,7 @@ step_f() {
         sleep 0.5
     done
     # Training in attempt 1 (a start slower than hang_timeout would already have ended it).
-    attempt="$(job_json "$job" | pyj 'd["state"].removeprefix("JOB_STATE_") + "/" + str(d.get("attempt", 0))')"
+    attempt="$(job_json "$job" | pyj 'd["state"].upper() + "/" + str(d.get("attempt", 0))')"
     [[ "$attempt" == RUNNING/1 ]] || { give_up "$job"; save_job "$job" tiny-sft-hang; die "$job is $attempt before the SIGSTOP, not RUNNING/1"; }
     shim="$(job_json "$job" | pyj '[p["pid"] for p in d["processes"] if p["node_name"] == "node-b"][0]')"
     worker=""
@@ -596,7 +597,7 @@ step_f() {
         t_now=$(now_ms)
         doc="$(job_json "$job" 2>/dev/null || true)"
         if [[ -n "$doc" ]]; then
-            read -r state attempt cause < <(pyj '" ".join([d["state"].removeprefix("JOB_STATE_"), str(d.get("attempt", 0)), ((d.get("attempts") or [{}])[0].get("failure") or {}).get("cause", "-")])' <<<"$doc")
+            read -r state attempt cause < <(pyj '" ".join([d["state"].upper(), str(d.get("attempt", 0)), ((d.get("attempts") or [{}])[0].get("failure") or {}).get("cause", "-")])' <<<"$doc")
             [[ "$cause" == hang && -z "$t_hang" ]] && t_hang=$t_now
             [[ "$attempt" == 2 && "$state" == RUNNING && -z "$t_run2" ]] && t_run2=$t_now
             case "$state" in SUCCEEDED | FAILED | CANCELLED) break ;; esac
@@ -615,7 +616,7 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 for a in d.get("attempts", []):
     f = a.get("failure") or {}
-    print("  attempt %s: %s; cause %s; suspect %s (%s)" % (a.get("attempt"), a.get("state", "").removeprefix("JOB_STATE_"),
+    print("  attempt %s: %s; cause %s; suspect %s (%s)" % (a.get("attempt"), a.get("state", "").upper(),
           f.get("cause", "-"), f.get("suspect_node", "-"), f.get("suspect_reason", "-")[:100]))
     for line in a.get("stack_dumps", []):
         print("    stack dump:", line[:160])

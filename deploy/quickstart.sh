@@ -82,7 +82,7 @@ for node in node-a:127.0.0.2 node-b:127.0.0.3; do
 done
 
 deadline=$((SECONDS + 30))
-until [ "$(cohort nodes -o json 2>/dev/null | grep -c '"NODE_STATE_READY"')" -ge 2 ]; do
+until [ "$(cohort nodes -o json 2>/dev/null | grep -c '"state": "Ready"')" -ge 2 ]; do
     if ((SECONDS > deadline)); then
         echo "quickstart: the agents did not register within 30 s; see $dir/*.log" >&2
         exit 1
@@ -100,5 +100,5 @@ cohort logs "$job" --follow
 
 step "cohort status $job"
 cohort status "$job"
-cohort status "$job" -o json | grep -q '"JOB_STATE_SUCCEEDED"'
+cohort status "$job" -o json | grep -q '"state": "Succeeded"'
 step "Done. To keep a cluster up for trying things: $bin/cohort dev up (and cohort dev down)"

@@ -57,7 +57,7 @@ now_ms() { date +%s%3N; }
 figure() { printf '%s\t%s\n' "$1" "$2" >>"$out/figures.tsv"; say "  $1: $2"; }
 cohort() { "$bin/cohort" --insecure --controller "$url" "$@"; }
 pyj() { "$PY" -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
-state_of() { cohort status "$1" -o json 2>/dev/null | pyj 'd["state"].removeprefix("JOB_STATE_")' 2>/dev/null || true; }
+state_of() { cohort status "$1" -o json 2>/dev/null | pyj 'd["state"].upper()' 2>/dev/null || true; }
 wait_state() { # job timeout_s state...: prints the state reached (or the last seen at the deadline)
     local job="$1" deadline=$((SECONDS + $2)) s
     shift 2
@@ -71,7 +71,8 @@ wait_state() { # job timeout_s state...: prints the state reached (or the last s
 save_job() { # job tag
     cohort status "$1" >"$logs/$2.status.txt" 2>&1 || true
     cohort status "$1" -o json >"$logs/$2.status.json" 2>&1 || true
-    cohort metrics "$1" -o json >"$logs/$2.metrics.jsonl" 2>&1 || true
+    # One document of points (cohort.v1), saved as JSON lines.
+    cohort metrics "$1" -o json 2>&1 | python3 -c 'import json, sys; [print(json.dumps(p)) for p in json.load(sys.stdin)["points"]]' >"$logs/$2.metrics.jsonl" 2>&1 || true
     cohort logs "$1" >"$logs/$2.log" 2>&1 || true
 }
 # metric_summary FILE [SINCE_MS]: "<train points> <first iteration> <first loss> <last iteration> <last loss> <eval points> <first unix_ms>"
@@ -135,7 +136,7 @@ COHORT_ALLOW_ROOT_RANKS=$([ "$(id -u)" = 0 ] && echo true || echo false) \
     >"$work/node-a.log" 2>&1 &
 pid_of[node-a]=$!
 deadline=$((SECONDS + 60))
-until cohort nodes -o json 2>/dev/null | grep -q '"NODE_STATE_READY"'; do
+until cohort nodes -o json 2>/dev/null | grep -q '"state": "Ready"'; do
     ((SECONDS <= deadline)) || { echo "swift-smoke: node-a not Ready in 60 s; see $work/node-a.log" >&2; exit 1; }
     sleep 0.2
 done

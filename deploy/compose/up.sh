@@ -26,7 +26,7 @@ fi
 compose up -d --remove-orphans
 cohort() { compose exec -T controller-1 cohort "$@"; }
 deadline=$((SECONDS + ${COHORT_UP_TIMEOUT:-120}))
-until [[ "$(cohort nodes -o json 2>/dev/null | grep -c '"NODE_STATE_READY"')" -ge 3 ]]; do
+until [[ "$(cohort nodes -o json 2>/dev/null | grep -c '"state": "Ready"')" -ge 3 ]]; do
     if ((SECONDS > deadline)); then
         echo "up: the three agents were not Ready in time; docker-compose logs:" >&2
         compose logs --tail 30 >&2

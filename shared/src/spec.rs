@@ -236,6 +236,19 @@ impl JobSpec {
                 "ms-swift 3.x defaults finetune to false, which resumes the iteration and optimizer state of `load`; a fresh fine-tune sets finetune: true".to_owned(),
             );
         }
+        if self.workdir.is_none() {
+            for (key, path) in relative_paths(megatron) {
+                warn(
+                    format!("megatron.{key}"),
+                    format!(
+                        "{path:?} is relative and the job sets no `workdir:`, so every rank resolves it against the \
+                         per-job directory its agent makes: <agent --work-dir>/jobs/<job id>/workdir/{path} \
+                         (/var/lib/cohort-agent/jobs/<job id>/workdir/{path} by default), on each node's own disk; \
+                         give an absolute path, or set `workdir:` to the shared directory it is under"
+                    ),
+                );
+            }
+        }
         warnings
     }
 
@@ -708,4 +721,32 @@ fn check_megatron(
     let model = megatron.model_ref().and_then(ModelConfig::known);
     let cluster = Cluster { nodes, gpus_per_node };
     check_parallelism(megatron, &cluster, model.as_ref(), problems);
+}
+
+/// The relative paths of a megatron-sft section: the checkpoint it loads (3.x
+/// `load`, 4.x `mcore_model`), where it saves, and its `.jsonl` datasets (a
+/// `model` may be a hub name, a dataset without `.jsonl` a hub dataset).
+fn relative_paths(megatron: &MegatronSpec) -> Vec<(&'static str, String)> {
+    let mut paths = Vec::new();
+    for key in ["load", "mcore_model", "save", "output_dir"] {
+        if let Some(path) = megatron.scalar(key) {
+            paths.push((key, path.to_owned()));
+        }
+    }
+    for key in ["dataset", "val_dataset"] {
+        let values = match megatron.flag(key) {
+            Some(FlagValue::Scalar(v)) => vec![v.clone()],
+            Some(FlagValue::List(vs)) => vs.clone(),
+            None => Vec::new(),
+        };
+        for value in values {
+            // ms-swift's `path#N` samples N rows of a file.
+            let path = value.split('#').next().unwrap_or_default();
+            if path.ends_with(".jsonl") {
+                paths.push((key, path.to_owned()));
+            }
+        }
+    }
+    paths.retain(|(_, path)| !path.is_empty() && !path.starts_with('/'));
+    paths
 }

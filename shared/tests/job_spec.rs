@@ -93,7 +93,9 @@ fn v3_example_fields_layout_and_model() {
         "TP 2 × PP 1 × CP 1 × DP 2 = world 4; micro batch 2 × DP 2 × grad accumulation 4 = global batch 16"
     );
     assert_eq!(spec.model(), ModelConfig::known("Qwen3-8B"));
-    assert_eq!(spec.warnings(), []);
+    // `load: Qwen3-8B-mcore` with no workdir: resolved in each agent's per-job directory.
+    let fields: Vec<String> = spec.warnings().into_iter().map(|w| w.field).collect();
+    assert_eq!(fields, ["megatron.load"]);
 }
 
 #[test]
@@ -147,9 +149,30 @@ fn unknown_models_have_no_model_and_no_estimate() {
 }
 
 #[test]
+fn relative_paths_without_a_workdir_are_warned_of_with_where_they_resolve() {
+    // The fixture loads `Qwen3-8B-mcore`, a relative path, and sets no workdir.
+    let text = V3_JOB.replace("[/root/dataset/multi_round_output.jsonl,", "[data/train.jsonl#100, hub/name,");
+    let warnings = parse(&text).warnings();
+    let fields: Vec<&str> = warnings.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(fields, ["megatron.load", "megatron.dataset"], "{warnings:?}");
+    assert!(
+        warnings[0].message.contains("<agent --work-dir>/jobs/<job id>/workdir/Qwen3-8B-mcore")
+            && warnings[0].message.contains("set `workdir:`"),
+        "{warnings:?}"
+    );
+    assert!(warnings[1].message.contains("\"data/train.jsonl\" is relative"), "{warnings:?}");
+    // With a workdir the same paths are the user's choice: no warning.
+    let with_workdir = parse(&text.replace("megatron:\n", "workdir: /mnt/shared\nmegatron:\n")).warnings();
+    assert!(with_workdir.is_empty(), "{with_workdir:?}");
+    // Absolute paths need no workdir.
+    let absolute = parse(&V3_JOB.replace("load: Qwen3-8B-mcore", "load: /ckpt/Qwen3-8B-mcore")).warnings();
+    assert!(absolute.iter().all(|w| w.field != "megatron.load" || !w.message.contains("relative")), "{absolute:?}");
+}
+
+#[test]
 fn warnings_name_the_3x_finetune_default() {
     // An unknown flag is no longer a warning but an error (job_spec_flags.rs).
-    let text = V3_JOB.replace("  finetune: true\n", "");
+    let text = V3_JOB.replace("  finetune: true\n", "").replace("megatron:\n", "workdir: /mnt/shared\nmegatron:\n");
     let warnings = parse(&text).warnings();
     let fields: Vec<&str> = warnings.iter().map(|w| w.field.as_str()).collect();
     assert_eq!(fields, ["megatron.finetune"]);

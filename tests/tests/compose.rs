@@ -130,9 +130,9 @@ fn a_job_runs_across_three_agent_containers_and_a_stopped_agent_fails_it() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let hello = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let job = compose.wait_job(&hello, Duration::from_secs(60), |j| {
-        matches!(state(j), "JOB_STATE_SUCCEEDED" | "JOB_STATE_FAILED" | "JOB_STATE_CANCELLED") && live(j) == 0
+        matches!(state(j), "Succeeded" | "Failed" | "Cancelled") && live(j) == 0
     });
-    assert_eq!(state(&job), "JOB_STATE_SUCCEEDED", "{job}");
+    assert_eq!(state(&job), "Succeeded", "{job}");
     let logs = String::from_utf8(compose.cohort(&["logs", "hello"]).stdout).unwrap();
     for (i, rank) in [(1, 0), (2, 1), (3, 2)] {
         let line = format!("node-{i}/0 | node {rank} of 3 on node-{i}, master {}.21:", compose.net);
@@ -144,10 +144,10 @@ fn a_job_runs_across_three_agent_containers_and_a_stopped_agent_fails_it() {
     let out = compose.cohort(&["submit", "/jobs/long.yaml"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    compose.wait_job(&id, Duration::from_secs(60), |j| state(j) == "JOB_STATE_RUNNING");
+    compose.wait_job(&id, Duration::from_secs(60), |j| state(j) == "Running");
     let stop = compose.compose(&["stop", "-t", "15", "agent-2"]);
     assert!(stop.status.success(), "{}", String::from_utf8_lossy(&stop.stderr));
-    let job = compose.wait_job(&id, Duration::from_secs(60), |j| state(j) == "JOB_STATE_FAILED" && live(j) == 0);
+    let job = compose.wait_job(&id, Duration::from_secs(60), |j| state(j) == "Failed" && live(j) == 0);
     let reason = job["reason"].as_str().unwrap_or("");
     assert!(reason.contains("node-2"), "the failure names the stopped node: {job}");
     for process in job["processes"].as_array().unwrap() {

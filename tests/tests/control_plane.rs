@@ -200,7 +200,7 @@ async fn losing_an_etcd_member_is_invisible_to_the_cli() {
     assert!(jobs.status.success());
     let listed: serde_json::Value = serde_json::from_slice(&jobs.stdout).unwrap();
     let states: Vec<&str> = listed["jobs"].as_array().unwrap().iter().map(|j| j["state"].as_str().unwrap()).collect();
-    assert_eq!(states, vec!["JOB_STATE_SUCCEEDED"; 6]);
+    assert_eq!(states, vec!["Succeeded"; 6]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -93,7 +93,7 @@ fn dev_up_gives_a_cluster_that_runs_a_two_node_job_and_dev_down_leaves_nothing_r
     let job = cohort(&["run", "-N", "2", "--wait", "--", "true"], &env);
     assert!(job.status.success(), "{}", text(&job));
     let jobs = cohort(&["jobs", "-o", "json"], &env);
-    assert!(String::from_utf8_lossy(&jobs.stdout).contains("JOB_STATE_SUCCEEDED"), "{}", text(&jobs));
+    assert!(String::from_utf8_lossy(&jobs.stdout).contains("\"state\": \"Succeeded\""), "{}", text(&jobs));
 
     // `up` again: the same cluster (same processes), the same lines.
     let before = processes_of(&dir);

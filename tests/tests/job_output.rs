@@ -135,7 +135,7 @@ async fn controller_rss_over_many_jobs_of_100_mb_output() {
             cluster.cli_within(&["submit", "--wait", "-o", "json", &file], Duration::from_secs(600)).await.unwrap();
         assert!(out.status.success(), "job {i}: {}", String::from_utf8_lossy(&out.stderr));
         let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        dropped += job["output_dropped_bytes"].as_str().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        dropped += job["output_dropped_bytes"].as_u64().unwrap_or(0);
     }
     let after = rss_kib(pid);
     let logs_dir = cluster.dir.path().join("controller").join("logs");

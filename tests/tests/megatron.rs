@@ -95,9 +95,9 @@ async fn metrics_from_the_last_rank_arrive_in_order() {
     assert_eq!(state(&job), JobState::Succeeded);
 
     let out = cluster.cli(&["metrics", &job.id, "-o", "json"]);
-    let points: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let iterations: Vec<u64> = points.iter().map(|p| p["iteration"].as_str().unwrap().parse().unwrap()).collect();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let points = doc["points"].as_array().unwrap();
+    let iterations: Vec<u64> = points.iter().map(|p| p["iteration"].as_u64().unwrap()).collect();
     assert_eq!(iterations, [1, 5, 10, 15, 20]);
     assert!(points.iter().all(|p| p["node_name"] == "node1" && p["format"] == "ms-swift-4"), "{points:?}");
     assert_eq!(points[1]["loss"].as_f64(), Some(0.4));
@@ -108,7 +108,7 @@ async fn metrics_from_the_last_rank_arrive_in_order() {
     assert!(status.contains("progress:  iteration 20/20 (100%), loss 0.1000"), "{status}");
 
     let png = cluster.dir.path().join("loss.png");
-    let out = cluster.cli(&["plot", &job.id, "-o", png.to_str().unwrap()]);
+    let out = cluster.cli(&["plot", &job.id, "--out", png.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
 }
@@ -440,10 +440,9 @@ megatron:
     let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(state(&job), JobState::Succeeded, "{}", job.reason);
     let out = cluster.cli(&["metrics", &job.id, "-o", "json"]);
-    let iterations: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["iteration"].as_str().unwrap().parse().unwrap())
-        .collect();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let iterations: Vec<u64> =
+        doc["points"].as_array().unwrap().iter().map(|p| p["iteration"].as_u64().unwrap()).collect();
     assert_eq!(iterations, [1, 5, 10], "from logging.jsonl, each once");
 }
 
@@ -474,10 +473,12 @@ megatron:
     let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(state(&job), JobState::Succeeded, "{}", job.reason);
     let out = cluster.cli(&["metrics", &job.id, "-o", "json"]);
-    let points: Vec<(u64, bool)> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .map(|p| (p["iteration"].as_str().unwrap().parse().unwrap(), p["is_eval"].as_bool().unwrap_or(false)))
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let points: Vec<(u64, bool)> = doc["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["iteration"].as_u64().unwrap(), p["is_eval"].as_bool().unwrap()))
         .collect();
     assert_eq!(points, [(1, false), (5, false), (5, true), (10, false)], "the eval record has no iteration of its own");
 }

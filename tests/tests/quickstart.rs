@@ -49,10 +49,11 @@ async fn tiny_sft_trains_across_two_nodes_and_the_loss_falls() {
     // same parser the agent will use reads them.
     let metrics_of = |node: &str| {
         let out = cluster.cli(&["logs", &id, "--node", node, "-o", "json"]);
-        String::from_utf8(out.stdout)
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["lines"]
+            .as_array()
             .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .iter()
             .filter_map(|v| v["line"]["text"].as_str().and_then(parse_line))
             .collect::<Vec<_>>()
     };

@@ -181,8 +181,11 @@ pub enum Verb {
     Plot {
         job: String,
         /// The image to write: .png or .svg.
-        #[arg(long = "output", short = 'o')]
-        path: PathBuf,
+        #[arg(long = "out", required_unless_present = "legacy_path")]
+        path: Option<PathBuf>,
+        /// Deprecated spelling of --out (`-o` is the output format in every other verb).
+        #[arg(short = 'o', long = "output", hide = true, conflicts_with = "path")]
+        legacy_path: Option<PathBuf>,
     },
     /// Start a new attempt of a failed or cancelled megatron-sft job from its newest complete checkpoint.
     Resume {
@@ -379,7 +382,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::metrics::metrics(&mut client, &job, follow, format.output).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Plot { job, path } => {
+        Verb::Plot { job, path, legacy_path } => {
+            if legacy_path.is_some() {
+                eprintln!(
+                    "warning: `cohort plot -o PATH` is deprecated: use `--out PATH` (-o is the output format elsewhere)"
+                );
+            }
+            let path = path.or(legacy_path).unwrap_or_default();
             crate::metrics::plot(&mut client, &job, &path).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -615,13 +624,18 @@ async fn logs(
     let request =
         StreamLogsRequest { job: job.into(), node: node.unwrap_or_default(), follow, tail: tail.unwrap_or(0) };
     let mut lines = client.stream_logs(request).await.map_err(status_error)?.into_inner();
+    // JSON: one document of every line, or with --follow one JSON line per record as it comes
+    // (JSON escapes control characters itself).
+    let mut records = Vec::new();
     while let Some(line) = lines.message().await.map_err(status_error)? {
-        if out == Output::Json {
-            // JSON escapes control characters itself.
-            say!("{}", serde_json::to_string(&line)?);
-        } else {
-            print_line(&line, raw);
+        match out {
+            Output::Json if follow => crate::output::print_json_line(&line)?,
+            Output::Json => records.push(line),
+            Output::Table => print_line(&line, raw),
         }
+    }
+    if out == Output::Json && !follow {
+        say!("{}", serde_json::to_string_pretty(&crate::json::list_document("lines", &records)?)?);
     }
     Ok(())
 }

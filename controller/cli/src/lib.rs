@@ -11,6 +11,7 @@ pub mod compose;
 pub mod connection;
 pub mod dev;
 pub mod failures;
+pub mod json;
 pub mod metrics;
 pub mod nodes;
 pub mod pipeline;

@@ -14,7 +14,7 @@ use comfy_table::{Cell, Color, Table, presets::NOTHING};
 use crate::output::Output;
 use cohort_proto::names::state_name;
 
-/// Prints the job's metrics as a table or JSON lines, optionally following.
+/// Prints the job's metrics as a table or JSON (one document; JSON lines with `--follow`), optionally following.
 pub async fn metrics(
     client: &mut JobServiceClient<Channel>,
     job: &str,
@@ -39,9 +39,15 @@ pub async fn metrics(
             "REMAINING"
         );
     }
+    // JSON: one document of every point, or with --follow one JSON line per point as it comes.
+    let mut points = Vec::new();
     while let Some(p) = stream.message().await.map_err(|s| anyhow::anyhow!("{}", s.message()))? {
+        if out == Output::Json && follow {
+            crate::output::print_json_line(&p)?;
+            continue;
+        }
         if out == Output::Json {
-            say!("{}", serde_json::to_string(&p)?);
+            points.push(p);
             continue;
         }
         let total = p.total_iterations.map(|t| format!("/{t}")).unwrap_or_default();
@@ -58,6 +64,9 @@ pub async fn metrics(
             p.remaining_s.map(secs).unwrap_or_default(),
             if p.is_eval { "  (eval)" } else { "" },
         );
+    }
+    if out == Output::Json && !follow {
+        say!("{}", serde_json::to_string_pretty(&crate::json::list_document("points", &points)?)?);
     }
     Ok(())
 }

@@ -38,8 +38,15 @@ pub fn table(header: &[&str]) -> Table {
     t
 }
 
-pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    say!("{}", serde_json::to_string_pretty(value)?);
+/// One `cohort.v1` JSON document (README, "JSON output").
+pub fn print_json<T: crate::json::Proto>(value: &T) -> anyhow::Result<()> {
+    say!("{}", serde_json::to_string_pretty(&crate::json::document(value)?)?);
+    Ok(())
+}
+
+/// One JSON lines record of a `--follow` stream: one object, one line.
+pub fn print_json_line<T: crate::json::Proto>(value: &T) -> anyhow::Result<()> {
+    say!("{}", serde_json::to_string(&crate::json::record(value)?)?);
     Ok(())
 }
 

@@ -173,8 +173,7 @@ pub async fn cache_ls(client: &mut JobServiceClient<Channel>, out: Output) -> an
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
     if out == Output::Json {
-        say!("{}", serde_json::to_string_pretty(&response)?);
-        return Ok(());
+        return crate::output::print_json(&response);
     }
     let mut t = Table::new();
     t.load_preset(NOTHING).set_header(["KEY", "MODEL", "TP", "PP", "SWIFT", "PATH", "CREATED BY", "HITS", "LAST USED"]);

@@ -58,7 +58,12 @@ pub(crate) async fn plan(
                     node.node_rank,
                     gpus.join(",")
                 );
-                if !node.workdir.is_empty() {
+                if node.workdir.is_empty() {
+                    // Where the agent runs a job without `workdir:` (agent/src/supervisor.rs).
+                    say!(
+                        "  workdir: <agent --work-dir>/jobs/<job id>/workdir (none set: each agent's per-job directory)"
+                    );
+                } else {
                     say!("  workdir: {}", node.workdir);
                 }
                 for process in &node.processes {
