@@ -152,7 +152,7 @@ fn a_job_runs_across_three_agent_containers_and_a_stopped_agent_fails_it() {
     assert!(reason.contains("node-2"), "the failure names the stopped node: {job}");
     for process in job["processes"].as_array().unwrap() {
         if process["node_name"] != "node-2" {
-            assert_eq!(process["phase"], "PROCESS_PHASE_EXITED", "the other nodes' processes were stopped: {job}");
+            assert_eq!(process["phase"], "Exited", "the other nodes' processes were stopped: {job}");
         }
     }
     // Nothing of the job is left in the surviving containers.
