@@ -25,7 +25,19 @@ fn node_info(name: &str) -> NodeInfo {
 }
 
 async fn open(dir: &Path) -> Arc<Controller> {
-    let store = Arc::new(EmbeddedStore::open(&dir.join("store")).unwrap());
+    // A controller dropped just before holds the file until its writer task ends.
+    let mut tries = 0;
+    let store = loop {
+        match EmbeddedStore::open(&dir.join("store")) {
+            Ok(store) => break Arc::new(store),
+            Err(e) if tries < 100 => {
+                tries += 1;
+                tracing::debug!(error = %e, "state file still held");
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     Controller::load(store, dir, ControllerConfig::default()).await.unwrap()
 }
 
