@@ -217,6 +217,7 @@ impl AgentService for Local {
         };
         caller.check_node(&hello.node_name)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let session = tx.downgrade();
         self.controller.attach(&hello.node_name, &hello.session_id, tx).await?;
         tracing::info!(node = %hello.node_name, "agent session open");
         let controller = self.controller.clone();
@@ -232,7 +233,11 @@ impl AgentService for Local {
                     }
                 };
                 match msg.msg {
-                    Some(Msg::Heartbeat(hb)) => controller.heartbeat(&node, hb).await,
+                    Some(Msg::Heartbeat(hb)) => {
+                        // Acked before the state is touched: never delayed by it.
+                        Controller::ack_heartbeat(&session, hb.seq);
+                        controller.heartbeat(&node, hb).await;
+                    }
                     Some(Msg::ProcessEvent(ev)) => controller.process_event(&node, ev).await,
                     Some(Msg::Ack(ack)) => controller.command_ack(&node, ack).await,
                     Some(Msg::Logs(batch)) if batch.fetch_command_id != 0 => {

@@ -217,6 +217,19 @@ impl Controller {
         }
     }
 
+    /// Acknowledges a heartbeat at once, without the state: the agent's proof
+    /// that a controller hears it (fencing). `session` is a weak handle of the
+    /// session the state holds, so a session the state has dropped (replaced,
+    /// closed on losing the lead) acks nothing and its stream ends.
+    pub fn ack_heartbeat(session: &WeakSessionSender, seq: u64) {
+        if let Some(tx) = session.upgrade() {
+            let ack = Command::HeartbeatAck(cohort_proto::HeartbeatAck { seq });
+            let _ = tx.send(Ok(ControllerMessage { command_id: 0, command: Some(ack) }));
+        }
+    }
+
+    /// What a heartbeat tells about the node (liveness, running launches,
+    /// telemetry); its ack went out before ([`Self::ack_heartbeat`]).
     pub async fn heartbeat(&self, node: &str, hb: cohort_proto::Heartbeat) {
         let mut state = self.state.lock().await;
         let Some(entry) = state.nodes.get_mut(node) else { return };
@@ -227,8 +240,6 @@ impl Controller {
         let newly_unhealthy = record_health(entry, &hb.gpus);
         entry.telemetry = hb.gpus;
         Self::gpus_seen(&mut state, node);
-        // The acknowledgement is the agent's proof that a controller hears it (fencing).
-        Self::send_command(&mut state, node, Command::HeartbeatAck(cohort_proto::HeartbeatAck { seq: hb.seq }));
         // Queued, never awaited: a heartbeat does not wait for the store.
         if newly_unhealthy {
             self.persist_node(&mut state, node);

@@ -30,6 +30,7 @@ use crate::planner::{self, NodeView, RenderInput};
 use crate::store::{Durable, Expect, Store, StoreWriter};
 
 pub type SessionSender = mpsc::UnboundedSender<Result<ControllerMessage, Status>>;
+pub type WeakSessionSender = mpsc::WeakUnboundedSender<Result<ControllerMessage, Status>>;
 
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {

@@ -405,7 +405,7 @@ async fn heartbeats_and_reads_are_answered_while_a_submits_write_waits_at_the_st
     let dir = tempfile::tempdir().unwrap();
     let store = HeldStore::open(dir.path());
     let controller = Controller::load(store.clone(), dir.path(), ControllerConfig::default()).await.unwrap();
-    let mut n0 = connect(&controller, "n0", Vec::new()).await;
+    let _n0 = connect(&controller, "n0", Vec::new()).await;
     store.held.send_replace(Some("jobs/"));
     let submitting = tokio::spawn({
         let controller = controller.clone();
@@ -413,11 +413,10 @@ async fn heartbeats_and_reads_are_answered_while_a_submits_write_waits_at_the_st
     });
     store.until_waiting(1).await;
 
-    within("heartbeat", controller.heartbeat("n0", Heartbeat { seq: 7, ..Heartbeat::default() })).await;
-    let acked = commands(&mut n0).iter().any(|c| matches!(c, Command::HeartbeatAck(a) if a.seq == 7));
-    assert!(acked, "the heartbeat was not acked while the submit's write waited");
+    let gpus = vec![cohort_proto::GpuTelemetry { index: 0, uuid: "GPU-42".into(), ..Default::default() }];
+    within("heartbeat", controller.heartbeat("n0", Heartbeat { seq: 7, gpus, ..Heartbeat::default() })).await;
     let nodes = within("ListNodes", controller.nodes()).await;
-    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].telemetry[0].uuid, "GPU-42", "the heartbeat was not applied");
     assert!(within("ListJobs", controller.list(false)).await.is_empty(), "a job not yet stored is listed");
     assert!(!submitting.is_finished(), "the submit was answered before its record was stored");
 
@@ -463,4 +462,27 @@ async fn writes_of_one_key_reach_the_store_in_the_order_of_the_changes() {
     assert_eq!(written, [(false, false), (true, false), (true, true)]);
     let now = NodeRecord::decode(store.get("nodes/n0").await.unwrap().unwrap().value.as_slice()).unwrap();
     assert_eq!((now.cordoned, now.draining), (true, true));
+}
+
+/// A heartbeat is acked without the state, through the session the state
+/// holds: once the state drops it (lead lost), nothing is acked and the
+/// agent's stream ends, so it looks for another controller.
+#[tokio::test]
+async fn heartbeats_are_acked_only_through_a_session_the_state_still_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let request = RegisterRequest { node: Some(node_info("n0")), ..Default::default() };
+    let registered = controller.register(request).await.unwrap();
+    let (tx, mut session) = mpsc::unbounded_channel();
+    let weak = tx.downgrade();
+    controller.attach("n0", &registered.session_id, tx).await.unwrap();
+    let _held = controller.state.lock().await;
+    Controller::ack_heartbeat(&weak, 3);
+    let acked = commands(&mut session);
+    assert!(matches!(acked.as_slice(), [Command::HeartbeatAck(a)] if a.seq == 3), "{acked:?}");
+    drop(_held);
+
+    controller.close_sessions().await;
+    Controller::ack_heartbeat(&weak, 4);
+    assert!(session.recv().await.is_none(), "a closed session was acked or kept open");
 }
