@@ -151,8 +151,8 @@ async fn delayed_copy(
             match from.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    let due = tokio::time::Instant::now()
-                        + std::time::Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+                    let due =
+                        tokio::time::Instant::now() + std::time::Duration::from_millis(delay_ms.load(Ordering::SeqCst));
                     if tx.send((due, buf[..n].to_vec())).is_err() {
                         return;
                     }

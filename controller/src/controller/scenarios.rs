@@ -448,8 +448,7 @@ async fn writes_of_one_key_reach_the_store_in_the_order_of_the_changes() {
     let second = change(false, false).await;
     let third = change(true, true).await;
     store.held.send_replace(None);
-    let revisions =
-        [first.wait().await.unwrap(), second.wait().await.unwrap(), third.wait().await.unwrap()];
+    let revisions = [first.wait().await.unwrap(), second.wait().await.unwrap(), third.wait().await.unwrap()];
     assert!(revisions[0] < revisions[2] && revisions[1] == revisions[2], "{revisions:?}");
 
     let written: Vec<(bool, bool)> = store

@@ -140,7 +140,11 @@ impl EtcdGangs {
         for g in &self.gangs {
             gang(t, "etcd: ", g);
         }
-        let _ = writeln!(t, "        etcd: heartbeat ack during the gangs p50 / p99: {:.2} / {:.2} ms (n={})", self.hb.p50, self.hb.p99, self.hb.n);
+        let _ = writeln!(
+            t,
+            "        etcd: heartbeat ack during the gangs p50 / p99: {:.2} / {:.2} ms (n={})",
+            self.hb.p50, self.hb.p99, self.hb.n
+        );
         if let Some(g) = &self.slow {
             gang(t, &format!("etcd {} ms slower: ", self.delay_ms), g);
         }
