@@ -475,11 +475,12 @@ async fn heartbeats_are_acked_only_through_a_session_the_state_still_holds() {
     let (tx, mut session) = mpsc::unbounded_channel();
     let weak = tx.downgrade();
     controller.attach("n0", &registered.session_id, tx).await.unwrap();
-    let _held = controller.state.lock().await;
+    // Acked while the state is held elsewhere.
+    let held = controller.state.lock().await;
     Controller::ack_heartbeat(&weak, 3);
     let acked = commands(&mut session);
     assert!(matches!(acked.as_slice(), [Command::HeartbeatAck(a)] if a.seq == 3), "{acked:?}");
-    drop(_held);
+    drop(held);
 
     controller.close_sessions().await;
     Controller::ack_heartbeat(&weak, 4);
