@@ -192,6 +192,10 @@ impl JobService for Api {
     }
 }
 
+/// Agent messages read but not yet applied, per session; past it the reader
+/// waits (and the agent's stream with it).
+const SESSION_BACKLOG: usize = 256;
+
 fn finished(job: &Job) -> bool {
     matches!(JobState::try_from(job.state), Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled))
         && job.live_processes == 0
@@ -217,21 +221,18 @@ impl AgentService for Local {
         };
         caller.check_node(&hello.node_name)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let session = tx.downgrade();
         self.controller.attach(&hello.node_name, &hello.session_id, tx).await?;
         tracing::info!(node = %hello.node_name, "agent session open");
         let controller = self.controller.clone();
-        tokio::spawn(async move {
-            let node = hello.node_name;
-            loop {
-                let msg = match inbound.message().await {
-                    Ok(Some(msg)) => msg,
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::warn!(node = %node, %status, "agent stream broke");
-                        break;
-                    }
-                };
-                match msg.msg {
+        // The session's messages are applied in order by one task; the reader
+        // acks each heartbeat as it arrives, never behind a message waiting
+        // for the state.
+        let (work, mut queued) = mpsc::channel::<Option<Msg>>(SESSION_BACKLOG);
+        let node = hello.node_name.clone();
+        let apply = tokio::spawn(async move {
+            while let Some(msg) = queued.recv().await {
+                match msg {
                     Some(Msg::Heartbeat(hb)) => controller.heartbeat(&node, hb).await,
                     Some(Msg::ProcessEvent(ev)) => controller.process_event(&node, ev).await,
                     Some(Msg::Ack(ack)) => controller.command_ack(&node, ack).await,
@@ -264,6 +265,28 @@ impl AgentService for Local {
                     }
                 }
             }
+        });
+        let controller = self.controller.clone();
+        tokio::spawn(async move {
+            let node = hello.node_name;
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::warn!(node = %node, %status, "agent stream broke");
+                        break;
+                    }
+                };
+                if let Some(Msg::Heartbeat(hb)) = &msg.msg {
+                    Controller::ack_heartbeat(&session, hb.seq);
+                }
+                if work.send(msg.msg).await.is_err() {
+                    break;
+                }
+            }
+            drop(work);
+            let _ = apply.await;
             controller.detach(&node, &hello.session_id).await;
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))

@@ -232,6 +232,7 @@ impl Leading {
             }
             tracing::warn!(id = %self.id, "no longer leading: stopping all control actions");
             self.current.send_replace(None);
+            controller.stop_writes();
             let _ = stop_tx.send(true);
             reconcile.abort();
             if let Some(follow) = follow {

@@ -148,6 +148,8 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
             // Ending the session streams lets agents fail over or retry.
             if let Some(controller) = leading.controller().await {
                 controller.close_sessions().await;
+                // What was changed before the shutdown reaches the store.
+                controller.flush_store().await;
             }
         });
     tokio::select! {

@@ -91,3 +91,82 @@ async fn pump(
         }
     }
 }
+
+/// A TCP proxy that holds every byte coming back from `target` for a delay
+/// that can be changed while it runs: a server that answers that much
+/// slower, without limiting how much it answers (bytes are held by deadline,
+/// not one chunk at a time).
+pub struct SlowReplies {
+    pub addr: SocketAddr,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowReplies {
+    pub async fn start(listen: SocketAddr, target: SocketAddr) -> std::io::Result<SlowReplies> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    if let Ok(outbound) = TcpStream::connect(target).await {
+                        let _ = inbound.set_nodelay(true);
+                        let _ = outbound.set_nodelay(true);
+                        let (mut ir, mut iw) = inbound.into_split();
+                        let (mut or, mut ow) = outbound.into_split();
+                        let up = tokio::io::copy(&mut ir, &mut ow);
+                        let down = delayed_copy(&mut or, &mut iw, delay);
+                        let _ = tokio::join!(up, down);
+                    }
+                });
+            }
+        });
+        Ok(SlowReplies { addr, delay_ms, task })
+    }
+
+    /// From now on, replies arrive this much later.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Drop for SlowReplies {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn delayed_copy(
+    from: &mut (impl AsyncReadExt + Unpin),
+    to: &mut (impl AsyncWriteExt + Unpin),
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let due =
+                        tokio::time::Instant::now() + std::time::Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(read, write);
+}

@@ -48,13 +48,12 @@ impl Controller {
                 true
             }
         };
-        if changed {
-            self.persist_node(&mut state, &name).await?;
-        }
+        let stored = if changed { self.persist_node(&mut state, &name) } else { Durable::nothing() };
         self.adopt(&mut state, &name, &req.running).await?;
         tracing::info!(node = %name, running = req.running.len(), "node registered");
         drop(state);
         self.wake.notify_one();
+        stored.wait().await?;
         Ok(cohort_proto::RegisterResponse {
             controller_id: String::new(),
             session_id,
@@ -139,7 +138,7 @@ impl Controller {
             if revived {
                 tracing::warn!(node, job = %launch.job_id, "a lost node still runs a finished job's processes; stopping them");
                 let id = launch.job_id.clone();
-                self.persist_job(state, &id).await?;
+                self.persist_job(state, &id);
             }
         }
         let ids: Vec<String> = state
@@ -179,7 +178,7 @@ impl Controller {
                     format!("node {node} came back without the job's processes")
                 });
             }
-            self.persist_job(state, &id).await?;
+            self.persist_job(state, &id);
         }
         Ok(())
     }
@@ -218,6 +217,19 @@ impl Controller {
         }
     }
 
+    /// Acknowledges a heartbeat at once, without the state: the agent's proof
+    /// that a controller hears it (fencing). `session` is a weak handle of the
+    /// session the state holds, so a session the state has dropped (replaced,
+    /// closed on losing the lead) acks nothing and its stream ends.
+    pub fn ack_heartbeat(session: &WeakSessionSender, seq: u64) {
+        if let Some(tx) = session.upgrade() {
+            let ack = Command::HeartbeatAck(cohort_proto::HeartbeatAck { seq });
+            let _ = tx.send(Ok(ControllerMessage { command_id: 0, command: Some(ack) }));
+        }
+    }
+
+    /// What a heartbeat tells about the node (liveness, running launches,
+    /// telemetry); its ack went out before ([`Self::ack_heartbeat`]).
     pub async fn heartbeat(&self, node: &str, hb: cohort_proto::Heartbeat) {
         let mut state = self.state.lock().await;
         let Some(entry) = state.nodes.get_mut(node) else { return };
@@ -228,10 +240,9 @@ impl Controller {
         let newly_unhealthy = record_health(entry, &hb.gpus);
         entry.telemetry = hb.gpus;
         Self::gpus_seen(&mut state, node);
-        // The acknowledgement is the agent's proof that a controller hears it (fencing).
-        Self::send_command(&mut state, node, Command::HeartbeatAck(cohort_proto::HeartbeatAck { seq: hb.seq }));
-        if newly_unhealthy && let Err(e) = self.persist_node(&mut state, node).await {
-            tracing::error!(node, error = %e, "could not persist GPU health");
+        // Queued, never awaited: a heartbeat does not wait for the store.
+        if newly_unhealthy {
+            self.persist_node(&mut state, node);
         }
     }
 
@@ -255,9 +266,7 @@ impl Controller {
             changed = record_health(entry, &entry.telemetry.clone());
         }
         if changed {
-            if let Err(e) = self.persist_node(&mut state, node).await {
-                tracing::error!(node, error = %e, "could not persist GPU health");
-            }
+            self.persist_node(&mut state, node);
             drop(state);
             self.wake.notify_one();
         }
@@ -319,8 +328,8 @@ impl Controller {
         let state_changed = entry.phase() != phase_before;
         let over_with_live = entry.is_over() && entry.job.live_processes > 0;
         let changed = state_changed || (entry.is_terminal() && entry.job.live_processes == 0);
-        if changed && let Err(e) = self.persist_job(&mut state, &id).await {
-            tracing::error!(job = %id, error = %e, "could not persist job");
+        if changed {
+            self.persist_job(&mut state, &id);
         }
         // A start, or an exit while a finished attempt still has ranks to
         // stop, that changes nothing else goes out with the next batch and
@@ -528,7 +537,10 @@ mod tests {
         controller.cancel(&job.id).await.unwrap();
         while events.try_recv().is_ok() {}
 
-        let revision = || async { store.get(&format!("jobs/{}", job.id)).await.unwrap().unwrap().revision };
+        let revision = || async {
+            controller.flush_store().await;
+            store.get(&format!("jobs/{}", job.id)).await.unwrap().unwrap().revision
+        };
         let before = revision().await;
         let exited = || Event::Exited(ProcessExited { signal: Some(15), stopped_by_agent: true, ..Default::default() });
         for node in ["n0", "n1"] {

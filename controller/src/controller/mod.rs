@@ -1,5 +1,8 @@
 //! The controller's state: jobs, nodes and agent sessions, owned by one
-//! `Controller` behind one lock. gRPC handlers call its methods; the reconcile
+//! `Controller` behind one lock that is never held across a store call: a
+//! change enqueues its record to the one ordered writer (`StoreWriter`) under
+//! the lock, and a handler that promises durability awaits the write after
+//! releasing it. gRPC handlers call its methods; the reconcile
 //! loop (`reconcile`) converges the cluster on what the jobs want: it marks
 //! silent nodes lost, places pending jobs, and keeps telling agents to stop
 //! what no job wants any more (level-triggered, so a lost command is re-sent).
@@ -24,9 +27,10 @@ use crate::error::ControllerError;
 use crate::logs::LogHub;
 use crate::metrics::MetricsHub;
 use crate::planner::{self, NodeView, RenderInput};
-use crate::store::{Expect, Store};
+use crate::store::{Durable, Expect, Store, StoreWriter};
 
 pub type SessionSender = mpsc::UnboundedSender<Result<ControllerMessage, Status>>;
+pub type WeakSessionSender = mpsc::WeakUnboundedSender<Result<ControllerMessage, Status>>;
 
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
@@ -62,6 +66,8 @@ impl Default for ControllerConfig {
 pub struct Controller {
     state: Mutex<State>,
     store: Arc<dyn Store>,
+    /// Every job and node record goes to the store through here, in order.
+    writer: StoreWriter,
     /// What the load found wrong in the store (records quarantined or
     /// skipped), for `/healthz`.
     pub load_warnings: Vec<String>,
@@ -138,6 +144,7 @@ impl Controller {
     pub async fn load(store: Arc<dyn Store>, data_dir: &Path, config: ControllerConfig) -> anyhow::Result<Arc<Self>> {
         let mut state = State { next_port: *config.master_ports.start(), next_seq: 1, ..State::default() };
         let mut warnings = Vec::new();
+        let mut revisions = HashMap::new();
         for (key, v) in store.list("jobs/").await? {
             let record = match JobRecord::decode(v.value.as_slice()) {
                 Ok(record) => record,
@@ -165,9 +172,11 @@ impl Controller {
                 let submitter = job.file.as_ref().map(|f| f.submitted_by.clone()).unwrap_or_default();
                 state.submitted.insert((submitter, job.request_id.clone()), job.id.clone());
             }
+            revisions.insert(key.clone(), v.revision);
             state.jobs.insert(job.id.clone(), JobEntry::from_store(job, spec, record.seq, v.revision));
         }
         if let Some(last) = store.get(JOB_SEQ_KEY).await? {
+            revisions.insert(JOB_SEQ_KEY.to_string(), last.revision);
             match std::str::from_utf8(&last.value).ok().and_then(|s| s.parse::<u64>().ok()) {
                 Some(last) => state.next_seq = state.next_seq.max(last + 1),
                 None => warnings.push(format!(
@@ -186,11 +195,13 @@ impl Controller {
                 }
             };
             let Some(node) = NodeEntry::from_store(record, v.revision, now) else { continue };
+            revisions.insert(key.clone(), v.revision);
             state.nodes.insert(node.info.name.clone(), node);
         }
         tracing::info!(jobs = state.jobs.len(), nodes = state.nodes.len(), "loaded state from the store");
         Ok(Arc::new(Self {
             state: Mutex::new(state),
+            writer: StoreWriter::start(store.clone(), revisions),
             store,
             load_warnings: warnings,
             config,
@@ -237,8 +248,6 @@ impl Controller {
         }
         admission::check_fits(&spec, &state, &self.config.admission)?;
         let seq = state.next_seq;
-        // Durable before the id is handed out: a restart never gives it again.
-        self.store.put(JOB_SEQ_KEY, seq.to_string().into_bytes(), Expect::Any).await?;
         state.next_seq += 1;
         let id = format!("{}-{}", spec.name, seq);
         let job = Job {
@@ -262,13 +271,29 @@ impl Controller {
         if let Some(stages) = stages {
             entry.start_pipeline(stages)?;
         }
-        state.jobs.insert(id.clone(), entry);
-        if let Err(e) = self.persist_job(&mut state, &id).await {
-            // Not stored, so not a job: nothing of it stays behind.
-            state.jobs.remove(&id);
-            tracing::warn!(job = %id, error = %e, "submit refused: the job could not be stored");
-            return Err(e);
+        // The job joins the state only once its record is stored, so nothing
+        // acts on a job that a failed write leaves unsubmitted. Its record
+        // goes first: a stored record's seq keeps the id taken even if the
+        // counter's write fails.
+        let record = JobRecord { job: Some(entry.job.clone()), seq: entry.seq };
+        let stored = self.writer.write(format!("jobs/{id}"), Some(record.encode_to_vec()));
+        let counter = self.writer.write(JOB_SEQ_KEY.into(), Some(seq.to_string().into_bytes()));
+        drop(state);
+        let stored = stored.wait().await;
+        if let Err(e) = counter.wait().await {
+            tracing::warn!(job = %id, error = %e, "the job counter could not be stored; the job record holds its seq");
         }
+        let revision = match stored {
+            Ok(revision) => revision,
+            Err(e) => {
+                // Not stored, so not a job: nothing of it stays behind.
+                tracing::warn!(job = %id, error = %e, "submit refused: the job could not be stored");
+                return Err(e.into());
+            }
+        };
+        entry.revision = Some(revision);
+        let mut state = self.state.lock().await;
+        state.jobs.insert(id.clone(), entry);
         if !options.request_id.is_empty() {
             state.submitted.insert(repeat_key, id.clone());
         }
@@ -421,11 +446,12 @@ impl Controller {
         if from.is_active() {
             self.teardown(&mut state, &id, "cancelled");
         }
-        self.persist_job(&mut state, &id).await?;
+        let stored = self.persist_job(&mut state, &id);
         self.publish(&state, &id, "cancelled");
         tracing::info!(job = %id, "job cancelled");
         drop(state);
         self.wake.notify_one();
+        stored.wait().await?;
         self.get(&id).await
     }
 
@@ -473,9 +499,10 @@ impl Controller {
         entry.cordoned = cordon;
         entry.draining = drain;
         tracing::info!(node, cordon, drain, "node scheduling changed");
-        self.persist_node(&mut state, node).await?;
+        let stored = self.persist_node(&mut state, node);
         drop(state);
         self.wake.notify_one();
+        stored.wait().await?;
         self.node(node).await
     }
 
@@ -493,10 +520,11 @@ impl Controller {
             t.health = None;
         }
         tracing::info!(node, gpu = index, "GPU cleared by an operator");
-        self.persist_node(&mut state, node).await?;
+        let stored = self.persist_node(&mut state, node);
         Self::send_command(&mut state, node, Command::ClearGpu(cohort_proto::ClearGpuCommand { index }));
         drop(state);
         self.wake.notify_one();
+        stored.wait().await?;
         self.node(node).await
     }
 
@@ -515,22 +543,28 @@ impl Controller {
         self.store.health()
     }
 
-    async fn persist_job(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
-        let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
+    /// Queues the job's record for the store, behind every change queued
+    /// before; await the answer only after releasing the state.
+    fn persist_job(&self, state: &mut State, id: &str) -> Durable {
+        let Some(entry) = state.jobs.get(id) else { return Durable::nothing() };
         let record = JobRecord { job: Some(entry.job.clone()), seq: entry.seq };
-        let expect = entry.revision.map(Expect::Revision).unwrap_or(Expect::Absent);
-        let revision = self.store.put(&format!("jobs/{id}"), record.encode_to_vec(), expect).await?;
-        entry.revision = Some(revision);
-        Ok(())
+        self.writer.write(format!("jobs/{id}"), Some(record.encode_to_vec()))
     }
 
-    async fn persist_node(&self, state: &mut State, name: &str) -> Result<(), ControllerError> {
-        let Some(node) = state.nodes.get_mut(name) else { return Ok(()) };
-        let record = node.record();
-        let expect = node.revision.map(Expect::Revision).unwrap_or(Expect::Absent);
-        let revision = self.store.put(&format!("nodes/{name}"), record.encode_to_vec(), expect).await?;
-        node.revision = Some(revision);
-        Ok(())
+    /// Queues the node's record for the store, like [`Self::persist_job`].
+    fn persist_node(&self, state: &mut State, name: &str) -> Durable {
+        let Some(node) = state.nodes.get(name) else { return Durable::nothing() };
+        self.writer.write(format!("nodes/{name}"), Some(node.record().encode_to_vec()))
+    }
+
+    /// Returns once every change made before this call is stored (or failed).
+    pub async fn flush_store(&self) {
+        self.writer.flush().await;
+    }
+
+    /// Stops writing to the store (leadership lost): queued writes fail.
+    pub fn stop_writes(&self) {
+        self.writer.close();
     }
 
     /// Holds a message for the job's next batch, and publishes the batch once

@@ -325,7 +325,7 @@ impl Controller {
             }
         }
         if changed || message.is_some() {
-            self.persist_job(state, id).await?;
+            self.persist_job(state, id);
             self.publish(state, id, message.as_deref().unwrap_or("stages changed"));
         }
         Ok(())
@@ -409,11 +409,8 @@ impl Controller {
                 ..Job::default()
             };
             state.jobs.insert(child_id.clone(), JobEntry::submitted(job, child_spec, seq));
-            if let Err(e) = self.persist_job(state, &child_id).await {
-                // Not stored, so not submitted: the next pass submits it again.
-                state.jobs.remove(&child_id);
-                return Err(e);
-            }
+            // Queued: a failed write is retried with the run's next change.
+            self.persist_job(state, &child_id);
             self.publish(state, &child_id, "submitted by its pipeline");
             tracing::info!(pipeline = %pipeline_id, stage = %stage_name, job = %child_id, "stage run submitted");
         }
@@ -433,7 +430,7 @@ impl Controller {
         if entry.cancel(why)?.is_active() {
             self.teardown(state, id, reason);
         }
-        self.persist_job(state, id).await?;
+        self.persist_job(state, id);
         self.publish(state, id, "cancelled by its pipeline");
         Ok(())
     }
@@ -614,9 +611,7 @@ impl Controller {
         if let Some(entry) = state.jobs.get_mut(id) {
             entry.job.stages = stages;
         }
-        if let Err(e) = self.persist_job(&mut state, id).await {
-            tracing::error!(job = %id, error = %e, "could not persist the pipeline");
-        }
+        self.persist_job(&mut state, id);
         self.publish(&state, id, "stages changed");
     }
 

@@ -46,7 +46,7 @@ impl Controller {
                         cohort_shared::failure::FailureCause::NodeLost,
                     ),
                 );
-                self.persist_job(state, id).await?;
+                self.persist_job(state, id);
                 return Ok(());
             }
         }
@@ -107,9 +107,7 @@ impl Controller {
                     cohort_shared::failure::FailureCause::PreflightFailed,
                 );
                 self.fail(&mut state, &id, failure);
-                if let Err(e) = self.persist_job(&mut state, &id).await {
-                    tracing::error!(job = %id, error = %e, "could not persist job");
-                }
+                self.persist_job(&mut state, &id);
             }
         }
         self.publish(&state, &id, &message);
@@ -246,11 +244,12 @@ impl Controller {
         let reason =
             format!("resuming from iteration {} ({}){}", checkpoint.iteration, checkpoint.path, skipped_note(&skipped));
         entry.resume(checkpoint, reason)?;
-        self.persist_job(&mut state, &id).await?;
+        let stored = self.persist_job(&mut state, &id);
         self.publish(&state, &id, "resume requested");
         tracing::info!(job = %id, "resume requested");
         drop(state);
         self.wake.notify_one();
+        stored.wait().await?;
         self.get(&id).await
     }
 

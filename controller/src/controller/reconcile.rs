@@ -65,8 +65,8 @@ impl Controller {
         let mut state = self.state.lock().await;
         let Some(id) = key.strip_prefix("jobs/") else { return };
         let Some(entry) = state.jobs.get_mut(id) else { return };
-        if entry.revision.is_some_and(|r| r >= revision) {
-            return; // our own write, or older
+        if entry.revision.is_some_and(|r| r >= revision) || self.writer.is_known(key, revision) {
+            return; // our own write (made or on its way), or older
         }
         let Ok(record) = JobRecord::decode(value) else {
             tracing::warn!(key, "undecodable job record in the store; ignoring it");
@@ -75,6 +75,7 @@ impl Controller {
         if let Some(job) = record.job {
             tracing::warn!(job = %id, revision, "the job was changed in the store by someone else; taking that version");
             entry.replace_record(job, revision);
+            self.writer.adopt(key, revision);
             drop(state);
             self.wake.notify_one();
         }
@@ -102,12 +103,12 @@ impl Controller {
         self.flush_old_held(&mut state);
         self.expire_nodes(&mut state).await?;
         for id in self.check_progress(&mut state) {
-            self.persist_job(&mut state, &id).await?;
+            self.persist_job(&mut state, &id);
         }
         self.advance_restarts(&mut state).await?;
         self.schedule(&mut state).await?;
         for id in self.resend_stops(&mut state) {
-            self.persist_job(&mut state, &id).await?;
+            self.persist_job(&mut state, &id);
         }
         // An attempt's span ends (and is exported) once the attempt is over.
         for entry in state.jobs.values_mut().filter(|e| e.is_terminal() && e.job.live_processes == 0) {
@@ -156,7 +157,7 @@ impl Controller {
                     // Over already: its processes on the node are lost all the same.
                     None => describe(state.jobs.get_mut(&id).map(|e| e.mark_lost(&node)).unwrap_or(0)),
                 };
-                self.persist_job(state, &id).await?;
+                self.persist_job(state, &id);
                 self.publish(state, &id, &message);
             }
         }
@@ -322,7 +323,7 @@ impl Controller {
         let runs_swift = matches!(&entry.spec.workload, Workload::Command(c) if planner::swift_argcheck::from_argv(&c.argv).is_some());
         if entry.spec.needs_preparation() || runs_swift {
             entry.preparing(format!("preparing {}: preflight, shared paths, datasets, staging", node_list(&nodes)))?;
-            self.persist_job(state, id).await?;
+            self.persist_job(state, id);
             tracing::info!(job = %id, attempt, port, "preparing");
             self.send_prepare(state, id).await?;
         } else {
@@ -354,9 +355,10 @@ impl Controller {
         entry.launching(processes, format!("launching on {}", node_list(&nodes)))?;
         let port = entry.plan().map(|p| p.master_port).unwrap_or_default();
         state.logs_complete.insert((id.to_string(), attempt));
-        // Persist before sending: a controller that dies here restarts knowing
-        // the attempt exists, and reconciles what the agents report.
-        self.persist_job(state, id).await?;
+        // Queued before sending, so it reaches the store ahead of what follows.
+        // A controller that dies before it lands restarts without this attempt,
+        // and `resend_stops` stops the ranks the agents report for it.
+        self.persist_job(state, id);
         tracing::info!(job = %id, attempt, port, "launching");
         let mut unreachable = None;
         for node in launch_plan.nodes {
@@ -369,7 +371,7 @@ impl Controller {
             self.fail_on_node(state, id, &node, FailureCause::NodeLost, |_| {
                 format!("node {node} dropped its stream while the job was launched")
             });
-            self.persist_job(state, id).await?;
+            self.persist_job(state, id);
         }
         self.publish(state, id, "launching");
         Ok(())

@@ -146,7 +146,7 @@ impl Controller {
                 None => String::new(),
             };
             entry.requeue(format!("restarting{from}: waiting to be placed{note}"))?;
-            self.persist_job(state, &id).await?;
+            self.persist_job(state, &id);
             self.publish(state, &id, "restart queued");
         }
         Ok(())

@@ -25,7 +25,19 @@ fn node_info(name: &str) -> NodeInfo {
 }
 
 async fn open(dir: &Path) -> Arc<Controller> {
-    let store = Arc::new(EmbeddedStore::open(&dir.join("store")).unwrap());
+    // A controller dropped just before holds the file until its writer task ends.
+    let mut tries = 0;
+    let store = loop {
+        match EmbeddedStore::open(&dir.join("store")) {
+            Ok(store) => break Arc::new(store),
+            Err(e) if tries < 100 => {
+                tries += 1;
+                tracing::debug!(error = %e, "state file still held");
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     Controller::load(store, dir, ControllerConfig::default()).await.unwrap()
 }
 
@@ -91,6 +103,7 @@ fn running_launch(job: &str) -> Vec<RunningLaunch> {
 }
 
 async fn stored(controller: &Controller, id: &str) -> Job {
+    controller.flush_store().await;
     let record = controller.store.get(&format!("jobs/{id}")).await.unwrap().unwrap();
     JobRecord::decode(record.value.as_slice()).unwrap().job.unwrap()
 }
@@ -321,4 +334,155 @@ async fn a_node_lost_while_running_restarts_the_job_without_it_after_the_old_gan
     assert_eq!(second.attempts[0].failure.as_ref().unwrap().cause, "node_lost", "attempt 1 keeps its failure");
     assert!(second.failure.is_none(), "the new attempt has none yet");
     assert_eq!(second.live_processes, 2);
+}
+
+/// The embedded store, whose writes of keys under a held prefix wait at the
+/// store until released; records every write it makes, in order.
+struct HeldStore {
+    inner: EmbeddedStore,
+    held: tokio::sync::watch::Sender<Option<&'static str>>,
+    waiting: std::sync::atomic::AtomicUsize,
+    written: std::sync::Mutex<Vec<(String, Vec<u8>)>>,
+}
+
+impl HeldStore {
+    fn open(dir: &Path) -> Arc<HeldStore> {
+        Arc::new(HeldStore {
+            inner: EmbeddedStore::open(&dir.join("store")).unwrap(),
+            held: tokio::sync::watch::channel(None).0,
+            waiting: 0.into(),
+            written: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Waits until `n` writes wait at the store.
+    async fn until_waiting(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.waiting.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "no write reached the store");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn written(&self, key: &str) -> Vec<Vec<u8>> {
+        self.written.lock().unwrap().iter().filter(|(k, _)| k == key).map(|(_, v)| v.clone()).collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for HeldStore {
+    async fn get(&self, key: &str) -> Result<Option<crate::store::Versioned>, crate::store::StoreError> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, crate::store::Versioned)>, crate::store::StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn put(&self, key: &str, value: Vec<u8>, expect: Expect) -> Result<u64, crate::store::StoreError> {
+        let mut held = self.held.subscribe();
+        if held.borrow().is_some_and(|prefix| key.starts_with(prefix)) {
+            self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = held.wait_for(|h| !h.is_some_and(|prefix| key.starts_with(prefix))).await;
+        }
+        self.written.lock().unwrap().push((key.to_string(), value.clone()));
+        self.inner.put(key, value, expect).await
+    }
+    async fn delete(&self, key: &str, expect: Expect) -> Result<(), crate::store::StoreError> {
+        self.inner.delete(key, expect).await
+    }
+    async fn watch(&self, prefix: &str, from: u64) -> Result<crate::store::WatchStream, crate::store::StoreError> {
+        self.inner.watch(prefix, from).await
+    }
+}
+
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), future).await.unwrap_or_else(|_| panic!("{what}: no answer in 10 s"))
+}
+
+/// A submit whose record is still on its way to the store is answered only
+/// once it is stored; meanwhile heartbeats are acked and reads answered.
+#[tokio::test]
+async fn heartbeats_and_reads_are_answered_while_a_submits_write_waits_at_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = HeldStore::open(dir.path());
+    let controller = Controller::load(store.clone(), dir.path(), ControllerConfig::default()).await.unwrap();
+    let _n0 = connect(&controller, "n0", Vec::new()).await;
+    store.held.send_replace(Some("jobs/"));
+    let submitting = tokio::spawn({
+        let controller = controller.clone();
+        async move { submit(&controller, "name: t\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: ['true']\n").await }
+    });
+    store.until_waiting(1).await;
+
+    let gpus = vec![cohort_proto::GpuTelemetry { index: 0, uuid: "GPU-42".into(), ..Default::default() }];
+    within("heartbeat", controller.heartbeat("n0", Heartbeat { seq: 7, gpus, ..Heartbeat::default() })).await;
+    let nodes = within("ListNodes", controller.nodes()).await;
+    assert_eq!(nodes[0].telemetry[0].uuid, "GPU-42", "the heartbeat was not applied");
+    assert!(within("ListJobs", controller.list(false)).await.is_empty(), "a job not yet stored is listed");
+    assert!(!submitting.is_finished(), "the submit was answered before its record was stored");
+
+    store.held.send_replace(None);
+    let id = within("submit", submitting).await.unwrap();
+    assert_eq!(stored(&controller, &id).await.state, JobState::Pending as i32);
+}
+
+/// Changes of one key made while its first write waits at the store reach
+/// it after that write, newest last (those in between may be skipped).
+#[tokio::test]
+async fn writes_of_one_key_reach_the_store_in_the_order_of_the_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = HeldStore::open(dir.path());
+    let controller = Controller::load(store.clone(), dir.path(), ControllerConfig::default()).await.unwrap();
+    let _n0 = connect(&controller, "n0", Vec::new()).await;
+    store.held.send_replace(Some("nodes/"));
+    let change = |cordoned: bool, draining: bool| {
+        let controller = controller.clone();
+        async move {
+            let mut state = controller.state.lock().await;
+            let node = state.nodes.get_mut("n0").unwrap();
+            (node.cordoned, node.draining) = (cordoned, draining);
+            controller.persist_node(&mut state, "n0")
+        }
+    };
+    let first = change(true, false).await;
+    store.until_waiting(1).await;
+    let second = change(false, false).await;
+    let third = change(true, true).await;
+    store.held.send_replace(None);
+    let revisions = [first.wait().await.unwrap(), second.wait().await.unwrap(), third.wait().await.unwrap()];
+    assert!(revisions[0] < revisions[2] && revisions[1] == revisions[2], "{revisions:?}");
+
+    let written: Vec<(bool, bool)> = store
+        .written("nodes/n0")
+        .iter()
+        .map(|v| NodeRecord::decode(v.as_slice()).unwrap())
+        .map(|r| (r.cordoned, r.draining))
+        .collect();
+    // Registration, the held write, then the newest of the two queued behind it.
+    assert_eq!(written, [(false, false), (true, false), (true, true)]);
+    let now = NodeRecord::decode(store.get("nodes/n0").await.unwrap().unwrap().value.as_slice()).unwrap();
+    assert_eq!((now.cordoned, now.draining), (true, true));
+}
+
+/// A heartbeat is acked without the state, through the session the state
+/// holds: once the state drops it (lead lost), nothing is acked and the
+/// agent's stream ends, so it looks for another controller.
+#[tokio::test]
+async fn heartbeats_are_acked_only_through_a_session_the_state_still_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let request = RegisterRequest { node: Some(node_info("n0")), ..Default::default() };
+    let registered = controller.register(request).await.unwrap();
+    let (tx, mut session) = mpsc::unbounded_channel();
+    let weak = tx.downgrade();
+    controller.attach("n0", &registered.session_id, tx).await.unwrap();
+    // Acked while the state is held elsewhere.
+    let held = controller.state.lock().await;
+    Controller::ack_heartbeat(&weak, 3);
+    let acked = commands(&mut session);
+    assert!(matches!(acked.as_slice(), [Command::HeartbeatAck(a)] if a.seq == 3), "{acked:?}");
+    drop(held);
+
+    controller.close_sessions().await;
+    Controller::ack_heartbeat(&weak, 4);
+    assert!(session.recv().await.is_none(), "a closed session was acked or kept open");
 }

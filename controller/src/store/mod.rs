@@ -8,9 +8,11 @@
 
 mod embedded;
 pub(crate) mod etcd;
+mod writer;
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{DEFAULT_PREFIX, EtcdOptions, EtcdStore, parse_endpoints};
+pub use writer::{Durable, StoreWriter};
 
 use std::pin::Pin;
 
@@ -35,7 +37,7 @@ pub enum Expect {
     Revision(u64),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store conflict on {key}: expected {expected:?}, found revision {found:?}")]
     Conflict { key: String, expected: Expect, found: Option<u64> },

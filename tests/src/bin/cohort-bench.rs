@@ -95,6 +95,15 @@ pub struct Args {
     /// Skip the etcd runs.
     #[arg(long)]
     no_etcd: bool,
+    /// At the largest size with etcd: the gangs (`--gangs`) on etcd, then the
+    /// largest again while every etcd answer comes this much later (a proxy
+    /// between the controllers and etcd), heartbeat acks recorded; 0: skip both.
+    #[arg(long, default_value_t = 50)]
+    etcd_delay_ms: u64,
+    /// With etcd, only the gangs and the slow-etcd run: no idle and busy
+    /// windows, no takeover.
+    #[arg(long)]
+    etcd_gangs_only: bool,
     /// Print one JSON object on stdout (the table goes to stderr).
     #[arg(long)]
     json: bool,
@@ -290,6 +299,14 @@ async fn etcd(args: &Args, n: usize, largest: bool) -> EtcdRun {
     let outcome = async {
         let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(1)).await.context("starting etcd")?;
         let endpoint = etcd.endpoint(0);
+        // The controllers reach etcd through a proxy that can slow its answers.
+        let slow = if largest && args.etcd_delay_ms > 0 {
+            let target = endpoint.trim_start_matches("http://").parse().context("etcd's address")?;
+            Some(cohort_tests::proxy::SlowReplies::start("127.0.0.1:0".parse()?, target).await?)
+        } else {
+            None
+        };
+        let store_url = slow.as_ref().map_or_else(|| etcd.url(), |p| format!("etcd://{}", p.addr));
         let etcd_dir = etcd.log(0).parent().map(|p| p.display().to_string()).unwrap_or_default();
         let probe = EtcdProbe { endpoint: &endpoint, pid: procs::pid_with_arg(&etcd_dir) };
         let port = SparePort::take();
@@ -300,7 +317,7 @@ async fn etcd(args: &Args, n: usize, largest: bool) -> EtcdRun {
                 port: port.port + i,
                 data_dir: dir.path(),
                 master_ports: format!("{}-{}", port.port + 3, port.port + 39),
-                etcd: Some(&etcd.url()),
+                etcd: Some(&store_url),
                 leader_ttl: Duration::from_millis(args.leader_ttl_ms),
                 memory_limit: memory_limit(args),
                 cpus: args.controller_cpus.as_deref(),
@@ -324,6 +341,12 @@ async fn etcd(args: &Args, n: usize, largest: bool) -> EtcdRun {
             run.breaks_connecting = fleet.shared.session_breaks.load(std::sync::atomic::Ordering::Relaxed);
             run.settle_s = scenarios::settle(&fleet, args.warmup as usize, settle_timeout(n)).await;
             eprintln!("  settled: {:?} s", run.settle_s);
+            if let Some(slow) = &slow {
+                run.gangs = Some(gangs_on_etcd(args, &mut leader_client, &fleet, &mut leader, slow).await);
+                if args.etcd_gangs_only {
+                    return anyhow::Ok(());
+                }
+            }
             run.idle = Some(scenarios::steady(&fleet, &leader, &mut leader_client, window(args), Some(&probe)).await?);
             let nodes = (n / args.etcd_jobs.max(1)).clamp(1, 128);
             eprintln!("  {} gangs of {nodes} running", args.etcd_jobs);
@@ -371,6 +394,33 @@ async fn etcd(args: &Args, n: usize, largest: bool) -> EtcdRun {
         run.error = Some(format!("{e:#}"));
     }
     run
+}
+
+/// The gangs on etcd, then the largest while etcd answers `--etcd-delay-ms`
+/// later; heartbeat acks recorded during each.
+async fn gangs_on_etcd(
+    args: &Args,
+    client: &mut scenarios::Client,
+    fleet: &Fleet,
+    leader: &mut ControllerProc,
+    slow: &cohort_tests::proxy::SlowReplies,
+) -> report::EtcdGangs {
+    let mut gangs = report::EtcdGangs::default();
+    fleet.start_recording();
+    for &nodes in &args.gangs {
+        gangs.gangs.extend(gang(args, client, fleet, leader, nodes).await);
+    }
+    gangs.hb = scenarios::Stats::of(&fleet.stop_recording());
+    let Some(&largest) = args.gangs.iter().max() else { return gangs };
+    let delay = Duration::from_millis(args.etcd_delay_ms);
+    eprintln!("  etcd answers {} ms later", args.etcd_delay_ms);
+    slow.set_delay(delay);
+    fleet.start_recording();
+    gangs.slow = gang(args, client, fleet, leader, largest).await;
+    gangs.slow_hb = scenarios::Stats::of(&fleet.stop_recording());
+    slow.set_delay(Duration::ZERO);
+    gangs.delay_ms = args.etcd_delay_ms;
+    gangs
 }
 
 /// Whether a 1,024-node gang launches with the etcd store (its job record is

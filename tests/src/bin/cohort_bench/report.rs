@@ -97,8 +97,63 @@ pub struct EtcdRun {
     pub busy_start_s: Option<f64>,
     pub takeover: Option<Takeover>,
     pub big_gang: Option<String>,
+    pub gangs: Option<EtcdGangs>,
     pub error: Option<String>,
     pub controller_log: Vec<String>,
+}
+
+/// Gangs on etcd, with heartbeat acks meanwhile; then the largest gang while
+/// etcd answers `delay_ms` later.
+#[derive(Default)]
+pub struct EtcdGangs {
+    pub gangs: Vec<Gang>,
+    pub hb: Stats,
+    pub delay_ms: u64,
+    pub slow: Option<Gang>,
+    pub slow_hb: Stats,
+}
+
+impl EtcdGangs {
+    fn json(&self) -> Value {
+        json!({
+            "gangs": self.gangs.iter().map(Gang::json).collect::<Vec<_>>(),
+            "heartbeat_ack_ms": self.hb.json(),
+            "slow_etcd_delay_ms": self.delay_ms,
+            "slow_etcd_gang": self.slow.as_ref().map(Gang::json),
+            "slow_etcd_heartbeat_ack_ms": self.slow_hb.json(),
+        })
+    }
+
+    fn lines(&self, t: &mut String) {
+        let gang = |t: &mut String, label: &str, g: &Gang| {
+            let s = Stats::of(&g.to_running);
+            let _ = writeln!(
+                t,
+                "        {label}{}-node gang, submit -> Running p50 / p99: {:.0} / {:.0} ms (n={}){}",
+                g.nodes,
+                s.p50,
+                s.p99,
+                s.n,
+                g.note.as_ref().map(|n| format!("; {n}")).unwrap_or_default()
+            );
+        };
+        for g in &self.gangs {
+            gang(t, "etcd: ", g);
+        }
+        let _ = writeln!(
+            t,
+            "        etcd: heartbeat ack during the gangs p50 / p99: {:.2} / {:.2} ms (n={})",
+            self.hb.p50, self.hb.p99, self.hb.n
+        );
+        if let Some(g) = &self.slow {
+            gang(t, &format!("etcd {} ms slower: ", self.delay_ms), g);
+        }
+        let _ = writeln!(
+            t,
+            "        etcd {} ms slower: heartbeat ack p50 / p99: {:.2} / {:.2} ms (n={})",
+            self.delay_ms, self.slow_hb.p50, self.slow_hb.p99, self.slow_hb.n
+        );
+    }
 }
 
 impl EtcdRun {
@@ -114,6 +169,7 @@ impl EtcdRun {
             busy_start_s: None,
             takeover: None,
             big_gang: None,
+            gangs: None,
             error: None,
             controller_log: Vec::new(),
         }
@@ -311,6 +367,11 @@ pub fn table(r: &Results) -> String {
         );
         for e in &r.etcd {
             let Some(idle) = &e.idle else {
+                if let Some(gangs) = &e.gangs {
+                    let _ = writeln!(t, "{:>6} agents, gangs only:", e.agents);
+                    gangs.lines(&mut t);
+                    continue;
+                }
                 let _ = writeln!(t, "{:>6} failed: {}", e.agents, e.error.as_deref().unwrap_or("?"));
                 for line in &e.controller_log {
                     let _ = writeln!(t, "        controller: {line}");
@@ -354,6 +415,9 @@ pub fn table(r: &Results) -> String {
             }
             if let Some(big) = &e.big_gang {
                 let _ = writeln!(t, "        1024-node gang with etcd: {big}");
+            }
+            if let Some(gangs) = &e.gangs {
+                gangs.lines(&mut t);
             }
             if let Some(err) = &e.error {
                 let _ = writeln!(t, "        failed later: {err}");
@@ -507,6 +571,7 @@ pub fn json(r: &Results) -> Value {
                 "busy_submit_to_all_running_s": e.busy_start_s,
                 "takeover": e.takeover.as_ref().map(Takeover::json),
                 "gang_1024": e.big_gang,
+                "gangs": e.gangs.as_ref().map(EtcdGangs::json),
                 "error": e.error,
                 "controller_log": e.controller_log,
             })
