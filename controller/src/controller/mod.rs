@@ -80,6 +80,14 @@ pub struct Controller {
     checks: Arc<tokio::sync::Semaphore>,
 }
 
+/// A submit whose record is on its way to the store.
+struct PendingSubmit {
+    /// Closed when the first submit is done, stored or not.
+    done: tokio::sync::watch::Receiver<()>,
+    /// Repeats of it waiting for that.
+    repeats: usize,
+}
+
 #[derive(Default)]
 struct State {
     jobs: BTreeMap<String, JobEntry>,
@@ -107,6 +115,10 @@ struct State {
     pending_conversions: HashMap<String, cohort_proto::ConversionCacheEntry>,
     /// Jobs by (submitter, SubmitJobRequest.request_id): a repeated submit returns the first job.
     submitted: HashMap<(String, String), String>,
+    /// Submits whose record is on its way to the store, by the same key: a
+    /// repeat waits for the first's outcome instead of making a second job.
+    /// The sender side lives in the first submit and drops when it is done.
+    pending_submits: HashMap<(String, String), PendingSubmit>,
     /// When the liveness sweep last ran (monotonic): a sweep much later than
     /// its tick means this controller was paused or starved, not the nodes.
     last_sweep: Option<Instant>,
@@ -231,8 +243,22 @@ impl Controller {
         let spec = self.check_file(&file).await?;
         let warnings: Vec<String> = spec.warnings().iter().map(|w| format!("{}: {}", w.field, w.message)).collect();
         admission::check_request_id(&options.request_id)?;
-        let mut state = self.state.lock().await;
         let repeat_key = (file.submitted_by.clone(), options.request_id.clone());
+        let mut state = loop {
+            let mut state = self.state.lock().await;
+            let Some(pending) = state.pending_submits.get_mut(&repeat_key) else { break state };
+            if pending.done.has_changed().is_err() {
+                // The first submit's future was dropped (its caller went away): it is over.
+                state.pending_submits.remove(&repeat_key);
+                break state;
+            }
+            pending.repeats += 1;
+            let first = pending.done.clone();
+            drop(state);
+            let mut first = first;
+            // Returns once the first submit has finished, stored or not; then look again.
+            let _ = first.changed().await;
+        };
         if !options.request_id.is_empty()
             && let Some(id) = state.submitted.get(&repeat_key)
         {
@@ -278,6 +304,10 @@ impl Controller {
         let record = JobRecord { job: Some(entry.job.clone()), seq: entry.seq };
         let stored = self.writer.write(format!("jobs/{id}"), Some(record.encode_to_vec()));
         let counter = self.writer.write(JOB_SEQ_KEY.into(), Some(seq.to_string().into_bytes()));
+        let (_pending, first) = tokio::sync::watch::channel(());
+        if !options.request_id.is_empty() {
+            state.pending_submits.insert(repeat_key.clone(), PendingSubmit { done: first, repeats: 0 });
+        }
         drop(state);
         let stored = stored.wait().await;
         if let Err(e) = counter.wait().await {
@@ -288,11 +318,13 @@ impl Controller {
             Err(e) => {
                 // Not stored, so not a job: nothing of it stays behind.
                 tracing::warn!(job = %id, error = %e, "submit refused: the job could not be stored");
+                self.state.lock().await.pending_submits.remove(&repeat_key);
                 return Err(e.into());
             }
         };
         entry.revision = Some(revision);
         let mut state = self.state.lock().await;
+        state.pending_submits.remove(&repeat_key);
         state.jobs.insert(id.clone(), entry);
         if !options.request_id.is_empty() {
             state.submitted.insert(repeat_key, id.clone());

@@ -425,6 +425,43 @@ async fn heartbeats_and_reads_are_answered_while_a_submits_write_waits_at_the_st
     assert_eq!(stored(&controller, &id).await.state, JobState::Pending as i32);
 }
 
+/// A submit retried with the same request id while the first one's record is
+/// still on its way to the store (the CLI retries a lost answer) gets the
+/// first job, not a second one.
+#[tokio::test]
+async fn a_repeated_submit_during_the_first_ones_write_gets_the_same_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = HeldStore::open(dir.path());
+    let controller = Controller::load(store.clone(), dir.path(), ControllerConfig::default()).await.unwrap();
+    store.held.send_replace(Some("jobs/"));
+    let send = || {
+        let controller = controller.clone();
+        let file = JobFile {
+            yaml: "name: t\nkind: command\nnodes: 1\ncommand: ['true']\n".into(),
+            source_name: "t.yaml".into(),
+            ..JobFile::default()
+        };
+        let options = admission::SubmitOptions { request_id: "r-1".into(), ..Default::default() };
+        tokio::spawn(async move { controller.submit(file, options).await.map(|(job, _)| job.id) })
+    };
+    let first = send();
+    store.until_waiting(1).await;
+    let again = send();
+    let key = (String::new(), "r-1".to_owned());
+    within("the repeat to wait for the first", async {
+        while controller.state.lock().await.pending_submits.get(&key).is_none_or(|p| p.repeats == 0) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(!again.is_finished(), "the repeat was answered before the first submit's write ended");
+    store.held.send_replace(None);
+    let (first, again) = (within("submit", first).await.unwrap(), within("repeat", again).await.unwrap());
+    let (first, again) = (first.unwrap(), again.unwrap());
+    assert_eq!(first, again);
+    assert_eq!(within("ListJobs", controller.list(false)).await.len(), 1, "a second job was made");
+}
+
 /// Changes of one key made while its first write waits at the store reach
 /// it after that write, newest last (those in between may be skipped).
 #[tokio::test]
