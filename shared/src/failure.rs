@@ -27,6 +27,8 @@ pub enum FailureCause {
     NodeLost,
     /// No progress for the hang timeout.
     Hang,
+    /// The attempt ran past the job's `time_limit` and was stopped.
+    TimeLimit,
     /// Preflight, shared-path, dataset or staging checks refused the launch.
     PreflightFailed,
 }
@@ -42,6 +44,7 @@ pub const ALL_CAUSES: &[FailureCause] = &[
     FailureCause::RankFailed,
     FailureCause::NodeLost,
     FailureCause::Hang,
+    FailureCause::TimeLimit,
     FailureCause::PreflightFailed,
 ];
 
@@ -58,6 +61,7 @@ impl FailureCause {
             FailureCause::RankFailed => "rank_failed",
             FailureCause::NodeLost => "node_lost",
             FailureCause::Hang => "hang",
+            FailureCause::TimeLimit => "time_limit",
             FailureCause::PreflightFailed => "preflight_failed",
         }
     }

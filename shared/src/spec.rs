@@ -65,6 +65,10 @@ pub struct JobSpec {
     pub stop_grace: Duration,
     /// No progress for this long means the job hangs.
     pub hang_timeout: Option<Duration>,
+    /// Wall time one attempt may run, counted from Running (every rank
+    /// started); past it the gang is stopped and the attempt fails with cause
+    /// `time_limit`, not restarted unless `restart.on` names `time_limit`.
+    pub time_limit: Option<Duration>,
     /// New attempts after a failure (`restart:`); none by default.
     pub restart: RestartPolicy,
     /// A node progressing this many times slower than the others is a straggler.
@@ -187,6 +191,8 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 /// The longest `stop_grace`: a stop that waits longer holds GPUs no one uses
 /// (and an hour in milliseconds still fits the wire's u32).
 pub const MAX_STOP_GRACE: Duration = Duration::from_secs(3600);
+/// The longest `time_limit`: 30 days.
+pub const MAX_TIME_LIMIT: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl JobSpec {
     /// Parses and validates a job file. `source` names the file in messages.
@@ -411,6 +417,7 @@ struct Common {
     priority: i32,
     stop_grace: Duration,
     hang_timeout: Option<Duration>,
+    time_limit: Option<Duration>,
     restart: RestartPolicy,
     straggler_factor: f64,
     python: Option<String>,
@@ -443,6 +450,7 @@ fn read_common(root: &Mapping, problems: &mut Problems) -> Common {
     if hang_timeout == Some(Duration::ZERO) {
         problems.at(&["hang_timeout"], "must be longer than zero; leave it out to turn hang detection off");
     }
+    let time_limit = read_time_limit(root, problems);
     let restart = restart::read_restart(root, problems);
     let straggler_factor = restart::read_straggler_factor(root, problems);
     let python = typed::<String>(root, "python", problems);
@@ -468,6 +476,7 @@ fn read_common(root: &Mapping, problems: &mut Problems) -> Common {
         priority,
         stop_grace,
         hang_timeout,
+        time_limit,
         restart,
         straggler_factor,
         python,
@@ -491,6 +500,7 @@ impl Common {
             priority: self.priority,
             stop_grace: self.stop_grace,
             hang_timeout: self.hang_timeout,
+            time_limit: self.time_limit,
             restart: self.restart,
             straggler_factor: self.straggler_factor,
             python: self.python,
@@ -500,6 +510,24 @@ impl Common {
             workload,
         }
     }
+}
+
+/// `time_limit:`, the wall time one attempt may run: above zero, at most [`MAX_TIME_LIMIT`].
+fn read_time_limit(root: &Mapping, problems: &mut Problems) -> Option<Duration> {
+    let limit = typed::<DurationText>(root, "time_limit", problems).map(|d| d.0)?;
+    if limit.is_zero() {
+        problems.at(&["time_limit"], "must be longer than zero, e.g. `2h`; leave it out for no limit");
+    } else if limit > MAX_TIME_LIMIT {
+        problems.at(
+            &["time_limit"],
+            format!(
+                "{} is longer than the longest time limit, {}; leave it out for no limit",
+                humantime::format_duration(limit),
+                humantime::format_duration(MAX_TIME_LIMIT)
+            ),
+        );
+    }
+    Some(limit)
 }
 
 /// `user:`, the account the processes run as (each node decides whether it allows it).

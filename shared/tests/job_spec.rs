@@ -279,6 +279,7 @@ fn restart_policy_defaults_and_overrides() {
     assert!(defaults.restart.retries(C::Nccl) && defaults.restart.retries(C::Hang));
     assert!(!defaults.restart.retries(C::CudaOom) && !defaults.restart.retries(C::UserError));
     assert!(!defaults.restart.retries(C::PreflightFailed));
+    assert!(!defaults.restart.retries(C::TimeLimit), "a timed-out attempt is not restarted by default");
     assert_eq!(defaults.restart.backoff_for(1), Duration::from_secs(10));
     assert_eq!(defaults.restart.backoff_for(3), Duration::from_secs(40));
     assert_eq!(defaults.restart.backoff_for(30), Duration::from_secs(300));
@@ -292,4 +293,15 @@ fn restart_policy_defaults_and_overrides() {
     assert!(custom.restart.exclude_failed_nodes);
     assert!(custom.restart.retries(C::CudaOom), "a cause named in `on` is retried");
     assert!(!custom.restart.retries(C::Nccl), "rank_failed is not in `on`");
+
+    let requeued = parse(&format!("{base}restart: {{on: [time_limit]}}\n"));
+    assert!(requeued.restart.retries(C::TimeLimit), "named, a timed-out attempt is restarted");
+}
+
+#[test]
+fn time_limit_is_read_as_a_duration_and_absent_by_default() {
+    let base = "name: a\nkind: command\nnodes: 1\ncommand: [x]\n";
+    assert_eq!(parse(base).time_limit, None);
+    assert_eq!(parse(&format!("{base}time_limit: 1h30m\n")).time_limit, Some(Duration::from_secs(5400)));
+    assert_eq!(parse(&format!("{base}time_limit: 30days\n")).time_limit, Some(Duration::from_secs(30 * 86400)));
 }

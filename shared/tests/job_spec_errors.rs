@@ -253,6 +253,9 @@ fn name_env_selector_and_durations() {
     // It went to the agents as u32 milliseconds, truncated: 999999999h became about 12 days.
     single(&format!("{V3_JOB}stop_grace: 999999999h\n"), "stop_grace", Some(35), "longer than the longest wait");
     single(&format!("{V3_JOB}hang_timeout: 0s\n"), "hang_timeout", Some(35), "longer than zero");
+    single(&format!("{V3_JOB}time_limit: 0s\n"), "time_limit", Some(35), "longer than zero");
+    single(&format!("{V3_JOB}time_limit: 31d\n"), "time_limit", Some(35), "longer than the longest time limit, 30days");
+    single(&format!("{V3_JOB}time_limit: 2\n"), "time_limit", Some(35), r#"has no unit; write e.g. "2s""#);
     single(&format!("{V3_JOB}node_selector: [gpu]\n"), "node_selector", Some(35), "must be a mapping");
     single(&format!("{V3_JOB}priority: high\n"), "priority", Some(35), "expected a whole number (e.g. 2)");
     single(&format!("{V3_JOB}restart: always\n"), "restart", Some(35), "must be a mapping");

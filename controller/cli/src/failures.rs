@@ -2,6 +2,8 @@
 //! suspect, stack dumps), progress and the hang timeout, and the per-node
 //! straggler report.
 
+use std::time::Duration;
+
 use comfy_table::Table;
 use comfy_table::presets::NOTHING;
 
@@ -47,6 +49,16 @@ pub fn print_failure_status(job: &Job) {
             "hang:      last progress {quiet:.0}s ago; hung after {:.0}s without progress",
             job.hang_timeout_ms as f64 / 1000.0
         );
+    }
+    if job.time_limit_ms > 0 {
+        let limit = humantime::format_duration(Duration::from_millis(job.time_limit_ms as u64));
+        if job.state == JobState::Running as i32 && job.running_unix_ms > 0 {
+            let ran_ms = (cohort_proto::now_unix_ms() - job.running_unix_ms).max(0);
+            let left = Duration::from_secs(((job.time_limit_ms - ran_ms).max(0) / 1000) as u64);
+            say!("limit:     time_limit {limit}, {} left", humantime::format_duration(left));
+        } else {
+            say!("limit:     time_limit {limit} per attempt, from Running");
+        }
     }
     if job.node_progress.iter().any(|n| n.events > 0 || n.gpu_utilization_pct >= 0.0) {
         let mut t = Table::new();

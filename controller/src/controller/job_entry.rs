@@ -146,7 +146,8 @@ impl JobEntry {
         Self::new(job, spec, seq, None)
     }
 
-    fn new(job: Job, spec: JobSpec, seq: u64, revision: Option<u64>) -> Self {
+    fn new(mut job: Job, spec: JobSpec, seq: u64, revision: Option<u64>) -> Self {
+        job.time_limit_ms = spec.time_limit.map_or(0, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
         JobEntry {
             job,
             spec,

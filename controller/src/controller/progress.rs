@@ -36,6 +36,8 @@ pub(super) struct AttemptProgress {
     attempt: u32,
     last_progress: Option<Instant>,
     last_progress_unix_ms: i64,
+    /// When the attempt was seen Running, on the monotonic clock (for the time limit).
+    running_since: Option<Instant>,
     last_iteration: Option<(u64, Instant)>,
     /// Seconds per iteration, newest last.
     iteration_times: VecDeque<f64>,
@@ -269,11 +271,34 @@ impl Controller {
             let Some(entry) = state.jobs.get_mut(&id) else { continue };
             let attempt = entry.job.attempt;
             let factor = entry.spec.straggler_factor;
+            let running_unix_ms = entry.job.running_unix_ms;
             let progress = entry.progress.at(attempt);
             if progress.last_progress.is_none() {
                 // Counting starts when the whole gang runs.
                 progress.progressed(now);
             }
+            // From the Running time on record, so that a controller restart does not reset it.
+            let running_since = *progress.running_since.get_or_insert_with(|| {
+                let ran_ms = now_unix_ms() - running_unix_ms;
+                if running_unix_ms <= 0 || ran_ms <= 0 {
+                    return now;
+                }
+                now.checked_sub(Duration::from_millis(ran_ms as u64)).unwrap_or(now)
+            });
+            if let Some(limit) = entry.spec.time_limit.filter(|_| !entry.spec.is_pipeline()) {
+                let ran = now.duration_since(running_since);
+                if ran > limit {
+                    entry.progress.hang = None;
+                    let failure = time_limit_failure(limit, ran);
+                    tracing::warn!(job = %id, attempt, ran = ?ran, limit = ?limit, "time limit reached; stopping the gang");
+                    let message = failure.message.clone();
+                    self.fail(state, &id, failure);
+                    self.publish(state, &id, &message);
+                    changed.push(id.clone());
+                    continue;
+                }
+            }
+            let progress = entry.progress.at(attempt);
             let timeout = hang_timeout(&entry.spec, progress.median_iteration_s());
             let silent = progress.last_progress.map(|t| now.duration_since(t)).unwrap_or_default();
             let report = node_report(progress, factor);
@@ -337,6 +362,18 @@ impl Controller {
             }
         }
         changed
+    }
+}
+
+/// The failure of an attempt stopped at its time limit, after running `ran` from Running.
+fn time_limit_failure(limit: Duration, ran: Duration) -> Failure {
+    let limit = humantime::format_duration(limit);
+    let ran = humantime::format_duration(Duration::from_secs(ran.as_secs()));
+    Failure {
+        cause: FailureCause::TimeLimit.name().into(),
+        detail: format!("ran {ran} from Running, past the time_limit of {limit}"),
+        message: format!("time limit reached: ran {ran} from Running, time_limit {limit}; the gang was stopped"),
+        ..Failure::default()
     }
 }
 

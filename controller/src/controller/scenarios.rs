@@ -523,3 +523,56 @@ async fn heartbeats_are_acked_only_through_a_session_the_state_still_holds() {
     Controller::ack_heartbeat(&weak, 4);
     assert!(session.recv().await.is_none(), "a closed session was acked or kept open");
 }
+
+#[tokio::test]
+async fn an_attempt_past_its_time_limit_is_stopped_and_fails_with_cause_time_limit_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let mut sessions = Vec::new();
+    for node in ["n0", "n1"] {
+        sessions.push(connect(&controller, node, Vec::new()).await);
+    }
+    let yaml = "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\nstop_grace: 3s\ntime_limit: 1m\n\
+                command: [sleep, '1000']\nrestart: {max_restarts: 3, backoff: 1ms}\n";
+    let id = submit(&controller, yaml).await;
+    tokio::time::pause();
+    controller.reconcile().await.unwrap();
+    for node in ["n0", "n1"] {
+        controller.process_event(node, event(&id, started())).await;
+    }
+    for session in &mut sessions {
+        commands(session);
+    }
+    let running = controller.get(&id).await.unwrap();
+    assert_eq!(running.state, JobState::Running as i32, "{}", running.reason);
+    assert_eq!(running.time_limit_ms, 60_000);
+
+    pass(&controller, Duration::from_secs(58), &["n0", "n1"]).await;
+    assert_eq!(controller.get(&id).await.unwrap().state, JobState::Running as i32, "still inside its limit");
+    for session in &mut sessions {
+        assert_eq!(stops(&commands(session)), 0, "nothing stopped inside the limit");
+    }
+
+    pass(&controller, Duration::from_secs(3), &["n0", "n1"]).await;
+    let job = controller.get(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Failed as i32, "{}", job.reason);
+    let failure = job.failure.as_ref().unwrap();
+    assert_eq!(failure.cause, "time_limit");
+    assert!(failure.message.contains("time_limit 1m") && failure.message.contains("ran 1m"), "{}", failure.message);
+    assert!(job.reason.contains("not restarted: time_limit failures are not retried"), "{}", job.reason);
+    for session in &mut sessions {
+        let sent = commands(session);
+        let grace: Vec<u32> =
+            sent.iter().filter_map(|c| if let Command::Stop(s) = c { Some(s.grace_ms) } else { None }).collect();
+        assert!(!grace.is_empty() && grace.iter().all(|g| *g == 3000), "stopped with the job's grace: {grace:?}");
+    }
+    assert_eq!(stored(&controller, &id).await.failure.unwrap().cause, "time_limit", "the failure is persisted");
+
+    // The ranks end; the job stays Failed and no new attempt is placed.
+    for node in ["n0", "n1"] {
+        controller.process_event(node, event(&id, Event::Exited(exited(None, Some(15))))).await;
+    }
+    pass(&controller, Duration::from_secs(5), &["n0", "n1"]).await;
+    let ended = controller.get(&id).await.unwrap();
+    assert_eq!((ended.state, ended.attempt, ended.live_processes), (JobState::Failed as i32, 1, 0));
+}

@@ -25,7 +25,7 @@ pub struct RestartPolicy {
     pub max_restarts: u32,
     /// The wait before the first restart; doubled for each later one, capped at [`MAX_BACKOFF`].
     pub backoff: Duration,
-    /// Events (`rank_failed`, `node_lost`, `hang`, `preflight_failed`) and
+    /// Events (`rank_failed`, `node_lost`, `hang`, `time_limit`, `preflight_failed`) and
     /// causes (`cuda_oom`, `user_error`, ...) that start a new attempt.
     pub on: Vec<FailureCause>,
     /// Place the next attempt without the node blamed for the failure when
@@ -93,7 +93,7 @@ pub(super) fn read_restart(root: &Mapping, problems: &mut Problems) -> RestartPo
                 format!("restart.on[{i}]"),
                 &["restart", "on"],
                 format!(
-                    "unknown failure {name:?}{}; events: rank_failed, node_lost, hang, preflight_failed; causes: {}",
+                    "unknown failure {name:?}{}; events: rank_failed, node_lost, hang, time_limit, preflight_failed; causes: {}",
                     suggestion(name, ALL_CAUSES.iter().map(|c| c.name())),
                     ALL_CAUSES.iter().filter(|c| c.event() != **c).map(|c| c.name()).collect::<Vec<_>>().join(", ")
                 ),

@@ -123,6 +123,7 @@ pub const INHERITED_KEYS: &[&str] = &[
     "priority",
     "stop_grace",
     "hang_timeout",
+    "time_limit",
     "python",
     "stage",
     "shared_paths",
