@@ -145,7 +145,7 @@ pub struct CommandSpec {
 pub enum LaunchMode {
     /// One process per node (e.g. torchrun, which starts its own ranks).
     PerNode,
-    /// One process per GPU, each with `RANK` and `LOCAL_RANK`.
+    /// One process per GPU, each with `RANK`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE` and `GROUP_RANK`.
     PerRank,
 }
 
@@ -180,6 +180,8 @@ pub const RESERVED_ENV: &[&str] = &[
     "WORLD_SIZE",
     "RANK",
     "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
     "CUDA_VISIBLE_DEVICES",
 ];
 

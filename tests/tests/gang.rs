@@ -237,7 +237,8 @@ async fn per_rank_launch_gives_each_process_its_rank() {
     let job = cluster
         .submit(
             "name: ranks\nkind: command\nnodes: 2\ngpus_per_node: 2\nlaunch: per-rank\n\
-             command: [sh, -c, 'echo rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE node=$NODE_RANK gpus=$CUDA_VISIBLE_DEVICES']\n",
+             command: [sh, -c, 'echo rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE node=$NODE_RANK gpus=$CUDA_VISIBLE_DEVICES \
+             local_world=$LOCAL_WORLD_SIZE group=$GROUP_RANK']\n",
         )
         .await
         .unwrap();
@@ -246,9 +247,41 @@ async fn per_rank_launch_gives_each_process_its_rank() {
     let out = cluster.cli(&["logs", &job.id]);
     let text = String::from_utf8_lossy(&out.stdout);
     for (rank, local, node) in [(0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)] {
-        let want = format!("rank={rank} local={local} world=4 node={node} gpus=0,1");
+        let want = format!("rank={rank} local={local} world=4 node={node} gpus=0,1 local_world=2 group={node}");
         assert!(text.contains(&want), "missing {want:?} in:\n{text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempt_past_its_time_limit_is_stopped_failed_and_not_restarted() {
+    let cluster = Cluster::start(vec![NodeSpec::loopback(0, 1), NodeSpec::loopback(1, 1)]).await.unwrap();
+    let job = cluster
+        .submit(
+            "name: limited\nkind: command\nnodes: 2\ngpus_per_node: 1\ntime_limit: 2s\nstop_grace: 2s\n\
+             restart: {max_restarts: 3, backoff: 100ms}\ncommand: [sleep, '60']\n",
+        )
+        .await
+        .unwrap();
+    let running = cluster
+        .wait_job(&job.id, Duration::from_secs(20), |j| state(j) == JobState::Running && j.live_processes == 2)
+        .await
+        .unwrap();
+    assert_eq!(running.time_limit_ms, 2000);
+    let status = cluster.cli(&["status", &job.id]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("time_limit 2s,") && text.contains("left"), "status shows the limit and time left:\n{text}");
+
+    // Every process gone, a few seconds after the limit (not after sleep's 60 s).
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(state(&job), JobState::Failed, "{}", job.reason);
+    let failure = job.failure.clone().unwrap();
+    assert_eq!(failure.cause, "time_limit", "{failure:?}");
+    assert!(failure.message.contains("time_limit 2s"), "{}", failure.message);
+    assert!(job.reason.contains("not restarted"), "{}", job.reason);
+    let ran_ms = job.finished_unix_ms - job.running_unix_ms;
+    assert!(ran_ms >= 2000, "stopped {ran_ms} ms after Running, before its limit");
+    assert!(live_groups(&running).is_empty(), "no process of the job is left: {:?}", live_groups(&running));
+    assert_eq!((job.attempt, job.attempts.len()), (1, 1), "no new attempt");
 }
 
 #[tokio::test(flavor = "multi_thread")]

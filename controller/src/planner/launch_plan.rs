@@ -104,6 +104,9 @@ pub fn node_processes(
                 let mut env = env.clone();
                 env.push(var("RANK", global));
                 env.push(var("LOCAL_RANK", local));
+                // What torchrun sets besides: processes on this node, and the node's rank.
+                env.push(var("LOCAL_WORLD_SIZE", nproc));
+                env.push(var("GROUP_RANK", node_rank));
                 ProcessSpec { index: local, argv: argv.clone(), env, global_rank: Some(global) }
             })
             .collect(),

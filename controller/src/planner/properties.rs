@@ -151,6 +151,18 @@ fn check_plan(
             for (key, value) in want {
                 prop_assert_eq!(env.get(key).copied(), Some(value.as_str()), "{} on {}", key, name);
             }
+            // A per-rank process gets what torchrun gives its workers; a per-node one leaves them to torchrun.
+            let per_rank = process.global_rank.map(|_| {
+                [
+                    ("LOCAL_RANK", process.index.to_string()),
+                    ("LOCAL_WORLD_SIZE", nproc.to_string()),
+                    ("GROUP_RANK", rank.to_string()),
+                ]
+            });
+            for key in ["LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"] {
+                let want = per_rank.as_ref().and_then(|vars| vars.iter().find(|(k, _)| *k == key)).map(|(_, v)| v);
+                prop_assert_eq!(env.get(key).copied(), want.map(String::as_str), "{} on {}", key, name);
+            }
         }
         // Global ranks as torchrun (per-node) or the agent (per-rank) number them.
         let globals: Vec<u32> = match node.launch.processes.iter().map(|p| p.global_rank).collect::<Option<Vec<_>>>() {
