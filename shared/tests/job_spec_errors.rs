@@ -136,7 +136,12 @@ fn reserved_env_key() {
     single(&text, "env.MASTER_PORT", Some(8), "MASTER_PORT is set by Cohort");
     single(&variant("  MEGATRON_LM_PATH:", "  COHORT_JOB_ID:"), "env.COHORT_JOB_ID", Some(7), "set by Cohort");
     // torchrun's per-worker variables, which per-rank launches set.
-    single(&variant("  MEGATRON_LM_PATH:", "  GROUP_RANK:"), "env.GROUP_RANK", Some(7), "set by Cohort");
+    single(
+        &variant("  MEGATRON_LM_PATH:", "  GROUP_RANK:"),
+        "env.GROUP_RANK",
+        Some(7),
+        "set by Cohort (for each process of a per-rank launch)",
+    );
     single(&variant("  MEGATRON_LM_PATH:", "  LOCAL_WORLD_SIZE:"), "env.LOCAL_WORLD_SIZE", Some(7), "set by Cohort");
     single(&variant("  MEGATRON_LM_PATH:", "  2BAD:"), "env.2BAD", Some(7), "not a valid variable name");
     single(

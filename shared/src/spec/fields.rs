@@ -44,6 +44,14 @@ fn sanitize_name(name: &str) -> String {
     fixed.trim_matches('-').to_owned()
 }
 
+/// Which processes get a reserved variable, for the refusal's words.
+fn reserved_env_scope(key: &str) -> &'static str {
+    match key {
+        "RANK" | "LOCAL_RANK" | "LOCAL_WORLD_SIZE" | "GROUP_RANK" => "for each process of a per-rank launch",
+        _ => "for every process, like NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT",
+    }
+}
+
 /// The job's `env`, and the names of the values marked secret
 /// (`NAME: {value: ..., secret: true}`).
 pub(super) fn read_env(root: &Mapping, problems: &mut Problems) -> (IndexMap<String, String>, BTreeSet<String>) {
@@ -58,10 +66,8 @@ pub(super) fn read_env(root: &Mapping, problems: &mut Problems) -> (IndexMap<Str
         if !valid {
             problems.at(&["env", key], format!("{key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
         } else if RESERVED_ENV.contains(&key) || key.starts_with(RESERVED_ENV_PREFIX) {
-            problems.at(
-                &["env", key],
-                format!("{key} is set by Cohort for every process (like NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT); remove it from env"),
-            );
+            problems
+                .at(&["env", key], format!("{key} is set by Cohort ({}); remove it from env", reserved_env_scope(key)));
         }
         let value = match value {
             Value::Mapping(entry) => match secret_entry(entry) {
