@@ -11,7 +11,7 @@ pub enum ControllerError {
     InvalidSpec(#[from] SpecErrors),
     #[error("no job {0:?}: `cohort jobs` lists the known jobs")]
     JobNotFound(String),
-    #[error("invalid request: {0}")]
+    #[error("{0}")]
     InvalidRequest(String),
     #[error("{0}")]
     FailedPrecondition(String),
