@@ -651,6 +651,27 @@ impl Cluster {
         command
     }
 
+    /// The first process of a job's first rank, once it runs the job's
+    /// program: the shim's child (exec-as execs it in place) that is no
+    /// longer the agent's own helper.
+    pub async fn rank_of(&self, job_id: &str) -> u32 {
+        let running = self
+            .wait_job(job_id, Duration::from_secs(30), |j| !j.processes.is_empty() && j.processes[0].pid > 0)
+            .await
+            .unwrap();
+        let shim = running.processes[0].pid;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(&pid) = children_of(shim).first()
+                && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() != "cohort-agent")
+            {
+                return pid;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no rank under the shim {shim} of {job_id}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Process ids of the controller and of the agents still running.
     pub fn controller_pid(&self) -> Option<u32> {
         self.controller.as_ref().map(Child::id)

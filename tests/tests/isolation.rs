@@ -117,25 +117,6 @@ async fn a_jobs_cgroup_has_the_nodes_limits_stops_a_fork_bomb_and_an_allocation_
     assert!(said(&hog).contains("OOM killer") && said(&hog).contains("job-memory-max"), "{}", said(&hog));
 }
 
-/// The first child of a job's shim: the rank (exec-as execs it in place).
-async fn rank_of(cluster: &Cluster, job_id: &str) -> u32 {
-    let running = cluster
-        .wait_job(job_id, Duration::from_secs(30), |j| !j.processes.is_empty() && j.processes[0].pid > 0)
-        .await
-        .unwrap();
-    let shim = running.processes[0].pid;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(&pid) = children_of(shim).first()
-            && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() != "cohort-agent")
-        {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "no rank under the shim {shim} of {job_id}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_cannot_see_another_users_jobs_processes_nor_read_its_secrets() {
     assert!(cohort_tests::is_root(), "this test creates users: run it as root (as CI does)");
@@ -156,7 +137,7 @@ async fn a_job_cannot_see_another_users_jobs_processes_nor_read_its_secrets() {
         ))
         .await
         .unwrap();
-    let victim_pid = rank_of(&cluster, &victim.id).await;
+    let victim_pid = cluster.rank_of(&victim.id).await;
     // The secret is in the victim's environment (so the check below means something).
     let environ = std::fs::read(format!("/proc/{victim_pid}/environ")).unwrap();
     assert!(String::from_utf8_lossy(&environ).contains("hunter2-secret"));

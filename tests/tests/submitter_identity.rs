@@ -10,12 +10,12 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cohort_agent::submitter_account::{AccountError, SubmitterAccounts};
 use cohort_proto::{JobFile, JobState, SubmitJobRequest};
 use cohort_runtime::tls::Role;
-use cohort_tests::{Cluster, NodeSpec, children_of, state};
+use cohort_tests::{Cluster, NodeSpec, state};
 
 /// Removes a Unix user and its group, trying again while another test holds the passwd lock.
 fn remove_user(name: &str) {
@@ -39,25 +39,6 @@ fn process_uid(pid: u32) -> u32 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// The first child of a job's shim: the rank (exec-as execs it in place).
-async fn rank_of(cluster: &Cluster, job_id: &str) -> u32 {
-    let running = cluster
-        .wait_job(job_id, Duration::from_secs(30), |j| !j.processes.is_empty() && j.processes[0].pid > 0)
-        .await
-        .unwrap();
-    let shim = running.processes[0].pid;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(&pid) = children_of(shim).first()
-            && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() != "cohort-agent")
-        {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "no rank under the shim {shim} of {job_id}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -92,7 +73,7 @@ async fn two_submitters_jobs_run_as_two_users_that_cannot_read_or_kill_each_othe
             .into(),
     )
     .await;
-    let victim_pid = rank_of(&cluster, &victim.id).await;
+    let victim_pid = cluster.rank_of(&victim.id).await;
     let alice_uid = uid_of(alice_account).expect("the agent made alice's account");
     assert_eq!(process_uid(victim_pid), alice_uid, "alice's rank runs as her own account");
     let environ = std::fs::read(format!("/proc/{victim_pid}/environ")).unwrap();

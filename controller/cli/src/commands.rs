@@ -87,14 +87,8 @@ pub enum Verb {
     Run {
         #[command(flatten)]
         inline: crate::compose::Inline,
-        /// Wait until the job has finished; exit 0 only if it succeeded.
-        #[arg(long)]
-        wait: bool,
-        /// Print the job's output while it runs (implies --wait).
-        #[arg(long)]
-        follow: bool,
         #[command(flatten)]
-        format: Format,
+        after: AfterSubmit,
     },
     /// Print a shell completion script: `cohort completion bash > /etc/bash_completion.d/cohort`.
     Completion { shell: clap_complete::Shell },
@@ -103,14 +97,8 @@ pub enum Verb {
         file: PathBuf,
         #[command(flatten)]
         overrides: crate::compose::Overrides,
-        /// Wait until the job has finished; exit 0 only if it succeeded.
-        #[arg(long)]
-        wait: bool,
-        /// Print the job's output while it runs (implies --wait).
-        #[arg(long)]
-        follow: bool,
         #[command(flatten)]
-        format: Format,
+        after: AfterSubmit,
     },
     /// List jobs, oldest first.
     Jobs {
@@ -219,6 +207,19 @@ pub enum Verb {
     Dev(crate::dev::DevVerb),
 }
 
+/// What `submit` and `run` do once the job is queued.
+#[derive(clap::Args, Debug)]
+pub struct AfterSubmit {
+    /// Wait until the job has finished; exit 0 only if it succeeded.
+    #[arg(long)]
+    wait: bool,
+    /// Print the job's output while it runs (implies --wait).
+    #[arg(long)]
+    follow: bool,
+    #[command(flatten)]
+    format: Format,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum CacheVerb {
     /// List the converted checkpoints: key, model, layout, ms-swift version, path, hits.
@@ -316,7 +317,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Verb::Plan { format, check, .. } => plan(&mut client, file.unwrap_or_default(), check, format.output).await,
-        Verb::Submit { wait, follow, format, .. } | Verb::Run { wait, follow, format, .. } => {
+        Verb::Submit { after: AfterSubmit { wait, follow, format }, .. }
+        | Verb::Run { after: AfterSubmit { wait, follow, format }, .. } => {
             let out = format.output;
             let response = submit_retrying(&client, file).await.map_err(status_error)?.into_inner();
             let job = response.job.unwrap_or_default();
