@@ -642,30 +642,34 @@ fn misplaced(root: &Mapping, key: &str, kind: &str, belongs_to: &str, problems: 
     }
 }
 
+/// The first top-level line (not indented, no comment, sequence item or
+/// document marker) for which `wanted(line, key)` holds, `key` being the text
+/// before its first `:` read as YAML (None when it does not read).
+fn first_top_level_line(text: &str, wanted: impl Fn(&str, Option<Value>) -> bool) -> Option<usize> {
+    text.lines().enumerate().find_map(|(i, line)| {
+        let top = !line.starts_with([' ', '\t', '#', '-', '.']);
+        let key = line.split(':').next().unwrap_or_default();
+        (top && wanted(line, serde_yaml_ng::from_str::<Value>(key).ok())).then_some(i + 1)
+    })
+}
+
 /// The first top-level line whose key is not text (`&anchor:`, `1:`, `~:`).
 fn line_of_odd_key(text: &str) -> Option<usize> {
-    text.lines().enumerate().find_map(|(i, line)| {
-        let top = !line.is_empty() && !line.starts_with([' ', '\t', '#', '-', '.']);
-        let key = line.split(':').next().unwrap_or_default();
-        let odd = top && !matches!(serde_yaml_ng::from_str::<Value>(key), Ok(Value::String(_)));
-        odd.then_some(i + 1)
-    })
+    first_top_level_line(text, |line, key| !line.is_empty() && !matches!(key, Some(Value::String(_))))
 }
 
 /// The first top-level line whose key reads as empty text (`"": x`, `!!binary : x`).
 fn line_of_empty_key(text: &str) -> Option<usize> {
-    text.lines().enumerate().find_map(|(i, line)| {
-        let top = !line.starts_with([' ', '\t', '#', '-', '.']) && line.contains(':');
-        let key = line.split(':').next().unwrap_or_default();
-        let empty = match serde_yaml_ng::from_str::<Value>(key) {
-            Ok(Value::String(s)) => s.trim().is_empty(),
-            Ok(Value::Tagged(tagged)) => {
-                tagged.value.as_str().is_some_and(|s| s.trim().is_empty()) || tagged.value.is_null()
+    first_top_level_line(text, |line, key| {
+        line.contains(':')
+            && match key {
+                Some(Value::String(s)) => s.trim().is_empty(),
+                Some(Value::Tagged(tagged)) => {
+                    tagged.value.as_str().is_some_and(|s| s.trim().is_empty()) || tagged.value.is_null()
+                }
+                Some(Value::Null) => true,
+                _ => false,
             }
-            Ok(Value::Null) => true,
-            _ => false,
-        };
-        (top && empty).then_some(i + 1)
     })
 }
 
