@@ -170,6 +170,12 @@ fn top_level_keys() -> impl Iterator<Item = &'static str> + Clone {
 /// Keys that the design names but this version does not implement yet.
 const NOT_YET_SUPPORTED: &[&str] = &[];
 
+/// Whether `name` can be an environment variable of a job: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_env_name(name: &str) -> bool {
+    name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// Variables that Cohort sets for every process; a job may not override them.
 pub const RESERVED_ENV: &[&str] = &[
     "NNODES",

@@ -515,7 +515,7 @@ async fn wait_finished(
 
 /// Whether the job has left the queue: preparing, running or finished.
 fn started(job: &Job) -> bool {
-    !matches!(JobState::try_from(job.state), Ok(JobState::Pending | JobState::Unspecified)) || finished(job)
+    !matches!(JobState::try_from(job.state), Ok(JobState::Pending | JobState::Unspecified))
 }
 
 /// Follows the job's events until `until` holds or it can never be placed,
@@ -560,14 +560,18 @@ async fn wait_until(
     }
 }
 
-fn reconnect_delays() -> backon::ExponentialBackoff {
-    use backon::{BackoffBuilder, ExponentialBuilder};
-    ExponentialBuilder::default()
+/// The CLI's retries of a connection: 300 ms doubling to 5 s, jittered, `times` tries.
+fn transport_backoff(times: usize) -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(300))
         .with_max_delay(Duration::from_secs(5))
-        .with_max_times(10)
+        .with_max_times(times)
         .with_jitter()
-        .build()
+}
+
+fn reconnect_delays() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder as _;
+    transport_backoff(10).build()
 }
 
 /// One watch of the job: `Some(job)` once `until` holds (or it never fits), `None` when the
@@ -827,7 +831,7 @@ async fn submit_retrying(
     client: &JobServiceClient<Channel>,
     file: Option<cohort_proto::JobFile>,
 ) -> Result<tonic::Response<cohort_proto::SubmitJobResponse>, tonic::Status> {
-    use backon::{ExponentialBuilder, Retryable};
+    use backon::Retryable;
     let request_id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
     let attempt = || {
         let mut client = client.clone();
@@ -835,13 +839,7 @@ async fn submit_retrying(
         async move { client.submit_job(request).await }
     };
     attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(300))
-                .with_max_delay(Duration::from_secs(5))
-                .with_max_times(5)
-                .with_jitter(),
-        )
+        .retry(transport_backoff(5))
         .when(is_transport_failure)
         .notify(|status: &tonic::Status, delay: Duration| {
             eprintln!("submit: {}; retrying in {delay:.1?} with the same request id", status.message());

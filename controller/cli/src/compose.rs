@@ -34,9 +34,7 @@ pub struct Overrides {
 fn parse_env(text: &str) -> Result<(String, String), String> {
     let (name, value) =
         text.split_once('=').ok_or_else(|| format!("{text:?}: write NAME=VALUE, e.g. NCCL_DEBUG=INFO"))?;
-    let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !valid {
+    if !cohort_shared::spec::is_env_name(name) {
         return Err(format!("{name:?} is not an environment variable name (letters, digits and _, not first a digit)"));
     }
     Ok((name.to_owned(), value.to_owned()))

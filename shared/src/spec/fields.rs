@@ -61,9 +61,7 @@ pub(super) fn read_env(root: &Mapping, problems: &mut Problems) -> (IndexMap<Str
         return (env, secrets);
     };
     for (key, value) in entries {
-        let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
+        if !super::is_env_name(key) {
             problems.at(&["env", key], format!("{key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
         } else if RESERVED_ENV.contains(&key) || key.starts_with(RESERVED_ENV_PREFIX) {
             problems
