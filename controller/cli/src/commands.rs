@@ -684,7 +684,7 @@ impl JobFilter {
         name: Option<String>,
         limit: Option<usize>,
     ) -> anyhow::Result<Self> {
-        let known: Vec<JobState> = (1..=8).filter_map(|s| JobState::try_from(s).ok()).collect();
+        let known: Vec<JobState> = (1..).map_while(|s| JobState::try_from(s).ok()).collect();
         let states = states
             .iter()
             .map(|wanted| {

@@ -415,6 +415,9 @@ impl Controller {
             }
             Err(e) => response.placement_error = e.to_string(),
         }
+        if prepare::required_packages(spec).is_empty() {
+            return response;
+        }
         // The nodes it would run on (unplaced: every Ready node) as their agents found them at start-up.
         let placed: Vec<&str> =
             response.plan.iter().flat_map(|p| p.nodes.iter().map(|n| n.node_name.as_str())).collect();

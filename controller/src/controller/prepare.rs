@@ -384,7 +384,7 @@ fn evaluate(entry: &JobEntry) -> Vec<String> {
 }
 
 /// The packages preflight requires of every node of the job.
-fn required_packages(spec: &JobSpec) -> Vec<&'static str> {
+pub(super) fn required_packages(spec: &JobSpec) -> Vec<&'static str> {
     if !matches!(spec.workload, Workload::MegatronSft(_)) {
         Vec::new()
     } else if swift_check::needs_transformer_engine(spec) {
