@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""How many of the `cohort` CLI's own error messages a test asserts the text of.
+
+A message is the format string of an error the CLI crate makes itself
+(`bail!`, `anyhow!`, `ensure!`, `.context(...)`, `.with_context(|| format!(...))`
+in controller/cli/src, outside `#[cfg(test)]`); messages that are only a
+placeholder (`"{}"`, passing on the controller's words) are not counted. Its fixed
+text is what lies between the `{...}` placeholders.
+
+A message is covered when a test asserts a piece of that fixed text: a string
+literal given to `contains(...)`, `starts_with(...)` or `ends_with(...)` in the
+tests (tests/tests/*.rs, the `#[cfg(test)]` modules of controller/cli/src) is
+12 characters or more of one piece, or holds a whole piece of 20 or more. The
+match is by text only: `-v` lists each message with the literal that matched, to
+be read. A literal that also occurs in the source of the controller, the agent
+or the shared crates is not counted (the test may be asserting their message).
+Run from the repository root.
+"""
+import glob, re, sys
+
+LIT = r'"((?:[^"\\]|\\.)*)"'
+
+def unescape(s):
+    s = re.sub(r'\\\n\s*', '', s)               # Rust string continuation
+    return s.replace('\\"', '"').replace('\\n', '\n').replace('\\\\', '\\')
+
+def split_test(path):
+    text = open(path, encoding='utf-8').read()
+    cut = text.find('#[cfg(test)]')
+    return (text, '') if cut < 0 else (text[:cut], text[cut:])
+
+messages = []  # (file:line, format string)
+for path in sorted(glob.glob('controller/cli/src/*.rs')):
+    code, _ = split_test(path)
+    for m in re.finditer(r'(?:bail!|anyhow!|ensure!\([^,]*,|\.context|\.with_context\(\s*\|\|\s*\{?\s*format!)\(?\s*' + LIT, code):
+        fmt = unescape(m.group(1))
+        if not re.sub(r'\{[^}]*\}', '', fmt).strip(' :;'):
+            continue                             # only placeholders
+        line = code.count('\n', 0, m.start()) + 1
+        messages.append((f'{path}:{line}', fmt))
+
+tests = []
+for path in sorted(glob.glob('tests/tests/**/*.rs', recursive=True) + glob.glob('controller/cli/src/*.rs')):
+    if path.startswith('controller/'):
+        _, test = split_test(path)
+    else:
+        test = open(path, encoding='utf-8').read()
+    for m in re.finditer(r'(?:contains|starts_with|ends_with)\(\s*&?' + LIT, test):
+        tests.append(unescape(m.group(1)))
+
+# Words that the other programs also write (controller, agent, shared code) may
+# be asserted of their messages: such a literal is not taken as the CLI's.
+others = ''.join(open(p, encoding='utf-8').read() for p in
+                 glob.glob('controller/src/**/*.rs', recursive=True) + glob.glob('agent/src/**/*.rs', recursive=True)
+                 + glob.glob('shared/**/src/**/*.rs', recursive=True))
+
+def covered(fmt):
+    pieces = [p.strip() for p in re.split(r'\{[^}]*\}', fmt) if p.strip()]
+    for lit in tests:
+        lit = lit.strip()
+        if lit in others:
+            continue
+        for p in pieces:
+            if (len(lit) >= 12 and lit in p) or (len(p) >= 20 and p in lit):
+                return lit
+    return None
+
+distinct = {}
+for where, fmt in messages:
+    distinct.setdefault(fmt, []).append(where)
+hits = {fmt: covered(fmt) for fmt in distinct}
+if '-v' in sys.argv:
+    for fmt, where in distinct.items():
+        mark = 'covered' if hits[fmt] else 'not    '
+        print(f'{mark} {where[0]}: {fmt!r}' + (f'  <- {hits[fmt]!r}' if hits[fmt] else ''))
+n = sum(1 for h in hits.values() if h)
+print(f'{n} of {len(distinct)} distinct CLI error messages are asserted by a test')
