@@ -5,11 +5,12 @@ A message is the format string of an error the CLI crate makes itself
 (`bail!`, `anyhow!`, `ensure!`, `.context(...)`, `.with_context(|| format!(...))`
 in controller/cli/src, outside `#[cfg(test)]`); messages that are only a
 placeholder (`"{}"`, passing on the controller's words) are not counted. Its fixed
-text is what lies between the `{...}` placeholders.
+text is what lies between the `{...}` placeholders. The CLI's other stderr lines
+(`eprintln!`: warnings, plan problems, progress) are counted apart, likewise.
 
 A message is covered when a test asserts a piece of that fixed text: a string
 literal given to `contains(...)`, `starts_with(...)` or `ends_with(...)` in the
-tests (tests/tests/*.rs, the `#[cfg(test)]` modules of controller/cli/src) is
+tests (tests/tests/**/*.rs, the `#[cfg(test)]` modules of controller/cli/src) is
 12 characters or more of one piece, or holds a whole piece of 20 or more. The
 match is by text only: `-v` lists each message with the literal that matched, to
 be read. A literal that also occurs in the source of the controller, the agent
@@ -18,7 +19,7 @@ Run from the repository root.
 """
 import glob, re, sys
 
-LIT = r'"((?:[^"\\]|\\.)*)"'
+LIT = r'"((?:[^"\\]|\\[\s\S])*)"'
 
 def unescape(s):
     s = re.sub(r'\\\n\s*', '', s)               # Rust string continuation
@@ -29,15 +30,20 @@ def split_test(path):
     cut = text.find('#[cfg(test)]')
     return (text, '') if cut < 0 else (text[:cut], text[cut:])
 
-messages = []  # (file:line, format string)
-for path in sorted(glob.glob('controller/cli/src/*.rs')):
-    code, _ = split_test(path)
-    for m in re.finditer(r'(?:bail!|anyhow!|ensure!\([^,]*,|\.context|\.with_context\(\s*\|\|\s*\{?\s*format!)\(?\s*' + LIT, code):
-        fmt = unescape(m.group(1))
-        if not re.sub(r'\{[^}]*\}', '', fmt).strip(' :;'):
-            continue                             # only placeholders
-        line = code.count('\n', 0, m.start()) + 1
-        messages.append((f'{path}:{line}', fmt))
+ERRORS = r'(?:bail!|anyhow!|ensure!\([^,]*,|\.context|\.with_context\(\s*\|\|\s*\{?\s*format!)\(?\s*'
+STDERR = r'eprintln!\(\s*'
+
+def formats(pattern):
+    found = []  # (file:line, format string)
+    for path in sorted(glob.glob('controller/cli/src/*.rs')):
+        code, _ = split_test(path)
+        for m in re.finditer(pattern + LIT, code):
+            fmt = unescape(m.group(1))
+            if not re.sub(r'\{[^}]*\}', '', fmt).strip(' :;-'):
+                continue                         # only placeholders
+            line = code.count('\n', 0, m.start()) + 1
+            found.append((f'{path}:{line}', fmt))
+    return found
 
 tests = []
 for path in sorted(glob.glob('tests/tests/**/*.rs', recursive=True) + glob.glob('controller/cli/src/*.rs')):
@@ -65,13 +71,19 @@ def covered(fmt):
                 return lit
     return None
 
-distinct = {}
-for where, fmt in messages:
-    distinct.setdefault(fmt, []).append(where)
-hits = {fmt: covered(fmt) for fmt in distinct}
-if '-v' in sys.argv:
-    for fmt, where in distinct.items():
-        mark = 'covered' if hits[fmt] else 'not    '
-        print(f'{mark} {where[0]}: {fmt!r}' + (f'  <- {hits[fmt]!r}' if hits[fmt] else ''))
-n = sum(1 for h in hits.values() if h)
-print(f'{n} of {len(distinct)} distinct CLI error messages are asserted by a test')
+def report(what, pattern):
+    distinct = {}
+    for where, fmt in formats(pattern):
+        distinct.setdefault(fmt, []).append(where)
+    hits = {fmt: covered(fmt) for fmt in distinct}
+    if '-v' in sys.argv:
+        for fmt, where in distinct.items():
+            mark = 'covered' if hits[fmt] else 'not    '
+            print(f'{mark} {where[0]}: {fmt!r}' + (f'  <- {hits[fmt]!r}' if hits[fmt] else ''))
+    n = sum(1 for h in hits.values() if h)
+    print(f'{n} of {len(distinct)} distinct {what} are asserted by a test')
+
+report('CLI error messages', ERRORS)
+# Also: the other lines the CLI writes to stderr with eprintln! (warnings, plan
+# problems, progress such as "submitted job ..."), counted apart.
+report('other stderr lines of the CLI (eprintln!)', STDERR)
