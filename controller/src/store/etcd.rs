@@ -16,10 +16,13 @@ use etcd_client::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Expect, Store, StoreError, Versioned, WatchEvent, WatchStream};
+use super::{CommitError, Expect, Op, Store, StoreError, Versioned, WatchEvent, WatchStream, check_distinct_keys};
 
 /// Where Cohort's keys live unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "/cohort/";
+/// etcd's default `--max-txn-ops`: the most compares, and the most ops of
+/// each branch, in one transaction.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 /// Keys fetched per range request when listing.
 const LIST_PAGE: i64 = 500;
 /// Events a watcher may have in flight before etcd is made to wait.
@@ -36,6 +39,8 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// Per attempt of a call (retries come on top).
     pub request_timeout: Duration,
+    /// The cluster's `--max-txn-ops`: most keys in one [`Store::commit`].
+    pub max_txn_ops: usize,
 }
 
 impl EtcdOptions {
@@ -45,6 +50,7 @@ impl EtcdOptions {
             prefix: DEFAULT_PREFIX.to_string(),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(2),
+            max_txn_ops: DEFAULT_MAX_TXN_OPS,
         }
     }
 
@@ -92,6 +98,7 @@ pub struct EtcdStore {
     client: Client,
     prefix: String,
     endpoints: Vec<String>,
+    max_txn_ops: usize,
 }
 
 impl EtcdStore {
@@ -106,7 +113,8 @@ impl EtcdStore {
         let client = Client::connect(&endpoints, Some(options.connect_options()))
             .await
             .map_err(|e| StoreError::Backend(format!("etcd at {endpoints:?}: {e}")))?;
-        let store = Self { client, prefix: options.prefix, endpoints };
+        let max_txn_ops = options.max_txn_ops.max(1);
+        let store = Self { client, prefix: options.prefix, endpoints, max_txn_ops };
         let probe = store.key("");
         store
             .retrying("connect", |mut c| {
@@ -166,6 +174,39 @@ impl EtcdStore {
         .map(|(response, attempts)| (response, attempts > 1))
         .map_err(|e| self.error("write", key, e))
     }
+}
+
+/// The key of each op as read in a commit's failure branch, in op order.
+fn found_kvs(response: &TxnResponse) -> Vec<Option<KeyValue>> {
+    response
+        .op_responses()
+        .into_iter()
+        .map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The revision of an earlier attempt of this commit that was applied before
+/// its answer was lost: every put's key holds its value, all at one
+/// revision, and every deleted key is gone (`now`: etcd's revision, for a
+/// commit of deletes only).
+fn applied_earlier(ops: &[Op], found: &[Option<KeyValue>], now: u64) -> Option<u64> {
+    let mut revision = None;
+    for (op, kv) in ops.iter().zip(found) {
+        match (&op.value, kv) {
+            (None, None) => {}
+            (Some(value), Some(kv)) if kv.value() == value.as_slice() => {
+                let at = from_etcd(kv.mod_revision());
+                if *revision.get_or_insert(at) != at {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(revision.unwrap_or(now))
 }
 
 /// `(value, attempts)`.
@@ -334,6 +375,82 @@ impl Store for EtcdStore {
             expected: expect,
             found: found.map(|kv| from_etcd(kv.mod_revision())),
         })
+    }
+
+    /// One transaction: a compare per key (none for `Any`), the writes if
+    /// all hold, else a read of every key to name the one that did not.
+    async fn commit(&self, ops: Vec<Op>) -> Result<Vec<u64>, CommitError> {
+        check_distinct_keys(&ops)?;
+        let Some(first) = ops.first() else { return Ok(Vec::new()) };
+        if ops.len() > self.max_txn_ops {
+            return Err(StoreError::Backend(format!(
+                "a commit of {} keys is more than etcd takes in one transaction (--max-txn-ops {}); commit at most {} at once",
+                ops.len(),
+                self.max_txn_ops,
+                self.max_txn_ops
+            ))
+            .into());
+        }
+        // Revision 0 is no key's revision: refused, as `put` refuses it.
+        if let Some(index) = ops.iter().position(|op| op.expect == Expect::Revision(0)) {
+            let op = &ops[index];
+            let found = self.get(&op.key).await?.map(|v| v.revision);
+            let error = StoreError::Conflict { key: op.key.clone(), expected: op.expect, found };
+            return Err(CommitError::Conflict { index, error });
+        }
+        let compares: Vec<Compare> = ops
+            .iter()
+            .filter_map(|op| match op.expect {
+                Expect::Any => None,
+                Expect::Absent => Some(Compare::create_revision(self.key(&op.key), CompareOp::Equal, 0)),
+                // An absent key's mod_revision is 0, which no revision here is.
+                Expect::Revision(r) => Some(Compare::mod_revision(self.key(&op.key), CompareOp::Equal, to_etcd(r))),
+            })
+            .collect();
+        let writes: Vec<TxnOp> = ops
+            .iter()
+            .map(|op| match &op.value {
+                Some(value) => TxnOp::put(self.key(&op.key), value.clone(), None),
+                None => TxnOp::delete(self.key(&op.key), None),
+            })
+            .collect();
+        let reads: Vec<TxnOp> = ops.iter().map(|op| TxnOp::get(self.key(&op.key), None)).collect();
+        let txn = Txn::new().when(compares).and_then(writes).or_else(reads);
+        let (response, attempts) = retry_call(&self.client, "commit", |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+        .map_err(|e| {
+            let keys = format!("{:?} and {} more", first.key, ops.len() - 1);
+            StoreError::Backend(format!("etcd commit of {keys} (endpoints {:?}): {e}", self.endpoints))
+        })?;
+        if response.succeeded() {
+            return Ok(vec![header_revision(&response); ops.len()]);
+        }
+        let found = found_kvs(&response);
+        if attempts > 1
+            && let Some(revision) = applied_earlier(&ops, &found, header_revision(&response))
+        {
+            tracing::debug!(keys = ops.len(), "an earlier attempt of this commit was applied");
+            return Ok(vec![revision; ops.len()]);
+        }
+        let revisions = found.iter().map(|kv| kv.as_ref().map(|kv| from_etcd(kv.mod_revision())));
+        match ops.iter().zip(revisions).enumerate().find(|(_, (op, found))| !op.expect.holds(*found)) {
+            Some((index, (op, found))) => {
+                let error = StoreError::Conflict { key: op.key.clone(), expected: op.expect, found };
+                Err(CommitError::Conflict { index, error })
+            }
+            None => Err(StoreError::Backend(format!(
+                "etcd refused a commit of {} keys whose expectations all hold as read back; try again",
+                ops.len()
+            ))
+            .into()),
+        }
+    }
+
+    fn max_commit_ops(&self) -> usize {
+        self.max_txn_ops
     }
 
     async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
