@@ -49,21 +49,32 @@ async fn conformance_suite() {
     conformance::run_all(&store(cluster.endpoints()).await).await;
 }
 
-/// A commit of more keys than etcd's `--max-txn-ops` is refused before it
-/// is sent, naming the limit; the writer splits a bigger batch into commits
-/// etcd takes, and a key someone else wrote fails alone.
+/// A commit of more keys than etcd's `--max-txn-ops`, or of more bytes than
+/// its `--max-request-bytes` allows, is refused before it is sent, naming the
+/// limit; the writer splits a bigger batch into commits etcd takes, and a key
+/// someone else wrote fails alone.
 #[tokio::test]
-async fn commits_stay_within_max_txn_ops_and_a_foreign_write_fails_alone() {
+async fn commits_stay_within_etcd_limits_and_a_foreign_write_fails_alone() {
     let cluster = EtcdCluster::start(1);
     let store = Arc::new(store(cluster.endpoints()).await);
     let too_many = (0..=DEFAULT_MAX_TXN_OPS).map(|i| Op::put(format!("nodes/n{i}"), vec![], Expect::Any)).collect();
-    match store.commit(too_many).await {
-        Err(CommitError::Store(e)) => assert!(e.to_string().contains("--max-txn-ops 128"), "{e}"),
-        other => panic!("expected the limit named, got {other:?}"),
+    let too_big = (0..8).map(|i| Op::put(format!("jobs/j{i}"), vec![0; 200 << 10], Expect::Any)).collect();
+    for (ops, named) in [(too_many, "129 keys (at most 128)"), (too_big, "--max-request-bytes")] {
+        match store.commit(ops).await {
+            Err(CommitError::Store(e)) => assert!(e.to_string().contains(named), "{e}"),
+            other => panic!("expected the limit named, got {other:?}"),
+        }
     }
-    assert!(store.list("nodes/").await.unwrap().is_empty());
+    assert!(store.list("").await.unwrap().is_empty());
 
+    // Job-sized records, more than etcd takes in one request: each is stored.
     let writer = StoreWriter::start(store.clone(), HashMap::new());
+    let jobs: Vec<_> = (0..12).map(|i| writer.write(format!("jobs/j{i}"), Some(vec![i; 200 << 10]))).collect();
+    for durable in jobs {
+        durable.wait().await.unwrap();
+    }
+    assert_eq!(store.list("jobs/").await.unwrap().len(), 12);
+
     let keys: Vec<String> = (0..300).map(|i| format!("nodes/n{i:03}")).collect();
     let created: Vec<_> = keys.iter().map(|k| writer.write(k.clone(), Some(vec![1; 1024]))).collect();
     let mut revisions = Vec::new();

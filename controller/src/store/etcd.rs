@@ -16,13 +16,17 @@ use etcd_client::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{CommitError, Expect, Op, Store, StoreError, Versioned, WatchEvent, WatchStream, check_distinct_keys};
+use super::{
+    CommitError, CommitLimits, Expect, Op, Store, StoreError, Versioned, WatchEvent, WatchStream, check_distinct_keys,
+};
 
 /// Where Cohort's keys live unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "/cohort/";
 /// etcd's default `--max-txn-ops`: the most compares, and the most ops of
 /// each branch, in one transaction.
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+/// etcd's default `--max-request-bytes` (1.5 MiB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1_572_864;
 /// Keys fetched per range request when listing.
 const LIST_PAGE: i64 = 500;
 /// Events a watcher may have in flight before etcd is made to wait.
@@ -41,6 +45,10 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// The cluster's `--max-txn-ops`: most keys in one [`Store::commit`].
     pub max_txn_ops: usize,
+    /// The cluster's `--max-request-bytes`: a commit's keys and values stay
+    /// within three quarters of it (the rest for keys named again in its
+    /// compares and reads).
+    pub max_request_bytes: usize,
 }
 
 impl EtcdOptions {
@@ -51,6 +59,7 @@ impl EtcdOptions {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(2),
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 
@@ -98,7 +107,7 @@ pub struct EtcdStore {
     client: Client,
     prefix: String,
     endpoints: Vec<String>,
-    max_txn_ops: usize,
+    limits: CommitLimits,
 }
 
 impl EtcdStore {
@@ -113,8 +122,8 @@ impl EtcdStore {
         let client = Client::connect(&endpoints, Some(options.connect_options()))
             .await
             .map_err(|e| StoreError::Backend(format!("etcd at {endpoints:?}: {e}")))?;
-        let max_txn_ops = options.max_txn_ops.max(1);
-        let store = Self { client, prefix: options.prefix, endpoints, max_txn_ops };
+        let limits = CommitLimits { ops: options.max_txn_ops.max(1), bytes: options.max_request_bytes / 4 * 3 };
+        let store = Self { client, prefix: options.prefix, endpoints, limits };
         let probe = store.key("");
         store
             .retrying("connect", |mut c| {
@@ -153,6 +162,29 @@ impl EtcdStore {
         StoreError::Backend(format!("etcd {what} {key:?} (endpoints {:?}): {e}", self.endpoints))
     }
 
+    /// The revision of an earlier attempt of this commit that was applied
+    /// before its answer was lost: every put's key holds its value, all at
+    /// one revision, and every deleted key is gone (`now`: etcd's revision,
+    /// for a commit of deletes only). `found`: the keys' revisions now.
+    async fn applied_earlier(&self, ops: &[Op], found: &[Option<u64>], now: u64) -> Result<Option<u64>, StoreError> {
+        let mut revision = None;
+        for (op, found) in ops.iter().zip(found) {
+            match (&op.value, found) {
+                (None, None) => {}
+                (Some(_), Some(at)) if *revision.get_or_insert(*at) == *at => {}
+                _ => return Ok(None),
+            }
+        }
+        for op in ops {
+            if let Some(value) = &op.value
+                && self.get(&op.key).await?.is_none_or(|now| now.value != *value || Some(now.revision) != revision)
+            {
+                return Ok(None);
+            }
+        }
+        Ok(Some(revision.unwrap_or(now)))
+    }
+
     /// A compare-and-set transaction: `then` if `expect` holds, else a read of the key.
     async fn cas(&self, key: &str, expect: Expect, then: TxnOp) -> Result<(TxnResponse, bool), StoreError> {
         let full = self.key(key);
@@ -176,37 +208,17 @@ impl EtcdStore {
     }
 }
 
-/// The key of each op as read in a commit's failure branch, in op order.
-fn found_kvs(response: &TxnResponse) -> Vec<Option<KeyValue>> {
+/// The mod revision of each op's key (`None`: absent) as read in a
+/// commit's failure branch, in op order.
+fn found_revisions(response: &TxnResponse) -> Vec<Option<u64>> {
     response
         .op_responses()
         .into_iter()
         .map(|op| match op {
-            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| from_etcd(kv.mod_revision())),
             _ => None,
         })
         .collect()
-}
-
-/// The revision of an earlier attempt of this commit that was applied before
-/// its answer was lost: every put's key holds its value, all at one
-/// revision, and every deleted key is gone (`now`: etcd's revision, for a
-/// commit of deletes only).
-fn applied_earlier(ops: &[Op], found: &[Option<KeyValue>], now: u64) -> Option<u64> {
-    let mut revision = None;
-    for (op, kv) in ops.iter().zip(found) {
-        match (&op.value, kv) {
-            (None, None) => {}
-            (Some(value), Some(kv)) if kv.value() == value.as_slice() => {
-                let at = from_etcd(kv.mod_revision());
-                if *revision.get_or_insert(at) != at {
-                    return None;
-                }
-            }
-            _ => return None,
-        }
-    }
-    Some(revision.unwrap_or(now))
 }
 
 /// `(value, attempts)`.
@@ -382,12 +394,10 @@ impl Store for EtcdStore {
     async fn commit(&self, ops: Vec<Op>) -> Result<Vec<u64>, CommitError> {
         check_distinct_keys(&ops)?;
         let Some(first) = ops.first() else { return Ok(Vec::new()) };
-        if ops.len() > self.max_txn_ops {
+        if let Some(why) = self.limits.exceeded_by(&ops) {
             return Err(StoreError::Backend(format!(
-                "a commit of {} keys is more than etcd takes in one transaction (--max-txn-ops {}); commit at most {} at once",
-                ops.len(),
-                self.max_txn_ops,
-                self.max_txn_ops
+                "a commit of {why} is more than etcd takes in one transaction (keys: its --max-txn-ops; \
+                 bytes: 3/4 of its --max-request-bytes); split it as Store::commit_limits says"
             ))
             .into());
         }
@@ -414,7 +424,9 @@ impl Store for EtcdStore {
                 None => TxnOp::delete(self.key(&op.key), None),
             })
             .collect();
-        let reads: Vec<TxnOp> = ops.iter().map(|op| TxnOp::get(self.key(&op.key), None)).collect();
+        // Revisions only: the values could make the answer bigger than a client takes.
+        let reads: Vec<TxnOp> =
+            ops.iter().map(|op| TxnOp::get(self.key(&op.key), Some(GetOptions::new().with_keys_only()))).collect();
         let txn = Txn::new().when(compares).and_then(writes).or_else(reads);
         let (response, attempts) = retry_call(&self.client, "commit", |mut c| {
             let txn = txn.clone();
@@ -428,15 +440,14 @@ impl Store for EtcdStore {
         if response.succeeded() {
             return Ok(vec![header_revision(&response); ops.len()]);
         }
-        let found = found_kvs(&response);
+        let found = found_revisions(&response);
         if attempts > 1
-            && let Some(revision) = applied_earlier(&ops, &found, header_revision(&response))
+            && let Some(revision) = self.applied_earlier(&ops, &found, header_revision(&response)).await?
         {
             tracing::debug!(keys = ops.len(), "an earlier attempt of this commit was applied");
             return Ok(vec![revision; ops.len()]);
         }
-        let revisions = found.iter().map(|kv| kv.as_ref().map(|kv| from_etcd(kv.mod_revision())));
-        match ops.iter().zip(revisions).enumerate().find(|(_, (op, found))| !op.expect.holds(*found)) {
+        match ops.iter().zip(found).enumerate().find(|(_, (op, found))| !op.expect.holds(*found)) {
             Some((index, (op, found))) => {
                 let error = StoreError::Conflict { key: op.key.clone(), expected: op.expect, found };
                 Err(CommitError::Conflict { index, error })
@@ -449,8 +460,8 @@ impl Store for EtcdStore {
         }
     }
 
-    fn max_commit_ops(&self) -> usize {
-        self.max_txn_ops
+    fn commit_limits(&self) -> CommitLimits {
+        self.limits
     }
 
     async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {

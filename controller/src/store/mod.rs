@@ -11,7 +11,9 @@ pub(crate) mod etcd;
 mod writer;
 
 pub use embedded::EmbeddedStore;
-pub use etcd::{DEFAULT_MAX_TXN_OPS, DEFAULT_PREFIX, EtcdOptions, EtcdStore, parse_endpoints};
+pub use etcd::{
+    DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, DEFAULT_PREFIX, EtcdOptions, EtcdStore, parse_endpoints,
+};
 pub use writer::{Batching, Durable, StoreWriter};
 
 use std::pin::Pin;
@@ -87,6 +89,34 @@ impl Op {
     pub fn delete(key: impl Into<String>, expect: Expect) -> Op {
         Op { key: key.into(), value: None, expect }
     }
+
+    /// What the op counts against [`CommitLimits::bytes`]: its key and value.
+    pub fn size(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// The most one [`Store::commit`] takes: ops, and bytes ([`Op::size`]) in
+/// all unless it is one op (an op bigger than that is refused only if the
+/// store refuses it from `put`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitLimits {
+    pub ops: usize,
+    pub bytes: usize,
+}
+
+impl CommitLimits {
+    /// Why `ops` is more than these limits take, if it is.
+    fn exceeded_by(&self, ops: &[Op]) -> Option<String> {
+        let bytes: usize = ops.iter().map(Op::size).sum();
+        if ops.len() > self.ops {
+            Some(format!("{} keys (at most {})", ops.len(), self.ops))
+        } else if ops.len() > 1 && bytes > self.bytes {
+            Some(format!("{bytes} bytes of keys and values (at most {})", self.bytes))
+        } else {
+            None
+        }
+    }
 }
 
 /// Why a [`Store::commit`] wrote nothing.
@@ -150,8 +180,8 @@ pub trait Store: Send + Sync + 'static {
     /// Writes `value` if `expect` holds; returns the new revision.
     async fn put(&self, key: &str, value: Vec<u8>, expect: Expect) -> Result<u64, StoreError>;
     async fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError>;
-    /// Makes every op (each key at most once, at most
-    /// [`Store::max_commit_ops`] of them) if every expectation holds, and
+    /// Makes every op (each key at most once, within
+    /// [`Store::commit_limits`]) if every expectation holds, and
     /// none otherwise. All of them get one new revision, returned once per
     /// op: a put's is its key's revision from then on, as [`Store::put`]'s;
     /// a delete's is the revision it was deleted at.
@@ -181,9 +211,9 @@ pub trait Store: Send + Sync + 'static {
         }
         Ok(revisions)
     }
-    /// The most ops one [`Store::commit`] takes.
-    fn max_commit_ops(&self) -> usize {
-        usize::MAX
+    /// The most one [`Store::commit`] takes.
+    fn commit_limits(&self) -> CommitLimits {
+        CommitLimits { ops: usize::MAX, bytes: usize::MAX }
     }
     /// Changes to keys starting with `prefix` from `from_revision` on (0: from
     /// now). The watch is in place when this returns, so a write made after it
@@ -331,7 +361,7 @@ pub mod conformance {
         assert_eq!(store.list("batch/").await.unwrap(), before);
 
         // As many ops as the store takes at once, in one commit.
-        let most = store.max_commit_ops().min(300);
+        let most = store.commit_limits().ops.min(300);
         let ops = (0..most).map(|i| Op::put(format!("many/{i:03}"), vec![1; 200], Expect::Absent)).collect();
         let revisions = store.commit(ops).await.unwrap();
         assert_eq!(revisions.len(), most);

@@ -2,8 +2,8 @@
 //! here while the state is held (so the queue's order is the order of the
 //! changes) and the state is released before anything waits on the store.
 //! The writer task takes whatever is queued, keeps only the newest value of
-//! each key, writes the batch as one [`Store::commit`] (chunks of the store's
-//! most, in order) with compare-and-set on the revision it last wrote, and
+//! each key, writes the batch as one [`Store::commit`] (chunks within the
+//! store's limits, in order) with compare-and-set on the revision it last wrote, and
 //! answers each write's [`Durable`] once it is stored.
 //! A heartbeat enqueues (at most) and never waits; a handler whose answer
 //! promises durability (submit, cancel) awaits its `Durable` after releasing
@@ -42,7 +42,7 @@ struct Known {
 /// How the writer stores a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Batching {
-    /// One [`Store::commit`] per batch, in chunks of [`Store::max_commit_ops`].
+    /// One [`Store::commit`] per batch, in chunks within [`Store::commit_limits`].
     Commits,
     /// One put or delete per key, one after another: how batches were
     /// written before commits, kept to measure against.
@@ -169,6 +169,13 @@ struct Pending {
     waiting: Vec<oneshot::Sender<Result<u64, StoreError>>>,
 }
 
+impl Pending {
+    /// As [`Op::size`] counts it.
+    fn size(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
 /// Coalesces a batch: one write per key, placed where its newest value was
 /// queued, so that every key's writes keep their order and no key is written
 /// before a change that was queued ahead of its newest value.
@@ -233,14 +240,23 @@ impl Task {
         }
     }
 
-    /// The batch in commits of at most the store's most, in order. A key whose
+    /// The batch in commits within the store's limits, in order. A key whose
     /// expectation fails (someone else wrote it) fails alone: the commit is
     /// made again without it. A store error fails the rest of the batch.
     async fn commit_batch(&self, pending: Vec<Pending>, counts: &mut HashMap<String, usize>) {
-        let most = self.store.max_commit_ops().max(1);
-        let mut rest = pending.into_iter();
+        let limits = self.store.commit_limits();
+        let mut rest = pending.into_iter().peekable();
         loop {
-            let mut chunk: Vec<Pending> = rest.by_ref().take(most).collect();
+            let mut chunk: Vec<Pending> = Vec::new();
+            let mut bytes = 0;
+            while let Some(next) = rest.peek() {
+                let size = next.size();
+                if !chunk.is_empty() && (chunk.len() >= limits.ops || bytes + size > limits.bytes) {
+                    break;
+                }
+                bytes += size;
+                chunk.extend(rest.next());
+            }
             if chunk.is_empty() {
                 return;
             }
@@ -327,23 +343,27 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::store::{EmbeddedStore, Versioned, WatchStream};
+    use crate::store::{CommitLimits, EmbeddedStore, Versioned, WatchStream};
 
     /// The embedded store, recording the keys of every commit and counting
-    /// puts; commits take at most `most` ops, and fail while `failing`.
+    /// puts; commits take at most `limits`, and fail while `failing`.
     struct Recorded {
         inner: EmbeddedStore,
-        most: usize,
+        limits: CommitLimits,
         commits: Mutex<Vec<Vec<String>>>,
         puts: AtomicUsize,
         failing: AtomicBool,
     }
 
     impl Recorded {
-        fn open(dir: &std::path::Path, most: usize) -> Arc<Recorded> {
+        fn open(dir: &std::path::Path, ops: usize) -> Arc<Recorded> {
+            Self::limited(dir, CommitLimits { ops, bytes: usize::MAX })
+        }
+
+        fn limited(dir: &std::path::Path, limits: CommitLimits) -> Arc<Recorded> {
             Arc::new(Recorded {
                 inner: EmbeddedStore::open(dir).unwrap(),
-                most,
+                limits,
                 commits: Mutex::new(Vec::new()),
                 puts: AtomicUsize::new(0),
                 failing: AtomicBool::new(false),
@@ -372,15 +392,17 @@ mod tests {
             self.inner.delete(key, expect).await
         }
         async fn commit(&self, ops: Vec<Op>) -> Result<Vec<u64>, CommitError> {
-            assert!(ops.len() <= self.most, "a commit of {} ops, more than {}", ops.len(), self.most);
+            let bytes: usize = ops.iter().map(Op::size).sum();
+            let fits = ops.len() <= self.limits.ops && (ops.len() == 1 || bytes <= self.limits.bytes);
+            assert!(fits, "a commit of {} ops, {bytes} bytes, more than {:?}", ops.len(), self.limits);
             self.commits.lock().unwrap().push(ops.iter().map(|op| op.key.clone()).collect());
             if self.failing.load(Ordering::SeqCst) {
                 return Err(StoreError::Backend("etcd at 10.0.0.9:2379 is unreachable".into()).into());
             }
             self.inner.commit(ops).await
         }
-        fn max_commit_ops(&self) -> usize {
-            self.most
+        fn commit_limits(&self) -> CommitLimits {
+            self.limits
         }
         async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
             self.inner.watch(prefix, from_revision).await
@@ -392,7 +414,7 @@ mod tests {
     }
 
     /// Writes queued together (the writer task has not run yet on this
-    /// one-thread runtime) are one batch: one commit per `most` keys, in
+    /// one-thread runtime) are one batch: one commit per 128 keys, in
     /// queue order, and no put.
     #[tokio::test]
     async fn a_batch_is_one_commit_per_chunk_in_queue_order() {
@@ -419,6 +441,27 @@ mod tests {
         }
         assert!(revisions[0] < revisions[128] && revisions[128] < revisions[299], "chunks in order: {revisions:?}");
         writer.write(names[0].clone(), Some(b"again".to_vec())).wait().await.unwrap();
+    }
+
+    /// Commits stay within the store's bytes too; a record bigger than that
+    /// goes alone (the store refuses it or not, as it would a put).
+    #[tokio::test]
+    async fn a_batch_is_split_by_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Recorded::limited(dir.path(), CommitLimits { ops: 128, bytes: 1000 });
+        let writer = StoreWriter::start(store.clone(), HashMap::new());
+        let sizes = [400, 400, 400, 5000, 100, 100];
+        let durables: Vec<Durable> =
+            sizes.iter().enumerate().map(|(i, n)| writer.write(format!("jobs/j{i}"), Some(vec![7; *n]))).collect();
+        for durable in durables {
+            durable.wait().await.unwrap();
+        }
+        let commits = store.commits();
+        assert_eq!(
+            commits,
+            [keys(&["jobs/j0", "jobs/j1"]), keys(&["jobs/j2"]), keys(&["jobs/j3"]), keys(&["jobs/j4", "jobs/j5"])]
+        );
+        assert_eq!(store.get("jobs/j3").await.unwrap().unwrap().value.len(), 5000);
     }
 
     /// A key someone else wrote fails alone, with the conflict, exactly once;
