@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cohort_controller::store::{
-    Batching, CommitError, DEFAULT_MAX_TXN_OPS, EtcdOptions, EtcdStore, Expect, Op, Store, StoreError, StoreWriter,
-    Versioned, WatchEvent, WatchStream, conformance,
+    Batching, CommitError, DEFAULT_MAX_TXN_OPS, EmbeddedStore, EtcdOptions, EtcdStore, Expect, Op, Store, StoreError,
+    StoreWriter, Versioned, WatchEvent, WatchStream, conformance,
 };
 use etcd_client::Client;
 use etcd_cluster::EtcdCluster;
@@ -97,11 +97,12 @@ async fn commits_stay_within_etcd_limits_and_a_foreign_write_fails_alone() {
     assert_eq!(store.get(&keys[200]).await.unwrap().unwrap().value, b"theirs");
 }
 
-/// Figures, not a check: 1,024 node-sized records (1 KiB) through one
-/// `StoreWriter` each way, against one etcd member on loopback, queued at
-/// once (as a 1,024-node gang's changes are): one put per key (how batches
-/// were written before) against batched commits. Rounds alternate between
-/// the two; the first creates the keys, the rest update them.
+/// Figures, not a check: 1,024 node-sized records (1 KiB) queued at once
+/// (as a 1,024-node gang's changes are) through one `StoreWriter` each way:
+/// one put per key (how batches were written before) against batched
+/// commits, on one etcd member on loopback and on the embedded store. Rounds
+/// alternate between the two ways; the first creates the keys, the rest
+/// update them.
 ///
 /// `cargo test -p cohort-controller --test etcd_store -- --ignored --nocapture writer_figures`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,46 +111,55 @@ async fn writer_figures() {
     const RECORDS: usize = 1024;
     const ROUNDS: usize = 6;
     let cluster = EtcdCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
     let ways = [Batching::PerKey, Batching::Commits];
-    let mut writers = Vec::new();
-    for way in ways {
-        let options = EtcdOptions { prefix: format!("/figures-{way:?}/"), ..EtcdOptions::new(cluster.endpoints()) };
-        let store = Arc::new(EtcdStore::connect_with(options).await.unwrap());
-        writers.push(StoreWriter::start_with(store, HashMap::new(), way));
-    }
-    let mut took: Vec<Vec<Duration>> = vec![Vec::new(); ways.len()];
-    for round in 0..ROUNDS {
-        for (writer, took) in writers.iter().zip(&mut took) {
-            let started = Instant::now();
-            let durables: Vec<_> =
-                (0..RECORDS).map(|i| writer.write(format!("nodes/n{i:04}"), Some(vec![round as u8; 1024]))).collect();
-            for durable in durables {
-                durable.wait().await.unwrap();
-            }
-            took.push(started.elapsed());
+    for backend in ["etcd", "embedded"] {
+        let mut writers = Vec::new();
+        for way in ways {
+            let store: Arc<dyn Store> = if backend == "etcd" {
+                let options =
+                    EtcdOptions { prefix: format!("/figures-{way:?}/"), ..EtcdOptions::new(cluster.endpoints()) };
+                Arc::new(EtcdStore::connect_with(options).await.unwrap())
+            } else {
+                Arc::new(EmbeddedStore::open(&dir.path().join(format!("{way:?}"))).unwrap())
+            };
+            writers.push(StoreWriter::start_with(store, HashMap::new(), way));
         }
-    }
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let median = |took: &[Duration]| {
-        let mut updates = took[1..].to_vec();
-        updates.sort();
-        updates[updates.len() / 2]
-    };
-    eprintln!("{RECORDS} records of 1 KiB through StoreWriter, one etcd member on loopback, {ROUNDS} rounds each way:");
-    for (way, took) in ways.iter().zip(&took) {
-        let all: Vec<String> = took.iter().map(|d| format!("{:.0}", ms(*d))).collect();
+        let mut took: Vec<Vec<Duration>> = vec![Vec::new(); ways.len()];
+        for round in 0..ROUNDS {
+            for (writer, took) in writers.iter().zip(&mut took) {
+                let started = Instant::now();
+                let durables: Vec<_> = (0..RECORDS)
+                    .map(|i| writer.write(format!("nodes/n{i:04}"), Some(vec![round as u8; 1024])))
+                    .collect();
+                for durable in durables {
+                    durable.wait().await.unwrap();
+                }
+                took.push(started.elapsed());
+            }
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let median = |took: &[Duration]| {
+            let mut updates = took[1..].to_vec();
+            updates.sort();
+            updates[updates.len() / 2]
+        };
+        eprintln!("{RECORDS} records of 1 KiB through StoreWriter, {backend} store, {ROUNDS} rounds each way:");
+        for (way, took) in ways.iter().zip(&took) {
+            let all: Vec<String> = took.iter().map(|d| format!("{:.0}", ms(*d))).collect();
+            eprintln!(
+                "  {way:?}: create {:.1} ms, update median {:.1} ms (every round, ms: {})",
+                ms(took[0]),
+                ms(median(took)),
+                all.join(" ")
+            );
+        }
         eprintln!(
-            "  {way:?}: create {:.1} ms, update median {:.1} ms (every round, ms: {})",
-            ms(took[0]),
-            ms(median(took)),
-            all.join(" ")
+            "  per-key / batched: create {:.1}x, update {:.1}x",
+            ms(took[0][0]) / ms(took[1][0]),
+            ms(median(&took[0])) / ms(median(&took[1]))
         );
     }
-    eprintln!(
-        "  per-key / batched: create {:.1}x, update {:.1}x",
-        ms(took[0][0]) / ms(took[1][0]),
-        ms(median(&took[0])) / ms(median(&took[1]))
-    );
 }
 
 #[tokio::test]
