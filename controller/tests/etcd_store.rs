@@ -4,13 +4,14 @@
 #[path = "../../tests/src/etcd.rs"]
 mod etcd_cluster;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cohort_controller::store::{
-    EtcdOptions, EtcdStore, Expect, Store, Versioned, WatchEvent, WatchStream, conformance,
+    Batching, CommitError, DEFAULT_MAX_TXN_OPS, EmbeddedStore, EtcdOptions, EtcdStore, Expect, Op, Store, StoreError,
+    StoreWriter, Versioned, WatchEvent, WatchStream, conformance,
 };
 use etcd_client::Client;
 use etcd_cluster::EtcdCluster;
@@ -46,6 +47,119 @@ async fn raft_leader(cluster: &EtcdCluster) -> usize {
 async fn conformance_suite() {
     let cluster = EtcdCluster::start(1);
     conformance::run_all(&store(cluster.endpoints()).await).await;
+}
+
+/// A commit of more keys than etcd's `--max-txn-ops`, or of more bytes than
+/// its `--max-request-bytes` allows, is refused before it is sent, naming the
+/// limit; the writer splits a bigger batch into commits etcd takes, and a key
+/// someone else wrote fails alone.
+#[tokio::test]
+async fn commits_stay_within_etcd_limits_and_a_foreign_write_fails_alone() {
+    let cluster = EtcdCluster::start(1);
+    let store = Arc::new(store(cluster.endpoints()).await);
+    let too_many = (0..=DEFAULT_MAX_TXN_OPS).map(|i| Op::put(format!("nodes/n{i}"), vec![], Expect::Any)).collect();
+    let too_big = (0..8).map(|i| Op::put(format!("jobs/j{i}"), vec![0; 200 << 10], Expect::Any)).collect();
+    for (ops, named) in [(too_many, "129 keys (at most 128)"), (too_big, "--max-request-bytes")] {
+        match store.commit(ops).await {
+            Err(CommitError::Store(e)) => assert!(e.to_string().contains(named), "{e}"),
+            other => panic!("expected the limit named, got {other:?}"),
+        }
+    }
+    assert!(store.list("").await.unwrap().is_empty());
+
+    // Job-sized records, more than etcd takes in one request: each is stored.
+    let writer = StoreWriter::start(store.clone(), HashMap::new());
+    let jobs: Vec<_> = (0..12).map(|i| writer.write(format!("jobs/j{i}"), Some(vec![i; 200 << 10]))).collect();
+    for durable in jobs {
+        durable.wait().await.unwrap();
+    }
+    assert_eq!(store.list("jobs/").await.unwrap().len(), 12);
+
+    let keys: Vec<String> = (0..300).map(|i| format!("nodes/n{i:03}")).collect();
+    let created: Vec<_> = keys.iter().map(|k| writer.write(k.clone(), Some(vec![1; 1024]))).collect();
+    let mut revisions = Vec::new();
+    for durable in created {
+        revisions.push(durable.wait().await.unwrap());
+    }
+    for (key, revision) in keys.iter().zip(&revisions) {
+        assert_eq!(store.get(key).await.unwrap().unwrap().revision, *revision, "{key}");
+    }
+
+    let foreign = store.put(&keys[200], b"theirs".to_vec(), Expect::Any).await.unwrap();
+    let updated: Vec<_> = keys.iter().map(|k| writer.write(k.clone(), Some(vec![2; 1024]))).collect();
+    for (key, durable) in keys.iter().zip(updated) {
+        match durable.wait().await {
+            Ok(_) if *key != keys[200] => assert_eq!(store.get(key).await.unwrap().unwrap().value, [2; 1024]),
+            Err(StoreError::Conflict { key: k, found, .. }) if k == keys[200] => assert_eq!(found, Some(foreign)),
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+    assert_eq!(store.get(&keys[200]).await.unwrap().unwrap().value, b"theirs");
+}
+
+/// Figures, not a check: 1,024 node-sized records (1 KiB) queued at once
+/// (as a 1,024-node gang's changes are) through one `StoreWriter` each way:
+/// one put per key (how batches were written before) against batched
+/// commits, on one etcd member on loopback and on the embedded store. Rounds
+/// alternate between the two ways; the first creates the keys, the rest
+/// update them.
+///
+/// `cargo test -p cohort-controller --test etcd_store -- --ignored --nocapture writer_figures`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints figures; run by hand"]
+async fn writer_figures() {
+    const RECORDS: usize = 1024;
+    const ROUNDS: usize = 6;
+    let cluster = EtcdCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let ways = [Batching::PerKey, Batching::Commits];
+    for backend in ["etcd", "embedded"] {
+        let mut writers = Vec::new();
+        for way in ways {
+            let store: Arc<dyn Store> = if backend == "etcd" {
+                let options =
+                    EtcdOptions { prefix: format!("/figures-{way:?}/"), ..EtcdOptions::new(cluster.endpoints()) };
+                Arc::new(EtcdStore::connect_with(options).await.unwrap())
+            } else {
+                Arc::new(EmbeddedStore::open(&dir.path().join(format!("{way:?}"))).unwrap())
+            };
+            writers.push(StoreWriter::start_with(store, HashMap::new(), way));
+        }
+        let mut took: Vec<Vec<Duration>> = vec![Vec::new(); ways.len()];
+        for round in 0..ROUNDS {
+            for (writer, took) in writers.iter().zip(&mut took) {
+                let started = Instant::now();
+                let durables: Vec<_> = (0..RECORDS)
+                    .map(|i| writer.write(format!("nodes/n{i:04}"), Some(vec![round as u8; 1024])))
+                    .collect();
+                for durable in durables {
+                    durable.wait().await.unwrap();
+                }
+                took.push(started.elapsed());
+            }
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let median = |took: &[Duration]| {
+            let mut updates = took[1..].to_vec();
+            updates.sort();
+            updates[updates.len() / 2]
+        };
+        eprintln!("{RECORDS} records of 1 KiB through StoreWriter, {backend} store, {ROUNDS} rounds each way:");
+        for (way, took) in ways.iter().zip(&took) {
+            let all: Vec<String> = took.iter().map(|d| format!("{:.0}", ms(*d))).collect();
+            eprintln!(
+                "  {way:?}: create {:.1} ms, update median {:.1} ms (every round, ms: {})",
+                ms(took[0]),
+                ms(median(took)),
+                all.join(" ")
+            );
+        }
+        eprintln!(
+            "  per-key / batched: create {:.1}x, update {:.1}x",
+            ms(took[0][0]) / ms(took[1][0]),
+            ms(median(&took[0])) / ms(median(&took[1]))
+        );
+    }
 }
 
 #[tokio::test]

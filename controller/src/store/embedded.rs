@@ -26,7 +26,9 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use super::{Expect, Store, StoreError, StoreHealth, Versioned, WatchEvent, WatchStream};
+use super::{
+    CommitError, Expect, Op, Store, StoreError, StoreHealth, Versioned, WatchEvent, WatchStream, check_distinct_keys,
+};
 
 /// key -> (revision, value)
 const KV: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("kv");
@@ -183,9 +185,10 @@ impl EmbeddedStore {
     /// Runs a call into redb, which panics on some impossible values read
     /// from a damaged page: such a panic fails this call and the store (like
     /// a damaged page redb reports), never the task that made the call.
-    fn guarded<T>(&self, call: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn guarded<T, E: From<StoreError>>(&self, call: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
         quietly(call).unwrap_or_else(|panic| {
-            Err(self.failing(Failing::Damaged(format!("redb stopped on an impossible value read from it: {panic}"))))
+            let failing = Failing::Damaged(format!("redb stopped on an impossible value read from it: {panic}"));
+            Err(self.failing(failing).into())
         })
     }
 
@@ -212,42 +215,53 @@ impl EmbeddedStore {
     }
 
     fn write(&self, key: &str, value: Option<Vec<u8>>, expect: Expect) -> Result<u64, StoreError> {
+        match self.apply(vec![Op { key: key.to_string(), value, expect }]) {
+            Ok(revision) => Ok(revision),
+            Err(CommitError::Conflict { error, .. } | CommitError::Store(error)) => Err(error),
+        }
+    }
+
+    /// Commits `ops` as one write transaction and publishes their changes in
+    /// order; returns the transaction's revision.
+    fn apply(&self, ops: Vec<Op>) -> Result<u64, CommitError> {
         let _publishing = lock(&self.inner.publish);
         let db = self.db()?;
-        let revision = self.guarded(|| self.commit(&db, key, value.as_deref(), expect))?;
-        let key = key.to_string();
-        let event = match value {
-            Some(value) => WatchEvent::Put { key, value, revision },
-            None => WatchEvent::Delete { key, revision },
-        };
-        // No receiver is fine: nobody watches.
-        let _ = self.inner.changes.send(event);
+        let revision = self.guarded(|| self.transact(&db, &ops))?;
+        for op in ops {
+            let key = op.key;
+            let event = match op.value {
+                Some(value) => WatchEvent::Put { key, value, revision },
+                None => WatchEvent::Delete { key, revision },
+            };
+            // No receiver is fine: nobody watches.
+            let _ = self.inner.changes.send(event);
+        }
         Ok(revision)
     }
 
-    /// One write transaction: `value` under `key` (None: removed) if `expect` holds.
-    fn commit(&self, db: &Database, key: &str, value: Option<&[u8]>, expect: Expect) -> Result<u64, StoreError> {
+    /// One write transaction: every op if every expectation holds, at one new revision.
+    fn transact(&self, db: &Database, ops: &[Op]) -> Result<u64, CommitError> {
         let txn = db.begin_write().map_err(|e| self.fail(e))?;
         let revision = {
             let mut kv = txn.open_table(KV).map_err(|e| self.fail(e))?;
             let mut meta = txn.open_table(META).map_err(|e| self.fail(e))?;
-            let found = kv.get(key).map_err(|e| self.fail(e))?.map(|v| v.value().0);
-            let ok = match expect {
-                Expect::Any => true,
-                Expect::Absent => found.is_none(),
-                Expect::Revision(r) => found == Some(r),
-            };
-            if !ok {
-                return Err(StoreError::Conflict { key: key.to_string(), expected: expect, found });
+            for (index, op) in ops.iter().enumerate() {
+                let found = kv.get(op.key.as_str()).map_err(|e| self.fail(e))?.map(|v| v.value().0);
+                if !op.expect.holds(found) {
+                    let error = StoreError::Conflict { key: op.key.clone(), expected: op.expect, found };
+                    return Err(CommitError::Conflict { index, error });
+                }
             }
             let revision = meta.get("revision").map_err(|e| self.fail(e))?.map(|v| v.value()).unwrap_or(0) + 1;
             meta.insert("revision", revision).map_err(|e| self.fail(e))?;
-            match value {
-                Some(value) => {
-                    kv.insert(key, (revision, value)).map_err(|e| self.fail(e))?;
-                }
-                None => {
-                    kv.remove(key).map_err(|e| self.fail(e))?;
+            for op in ops {
+                match &op.value {
+                    Some(value) => {
+                        kv.insert(op.key.as_str(), (revision, value.as_slice())).map_err(|e| self.fail(e))?;
+                    }
+                    None => {
+                        kv.remove(op.key.as_str()).map_err(|e| self.fail(e))?;
+                    }
                 }
             }
             revision
@@ -470,6 +484,16 @@ impl Store for EmbeddedStore {
 
     async fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError> {
         self.write(key, None, expect).map(|_| ())
+    }
+
+    async fn commit(&self, ops: Vec<Op>) -> Result<Vec<u64>, CommitError> {
+        check_distinct_keys(&ops)?;
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = ops.len();
+        let revision = self.apply(ops)?;
+        Ok(vec![revision; count])
     }
 
     async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {

@@ -16,10 +16,17 @@ use etcd_client::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Expect, Store, StoreError, Versioned, WatchEvent, WatchStream};
+use super::{
+    CommitError, CommitLimits, Expect, Op, Store, StoreError, Versioned, WatchEvent, WatchStream, check_distinct_keys,
+};
 
 /// Where Cohort's keys live unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "/cohort/";
+/// etcd's default `--max-txn-ops`: the most compares, and the most ops of
+/// each branch, in one transaction.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+/// etcd's default `--max-request-bytes` (1.5 MiB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1_572_864;
 /// Keys fetched per range request when listing.
 const LIST_PAGE: i64 = 500;
 /// Events a watcher may have in flight before etcd is made to wait.
@@ -36,6 +43,12 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// Per attempt of a call (retries come on top).
     pub request_timeout: Duration,
+    /// The cluster's `--max-txn-ops`: most keys in one [`Store::commit`].
+    pub max_txn_ops: usize,
+    /// The cluster's `--max-request-bytes`: a commit's keys and values stay
+    /// within three quarters of it (the rest for keys named again in its
+    /// compares and reads).
+    pub max_request_bytes: usize,
 }
 
 impl EtcdOptions {
@@ -45,6 +58,8 @@ impl EtcdOptions {
             prefix: DEFAULT_PREFIX.to_string(),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(2),
+            max_txn_ops: DEFAULT_MAX_TXN_OPS,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 
@@ -92,6 +107,7 @@ pub struct EtcdStore {
     client: Client,
     prefix: String,
     endpoints: Vec<String>,
+    limits: CommitLimits,
 }
 
 impl EtcdStore {
@@ -106,7 +122,8 @@ impl EtcdStore {
         let client = Client::connect(&endpoints, Some(options.connect_options()))
             .await
             .map_err(|e| StoreError::Backend(format!("etcd at {endpoints:?}: {e}")))?;
-        let store = Self { client, prefix: options.prefix, endpoints };
+        let limits = CommitLimits { ops: options.max_txn_ops.max(1), bytes: options.max_request_bytes / 4 * 3 };
+        let store = Self { client, prefix: options.prefix, endpoints, limits };
         let probe = store.key("");
         store
             .retrying("connect", |mut c| {
@@ -145,6 +162,29 @@ impl EtcdStore {
         StoreError::Backend(format!("etcd {what} {key:?} (endpoints {:?}): {e}", self.endpoints))
     }
 
+    /// The revision of an earlier attempt of this commit that was applied
+    /// before its answer was lost: every put's key holds its value, all at
+    /// one revision, and every deleted key is gone (`now`: etcd's revision,
+    /// for a commit of deletes only). `found`: the keys' revisions now.
+    async fn applied_earlier(&self, ops: &[Op], found: &[Option<u64>], now: u64) -> Result<Option<u64>, StoreError> {
+        let mut revision = None;
+        for (op, found) in ops.iter().zip(found) {
+            match (&op.value, found) {
+                (None, None) => {}
+                (Some(_), Some(at)) if *revision.get_or_insert(*at) == *at => {}
+                _ => return Ok(None),
+            }
+        }
+        for op in ops {
+            if let Some(value) = &op.value
+                && self.get(&op.key).await?.is_none_or(|now| now.value != *value || Some(now.revision) != revision)
+            {
+                return Ok(None);
+            }
+        }
+        Ok(Some(revision.unwrap_or(now)))
+    }
+
     /// A compare-and-set transaction: `then` if `expect` holds, else a read of the key.
     async fn cas(&self, key: &str, expect: Expect, then: TxnOp) -> Result<(TxnResponse, bool), StoreError> {
         let full = self.key(key);
@@ -166,6 +206,19 @@ impl EtcdStore {
         .map(|(response, attempts)| (response, attempts > 1))
         .map_err(|e| self.error("write", key, e))
     }
+}
+
+/// The mod revision of each op's key (`None`: absent) as read in a
+/// commit's failure branch, in op order.
+fn found_revisions(response: &TxnResponse) -> Vec<Option<u64>> {
+    response
+        .op_responses()
+        .into_iter()
+        .map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| from_etcd(kv.mod_revision())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `(value, attempts)`.
@@ -334,6 +387,81 @@ impl Store for EtcdStore {
             expected: expect,
             found: found.map(|kv| from_etcd(kv.mod_revision())),
         })
+    }
+
+    /// One transaction: a compare per key (none for `Any`), the writes if
+    /// all hold, else a read of every key to name the one that did not.
+    async fn commit(&self, ops: Vec<Op>) -> Result<Vec<u64>, CommitError> {
+        check_distinct_keys(&ops)?;
+        let Some(first) = ops.first() else { return Ok(Vec::new()) };
+        if let Some(why) = self.limits.exceeded_by(&ops) {
+            return Err(StoreError::Backend(format!(
+                "a commit of {why} is more than etcd takes in one transaction (keys: its --max-txn-ops; \
+                 bytes: 3/4 of its --max-request-bytes); split it as Store::commit_limits says"
+            ))
+            .into());
+        }
+        // Revision 0 is no key's revision: refused, as `put` refuses it.
+        if let Some(index) = ops.iter().position(|op| op.expect == Expect::Revision(0)) {
+            let op = &ops[index];
+            let found = self.get(&op.key).await?.map(|v| v.revision);
+            let error = StoreError::Conflict { key: op.key.clone(), expected: op.expect, found };
+            return Err(CommitError::Conflict { index, error });
+        }
+        let compares: Vec<Compare> = ops
+            .iter()
+            .filter_map(|op| match op.expect {
+                Expect::Any => None,
+                Expect::Absent => Some(Compare::create_revision(self.key(&op.key), CompareOp::Equal, 0)),
+                // An absent key's mod_revision is 0, which no revision here is.
+                Expect::Revision(r) => Some(Compare::mod_revision(self.key(&op.key), CompareOp::Equal, to_etcd(r))),
+            })
+            .collect();
+        let writes: Vec<TxnOp> = ops
+            .iter()
+            .map(|op| match &op.value {
+                Some(value) => TxnOp::put(self.key(&op.key), value.clone(), None),
+                None => TxnOp::delete(self.key(&op.key), None),
+            })
+            .collect();
+        // Revisions only: the values could make the answer bigger than a client takes.
+        let reads: Vec<TxnOp> =
+            ops.iter().map(|op| TxnOp::get(self.key(&op.key), Some(GetOptions::new().with_keys_only()))).collect();
+        let txn = Txn::new().when(compares).and_then(writes).or_else(reads);
+        let (response, attempts) = retry_call(&self.client, "commit", |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+        .map_err(|e| {
+            let keys = format!("{:?} and {} more", first.key, ops.len() - 1);
+            StoreError::Backend(format!("etcd commit of {keys} (endpoints {:?}): {e}", self.endpoints))
+        })?;
+        if response.succeeded() {
+            return Ok(vec![header_revision(&response); ops.len()]);
+        }
+        let found = found_revisions(&response);
+        if attempts > 1
+            && let Some(revision) = self.applied_earlier(&ops, &found, header_revision(&response)).await?
+        {
+            tracing::debug!(keys = ops.len(), "an earlier attempt of this commit was applied");
+            return Ok(vec![revision; ops.len()]);
+        }
+        match ops.iter().zip(found).enumerate().find(|(_, (op, found))| !op.expect.holds(*found)) {
+            Some((index, (op, found))) => {
+                let error = StoreError::Conflict { key: op.key.clone(), expected: op.expect, found };
+                Err(CommitError::Conflict { index, error })
+            }
+            None => Err(StoreError::Backend(format!(
+                "etcd refused a commit of {} keys whose expectations all hold as read back; try again",
+                ops.len()
+            ))
+            .into()),
+        }
+    }
+
+    fn commit_limits(&self) -> CommitLimits {
+        self.limits
     }
 
     async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {

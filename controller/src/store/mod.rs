@@ -11,8 +11,10 @@ pub(crate) mod etcd;
 mod writer;
 
 pub use embedded::EmbeddedStore;
-pub use etcd::{DEFAULT_PREFIX, EtcdOptions, EtcdStore, parse_endpoints};
-pub use writer::{Durable, StoreWriter};
+pub use etcd::{
+    DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, DEFAULT_PREFIX, EtcdOptions, EtcdStore, parse_endpoints,
+};
+pub use writer::{Batching, Durable, StoreWriter};
 
 use std::pin::Pin;
 
@@ -37,6 +39,17 @@ pub enum Expect {
     Revision(u64),
 }
 
+impl Expect {
+    /// Whether a key at `found` (`None`: absent) meets this expectation.
+    pub fn holds(self, found: Option<u64>) -> bool {
+        match self {
+            Expect::Any => true,
+            Expect::Absent => found.is_none(),
+            Expect::Revision(r) => found == Some(r),
+        }
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store conflict on {key}: expected {expected:?}, found revision {found:?}")]
@@ -57,6 +70,78 @@ pub enum StoreError {
          (mv {file} {file}.corrupt) and start again with no jobs and no nodes"
     )]
     Damaged { error: String, file: String },
+}
+
+/// One write of a [`Store::commit`]: `value` under `key` (`None`: delete it)
+/// if `expect` holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub expect: Expect,
+}
+
+impl Op {
+    pub fn put(key: impl Into<String>, value: Vec<u8>, expect: Expect) -> Op {
+        Op { key: key.into(), value: Some(value), expect }
+    }
+
+    pub fn delete(key: impl Into<String>, expect: Expect) -> Op {
+        Op { key: key.into(), value: None, expect }
+    }
+
+    /// What the op counts against [`CommitLimits::bytes`]: its key and value.
+    pub fn size(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// The most one [`Store::commit`] takes: ops, and bytes ([`Op::size`]) in
+/// all unless it is one op (an op bigger than that is refused only if the
+/// store refuses it from `put`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitLimits {
+    pub ops: usize,
+    pub bytes: usize,
+}
+
+impl CommitLimits {
+    /// Why `ops` is more than these limits take, if it is.
+    fn exceeded_by(&self, ops: &[Op]) -> Option<String> {
+        let bytes: usize = ops.iter().map(Op::size).sum();
+        if ops.len() > self.ops {
+            Some(format!("{} keys (at most {})", ops.len(), self.ops))
+        } else if ops.len() > 1 && bytes > self.bytes {
+            Some(format!("{bytes} bytes of keys and values (at most {})", self.bytes))
+        } else {
+            None
+        }
+    }
+}
+
+/// Why a [`Store::commit`] wrote nothing.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    /// The expectation of op `index` did not hold (`error` is a
+    /// [`StoreError::Conflict`] naming its key); nothing was written.
+    #[error("op {index} of the commit: {error}")]
+    Conflict { index: usize, error: StoreError },
+    /// The store failed (for etcd: whether the commit was applied is unknown,
+    /// as for any write whose answer was lost).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Refuses a commit that names a key twice (etcd refuses such a transaction).
+fn check_distinct_keys(ops: &[Op]) -> Result<(), CommitError> {
+    let mut seen = std::collections::HashSet::new();
+    match ops.iter().find(|op| !seen.insert(op.key.as_str())) {
+        Some(op) => Err(CommitError::Store(StoreError::Backend(format!(
+            "a store commit names key {:?} twice; write each key once per commit",
+            op.key
+        )))),
+        None => Ok(()),
+    }
 }
 
 /// Whether the store can be used now, for `/healthz`.
@@ -95,6 +180,41 @@ pub trait Store: Send + Sync + 'static {
     /// Writes `value` if `expect` holds; returns the new revision.
     async fn put(&self, key: &str, value: Vec<u8>, expect: Expect) -> Result<u64, StoreError>;
     async fn delete(&self, key: &str, expect: Expect) -> Result<(), StoreError>;
+    /// Makes every op (each key at most once, within
+    /// [`Store::commit_limits`]) if every expectation holds, and
+    /// none otherwise. All of them get one new revision, returned once per
+    /// op: a put's is its key's revision from then on, as [`Store::put`]'s;
+    /// a delete's is the revision it was deleted at.
+    ///
+    /// Both backends make it one transaction. This default, for test
+    /// wrappers that forward `put` and `delete`, checks the expectations
+    /// then writes one op after another (each with its own revision, 0 for
+    /// a delete): it is all or nothing only while nobody else writes these keys.
+    async fn commit(&self, ops: Vec<Op>) -> Result<Vec<u64>, CommitError> {
+        check_distinct_keys(&ops)?;
+        for (index, op) in ops.iter().enumerate() {
+            let found = self.get(&op.key).await?.map(|v| v.revision);
+            if !op.expect.holds(found) {
+                let error = StoreError::Conflict { key: op.key.clone(), expected: op.expect, found };
+                return Err(CommitError::Conflict { index, error });
+            }
+        }
+        let mut revisions = Vec::with_capacity(ops.len());
+        for op in ops {
+            revisions.push(match op.value {
+                Some(value) => self.put(&op.key, value, op.expect).await?,
+                None => {
+                    self.delete(&op.key, op.expect).await?;
+                    0
+                }
+            });
+        }
+        Ok(revisions)
+    }
+    /// The most one [`Store::commit`] takes.
+    fn commit_limits(&self) -> CommitLimits {
+        CommitLimits { ops: usize::MAX, bytes: usize::MAX }
+    }
     /// Changes to keys starting with `prefix` from `from_revision` on (0: from
     /// now). The watch is in place when this returns, so a write made after it
     /// is seen. Open it before listing, so nothing falls between the list and
@@ -122,6 +242,7 @@ pub mod conformance {
     /// Every case below, on a store whose keyspace is empty.
     pub async fn run_all(store: &dyn Store) {
         kv(store).await;
+        commit(store).await;
         watch(store).await;
     }
 
@@ -168,6 +289,86 @@ pub mod conformance {
         assert_eq!(store.list("jobs/").await.unwrap().len(), 1);
     }
 
+    fn conflict_at(result: Result<Vec<u64>, CommitError>) -> (usize, String, Option<u64>) {
+        match result {
+            Err(CommitError::Conflict { index, error: StoreError::Conflict { key, found, .. } }) => (index, key, found),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+    }
+
+    pub async fn commit(store: &dyn Store) {
+        assert_eq!(store.commit(Vec::new()).await.unwrap(), Vec::<u64>::new());
+
+        // Every op of a commit gets the commit's one revision, which later gets see.
+        let created = store
+            .commit(vec![
+                Op::put("batch/a", b"a1".to_vec(), Expect::Absent),
+                Op::put("batch/b", b"b1".to_vec(), Expect::Any),
+            ])
+            .await
+            .unwrap();
+        let r1 = created[0];
+        assert_eq!(created, [r1, r1]);
+        assert_eq!(store.get("batch/a").await.unwrap(), Some(Versioned { value: b"a1".to_vec(), revision: r1 }));
+        assert_eq!(store.get("batch/b").await.unwrap(), Some(Versioned { value: b"b1".to_vec(), revision: r1 }));
+
+        // Puts and deletes together, each on its own expectation.
+        let changed = store
+            .commit(vec![
+                Op::put("batch/a", b"a2".to_vec(), Expect::Revision(r1)),
+                Op::delete("batch/b", Expect::Revision(r1)),
+                Op::put("batch/c", b"c1".to_vec(), Expect::Absent),
+            ])
+            .await
+            .unwrap();
+        let r2 = changed[0];
+        assert!(r2 > r1, "{r2} after {r1}");
+        assert_eq!(changed, [r2, r2, r2]);
+        assert_eq!(store.get("batch/a").await.unwrap(), Some(Versioned { value: b"a2".to_vec(), revision: r2 }));
+        assert_eq!(store.get("batch/b").await.unwrap(), None);
+        assert_eq!(store.get("batch/c").await.unwrap().unwrap().revision, r2);
+        // The revision put returns next is past the commit's, as for any write.
+        let after = store.put("batch/c", b"c2".to_vec(), Expect::Revision(r2)).await.unwrap();
+        assert!(after > r2, "{after} after {r2}");
+
+        // One expectation that fails writes nothing, wherever it is, and names its op.
+        let before = store.list("batch/").await.unwrap();
+        let stale = store
+            .commit(vec![
+                Op::put("batch/d", b"d".to_vec(), Expect::Absent),
+                Op::put("batch/a", b"a3".to_vec(), Expect::Revision(r1)),
+                Op::delete("batch/c", Expect::Revision(after)),
+            ])
+            .await;
+        assert_eq!(conflict_at(stale), (1, "batch/a".to_string(), Some(r2)));
+        let exists = store
+            .commit(vec![Op::delete("batch/a", Expect::Any), Op::put("batch/c", b"x".to_vec(), Expect::Absent)])
+            .await;
+        assert_eq!(conflict_at(exists), (1, "batch/c".to_string(), Some(after)));
+        let gone = store.commit(vec![Op::delete("batch/b", Expect::Revision(r2))]).await;
+        assert_eq!(conflict_at(gone), (0, "batch/b".to_string(), None));
+        // Revision 0 never matches, as for put.
+        let zero = store.commit(vec![Op::put("batch/z", b"z".to_vec(), Expect::Revision(0))]).await;
+        assert_eq!(conflict_at(zero), (0, "batch/z".to_string(), None));
+        // A key named twice is refused, and nothing is written.
+        let twice = store
+            .commit(vec![
+                Op::put("batch/e", b"1".to_vec(), Expect::Any),
+                Op::put("batch/e", b"2".to_vec(), Expect::Any),
+            ])
+            .await;
+        assert!(matches!(&twice, Err(CommitError::Store(e)) if e.to_string().contains("batch/e")), "{twice:?}");
+        assert_eq!(store.list("batch/").await.unwrap(), before);
+
+        // As many ops as the store takes at once, in one commit.
+        let most = store.commit_limits().ops.min(300);
+        let ops = (0..most).map(|i| Op::put(format!("many/{i:03}"), vec![1; 200], Expect::Absent)).collect();
+        let revisions = store.commit(ops).await.unwrap();
+        assert_eq!(revisions.len(), most);
+        assert!(revisions.iter().all(|r| *r == revisions[0]), "{revisions:?}");
+        assert_eq!(store.list("many/").await.unwrap().len(), most);
+    }
+
     pub async fn watch(store: &dyn Store) {
         let mut events = store.watch("watched/", 0).await.unwrap();
 
@@ -201,6 +402,23 @@ pub mod conformance {
             }
             other => panic!("expected the delete of watched/b, got {other:?}"),
         }
+
+        // A commit's changes arrive in its ops' order, at its one revision.
+        let committed = store
+            .commit(vec![
+                Op::put("watched/d", b"5".to_vec(), Expect::Absent),
+                Op::delete("watched/a", Expect::Revision(r3)),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            next_event(&mut events).await,
+            WatchEvent::Put { key: "watched/d".into(), value: b"5".to_vec(), revision: committed[0] }
+        );
+        assert_eq!(
+            next_event(&mut events).await,
+            WatchEvent::Delete { key: "watched/a".into(), revision: committed[1] }
+        );
 
         // From an older revision: replayed, or a Resync where history is not kept.
         let mut replay = store.watch("watched/", r1).await.unwrap();
