@@ -33,26 +33,30 @@ impl Controller {
             req.node.ok_or_else(|| ControllerError::InvalidRequest("RegisterRequest.node is required".into()))?;
         validate_node(&info)?;
         let session_id = format!("{:016x}", rand::random::<u64>());
-        let mut state = self.state.lock().await;
-        let name = info.name.clone();
-        let now = Instant::now();
-        if let Some(node) = state.nodes.get(&name) {
-            self.check_not_held(node, &req.previous_session_id, now)?;
-        }
-        let changed = match state.nodes.get_mut(&name) {
-            Some(node) => node.register(info, session_id.clone(), req.running.clone(), now),
-            None => {
-                state
-                    .nodes
-                    .insert(name.clone(), NodeEntry::registered(info, session_id.clone(), req.running.clone(), now));
-                true
-            }
-        };
-        let stored = if changed { self.persist_node(&mut state, &name) } else { Durable::nothing() };
-        self.adopt(&mut state, &name, &req.running).await?;
-        tracing::info!(node = %name, running = req.running.len(), "node registered");
-        drop(state);
-        self.wake.notify_one();
+        let session = session_id.clone();
+        let stored = self
+            .state
+            .call(move |state, ctl| {
+                let name = info.name.clone();
+                let now = Instant::now();
+                if let Some(node) = state.nodes.get(&name) {
+                    ctl.check_not_held(node, &req.previous_session_id, now)?;
+                }
+                let changed = match state.nodes.get_mut(&name) {
+                    Some(node) => node.register(info, session.clone(), req.running.clone(), now),
+                    None => {
+                        let node = NodeEntry::registered(info, session, req.running.clone(), now);
+                        state.nodes.insert(name.clone(), node);
+                        true
+                    }
+                };
+                let stored = if changed { ctl.persist_node(state, &name) } else { Durable::nothing() };
+                ctl.adopt(state, &name, &req.running);
+                tracing::info!(node = %name, running = req.running.len(), "node registered");
+                ctl.wake.notify_one();
+                Ok::<_, ControllerError>(stored)
+            })
+            .await?;
         stored.wait().await?;
         Ok(cohort_proto::RegisterResponse {
             controller_id: String::new(),
@@ -118,12 +122,7 @@ impl Controller {
     /// Reconciles what a (re)registering agent runs with what the jobs expect:
     /// exits it saw while disconnected are applied; processes it no longer has
     /// fail their job; the rest is adopted.
-    pub(super) async fn adopt(
-        &self,
-        state: &mut State,
-        node: &str,
-        running: &[RunningLaunch],
-    ) -> Result<(), ControllerError> {
+    pub(super) fn adopt(&self, state: &mut State, node: &str, running: &[RunningLaunch]) {
         // A node back from a partition may still run a finished job's ranks
         // (until its fence): they hold their GPUs again and are stopped.
         for launch in running {
@@ -180,41 +179,51 @@ impl Controller {
             }
             self.persist_job(state, &id);
         }
-        Ok(())
     }
 
     /// Binds a stream to the node that registered with `session_id`.
     pub async fn attach(&self, node: &str, session_id: &str, tx: SessionSender) -> Result<(), ControllerError> {
-        let mut state = self.state.lock().await;
-        let entry =
-            state.nodes.get_mut(node).filter(|n| n.registered_session.as_deref() == Some(session_id)).ok_or_else(
-                || {
-                    ControllerError::FailedPrecondition(format!(
-                        "node {node:?} has no registration with session {session_id:?}: call Register first"
-                    ))
-                },
-            )?;
-        entry.attach(session_id, tx, Instant::now());
-        drop(state);
-        self.wake.notify_one();
-        Ok(())
+        let (node, session_id) = (node.to_string(), session_id.to_string());
+        self.state
+            .call(move |state, ctl| {
+                let entry = state
+                    .nodes
+                    .get_mut(&node)
+                    .filter(|n| n.registered_session.as_deref() == Some(session_id.as_str()))
+                    .ok_or_else(|| {
+                        ControllerError::FailedPrecondition(format!(
+                            "node {node:?} has no registration with session {session_id:?}: call Register first"
+                        ))
+                    })?;
+                entry.attach(&session_id, tx, Instant::now());
+                ctl.wake.notify_one();
+                Ok(())
+            })
+            .await
     }
 
     pub async fn detach(&self, node: &str, session_id: &str) {
-        let mut state = self.state.lock().await;
-        if let Some(entry) = state.nodes.get_mut(node)
-            && entry.detach(session_id)
-        {
-            tracing::warn!(node, "agent stream closed; the node is lost unless it reconnects within the TTL");
-        }
+        let (node, session_id) = (node.to_string(), session_id.to_string());
+        self.state
+            .call(move |state, _| {
+                if let Some(entry) = state.nodes.get_mut(&node)
+                    && entry.detach(&session_id)
+                {
+                    tracing::warn!(node, "agent stream closed; the node is lost unless it reconnects within the TTL");
+                }
+            })
+            .await
     }
 
     /// Drops every agent session (on shutdown); agents reconnect elsewhere or later.
     pub async fn close_sessions(&self) {
-        let mut state = self.state.lock().await;
-        for node in state.nodes.values_mut() {
-            node.session = None;
-        }
+        self.state
+            .call(|state, _| {
+                for node in state.nodes.values_mut() {
+                    node.session = None;
+                }
+            })
+            .await
     }
 
     /// Acknowledges a heartbeat at once, without the state: the agent's proof
@@ -231,7 +240,12 @@ impl Controller {
     /// What a heartbeat tells about the node (liveness, running launches,
     /// telemetry); its ack went out before ([`Self::ack_heartbeat`]).
     pub async fn heartbeat(&self, node: &str, hb: cohort_proto::Heartbeat) {
-        let mut state = self.state.lock().await;
+        let node = node.to_string();
+        self.state.call(move |state, ctl| ctl.heard(state, &node, hb)).await
+    }
+
+    /// [`Self::heartbeat`] on the state.
+    fn heard(&self, state: &mut State, node: &str, hb: cohort_proto::Heartbeat) {
         let Some(entry) = state.nodes.get_mut(node) else { return };
         if entry.heard_from(Instant::now()) {
             tracing::info!(node, "node is Ready again");
@@ -239,16 +253,21 @@ impl Controller {
         entry.reported = hb.running;
         let newly_unhealthy = record_health(entry, &hb.gpus);
         entry.telemetry = hb.gpus;
-        Self::gpus_seen(&mut state, node);
+        Self::gpus_seen(state, node);
         // Queued, never awaited: a heartbeat does not wait for the store.
         if newly_unhealthy {
-            self.persist_node(&mut state, node);
+            self.persist_node(state, node);
         }
     }
 
     /// An XID or ECC event: the GPU's health changes now, not at the next heartbeat.
     pub async fn gpu_event(&self, node: &str, event: cohort_proto::GpuEvent) {
-        let mut state = self.state.lock().await;
+        let node = node.to_string();
+        self.state.call(move |state, ctl| ctl.gpu_event_seen(state, &node, event)).await
+    }
+
+    /// [`Self::gpu_event`] on the state.
+    fn gpu_event_seen(&self, state: &mut State, node: &str, event: cohort_proto::GpuEvent) {
         let Some(entry) = state.nodes.get_mut(node) else { return };
         tracing::warn!(node, gpu = event.index, kind = %event.kind, xid = event.xid, detail = %event.detail, "GPU event");
         let mut changed = false;
@@ -266,15 +285,19 @@ impl Controller {
             changed = record_health(entry, &entry.telemetry.clone());
         }
         if changed {
-            self.persist_node(&mut state, node);
-            drop(state);
+            self.persist_node(state, node);
             self.wake.notify_one();
         }
     }
 
     pub async fn process_event(&self, node: &str, event: cohort_proto::ProcessEvent) {
+        let node = node.to_string();
+        self.state.call(move |state, ctl| ctl.process_event_seen(state, &node, event)).await
+    }
+
+    /// [`Self::process_event`] on the state.
+    fn process_event_seen(&self, state: &mut State, node: &str, event: cohort_proto::ProcessEvent) {
         use cohort_proto::process_event::Event;
-        let mut state = self.state.lock().await;
         let id = event.job_id.clone();
         let Some(entry) = state.jobs.get_mut(&id) else { return };
         if entry.job.attempt != event.attempt {
@@ -296,7 +319,7 @@ impl Controller {
             }
             Some(Event::Exited(exited)) => {
                 let how = describe_exit(exited.exit_code, exited.signal);
-                self.apply_exit(&mut state, &id, node, event.index, exited);
+                self.apply_exit(state, &id, node, event.index, exited);
                 format!("process {} on node {node} exited with {how}", event.index)
             }
             Some(Event::SpawnFailed(error)) => {
@@ -314,7 +337,7 @@ impl Controller {
                         },
                         cohort_shared::failure::FailureCause::UserError,
                     );
-                    self.fail(&mut state, &id, failure);
+                    self.fail(state, &id, failure);
                 }
                 message
             }
@@ -329,17 +352,16 @@ impl Controller {
         let over_with_live = entry.is_over() && entry.job.live_processes > 0;
         let changed = state_changed || (entry.is_terminal() && entry.job.live_processes == 0);
         if changed {
-            self.persist_job(&mut state, &id);
+            self.persist_job(state, &id);
         }
         // A start, or an exit while a finished attempt still has ranks to
         // stop, that changes nothing else goes out with the next batch and
         // leaves the reconcile loop asleep (it has nothing to act on).
         if !state_changed && (is_start || over_with_live) {
-            self.hold_message(&mut state, &id, message);
+            self.hold_message(state, &id, message);
             return;
         }
-        self.flush_held(&mut state, &id, Some(&message));
-        drop(state);
+        self.flush_held(state, &id, Some(&message));
         self.wake.notify_one();
     }
 
@@ -351,8 +373,8 @@ impl Controller {
 
     /// The rank of `node` in a job's plan, for log lines.
     pub async fn node_rank(&self, job_id: &str, node: &str) -> u32 {
-        let state = self.state.lock().await;
-        state.jobs.get(job_id).map(|e| e.node_rank(node)).unwrap_or(0)
+        let (job_id, node) = (job_id.to_string(), node.to_string());
+        self.state.call(move |state, _| state.jobs.get(&job_id).map(|e| e.node_rank(&node)).unwrap_or(0)).await
     }
 
     // ------------------------------------------------------------ transitions

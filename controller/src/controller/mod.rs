@@ -1,11 +1,13 @@
-//! The controller's state: jobs, nodes and agent sessions, owned by one
-//! `Controller` behind one lock that is never held across a store call: a
-//! change enqueues its record to the one ordered writer (`StoreWriter`) under
-//! the lock, and a handler that promises durability awaits the write after
-//! releasing it. gRPC handlers call its methods; the reconcile
-//! loop (`reconcile`) converges the cluster on what the jobs want: it marks
-//! silent nodes lost, places pending jobs, and keeps telling agents to stop
-//! what no job wants any more (level-triggered, so a lost command is re-sent).
+//! The controller's state: jobs, nodes and agent sessions, owned by one task
+//! (`state_task`): gRPC handlers, agent sessions and the reconcile loop send
+//! it synchronous commands and await their answers, so nothing is awaited
+//! while the state is held. A change enqueues its record to the one ordered
+//! writer (`StoreWriter`) inside its command, and a handler that promises
+//! durability awaits the write after the answer, off the state task. The
+//! reconcile loop (`reconcile`) converges the cluster on what the jobs want:
+//! it marks silent nodes lost, places pending jobs, and keeps telling agents
+//! to stop what no job wants any more (level-triggered, so a lost command is
+//! re-sent).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::RangeInclusive;
@@ -19,7 +21,7 @@ use cohort_proto::{
 };
 use cohort_shared::spec::{JobSpec, Workload};
 use prost::Message;
-use tokio::sync::{Mutex, Notify, broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::time::Instant;
 use tonic::Status;
 
@@ -64,7 +66,8 @@ impl Default for ControllerConfig {
 }
 
 pub struct Controller {
-    state: Mutex<State>,
+    /// The only way to the state: a command run by the task that owns it.
+    state: StateTask,
     store: Arc<dyn Store>,
     /// Every job and node record goes to the store through here, in order.
     writer: StoreWriter,
@@ -78,6 +81,17 @@ pub struct Controller {
     pub metrics: MetricsHub,
     /// Job files being checked now (see `checking`).
     checks: Arc<tokio::sync::Semaphore>,
+}
+
+/// What [`Controller::admit`] decided.
+enum Admitted {
+    /// A repeat of a stored submit: its job.
+    Repeat(Box<Job>),
+    /// A repeat of a submit being stored: look again once it is done.
+    AfterFirst(tokio::sync::watch::Receiver<()>),
+    /// A new job, its record and the counter queued for the store; `pending`
+    /// closes when the submit is over (repeats wait for it).
+    New { entry: Box<JobEntry>, stored: Durable, counter: Durable, pending: tokio::sync::watch::Sender<()> },
 }
 
 /// A submit whose record is on its way to the store.
@@ -142,11 +156,13 @@ mod restart;
 #[cfg(test)]
 mod scenarios;
 mod stage_entry;
+mod state_task;
 mod swift_check;
 
 use job_entry::{JobEntry, JobPhase, is_live};
 use node_entry::{NodeEntry, NodePhase};
 pub use pipeline::stage_state_name;
+use state_task::StateTask;
 
 impl Controller {
     /// Loads jobs and nodes from the store. Stored nodes start `Disconnected`
@@ -211,16 +227,18 @@ impl Controller {
             state.nodes.insert(node.info.name.clone(), node);
         }
         tracing::info!(jobs = state.jobs.len(), nodes = state.nodes.len(), "loaded state from the store");
-        Ok(Arc::new(Self {
-            state: Mutex::new(state),
+        let logs = LogHub::new(data_dir.join("logs"))?;
+        let metrics = MetricsHub::new(data_dir.join("metrics"))?;
+        Ok(Arc::new_cyclic(|controller| Self {
+            state: StateTask::start(state, controller.clone()),
             writer: StoreWriter::start(store.clone(), revisions),
             store,
             load_warnings: warnings,
             config,
             wake: Notify::new(),
             events: broadcast::channel(4096).0,
-            logs: LogHub::new(data_dir.join("logs"))?,
-            metrics: MetricsHub::new(data_dir.join("metrics"))?,
+            logs,
+            metrics,
             checks: checking::concurrent_checks(),
         }))
     }
@@ -244,21 +262,69 @@ impl Controller {
         let warnings: Vec<String> = spec.warnings().iter().map(|w| format!("{}: {}", w.field, w.message)).collect();
         admission::check_request_id(&options.request_id)?;
         let repeat_key = (file.submitted_by.clone(), options.request_id.clone());
-        let mut state = loop {
-            let mut state = self.state.lock().await;
-            let Some(pending) = state.pending_submits.get_mut(&repeat_key) else { break state };
-            if pending.done.has_changed().is_err() {
-                // The first submit's future was dropped (its caller went away): it is over.
-                state.pending_submits.remove(&repeat_key);
-                break state;
+        let (mut entry, stored, counter, _pending) = loop {
+            let (spec, file, options, key) = (spec.clone(), file.clone(), options.clone(), repeat_key.clone());
+            match self.state.call(move |state, ctl| ctl.admit(state, spec, file, &options, key)).await? {
+                Admitted::Repeat(first) => return Ok((*first, warnings)),
+                // Returns once the first submit has finished, stored or not; then look again.
+                Admitted::AfterFirst(mut first) => {
+                    let _ = first.changed().await;
+                }
+                Admitted::New { entry, stored, counter, pending } => break (entry, stored, counter, pending),
             }
-            pending.repeats += 1;
-            let first = pending.done.clone();
-            drop(state);
-            let mut first = first;
-            // Returns once the first submit has finished, stored or not; then look again.
-            let _ = first.changed().await;
         };
+        let id = entry.job.id.clone();
+        let stored = stored.wait().await;
+        if let Err(e) = counter.wait().await {
+            tracing::warn!(job = %id, error = %e, "the job counter could not be stored; the job record holds its seq");
+        }
+        let revision = match stored {
+            Ok(revision) => revision,
+            Err(e) => {
+                // Not stored, so not a job: nothing of it stays behind.
+                tracing::warn!(job = %id, error = %e, "submit refused: the job could not be stored");
+                self.state.call(move |state, _| state.pending_submits.remove(&repeat_key)).await;
+                return Err(e.into());
+            }
+        };
+        entry.revision = Some(revision);
+        let job = self
+            .state
+            .call(move |state, ctl| {
+                state.pending_submits.remove(&repeat_key);
+                let id = entry.job.id.clone();
+                state.jobs.insert(id.clone(), *entry);
+                if !repeat_key.1.is_empty() {
+                    state.submitted.insert(repeat_key, id.clone());
+                }
+                ctl.publish(state, &id, "submitted");
+                tracing::info!(job = %id, "job submitted");
+                Self::resolve(state, &id).map(|e| e.job.clone())
+            })
+            .await?;
+        self.wake.notify_one();
+        Ok((job, warnings))
+    }
+
+    /// Decides a submit on the state: a repeat of a stored submit gets its
+    /// job, a repeat of one being stored waits for it, a new job's records
+    /// are queued for the store (it joins the state once they are stored).
+    fn admit(
+        &self,
+        state: &mut State,
+        spec: JobSpec,
+        file: JobFile,
+        options: &admission::SubmitOptions,
+        repeat_key: (String, String),
+    ) -> Result<Admitted, ControllerError> {
+        if let Some(pending) = state.pending_submits.get_mut(&repeat_key) {
+            if pending.done.has_changed().is_ok() {
+                pending.repeats += 1;
+                return Ok(Admitted::AfterFirst(pending.done.clone()));
+            }
+            // The first submit's future was dropped (its caller went away): it is over.
+            state.pending_submits.remove(&repeat_key);
+        }
         if !options.request_id.is_empty()
             && let Some(id) = state.submitted.get(&repeat_key)
         {
@@ -266,13 +332,13 @@ impl Controller {
                 state.jobs.get(id).map(|e| e.job.clone()).ok_or_else(|| ControllerError::JobNotFound(id.clone()))?;
             admission::check_same_file(&options.request_id, &first, &file)?;
             tracing::info!(job = %first.id, request_id = %options.request_id, "repeated submit: returning the first job");
-            return Ok((first, warnings));
+            return Ok(Admitted::Repeat(Box::new(first)));
         }
         admission::check_priority(&spec, options.max_priority)?;
         if let Some(identity) = &options.run_as_bound {
             self.config.run_as.check(&spec.name, identity, spec.user.as_deref().unwrap_or(""))?;
         }
-        admission::check_fits(&spec, &state, &self.config.admission)?;
+        admission::check_fits(&spec, state, &self.config.admission)?;
         let seq = state.next_seq;
         state.next_seq += 1;
         let id = format!("{}-{}", spec.name, seq);
@@ -304,37 +370,11 @@ impl Controller {
         let record = JobRecord { job: Some(entry.job.clone()), seq: entry.seq };
         let stored = self.writer.write(format!("jobs/{id}"), Some(record.encode_to_vec()));
         let counter = self.writer.write(JOB_SEQ_KEY.into(), Some(seq.to_string().into_bytes()));
-        let (_pending, first) = tokio::sync::watch::channel(());
+        let (pending, first) = tokio::sync::watch::channel(());
         if !options.request_id.is_empty() {
-            state.pending_submits.insert(repeat_key.clone(), PendingSubmit { done: first, repeats: 0 });
+            state.pending_submits.insert(repeat_key, PendingSubmit { done: first, repeats: 0 });
         }
-        drop(state);
-        let stored = stored.wait().await;
-        if let Err(e) = counter.wait().await {
-            tracing::warn!(job = %id, error = %e, "the job counter could not be stored; the job record holds its seq");
-        }
-        let revision = match stored {
-            Ok(revision) => revision,
-            Err(e) => {
-                // Not stored, so not a job: nothing of it stays behind.
-                tracing::warn!(job = %id, error = %e, "submit refused: the job could not be stored");
-                self.state.lock().await.pending_submits.remove(&repeat_key);
-                return Err(e.into());
-            }
-        };
-        entry.revision = Some(revision);
-        let mut state = self.state.lock().await;
-        state.pending_submits.remove(&repeat_key);
-        state.jobs.insert(id.clone(), entry);
-        if !options.request_id.is_empty() {
-            state.submitted.insert(repeat_key, id.clone());
-        }
-        self.publish(&state, &id, "submitted");
-        tracing::info!(job = %id, "job submitted");
-        drop(state);
-        self.wake.notify_one();
-        let job = self.get(&id).await?;
-        Ok((job, warnings))
+        Ok(Admitted::New { entry: Box::new(entry), stored, counter, pending })
     }
 
     /// `cohort plan`: the file checked, its placement on the cluster now, and
@@ -393,13 +433,23 @@ impl Controller {
             }
             return response;
         }
-        let state = self.state.lock().await;
-        let views = Self::node_views(&state);
+        let spec = spec.clone();
+        self.state.call(move |state, ctl| Self::place_now(state, &spec, &ctl.config, response)).await
+    }
+
+    /// [`Self::plan_spec`] on the state: where the job would go now.
+    fn place_now(
+        state: &State,
+        spec: &JobSpec,
+        config: &ControllerConfig,
+        mut response: cohort_proto::PlanJobResponse,
+    ) -> cohort_proto::PlanJobResponse {
+        let views = Self::node_views(state);
         match planner::place(spec, &views, &[]) {
             Ok(placement) => {
                 // Every port leased: the launch would wait; the plan shows where the search starts.
-                let (lo, hi) = (*self.config.master_ports.start(), *self.config.master_ports.end());
-                let port = Self::peek_port(&state, &self.config).unwrap_or(state.next_port.clamp(lo, hi));
+                let (lo, hi) = (*config.master_ports.start(), *config.master_ports.end());
+                let port = Self::peek_port(state, config).unwrap_or(state.next_port.clamp(lo, hi));
                 let workdir = spec.workdir.clone();
                 response.plan = Some(planner::render(
                     spec,
@@ -447,51 +497,67 @@ impl Controller {
     }
 
     pub async fn get(&self, job_ref: &str) -> Result<Job, ControllerError> {
-        let state = self.state.lock().await;
-        Ok(Self::resolve(&state, job_ref)?.job.clone())
+        let job_ref = job_ref.to_string();
+        self.state.call(move |state, _| Ok(Self::resolve(state, &job_ref)?.job.clone())).await
     }
 
     pub async fn list(&self, active_only: bool) -> Vec<Job> {
-        let state = self.state.lock().await;
-        let mut jobs: Vec<&JobEntry> =
-            state.jobs.values().filter(|e| !active_only || !e.is_terminal() || e.job.live_processes > 0).collect();
-        jobs.sort_by_key(|e| e.seq);
-        jobs.into_iter().map(|e| e.job.clone()).collect()
+        self.state
+            .call(move |state, _| {
+                let mut jobs: Vec<&JobEntry> = state
+                    .jobs
+                    .values()
+                    .filter(|e| !active_only || !e.is_terminal() || e.job.live_processes > 0)
+                    .collect();
+                jobs.sort_by_key(|e| e.seq);
+                jobs.into_iter().map(|e| e.job.clone()).collect()
+            })
+            .await
     }
 
     /// The job now and a receiver of its later events.
     pub async fn watch(&self, job_ref: &str) -> Result<(Job, broadcast::Receiver<JobEvent>), ControllerError> {
-        let state = self.state.lock().await;
-        let job = Self::resolve(&state, job_ref)?.job.clone();
-        Ok((job, self.events.subscribe()))
+        let job_ref = job_ref.to_string();
+        // Subscribed on the state task: no event of a later change is missed.
+        self.state
+            .call(move |state, ctl| Ok((Self::resolve(state, &job_ref)?.job.clone(), ctl.events.subscribe())))
+            .await
     }
 
     pub async fn cancel(&self, job_ref: &str) -> Result<Job, ControllerError> {
-        let mut state = self.state.lock().await;
-        let id = Self::resolve(&state, job_ref)?.job.id.clone();
-        let Some(entry) = state.jobs.get_mut(&id) else { return Err(ControllerError::JobNotFound(id)) };
-        let reason = match entry.phase() {
-            JobPhase::Pending => "cancelled before it was placed",
-            // The failed attempt's gang may still be stopping; it goes on being stopped.
-            JobPhase::Restarting => "cancelled by the user while restarting",
-            _ => "cancelled by the user; stopping every process",
-        };
-        // A job that has ended is answered as it is.
-        let Ok(from) = entry.cancel(reason.into()) else { return Ok(entry.job.clone()) };
-        if from.is_active() {
-            self.teardown(&mut state, &id, "cancelled");
-        }
-        let stored = self.persist_job(&mut state, &id);
-        self.publish(&state, &id, "cancelled");
-        tracing::info!(job = %id, "job cancelled");
-        drop(state);
-        self.wake.notify_one();
+        let job_ref = job_ref.to_string();
+        let (id, stored) = self
+            .state
+            .call(move |state, ctl| {
+                let id = Self::resolve(state, &job_ref)?.job.id.clone();
+                let Some(entry) = state.jobs.get_mut(&id) else { return Err(ControllerError::JobNotFound(id)) };
+                let reason = match entry.phase() {
+                    JobPhase::Pending => "cancelled before it was placed",
+                    // The failed attempt's gang may still be stopping; it goes on being stopped.
+                    JobPhase::Restarting => "cancelled by the user while restarting",
+                    _ => "cancelled by the user; stopping every process",
+                };
+                // A job that has ended is answered as it is.
+                let Ok(from) = entry.cancel(reason.into()) else { return Ok((id, Durable::nothing())) };
+                if from.is_active() {
+                    ctl.teardown(state, &id, "cancelled");
+                }
+                let stored = ctl.persist_job(state, &id);
+                ctl.publish(state, &id, "cancelled");
+                tracing::info!(job = %id, "job cancelled");
+                ctl.wake.notify_one();
+                Ok((id, stored))
+            })
+            .await?;
         stored.wait().await?;
         self.get(&id).await
     }
 
     pub async fn nodes(&self) -> Vec<Node> {
-        let state = self.state.lock().await;
+        self.state.call(|state, _| Self::node_table(state)).await
+    }
+
+    fn node_table(state: &State) -> Vec<Node> {
         let mut allocated: HashMap<&str, (Vec<u32>, Vec<String>)> = HashMap::new();
         for entry in state.jobs.values().filter(|e| e.holds_resources()) {
             for a in entry.plan().map(|p| p.nodes.as_slice()).unwrap_or_default() {
@@ -527,38 +593,50 @@ impl Controller {
 
     /// Cordon (no new work), drain (cordon, Draining until its jobs end) or uncordon a node.
     pub async fn set_schedulable(&self, node: &str, cordon: bool, drain: bool) -> Result<Node, ControllerError> {
-        let mut state = self.state.lock().await;
-        let entry = state.nodes.get_mut(node).ok_or_else(|| {
-            ControllerError::InvalidRequest(format!("no node {node:?}: `cohort nodes` lists the known nodes"))
-        })?;
-        entry.cordoned = cordon;
-        entry.draining = drain;
-        tracing::info!(node, cordon, drain, "node scheduling changed");
-        let stored = self.persist_node(&mut state, node);
-        drop(state);
-        self.wake.notify_one();
+        let name = node.to_string();
+        let stored = self
+            .state
+            .call(move |state, ctl| {
+                let node = name.as_str();
+                let entry = state.nodes.get_mut(node).ok_or_else(|| {
+                    ControllerError::InvalidRequest(format!("no node {node:?}: `cohort nodes` lists the known nodes"))
+                })?;
+                entry.cordoned = cordon;
+                entry.draining = drain;
+                tracing::info!(node, cordon, drain, "node scheduling changed");
+                let stored = ctl.persist_node(state, node);
+                ctl.wake.notify_one();
+                Ok::<_, ControllerError>(stored)
+            })
+            .await?;
         stored.wait().await?;
         self.node(node).await
     }
 
     /// Declares a GPU healthy again: forgotten by the controller, reset on the agent.
     pub async fn clear_gpu(&self, node: &str, index: u32) -> Result<Node, ControllerError> {
-        let mut state = self.state.lock().await;
-        let entry = state.nodes.get_mut(node).ok_or_else(|| {
-            ControllerError::InvalidRequest(format!("no node {node:?}: `cohort nodes` lists the known nodes"))
-        })?;
-        if !entry.info.gpus.iter().any(|g| g.index == index) {
-            return Err(ControllerError::InvalidRequest(format!("node {node} has no GPU {index}")));
-        }
-        entry.unhealthy_gpus.remove(&index);
-        for t in entry.telemetry.iter_mut().filter(|t| t.index == index) {
-            t.health = None;
-        }
-        tracing::info!(node, gpu = index, "GPU cleared by an operator");
-        let stored = self.persist_node(&mut state, node);
-        Self::send_command(&mut state, node, Command::ClearGpu(cohort_proto::ClearGpuCommand { index }));
-        drop(state);
-        self.wake.notify_one();
+        let name = node.to_string();
+        let stored = self
+            .state
+            .call(move |state, ctl| {
+                let node = name.as_str();
+                let entry = state.nodes.get_mut(node).ok_or_else(|| {
+                    ControllerError::InvalidRequest(format!("no node {node:?}: `cohort nodes` lists the known nodes"))
+                })?;
+                if !entry.info.gpus.iter().any(|g| g.index == index) {
+                    return Err(ControllerError::InvalidRequest(format!("node {node} has no GPU {index}")));
+                }
+                entry.unhealthy_gpus.remove(&index);
+                for t in entry.telemetry.iter_mut().filter(|t| t.index == index) {
+                    t.health = None;
+                }
+                tracing::info!(node, gpu = index, "GPU cleared by an operator");
+                let stored = ctl.persist_node(state, node);
+                Self::send_command(state, node, Command::ClearGpu(cohort_proto::ClearGpuCommand { index }));
+                ctl.wake.notify_one();
+                Ok(stored)
+            })
+            .await?;
         stored.wait().await?;
         self.node(node).await
     }

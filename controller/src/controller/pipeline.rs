@@ -186,23 +186,45 @@ impl Controller {
     }
 
     /// One pass over every pipeline that is not finished.
-    pub(super) async fn advance_pipelines(self: &Arc<Self>) {
-        let mut state = self.state.lock().await;
-        let ids: Vec<String> = state
-            .jobs
-            .values()
-            .filter(|e| e.spec.is_pipeline())
-            .filter(|e| !e.is_terminal() || e.job.stages.iter().any(|s| stage_state(s) == StageState::Running))
-            .map(|e| e.job.id.clone())
-            .collect();
-        for id in ids {
-            if let Err(e) = self.advance_pipeline(&mut state, &id).await {
-                tracing::error!(job = %id, error = %e, "advancing the pipeline failed; retrying on the next pass");
+    pub(super) async fn advance_pipelines(&self) {
+        let conversions = self
+            .state
+            .call(|state, ctl| {
+                let mut conversions = Vec::new();
+                let ids: Vec<String> = state
+                    .jobs
+                    .values()
+                    .filter(|e| e.spec.is_pipeline())
+                    .filter(|e| {
+                        !e.is_terminal() || e.job.stages.iter().any(|s| stage_state(s) == StageState::Running)
+                    })
+                    .map(|e| e.job.id.clone())
+                    .collect();
+                for id in ids {
+                    if let Err(e) = ctl.advance_pipeline(state, &id, &mut conversions) {
+                        tracing::error!(job = %id, error = %e, "advancing the pipeline failed; retrying on the next pass");
+                    }
+                }
+                conversions
+            })
+            .await;
+        // The cache is not the state: its entries are written here, off the state task.
+        for entry in conversions {
+            if let Err(e) = self.store.put(&format!("cache/{}", entry.key), entry.encode_to_vec(), Expect::Any).await {
+                tracing::warn!(key = %entry.key, error = %e, "could not record the conversion in the cache");
+            } else {
+                tracing::info!(job = %entry.created_by, key = %entry.key, path = %entry.path, "conversion cached");
             }
         }
     }
 
-    async fn advance_pipeline(self: &Arc<Self>, state: &mut State, id: &str) -> Result<(), ControllerError> {
+    /// Moves one pipeline on; the conversions its stages finished go to `conversions`.
+    fn advance_pipeline(
+        self: &Arc<Self>,
+        state: &mut State,
+        id: &str,
+        conversions: &mut Vec<ConversionCacheEntry>,
+    ) -> Result<(), ControllerError> {
         let Some(entry) = state.jobs.get(id) else { return Ok(()) };
         let Workload::Pipeline(spec) = entry.spec.workload.clone() else { return Ok(()) };
         let before = entry.job.stages.clone();
@@ -237,7 +259,7 @@ impl Controller {
                 } else {
                     stage.succeeded();
                     if !stage.cache_key.is_empty() {
-                        self.remember_conversion(state, id, &spec, stage).await;
+                        conversions.push(Self::conversion_done(state, id, &spec, stage));
                     }
                 }
             }
@@ -257,7 +279,7 @@ impl Controller {
                     }
                     StageState::Running => {
                         for run in stage.runs.clone() {
-                            self.cancel_run(state, &run, "the pipeline stopped").await?;
+                            self.cancel_run(state, &run, "the pipeline stopped")?;
                         }
                     }
                     _ => {}
@@ -276,7 +298,7 @@ impl Controller {
                             stages[index].resolving("looking for the converted checkpoint in the conversion cache");
                         } else {
                             let output = spec.stage_output(stage_spec, id, &resolved(&stages)).unwrap_or_default();
-                            self.start_stage(state, id, &spec, &mut stages, index, output, String::new()).await?;
+                            self.start_stage(state, id, &spec, &mut stages, index, output, String::new())?;
                         }
                     }
                     StageState::Waiting => {
@@ -333,7 +355,7 @@ impl Controller {
 
     /// Submits a stage's runs as jobs of their own.
     #[allow(clippy::too_many_arguments)]
-    async fn start_stage(
+    fn start_stage(
         &self,
         state: &mut State,
         pipeline_id: &str,
@@ -419,7 +441,7 @@ impl Controller {
     }
 
     /// Cancels a run of a stopped pipeline (as `cohort cancel` would).
-    async fn cancel_run(&self, state: &mut State, id: &str, reason: &str) -> Result<(), ControllerError> {
+    fn cancel_run(&self, state: &mut State, id: &str, reason: &str) -> Result<(), ControllerError> {
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
         let why = match entry.phase() {
             JobPhase::Pending => format!("{reason} before it was placed"),
@@ -444,23 +466,31 @@ impl Controller {
         let controller = self.clone();
         tokio::spawn(async move {
             let outcome = controller.run_task(&key.0, &key.1).await;
-            controller.finish_task(&key.0, &key.1, outcome).await;
-            let mut state = controller.state.lock().await;
-            state.pipeline_tasks.remove(&key);
-            drop(state);
-            controller.wake.notify_one();
+            controller
+                .state
+                .call(move |state, ctl| {
+                    ctl.finish_task(state, &key.0, &key.1, outcome);
+                    state.pipeline_tasks.remove(&key);
+                    ctl.wake.notify_one();
+                })
+                .await;
         });
     }
 
     async fn run_task(&self, id: &str, stage: &str) -> TaskOutcome {
-        let (spec, stages, selector, user) = {
-            let state = self.state.lock().await;
-            let Some(entry) = state.jobs.get(id) else { return TaskOutcome::Failed("the job is gone".into()) };
-            let Workload::Pipeline(spec) = entry.spec.workload.clone() else {
-                return TaskOutcome::Failed("not a pipeline".into());
-            };
-            let user = entry.spec.user.clone().unwrap_or_default();
-            (spec, entry.job.stages.clone(), entry.spec.node_selector.clone(), user)
+        let job_id = id.to_string();
+        let found = self
+            .state
+            .call(move |state, _| {
+                let Some(entry) = state.jobs.get(&job_id) else { return Err("the job is gone") };
+                let Workload::Pipeline(spec) = entry.spec.workload.clone() else { return Err("not a pipeline") };
+                let user = entry.spec.user.clone().unwrap_or_default();
+                Ok((spec, entry.job.stages.clone(), entry.spec.node_selector.clone(), user))
+            })
+            .await;
+        let (spec, stages, selector, user) = match found {
+            Ok(found) => found,
+            Err(why) => return TaskOutcome::Failed(why.into()),
         };
         if stage == REPORT_TASK {
             return match self.write_report(id, &stages, &selector, &user).await {
@@ -548,8 +578,8 @@ impl Controller {
         TaskOutcome::Start { output, cache_key: key, model, model_digest: digest, layout }
     }
 
-    async fn finish_task(self: &Arc<Self>, id: &str, stage: &str, outcome: TaskOutcome) {
-        let mut state = self.state.lock().await;
+    /// A resolving stage's (or the report's) task ended with `outcome`.
+    fn finish_task(self: &Arc<Self>, state: &mut State, id: &str, stage: &str, outcome: TaskOutcome) {
         let Some(entry) = state.jobs.get(id) else { return };
         let Workload::Pipeline(spec) = entry.spec.workload.clone() else { return };
         let mut stages = entry.job.stages.clone();
@@ -602,7 +632,7 @@ impl Controller {
                             ..ConversionCacheEntry::default()
                         },
                     );
-                    if let Err(e) = self.start_stage(&mut state, id, &spec, &mut stages, i, output, cache_key).await {
+                    if let Err(e) = self.start_stage(state, id, &spec, &mut stages, i, output, cache_key) {
                         tracing::error!(job = %id, error = %e, "starting the stage failed");
                     }
                 }
@@ -611,12 +641,17 @@ impl Controller {
         if let Some(entry) = state.jobs.get_mut(id) {
             entry.job.stages = stages;
         }
-        self.persist_job(&mut state, id);
-        self.publish(&state, id, "stages changed");
+        self.persist_job(state, id);
+        self.publish(state, id, "stages changed");
     }
 
-    /// A to_mcore run succeeded: its output becomes a cache entry.
-    async fn remember_conversion(&self, state: &mut State, id: &str, spec: &PipelineSpec, stage: &PipelineStage) {
+    /// A to_mcore run succeeded: its output becomes a cache entry (stored by the caller, off the state).
+    fn conversion_done(
+        state: &mut State,
+        id: &str,
+        spec: &PipelineSpec,
+        stage: &PipelineStage,
+    ) -> ConversionCacheEntry {
         let mut entry = state.pending_conversions.remove(&stage.cache_key).unwrap_or_else(|| ConversionCacheEntry {
             key: stage.cache_key.clone(),
             path: stage.output.clone(),
@@ -626,11 +661,7 @@ impl Controller {
         });
         entry.created_unix_ms = now_unix_ms();
         entry.last_used_unix_ms = entry.created_unix_ms;
-        if let Err(e) = self.store.put(&format!("cache/{}", entry.key), entry.encode_to_vec(), Expect::Any).await {
-            tracing::warn!(key = %entry.key, error = %e, "could not record the conversion in the cache");
-        } else {
-            tracing::info!(job = %id, key = %entry.key, path = %entry.path, "conversion cached");
-        }
+        entry
     }
 
     /// Reads the infer and eval results from a node and stores the report.
@@ -699,24 +730,27 @@ impl Controller {
 
     /// Asks a connected node (one the pipeline's node_selector allows) a question.
     async fn ask(&self, selector: &BTreeMap<String, String>, command: Command) -> Result<QueryResult, String> {
-        let rx = {
-            let mut state = self.state.lock().await;
-            let node = state
-                .nodes
-                .values()
-                .filter(|n| n.is_connected())
-                .find(|n| selector.iter().all(|(k, v)| n.info.labels.get(k) == Some(v)))
-                .map(|n| n.info.name.clone())
-                .ok_or_else(|| "no node is connected to ask".to_string())?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let command_id = state.next_command_id;
-            state.queries.insert(command_id, tx);
-            if !Self::send_command(&mut state, &node, command) {
-                state.queries.remove(&command_id);
-                return Err(format!("node {node} is not connected"));
-            }
-            rx
-        };
+        let selector = selector.clone();
+        let rx = self
+            .state
+            .call(move |state, _| {
+                let node = state
+                    .nodes
+                    .values()
+                    .filter(|n| n.is_connected())
+                    .find(|n| selector.iter().all(|(k, v)| n.info.labels.get(k) == Some(v)))
+                    .map(|n| n.info.name.clone())
+                    .ok_or_else(|| "no node is connected to ask".to_string())?;
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let command_id = state.next_command_id;
+                state.queries.insert(command_id, tx);
+                if !Self::send_command(state, &node, command) {
+                    state.queries.remove(&command_id);
+                    return Err(format!("node {node} is not connected"));
+                }
+                Ok(rx)
+            })
+            .await?;
         let answer = tokio::time::timeout(ASK_TIMEOUT, rx)
             .await
             .map_err(|_| format!("no answer within {ASK_TIMEOUT:?}"))?
@@ -730,11 +764,14 @@ impl Controller {
     // ------------------------------------------------------- API: report, cache
 
     pub async fn report(&self, job_ref: &str) -> Result<PipelineReport, ControllerError> {
-        let (id, ready, is_pipeline) = {
-            let state = self.state.lock().await;
-            let entry = Self::resolve(&state, job_ref)?;
-            (entry.job.id.clone(), entry.job.report_ready, entry.spec.is_pipeline())
-        };
+        let job_ref = job_ref.to_string();
+        let (id, ready, is_pipeline) = self
+            .state
+            .call(move |state, _| {
+                let entry = Self::resolve(state, &job_ref)?;
+                Ok::<_, ControllerError>((entry.job.id.clone(), entry.job.report_ready, entry.spec.is_pipeline()))
+            })
+            .await?;
         if !is_pipeline {
             return Err(ControllerError::FailedPrecondition(format!("job {id} is not a pipeline; it has no report")));
         }
@@ -783,14 +820,17 @@ impl Controller {
                 )));
             }
         };
-        let in_use = {
-            let state = self.state.lock().await;
-            state
-                .jobs
-                .values()
-                .filter(|e| e.spec.is_pipeline() && !e.is_terminal())
-                .find_map(|e| e.job.stages.iter().find(|s| s.cache_key == entry.key).map(|_| e.job.id.clone()))
-        };
+        let key = entry.key.clone();
+        let in_use = self
+            .state
+            .call(move |state, _| {
+                state
+                    .jobs
+                    .values()
+                    .filter(|e| e.spec.is_pipeline() && !e.is_terminal())
+                    .find_map(|e| e.job.stages.iter().find(|s| s.cache_key == key).map(|_| e.job.id.clone()))
+            })
+            .await;
         if let Some(job) = in_use {
             return Err(ControllerError::FailedPrecondition(format!(
                 "cache entry {} is used by the running pipeline {job}; remove it when that has ended",

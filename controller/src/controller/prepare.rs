@@ -29,10 +29,10 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Controller {
     /// What every node of the attempt must check before launch.
-    pub(super) async fn send_prepare(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
-        let Some(attempt) = state.jobs.get(id).map(|e| e.job.attempt) else { return Ok(()) };
+    pub(super) fn send_prepare(&self, state: &mut State, id: &str) {
+        let Some(attempt) = state.jobs.get(id).map(|e| e.job.attempt) else { return };
         let marker = format!("{}-{}-{:08x}", id, attempt, rand::random::<u32>());
-        let Some(launch_plan) = Self::launch_plan(state, id, Some(&marker)) else { return Ok(()) };
+        let Some(launch_plan) = Self::launch_plan(state, id, Some(&marker)) else { return };
         for node in launch_plan.nodes {
             let Some(command) = node.prepare else { continue };
             let node_rank = command.node_rank;
@@ -47,14 +47,18 @@ impl Controller {
                     ),
                 );
                 self.persist_job(state, id);
-                return Ok(());
+                return;
             }
         }
-        Ok(())
     }
 
     pub async fn prepare_result(&self, node: &str, result: PrepareResult) {
-        let mut state = self.state.lock().await;
+        let node = node.to_string();
+        self.state.call(move |state, ctl| ctl.prepared(state, &node, result)).await
+    }
+
+    /// [`Self::prepare_result`] on the state: the last node's result launches or refuses the attempt.
+    fn prepared(&self, state: &mut State, node: &str, result: PrepareResult) {
         let id = result.job_id.clone();
         let Some(entry) = state.jobs.get_mut(&id) else { return };
         if entry.job.attempt != result.attempt || entry.phase() != JobPhase::Preparing || !entry.on_node(node) {
@@ -92,7 +96,7 @@ impl Controller {
                 .unwrap_or_default();
             entry.job.preflight = Some(PreflightTable { nodes: reports, problems: problems.clone() });
             if problems.is_empty() {
-                if let Err(e) = self.send_launch(&mut state, &id).await {
+                if let Err(e) = self.send_launch(state, &id) {
                     tracing::error!(job = %id, error = %e, "launch after preparation failed");
                 }
             } else {
@@ -106,52 +110,65 @@ impl Controller {
                     Failure { message, decisive_lines: problems.clone(), ..Failure::default() },
                     cohort_shared::failure::FailureCause::PreflightFailed,
                 );
-                self.fail(&mut state, &id, failure);
-                self.persist_job(&mut state, &id);
+                self.fail(state, &id, failure);
+                self.persist_job(state, &id);
             }
         }
-        self.publish(&state, &id, &message);
-        drop(state);
+        self.publish(state, &id, &message);
         self.wake.notify_one();
     }
 
     pub async fn stage_progress(&self, progress: StageProgress) {
-        let mut state = self.state.lock().await;
-        let Some(entry) = state.jobs.get_mut(&progress.job_id) else { return };
-        if entry.job.attempt != progress.attempt {
-            return;
-        }
-        if let Some(status) = progress.status {
-            upsert_stage(&mut entry.job, status);
-            self.publish(&state, &progress.job_id, "staging");
-        }
+        self.state
+            .call(move |state, ctl| {
+                let Some(entry) = state.jobs.get_mut(&progress.job_id) else { return };
+                if entry.job.attempt != progress.attempt {
+                    return;
+                }
+                if let Some(status) = progress.status {
+                    upsert_stage(&mut entry.job, status);
+                    ctl.publish(state, &progress.job_id, "staging");
+                }
+            })
+            .await
     }
 
     pub async fn node_preflight(&self, node: &str, report: PreflightReport) {
-        let mut state = self.state.lock().await;
-        if let Some(entry) = state.nodes.get_mut(node) {
-            entry.preflight = Some(report);
-        }
+        let node = node.to_string();
+        self.state
+            .call(move |state, _| {
+                if let Some(entry) = state.nodes.get_mut(&node) {
+                    entry.preflight = Some(report);
+                }
+            })
+            .await
     }
 
     pub async fn metrics(&self, batch: MetricsBatch) {
         let points = batch.points.clone();
         let newest = self.metrics.append(&batch.job_id, batch.attempt, batch.points).await;
-        let mut state = self.state.lock().await;
-        if let Some(entry) = state.jobs.get_mut(&batch.job_id) {
-            for point in &points {
-                Self::iteration_seen(entry, batch.attempt, point);
-            }
-        }
-        if let (Some(newest), Some(entry)) = (newest, state.jobs.get_mut(&batch.job_id)) {
-            entry.job.progress = Some(newest);
-            self.publish(&state, &batch.job_id, "metrics");
-        }
+        let (job_id, attempt) = (batch.job_id, batch.attempt);
+        self.state
+            .call(move |state, ctl| {
+                if let Some(entry) = state.jobs.get_mut(&job_id) {
+                    for point in &points {
+                        Self::iteration_seen(entry, attempt, point);
+                    }
+                }
+                if let (Some(newest), Some(entry)) = (newest, state.jobs.get_mut(&job_id)) {
+                    entry.job.progress = Some(newest);
+                    ctl.publish(state, &job_id, "metrics");
+                }
+            })
+            .await
     }
 
     /// Every Ready node's last preflight report, with what disagrees.
     pub async fn doctor(&self) -> PreflightTable {
-        let state = self.state.lock().await;
+        self.state.call(|state, _| Self::preflight_table(state)).await
+    }
+
+    fn preflight_table(state: &State) -> PreflightTable {
         let reports: Vec<PreflightReport> = state
             .nodes
             .values()
@@ -171,51 +188,54 @@ impl Controller {
     /// Starts a new attempt of a finished megatron-sft job from the newest
     /// complete checkpoint in its output directory, found by an agent.
     pub async fn resume(&self, job_ref: &str) -> Result<Job, ControllerError> {
-        let (id, node, directory, rx) = {
-            let mut state = self.state.lock().await;
-            let entry = Self::resolve(&state, job_ref)?;
-            let id = entry.job.id.clone();
-            let Workload::MegatronSft(m) = &entry.spec.workload else {
-                return Err(ControllerError::FailedPrecondition(format!(
-                    "job {id} is a {} job; only megatron-sft jobs resume from checkpoints",
-                    entry.job.kind
-                )));
-            };
-            if !matches!(entry.phase(), JobPhase::Failed | JobPhase::Cancelled) {
-                return Err(ControllerError::FailedPrecondition(format!(
-                    "job {id} is {}; only a Failed or Cancelled job can be resumed",
-                    state_name(entry.job.state)
-                )));
-            }
-            let _ = m;
-            let Some(directory) = planner::output_dir(&entry.spec) else {
-                return Err(ControllerError::FailedPrecondition(format!(
-                    "job {id} names no absolute save/output_dir to look for checkpoints in"
-                )));
-            };
-            let user = entry.spec.user.clone().unwrap_or_default();
-            // The output dir is shared: any connected node can look; prefer the last rank 0.
-            let last_rank0 = entry.plan().and_then(|p| p.nodes.first()).map(|a| a.node_name.clone());
-            let connected = |n: &&NodeEntry| n.is_connected();
-            let node = last_rank0
-                .filter(|n| state.nodes.get(n).is_some_and(|e| connected(&e)))
-                .or_else(|| state.nodes.values().find(connected).map(|n| n.info.name.clone()))
-                .ok_or_else(|| {
-                    ControllerError::FailedPrecondition("no node is connected to look for checkpoints".into())
-                })?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let command_id = state.next_command_id;
-            state.queries.insert(command_id, tx);
-            if !Self::send_command(
-                &mut state,
-                &node,
-                Command::FindCheckpoint(FindCheckpointCommand { directory: directory.clone(), user }),
-            ) {
-                state.queries.remove(&command_id);
-                return Err(ControllerError::FailedPrecondition(format!("node {node} is not connected")));
-            }
-            (id, node, directory, rx)
-        };
+        let job_ref = job_ref.to_string();
+        let (id, node, directory, rx) = self
+            .state
+            .call(move |state, _| {
+                let entry = Self::resolve(state, &job_ref)?;
+                let id = entry.job.id.clone();
+                let Workload::MegatronSft(m) = &entry.spec.workload else {
+                    return Err(ControllerError::FailedPrecondition(format!(
+                        "job {id} is a {} job; only megatron-sft jobs resume from checkpoints",
+                        entry.job.kind
+                    )));
+                };
+                if !matches!(entry.phase(), JobPhase::Failed | JobPhase::Cancelled) {
+                    return Err(ControllerError::FailedPrecondition(format!(
+                        "job {id} is {}; only a Failed or Cancelled job can be resumed",
+                        state_name(entry.job.state)
+                    )));
+                }
+                let _ = m;
+                let Some(directory) = planner::output_dir(&entry.spec) else {
+                    return Err(ControllerError::FailedPrecondition(format!(
+                        "job {id} names no absolute save/output_dir to look for checkpoints in"
+                    )));
+                };
+                let user = entry.spec.user.clone().unwrap_or_default();
+                // The output dir is shared: any connected node can look; prefer the last rank 0.
+                let last_rank0 = entry.plan().and_then(|p| p.nodes.first()).map(|a| a.node_name.clone());
+                let connected = |n: &&NodeEntry| n.is_connected();
+                let node = last_rank0
+                    .filter(|n| state.nodes.get(n).is_some_and(|e| connected(&e)))
+                    .or_else(|| state.nodes.values().find(connected).map(|n| n.info.name.clone()))
+                    .ok_or_else(|| {
+                        ControllerError::FailedPrecondition("no node is connected to look for checkpoints".into())
+                    })?;
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let command_id = state.next_command_id;
+                state.queries.insert(command_id, tx);
+                if !Self::send_command(
+                    state,
+                    &node,
+                    Command::FindCheckpoint(FindCheckpointCommand { directory: directory.clone(), user }),
+                ) {
+                    state.queries.remove(&command_id);
+                    return Err(ControllerError::FailedPrecondition(format!("node {node} is not connected")));
+                }
+                Ok((id, node, directory, rx))
+            })
+            .await?;
         let answer = tokio::time::timeout(QUERY_TIMEOUT, rx)
             .await
             .map_err(|_| {
@@ -236,19 +256,27 @@ impl Controller {
             )));
         };
 
-        let mut state = self.state.lock().await;
-        let Some(entry) = state.jobs.get_mut(&id) else { return Err(ControllerError::JobNotFound(id)) };
-        if !matches!(entry.phase(), JobPhase::Failed | JobPhase::Cancelled) {
-            return Err(ControllerError::FailedPrecondition(format!("job {id} changed state meanwhile")));
-        }
-        let reason =
-            format!("resuming from iteration {} ({}){}", checkpoint.iteration, checkpoint.path, skipped_note(&skipped));
-        entry.resume(checkpoint, reason)?;
-        let stored = self.persist_job(&mut state, &id);
-        self.publish(&state, &id, "resume requested");
-        tracing::info!(job = %id, "resume requested");
-        drop(state);
-        self.wake.notify_one();
+        let (id, stored) = self
+            .state
+            .call(move |state, ctl| {
+                let Some(entry) = state.jobs.get_mut(&id) else { return Err(ControllerError::JobNotFound(id)) };
+                if !matches!(entry.phase(), JobPhase::Failed | JobPhase::Cancelled) {
+                    return Err(ControllerError::FailedPrecondition(format!("job {id} changed state meanwhile")));
+                }
+                let reason = format!(
+                    "resuming from iteration {} ({}){}",
+                    checkpoint.iteration,
+                    checkpoint.path,
+                    skipped_note(&skipped)
+                );
+                entry.resume(checkpoint, reason)?;
+                let stored = ctl.persist_job(state, &id);
+                ctl.publish(state, &id, "resume requested");
+                tracing::info!(job = %id, "resume requested");
+                ctl.wake.notify_one();
+                Ok((id, stored))
+            })
+            .await?;
         stored.wait().await?;
         self.get(&id).await
     }
@@ -256,36 +284,40 @@ impl Controller {
     /// Makes sure the hub holds the current attempt's whole output: a leader
     /// that took over mid-run fetches the agents' output files once.
     pub async fn ensure_log_history(&self, job_ref: &str) {
-        let mut waits = Vec::new();
-        let (id, attempt, ranks) = {
-            let mut state = self.state.lock().await;
-            let Ok(entry) = Self::resolve(&state, job_ref) else { return };
-            let (id, attempt) = (entry.job.id.clone(), entry.job.attempt);
-            if attempt == 0 || state.logs_complete.contains(&(id.clone(), attempt)) {
-                return;
-            }
-            let nodes: Vec<(String, u32)> = entry
-                .plan()
-                .map(|p| p.nodes.iter().map(|a| (a.node_name.clone(), a.node_rank)).collect())
-                .unwrap_or_default();
-            for (node, _) in &nodes {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let command_id = state.next_command_id;
-                state.queries.insert(command_id, tx);
-                state.fetching.insert(command_id, Vec::new());
-                let fetch = cohort_proto::FetchLogsCommand { job_id: id.clone(), attempt, max_lines_per_file: 0 };
-                if Self::send_command(&mut state, node, Command::FetchLogs(fetch)) {
-                    waits.push((command_id, rx));
-                } else {
-                    state.queries.remove(&command_id);
-                    state.fetching.remove(&command_id);
+        let job_ref = job_ref.to_string();
+        let asked = self
+            .state
+            .call(move |state, _| {
+                let mut waits = Vec::new();
+                let entry = Self::resolve(state, &job_ref).ok()?;
+                let (id, attempt) = (entry.job.id.clone(), entry.job.attempt);
+                if attempt == 0 || state.logs_complete.contains(&(id.clone(), attempt)) {
+                    return None;
                 }
-            }
-            if waits.len() < nodes.len() {
-                tracing::warn!(job = %id, "some nodes are not connected: their earlier output is missing");
-            }
-            (id, attempt, nodes.into_iter().collect::<HashMap<String, u32>>())
-        };
+                let nodes: Vec<(String, u32)> = entry
+                    .plan()
+                    .map(|p| p.nodes.iter().map(|a| (a.node_name.clone(), a.node_rank)).collect())
+                    .unwrap_or_default();
+                for (node, _) in &nodes {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let command_id = state.next_command_id;
+                    state.queries.insert(command_id, tx);
+                    state.fetching.insert(command_id, Vec::new());
+                    let fetch = cohort_proto::FetchLogsCommand { job_id: id.clone(), attempt, max_lines_per_file: 0 };
+                    if Self::send_command(state, node, Command::FetchLogs(fetch)) {
+                        waits.push((command_id, rx));
+                    } else {
+                        state.queries.remove(&command_id);
+                        state.fetching.remove(&command_id);
+                    }
+                }
+                if waits.len() < nodes.len() {
+                    tracing::warn!(job = %id, "some nodes are not connected: their earlier output is missing");
+                }
+                Some((id, attempt, nodes.into_iter().collect::<HashMap<String, u32>>(), waits))
+            })
+            .await;
+        let Some((id, attempt, ranks, waits)) = asked else { return };
         let created: Vec<u64> = waits.iter().map(|(id, _)| *id).collect();
         let mut answered = Vec::new();
         for (command_id, rx) in waits {
@@ -296,37 +328,49 @@ impl Controller {
                 answered.push(command_id);
             }
         }
-        let mut state = self.state.lock().await;
-        let mut lines = Vec::new();
-        for command_id in answered {
-            for (node, batch) in state.fetching.remove(&command_id).unwrap_or_default() {
-                let rank = ranks.get(&node).copied().unwrap_or(0);
-                lines.extend(batch.lines.into_iter().map(|l| (node.clone(), rank, l)));
-            }
-        }
-        for command_id in created {
-            state.fetching.remove(&command_id);
-            state.queries.remove(&command_id);
-        }
-        state.logs_complete.insert((id.clone(), attempt));
-        drop(state);
+        let done = (id.clone(), attempt);
+        let lines = self
+            .state
+            .call(move |state, _| {
+                let mut lines = Vec::new();
+                for command_id in answered {
+                    for (node, batch) in state.fetching.remove(&command_id).unwrap_or_default() {
+                        let rank = ranks.get(&node).copied().unwrap_or(0);
+                        lines.extend(batch.lines.into_iter().map(|l| (node.clone(), rank, l)));
+                    }
+                }
+                for command_id in created {
+                    state.fetching.remove(&command_id);
+                    state.queries.remove(&command_id);
+                }
+                state.logs_complete.insert(done);
+                lines
+            })
+            .await;
         tracing::info!(job = %id, attempt, lines = lines.len(), "output history fetched from the agents");
         self.logs.replace_attempt(&id, attempt, lines).await;
     }
 
     /// Lines of a FetchLogs answer.
     pub async fn fetched_lines(&self, node: &str, batch: cohort_proto::LogBatch) {
-        let mut state = self.state.lock().await;
-        if let Some(buffer) = state.fetching.get_mut(&batch.fetch_command_id) {
-            buffer.push((node.to_string(), batch));
-        }
+        let node = node.to_string();
+        self.state
+            .call(move |state, _| {
+                if let Some(buffer) = state.fetching.get_mut(&batch.fetch_command_id) {
+                    buffer.push((node, batch));
+                }
+            })
+            .await
     }
 
     pub async fn query_result(&self, result: QueryResult) {
-        let mut state = self.state.lock().await;
-        if let Some(tx) = state.queries.remove(&result.command_id) {
-            let _ = tx.send(result);
-        }
+        self.state
+            .call(move |state, _| {
+                if let Some(tx) = state.queries.remove(&result.command_id) {
+                    let _ = tx.send(result);
+                }
+            })
+            .await
     }
 }
 

@@ -137,7 +137,12 @@ impl Controller {
     /// Output lines of a node arrived for an attempt.
     pub async fn output_seen(&self, job_id: &str, attempt: u32, node: &str) {
         let now = Instant::now();
-        let mut state = self.state.lock().await;
+        let (job_id, node) = (job_id.to_string(), node.to_string());
+        self.state.call(move |state, _| Self::output_seen_at(state, &job_id, attempt, &node, now)).await
+    }
+
+    /// [`Self::output_seen`] on the state.
+    fn output_seen_at(state: &mut State, job_id: &str, attempt: u32, node: &str, now: Instant) {
         let Some(entry) = state.jobs.get_mut(job_id).filter(|e| e.is_active() && e.job.attempt == attempt) else {
             return;
         };
@@ -161,11 +166,15 @@ impl Controller {
     /// An agent dropped `bytes` of the attempt's output (a gap record, `text`):
     /// counted on the job and told to its watchers.
     pub async fn output_dropped(&self, job_id: &str, attempt: u32, bytes: u64, text: &str) {
-        let mut state = self.state.lock().await;
-        let Some(entry) = state.jobs.get_mut(job_id).filter(|e| e.job.attempt == attempt) else { return };
-        entry.job.output_dropped_bytes += bytes;
-        tracing::warn!(job = job_id, attempt, bytes, "{text}");
-        self.publish(&state, job_id, text);
+        let (job_id, text) = (job_id.to_string(), text.to_string());
+        self.state
+            .call(move |state, ctl| {
+                let Some(entry) = state.jobs.get_mut(&job_id).filter(|e| e.job.attempt == attempt) else { return };
+                entry.job.output_dropped_bytes += bytes;
+                tracing::warn!(job = %job_id, attempt, bytes, "{text}");
+                ctl.publish(state, &job_id, &text);
+            })
+            .await
     }
 
     /// A training iteration was reported.
@@ -224,27 +233,18 @@ impl Controller {
 
     /// One node's stack dumps of a hung attempt arrived.
     pub async fn stack_dump(&self, node: &str, dump: StackDump) {
-        let (rank, lines) = {
-            let mut state = self.state.lock().await;
-            let Some(entry) = state.jobs.get_mut(&dump.job_id).filter(|e| e.job.attempt == dump.attempt) else {
-                return;
-            };
-            let rank = entry.plan().and_then(|p| p.nodes.iter().find(|a| a.node_name == node)).map(|a| a.node_rank);
-            let mut lines = Vec::new();
-            for p in &dump.processes {
-                let header = format!("[cohort stack dump] process {} ({}):", p.index, p.method);
-                lines.push(header);
-                lines.extend(p.tasks.iter().map(|t| format!("[cohort stack dump]   {t}")));
-                lines.extend(p.text.lines().map(|l| format!("[cohort stack dump] {l}")));
-            }
-            if let Some(hang) = entry.progress.hang.as_mut() {
-                hang.waiting.remove(node);
-                hang.dumps.push((node.to_string(), dump.clone()));
-            }
-            drop(state);
-            self.wake.notify_one();
-            (rank.unwrap_or(0), lines)
-        };
+        let node_name = node.to_string();
+        let (dump, taken) = self
+            .state
+            .call(move |state, ctl| {
+                let taken = Self::stack_dump_seen(state, &node_name, &dump);
+                if taken.is_some() {
+                    ctl.wake.notify_one();
+                }
+                (dump, taken)
+            })
+            .await;
+        let Some((rank, lines)) = taken else { return };
         let now = now_unix_ms();
         let lines = lines
             .into_iter()
@@ -257,6 +257,25 @@ impl Controller {
             })
             .collect();
         self.logs.append(&dump.job_id, node, rank, dump.attempt, lines).await;
+    }
+
+    /// [`Self::stack_dump`] on the state: the node's rank and the dump as log
+    /// lines; None when the dump is not of the job's current attempt.
+    fn stack_dump_seen(state: &mut State, node: &str, dump: &StackDump) -> Option<(u32, Vec<String>)> {
+        let entry = state.jobs.get_mut(&dump.job_id).filter(|e| e.job.attempt == dump.attempt)?;
+        let rank = entry.plan().and_then(|p| p.nodes.iter().find(|a| a.node_name == node)).map(|a| a.node_rank);
+        let mut lines = Vec::new();
+        for p in &dump.processes {
+            let header = format!("[cohort stack dump] process {} ({}):", p.index, p.method);
+            lines.push(header);
+            lines.extend(p.tasks.iter().map(|t| format!("[cohort stack dump]   {t}")));
+            lines.extend(p.text.lines().map(|l| format!("[cohort stack dump] {l}")));
+        }
+        if let Some(hang) = entry.progress.hang.as_mut() {
+            hang.waiting.remove(node);
+            hang.dumps.push((node.to_string(), dump.clone()));
+        }
+        Some((rank.unwrap_or(0), lines))
     }
 
     /// The reconcile step for running attempts: refreshes the straggler

@@ -62,7 +62,12 @@ impl Controller {
 
     /// Takes a job record from the store when it is newer than the one held.
     async fn stored_job(&self, key: &str, value: &[u8], revision: u64) {
-        let mut state = self.state.lock().await;
+        let (key, value) = (key.to_string(), value.to_vec());
+        self.state.call(move |state, ctl| ctl.take_stored_job(state, &key, &value, revision)).await
+    }
+
+    /// [`Self::stored_job`] on the state.
+    fn take_stored_job(&self, state: &mut State, key: &str, value: &[u8], revision: u64) {
         let Some(id) = key.strip_prefix("jobs/") else { return };
         let Some(entry) = state.jobs.get_mut(id) else { return };
         if entry.revision.is_some_and(|r| r >= revision) || self.writer.is_known(key, revision) {
@@ -76,7 +81,6 @@ impl Controller {
             tracing::warn!(job = %id, revision, "the job was changed in the store by someone else; taking that version");
             entry.replace_record(job, revision);
             self.writer.adopt(key, revision);
-            drop(state);
             self.wake.notify_one();
         }
     }
@@ -99,27 +103,34 @@ impl Controller {
     }
 
     pub async fn reconcile(&self) -> Result<(), ControllerError> {
-        let mut state = self.state.lock().await;
-        self.flush_old_held(&mut state);
-        self.expire_nodes(&mut state).await?;
-        for id in self.check_progress(&mut state) {
-            self.persist_job(&mut state, &id);
+        let live = self.state.call(|state, ctl| ctl.converge(state)).await?;
+        // What the log hub keeps of a finished attempt's output goes (the file
+        // stays; a job that launched meanwhile is read back from it).
+        self.logs.retain(|id| live.contains(id)).await;
+        Ok(())
+    }
+
+    /// One reconcile pass on the state; returns the jobs whose output is still being written.
+    fn converge(&self, state: &mut State) -> Result<HashSet<String>, ControllerError> {
+        self.flush_old_held(state);
+        self.expire_nodes(state);
+        for id in self.check_progress(state) {
+            self.persist_job(state, &id);
         }
-        self.advance_restarts(&mut state).await?;
-        self.schedule(&mut state).await?;
-        for id in self.resend_stops(&mut state) {
-            self.persist_job(&mut state, &id);
+        self.advance_restarts(state)?;
+        self.schedule(state)?;
+        for id in self.resend_stops(state) {
+            self.persist_job(state, &id);
         }
         // An attempt's span ends (and is exported) once the attempt is over.
         for entry in state.jobs.values_mut().filter(|e| e.is_terminal() && e.job.live_processes == 0) {
             entry.span = None;
         }
-        // So does what the log hub keeps of its output (the file stays).
-        self.logs.retain(|id| state.jobs.get(id).is_some_and(|e| !e.is_terminal() || e.job.live_processes > 0)).await;
-        Ok(())
+        let live = state.jobs.values().filter(|e| !e.is_terminal() || e.job.live_processes > 0);
+        Ok(live.map(|e| e.job.id.clone()).collect())
     }
 
-    pub(super) async fn expire_nodes(&self, state: &mut State) -> Result<(), ControllerError> {
+    pub(super) fn expire_nodes(&self, state: &mut State) {
         let now = Instant::now();
         let ttl = self.config.node_ttl;
         let mut lost = Vec::new();
@@ -161,7 +172,6 @@ impl Controller {
                 self.publish(state, &id, &message);
             }
         }
-        Ok(())
     }
 
     /// A sweep that comes more than [`stall_limit`] after the last one means
@@ -242,7 +252,7 @@ impl Controller {
     /// Places pending jobs in priority order, then submission order. A job
     /// that does not fit blocks the ones behind it (no backfill), so big jobs
     /// are not starved by small ones; one that could never fit does not.
-    pub(super) async fn schedule(&self, state: &mut State) -> Result<(), ControllerError> {
+    pub(super) fn schedule(&self, state: &mut State) -> Result<(), ControllerError> {
         let mut pending: Vec<(i32, u64, String)> = state
             .jobs
             .values()
@@ -292,7 +302,7 @@ impl Controller {
                 break;
             };
             state.next_port = port.saturating_add(1);
-            self.launch(state, &id, &placement, &views, port).await?;
+            self.launch(state, &id, &placement, &views, port)?;
         }
         Ok(())
     }
@@ -300,7 +310,7 @@ impl Controller {
     /// Starts a new attempt on a placement: renders the plan (with the resume
     /// flags when resuming), records the attempt, then either prepares every
     /// node (megatron-sft, staging, shared paths) or launches at once.
-    pub(super) async fn launch(
+    pub(super) fn launch(
         &self,
         state: &mut State,
         id: &str,
@@ -325,16 +335,16 @@ impl Controller {
             entry.preparing(format!("preparing {}: preflight, shared paths, datasets, staging", node_list(&nodes)))?;
             self.persist_job(state, id);
             tracing::info!(job = %id, attempt, port, "preparing");
-            self.send_prepare(state, id).await?;
+            self.send_prepare(state, id);
         } else {
-            self.send_launch(state, id).await?;
+            self.send_launch(state, id)?;
         }
         self.publish(state, id, "attempt started");
         Ok(())
     }
 
     /// Sends the attempt's launch commands (the plan is already laid out).
-    pub(super) async fn send_launch(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
+    pub(super) fn send_launch(&self, state: &mut State, id: &str) -> Result<(), ControllerError> {
         let Some(launch_plan) = Self::launch_plan(state, id, None) else { return Ok(()) };
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
         let attempt = entry.job.attempt;

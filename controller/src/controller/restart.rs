@@ -113,7 +113,7 @@ impl Controller {
     /// Moves restarting jobs on: once the failed gang is gone, looks the
     /// newest checkpoint up, then queues the job to be placed again (the
     /// scheduler waits for `not_before_unix_ms`).
-    pub(super) async fn advance_restarts(&self, state: &mut State) -> Result<(), ControllerError> {
+    pub(super) fn advance_restarts(&self, state: &mut State) -> Result<(), ControllerError> {
         let ids: Vec<String> = state
             .jobs
             .values()

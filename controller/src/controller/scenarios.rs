@@ -449,7 +449,11 @@ async fn a_repeated_submit_during_the_first_ones_write_gets_the_same_job() {
     let again = send();
     let key = (String::new(), "r-1".to_owned());
     within("the repeat to wait for the first", async {
-        while controller.state.lock().await.pending_submits.get(&key).is_none_or(|p| p.repeats == 0) {
+        let waiting = || {
+            let key = key.clone();
+            controller.state.call(move |state, _| state.pending_submits.get(&key).is_some_and(|p| p.repeats > 0))
+        };
+        while !waiting().await {
             tokio::task::yield_now().await;
         }
     })
@@ -474,10 +478,14 @@ async fn writes_of_one_key_reach_the_store_in_the_order_of_the_changes() {
     let change = |cordoned: bool, draining: bool| {
         let controller = controller.clone();
         async move {
-            let mut state = controller.state.lock().await;
-            let node = state.nodes.get_mut("n0").unwrap();
-            (node.cordoned, node.draining) = (cordoned, draining);
-            controller.persist_node(&mut state, "n0")
+            controller
+                .state
+                .call(move |state, ctl| {
+                    let node = state.nodes.get_mut("n0").unwrap();
+                    (node.cordoned, node.draining) = (cordoned, draining);
+                    ctl.persist_node(state, "n0")
+                })
+                .await
         }
     };
     let first = change(true, false).await;
@@ -512,12 +520,10 @@ async fn heartbeats_are_acked_only_through_a_session_the_state_still_holds() {
     let (tx, mut session) = mpsc::unbounded_channel();
     let weak = tx.downgrade();
     controller.attach("n0", &registered.session_id, tx).await.unwrap();
-    // Acked while the state is held elsewhere.
-    let held = controller.state.lock().await;
+    // Acked without a state command: `ack_heartbeat` is given no controller.
     Controller::ack_heartbeat(&weak, 3);
     let acked = commands(&mut session);
     assert!(matches!(acked.as_slice(), [Command::HeartbeatAck(a)] if a.seq == 3), "{acked:?}");
-    drop(held);
 
     controller.close_sessions().await;
     Controller::ack_heartbeat(&weak, 4);

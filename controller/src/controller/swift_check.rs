@@ -83,27 +83,37 @@ impl Controller {
     /// prepared or launched. Empty when the job runs no ms-swift command.
     pub async fn check_swift_args(&self, spec: &JobSpec) -> Vec<EnvironmentCheck> {
         let Some(check) = for_job(spec, &command_line(spec).0) else { return Vec::new() };
-        let mut pending = Vec::new();
-        {
-            let mut state = self.state.lock().await;
-            let mut environments: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for node in state.nodes.values().filter(|n| n.is_connected()) {
-                environments.entry(environment_of(node.preflight.as_ref())).or_default().push(node.info.name.clone());
-            }
-            for (environment, mut nodes) in environments {
-                nodes.sort();
-                let node = nodes[0].clone();
-                let command = SwiftArgcheckCommand {
-                    check: Some(check.clone()),
-                    python: spec.python.clone().unwrap_or_default(),
-                    user: spec.user.clone().unwrap_or_default(),
-                    env: job_env(spec, state.nodes.get(&node).map(|n| n.info.node_env.as_slice()).unwrap_or_default()),
-                    workdir: spec.workdir.clone().unwrap_or_default(),
-                };
-                let entry = EnvironmentCheck { nodes, environment, node: node.clone(), ..Default::default() };
-                pending.push((entry, ask(&mut state, &node, command)));
-            }
-        }
+        let spec = spec.clone();
+        let pending = self
+            .state
+            .call(move |state, _| {
+                let mut pending = Vec::new();
+                let mut environments: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for node in state.nodes.values().filter(|n| n.is_connected()) {
+                    environments
+                        .entry(environment_of(node.preflight.as_ref()))
+                        .or_default()
+                        .push(node.info.name.clone());
+                }
+                for (environment, mut nodes) in environments {
+                    nodes.sort();
+                    let node = nodes[0].clone();
+                    let command = SwiftArgcheckCommand {
+                        check: Some(check.clone()),
+                        python: spec.python.clone().unwrap_or_default(),
+                        user: spec.user.clone().unwrap_or_default(),
+                        env: job_env(
+                            &spec,
+                            state.nodes.get(&node).map(|n| n.info.node_env.as_slice()).unwrap_or_default(),
+                        ),
+                        workdir: spec.workdir.clone().unwrap_or_default(),
+                    };
+                    let entry = EnvironmentCheck { nodes, environment, node: node.clone(), ..Default::default() };
+                    pending.push((entry, ask(state, &node, command)));
+                }
+                pending
+            })
+            .await;
         let answers = futures::future::join_all(pending.into_iter().map(|(mut entry, rx)| async move {
             let Some(rx) = rx else {
                 entry.error = format!("node {} is not connected", entry.node);
@@ -123,9 +133,8 @@ impl Controller {
             entry
         }))
         .await;
-        let mut state = self.state.lock().await;
         // Queries that were never answered.
-        state.queries.retain(|_, tx| !tx.is_closed());
+        self.state.call(|state, _| state.queries.retain(|_, tx| !tx.is_closed())).await;
         answers
     }
 }
