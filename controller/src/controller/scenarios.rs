@@ -341,6 +341,8 @@ async fn a_node_lost_while_running_restarts_the_job_without_it_after_the_old_gan
 struct HeldStore {
     inner: EmbeddedStore,
     held: tokio::sync::watch::Sender<Option<&'static str>>,
+    /// Writes held when this is set fail on release, unwritten (the controller died first).
+    lose_held: std::sync::atomic::AtomicBool,
     waiting: std::sync::atomic::AtomicUsize,
     written: std::sync::Mutex<Vec<(String, Vec<u8>)>>,
 }
@@ -350,6 +352,7 @@ impl HeldStore {
         Arc::new(HeldStore {
             inner: EmbeddedStore::open(&dir.join("store")).unwrap(),
             held: tokio::sync::watch::channel(None).0,
+            lose_held: false.into(),
             waiting: 0.into(),
             written: std::sync::Mutex::new(Vec::new()),
         })
@@ -382,6 +385,9 @@ impl Store for HeldStore {
         if held.borrow().is_some_and(|prefix| key.starts_with(prefix)) {
             self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let _ = held.wait_for(|h| !h.is_some_and(|prefix| key.starts_with(prefix))).await;
+            if self.lose_held.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(crate::store::StoreError::Backend(format!("{key}: the controller died before writing it")));
+            }
         }
         self.written.lock().unwrap().push((key.to_string(), value.clone()));
         self.inner.put(key, value, expect).await
@@ -413,10 +419,24 @@ async fn heartbeats_and_reads_are_answered_while_a_submits_write_waits_at_the_st
     });
     store.until_waiting(1).await;
 
-    let gpus = vec![cohort_proto::GpuTelemetry { index: 0, uuid: "GPU-42".into(), ..Default::default() }];
+    // A GPU turning unhealthy queues the node's record behind the held job write; the heartbeat does not wait.
+    let unhealthy = cohort_proto::GpuHealth {
+        state: cohort_proto::GpuHealthState::Unhealthy as i32,
+        reasons: vec!["xid 79".into()],
+        ..Default::default()
+    };
+    let gpus = vec![cohort_proto::GpuTelemetry {
+        index: 0,
+        uuid: "GPU-42".into(),
+        health: Some(unhealthy),
+        ..Default::default()
+    }];
     within("heartbeat", controller.heartbeat("n0", Heartbeat { seq: 7, gpus, ..Heartbeat::default() })).await;
+    within("reconcile", controller.reconcile()).await.unwrap();
     let nodes = within("ListNodes", controller.nodes()).await;
     assert_eq!(nodes[0].telemetry[0].uuid, "GPU-42", "the heartbeat was not applied");
+    assert!(nodes[0].telemetry[0].health.is_some(), "the GPU's health was not applied");
+    assert_eq!(store.written("nodes/n0").len(), 1, "only the registration is stored: the new record waits");
     assert!(within("ListJobs", controller.list(false)).await.is_empty(), "a job not yet stored is listed");
     assert!(!submitting.is_finished(), "the submit was answered before its record was stored");
 
@@ -581,4 +601,84 @@ async fn an_attempt_past_its_time_limit_is_stopped_and_fails_with_cause_time_lim
     pass(&controller, Duration::from_secs(5), &["n0", "n1"]).await;
     let ended = controller.get(&id).await.unwrap();
     assert_eq!((ended.state, ended.attempt, ended.live_processes), (JobState::Failed as i32, 1, 0));
+}
+
+/// The "controller restart between exit reports and persist": the
+/// last exit ends the job, but the controller dies while that record waits
+/// at the store. The reloaded controller has what was stored (the job
+/// running); the agents report the exits again when they reconnect, and the
+/// job ends as it did, durably; a third load from the same store has the
+/// same jobs as the controller that stored them.
+#[tokio::test]
+async fn a_controller_that_dies_before_the_last_exit_is_stored_ends_the_job_from_the_agents_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = HeldStore::open(dir.path());
+    let controller = Controller::load(store.clone(), dir.path(), ControllerConfig::default()).await.unwrap();
+    let _sessions = (connect(&controller, "n0", Vec::new()).await, connect(&controller, "n1", Vec::new()).await);
+    let id = submit(&controller, "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\ncommand: [sleep, '100']\n").await;
+    controller.reconcile().await.unwrap();
+    for node in ["n0", "n1"] {
+        controller.process_event(node, event(&id, started())).await;
+    }
+    let running = stored(&controller, &id).await;
+    assert_eq!((running.state, running.live_processes), (JobState::Running as i32, 2));
+
+    store.held.send_replace(Some("jobs/"));
+    for node in ["n0", "n1"] {
+        controller.process_event(node, event(&id, Event::Exited(exited(Some(0), None)))).await;
+    }
+    store.until_waiting(1).await;
+    assert_eq!(controller.get(&id).await.unwrap().state, JobState::Succeeded as i32, "succeeded in memory");
+    // The controller dies with the record still on its way.
+    controller.stop_writes();
+    drop(controller);
+    store.lose_held.store(true, std::sync::atomic::Ordering::SeqCst);
+    store.held.send_replace(None);
+    drop(store);
+
+    let controller = open(dir.path()).await;
+    tokio::time::pause();
+    let reloaded = controller.get(&id).await.unwrap();
+    assert_eq!((reloaded.state, reloaded.live_processes), (JobState::Running as i32, 2), "what was stored");
+    let report = |code| {
+        let process = cohort_proto::RunningProcess {
+            index: 0,
+            pid: 100,
+            exited: Some(exited(Some(code), None)),
+            ..Default::default()
+        };
+        vec![RunningLaunch { job_id: id.clone(), attempt: 1, processes: vec![process] }]
+    };
+    let _n0 = connect(&controller, "n0", report(0)).await;
+    let _n1 = connect(&controller, "n1", report(0)).await;
+    let job = controller.get(&id).await.unwrap();
+    assert_eq!((job.state, job.live_processes), (JobState::Succeeded as i32, 0), "{}", job.reason);
+    assert_eq!(stored(&controller, &id).await.state, JobState::Succeeded as i32, "and it is durable");
+
+    let jobs = controller.list(false).await;
+    drop(controller);
+    let again = open(dir.path()).await;
+    assert_eq!(again.list(false).await, jobs, "a load from the same store has the same jobs");
+}
+
+/// A command that panics on the state task fails its caller (whose task
+/// panics with it) and leaves the task answering the next commands.
+#[tokio::test]
+async fn a_panicking_state_command_fails_its_caller_and_the_state_task_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let _n0 = connect(&controller, "n0", Vec::new()).await;
+    let failing = tokio::spawn({
+        let controller = controller.clone();
+        async move { controller.state.call(|_, _| -> u32 { panic!("a bug in a command") }).await }
+    });
+    let error = failing.await.unwrap_err();
+    assert!(error.is_panic(), "{error}");
+    let message = error.into_panic();
+    assert_eq!(message.downcast_ref::<&str>(), Some(&"a bug in a command"));
+
+    within("heartbeat", controller.heartbeat("n0", Heartbeat::default())).await;
+    let nodes = within("ListNodes", controller.nodes()).await;
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].state, cohort_proto::NodeState::Ready as i32);
 }

@@ -22,7 +22,7 @@ use crate::store::StoreHealth;
 
 /// The page at `/`: one self-contained file, no external assets.
 const INDEX_HTML: &str = include_str!("index.html");
-/// Longer than this to get the controller's state lock means something holds it stuck.
+/// Longer than this for the controller's state task to answer means something holds it stuck.
 const STUCK_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
@@ -102,8 +102,8 @@ async fn index() -> Html<&'static str> {
 /// 200 "ok <role> <id>", followed by a "warning: " line for each record the
 /// load quarantined; 503 while a new leader loads its state (naming why, when
 /// a load failed), while the store cannot write (naming the error and the data
-/// dir), or when the leader's state lock cannot be had (the reconcile loop or
-/// a handler is stuck holding it).
+/// dir), or when the leader's state task does not answer (a command is stuck
+/// on it, or it is flooded).
 #[tracing::instrument(level = "debug", skip_all)]
 async fn healthz(State(api): State<HttpApi>) -> Response {
     let role = api.role();
@@ -132,7 +132,7 @@ async fn healthz(State(api): State<HttpApi>) -> Response {
         }
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("stuck: {} {id}: the controller's state was not free within {STUCK_AFTER:?}\n", role.name),
+            format!("stuck: {} {id}: the controller's state task did not answer within {STUCK_AFTER:?}\n", role.name),
         )
             .into_response(),
     }
