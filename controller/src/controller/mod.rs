@@ -657,7 +657,7 @@ impl Controller {
     }
 
     /// Queues the job's record for the store, behind every change queued
-    /// before; await the answer only after releasing the state.
+    /// before; the caller awaits the answer after its state command, off the state task.
     fn persist_job(&self, state: &mut State, id: &str) -> Durable {
         let Some(entry) = state.jobs.get(id) else { return Durable::nothing() };
         let record = JobRecord { job: Some(entry.job.clone()), seq: entry.seq };

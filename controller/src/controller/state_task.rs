@@ -6,7 +6,9 @@
 //! state is held. A command that changes a record enqueues its write on the
 //! ordered [`crate::store::StoreWriter`] inside the closure (so the writes'
 //! order is the changes' order) and returns the [`crate::store::Durable`];
-//! the caller awaits it after the answer, off this task.
+//! the caller awaits it after the answer, off this task. A command once sent
+//! runs even if its caller goes away meanwhile (a cancelled RPC): only
+//! the answer is lost.
 //!
 //! A command that panics does not end the task: the panic is logged and
 //! handed back to the caller, whose own task panics with it (as it did when
