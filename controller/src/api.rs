@@ -240,8 +240,7 @@ impl AgentService for Local {
                         controller.fetched_lines(&node, batch).await;
                     }
                     Some(Msg::Logs(batch)) => {
-                        let rank = controller.node_rank(&batch.job_id, &node).await;
-                        controller.output_seen(&batch.job_id, batch.attempt, &node).await;
+                        let rank = controller.output_seen(&batch.job_id, batch.attempt, &node).await;
                         let gaps: Vec<(u64, String)> = batch
                             .lines
                             .iter()

@@ -371,12 +371,6 @@ impl Controller {
         }
     }
 
-    /// The rank of `node` in a job's plan, for log lines.
-    pub async fn node_rank(&self, job_id: &str, node: &str) -> u32 {
-        let (job_id, node) = (job_id.to_string(), node.to_string());
-        self.state.call(move |state, _| state.jobs.get(&job_id).map(|e| e.node_rank(&node)).unwrap_or(0)).await
-    }
-
     // ------------------------------------------------------------ transitions
 
     pub(super) fn apply_exit(&self, state: &mut State, id: &str, node: &str, index: u32, exited: ProcessExited) {

@@ -134,11 +134,18 @@ pub(super) fn node_report(progress: &AttemptProgress, factor: f64) -> Vec<NodePr
 }
 
 impl Controller {
-    /// Output lines of a node arrived for an attempt.
-    pub async fn output_seen(&self, job_id: &str, attempt: u32, node: &str) {
+    /// Output lines of a node arrived for an attempt; returns the node's rank
+    /// in the job's plan, for the log lines (one state command for both).
+    pub async fn output_seen(&self, job_id: &str, attempt: u32, node: &str) -> u32 {
         let now = Instant::now();
         let (job_id, node) = (job_id.to_string(), node.to_string());
-        self.state.call(move |state, _| Self::output_seen_at(state, &job_id, attempt, &node, now)).await
+        self.state
+            .call(move |state, _| {
+                let rank = state.jobs.get(&job_id).map(|e| e.node_rank(&node)).unwrap_or(0);
+                Self::output_seen_at(state, &job_id, attempt, &node, now);
+                rank
+            })
+            .await
     }
 
     /// [`Self::output_seen`] on the state.
