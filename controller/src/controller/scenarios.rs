@@ -531,7 +531,7 @@ async fn writes_of_one_key_reach_the_store_in_the_order_of_the_changes() {
 /// A heartbeat is acked without the state, through the session the state
 /// holds: once the state drops it (lead lost), nothing is acked and the
 /// agent's stream ends, so it looks for another controller.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_are_acked_only_through_a_session_the_state_still_holds() {
     let dir = tempfile::tempdir().unwrap();
     let controller = open(dir.path()).await;
@@ -540,10 +540,27 @@ async fn heartbeats_are_acked_only_through_a_session_the_state_still_holds() {
     let (tx, mut session) = mpsc::unbounded_channel();
     let weak = tx.downgrade();
     controller.attach("n0", &registered.session_id, tx).await.unwrap();
-    // Acked without a state command: `ack_heartbeat` is given no controller.
+    // Acked while the state task is busy with a command that does not end until released.
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (entered, busy_now) = tokio::sync::oneshot::channel();
+    let busy = tokio::spawn({
+        let controller = controller.clone();
+        async move {
+            controller
+                .state
+                .call(move |_, _| {
+                    let _ = entered.send(());
+                    let _ = released.recv();
+                })
+                .await
+        }
+    });
+    within("the state task to take the blocking command", busy_now).await.unwrap();
     Controller::ack_heartbeat(&weak, 3);
     let acked = commands(&mut session);
     assert!(matches!(acked.as_slice(), [Command::HeartbeatAck(a)] if a.seq == 3), "{acked:?}");
+    release.send(()).unwrap();
+    within("the blocking command", busy).await.unwrap();
 
     controller.close_sessions().await;
     Controller::ack_heartbeat(&weak, 4);
