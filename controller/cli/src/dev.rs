@@ -115,8 +115,9 @@ impl DevDir {
         match std::fs::read_to_string(self.state()) {
             Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| {
                 format!(
-                    "{}: not a dev cluster's state; `cohort dev down --purge` starts afresh",
-                    self.state().display()
+                    "{}: not a dev cluster's state; `cohort dev down{} --purge` starts afresh",
+                    self.state().display(),
+                    dir_flag(Some(&self.0))
                 )
             })?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -598,7 +599,7 @@ async fn status(dir: &DevDir) -> anyhow::Result<ExitCode> {
     };
     let states = match dir.running("controller") {
         Some(_) => node_states(dir, &cluster).await.map_err(|e| format!("{e:#}")),
-        None => Err("the controller is not running".to_string()),
+        None => Err(format!("the controller is not running (`cohort dev up{}` starts it)", dir_flag(Some(&dir.0)))),
     };
     say!("dev cluster in {}: controller {}", dir.0.display(), cluster.url());
     let mut all = true;

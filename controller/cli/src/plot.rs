@@ -23,7 +23,11 @@ const LR_COLOR: RGBColor = RGBColor(44, 160, 44);
 /// Why a plot was not written.
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
-    #[error("--out {}: not a .png or .svg file name (the image format follows the extension: --out loss.png)", path.display())]
+    #[error(
+        "--out {}: {}, not .png or .svg (the image format follows the extension: --out loss.png)",
+        path.display(),
+        if extension.is_empty() { "no extension".to_string() } else { format!("extension {extension:?}") }
+    )]
     UnsupportedFormat { path: PathBuf, extension: String },
     #[error(
         "cannot plot {title}: no training point has a loss yet (is the job logging metrics? `cohort metrics` \
