@@ -20,20 +20,28 @@ struct Said {
 }
 
 impl Said {
-    /// Asserts the exit code and that stderr holds every piece; returns stderr.
-    fn fails(&self, code: i32, pieces: &[&str]) -> &str {
+    /// Asserts the exit code.
+    fn exits(&self, code: i32) -> &Said {
         assert_eq!(self.code, Some(code), "{self}");
-        for piece in pieces {
-            assert!(self.stderr.contains(piece), "{piece:?} not in:\n{self}");
-        }
-        &self.stderr
+        self
     }
 
-    /// Failed before any connection: the address given is never tried.
-    fn fails_offline(&self, pieces: &[&str]) {
-        self.fails(1, pieces);
+    /// Failed (exit 1) before any connection: the address given is never tried.
+    fn offline(&self) -> &Said {
+        self.exits(1);
         assert!(!self.stderr.contains("cannot reach a controller"), "it tried to connect:\n{self}");
         assert!(self.stdout.is_empty(), "{self}");
+        self
+    }
+
+    fn stderr_contains(&self, piece: &str) -> &Said {
+        assert!(self.stderr.contains(piece), "{piece:?} not on stderr:\n{self}");
+        self
+    }
+
+    fn stdout_contains(&self, piece: &str) -> &Said {
+        assert!(self.stdout.contains(piece), "{piece:?} not on stdout:\n{self}");
+        self
     }
 }
 
@@ -86,22 +94,25 @@ fn a_job_file_that_cannot_be_read_is_named_with_the_reason() {
     let missing = tmp.path().join("missing.yaml");
     for verb in ["submit", "plan", "validate"] {
         let out = cohort(&[verb, path(&missing), "--controller", &addr, "--insecure"]);
-        out.fails_offline(&[&format!("error: cannot read job file {}: No such file or directory", missing.display())]);
+        out.offline()
+            .stderr_contains(&format!("error: cannot read job file {}: No such file or directory", missing.display()));
     }
     // A directory, a file that is not UTF-8 text.
     cohort(&["submit", path(tmp.path()), "--controller", &addr, "--insecure"])
-        .fails_offline(&[&format!("cannot read job file {}: Is a directory", tmp.path().display())]);
+        .offline()
+        .stderr_contains(&format!("cannot read job file {}: Is a directory", tmp.path().display()));
     let binary = tmp.path().join("job.bin");
     std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x80]).unwrap();
     cohort(&["plan", path(&binary), "--controller", &addr, "--insecure"])
-        .fails_offline(&[&format!("cannot read job file {}: stream did not contain valid UTF-8", binary.display())]);
+        .offline()
+        .stderr_contains(&format!("cannot read job file {}: stream did not contain valid UTF-8", binary.display()));
     // Larger than any job file: not even read whole (a sparse file).
     let huge = tmp.path().join("huge.yaml");
     std::fs::File::create(&huge).unwrap().set_len((64 << 20) + 1).unwrap();
-    cohort(&["submit", path(&huge), "--controller", &addr, "--insecure"]).fails_offline(&[&format!(
+    cohort(&["submit", path(&huge), "--controller", &addr, "--insecure"]).offline().stderr_contains(&format!(
         "job file {} is larger than 64 MiB; a job file is a short YAML text",
         huge.display()
-    )]);
+    ));
 }
 
 #[test]
@@ -111,24 +122,19 @@ fn an_env_flag_without_equals_or_with_a_bad_name_is_refused_with_the_form_to_wri
     std::fs::write(&file, "name: a\nkind: command\ncommand: [true]\n").unwrap();
     // clap's usage error: exit 2, naming the flag.
     let out = cohort(&["submit", path(&file), "-e", "NCCL_DEBUG"]);
-    out.fails(
-        2,
-        &[
-            "invalid value 'NCCL_DEBUG' for '--env <NAME=VALUE>'",
-            "\"NCCL_DEBUG\": write NAME=VALUE, e.g. NCCL_DEBUG=INFO",
-        ],
-    );
+    out.exits(2)
+        .stderr_contains("invalid value 'NCCL_DEBUG' for '--env <NAME=VALUE>'")
+        .stderr_contains("\"NCCL_DEBUG\": write NAME=VALUE, e.g. NCCL_DEBUG=INFO");
     let out = cohort(&["run", "--env", "1X=2", "--", "true"]);
-    out.fails(
-        2,
-        &[
-            "invalid value '1X=2' for '--env <NAME=VALUE>'",
-            "\"1X\" is not an environment variable name (letters, digits and _, not first a digit)",
-        ],
-    );
+    out.exits(2)
+        .stderr_contains("invalid value '1X=2' for '--env <NAME=VALUE>'")
+        .stderr_contains("\"1X\" is not an environment variable name (letters, digits and _, not first a digit)");
     // `cohort run` without a command: clap says what is missing and the form.
     cohort(&["run", "-N", "2", "--"])
-        .fails(2, &["required arguments were not provided", "<COMMAND>", "Usage: cohort run"]);
+        .exits(2)
+        .stderr_contains("required arguments were not provided")
+        .stderr_contains("<COMMAND>")
+        .stderr_contains("Usage: cohort run");
 }
 
 #[test]
@@ -142,44 +148,44 @@ fn overrides_on_a_file_they_cannot_change_say_why() {
     };
     let list = write("list.yaml", "- name: a\n- kind: command\n");
     cohort(&["submit", &list, "--nodes", "2", "--controller", &addr, "--insecure"])
-        .fails_offline(&[&format!("error: {list}: a job file is a mapping (`name: ...`, `kind: ...`)")]);
+        .offline()
+        .stderr_contains(&format!("error: {list}: a job file is a mapping (`name: ...`, `kind: ...`)"));
     let broken = write("broken.yaml", "name: a\nkind: [command\n");
     cohort(&["submit", &broken, "--nodes", "2", "--name", "b", "--controller", &addr, "--insecure"])
-        .fails_offline(&[&format!("{broken}: not valid YAML, so --name b --nodes 2 cannot be applied"), "line 3"]);
+        .offline()
+        .stderr_contains(&format!("{broken}: not valid YAML, so --name b --nodes 2 cannot be applied"))
+        .stderr_contains("line 3");
     let env_list = write("env.yaml", "name: a\nkind: command\nenv: [A]\ncommand: [true]\n");
     cohort(&["submit", &env_list, "-e", "A=1", "--controller", &addr, "--insecure"])
-        .fails_offline(&["`env` in the job file is not a mapping (NAME: value lines), so --env cannot add to it"]);
+        .offline()
+        .stderr_contains("`env` in the job file is not a mapping (NAME: value lines), so --env cannot add to it");
 }
 
 #[test]
 fn a_controller_address_that_cannot_work_names_the_flag_and_the_fix() {
     let (_port, addr) = nothing_listens();
     // Plaintext without --insecure: refused, with the TLS spelling of the same address.
-    cohort(&["jobs", "--controller", &format!("http://{addr}")]).fails_offline(&[&format!(
+    cohort(&["jobs", "--controller", &format!("http://{addr}")]).offline().stderr_contains(&format!(
         "error: http://{addr}: plaintext http:// needs --insecure (and a controller started with --insecure); \
          use https://{addr} with --ca-cert"
-    )]);
+    ));
     // Not an address at all.
-    cohort(&["nodes", "--controller", "gpu head:7070", "--insecure"]).fails_offline(&[
+    cohort(&["nodes", "--controller", "gpu head:7070", "--insecure"]).offline().stderr_contains(
         "error: --controller \"gpu head:7070\": not an address; give host:port or https://host:port \
          (comma-separated for several controllers)",
-    ]);
+    );
     // TLS (the default) without the cluster CA, from the flag or the environment.
     let tls =
         "TLS needs the cluster CA: pass --ca-cert (or COHORT_CA_CERT) with the ca.crt of `cohort-controller init`";
-    cohort(&["jobs", "--controller", &addr]).fails_offline(&[&format!("error: https://{addr}: {tls}")]);
-    said(&mut command(&["status", "j-1"], &[("COHORT_CONTROLLER", &addr)])).fails_offline(&[tls]);
+    cohort(&["jobs", "--controller", &addr]).offline().stderr_contains(&format!("error: https://{addr}: {tls}"));
+    said(&mut command(&["status", "j-1"], &[("COHORT_CONTROLLER", &addr)])).offline().stderr_contains(tls);
     // Nothing listening: every address tried is named, and where to set another.
     let out = cohort(&["jobs", "--controller", &format!("{addr}, {addr}"), "--insecure"]);
-    let err = out.fails(
-        1,
-        &[
-            &format!("error: cannot reach a controller ({addr}: "),
-            "Connection refused",
-            "is cohort-controller running? (set --controller or COHORT_CONTROLLER)",
-        ],
-    );
-    assert_eq!(err.matches(&format!("{addr}: ")).count(), 2, "{err}");
+    out.exits(1)
+        .stderr_contains(&format!("error: cannot reach a controller ({addr}: "))
+        .stderr_contains("Connection refused")
+        .stderr_contains("is cohort-controller running? (set --controller or COHORT_CONTROLLER)");
+    assert_eq!(out.stderr.matches(&format!("{addr}: ")).count(), 2, "{out}");
 }
 
 #[test]
@@ -187,55 +193,64 @@ fn ca_cert_and_token_errors_name_the_file_and_come_before_any_connection() {
     let tmp = tempfile::tempdir().unwrap();
     let (_port, addr) = nothing_listens();
     let missing = tmp.path().join("ca.crt");
-    cohort(&["jobs", "--controller", &addr, "--ca-cert", path(&missing)]).fails_offline(&[
-        &format!("error: --ca-cert {}: cannot read it (the ca.crt of `cohort-controller init`)", missing.display()),
-        "No such file or directory",
-    ]);
+    cohort(&["jobs", "--controller", &addr, "--ca-cert", path(&missing)])
+        .offline()
+        .stderr_contains(&format!(
+            "error: --ca-cert {}: cannot read it (the ca.crt of `cohort-controller init`)",
+            missing.display()
+        ))
+        .stderr_contains("No such file or directory");
     let not_pem = tmp.path().join("notes.txt");
     std::fs::write(&not_pem, "not a certificate\n").unwrap();
-    cohort(&["jobs", "--controller", &addr, "--ca-cert", path(&not_pem)]).fails_offline(&[
-        &format!("--ca-cert {}: not the cluster CA (the PEM ca.crt of `cohort-controller init`)", not_pem.display()),
-        "the CA file holds no certificate",
-    ]);
+    cohort(&["jobs", "--controller", &addr, "--ca-cert", path(&not_pem)])
+        .offline()
+        .stderr_contains(&format!(
+            "--ca-cert {}: not the cluster CA (the PEM ca.crt of `cohort-controller init`)",
+            not_pem.display()
+        ))
+        .stderr_contains("the CA file holds no certificate");
 
     // The token is read before connecting: its error, not "cannot reach", whatever the verb.
     let no_token = tmp.path().join("admin.token");
     for verb in [&["jobs"][..], &["token", "create", "--role", "view"]] {
         let mut args = verb.to_vec();
         args.extend(["--controller", &addr, "--insecure", "--token-file", path(&no_token)]);
-        cohort(&args).fails_offline(&[
-            &format!("error: --token-file {}: cannot read it", no_token.display()),
-            "a token of `cohort token create`, or the admin.token of `cohort-controller init`",
-        ]);
+        cohort(&args)
+            .offline()
+            .stderr_contains(&format!("error: --token-file {}: cannot read it", no_token.display()))
+            .stderr_contains("a token of `cohort token create`, or the admin.token of `cohort-controller init`");
     }
     let empty = tmp.path().join("empty.token");
     std::fs::write(&empty, "\n").unwrap();
     said(&mut command(&["jobs", "--insecure"], &[("COHORT_CONTROLLER", &addr), ("COHORT_TOKEN_FILE", path(&empty))]))
-        .fails_offline(&[&format!(
+        .offline()
+        .stderr_contains(&format!(
             "--token-file {}: the file is empty; write a token of `cohort token create` into it",
             empty.display()
-        )]);
+        ));
     // A token a header cannot carry (a pasted line break inside it).
-    cohort(&["jobs", "--controller", &addr, "--insecure", "--token", "eyJhbGc\niOiJ9"]).fails_offline(&[
-        "error: --token (or COHORT_TOKEN): not a token of `cohort token create` (paste it whole, on one line)",
-        "a header cannot carry",
-    ]);
+    cohort(&["jobs", "--controller", &addr, "--insecure", "--token", "eyJhbGc\niOiJ9"])
+        .offline()
+        .stderr_contains(
+            "error: --token (or COHORT_TOKEN): not a token of `cohort token create` (paste it whole, on one line)",
+        )
+        .stderr_contains("a header cannot carry");
 }
 
 #[test]
 fn bad_flag_values_fail_before_any_connection() {
     let (_port, addr) = nothing_listens();
-    cohort(&["jobs", "--state", "running,done", "--controller", &addr, "--insecure"]).fails_offline(&[
+    cohort(&["jobs", "--state", "running,done", "--controller", &addr, "--insecure"]).offline().stderr_contains(
         "error: --state \"done\": not a job state; one of pending, starting, running, succeeded, failed, cancelled",
-    ]);
+    );
     for (flag, file, what) in [
         ("--out", "loss.jpg", "extension \"jpg\""),
         ("--out", "loss", "no extension"),
         ("-o", "curve.pdf", "extension \"pdf\""),
     ] {
-        cohort(&["plot", "j-1", flag, file, "--controller", &addr, "--insecure"]).fails_offline(&[&format!(
+        cohort(&["plot", "j-1", flag, file, "--controller", &addr, "--insecure"]).offline().stderr_contains(&format!(
             "error: --out {file}: {what}, not .png or .svg (the image format follows the extension: --out loss.png)"
-        )]);
+        ));
     }
 }
 
@@ -247,17 +262,13 @@ fn validate_of_a_bad_file_exits_2_naming_the_line_and_the_field() {
     let bad = tmp.path().join("bad.yaml");
     std::fs::write(&bad, "name: bad\nkind: command\nnodes: two\ncommand: [true]\n").unwrap();
     let out = cohort(&["validate", path(&good), path(&bad)]);
-    out.fails(
-        2,
-        &[
-            &format!("{}:3: nodes: invalid type: string \"two\", expected a whole number", bad.display()),
-            "(the controller checks more at submit: users, secrets, limits; `cohort plan` asks it)",
-        ],
-    );
-    assert!(out.stdout.contains(&format!("{}: ok: command job \"ok\", 2 node(s)", good.display())), "{out}");
+    out.exits(2)
+        .stderr_contains(&format!("{}:3: nodes: invalid type: string \"two\", expected a whole number", bad.display()))
+        .stderr_contains("(the controller checks more at submit: users, secrets, limits; `cohort plan` asks it)");
+    out.stdout_contains(&format!("{}: ok: command job \"ok\", 2 node(s)", good.display()));
     // Only good files: exit 0, no hint about the controller.
     let out = cohort(&["validate", path(&good)]);
-    assert_eq!(out.code, Some(0), "{out}");
+    out.exits(0);
     assert!(!out.stderr.contains("`cohort plan` asks it"), "{out}");
 }
 
@@ -296,70 +307,59 @@ fn dev_errors_say_what_to_do() {
 
     // No cluster there: status fails saying how to start one; down has nothing to do.
     let none = dir.join("none");
-    let out = cohort(&["dev", "status", "--dir", path(&none)]);
-    assert_eq!(out.code, Some(1), "{out}");
-    assert!(
-        out.stdout.contains(&format!("no dev cluster in {} (`cohort dev up` starts one)", none.display())),
-        "{out}"
-    );
-    let out = cohort(&["dev", "down", "--dir", path(&none)]);
-    assert_eq!(out.code, Some(0), "{out}");
-    assert!(out.stderr.contains(&format!("no dev cluster in {}", none.display())), "{out}");
+    cohort(&["dev", "status", "--dir", path(&none)])
+        .exits(1)
+        .stdout_contains(&format!("no dev cluster in {} (`cohort dev up` starts one)", none.display()));
+    cohort(&["dev", "down", "--dir", path(&none)])
+        .exits(0)
+        .stderr_contains(&format!("no dev cluster in {}", none.display()));
 
     cohort(&["dev", "up", "--nodes", "0", "--dir", d])
-        .fails(1, &["error: --nodes 0: give 1 to 250 (one loopback address each, 127.0.0.2 up)"]);
-    cohort(&["dev", "up", "--nodes", "251", "--dir", d]).fails(1, &["error: --nodes 251: give 1 to 250"]);
+        .exits(1)
+        .stderr_contains("error: --nodes 0: give 1 to 250 (one loopback address each, 127.0.0.2 up)");
+    cohort(&["dev", "up", "--nodes", "251", "--dir", d]).exits(1).stderr_contains("error: --nodes 251: give 1 to 250");
 
     // A directory that cannot be made.
     let file = dir.join("file");
     std::fs::write(&file, "").unwrap();
     let under_file = file.join("dev");
     cohort(&["dev", "up", "--dir", path(&under_file)])
-        .fails(1, &[&format!("error: --dir {}: cannot create it", under_file.display()), "Not a directory"]);
+        .exits(1)
+        .stderr_contains(&format!("error: --dir {}: cannot create it", under_file.display()))
+        .stderr_contains("Not a directory");
 
     // Neither --dir nor a home to put the default in.
     let mut no_home = command(&["dev", "status"], &[]);
     no_home.env_remove("HOME").env_remove("XDG_STATE_HOME");
-    said(&mut no_home).fails(1, &["error: HOME is not set: pass --dir"]);
+    said(&mut no_home).exits(1).stderr_contains("error: HOME is not set: pass --dir");
 
     // A state file that is not one: the way to start afresh names the directory.
     let state = dir.join("cluster.json");
     std::fs::write(&state, "{\"port\": \"x\"}").unwrap();
     for verb in ["up", "status"] {
-        cohort(&["dev", verb, "--dir", d]).fails(
-            1,
-            &[&format!(
-                "error: {}: not a dev cluster's state; `cohort dev down --dir {d} --purge` starts afresh",
-                state.display()
-            )],
-        );
+        cohort(&["dev", verb, "--dir", d]).exits(1).stderr_contains(&format!(
+            "error: {}: not a dev cluster's state; `cohort dev down --dir {d} --purge` starts afresh",
+            state.display()
+        ));
     }
 
     // A cluster of 2 nodes "runs" (pid files of a live process naming the directory).
     std::fs::write(&state, "{\"port\": 1, \"nodes\": 2, \"gpus_per_node\": 1}").unwrap();
-    let out = cohort(&["dev", "status", "--dir", d]);
-    assert_eq!(out.code, Some(1), "{out}");
-    assert!(
-        out.stdout.contains(&format!(
-            "node states unknown: the controller is not running (`cohort dev up --dir {d}` starts it)"
-        )),
-        "{out}"
-    );
+    cohort(&["dev", "status", "--dir", d]).exits(1).stdout_contains(&format!(
+        "node states unknown: the controller is not running (`cohort dev up --dir {d}` starts it)"
+    ));
     let fake = FakeProcess::start(&dir);
     for name in ["controller", "node0", "node1"] {
         std::fs::write(dir.join(format!("{name}.pid")), fake.0.id().to_string()).unwrap();
     }
     // Another shape is refused, naming what runs and the way out; nothing is started or stopped.
-    cohort(&["dev", "up", "--nodes", "3", "--dir", d]).fails(
-        1,
-        &[&format!(
-            "error: a dev cluster runs in {d} with 2 nodes, 1 GPUs each, on port 1: `cohort dev down --dir {d}` first to change it"
-        )],
-    );
+    cohort(&["dev", "up", "--nodes", "3", "--dir", d]).exits(1).stderr_contains(&format!(
+        "error: a dev cluster runs in {d} with 2 nodes, 1 GPUs each, on port 1: \
+         `cohort dev down --dir {d}` first to change it"
+    ));
     // The same shape: it already runs, and the lines to paste come again.
     let out = cohort(&["dev", "up", "--dir", d]);
-    assert_eq!(out.code, Some(0), "{out}");
-    assert!(out.stderr.contains(&format!("a dev cluster already runs in {d} (2 nodes)")), "{out}");
+    out.exits(0).stderr_contains(&format!("a dev cluster already runs in {d} (2 nodes)"));
     assert!(out.stdout.starts_with("export COHORT_CONTROLLER=https://127.0.0.1:1 "), "{out}");
     drop(fake);
 }
@@ -378,13 +378,11 @@ fn dev_up_without_the_daemons_says_how_to_get_them() {
             .env("PATH", alone.path())
             .env_remove("COHORT_CONTROLLER"),
     );
-    out.fails(
-        1,
-        &[&format!(
-            "error: cohort-controller is neither next to {} nor on PATH: build it (`cargo build --workspace --bins`) or install it",
-            cohort_bin.display()
-        )],
-    );
+    out.exits(1).stderr_contains(&format!(
+        "error: cohort-controller is neither next to {} nor on PATH: \
+         build it (`cargo build --workspace --bins`) or install it",
+        cohort_bin.display()
+    ));
 }
 
 /// Errors that need a controller to answer, against one TLS cluster of one
@@ -403,48 +401,44 @@ async fn errors_that_need_a_controller_name_the_job_node_or_flag_and_the_fix() {
 
     // An unknown job: the controller's words, with where to look.
     for verb in [&["status", "nope"][..], &["logs", "nope"], &["cancel", "nope"], &["plot", "nope", "--out", "x.svg"]] {
-        run(verb).fails(1, &["error: no job \"nope\": `cohort jobs` lists the known jobs"]);
+        run(verb).exits(1).stderr_contains("error: no job \"nope\": `cohort jobs` lists the known jobs");
     }
 
     let job =
         cluster.submit("name: quiet\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: [true]\n").await.unwrap();
     cluster.wait_finished(&job.id, Duration::from_secs(30)).await.unwrap();
     // Logs of a node the job has no rank on: said, rather than printing nothing.
-    run(&["logs", &job.id, "--node", "node7"]).fails(
-        1,
-        &[&format!(
-            "error: --node node7: job {0} has no rank on node7; its nodes are node0 (`cohort status {0}` lists its ranks)",
-            job.id
-        )],
-    );
+    run(&["logs", &job.id, "--node", "node7"]).exits(1).stderr_contains(&format!(
+        "error: --node node7: job {0} has no rank on node7; its nodes are node0 (`cohort status {0}` lists its ranks)",
+        job.id
+    ));
     let out = run(&["logs", &job.id, "--node", "node0"]);
-    assert_eq!(out.code, Some(0), "{out}");
+    out.exits(0);
     // A plot of a job that logged no loss: no file, and where the loss comes from.
     let image = cluster.dir.path().join("loss.png");
-    run(&["plot", &job.id, "--out", path(&image)]).fails(
-        1,
-        &[
-            &format!("error: cannot plot job {}: no training point has a loss yet", job.id),
-            "`cohort metrics`",
-            "lm loss",
-        ],
-    );
+    run(&["plot", &job.id, "--out", path(&image)])
+        .exits(1)
+        .stderr_contains(&format!("error: cannot plot job {}: no training point has a loss yet", job.id))
+        .stderr_contains("`cohort metrics`")
+        .stderr_contains("lm loss");
     assert!(!image.exists());
 
     // plan of a file the controller refuses: each problem on its line, exit 2.
     let file = cluster.dir.path().join("bad.yaml");
     std::fs::write(&file, "name: bad\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: []\n").unwrap();
     let out = run(&["plan", path(&file)]);
-    out.fails(2, &[&format!("job file {}: 1 problem(s)", file.display()), &format!("{}:5: command", file.display())]);
+    out.exits(2)
+        .stderr_contains(&format!("job file {}: 1 problem(s)", file.display()))
+        .stderr_contains(&format!("{}:5: command", file.display()));
 
     // TLS against a controller started with --insecure: the hint says to pass --insecure.
     let plaintext = Cluster::start_with(Vec::new(), &["--insecure"]).await.unwrap();
     let plain_addr = plaintext.url.trim_start_matches("http://");
     let ca = cluster.tls.as_ref().unwrap().dir.join("ca.crt");
-    cohort(&["jobs", "--controller", plain_addr, "--ca-cert", path(&ca)]).fails(
-        1,
-        &["hint: the controller answered without TLS: it was started with --insecure; pass --insecure too (trusted networks only)"],
+    cohort(&["jobs", "--controller", plain_addr, "--ca-cert", path(&ca)]).exits(1).stderr_contains(
+        "hint: the controller answered without TLS: it was started with --insecure; \
+         pass --insecure too (trusted networks only)",
     );
     let out = cohort(&["jobs", "--controller", plain_addr, "--insecure"]);
-    assert_eq!(out.code, Some(0), "{out}");
+    out.exits(0);
 }
