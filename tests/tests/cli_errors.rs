@@ -175,10 +175,15 @@ fn a_controller_address_that_cannot_work_names_the_flag_and_the_fix() {
          (comma-separated for several controllers)",
     );
     // TLS (the default) without the cluster CA, from the flag or the environment.
-    let tls =
-        "TLS needs the cluster CA: pass --ca-cert (or COHORT_CA_CERT) with the ca.crt of `cohort-controller init`";
-    cohort(&["jobs", "--controller", &addr]).offline().stderr_contains(&format!("error: https://{addr}: {tls}"));
-    said(&mut command(&["status", "j-1"], &[("COHORT_CONTROLLER", &addr)])).offline().stderr_contains(tls);
+    for out in [
+        cohort(&["jobs", "--controller", &addr]),
+        said(&mut command(&["status", "j-1"], &[("COHORT_CONTROLLER", &addr)])),
+    ] {
+        out.offline().stderr_contains(&format!(
+            "error: https://{addr}: TLS needs the cluster CA: pass --ca-cert (or COHORT_CA_CERT) \
+             with the ca.crt of `cohort-controller init`"
+        ));
+    }
     // Nothing listening: every address tried is named, and where to set another.
     let out = cohort(&["jobs", "--controller", &format!("{addr}, {addr}"), "--insecure"]);
     out.exits(1)
@@ -266,6 +271,19 @@ fn validate_of_a_bad_file_exits_2_naming_the_line_and_the_field() {
         .stderr_contains(&format!("{}:3: nodes: invalid type: string \"two\", expected a whole number", bad.display()))
         .stderr_contains("(the controller checks more at submit: users, secrets, limits; `cohort plan` asks it)");
     out.stdout_contains(&format!("{}: ok: command job \"ok\", 2 node(s)", good.display()));
+    // A warning does not make a file invalid: it names the file and the field, and what to do.
+    let relative_save = tmp.path().join("sft.yaml");
+    std::fs::write(
+        &relative_save,
+        "name: sft\nkind: megatron-sft\nnodes: 2\ngpus_per_node: 1\nmegatron:\n  swift_version: 3\n  \
+         load: /models/Qwen3-8B-mcore\n  dataset: [/data/train.jsonl]\n  finetune: true\n  micro_batch_size: 1\n  \
+         global_batch_size: 2\n  save: out/run\n",
+    )
+    .unwrap();
+    cohort(&["validate", path(&relative_save)])
+        .exits(0)
+        .stderr_contains(&format!("warning: {}: megatron.save: \"out/run\" is relative", relative_save.display()))
+        .stderr_contains("give an absolute path, or set `workdir:`");
     // Only good files: exit 0, no hint about the controller.
     let out = cohort(&["validate", path(&good)]);
     out.exits(0);
@@ -342,6 +360,18 @@ fn dev_errors_say_what_to_do() {
             state.display()
         ));
     }
+
+    // `cohort-controller init` cannot write the CA: its own words, after whose they are.
+    let blocked = dir.join("blocked");
+    std::fs::create_dir(&blocked).unwrap();
+    std::fs::write(blocked.join("controller"), "").unwrap();
+    cohort(&["dev", "up", "--dir", path(&blocked), "--port", "1"])
+        .exits(1)
+        .stderr_contains(&format!(
+            "error: cohort-controller init failed: error: creating --tls-dir {}",
+            blocked.join("controller/tls").display()
+        ))
+        .stderr_contains("Not a directory");
 
     // A cluster of 2 nodes "runs" (pid files of a live process naming the directory).
     std::fs::write(&state, "{\"port\": 1, \"nodes\": 2, \"gpus_per_node\": 1}").unwrap();
