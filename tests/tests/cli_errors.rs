@@ -373,6 +373,15 @@ fn dev_errors_say_what_to_do() {
         ))
         .stderr_contains("Not a directory");
 
+    // A state that cannot be read at all (a directory in its place).
+    let unreadable = dir.join("unreadable");
+    std::fs::create_dir_all(unreadable.join("cluster.json")).unwrap();
+    cohort(&["dev", "status", "--dir", path(&unreadable)]).exits(1).stderr_contains(&format!(
+        "error: {}/cluster.json: cannot read the dev cluster's state; `cohort dev down --dir {} --purge` starts afresh",
+        unreadable.display(),
+        unreadable.display()
+    ));
+
     // A cluster of 2 nodes "runs" (pid files of a live process naming the directory).
     std::fs::write(&state, "{\"port\": 1, \"nodes\": 2, \"gpus_per_node\": 1}").unwrap();
     cohort(&["dev", "status", "--dir", d]).exits(1).stdout_contains(&format!(

@@ -121,7 +121,13 @@ impl DevDir {
                 )
             })?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.state().display())),
+            Err(e) => Err(e).with_context(|| {
+                format!(
+                    "{}: cannot read the dev cluster's state; `cohort dev down{} --purge` starts afresh",
+                    self.state().display(),
+                    dir_flag(Some(&self.0))
+                )
+            }),
         }
     }
 
