@@ -373,6 +373,20 @@ fn dev_errors_say_what_to_do() {
         ))
         .stderr_contains("Not a directory");
 
+    // A CA without the rest of the TLS files: no join token can be made; start afresh.
+    let half = dir.join("half");
+    std::fs::create_dir_all(half.join("controller/tls")).unwrap();
+    std::fs::write(half.join("controller/tls/ca.crt"), "").unwrap();
+    cohort(&["dev", "up", "--dir", path(&half), "--port", "1"])
+        .exits(1)
+        .stderr_contains("error: cohort-controller token failed: ")
+        .stderr_contains("token.key")
+        .stderr_contains(&format!(
+            "(the TLS files in {}/controller/tls are incomplete: `cohort dev down --dir {} --purge` starts afresh)",
+            half.display(),
+            half.display()
+        ));
+
     // A state that cannot be read at all (a directory in its place).
     let unreadable = dir.join("unreadable");
     std::fs::create_dir_all(unreadable.join("cluster.json")).unwrap();

@@ -383,7 +383,13 @@ fn join_token(dir: &DevDir, controller_bin: &Path) -> anyhow::Result<String> {
         .output()
         .context("running cohort-controller token")?;
     if !out.status.success() {
-        bail!("cohort-controller token failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "cohort-controller token failed: {}\n\
+             (the TLS files in {} are incomplete: `cohort dev down{} --purge` starts afresh)",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            dir.tls().display(),
+            dir_flag(Some(&dir.0))
+        );
     }
     let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
     write_private(&path, &token)?;
