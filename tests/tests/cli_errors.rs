@@ -438,6 +438,39 @@ fn dev_up_without_the_daemons_says_how_to_get_them() {
     ));
 }
 
+#[test]
+fn dev_up_with_a_daemon_that_cannot_run_names_its_path() {
+    // Files named like the daemons next to the cohort binary, but not programs.
+    let alone = tempfile::tempdir_in(cohort_tests::bin_dir()).unwrap();
+    let cohort_bin = alone.path().join("cohort");
+    std::fs::hard_link(bin("cohort"), &cohort_bin).unwrap();
+    for name in ["cohort-controller", "cohort-agent"] {
+        std::fs::write(alone.path().join(name), "not a program").unwrap();
+    }
+    let dev = alone.path().join("dev");
+    said(Command::new(&cohort_bin).args(["dev", "up", "--dir", path(&dev)]).env_remove("COHORT_CONTROLLER"))
+        .exits(1)
+        .stderr_contains(&format!("error: running {} init: ", alone.path().join("cohort-controller").display()))
+        .stderr_contains("Permission denied");
+}
+
+#[test]
+fn local_failures_of_run_and_completion_say_what_failed() {
+    // `cohort run` from a directory deleted under the shell.
+    let tmp = tempfile::tempdir().unwrap();
+    let gone = tmp.path().join("gone");
+    std::fs::create_dir(&gone).unwrap();
+    let script = format!("cd '{}' && rmdir '{}' && exec \"$0\" run -- true", gone.display(), gone.display());
+    said(Command::new("sh").args(["-c", &script]).arg(bin("cohort")).env_remove("COHORT_CONTROLLER"))
+        .exits(1)
+        .stderr_contains("error: cohort run: the current directory is gone (deleted?): cd into one that exists");
+    // A completion script to a full disk.
+    let full = std::fs::File::options().write(true).open("/dev/full").unwrap();
+    said(command(&["completion", "bash"], &[]).stdout(full))
+        .exits(1)
+        .stderr_contains("error: writing the completion script to stdout: No space left on device");
+}
+
 /// Errors that need a controller to answer, against one TLS cluster of one
 /// node and one plaintext controller.
 #[tokio::test(flavor = "multi_thread")]

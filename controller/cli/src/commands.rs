@@ -264,7 +264,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let mut script = Vec::new();
         clap_complete::generate(*shell, &mut Cli::command(), "cohort", &mut script);
         return match std::io::stdout().write_all(&script) {
-            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the completion script"),
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(e).context("writing the completion script to stdout")
+            }
             _ => Ok(ExitCode::SUCCESS),
         };
     }
@@ -282,7 +284,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let file = match &cli.command {
         Verb::Plan { file, .. } => Some(read_job_file(file)?),
         Verb::Submit { file, overrides, .. } => Some(overrides.apply(read_job_file(file)?)?),
-        Verb::Run { inline, .. } => Some(inline.job_file(&std::env::current_dir().context("the current directory")?)?),
+        Verb::Run { inline, .. } => {
+            let cwd = std::env::current_dir()
+                .context("cohort run: the current directory is gone (deleted?): cd into one that exists")?;
+            Some(inline.job_file(&cwd)?)
+        }
         _ => None,
     };
     if let Verb::Dev(verb) = &cli.command {

@@ -296,7 +296,7 @@ async fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
             .arg(dir.tls())
             .env("COHORT_CONTROLLER_CONFIG", "/dev/null")
             .output()
-            .context("running cohort-controller init")?;
+            .with_context(|| format!("running {} init", controller_bin.display()))?;
         if !out.status.success() {
             bail!("cohort-controller init failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
@@ -381,7 +381,7 @@ fn join_token(dir: &DevDir, controller_bin: &Path) -> anyhow::Result<String> {
         .arg(dir.tls())
         .env("COHORT_CONTROLLER_CONFIG", "/dev/null")
         .output()
-        .context("running cohort-controller token")?;
+        .with_context(|| format!("running {} token", controller_bin.display()))?;
     if !out.status.success() {
         bail!(
             "cohort-controller token failed: {}\n\
