@@ -11,8 +11,9 @@ text is what lies between the `{...}` placeholders. The CLI's other stderr lines
 (`eprintln!`: warnings, plan problems, progress) are counted apart, likewise.
 
 A message is covered when a test asserts a piece of that fixed text: a string
-literal given to `contains(...)`, `starts_with(...)` or `ends_with(...)`, or
-the format string of a `format!` given to them (each of its own fixed pieces
+literal given to `contains(...)`, `starts_with(...)` or `ends_with(...)` (or
+to a test helper whose name ends so, e.g. `stderr_contains(...)`), or the
+format string of a `format!` given to them (each of its own fixed pieces
 apart), in the tests (tests/tests/**/*.rs, controller/cli/tests/**/*.rs, the
 `#[cfg(test)]` modules of controller/cli/src) is 12 characters or more of one
 piece, or holds a whole piece of 20 or more. The
