@@ -46,14 +46,21 @@ const MIB: u64 = 1 << 20;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    ensure!(args.files > 0 && args.size_mib > 0 && args.rounds > 0, "--files, --size-mib and --rounds must be positive");
+    ensure!(
+        args.files > 0 && args.size_mib > 0 && args.rounds > 0,
+        "--files, --size-mib and --rounds must be positive"
+    );
     let parallel = args.parallel.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let base = match &args.dir {
         Some(dir) => tempfile::tempdir_in(dir)?,
         None => tempfile::tempdir()?,
     };
     println!("load average at start: {}", load_average());
-    println!("SHA-256 (sha2, one thread, 1 GiB in memory): {:.0} MiB/s; CPU SHA extensions: {}", hash_rate(), sha_extensions());
+    println!(
+        "SHA-256 (sha2, one thread, 1 GiB in memory): {:.0} MiB/s; CPU SHA extensions: {}",
+        hash_rate(),
+        sha_extensions()
+    );
     let src = base.path().join("src");
     let bytes = generate(&src, args.size_mib * MIB, args.files)?;
     let mib = bytes as f64 / MIB as f64;
@@ -98,7 +105,10 @@ async fn main() -> anyhow::Result<()> {
     ensure!(again == digest, "the second staging found another digest");
 
     let (cp, cp_sync, stage_secs) = (median(cp), median(cp_sync), median(staged));
-    println!("page cache: warm for all (source read before); `sync` before each run; medians of {} rounds", args.rounds);
+    println!(
+        "page cache: warm for all (source read before); `sync` before each run; medians of {} rounds",
+        args.rounds
+    );
     println!("cp -r           : {cp:6.2} s  {:8.1} MiB/s  (no hashing, no fsync)", mib / cp);
     println!("cp -r; sync     : {cp_sync:6.2} s  {:8.1} MiB/s  (data on disk)", mib / cp_sync);
     println!(

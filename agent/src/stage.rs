@@ -50,9 +50,9 @@ mod fetch;
 mod lock;
 mod progress;
 mod record;
-mod tree;
 #[cfg(test)]
 mod tests;
+mod tree;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -281,7 +281,8 @@ impl Stager {
     ) -> Result<Vec<StagedItem>, StageError> {
         let plans = plan(items)?;
         let layout = Layout(self.cache_dir.clone());
-        for dir in [layout.0.join("sha256"), layout.0.join("partial"), layout.0.join("locks"), layout.0.join("sources")] {
+        for dir in [layout.0.join("sha256"), layout.0.join("partial"), layout.0.join("locks"), layout.0.join("sources")]
+        {
             let cache_error =
                 |error| StageError::Io { item: "(cache)".into(), action: "create", path: dir.clone(), error };
             tokio::fs::create_dir_all(&dir).await.map_err(cache_error)?;

@@ -34,9 +34,8 @@ impl Run {
         let record_path = self.layout.record(&plan.source.describe());
         if plan.expected.is_none() {
             let (r, from, t) = (record_path.clone(), root.to_owned(), tree.clone());
-            let known = tokio::task::spawn_blocking(move || record::known_digest(&r, &from, &t))
-                .await
-                .map_err(task_error)?;
+            let known =
+                tokio::task::spawn_blocking(move || record::known_digest(&r, &from, &t)).await.map_err(task_error)?;
             if let Some(digest) = known
                 && self.tree_is_cached(&digest).await
             {
@@ -60,7 +59,14 @@ impl Run {
         meter.state(StageState::Copying).await;
 
         let (flush_queue, flushing) = start_flusher(plan.name.clone(), work.join("tree"));
-        let copied = self.copy_files(plan, root, &work, &tree, meter, &lock, flush_queue).await;
+        let shared = Arc::new(TreeCopy {
+            item: plan.name.clone(),
+            root: root.to_owned(),
+            work: work.clone(),
+            resume,
+            retry: self.retry,
+        });
+        let copied = self.copy_files(shared, &tree, meter, &lock, flush_queue).await;
         let flushed = flushing.await.map_err(task_error).and_then(|r| r);
         let mut listed = copied?;
         flushed?;
@@ -154,15 +160,12 @@ impl Run {
     /// to stop before returning.
     async fn copy_files(
         &self,
-        plan: &Plan,
-        root: &Path,
-        work: &Path,
+        copy: Arc<TreeCopy>,
         tree: &Arc<Tree>,
         meter: &Arc<Meter>,
         lock: &Arc<ContentLock>,
         flush_queue: SyncSender<File>,
     ) -> Result<Vec<(PathBuf, Listed)>, StageError> {
-        let resume = plan.expected.is_some();
         let mut listed = Vec::with_capacity(tree.files.len());
         let mut running = JoinSet::new();
         let mut failure = None;
@@ -170,20 +173,12 @@ impl Run {
         loop {
             while failure.is_none() && next < tree.files.len() && running.len() < self.parallel_files {
                 let permit = self.permits.clone().acquire_owned().await.map_err(|e| StageError::Task(e.to_string()))?;
-                let (item, root, work, tree, meter, lock, retry, flush) = (
-                    plan.name.clone(),
-                    root.to_owned(),
-                    work.to_owned(),
-                    tree.clone(),
-                    meter.clone(),
-                    lock.clone(),
-                    self.retry,
-                    flush_queue.clone(),
-                );
+                let (copy, tree, meter, lock, flush) =
+                    (copy.clone(), tree.clone(), meter.clone(), lock.clone(), flush_queue.clone());
                 let index = next;
                 running.spawn_blocking(move || {
                     let (_permit, _lock) = (permit, lock);
-                    copy_tree_file(&item, &root, &work, &tree.files[index], resume, &meter, &retry, &flush)
+                    copy_tree_file(&copy, &tree.files[index], &meter, &flush)
                 });
                 next += 1;
             }
@@ -256,20 +251,28 @@ fn start_flusher(item: String, copy: PathBuf) -> (SyncSender<File>, JoinHandle<R
     (queue, flushing)
 }
 
+/// What the copies of one directory's files share.
+struct TreeCopy {
+    item: String,
+    /// The source directory.
+    root: PathBuf,
+    /// The item's work dir.
+    work: PathBuf,
+    resume: bool,
+    retry: RetryPolicy,
+}
+
 /// Copies one file of a directory into `tree/` through `incoming/`; a file
 /// already in `tree/` (an earlier, interrupted staging) is hashed there
 /// instead of read again from the source. A large file goes to the flusher.
-#[allow(clippy::too_many_arguments)]
 fn copy_tree_file(
-    item: &str,
-    root: &Path,
-    work: &Path,
+    copy: &TreeCopy,
     file: &tree::TreeFile,
-    resume: bool,
     meter: &Meter,
-    retry: &RetryPolicy,
     flush: &SyncSender<File>,
 ) -> Result<(PathBuf, Listed), StageError> {
+    let TreeCopy { item, root, work, resume, retry } = copy;
+    let (item, resume) = (item.as_str(), *resume);
     let done = work.join("tree").join(&file.rel);
     if resume
         && let Ok(meta) = std::fs::symlink_metadata(&done)
