@@ -39,6 +39,10 @@ struct Args {
     /// Where the temporary directory goes (default: $TMPDIR or /tmp).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Use (and keep) this source directory, generated there if it does not
+    /// exist: runs of two builds can then alternate on the same files.
+    #[arg(long)]
+    source: Option<PathBuf>,
 }
 
 const MIB: u64 = 1 << 20;
@@ -61,15 +65,22 @@ async fn main() -> anyhow::Result<()> {
         hash_rate(),
         sha_extensions()
     );
-    let src = base.path().join("src");
-    let bytes = generate(&src, args.size_mib * MIB, args.files)?;
+    let src = args.source.clone().unwrap_or_else(|| base.path().join("src"));
+    let bytes = if src.exists() {
+        let bytes = dir_bytes(&src)?;
+        println!("source: {:.0} MiB already in {}", bytes as f64 / MIB as f64, src.display());
+        bytes
+    } else {
+        let bytes = generate(&src, args.size_mib * MIB, args.files)?;
+        println!("generated {:.0} MiB in {} files under {}", bytes as f64 / MIB as f64, args.files, src.display());
+        // The source's files must be older than the record's settle time to be trusted.
+        std::thread::sleep(Duration::from_secs(3));
+        bytes
+    };
     let mib = bytes as f64 / MIB as f64;
-    println!("generated {mib:.0} MiB in {} files under {}", args.files, base.path().display());
-    // The source's files must be older than the record's settle time to be trusted.
-    std::thread::sleep(Duration::from_secs(3));
     sync()?;
 
-    let (mut cp, mut cp_sync, mut staged) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cp, mut cp_sync, mut staged, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut digest = String::new();
     let mut stager = Stager::new(base.path().join("cache"), parallel);
     for round in 0..args.rounds {
@@ -86,15 +97,18 @@ async fn main() -> anyhow::Result<()> {
 
         let cache = base.path().join(format!("cache-{round}"));
         stager = Stager::new(cache, parallel);
-        let started = Instant::now();
+        let (started, cpu_before) = (Instant::now(), cpu_seconds());
         let result = stage(&stager, &src).await?;
         staged.push(started.elapsed().as_secs_f64());
+        cpu.push(cpu_seconds() - cpu_before);
         digest = result.0;
         println!(
-            "round {round}: cp -r {:.2} s, cp -r; sync {:.2} s, Stager {:.2} s  (load {})",
+            "round {round}: cp -r {:.2} s, cp -r; sync {:.2} s, Stager {:.2} s (CPU {:.2} s), ratio to cp -r; sync {:.2}  (load {})",
             cp[round],
             cp_sync[round],
             staged[round],
+            cpu[round],
+            cp_sync[round] / staged[round],
             load_average()
         );
     }
@@ -104,7 +118,10 @@ async fn main() -> anyhow::Result<()> {
     let again_secs = started.elapsed().as_secs_f64();
     ensure!(again == digest, "the second staging found another digest");
 
-    let (cp, cp_sync, stage_secs) = (median(cp), median(cp_sync), median(staged));
+    let ratios: Vec<f64> = cp_sync.iter().zip(&staged).map(|(c, s)| c / s).collect();
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let (best_cp_sync, best_staged) = (best(&cp_sync), best(&staged));
+    let (cp, cp_sync, stage_secs, cpu) = (median(cp), median(cp_sync), median(staged), median(cpu));
     println!(
         "page cache: warm for all (source read before); `sync` before each run; medians of {} rounds",
         args.rounds
@@ -115,7 +132,19 @@ async fn main() -> anyhow::Result<()> {
         "Stager ({parallel:2} par): {stage_secs:6.2} s  {:8.1} MiB/s  (SHA-256 of every byte, on disk before the marker)",
         mib / stage_secs
     );
-    println!("ratio Stager/cp : {:.2} (vs cp; sync: {:.2})", cp / stage_secs, cp_sync / stage_secs);
+    println!(
+        "ratio Stager/cp : {:.2} (vs cp; sync: {:.2}; median of the rounds' own ratios: {:.2})",
+        cp / stage_secs,
+        cp_sync / stage_secs,
+        median(ratios)
+    );
+    println!(
+        "best of rounds  : cp -r; sync {best_cp_sync:.2} s ({:.1} MiB/s), Stager {best_staged:.2} s ({:.1} MiB/s), ratio {:.2}",
+        mib / best_cp_sync,
+        mib / best_staged,
+        best_cp_sync / best_staged
+    );
+    println!("Stager CPU time : {cpu:6.2} s user+sys ({:.0} MiB per CPU second)", mib / cpu);
     println!(
         "again, unchanged: {again_secs:6.3} s  from cache: {from_cache}, source bytes read: {}",
         stager.source_bytes_read() - read_before
@@ -139,6 +168,30 @@ async fn stage(stager: &Stager, src: &Path) -> anyhow::Result<(String, bool)> {
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+/// Bytes in the regular files under `dir`.
+fn dir_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            total += dir_bytes(&entry.path())?;
+        } else if kind.is_file() {
+            total += entry.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
+
+/// User and system CPU time of this process so far (all its threads).
+fn cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        let (user, system) = (u.user_time(), u.system_time());
+        user.tv_sec() as f64 + user.tv_usec() as f64 / 1e6 + system.tv_sec() as f64 + system.tv_usec() as f64 / 1e6
+    })
 }
 
 fn load_average() -> String {
