@@ -288,7 +288,12 @@ impl Controller {
     }
 
     /// The pipeline stops: stages not started are skipped, running ones cancelled.
-    fn stop_stages(&self, state: &mut State, stages: &mut [PipelineStage], parent_terminal: bool) -> Result<(), ControllerError> {
+    fn stop_stages(
+        &self,
+        state: &mut State,
+        stages: &mut [PipelineStage],
+        parent_terminal: bool,
+    ) -> Result<(), ControllerError> {
         for stage in stages.iter_mut() {
             match stage_state(stage) {
                 StageState::Waiting | StageState::Resolving => {
