@@ -1,0 +1,339 @@
+//! `cohort-goodput`: the share of a training job's time that becomes progress
+//! under faults. It starts a real controller and real agents with fake GPUs on
+//! loopback (the test harness's `Cluster`), runs a simulated training job on
+//! all but one node (`tests/payloads/goodput_trainer.py`: steps in lockstep,
+//! a Megatron-layout checkpoint every `--ckpt-every` steps, resume from the
+//! newest complete one, a start and a load that take time) compressed by
+//! `--time-factor`, and injects faults from a seeded schedule: kill -9 of a
+//! rank, kill -9 of an agent and its ranks, a partition of an agent from the
+//! controller, SIGSTOP of a rank (see `cohort_goodput/faults.rs` for the mix).
+//!
+//! ```text
+//! cargo build --workspace --bins
+//! target/debug/cohort-goodput --seeds 1,2,3                  # default controller and agent flags
+//! target/debug/cohort-goodput --seeds 1,2,3 --tuned          # --node-ttl 3s, 500ms heartbeats, --fence-after 4s
+//! ```
+//!
+//! Output: goodput (useful steps × step time / wall time), in compressed time
+//! as measured and in simulated time (the payload's times scaled back up,
+//! Cohort's as measured), and the loss per cause: detection, teardown,
+//! waiting (fence deadline, backoff, capacity), launch, the trainer's start,
+//! checkpoint load, work redone since the checkpoint, saves.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+#[path = "cohort_goodput/account.rs"]
+mod account;
+#[path = "cohort_goodput/faults.rs"]
+mod faults;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use clap::Parser;
+use cohort_proto::{Job, JobState};
+use cohort_tests::{Cluster, NodeSpec, children_of, is_terminal, state};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+use crate::account::{Account, Injected, Losses, Seen};
+use crate::faults::{FaultKind, Schedule};
+
+#[derive(Parser)]
+#[command(about = "Goodput of a simulated training job under seeded faults, with the loss per cause")]
+struct Args {
+    /// Seeds of the fault schedule, one run each, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    seeds: Vec<u64>,
+    /// Agents (nodes); the job takes all but one, the spare replaces a lost node.
+    #[arg(long, default_value_t = 4)]
+    agents: usize,
+    /// Fake GPUs per agent (the job takes them all).
+    #[arg(long, default_value_t = 2)]
+    gpus: u32,
+    /// Simulated training time, minutes (fault-free).
+    #[arg(long, default_value_t = 120.0)]
+    sim_minutes: f64,
+    /// Simulated seconds per step.
+    #[arg(long, default_value_t = 10.0)]
+    step_s: f64,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 60)]
+    ckpt_every: u64,
+    /// Simulated seconds one checkpoint save takes.
+    #[arg(long, default_value_t = 30.0)]
+    save_s: f64,
+    /// Simulated seconds from exec to training (imports, NCCL init).
+    #[arg(long, default_value_t = 120.0)]
+    start_s: f64,
+    /// Simulated seconds to load a checkpoint.
+    #[arg(long, default_value_t = 60.0)]
+    load_s: f64,
+    /// Simulated time is this many times real time (for the payload; Cohort runs in real time).
+    #[arg(long, default_value_t = 100.0)]
+    time_factor: f64,
+    /// Mean simulated minutes between faults for this job. The issue's rate (one per
+    /// 10 minutes per 1,000 GPUs) gives 8 GPUs one per 1,250 minutes: scaled up so that a
+    /// 2-hour run sees several.
+    #[arg(long, default_value_t = 25.0)]
+    mtbf_minutes: f64,
+    /// Real seconds before a crashed agent is started again or a partition heals.
+    #[arg(long, default_value_t = 15.0)]
+    repair_s: f64,
+    /// The job's hang_timeout (real time).
+    #[arg(long, default_value = "5s")]
+    hang_timeout: String,
+    /// Tuned detection: controller `--node-ttl 3s --heartbeat-interval 500ms`, agents `--fence-after 4s`.
+    #[arg(long)]
+    tuned: bool,
+    /// Most real seconds one run may take.
+    #[arg(long, default_value_t = 900)]
+    run_limit_s: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(args.agents >= 2, "--agents must be at least 2 (the job takes all but one)");
+    ensure!(args.time_factor >= 1.0, "--time-factor must be at least 1");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut results = Vec::new();
+        for &seed in &args.seeds {
+            eprintln!("== seed {seed} ({})", if args.tuned { "tuned" } else { "defaults" });
+            let (account, injected) = run(&args, seed).await.with_context(|| format!("seed {seed}"))?;
+            print_run(&args, seed, &account, &injected);
+            results.push((seed, account, injected.len()));
+        }
+        print_summary(&args, &results);
+        Ok(())
+    })
+}
+
+/// Real-time seconds for simulated seconds.
+fn real(args: &Args, sim_s: f64) -> f64 {
+    sim_s / args.time_factor
+}
+
+fn job_yaml(args: &Args, dir: &std::path::Path, steps: u64) -> String {
+    format!(
+        "name: goodput\nkind: command\nnodes: {nodes}\ngpus_per_node: {gpus}\nworkdir: tests/payloads\n\
+         stop_grace: 2s\nhang_timeout: {hang}\ncommand: [python3, goodput_trainer.py]\n\
+         restart: {{max_restarts: 1000, backoff: 500ms, exclude_failed_nodes: true}}\n\
+         env: {{STEPS: '{steps}', STEP_S: '{step}', CKPT_EVERY: '{every}', SAVE_S: '{save}', START_S: '{start}', \
+         LOAD_S: '{load}', CKPT_DIR: '{ckpt}', GOODPUT_LOG: '{log}'}}\n",
+        nodes = args.agents - 1,
+        gpus = args.gpus,
+        hang = args.hang_timeout,
+        step = real(args, args.step_s),
+        every = args.ckpt_every,
+        save = real(args, args.save_s),
+        start = real(args, args.start_s),
+        load = real(args, args.load_s),
+        ckpt = dir.join("checkpoints").display(),
+        log = dir.join("goodput.jsonl").display(),
+    )
+}
+
+/// A repair due: an agent to start again or a partition to heal.
+struct Repair {
+    due_ms: i64,
+    node: usize,
+    kind: FaultKind,
+}
+
+async fn run(args: &Args, seed: u64) -> anyhow::Result<(Account, Vec<Injected>)> {
+    let nodes: Vec<NodeSpec> = (0..args.agents)
+        .map(|i| {
+            let mut node = NodeSpec::loopback(i, args.gpus);
+            node.partitionable = true;
+            if args.tuned {
+                node.extra_args = vec!["--fence-after".into(), "4s".into()];
+            }
+            node
+        })
+        .collect();
+    let controller_args: &[&str] = if args.tuned { &["--node-ttl", "3s", "--heartbeat-interval", "500ms"] } else { &[] };
+    let mut cluster = Cluster::start_with(nodes, controller_args).await?;
+    let steps = (args.sim_minutes * 60.0 / args.step_s).round() as u64;
+    let job = cluster.submit(&job_yaml(args, cluster.dir.path(), steps)).await?;
+    let log_path = cluster.dir.path().join("goodput.jsonl");
+    let mut schedule = Schedule::new(seed, args.mtbf_minutes * 60.0);
+    let mut seen: BTreeMap<u32, Seen> = BTreeMap::new();
+    let mut injected: Vec<Injected> = Vec::new();
+    let mut repairs: Vec<Repair> = Vec::new();
+    // The next fault: when (unix ms), armed once the attempt has made a step.
+    let mut next_fault: Option<(u32, i64)> = None;
+    let deadline = now_ms() + args.run_limit_s as i64 * 1000;
+    let done = loop {
+        let now = now_ms();
+        if now > deadline {
+            bail!("the job did not finish within {} s; logs in {}", args.run_limit_s, cluster.dir.path().display());
+        }
+        for r in repairs.extract_if(.., |r| r.due_ms <= now) {
+            match r.kind {
+                FaultKind::NodeCrash => cluster.restart_agent(r.node),
+                _ => cluster.partitions[r.node].iter().for_each(|p| p.heal()),
+            }
+        }
+        let Ok(j) = cluster.job(&job.id).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        observe(&j, &mut seen, now);
+        if is_terminal(&j) && j.live_processes == 0 {
+            break j;
+        }
+        if state(&j) == JobState::Running && !is_terminal(&j) {
+            match next_fault {
+                Some((attempt, _)) if attempt == j.attempt => {}
+                _ if stepped(&log_path, j.attempt) => {
+                    let gap_ms = (real(args, schedule.gap_s()) * 1000.0) as i64;
+                    next_fault = Some((j.attempt, now + gap_ms));
+                }
+                _ => {}
+            }
+            if let Some((attempt, at)) = next_fault
+                && attempt == j.attempt
+                && now >= at
+            {
+                let kind = schedule.kind();
+                let victim = schedule.victim(j.processes.len());
+                if let Some(fault) = inject(&mut cluster, &j, kind, victim) {
+                    eprintln!("  fault {}: {} on {} (attempt {})", injected.len() + 1, kind.name(), fault.node, attempt);
+                    if matches!(kind, FaultKind::NodeCrash | FaultKind::Partition) {
+                        let node = fault.node.trim_start_matches("node").parse().unwrap_or(0);
+                        repairs.push(Repair { due_ms: now + (args.repair_s * 1000.0) as i64, node, kind });
+                    }
+                    injected.push(fault);
+                }
+                // One fault per attempt: the next is drawn once the next attempt steps.
+                next_fault = Some((attempt, i64::MAX));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(state(&done) == JobState::Succeeded, "the job ended {:?}: {}", state(&done), done.reason);
+    let text = std::fs::read_to_string(&log_path).with_context(|| format!("{}", log_path.display()))?;
+    let events = account::parse_events(&text);
+    Ok((account::account(&done, &seen, &events, &injected, steps), injected))
+}
+
+fn now_ms() -> i64 {
+    cohort_proto::now_unix_ms()
+}
+
+/// Notes when each attempt ran and when the processes of an ended one were gone.
+fn observe(job: &Job, seen: &mut BTreeMap<u32, Seen>, now: i64) {
+    if job.running_unix_ms > 0 {
+        seen.entry(job.attempt).or_default().running_ms = job.running_unix_ms;
+    }
+    for record in &job.attempts {
+        if record.finished_unix_ms > 0 && record.attempt < job.attempt.max(1) + 1 {
+            let entry = seen.entry(record.attempt).or_default();
+            // Gone: no process alive, or the next attempt already placed (it starts only after).
+            if entry.gone_ms == 0 && (job.live_processes == 0 || job.attempt > record.attempt) {
+                entry.gone_ms = now;
+            }
+        }
+    }
+}
+
+/// Whether the payload logged a step of this attempt.
+fn stepped(log: &std::path::Path, attempt: u32) -> bool {
+    let needle = format!("\"event\": \"step\", \"attempt\": {attempt},");
+    std::fs::read_to_string(log).is_ok_and(|t| t.contains(&needle))
+}
+
+/// The trainer process under a rank's shim (its process group leader).
+fn trainer_of(shim: u32) -> Option<u32> {
+    children_of(shim).into_iter().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("goodput_trainer"))
+    })
+}
+
+fn inject(cluster: &mut Cluster, job: &Job, kind: FaultKind, victim: usize) -> Option<Injected> {
+    let process = job.processes.get(victim)?;
+    let node_index: usize = process.node_name.trim_start_matches("node").parse().ok()?;
+    let at_ms = now_ms();
+    match kind {
+        FaultKind::RankCrash => kill(Pid::from_raw(trainer_of(process.pid)? as i32), Signal::SIGKILL).ok()?,
+        FaultKind::Hang => kill(Pid::from_raw(trainer_of(process.pid)? as i32), Signal::SIGSTOP).ok()?,
+        FaultKind::NodeCrash => {
+            cluster.kill_agent(node_index);
+            // The host is gone: its ranks with it (a crashed agent's shims would outlive it).
+            let _ = killpg(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
+        }
+        FaultKind::Partition => cluster.partitions[node_index].iter().for_each(|p| p.cut()),
+    }
+    Some(Injected { kind, at_ms, attempt: job.attempt, node: process.node_name.clone() })
+}
+
+fn row(name: &str, count: u32, l: &Losses) -> String {
+    format!(
+        "  {name:<12} {count:>3}  detect {:>6.2}  teardown {:>5.2}  wait {:>6.2}  launch {:>5.2}  | start {:>5.2}  load {:>5.2}  redo {:>6.2}",
+        l.detect_s, l.teardown_s, l.wait_s, l.launch_s, l.start_s, l.load_s, l.redo_s
+    )
+}
+
+fn print_run(args: &Args, seed: u64, a: &Account, injected: &[Injected]) {
+    println!(
+        "seed {seed}: {} steps, step {:.3} s, wall {:.1} s, {} faults, {} saves ({:.1} s): goodput {:.1} % compressed, {:.1} % simulated (×{})",
+        a.steps,
+        a.step_s,
+        a.wall_s,
+        injected.len(),
+        a.saves,
+        a.saves_s,
+        100.0 * a.goodput_compressed(),
+        100.0 * a.goodput_simulated(args.time_factor),
+        args.time_factor
+    );
+    println!("  loss, real seconds (Cohort's | the payload's, compressed ×{}):", args.time_factor);
+    println!("{}", row("first start", 1, &a.initial));
+    for (kind, (n, l)) in &a.by_kind {
+        println!("{}", row(kind, *n, l));
+    }
+    println!("{}", row("all faults", injected.len() as u32, &a.faults));
+    println!("  unexplained {:.1} s (slow steps, polling)", a.unexplained_s());
+    let json = serde_json::json!({
+        "seed": seed, "tuned": args.tuned, "steps": a.steps, "step_s": a.step_s, "wall_s": a.wall_s,
+        "faults": injected.iter().map(|f| serde_json::json!({"kind": f.kind.name(), "node": f.node, "attempt": f.attempt})).collect::<Vec<_>>(),
+        "goodput_compressed": a.goodput_compressed(), "goodput_simulated": a.goodput_simulated(args.time_factor),
+        "first_start": a.initial.json(), "fault_losses": a.faults.json(), "saves_s": a.saves_s,
+    });
+    println!("  json {json}");
+}
+
+fn print_summary(args: &Args, results: &[(u64, Account, usize)]) {
+    if results.is_empty() {
+        return;
+    }
+    let n = results.len() as f64;
+    let mean = |f: &dyn Fn(&Account) -> f64| results.iter().map(|(_, a, _)| f(a)).sum::<f64>() / n;
+    let faults: usize = results.iter().map(|(_, _, f)| f).sum();
+    let mut total = Losses::default();
+    for (_, a, _) in results {
+        total.detect_s += a.faults.detect_s;
+        total.teardown_s += a.faults.teardown_s;
+        total.wait_s += a.faults.wait_s;
+        total.launch_s += a.faults.launch_s;
+        total.start_s += a.faults.start_s;
+        total.load_s += a.faults.load_s;
+        total.redo_s += a.faults.redo_s;
+    }
+    let per = faults.max(1) as f64;
+    println!(
+        "{} seeds ({}): goodput {:.1} % compressed, {:.1} % simulated; {faults} faults; per fault, real s: detect {:.2}, teardown {:.2}, wait {:.2}, launch {:.2}; compressed s: start {:.2}, load {:.2}, redo {:.2}",
+        results.len(),
+        if args.tuned { "tuned" } else { "defaults" },
+        100.0 * mean(&|a| a.goodput_compressed()),
+        100.0 * mean(&|a| a.goodput_simulated(args.time_factor)),
+        total.detect_s / per,
+        total.teardown_s / per,
+        total.wait_s / per,
+        total.launch_s / per,
+        total.start_s / per,
+        total.load_s / per,
+        total.redo_s / per,
+    );
+}

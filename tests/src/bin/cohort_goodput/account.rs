@@ -1,0 +1,237 @@
+//! Where the time went: the job's attempt records (the controller's clock),
+//! what the benchmark saw while polling, the payload's own log and the faults
+//! injected, turned into useful time and a loss per cause.
+
+use std::collections::BTreeMap;
+
+use cohort_proto::Job;
+use serde_json::Value;
+
+use crate::faults::FaultKind;
+
+/// One fault the benchmark injected.
+#[derive(Debug, Clone)]
+pub struct Injected {
+    pub kind: FaultKind,
+    pub at_ms: i64,
+    /// The attempt it hit.
+    pub attempt: u32,
+    pub node: String,
+}
+
+/// What the benchmark saw while polling, per attempt: when it ran (every
+/// rank started) and when its last process was gone after it ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Seen {
+    pub running_ms: i64,
+    pub gone_ms: i64,
+}
+
+/// One line of the payload's log (goodput_trainer.py).
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub event: String,
+    pub attempt: u32,
+    pub t_ms: i64,
+    pub iteration: u64,
+    pub save_s: f64,
+}
+
+pub fn parse_events(text: &str) -> Vec<Event> {
+    text.lines()
+        .filter_map(|line| {
+            let v: Value = serde_json::from_str(line).ok()?;
+            Some(Event {
+                event: v.get("event")?.as_str()?.to_string(),
+                attempt: v.get("attempt")?.as_u64()? as u32,
+                t_ms: (v.get("t")?.as_f64()? * 1000.0) as i64,
+                iteration: v.get("iteration").and_then(Value::as_u64).unwrap_or(0),
+                save_s: v.get("save_s").and_then(Value::as_f64).unwrap_or(0.0),
+            })
+        })
+        .collect()
+}
+
+/// Seconds lost, by cause. Cohort's own parts (detection, teardown, waiting,
+/// launch) run in real time; the payload's (start, load, redone work, saves)
+/// are compressed by the time factor.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Losses {
+    /// Fault → the controller fails the attempt.
+    pub detect_s: f64,
+    /// Attempt failed → its last process gone.
+    pub teardown_s: f64,
+    /// Processes gone → next attempt placed (fence deadline, backoff, capacity).
+    pub wait_s: f64,
+    /// Placed → ranks started, process start, rendezvous before the first step.
+    pub launch_s: f64,
+    /// The trainer's own start (imports, NCCL init); compressed.
+    pub start_s: f64,
+    /// Checkpoint load; compressed.
+    pub load_s: f64,
+    /// Steps done again since the checkpoint resumed from; compressed.
+    pub redo_s: f64,
+    /// Checkpoint saves; compressed.
+    pub save_s: f64,
+}
+
+impl Losses {
+    pub fn real(&self) -> f64 {
+        self.detect_s + self.teardown_s + self.wait_s + self.launch_s
+    }
+    pub fn compressed(&self) -> f64 {
+        self.start_s + self.load_s + self.redo_s + self.save_s
+    }
+    fn add(&mut self, o: &Losses) {
+        self.detect_s += o.detect_s;
+        self.teardown_s += o.teardown_s;
+        self.wait_s += o.wait_s;
+        self.launch_s += o.launch_s;
+        self.start_s += o.start_s;
+        self.load_s += o.load_s;
+        self.redo_s += o.redo_s;
+        self.save_s += o.save_s;
+    }
+    pub fn json(&self) -> Value {
+        serde_json::json!({
+            "detect_s": self.detect_s, "teardown_s": self.teardown_s, "wait_s": self.wait_s,
+            "launch_s": self.launch_s, "start_s": self.start_s, "load_s": self.load_s,
+            "redo_s": self.redo_s, "save_s": self.save_s,
+        })
+    }
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub steps: u64,
+    /// Median seconds between steps (real).
+    pub step_s: f64,
+    /// Submitted → finished (real).
+    pub wall_s: f64,
+    /// The first attempt's start (not a fault's loss, but a loss).
+    pub initial: Losses,
+    /// Summed over the faults.
+    pub faults: Losses,
+    /// Per fault kind: how many, and their losses.
+    pub by_kind: BTreeMap<&'static str, (u32, Losses)>,
+    /// Saves, over the whole run (compressed).
+    pub saves_s: f64,
+    pub saves: u32,
+}
+
+impl Account {
+    /// Useful steps × step time / wall time, all in compressed (real) seconds.
+    pub fn goodput_compressed(&self) -> f64 {
+        self.steps as f64 * self.step_s / self.wall_s
+    }
+
+    /// The same in simulated time: the payload's times (steps, start, load,
+    /// redone work, saves) scaled back up by `factor`, Cohort's as measured.
+    pub fn goodput_simulated(&self, factor: f64) -> f64 {
+        let useful = self.steps as f64 * self.step_s * factor;
+        let lost = (self.initial.compressed() + self.faults.compressed() - self.faults.save_s + self.saves_s) * factor
+            + self.initial.real()
+            + self.faults.real();
+        useful / (useful + lost)
+    }
+
+    /// Wall time the breakdown does not explain (polling granularity, slow steps).
+    pub fn unexplained_s(&self) -> f64 {
+        self.wall_s
+            - self.steps as f64 * self.step_s
+            - self.saves_s
+            - self.initial.real()
+            - self.initial.compressed()
+            - self.faults.real()
+            - self.faults.compressed()
+    }
+}
+
+fn secs(ms: i64) -> f64 {
+    (ms.max(0)) as f64 / 1000.0
+}
+
+fn find(events: &[Event], attempt: u32, name: &str) -> Option<i64> {
+    events.iter().find(|e| e.attempt == attempt && e.event == name).map(|e| e.t_ms)
+}
+
+/// Launch, start and load of one attempt.
+fn startup(job: &Job, seen: &BTreeMap<u32, Seen>, events: &[Event], attempt: u32, step_ms: i64) -> Losses {
+    let record = job.attempts.iter().find(|a| a.attempt == attempt);
+    let (Some(record), Some(start), Some(init), Some(loaded)) = (
+        record,
+        find(events, attempt, "start"),
+        find(events, attempt, "init"),
+        find(events, attempt, "loaded"),
+    ) else {
+        return Losses::default();
+    };
+    let first_step = find(events, attempt, "step").unwrap_or(loaded + step_ms);
+    let running = seen.get(&attempt).map(|s| s.running_ms).filter(|r| *r > 0).unwrap_or(start);
+    Losses {
+        launch_s: secs(running - record.started_unix_ms)
+            + secs(start - running)
+            + secs(first_step - step_ms - loaded),
+        start_s: secs(init - start),
+        load_s: secs(loaded - init),
+        ..Losses::default()
+    }
+}
+
+pub fn account(job: &Job, seen: &BTreeMap<u32, Seen>, events: &[Event], injected: &[Injected], steps: u64) -> Account {
+    let mut gaps: Vec<i64> = Vec::new();
+    let mut last: Option<&Event> = None;
+    for e in events.iter().filter(|e| e.event == "step") {
+        if let Some(prev) = last
+            && prev.attempt == e.attempt
+            && e.iteration == prev.iteration + 1
+        {
+            gaps.push(e.t_ms - prev.t_ms);
+        }
+        last = Some(e);
+    }
+    // The median: the steps after a save are longer by the save, so they fall above it.
+    gaps.sort_unstable();
+    let step_ms = gaps.get(gaps.len() / 2).copied().unwrap_or(0);
+    let saves: Vec<&Event> = events.iter().filter(|e| e.event == "saved").collect();
+    let mut account = Account {
+        steps,
+        step_s: secs(step_ms),
+        wall_s: secs(job.finished_unix_ms - job.submitted_unix_ms),
+        initial: startup(job, seen, events, 1, step_ms),
+        faults: Losses::default(),
+        by_kind: BTreeMap::new(),
+        saves_s: saves.iter().map(|e| e.save_s).sum(),
+        saves: saves.len() as u32,
+    };
+    if let Some(first) = job.attempts.first() {
+        // Submitted → placed: the first placement.
+        account.initial.wait_s = secs(first.started_unix_ms - job.submitted_unix_ms);
+    }
+    for fault in injected {
+        let a = fault.attempt;
+        let (Some(failed), Some(next)) =
+            (job.attempts.iter().find(|r| r.attempt == a), job.attempts.iter().find(|r| r.attempt == a + 1))
+        else {
+            continue;
+        };
+        let gone = seen.get(&a).map(|s| s.gone_ms).filter(|g| *g > 0).unwrap_or(failed.finished_unix_ms);
+        let reached = events.iter().filter(|e| e.attempt == a && e.event == "step").map(|e| e.iteration).max();
+        let resumed = events.iter().find(|e| e.attempt == a + 1 && e.event == "loaded").map(|e| e.iteration);
+        let redone = match (reached, resumed) {
+            (Some(r), Some(from)) => r.saturating_sub(from),
+            _ => 0,
+        };
+        let mut loss = startup(job, seen, events, a + 1, step_ms);
+        loss.detect_s = secs(failed.finished_unix_ms - fault.at_ms);
+        loss.teardown_s = secs(gone - failed.finished_unix_ms);
+        loss.wait_s = secs(next.started_unix_ms - gone.max(failed.finished_unix_ms));
+        loss.redo_s = redone as f64 * secs(step_ms);
+        account.faults.add(&loss);
+        let entry = account.by_kind.entry(fault.kind.name()).or_default();
+        entry.0 += 1;
+        entry.1.add(&loss);
+    }
+    account
+}
