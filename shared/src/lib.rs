@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod checkpoint_interval;
 pub mod dataset;
 pub mod duration;
 pub mod failure;
