@@ -380,6 +380,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&job)?;
             } else {
                 print_status(&job);
+                crate::checkpoints::print_advice(&mut client, &job).await;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -7,6 +7,7 @@
 pub mod output;
 
 pub mod commands;
+pub mod checkpoints;
 pub mod compose;
 pub mod connection;
 pub mod dev;
