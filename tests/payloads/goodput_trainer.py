@@ -146,11 +146,19 @@ else:
         recv_byte(conn)
 
 os.makedirs(ckpt_dir, exist_ok=True)
+last = time.time()
 for step in range(resume + 1, steps + 1):
     time.sleep(step_s)
     barrier()
     record("step", iteration=step)
     say(f"step {step}")
+    if rank == nnodes - 1:
+        # A Megatron-LM training_log line: Cohort reads the job's metrics (and `cohort status` its saves) from it.
+        now = time.time()
+        print(f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {step:8d}/{steps:8d} | "
+              f"elapsed time per iteration (ms): {(now - last) * 1000:.1f} | lm loss: {2.0 / (1 + step / 100):.6E} |",
+              flush=True)
+        last = now
     if step % ckpt_every == 0 and step < steps:
         if rank == 0:
             save(step)

@@ -213,6 +213,13 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<(Account, Vec<Injected>)>
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     ensure!(state(&done) == JobState::Succeeded, "the job ended {:?}: {}", state(&done), done.reason);
+    // The checkpoint interval advice, as `cohort status` shows it (in compressed time).
+    let status = cluster.cli(&["status", &job.id]);
+    for line in String::from_utf8_lossy(&status.stdout).lines() {
+        if line.starts_with("checkpoint:") || line.trim_start().starts_with("Young/Daly") {
+            println!("  status: {}", line.trim_start());
+        }
+    }
     let text = std::fs::read_to_string(&log_path).with_context(|| format!("{}", log_path.display()))?;
     let events = account::parse_events(&text);
     Ok((account::account(&done, &seen, &events, &injected, steps), injected))

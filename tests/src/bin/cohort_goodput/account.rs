@@ -217,7 +217,12 @@ pub fn account(job: &Job, seen: &BTreeMap<u32, Seen>, events: &[Event], injected
             continue;
         };
         let gone = seen.get(&a).map(|s| s.gone_ms).filter(|g| *g > 0).unwrap_or(failed.finished_unix_ms);
-        let reached = events.iter().filter(|e| e.attempt == a && e.event == "step").map(|e| e.iteration).max();
+        // Steps made after the fault (a partitioned node's ranks go on until fenced) count in detection.
+        let reached = events
+            .iter()
+            .filter(|e| e.attempt == a && e.event == "step" && e.t_ms <= fault.at_ms)
+            .map(|e| e.iteration)
+            .max();
         let resumed = events.iter().find(|e| e.attempt == a + 1 && e.event == "loaded").map(|e| e.iteration);
         let redone = match (reached, resumed) {
             (Some(r), Some(from)) => r.saturating_sub(from),
