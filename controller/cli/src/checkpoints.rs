@@ -120,6 +120,7 @@ fn human(d: Duration) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use cohort_proto::AttemptRecord;

@@ -6,8 +6,8 @@
 #[macro_use]
 pub mod output;
 
-pub mod commands;
 pub mod checkpoints;
+pub mod commands;
 pub mod compose;
 pub mod connection;
 pub mod dev;

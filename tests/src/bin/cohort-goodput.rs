@@ -152,7 +152,8 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<(Account, Vec<Injected>)>
             node
         })
         .collect();
-    let controller_args: &[&str] = if args.tuned { &["--node-ttl", "3s", "--heartbeat-interval", "500ms"] } else { &[] };
+    let controller_args: &[&str] =
+        if args.tuned { &["--node-ttl", "3s", "--heartbeat-interval", "500ms"] } else { &[] };
     let mut cluster = Cluster::start_with(nodes, controller_args).await?;
     let steps = (args.sim_minutes * 60.0 / args.step_s).round() as u64;
     let job = cluster.submit(&job_yaml(args, cluster.dir.path(), steps)).await?;
@@ -199,7 +200,13 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<(Account, Vec<Injected>)>
                 let kind = schedule.kind();
                 let victim = schedule.victim(j.processes.len());
                 if let Some(fault) = inject(&mut cluster, &j, kind, victim) {
-                    eprintln!("  fault {}: {} on {} (attempt {})", injected.len() + 1, kind.name(), fault.node, attempt);
+                    eprintln!(
+                        "  fault {}: {} on {} (attempt {})",
+                        injected.len() + 1,
+                        kind.name(),
+                        fault.node,
+                        attempt
+                    );
                     if matches!(kind, FaultKind::NodeCrash | FaultKind::Partition) {
                         let node = fault.node.trim_start_matches("node").parse().unwrap_or(0);
                         repairs.push(Repair { due_ms: now + (args.repair_s * 1000.0) as i64, node, kind });
@@ -254,7 +261,8 @@ fn stepped(log: &std::path::Path, attempt: u32) -> bool {
 /// The trainer process under a rank's shim (its process group leader).
 fn trainer_of(shim: u32) -> Option<u32> {
     children_of(shim).into_iter().find(|pid| {
-        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("goodput_trainer"))
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("goodput_trainer"))
     })
 }
 

@@ -159,20 +159,15 @@ fn find(events: &[Event], attempt: u32, name: &str) -> Option<i64> {
 /// Launch, start and load of one attempt.
 fn startup(job: &Job, seen: &BTreeMap<u32, Seen>, events: &[Event], attempt: u32, step_ms: i64) -> Losses {
     let record = job.attempts.iter().find(|a| a.attempt == attempt);
-    let (Some(record), Some(start), Some(init), Some(loaded)) = (
-        record,
-        find(events, attempt, "start"),
-        find(events, attempt, "init"),
-        find(events, attempt, "loaded"),
-    ) else {
+    let (Some(record), Some(start), Some(init), Some(loaded)) =
+        (record, find(events, attempt, "start"), find(events, attempt, "init"), find(events, attempt, "loaded"))
+    else {
         return Losses::default();
     };
     let first_step = find(events, attempt, "step").unwrap_or(loaded + step_ms);
     let running = seen.get(&attempt).map(|s| s.running_ms).filter(|r| *r > 0).unwrap_or(start);
     Losses {
-        launch_s: secs(running - record.started_unix_ms)
-            + secs(start - running)
-            + secs(first_step - step_ms - loaded),
+        launch_s: secs(running - record.started_unix_ms) + secs(start - running) + secs(first_step - step_ms - loaded),
         start_s: secs(init - start),
         load_s: secs(loaded - init),
         ..Losses::default()
