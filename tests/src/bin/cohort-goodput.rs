@@ -80,6 +80,9 @@ struct Args {
     /// Real seconds before a crashed agent is started again or a partition heals.
     #[arg(long, default_value_t = 15.0)]
     repair_s: f64,
+    /// The job's restart backoff (doubles with every restart; Cohort's default is 10s).
+    #[arg(long, default_value = "500ms")]
+    backoff: String,
     /// The job's hang_timeout (real time).
     #[arg(long, default_value = "5s")]
     hang_timeout: String,
@@ -118,12 +121,13 @@ fn job_yaml(args: &Args, dir: &std::path::Path, steps: u64) -> String {
     format!(
         "name: goodput\nkind: command\nnodes: {nodes}\ngpus_per_node: {gpus}\nworkdir: tests/payloads\n\
          stop_grace: 2s\nhang_timeout: {hang}\ncommand: [python3, goodput_trainer.py]\n\
-         restart: {{max_restarts: 1000, backoff: 500ms, exclude_failed_nodes: true}}\n\
+         restart: {{max_restarts: 1000, backoff: {backoff}, exclude_failed_nodes: true}}\n\
          env: {{STEPS: '{steps}', STEP_S: '{step}', CKPT_EVERY: '{every}', SAVE_S: '{save}', START_S: '{start}', \
          LOAD_S: '{load}', CKPT_DIR: '{ckpt}', GOODPUT_LOG: '{log}'}}\n",
         nodes = args.agents - 1,
         gpus = args.gpus,
         hang = args.hang_timeout,
+        backoff = args.backoff,
         step = real(args, args.step_s),
         every = args.ckpt_every,
         save = real(args, args.save_s),

@@ -235,3 +235,68 @@ pub fn account(job: &Job, seen: &BTreeMap<u32, Seen>, events: &[Event], injected
     }
     account
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use cohort_proto::{AttemptRecord, JobState};
+
+    fn event(event: &str, attempt: u32, t_ms: i64, iteration: u64) -> String {
+        format!(
+            "{{\"event\": \"{event}\", \"attempt\": {attempt}, \"t\": {}, \"iteration\": {iteration}}}",
+            t_ms as f64 / 1000.0
+        )
+    }
+
+    /// Attempt 1 steps 1..=12 (100 ms each) from 1 s, a rank killed at 2.25 s
+    /// (after step 12), failed at 2.3 s, gone at 2.4 s; attempt 2 placed at 3 s,
+    /// running at 3.1 s, starts at 3.2 s, inits at 3.5 s, loads iteration 10
+    /// by 3.7 s and steps 11..=20 from 3.8 s.
+    #[test]
+    fn each_part_of_a_fault_is_counted_once() {
+        let mut lines = vec![event("start", 1, 500, 0), event("init", 1, 800, 0), event("loaded", 1, 900, 0)];
+        lines.extend((1..=12).map(|i| event("step", 1, 1000 + 100 * i as i64, i)));
+        lines.extend([event("start", 2, 3200, 0), event("init", 2, 3500, 0), event("loaded", 2, 3700, 10)]);
+        lines.extend((11..=20).map(|i| event("step", 2, 3800 + 100 * (i as i64 - 10), i)));
+        let events = parse_events(&lines.join("\n"));
+        let job = Job {
+            submitted_unix_ms: 0,
+            finished_unix_ms: 4800,
+            attempts: vec![
+                AttemptRecord {
+                    attempt: 1,
+                    started_unix_ms: 100,
+                    finished_unix_ms: 2300,
+                    state: JobState::Failed as i32,
+                    ..Default::default()
+                },
+                AttemptRecord {
+                    attempt: 2,
+                    started_unix_ms: 3000,
+                    finished_unix_ms: 4800,
+                    state: JobState::Succeeded as i32,
+                    ..Default::default()
+                },
+            ],
+            ..Job::default()
+        };
+        let seen =
+            BTreeMap::from([(1, Seen { running_ms: 400, gone_ms: 2400 }), (2, Seen { running_ms: 3100, gone_ms: 0 })]);
+        let fault = Injected { kind: FaultKind::RankCrash, at_ms: 2250, attempt: 1, node: "node0".into() };
+        let a = account(&job, &seen, &events, &[fault], 20);
+        assert_eq!(a.step_s, 0.1);
+        let f = a.faults;
+        assert!((f.detect_s - 0.05).abs() < 1e-9, "{f:?}");
+        assert!((f.teardown_s - 0.1).abs() < 1e-9, "{f:?}");
+        assert!((f.wait_s - 0.6).abs() < 1e-9, "{f:?}");
+        // Placed → running 0.1, running → start 0.1, loaded → the first step's work 0.1 (rendezvous).
+        assert!((f.launch_s - 0.3).abs() < 1e-9, "{f:?}");
+        assert!((f.start_s - 0.3).abs() < 1e-9 && (f.load_s - 0.2).abs() < 1e-9, "{f:?}");
+        // Steps 11 and 12 were made before the fault and done again.
+        assert!((f.redo_s - 0.2).abs() < 1e-9, "{f:?}");
+        assert_eq!(a.by_kind["rank crash"].0, 1);
+        // Wall time less all of the above: the 50 ms of step 13 the fault cut short.
+        assert!((a.unexplained_s() - 0.05).abs() < 1e-9, "{}", a.unexplained_s());
+    }
+}
