@@ -49,6 +49,8 @@ pub struct ControllerConfig {
     pub admission: admission::AdmissionLimits,
     /// Which users a token's jobs may run as (`--allow-run-as`).
     pub run_as: crate::security::run_as::RunAsRules,
+    /// The queues jobs wait in (`--queues`); one open queue by default.
+    pub queues: crate::queues::Queues,
 }
 
 impl Default for ControllerConfig {
@@ -61,6 +63,7 @@ impl Default for ControllerConfig {
             limits: crate::limits::ApiLimits::default(),
             admission: admission::AdmissionLimits::default(),
             run_as: crate::security::run_as::RunAsRules::default(),
+            queues: crate::queues::Queues::default(),
         }
     }
 }
@@ -339,6 +342,13 @@ impl Controller {
             self.config.run_as.check(&spec.name, identity, spec.user.as_deref().unwrap_or(""))?;
         }
         admission::check_fits(&spec, state, &self.config.admission)?;
+        self.config
+            .queues
+            .admit(&spec.name, spec.queue.as_deref(), spec.time_limit, options.run_as_bound.as_deref())
+            .map_err(|refusal| match refusal {
+                crate::queues::QueueRefusal::Invalid(m) => ControllerError::InvalidRequest(m),
+                crate::queues::QueueRefusal::Forbidden(m) => ControllerError::PermissionDenied(m),
+            })?;
         let seq = state.next_seq;
         state.next_seq += 1;
         let id = format!("{}-{}", spec.name, seq);

@@ -1,0 +1,308 @@
+//! Queues: who may submit where, how many GPUs a queue's running jobs may
+//! hold (its quota), and how long its jobs may run.
+//!
+//! Declared in a TOML file the controller reads at start (`--queues FILE`,
+//! or `queues = "FILE"` in controller.toml):
+//!
+//! ```toml
+//! default = "shared"            # the queue of jobs without `queue:`
+//! fair_share_half_life = "7d"   # how fast past GPU use is forgiven
+//!
+//! [[queue]]
+//! name = "team-a"
+//! gpus = 32                     # quota; leave out for none
+//! max_run_time = "24h"          # the time limit of jobs without one
+//! users = ["alice", "bob"]      # leave out for everyone
+//! borrow = true                 # may run on idle GPUs beyond its quota
+//! ```
+//!
+//! Without a file there is one implicit queue, `default`, with no quota: the
+//! cluster schedules as it did before queues existed.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The name of the one queue of a controller started without `--queues`.
+pub const IMPLICIT_QUEUE: &str = "default";
+
+/// Slurm's default PriorityDecayHalfLife.
+const DEFAULT_HALF_LIFE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Why a submit is refused by its queue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueRefusal {
+    /// No such queue, or a time limit over the queue's maximum.
+    #[error("{0}")]
+    Invalid(String),
+    /// The submitter may not use the queue.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// One queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queue {
+    pub name: String,
+    /// The most GPUs its running jobs hold together, borrowing aside (None: no quota).
+    pub gpu_quota: Option<u32>,
+    /// The time limit of its jobs that set none (None: such jobs run unbounded).
+    pub max_run_time: Option<Duration>,
+    /// Who may submit to it, as token users (None: everyone).
+    pub users: Option<BTreeSet<String>>,
+    /// Whether its jobs may start beyond its quota on GPUs no job under its own quota can use.
+    pub borrow: bool,
+}
+
+/// Every queue of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queues {
+    queues: Vec<Queue>,
+    default: String,
+    /// Half-life of the usage fair share orders users by.
+    pub half_life: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueConfigError {
+    #[error("queue file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("queue file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueuesFile {
+    default: Option<String>,
+    fair_share_half_life: Option<String>,
+    #[serde(default)]
+    queue: Vec<QueueEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueEntry {
+    name: String,
+    gpus: Option<u32>,
+    max_run_time: Option<String>,
+    users: Option<Vec<String>>,
+    #[serde(default = "borrow_default")]
+    borrow: bool,
+}
+
+fn borrow_default() -> bool {
+    true
+}
+
+impl Default for Queues {
+    /// One queue, [`IMPLICIT_QUEUE`], open to everyone, no quota, no maximum run time.
+    fn default() -> Self {
+        Queues {
+            queues: vec![Queue {
+                name: IMPLICIT_QUEUE.into(),
+                gpu_quota: None,
+                max_run_time: None,
+                users: None,
+                borrow: true,
+            }],
+            default: IMPLICIT_QUEUE.into(),
+            half_life: DEFAULT_HALF_LIFE,
+        }
+    }
+}
+
+impl Queues {
+    /// Reads a queue file.
+    pub fn load(path: &Path) -> Result<Self, QueueConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| QueueConfigError::Read { path: path.to_owned(), error })?;
+        Self::parse(&text).map_err(|message| QueueConfigError::Invalid { path: path.to_owned(), message })
+    }
+
+    /// Parses a queue file's text; the error names the key and the fix.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: QueuesFile = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        let duration = |key: String, text: &str| {
+            humantime::parse_duration(text).map_err(|e| format!("{key}: {text:?} is not a duration ({e}), e.g. \"24h\""))
+        };
+        let mut queues: Vec<Queue> = Vec::new();
+        for (i, entry) in file.queue.into_iter().enumerate() {
+            if !cohort_shared::spec::is_queue_name(&entry.name) {
+                return Err(format!(
+                    "queue[{i}].name: {:?} is not a queue name: use letters, digits, `-` and `_`",
+                    entry.name
+                ));
+            }
+            if queues.iter().any(|q| q.name == entry.name) {
+                return Err(format!("queue[{i}].name: queue {:?} is declared twice", entry.name));
+            }
+            let max_run_time = match entry.max_run_time {
+                Some(text) => Some(duration(format!("queue[{i}].max_run_time"), &text)?)
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| format!("queue[{i}].max_run_time: must be longer than zero; leave it out for none"))
+                    .map(Some)?,
+                None => None,
+            };
+            let users = entry.users.filter(|u| !u.iter().any(|u| u == "*")).map(|u| u.into_iter().collect());
+            queues.push(Queue { name: entry.name, gpu_quota: entry.gpus, max_run_time, users, borrow: entry.borrow });
+        }
+        if queues.is_empty() {
+            return Err("declares no queue; add a [[queue]] table with a name, or leave --queues out".into());
+        }
+        let default = file.default.unwrap_or_else(|| queues[0].name.clone());
+        if !queues.iter().any(|q| q.name == default) {
+            return Err(format!("default: {default:?} is not a declared queue ({})", names(&queues)));
+        }
+        let half_life = match file.fair_share_half_life {
+            Some(text) => duration("fair_share_half_life".into(), &text)?,
+            None => DEFAULT_HALF_LIFE,
+        };
+        if half_life.is_zero() {
+            return Err("fair_share_half_life: must be longer than zero, e.g. \"7d\"".into());
+        }
+        Ok(Queues { queues, default, half_life })
+    }
+
+    /// Every queue, in declaration order.
+    pub fn all(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    /// The queue a job named (`queue:`), or the default one. None for an unknown name.
+    pub fn of(&self, named: Option<&str>) -> Option<&Queue> {
+        let name = named.unwrap_or(&self.default);
+        self.queues.iter().find(|q| q.name == name)
+    }
+
+    /// The queue a job of `job` may be submitted to by `submitter` (None: an
+    /// admin or `--insecure`, who may use any queue), with a time limit that
+    /// fits the queue's maximum run time.
+    pub fn admit(
+        &self,
+        job: &str,
+        named: Option<&str>,
+        time_limit: Option<Duration>,
+        submitter: Option<&str>,
+    ) -> Result<&Queue, QueueRefusal> {
+        let allowed: Vec<&Queue> = self.queues.iter().filter(|q| submitter.is_none_or(|s| q.admits(s))).collect();
+        let allowed_names = if allowed.is_empty() {
+            "none".to_string()
+        } else {
+            allowed.iter().map(|q| q.name.as_str()).collect::<Vec<_>>().join(", ")
+        };
+        let Some(queue) = self.of(named) else {
+            return Err(QueueRefusal::Invalid(format!(
+                "job {job}: queue: {:?} is not a queue of this cluster; queues you may use: {allowed_names}",
+                named.unwrap_or_default()
+            )));
+        };
+        if !allowed.iter().any(|q| q.name == queue.name) {
+            let what = if named.is_some() { "queue:" } else { "the default queue" };
+            return Err(QueueRefusal::Forbidden(format!(
+                "job {job}: {what} {} does not admit jobs of {}; name one you may use with `queue:`: {allowed_names}",
+                queue.name,
+                submitter.unwrap_or_default()
+            )));
+        }
+        if let (Some(limit), Some(max)) = (time_limit, queue.max_run_time)
+            && limit > max
+        {
+            return Err(QueueRefusal::Invalid(format!(
+                "job {job}: time_limit {} is longer than queue {}'s max_run_time {}; shorten it or leave it out",
+                humantime::format_duration(limit),
+                queue.name,
+                humantime::format_duration(max)
+            )));
+        }
+        Ok(queue)
+    }
+}
+
+impl Queue {
+    /// Whether `user` may submit here.
+    pub fn admits(&self, user: &str) -> bool {
+        self.users.as_ref().is_none_or(|u| u.contains(user))
+    }
+
+    /// The time limit one attempt of a job in this queue runs under.
+    pub fn time_limit(&self, own: Option<Duration>) -> Option<Duration> {
+        own.or(self.max_run_time)
+    }
+}
+
+fn names(queues: &[Queue]) -> String {
+    queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+default = "shared"
+fair_share_half_life = "1d"
+
+[[queue]]
+name = "team-a"
+gpus = 32
+max_run_time = "24h"
+users = ["alice", "bob"]
+borrow = false
+
+[[queue]]
+name = "shared"
+users = ["*"]
+"#;
+
+    #[test]
+    fn a_queue_file_declares_quotas_users_and_the_default() {
+        let queues = Queues::parse(FILE).unwrap();
+        let a = queues.of(Some("team-a")).unwrap();
+        assert_eq!(a.gpu_quota, Some(32));
+        assert_eq!(a.max_run_time, Some(Duration::from_secs(24 * 3600)));
+        assert!(a.admits("alice") && !a.admits("carol"));
+        assert!(!a.borrow);
+        let shared = queues.of(None).unwrap();
+        assert_eq!(shared.name, "shared");
+        assert!(shared.admits("carol") && shared.borrow && shared.gpu_quota.is_none());
+        assert_eq!(queues.half_life, Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn submit_to_an_unknown_or_forbidden_queue_names_queue_and_the_allowed_ones() {
+        let queues = Queues::parse(FILE).unwrap();
+        let e = queues.admit("j", Some("team-b"), None, Some("carol")).unwrap_err().to_string();
+        assert!(e.contains("queue: \"team-b\"") && e.ends_with("queues you may use: shared"), "{e}");
+        let e = queues.admit("j", Some("team-a"), None, Some("carol")).unwrap_err().to_string();
+        assert!(e.contains("queue: team-a does not admit jobs of carol") && e.ends_with("shared"), "{e}");
+        assert_eq!(queues.admit("j", Some("team-a"), None, Some("alice")).unwrap().name, "team-a");
+        assert_eq!(queues.admit("j", Some("team-a"), None, None).unwrap().name, "team-a", "admins use any queue");
+        let long = Some(Duration::from_secs(48 * 3600));
+        let e = queues.admit("j", Some("team-a"), long, Some("bob")).unwrap_err().to_string();
+        assert!(e.contains("time_limit 2days is longer than queue team-a's max_run_time 1day"), "{e}");
+    }
+
+    #[test]
+    fn without_a_file_one_open_queue_has_no_quota_and_no_limit() {
+        let queues = Queues::default();
+        let q = queues.admit("j", None, None, Some("anyone")).unwrap();
+        assert_eq!((q.name.as_str(), q.gpu_quota, q.max_run_time), (IMPLICIT_QUEUE, None, None));
+        assert!(queues.admit("j", Some("team-a"), None, None).is_err());
+    }
+
+    #[test]
+    fn a_bad_queue_file_is_refused_naming_the_key() {
+        let e = Queues::parse("[[queue]]\nname = \"a\"\ngpus = \"x\"\n").unwrap_err();
+        assert!(e.contains("gpus"), "{e}");
+        let e = Queues::parse("default = \"b\"\n[[queue]]\nname = \"a\"\n").unwrap_err();
+        assert!(e.contains("default: \"b\" is not a declared queue (a)"), "{e}");
+        let e = Queues::parse("[[queue]]\nname = \"a\"\nmax_run_time = \"soon\"\n").unwrap_err();
+        assert!(e.starts_with("queue[0].max_run_time"), "{e}");
+        let e = Queues::parse("[[queue]]\nname = \"a\"\n[[queue]]\nname = \"a\"\n").unwrap_err();
+        assert!(e.contains("declared twice"), "{e}");
+        assert!(Queues::parse("").unwrap_err().contains("declares no queue"));
+    }
+}
