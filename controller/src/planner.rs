@@ -7,11 +7,13 @@
 //! inputs, the checkpoint to resume. No I/O, no clock, no store: time, ports,
 //! ids and randomness are passed in.
 
+mod backfill;
 mod launch_plan;
 mod placement;
 mod ports;
 pub mod swift_argcheck;
 
+pub use backfill::{BackfillRefusal, Reservation, RunningGang, backfill, node_range, reserve};
 pub use launch_plan::{
     AttemptInputs, LaunchPlan, NodeLaunch, RenderInput, attempt_spec, command_line, job_env, launch_plan, layout,
     node_processes, nproc_per_node, output_dir, render, to_shared_checkpoint,
