@@ -117,8 +117,8 @@ impl Default for Queues {
 impl Queues {
     /// Reads a queue file.
     pub fn load(path: &Path) -> Result<Self, QueueConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| QueueConfigError::Read { path: path.to_owned(), error })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|error| QueueConfigError::Read { path: path.to_owned(), error })?;
         Self::parse(&text).map_err(|message| QueueConfigError::Invalid { path: path.to_owned(), message })
     }
 
@@ -126,7 +126,8 @@ impl Queues {
     pub fn parse(text: &str) -> Result<Self, String> {
         let file: QueuesFile = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
         let duration = |key: String, text: &str| {
-            humantime::parse_duration(text).map_err(|e| format!("{key}: {text:?} is not a duration ({e}), e.g. \"24h\""))
+            humantime::parse_duration(text)
+                .map_err(|e| format!("{key}: {text:?} is not a duration ({e}), e.g. \"24h\""))
         };
         let mut queues: Vec<Queue> = Vec::new();
         for (i, entry) in file.queue.into_iter().enumerate() {
@@ -233,6 +234,36 @@ impl Queue {
     }
 }
 
+/// Each submitter's GPU-seconds, decayed by half every half-life (Slurm's
+/// classic fair share): within a queue and a priority, the job of the user who
+/// used least goes first. Kept in memory: a controller starts from zero.
+#[derive(Debug, Clone, Default)]
+pub struct FairShare {
+    usage: std::collections::HashMap<String, f64>,
+    at_unix_ms: Option<i64>,
+}
+
+impl FairShare {
+    /// Decays what was used and adds what each (user, GPUs held) used since the last call.
+    pub fn accrue(&mut self, now_unix_ms: i64, half_life: Duration, holding: impl IntoIterator<Item = (String, u32)>) {
+        let Some(last) = self.at_unix_ms.replace(now_unix_ms) else { return };
+        let seconds = (now_unix_ms - last).max(0) as f64 / 1000.0;
+        let decay = 0.5f64.powf(seconds / half_life.as_secs_f64().max(1.0));
+        for used in self.usage.values_mut() {
+            *used *= decay;
+        }
+        for (user, gpus) in holding {
+            *self.usage.entry(user).or_default() += f64::from(gpus) * seconds;
+        }
+        self.usage.retain(|_, used| *used > 1e-3);
+    }
+
+    /// `user`'s decayed GPU-seconds.
+    pub fn usage(&self, user: &str) -> f64 {
+        self.usage.get(user).copied().unwrap_or(0.0)
+    }
+}
+
 fn names(queues: &[Queue]) -> String {
     queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>().join(", ")
 }
@@ -291,6 +322,18 @@ users = ["*"]
         let q = queues.admit("j", None, None, Some("anyone")).unwrap();
         assert_eq!((q.name.as_str(), q.gpu_quota, q.max_run_time), (IMPLICIT_QUEUE, None, None));
         assert!(queues.admit("j", Some("team-a"), None, None).is_err());
+    }
+
+    #[test]
+    fn fair_share_accrues_gpu_seconds_and_halves_every_half_life() {
+        let mut share = FairShare::default();
+        let hour = Duration::from_secs(3600);
+        share.accrue(0, hour, [("alice".to_string(), 8)]);
+        share.accrue(1000, hour, [("alice".to_string(), 8)]);
+        assert_eq!(share.usage("alice"), 8.0);
+        assert_eq!(share.usage("bob"), 0.0);
+        share.accrue(1000 + 3_600_000, hour, []);
+        assert!((share.usage("alice") - 4.0).abs() < 1e-9, "{}", share.usage("alice"));
     }
 
     #[test]

@@ -139,6 +139,8 @@ struct State {
     /// When the liveness sweep last ran (monotonic): a sweep much later than
     /// its tick means this controller was paused or starved, not the nodes.
     last_sweep: Option<Instant>,
+    /// Each submitter's decayed GPU use, which orders jobs within a queue and priority.
+    fair_share: crate::queues::FairShare,
 }
 
 pub use cohort_proto::names::state_name;
@@ -152,6 +154,8 @@ mod node_entry;
 mod pipeline;
 mod prepare;
 mod progress;
+#[cfg(test)]
+mod queue_scenarios;
 mod reconcile;
 #[cfg(test)]
 mod rendered_commands;
@@ -346,9 +350,9 @@ impl Controller {
             .queues
             .admit(&spec.name, spec.queue.as_deref(), spec.time_limit, options.run_as_bound.as_deref())
             .map_err(|refusal| match refusal {
-                crate::queues::QueueRefusal::Invalid(m) => ControllerError::InvalidRequest(m),
-                crate::queues::QueueRefusal::Forbidden(m) => ControllerError::PermissionDenied(m),
-            })?;
+            crate::queues::QueueRefusal::Invalid(m) => ControllerError::InvalidRequest(m),
+            crate::queues::QueueRefusal::Forbidden(m) => ControllerError::PermissionDenied(m),
+        })?;
         let seq = state.next_seq;
         state.next_seq += 1;
         let id = format!("{}-{}", spec.name, seq);

@@ -195,21 +195,19 @@ mod tests {
 
     /// A random cluster of 1-5 nodes of 1-4 GPUs, and gangs of one node each on some of its GPUs.
     fn random_state() -> impl Strategy<Value = (Vec<NodeView>, Vec<RunningGang>)> {
-        prop::collection::vec((1u32..=4, 0u32..=4, prop::option::weighted(0.85, 1i64..100)), 1..=5).prop_map(
-            |nodes| {
-                let mut views = Vec::new();
-                let mut gangs = Vec::new();
-                for (i, (total, busy, ends)) in nodes.into_iter().enumerate() {
-                    let name = format!("n{i}");
-                    let busy = busy.min(total);
-                    views.push(node(&name, &(busy..total).collect::<Vec<_>>(), total));
-                    if busy > 0 {
-                        gangs.push(gang(&name, &(0..busy).collect::<Vec<_>>(), ends.map(|e| e * MIN)));
-                    }
+        prop::collection::vec((1u32..=4, 0u32..=4, prop::option::weighted(0.85, 1i64..100)), 1..=5).prop_map(|nodes| {
+            let mut views = Vec::new();
+            let mut gangs = Vec::new();
+            for (i, (total, busy, ends)) in nodes.into_iter().enumerate() {
+                let name = format!("n{i}");
+                let busy = busy.min(total);
+                views.push(node(&name, &(busy..total).collect::<Vec<_>>(), total));
+                if busy > 0 {
+                    gangs.push(gang(&name, &(0..busy).collect::<Vec<_>>(), ends.map(|e| e * MIN)));
                 }
-                (views, gangs)
-            },
-        )
+            }
+            (views, gangs)
+        })
     }
 
     proptest! {
