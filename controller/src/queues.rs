@@ -270,6 +270,8 @@ fn names(queues: &[Queue]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     const FILE: &str = r#"
