@@ -346,13 +346,14 @@ impl Controller {
             self.config.run_as.check(&spec.name, identity, spec.user.as_deref().unwrap_or(""))?;
         }
         admission::check_fits(&spec, state, &self.config.admission)?;
-        self.config
+        let queue = self
+            .config
             .queues
             .admit(&spec.name, spec.queue.as_deref(), spec.time_limit, options.run_as_bound.as_deref())
             .map_err(|refusal| match refusal {
-            crate::queues::QueueRefusal::Invalid(m) => ControllerError::InvalidRequest(m),
-            crate::queues::QueueRefusal::Forbidden(m) => ControllerError::PermissionDenied(m),
-        })?;
+                crate::queues::QueueRefusal::Invalid(m) => ControllerError::InvalidRequest(m),
+                crate::queues::QueueRefusal::Forbidden(m) => ControllerError::PermissionDenied(m),
+            })?;
         let seq = state.next_seq;
         state.next_seq += 1;
         let id = format!("{}-{}", spec.name, seq);
@@ -367,6 +368,9 @@ impl Controller {
             file: Some(file),
             secret_env: spec.secret_env.iter().cloned().collect(),
             request_id: options.request_id.clone(),
+            time_limit_ms: queue
+                .time_limit(spec.time_limit)
+                .map_or(0, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
             ..Job::default()
         };
         let stages = match &spec.workload {

@@ -105,7 +105,7 @@ async fn a_queue_at_quota_keeps_its_next_job_pending_while_another_queues_job_ru
 #[tokio::test]
 async fn a_queue_that_may_borrow_runs_beyond_its_quota_on_idle_gpus() {
     let dir = tempfile::tempdir().unwrap();
-    let queues = Queues::parse("[[queue]]\nname = \"team-a\"\ngpus = 1\n").unwrap();
+    let queues = Queues::parse("[[queue]]\nname = \"team-a\"\ngpus = 1\nmax_run_time = \"2h\"\n").unwrap();
     let controller = open(dir.path(), queues).await;
     let _sessions = connect(&controller, &["n1", "n2"]).await;
     let a1 = submit_as(&controller, "alice", &job("a1", 1, "")).await.unwrap();
@@ -113,7 +113,29 @@ async fn a_queue_that_may_borrow_runs_beyond_its_quota_on_idle_gpus() {
     let a3 = submit_as(&controller, "alice", &job("a3", 1, "")).await.unwrap();
     controller.reconcile().await.unwrap();
     assert_eq!(pending(&controller, &a1).await, None);
+    assert_eq!(controller.get(&a1).await.unwrap().time_limit_ms, 7_200_000, "the queue's max_run_time");
     assert_eq!(pending(&controller, &a2).await, None, "borrows the idle second node");
     let reason = pending(&controller, &a3).await.expect("no GPU left to borrow");
     assert!(reason.starts_with("waiting to borrow free GPUs beyond queue team-a's quota"), "{reason}");
+}
+
+#[tokio::test]
+async fn within_a_priority_the_user_who_used_fewer_gpus_goes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path(), Queues::default()).await;
+    let _sessions = connect(&controller, &["n1", "n2"]).await;
+    let first = submit_as(&controller, "alice", &job("first", 1, "")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    assert_eq!(pending(&controller, &first).await, None);
+    // Alice's running job accrues GPU-seconds with every pass.
+    while controller.state.call(|state, _| state.fair_share.usage("alice")).await == 0.0 {
+        tokio::task::yield_now().await;
+        controller.reconcile().await.unwrap();
+    }
+    // Two one-node jobs for the one free node: bob's, submitted later, goes first.
+    let alice = submit_as(&controller, "alice", &job("alice", 1, "")).await.unwrap();
+    let bob = submit_as(&controller, "bob", &job("bob", 1, "")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    assert_eq!(pending(&controller, &bob).await, None, "bob has used nothing");
+    assert!(pending(&controller, &alice).await.is_some(), "alice waits");
 }
