@@ -4,7 +4,8 @@
 //! [`next_master_port`] its MASTER_PORT; [`layout`] records that choice (what the
 //! job record keeps); [`launch_plan`] renders from it each node's prepare and
 //! launch commands as the agents receive them: environment, argv, staged
-//! inputs, the checkpoint to resume. No I/O, no clock, no store: time, ports,
+//! inputs, the checkpoint to resume. [`reserve`] and [`backfill`] decide,
+//! behind a job that does not fit, which later jobs may start now. No I/O, no clock, no store: time, ports,
 //! ids and randomness are passed in.
 
 mod backfill;
