@@ -180,11 +180,13 @@ impl Queues {
 
     /// The queue a job of `job` may be submitted to by `submitter` (None: an
     /// admin or `--insecure`, who may use any queue), with a time limit that
-    /// fits the queue's maximum run time.
+    /// fits the queue's maximum run time and, in a queue that does not
+    /// borrow, no more `gpus` than its quota.
     pub fn admit(
         &self,
         job: &str,
         named: Option<&str>,
+        gpus: u32,
         time_limit: Option<Duration>,
         submitter: Option<&str>,
     ) -> Result<&Queue, QueueRefusal> {
@@ -216,6 +218,13 @@ impl Queues {
                 humantime::format_duration(limit),
                 queue.name,
                 humantime::format_duration(max)
+            )));
+        }
+        if let Some(quota) = queue.gpu_quota.filter(|quota| gpus > *quota && !queue.borrow) {
+            return Err(QueueRefusal::Invalid(format!(
+                "job {job}: needs {gpus} GPU(s), more than queue {}'s quota of {quota}, and the queue does not borrow \
+                 (borrow = false): it could never start; ask for fewer nodes or GPUs, or name another queue",
+                queue.name
             )));
         }
         Ok(queue)
@@ -307,23 +316,26 @@ users = ["*"]
     #[test]
     fn submit_to_an_unknown_or_forbidden_queue_names_queue_and_the_allowed_ones() {
         let queues = Queues::parse(FILE).unwrap();
-        let e = queues.admit("j", Some("team-b"), None, Some("carol")).unwrap_err().to_string();
+        let e = queues.admit("j", Some("team-b"), 1, None, Some("carol")).unwrap_err().to_string();
         assert!(e.contains("queue: \"team-b\"") && e.ends_with("queues you may use: shared"), "{e}");
-        let e = queues.admit("j", Some("team-a"), None, Some("carol")).unwrap_err().to_string();
+        let e = queues.admit("j", Some("team-a"), 1, None, Some("carol")).unwrap_err().to_string();
         assert!(e.contains("queue: team-a does not admit jobs of carol") && e.ends_with("shared"), "{e}");
-        assert_eq!(queues.admit("j", Some("team-a"), None, Some("alice")).unwrap().name, "team-a");
-        assert_eq!(queues.admit("j", Some("team-a"), None, None).unwrap().name, "team-a", "admins use any queue");
+        assert_eq!(queues.admit("j", Some("team-a"), 1, None, Some("alice")).unwrap().name, "team-a");
+        assert_eq!(queues.admit("j", Some("team-a"), 1, None, None).unwrap().name, "team-a", "admins use any queue");
         let long = Some(Duration::from_secs(48 * 3600));
-        let e = queues.admit("j", Some("team-a"), long, Some("bob")).unwrap_err().to_string();
+        let e = queues.admit("j", Some("team-a"), 1, long, Some("bob")).unwrap_err().to_string();
         assert!(e.contains("time_limit 2days is longer than queue team-a's max_run_time 1day"), "{e}");
+        let e = queues.admit("j", Some("team-a"), 33, None, Some("bob")).unwrap_err().to_string();
+        assert!(e.contains("needs 33 GPU(s), more than queue team-a's quota of 32"), "{e}");
+        assert!(queues.admit("j", Some("team-a"), 32, None, Some("bob")).is_ok());
     }
 
     #[test]
     fn without_a_file_one_open_queue_has_no_quota_and_no_limit() {
         let queues = Queues::default();
-        let q = queues.admit("j", None, None, Some("anyone")).unwrap();
+        let q = queues.admit("j", None, 1000, None, Some("anyone")).unwrap();
         assert_eq!((q.name.as_str(), q.gpu_quota, q.max_run_time), (IMPLICIT_QUEUE, None, None));
-        assert!(queues.admit("j", Some("team-a"), None, None).is_err());
+        assert!(queues.admit("j", Some("team-a"), 1, None, None).is_err());
     }
 
     #[test]

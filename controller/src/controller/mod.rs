@@ -349,7 +349,13 @@ impl Controller {
         let queue = self
             .config
             .queues
-            .admit(&spec.name, spec.queue.as_deref(), spec.time_limit, options.run_as_bound.as_deref())
+            .admit(
+                &spec.name,
+                spec.queue.as_deref(),
+                spec.nodes * spec.gpus_per_node,
+                spec.time_limit,
+                options.run_as_bound.as_deref(),
+            )
             .map_err(|refusal| match refusal {
                 crate::queues::QueueRefusal::Invalid(m) => ControllerError::InvalidRequest(m),
                 crate::queues::QueueRefusal::Forbidden(m) => ControllerError::PermissionDenied(m),

@@ -315,13 +315,16 @@ impl Controller {
                 let limit = queue.time_limit(entry.spec.time_limit);
                 let placed = match &reservation {
                     Some(r) => planner::backfill(&entry.spec, limit, &views, &entry.job.excluded_nodes, r, now)
-                        .map_err(|e| {
-                            format!(
+                        .map_err(|e| match e {
+                            planner::BackfillRefusal::DoesNotFit(e) if e.never_fits => {
+                                format!("{}: {e}", cohort_proto::names::NEVER_FITS)
+                            }
+                            e => format!(
                                 "behind job {} (reserved nodes {} from {}): {e}",
                                 r.job_id,
                                 planner::node_range(&r.nodes),
                                 clock(r.start_unix_ms)
-                            )
+                            ),
                         }),
                     // Without the nodes blamed for earlier failures when the others suffice.
                     None => planner::place(&entry.spec, &views, &entry.job.excluded_nodes).map_err(|e| {
