@@ -116,7 +116,10 @@ async fn a_queue_that_may_borrow_runs_beyond_its_quota_on_idle_gpus() {
     assert_eq!(controller.get(&a1).await.unwrap().time_limit_ms, 7_200_000, "the queue's max_run_time");
     assert_eq!(pending(&controller, &a2).await, None, "borrows the idle second node");
     let reason = pending(&controller, &a3).await.expect("no GPU left to borrow");
-    assert!(reason.starts_with("waiting to borrow free GPUs beyond queue team-a's quota"), "{reason}");
+    assert!(
+        reason.starts_with("queue team-a at quota 2/1 GPUs; waiting to borrow idle GPUs beyond it: needs 1 node(s)"),
+        "{reason}"
+    );
 }
 
 #[tokio::test]

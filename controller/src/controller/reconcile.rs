@@ -332,7 +332,11 @@ impl Controller {
                             return format!("{}: {e}", cohort_proto::names::NEVER_FITS);
                         }
                         if borrowing {
-                            return format!("waiting to borrow free GPUs beyond queue {}'s quota: {e}", queue.name);
+                            let quota = queue.gpu_quota.unwrap_or_default();
+                            return format!(
+                                "queue {} at quota {held}/{quota} GPUs; waiting to borrow idle GPUs beyond it: {e}",
+                                queue.name
+                            );
                         }
                         // The head of the order: the nodes that free up first are its.
                         match planner::reserve(&id, &entry.spec, &views, &running_gangs(state, queues, now), now) {
