@@ -14,6 +14,7 @@
 //! max_run_time = "24h"          # the time limit of jobs without one
 //! users = ["alice", "bob"]      # leave out for everyone
 //! borrow = true                 # may run on idle GPUs beyond its quota
+//! gpus_by_label = { "gpu=h100" = 16 }  # at most 16 GPUs on nodes labelled gpu=h100
 //! ```
 //!
 //! Without a file there is one implicit queue, `default`, with no quota: the
@@ -24,6 +25,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::planner::NodeView;
 
 /// The name of the one queue of a controller started without `--queues`.
 pub const IMPLICIT_QUEUE: &str = "default";
@@ -48,12 +51,36 @@ pub struct Queue {
     pub name: String,
     /// The most GPUs its running jobs hold together, borrowing aside (None: no quota).
     pub gpu_quota: Option<u32>,
+    /// Quotas on the GPUs of nodes with a label (`gpus_by_label`, e.g. a GPU
+    /// model): (label key, value, GPUs).
+    pub label_quotas: Vec<LabelQuota>,
     /// The time limit of its jobs that set none (None: such jobs run unbounded).
     pub max_run_time: Option<Duration>,
     /// Who may submit to it, as token users (None: everyone).
     pub users: Option<BTreeSet<String>>,
     /// Whether its jobs may start beyond its quota on GPUs no job under its own quota can use.
     pub borrow: bool,
+}
+
+/// A quota on the GPUs a queue's jobs hold on nodes with one label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelQuota {
+    pub key: String,
+    pub value: String,
+    pub gpus: u32,
+}
+
+impl LabelQuota {
+    /// Whether a node with `labels` counts against this quota.
+    pub fn covers(&self, labels: &LabelMap) -> bool {
+        labels.get(&self.key) == Some(&self.value)
+    }
+}
+
+impl std::fmt::Display for LabelQuota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.key, self.value)
+    }
 }
 
 /// Every queue of the cluster.
@@ -91,6 +118,8 @@ struct QueueEntry {
     users: Option<Vec<String>>,
     #[serde(default = "borrow_default")]
     borrow: bool,
+    #[serde(default)]
+    gpus_by_label: std::collections::BTreeMap<String, u32>,
 }
 
 fn borrow_default() -> bool {
@@ -104,6 +133,7 @@ impl Default for Queues {
             queues: vec![Queue {
                 name: IMPLICIT_QUEUE.into(),
                 gpu_quota: None,
+                label_quotas: Vec::new(),
                 max_run_time: None,
                 users: None,
                 borrow: true,
@@ -148,7 +178,23 @@ impl Queues {
                 None => None,
             };
             let users = entry.users.filter(|u| !u.iter().any(|u| u == "*")).map(|u| u.into_iter().collect());
-            queues.push(Queue { name: entry.name, gpu_quota: entry.gpus, max_run_time, users, borrow: entry.borrow });
+            let mut label_quotas = Vec::new();
+            for (label, gpus) in entry.gpus_by_label {
+                let Some((key, value)) = label.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+                    return Err(format!(
+                        "queue[{i}].gpus_by_label: {label:?} is not a node label KEY=VALUE, e.g. \"gpu=h100\""
+                    ));
+                };
+                label_quotas.push(LabelQuota { key: key.into(), value: value.into(), gpus });
+            }
+            queues.push(Queue {
+                name: entry.name,
+                gpu_quota: entry.gpus,
+                label_quotas,
+                max_run_time,
+                users,
+                borrow: entry.borrow,
+            });
         }
         if queues.is_empty() {
             return Err("declares no queue; add a [[queue]] table with a name, or leave --queues out".into());
@@ -273,6 +319,68 @@ impl FairShare {
     }
 }
 
+/// The GPUs each queue's jobs hold under each of its label quotas.
+#[derive(Debug, Clone, Default)]
+pub struct LabelUse {
+    held: std::collections::HashMap<(String, usize), u32>,
+}
+
+impl LabelUse {
+    /// Counts a gang of `queue` holding GPUs on nodes: (the node's labels, GPUs there).
+    pub fn add<'a>(&mut self, queue: &Queue, nodes: impl IntoIterator<Item = (&'a LabelMap, u32)>) {
+        for (labels, gpus) in nodes {
+            for (i, quota) in queue.label_quotas.iter().enumerate() {
+                if quota.covers(labels) {
+                    *self.held.entry((queue.name.clone(), i)).or_default() += gpus;
+                }
+            }
+        }
+    }
+
+    fn held(&self, queue: &Queue, i: usize) -> u32 {
+        self.held.get(&(queue.name.clone(), i)).copied().unwrap_or(0)
+    }
+
+    /// Takes out of `views` the nodes of each label quota of `queue` with no
+    /// room left for `gpus_per_node` more GPUs; the reason of the first, if any.
+    pub fn restrict(&self, queue: &Queue, gpus_per_node: u32, views: &mut [NodeView]) -> Option<String> {
+        let mut first = None;
+        for (i, quota) in queue.label_quotas.iter().enumerate() {
+            let held = self.held(queue, i);
+            if held + gpus_per_node <= quota.gpus || gpus_per_node == 0 {
+                continue;
+            }
+            let why = format!("queue {} at its {quota} quota {held}/{} GPUs", queue.name, quota.gpus);
+            for view in views.iter_mut().filter(|v| v.unavailable.is_none() && quota.covers(&v.labels)) {
+                view.unavailable = Some(format!("kept for other queues: {why}"));
+            }
+            first.get_or_insert(why);
+        }
+        first
+    }
+
+    /// The label quota of `queue` a placement would exceed: (the node's labels, GPUs there).
+    pub fn exceeded<'a>(
+        &self,
+        queue: &Queue,
+        nodes: impl IntoIterator<Item = (&'a LabelMap, u32)> + Clone,
+    ) -> Option<String> {
+        queue.label_quotas.iter().enumerate().find_map(|(i, quota)| {
+            let held = self.held(queue, i);
+            let wanted: u32 = nodes.clone().into_iter().filter(|(l, _)| quota.covers(l)).map(|(_, g)| g).sum();
+            (wanted > 0 && held + wanted > quota.gpus).then(|| {
+                format!(
+                    "queue {} at its {quota} quota {held}/{} GPUs (this job needs {wanted} there)",
+                    queue.name, quota.gpus
+                )
+            })
+        })
+    }
+}
+
+/// A node's labels.
+pub type LabelMap = std::collections::HashMap<String, String>;
+
 fn names(queues: &[Queue]) -> String {
     queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>().join(", ")
 }
@@ -293,6 +401,7 @@ gpus = 32
 max_run_time = "24h"
 users = ["alice", "bob"]
 borrow = false
+gpus_by_label = { "gpu=h100" = 16 }
 
 [[queue]]
 name = "shared"
@@ -304,6 +413,8 @@ users = ["*"]
         let queues = Queues::parse(FILE).unwrap();
         let a = queues.of(Some("team-a")).unwrap();
         assert_eq!(a.gpu_quota, Some(32));
+        let h100 = LabelQuota { key: "gpu".into(), value: "h100".into(), gpus: 16 };
+        assert_eq!(a.label_quotas, [h100]);
         assert_eq!(a.max_run_time, Some(Duration::from_secs(24 * 3600)));
         assert!(a.admits("alice") && !a.admits("carol"));
         assert!(!a.borrow);
@@ -360,6 +471,8 @@ users = ["*"]
         assert!(e.starts_with("queue[0].max_run_time"), "{e}");
         let e = Queues::parse("[[queue]]\nname = \"a\"\n[[queue]]\nname = \"a\"\n").unwrap_err();
         assert!(e.contains("declared twice"), "{e}");
+        let e = Queues::parse("[[queue]]\nname = \"a\"\ngpus_by_label = { h100 = 1 }\n").unwrap_err();
+        assert!(e.contains("queue[0].gpus_by_label: \"h100\" is not a node label KEY=VALUE"), "{e}");
         assert!(Queues::parse("").unwrap_err().contains("declares no queue"));
     }
 }

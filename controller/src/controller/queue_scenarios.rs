@@ -15,14 +15,21 @@ async fn open(dir: &Path, queues: Queues) -> Arc<Controller> {
 }
 
 /// Registers one-GPU nodes and opens their sessions (kept open by the returned receivers).
-async fn connect(
-    controller: &Controller,
-    nodes: &[&str],
-) -> Vec<mpsc::UnboundedReceiver<Result<ControllerMessage, Status>>> {
+async fn connect(controller: &Controller, nodes: &[&str]) -> Vec<Session> {
+    let labelled: Vec<(&str, &str)> = nodes.iter().map(|n| (*n, "")).collect();
+    connect_labelled(controller, &labelled).await
+}
+
+type Session = mpsc::UnboundedReceiver<Result<ControllerMessage, Status>>;
+
+/// [`connect`], each node with a `gpu` label (none when empty).
+async fn connect_labelled(controller: &Controller, nodes: &[(&str, &str)]) -> Vec<Session> {
     let mut sessions = Vec::new();
-    for name in nodes {
+    for (name, gpu) in nodes {
+        let labels = if gpu.is_empty() { Default::default() } else { [("gpu".to_string(), gpu.to_string())].into() };
         let node = NodeInfo {
             name: (*name).into(),
+            labels,
             advertise_addr: "127.0.0.1".into(),
             gpus: vec![cohort_proto::GpuInfo { index: 0, ..Default::default() }],
             ..NodeInfo::default()
@@ -141,4 +148,32 @@ async fn within_a_priority_the_user_who_used_fewer_gpus_goes_first() {
     controller.reconcile().await.unwrap();
     assert_eq!(pending(&controller, &bob).await, None, "bob has used nothing");
     assert!(pending(&controller, &alice).await.is_some(), "alice waits");
+}
+
+#[tokio::test]
+async fn a_label_quota_keeps_a_queue_off_the_labelled_nodes_it_has_used_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let queues = Queues::parse(
+        "[[queue]]\nname = \"team-a\"\nborrow = false\ngpus_by_label = { \"gpu=h100\" = 1 }\n\
+         [[queue]]\nname = \"team-b\"\n",
+    )
+    .unwrap();
+    let controller = open(dir.path(), queues).await;
+    let _sessions = connect_labelled(&controller, &[("h1", "h100"), ("h2", "h100"), ("a1", "a100")]).await;
+    let on_h100 = "queue: team-a\nnode_selector: {gpu: h100}\n";
+    let first = submit_as(&controller, "alice", &job("first", 1, on_h100)).await.unwrap();
+    controller.reconcile().await.unwrap();
+    assert_eq!(pending(&controller, &first).await, None);
+    let second = submit_as(&controller, "alice", &job("second", 1, on_h100)).await.unwrap();
+    let anywhere = submit_as(&controller, "alice", &job("anywhere", 1, "queue: team-a\n")).await.unwrap();
+    let other =
+        submit_as(&controller, "bob", &job("other", 1, "queue: team-b\nnode_selector: {gpu: h100}\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    let reason = pending(&controller, &second).await.expect("team-a has used its one H100 GPU");
+    assert_eq!(reason, "queue team-a at its gpu=h100 quota 1/1 GPUs");
+    assert_eq!(pending(&controller, &anywhere).await, None, "a job without a selector runs on the a100 node");
+    let placed = controller.get(&anywhere).await.unwrap();
+    let nodes: Vec<&str> = placed.plan.as_ref().unwrap().nodes.iter().map(|a| a.node_name.as_str()).collect();
+    assert_eq!(nodes, ["a1"]);
+    assert_eq!(pending(&controller, &other).await, None, "team-b takes the other H100 node");
 }

@@ -274,13 +274,26 @@ impl Controller {
                 *used.entry(queue.name.clone()).or_default() += gpus_held(entry);
             }
         }
+        let labels_of: HashMap<String, crate::queues::LabelMap> =
+            state.nodes.values().map(|n| (n.info.name.clone(), n.info.labels.clone())).collect();
+        let on_nodes = |nodes: &[(String, Vec<u32>)]| -> Vec<(&crate::queues::LabelMap, u32)> {
+            nodes.iter().filter_map(|(n, g)| labels_of.get(n).map(|l| (l, g.len() as u32))).collect()
+        };
+        let mut label_use = crate::queues::LabelUse::default();
+        for entry in state.jobs.values().filter(|e| e.holds_resources()) {
+            if let (Some(queue), Some(plan)) = (queues.of(entry.spec.queue.as_deref()), entry.plan()) {
+                let nodes: Vec<(String, Vec<u32>)> =
+                    plan.nodes.iter().map(|a| (a.node_name.clone(), a.gpu_indices.clone())).collect();
+                label_use.add(queue, on_nodes(&nodes));
+            }
+        }
         let mut reservation: Option<planner::Reservation> = None;
         let mut borrowers: Vec<String> = Vec::new();
         let order: Vec<String> = pending.into_iter().map(|(.., id)| id).collect();
         for (borrowing, ids) in [(false, order), (true, Vec::new())] {
             let ids = if borrowing { std::mem::take(&mut borrowers) } else { ids };
             for id in ids {
-                let views = Self::node_views(state);
+                let mut views = Self::node_views(state);
                 let Some(entry) = state.jobs.get(&id) else { continue };
                 let wait_ms = entry.job.not_before_unix_ms - now;
                 if wait_ms > 0 {
@@ -311,6 +324,23 @@ impl Controller {
                     }
                     self.set_reason(state, &id, reason);
                     continue;
+                }
+                // Nodes under a label quota with no room left are not this job's (borrowers aside).
+                // A job that does not fit once they are taken out waits on its quota, not as the head.
+                if !borrowing {
+                    let all = views.clone();
+                    let selected =
+                        |v: &NodeView| entry.spec.node_selector.iter().all(|(k, x)| v.labels.get(k) == Some(x));
+                    if let Some(why) = label_use.restrict(queue, entry.spec.gpus_per_node, &mut views)
+                        && planner::place(&entry.spec, &views, &entry.job.excluded_nodes).is_err()
+                        && views.iter().zip(&all).any(|(r, a)| r.unavailable != a.unavailable && selected(a))
+                    {
+                        if queue.borrow {
+                            borrowers.push(id.clone());
+                        }
+                        self.set_reason(state, &id, why);
+                        continue;
+                    }
                 }
                 let limit = queue.time_limit(entry.spec.time_limit);
                 let placed = match &reservation {
@@ -369,12 +399,20 @@ impl Controller {
                         continue;
                     }
                 };
+                if !borrowing && let Some(why) = label_use.exceeded(queue, on_nodes(&placement.nodes)) {
+                    if queue.borrow {
+                        borrowers.push(id.clone());
+                    }
+                    self.set_reason(state, &id, why);
+                    continue;
+                }
                 let Some(port) = Self::peek_port(state, &self.config) else {
                     tracing::warn!(job = %id, "every MASTER_PORT of the range is leased; waiting");
                     return Ok(());
                 };
                 state.next_port = port.saturating_add(1);
                 *used.entry(queue.name.clone()).or_default() += gpus;
+                label_use.add(queue, on_nodes(&placement.nodes));
                 self.launch(state, &id, &placement, &views, port)?;
             }
         }
