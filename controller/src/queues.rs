@@ -462,6 +462,13 @@ users = ["*"]
     }
 
     #[test]
+    fn the_example_queue_file_parses() {
+        let example = Queues::parse(include_str!("../../deploy/config/queues.toml")).unwrap();
+        assert_eq!(example.of(None).unwrap().name, "shared");
+        assert_eq!(example.all().len(), 2);
+    }
+
+    #[test]
     fn a_bad_queue_file_is_refused_naming_the_key() {
         let e = Queues::parse("[[queue]]\nname = \"a\"\ngpus = \"x\"\n").unwrap_err();
         assert!(e.contains("gpus"), "{e}");

@@ -104,8 +104,9 @@ struct Args {
     #[arg(long, env = "COHORT_DEFAULT_JOB_USER", value_enum, default_value = "submitter")]
     default_job_user: cohort_controller::security::run_as::DefaultJobUser,
     /// The queues jobs wait in: a TOML file of `[[queue]]` tables (name, gpus
-    /// quota, max_run_time, users, borrow) and the `default` queue. Without it
-    /// there is one queue, `default`, open to everyone, with no quota.
+    /// quota, gpus_by_label, max_run_time, users, borrow), the `default` queue
+    /// and `fair_share_half_life`. Without it there is one queue, `default`,
+    /// open to everyone, with no quota.
     #[arg(long, env = "COHORT_QUEUES", value_name = "FILE")]
     queues: Option<PathBuf>,
     #[command(subcommand)]
