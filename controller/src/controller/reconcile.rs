@@ -289,11 +289,13 @@ impl Controller {
         }
         let mut reservation: Option<planner::Reservation> = None;
         let mut borrowers: Vec<String> = Vec::new();
+        // The nodes as they are, made again only after a launch.
+        let mut inventory: Option<Vec<NodeView>> = None;
         let order: Vec<String> = pending.into_iter().map(|(.., id)| id).collect();
         for (borrowing, ids) in [(false, order), (true, Vec::new())] {
             let ids = if borrowing { std::mem::take(&mut borrowers) } else { ids };
             for id in ids {
-                let mut views = Self::node_views(state);
+                let all: &Vec<NodeView> = inventory.get_or_insert_with(|| Self::node_views(state));
                 let Some(entry) = state.jobs.get(&id) else { continue };
                 let wait_ms = entry.job.not_before_unix_ms - now;
                 if wait_ms > 0 {
@@ -327,13 +329,14 @@ impl Controller {
                 }
                 // Nodes under a label quota with no room left are not this job's (borrowers aside).
                 // A job that does not fit once they are taken out waits on its quota, not as the head.
-                if !borrowing {
-                    let all = views.clone();
+                let mut restricted = None;
+                if !borrowing && !queue.label_quotas.is_empty() {
+                    let mut views = all.clone();
                     let selected =
                         |v: &NodeView| entry.spec.node_selector.iter().all(|(k, x)| v.labels.get(k) == Some(x));
                     if let Some(why) = label_use.restrict(queue, entry.spec.gpus_per_node, &mut views)
                         && planner::place(&entry.spec, &views, &entry.job.excluded_nodes).is_err()
-                        && views.iter().zip(&all).any(|(r, a)| r.unavailable != a.unavailable && selected(a))
+                        && views.iter().zip(all).any(|(r, a)| r.unavailable != a.unavailable && selected(a))
                     {
                         if queue.borrow {
                             borrowers.push(id.clone());
@@ -341,10 +344,12 @@ impl Controller {
                         self.set_reason(state, &id, why);
                         continue;
                     }
+                    restricted = Some(views);
                 }
+                let views: &[NodeView] = restricted.as_deref().unwrap_or(all);
                 let limit = queue.time_limit(entry.spec.time_limit);
                 let placed = match &reservation {
-                    Some(r) => planner::backfill(&entry.spec, limit, &views, &entry.job.excluded_nodes, r, now)
+                    Some(r) => planner::backfill(&entry.spec, limit, views, &entry.job.excluded_nodes, r, now)
                         .map_err(|e| match e {
                             planner::BackfillRefusal::DoesNotFit(e) if e.never_fits => {
                                 format!("{}: {e}", cohort_proto::names::NEVER_FITS)
@@ -357,7 +362,7 @@ impl Controller {
                             ),
                         }),
                     // Without the nodes blamed for earlier failures when the others suffice.
-                    None => planner::place(&entry.spec, &views, &entry.job.excluded_nodes).map_err(|e| {
+                    None => planner::place(&entry.spec, views, &entry.job.excluded_nodes).map_err(|e| {
                         if e.never_fits {
                             return format!("{}: {e}", cohort_proto::names::NEVER_FITS);
                         }
@@ -369,7 +374,7 @@ impl Controller {
                             );
                         }
                         // The head of the order: the nodes that free up first are its.
-                        match planner::reserve(&id, &entry.spec, &views, &running_gangs(state, queues, now), now) {
+                        match planner::reserve(&id, &entry.spec, views, &running_gangs(state, queues, now), now) {
                             Some(r) => {
                                 let why = format!(
                                     "waiting for free GPUs: {e}; reserved nodes {} from {}",
@@ -413,7 +418,8 @@ impl Controller {
                 state.next_port = port.saturating_add(1);
                 *used.entry(queue.name.clone()).or_default() += gpus;
                 label_use.add(queue, on_nodes(&placement.nodes));
-                self.launch(state, &id, &placement, &views, port)?;
+                self.launch(state, &id, &placement, views, port)?;
+                inventory = None;
             }
         }
         Ok(())
