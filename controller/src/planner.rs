@@ -19,7 +19,7 @@ pub use launch_plan::{
     AttemptInputs, LaunchPlan, NodeLaunch, RenderInput, attempt_spec, command_line, job_env, launch_plan, layout,
     node_processes, nproc_per_node, output_dir, render, to_shared_checkpoint,
 };
-pub use placement::{NodeView, Placement, PlacementError, place};
+pub use placement::{NodeView, Placement, PlacementError, place, place_setting_aside};
 pub use ports::next_master_port;
 
 /// GPU indices as CUDA_VISIBLE_DEVICES writes them: "0,1,3".

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cohort_shared::spec::JobSpec;
 
-use super::{NodeView, Placement, PlacementError, place};
+use super::{NodeView, Placement, PlacementError, place, place_setting_aside};
 
 /// A gang that holds GPUs now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,32 +53,46 @@ pub fn reserve(
 ) -> Option<Reservation> {
     let mut ending: Vec<&RunningGang> = running.iter().filter(|g| g.ends_unix_ms.is_some()).collect();
     ending.sort_by_key(|g| g.ends_unix_ms);
-    let mut views = inventory.to_vec();
-    let fits = |views: &[NodeView]| place(spec, views, &[]).ok();
     let reservation = |placement: Placement, at: i64| {
         let mut nodes: Vec<String> = placement.nodes.into_iter().map(|(n, _)| n).collect();
         nodes.sort();
         Reservation { job_id: job_id.to_string(), nodes, start_unix_ms: at.max(now_unix_ms) }
     };
-    if let Some(placement) = fits(&views) {
+    if let Ok(placement) = place(spec, inventory, &[]) {
         return Some(reservation(placement, now_unix_ms));
     }
-    for gang in ending {
-        for (node, gpus) in &gang.gpus {
-            if let Some(view) = views.iter_mut().find(|v| &v.name == node) {
-                for gpu in gpus {
-                    if !view.free_gpus.contains(gpu) {
-                        view.free_gpus.push(*gpu);
+    // The inventory once the first `k` gangs to end are gone.
+    let index: std::collections::HashMap<&str, usize> =
+        inventory.iter().enumerate().map(|(i, v)| (v.name.as_str(), i)).collect();
+    let freed = |k: usize| {
+        let mut views = inventory.to_vec();
+        for gang in &ending[..k] {
+            for (node, gpus) in &gang.gpus {
+                if let Some(view) = index.get(node.as_str()).map(|i| &mut views[*i]) {
+                    for gpu in gpus {
+                        if !view.free_gpus.contains(gpu) {
+                            view.free_gpus.push(*gpu);
+                        }
                     }
+                    view.free_gpus.sort_unstable();
                 }
-                view.free_gpus.sort_unstable();
             }
         }
-        if let Some(placement) = fits(&views) {
-            return Some(reservation(placement, gang.ends_unix_ms.unwrap_or(now_unix_ms)));
+        views
+    };
+    // More free GPUs never make a job fit less, so the first `k` it fits after is found by bisection.
+    let (mut fails, mut fits) = (0, ending.len());
+    place(spec, &freed(fits), &[]).ok()?;
+    while fits - fails > 1 {
+        let mid = (fails + fits) / 2;
+        if place(spec, &freed(mid), &[]).is_ok() {
+            fits = mid;
+        } else {
+            fails = mid;
         }
     }
-    None
+    let placement = place(spec, &freed(fits), &[]).ok()?;
+    Some(reservation(placement, ending[fits - 1].ends_unix_ms.unwrap_or(now_unix_ms)))
 }
 
 /// Where `spec` may start now behind `reservation`: on free GPUs off the
@@ -92,17 +106,10 @@ pub fn backfill(
     reservation: &Reservation,
     now_unix_ms: i64,
 ) -> Result<Placement, BackfillRefusal> {
-    let off_reserved: Vec<NodeView> = inventory
-        .iter()
-        .cloned()
-        .map(|mut v| {
-            if v.unavailable.is_none() && reservation.nodes.contains(&v.name) {
-                v.unavailable = Some(format!("reserved for job {}", reservation.job_id));
-            }
-            v
-        })
-        .collect();
-    if let Ok(placement) = place(spec, &off_reserved, excluded) {
+    let reserved = |v: &NodeView| {
+        reservation.nodes.binary_search(&v.name).is_ok().then(|| format!("reserved for job {}", reservation.job_id))
+    };
+    if let Ok(placement) = place_setting_aside(spec, inventory, excluded, &reserved) {
         return Ok(placement);
     }
     let placement = place(spec, inventory, excluded)?;
