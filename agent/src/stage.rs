@@ -13,9 +13,22 @@
 //! - `locks/<key>.lock`: held (flock) while an item is staged, so that concurrent
 //!   stagings of the same content, by tasks of one agent or by agents sharing
 //!   the cache dir, make one copy: the second waits, then finds it cached.
+//! - `sources/<hash of the source>.json`: the digest of each file of a local
+//!   source directory as last staged, with the files' identity and change
+//!   times (see `record`): an unchanged source is not read again to learn its
+//!   digest.
 //!
 //! Everything lands in the cache by a rename of data already flushed to disk and
-//! verified, so a crash never leaves a complete-looking bad file. A leftover
+//! verified, so a crash never leaves a complete-looking bad file. The files of a
+//! directory are not flushed one by one as they are written: large ones are
+//! flushed by a thread of their own while the next ones are copied, and one
+//! `syncfs` at the end makes all of them, their directories and modes durable;
+//! only then is the completion marker (the manifest, then the tree, renamed
+//! into `sha256/`) written. The files of a directory are hashed and copied
+//! several at a time (`parallel_files`), and a large file's hashing runs on a
+//! thread of its own beside its reads and writes (a file's digest is one
+//! sequential SHA-256, which cannot be split by chunk). SHA-256 is `sha2`'s,
+//! which uses the CPU's SHA extensions (SHA-NI, ARMv8 crypto) when present. A leftover
 //! partial is resumed (the digest covers the whole file) only when the item
 //! declares its digest: without one nothing could tell a stale prefix from a
 //! good one. For the same reason an item without a digest is always read from
@@ -36,6 +49,9 @@ mod directory;
 mod fetch;
 mod lock;
 mod progress;
+mod record;
+#[cfg(test)]
+mod tests;
 mod tree;
 
 use std::collections::HashSet;
@@ -45,6 +61,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::{StatusCode, Url};
@@ -162,6 +179,48 @@ pub struct Stager {
     cache_dir: PathBuf,
     parallel_files: usize,
     retry: RetryPolicy,
+    record_settle: Duration,
+    source_read: Arc<AtomicU64>,
+    hook: Hook,
+}
+
+/// How long before the listing of a source directory a file must have last
+/// changed for its recorded digest to be trusted later (see `record`).
+const RECORD_SETTLE: Duration = Duration::from_secs(2);
+
+/// Points of a directory's staging where a test can stop it, as a crash would.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Every file written and renamed into the work copy; nothing synced.
+    BeforeSync,
+    /// The work copy is on disk.
+    Synced,
+    /// About to write the completion marker.
+    BeforeMarker,
+    /// Marked complete in the cache.
+    Marked,
+}
+
+/// A test's hook at each `Step`; nothing outside tests.
+#[derive(Clone, Default)]
+struct Hook(#[cfg(test)] Option<Arc<dyn Fn(Step) -> io::Result<()> + Send + Sync>>);
+
+impl Hook {
+    fn at(&self, step: Step) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(hook) = &self.0 {
+            return hook(step);
+        }
+        let _ = step;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 impl Stager {
@@ -170,7 +229,29 @@ impl Stager {
     pub fn new(cache_dir: PathBuf, parallel_files: usize) -> Self {
         let retry =
             RetryPolicy { attempts: 6, first_delay: Duration::from_millis(500), max_delay: Duration::from_secs(30) };
-        Self { cache_dir, parallel_files: parallel_files.max(1), retry }
+        Self {
+            cache_dir,
+            parallel_files: parallel_files.max(1),
+            retry,
+            record_settle: RECORD_SETTLE,
+            source_read: Arc::default(),
+            hook: Hook::default(),
+        }
+    }
+
+    /// How long before a source directory is listed its files must have last
+    /// changed for their digests, recorded then, to be trusted by a later
+    /// staging (default 2 s; more for a network filesystem with coarse
+    /// timestamps, or whose clock runs behind this node's).
+    pub fn with_record_settle(mut self, settle: Duration) -> Self {
+        self.record_settle = settle;
+        self
+    }
+
+    /// Bytes read from local sources (copied or hashed) by this stager and its
+    /// clones so far.
+    pub fn source_bytes_read(&self) -> u64 {
+        self.source_read.load(Ordering::Relaxed)
     }
 
     /// How many times a transiently failing download or read is tried, and the
@@ -200,7 +281,8 @@ impl Stager {
     ) -> Result<Vec<StagedItem>, StageError> {
         let plans = plan(items)?;
         let layout = Layout(self.cache_dir.clone());
-        for dir in [layout.0.join("sha256"), layout.0.join("partial"), layout.0.join("locks")] {
+        for dir in [layout.0.join("sha256"), layout.0.join("partial"), layout.0.join("locks"), layout.0.join("sources")]
+        {
             let cache_error =
                 |error| StageError::Io { item: "(cache)".into(), action: "create", path: dir.clone(), error };
             tokio::fs::create_dir_all(&dir).await.map_err(cache_error)?;
@@ -214,9 +296,11 @@ impl Stager {
             permits: Arc::new(Semaphore::new(self.parallel_files)),
             parallel_files: self.parallel_files,
             retry: self.retry,
+            record_settle: self.record_settle,
+            hook: self.hook.clone(),
         });
         let jobs = plans.into_iter().map(|plan| {
-            let meter = Arc::new(Meter::new(plan.name.clone(), progress.clone()));
+            let meter = Arc::new(Meter::new(plan.name.clone(), progress.clone(), self.source_read.clone()));
             let run = run.clone();
             async move { run.stage_item(plan, meter).await }
         });
@@ -325,6 +409,9 @@ impl Layout {
     fn lock(&self, key: &str) -> PathBuf {
         self.0.join("locks").join(format!("{key}.lock"))
     }
+    fn record(&self, source: &str) -> PathBuf {
+        self.0.join("sources").join(format!("{:.32x}.json", Sha256::digest(source.as_bytes())))
+    }
 }
 
 /// One `stage` call.
@@ -334,6 +421,8 @@ struct Run {
     permits: Arc<Semaphore>,
     parallel_files: usize,
     retry: RetryPolicy,
+    record_settle: Duration,
+    hook: Hook,
 }
 
 /// Stops the item's blocking copies when its staging ends or is dropped.

@@ -483,3 +483,114 @@ async fn concurrent_stagings_of_the_same_content_make_one_copy() {
     let (one, two) = (one.0.unwrap(), two.0.unwrap());
     assert_eq!([one[0].from_cache, two[0].from_cache].iter().filter(|c| **c).count(), 1);
 }
+
+/// A tree with files large enough to be hashed on a thread of their own and
+/// flushed early, and small ones left to the final sync.
+fn write_large_tree(root: &Path) -> (String, u64) {
+    let sizes = [9 << 20, (8 << 20) + 1, 5 << 20, 3 << 20, 1, 0];
+    let mut lines = Vec::new();
+    let mut total = 0;
+    for (i, size) in sizes.into_iter().enumerate() {
+        let rel = format!("part-{}/shard-{i}.bin", i % 2);
+        let data = pattern(size, 100 + i as u64);
+        std::fs::create_dir_all(root.join(&rel).parent().unwrap()).unwrap();
+        std::fs::write(root.join(&rel), &data).unwrap();
+        lines.push((rel.clone(), format!("{} {size} {rel}\n", sha(&data))));
+        total += size as u64;
+    }
+    lines.sort();
+    (sha(lines.into_iter().map(|(_, line)| line).collect::<String>().as_bytes()), total)
+}
+
+#[tokio::test]
+async fn large_files_are_hashed_beside_their_copy_and_match_sha256sum() {
+    let src = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let root = src.path().join("weights");
+    let (digest, total) = write_large_tree(&root);
+    let stager = Stager::new(cache.path().to_owned(), 2);
+
+    let staged = run(&stager, &[item("w", root.display(), None)]).await.0.unwrap();
+    assert_eq!((staged[0].sha256.as_str(), staged[0].bytes), (digest.as_str(), total));
+    for i in 0..6 {
+        let rel = format!("part-{}/shard-{i}.bin", i % 2);
+        assert_eq!(std::fs::read(staged[0].path.join(&rel)).unwrap(), std::fs::read(root.join(&rel)).unwrap(), "{rel}");
+    }
+    assert_eq!(stager.source_bytes_read(), total, "each source byte read once");
+}
+
+#[tokio::test]
+async fn unchanged_source_directory_is_not_read_again_for_its_digest() {
+    let src = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let root = src.path().join("model");
+    let digest = write_tree(&root);
+    let stager = Stager::new(cache.path().to_owned(), 4).with_record_settle(Duration::ZERO);
+
+    let first = run(&stager, &[item("m", root.display(), None)]).await.0.unwrap();
+    assert_eq!((first[0].sha256.as_str(), first[0].from_cache), (digest.as_str(), false));
+    let read_once = stager.source_bytes_read();
+    assert_eq!(read_once, first[0].bytes);
+    assert_eq!(entries(&cache.path().join("sources")).len(), 1, "the source's record is kept");
+
+    let (again, progress) = run(&stager, &[item("m", root.display(), None)]).await;
+    let again = again.unwrap();
+    assert_eq!((again[0].sha256.as_str(), again[0].from_cache), (digest.as_str(), true));
+    assert_eq!(again[0].path, first[0].path);
+    assert_eq!(stager.source_bytes_read(), read_once, "not a byte of the source read again");
+    assert!(!progress.iter().any(|p| p.state == StageState::Copying));
+    assert_eq!(progress.last().map(|p| (&p.state, p.files_done)), Some((&StageState::Cached, 50)));
+
+    // A record is no proof of the cache: with the copy gone, the source is read again.
+    std::fs::remove_file(cache.path().join("sha256").join(format!("{digest}.manifest"))).unwrap();
+    let third = run(&stager, &[item("m", root.display(), None)]).await.0.unwrap();
+    assert!(!third[0].from_cache);
+    assert_eq!(stager.source_bytes_read(), 2 * read_once);
+}
+
+#[tokio::test]
+async fn source_file_changed_after_its_record_is_read_and_hashed_again() {
+    let src = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let root = src.path().join("model");
+    let digest = write_tree(&root);
+    let stager = Stager::new(cache.path().to_owned(), 4).with_record_settle(Duration::ZERO);
+    let first = run(&stager, &[item("m", root.display(), None)]).await.0.unwrap();
+    assert_eq!(first[0].sha256, digest);
+
+    // Same size, other bytes, and mtime set back: only ctime tells.
+    let victim = root.join("a/b/f02.bin");
+    let meta = std::fs::metadata(&victim).unwrap();
+    let mut data = std::fs::read(&victim).unwrap();
+    data[0] ^= 0xff;
+    std::fs::write(&victim, &data).unwrap();
+    std::fs::File::options().write(true).open(&victim).unwrap().set_modified(meta.modified().unwrap()).unwrap();
+    assert_eq!(std::fs::metadata(&victim).unwrap().mtime_nsec(), meta.mtime_nsec());
+    let before = stager.source_bytes_read();
+    let second = run(&stager, &[item("m", root.display(), None)]).await.0.unwrap();
+    assert!(!second[0].from_cache);
+    assert_ne!(second[0].sha256, digest, "the change is in the digest");
+    assert_eq!(std::fs::read(second[0].path.join("a/b/f02.bin")).unwrap(), data);
+    assert_eq!(stager.source_bytes_read() - before, second[0].bytes, "the source was read again");
+
+    // Another file one byte longer than it was: a new size.
+    std::fs::write(root.join("f00.bin"), pattern(2, 0)).unwrap();
+    let third = run(&stager, &[item("m", root.display(), None)]).await.0.unwrap();
+    assert!(!third[0].from_cache);
+    assert_ne!(third[0].sha256, second[0].sha256);
+}
+
+#[tokio::test]
+async fn files_changed_just_before_the_listing_are_not_trusted_later() {
+    let src = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let root = src.path().join("model");
+    let digest = write_tree(&root);
+    // The default settle time: the files were written a moment ago.
+    let stager = Stager::new(cache.path().to_owned(), 4);
+    let first = run(&stager, &[item("m", root.display(), None)]).await.0.unwrap();
+    let again = run(&stager, &[item("m", root.display(), None)]).await.0.unwrap();
+    assert_eq!(again[0].sha256, digest);
+    assert!(!again[0].from_cache, "a file that may have changed within the timestamps' resolution is read again");
+    assert_eq!(stager.source_bytes_read(), 2 * first[0].bytes);
+}

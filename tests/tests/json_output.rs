@@ -1,4 +1,4 @@
-//! `-o json` keeps the `cohort.v1` schema (README, "JSON output") on real
+//! `-o json` keeps the `cohort.v1` schema (docs/src/cli.md, "JSON output") on real
 //! output of a small cluster: snake_case keys, zero values present, 64-bit
 //! integers as numbers, states as the tables spell them, one document per
 //! call, JSON lines only with `--follow`.

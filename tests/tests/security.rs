@@ -339,7 +339,7 @@ async fn errors_say_what_to_do() {
     // Plaintext against a TLS controller: what to pass instead.
     let said = cohort(&["--insecure", "jobs"]);
     eprintln!("plaintext to TLS: {said}");
-    assert!(said.contains("hint:") && said.contains("Drop --insecure") && said.contains("--ca-cert"), "{said}");
+    assert!(said.contains("hint:") && said.contains("drop --insecure") && said.contains("--ca-cert"), "{said}");
     // No token: which flag takes one, and where one comes from.
     let said = cohort(&["--ca-cert", ca.to_str().unwrap(), "jobs"]);
     assert!(said.contains("pass --token") && said.contains("cohort token create"), "{said}");

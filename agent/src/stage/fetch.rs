@@ -23,8 +23,17 @@ use super::progress::Meter;
 /// Mode bits kept from a source: not setuid or setgid.
 pub(super) const MODE_BITS: u32 = 0o1777;
 
-/// Read and write buffer: the most memory one copy holds.
+/// Read and write buffer. A pipelined copy holds `1 + HASH_DEPTH` of them.
 pub(super) const CHUNK: usize = 1 << 20;
+
+/// From this many bytes to copy on, a file's SHA-256 is computed on a thread
+/// of its own while the copying thread reads and writes the next chunks (the
+/// digest of a whole file is one sequential computation: it cannot be split by
+/// chunk, only overlapped with the I/O).
+const PIPELINE_MIN: u64 = 8 * CHUNK as u64;
+
+/// Chunks a pipelined copy may have written but not hashed yet.
+const HASH_DEPTH: usize = 3;
 
 /// How often and how patiently transient errors are retried.
 #[derive(Debug, Clone, Copy)]
@@ -117,11 +126,19 @@ impl Partial {
     /// Sets the mode and flushes the data to disk, so that a rename that
     /// survives a crash never names a file whose data did not.
     pub(super) fn finish(self, mode: Option<u32>) -> io::Result<Finished> {
+        let (finished, file) = self.finish_unsynced(mode)?;
+        file.sync_all()?;
+        Ok(finished)
+    }
+
+    /// Sets the mode but leaves the flush to the caller, who must make the
+    /// data durable (`sync_data` of the file, or `syncfs`) before anything
+    /// that marks it complete.
+    pub(super) fn finish_unsynced(self, mode: Option<u32>) -> io::Result<(Finished, File)> {
         if let Some(mode) = mode {
             self.file.set_permissions(Permissions::from_mode(mode))?;
         }
-        self.file.sync_all()?;
-        Ok(Finished { sha256: format!("{:x}", self.hasher.finalize()), bytes: self.len })
+        Ok((Finished { sha256: format!("{:x}", self.hasher.finalize()), bytes: self.len }, self.file))
     }
 
     fn into_async(self) -> AsyncPartial {
@@ -262,19 +279,24 @@ pub(super) fn open_source(from: &Path) -> io::Result<File> {
 /// the source ends there.
 fn pump(source: &mut File, partial: &mut Partial, size: u64, buf: &mut [u8], meter: &Meter) -> Result<(), PumpError> {
     source.seek(SeekFrom::Start(partial.len())).map_err(PumpError::Read)?;
-    while partial.len() < size {
-        if meter.is_cancelled() {
-            return Err(PumpError::Cancelled);
+    if size.saturating_sub(partial.len()) >= PIPELINE_MIN {
+        pump_pipelined(source, partial, size, meter)?;
+    } else {
+        while partial.len() < size {
+            if meter.is_cancelled() {
+                return Err(PumpError::Cancelled);
+            }
+            let want = buf.len().min(usize::try_from(size - partial.len()).unwrap_or(usize::MAX));
+            let n = match source.read(&mut buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(PumpError::Read(e)),
+            };
+            partial.write(&buf[..n]).map_err(PumpError::Write)?;
+            meter.read_from_source(n as u64);
+            meter.add(n as u64);
         }
-        let want = buf.len().min(usize::try_from(size - partial.len()).unwrap_or(usize::MAX));
-        let n = match source.read(&mut buf[..want]) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(PumpError::Read(e)),
-        };
-        partial.write(&buf[..n]).map_err(PumpError::Write)?;
-        meter.add(n as u64);
     }
     let mut probe = [0u8; 1];
     let grew = loop {
@@ -292,6 +314,61 @@ fn pump(source: &mut File, partial: &mut Partial, size: u64, buf: &mut [u8], met
         ))));
     }
     Ok(())
+}
+
+/// `pump`'s loop with the hashing on a second thread: this one reads a chunk
+/// and writes it, the other hashes the chunks in order, so that one large file
+/// uses two cores. Every chunk written is hashed before this returns, also on
+/// an error, so the partial's digest always covers exactly what it holds (a
+/// retry continues from there).
+fn pump_pipelined(source: &mut File, partial: &mut Partial, size: u64, meter: &Meter) -> Result<(), PumpError> {
+    let Partial { file, hasher, len } = partial;
+    std::thread::scope(|scope| {
+        let (to_hash, chunks) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(HASH_DEPTH);
+        let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
+        let hashing = scope.spawn(move || {
+            for (chunk, n) in chunks {
+                hasher.update(&chunk[..n]);
+                // Fails only once the copying side is done.
+                let _ = give_back.send(chunk);
+            }
+        });
+        let mut fresh = HASH_DEPTH + 1;
+        let copied = (|| {
+            while *len < size {
+                if meter.is_cancelled() {
+                    return Err(PumpError::Cancelled);
+                }
+                let mut chunk = if fresh > 0 {
+                    fresh -= 1;
+                    vec![0; CHUNK]
+                } else {
+                    spare.recv().map_err(|_| PumpError::Write(io::Error::other("the hashing thread stopped")))?
+                };
+                let want = CHUNK.min(usize::try_from(size - *len).unwrap_or(usize::MAX));
+                let n = loop {
+                    match source.read(&mut chunk[..want]) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        other => break other.map_err(PumpError::Read)?,
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                file.write_all(&chunk[..n]).map_err(PumpError::Write)?;
+                *len += n as u64;
+                meter.read_from_source(n as u64);
+                meter.add(n as u64);
+                to_hash
+                    .send((chunk, n))
+                    .map_err(|_| PumpError::Write(io::Error::other("the hashing thread stopped")))?;
+            }
+            Ok(())
+        })();
+        drop(to_hash);
+        let hashed = hashing.join().map_err(|_| PumpError::Write(io::Error::other("the hashing thread panicked")));
+        copied.and(hashed)
+    })
 }
 
 enum Failure {

@@ -1,5 +1,6 @@
 //! Progress of one item, shared by the tasks that copy its files.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
@@ -19,10 +20,12 @@ pub(super) struct Meter {
     files_done: AtomicU32,
     files_total: AtomicU32,
     cancelled: AtomicBool,
+    /// Bytes read from local sources, over every item of the `Stager`.
+    source_read: Arc<AtomicU64>,
 }
 
 impl Meter {
-    pub(super) fn new(item: String, tx: mpsc::Sender<StageProgress>) -> Self {
+    pub(super) fn new(item: String, tx: mpsc::Sender<StageProgress>, source_read: Arc<AtomicU64>) -> Self {
         Self {
             item,
             tx,
@@ -31,6 +34,7 @@ impl Meter {
             files_done: AtomicU32::new(0),
             files_total: AtomicU32::new(1),
             cancelled: AtomicBool::new(false),
+            source_read,
         }
     }
 
@@ -69,6 +73,11 @@ impl Meter {
         if before / REPORT_EVERY != (before + n) / REPORT_EVERY {
             let _ = self.tx.try_send(self.snapshot(StageState::Copying));
         }
+    }
+
+    /// Counts bytes read from a local source (copied or hashed in place).
+    pub(super) fn read_from_source(&self, n: u64) {
+        self.source_read.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Takes back bytes of a prefix that had to be thrown away.

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::fs::{self, File, Permissions};
+use std::fs::{self, Permissions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -18,6 +18,35 @@ pub(super) struct TreeFile {
     pub rel: PathBuf,
     pub size: u64,
     pub mode: u32,
+    /// What the source's record of digests checks: see `record`.
+    pub stat: FileStat,
+}
+
+/// The identity and change times of a source file as the listing saw it: when
+/// all of these are unchanged, so is the content (ctime cannot be set back by
+/// a user, unlike mtime), unless it changed within the timestamps' resolution
+/// of the listing; `record` leaves such recent files out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct FileStat {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileStat {
+    pub(super) fn of(meta: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |secs: i64, nsecs: i64| i128::from(secs) * 1_000_000_000 + i128::from(nsecs);
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 pub(super) struct TreeLink {
@@ -69,7 +98,7 @@ pub(super) fn walk(item: &str, root: &Path) -> Result<Tree, StageError> {
                 tree.dirs.push((rel.clone(), mode));
                 pending.push(rel);
             } else if kind.is_file() {
-                tree.files.push(TreeFile { rel, size: meta.len(), mode });
+                tree.files.push(TreeFile { rel, size: meta.len(), mode, stat: FileStat::of(&meta) });
             } else if kind.is_symlink() {
                 let target = link_target(item, root, &canonical_root, &rel)?;
                 tree.links.push(TreeLink { rel, target });
@@ -167,14 +196,10 @@ pub(super) fn manifest_totals(text: &[u8]) -> (u64, u32) {
     totals
 }
 
-/// Flushes the directory entries of the copy (renames, links) to disk, then
-/// gives the directories their modes, deepest first (a read-only directory
-/// would refuse its own children otherwise).
+/// Gives the directories of the copy their modes, deepest first (a read-only
+/// directory would refuse its own children otherwise). Nothing is flushed
+/// here: the caller syncs the whole filesystem afterwards.
 pub(super) fn seal(copy: &Path, tree: &Tree) -> std::io::Result<()> {
-    for (rel, _) in &tree.dirs {
-        File::open(copy.join(rel))?.sync_all()?;
-    }
-    File::open(copy)?.sync_all()?;
     let mut dirs: Vec<_> = tree.dirs.iter().collect();
     dirs.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
     for (rel, mode) in dirs {

@@ -264,15 +264,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let mut script = Vec::new();
         clap_complete::generate(*shell, &mut Cli::command(), "cohort", &mut script);
         return match std::io::stdout().write_all(&script) {
-            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the completion script"),
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(e).context("writing the completion script to stdout")
+            }
             _ => Ok(ExitCode::SUCCESS),
         };
+    }
+    // Flag values the controller is not needed for fail before any connection.
+    let filter = match &cli.command {
+        Verb::Jobs { state, user, name, limit, .. } => JobFilter::new(state, user.clone(), name.clone(), *limit)?,
+        _ => JobFilter::default(),
+    };
+    if let Verb::Plot { path, legacy_path, .. } = &cli.command
+        && let Some(path) = path.as_ref().or(legacy_path.as_ref())
+    {
+        crate::plot::image_format(path)?;
     }
     // `plan`, `submit` and `run` make the file first, so a bad path or flag fails before any connection.
     let file = match &cli.command {
         Verb::Plan { file, .. } => Some(read_job_file(file)?),
         Verb::Submit { file, overrides, .. } => Some(overrides.apply(read_job_file(file)?)?),
-        Verb::Run { inline, .. } => Some(inline.job_file(&std::env::current_dir().context("the current directory")?)?),
+        Verb::Run { inline, .. } => {
+            let cwd = std::env::current_dir()
+                .context("cohort run: the current directory is gone (deleted?): cd into one that exists")?;
+            Some(inline.job_file(&cwd)?)
+        }
         _ => None,
     };
     if let Verb::Dev(verb) = &cli.command {
@@ -347,10 +363,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             say!("{}", job.id);
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Jobs { active, state, user, name, limit, format } => {
+        Verb::Jobs { active, format, .. } => {
             let mut jobs =
                 client.list_jobs(ListJobsRequest { active_only: active }).await.map_err(status_error)?.into_inner();
-            let filter = JobFilter::new(&state, user, name, limit)?;
             jobs.jobs = filter.apply(jobs.jobs);
             if format.output == Output::Json {
                 print_json(&jobs)?;
@@ -627,6 +642,9 @@ async fn logs(
     raw: bool,
     out: Output,
 ) -> anyhow::Result<()> {
+    if let Some(node) = &node {
+        check_node_of_job(client, job, node).await?;
+    }
     let request =
         StreamLogsRequest { job: job.into(), node: node.unwrap_or_default(), follow, tail: tail.unwrap_or(0) };
     let mut lines = client.stream_logs(request).await.map_err(status_error)?.into_inner();
@@ -642,6 +660,24 @@ async fn logs(
     }
     if out == Output::Json && !follow {
         say!("{}", serde_json::to_string_pretty(&crate::json::list_document("lines", &records)?)?);
+    }
+    Ok(())
+}
+
+/// `logs --node NODE` of a job placed on other nodes would print nothing, as if
+/// the ranks had been silent: say which nodes it has instead. A job not placed
+/// yet (or a pipeline, placed stage by stage) is not checked.
+async fn check_node_of_job(client: &mut JobServiceClient<Channel>, job: &str, node: &str) -> anyhow::Result<()> {
+    let job = client.get_job(GetJobRequest { job: job.into() }).await.map_err(status_error)?.into_inner();
+    let Some(plan) = job.plan.as_ref().filter(|p| !p.nodes.is_empty()) else { return Ok(()) };
+    let nodes: Vec<&str> = plan.nodes.iter().map(|n| n.node_name.as_str()).collect();
+    if !nodes.contains(&node) {
+        anyhow::bail!(
+            "--node {node}: job {} has no rank on {node}; its nodes are {} (`cohort status {}` lists its ranks)",
+            job.id,
+            nodes.join(", "),
+            job.id
+        );
     }
     Ok(())
 }
@@ -669,7 +705,8 @@ fn print_line(l: &JobLogLine, raw: bool) {
     }
 }
 
-/// `cohort jobs` filters.
+/// `cohort jobs` filters (the default keeps every job).
+#[derive(Default)]
 struct JobFilter {
     states: Vec<i32>,
     user: Option<String>,

@@ -267,4 +267,12 @@ mod tests {
         let Workload::Command(command) = &spec.workload else { panic!("{:?}", spec.workload) };
         assert_eq!(command.argv, ["/usr/bin/torchrun", "--nproc-per-node", "8", "train.py"]);
     }
+
+    #[test]
+    fn an_inline_job_without_a_command_says_where_it_goes() {
+        // clap requires the command first; the library refuses too.
+        let inline = Inline { overrides: Overrides::default(), workdir: None, command: Vec::new() };
+        let err = inline.job_file(Path::new("/work")).unwrap_err();
+        assert!(err.to_string().contains("cohort run needs a command after `--`"), "{err}");
+    }
 }

@@ -54,22 +54,47 @@ impl ClientArgs {
         if let Some(token) = &self.token {
             return Ok(Some(token.clone()));
         }
-        match &self.token_file {
-            Some(path) => Ok(Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("--token-file {}", path.display()))?
-                    .trim()
-                    .to_string(),
-            )),
-            None => Ok(None),
+        let Some(path) = &self.token_file else { return Ok(None) };
+        let token = std::fs::read_to_string(path)
+            .with_context(|| {
+                format!(
+                    "--token-file {}: cannot read it (a file holding a token of `cohort token create`, \
+                     or the admin.token of `cohort-controller init`)",
+                    path.display()
+                )
+            })?
+            .trim()
+            .to_string();
+        if token.is_empty() {
+            anyhow::bail!(
+                "--token-file {}: the file is empty; write a token of `cohort token create` into it",
+                path.display()
+            );
         }
+        Ok(Some(token))
+    }
+
+    /// The token of every call, read before any connection so that a bad one fails first.
+    pub fn bearer(&self) -> anyhow::Result<Bearer> {
+        let token = self.token()?;
+        let from = match &self.token_file {
+            Some(path) if self.token.is_none() => format!("--token-file {}", path.display()),
+            _ => "--token (or COHORT_TOKEN)".to_string(),
+        };
+        Bearer::new(token.as_deref())
+            .with_context(|| format!("{from}: not a token of `cohort token create` (paste it whole, on one line)"))
     }
 
     /// An endpoint for `url`, with TLS unless it is http://.
-    pub fn endpoint(&self, url: &str) -> anyhow::Result<Endpoint> {
-        let url = normalize_url(url, self.insecure)?;
+    pub fn endpoint(&self, given: &str) -> anyhow::Result<Endpoint> {
+        let url = normalize_url(given, self.insecure)?;
         let endpoint = Endpoint::from_shared(url.clone())
-            .with_context(|| format!("invalid controller URL {url:?}"))?
+            .with_context(|| {
+                format!(
+                    "--controller {given:?}: not an address; give host:port or https://host:port \
+                     (comma-separated for several controllers)"
+                )
+            })?
             .connect_timeout(Duration::from_secs(5));
         if url.starts_with("http://") {
             return Ok(endpoint);
@@ -77,15 +102,19 @@ impl ClientArgs {
         let ca = self.ca_cert.as_ref().with_context(|| {
             format!("{url}: TLS needs the cluster CA: pass --ca-cert (or COHORT_CA_CERT) with the ca.crt of `cohort-controller init`")
         })?;
-        let ca_pem = std::fs::read_to_string(ca).with_context(|| format!("--ca-cert {}", ca.display()))?;
-        Ok(ClientTls { ca_pem, identity: None }.apply(endpoint)?)
+        let ca_pem = std::fs::read_to_string(ca).with_context(|| {
+            format!("--ca-cert {}: cannot read it (the ca.crt of `cohort-controller init`)", ca.display())
+        })?;
+        ClientTls { ca_pem, identity: None }.apply(endpoint).with_context(|| {
+            format!("--ca-cert {}: not the cluster CA (the PEM ca.crt of `cohort-controller init`)", ca.display())
+        })
     }
 
     /// Connects to the first reachable controller of a comma-separated list;
     /// a standby forwards every call to the leader.
     pub async fn connect(&self, urls: &str) -> anyhow::Result<JobServiceClient<ApiChannel>> {
-        let channel = self.channel(urls).await?;
-        Ok(JobServiceClient::with_interceptor(channel, Bearer::new(self.token()?.as_deref())?))
+        let bearer = self.bearer()?;
+        Ok(JobServiceClient::with_interceptor(self.channel(urls).await?, bearer))
     }
 
     pub async fn channel(&self, urls: &str) -> anyhow::Result<Channel> {

@@ -115,12 +115,19 @@ impl DevDir {
         match std::fs::read_to_string(self.state()) {
             Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| {
                 format!(
-                    "{}: not a dev cluster's state; `cohort dev down --purge` starts afresh",
-                    self.state().display()
+                    "{}: not a dev cluster's state; `cohort dev down{} --purge` starts afresh",
+                    self.state().display(),
+                    dir_flag(Some(&self.0))
                 )
             })?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.state().display())),
+            Err(e) => Err(e).with_context(|| {
+                format!(
+                    "{}: cannot read the dev cluster's state; `cohort dev down{} --purge` starts afresh",
+                    self.state().display(),
+                    dir_flag(Some(&self.0))
+                )
+            }),
         }
     }
 
@@ -289,7 +296,7 @@ async fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
             .arg(dir.tls())
             .env("COHORT_CONTROLLER_CONFIG", "/dev/null")
             .output()
-            .context("running cohort-controller init")?;
+            .with_context(|| format!("running {} init", controller_bin.display()))?;
         if !out.status.success() {
             bail!("cohort-controller init failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
@@ -374,9 +381,15 @@ fn join_token(dir: &DevDir, controller_bin: &Path) -> anyhow::Result<String> {
         .arg(dir.tls())
         .env("COHORT_CONTROLLER_CONFIG", "/dev/null")
         .output()
-        .context("running cohort-controller token")?;
+        .with_context(|| format!("running {} token", controller_bin.display()))?;
     if !out.status.success() {
-        bail!("cohort-controller token failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "cohort-controller token failed: {}\n\
+             (the TLS files in {} are incomplete: `cohort dev down{} --purge` starts afresh)",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            dir.tls().display(),
+            dir_flag(Some(&dir.0))
+        );
     }
     let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
     write_private(&path, &token)?;
@@ -598,7 +611,7 @@ async fn status(dir: &DevDir) -> anyhow::Result<ExitCode> {
     };
     let states = match dir.running("controller") {
         Some(_) => node_states(dir, &cluster).await.map_err(|e| format!("{e:#}")),
-        None => Err("the controller is not running".to_string()),
+        None => Err(format!("the controller is not running (`cohort dev up{}` starts it)", dir_flag(Some(&dir.0)))),
     };
     say!("dev cluster in {}: controller {}", dir.0.display(), cluster.url());
     let mut all = true;

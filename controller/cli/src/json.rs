@@ -1,4 +1,4 @@
-//! `-o json`: the stable `cohort.v1` JSON schema (README, "JSON output").
+//! `-o json`: the stable `cohort.v1` JSON schema (docs/src/cli.md, "JSON output").
 //!
 //! The wire types already serialize through pbjson (the proto3 JSON mapping),
 //! which drops zero values, writes 64-bit integers as strings and enums as

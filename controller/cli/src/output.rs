@@ -38,7 +38,7 @@ pub fn table(header: &[&str]) -> Table {
     t
 }
 
-/// One `cohort.v1` JSON document (README, "JSON output").
+/// One `cohort.v1` JSON document (docs/src/cli.md, "JSON output").
 pub fn print_json<T: crate::json::Proto>(value: &T) -> anyhow::Result<()> {
     say!("{}", serde_json::to_string_pretty(&crate::json::document(value)?)?);
     Ok(())
@@ -59,7 +59,7 @@ pub fn with_hint(error: &str, insecure: bool) -> String {
             .iter()
             .any(|words| error.contains(words));
     let hint = if insecure && broken_handshake && !error.contains("Connection refused") {
-        "the controller did not answer plaintext HTTP/2; if it uses TLS (the default), Drop --insecure (and \
+        "the controller did not answer plaintext HTTP/2; if it uses TLS (the default), drop --insecure (and \
          COHORT_INSECURE) and pass --ca-cert with the cluster's ca.crt and a --token"
     } else if !insecure && error.contains("InvalidContentType") {
         "the controller answered without TLS: it was started with --insecure; pass --insecure too (trusted networks only)"
@@ -102,7 +102,7 @@ mod tests {
             "transport error: connection error: stream closed because of a broken pipe",
             "transport error: connection reset by peer",
         ] {
-            assert!(super::with_hint(error, true).contains("Drop --insecure"), "{error}");
+            assert!(super::with_hint(error, true).contains("drop --insecure"), "{error}");
             assert_eq!(super::with_hint(error, false), error);
         }
         let refused = "cannot reach a controller (http://127.0.0.1:1: tcp connect error: Connection refused)";

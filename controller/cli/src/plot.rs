@@ -23,14 +23,37 @@ const LR_COLOR: RGBColor = RGBColor(44, 160, 44);
 /// Why a plot was not written.
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
-    #[error("cannot plot to {}: unsupported extension {extension:?}; use .png or .svg", path.display())]
+    #[error(
+        "--out {}: {}, not .png or .svg (the image format follows the extension: --out loss.png)",
+        path.display(),
+        if extension.is_empty() { "no extension".to_string() } else { format!("extension {extension:?}") }
+    )]
     UnsupportedFormat { path: PathBuf, extension: String },
-    #[error("cannot plot {title:?}: no training point has a loss (is the job logging metrics yet?)")]
+    #[error(
+        "cannot plot {title}: no training point has a loss yet (is the job logging metrics? `cohort metrics` \
+         shows what was parsed from its last rank's output: Megatron's `lm loss: ...`, ms-swift's `'loss': ...`)"
+    )]
     NoLoss { title: String },
     #[error("cannot draw {}: {message}", path.display())]
     Draw { path: PathBuf, message: String },
     #[error("the embedded plot font is not a valid TrueType font")]
     Font,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    Png,
+    Svg,
+}
+
+/// The image format `path`'s extension names, `.png` or `.svg` (any case).
+pub fn image_format(path: &Path) -> Result<ImageFormat, PlotError> {
+    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
+    match extension.as_str() {
+        "png" => Ok(ImageFormat::Png),
+        "svg" => Ok(ImageFormat::Svg),
+        _ => Err(PlotError::UnsupportedFormat { path: path.to_path_buf(), extension }),
+    }
 }
 
 /// Draws `title` over two stacked panels sharing the iteration axis: loss on top (training
@@ -41,16 +64,13 @@ pub enum PlotError {
 /// checkpoint), the last point wins, so the curves show the attempt that got furthest.
 /// Non-finite values (a `nan` loss after an overflow) are left out.
 pub fn plot_training(title: &str, points: &[TrainingMetrics], path: &Path) -> Result<(), PlotError> {
-    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
-    if extension != "png" && extension != "svg" {
-        return Err(PlotError::UnsupportedFormat { path: path.to_path_buf(), extension });
-    }
+    let format = image_format(path)?;
     let curves = Curves::from_points(points);
     if curves.train_loss.is_empty() && curves.eval_loss.is_empty() {
         return Err(PlotError::NoLoss { title: title.to_owned() });
     }
     register_embedded_font()?;
-    let drawn = if extension == "png" {
+    let drawn = if format == ImageFormat::Png {
         draw(BitMapBackend::new(path, SIZE).into_drawing_area(), title, &curves)
     } else {
         draw(SVGBackend::new(path, SIZE).into_drawing_area(), title, &curves)

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cohort_proto::security_service_client::SecurityServiceClient;
 use cohort_proto::{CreateTokenRequest, RevokeTokenRequest};
-use cohort_runtime::tls::{Bearer, Role};
+use cohort_runtime::tls::Role;
 
 use crate::connection::ClientArgs;
 
@@ -41,8 +41,8 @@ pub enum TokenVerb {
 }
 
 pub async fn run(connection: &ClientArgs, urls: &str, verb: &TokenVerb) -> anyhow::Result<ExitCode> {
-    let channel = connection.channel(urls).await?;
-    let mut client = SecurityServiceClient::with_interceptor(channel, Bearer::new(connection.token()?.as_deref())?);
+    let bearer = connection.bearer()?;
+    let mut client = SecurityServiceClient::with_interceptor(connection.channel(urls).await?, bearer);
     let (role, user, ttl, node, reusable) = match verb {
         TokenVerb::Create { role, user, ttl, node, reusable } => (role, user, ttl, node, *reusable),
         TokenVerb::Revoke { id } => {

@@ -227,11 +227,31 @@ impl Controller {
     ) -> Result<(), ControllerError> {
         let Some(entry) = state.jobs.get(id) else { return Ok(()) };
         let Workload::Pipeline(spec) = entry.spec.workload.clone() else { return Ok(()) };
-        let before = entry.job.stages.clone();
         let parent_terminal = entry.is_terminal();
-        let mut stages = before.clone();
+        let mut stages = entry.job.stages.clone();
 
-        // Runs that ended decide their stage.
+        let mut failed = Self::settle_running_stages(state, id, &spec, &mut stages, conversions);
+        if let Some(stage) = stages.iter().find(|s| stage_state(s) == StageState::Failed)
+            && failed.is_none()
+        {
+            failed = Some(format!("stage {} failed: {}", stage.name, stage.reason));
+        }
+        if parent_terminal || failed.is_some() {
+            self.stop_stages(state, &mut stages, parent_terminal)?;
+        } else {
+            self.start_ready_stages(state, id, &spec, &mut stages)?;
+        }
+        self.conclude_pipeline(state, id, stages, parent_terminal, failed)
+    }
+
+    /// Runs that ended decide their stage; returns why the pipeline fails, if a run failed.
+    fn settle_running_stages(
+        state: &mut State,
+        id: &str,
+        spec: &PipelineSpec,
+        stages: &mut [PipelineStage],
+        conversions: &mut Vec<ConversionCacheEntry>,
+    ) -> Option<String> {
         let mut failed: Option<String> = None;
         for stage in stages.iter_mut().filter(|s| stage_state(s) == StageState::Running) {
             let runs: Vec<(String, JobPhase, String)> = stage
@@ -259,62 +279,82 @@ impl Controller {
                 } else {
                     stage.succeeded();
                     if !stage.cache_key.is_empty() {
-                        conversions.push(Self::conversion_done(state, id, &spec, stage));
+                        conversions.push(Self::conversion_done(state, id, spec, stage));
                     }
                 }
             }
         }
-        if let Some(stage) = stages.iter().find(|s| stage_state(s) == StageState::Failed)
-            && failed.is_none()
-        {
-            failed = Some(format!("stage {} failed: {}", stage.name, stage.reason));
-        }
+        failed
+    }
 
-        let stop_all = parent_terminal || failed.is_some();
-        if stop_all {
-            for stage in stages.iter_mut() {
-                match stage_state(stage) {
-                    StageState::Waiting | StageState::Resolving => {
-                        stage.skipped(if parent_terminal { "the pipeline ended" } else { "an earlier stage failed" });
-                    }
-                    StageState::Running => {
-                        for run in stage.runs.clone() {
-                            self.cancel_run(state, &run, "the pipeline stopped")?;
-                        }
-                    }
-                    _ => {}
+    /// The pipeline stops: stages not started are skipped, running ones cancelled.
+    fn stop_stages(
+        &self,
+        state: &mut State,
+        stages: &mut [PipelineStage],
+        parent_terminal: bool,
+    ) -> Result<(), ControllerError> {
+        for stage in stages.iter_mut() {
+            match stage_state(stage) {
+                StageState::Waiting | StageState::Resolving => {
+                    stage.skipped(if parent_terminal { "the pipeline ended" } else { "an earlier stage failed" });
                 }
-            }
-        } else {
-            // Stages whose dependencies are done start (or resolve first).
-            let done: Vec<String> = stages.iter().filter(|s| stage_done(s)).map(|s| s.name.clone()).collect();
-            for index in 0..stages.len() {
-                let stage = &stages[index];
-                let ready = stage.depends_on.iter().all(|d| done.contains(d));
-                match stage_state(stage) {
-                    StageState::Waiting if ready => {
-                        let Some(stage_spec) = spec.stage(&stage.name) else { continue };
-                        if stage_spec.kind == StepKind::ToMcore && spec.conversion_cache.is_some() {
-                            stages[index].resolving("looking for the converted checkpoint in the conversion cache");
-                        } else {
-                            let output = spec.stage_output(stage_spec, id, &resolved(&stages)).unwrap_or_default();
-                            self.start_stage(state, id, &spec, &mut stages, index, output, String::new())?;
-                        }
+                StageState::Running => {
+                    for run in stage.runs.clone() {
+                        self.cancel_run(state, &run, "the pipeline stopped")?;
                     }
-                    StageState::Waiting => {
-                        let missing: Vec<&str> =
-                            stage.depends_on.iter().filter(|d| !done.contains(d)).map(String::as_str).collect();
-                        stages[index].reason = format!("waiting for {}", missing.join(", "));
-                    }
-                    _ => {}
                 }
-            }
-            for stage in stages.iter().filter(|s| stage_state(s) == StageState::Resolving) {
-                self.spawn_task(state, id, &stage.name);
+                _ => {}
             }
         }
+        Ok(())
+    }
 
-        // Write what changed, then end the pipeline when its stages are done.
+    /// Stages whose dependencies are done start (or resolve first); the others say what they wait for.
+    fn start_ready_stages(
+        self: &Arc<Self>,
+        state: &mut State,
+        id: &str,
+        spec: &PipelineSpec,
+        stages: &mut [PipelineStage],
+    ) -> Result<(), ControllerError> {
+        let done: Vec<String> = stages.iter().filter(|s| stage_done(s)).map(|s| s.name.clone()).collect();
+        for index in 0..stages.len() {
+            let stage = &stages[index];
+            let ready = stage.depends_on.iter().all(|d| done.contains(d));
+            match stage_state(stage) {
+                StageState::Waiting if ready => {
+                    let Some(stage_spec) = spec.stage(&stage.name) else { continue };
+                    if stage_spec.kind == StepKind::ToMcore && spec.conversion_cache.is_some() {
+                        stages[index].resolving("looking for the converted checkpoint in the conversion cache");
+                    } else {
+                        let output = spec.stage_output(stage_spec, id, &resolved(stages)).unwrap_or_default();
+                        self.start_stage(state, id, spec, stages, index, output, String::new())?;
+                    }
+                }
+                StageState::Waiting => {
+                    let missing: Vec<&str> =
+                        stage.depends_on.iter().filter(|d| !done.contains(d)).map(String::as_str).collect();
+                    stages[index].reason = format!("waiting for {}", missing.join(", "));
+                }
+                _ => {}
+            }
+        }
+        for stage in stages.iter().filter(|s| stage_state(s) == StageState::Resolving) {
+            self.spawn_task(state, id, &stage.name);
+        }
+        Ok(())
+    }
+
+    /// Writes what changed, then ends the pipeline when its stages are done.
+    fn conclude_pipeline(
+        self: &Arc<Self>,
+        state: &mut State,
+        id: &str,
+        stages: Vec<PipelineStage>,
+        parent_terminal: bool,
+        failed: Option<String>,
+    ) -> Result<(), ControllerError> {
         let Some(entry) = state.jobs.get_mut(id) else { return Ok(()) };
         let changed = entry.job.stages != stages;
         entry.job.stages = stages;
@@ -333,7 +373,7 @@ impl Controller {
             } else if all_done {
                 entry.job.reason = "writing the report".into();
                 self.spawn_task(state, id, REPORT_TASK);
-            } else if let Some(entry) = state.jobs.get_mut(id) {
+            } else {
                 let running: Vec<&str> = entry
                     .job
                     .stages
