@@ -11,6 +11,7 @@ pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod planner;
+pub mod queues;
 pub mod secrets;
 pub mod security;
 pub mod store;

@@ -69,6 +69,8 @@ pub struct JobSpec {
     /// started); past it the gang is stopped and the attempt fails with cause
     /// `time_limit`, not restarted unless `restart.on` names `time_limit`.
     pub time_limit: Option<Duration>,
+    /// The queue the job waits in (`queue:`); None: the controller's default queue.
+    pub queue: Option<String>,
     /// New attempts after a failure (`restart:`); none by default.
     pub restart: RestartPolicy,
     /// A node progressing this many times slower than the others is a straggler.
@@ -426,6 +428,7 @@ struct Common {
     stop_grace: Duration,
     hang_timeout: Option<Duration>,
     time_limit: Option<Duration>,
+    queue: Option<String>,
     restart: RestartPolicy,
     straggler_factor: f64,
     python: Option<String>,
@@ -459,6 +462,7 @@ fn read_common(root: &Mapping, problems: &mut Problems) -> Common {
         problems.at(&["hang_timeout"], "must be longer than zero; leave it out to turn hang detection off");
     }
     let time_limit = read_time_limit(root, problems);
+    let queue = read_queue(root, problems);
     let restart = restart::read_restart(root, problems);
     let straggler_factor = restart::read_straggler_factor(root, problems);
     let python = typed::<String>(root, "python", problems);
@@ -485,6 +489,7 @@ fn read_common(root: &Mapping, problems: &mut Problems) -> Common {
         stop_grace,
         hang_timeout,
         time_limit,
+        queue,
         restart,
         straggler_factor,
         python,
@@ -509,6 +514,7 @@ impl Common {
             stop_grace: self.stop_grace,
             hang_timeout: self.hang_timeout,
             time_limit: self.time_limit,
+            queue: self.queue,
             restart: self.restart,
             straggler_factor: self.straggler_factor,
             python: self.python,
@@ -518,6 +524,24 @@ impl Common {
             workload,
         }
     }
+}
+
+/// `queue:`, a queue name of the controller's queue configuration (checked at submit).
+fn read_queue(root: &Mapping, problems: &mut Problems) -> Option<String> {
+    let queue = typed::<String>(root, "queue", problems)?;
+    if !is_queue_name(&queue) {
+        problems.at(
+            &["queue"],
+            format!("{queue:?} is not a queue name: use letters, digits, `-` and `_`, e.g. `team-a`; leave it out for the default queue"),
+        );
+        return None;
+    }
+    Some(queue)
+}
+
+/// Whether `name` can name a queue: 1 to 63 ASCII letters, digits, `-` or `_`.
+pub fn is_queue_name(name: &str) -> bool {
+    (1..=63).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// `time_limit:`, the wall time one attempt may run: above zero, at most [`MAX_TIME_LIMIT`].

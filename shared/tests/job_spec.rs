@@ -305,3 +305,14 @@ fn time_limit_is_read_as_a_duration_and_absent_by_default() {
     assert_eq!(parse(&format!("{base}time_limit: 1h30m\n")).time_limit, Some(Duration::from_secs(5400)));
     assert_eq!(parse(&format!("{base}time_limit: 30days\n")).time_limit, Some(Duration::from_secs(30 * 86400)));
 }
+
+#[test]
+fn queue_names_the_queue_and_a_bad_name_is_refused_at_queue() {
+    let spec = parse("name: a\nkind: command\nnodes: 1\nqueue: team-a\ncommand: [x]\n");
+    assert_eq!(spec.queue.as_deref(), Some("team-a"));
+    assert_eq!(parse("name: a\nkind: command\nnodes: 1\ncommand: [x]\n").queue, None);
+    let errors =
+        JobSpec::from_yaml("name: a\nkind: command\nnodes: 1\nqueue: 'team a'\ncommand: [x]\n", "a.yaml").unwrap_err();
+    let issue = errors.issues.iter().find(|i| i.field == "queue").expect("an issue at queue");
+    assert!(issue.message.contains("is not a queue name"), "{}", issue.message);
+}

@@ -26,6 +26,9 @@ pub struct Overrides {
     /// `priority` (higher first).
     #[arg(long, allow_hyphen_values = true)]
     pub priority: Option<i32>,
+    /// `queue`: the queue the job waits in (default: the controller's default queue).
+    #[arg(long)]
+    pub queue: Option<String>,
     /// One `env` entry, NAME=VALUE; repeat for more. Replaces the file's value of NAME.
     #[arg(long = "env", short = 'e', value_name = "NAME=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -46,6 +49,7 @@ impl Overrides {
             && self.nodes.is_none()
             && self.gpus_per_node.is_none()
             && self.priority.is_none()
+            && self.queue.is_none()
             && self.env.is_empty()
     }
 
@@ -63,6 +67,9 @@ impl Overrides {
         }
         if let Some(priority) = self.priority {
             parts.push(format!("--priority {priority}"));
+        }
+        if let Some(queue) = &self.queue {
+            parts.push(format!("--queue {queue}"));
         }
         parts.extend(self.env.iter().map(|(name, _)| format!("--env {name}=…")));
         parts.join(" ")
@@ -99,6 +106,9 @@ impl Overrides {
         }
         if let Some(priority) = self.priority {
             map.insert("priority".into(), i64::from(priority).into());
+        }
+        if let Some(queue) = &self.queue {
+            map.insert("queue".into(), queue.as_str().into());
         }
         if !self.env.is_empty() {
             let env = map.entry("env".into()).or_insert_with(|| Value::Mapping(Mapping::new()));
@@ -216,6 +226,7 @@ mod tests {
     fn overrides_win_over_the_file_and_keep_the_rest() {
         let overrides = Overrides {
             nodes: Some(4),
+            queue: Some("team-a".into()),
             env: vec![("NCCL_DEBUG".into(), "INFO".into()), ("NEW".into(), "1".into())],
             ..Default::default()
         };
@@ -223,10 +234,11 @@ mod tests {
         let changed = overrides.apply(file(yaml)).unwrap();
         let spec = JobSpec::from_yaml(&changed.yaml, &changed.source_name).unwrap();
         assert_eq!(spec.nodes, 4);
+        assert_eq!(spec.queue.as_deref(), Some("team-a"));
         assert_eq!(spec.env.get("NCCL_DEBUG").map(String::as_str), Some("INFO"));
         assert_eq!(spec.env.get("KEEP").map(String::as_str), Some("x"));
         assert_eq!(spec.env.get("NEW").map(String::as_str), Some("1"));
-        assert_eq!(changed.source_name, "job.yaml (with --nodes 4 --env NCCL_DEBUG=… --env NEW=…)");
+        assert_eq!(changed.source_name, "job.yaml (with --nodes 4 --queue team-a --env NCCL_DEBUG=… --env NEW=…)");
         // Nothing to set: the text itself, line numbers and comments kept.
         assert_eq!(Overrides::default().apply(file(yaml)).unwrap().yaml, yaml);
     }

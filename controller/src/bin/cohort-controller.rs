@@ -103,6 +103,12 @@ struct Args {
     /// other's processes. Admin tokens and `--insecure` use the rank-user.
     #[arg(long, env = "COHORT_DEFAULT_JOB_USER", value_enum, default_value = "submitter")]
     default_job_user: cohort_controller::security::run_as::DefaultJobUser,
+    /// The queues jobs wait in: a TOML file of `[[queue]]` tables (name, gpus
+    /// quota, gpus_by_label, max_run_time, users, borrow), the `default` queue
+    /// and `fair_share_half_life`. Without it there is one queue, `default`,
+    /// open to everyone, with no quota.
+    #[arg(long, env = "COHORT_QUEUES", value_name = "FILE")]
+    queues: Option<PathBuf>,
     #[command(subcommand)]
     setup: Option<cohort_controller::security::init::Setup>,
 }
@@ -187,6 +193,10 @@ async fn controller() -> anyhow::Result<()> {
             admission: cohort_controller::controller::admission::AdmissionLimits {
                 max_submit_priority: args.max_submit_priority,
                 max_job_nodes: args.max_job_nodes,
+            },
+            queues: match &args.queues {
+                Some(path) => cohort_controller::queues::Queues::load(path)?,
+                None => cohort_controller::queues::Queues::default(),
             },
             ..ControllerConfig::default()
         },

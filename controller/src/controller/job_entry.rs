@@ -147,7 +147,10 @@ impl JobEntry {
     }
 
     fn new(mut job: Job, spec: JobSpec, seq: u64, revision: Option<u64>) -> Self {
-        job.time_limit_ms = spec.time_limit.map_or(0, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
+        // Without its own, the record keeps its queue's max_run_time (set at submit).
+        if let Some(limit) = spec.time_limit {
+            job.time_limit_ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
+        }
         JobEntry {
             job,
             spec,

@@ -49,6 +49,8 @@ pub struct ControllerConfig {
     pub admission: admission::AdmissionLimits,
     /// Which users a token's jobs may run as (`--allow-run-as`).
     pub run_as: crate::security::run_as::RunAsRules,
+    /// The queues jobs wait in (`--queues`); one open queue by default.
+    pub queues: crate::queues::Queues,
 }
 
 impl Default for ControllerConfig {
@@ -61,6 +63,7 @@ impl Default for ControllerConfig {
             limits: crate::limits::ApiLimits::default(),
             admission: admission::AdmissionLimits::default(),
             run_as: crate::security::run_as::RunAsRules::default(),
+            queues: crate::queues::Queues::default(),
         }
     }
 }
@@ -136,6 +139,8 @@ struct State {
     /// When the liveness sweep last ran (monotonic): a sweep much later than
     /// its tick means this controller was paused or starved, not the nodes.
     last_sweep: Option<Instant>,
+    /// Each submitter's decayed GPU use, which orders jobs within a queue and priority.
+    fair_share: crate::queues::FairShare,
 }
 
 pub use cohort_proto::names::state_name;
@@ -149,6 +154,8 @@ mod node_entry;
 mod pipeline;
 mod prepare;
 mod progress;
+#[cfg(test)]
+mod queue_scenarios;
 mod reconcile;
 #[cfg(test)]
 mod rendered_commands;
@@ -339,6 +346,20 @@ impl Controller {
             self.config.run_as.check(&spec.name, identity, spec.user.as_deref().unwrap_or(""))?;
         }
         admission::check_fits(&spec, state, &self.config.admission)?;
+        let queue = self
+            .config
+            .queues
+            .admit(
+                &spec.name,
+                spec.queue.as_deref(),
+                spec.nodes * spec.gpus_per_node,
+                spec.time_limit,
+                options.run_as_bound.as_deref(),
+            )
+            .map_err(|refusal| match refusal {
+                crate::queues::QueueRefusal::Invalid(m) => ControllerError::InvalidRequest(m),
+                crate::queues::QueueRefusal::Forbidden(m) => ControllerError::PermissionDenied(m),
+            })?;
         let seq = state.next_seq;
         state.next_seq += 1;
         let id = format!("{}-{}", spec.name, seq);
@@ -353,6 +374,9 @@ impl Controller {
             file: Some(file),
             secret_env: spec.secret_env.iter().cloned().collect(),
             request_id: options.request_id.clone(),
+            time_limit_ms: queue
+                .time_limit(spec.time_limit)
+                .map_or(0, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
             ..Job::default()
         };
         let stages = match &spec.workload {

@@ -311,7 +311,10 @@ impl Controller {
                 }
                 now.checked_sub(Duration::from_millis(ran_ms as u64)).unwrap_or(now)
             });
-            if let Some(limit) = entry.spec.time_limit.filter(|_| !entry.spec.is_pipeline()) {
+            // Its own time_limit, else its queue's max_run_time.
+            let queue = self.config.queues.of(entry.spec.queue.as_deref());
+            let limit = queue.map_or(entry.spec.time_limit, |q| q.time_limit(entry.spec.time_limit));
+            if let Some(limit) = limit.filter(|_| !entry.spec.is_pipeline()) {
                 let ran = now.duration_since(running_since);
                 if ran > limit {
                     entry.progress.hang = None;

@@ -249,62 +249,190 @@ impl Controller {
         planner::next_master_port(&config.master_ports, state.next_port, &Self::used_ports(state))
     }
 
-    /// Places pending jobs in priority order, then submission order. A job
-    /// that does not fit blocks the ones behind it (no backfill), so big jobs
-    /// are not starved by small ones; one that could never fit does not.
+    /// Places pending jobs: within a queue by priority, then fair share (the
+    /// submitter's decayed GPU use), then submission order; jobs of queues
+    /// under their GPU quota first, then those that borrow idle GPUs beyond it.
+    /// The first job that does not fit gets a reservation of the nodes that
+    /// free up first; a job behind it starts only where it cannot delay that
+    /// (EASY backfill). One that could never fit holds up nothing.
     pub(super) fn schedule(&self, state: &mut State) -> Result<(), ControllerError> {
-        let mut pending: Vec<(i32, u64, String)> = state
+        let now = now_unix_ms();
+        let queues = &self.config.queues;
+        let holding: Vec<(String, u32)> =
+            state.jobs.values().filter(|e| e.holds_resources()).map(|e| (submitter(e), gpus_held(e))).collect();
+        state.fair_share.accrue(now, queues.half_life, holding);
+        let mut pending: Vec<(i32, f64, u64, String)> = state
             .jobs
             .values()
             .filter(|e| e.phase() == JobPhase::Pending && !e.spec.is_pipeline())
-            .map(|e| (-e.job.priority, e.seq, e.job.id.clone()))
+            .map(|e| (-e.job.priority, state.fair_share.usage(&submitter(e)), e.seq, e.job.id.clone()))
             .collect();
-        pending.sort();
-        for (_, _, id) in pending {
-            let views = Self::node_views(state);
-            let Some(entry) = state.jobs.get(&id) else { continue };
-            let wait_ms = entry.job.not_before_unix_ms - now_unix_ms();
-            if wait_ms > 0 {
-                let reason = format!(
-                    "waiting {:.0}s before the next attempt: the restart backoff, or the fence deadline of the nodes the last attempt lost, so that two attempts never overlap",
-                    wait_ms as f64 / 1000.0
-                );
-                if let Some(entry) = state.jobs.get_mut(&id) {
-                    entry.job.reason = reason;
-                }
-                continue;
+        pending.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let mut used: HashMap<String, u32> = HashMap::new();
+        for entry in state.jobs.values().filter(|e| e.holds_resources()) {
+            if let Some(queue) = queues.of(entry.spec.queue.as_deref()) {
+                *used.entry(queue.name.clone()).or_default() += gpus_held(entry);
             }
-            // Without the nodes blamed for earlier failures when the others suffice.
-            let placement = match planner::place(&entry.spec, &views, &entry.job.excluded_nodes) {
-                Ok(p) => p,
-                Err(e) => {
-                    let reason = if e.never_fits {
-                        format!("{}: {e}", cohort_proto::names::NEVER_FITS)
-                    } else {
-                        format!("waiting for free GPUs: {e}")
-                    };
-                    if let Some(entry) = state.jobs.get_mut(&id)
-                        && entry.job.reason != reason
-                    {
+        }
+        let labels_of: HashMap<String, crate::queues::LabelMap> =
+            state.nodes.values().map(|n| (n.info.name.clone(), n.info.labels.clone())).collect();
+        let on_nodes = |nodes: &[(String, Vec<u32>)]| -> Vec<(&crate::queues::LabelMap, u32)> {
+            nodes.iter().filter_map(|(n, g)| labels_of.get(n).map(|l| (l, g.len() as u32))).collect()
+        };
+        let mut label_use = crate::queues::LabelUse::default();
+        for entry in state.jobs.values().filter(|e| e.holds_resources()) {
+            if let (Some(queue), Some(plan)) = (queues.of(entry.spec.queue.as_deref()), entry.plan()) {
+                let nodes: Vec<(String, Vec<u32>)> =
+                    plan.nodes.iter().map(|a| (a.node_name.clone(), a.gpu_indices.clone())).collect();
+                label_use.add(queue, on_nodes(&nodes));
+            }
+        }
+        let mut reservation: Option<planner::Reservation> = None;
+        let mut borrowers: Vec<String> = Vec::new();
+        // The nodes as they are, made again only after a launch.
+        let mut inventory: Option<Vec<NodeView>> = None;
+        let order: Vec<String> = pending.into_iter().map(|(.., id)| id).collect();
+        for (borrowing, ids) in [(false, order), (true, Vec::new())] {
+            let ids = if borrowing { std::mem::take(&mut borrowers) } else { ids };
+            for id in ids {
+                let all: &Vec<NodeView> = inventory.get_or_insert_with(|| Self::node_views(state));
+                let Some(entry) = state.jobs.get(&id) else { continue };
+                let wait_ms = entry.job.not_before_unix_ms - now;
+                if wait_ms > 0 {
+                    let reason = format!(
+                        "waiting {:.0}s before the next attempt: the restart backoff, or the fence deadline of the nodes the last attempt lost, so that two attempts never overlap",
+                        wait_ms as f64 / 1000.0
+                    );
+                    if let Some(entry) = state.jobs.get_mut(&id) {
                         entry.job.reason = reason;
-                        self.publish(state, &id, "pending");
                     }
-                    // A job no idle cluster could hold (admitted before nodes
-                    // left) must not hold up the queue behind it.
-                    if e.never_fits {
+                    continue;
+                }
+                let Some(queue) = queues.of(entry.spec.queue.as_deref()) else {
+                    let reason = format!(
+                        "queue {} is not declared any more (the controller's --queues); resubmit the job to a declared queue",
+                        entry.spec.queue.as_deref().unwrap_or_default()
+                    );
+                    self.set_reason(state, &id, reason);
+                    continue;
+                };
+                let gpus = entry.spec.nodes * entry.spec.gpus_per_node;
+                let held = used.get(&queue.name).copied().unwrap_or(0);
+                let over_quota = queue.gpu_quota.filter(|quota| held + gpus > *quota);
+                if let (false, Some(quota)) = (borrowing, over_quota) {
+                    let reason = format!("queue {} at quota {held}/{quota} GPUs (this job needs {gpus})", queue.name);
+                    if queue.borrow {
+                        borrowers.push(id.clone());
+                    }
+                    self.set_reason(state, &id, reason);
+                    continue;
+                }
+                // Nodes under a label quota with no room left are not this job's (borrowers aside).
+                // A job that does not fit once they are taken out waits on its quota, not as the head.
+                let mut restricted = None;
+                if !borrowing && !queue.label_quotas.is_empty() {
+                    let mut views = all.clone();
+                    let selected =
+                        |v: &NodeView| entry.spec.node_selector.iter().all(|(k, x)| v.labels.get(k) == Some(x));
+                    if let Some(why) = label_use.restrict(queue, entry.spec.gpus_per_node, &mut views)
+                        && planner::place(&entry.spec, &views, &entry.job.excluded_nodes).is_err()
+                        && views.iter().zip(all).any(|(r, a)| r.unavailable != a.unavailable && selected(a))
+                    {
+                        if queue.borrow {
+                            borrowers.push(id.clone());
+                        }
+                        self.set_reason(state, &id, why);
                         continue;
                     }
-                    break;
+                    restricted = Some(views);
                 }
-            };
-            let Some(port) = Self::peek_port(state, &self.config) else {
-                tracing::warn!(job = %id, "every MASTER_PORT of the range is leased; waiting");
-                break;
-            };
-            state.next_port = port.saturating_add(1);
-            self.launch(state, &id, &placement, &views, port)?;
+                let views: &[NodeView] = restricted.as_deref().unwrap_or(all);
+                let limit = queue.time_limit(entry.spec.time_limit);
+                let placed = match &reservation {
+                    Some(r) => planner::backfill(&entry.spec, limit, views, &entry.job.excluded_nodes, r, now)
+                        .map_err(|e| match e {
+                            planner::BackfillRefusal::DoesNotFit(e) if e.never_fits => {
+                                format!("{}: {e}", cohort_proto::names::NEVER_FITS)
+                            }
+                            e => format!(
+                                "behind job {} (reserved nodes {} from {}): {e}",
+                                r.job_id,
+                                planner::node_range(&r.nodes),
+                                clock(r.start_unix_ms)
+                            ),
+                        }),
+                    // Without the nodes blamed for earlier failures when the others suffice.
+                    None => planner::place(&entry.spec, views, &entry.job.excluded_nodes).map_err(|e| {
+                        if e.never_fits {
+                            return format!("{}: {e}", cohort_proto::names::NEVER_FITS);
+                        }
+                        if borrowing {
+                            let quota = queue.gpu_quota.unwrap_or_default();
+                            return format!(
+                                "queue {} at quota {held}/{quota} GPUs; waiting to borrow idle GPUs beyond it: {e}",
+                                queue.name
+                            );
+                        }
+                        // The head of the order: the nodes that free up first are its.
+                        match planner::reserve(&id, &entry.spec, views, &running_gangs(state, queues, now), now) {
+                            Some(r) => {
+                                let why = format!(
+                                    "waiting for free GPUs: {e}; reserved nodes {} from {}",
+                                    planner::node_range(&r.nodes),
+                                    clock(r.start_unix_ms)
+                                );
+                                reservation = Some(r);
+                                why
+                            }
+                            None => format!(
+                                "waiting for free GPUs: {e}; no reservation (jobs holding the GPUs it needs have no time limit), so no job behind it starts"
+                            ),
+                        }
+                    }),
+                };
+                let placement = match placed {
+                    Ok(placement) => placement,
+                    Err(reason) => {
+                        let never = reason.starts_with(cohort_proto::names::NEVER_FITS);
+                        let blocks = !never && !borrowing && reservation.is_none();
+                        self.set_reason(state, &id, reason);
+                        // A job no idle cluster could hold (admitted before nodes
+                        // left) must not hold up the queue behind it.
+                        if blocks {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                };
+                if !borrowing && let Some(why) = label_use.exceeded(queue, on_nodes(&placement.nodes)) {
+                    if queue.borrow {
+                        borrowers.push(id.clone());
+                    }
+                    self.set_reason(state, &id, why);
+                    continue;
+                }
+                let Some(port) = Self::peek_port(state, &self.config) else {
+                    tracing::warn!(job = %id, "every MASTER_PORT of the range is leased; waiting");
+                    return Ok(());
+                };
+                state.next_port = port.saturating_add(1);
+                *used.entry(queue.name.clone()).or_default() += gpus;
+                label_use.add(queue, on_nodes(&placement.nodes));
+                self.launch(state, &id, &placement, views, port)?;
+                inventory = None;
+            }
         }
         Ok(())
+    }
+
+    /// Sets a pending job's reason, published when it changed.
+    fn set_reason(&self, state: &mut State, id: &str, reason: String) {
+        if let Some(entry) = state.jobs.get_mut(id)
+            && entry.job.reason != reason
+        {
+            entry.job.reason = reason;
+            self.publish(state, id, "pending");
+        }
     }
 
     /// Starts a new attempt on a placement: renders the plan (with the resume
@@ -474,6 +602,44 @@ impl Controller {
         state.stops_sent.retain(|_, t| now.duration_since(*t) < resend * 10);
         changed
     }
+}
+
+/// Who submitted a job, for fair share.
+fn submitter(entry: &JobEntry) -> String {
+    entry.job.file.as_ref().map(|f| f.submitted_by.clone()).unwrap_or_default()
+}
+
+/// The GPUs a job's attempt holds.
+fn gpus_held(entry: &JobEntry) -> u32 {
+    entry.plan().map(|p| p.nodes.iter().map(|a| a.gpu_indices.len() as u32).sum()).unwrap_or(0)
+}
+
+/// Every gang that holds GPUs, with when its time limit (its own, or its
+/// queue's max_run_time) ends it: from Running, or from now for one not yet running.
+fn running_gangs(state: &State, queues: &crate::queues::Queues, now: i64) -> Vec<planner::RunningGang> {
+    state
+        .jobs
+        .values()
+        .filter(|e| e.holds_resources())
+        .filter_map(|e| {
+            let plan = e.plan()?;
+            let limit = queues.of(e.spec.queue.as_deref()).and_then(|q| q.time_limit(e.spec.time_limit));
+            // A stopped gang still exiting is gone within its stop grace.
+            let limit = if e.is_over() { Some(e.spec.stop_grace) } else { limit };
+            let since = if e.job.running_unix_ms > 0 && !e.is_over() { e.job.running_unix_ms } else { now };
+            Some(planner::RunningGang {
+                gpus: plan.nodes.iter().map(|a| (a.node_name.clone(), a.gpu_indices.clone())).collect(),
+                ends_unix_ms: limit.map(|l| since.saturating_add(l.as_millis() as i64)),
+            })
+        })
+        .collect()
+}
+
+/// A time of day (UTC) for a reason: "14:05:00".
+fn clock(unix_ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms.max(0) as u64);
+    let text = humantime::format_rfc3339_seconds(at).to_string();
+    text.get(11..19).map(|t| format!("{t} UTC")).unwrap_or(text)
 }
 
 /// When a node's agent stops its ranks if it stays cut off: its last

@@ -1,11 +1,15 @@
 //! Placement: which nodes and GPUs an attempt gets, all or nothing.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use cohort_proto::EnvVar;
 use cohort_shared::spec::JobSpec;
 
 use super::join;
+
+/// How many rejected nodes a placement error names one by one.
+const MAX_DETAILS: usize = 16;
 
 /// What the planner needs to know of a node.
 #[derive(Debug, Clone)]
@@ -48,42 +52,61 @@ pub struct PlacementError {
 /// and every `node_selector` label, all or nothing. Nodes in `excluded` (blamed
 /// for an earlier failure of the job) are left out when the others suffice.
 pub fn place(spec: &JobSpec, inventory: &[NodeView], excluded: &[String]) -> Result<Placement, PlacementError> {
+    place_setting_aside(spec, inventory, excluded, &|_| None)
+}
+
+/// [`place`] on the nodes `set_aside` gives no reason to leave out (e.g.
+/// reserved for another job), without copying the inventory.
+pub fn place_setting_aside(
+    spec: &JobSpec,
+    inventory: &[NodeView],
+    excluded: &[String],
+    set_aside: &dyn Fn(&NodeView) -> Option<String>,
+) -> Result<Placement, PlacementError> {
     if !excluded.is_empty() {
-        let without: Vec<NodeView> = inventory
-            .iter()
-            .cloned()
-            .map(|mut v| {
-                if excluded.contains(&v.name) && v.unavailable.is_none() {
-                    v.unavailable = Some("blamed for an earlier failure of this job".into());
-                }
-                v
-            })
-            .collect();
-        if let Ok(placement) = place_on(spec, &without) {
+        let without = |v: &NodeView| {
+            set_aside(v)
+                .or_else(|| excluded.contains(&v.name).then(|| "blamed for an earlier failure of this job".to_string()))
+        };
+        if let Ok(placement) = place_on(spec, inventory, &without) {
             return Ok(placement);
         }
     }
-    place_on(spec, inventory)
+    place_on(spec, inventory, set_aside)
 }
 
 /// Best fit (fewest free GPUs first) keeps big nodes free for big jobs; ranks
 /// follow node names for stable plans.
-fn place_on(spec: &JobSpec, nodes: &[NodeView]) -> Result<Placement, PlacementError> {
+fn place_on(
+    spec: &JobSpec,
+    nodes: &[NodeView],
+    set_aside: &dyn Fn(&NodeView) -> Option<String>,
+) -> Result<Placement, PlacementError> {
     let mut eligible: Vec<&NodeView> = Vec::new();
     let mut rejected: Vec<String> = Vec::new();
+    let mut more = 0usize;
+    // The first few reasons are enough for a message, and formatting one per node of a big cluster is not free.
+    let mut reject = |why: &dyn Fn() -> String| {
+        if rejected.len() < MAX_DETAILS {
+            rejected.push(why());
+        } else {
+            more += 1;
+        }
+    };
     let mut could_ever = 0usize;
     for node in nodes {
         if let Some(missing) = spec.node_selector.iter().find(|(k, v)| node.labels.get(*k) != Some(*v)) {
-            rejected.push(format!("{} lacks label {}={}", node.name, missing.0, missing.1));
+            reject(&|| format!("{} lacks label {}={}", node.name, missing.0, missing.1));
             continue;
         }
         if node.total_gpus >= spec.gpus_per_node {
             could_ever += 1;
         }
-        if let Some(why) = &node.unavailable {
-            rejected.push(format!("{} is {why}", node.name));
+        let why = node.unavailable.as_deref().map(Cow::Borrowed).or_else(|| set_aside(node).map(Cow::Owned));
+        if let Some(why) = why {
+            reject(&|| format!("{} is {why}", node.name));
         } else if (node.free_gpus.len() as u32) < spec.gpus_per_node {
-            rejected.push(format!("{} has {} of {} GPUs free", node.name, node.free_gpus.len(), node.total_gpus));
+            reject(&|| format!("{} has {} of {} GPUs free", node.name, node.free_gpus.len(), node.total_gpus));
         } else {
             eligible.push(node);
         }
@@ -95,6 +118,9 @@ fn place_on(spec: &JobSpec, nodes: &[NodeView]) -> Result<Placement, PlacementEr
             let labels: Vec<String> = spec.node_selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
             format!(" and labels {}", labels.join(","))
         };
+        if more > 0 {
+            rejected.push(format!("{more} more node(s)"));
+        }
         let details = if rejected.is_empty() { String::new() } else { format!(" ({})", rejected.join("; ")) };
         return Err(PlacementError {
             wanted: spec.nodes,

@@ -124,6 +124,7 @@ pub const INHERITED_KEYS: &[&str] = &[
     "stop_grace",
     "hang_timeout",
     "time_limit",
+    "queue",
     "python",
     "stage",
     "shared_paths",
