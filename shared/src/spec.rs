@@ -37,7 +37,7 @@ use crate::megatron::parse::read_megatron;
 pub use crate::megatron::{FlagValue, MegatronSpec, ParallelLayout, SwiftVersion};
 use crate::model::ModelConfig;
 use fields::{check_name, read_command, read_env, read_node_selector};
-pub use restart::{DEFAULT_STRAGGLER_FACTOR, RestartPolicy};
+pub use restart::{BACKOFF_RESET_AFTER, DEFAULT_STRAGGLER_FACTOR, RestartPolicy, backoff_step};
 
 /// A validated job file.
 #[derive(Debug, Clone, PartialEq)]

@@ -258,40 +258,17 @@ impl Controller {
     pub(super) fn schedule(&self, state: &mut State) -> Result<(), ControllerError> {
         let now = now_unix_ms();
         let queues = &self.config.queues;
-        let holding: Vec<(String, u32)> =
-            state.jobs.values().filter(|e| e.holds_resources()).map(|e| (submitter(e), gpus_held(e))).collect();
-        state.fair_share.accrue(now, queues.half_life, holding);
-        let mut pending: Vec<(i32, f64, u64, String)> = state
-            .jobs
-            .values()
-            .filter(|e| e.phase() == JobPhase::Pending && !e.spec.is_pipeline())
-            .map(|e| (-e.job.priority, state.fair_share.usage(&submitter(e)), e.seq, e.job.id.clone()))
-            .collect();
-        pending.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
-        let mut used: HashMap<String, u32> = HashMap::new();
-        for entry in state.jobs.values().filter(|e| e.holds_resources()) {
-            if let Some(queue) = queues.of(entry.spec.queue.as_deref()) {
-                *used.entry(queue.name.clone()).or_default() += gpus_held(entry);
-            }
-        }
+        let order = Self::pending_order(state, queues, now);
         let labels_of: HashMap<String, crate::queues::LabelMap> =
             state.nodes.values().map(|n| (n.info.name.clone(), n.info.labels.clone())).collect();
         let on_nodes = |nodes: &[(String, Vec<u32>)]| -> Vec<(&crate::queues::LabelMap, u32)> {
             nodes.iter().filter_map(|(n, g)| labels_of.get(n).map(|l| (l, g.len() as u32))).collect()
         };
-        let mut label_use = crate::queues::LabelUse::default();
-        for entry in state.jobs.values().filter(|e| e.holds_resources()) {
-            if let (Some(queue), Some(plan)) = (queues.of(entry.spec.queue.as_deref()), entry.plan()) {
-                let nodes: Vec<(String, Vec<u32>)> =
-                    plan.nodes.iter().map(|a| (a.node_name.clone(), a.gpu_indices.clone())).collect();
-                label_use.add(queue, on_nodes(&nodes));
-            }
-        }
+        let (mut used, mut label_use) = Self::queue_use(state, queues, &on_nodes);
         let mut reservation: Option<planner::Reservation> = None;
         let mut borrowers: Vec<String> = Vec::new();
         // The nodes as they are, made again only after a launch.
         let mut inventory: Option<Vec<NodeView>> = None;
-        let order: Vec<String> = pending.into_iter().map(|(.., id)| id).collect();
         for (borrowing, ids) in [(false, order), (true, Vec::new())] {
             let ids = if borrowing { std::mem::take(&mut borrowers) } else { ids };
             for id in ids {
@@ -348,48 +325,8 @@ impl Controller {
                 }
                 let views: &[NodeView] = restricted.as_deref().unwrap_or(all);
                 let limit = queue.time_limit(entry.spec.time_limit);
-                let placed = match &reservation {
-                    Some(r) => planner::backfill(&entry.spec, limit, views, &entry.job.excluded_nodes, r, now)
-                        .map_err(|e| match e {
-                            planner::BackfillRefusal::DoesNotFit(e) if e.never_fits => {
-                                format!("{}: {e}", cohort_proto::names::NEVER_FITS)
-                            }
-                            e => format!(
-                                "behind job {} (reserved nodes {} from {}): {e}",
-                                r.job_id,
-                                planner::node_range(&r.nodes),
-                                clock(r.start_unix_ms)
-                            ),
-                        }),
-                    // Without the nodes blamed for earlier failures when the others suffice.
-                    None => planner::place(&entry.spec, views, &entry.job.excluded_nodes).map_err(|e| {
-                        if e.never_fits {
-                            return format!("{}: {e}", cohort_proto::names::NEVER_FITS);
-                        }
-                        if borrowing {
-                            let quota = queue.gpu_quota.unwrap_or_default();
-                            return format!(
-                                "queue {} at quota {held}/{quota} GPUs; waiting to borrow idle GPUs beyond it: {e}",
-                                queue.name
-                            );
-                        }
-                        // The head of the order: the nodes that free up first are its.
-                        match planner::reserve(&id, &entry.spec, views, &running_gangs(state, queues, now), now) {
-                            Some(r) => {
-                                let why = format!(
-                                    "waiting for free GPUs: {e}; reserved nodes {} from {}",
-                                    planner::node_range(&r.nodes),
-                                    clock(r.start_unix_ms)
-                                );
-                                reservation = Some(r);
-                                why
-                            }
-                            None => format!(
-                                "waiting for free GPUs: {e}; no reservation (jobs holding the GPUs it needs have no time limit), so no job behind it starts"
-                            ),
-                        }
-                    }),
-                };
+                let pending = Pending { queue, held, borrowing, views, limit, now };
+                let placed = self.place_pending(state, &id, pending, &mut reservation);
                 let placement = match placed {
                     Ok(placement) => placement,
                     Err(reason) => {
@@ -423,6 +360,101 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// Pending jobs in the order they are placed: priority, then the
+    /// submitter's fair share (its decayed GPU use, accrued up to `now`), then
+    /// submission order.
+    fn pending_order(state: &mut State, queues: &crate::queues::Queues, now: i64) -> Vec<String> {
+        let holding: Vec<(String, u32)> =
+            state.jobs.values().filter(|e| e.holds_resources()).map(|e| (submitter(e), gpus_held(e))).collect();
+        state.fair_share.accrue(now, queues.half_life, holding);
+        let mut pending: Vec<(i32, f64, u64, String)> = state
+            .jobs
+            .values()
+            .filter(|e| e.phase() == JobPhase::Pending && !e.spec.is_pipeline())
+            .map(|e| (-e.job.priority, state.fair_share.usage(&submitter(e)), e.seq, e.job.id.clone()))
+            .collect();
+        pending.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
+        pending.into_iter().map(|(.., id)| id).collect()
+    }
+
+    /// The GPUs each queue's running jobs hold, in all and under its label quotas.
+    fn queue_use<'a>(
+        state: &State,
+        queues: &crate::queues::Queues,
+        on_nodes: &impl Fn(&[(String, Vec<u32>)]) -> Vec<(&'a crate::queues::LabelMap, u32)>,
+    ) -> (HashMap<String, u32>, crate::queues::LabelUse) {
+        let mut used: HashMap<String, u32> = HashMap::new();
+        let mut label_use = crate::queues::LabelUse::default();
+        for entry in state.jobs.values().filter(|e| e.holds_resources()) {
+            let Some(queue) = queues.of(entry.spec.queue.as_deref()) else { continue };
+            *used.entry(queue.name.clone()).or_default() += gpus_held(entry);
+            if let Some(plan) = entry.plan() {
+                let nodes: Vec<(String, Vec<u32>)> =
+                    plan.nodes.iter().map(|a| (a.node_name.clone(), a.gpu_indices.clone())).collect();
+                label_use.add(queue, on_nodes(&nodes));
+            }
+        }
+        (used, label_use)
+    }
+
+    /// Places one pending job now, or says why it waits: behind a reservation
+    /// only where it cannot delay it (EASY backfill); the first job that does
+    /// not fit (and does not borrow) takes the reservation of the nodes that
+    /// free up first.
+    fn place_pending(
+        &self,
+        state: &State,
+        id: &str,
+        job: Pending<'_>,
+        reservation: &mut Option<planner::Reservation>,
+    ) -> Result<planner::Placement, String> {
+        let Pending { queue, held, borrowing, views, limit, now } = job;
+        let Some(entry) = state.jobs.get(id) else { return Err("its job record is gone".into()) };
+        if let Some(r) = reservation {
+            return planner::backfill(&entry.spec, limit, views, &entry.job.excluded_nodes, r, now).map_err(
+                |e| match e {
+                    planner::BackfillRefusal::DoesNotFit(e) if e.never_fits => {
+                        format!("{}: {e}", cohort_proto::names::NEVER_FITS)
+                    }
+                    e => format!(
+                        "behind job {} (reserved nodes {} from {}): {e}",
+                        r.job_id,
+                        planner::node_range(&r.nodes),
+                        clock(r.start_unix_ms)
+                    ),
+                },
+            );
+        }
+        // Without the nodes blamed for earlier failures when the others suffice.
+        planner::place(&entry.spec, views, &entry.job.excluded_nodes).map_err(|e| {
+            if e.never_fits {
+                return format!("{}: {e}", cohort_proto::names::NEVER_FITS);
+            }
+            if borrowing {
+                let quota = queue.gpu_quota.unwrap_or_default();
+                return format!(
+                    "queue {} at quota {held}/{quota} GPUs; waiting to borrow idle GPUs beyond it: {e}",
+                    queue.name
+                );
+            }
+            // The head of the order: the nodes that free up first are its.
+            match planner::reserve(id, &entry.spec, views, &running_gangs(state, &self.config.queues, now), now) {
+                Some(r) => {
+                    let why = format!(
+                        "waiting for free GPUs: {e}; reserved nodes {} from {}",
+                        planner::node_range(&r.nodes),
+                        clock(r.start_unix_ms)
+                    );
+                    *reservation = Some(r);
+                    why
+                }
+                None => format!(
+                    "waiting for free GPUs: {e}; no reservation (jobs holding the GPUs it needs have no time limit), so no job behind it starts"
+                ),
+            }
+        })
     }
 
     /// Sets a pending job's reason, published when it changed.
@@ -667,4 +699,17 @@ pub(super) fn ranks_fenced_by(node: Option<&NodeEntry>, grace: Duration) -> i64 
 /// silence would make it Suspect, and at least a second.
 pub(super) fn stall_limit(config: &ControllerConfig) -> Duration {
     (config.heartbeat_interval * 3).max(Duration::from_secs(1))
+}
+
+/// What [`Controller::place_pending`] needs to know of one pending job beside its record.
+struct Pending<'a> {
+    queue: &'a crate::queues::Queue,
+    /// GPUs its queue's running jobs hold.
+    held: u32,
+    /// In the second pass: beyond the queue's quota, on idle GPUs.
+    borrowing: bool,
+    views: &'a [NodeView],
+    /// Its time limit, or its queue's maximum run time.
+    limit: Option<Duration>,
+    now: i64,
 }

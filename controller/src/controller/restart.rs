@@ -85,7 +85,17 @@ impl Controller {
             return;
         }
         let n = done + 1;
-        let wait = policy.backoff_for(n);
+        // How long each attempt ran: a crash loop doubles the wait, a long healthy run resets it.
+        let runs: Vec<Duration> = entry
+            .job
+            .attempts
+            .iter()
+            .map(|a| {
+                let end = if a.finished_unix_ms > 0 { a.finished_unix_ms } else { now_unix_ms() };
+                Duration::from_millis(end.saturating_sub(a.started_unix_ms).max(0) as u64)
+            })
+            .collect();
+        let wait = policy.backoff_for(cohort_shared::spec::backoff_step(&runs));
         let attempt = entry.job.attempt;
         let reason = format!(
             "restart {n} of {} in {}: attempt {attempt} failed ({cause}): {}",

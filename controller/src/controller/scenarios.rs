@@ -699,3 +699,57 @@ async fn a_panicking_state_command_fails_its_caller_and_the_state_task_goes_on()
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].state, cohort_proto::NodeState::Ready as i32);
 }
+
+/// The restart backoff doubles over a crash loop and starts again after an
+/// attempt that ran [`cohort_shared::spec::BACKOFF_RESET_AFTER`]: earlier
+/// attempts (how long each ran) are written into the record, then the
+/// current one's rank exits 1.
+async fn restart_reason_after(earlier_runs_min: &[i64], current_ran_min: i64) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let _session = connect(&controller, "n0", Vec::new()).await;
+    let yaml = "name: t\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: [sleep, '100']\n\
+                restart: {max_restarts: 9, backoff: 1s, on: [rank_failed]}\n";
+    let id = submit(&controller, yaml).await;
+    controller.reconcile().await.unwrap();
+    controller.process_event("n0", event(&id, started())).await;
+    let (job, earlier, current) = (id.clone(), earlier_runs_min.to_vec(), current_ran_min);
+    controller
+        .state
+        .call(move |state, _| {
+            let entry = state.jobs.get_mut(&job).unwrap();
+            let now = now_unix_ms();
+            let minute = 60_000;
+            let mut records: Vec<cohort_proto::AttemptRecord> = earlier
+                .iter()
+                .map(|ran| cohort_proto::AttemptRecord {
+                    started_unix_ms: now - ran * minute - minute,
+                    finished_unix_ms: now - minute,
+                    state: JobState::Failed as i32,
+                    ..Default::default()
+                })
+                .collect();
+            let mut last = entry.job.attempts.pop().unwrap();
+            last.started_unix_ms = now - current * minute;
+            records.push(last);
+            entry.job.attempts = records;
+        })
+        .await;
+    controller.process_event("n0", event(&id, Event::Exited(exited(Some(1), None)))).await;
+    let job = controller.get(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Restarting as i32, "{}", job.reason);
+    job.reason
+}
+
+#[tokio::test]
+async fn the_restart_backoff_doubles_in_a_crash_loop_and_resets_after_a_long_healthy_attempt() {
+    // Three short attempts in a row: the third restart waits backoff × 4.
+    let looping = restart_reason_after(&[1, 2], 1).await;
+    assert!(looping.starts_with("restart 3 of 9 in 4s:"), "{looping}");
+    // The same, but the failing attempt had trained for 11 minutes: the first step again.
+    let healthy = restart_reason_after(&[1, 2], 11).await;
+    assert!(healthy.starts_with("restart 3 of 9 in 1s:"), "{healthy}");
+    // A long attempt, then two short ones: the loop counts from the long one.
+    let after_healthy = restart_reason_after(&[30, 1], 1).await;
+    assert!(after_healthy.starts_with("restart 3 of 9 in 2s:"), "{after_healthy}");
+}

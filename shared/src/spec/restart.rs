@@ -4,7 +4,8 @@
 //! ```yaml
 //! restart:
 //!   max_restarts: 3           # new attempts after the first; default 3
-//!   backoff: 10s              # wait before the first restart, doubled each time (at most 5m)
+//!   backoff: 10s              # wait before the first restart, doubled each time (at most 5m),
+//!                             # back to 10s after an attempt that ran 10 minutes
 //!   on: [rank_failed, node_lost, hang]   # the default
 //!   exclude_failed_nodes: true           # default false
 //! ```
@@ -23,7 +24,8 @@ use crate::job_file::suggestion;
 #[derive(Debug, Clone, PartialEq)]
 pub struct RestartPolicy {
     pub max_restarts: u32,
-    /// The wait before the first restart; doubled for each later one, capped at [`MAX_BACKOFF`].
+    /// The wait before the first restart; doubled for each later one, capped at [`MAX_BACKOFF`],
+    /// and back to this after an attempt that ran [`BACKOFF_RESET_AFTER`] (see [`backoff_step`]).
     pub backoff: Duration,
     /// Events (`rank_failed`, `node_lost`, `hang`, `time_limit`, `preflight_failed`) and
     /// causes (`cuda_oom`, `user_error`, ...) that start a new attempt.
@@ -51,11 +53,26 @@ impl RestartPolicy {
         self.on.contains(&cause) || (self.on.contains(&cause.event()) && cause.retried_by_default())
     }
 
-    /// The wait before restart number `n` (1-based): backoff × 2^(n-1), at most 5 minutes.
+    /// The wait at step `n` (1-based) of the backoff: backoff × 2^(n-1), at most 5 minutes.
     pub fn backoff_for(&self, n: u32) -> Duration {
         let factor = 2u32.saturating_pow(n.saturating_sub(1).min(16));
         self.backoff.saturating_mul(factor).min(MAX_BACKOFF.max(self.backoff))
     }
+}
+
+/// An attempt that ran this long was a healthy run, not a crash loop: the
+/// restart after it waits the first step of the backoff again (Kubernetes
+/// resets its CrashLoopBackOff after 10 minutes of running, too).
+pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
+
+/// The backoff step of the next restart (for [`RestartPolicy::backoff_for`]),
+/// given how long each ended attempt ran, oldest first: the number of
+/// attempts at the end of the list that each ran less than
+/// [`BACKOFF_RESET_AFTER`] (a crash loop doubles the wait), and 1 when the
+/// last one ran longer (a failure after a long healthy run waits the least).
+pub fn backoff_step(runs: &[Duration]) -> u32 {
+    let short = runs.iter().rev().take_while(|run| **run < BACKOFF_RESET_AFTER).count();
+    u32::try_from(short).unwrap_or(u32::MAX).max(1)
 }
 
 #[derive(Deserialize)]
@@ -126,3 +143,26 @@ pub(super) fn read_straggler_factor(root: &Mapping, problems: &mut Problems) -> 
 }
 
 pub const DEFAULT_STRAGGLER_FACTOR: f64 = 1.5;
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    fn minutes(runs: &[u64]) -> Vec<Duration> {
+        runs.iter().map(|m| Duration::from_secs(m * 60)).collect()
+    }
+
+    #[test]
+    fn the_backoff_step_counts_the_short_attempts_at_the_end() {
+        assert_eq!(backoff_step(&[]), 1, "no attempt yet: the first step");
+        assert_eq!(backoff_step(&minutes(&[1])), 1);
+        assert_eq!(backoff_step(&minutes(&[1, 1, 1])), 3, "a crash loop doubles");
+        assert_eq!(backoff_step(&minutes(&[1, 1, 30])), 1, "a long last run resets");
+        assert_eq!(backoff_step(&minutes(&[1, 30, 1, 1])), 2, "counted from the last long run");
+        assert_eq!(backoff_step(&[BACKOFF_RESET_AFTER]), 1, "exactly the reset time counts as healthy");
+        assert_eq!(backoff_step(&[BACKOFF_RESET_AFTER - Duration::from_millis(1); 2]), 2);
+        let policy = RestartPolicy { backoff: Duration::from_secs(10), ..RestartPolicy::default() };
+        assert_eq!(policy.backoff_for(backoff_step(&minutes(&[1; 6]))), MAX_BACKOFF, "capped");
+        assert_eq!(policy.backoff_for(backoff_step(&minutes(&[1, 1, 1, 1, 1, 60]))), Duration::from_secs(10));
+    }
+}
