@@ -407,7 +407,7 @@ fn dev_errors_say_what_to_do() {
     }
     // Another shape is refused, naming what runs and the way out; nothing is started or stopped.
     cohort(&["dev", "up", "--nodes", "3", "--dir", d]).exits(1).stderr_contains(&format!(
-        "error: a dev cluster runs in {d} with 2 nodes, 1 GPUs each, on port 1: \
+        "error: a dev cluster runs in {d} with 2 nodes, 1 GPU each, on port 1: \
          `cohort dev down --dir {d}` first to change it"
     ));
     // The same shape: it already runs, and the lines to paste come again.

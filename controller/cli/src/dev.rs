@@ -271,10 +271,11 @@ async fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(running) = previous.as_ref().filter(|p| anything_runs && **p != cluster) {
         bail!(
-            "a dev cluster runs in {} with {} nodes, {} GPUs each, on port {}: `cohort dev down{}` first to change it",
+            "a dev cluster runs in {} with {} nodes, {} GPU{} each, on port {}: `cohort dev down{}` first to change it",
             dir.0.display(),
             running.nodes,
             running.gpus_per_node,
+            if running.gpus_per_node == 1 { "" } else { "s" },
             running.port,
             dir_flag(args.dir.dir.as_deref())
         );

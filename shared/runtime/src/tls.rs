@@ -34,10 +34,12 @@ pub mod files {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{what}: {source}")]
-    Certificate { what: String, source: rcgen::Error },
+    // The cause is said in the message and not chained as a source as well,
+    // or `{:#}` (anyhow's chain) says it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{what}: {error}")]
+    Certificate { what: String, error: rcgen::Error },
     #[error("{0}")]
     Invalid(String),
     #[error("TLS settings: {0}")]
@@ -48,12 +50,12 @@ pub enum TlsError {
 
 /// Reads a file, naming it in the error.
 pub fn read(path: &Path) -> Result<String, TlsError> {
-    std::fs::read_to_string(path).map_err(|source| TlsError::Io { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|error| TlsError::Io { path: path.to_path_buf(), error })
 }
 
 /// Writes a file readable by its owner only (keys, tokens) or by all (certificates).
 pub fn write(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
-    let io = |source| TlsError::Io { path: path.to_path_buf(), source };
+    let io = |error| TlsError::Io { path: path.to_path_buf(), error };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
@@ -134,5 +136,30 @@ impl ClientTls {
         }
         let verifier = verify::ControllerVerifier::new(&self.ca_pem)?;
         Ok(endpoint.tls_config_with_verifier(config, std::sync::Arc::new(verifier))?)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod error_tests {
+    use std::error::Error;
+
+    use super::*;
+
+    #[test]
+    fn a_missing_file_says_its_path_and_cause_once_through_the_whole_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.key");
+        let err = read(&path).unwrap_err();
+        // What anyhow's `{:#}` prints: each error of the chain, joined.
+        let mut chain = vec![err.to_string()];
+        let mut source = err.source();
+        while let Some(cause) = source {
+            chain.push(cause.to_string());
+            source = cause.source();
+        }
+        let said = chain.join(": ");
+        assert!(said.starts_with(&path.display().to_string()), "{said}");
+        assert_eq!(said.matches("No such file or directory").count(), 1, "{said}");
     }
 }

@@ -118,7 +118,7 @@ fn validity(params: &mut CertificateParams, ttl: Duration) {
 }
 
 fn cert_error(what: &str) -> impl FnOnce(rcgen::Error) -> TlsError + '_ {
-    move |source| TlsError::Certificate { what: what.to_string(), source }
+    move |error| TlsError::Certificate { what: what.to_string(), error }
 }
 
 /// The cluster's certificate authority: its certificate and private key.
