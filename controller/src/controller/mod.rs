@@ -622,9 +622,7 @@ impl Controller {
             .state
             .call(move |state, ctl| {
                 let node = name.as_str();
-                let entry = state.nodes.get_mut(node).ok_or_else(|| {
-                    ControllerError::InvalidRequest(format!("no node {node:?}: `cohort nodes` lists the known nodes"))
-                })?;
+                let entry = state.nodes.get_mut(node).ok_or_else(|| unknown_node(node))?;
                 entry.cordoned = cordon;
                 entry.draining = drain;
                 tracing::info!(node, cordon, drain, "node scheduling changed");
@@ -644,9 +642,7 @@ impl Controller {
             .state
             .call(move |state, ctl| {
                 let node = name.as_str();
-                let entry = state.nodes.get_mut(node).ok_or_else(|| {
-                    ControllerError::InvalidRequest(format!("no node {node:?}: `cohort nodes` lists the known nodes"))
-                })?;
+                let entry = state.nodes.get_mut(node).ok_or_else(|| unknown_node(node))?;
                 if !entry.info.gpus.iter().any(|g| g.index == index) {
                     return Err(ControllerError::InvalidRequest(format!("node {node} has no GPU {index}")));
                 }
@@ -670,7 +666,7 @@ impl Controller {
             .await
             .into_iter()
             .find(|n| n.info.as_ref().is_some_and(|i| i.name == name))
-            .ok_or_else(|| ControllerError::InvalidRequest(format!("no node {name:?}")))
+            .ok_or_else(|| unknown_node(name))
     }
 
     // ------------------------------------------------------------ persistence
@@ -847,6 +843,11 @@ fn validate_node(info: &NodeInfo) -> Result<(), ControllerError> {
         }
     }
     Ok(())
+}
+
+/// The answer to a request naming a node the controller does not know.
+fn unknown_node(name: &str) -> ControllerError {
+    ControllerError::InvalidRequest(format!("no node {name:?}: `cohort nodes` lists the known nodes"))
 }
 
 #[cfg(test)]
