@@ -11,14 +11,21 @@
 #      is that checkpoint's + 1; figures: resumed-at iteration, kill -> next attempt's first iteration;
 #   c. a pipeline: `swift infer` (pt backend) on the tiny model before training, the sft stage, the
 #      export, `swift infer` after, and `cohort report`;
-#   d. the same training started by hand (tests/swift-gpu/run.sh), for the step time against Cohort's.
+#   d. the same training started by hand (tests/swift-gpu/run.sh), for the step time against Cohort's;
+#   e. preemption of a real megatron-sft job saves on the signal and resumes: the job (queue `shared`,
+#      no quota: it borrows the GPU) declares `preempt: {signal: SIGTERM}`, for which Cohort renders
+#      Megatron's `exit_signal_handler` into megatron_extra_kwargs (num_workers 0: see docs/src/queues.md);
+#      a job of queue team-a (quota 1 GPU) reclaims the GPU; the sft job saves on SIGTERM, is
+#      Preempted, and resumes from that save once team-a's job ends; figures: iteration at
+#      preemption, resumed-from, iterations lost (goal 0), reclaim -> owner running.
 # Prints PASS/FAIL/SKIP per step and the figures; exit 0 only if nothing failed.
 #
 # Usage: deploy/swift-smoke.sh [--cpu-rehearsal] [BIN_DIR]
 #   BIN_DIR  holds cohort-controller, cohort-agent, cohort (default target/release)
 #   --cpu-rehearsal  no GPU: a fake GPU slot; step a must get as far as Megatron's
 #                    "Megatron requires CUDA" (rendering, preflight, the node's own ms-swift parse,
-#                    dataset, launch all real), the rest is SKIPped.
+#                    dataset, launch all real); step e only renders its job (`cohort plan`: the
+#                    exit_signal_handler reaches the command line); the rest is SKIPped.
 # Environment: PYTHON (the jobs' interpreter, with torch; default python3), OUT (results, default
 #   <repo>/.cohort/swift-smoke), SWIFT_SMOKE_STEPS (e.g. "a,b"), SWIFT_SMOKE_PORT (default 17270).
 set -euo pipefail
@@ -125,8 +132,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 say "swift-smoke: binaries $bin; python $PY; ms-swift $swift_version; work $work; rehearsal $rehearsal"
+# Jobs without `queue:` go to `shared` (no quota: scheduled as without queues); step e's owner job
+# goes to team-a, whose quota of 1 GPU the sft job borrows.
+printf 'default = "shared"\n[[queue]]\nname = "team-a"\ngpus = 1\n[[queue]]\nname = "shared"\n' >"$work/queues.toml"
 "$bin/cohort-controller" --insecure --listen "127.0.0.1:$port" --http "127.0.0.1:$((port + 1))" \
-    --data-dir "$work/controller" --master-ports 26300-26399 >"$work/controller.log" 2>&1 &
+    --data-dir "$work/controller" --master-ports 26300-26399 --queues "$work/queues.toml" \
+    >"$work/controller.log" 2>&1 &
 pid_of[controller]=$!
 gpu_args=(--gpu-indices 0)
 ((rehearsal)) && gpu_args=(--fake-gpus 1)
@@ -142,8 +153,9 @@ until cohort nodes -o json 2>/dev/null | grep -q '"state": "Ready"'; do
 done
 
 # sft_job NAME SAVE TRAIN_ITERS EXTRA_TOP_LEVEL: a megatron-sft job file, Cohort renders the command line.
+# SFT_NUM_WORKERS, SFT_EXTRA_KWARGS (megatron_extra_kwargs JSON), SFT_SAVE_INTERVAL change those flags.
 sft_job() {
-    local env_yaml="" kv
+    local env_yaml="" kv default_extra_kwargs='{"no_persist_layer_norm": true}'
     for kv in "${job_env[@]}"; do env_yaml+="  ${kv%%=*}: \"${kv#*=}\""$'\n'; done
     cat <<EOF
 name: $1
@@ -169,12 +181,12 @@ megatron:
   dataset: [$tiny/data/train.jsonl]
   split_dataset_ratio: 0.05
   dataset_num_proc: 1
-  num_workers: 1
+  num_workers: ${SFT_NUM_WORKERS:-1}
   max_length: 256
   system: You are a helpful assistant.
   transformer_impl: local
   padding_free: false
-  megatron_extra_kwargs: '{"no_persist_layer_norm": true}'
+  megatron_extra_kwargs: '${SFT_EXTRA_KWARGS:-$default_extra_kwargs}'
   no_masked_softmax_fusion: true
   no_rope_fusion: true
   no_bias_dropout_fusion: true
@@ -192,7 +204,7 @@ megatron:
   lr_warmup_iters: 2
   eval_interval: 10
   save: $2
-  save_interval: 10
+  save_interval: ${SFT_SAVE_INTERVAL:-10}
   save_safetensors: false
 EOF
 }
@@ -354,10 +366,54 @@ print(f"d.step_ms_cohort {ours:.1f} ({ours / hand:.2f}x)")
 EOF
 }
 
+# ---------------------------------------------------------------------------
+# e. preemption: the sft job saves on SIGTERM (Megatron's exit_signal_handler) and resumes from it
+# ---------------------------------------------------------------------------
+step_e() {
+    # Cohort merges exit_signal_handler into megatron_extra_kwargs, which ms-swift 3.12.6 puts on
+    # Megatron's argv (megatron_args.py:793-805); its dataloader workers read args.exit_signal, which
+    # Megatron core_r0.15 lacks (trainers/base.py:1191-1194): no workers. No periodic save: the only
+    # checkpoint is the one made on the signal.
+    SFT_NUM_WORKERS=0 SFT_SAVE_INTERVAL=100000 \
+        sft_job swift-sft-preempt "$work/out-e" 80 $'preempt:\n  signal: SIGTERM\n  grace: 600s' >"$work/e.yaml"
+    cohort plan "$work/e.yaml" >"$logs/e.plan.txt" 2>&1 || { cat "$logs/e.plan.txt"; return 1; }
+    grep -q 'exit_signal_handler' "$logs/e.plan.txt" || { say "  Cohort did not render exit_signal_handler; see $logs/e.plan.txt"; return 1; }
+    if ((rehearsal)); then
+        say "  rendered: Cohort put exit_signal_handler into megatron_extra_kwargs (the run needs CUDA)"
+        return 0
+    fi
+    local job owner deadline st reclaim_ms running_ms at from lost
+    job="$(cohort submit "$work/e.yaml" 2>&1 | awk '/submitted job/ {print $3}')"
+    say "  job $job"
+    [[ -n "$job" ]] || { say "  the submit printed no job id"; return 1; }
+    deadline=$((SECONDS + 600))
+    until (( $(cohort metrics "$job" -o json 2>/dev/null | pyj 'max([int(p.get("iteration", 0)) for p in d["points"]] or [0])' 2>/dev/null || echo 0) >= 15 )); do
+        ((SECONDS <= deadline)) || { say "  no iteration 15 within 600 s"; save_job "$job" e; return 1; }
+        sleep 0.5
+    done
+    printf 'name: owner\nkind: command\nnodes: 1\ngpus_per_node: 1\nqueue: team-a\ncommand: [sleep, "30"]\n' >"$work/e-owner.yaml"
+    owner="$(cohort submit "$work/e-owner.yaml" 2>&1 | awk '/submitted job/ {print $3}')"
+    reclaim_ms=$(now_ms)
+    say "  owner job $owner (queue team-a) reclaims the GPU"
+    st="$(wait_state "$owner" 900 RUNNING SUCCEEDED)"
+    running_ms=$(now_ms)
+    [[ "$st" == RUNNING || "$st" == SUCCEEDED ]] || { say "  the owner's job is $st"; save_job "$job" e; return 1; }
+    st="$(wait_state "$job" 1800 SUCCEEDED FAILED CANCELLED)"
+    save_job "$job" e
+    [[ "$st" == SUCCEEDED ]] || { say "  job ended $st"; tail -30 "$logs/e.log"; return 1; }
+    read -r at from lost < <(pyj '" ".join(str(p.get(k, "-")) for p in [next(a["preemption"] for a in d["attempts"] if a.get("preemption"))] for k in ("iteration", "resumed_iteration", "lost_iterations"))' <"$logs/e.status.json")
+    figure "e.iteration_at_preemption" "$at"
+    figure "e.resumed_from" "$from"
+    figure "e.lost_iterations" "$lost"
+    figure "e.reclaim_to_owner_running_s" "$(( (running_ms - reclaim_ms) / 1000 ))"
+    [[ "$lost" == 0 ]] || { say "  $lost iterations lost; expected 0 with exit_signal_handler"; return 1; }
+}
+
 run_step a "megatron-sft job, real ms-swift, to Succeeded with train and eval metrics" step_a
 run_step b "rank killed after checkpoint 10; the next attempt resumes from it" step_b
 run_step c "pipeline: swift infer before and after the sft stage, cohort report" step_c
 run_step d "the same training by hand (step time)" step_d
+run_step e "preemption of a real megatron-sft job saves on the signal and resumes" step_e
 
 say ""
 say "== results ($([ "$rehearsal" = 1 ] && echo CPU rehearsal || echo GPU); ms-swift $swift_version)"

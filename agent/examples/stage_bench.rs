@@ -158,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
 async fn stage(stager: &Stager, src: &Path) -> anyhow::Result<(String, bool)> {
     let (tx, mut rx) = mpsc::channel(1024);
     let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    let item = StageItem { name: "bench".into(), source: src.display().to_string(), sha256: None };
+    let item = StageItem { name: "bench".into(), source: src.display().to_string(), sha256: None, model: None };
     let staged = stager.stage(&[item], tx).await?;
     drain.await?;
     let first = staged.first().context("nothing staged")?;

@@ -29,6 +29,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 use crate::rank_user::RankIdentity;
+use crate::stage::gc::GcReport;
 use crate::stage::{StageItem, StageProgress, StagedItem};
 
 pub(crate) use helper::read_stdin_json;
@@ -69,6 +70,13 @@ pub enum Request {
         cache_dir: PathBuf,
         parallel_files: usize,
         items: Vec<StageItem>,
+    },
+    /// Removes least recently used content of `cache_dir` (the job user's own
+    /// cache) until it holds at most `max_bytes`, keeping `pinned` digests.
+    CollectCache {
+        cache_dir: PathBuf,
+        max_bytes: u64,
+        pinned: Vec<String>,
     },
     /// Finds the newest complete checkpoint under a job's save directory and
     /// repoints a tracker that names a half-written one.
@@ -140,6 +148,7 @@ pub enum Reply {
     Dataset(Box<DatasetReport>),
     Progress(StageProgress),
     Staged(Vec<StagedItem>),
+    Collected(GcReport),
     Checkpoint(FoundCheckpoint),
     Path(PathInfo),
     Done,
@@ -187,6 +196,13 @@ impl Request {
                 wall: Some(Duration::from_millis(*wait_ms) + Duration::from_secs(30)),
             },
             Request::Stage { .. } => Limits { address_space: 16 << 30, cpu_secs: None, file_size: None, wall: None },
+            // Lists and removes; writes only empty use records and lock files.
+            Request::CollectCache { .. } => Limits {
+                address_space: 2 << 30,
+                cpu_secs: Some(600),
+                file_size: Some(0),
+                wall: Some(Duration::from_secs(1800)),
+            },
             // Reads small files (tracker, metadata); writes only the tracker.
             Request::FindCheckpoint { .. } => Limits {
                 address_space: 2 << 30,
@@ -215,6 +231,7 @@ impl Request {
                 let names: Vec<&str> = items.iter().map(|i| i.name.as_str()).collect();
                 format!("the staging of {}", names.join(", "))
             }
+            Request::CollectCache { cache_dir, .. } => format!("the collection of the cache {}", cache_dir.display()),
             Request::FindCheckpoint { directory } => format!("the checkpoint search in {}", directory.display()),
             Request::InspectPath(inspect) => format!("looking at {}", inspect.path.display()),
         }
@@ -283,6 +300,20 @@ impl AsJobUser<'_> {
         let request = Request::Stage { cache_dir, parallel_files, items };
         match self.run(request, Some(progress)).await? {
             Reply::Staged(staged) => Ok(staged),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Collects this user's cache at `cache_dir` (from [`user_cache`]) down to `max_bytes`.
+    pub async fn collect_cache(
+        &self,
+        cache_dir: &Path,
+        max_bytes: u64,
+        pinned: Vec<String>,
+    ) -> Result<GcReport, JobFilesError> {
+        let request = Request::CollectCache { cache_dir: cache_dir.to_owned(), max_bytes, pinned };
+        match self.run(request, None).await? {
+            Reply::Collected(report) => Ok(report),
             other => Err(unexpected(other)),
         }
     }

@@ -2,6 +2,7 @@
 //! session to the controller.
 #![forbid(unsafe_code)]
 
+pub mod cache_keeper;
 pub mod cgroup;
 pub mod checkpoint_search;
 pub mod commands;

@@ -72,6 +72,11 @@ struct Args {
     /// The local cache staged inputs are copied into (default: <work-dir>/cache).
     #[arg(long, env = "COHORT_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// The most each user's staging cache on this node may hold (e.g. 500GiB):
+    /// after a staging, least recently used content that no running or
+    /// preparing job uses goes until it fits. 0: no limit.
+    #[arg(long, env = "COHORT_CACHE_MAX", default_value = "500GiB", value_parser = parse_size)]
+    cache_max: u64,
     /// How many files staging copies at once.
     #[arg(long, default_value_t = 4)]
     stage_parallel: usize,
@@ -79,6 +84,11 @@ struct Args {
     /// without it, ranks that registered faulthandler for SIGUSR1 dump themselves).
     #[arg(long, env = "COHORT_PY_SPY")]
     py_spy: Option<PathBuf>,
+    /// Threads that run the agent's tasks (0: one per CPU, tokio's default).
+    /// A node agent waits on sockets, pipes and timers; two are plenty, and
+    /// each more costs memory (its stack, and a malloc arena of its own).
+    #[arg(long, env = "COHORT_AGENT_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     max_backoff: Duration,
@@ -208,10 +218,17 @@ fn main() -> std::process::ExitCode {
     cohort_runtime::exit_code(agent())
 }
 
-#[tokio::main]
-async fn agent() -> anyhow::Result<()> {
+fn agent() -> anyhow::Result<()> {
     cohort_runtime::telemetry::init("info");
     let args: Args = cohort_runtime::config_file::parse(CONFIG)?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if args.worker_threads > 0 {
+        runtime.worker_threads(args.worker_threads);
+    }
+    runtime.enable_all().build().context("starting the agent's runtime")?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let node_name = match args.node_name.clone() {
         Some(name) => name,
         None => nix::unistd::gethostname()
@@ -248,6 +265,7 @@ async fn agent() -> anyhow::Result<()> {
         gpu_indices: args.gpu_indices,
         python: args.python,
         cache_dir: args.cache_dir,
+        cache_max: (args.cache_max > 0).then_some(args.cache_max),
         stage_parallel: args.stage_parallel,
         py_spy: args.py_spy,
         max_backoff: args.max_backoff,

@@ -16,9 +16,11 @@ use cohort_proto::{
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
-use crate::job_files::AsJobUser;
+use crate::cache_keeper::CacheKeeper;
+use crate::job_files::{AsJobUser, user_cache};
 use crate::preflight::{self, Interpreter};
 use crate::rank_user::RankUserPolicy;
+use crate::stage::hub::HubModel;
 use crate::stage::{StageItem, StageState, Stager};
 use crate::supervisor::Outbound;
 
@@ -48,6 +50,8 @@ pub struct Preparer {
     /// Preparations in flight, by job and attempt; a stop of the job aborts
     /// them, and with them their helpers (staging, dataset check, probes).
     pub preparing: Arc<Mutex<HashMap<(String, u32), AbortHandle>>>,
+    /// Pins what jobs staged and keeps the caches under `--cache-max`.
+    pub cache_keeper: Arc<CacheKeeper>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -96,6 +100,7 @@ impl Preparer {
     /// dropping them kills their helpers, so a staging of a large model or a
     /// dataset check does not go on for a job that is over.
     pub fn abort(&self, job_id: &str, attempt: u32) {
+        self.cache_keeper.unpin(job_id, attempt);
         lock(&self.preparing).retain(|(job, a), task| {
             let over = job == job_id && *a <= attempt;
             if over {
@@ -276,12 +281,15 @@ impl Preparer {
         let items: Vec<StageItem> = cmd
             .stage
             .iter()
-            .map(|s| StageItem {
-                name: s.name.clone(),
-                source: s.source.clone(),
-                sha256: (!s.sha256.is_empty()).then(|| s.sha256.clone()),
+            .map(|s| {
+                Ok(StageItem {
+                    name: s.name.clone(),
+                    source: s.source.clone(),
+                    sha256: (!s.sha256.is_empty()).then(|| s.sha256.clone()),
+                    model: hub_model(s)?,
+                })
             })
-            .collect();
+            .collect::<Result<_, String>>()?;
         let (tx, mut rx) = mpsc::channel::<crate::stage::StageProgress>(256);
         let out = self.out.clone();
         let (job_id, attempt, node) = (cmd.job_id.clone(), cmd.attempt, self.node_name.clone());
@@ -305,14 +313,22 @@ impl Preparer {
                     state: state.into(),
                     detail,
                     path: String::new(),
+                    hub_cache: String::new(),
                 };
                 let msg = StageProgress { job_id: job_id.clone(), attempt, status: Some(status) };
                 // Progress is advisory: drop it rather than wait when the queue is full.
                 let _ = out.try_send(Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) }));
             }
         });
+        let staging = self.cache_keeper.staging().await;
         let staged = user.stage(self.stager.cache_dir(), self.stager.parallel_files(), items, tx).await;
         let _ = forward.await;
+        if let (Ok(staged), Ok(cache)) = (&staged, user_cache(self.stager.cache_dir(), user.identity)) {
+            let digests = staged.iter().map(|s| s.sha256.clone()).collect();
+            self.cache_keeper.pin(&cmd.job_id, cmd.attempt, cache.clone(), digests);
+            drop(staging);
+            self.cache_keeper.collect(user, &cache).await;
+        }
         match staged {
             Ok(staged) => Ok(staged
                 .into_iter()
@@ -323,6 +339,7 @@ impl Preparer {
                     bytes: s.bytes,
                     from_cache: s.from_cache,
                     error: String::new(),
+                    hub_cache: s.hub_cache.map(|p| p.display().to_string()).unwrap_or_default(),
                 })
                 .collect()),
             Err(e) => Err(format!("staging failed: {e}")),
@@ -351,4 +368,16 @@ impl Preparer {
         }
         let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::QueryResult(answer)) })).await;
     }
+}
+
+/// The hub model of a stage input (None when it names none).
+fn hub_model(input: &cohort_proto::StageInput) -> Result<Option<HubModel>, String> {
+    if input.model.is_empty() {
+        return Ok(None);
+    }
+    let layout = if input.layout.is_empty() { "modelscope" } else { input.layout.as_str() };
+    let layout = cohort_shared::spec::HubLayout::parse(layout).ok_or_else(|| {
+        format!("stage item {}: layout {:?} is neither modelscope nor huggingface", input.name, input.layout)
+    })?;
+    Ok(Some(HubModel { id: input.model.clone(), layout }))
 }

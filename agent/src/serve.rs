@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub python: String,
     /// The staging cache (default: <work_dir>/cache).
     pub cache_dir: Option<PathBuf>,
+    /// The most each user's staging cache may hold before least recently
+    /// used content goes (None: no limit).
+    pub cache_max: Option<u64>,
     pub stage_parallel: usize,
     /// py-spy for stack dumps of hung jobs (None: look on PATH).
     pub py_spy: Option<PathBuf>,
@@ -131,6 +134,10 @@ pub async fn serve(config: AgentConfig, deps: AgentDeps, mut shutdown: watch::Re
         gpu_note: gpu_monitor.note().to_string(),
         node_env: config.node_env.clone(),
         fence_after_ms: config.fence_after.as_millis() as u32,
+        work_dir: std::path::absolute(&config.work_dir)
+            .unwrap_or_else(|_| config.work_dir.clone())
+            .display()
+            .to_string(),
     };
 
     let (out_tx, out_rx) = tokio::sync::mpsc::channel(8192);
@@ -171,6 +178,7 @@ pub async fn serve(config: AgentConfig, deps: AgentDeps, mut shutdown: watch::Re
     // Before registering, so that the controller hears what survived the last agent.
     let recovery = supervisor.recover().await;
     tracing::info!(?recovery, "launch state recovered");
+    let recovered = supervisor.launches_ended().await.into_iter().filter(|(_, ended)| !ended).map(|(k, _)| k).collect();
     let cache_dir = config.cache_dir.clone().unwrap_or_else(|| config.work_dir.join("cache"));
     let preparer = Preparer {
         node_name: name.clone(),
@@ -182,6 +190,11 @@ pub async fn serve(config: AgentConfig, deps: AgentDeps, mut shutdown: watch::Re
         rank_users,
         helper: deps.agent_exe,
         preparing: Default::default(),
+        cache_keeper: Arc::new(crate::cache_keeper::CacheKeeper::new(
+            config.cache_max,
+            Some(supervisor.clone()),
+            recovered,
+        )),
     };
     let scheme = if config.insecure { "http" } else { "https" };
     let urls: Vec<String> = config

@@ -384,8 +384,10 @@ async fn handle(
             tracing::info!(job = %stop.job_id, attempt = stop.attempt, reason = %stop.reason, "stop");
             preparer.abort(&stop.job_id, stop.attempt);
             let supervisor = supervisor.clone();
+            let save = preemption_signal(&stop);
             tokio::spawn(async move {
-                supervisor.stop(&stop.job_id, stop.attempt, Duration::from_millis(u64::from(stop.grace_ms))).await;
+                let grace = Duration::from_millis(u64::from(stop.grace_ms));
+                supervisor.stop_after(&stop.job_id, stop.attempt, grace, save).await;
             });
             Ok(())
         }
@@ -433,9 +435,39 @@ async fn handle(
     })
 }
 
+/// A stop's preemption signal and how long the ranks get to save; None for a
+/// plain stop, or (with a warning) for a signal this agent does not send.
+fn preemption_signal(stop: &cohort_proto::StopCommand) -> Option<(nix::sys::signal::Signal, Duration)> {
+    if stop.first_signal.is_empty() {
+        return None;
+    }
+    let allowed = cohort_shared::spec::PREEMPT_SIGNALS.contains(&stop.first_signal.as_str());
+    match stop.first_signal.parse::<nix::sys::signal::Signal>() {
+        Ok(signal) if allowed => Some((signal, Duration::from_millis(u64::from(stop.first_signal_grace_ms)))),
+        _ => {
+            tracing::warn!(job = %stop.job_id, signal = %stop.first_signal, "not a preemption signal this agent sends; a plain stop");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_signals_a_job_may_ask_for_are_sent_before_a_stop() {
+        let stop = |signal: &str| cohort_proto::StopCommand {
+            first_signal: signal.into(),
+            first_signal_grace_ms: 1500,
+            ..Default::default()
+        };
+        assert_eq!(preemption_signal(&stop("")), None, "a plain stop");
+        let usr1 = Some((nix::sys::signal::Signal::SIGUSR1, Duration::from_millis(1500)));
+        assert_eq!(preemption_signal(&stop("SIGUSR1")), usr1);
+        assert_eq!(preemption_signal(&stop("SIGKILL")), None, "never a signal that cannot be caught");
+        assert_eq!(preemption_signal(&stop("USR1")), None);
+    }
 
     /// Finding 12: 1000 lines of 64 KiB made one 64 MiB message, over the controller's 16 MiB limit.
     #[test]

@@ -13,6 +13,9 @@
 //! - `locks/<key>.lock`: held (flock) while an item is staged, so that concurrent
 //!   stagings of the same content, by tasks of one agent or by agents sharing
 //!   the cache dir, make one copy: the second waits, then finds it cached.
+//! - `sha256/<hex>.used`: its mtime is the content's last use (see `gc`).
+//! - `hub/modelscope/...`, `hub/huggingface/...`: links to staged models in
+//!   the hub libraries' cache layouts (see `hub`).
 //! - `sources/<hash of the source>.json`: the digest of each file of a local
 //!   source directory as last staged, with the files' identity and change
 //!   times (see `record`): an unchanged source is not read again to learn its
@@ -47,6 +50,8 @@
 
 mod directory;
 mod fetch;
+pub mod gc;
+pub mod hub;
 mod lock;
 mod progress;
 mod record;
@@ -82,6 +87,10 @@ pub struct StageItem {
     pub source: String,
     /// Expected hex SHA-256 of a file, or of a directory's manifest.
     pub sha256: Option<String>,
+    /// A hub model: the staged directory is also placed in that hub's cache
+    /// layout under its id (see `hub`).
+    #[serde(default)]
+    pub model: Option<hub::HubModel>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +123,9 @@ pub struct StagedItem {
     pub bytes: u64,
     /// Found in the cache, not copied.
     pub from_cache: bool,
+    /// For a model: the hub cache root it was placed in (see `hub`).
+    #[serde(default)]
+    pub hub_cache: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +179,13 @@ pub enum StageError {
     Unsupported { item: String, path: PathBuf },
     #[error("stage item {item}: the name of {path:?} holds a newline, which the manifest cannot list; rename it")]
     NewlineInName { item: String, path: PathBuf },
+    #[error("stage item {item}: model {model:?} is not a hub model id; write owner/name, e.g. Qwen/Qwen3-8B")]
+    BadModel { item: String, model: String },
+    #[error(
+        "stage item {item}: model {model} must be staged from a directory (the model's files), not a single file; \
+         give the model's directory as the source"
+    )]
+    ModelNotDirectory { item: String, model: String },
     #[error("stage item {item}: cancelled")]
     Cancelled { item: String },
     #[error("staging task failed: {0}")]
@@ -340,6 +359,7 @@ struct Plan {
     key: String,
     /// The file name in the cache.
     basename: String,
+    model: Option<hub::HubModel>,
 }
 
 /// Checks every item before anything is copied.
@@ -389,7 +409,12 @@ fn plan(items: &[StageItem]) -> Result<Vec<Plan>, StageError> {
                 Some(hex) => format!("sha256-{hex}"),
                 None => format!("source-{:.32x}", Sha256::digest(item.source.as_bytes())),
             };
-            Ok(Plan { name, source, expected, key, basename })
+            if let Some(model) = &item.model
+                && !cohort_shared::spec::is_model_id(&model.id)
+            {
+                return Err(StageError::BadModel { item: name, model: model.id.clone() });
+            }
+            Ok(Plan { name, source, expected, key, basename, model: item.model.clone() })
         })
         .collect()
 }
@@ -447,7 +472,10 @@ impl Run {
     async fn stage_item(&self, plan: Plan, meter: Arc<Meter>) -> Result<StagedItem, StageError> {
         let _cancel = CancelOnDrop(meter.clone());
         let started = Instant::now();
-        let result = self.stage_item_inner(&plan, &meter).await;
+        let result = match self.stage_item_inner(&plan, &meter).await {
+            Ok(staged) => self.finish_item(&plan, staged).await,
+            Err(error) => Err(error),
+        };
         match &result {
             Ok(staged) => {
                 let secs = started.elapsed().as_secs_f64();
@@ -468,6 +496,30 @@ impl Run {
             }
         }
         result
+    }
+
+    /// Records the content's use (for the garbage collection's LRU) and places
+    /// a model in its hub layout.
+    async fn finish_item(&self, plan: &Plan, mut staged: StagedItem) -> Result<StagedItem, StageError> {
+        let content = if staged.path.parent() == Some(&self.layout.content(&staged.sha256)) {
+            staged.path.parent().map(Path::to_path_buf).unwrap_or_default()
+        } else {
+            staged.path.clone()
+        };
+        let (cache, model, item) = (self.layout.0.clone(), plan.model.clone(), plan.name.clone());
+        let is_file = content != staged.path;
+        let hub_cache = tokio::task::spawn_blocking(move || {
+            gc::record_use(&cache, &content);
+            match model {
+                Some(model) if is_file => Err(StageError::ModelNotDirectory { item, model: model.id }),
+                Some(model) => hub::place(&cache, &model, &item, &content).map(Some),
+                None => Ok(None),
+            }
+        })
+        .await
+        .map_err(task_error)??;
+        staged.hub_cache = hub_cache;
+        Ok(staged)
     }
 
     async fn stage_item_inner(&self, plan: &Plan, meter: &Arc<Meter>) -> Result<StagedItem, StageError> {
@@ -510,7 +562,14 @@ impl Run {
             meter.set_totals(Some(bytes), files);
             meter.set_done(bytes, files);
             tracing::debug!(item = %plan.name, path = %path.display(), "found in the cache");
-            Some(StagedItem { name: plan.name.clone(), path, sha256: hex.clone(), bytes, from_cache: true })
+            Some(StagedItem {
+                name: plan.name.clone(),
+                path,
+                sha256: hex.clone(),
+                bytes,
+                from_cache: true,
+                hub_cache: None,
+            })
         };
         if !tokio::fs::metadata(&content).await.is_ok_and(|m| m.is_dir()) {
             return Ok(None);
@@ -601,6 +660,7 @@ impl Run {
             sha256: finished.sha256,
             bytes: finished.bytes,
             from_cache: false,
+            hub_cache: None,
         })
     }
 }

@@ -109,6 +109,8 @@ struct Launch {
     processes: Vec<Supervised>,
     grace: Duration,
     ended_at: Option<Instant>,
+    /// A preemption's signal went out: the ranks save until then, before SIGTERM.
+    save_until: Option<Instant>,
 }
 
 struct Supervised {
@@ -118,6 +120,8 @@ struct Supervised {
     started_unix_ms: i64,
     exited: Option<ProcessExited>,
     stop_requested: bool,
+    /// SIGTERM went to its group (after a preemption's signal, `stop_requested` is set before it).
+    term_sent: bool,
     /// The agent sent SIGKILL to the group after the grace period.
     killed: bool,
     /// Becomes true when the process has exited and its output is drained.
@@ -283,7 +287,8 @@ impl Supervisor {
             stopping_since_unix_ms: None,
             processes: Vec::new(),
         };
-        let mut launch = Launch { dir: dir.clone(), record, processes: Vec::new(), grace, ended_at: None };
+        let mut launch =
+            Launch { dir: dir.clone(), record, processes: Vec::new(), grace, ended_at: None, save_until: None };
         for spec in &cmd.processes {
             let files = ProcessFiles::new(&dir, spec.index);
             match self.spawn(&cmd, spec, &cwd, &files, &identity, &cgroup_dirs).await {
@@ -437,6 +442,7 @@ impl Supervisor {
             started_unix_ms,
             exited: None,
             stop_requested: false,
+            term_sent: false,
             killed: false,
             done,
         };
@@ -573,21 +579,35 @@ impl Supervisor {
     /// Stops every process of a launch: SIGTERM to each group, SIGKILL after
     /// `grace`, then a sweep for escapees. Returns when all have exited.
     pub async fn stop(&self, job_id: &str, attempt: u32, grace: Duration) {
+        self.stop_after(job_id, attempt, grace, None).await
+    }
+
+    /// [`Self::stop`], for a preemption first: `save` is a signal sent to each
+    /// group and how long the ranks get to save and exit before the SIGTERM.
+    /// A stop that comes while they save waits for the same end.
+    pub async fn stop_after(&self, job_id: &str, attempt: u32, grace: Duration, save: Option<(Signal, Duration)>) {
+        let save_until = self.signal_to_save(job_id, attempt, save).await;
+        if let Some(until) = save_until {
+            for mut done in self.unfinished(job_id, attempt).await {
+                if tokio::time::timeout_at(until, done.wait_for(|d| *d)).await.is_err() {
+                    tracing::info!(
+                        job = job_id,
+                        attempt,
+                        "the ranks did not exit in the preemption's grace; stopping them"
+                    );
+                    break;
+                }
+            }
+        }
         let mut waits = Vec::new();
         {
             let mut launches = self.inner.launches.lock().await;
             let Some(launch) = launches.get_mut(&(job_id.to_string(), attempt)) else { return };
-            let alive = launch.processes.iter().any(|p| p.exited.is_none());
-            if alive && launch.record.stopping_since_unix_ms.is_none() {
-                // Before the first signal: a restarted agent counts later exits as its own doing.
-                launch.record.stopping_since_unix_ms = Some(now_unix_ms());
-                if let Err(e) = launch.record.save(&launch.dir) {
-                    tracing::warn!(job = job_id, error = %e, "cannot update the launch's state file");
-                }
-            }
+            mark_stopping(launch, job_id);
             for p in launch.processes.iter_mut().filter(|p| p.exited.is_none()) {
-                if !p.stop_requested {
-                    p.stop_requested = true;
+                p.stop_requested = true;
+                if !p.term_sent {
+                    p.term_sent = true;
                     tracing::info!(job = job_id, attempt, index = p.index, pid = p.pid, "SIGTERM to process group");
                     let _ = killpg(Pid::from_raw(p.pid as i32), Signal::SIGTERM);
                 }
@@ -608,6 +628,32 @@ impl Supervisor {
         if swept > 0 {
             tracing::warn!(job = job_id, attempt, swept, "killed processes that had left their process group");
         }
+    }
+
+    /// Sends a preemption's signal once per launch; returns until when its ranks save (None: no save asked).
+    async fn signal_to_save(&self, job_id: &str, attempt: u32, save: Option<(Signal, Duration)>) -> Option<Instant> {
+        let mut launches = self.inner.launches.lock().await;
+        let launch = launches.get_mut(&(job_id.to_string(), attempt))?;
+        if let Some((signal, save_grace)) = save
+            && launch.save_until.is_none()
+            && launch.processes.iter().any(|p| p.exited.is_none() && !p.stop_requested)
+        {
+            mark_stopping(launch, job_id);
+            launch.save_until = Some(Instant::now() + save_grace);
+            for p in launch.processes.iter_mut().filter(|p| p.exited.is_none() && !p.stop_requested) {
+                p.stop_requested = true;
+                tracing::info!(job = job_id, attempt, index = p.index, pid = p.pid, %signal, ?save_grace, "preemption: signal to process group to save");
+                let _ = killpg(Pid::from_raw(p.pid as i32), signal);
+            }
+        }
+        launch.save_until
+    }
+
+    /// The exit watches of a launch's processes still running.
+    async fn unfinished(&self, job_id: &str, attempt: u32) -> Vec<watch::Receiver<bool>> {
+        let launches = self.inner.launches.lock().await;
+        let Some(launch) = launches.get(&(job_id.to_string(), attempt)) else { return Vec::new() };
+        launch.processes.iter().filter(|p| p.exited.is_none()).map(|p| p.done.clone()).collect()
     }
 
     async fn mark_killed(&self, job_id: &str, attempt: u32, index: u32) {
@@ -664,6 +710,13 @@ impl Supervisor {
         out
     }
 
+    /// Every launch this supervisor holds, by job and attempt: true for one
+    /// that ended (kept a while after), false for one that runs.
+    pub async fn launches_ended(&self) -> HashMap<(String, u32), bool> {
+        let launches = self.inner.launches.lock().await;
+        launches.iter().map(|(key, l)| (key.clone(), l.ended_at.is_some())).collect()
+    }
+
     /// Reports a process that could not be started at all.
     pub async fn spawn_failed(&self, job_id: &str, attempt: u32, index: u32, error: String) {
         self.event(job_id, attempt, index, Event::SpawnFailed(error)).await;
@@ -678,12 +731,32 @@ impl Supervisor {
     }
 }
 
+/// Before the first signal: a restarted agent counts later exits as its own doing.
+fn mark_stopping(launch: &mut Launch, job_id: &str) {
+    let alive = launch.processes.iter().any(|p| p.exited.is_none());
+    if alive && launch.record.stopping_since_unix_ms.is_none() {
+        launch.record.stopping_since_unix_ms = Some(now_unix_ms());
+        if let Err(e) = launch.record.save(&launch.dir) {
+            tracing::warn!(job = job_id, error = %e, "cannot update the launch's state file");
+        }
+    }
+}
+
 impl Supervised {
     /// A process that is over (or never started).
     fn ended(index: u32, pid: u32, started_unix_ms: i64, exited: ProcessExited) -> Self {
         let (tx, done) = watch::channel(true);
         drop(tx);
-        Self { index, pid, started_unix_ms, exited: Some(exited), stop_requested: false, killed: false, done }
+        Self {
+            index,
+            pid,
+            started_unix_ms,
+            exited: Some(exited),
+            stop_requested: false,
+            term_sent: false,
+            killed: false,
+            done,
+        }
     }
 }
 

@@ -74,6 +74,7 @@ fn seed_messages() -> Vec<(&'static str, ControllerMessage)> {
                     attempt: 1,
                     grace_ms: 5000,
                     reason: "cancelled".into(),
+                    ..Default::default()
                 }),
             ),
         ),
@@ -95,6 +96,7 @@ fn seed_messages() -> Vec<(&'static str, ControllerMessage)> {
                         name: "data".into(),
                         source: "https://example.invalid/d.jsonl".into(),
                         sha256: "0".repeat(64),
+                        ..Default::default()
                     }],
                     datasets: vec!["/mnt/shared/train.jsonl".into()],
                     ..Default::default()

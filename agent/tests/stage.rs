@@ -32,7 +32,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn item(name: &str, source: impl ToString, sha256: Option<&str>) -> StageItem {
-    StageItem { name: name.into(), source: source.to_string(), sha256: sha256.map(str::to_owned) }
+    StageItem { name: name.into(), source: source.to_string(), sha256: sha256.map(str::to_owned), model: None }
 }
 
 /// Runs a staging and collects its progress reports.

@@ -6,15 +6,20 @@ use std::sync::Arc;
 use cohort_proto::agent_service_server::AgentService;
 use cohort_proto::job_service_server::JobService;
 use cohort_proto::{
-    AgentMessage, CancelJobRequest, ControllerMessage, DoctorRequest, DoctorResponse, GetJobRequest, GetMetricsRequest,
-    Job, JobEvent, JobLogLine, JobState, ListJobsRequest, ListJobsResponse, ListNodesRequest, ListNodesResponse,
-    PlanJobRequest, PlanJobResponse, RegisterRequest, RegisterResponse, ResumeJobRequest, StreamLogsRequest,
-    SubmitJobRequest, SubmitJobResponse, TrainingPoint, WatchJobRequest, agent_message::Msg,
+    AgentMessage, CancelJobRequest, ControllerMessage, DeleteJobRequest, DeleteJobResponse, DoctorRequest,
+    DoctorResponse, GetJobRequest, GetMetricsRequest, Job, JobEvent, JobLogLine, JobState, ListJobsRequest,
+    ListJobsResponse, ListNodesRequest, ListNodesResponse, PlanJobRequest, PlanJobResponse, RegisterRequest,
+    RegisterResponse, ResumeJobRequest, StreamLogsRequest, SubmitJobRequest, SubmitJobResponse, TrainingPoint,
+    WatchJobRequest, agent_message::Msg,
 };
 use cohort_proto::{ClearGpuRequest, GetLeaderRequest, LeaderInfo, Node, NodeRequest};
 use cohort_proto::{
     ConversionCacheEntry, GetReportRequest, ListConversionCacheRequest, ListConversionCacheResponse, PipelineReport,
     RemoveConversionCacheRequest,
+};
+use cohort_proto::{
+    DeleteQueueRequest, DeleteQueueResponse, GetUsageRequest, GetUsageResponse, ListQueuesRequest, ListQueuesResponse,
+    QueueSpec, QueueStatus,
 };
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
@@ -132,6 +137,9 @@ impl JobService for Api {
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
         unary!(self, request, cancel_job)
     }
+    async fn delete_job(&self, request: Request<DeleteJobRequest>) -> Result<Response<DeleteJobResponse>, Status> {
+        unary!(self, request, delete_job)
+    }
     type WatchJobStream = BoxStream<JobEvent>;
     async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         streaming!(self, request, watch_job)
@@ -189,6 +197,21 @@ impl JobService for Api {
         request: Request<RemoveConversionCacheRequest>,
     ) -> Result<Response<ConversionCacheEntry>, Status> {
         unary!(self, request, remove_conversion_cache)
+    }
+    async fn list_queues(&self, request: Request<ListQueuesRequest>) -> Result<Response<ListQueuesResponse>, Status> {
+        unary!(self, request, list_queues)
+    }
+    async fn set_queue(&self, request: Request<QueueSpec>) -> Result<Response<QueueStatus>, Status> {
+        unary!(self, request, set_queue)
+    }
+    async fn delete_queue(
+        &self,
+        request: Request<DeleteQueueRequest>,
+    ) -> Result<Response<DeleteQueueResponse>, Status> {
+        unary!(self, request, delete_queue)
+    }
+    async fn get_usage(&self, request: Request<GetUsageRequest>) -> Result<Response<GetUsageResponse>, Status> {
+        unary!(self, request, get_usage)
     }
 }
 
@@ -331,8 +354,20 @@ impl JobService for Local {
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
         let caller = crate::security::auth::caller(&request);
         let job = request.into_inner().job;
-        crate::security::auth::check_owner(&caller, &self.controller.get(&job).await?, "cancel")?;
+        crate::security::auth::check_owner(&caller, &self.controller.cancel_target(&job).await?, "cancel")?;
         Ok(Response::new(redacted(self.controller.cancel(&job).await?)))
+    }
+
+    async fn delete_job(&self, request: Request<DeleteJobRequest>) -> Result<Response<DeleteJobResponse>, Status> {
+        let caller = crate::security::auth::caller(&request);
+        let jobs = request.into_inner().jobs;
+        if jobs.is_empty() {
+            return Err(Status::invalid_argument("name at least one job to delete"));
+        }
+        for job in &jobs {
+            crate::security::auth::check_owner(&caller, &self.controller.cancel_target(job).await?, "delete")?;
+        }
+        Ok(Response::new(DeleteJobResponse { deleted: self.controller.delete(jobs).await? }))
     }
 
     type WatchJobStream = BoxStream<JobEvent>;
@@ -442,6 +477,26 @@ impl JobService for Local {
         request: Request<RemoveConversionCacheRequest>,
     ) -> Result<Response<ConversionCacheEntry>, Status> {
         Ok(Response::new(self.controller.remove_conversion(&request.into_inner().key).await?))
+    }
+
+    async fn list_queues(&self, _: Request<ListQueuesRequest>) -> Result<Response<ListQueuesResponse>, Status> {
+        Ok(Response::new(self.controller.list_queues().await))
+    }
+
+    async fn set_queue(&self, request: Request<QueueSpec>) -> Result<Response<QueueStatus>, Status> {
+        Ok(Response::new(self.controller.set_queue(request.into_inner()).await?))
+    }
+
+    async fn delete_queue(
+        &self,
+        request: Request<DeleteQueueRequest>,
+    ) -> Result<Response<DeleteQueueResponse>, Status> {
+        let spec = self.controller.delete_queue(&request.into_inner().name).await?;
+        Ok(Response::new(DeleteQueueResponse { spec: Some(spec) }))
+    }
+
+    async fn get_usage(&self, request: Request<GetUsageRequest>) -> Result<Response<GetUsageResponse>, Status> {
+        Ok(Response::new(self.controller.usage(request.into_inner().since_unix_ms).await))
     }
 
     type StreamLogsStream = BoxStream<JobLogLine>;

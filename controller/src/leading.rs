@@ -217,6 +217,7 @@ impl Leading {
             };
             let (stop_tx, stop_rx) = watch::channel(false);
             let reconcile = tokio::spawn(controller.clone().run(stop_rx.clone()));
+            let retention = tokio::spawn(controller.clone().retain_finished(stop_rx.clone()));
             // Only a shared store (etcd) can change behind this controller's back.
             let follow = watch_store.then(|| tokio::spawn(controller.clone().follow_store(stop_rx)));
             self.current.send_replace(Some(controller.clone()));
@@ -235,6 +236,7 @@ impl Leading {
             controller.stop_writes();
             let _ = stop_tx.send(true);
             reconcile.abort();
+            retention.abort();
             if let Some(follow) = follow {
                 follow.abort();
             }

@@ -148,6 +148,13 @@ impl LogHub {
         }
     }
 
+    /// Forgets a deleted job: what is kept of it and its files.
+    pub async fn remove(&self, job_id: &str) -> std::io::Result<()> {
+        self.jobs.lock().await.remove(job_id);
+        remove_file(&self.path(job_id))?;
+        remove_file(&self.replaced_path(job_id))
+    }
+
     /// Drops what is kept of the jobs for which `keep` is false (their files stay).
     pub async fn retain(&self, keep: impl Fn(&str) -> bool) {
         self.jobs.lock().await.retain(|id, _| keep(id));
@@ -389,3 +396,11 @@ fn decode(text: &str) -> Option<JobLogLine> {
 
 #[cfg(test)]
 mod tests;
+
+/// Removes a file; one already gone is no error.
+pub(crate) fn remove_file(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

@@ -37,6 +37,13 @@ impl MetricsHub {
         self.dir.join(format!("{job_id}.jsonl"))
     }
 
+    /// Forgets a deleted job: what is kept of it and its file.
+    pub async fn remove(&self, job_id: &str) -> std::io::Result<()> {
+        self.jobs.lock().await.remove(job_id);
+        self.seen.lock().await.retain(|(id, ..)| id != job_id);
+        crate::logs::remove_file(&self.path(job_id))
+    }
+
     /// Appends the points of an attempt not recorded yet; returns the newest
     /// training (non-eval) point, if any.
     pub async fn append(&self, job_id: &str, attempt: u32, points: Vec<TrainingPoint>) -> Option<TrainingPoint> {

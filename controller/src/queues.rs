@@ -12,9 +12,12 @@
 //! name = "team-a"
 //! gpus = 32                     # quota; leave out for none
 //! max_run_time = "24h"          # the time limit of jobs without one
+//! weight = 2                    # its fair share of the cluster, against the others' weights
 //! users = ["alice", "bob"]      # leave out for everyone
 //! borrow = true                 # may run on idle GPUs beyond its quota
 //! gpus_by_label = { "gpu=h100" = 16 }  # at most 16 GPUs on nodes labelled gpu=h100
+//! reclaim = true                # may its jobs preempt borrowers to get its quota back
+//! preempt_lower_priority = false  # may its jobs preempt its own lower-priority jobs
 //! ```
 //!
 //! Without a file there is one implicit queue, `default`, with no quota: the
@@ -46,7 +49,7 @@ pub enum QueueRefusal {
 }
 
 /// One queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Queue {
     pub name: String,
     /// The most GPUs its running jobs hold together, borrowing aside (None: no quota).
@@ -60,6 +63,12 @@ pub struct Queue {
     pub users: Option<BTreeSet<String>>,
     /// Whether its jobs may start beyond its quota on GPUs no job under its own quota can use.
     pub borrow: bool,
+    /// Its weight in the fair share of the whole cluster (> 0).
+    pub weight: f64,
+    /// Whether a job of it within its quota that does not fit may preempt borrowers of its lent GPUs.
+    pub reclaim: bool,
+    /// Whether a job of it that does not fit may preempt the queue's own jobs of lower priority.
+    pub preempt_lower_priority: bool,
 }
 
 /// A quota on the GPUs a queue's jobs hold on nodes with one label.
@@ -84,7 +93,7 @@ impl std::fmt::Display for LabelQuota {
 }
 
 /// Every queue of the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Queues {
     queues: Vec<Queue>,
     default: String,
@@ -120,10 +129,50 @@ struct QueueEntry {
     borrow: bool,
     #[serde(default)]
     gpus_by_label: std::collections::BTreeMap<String, u32>,
+    weight: Option<f64>,
+    #[serde(default = "reclaim_default")]
+    reclaim: bool,
+    #[serde(default)]
+    preempt_lower_priority: bool,
+}
+
+fn reclaim_default() -> bool {
+    true
 }
 
 fn borrow_default() -> bool {
     true
+}
+
+/// The weight of a queue that names none.
+pub const DEFAULT_WEIGHT: f64 = 1.0;
+
+/// A weight, or why it is not one (`field` names where it came from).
+fn check_weight(field: &str, weight: Option<f64>) -> Result<f64, String> {
+    match weight {
+        None => Ok(DEFAULT_WEIGHT),
+        Some(w) if w.is_finite() && w > 0.0 && w <= 1e6 => Ok(w),
+        Some(w) => Err(format!("{field}: {w} is not a weight: give a number above 0 (at most 1e6), e.g. 2")),
+    }
+}
+
+/// Label quotas from `KEY=VALUE` → GPUs, or the error naming `field`.
+fn label_quotas(field: &str, by_label: impl IntoIterator<Item = (String, u32)>) -> Result<Vec<LabelQuota>, String> {
+    let mut quotas = Vec::new();
+    for (label, gpus) in by_label {
+        let Some((key, value)) = label.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+            return Err(format!("{field}: {label:?} is not a node label KEY=VALUE, e.g. \"gpu=h100\""));
+        };
+        quotas.push(LabelQuota { key: key.into(), value: value.into(), gpus });
+    }
+    Ok(quotas)
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), String> {
+    if cohort_shared::spec::is_queue_name(name) {
+        return Ok(());
+    }
+    Err(format!("{field}: {name:?} is not a queue name: use letters, digits, `-` and `_`"))
 }
 
 impl Default for Queues {
@@ -137,6 +186,9 @@ impl Default for Queues {
                 max_run_time: None,
                 users: None,
                 borrow: true,
+                weight: DEFAULT_WEIGHT,
+                reclaim: true,
+                preempt_lower_priority: false,
             }],
             default: IMPLICIT_QUEUE.into(),
             half_life: DEFAULT_HALF_LIFE,
@@ -161,12 +213,7 @@ impl Queues {
         };
         let mut queues: Vec<Queue> = Vec::new();
         for (i, entry) in file.queue.into_iter().enumerate() {
-            if !cohort_shared::spec::is_queue_name(&entry.name) {
-                return Err(format!(
-                    "queue[{i}].name: {:?} is not a queue name: use letters, digits, `-` and `_`",
-                    entry.name
-                ));
-            }
+            check_name(&format!("queue[{i}].name"), &entry.name)?;
             if queues.iter().any(|q| q.name == entry.name) {
                 return Err(format!("queue[{i}].name: queue {:?} is declared twice", entry.name));
             }
@@ -178,22 +225,16 @@ impl Queues {
                 None => None,
             };
             let users = entry.users.filter(|u| !u.iter().any(|u| u == "*")).map(|u| u.into_iter().collect());
-            let mut label_quotas = Vec::new();
-            for (label, gpus) in entry.gpus_by_label {
-                let Some((key, value)) = label.split_once('=').filter(|(k, _)| !k.is_empty()) else {
-                    return Err(format!(
-                        "queue[{i}].gpus_by_label: {label:?} is not a node label KEY=VALUE, e.g. \"gpu=h100\""
-                    ));
-                };
-                label_quotas.push(LabelQuota { key: key.into(), value: value.into(), gpus });
-            }
             queues.push(Queue {
                 name: entry.name,
                 gpu_quota: entry.gpus,
-                label_quotas,
+                label_quotas: label_quotas(&format!("queue[{i}].gpus_by_label"), entry.gpus_by_label)?,
                 max_run_time,
                 users,
                 borrow: entry.borrow,
+                weight: check_weight(&format!("queue[{i}].weight"), entry.weight)?,
+                reclaim: entry.reclaim,
+                preempt_lower_priority: entry.preempt_lower_priority,
             });
         }
         if queues.is_empty() {
@@ -277,7 +318,102 @@ impl Queues {
     }
 }
 
+impl Queues {
+    /// The default queue's name.
+    pub fn default_name(&self) -> &str {
+        &self.default
+    }
+
+    /// These queues with `stored` (the store's, set through the admin API)
+    /// in place of the declared ones: the store wins; the default queue is
+    /// kept as declared when the store lacks it.
+    pub fn with_stored(&self, stored: Vec<Queue>) -> Queues {
+        let mut queues = stored;
+        if !queues.iter().any(|q| q.name == self.default)
+            && let Some(default) = self.of(None)
+        {
+            queues.push(default.clone());
+        }
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        Queues { queues, default: self.default.clone(), half_life: self.half_life }
+    }
+
+    /// Adds or replaces a queue.
+    pub fn set(&mut self, queue: Queue) {
+        match self.queues.iter_mut().find(|q| q.name == queue.name) {
+            Some(old) => *old = queue,
+            None => {
+                self.queues.push(queue);
+                self.queues.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+        }
+    }
+
+    /// Takes a queue out; the default one stays (the error says so).
+    pub fn remove(&mut self, name: &str) -> Result<Queue, String> {
+        if name == self.default {
+            return Err(format!(
+                "queue {name} is the default queue (jobs without `queue:` go there): it cannot be deleted; \
+                 change `default` in the --queues file first"
+            ));
+        }
+        let i = self
+            .queues
+            .iter()
+            .position(|q| q.name == name)
+            .ok_or_else(|| format!("queue {name:?} is not a queue of this cluster ({})", names(&self.queues)))?;
+        Ok(self.queues.remove(i))
+    }
+
+    /// Each queue's part of the weights: what fair share aims at.
+    pub fn target_share(&self, name: &str) -> f64 {
+        let total: f64 = self.queues.iter().map(|q| q.weight).sum();
+        self.queues.iter().find(|q| q.name == name).map_or(0.0, |q| q.weight / total.max(f64::MIN_POSITIVE))
+    }
+}
+
 impl Queue {
+    /// The wire form ([`cohort_proto::QueueSpec`]): the admin API and the store.
+    pub fn to_spec(&self) -> cohort_proto::QueueSpec {
+        cohort_proto::QueueSpec {
+            name: self.name.clone(),
+            gpus: self.gpu_quota,
+            weight: self.weight,
+            max_run_time_ms: self.max_run_time.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            users: self.users.iter().flatten().cloned().collect(),
+            borrow: self.borrow,
+            label_quotas: self
+                .label_quotas
+                .iter()
+                .map(|q| cohort_proto::LabelQuotaSpec { label: q.to_string(), gpus: q.gpus })
+                .collect(),
+            reclaim: Some(self.reclaim),
+            preempt_lower_priority: self.preempt_lower_priority,
+        }
+    }
+
+    /// A queue from its wire form; the error names the field and the fix.
+    /// A weight of 0 (unset on the wire) is the default weight.
+    pub fn from_spec(spec: &cohort_proto::QueueSpec) -> Result<Queue, String> {
+        check_name("name", &spec.name)?;
+        if spec.max_run_time_ms < 0 {
+            return Err("max_run_time_ms: must be 0 (none) or more".into());
+        }
+        let weight = (spec.weight != 0.0).then_some(spec.weight);
+        Ok(Queue {
+            name: spec.name.clone(),
+            gpu_quota: spec.gpus,
+            label_quotas: label_quotas("label_quotas", spec.label_quotas.iter().map(|q| (q.label.clone(), q.gpus)))?,
+            max_run_time: (spec.max_run_time_ms > 0).then(|| Duration::from_millis(spec.max_run_time_ms as u64)),
+            users: (!spec.users.is_empty() && !spec.users.iter().any(|u| u == "*"))
+                .then(|| spec.users.iter().cloned().collect()),
+            borrow: spec.borrow,
+            weight: check_weight("weight", weight)?,
+            reclaim: spec.reclaim.unwrap_or(true),
+            preempt_lower_priority: spec.preempt_lower_priority,
+        })
+    }
+
     /// Whether `user` may submit here.
     pub fn admits(&self, user: &str) -> bool {
         self.users.as_ref().is_none_or(|u| u.contains(user))
@@ -289,33 +425,104 @@ impl Queue {
     }
 }
 
-/// Each submitter's GPU-seconds, decayed by half every half-life (Slurm's
-/// classic fair share): within a queue and a priority, the job of the user who
-/// used least goes first. Kept in memory: a controller starts from zero.
-#[derive(Debug, Clone, Default)]
+/// Each submitter's and each queue's GPU-seconds, decayed by half every
+/// half-life (Slurm's classic fair share): across queues, the queue furthest
+/// below its weighted share goes first; within a queue and a priority, the
+/// job of the user who used least. Stored ([`FairShare::to_record`]) so that
+/// a controller that restarts or takes over goes on from it.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct FairShare {
     usage: std::collections::HashMap<String, f64>,
+    queues: std::collections::HashMap<String, f64>,
     at_unix_ms: Option<i64>,
 }
 
 impl FairShare {
-    /// Decays what was used and adds what each (user, GPUs held) used since the last call.
-    pub fn accrue(&mut self, now_unix_ms: i64, half_life: Duration, holding: impl IntoIterator<Item = (String, u32)>) {
+    /// Decays what was used and adds what each (user, queue, GPUs held) used since the last call.
+    pub fn accrue(
+        &mut self,
+        now_unix_ms: i64,
+        half_life: Duration,
+        holding: impl IntoIterator<Item = (String, String, u32)>,
+    ) {
         let Some(last) = self.at_unix_ms.replace(now_unix_ms) else { return };
         let seconds = (now_unix_ms - last).max(0) as f64 / 1000.0;
         let decay = 0.5f64.powf(seconds / half_life.as_secs_f64().max(1.0));
-        for used in self.usage.values_mut() {
+        for used in self.usage.values_mut().chain(self.queues.values_mut()) {
             *used *= decay;
         }
-        for (user, gpus) in holding {
+        for (user, queue, gpus) in holding {
             *self.usage.entry(user).or_default() += f64::from(gpus) * seconds;
+            *self.queues.entry(queue).or_default() += f64::from(gpus) * seconds;
         }
         self.usage.retain(|_, used| *used > 1e-3);
+        self.queues.retain(|_, used| *used > 1e-3);
     }
 
     /// `user`'s decayed GPU-seconds.
     pub fn usage(&self, user: &str) -> f64 {
         self.usage.get(user).copied().unwrap_or(0.0)
+    }
+
+    /// `queue`'s decayed GPU-seconds.
+    pub fn queue_usage(&self, queue: &str) -> f64 {
+        self.queues.get(queue).copied().unwrap_or(0.0)
+    }
+
+    /// Every queue's decayed GPU-seconds together.
+    pub fn total_queue_usage(&self) -> f64 {
+        self.queues.values().sum()
+    }
+
+    /// How far `queue` is over its weighted share: its usage over its weight
+    /// (the lowest goes first; equal weights compare plain usage).
+    pub fn queue_rank(&self, queue: &Queue) -> f64 {
+        self.queue_usage(&queue.name) / queue.weight.max(f64::MIN_POSITIVE)
+    }
+
+    /// The stored form.
+    pub fn to_record(&self) -> cohort_proto::FairShareRecord {
+        cohort_proto::FairShareRecord {
+            users: self.usage.clone().into_iter().collect(),
+            queues: self.queues.clone().into_iter().collect(),
+            at_unix_ms: self.at_unix_ms.unwrap_or(0),
+        }
+    }
+
+    /// From the stored form; values that are not finite non-negative numbers are dropped.
+    pub fn from_record(record: cohort_proto::FairShareRecord) -> FairShare {
+        let keep = |m: std::collections::HashMap<String, f64>| -> std::collections::HashMap<String, f64> {
+            m.into_iter().filter(|(_, v)| v.is_finite() && *v >= 0.0).collect()
+        };
+        FairShare {
+            usage: keep(record.users.into_iter().collect()),
+            queues: keep(record.queues.into_iter().collect()),
+            at_unix_ms: (record.at_unix_ms > 0).then_some(record.at_unix_ms),
+        }
+    }
+}
+
+/// Where a pending job stands in the order ([`OrderKey::order`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OrderKey {
+    /// Its queue's [`FairShare::queue_rank`]: usage over weight.
+    pub queue_rank: f64,
+    pub priority: i32,
+    /// Its submitter's decayed GPU-seconds.
+    pub user_usage: f64,
+    /// Submission order.
+    pub seq: u64,
+}
+
+impl OrderKey {
+    /// Across queues, the one furthest below its weighted share first; then
+    /// higher priority, then the submitter who used least, then submission.
+    pub fn order(&self, other: &OrderKey) -> std::cmp::Ordering {
+        self.queue_rank
+            .total_cmp(&other.queue_rank)
+            .then(other.priority.cmp(&self.priority))
+            .then(self.user_usage.total_cmp(&other.user_usage))
+            .then(self.seq.cmp(&other.seq))
     }
 }
 
@@ -378,6 +585,18 @@ impl LabelUse {
     }
 }
 
+/// How the controller orders and places pending jobs (`--scheduler`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scheduler {
+    /// Queues with quotas and borrowing, fair share, EASY backfill with reservations.
+    #[default]
+    Backfill,
+    /// The order before queues: one line by priority then submission, no
+    /// quotas, no fair share, no backfill (the first job that does not fit
+    /// holds up every job behind it). A baseline for `cohort-sim`.
+    Fifo,
+}
+
 /// A node's labels.
 pub type LabelMap = std::collections::HashMap<String, String>;
 
@@ -390,6 +609,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use prost::Message as _;
 
     const FILE: &str = r#"
 default = "shared"
@@ -453,9 +673,11 @@ users = ["*"]
     fn fair_share_accrues_gpu_seconds_and_halves_every_half_life() {
         let mut share = FairShare::default();
         let hour = Duration::from_secs(3600);
-        share.accrue(0, hour, [("alice".to_string(), 8)]);
-        share.accrue(1000, hour, [("alice".to_string(), 8)]);
+        let alice = || ("alice".to_string(), "team-a".to_string(), 8);
+        share.accrue(0, hour, [alice()]);
+        share.accrue(1000, hour, [alice()]);
         assert_eq!(share.usage("alice"), 8.0);
+        assert_eq!(share.queue_usage("team-a"), 8.0);
         assert_eq!(share.usage("bob"), 0.0);
         share.accrue(1000 + 3_600_000, hour, []);
         assert!((share.usage("alice") - 4.0).abs() < 1e-9, "{}", share.usage("alice"));
@@ -481,5 +703,168 @@ users = ["*"]
         let e = Queues::parse("[[queue]]\nname = \"a\"\ngpus_by_label = { h100 = 1 }\n").unwrap_err();
         assert!(e.contains("queue[0].gpus_by_label: \"h100\" is not a node label KEY=VALUE"), "{e}");
         assert!(Queues::parse("").unwrap_err().contains("declares no queue"));
+    }
+
+    #[test]
+    fn a_weight_is_read_checked_and_defaults_to_one() {
+        let queues = Queues::parse("[[queue]]\nname = \"a\"\nweight = 3\n[[queue]]\nname = \"b\"\n").unwrap();
+        assert_eq!(queues.of(Some("a")).unwrap().weight, 3.0);
+        assert_eq!(queues.of(Some("b")).unwrap().weight, 1.0);
+        assert!((queues.target_share("a") - 0.75).abs() < 1e-12);
+        let e = Queues::parse("[[queue]]\nname = \"a\"\nweight = 0\n").unwrap_err();
+        assert!(e.starts_with("queue[0].weight: 0 is not a weight"), "{e}");
+        let e = Queues::parse("[[queue]]\nname = \"a\"\nweight = -1.5\n").unwrap_err();
+        assert!(e.contains("give a number above 0"), "{e}");
+    }
+
+    #[test]
+    fn a_queue_goes_to_its_wire_form_and_back_and_bad_specs_name_the_field() {
+        let queues = Queues::parse(FILE).unwrap();
+        for queue in queues.all() {
+            assert_eq!(&Queue::from_spec(&queue.to_spec()).unwrap(), queue);
+        }
+        let mut spec = queues.of(Some("team-a")).unwrap().to_spec();
+        spec.name = "no spaces".into();
+        assert!(Queue::from_spec(&spec).unwrap_err().starts_with("name: \"no spaces\""));
+        spec.name = "ok".into();
+        spec.weight = f64::NAN;
+        assert!(Queue::from_spec(&spec).unwrap_err().starts_with("weight:"));
+        spec.weight = 0.0;
+        assert_eq!(Queue::from_spec(&spec).unwrap().weight, DEFAULT_WEIGHT, "unset on the wire");
+        spec.label_quotas[0].label = "h100".into();
+        assert!(Queue::from_spec(&spec).unwrap_err().starts_with("label_quotas: \"h100\""));
+    }
+
+    #[test]
+    fn stored_queues_win_over_declared_ones_and_the_default_stays() {
+        let declared = Queues::parse(FILE).unwrap();
+        let mut a = declared.of(Some("team-a")).unwrap().clone();
+        a.gpu_quota = Some(4);
+        let mut queues = declared.with_stored(vec![a]);
+        assert_eq!(queues.of(Some("team-a")).unwrap().gpu_quota, Some(4));
+        assert_eq!(queues.of(None).unwrap().name, "shared", "the default is kept though the store lacks it");
+        assert!(queues.remove("shared").unwrap_err().contains("is the default queue"));
+        assert!(
+            queues.remove("nope").unwrap_err().contains("\"nope\" is not a queue of this cluster (shared, team-a)")
+        );
+        assert_eq!(queues.remove("team-a").unwrap().name, "team-a");
+        assert!(queues.of(Some("team-a")).is_none());
+    }
+
+    #[test]
+    fn fair_share_survives_its_stored_form() {
+        let mut share = FairShare::default();
+        let day = Duration::from_secs(86_400);
+        share.accrue(1_000, day, [("alice".into(), "a".into(), 2)]);
+        share.accrue(61_000, day, [("alice".into(), "a".into(), 2), ("bob".into(), "b".into(), 1)]);
+        let record = share.to_record();
+        let back = FairShare::from_record(
+            cohort_proto::FairShareRecord::decode(prost::Message::encode_to_vec(&record).as_slice()).unwrap(),
+        );
+        assert_eq!(back, share);
+        assert!(back.queue_usage("a") > 119.0 && back.usage("bob") > 59.0, "{back:?}");
+    }
+
+    #[test]
+    fn the_queue_below_its_weighted_share_goes_first_then_priority() {
+        let key = |queue_rank, priority, seq| OrderKey { queue_rank, priority, user_usage: 0.0, seq };
+        let mut keys = [key(2.0, 10, 1), key(1.0, 0, 2), key(1.0, 5, 3), key(1.0, 5, 0)];
+        keys.sort_by(OrderKey::order);
+        assert_eq!(keys.map(|k| k.seq), [0, 3, 2, 1]);
+        let heavy = Queue { weight: 4.0, ..Queues::default().all()[0].clone() };
+        let light = Queue { name: "light".into(), weight: 1.0, ..heavy.clone() };
+        let mut share = FairShare::default();
+        let hour = Duration::from_secs(3600);
+        share.accrue(0, hour, []);
+        share.accrue(1000, hour, [("u".into(), heavy.name.clone(), 3), ("u".into(), "light".into(), 1)]);
+        assert!(share.queue_rank(&heavy) < share.queue_rank(&light), "3 GPU-s over weight 4 is below 1 over 1");
+    }
+
+    /// A cluster of `gpus` GPUs, every queue with an endless backlog of
+    /// one-GPU jobs of 1 to 10 minutes, one scheduling pass a minute in the
+    /// order [`OrderKey`] gives: each queue's part of the GPU time over the
+    /// second half of `minutes` as against its weight's part.
+    fn simulate(weights: &[f64], gpus: u32, half_life_min: u64, durations: &[u64], minutes: u64) -> Vec<f64> {
+        let queues: Vec<Queue> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Queue { name: format!("q{i}"), weight: *w, ..Queues::default().all()[0].clone() })
+            .collect();
+        let half_life = Duration::from_secs(half_life_min * 60);
+        let mut share = FairShare::default();
+        let mut running: Vec<(usize, u64)> = Vec::new();
+        let mut got = vec![0.0; queues.len()];
+        let mut next_duration = durations.iter().cycle();
+        for t in 0..minutes {
+            // The minute that ends now was held by the jobs running through it.
+            let holding = running.iter().map(|(q, _)| ("u".to_string(), queues[*q].name.clone(), 1));
+            share.accrue((t * 60_000) as i64, half_life, holding);
+            running.retain(|(_, end)| *end > t);
+            let mut order: Vec<(OrderKey, usize)> = (0..queues.len())
+                .map(|q| {
+                    (
+                        OrderKey {
+                            queue_rank: share.queue_rank(&queues[q]),
+                            priority: 0,
+                            user_usage: 0.0,
+                            seq: q as u64,
+                        },
+                        q,
+                    )
+                })
+                .collect();
+            order.sort_by(|a, b| a.0.order(&b.0));
+            // A pass goes down the order: the first queue's backlog takes every free GPU.
+            let free = gpus as usize - running.len();
+            let first = order[0].1;
+            for _ in 0..free {
+                running.push((first, t + next_duration.next().copied().unwrap_or(1)));
+            }
+            // The GPUs held during minute t, by the jobs that run on past it.
+            if t >= minutes / 2 {
+                for (q, _) in &running {
+                    got[*q] += 1.0;
+                }
+            }
+        }
+        let total: f64 = got.iter().sum();
+        got.iter().map(|g| g / total).collect()
+    }
+
+    /// Prints the share error of one fixed contention (weights 1:2:3:4 on 32
+    /// GPUs, a 2-hour half-life, jobs of 1 to 10 minutes, 50 simulated hours):
+    /// `cargo test -p cohort-controller --lib fair_share_figures -- --nocapture`.
+    #[test]
+    fn fair_share_figures() {
+        let weights = [1.0, 2.0, 3.0, 4.0];
+        let durations: Vec<u64> = (0..97).map(|i| 1 + (i * 7) % 10).collect();
+        let shares = simulate(&weights, 32, 120, &durations, 3000);
+        let error = shares.iter().zip(&weights).map(|(s, w)| (s - w / 10.0).abs()).fold(0.0, f64::max);
+        eprintln!(
+            "figures: weights {weights:?} got shares {shares:.4?}; the largest share error is {:.2} %",
+            error * 100.0
+        );
+        assert!(error < 0.05, "{shares:?}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Fair share converges: with queues contending for the whole
+        /// cluster, each one's long-run share of GPU time comes within 5 % of
+        /// its weight's share.
+        #[test]
+        fn contending_queues_get_shares_that_approach_their_weights(
+            weights in proptest::collection::vec(1u32..=4, 2..=4),
+            gpus in 4u32..=32,
+            half_life_min in proptest::sample::select(vec![60u64, 120, 240]),
+            durations in proptest::collection::vec(1u64..=10, 1..=16),
+        ) {
+            let weights: Vec<f64> = weights.into_iter().map(f64::from).collect();
+            let total: f64 = weights.iter().sum();
+            let shares = simulate(&weights, gpus, half_life_min, &durations, 3000);
+            for (share, weight) in shares.iter().zip(&weights) {
+                proptest::prop_assert!((share - weight / total).abs() < 0.05, "shares {shares:?} against weights {weights:?}");
+            }
+        }
     }
 }

@@ -19,6 +19,7 @@ pub fn state_name(state: i32) -> &'static str {
         JobState::Failed => "Failed",
         JobState::Cancelled => "Cancelled",
         JobState::Restarting => "Restarting",
+        JobState::Preempted => "Preempted",
     }
 }
 

@@ -246,10 +246,65 @@ impl fmt::Display for ParallelLayout {
     }
 }
 
+/// A copy of `spec` whose Megatron-LM saves a checkpoint and exits on SIGTERM:
+/// `exit_signal_handler: true` merged into `megatron_extra_kwargs`, which
+/// ms-swift 3.x puts on Megatron-LM's command line (3.12.6
+/// `swift/megatron/argument/megatron_args.py:793-805`), where the training
+/// loop saves before it exits (Megatron-LM core_r0.15.0
+/// `megatron/training/training.py:1851-1864`). None for ms-swift 4.x, whose
+/// own training loop has no signal handler, for a job that turned the handler
+/// off itself, and for `megatron_extra_kwargs` that are not a JSON object.
+pub fn with_save_on_sigterm(spec: &MegatronSpec) -> Option<MegatronSpec> {
+    if spec.swift_version != SwiftVersion::V3 {
+        return None;
+    }
+    const KEY: &str = "megatron_extra_kwargs";
+    let mut kwargs = match spec.flags.get(KEY) {
+        None => serde_json::Map::new(),
+        Some(FlagValue::Scalar(text)) => match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => return None,
+        },
+        Some(FlagValue::List(_)) => return None,
+    };
+    if kwargs.get("exit_signal_handler").is_some_and(|v| v == &serde_json::Value::Bool(false)) {
+        return None;
+    }
+    kwargs.insert("exit_signal_handler".into(), serde_json::Value::Bool(true));
+    let mut saving = spec.clone();
+    let text = serde_json::Value::Object(kwargs).to_string();
+    match saving.flags.get_mut(KEY) {
+        Some(existing) => *existing = FlagValue::Scalar(text),
+        None => {
+            saving.flags.insert(KEY.into(), FlagValue::Scalar(text));
+        }
+    }
+    Some(saving)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn save_on_sigterm_merges_into_the_jobs_extra_kwargs_for_ms_swift_3_only() {
+        let mut spec = MegatronSpec::new(SwiftVersion::V3);
+        let kwargs = |s: &MegatronSpec| match s.flags.get("megatron_extra_kwargs") {
+            Some(FlagValue::Scalar(t)) => serde_json::from_str::<serde_json::Value>(t).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let saving = with_save_on_sigterm(&spec).unwrap();
+        assert_eq!(kwargs(&saving), serde_json::json!({"exit_signal_handler": true}));
+        spec.flags
+            .insert("megatron_extra_kwargs".into(), FlagValue::Scalar(r#"{"no_persist_layer_norm": true}"#.into()));
+        let saving = with_save_on_sigterm(&spec).unwrap();
+        assert_eq!(kwargs(&saving), serde_json::json!({"no_persist_layer_norm": true, "exit_signal_handler": true}));
+        spec.flags
+            .insert("megatron_extra_kwargs".into(), FlagValue::Scalar(r#"{"exit_signal_handler": false}"#.into()));
+        assert_eq!(with_save_on_sigterm(&spec), None, "the job turned it off");
+        assert_eq!(with_save_on_sigterm(&MegatronSpec::new(SwiftVersion::V4)), None);
+    }
 
     fn spec(flags: &[(&str, FlagValue)]) -> MegatronSpec {
         let mut spec = MegatronSpec::new(SwiftVersion::V3);

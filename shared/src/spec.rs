@@ -13,10 +13,13 @@
 //! ```
 //! A command job has `command: [python3, train.py]` and `launch: per-node | per-rank`.
 
+pub mod after;
+pub mod array;
 mod bounds;
 mod fields;
 #[doc(hidden)]
 pub mod fuzzing;
+mod preempt;
 mod restart;
 pub mod stage_document;
 pub mod stages;
@@ -37,6 +40,7 @@ use crate::megatron::parse::read_megatron;
 pub use crate::megatron::{FlagValue, MegatronSpec, ParallelLayout, SwiftVersion};
 use crate::model::ModelConfig;
 use fields::{check_name, read_command, read_env, read_node_selector};
+pub use preempt::{DEFAULT_PREEMPT_GRACE, MAX_PREEMPT_GRACE, PreemptPolicy, SIGNALS as PREEMPT_SIGNALS};
 pub use restart::{BACKOFF_RESET_AFTER, DEFAULT_STRAGGLER_FACTOR, RestartPolicy, backoff_step};
 
 /// A validated job file.
@@ -71,6 +75,8 @@ pub struct JobSpec {
     pub time_limit: Option<Duration>,
     /// The queue the job waits in (`queue:`); None: the controller's default queue.
     pub queue: Option<String>,
+    /// How it saves before a preemption stops it (`preempt:`); None: it is stopped as any gang.
+    pub preempt: Option<PreemptPolicy>,
     /// New attempts after a failure (`restart:`); none by default.
     pub restart: RestartPolicy,
     /// A node progressing this many times slower than the others is a straggler.
@@ -84,6 +90,12 @@ pub struct JobSpec {
     pub shared_paths: Vec<String>,
     /// What a dataset with bad rows does to a megatron-sft launch.
     pub dataset_policy: DatasetPolicy,
+    /// Jobs this one waits for (`after:`); not for pipelines.
+    pub after: Vec<after::Dependency>,
+    /// A job array (`array:`): the controller makes one job per element; not for pipelines.
+    pub array: Option<array::ArraySpec>,
+    /// `sweep:`: each element of the array gets one combination of these as env.
+    pub sweep: array::Sweep,
     pub workload: Workload,
 }
 
@@ -93,11 +105,74 @@ pub struct JobSpec {
 #[serde(deny_unknown_fields)]
 pub struct StageSpec {
     /// Names the input; the processes find it at `$COHORT_STAGED_<NAME>`.
+    /// Defaults, for a `model:` entry, to the model id with '/' and '.' as '_'.
+    #[serde(default)]
     pub name: String,
     pub source: String,
     /// Expected hex SHA-256 (of the file; of the manifest for a directory).
     #[serde(default)]
     pub sha256: Option<String>,
+    /// A hub model id (`Qwen/Qwen3-8B`): the staged directory is also placed
+    /// where the hub library finds that id offline, in the node's cache layout.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Which hub's cache layout a `model:` goes into (default modelscope).
+    #[serde(default)]
+    pub layout: Option<HubLayout>,
+}
+
+/// The on-disk cache layout of a model hub library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HubLayout {
+    /// ModelScope's: `$MODELSCOPE_CACHE/models/<owner>/<name>` (dots as `___`).
+    Modelscope,
+    /// Hugging Face's: `$HF_HUB_CACHE/models--<owner>--<name>/{refs,snapshots}`.
+    Huggingface,
+}
+
+impl HubLayout {
+    /// The variable that points the library at the cache.
+    pub fn cache_var(self) -> &'static str {
+        match self {
+            HubLayout::Modelscope => "MODELSCOPE_CACHE",
+            HubLayout::Huggingface => "HF_HUB_CACHE",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HubLayout::Modelscope => "modelscope",
+            HubLayout::Huggingface => "huggingface",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "modelscope" => Some(HubLayout::Modelscope),
+            "huggingface" => Some(HubLayout::Huggingface),
+            _ => None,
+        }
+    }
+}
+
+impl StageSpec {
+    /// The layout a `model:` entry is placed in (None: not a model).
+    pub fn hub_layout(&self) -> Option<HubLayout> {
+        self.model.as_ref().map(|_| self.layout.unwrap_or(HubLayout::Modelscope))
+    }
+}
+
+/// Whether `id` is a hub model id `owner/name` that is safe as a path:
+/// letters, digits, '-', '_' and '.' in each part, neither part '.' or '..'.
+pub fn is_model_id(id: &str) -> bool {
+    let Some((owner, name)) = id.split_once('/') else { return false };
+    [owner, name].iter().all(|part| {
+        !part.is_empty()
+            && *part != "."
+            && *part != ".."
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    })
 }
 
 pub use crate::dataset::DatasetPolicy;
@@ -162,7 +237,8 @@ enum JobKind {
 /// The top-level keys of command and megatron-sft jobs besides those every
 /// job has ([`stages::INHERITED_KEYS`], read by `read_common`); `name` and
 /// `kind` a pipeline has too.
-const JOB_KEYS: &[&str] = &["name", "kind", "nodes", "gpus_per_node", "command", "launch", "megatron"];
+const JOB_KEYS: &[&str] =
+    &["name", "kind", "nodes", "gpus_per_node", "command", "launch", "megatron", "after", "array", "sweep"];
 
 /// Every top-level key of a job file, of any kind.
 fn top_level_keys() -> impl Iterator<Item = &'static str> + Clone {
@@ -367,6 +443,10 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
     for key in stages::PIPELINE_KEYS {
         misplaced(root, key, "command or megatron-sft", "a pipeline job", problems);
     }
+    let after = after::read_after(root, problems);
+    let common = read_common(root, problems);
+    let sweep = array::read_sweep(root, &common.env, problems);
+    let array = array::read_array(root, &sweep, problems);
     let nodes = typed::<u32>(root, "nodes", problems);
     match nodes {
         Some(0) => problems.at(&["nodes"], "must be at least 1"),
@@ -374,7 +454,6 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
         Some(_) => {}
     }
     let gpus_per_node = typed::<u32>(root, "gpus_per_node", problems);
-    let common = read_common(root, problems);
 
     let workload = match kind? {
         JobKind::Command => {
@@ -406,13 +485,20 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
             Some(Workload::MegatronSft(megatron))
         }
     };
-    Some(common.into_spec(name?, nodes?, gpus_per_node.unwrap_or(0), workload?))
+    let mut spec = common.into_spec(name?, nodes?, gpus_per_node.unwrap_or(0), workload?);
+    spec.after = after;
+    spec.array = array;
+    spec.sweep = sweep;
+    Some(spec)
 }
 
 /// A `kind: pipeline` job: the shared top-level fields, then `stages:`.
 fn read_pipeline_job(root: &Mapping, name: Option<String>, problems: &mut Problems) -> Option<JobSpec> {
     // Read here for their errors; each stage's job inherits them (stages.rs).
     let common = read_common(root, problems);
+    misplaced(root, "after", "pipeline", "a command or megatron-sft job (a stage waits on `depends_on`)", problems);
+    misplaced(root, "array", "pipeline", "a command or megatron-sft job", problems);
+    misplaced(root, "sweep", "pipeline", "a command or megatron-sft job", problems);
     let pipeline = stages::read_pipeline(root, problems.text(), problems)?;
     Some(common.into_spec(name?, 0, 0, Workload::Pipeline(pipeline)))
 }
@@ -429,6 +515,7 @@ struct Common {
     hang_timeout: Option<Duration>,
     time_limit: Option<Duration>,
     queue: Option<String>,
+    preempt: Option<PreemptPolicy>,
     restart: RestartPolicy,
     straggler_factor: f64,
     python: Option<String>,
@@ -463,10 +550,18 @@ fn read_common(root: &Mapping, problems: &mut Problems) -> Common {
     }
     let time_limit = read_time_limit(root, problems);
     let queue = read_queue(root, problems);
+    let preempt = preempt::read_preempt(root, problems);
     let restart = restart::read_restart(root, problems);
     let straggler_factor = restart::read_straggler_factor(root, problems);
     let python = typed::<String>(root, "python", problems);
-    let stage = typed::<Vec<StageSpec>>(root, "stage", problems).unwrap_or_default();
+    let mut stage = typed::<Vec<StageSpec>>(root, "stage", problems).unwrap_or_default();
+    for item in &mut stage {
+        if item.name.is_empty()
+            && let Some(model) = &item.model
+        {
+            item.name = model.chars().map(|c| if c == '/' || c == '.' { '_' } else { c }).collect();
+        }
+    }
     check_stage(&stage, problems);
     let shared_paths = typed::<Vec<String>>(root, "shared_paths", problems).unwrap_or_default();
     for (i, path) in shared_paths.iter().enumerate() {
@@ -490,6 +585,7 @@ fn read_common(root: &Mapping, problems: &mut Problems) -> Common {
         hang_timeout,
         time_limit,
         queue,
+        preempt,
         restart,
         straggler_factor,
         python,
@@ -515,12 +611,16 @@ impl Common {
             hang_timeout: self.hang_timeout,
             time_limit: self.time_limit,
             queue: self.queue,
+            preempt: self.preempt,
             restart: self.restart,
             straggler_factor: self.straggler_factor,
             python: self.python,
             stage: self.stage,
             shared_paths: self.shared_paths,
             dataset_policy: self.dataset_policy,
+            after: Vec::new(),
+            array: None,
+            sweep: Vec::new(),
             workload,
         }
     }
@@ -597,6 +697,22 @@ fn check_stage(stage: &[StageSpec], problems: &mut Problems) {
             && (digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()))
         {
             problems.at_field(field("sha256"), &["stage"], format!("{digest:?} is not a hex SHA-256 (64 hex digits)"));
+        }
+        match (&item.model, item.layout) {
+            (Some(model), _) if !is_model_id(model) => problems.at_field(
+                field("model"),
+                &["stage"],
+                format!("{model:?} is not a hub model id: write owner/name, e.g. Qwen/Qwen3-8B"),
+            ),
+            (None, Some(layout)) => problems.at_field(
+                field("layout"),
+                &["stage"],
+                format!(
+                    "layout {} needs a model: give the hub id the input is, e.g. model: Qwen/Qwen3-8B",
+                    layout.as_str()
+                ),
+            ),
+            _ => {}
         }
     }
 }

@@ -347,3 +347,42 @@ fn a_pipeline_checks_the_shared_fields_as_every_job_does() {
     assert_eq!(fields(&issues), ["workdir", "hang_timeout", "shared_paths[0]"], "{issues:#?}");
     assert_eq!(issues.iter().map(|i| i.line).collect::<Vec<_>>(), [Some(3), Some(4), Some(5)]);
 }
+
+#[test]
+fn a_staged_model_needs_a_hub_id_and_a_layout_needs_a_model() {
+    single(
+        &format!("{V3_JOB}stage: [{{model: Qwen3-8B, source: /m}}]\n"),
+        "stage[0].model",
+        Some(35),
+        "write owner/name, e.g. Qwen/Qwen3-8B",
+    );
+    single(
+        &format!("{V3_JOB}stage: [{{model: ../etc, source: /m}}]\n"),
+        "stage[0].model",
+        Some(35),
+        "not a hub model id",
+    );
+    single(
+        &format!("{V3_JOB}stage: [{{name: m, source: /m, layout: huggingface}}]\n"),
+        "stage[0].layout",
+        Some(35),
+        "needs a model",
+    );
+    single(
+        &format!("{V3_JOB}stage: [{{model: Qwen/Qwen3-8B, source: /m, layout: hf}}]\n"),
+        "stage[0].layout",
+        Some(35),
+        "expected `modelscope` or `huggingface`",
+    );
+
+    let spec = JobSpec::from_yaml(
+        &format!(
+            "{V3_JOB}stage: [{{model: Qwen/Qwen3.5-8B, source: /m}}, {{model: a/b, source: /b, layout: huggingface}}]\n"
+        ),
+        "job.yaml",
+    )
+    .unwrap();
+    assert_eq!(spec.stage[0].name, "Qwen_Qwen3_5-8B", "named after the model");
+    assert_eq!(spec.stage[0].hub_layout(), Some(cohort_shared::spec::HubLayout::Modelscope), "the default layout");
+    assert_eq!(spec.stage[1].hub_layout(), Some(cohort_shared::spec::HubLayout::Huggingface));
+}

@@ -109,11 +109,12 @@ async fn heartbeats_are_answered_while_eight_clients_send_worst_case_files() {
         }
     }
     let busy = started.elapsed();
-    stop.send(()).unwrap();
-    let mut latencies = probe.await.unwrap();
-
+    // Every node, the probe too, is read while its session is still open: a
+    // closed stream makes a node Suspect at once (the liveness rule).
     let mut client = cluster.client().await.unwrap();
     let nodes = client.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    stop.send(()).unwrap();
+    let mut latencies = probe.await.unwrap();
     for node in &nodes {
         let name = node.info.as_ref().map(|i| i.name.as_str()).unwrap_or_default();
         assert_eq!(node.state, NodeState::Ready as i32, "node {name} is not Ready after the flood: {node:?}");

@@ -105,6 +105,11 @@ async fn json_output_keeps_the_cohort_v1_schema() {
     assert!(text.contains("workdir: <agent --work-dir>/jobs/<job id>/workdir"), "{text}{err}");
     assert!(err.contains("warning: megatron.save: \"out/run\" is relative"), "{err}");
     assert!(err.contains("<agent --work-dir>/jobs/<job id>/workdir/out/run"), "{err}");
+    // ... and the agents' real --work-dir, per node.
+    for node in ["node0", "node1"] {
+        let work_dir = cluster.dir.path().join(node);
+        assert!(err.contains(&format!("{} on {node}", work_dir.display())), "{err}");
+    }
     let out = cluster.cli(&["plan", file.to_str().unwrap(), "-o", "json"]);
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["schema"], "cohort.v1");

@@ -239,6 +239,15 @@ async fn plan_check_asks_each_environments_ms_swift_without_launching() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("node0 (ms-swift 3.12.6+stub): megatron-sft ok"), "{text}");
+    assert!(!text.contains("exit_signal_handler"), "no preemption signal, no save on it: {text}");
+
+    // Preempted with SIGTERM, an ms-swift 3 job saves on it: the plan shows what the attempt runs.
+    let saving = cluster.dir.path().join("saving.yaml");
+    std::fs::write(&saving, megatron_job(&save, &dataset, "preempt: {signal: SIGTERM, grace: 60s}")).unwrap();
+    let out = cluster.cli(&["plan", saving.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(r#"--megatron_extra_kwargs '{"exit_signal_handler":true}'"#), "{text}");
     // Planning launched nothing.
     let jobs = String::from_utf8_lossy(&cluster.cli(&["list", "-o", "json"]).stdout).to_string();
     assert!(!jobs.contains("\"id\""), "{jobs}");

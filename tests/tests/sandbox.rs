@@ -28,6 +28,7 @@ fn agent_config(i: usize, url: &str, work: &std::path::Path) -> AgentConfig {
         gpu_indices: None,
         python: "python3".into(),
         cache_dir: None,
+        cache_max: None,
         stage_parallel: 1,
         py_spy: None,
         max_backoff: Duration::from_secs(1),

@@ -42,7 +42,14 @@ impl Run {
                 tracing::debug!(item = %plan.name, %digest, "source unchanged since it was staged; found in the cache");
                 meter.set_done(bytes, files);
                 let path = self.layout.content(&digest);
-                return Ok(StagedItem { name: plan.name.clone(), path, sha256: digest, bytes, from_cache: true });
+                return Ok(StagedItem {
+                    name: plan.name.clone(),
+                    path,
+                    sha256: digest,
+                    bytes,
+                    from_cache: true,
+                    hub_cache: None,
+                });
             }
         }
         let work = self.layout.work(&plan.key);
@@ -146,7 +153,14 @@ impl Run {
         })
         .await;
         meter.set_done(bytes, files);
-        Ok(StagedItem { name: plan.name.clone(), path: content, sha256: digest, bytes, from_cache: false })
+        Ok(StagedItem {
+            name: plan.name.clone(),
+            path: content,
+            sha256: digest,
+            bytes,
+            from_cache: false,
+            hub_cache: None,
+        })
     }
 
     /// A directory with this digest and its manifest are in the cache.

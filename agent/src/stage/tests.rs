@@ -30,7 +30,12 @@ fn write_source(root: &Path) -> String {
 async fn stage(stager: &Stager, root: &Path, digest: &str) -> Result<Vec<StagedItem>, super::StageError> {
     let (tx, mut rx) = mpsc::channel(1024);
     let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    let item = StageItem { name: "m".into(), source: root.display().to_string(), sha256: Some(digest.to_owned()) };
+    let item = StageItem {
+        name: "m".into(),
+        source: root.display().to_string(),
+        sha256: Some(digest.to_owned()),
+        model: None,
+    };
     let result = stager.stage(&[item], tx).await;
     drain.await.unwrap();
     result

@@ -64,6 +64,7 @@ impl Supervisor {
                         exited: None,
                         // The previous agent sent the SIGTERM; a resumed stop only escalates.
                         stop_requested: stopping,
+                        term_sent: stopping,
                         killed: false,
                         done,
                     });
@@ -91,7 +92,7 @@ impl Supervisor {
             }
             let ended_at = all_ended.then(|| Instant::now().checked_sub(age).unwrap_or_else(Instant::now));
             let grace = Duration::from_millis(record.grace_ms);
-            launches.insert(key, Launch { dir, record, processes, grace, ended_at });
+            launches.insert(key, Launch { dir, record, processes, grace, ended_at, save_until: None });
         }
         drop(launches);
         for ((job_id, attempt), grace) in to_stop {

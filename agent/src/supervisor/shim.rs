@@ -7,7 +7,7 @@
 //!   agent stops the rank by signalling the group (pgid = shim pid);
 //! - the rank writes its output straight to files (append), never to a pipe
 //!   whose reader could die;
-//! - it handles SIGTERM/SIGINT/SIGHUP by doing nothing (the rank starts with
+//! - it handles SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2 by doing nothing (the rank starts with
 //!   the default dispositions), so a group SIGTERM stops the rank and the shim
 //!   lives to record it;
 //! - it writes the rank's exit status to the exit file atomically, then
@@ -246,7 +246,15 @@ fn run(args: ShimArgs) -> i32 {
         }
     };
     let _runtime = runtime.enter();
-    for kind in [SignalKind::terminate(), SignalKind::interrupt(), SignalKind::hangup()] {
+    // SIGUSR1/2 too: a preemption may ask the rank to save with one (`preempt.signal`).
+    let kinds = [
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+        SignalKind::hangup(),
+        SignalKind::user_defined1(),
+        SignalKind::user_defined2(),
+    ];
+    for kind in kinds {
         if let Err(e) = signal(kind) {
             answer(Handshake::Failed { error: format!("shim: cannot handle {kind:?}: {e}") });
             return 127;

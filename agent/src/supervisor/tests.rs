@@ -144,6 +144,38 @@ async fn stop_escalates_to_sigkill_and_sweeps_processes_that_left_the_group() {
 }
 
 #[tokio::test]
+async fn a_preemption_signals_first_and_terms_only_after_the_save_grace() {
+    let (sup, mut rx, _dir) = supervisor();
+    // Rank 0 saves on SIGUSR1 and exits 0; rank 1 ignores it (and is stopped by the SIGTERM after the grace).
+    let saver = "trap 'echo saved; exit 0' USR1; echo ready; while true; do sleep 0.05; done";
+    let ignorer = "trap '' USR1; echo ready; while true; do sleep 0.05; done";
+    sup.launch(launch("victim", &[saver, ignorer], 5000)).await.unwrap();
+    // Both have set their traps.
+    let mut ready = std::collections::HashSet::new();
+    while ready.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap() {
+            Outbound::Line { line, .. } if line.text == "ready" => ready.insert(line.process_index),
+            _ => false,
+        };
+    }
+    let save = Some((Signal::SIGUSR1, Duration::from_millis(800)));
+    let began = Instant::now();
+    let stop = tokio::spawn({
+        let sup = sup.clone();
+        async move { sup.stop_after("victim", 1, Duration::from_secs(5), save).await }
+    });
+    let (lines, saved) = until_exit(&mut rx, 0).await;
+    assert_eq!(saved.exit_code, Some(0), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "saved"), "{lines:?}");
+    assert!(saved.stopped_by_agent);
+    // Rank 1 outlives the save grace, so its exit comes after rank 0's.
+    let (_, stopped) = until_exit(&mut rx, 1).await;
+    assert_eq!(stopped.signal, Some(15), "SIGTERM once the save grace was over");
+    assert!(began.elapsed() >= Duration::from_millis(800), "the SIGTERM came before the save grace ended");
+    stop.await.unwrap();
+}
+
+#[tokio::test]
 async fn the_sweep_spares_the_same_launch_of_another_agent_on_the_host() {
     // Two agents on one host (two test clusters, or two work dirs), each running
     // attempt 1 of a job with the same id on a node of the same name.

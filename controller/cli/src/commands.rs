@@ -9,8 +9,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_proto::job_service_client::JobServiceClient;
 use cohort_proto::{
-    CancelJobRequest, DoctorRequest, GetJobRequest, Job, JobFile, JobLogLine, JobState, ListJobsRequest,
-    ListNodesRequest, LogStream, ProcessPhase, ResumeJobRequest, StreamLogsRequest, SubmitJobRequest, WatchJobRequest,
+    CancelJobRequest, DeleteJobRequest, DoctorRequest, GetJobRequest, Job, JobFile, JobLogLine, JobState,
+    ListJobsRequest, ListNodesRequest, LogStream, ProcessPhase, ResumeJobRequest, StreamLogsRequest, SubmitJobRequest,
+    WatchJobRequest,
 };
 use cohort_proto::{ClearGpuRequest, NodeRequest};
 
@@ -114,6 +115,12 @@ pub enum Verb {
         /// Only jobs of this name.
         #[arg(long)]
         name: Option<String>,
+        /// Only jobs of this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Only the jobs of this job array (its id, as `submit --array` printed it).
+        #[arg(long)]
+        array: Option<String>,
         /// Only the newest N of what is left.
         #[arg(long)]
         limit: Option<usize>,
@@ -153,6 +160,13 @@ pub enum Verb {
         /// Wait until every process is gone.
         #[arg(long)]
         wait: bool,
+        #[command(flatten)]
+        format: Format,
+    },
+    /// Remove finished jobs: their records, output and metrics (a job array's id: every element).
+    Delete {
+        #[arg(required = true)]
+        jobs: Vec<String>,
         #[command(flatten)]
         format: Format,
     },
@@ -199,6 +213,26 @@ pub enum Verb {
     /// The conversion cache: Megatron checkpoints converted by earlier pipelines.
     #[command(subcommand)]
     Cache(CacheVerb),
+    /// Every queue: weight, quota, GPUs used, borrowed and lent, running and waiting jobs, fair share.
+    Queues {
+        #[command(flatten)]
+        format: Format,
+    },
+    /// Change the queues (admin): `cohort queue set team-a --gpus 32 --weight 2`, `cohort queue delete team-a`.
+    #[command(subcommand)]
+    Queue(crate::queues::QueueVerb),
+    /// GPU-hours per user and queue (GPUs × wall time of every attempt), like Slurm's sreport.
+    Usage {
+        /// From when: a duration back from now (`7d`), a date (`2026-12-01`) or a time, UTC; default: everything.
+        #[arg(long)]
+        since: Option<String>,
+        /// One row per user, per queue, or per user and queue.
+        #[arg(long, value_enum, default_value_t = crate::queues::UsageBy::Both)]
+        by: crate::queues::UsageBy,
+        /// Output format.
+        #[arg(long = "output", short = 'o', value_enum, default_value_t = crate::queues::UsageOutput::Table)]
+        output: crate::queues::UsageOutput,
+    },
     /// Make tokens: join tokens for new nodes, API tokens for people (admin only).
     #[command(subcommand)]
     Token(crate::token::TokenVerb),
@@ -272,8 +306,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     // Flag values the controller is not needed for fail before any connection.
     let filter = match &cli.command {
-        Verb::Jobs { state, user, name, limit, .. } => JobFilter::new(state, user.clone(), name.clone(), *limit)?,
+        Verb::Jobs { state, user, name, queue, limit, array, .. } => JobFilter {
+            array: array.clone(),
+            ..JobFilter::new(state, user.clone(), name.clone(), *limit)?.in_queue(queue.clone())
+        },
         _ => JobFilter::default(),
+    };
+    let since = match &cli.command {
+        Verb::Usage { since: Some(since), .. } => crate::queues::parse_since(since, cohort_proto::now_unix_ms())?,
+        _ => 0,
     };
     if let Verb::Plot { path, legacy_path, .. } = &cli.command
         && let Some(path) = path.as_ref().or(legacy_path.as_ref())
@@ -345,6 +386,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&job)?;
                 return Ok(ExitCode::SUCCESS);
             }
+            if !job.array_id.is_empty() {
+                return submitted_array(&mut client, (&cli.connection, &cli.controller), &job, wait || follow, out)
+                    .await;
+            }
             eprintln!("submitted job {}", job.id);
             if follow {
                 // Logs exist once the job runs; until then say why it waits.
@@ -388,12 +433,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             logs(&mut client, &job, node, follow, tail, raw, format.output).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Cancel { job, wait, format } => {
-            let mut job = client.cancel_job(CancelJobRequest { job }).await.map_err(status_error)?.into_inner();
+        Verb::Cancel { job: named, wait, format } => {
+            let mut job =
+                client.cancel_job(CancelJobRequest { job: named.clone() }).await.map_err(status_error)?.into_inner();
+            if !job.array_id.is_empty() && job.array_id == named {
+                let connection = (&cli.connection, cli.controller.as_str());
+                return array_finished(&mut client, connection, &named, wait, format.output).await;
+            }
             if wait {
                 job = wait_finished(&mut client, (&cli.connection, &cli.controller), &job.id).await?;
             }
             print_final(&job, format.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Delete { jobs, format } => {
+            let deleted = client.delete_job(DeleteJobRequest { jobs }).await.map_err(status_error)?.into_inner();
+            if format.output == Output::Json {
+                print_json(&deleted)?;
+            } else {
+                for id in &deleted.deleted {
+                    say!("deleted job {id}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Verb::Metrics { job, follow, format } => {
@@ -438,6 +499,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::pipeline::cache_rm(&mut client, &key).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Verb::Queues { format } => crate::queues::queues(&mut client, format.output).await,
+        Verb::Queue(verb) => crate::queues::queue(&mut client, verb).await,
+        Verb::Usage { by, output, .. } => crate::queues::usage(&mut client, since, by, output).await,
     }
 }
 
@@ -616,6 +680,52 @@ async fn follow_until(
     Ok(None)
 }
 
+/// After an array's submit: its id on stdout; with `--wait`, every element's end.
+async fn submitted_array(
+    client: &mut JobServiceClient<Channel>,
+    connection: (&crate::connection::ClientArgs, &str),
+    first: &Job,
+    wait: bool,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
+    let id = &first.array_id;
+    eprintln!("submitted job array {id}: {} job(s), {id}_<index> (`cohort jobs --array {id}`)", first.array_size);
+    if wait {
+        return array_finished(client, connection, id, true, out).await;
+    }
+    if out == Output::Json {
+        print_json(first)?;
+    } else {
+        say!("{id}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every element of an array (each waited for with `wait`): JSON as `cohort
+/// jobs`, else one line each; exit 0 only if every element succeeded.
+async fn array_finished(
+    client: &mut JobServiceClient<Channel>,
+    connection: (&crate::connection::ClientArgs, &str),
+    array: &str,
+    wait: bool,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
+    let all = client.list_jobs(ListJobsRequest { active_only: false }).await.map_err(status_error)?.into_inner().jobs;
+    let mut jobs = Vec::new();
+    for job in all.into_iter().filter(|j| j.array_id == array) {
+        jobs.push(if wait { wait_finished(client, connection, &job.id).await? } else { job });
+    }
+    if out == Output::Json {
+        print_json(&cohort_proto::ListJobsResponse { jobs: jobs.clone() })?;
+    } else {
+        for job in &jobs {
+            say!("job {}: {} ({})", job.id, state_name(job.state), job.reason);
+        }
+    }
+    let all_ok = jobs.iter().all(|j| j.state == JobState::Succeeded as i32);
+    Ok(if all_ok || !wait { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 fn print_final(job: &Job, out: Output) -> anyhow::Result<()> {
     if out == Output::Json {
         return print_json(job);
@@ -712,7 +822,9 @@ struct JobFilter {
     states: Vec<i32>,
     user: Option<String>,
     name: Option<String>,
+    queue: Option<String>,
     limit: Option<usize>,
+    array: Option<String>,
 }
 
 impl JobFilter {
@@ -739,7 +851,11 @@ impl JobFilter {
                     })
             })
             .collect::<anyhow::Result<Vec<i32>>>()?;
-        Ok(JobFilter { states, user, name, limit })
+        Ok(JobFilter { states, user, name, queue: None, limit, array: None })
+    }
+
+    fn in_queue(self, queue: Option<String>) -> Self {
+        JobFilter { queue, ..self }
     }
 
     fn apply(&self, jobs: Vec<Job>) -> Vec<Job> {
@@ -748,6 +864,8 @@ impl JobFilter {
             .filter(|j| self.states.is_empty() || self.states.contains(&j.state))
             .filter(|j| self.user.as_ref().is_none_or(|u| j.file.as_ref().is_some_and(|f| &f.submitted_by == u)))
             .filter(|j| self.name.as_ref().is_none_or(|n| &j.name == n))
+            .filter(|j| self.queue.as_ref().is_none_or(|q| &j.queue == q))
+            .filter(|j| self.array.as_ref().is_none_or(|a| &j.array_id == a))
             .collect();
         if let Some(limit) = self.limit {
             kept.drain(..kept.len().saturating_sub(limit));
@@ -757,12 +875,13 @@ impl JobFilter {
 }
 
 fn print_jobs(jobs: &[Job]) {
-    let mut t = table(&["ID", "KIND", "STATE", "NODES×GPUS", "ATTEMPT", "SUBMITTED", "DURATION", "REASON"]);
+    let mut t = table(&["ID", "KIND", "STATE", "QUEUE", "NODES×GPUS", "ATTEMPT", "SUBMITTED", "DURATION", "REASON"]);
     for job in jobs {
         t.add_row(vec![
             job.id.clone(),
             job.kind.clone(),
             state_name(job.state).to_string(),
+            if job.queue.is_empty() { "-".to_string() } else { job.queue.clone() },
             format!("{}×{}", job.nodes, job.gpus_per_node),
             job.attempt.to_string(),
             ago(job.submitted_unix_ms),
@@ -779,9 +898,16 @@ fn print_status(job: &Job) {
     say!("reason:    {}", job.reason);
     if job.stages.is_empty() {
         say!("size:      {} node(s) × {} GPU(s), priority {}", job.nodes, job.gpus_per_node, job.priority);
+        if !job.queue.is_empty() {
+            say!("queue:     {}", job.queue);
+        }
         say!("attempt:   {}", job.attempt);
     }
     say!("submitted: {}", ago(job.submitted_unix_ms));
+    if !job.after.is_empty() {
+        let after: Vec<String> = job.after.iter().map(|d| format!("{}:{}", d.job, d.condition)).collect();
+        say!("after:     {}", after.join(", "));
+    }
     if let Some(runs_as) = runs_as(job) {
         say!("runs as:   {runs_as}");
     }

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use cohort_proto::JobFile;
+use cohort_shared::spec::after::Dependency;
 use cohort_shared::spec::{JobSpec, Workload};
 use serde_yaml_ng::{Mapping, Value};
 
@@ -32,6 +33,23 @@ pub struct Overrides {
     /// One `env` entry, NAME=VALUE; repeat for more. Replaces the file's value of NAME.
     #[arg(long = "env", short = 'e', value_name = "NAME=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// Start only once job JOB has ended: `:ok` (succeeded; the default),
+    /// `:any` or `:notok` (failed or cancelled); repeat or comma-separate for
+    /// more. Adds to the file's `after:`.
+    #[arg(long, value_name = "JOB[:ok|any|notok]", value_delimiter = ',', value_parser = parse_after)]
+    pub after: Vec<Dependency>,
+    /// `array`: one job per index, as `sbatch --array`: `0-7`, `1,3,5`,
+    /// `0-15%4` (at most 4 at once); each gets COHORT_ARRAY_INDEX.
+    #[arg(long, value_name = "INDICES[%N]", value_parser = parse_array)]
+    pub array: Option<String>,
+}
+
+fn parse_array(text: &str) -> Result<String, String> {
+    cohort_shared::spec::array::parse_array(text).map(|_| text.to_owned())
+}
+
+fn parse_after(text: &str) -> Result<Dependency, String> {
+    cohort_shared::spec::after::parse_dependency(text)
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -51,6 +69,8 @@ impl Overrides {
             && self.priority.is_none()
             && self.queue.is_none()
             && self.env.is_empty()
+            && self.after.is_empty()
+            && self.array.is_none()
     }
 
     /// The flags as the user typed them, for messages: "--nodes 4 --env A=…".
@@ -72,6 +92,10 @@ impl Overrides {
             parts.push(format!("--queue {queue}"));
         }
         parts.extend(self.env.iter().map(|(name, _)| format!("--env {name}=…")));
+        parts.extend(self.after.iter().map(|d| format!("--after {d}")));
+        if let Some(array) = &self.array {
+            parts.push(format!("--array {array}"));
+        }
         parts.join(" ")
     }
 
@@ -122,8 +146,27 @@ impl Overrides {
                 env.insert(name.as_str().into(), value.as_str().into());
             }
         }
+        if !self.after.is_empty() {
+            add_after(map, &self.after)?;
+        }
+        if let Some(array) = &self.array {
+            map.insert("array".into(), array.as_str().into());
+        }
         Ok(())
     }
+}
+
+/// `--after`: the file's `after:` (one entry or a list) with these added.
+fn add_after(map: &mut Mapping, after: &[Dependency]) -> anyhow::Result<()> {
+    let mut entries = match map.remove("after") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Sequence(entries)) => entries,
+        Some(entry @ Value::String(_)) => vec![entry],
+        Some(_) => anyhow::bail!("`after` in the job file is not a job or a list of jobs, so --after cannot add to it"),
+    };
+    entries.extend(after.iter().map(|d| Value::from(d.to_string())));
+    map.insert("after".into(), Value::Sequence(entries));
+    Ok(())
 }
 
 /// `cohort run`: a command job from the command line.
@@ -241,6 +284,19 @@ mod tests {
         assert_eq!(changed.source_name, "job.yaml (with --nodes 4 --queue team-a --env NCCL_DEBUG=… --env NEW=…)");
         // Nothing to set: the text itself, line numbers and comments kept.
         assert_eq!(Overrides::default().apply(file(yaml)).unwrap().yaml, yaml);
+    }
+
+    #[test]
+    fn after_flags_add_to_the_files_after() {
+        let after = vec![parse_after("prep-3").unwrap(), parse_after("eval-4:notok").unwrap()];
+        let overrides = Overrides { after, ..Default::default() };
+        let yaml = "name: a\nkind: command\nnodes: 1\nafter: train-2:any\ncommand: [hostname]\n";
+        let spec = JobSpec::from_yaml(&overrides.apply(file(yaml)).unwrap().yaml, "x").unwrap();
+        let written: Vec<String> = spec.after.iter().map(ToString::to_string).collect();
+        assert_eq!(written, ["train-2:any", "prep-3:ok", "eval-4:notok"]);
+        let err = overrides.apply(file("name: a\nafter: {job: x}\n")).unwrap_err().to_string();
+        assert!(err.contains("`after` in the job file is not a job or a list"), "{err}");
+        assert!(parse_after("prep-3:afterok").unwrap_err().contains("JOB:notok"));
     }
 
     #[test]

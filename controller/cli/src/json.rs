@@ -40,7 +40,11 @@ proto!(
     PreflightTable,
     ListConversionCacheResponse,
     TrainingPoint,
-    JobLogLine
+    JobLogLine,
+    ListQueuesResponse,
+    QueueStatus,
+    GetUsageResponse,
+    DeleteJobResponse
 );
 
 /// One record in the schema, without the `"schema"` key (a JSON lines record).

@@ -18,6 +18,7 @@ pub mod nodes;
 pub mod pipeline;
 pub mod plan;
 pub mod plot;
+pub mod queues;
 pub mod token;
 
 pub use commands::{Cli, run};

@@ -285,12 +285,34 @@ pub fn print_training_status(job: &Job) {
                 } else {
                     "-".into()
                 },
-                a.failure.as_ref().map(|f| f.cause.clone()).filter(|c| !c.is_empty()).unwrap_or_else(|| "-".into()),
-                a.reason.clone(),
+                a.failure
+                    .as_ref()
+                    .map(|f| f.cause.clone())
+                    .filter(|c| !c.is_empty())
+                    .or_else(|| a.preemption.as_ref().map(|_| "preempted".into()))
+                    .unwrap_or_else(|| "-".into()),
+                format!("{}{}", a.reason, a.preemption.as_ref().map(lost_work).unwrap_or_default()),
             ]);
         }
         say!("attempts:");
         say!("{t}");
+        let preemptions: Vec<&cohort_proto::Preemption> =
+            job.attempts.iter().filter_map(|a| a.preemption.as_ref()).collect();
+        if !preemptions.is_empty() {
+            let lost: u64 = preemptions.iter().filter_map(|p| p.lost_iterations).sum();
+            say!("preempted {} time(s), {lost} iteration(s) of work lost", preemptions.len());
+        }
+    }
+}
+
+/// "; at iteration 42, resumed from 40: 2 iterations lost" for a preempted attempt (what is known of it).
+fn lost_work(p: &cohort_proto::Preemption) -> String {
+    match (p.iteration, p.resumed_iteration, p.lost_iterations) {
+        (Some(at), Some(from), Some(lost)) => {
+            format!("; at iteration {at}, resumed from {from}: {lost} iterations lost")
+        }
+        (None, Some(from), _) => format!("; resumed from iteration {from} (work lost unknown: no iteration seen)"),
+        _ => String::new(),
     }
 }
 

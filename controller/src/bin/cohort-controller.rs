@@ -18,11 +18,13 @@ struct Args {
     /// Directory of the embedded store and job logs.
     #[arg(long, env = "COHORT_DATA_DIR", default_value = "/var/lib/cohort")]
     data_dir: PathBuf,
-    /// A node whose heartbeats stop for this long is lost (e.g. 10s, 1m).
-    #[arg(long, env = "COHORT_NODE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// A node silent for this long is lost (e.g. 2500ms, 10s), counted in
+    /// time this controller observed itself running: a paused or starved
+    /// controller's own delay does not count (docs: failures.md).
+    #[arg(long, env = "COHORT_NODE_TTL", default_value = "2500ms", value_parser = humantime::parse_duration)]
     node_ttl: Duration,
     /// How often agents send heartbeats.
-    #[arg(long, env = "COHORT_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "COHORT_HEARTBEAT_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
     heartbeat_interval: Duration,
     /// Where the state lives: `embedded` (a file in --data-dir; one controller)
     /// or etcd://host:port[,host:port...] (several controllers, one leader).
@@ -109,6 +111,15 @@ struct Args {
     /// open to everyone, with no quota.
     #[arg(long, env = "COHORT_QUEUES", value_name = "FILE")]
     queues: Option<PathBuf>,
+    /// How pending jobs are ordered and placed: `backfill` (queues, quotas,
+    /// fair share, EASY backfill) or `fifo` (one line by priority then
+    /// submission, no quotas, no backfill: the order before queues, a baseline).
+    #[arg(long, env = "COHORT_SCHEDULER", value_enum, default_value = "backfill")]
+    scheduler: cohort_controller::queues::Scheduler,
+    /// Delete finished jobs (record, output, metrics) this long after they
+    /// ended, e.g. `30d`; unset: they are kept until `cohort delete`.
+    #[arg(long, env = "COHORT_RETAIN_FINISHED", value_name = "AGE", value_parser = humantime::parse_duration)]
+    retain_finished: Option<std::time::Duration>,
     #[command(subcommand)]
     setup: Option<cohort_controller::security::init::Setup>,
 }
@@ -198,6 +209,8 @@ async fn controller() -> anyhow::Result<()> {
                 Some(path) => cohort_controller::queues::Queues::load(path)?,
                 None => cohort_controller::queues::Queues::default(),
             },
+            scheduler: args.scheduler,
+            retain_finished: args.retain_finished,
             ..ControllerConfig::default()
         },
     };

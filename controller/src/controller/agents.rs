@@ -209,7 +209,10 @@ impl Controller {
                 if let Some(entry) = state.nodes.get_mut(&node)
                     && entry.detach(&session_id)
                 {
-                    tracing::warn!(node, "agent stream closed; the node is lost unless it reconnects within the TTL");
+                    tracing::warn!(
+                        node,
+                        "agent stream closed; the node is suspect, and lost unless it reconnects within the TTL"
+                    );
                 }
             })
             .await
@@ -298,6 +301,9 @@ impl Controller {
     /// [`Self::process_event`] on the state.
     fn process_event_seen(&self, state: &mut State, node: &str, event: cohort_proto::ProcessEvent) {
         use cohort_proto::process_event::Event;
+        if let Some(n) = state.nodes.get_mut(node) {
+            n.spoke(Instant::now());
+        }
         let id = event.job_id.clone();
         let Some(entry) = state.jobs.get_mut(&id) else { return };
         if entry.job.attempt != event.attempt {
@@ -459,6 +465,7 @@ impl Controller {
         let Some(entry) = state.jobs.get(id) else { return };
         let attempt = entry.job.attempt;
         let grace = entry.spec.stop_grace;
+        let save = entry.save_first();
         let mut nodes: HashSet<String> =
             entry.job.processes.iter().filter(|p| is_live(p)).map(|p| p.node_name.clone()).collect();
         // Nodes still preparing (staging, dataset checks) have no processes yet:
@@ -467,11 +474,21 @@ impl Controller {
             nodes.extend(entry.plan().map(|p| p.nodes.iter().map(|a| a.node_name.clone())).into_iter().flatten());
         }
         for node in nodes {
-            Self::send_stop(state, &node, id, attempt, grace, reason);
+            Self::send_stop(state, &node, id, attempt, (grace, save.clone()), reason);
         }
     }
 
-    pub(super) fn send_stop(state: &mut State, node: &str, job_id: &str, attempt: u32, grace: Duration, reason: &str) {
+    /// A stop with its SIGTERM-to-SIGKILL grace and, for a preemption, the
+    /// signal and time the ranks get to save first.
+    pub(super) fn send_stop(
+        state: &mut State,
+        node: &str,
+        job_id: &str,
+        attempt: u32,
+        (grace, save): (Duration, Option<(String, Duration)>),
+        reason: &str,
+    ) {
+        let (first_signal, first_grace) = save.unwrap_or_default();
         let command_id = state.next_command_id;
         state.next_command_id += 1;
         let Some((_, tx)) = state.nodes.get(node).and_then(|n| n.session.as_ref()) else { return };
@@ -482,6 +499,8 @@ impl Controller {
                 attempt,
                 grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
                 reason: reason.into(),
+                first_signal,
+                first_signal_grace_ms: u32::try_from(first_grace.as_millis()).unwrap_or(u32::MAX),
             })),
         };
         if tx.send(Ok(msg)).is_ok() {
@@ -574,25 +593,97 @@ mod tests {
         assert!(events.try_recv().is_err(), "one event for the three exits");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_controller_that_was_away_gives_nodes_a_ttl_but_a_dead_node_is_still_lost() {
-        let dir = tempfile::tempdir().unwrap();
-        let (controller, _store, _sessions) = controller_with(dir.path(), 1).await;
-        let ttl = controller.config.node_ttl;
-        controller.reconcile().await.unwrap();
-        // Paused for twice the TTL: the node's silence is the controller's own.
-        tokio::time::advance(ttl * 2).await;
-        controller.reconcile().await.unwrap();
-        assert_eq!(controller.nodes().await[0].state, NodeState::Ready as i32);
-        // The node never speaks again: lost one TTL after the resume, sweeping on time.
-        let step = Duration::from_millis(250);
-        let mut waited = Duration::ZERO;
-        while controller.nodes().await[0].state != NodeState::Lost as i32 {
-            tokio::time::advance(step).await;
-            waited += step;
+    /// Sweeps every `tick` for `total`, a heartbeat from each node of `beating`
+    /// every `beat` (as the controller reads them: late when it is starved);
+    /// returns when each node of the controller was first seen Lost.
+    async fn sweeps(
+        controller: &Controller,
+        tick: Duration,
+        total: Duration,
+        beat: Duration,
+        beating: &[&str],
+    ) -> HashMap<String, Duration> {
+        let (mut waited, mut since_beat) = (Duration::ZERO, Duration::ZERO);
+        let mut lost = HashMap::new();
+        while waited < total {
+            tokio::time::advance(tick).await;
+            waited += tick;
+            since_beat += tick;
+            if since_beat >= beat {
+                since_beat = Duration::ZERO;
+                for node in beating {
+                    controller.heartbeat(node, cohort_proto::Heartbeat::default()).await;
+                }
+            }
             controller.reconcile().await.unwrap();
-            assert!(waited <= ttl + step, "not lost {waited:?} after the resume");
+            for n in controller.nodes().await {
+                if n.state == NodeState::Lost as i32 {
+                    lost.entry(n.info.unwrap().name).or_insert(waited);
+                }
+            }
         }
-        assert!(waited > ttl, "lost after {waited:?}, before a whole TTL");
+        lost
+    }
+
+    const TICK: Duration = Duration::from_millis(250);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_controller_paused_for_20s_loses_no_node_but_a_dead_one_after_its_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _store, _sessions) = controller_with(dir.path(), 2).await;
+        let beat = controller.config.heartbeat_interval;
+        assert!(sweeps(&controller, TICK, Duration::from_secs(2), beat, &["n0", "n1"]).await.is_empty());
+        // Paused 20 s: nothing of it is the nodes' silence.
+        tokio::time::advance(Duration::from_secs(20)).await;
+        controller.reconcile().await.unwrap();
+        // n0 speaks again at once; n1 never does (it died during the pause).
+        let grace = reconcile::stall_grace(&controller.config);
+        let lost = sweeps(&controller, TICK, grace * 2, beat, &["n0"]).await;
+        assert!(!lost.contains_key("n0"), "a node heard after the pause is never lost: {lost:?}");
+        let n1 = lost.get("n1").copied().expect("a node never heard again is lost");
+        assert!(n1 >= grace, "lost {n1:?} after the resume, before its grace ({grace:?}) was spent");
+        assert!(n1 <= grace + TICK, "lost {n1:?} after the resume");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_stream_and_silence_is_a_lost_node_within_3s_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _store, mut sessions) = controller_with(dir.path(), 2).await;
+        assert_eq!(controller.config.node_ttl, crate::controller::DEFAULT_NODE_TTL);
+        let beat = controller.config.heartbeat_interval;
+        assert!(sweeps(&controller, TICK, Duration::from_secs(2), beat, &["n0", "n1"]).await.is_empty());
+        // n1's agent is killed right after a heartbeat: its stream resets.
+        drop(sessions.remove(1));
+        controller.detach("n1", &controller.state.call(|s, _| s.nodes["n1"].session.clone().unwrap().0).await).await;
+        assert_eq!(
+            controller.nodes().await[1].state,
+            NodeState::Suspect as i32,
+            "suspect as soon as the stream closes"
+        );
+        let lost = sweeps(&controller, TICK, Duration::from_secs(10), beat, &["n0"]).await;
+        assert_eq!(lost.keys().collect::<Vec<_>>(), ["n1"]);
+        // Its last heartbeat came with the kill: lost one tick past the TTL after it.
+        let ttl = controller.config.node_ttl;
+        assert!(lost["n1"] > ttl && lost["n1"] <= ttl + TICK, "lost {:?} after its last heartbeat", lost["n1"]);
+        assert!(lost["n1"] <= Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_heartbeats_of_a_starved_controller_lose_no_node_but_silence_still_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _store, _sessions) = controller_with(dir.path(), 2).await;
+        let ttl = controller.config.node_ttl;
+        // Starved: the 250 ms sweep runs every 1.25 s, and the controller reads
+        // the heartbeats every 4 s (eight intervals late), longer than the TTL
+        // of wall time: what it could not read is not the nodes' silence.
+        let starved = Duration::from_millis(1250);
+        let late = Duration::from_secs(4);
+        assert!(late > ttl && starved <= reconcile::stall_limit(&controller.config));
+        let lost = sweeps(&controller, starved, Duration::from_secs(120), late, &["n0", "n1"]).await;
+        assert!(lost.is_empty(), "{lost:?}");
+        // Still starved, n1 stops: lost all the same, later by the starvation.
+        let lost = sweeps(&controller, starved, Duration::from_secs(60), late, &["n0"]).await;
+        assert_eq!(lost.keys().collect::<Vec<_>>(), ["n1"]);
+        assert!(lost["n1"] <= ttl * 4, "{:?}", lost["n1"]);
     }
 }

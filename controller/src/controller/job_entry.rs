@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 
 use cohort_proto::{
-    AttemptRecord, Checkpoint, Failure, GangPlan, Job, JobState, PipelineStage, PrepareResult, ProcessExited,
-    ProcessPhase, ProcessStatus, now_unix_ms,
+    AttemptRecord, Checkpoint, Failure, GangPlan, Job, JobState, PipelineStage, Preemption, PrepareResult,
+    ProcessExited, ProcessPhase, ProcessStatus, now_unix_ms,
 };
 use cohort_shared::spec::JobSpec;
 
@@ -46,6 +46,8 @@ impl JobPhase {
             JobState::Failed => JobPhase::Failed,
             JobState::Cancelled => JobPhase::Cancelled,
             JobState::Restarting => JobPhase::Restarting,
+            // Only an attempt's record says Preempted; a job never does.
+            JobState::Preempted => JobPhase::Unknown,
         }
     }
 
@@ -406,6 +408,25 @@ impl JobEntry {
         Ok(())
     }
 
+    /// A preempted attempt's cost, once its gang is gone and the checkpoint
+    /// the next attempt resumes from is known: the last iteration it reported
+    /// (`iteration`, when known) minus that checkpoint's (0 for a fresh start,
+    /// when `checkpoints_known`).
+    pub(super) fn count_lost_work(&mut self, iteration: Option<u64>, checkpoints_known: bool) {
+        let resumed = match &self.job.resume_from {
+            Some(c) => Some(c.iteration),
+            None if checkpoints_known => Some(0),
+            None => None,
+        };
+        let Some(record) = self.job.attempts.last_mut().filter(|a| a.state == JobState::Preempted as i32) else {
+            return;
+        };
+        let Some(preemption) = record.preemption.as_mut() else { return };
+        preemption.iteration = iteration;
+        preemption.resumed_iteration = resumed;
+        preemption.lost_iterations = iteration.zip(resumed).map(|(at, from)| at.saturating_sub(from));
+    }
+
     /// `cohort resume`: a failed or cancelled job is placed again, resuming from `checkpoint`.
     pub(super) fn resume(&mut self, checkpoint: Checkpoint, reason: String) -> Result<(), TransitionError> {
         self.require("resume", |p| matches!(p, JobPhase::Failed | JobPhase::Cancelled))?;
@@ -413,6 +434,44 @@ impl JobEntry {
         self.job.reason = reason;
         self.job.resume_from = Some(checkpoint);
         Ok(())
+    }
+
+    /// The active attempt is preempted: the job is `Restarting` (its gang is
+    /// stopped, after being asked to save, then it is queued again), and the
+    /// attempt's record says `Preempted`, which the restart budget does not count.
+    pub(super) fn preempt(&mut self, preemption: Preemption, reason: String) -> Result<(), TransitionError> {
+        self.require("preempt", JobPhase::is_active)?;
+        set_phase(&mut self.job, JobPhase::Restarting);
+        self.job.reason = reason;
+        self.job.finished_unix_ms = now_unix_ms();
+        close_attempt(&mut self.job);
+        self.job.finished_unix_ms = 0;
+        if let Some(record) = self.job.attempts.last_mut() {
+            record.state = JobState::Preempted as i32;
+            record.preemption = Some(preemption);
+        }
+        Ok(())
+    }
+
+    /// The last attempt was preempted (its record says so).
+    pub(super) fn last_preemption(&self) -> Option<&Preemption> {
+        self.job.attempts.last().filter(|a| a.state == JobState::Preempted as i32).and_then(|a| a.preemption.as_ref())
+    }
+
+    /// Its gang is being stopped for a preemption (or its checkpoint looked up before it is queued again).
+    pub(super) fn preempting(&self) -> bool {
+        self.phase() == JobPhase::Restarting && self.last_preemption().is_some()
+    }
+
+    /// How a stop of this attempt asks it to save first: a preempted job's `preempt:` signal and grace.
+    pub(super) fn save_first(&self) -> Option<(String, std::time::Duration)> {
+        let policy = self.spec.preempt.as_ref().filter(|_| self.preempting())?;
+        Some((policy.signal.clone(), policy.grace))
+    }
+
+    /// Attempts that count against `restart.max_restarts`: all but the preempted ones.
+    pub(super) fn attempts_counted(&self) -> usize {
+        self.job.attempts.iter().filter(|a| a.state != JobState::Preempted as i32).count()
     }
 
     /// No new attempt before `unix_ms` (earlier holds still count).

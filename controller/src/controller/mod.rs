@@ -34,9 +34,16 @@ use crate::store::{Durable, Expect, Store, StoreWriter};
 pub type SessionSender = mpsc::UnboundedSender<Result<ControllerMessage, Status>>;
 pub type WeakSessionSender = mpsc::WeakUnboundedSender<Result<ControllerMessage, Status>>;
 
+/// `--node-ttl`'s default: a lost node is called lost within 3 s of its last
+/// heartbeat (2.5 s of silence plus at most a 250 ms sweep tick).
+pub const DEFAULT_NODE_TTL: Duration = Duration::from_millis(2500);
+/// `--heartbeat-interval`'s default: five heartbeats fit in the TTL.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// A node whose heartbeats stop for this long is lost.
+    /// A node silent for this long, in time this controller observed itself
+    /// running on schedule, is lost (see `NodeEntry::sweep`).
     pub node_ttl: Duration,
     pub heartbeat_interval: Duration,
     /// MASTER_PORT range; keep it outside the kernel's ephemeral range.
@@ -51,21 +58,35 @@ pub struct ControllerConfig {
     pub run_as: crate::security::run_as::RunAsRules,
     /// The queues jobs wait in (`--queues`); one open queue by default.
     pub queues: crate::queues::Queues,
+    /// How pending jobs are ordered and placed (`--scheduler`).
+    pub scheduler: crate::queues::Scheduler,
+    /// Finished jobs are deleted this long after they ended (`--retain-finished`); None: kept.
+    pub retain_finished: Option<Duration>,
 }
 
 impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
-            node_ttl: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_secs(1),
+            node_ttl: DEFAULT_NODE_TTL,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             master_ports: 29500..=29999,
             stop_resend: Duration::from_secs(2),
             limits: crate::limits::ApiLimits::default(),
             admission: admission::AdmissionLimits::default(),
             run_as: crate::security::run_as::RunAsRules::default(),
             queues: crate::queues::Queues::default(),
+            scheduler: crate::queues::Scheduler::default(),
+            retain_finished: None,
         }
     }
+}
+
+/// What a submitted job's record carries from its admission checks.
+#[derive(Clone)]
+struct AdmissionOutcome {
+    time_limit_ms: i64,
+    queue: String,
+    after: Vec<cohort_proto::JobDependency>,
 }
 
 pub struct Controller {
@@ -139,8 +160,14 @@ struct State {
     /// When the liveness sweep last ran (monotonic): a sweep much later than
     /// its tick means this controller was paused or starved, not the nodes.
     last_sweep: Option<Instant>,
-    /// Each submitter's decayed GPU use, which orders jobs within a queue and priority.
+    /// Each submitter's and queue's decayed GPU use, which orders jobs across
+    /// queues and within a queue and priority; stored every few seconds.
     fair_share: crate::queues::FairShare,
+    /// When the fair share was last written to the store, and whether jobs held GPUs then.
+    fair_share_stored: Option<Instant>,
+    fair_share_busy: bool,
+    /// The queues in force: the store's (the admin API's), seeded from `--queues`.
+    queues: Arc<crate::queues::Queues>,
 }
 
 pub use cohort_proto::names::state_name;
@@ -148,12 +175,17 @@ pub use cohort_shared::metrics::describe_exit;
 
 pub mod admission;
 mod agents;
+mod arrays;
 mod checking;
+mod deleting;
+mod dependencies;
 mod job_entry;
 mod node_entry;
 mod pipeline;
+mod preemption;
 mod prepare;
 mod progress;
+mod queue_admin;
 #[cfg(test)]
 mod queue_scenarios;
 mod reconcile;
@@ -180,6 +212,9 @@ impl Controller {
         let mut state = State { next_port: *config.master_ports.start(), next_seq: 1, ..State::default() };
         let mut warnings = Vec::new();
         let mut revisions = HashMap::new();
+        let (queues, seed) = queue_admin::load(store.as_ref(), &config.queues, &mut revisions, &mut warnings).await?;
+        state.queues = Arc::new(queues);
+        state.fair_share = queue_admin::load_fair_share(store.as_ref(), &mut revisions, &mut warnings).await?;
         for (key, v) in store.list("jobs/").await? {
             let record = match JobRecord::decode(v.value.as_slice()) {
                 Ok(record) => record,
@@ -229,16 +264,23 @@ impl Controller {
                     continue;
                 }
             };
-            let Some(node) = NodeEntry::from_store(record, v.revision, now) else { continue };
+            let Some(node) = NodeEntry::from_store(record, v.revision, now, reconcile::stall_grace(&config)) else {
+                continue;
+            };
             revisions.insert(key.clone(), v.revision);
             state.nodes.insert(node.info.name.clone(), node);
         }
         tracing::info!(jobs = state.jobs.len(), nodes = state.nodes.len(), "loaded state from the store");
         let logs = LogHub::new(data_dir.join("logs"))?;
         let metrics = MetricsHub::new(data_dir.join("metrics"))?;
+        let writer = StoreWriter::start(store.clone(), revisions);
+        for queue in seed {
+            // Awaited in the background: a failed seed is written again at the next start.
+            drop(writer.write(queue_admin::queue_key(&queue.name), Some(queue.to_spec().encode_to_vec())));
+        }
         Ok(Arc::new_cyclic(|controller| Self {
             state: StateTask::start(state, controller.clone()),
-            writer: StoreWriter::start(store.clone(), revisions),
+            writer,
             store,
             load_warnings: warnings,
             config,
@@ -268,6 +310,9 @@ impl Controller {
         let spec = self.check_file(&file).await?;
         let warnings: Vec<String> = spec.warnings().iter().map(|w| format!("{}: {}", w.field, w.message)).collect();
         admission::check_request_id(&options.request_id)?;
+        if spec.array.is_some() {
+            return self.submit_array(file, spec, options, warnings).await;
+        }
         let repeat_key = (file.submitted_by.clone(), options.request_id.clone());
         let (mut entry, stored, counter, _pending) = loop {
             let (spec, file, options, key) = (spec.clone(), file.clone(), options.clone(), repeat_key.clone());
@@ -341,44 +386,11 @@ impl Controller {
             tracing::info!(job = %first.id, request_id = %options.request_id, "repeated submit: returning the first job");
             return Ok(Admitted::Repeat(Box::new(first)));
         }
-        admission::check_priority(&spec, options.max_priority)?;
-        if let Some(identity) = &options.run_as_bound {
-            self.config.run_as.check(&spec.name, identity, spec.user.as_deref().unwrap_or(""))?;
-        }
-        admission::check_fits(&spec, state, &self.config.admission)?;
-        let queue = self
-            .config
-            .queues
-            .admit(
-                &spec.name,
-                spec.queue.as_deref(),
-                spec.nodes * spec.gpus_per_node,
-                spec.time_limit,
-                options.run_as_bound.as_deref(),
-            )
-            .map_err(|refusal| match refusal {
-                crate::queues::QueueRefusal::Invalid(m) => ControllerError::InvalidRequest(m),
-                crate::queues::QueueRefusal::Forbidden(m) => ControllerError::PermissionDenied(m),
-            })?;
+        let admitted = self.admission_checks(state, &spec, options)?;
         let seq = state.next_seq;
         state.next_seq += 1;
         let id = format!("{}-{}", spec.name, seq);
-        let job = Job {
-            id: id.clone(),
-            name: spec.name.clone(),
-            kind: pipeline::kind_name(&spec).into(),
-            nodes: spec.nodes,
-            gpus_per_node: spec.gpus_per_node,
-            priority: spec.priority,
-            submitted_unix_ms: now_unix_ms(),
-            file: Some(file),
-            secret_env: spec.secret_env.iter().cloned().collect(),
-            request_id: options.request_id.clone(),
-            time_limit_ms: queue
-                .time_limit(spec.time_limit)
-                .map_or(0, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
-            ..Job::default()
-        };
+        let job = Self::new_record(&spec, id.clone(), file, options, admitted);
         let stages = match &spec.workload {
             Workload::Pipeline(pipeline) => Some(pipeline::initial_stages(pipeline)),
             _ => None,
@@ -399,6 +411,66 @@ impl Controller {
             state.pending_submits.insert(repeat_key, PendingSubmit { done: first, repeats: 0 });
         }
         Ok(Admitted::New { entry: Box::new(entry), stored, counter, pending })
+    }
+
+    /// What admits a job besides its file: the caller's priority cap and
+    /// run-as rules, the cluster's size, its queue and its dependencies.
+    /// Returns what its record carries: the time limit, the queue and its
+    /// dependencies as ids.
+    fn admission_checks(
+        &self,
+        state: &State,
+        spec: &JobSpec,
+        options: &admission::SubmitOptions,
+    ) -> Result<AdmissionOutcome, ControllerError> {
+        admission::check_priority(spec, options.max_priority)?;
+        if let Some(identity) = &options.run_as_bound {
+            self.config.run_as.check(&spec.name, identity, spec.user.as_deref().unwrap_or(""))?;
+        }
+        admission::check_fits(spec, state, &self.config.admission)?;
+        let after = dependencies::resolve(state, spec)?;
+        let queue = state
+            .queues
+            .admit(
+                &spec.name,
+                spec.queue.as_deref(),
+                spec.nodes * spec.gpus_per_node,
+                spec.time_limit,
+                options.run_as_bound.as_deref(),
+            )
+            .map_err(|refusal| match refusal {
+                crate::queues::QueueRefusal::Invalid(m) => ControllerError::InvalidRequest(m),
+                crate::queues::QueueRefusal::Forbidden(m) => ControllerError::PermissionDenied(m),
+            })?;
+        let time_limit_ms =
+            queue.time_limit(spec.time_limit).map_or(0, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
+        Ok(AdmissionOutcome { time_limit_ms, queue: queue.name.clone(), after })
+    }
+
+    /// A new job's record, Pending once it enters the state.
+    fn new_record(
+        spec: &JobSpec,
+        id: String,
+        file: JobFile,
+        options: &admission::SubmitOptions,
+        admitted: AdmissionOutcome,
+    ) -> Job {
+        Job {
+            id,
+            name: spec.name.clone(),
+            kind: pipeline::kind_name(spec).into(),
+            nodes: spec.nodes,
+            gpus_per_node: spec.gpus_per_node,
+            priority: spec.priority,
+            submitted_unix_ms: now_unix_ms(),
+            file: Some(file),
+            secret_env: spec.secret_env.iter().cloned().collect(),
+            request_id: options.request_id.clone(),
+            time_limit_ms: admitted.time_limit_ms,
+            queue: admitted.queue,
+            after: admitted.after,
+            ..Job::default()
+        }
     }
 
     /// `cohort plan`: the file checked, its placement on the cluster now, and
@@ -475,8 +547,9 @@ impl Controller {
                 let (lo, hi) = (*config.master_ports.start(), *config.master_ports.end());
                 let port = Self::peek_port(state, config).unwrap_or(state.next_port.clamp(lo, hi));
                 let workdir = spec.workdir.clone();
+                // What the first attempt runs (e.g. a megatron-sft job's save on its preemption signal).
                 response.plan = Some(planner::render(
-                    spec,
+                    &planner::attempt_spec(spec, None),
                     &placement,
                     &views,
                     &RenderInput {
@@ -489,12 +562,22 @@ impl Controller {
             }
             Err(e) => response.placement_error = e.to_string(),
         }
+        // The nodes it would run on (unplaced: every Ready node).
+        let placed: Vec<&str> =
+            response.plan.iter().flat_map(|p| p.nodes.iter().map(|n| n.node_name.as_str())).collect();
+        let work_dirs: Vec<(&str, &str)> = state
+            .nodes
+            .values()
+            .filter(|n| {
+                if placed.is_empty() { n.phase() == NodePhase::Ready } else { placed.contains(&n.info.name.as_str()) }
+            })
+            .map(|n| (n.info.name.as_str(), n.info.work_dir.as_str()))
+            .collect();
+        name_work_dirs(&mut response.warnings, &work_dirs);
         if prepare::required_packages(spec).is_empty() {
             return response;
         }
-        // The nodes it would run on (unplaced: every Ready node) as their agents found them at start-up.
-        let placed: Vec<&str> =
-            response.plan.iter().flat_map(|p| p.nodes.iter().map(|n| n.node_name.as_str())).collect();
+        // Those nodes as their agents found them at start-up.
         let reports: Vec<cohort_proto::PreflightReport> = state
             .nodes
             .values()
@@ -510,6 +593,13 @@ impl Controller {
     fn resolve<'a>(state: &'a State, job_ref: &str) -> Result<&'a JobEntry, ControllerError> {
         if let Some(entry) = state.jobs.get(job_ref) {
             return Ok(entry);
+        }
+        // An array's id is not a job (nor the name of one).
+        if let Some(first) = Self::array_elements(state, job_ref).first() {
+            return Err(ControllerError::InvalidRequest(format!(
+                "{job_ref} is a job array: name one of its jobs, e.g. {first}; `cohort jobs --array {job_ref}` \
+                 lists them, `cohort cancel {job_ref}` cancels them all"
+            )));
         }
         // A bare name means the newest job of that name.
         state
@@ -548,7 +638,41 @@ impl Controller {
             .await
     }
 
+    /// The job `cancel` would act on: the job, or an array's first element
+    /// (every element has the array's submitter).
+    pub async fn cancel_target(&self, job_ref: &str) -> Result<Job, ControllerError> {
+        let job_ref = job_ref.to_string();
+        self.state
+            .call(move |state, _| {
+                let first = if state.jobs.contains_key(&job_ref) {
+                    None
+                } else {
+                    Self::array_elements(state, &job_ref).into_iter().next()
+                };
+                Ok(Self::resolve(state, first.as_deref().unwrap_or(&job_ref))?.job.clone())
+            })
+            .await
+    }
+
+    /// Cancels a job, or every element of a job array (answering with the first).
     pub async fn cancel(&self, job_ref: &str) -> Result<Job, ControllerError> {
+        let array_ref = job_ref.to_string();
+        let elements = self
+            .state
+            .call(move |state, _| {
+                if state.jobs.contains_key(&array_ref) { Vec::new() } else { Self::array_elements(state, &array_ref) }
+            })
+            .await;
+        if elements.is_empty() {
+            return self.cancel_one(job_ref).await;
+        }
+        for id in &elements[1..] {
+            self.cancel_one(id).await?;
+        }
+        self.cancel_one(&elements[0]).await
+    }
+
+    async fn cancel_one(&self, job_ref: &str) -> Result<Job, ControllerError> {
         let job_ref = job_ref.to_string();
         let (id, stored) = self
             .state
@@ -773,6 +897,22 @@ const HOLD_FOR: Duration = Duration::from_millis(50);
 /// Node names for a reason or a log field: all of them when few, else the
 /// first three, the last and the count. Every log line of an attempt carries
 /// this, and a 1,024-node list is 9 KB.
+/// A warning about a path resolved in the per-job directory gets the real
+/// `--work-dir` of the nodes the job would run on: "/srv/cohort on node0, node1".
+fn name_work_dirs(warnings: &mut [String], nodes: &[(&str, &str)]) {
+    let mut by_dir: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (node, dir) in nodes.iter().filter(|(_, dir)| !dir.is_empty()) {
+        by_dir.entry(dir).or_default().push(node);
+    }
+    if by_dir.is_empty() {
+        return;
+    }
+    let dirs: Vec<String> = by_dir.iter().map(|(dir, nodes)| format!("{dir} on {}", node_list(nodes))).collect();
+    for warning in warnings.iter_mut().filter(|w| w.contains("<agent --work-dir>/jobs/<job id>/workdir/")) {
+        warning.push_str(&format!(" (<agent --work-dir> of the nodes it would run on: {})", dirs.join("; ")));
+    }
+}
+
 fn node_list<S: AsRef<str>>(nodes: &[S]) -> String {
     const SHOWN: usize = 8;
     let names = |nodes: &[S]| nodes.iter().map(|n| n.as_ref()).collect::<Vec<_>>().join(", ");
@@ -912,7 +1052,7 @@ mod tests {
             info: Some(NodeInfo { name: "n1".into(), fence_after_ms: 4_000, ..NodeInfo::default() }),
             ..NodeRecord::default()
         };
-        let mut node = NodeEntry::from_store(record, 1, Instant::now()).unwrap();
+        let mut node = NodeEntry::from_store(record, 1, Instant::now(), Duration::ZERO).unwrap();
         node.last_seen_unix_ms = 1_000_000;
         assert_eq!(reconcile::fence_deadline(Some(&node)), 1_004_000);
         // The ranks get SIGTERM at the deadline and SIGKILL `grace` later.

@@ -73,6 +73,7 @@ impl Controller {
                 bytes_total: staged.bytes,
                 state: if staged.from_cache { "cached".into() } else { "ready".into() },
                 path: staged.path.clone(),
+                hub_cache: staged.hub_cache.clone(),
                 ..Default::default()
             };
             upsert_stage(&mut entry.job, status);
@@ -378,7 +379,9 @@ fn upsert_stage(job: &mut Job, status: cohort_proto::StageStatus) {
     match job.staging.iter_mut().find(|s| s.node_name == status.node_name && s.item == status.item) {
         Some(existing) => {
             let path = if status.path.is_empty() { existing.path.clone() } else { status.path.clone() };
-            *existing = cohort_proto::StageStatus { path, ..status };
+            let hub_cache =
+                if status.hub_cache.is_empty() { existing.hub_cache.clone() } else { status.hub_cache.clone() };
+            *existing = cohort_proto::StageStatus { path, hub_cache, ..status };
         }
         None => job.staging.push(status),
     }

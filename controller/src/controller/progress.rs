@@ -63,6 +63,11 @@ struct HangCheck {
 }
 
 impl AttemptProgress {
+    /// The last training iteration attempt `attempt` reported, if this controller saw one.
+    pub(super) fn last_iteration_of(&self, attempt: u32) -> Option<u64> {
+        self.last_iteration.filter(|_| self.attempt == attempt).map(|(i, _)| i)
+    }
+
     /// Forgets an earlier attempt's progress.
     fn at(&mut self, attempt: u32) -> &mut Self {
         if self.attempt != attempt {
@@ -142,6 +147,10 @@ impl Controller {
         self.state
             .call(move |state, _| {
                 let rank = state.jobs.get(&job_id).map(|e| e.node_rank(&node)).unwrap_or(0);
+                // The ranks' output is the node's word too.
+                if let Some(n) = state.nodes.get_mut(&node) {
+                    n.spoke(now);
+                }
                 Self::output_seen_at(state, &job_id, attempt, &node, now);
                 rank
             })
@@ -312,7 +321,7 @@ impl Controller {
                 now.checked_sub(Duration::from_millis(ran_ms as u64)).unwrap_or(now)
             });
             // Its own time_limit, else its queue's max_run_time.
-            let queue = self.config.queues.of(entry.spec.queue.as_deref());
+            let queue = super::queue_admin::queue_of(&state.queues, entry);
             let limit = queue.map_or(entry.spec.time_limit, |q| q.time_limit(entry.spec.time_limit));
             if let Some(limit) = limit.filter(|_| !entry.spec.is_pipeline()) {
                 let ran = now.duration_since(running_since);

@@ -10,8 +10,23 @@ use crate::queues::Queues;
 use crate::store::EmbeddedStore;
 
 async fn open(dir: &Path, queues: Queues) -> Arc<Controller> {
-    let store = Arc::new(EmbeddedStore::open(&dir.join("store")).unwrap());
-    Controller::load(store, dir, ControllerConfig { queues, ..ControllerConfig::default() }).await.unwrap()
+    // A controller dropped just before holds the file until its writer task ends.
+    let mut tries = 0;
+    let store = loop {
+        match EmbeddedStore::open(&dir.join("store")) {
+            Ok(store) => break Arc::new(store),
+            Err(e) if tries < 1000 => {
+                tries += 1;
+                tracing::debug!(error = %e, "state file still held");
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // The sessions send no heartbeats: a node TTL far beyond any test keeps the
+    // nodes (and the jobs that hold GPUs on them) alive on a loaded machine.
+    let config = ControllerConfig { queues, node_ttl: Duration::from_secs(3600), ..ControllerConfig::default() };
+    Controller::load(store, dir, config).await.unwrap()
 }
 
 /// Registers one-GPU nodes and opens their sessions (kept open by the returned receivers).
@@ -138,7 +153,9 @@ async fn within_a_priority_the_user_who_used_fewer_gpus_goes_first() {
     controller.reconcile().await.unwrap();
     assert_eq!(pending(&controller, &first).await, None);
     // Alice's running job accrues GPU-seconds with every pass.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while controller.state.call(|state, _| state.fair_share.usage("alice")).await == 0.0 {
+        assert!(std::time::Instant::now() < deadline, "no usage accrued for alice's running job");
         tokio::task::yield_now().await;
         controller.reconcile().await.unwrap();
     }
@@ -176,4 +193,221 @@ async fn a_label_quota_keeps_a_queue_off_the_labelled_nodes_it_has_used_up() {
     let nodes: Vec<&str> = placed.plan.as_ref().unwrap().nodes.iter().map(|a| a.node_name.as_str()).collect();
     assert_eq!(nodes, ["a1"]);
     assert_eq!(pending(&controller, &other).await, None, "team-b takes the other H100 node");
+}
+
+/// Sets every queue's decayed usage as if it had run that many GPU-seconds.
+async fn set_queue_usage(controller: &Controller, usage: &[(&str, f64)]) {
+    let record = cohort_proto::FairShareRecord {
+        queues: usage.iter().map(|(q, u)| (q.to_string(), *u)).collect(),
+        at_unix_ms: now_unix_ms(),
+        ..Default::default()
+    };
+    controller.state.call(move |state, _| state.fair_share = crate::queues::FairShare::from_record(record)).await;
+}
+
+#[tokio::test]
+async fn across_queues_the_one_furthest_below_its_weighted_share_goes_first_whatever_the_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = "[[queue]]\nname = \"a\"\n[[queue]]\nname = \"b\"\nweight = 3\n";
+    let controller = open(dir.path(), Queues::parse(file).unwrap()).await;
+    let _sessions = connect(&controller, &["n1"]).await;
+    // b used twice what a did, but its weight is three times a's: it is further below its share.
+    set_queue_usage(&controller, &[("a", 1000.0), ("b", 2000.0)]).await;
+    let a = submit_as(&controller, "u", &job("a", 1, "queue: a\npriority: 5\n")).await.unwrap();
+    let b = submit_as(&controller, "u", &job("b", 1, "queue: b\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    assert_eq!(pending(&controller, &b).await, None, "b's job takes the one node");
+    assert!(pending(&controller, &a).await.is_some(), "a's waits, its priority notwithstanding");
+
+    // With equal weights a is the one below its share.
+    let dir = tempfile::tempdir().unwrap();
+    let file = "[[queue]]\nname = \"a\"\n[[queue]]\nname = \"b\"\n";
+    let controller = open(dir.path(), Queues::parse(file).unwrap()).await;
+    let _sessions = connect(&controller, &["n1"]).await;
+    set_queue_usage(&controller, &[("a", 1000.0), ("b", 2000.0)]).await;
+    let b = submit_as(&controller, "u", &job("b", 1, "queue: b\n")).await.unwrap();
+    let a = submit_as(&controller, "u", &job("a", 1, "queue: a\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    assert_eq!(pending(&controller, &a).await, None);
+    assert!(pending(&controller, &b).await.is_some());
+}
+
+#[tokio::test]
+async fn fair_share_usage_and_queues_set_through_the_api_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let declared = Queues::parse("[[queue]]\nname = \"a\"\ngpus = 4\n").unwrap();
+    let controller = open(dir.path(), declared.clone()).await;
+    let _sessions = connect(&controller, &["n1"]).await;
+    let id = submit_as(&controller, "alice", &job("j", 1, "")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    assert_eq!(pending(&controller, &id).await, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while controller.state.call(|state, _| state.fair_share.queue_usage("a")).await == 0.0 {
+        let job = controller.get(&id).await.unwrap();
+        assert!(std::time::Instant::now() < deadline, "no usage accrued: job {} {}", job.state, job.reason);
+        tokio::task::yield_now().await;
+        controller.reconcile().await.unwrap();
+    }
+    // The next pass stores the usage.
+    controller.state.call(|state, _| state.fair_share_stored = None).await;
+    controller.reconcile().await.unwrap();
+    let before = controller.state.call(|state, _| state.fair_share.clone()).await;
+    let spec = cohort_proto::QueueSpec { name: "b".into(), gpus: Some(2), weight: 5.0, ..Default::default() };
+    controller.set_queue(spec).await.unwrap();
+    let mut a = declared.of(Some("a")).unwrap().to_spec();
+    a.gpus = Some(1);
+    controller.set_queue(a).await.unwrap();
+    controller.writer.flush().await;
+    controller.stop_writes();
+    drop(controller);
+
+    let controller = open(dir.path(), declared).await;
+    let after = controller.state.call(|state, _| state.fair_share.clone()).await;
+    assert_eq!(after, before, "the stored usage is loaded");
+    assert!(after.usage("alice") > 0.0 && after.queue_usage("a") > 0.0);
+    let queues = controller.list_queues().await;
+    let names: Vec<&str> = queues.queues.iter().filter_map(|q| q.spec.as_ref()).map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"], "the queue made through the API is back");
+    assert_eq!(queues.queues[0].spec.as_ref().unwrap().gpus, Some(1), "the store's version of a wins over the file's");
+    assert_eq!(queues.queues[1].spec.as_ref().unwrap().weight, 5.0);
+}
+
+#[tokio::test]
+async fn a_queue_set_through_the_api_takes_effect_and_one_with_jobs_cannot_be_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path(), Queues::default()).await;
+    let _sessions = connect(&controller, &["n1", "n2"]).await;
+    let refused = submit_as(&controller, "alice", &job("x", 1, "queue: team-a\n")).await.unwrap_err();
+    assert!(refused.to_string().contains("is not a queue of this cluster"), "{refused}");
+    let spec = cohort_proto::QueueSpec { name: "team-a".into(), gpus: Some(1), ..Default::default() };
+    let status = controller.set_queue(spec).await.unwrap();
+    assert_eq!(status.spec.unwrap().weight, 1.0, "a weight left out is 1");
+    let a1 = submit_as(&controller, "alice", &job("a1", 1, "queue: team-a\n")).await.unwrap();
+    let a2 = submit_as(&controller, "alice", &job("a2", 1, "queue: team-a\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    assert_eq!(pending(&controller, &a1).await, None);
+    assert_eq!(pending(&controller, &a2).await.unwrap(), "queue team-a at quota 1/1 GPUs (this job needs 1)");
+    let listed = controller.list_queues().await;
+    let team_a = listed.queues.iter().find(|q| q.spec.as_ref().unwrap().name == "team-a").unwrap();
+    assert_eq!((team_a.used_gpus, team_a.running_jobs, team_a.pending_jobs), (1, 1, 1));
+    assert_eq!(controller.get(&a1).await.unwrap().queue, "team-a");
+
+    let e = controller.delete_queue("team-a").await.unwrap_err().to_string();
+    assert!(e.starts_with("queue team-a has 2 active job(s)"), "{e}");
+    let e = controller.delete_queue("default").await.unwrap_err().to_string();
+    assert!(e.contains("is the default queue"), "{e}");
+    let bad = cohort_proto::QueueSpec { name: "team a".into(), ..Default::default() };
+    let e = controller.set_queue(bad).await.unwrap_err().to_string();
+    assert!(e.starts_with("queue name: \"team a\" is not a queue name"), "{e}");
+}
+
+#[tokio::test]
+async fn usage_counts_gpus_times_wall_time_per_user_and_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path(), Queues::default()).await;
+    let _sessions = connect(&controller, &["n1", "n2"]).await;
+    let id = submit_as(&controller, "alice", &job("j", 2, "")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    let started = controller.get(&id).await.unwrap().attempts[0].started_unix_ms;
+    assert!(started > 0);
+    let now = started + 1_800_000;
+    let usage = controller.state.call(move |state, _| queue_admin::usage(state, 0, now)).await;
+    assert_eq!(usage.rows.len(), 1);
+    let row = &usage.rows[0];
+    assert_eq!(
+        (row.user.as_str(), row.queue.as_str(), row.jobs, row.attempts, row.running_gpus),
+        ("alice", "default", 1, 1, 2)
+    );
+    assert!((row.gpu_hours - 1.0).abs() < 1e-9, "2 GPUs for half an hour: {}", row.gpu_hours);
+    let since = started + 900_000;
+    let usage = controller.state.call(move |state, _| queue_admin::usage(state, since, now)).await;
+    assert!((usage.rows[0].gpu_hours - 0.5).abs() < 1e-9, "the window cuts it: {}", usage.rows[0].gpu_hours);
+    let later = controller.state.call(move |state, _| queue_admin::usage(state, now + 1, now + 2)).await;
+    assert!(later.rows.iter().all(|r| r.gpu_hours < 1e-6), "{later:?}");
+}
+
+/// The stop commands sent for `job` so far, on every session.
+fn stops_for(sessions: &mut [Session], job: &str) -> Vec<cohort_proto::StopCommand> {
+    let mut stops = Vec::new();
+    for session in sessions.iter_mut() {
+        while let Ok(Ok(message)) = session.try_recv() {
+            if let Some(Command::Stop(stop)) = message.command
+                && stop.job_id == job
+            {
+                stops.push(stop);
+            }
+        }
+    }
+    stops
+}
+
+#[tokio::test]
+async fn a_higher_priority_job_preempts_the_lowest_priority_gang_of_its_queue_when_the_queue_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let queues = Queues::parse("[[queue]]\nname = \"team-a\"\npreempt_lower_priority = true\n").unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("store")).unwrap());
+    let config = ControllerConfig { queues, stop_resend: Duration::from_millis(20), ..ControllerConfig::default() };
+    let controller = Controller::load(store, dir.path(), config).await.unwrap();
+    let mut sessions = connect(&controller, &["n1", "n2"]).await;
+    let saving = "priority: 1\npreempt: {signal: SIGUSR1, grace: 30s}\n";
+    let low = submit_as(&controller, "u", &job("low", 1, saving)).await.unwrap();
+    let mid = submit_as(&controller, "u", &job("mid", 1, "priority: 5\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    assert_eq!((pending(&controller, &low).await, pending(&controller, &mid).await), (None, None));
+
+    // Priority 5 may not stop the priority-5 job, nor the priority-1 one alone for 2 nodes.
+    let equal = submit_as(&controller, "u", &job("equal", 2, "priority: 5\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    let reason = pending(&controller, &equal).await.unwrap();
+    assert!(reason.starts_with("waiting for free GPUs"), "{reason}");
+    controller.cancel(&equal).await.unwrap();
+
+    let high = submit_as(&controller, "u", &job("high", 1, "priority: 9\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    let reason = pending(&controller, &high).await.unwrap();
+    assert_eq!(reason, format!("preempting job(s) {low} (priority 9): waiting for them to save and stop"));
+    let victim = controller.get(&low).await.unwrap();
+    assert_eq!(victim.state, JobState::Restarting as i32, "{}", victim.reason);
+    assert_eq!(victim.attempts[0].state, JobState::Preempted as i32);
+    let stops = stops_for(&mut sessions, &low);
+    assert!(!stops.is_empty(), "the victim's gang is stopped");
+    assert!(stops.iter().all(|s| s.first_signal == "SIGUSR1" && s.first_signal_grace_ms == 30_000), "{stops:?}");
+    assert_eq!(controller.get(&mid).await.unwrap().state, JobState::Starting as i32, "the priority-5 job stays");
+
+    // No agent reports the stopped ranks: they are counted gone, the victim is queued
+    // again (no restart policy: a preemption uses none) and the higher job starts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pending(&controller, &high).await.is_some() || pending(&controller, &low).await.is_none() {
+        assert!(Instant::now() < deadline, "{:?}", controller.get(&low).await.unwrap().reason);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        controller.reconcile().await.unwrap();
+    }
+    let reason = pending(&controller, &low).await.unwrap();
+    assert!(reason.starts_with(&format!("preempted by job {high} (priority 9)")), "{reason}");
+}
+
+#[tokio::test]
+async fn the_fifo_scheduler_holds_every_job_behind_a_blocked_head_and_ignores_quotas() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("store")).unwrap());
+    let queues =
+        Queues::parse("[[queue]]\nname = \"team-a\"\ngpus = 1\nborrow = false\n[[queue]]\nname = \"shared\"\n")
+            .unwrap();
+    let config = ControllerConfig { queues, scheduler: crate::queues::Scheduler::Fifo, ..ControllerConfig::default() };
+    let controller = Controller::load(store, dir.path(), config).await.unwrap();
+    let _sessions = connect(&controller, &["n1", "n2", "n3"]).await;
+    let first = submit_as(&controller, "u", &job("first", 1, "time_limit: 30m\n")).await.unwrap();
+    let beyond_quota = submit_as(&controller, "u", &job("beyond", 1, "time_limit: 30m\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    assert_eq!(pending(&controller, &first).await, None);
+    assert_eq!(pending(&controller, &beyond_quota).await, None, "fifo has no quotas: the second GPU is taken");
+
+    let head = submit_as(&controller, "u", &job("head", 3, "time_limit: 1h\nqueue: shared\n")).await.unwrap();
+    let short = submit_as(&controller, "u", &job("short", 1, "time_limit: 10m\nqueue: shared\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    let head_reason = pending(&controller, &head).await.expect("the 3-node head waits for the busy nodes");
+    assert!(head_reason.ends_with("no job behind it starts (--scheduler fifo)"), "{head_reason}");
+    assert!(!head_reason.contains("reserved"), "fifo reserves nothing: {head_reason}");
+    // Under backfill this 10-minute job would start on the idle third node.
+    assert!(pending(&controller, &short).await.is_some(), "nothing starts behind the blocked head");
 }

@@ -3,7 +3,8 @@
 
 use cohort_shared::failure::FailureCause;
 
-use super::node_entry::Sweep;
+use super::node_entry::{SWEEP_CREDIT_MAX, Sweep};
+use super::queue_admin::{queue_name, queue_of};
 use super::*;
 use crate::planner::{AttemptInputs, LaunchPlan};
 
@@ -118,7 +119,10 @@ impl Controller {
             self.persist_job(state, &id);
         }
         self.advance_restarts(state)?;
+        self.settle_dependencies(state);
+        self.settle_arrays(state);
         self.schedule(state)?;
+        self.store_fair_share(state);
         for id in self.resend_stops(state) {
             self.persist_job(state, &id);
         }
@@ -135,9 +139,9 @@ impl Controller {
         let ttl = self.config.node_ttl;
         let mut lost = Vec::new();
         let suspect_after = self.config.heartbeat_interval * 3;
-        self.grace_after_stall(state, now);
+        let observed = self.observed_since_last_sweep(state, now);
         for node in state.nodes.values_mut() {
-            if node.sweep(now, suspect_after, ttl) == Sweep::Lost {
+            if node.sweep(now, observed, suspect_after, ttl) == Sweep::Lost {
                 lost.push(node.info.name.clone());
             }
         }
@@ -159,7 +163,7 @@ impl Controller {
                 entry.hold_until(ranks_fenced_by(state.nodes.get(&node), entry.spec.stop_grace));
                 let describe = |node_rank| {
                     format!(
-                        "node {node} (node rank {node_rank}) lost: no heartbeat for {}",
+                        "node {node} (node rank {node_rank}) lost: no heartbeat for {} (of this controller's observed time)",
                         humantime::format_duration(ttl)
                     )
                 };
@@ -174,24 +178,29 @@ impl Controller {
         }
     }
 
-    /// A sweep that comes more than [`stall_limit`] after the last one means
-    /// this controller did not run (SIGSTOP, a VM pause, CPU starvation):
-    /// the nodes' silence meanwhile is its own, so every node not yet lost
-    /// gets one TTL from now before anything is declared lost.
-    fn grace_after_stall(&self, state: &mut State, now: Instant) {
+    /// The time since the last sweep that counts against the nodes' silence:
+    /// what this controller observed itself running on schedule. The sweep
+    /// ticks every 250 ms; a later one means this controller was starved and
+    /// could not read what the nodes sent, so a gap counts at most
+    /// [`SWEEP_CREDIT_MAX`]. A gap over [`stall_limit`] means it did not run
+    /// at all (SIGSTOP, a VM pause, CPU starvation): nothing counts, every
+    /// node's silence starts again and each gets [`stall_grace`] to be heard.
+    fn observed_since_last_sweep(&self, state: &mut State, now: Instant) -> Duration {
         let last = state.last_sweep.replace(now);
-        let Some(gap) = last.map(|last| now.duration_since(last)) else { return };
+        let Some(gap) = last.map(|last| now.duration_since(last)) else { return Duration::ZERO };
         if gap <= stall_limit(&self.config) {
-            return;
+            return gap.min(SWEEP_CREDIT_MAX);
         }
+        let grace = stall_grace(&self.config);
         tracing::warn!(
             gap = ?gap,
-            ttl = ?self.config.node_ttl,
-            "the liveness sweep ran late: this controller was paused or starved; every node gets one TTL from now before it is declared lost"
+            grace = ?grace,
+            "the liveness sweep ran late: this controller was paused or starved; no node is declared lost before it is heard or the grace is over"
         );
         for node in state.nodes.values_mut() {
-            node.forgive_silence(now);
+            node.forgive_silence(now, grace);
         }
+        Duration::ZERO
     }
 
     pub(super) fn node_views(state: &State) -> Vec<NodeView> {
@@ -257,8 +266,10 @@ impl Controller {
     /// (EASY backfill). One that could never fit holds up nothing.
     pub(super) fn schedule(&self, state: &mut State) -> Result<(), ControllerError> {
         let now = now_unix_ms();
-        let queues = &self.config.queues;
-        let order = Self::pending_order(state, queues, now);
+        let queues = state.queues.clone();
+        let queues = &*queues;
+        let backfill = self.config.scheduler == crate::queues::Scheduler::Backfill;
+        let order = if backfill { Self::pending_order(state, queues, now) } else { Self::fifo_order(state) };
         let labels_of: HashMap<String, crate::queues::LabelMap> =
             state.nodes.values().map(|n| (n.info.name.clone(), n.info.labels.clone())).collect();
         let on_nodes = |nodes: &[(String, Vec<u32>)]| -> Vec<(&crate::queues::LabelMap, u32)> {
@@ -285,17 +296,24 @@ impl Controller {
                     }
                     continue;
                 }
-                let Some(queue) = queues.of(entry.spec.queue.as_deref()) else {
+                // A victim does not take back the GPUs it gave up before the job it made room for starts.
+                if let Some(by) = entry.last_preemption().map(|p| p.by_job.clone())
+                    && state.jobs.get(&by).is_some_and(|e| e.phase() == JobPhase::Pending)
+                {
+                    self.set_reason(state, &id, format!("waiting for job {by}, which it made room for, to start"));
+                    continue;
+                }
+                let Some(queue) = queue_of(queues, entry) else {
                     let reason = format!(
-                        "queue {} is not declared any more (the controller's --queues); resubmit the job to a declared queue",
-                        entry.spec.queue.as_deref().unwrap_or_default()
+                        "queue {} is not declared any more (deleted, or gone from the controller's --queues); resubmit the job to a declared queue",
+                        queue_name(queues, entry)
                     );
                     self.set_reason(state, &id, reason);
                     continue;
                 };
                 let gpus = entry.spec.nodes * entry.spec.gpus_per_node;
                 let held = used.get(&queue.name).copied().unwrap_or(0);
-                let over_quota = queue.gpu_quota.filter(|quota| held + gpus > *quota);
+                let over_quota = queue.gpu_quota.filter(|quota| backfill && held + gpus > *quota);
                 if let (false, Some(quota)) = (borrowing, over_quota) {
                     let reason = format!("queue {} at quota {held}/{quota} GPUs (this job needs {gpus})", queue.name);
                     if queue.borrow {
@@ -307,7 +325,7 @@ impl Controller {
                 // Nodes under a label quota with no room left are not this job's (borrowers aside).
                 // A job that does not fit once they are taken out waits on its quota, not as the head.
                 let mut restricted = None;
-                if !borrowing && !queue.label_quotas.is_empty() {
+                if backfill && !borrowing && !queue.label_quotas.is_empty() {
                     let mut views = all.clone();
                     let selected =
                         |v: &NodeView| entry.spec.node_selector.iter().all(|(k, x)| v.labels.get(k) == Some(x));
@@ -326,11 +344,23 @@ impl Controller {
                 let views: &[NodeView] = restricted.as_deref().unwrap_or(all);
                 let limit = queue.time_limit(entry.spec.time_limit);
                 let pending = Pending { queue, held, borrowing, views, limit, now };
+                let behind = reservation.is_some();
                 let placed = self.place_pending(state, &id, pending, &mut reservation);
                 let placement = match placed {
                     Ok(placement) => placement,
                     Err(reason) => {
                         let never = reason.starts_with(cohort_proto::names::NEVER_FITS);
+                        // The head of the order may make room by preemption (not under `--scheduler fifo`,
+                        // the baseline); nothing behind it starts meanwhile.
+                        if backfill
+                            && !never
+                            && !borrowing
+                            && !behind
+                            && let Some(why) = self.try_preempt(state, &id, queue, views)
+                        {
+                            self.set_reason(state, &id, why);
+                            return Ok(());
+                        }
                         let blocks = !never && !borrowing && reservation.is_none();
                         self.set_reason(state, &id, reason);
                         // A job no idle cluster could hold (admitted before nodes
@@ -362,21 +392,36 @@ impl Controller {
         Ok(())
     }
 
-    /// Pending jobs in the order they are placed: priority, then the
-    /// submitter's fair share (its decayed GPU use, accrued up to `now`), then
-    /// submission order.
+    /// Pending jobs in the order they are placed: the queue furthest below
+    /// its weighted fair share first, then priority, then the submitter's
+    /// fair share (its decayed GPU use, accrued up to `now`), then submission order.
     fn pending_order(state: &mut State, queues: &crate::queues::Queues, now: i64) -> Vec<String> {
-        let holding: Vec<(String, u32)> =
-            state.jobs.values().filter(|e| e.holds_resources()).map(|e| (submitter(e), gpus_held(e))).collect();
-        state.fair_share.accrue(now, queues.half_life, holding);
-        let mut pending: Vec<(i32, f64, u64, String)> = state
+        let holding: Vec<(String, String, u32)> = state
             .jobs
             .values()
-            .filter(|e| e.phase() == JobPhase::Pending && !e.spec.is_pipeline())
-            .map(|e| (-e.job.priority, state.fair_share.usage(&submitter(e)), e.seq, e.job.id.clone()))
+            .filter(|e| e.holds_resources())
+            .map(|e| (submitter(e), queue_name(queues, e), gpus_held(e)))
             .collect();
-        pending.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
-        pending.into_iter().map(|(.., id)| id).collect()
+        state.fair_share.accrue(now, queues.half_life, holding);
+        let share = &state.fair_share;
+        let held = arrays::held_back(state);
+        let mut pending: Vec<(crate::queues::OrderKey, String)> = state
+            .jobs
+            .values()
+            .filter(|e| e.phase() == JobPhase::Pending && !e.spec.is_pipeline() && !dependencies::waits(state, e))
+            .filter(|e| !held.contains_key(&e.job.id))
+            .map(|e| {
+                let key = crate::queues::OrderKey {
+                    queue_rank: queue_of(queues, e).map_or(0.0, |q| share.queue_rank(q)),
+                    priority: e.job.priority,
+                    user_usage: share.usage(&submitter(e)),
+                    seq: e.seq,
+                };
+                (key, e.job.id.clone())
+            })
+            .collect();
+        pending.sort_by(|a, b| a.0.order(&b.0));
+        pending.into_iter().map(|(_, id)| id).collect()
     }
 
     /// The GPUs each queue's running jobs hold, in all and under its label quotas.
@@ -388,7 +433,7 @@ impl Controller {
         let mut used: HashMap<String, u32> = HashMap::new();
         let mut label_use = crate::queues::LabelUse::default();
         for entry in state.jobs.values().filter(|e| e.holds_resources()) {
-            let Some(queue) = queues.of(entry.spec.queue.as_deref()) else { continue };
+            let Some(queue) = queue_of(queues, entry) else { continue };
             *used.entry(queue.name.clone()).or_default() += gpus_held(entry);
             if let Some(plan) = entry.plan() {
                 let nodes: Vec<(String, Vec<u32>)> =
@@ -439,8 +484,11 @@ impl Controller {
                     queue.name
                 );
             }
+            if self.config.scheduler == crate::queues::Scheduler::Fifo {
+                return format!("waiting for free GPUs: {e}; no job behind it starts (--scheduler fifo)");
+            }
             // The head of the order: the nodes that free up first are its.
-            match planner::reserve(id, &entry.spec, views, &running_gangs(state, &self.config.queues, now), now) {
+            match planner::reserve(id, &entry.spec, views, &running_gangs(state, &state.queues, now), now) {
                 Some(r) => {
                     let why = format!(
                         "waiting for free GPUs: {e}; reserved nodes {} from {}",
@@ -457,8 +505,29 @@ impl Controller {
         })
     }
 
-    /// Sets a pending job's reason, published when it changed.
+    /// Pending jobs in the order of `--scheduler fifo`: priority, then submission.
+    fn fifo_order(state: &State) -> Vec<String> {
+        let held = arrays::held_back(state);
+        let mut pending: Vec<(i32, u64, String)> = state
+            .jobs
+            .values()
+            .filter(|e| e.phase() == JobPhase::Pending && !e.spec.is_pipeline() && !dependencies::waits(state, e))
+            .filter(|e| !held.contains_key(&e.job.id))
+            .map(|e| (-e.job.priority, e.seq, e.job.id.clone()))
+            .collect();
+        pending.sort();
+        pending.into_iter().map(|(.., id)| id).collect()
+    }
+
+    /// Sets a pending job's reason, published when it changed; a job queued
+    /// again after a preemption says so until it starts.
     fn set_reason(&self, state: &mut State, id: &str, reason: String) {
+        let preempted = state.jobs.get(id).and_then(|e| {
+            e.last_preemption().map(|p| {
+                format!("preempted by job {} ({}){}; ", p.by_job, p.grounds, super::restart::lost_note(Some(p)))
+            })
+        });
+        let reason = format!("{}{reason}", preempted.unwrap_or_default());
         if let Some(entry) = state.jobs.get_mut(id)
             && entry.job.reason != reason
         {
@@ -585,12 +654,14 @@ impl Controller {
         let mut changed = Vec::new();
         let now = Instant::now();
         let resend = self.config.stop_resend;
-        let mut wanted_stops: Vec<(String, String, u32, Duration)> = Vec::new();
+        type Grace = (Duration, Option<(String, Duration)>);
+        let mut wanted_stops: Vec<(String, String, u32, Grace)> = Vec::new();
         for entry in state.jobs.values().filter(|e| e.is_over() && e.job.live_processes > 0) {
             let nodes: HashSet<&str> =
                 entry.job.processes.iter().filter(|p| is_live(p)).map(|p| p.node_name.as_str()).collect();
             for node in nodes {
-                wanted_stops.push((node.into(), entry.job.id.clone(), entry.job.attempt, entry.spec.stop_grace));
+                let grace = (entry.spec.stop_grace, entry.save_first());
+                wanted_stops.push((node.into(), entry.job.id.clone(), entry.job.attempt, grace));
             }
         }
         for node in state.nodes.values().filter(|n| n.session.is_some()) {
@@ -602,7 +673,7 @@ impl Controller {
                 if !wanted && launch.processes.iter().any(|p| p.exited.is_none()) {
                     let grace =
                         state.jobs.get(&launch.job_id).map(|e| e.spec.stop_grace).unwrap_or(Duration::from_secs(10));
-                    wanted_stops.push((node.info.name.clone(), launch.job_id.clone(), launch.attempt, grace));
+                    wanted_stops.push((node.info.name.clone(), launch.job_id.clone(), launch.attempt, (grace, None)));
                 }
             }
         }
@@ -655,7 +726,7 @@ fn running_gangs(state: &State, queues: &crate::queues::Queues, now: i64) -> Vec
         .filter(|e| e.holds_resources())
         .filter_map(|e| {
             let plan = e.plan()?;
-            let limit = queues.of(e.spec.queue.as_deref()).and_then(|q| q.time_limit(e.spec.time_limit));
+            let limit = queue_of(queues, e).map_or(e.spec.time_limit, |q| q.time_limit(e.spec.time_limit));
             // A stopped gang still exiting is gone within its stop grace.
             let limit = if e.is_over() { Some(e.spec.stop_grace) } else { limit };
             let since = if e.job.running_unix_ms > 0 && !e.is_over() { e.job.running_unix_ms } else { now };
@@ -699,6 +770,16 @@ pub(super) fn ranks_fenced_by(node: Option<&NodeEntry>, grace: Duration) -> i64 
 /// silence would make it Suspect, and at least a second.
 pub(super) fn stall_limit(config: &ControllerConfig) -> Duration {
     (config.heartbeat_interval * 3).max(Duration::from_secs(1))
+}
+
+/// The agents' longest reconnection backoff by default (`--max-backoff 10s`).
+const AGENT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How long of observed time a node is not declared lost after this
+/// controller stalled or started: an agent whose stream went unanswered gave
+/// it up and may be waiting out its reconnection backoff; the TTL on top.
+pub(super) fn stall_grace(config: &ControllerConfig) -> Duration {
+    AGENT_MAX_BACKOFF + config.node_ttl
 }
 
 /// What [`Controller::place_pending`] needs to know of one pending job beside its record.

@@ -74,7 +74,8 @@ impl Controller {
         if policy.max_restarts == 0 {
             return;
         }
-        let done = entry.job.attempts.len().saturating_sub(1) as u32;
+        // A preempted attempt was not the job's failure: it costs no restart.
+        let done = entry.attempts_counted().saturating_sub(1) as u32;
         if !policy.retries(cause) {
             entry.job.reason =
                 format!("{}; not restarted: {cause} failures are not retried (restart.on)", failure.message);
@@ -90,6 +91,7 @@ impl Controller {
             .job
             .attempts
             .iter()
+            .filter(|a| a.state != cohort_proto::JobState::Preempted as i32)
             .map(|a| {
                 let end = if a.finished_unix_ms > 0 { a.finished_unix_ms } else { now_unix_ms() };
                 Duration::from_millis(end.saturating_sub(a.started_unix_ms).max(0) as u64)
@@ -155,6 +157,15 @@ impl Controller {
                 Some(c) => format!(" from iteration {} ({})", c.iteration, c.path),
                 None => String::new(),
             };
+            if entry.preempting() {
+                let iteration = entry.progress.last_iteration_of(entry.job.attempt);
+                entry.count_lost_work(iteration, planner::checkpoint_dir(&entry.spec).is_some());
+                let why = entry.job.attempts.last().map(|a| a.reason.clone()).unwrap_or_default();
+                entry.requeue(format!("{why}; queued again{}{note}", lost_note(entry.last_preemption())))?;
+                self.persist_job(state, &id);
+                self.publish(state, &id, "preempted job queued again");
+                continue;
+            }
             entry.requeue(format!("restarting{from}: waiting to be placed{note}"))?;
             self.persist_job(state, &id);
             self.publish(state, &id, "restart queued");
@@ -164,7 +175,7 @@ impl Controller {
 
     fn send_lookup(&self, state: &mut State, id: &str) {
         let Some(entry) = state.jobs.get(id) else { return };
-        let Some(directory) = planner::output_dir(&entry.spec) else { return };
+        let Some(directory) = planner::checkpoint_dir(&entry.spec) else { return };
         let user = entry.spec.user.clone().unwrap_or_default();
         // The output dir is shared: any connected node of the last attempt, else any node.
         let connected = |n: &NodeEntry| n.is_connected();
@@ -189,6 +200,16 @@ impl Controller {
         if let Some(entry) = state.jobs.get_mut(id) {
             entry.lookup = Some(Lookup::InFlight { rx, deadline: Instant::now() + LOOKUP_TIMEOUT, node });
         }
+    }
+}
+
+/// ", resuming from iteration 40 (0 iterations lost)" for a preempted job's reason; empty when unknown.
+pub(super) fn lost_note(preemption: Option<&cohort_proto::Preemption>) -> String {
+    let Some(p) = preemption else { return String::new() };
+    match (p.resumed_iteration, p.lost_iterations) {
+        (Some(from), Some(lost)) => format!(", resuming from iteration {from} ({lost} iterations lost)"),
+        (Some(from), None) => format!(", resuming from iteration {from}"),
+        _ => String::new(),
     }
 }
 

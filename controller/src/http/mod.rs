@@ -144,9 +144,9 @@ async fn healthz(State(api): State<HttpApi>) -> Response {
 async fn metrics(State(api): State<HttpApi>, headers: HeaderMap) -> Response {
     // A standby exports only its role, so that summing over controllers counts each node once.
     let controller = api.leading.controller().await;
-    let (nodes, jobs) = match &controller {
-        Some(c) => (c.nodes().await, c.list(false).await),
-        None => (Vec::new(), Vec::new()),
+    let (nodes, jobs, queues) = match &controller {
+        Some(c) => (c.nodes().await, c.list(false).await, c.list_queues().await.queues),
+        None => (Vec::new(), Vec::new(), Vec::new()),
     };
     let openmetrics = headers
         .get(header::ACCEPT)
@@ -159,7 +159,7 @@ async fn metrics(State(api): State<HttpApi>, headers: HeaderMap) -> Response {
     };
     (
         [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
-        prometheus::render(&api.leading.id, controller.is_some(), &nodes, &jobs),
+        prometheus::render(&api.leading.id, controller.is_some(), &nodes, &jobs, &queues),
     )
         .into_response()
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 
-use cohort_proto::{GpuHealthState, GpuTelemetry, Job, JobState, Node, NodeState};
+use cohort_proto::{GpuHealthState, GpuTelemetry, Job, JobState, Node, NodeState, QueueStatus};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -264,7 +264,7 @@ impl JobGauges {
 
 /// The registry of one scrape. A standby (`leading` false) has no nodes or jobs
 /// to report: it exports only `cohort_controller_leader 0`.
-pub fn registry(controller_id: &str, leading: bool, nodes: &[Node], jobs: &[Job]) -> Registry {
+pub fn registry(controller_id: &str, leading: bool, nodes: &[Node], jobs: &[Job], queues: &[QueueStatus]) -> Registry {
     let mut r = Registry::with_prefix("cohort");
     let leader = family::<ControllerLabels>(&mut r, "controller_leader", "1 while this controller leads");
     leader.get_or_create(&ControllerLabels { controller: controller_id.into() }).set(if leading { 1.0 } else { 0.0 });
@@ -313,14 +313,44 @@ pub fn registry(controller_id: &str, leading: bool, nodes: &[Node], jobs: &[Job]
         job_gauges.record(job);
         progress.record(job);
     }
+    record_queues(&mut r, queues);
     r
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    queue: String,
+}
+
+/// Per queue: its quota (absent without one), GPUs used and borrowed, jobs running and pending.
+fn record_queues(r: &mut Registry, queues: &[QueueStatus]) {
+    let quota = family::<QueueLabels>(r, "queue_quota_gpus", "The queue's GPU quota (absent: none)");
+    let used = family::<QueueLabels>(r, "queue_used_gpus", "GPUs the queue's running jobs hold");
+    let borrowed = family::<QueueLabels>(r, "queue_borrowed_gpus", "GPUs the queue holds beyond its quota");
+    let lent = family::<QueueLabels>(r, "queue_lent_gpus", "GPUs of the queue's idle quota that other queues borrow");
+    let running = family::<QueueLabels>(r, "queue_running_jobs", "The queue's jobs holding GPUs");
+    let pending = family::<QueueLabels>(r, "queue_pending_jobs", "The queue's jobs waiting to be placed");
+    let weight = family::<QueueLabels>(r, "queue_weight", "The queue's fair-share weight");
+    let usage = family::<QueueLabels>(r, "queue_fair_share_usage_gpu_seconds", "The queue's decayed GPU-seconds");
+    for q in queues {
+        let Some(spec) = &q.spec else { continue };
+        let labels = QueueLabels { queue: spec.name.clone() };
+        set(&quota, &labels, spec.gpus.map(f64::from));
+        set(&used, &labels, Some(f64::from(q.used_gpus)));
+        set(&borrowed, &labels, Some(f64::from(q.borrowed_gpus)));
+        set(&lent, &labels, Some(f64::from(q.lent_gpus)));
+        set(&running, &labels, Some(f64::from(q.running_jobs)));
+        set(&pending, &labels, Some(f64::from(q.pending_jobs)));
+        set(&weight, &labels, Some(spec.weight));
+        set(&usage, &labels, Some(q.fair_share_usage));
+    }
+}
+
 /// The OpenMetrics text of one scrape (also valid Prometheus text 0.0.4: gauges only).
-pub fn render(controller_id: &str, leading: bool, nodes: &[Node], jobs: &[Job]) -> String {
+pub fn render(controller_id: &str, leading: bool, nodes: &[Node], jobs: &[Job], queues: &[QueueStatus]) -> String {
     let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry(controller_id, leading, nodes, jobs))
-    {
+    let registry = registry(controller_id, leading, nodes, jobs, queues);
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
         tracing::error!(error = %e, "cannot encode the metrics registry");
     }
     text
@@ -373,7 +403,38 @@ mod tests {
             progress: Some(TrainingPoint { iteration: 7, loss: Some(1.25), ..Default::default() }),
             ..Default::default()
         };
-        let text = render("c1", true, &[node("a", &["sft-1"], &[1]), node("b", &[], &[])], &[job]);
+        let queue = QueueStatus {
+            spec: Some(cohort_proto::QueueSpec {
+                name: "team-a".into(),
+                gpus: Some(8),
+                weight: 2.0,
+                ..Default::default()
+            }),
+            used_gpus: 10,
+            borrowed_gpus: 2,
+            pending_jobs: 3,
+            running_jobs: 1,
+            ..Default::default()
+        };
+        let open = QueueStatus {
+            spec: Some(cohort_proto::QueueSpec { name: "open".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        let text = render("c1", true, &[node("a", &["sft-1"], &[1]), node("b", &[], &[])], &[job], &[queue, open]);
+        for line in [
+            r#"cohort_queue_quota_gpus{queue="team-a"} 8.0"#,
+            r#"cohort_queue_used_gpus{queue="team-a"} 10.0"#,
+            r#"cohort_queue_borrowed_gpus{queue="team-a"} 2.0"#,
+            r#"cohort_queue_pending_jobs{queue="team-a"} 3.0"#,
+            r#"cohort_queue_running_jobs{queue="team-a"} 1.0"#,
+            r#"cohort_queue_pending_jobs{queue="open"} 0.0"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert!(
+            !text.contains(r#"cohort_queue_quota_gpus{queue="open"}"#),
+            "a queue without quota has no quota series"
+        );
         assert!(text.contains(r#"cohort_gpu_utilization_percent{node="a",gpu="1",uuid="GPU-a-1",job="sft-1"} 41.0"#));
         assert!(text.contains(r#"cohort_gpu_utilization_percent{node="a",gpu="0",uuid="GPU-a-0",job=""} 40.0"#));
         assert!(text.contains(r#"cohort_gpu_sm_clock_hertz{node="b",gpu="0",uuid="GPU-b-0",job=""} 1980000000.0"#));
@@ -387,7 +448,7 @@ mod tests {
 
     #[test]
     fn a_standby_exports_only_its_role() {
-        let text = render("c2", false, &[], &[]);
+        let text = render("c2", false, &[], &[], &[]);
         assert!(text.contains(r#"cohort_controller_leader{controller="c2"} 0"#), "{text}");
         assert!(!text.contains("cohort_nodes"), "{text}");
     }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use cohort_proto::{
     Checkpoint, EnvVar, GangPlan, LaunchCommand, NodeAssignment, PrepareCommand, ProcessSpec, StageInput, StageStatus,
 };
-use cohort_shared::spec::{FlagValue, JobSpec, LaunchMode, Workload};
+use cohort_shared::spec::{FlagValue, HubLayout, JobSpec, LaunchMode, StageSpec, Workload};
 
 use super::placement::{NodeView, Placement};
 use super::{join, swift_argcheck};
@@ -95,6 +95,9 @@ pub fn node_processes(
         var("COHORT_NODE_NAME", &node.node_name),
         var("COHORT_NODE_IPS", node_ips.join(",")),
     ]);
+    if let Some((array, index)) = cohort_shared::spec::array::element_of(input.job_id) {
+        env.extend([var("COHORT_ARRAY_ID", array), var("COHORT_ARRAY_INDEX", index)]);
+    }
     env.extend(job_vars(spec));
     match mode {
         LaunchMode::PerNode => vec![ProcessSpec { index: 0, argv, env, global_rank: None }],
@@ -153,17 +156,22 @@ pub fn render(spec: &JobSpec, placement: &Placement, nodes: &[NodeView], input: 
 }
 
 /// The spec an attempt runs: the job's own, with the resume flags when the
-/// attempt resumes from a checkpoint.
+/// attempt resumes from a checkpoint, and, for a megatron-sft job whose
+/// `preempt:` signal is SIGTERM, Megatron-LM's save on that signal where its
+/// ms-swift passes it on ([`cohort_shared::megatron::with_save_on_sigterm`]).
 pub fn attempt_spec(spec: &JobSpec, resume_from: Option<&Checkpoint>) -> JobSpec {
-    match (&spec.workload, resume_from) {
-        (Workload::MegatronSft(m), Some(ckpt)) => {
-            let mut resumed = spec.clone();
-            resumed.workload =
-                Workload::MegatronSft(cohort_shared::checkpoint::apply_resume(m, &to_shared_checkpoint(ckpt)));
-            resumed
+    let mut running = spec.clone();
+    if let Workload::MegatronSft(m) = &mut running.workload {
+        if let Some(ckpt) = resume_from {
+            *m = cohort_shared::checkpoint::apply_resume(m, &to_shared_checkpoint(ckpt));
         }
-        _ => spec.clone(),
+        if spec.preempt.as_ref().is_some_and(|p| p.signal == "SIGTERM")
+            && let Some(saving) = cohort_shared::megatron::with_save_on_sigterm(m)
+        {
+            *m = saving;
+        }
     }
+    running
 }
 
 /// A found checkpoint (as agents report it) in the domain's terms.
@@ -183,6 +191,12 @@ pub fn to_shared_checkpoint(c: &Checkpoint) -> cohort_shared::checkpoint::Checkp
 /// the workdir: where preparation proves it shared, where the last rank's
 /// metrics are read and where checkpoints are looked for. None for other
 /// kinds, or a relative directory without a workdir.
+/// Where the job's checkpoints are looked up for a restart or a preemption:
+/// a megatron-sft job's output directory, or a job's `preempt.checkpoints`.
+pub fn checkpoint_dir(spec: &JobSpec) -> Option<String> {
+    output_dir(spec).or_else(|| spec.preempt.as_ref().and_then(|p| p.checkpoints.clone()))
+}
+
 pub fn output_dir(spec: &JobSpec) -> Option<String> {
     let Workload::MegatronSft(m) = &spec.workload else { return None };
     let workdir = spec.workdir.as_deref().unwrap_or_default();
@@ -241,7 +255,7 @@ pub fn launch_plan(spec: &JobSpec, layout: &GangPlan, inputs: &AttemptInputs) ->
         .map(|a| {
             let node_env = inputs.node_env.get(a.node_name.as_str()).copied().unwrap_or_default();
             let mut processes = node_processes(&running, layout, a, node_env, &render_input);
-            add_staged(&mut processes, &a.node_name, inputs.staged);
+            add_staged(&mut processes, &a.node_name, inputs.staged, &spec.stage);
             processes
         })
         .collect();
@@ -272,14 +286,20 @@ pub fn launch_plan(spec: &JobSpec, layout: &GangPlan, inputs: &AttemptInputs) ->
     LaunchPlan { nodes }
 }
 
-/// `COHORT_STAGED_<NAME>` on each process for what `node` staged.
-fn add_staged(processes: &mut [ProcessSpec], node: &str, staged: &[StageStatus]) {
+/// `COHORT_STAGED_<NAME>` on each process for what `node` staged, and for a
+/// `model:` input the hub's cache variable (MODELSCOPE_CACHE, HF_HUB_CACHE)
+/// at the node's cache layout it was placed in.
+fn add_staged(processes: &mut [ProcessSpec], node: &str, staged: &[StageStatus], items: &[StageSpec]) {
     let ready = staged
         .iter()
         .filter(|s| s.node_name == node && (s.state == "ready" || s.state == "cached") && !s.path.is_empty());
     for s in ready {
+        let layout = items.iter().find(|i| i.name == s.item).and_then(StageSpec::hub_layout);
         for process in processes.iter_mut() {
             process.env.push(var(&JobSpec::staged_env_name(&s.item), &s.path));
+            if let Some(layout) = layout.filter(|_| !s.hub_cache.is_empty()) {
+                process.env.push(var(layout.cache_var(), &s.hub_cache));
+            }
         }
     }
 }
@@ -300,7 +320,9 @@ impl Preparation {
         let mut datasets = Vec::new();
         let output_dir = output_dir(spec);
         if let Workload::MegatronSft(m) = &spec.workload {
-            if let Some(cache) = env_value(rank0_env, "MODELSCOPE_CACHE") {
+            // A model staged into the ModelScope layout makes MODELSCOPE_CACHE each node's own.
+            let staged_cache = spec.stage.iter().any(|s| s.hub_layout() == Some(HubLayout::Modelscope));
+            if let Some(cache) = env_value(rank0_env, "MODELSCOPE_CACHE").filter(|_| !staged_cache) {
                 shared.insert(cache);
             }
             if let Some(dir) = &output_dir {
@@ -324,6 +346,8 @@ impl Preparation {
                 name: s.name.clone(),
                 source: s.source.clone(),
                 sha256: s.sha256.clone().unwrap_or_default(),
+                model: s.model.clone().unwrap_or_default(),
+                layout: s.hub_layout().map(|l| l.as_str().to_owned()).unwrap_or_default(),
             })
             .collect();
         Preparation {

@@ -341,6 +341,41 @@ fn staged_inputs_reach_only_the_node_that_holds_them_ready() {
 }
 
 #[test]
+fn a_staged_model_points_the_hub_library_at_each_nodes_own_cache_layout() {
+    let text = MEGATRON_RELATIVE.replace("load: /models/m", "model: Qwen/Qwen3-8B")
+        + "stage:\n  - {model: Qwen/Qwen3-8B, source: /nfs/qwen3}\n  - {model: Qwen/Qwen3-0.6B, source: /nfs/small, layout: huggingface}\n";
+    let spec = spec(&text);
+    let (nodes, layout) = laid_out(&spec);
+    let status = |node: &str, item: &str, hub: &str| StageStatus {
+        node_name: node.into(),
+        item: item.into(),
+        state: "ready".into(),
+        path: format!("/c/{node}/sha256/x"),
+        hub_cache: hub.into(),
+        ..StageStatus::default()
+    };
+    let staged = [
+        status("a", "Qwen_Qwen3-8B", "/c/a/hub/modelscope"),
+        status("b", "Qwen_Qwen3-8B", "/c/b/hub/modelscope"),
+        status("a", "Qwen_Qwen3-0_6B", "/c/a/hub/huggingface"),
+    ];
+    let plan = plan_of(&spec, &nodes, &layout, None, &staged, MARKER);
+    let prepare = plan.nodes[0].prepare.as_ref().unwrap();
+    assert_eq!(prepare.stage[0].model, "Qwen/Qwen3-8B");
+    assert_eq!((prepare.stage[0].layout.as_str(), prepare.stage[1].layout.as_str()), ("modelscope", "huggingface"));
+    // Each node's own layout, not a shared cache to prove shared.
+    assert_eq!(prepare.shared_paths, ["/w/out/run"]);
+    let (a, b) = (env_of(&plan.nodes[0].launch.processes[0]), env_of(&plan.nodes[1].launch.processes[0]));
+    assert_eq!(
+        (a["MODELSCOPE_CACHE"].as_str(), b["MODELSCOPE_CACHE"].as_str()),
+        ("/c/a/hub/modelscope", "/c/b/hub/modelscope")
+    );
+    assert_eq!(a["HF_HUB_CACHE"], "/c/a/hub/huggingface");
+    assert_eq!(a["COHORT_STAGED_QWEN_QWEN3_8B"], "/c/a/sha256/x");
+    assert!(!b.contains_key("HF_HUB_CACHE"), "b has not staged the second model");
+}
+
+#[test]
 fn a_resumed_attempt_launches_and_checks_the_resume_flags_and_no_marker_means_no_preparation() {
     let spec = spec(MEGATRON_RELATIVE);
     let (nodes, layout) = laid_out(&spec);
@@ -359,4 +394,24 @@ fn a_resumed_attempt_launches_and_checks_the_resume_flags_and_no_marker_means_no
     assert!(launch_only.nodes.iter().all(|n| n.prepare.is_none()));
     let launches = |p: &LaunchPlan| p.nodes.iter().map(|n| n.launch.clone()).collect::<Vec<_>>();
     assert_eq!(launches(&launch_only), launches(&fresh));
+}
+
+#[test]
+fn a_megatron_job_preempted_with_sigterm_gets_megatrons_save_on_that_signal() {
+    let argv_of = |yaml: &str| {
+        let spec = spec(yaml);
+        let (nodes, layout) = laid_out(&spec);
+        let plan = plan_of(&spec, &nodes, &layout, None, &[], MARKER);
+        plan.nodes[0].launch.processes[0].argv.join(" ")
+    };
+    let saving = argv_of(&format!("{MEGATRON_RELATIVE}preempt: {{grace: 5m}}\n"));
+    assert!(saving.contains(r#"--megatron_extra_kwargs {"exit_signal_handler":true}"#), "{saving}");
+    let other = argv_of(&format!("{MEGATRON_RELATIVE}preempt: {{signal: SIGUSR1}}\n"));
+    assert!(!other.contains("exit_signal_handler"), "Megatron saves on SIGTERM only: {other}");
+    assert!(!argv_of(MEGATRON_RELATIVE).contains("exit_signal_handler"), "only with preempt:");
+    let v4 = MEGATRON_RELATIVE
+        .replace("swift_version: 3\n  load: /models/m", "swift_version: 4\n  model: /models/m")
+        .replace("save: out/run", "output_dir: out/run");
+    let v4 = argv_of(&format!("{v4}preempt: {{grace: 5m}}\n"));
+    assert!(!v4.contains("exit_signal_handler"), "ms-swift 4's own loop has no signal handler: {v4}");
 }

@@ -123,10 +123,16 @@ fn need(path: &str) -> Option<Need> {
         ("cohort.v1.SecurityService", "Join") => Need::Nothing,
         ("cohort.v1.SecurityService", "CreateToken" | "RevokeToken") => Need::Admin,
         ("cohort.v1.JobService", "GetLeader") => Need::Authenticated,
-        ("cohort.v1.JobService", "SubmitJob" | "CancelJob" | "ResumeJob") => Need::Submit,
+        ("cohort.v1.JobService", "SubmitJob" | "CancelJob" | "ResumeJob" | "DeleteJob") => Need::Submit,
         (
             "cohort.v1.JobService",
-            "CordonNode" | "DrainNode" | "UncordonNode" | "ClearGpu" | "RemoveConversionCache",
+            "CordonNode"
+            | "DrainNode"
+            | "UncordonNode"
+            | "ClearGpu"
+            | "RemoveConversionCache"
+            | "SetQueue"
+            | "DeleteQueue",
         ) => Need::Admin,
         ("cohort.v1.JobService", _) => Need::Read,
         // Server reflection (grpcurl list/describe) reads the API's schema.
@@ -322,6 +328,9 @@ mod tests {
         assert!(allowed(register, &Caller::Node("n".into())));
         assert_eq!(need("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"), Some(Need::Read));
         assert_eq!(need("/cohort.v1.JobService/RemoveConversionCache"), Some(Need::Admin));
+        assert_eq!(need("/cohort.v1.JobService/SetQueue"), Some(Need::Admin));
+        assert_eq!(need("/cohort.v1.JobService/DeleteQueue"), Some(Need::Admin));
+        assert_eq!(need("/cohort.v1.JobService/ListQueues"), Some(Need::Read));
         assert!(need("/grpc.health.v1.Health/Check").is_none());
     }
 

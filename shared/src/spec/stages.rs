@@ -125,6 +125,7 @@ pub const INHERITED_KEYS: &[&str] = &[
     "hang_timeout",
     "time_limit",
     "queue",
+    "preempt",
     "python",
     "stage",
     "shared_paths",

@@ -1,0 +1,92 @@
+"""A one-rank simulated trainer for the preemption tests (tests/tests/preemption.rs).
+
+It steps every STEP_S seconds, prints a Megatron-LM training_log line per step
+(Cohort reads the iteration from it), and writes a Megatron-layout checkpoint
+(CKPT_DIR/iter_0000010/ then latest_checkpointed_iteration.txt) every
+CKPT_EVERY steps, at most CKPT_MAX times. A start resumes from the newest
+complete checkpoint.
+
+SAVE_ON_SIGNAL=1: on SIGUSR1 it finishes the step, saves it and exits 0 (what
+`preempt: {signal: SIGUSR1}` asks for). Otherwise it ignores SIGUSR1 and is
+stopped by the SIGTERM that follows the grace.
+
+LOG: one JSON object a line: resumed, step, saved (with on_signal).
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+attempt = int(os.environ.get("COHORT_ATTEMPT", "1"))
+steps = int(os.environ.get("STEPS", "100000"))
+step_s = float(os.environ["STEP_S"])
+ckpt_every = int(os.environ["CKPT_EVERY"])
+ckpt_max = int(os.environ.get("CKPT_MAX", "1000000"))
+ckpt_dir = os.environ["CKPT_DIR"]
+log_path = os.environ["LOG"]
+save_on_signal = os.environ.get("SAVE_ON_SIGNAL") == "1"
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def record(event, **fields):
+    with open(log_path, "a") as f:
+        f.write(json.dumps({"event": event, "attempt": attempt, **fields}) + "\n")
+
+
+def complete(iteration):
+    return os.path.exists(os.path.join(ckpt_dir, f"iter_{iteration:07d}", "metadata.json"))
+
+
+def newest_complete():
+    try:
+        with open(os.path.join(ckpt_dir, TRACKER)) as f:
+            named = int(f.read().strip())
+        if complete(named):
+            return named
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def save(iteration, on_signal):
+    d = os.path.join(ckpt_dir, f"iter_{iteration:07d}")
+    os.makedirs(d, exist_ok=True)
+    for name in ("__0_0.distcp", "common.pt", ".metadata", "metadata.json"):
+        with open(os.path.join(d, name), "w") as f:
+            f.write("stub")
+    with open(os.path.join(ckpt_dir, TRACKER + ".tmp"), "w") as f:
+        f.write(str(iteration))
+    os.replace(os.path.join(ckpt_dir, TRACKER + ".tmp"), os.path.join(ckpt_dir, TRACKER))
+    record("saved", iteration=iteration, on_signal=on_signal)
+
+
+asked = False
+
+
+def on_usr1(signum, frame):
+    global asked
+    asked = True
+
+
+signal.signal(signal.SIGUSR1, on_usr1 if save_on_signal else signal.SIG_IGN)
+os.makedirs(ckpt_dir, exist_ok=True)
+resume = newest_complete()
+record("resumed", iteration=resume)
+saves = 0
+last = time.time()
+for step in range(resume + 1, steps + 1):
+    time.sleep(step_s)
+    now = time.time()
+    print(f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {step:8d}/{steps:8d} | "
+          f"elapsed time per iteration (ms): {(now - last) * 1000:.1f} | lm loss: {2.0 / (1 + step / 100):.6E} |",
+          flush=True)
+    last = now
+    record("step", iteration=step)
+    if asked:
+        save(step, on_signal=True)
+        sys.exit(0)
+    if step % ckpt_every == 0 and saves < ckpt_max:
+        save(step, on_signal=False)
+        saves += 1
+record("done", iteration=steps)

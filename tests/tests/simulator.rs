@@ -1,0 +1,76 @@
+//! `cohort-sim --quick` (issue 17's scheduling simulator): the same seeded
+//! trace under `fifo` and `backfill`. Backfill must cut the waits of small
+//! jobs, start jobs behind a reservation without ever moving it later, keep
+//! every queue within its quota except by borrowing, and never hand out a
+//! GPU twice; fifo must start nothing out of submission order.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn run_quick(extra: &[&str]) -> Value {
+    run(&[&["--quick"], extra].concat())
+}
+
+fn run(args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("figures.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_cohort-sim"))
+        .args(["--check", "--json"])
+        .arg(&json)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+}
+
+fn f(v: &Value, path: &str) -> f64 {
+    v.pointer(path).and_then(Value::as_f64).unwrap_or_else(|| panic!("{path} missing in {v}"))
+}
+
+#[test]
+fn backfill_cuts_small_jobs_waits_against_fifo_and_keeps_its_promises() {
+    let figures = run_quick(&[]);
+    let (fifo, backfill) = (&figures["fifo"], &figures["backfill"]);
+    let (before, after) = (f(fifo, "/waits/1-node/p99_s"), f(backfill, "/waits/1-node/p99_s"));
+    assert!(after < before, "1-node p99 wait: backfill {after}s, fifo {before}s");
+    assert!(f(backfill, "/waits/1-node/jobs") >= 100.0, "too few small jobs to measure: {backfill}");
+    assert!(f(backfill, "/backfilled") > 0.0, "nothing ran behind a reservation: {backfill}");
+    assert!(f(backfill, "/borrowed") > 0.0, "no queue borrowed idle GPUs: {backfill}");
+    for check in ["overcommits", "quota_breaches", "reservations_delayed"] {
+        assert_eq!(f(backfill, &format!("/checks/{check}")), 0.0, "{check}: {backfill}");
+    }
+    assert_eq!(f(fifo, "/checks/overcommits"), 0.0, "{fifo}");
+    // Fifo has no quotas: the same count sees its queues run over them.
+    assert!(f(fifo, "/checks/quota_breaches") > 0.0, "{fifo}");
+    assert_eq!((f(fifo, "/backfilled"), f(fifo, "/borrowed")), (0.0, 0.0), "fifo neither backfills nor borrows");
+    assert!(figures["backfill"]["preemptions"].is_null(), "the simulation does not preempt: reported as n/a");
+}
+
+#[test]
+fn a_written_trace_replays_to_the_same_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.csv");
+    let generated = run_quick(&["--policies", "backfill", "--write-trace", trace.to_str().unwrap()]);
+    let replayed = run_quick(&["--policies", "backfill", "--trace", trace.to_str().unwrap()]);
+    for path in ["/backfill/utilisation", "/backfill/waits/1-node/p99_s", "/backfill/backfilled"] {
+        let (a, b) = (f(&generated, path), f(&replayed, path));
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{path}: generated {a}, replayed {b}");
+    }
+}
+
+#[test]
+fn a_philly_job_log_replays_and_backfill_starts_its_small_jobs_beside_a_gang_that_waits() {
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/philly-sample.json");
+    // Four 8-GPU nodes: a two-day job holds one, so the 4-node gang waits for it.
+    let figures = run(&["--philly", sample, "--nodes", "4", "--hours", "6", "--warmup-hours", "0"]);
+    let (fifo, backfill) = (&figures["fifo"], &figures["backfill"]);
+    assert_eq!(f(backfill, "/waits/1-node/jobs"), 7.0, "the sample's one-node jobs: {backfill}");
+    let (before, after) = (f(fifo, "/waits/1-node/p99_s"), f(backfill, "/waits/1-node/p99_s"));
+    assert!(after < before, "1-node p99 wait: backfill {after}s, fifo {before}s");
+    let queues: Vec<&str> =
+        backfill["shares"].as_array().unwrap().iter().map(|q| q["queue"].as_str().unwrap()).collect();
+    assert_eq!(queues, ["vc-a", "vc-b", "vc-c"], "each virtual cluster is a queue");
+}
