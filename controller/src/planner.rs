@@ -33,4 +33,6 @@ fn join(gpus: &[u32]) -> String {
 #[cfg(test)]
 mod properties;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;

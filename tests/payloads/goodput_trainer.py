@@ -22,6 +22,8 @@ import signal
 import socket
 import time
 
+import megatron_layout
+
 faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 nnodes = int(os.environ["NNODES"])
@@ -36,7 +38,6 @@ load_s = float(os.environ["LOAD_S"])
 ckpt_dir = os.environ["CKPT_DIR"]
 log_path = os.environ["GOODPUT_LOG"]
 addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def record(event, **fields):
@@ -72,46 +73,16 @@ def send_byte(sock, byte):
         wait_forever()
 
 
-def complete(iteration):
-    return os.path.exists(os.path.join(ckpt_dir, f"iter_{iteration:07d}", "metadata.json"))
-
-
-def newest_complete():
-    """The tracker's iteration if complete, else the newest complete iter_ directory."""
-    try:
-        with open(os.path.join(ckpt_dir, TRACKER)) as f:
-            named = int(f.read().strip())
-        if complete(named):
-            return named
-    except (OSError, ValueError):
-        pass
-    found = []
-    for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
-        if name.startswith("iter_") and name[5:].isdigit() and complete(int(name[5:])):
-            found.append(int(name[5:]))
-    return max(found, default=0)
-
-
 def save(iteration):
-    d = os.path.join(ckpt_dir, f"iter_{iteration:07d}")
-    os.makedirs(d, exist_ok=True)
     began = time.time()
-    with open(os.path.join(d, "__0_0.distcp"), "w") as f:
-        f.write("shard")
-    time.sleep(save_s)  # writing the shards; a kill here leaves the directory incomplete
-    for name in ("common.pt", ".metadata", "metadata.json"):
-        with open(os.path.join(d, name), "w") as f:
-            f.write("stub")
-    with open(os.path.join(ckpt_dir, TRACKER + ".tmp"), "w") as f:
-        f.write(str(iteration))
-    os.replace(os.path.join(ckpt_dir, TRACKER + ".tmp"), os.path.join(ckpt_dir, TRACKER))
+    megatron_layout.save(ckpt_dir, iteration, write_s=save_s)
     record("saved", iteration=iteration, save_s=time.time() - began)
 
 
 record("start")
 time.sleep(start_s)
 record("init")
-resume = newest_complete()
+resume = megatron_layout.newest_complete(ckpt_dir)
 if resume:
     time.sleep(load_s)
 record("loaded", iteration=resume)
@@ -155,9 +126,7 @@ for step in range(resume + 1, steps + 1):
     if rank == nnodes - 1:
         # A Megatron-LM training_log line: Cohort reads the job's metrics (and `cohort status` its saves) from it.
         now = time.time()
-        print(f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {step:8d}/{steps:8d} | "
-              f"elapsed time per iteration (ms): {(now - last) * 1000:.1f} | lm loss: {2.0 / (1 + step / 100):.6E} |",
-              flush=True)
+        print(megatron_layout.training_log(step, steps, now - last), flush=True)
         last = now
     if step % ckpt_every == 0 and step < steps:
         if rank == 0:

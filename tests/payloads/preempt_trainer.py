@@ -18,6 +18,8 @@ import signal
 import sys
 import time
 
+import megatron_layout
+
 attempt = int(os.environ.get("COHORT_ATTEMPT", "1"))
 steps = int(os.environ.get("STEPS", "100000"))
 step_s = float(os.environ["STEP_S"])
@@ -26,7 +28,6 @@ ckpt_max = int(os.environ.get("CKPT_MAX", "1000000"))
 ckpt_dir = os.environ["CKPT_DIR"]
 log_path = os.environ["LOG"]
 save_on_signal = os.environ.get("SAVE_ON_SIGNAL") == "1"
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def record(event, **fields):
@@ -34,30 +35,8 @@ def record(event, **fields):
         f.write(json.dumps({"event": event, "attempt": attempt, **fields}) + "\n")
 
 
-def complete(iteration):
-    return os.path.exists(os.path.join(ckpt_dir, f"iter_{iteration:07d}", "metadata.json"))
-
-
-def newest_complete():
-    try:
-        with open(os.path.join(ckpt_dir, TRACKER)) as f:
-            named = int(f.read().strip())
-        if complete(named):
-            return named
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 def save(iteration, on_signal):
-    d = os.path.join(ckpt_dir, f"iter_{iteration:07d}")
-    os.makedirs(d, exist_ok=True)
-    for name in ("__0_0.distcp", "common.pt", ".metadata", "metadata.json"):
-        with open(os.path.join(d, name), "w") as f:
-            f.write("stub")
-    with open(os.path.join(ckpt_dir, TRACKER + ".tmp"), "w") as f:
-        f.write(str(iteration))
-    os.replace(os.path.join(ckpt_dir, TRACKER + ".tmp"), os.path.join(ckpt_dir, TRACKER))
+    megatron_layout.save(ckpt_dir, iteration)
     record("saved", iteration=iteration, on_signal=on_signal)
 
 
@@ -71,16 +50,14 @@ def on_usr1(signum, frame):
 
 signal.signal(signal.SIGUSR1, on_usr1 if save_on_signal else signal.SIG_IGN)
 os.makedirs(ckpt_dir, exist_ok=True)
-resume = newest_complete()
+resume = megatron_layout.newest_complete(ckpt_dir)
 record("resumed", iteration=resume)
 saves = 0
 last = time.time()
 for step in range(resume + 1, steps + 1):
     time.sleep(step_s)
     now = time.time()
-    print(f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {step:8d}/{steps:8d} | "
-          f"elapsed time per iteration (ms): {(now - last) * 1000:.1f} | lm loss: {2.0 / (1 + step / 100):.6E} |",
-          flush=True)
+    print(megatron_layout.training_log(step, steps, now - last), flush=True)
     last = now
     record("step", iteration=step)
     if asked:

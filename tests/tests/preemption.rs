@@ -4,7 +4,8 @@
 //! save (SIGUSR1), recorded `Preempted`, queued again behind the reclaimer,
 //! and once the GPU is free it resumes from its newest complete checkpoint:
 //! the one it saved on the signal (no work lost), or, when it ignores the
-//! signal, the older periodic one (work lost, shown by `cohort status`).
+//! signal, the older periodic one (work lost, shown by `cohort status`); with
+//! `preempt.checkpoint_wait`, the periodic one it writes after it was chosen.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -140,4 +141,48 @@ async fn a_borrower_that_ignores_the_signal_is_stopped_after_the_grace_and_loses
 
     let status = String::from_utf8_lossy(&cluster.cli(&["status", &job.id]).stdout).into_owned();
     assert!(status.contains(&format!("preempted 1 time(s), {} iteration(s) of work lost", at - 5)), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_borrower_that_cannot_save_on_a_signal_is_stopped_after_its_next_periodic_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = owner_and_borrower_cluster(dir.path()).await;
+    // A checkpoint every 30 steps (3 s); SIGTERM (the default signal) ends it at once, unsaved.
+    let yaml = borrower(dir.path(), false, (30, 1000))
+        .replace("preempt: {signal: SIGUSR1, grace: 3s, ", "preempt: {checkpoint_wait: 20s, grace: 3s, ");
+    assert!(yaml.contains("checkpoint_wait"), "{yaml}");
+    let job = cluster.submit(&yaml).await.unwrap();
+    wait_step(dir.path(), 1, 32).await;
+
+    let owner = cluster.submit(OWNER).await.unwrap();
+    // The owner waits while the borrower runs on to its next checkpoint.
+    let owner_waits = cluster
+        .wait_job(&owner.id, WITHIN, |j| j.reason.contains("to write their next checkpoint before they are preempted"))
+        .await
+        .unwrap();
+    assert!(owner_waits.reason.contains(&job.id), "{}", owner_waits.reason);
+    let running = cluster.job(&job.id).await.unwrap();
+    assert_eq!(state(&running), JobState::Running, "{}", running.reason);
+    assert!(running.reason.contains("waiting up to 20s for its next checkpoint"), "{}", running.reason);
+    let chosen_at = *event_iterations(dir.path(), 1, "step").last().unwrap();
+
+    let waiting = cluster
+        .wait_job(&job.id, WITHIN, |j| state(j) == JobState::Pending && j.reason.starts_with("preempted by job"))
+        .await
+        .unwrap();
+    let saved = event_iterations(dir.path(), 1, "saved");
+    let newest = *saved.last().unwrap();
+    assert!(
+        newest > chosen_at,
+        "stopped after a checkpoint newer than the preemption: {saved:?}, chosen at {chosen_at}"
+    );
+    assert!(waiting.reason.contains(&format!("after its checkpoint of iteration {newest}")), "{}", waiting.reason);
+    assert!(cluster.cli(&["cancel", &owner.id]).status.success());
+    let resumed = cluster.wait_job(&job.id, WITHIN, |j| state(j) == JobState::Running && j.attempt == 2).await.unwrap();
+    let preemption = resumed.attempts[0].preemption.clone().unwrap();
+    assert_eq!(preemption.resumed_iteration, Some(newest), "{preemption:?}");
+    // Stopped within a poll of the save, not a save interval (30) later.
+    let lost = preemption.lost_iterations.unwrap();
+    assert!(lost < 15, "{preemption:?}");
+    wait_step(dir.path(), 2, newest + 1).await;
 }

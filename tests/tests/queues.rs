@@ -109,16 +109,22 @@ fn two_queues(dir: &std::path::Path) -> std::path::PathBuf {
     queues
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cohort_queues_jobs_queue_and_usage_show_each_queues_jobs_and_gpu_hours() {
-    let dir = tempfile::tempdir().unwrap();
-    let queues = two_queues(dir.path());
+/// Two 1-GPU nodes under [`two_queues`]: a1 runs in team-a, a2 waits at team-a's quota.
+async fn team_a_at_quota(dir: &std::path::Path) -> (Cluster, Job, Job) {
+    let queues = two_queues(dir);
     let nodes = (0..2).map(|i| NodeSpec::loopback(i, 1)).collect();
     let cluster = Cluster::start_with(nodes, &["--queues", queues.to_str().unwrap()]).await.unwrap();
     let a1 = cluster.submit(&sleeper("a1", 1, "queue: team-a\n")).await.unwrap();
     running(&cluster, &a1).await;
     let a2 = cluster.submit(&sleeper("a2", 1, "queue: team-a\n")).await.unwrap();
     pending_with(&cluster, &a2, "queue team-a at quota 1/1 GPUs").await;
+    (cluster, a1, a2)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cohort_queues_jobs_queue_and_usage_show_each_queues_jobs_and_gpu_hours() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, a1, a2) = team_a_at_quota(dir.path()).await;
     let b1 = cluster.submit(&sleeper("b1", 1, "")).await.unwrap();
     running(&cluster, &b1).await;
 
@@ -163,13 +169,7 @@ async fn cohort_queues_jobs_queue_and_usage_show_each_queues_jobs_and_gpu_hours(
 async fn a_queue_changed_through_the_admin_api_takes_effect_and_a_non_admin_is_refused() {
     use cohort_runtime::tls::Role;
     let dir = tempfile::tempdir().unwrap();
-    let queues = two_queues(dir.path());
-    let nodes = (0..2).map(|i| NodeSpec::loopback(i, 1)).collect();
-    let cluster = Cluster::start_with(nodes, &["--queues", queues.to_str().unwrap()]).await.unwrap();
-    let a1 = cluster.submit(&sleeper("a1", 1, "queue: team-a\n")).await.unwrap();
-    running(&cluster, &a1).await;
-    let a2 = cluster.submit(&sleeper("a2", 1, "queue: team-a\n")).await.unwrap();
-    pending_with(&cluster, &a2, "queue team-a at quota 1/1 GPUs").await;
+    let (cluster, _a1, a2) = team_a_at_quota(dir.path()).await;
 
     let tls = cluster.tls.as_ref().unwrap();
     let mut alice = tls.client(&cluster.controller_url(0), Some(&tls.token(Role::Submit, "alice"))).await.unwrap();

@@ -125,6 +125,8 @@ pub(super) struct JobEntry {
     pub(super) progress: progress::AttemptProgress,
     /// A restart's checkpoint lookup in flight.
     pub(super) lookup: Option<restart::Lookup>,
+    /// A preemption waiting for this job's next checkpoint before it stops it.
+    pub(super) checkpoint_wait: Option<super::preemption::CheckpointWait>,
 }
 
 impl JobEntry {
@@ -162,6 +164,7 @@ impl JobEntry {
             span: None,
             progress: Default::default(),
             lookup: None,
+            checkpoint_wait: None,
         }
     }
 

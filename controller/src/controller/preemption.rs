@@ -4,11 +4,15 @@
 //! `preempt_lower_priority`) for its higher priority. A victim is asked to
 //! save first (its `preempt:` signal and grace), then stopped as usual; its
 //! attempt is recorded `Preempted` and it is queued again, to resume from its
-//! newest complete checkpoint, without using a restart.
+//! newest complete checkpoint, without using a restart. A victim whose
+//! trainer cannot save on a signal (`preempt.checkpoint_wait`) keeps running
+//! until a checkpoint newer than the one at the preemption is complete in its
+//! directory (or the wait runs out); then it is stopped the same way.
 
 use std::collections::BTreeMap;
 
 use cohort_proto::Preemption;
+use tokio::sync::oneshot;
 
 use super::*;
 use crate::planner::{Candidate, Grounds};
@@ -19,9 +23,19 @@ impl Controller {
     /// when it preempts (or waits for earlier victims to stop); None when it
     /// may preempt nothing that would make it fit.
     pub(super) fn try_preempt(&self, state: &mut State, id: &str, queue: &Queue, views: &[NodeView]) -> Option<String> {
-        let stopping: Vec<String> = state.jobs.values().filter(|e| e.preempting()).map(|e| e.job.id.clone()).collect();
+        // One preemption at a time: what the last one frees is not counted yet.
+        let ids = |keep: fn(&JobEntry) -> bool| -> Vec<String> {
+            state.jobs.values().filter(|e| keep(e)).map(|e| e.job.id.clone()).collect()
+        };
+        let waiting = ids(|e| e.checkpoint_wait.is_some());
+        if !waiting.is_empty() {
+            return Some(format!(
+                "waiting for job(s) {} to write their next checkpoint before they are preempted",
+                waiting.join(", ")
+            ));
+        }
+        let stopping = ids(|e| e.preempting());
         if !stopping.is_empty() {
-            // One preemption at a time: what the last one frees is not counted yet.
             return Some(format!("waiting for preempted job(s) {} to save and stop", stopping.join(", ")));
         }
         let entry = state.jobs.get(id)?;
@@ -56,12 +70,46 @@ impl Controller {
         None
     }
 
-    /// Stops one victim's attempt for job `by`: `Restarting`, the attempt
-    /// recorded `Preempted`, its gang asked to save and stopped.
+    /// Preempts one victim for job `by`: at once, or, where its `preempt.checkpoint_wait`
+    /// is set and its checkpoint directory known, once its next checkpoint is complete.
     fn preempt_job(&self, state: &mut State, victim: &str, by: &str, grounds: &str) {
         let Some(entry) = state.jobs.get_mut(victim) else { return };
-        let reason = format!("preempted by job {by} ({grounds})");
-        let preemption = Preemption { by_job: by.into(), grounds: grounds.into(), ..Default::default() };
+        let wait = entry.spec.preempt.as_ref().and_then(|p| p.checkpoint_wait);
+        let Some(wait) = wait.filter(|_| planner::checkpoint_dir(&entry.spec).is_some()) else {
+            self.stop_for_preemption(state, victim, by, grounds, String::new());
+            return;
+        };
+        entry.job.reason = format!(
+            "to be preempted by job {by} ({grounds}): waiting up to {} for its next checkpoint",
+            humantime::format_duration(wait)
+        );
+        let now = Instant::now();
+        entry.checkpoint_wait = Some(CheckpointWait {
+            by: by.into(),
+            grounds: grounds.into(),
+            began: now,
+            until: now + wait,
+            baseline: None,
+            query: None,
+            last_sent: None,
+        });
+        tracing::warn!(job = %victim, by = %by, grounds, wait = ?wait, "preempting after the next checkpoint");
+        let reason = entry.job.reason.clone();
+        self.persist_job(state, victim);
+        self.publish(state, victim, &reason);
+    }
+
+    /// Stops one victim's attempt for job `by`: `Restarting`, the attempt
+    /// recorded `Preempted`, its gang asked to save and stopped. `waited`: how
+    /// a checkpoint wait ended (empty without one).
+    fn stop_for_preemption(&self, state: &mut State, victim: &str, by: &str, grounds: &str, waited: String) {
+        let Some(entry) = state.jobs.get_mut(victim) else { return };
+        entry.checkpoint_wait = None;
+        let reason = match waited.as_str() {
+            "" => format!("preempted by job {by} ({grounds})"),
+            waited => format!("preempted by job {by} ({grounds}) {waited}"),
+        };
+        let preemption = Preemption { by_job: by.into(), grounds: grounds.into(), waited, ..Default::default() };
         if let Err(e) = entry.preempt(preemption, reason.clone()) {
             tracing::error!(error = %e, "preemption refused");
             return;
@@ -74,6 +122,89 @@ impl Controller {
         self.teardown(state, victim, &reason);
         self.persist_job(state, victim);
         self.publish(state, victim, &reason);
+    }
+
+    /// Moves the preemptions that wait for a checkpoint on: asks for the newest
+    /// complete checkpoint every [`CHECKPOINT_POLL`]; the first answer is the
+    /// baseline, a newer one (or the end of the wait) stops the victim. A
+    /// victim that ended by itself meanwhile is left alone.
+    pub(super) fn advance_checkpoint_waits(&self, state: &mut State) {
+        let ids: Vec<String> =
+            state.jobs.values().filter(|e| e.checkpoint_wait.is_some()).map(|e| e.job.id.clone()).collect();
+        let now = Instant::now();
+        for id in ids {
+            let Some(entry) = state.jobs.get_mut(&id) else { continue };
+            let Some(mut wait) = entry.checkpoint_wait.take() else { continue };
+            if !entry.is_active() {
+                continue;
+            }
+            if let Some((mut rx, deadline)) = wait.query.take() {
+                match rx.try_recv() {
+                    Ok(answer) => {
+                        let newest = newest_iteration(&answer);
+                        match (wait.baseline, newest) {
+                            (None, Some(it)) => wait.baseline = Some(it),
+                            (Some(base), Some(it)) if it > base => {
+                                let took =
+                                    humantime::format_duration(Duration::from_secs(wait.began.elapsed().as_secs()));
+                                let waited =
+                                    format!("after its checkpoint of iteration {it} ({took} after it was chosen)");
+                                self.stop_for_preemption(state, &id, &wait.by, &wait.grounds, waited);
+                                continue;
+                            }
+                            _ => {}
+                        }
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) if now < deadline => wait.query = Some((rx, deadline)),
+                    Err(_) => {}
+                }
+            }
+            if now >= wait.until {
+                let waited = format!(
+                    "with no new checkpoint within preempt.checkpoint_wait ({})",
+                    humantime::format_duration(wait.until.duration_since(wait.began))
+                );
+                self.stop_for_preemption(state, &id, &wait.by, &wait.grounds, waited);
+                continue;
+            }
+            let due = wait.query.is_none() && wait.last_sent.is_none_or(|t| now.duration_since(t) >= CHECKPOINT_POLL);
+            if due && let Some((rx, _node)) = self.find_checkpoint(state, &id) {
+                wait.query = Some((rx, now + CHECKPOINT_POLL * 10));
+                wait.last_sent = Some(now);
+            }
+            if let Some(entry) = state.jobs.get_mut(&id) {
+                entry.checkpoint_wait = Some(wait);
+            }
+        }
+    }
+}
+
+/// How often a preemption that waits for a checkpoint looks for it.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(500);
+
+/// A preemption waiting for its victim's next checkpoint (memory only: after a
+/// controller restart the head job chooses its victims again).
+pub(super) struct CheckpointWait {
+    by: String,
+    grounds: String,
+    began: Instant,
+    until: Instant,
+    /// The newest complete checkpoint's iteration at the first answer (0: none).
+    baseline: Option<u64>,
+    /// The lookup in flight and when it is given up.
+    query: Option<(oneshot::Receiver<QueryResult>, Instant)>,
+    last_sent: Option<Instant>,
+}
+
+/// The iteration of the newest complete checkpoint a lookup found; None on an error.
+fn newest_iteration(answer: &QueryResult) -> Option<u64> {
+    use cohort_proto::query_result::Result as Answer;
+    if !answer.error.is_empty() {
+        return None;
+    }
+    match &answer.result {
+        Some(Answer::Checkpoint(c)) => Some(c.checkpoint.as_ref().map_or(0, |c| c.iteration)),
+        _ => None,
     }
 }
 

@@ -118,6 +118,7 @@ impl Controller {
         for id in self.check_progress(state) {
             self.persist_job(state, &id);
         }
+        self.advance_checkpoint_waits(state);
         self.advance_restarts(state)?;
         self.settle_dependencies(state);
         self.settle_arrays(state);
@@ -524,7 +525,8 @@ impl Controller {
     fn set_reason(&self, state: &mut State, id: &str, reason: String) {
         let preempted = state.jobs.get(id).and_then(|e| {
             e.last_preemption().map(|p| {
-                format!("preempted by job {} ({}){}; ", p.by_job, p.grounds, super::restart::lost_note(Some(p)))
+                let waited = if p.waited.is_empty() { String::new() } else { format!(" {}", p.waited) };
+                format!("preempted by job {} ({}){waited}{}; ", p.by_job, p.grounds, super::restart::lost_note(Some(p)))
             })
         });
         let reason = format!("{}{reason}", preempted.unwrap_or_default());

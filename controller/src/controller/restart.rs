@@ -174,8 +174,21 @@ impl Controller {
     }
 
     fn send_lookup(&self, state: &mut State, id: &str) {
-        let Some(entry) = state.jobs.get(id) else { return };
-        let Some(directory) = planner::checkpoint_dir(&entry.spec) else { return };
+        let Some((rx, node)) = self.find_checkpoint(state, id) else { return };
+        if let Some(entry) = state.jobs.get_mut(id) {
+            entry.lookup = Some(Lookup::InFlight { rx, deadline: Instant::now() + LOOKUP_TIMEOUT, node });
+        }
+    }
+
+    /// Asks a node for the newest complete checkpoint in the job's checkpoint
+    /// directory; the answer comes on the receiver. None: no directory, or no node to ask.
+    pub(super) fn find_checkpoint(
+        &self,
+        state: &mut State,
+        id: &str,
+    ) -> Option<(oneshot::Receiver<QueryResult>, String)> {
+        let entry = state.jobs.get(id)?;
+        let directory = planner::checkpoint_dir(&entry.spec)?;
         let user = entry.spec.user.clone().unwrap_or_default();
         // The output dir is shared: any connected node of the last attempt, else any node.
         let connected = |n: &NodeEntry| n.is_connected();
@@ -185,21 +198,16 @@ impl Controller {
             .unwrap_or_default()
             .into_iter()
             .find(|n| state.nodes.get(n).is_some_and(connected));
-        let Some(node) = from_plan.or_else(|| state.nodes.values().find(|n| connected(n)).map(|n| n.info.name.clone()))
-        else {
-            return;
-        };
+        let node = from_plan.or_else(|| state.nodes.values().find(|n| connected(n)).map(|n| n.info.name.clone()))?;
         let (tx, rx) = oneshot::channel();
         let command_id = state.next_command_id;
         state.queries.insert(command_id, tx);
         let command = Command::FindCheckpoint(cohort_proto::FindCheckpointCommand { directory, user });
         if !Self::send_command(state, &node, command) {
             state.queries.remove(&command_id);
-            return;
+            return None;
         }
-        if let Some(entry) = state.jobs.get_mut(id) {
-            entry.lookup = Some(Lookup::InFlight { rx, deadline: Instant::now() + LOOKUP_TIMEOUT, node });
-        }
+        Some((rx, node))
     }
 }
 

@@ -135,29 +135,10 @@ pub fn node_range(nodes: &[String]) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::collections::HashMap;
-
     use proptest::prelude::*;
 
     use super::*;
-
-    fn spec(nodes: u32, gpus_per_node: u32) -> JobSpec {
-        let yaml = format!("name: j\nkind: command\nnodes: {nodes}\ngpus_per_node: {gpus_per_node}\ncommand: [x]\n");
-        JobSpec::from_yaml(&yaml, "j.yaml").unwrap()
-    }
-
-    fn node(name: &str, free: &[u32], total: u32) -> NodeView {
-        NodeView {
-            name: name.into(),
-            address: "10.0.0.1".into(),
-            labels: HashMap::new(),
-            free_gpus: free.to_vec(),
-            total_gpus: total,
-            unavailable: None,
-            node_env: Vec::new(),
-            islands: HashMap::new(),
-        }
-    }
+    use crate::planner::test_support::{command_job as spec, node};
 
     fn gang(node: &str, gpus: &[u32], ends: Option<i64>) -> RunningGang {
         RunningGang { gpus: vec![(node.into(), gpus.to_vec())], ends_unix_ms: ends }

@@ -136,29 +136,10 @@ fn freed(inventory: &[NodeView], gangs: &[&Candidate]) -> Vec<NodeView> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::collections::HashMap;
-
     use proptest::prelude::*;
 
     use super::*;
-
-    fn spec(nodes: u32, gpus_per_node: u32) -> JobSpec {
-        let yaml = format!("name: j\nkind: command\nnodes: {nodes}\ngpus_per_node: {gpus_per_node}\ncommand: [x]\n");
-        JobSpec::from_yaml(&yaml, "j.yaml").unwrap()
-    }
-
-    fn node(name: &str, free: &[u32], total: u32) -> NodeView {
-        NodeView {
-            name: name.into(),
-            address: "10.0.0.1".into(),
-            labels: HashMap::new(),
-            free_gpus: free.to_vec(),
-            total_gpus: total,
-            unavailable: None,
-            node_env: Vec::new(),
-            islands: HashMap::new(),
-        }
-    }
+    use crate::planner::test_support::{command_job as spec, node};
 
     fn gang(id: &str, queue: &str, priority: i32, started: i64, gpus: &[(&str, &[u32])]) -> Candidate {
         Candidate {

@@ -5,20 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use cohort_proto::{Checkpoint, EnvVar, GangPlan, ProcessSpec, StageStatus};
 use cohort_shared::spec::JobSpec;
 
+use super::test_support::node_at as node;
 use super::*;
-
-fn node(name: &str, addr: &str, free: &[u32], total: u32) -> NodeView {
-    NodeView {
-        name: name.into(),
-        address: addr.into(),
-        labels: HashMap::new(),
-        free_gpus: free.to_vec(),
-        total_gpus: total,
-        unavailable: None,
-        node_env: vec![],
-        islands: HashMap::new(),
-    }
-}
 
 /// 8 GPUs in two NVLink islands (0-3, 4-7), minus `busy_or_unhealthy`.
 fn two_islands(name: &str, busy_or_unhealthy: &[u32]) -> NodeView {

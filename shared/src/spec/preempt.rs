@@ -7,10 +7,15 @@
 //!   checkpoints: /shared/ckpt/run1   # where the job writes Megatron-layout checkpoints
 //!                                    # (absolute): the controller finds the one it resumes
 //!                                    # from, and counts the iterations lost
+//!   checkpoint_wait: 15m     # optional: before the signal, wait up to this long for the job's
+//!                            # next periodic checkpoint (a trainer that cannot save on a signal)
 //! ```
 //!
-//! After the grace (or once every rank has exited) the gang gets the usual
-//! stop: SIGTERM, `stop_grace`, SIGKILL.
+//! With `checkpoint_wait`, the controller first watches the checkpoint
+//! directory until a checkpoint newer than the one there at the preemption is
+//! complete (or the wait runs out); then the signal. After the grace (or once
+//! every rank has exited) the gang gets the usual stop: SIGTERM, `stop_grace`,
+//! SIGKILL.
 
 use std::time::Duration;
 
@@ -29,6 +34,9 @@ pub struct PreemptPolicy {
     pub grace: Duration,
     /// The job's checkpoint directory (absolute), when it declares one.
     pub checkpoints: Option<String>,
+    /// How long a preemption waits for the job's next periodic checkpoint
+    /// before the signal; None: the signal at once.
+    pub checkpoint_wait: Option<Duration>,
 }
 
 /// The signals a job may ask for.
@@ -46,6 +54,8 @@ struct PreemptText {
     grace: Option<Duration>,
     #[serde(default)]
     checkpoints: Option<String>,
+    #[serde(default, with = "crate::duration::serde_duration::option")]
+    checkpoint_wait: Option<Duration>,
 }
 
 pub(super) fn read_preempt(root: &Mapping, problems: &mut Problems) -> Option<PreemptPolicy> {
@@ -88,7 +98,27 @@ pub(super) fn read_preempt(root: &Mapping, problems: &mut Problems) -> Option<Pr
             format!("{dir:?} must be an absolute path (a directory every node sees), e.g. /shared/ckpt/run1"),
         );
     }
-    Some(PreemptPolicy { signal, grace, checkpoints: text.checkpoints })
+    if let Some(wait) = text.checkpoint_wait {
+        if wait.is_zero() || wait > MAX_PREEMPT_GRACE {
+            problems.at(
+                &["preempt", "checkpoint_wait"],
+                format!(
+                    "{} must be longer than zero and at most {}, e.g. `15m` (a little over the job's save interval)",
+                    humantime::format_duration(wait),
+                    humantime::format_duration(MAX_PREEMPT_GRACE)
+                ),
+            );
+        }
+        let command_job = root.get("kind").and_then(Value::as_str) == Some("command");
+        if command_job && text.checkpoints.is_none() {
+            problems.at(
+                &["preempt", "checkpoint_wait"],
+                "needs `preempt.checkpoints`, the directory a command job writes its checkpoints to \
+                 (megatron-sft jobs have their `save`/`output_dir`)",
+            );
+        }
+    }
+    Some(PreemptPolicy { signal, grace, checkpoints: text.checkpoints, checkpoint_wait: text.checkpoint_wait })
 }
 
 #[cfg(test)]
@@ -112,6 +142,19 @@ mod tests {
         let policy = parse("preempt: {}\n").unwrap().preempt.unwrap();
         assert_eq!((policy.signal.as_str(), policy.grace.as_secs()), ("SIGTERM", 120));
         assert_eq!(parse("").unwrap().preempt, None);
+        assert_eq!(policy.checkpoint_wait, None);
+        let policy = parse("preempt: {checkpoints: /c, checkpoint_wait: 10m}\n").unwrap().preempt.unwrap();
+        assert_eq!(policy.checkpoint_wait, Some(std::time::Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn a_checkpoint_wait_needs_a_directory_and_a_bounded_time() {
+        let e = parse("preempt: {checkpoint_wait: 10m}\n").unwrap_err();
+        assert!(e.contains("preempt.checkpoint_wait") && e.contains("needs `preempt.checkpoints`"), "{e}");
+        let e = parse("preempt: {checkpoints: /c, checkpoint_wait: 2h}\n").unwrap_err();
+        assert!(e.contains("preempt.checkpoint_wait") && e.contains("at most 1h"), "{e}");
+        let e = parse("preempt: {checkpoints: /c, checkpoint_wait: 0s}\n").unwrap_err();
+        assert!(e.contains("preempt.checkpoint_wait") && e.contains("longer than zero"), "{e}");
     }
 
     #[test]
