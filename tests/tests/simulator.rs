@@ -46,7 +46,28 @@ fn backfill_cuts_small_jobs_waits_against_fifo_and_keeps_its_promises() {
     // Fifo has no quotas: the same count sees its queues run over them.
     assert!(f(fifo, "/checks/quota_breaches") > 0.0, "{fifo}");
     assert_eq!((f(fifo, "/backfilled"), f(fifo, "/borrowed")), (0.0, 0.0), "fifo neither backfills nor borrows");
-    assert!(figures["backfill"]["preemptions"].is_null(), "the simulation does not preempt: reported as n/a");
+    assert!(fifo["preemptions"].is_null(), "fifo does not preempt: reported as n/a");
+}
+
+#[test]
+fn reclaiming_by_preemption_loses_no_work_with_save_first_and_the_checkpoint_interval_without() {
+    let figures = run_quick(&["--policies", "backfill", "--preempt", "save-first,periodic,off"]);
+    let (saving, periodic, off) =
+        (&figures["backfill"], &figures["backfill-periodic"], &figures["backfill-no-preempt"]);
+    assert!(f(saving, "/preemptions") > 0.0, "the quick trace's queues reclaim lent GPUs: {saving}");
+    assert_eq!(f(saving, "/lost_work/gpu_hours"), 0.0, "{saving}");
+    assert_eq!(f(saving, "/lost_work/max_iterations_per_preemption"), 0.0, "{saving}");
+    assert!(f(periodic, "/preemptions") > 0.0, "{periodic}");
+    // At most a checkpoint interval (30 min at 2 s an iteration: 900 iterations) each, and some.
+    let (mean, most) =
+        (f(periodic, "/lost_work/iterations_per_preemption"), f(periodic, "/lost_work/max_iterations_per_preemption"));
+    assert!(mean > 0.0 && most <= 900.0, "{periodic}");
+    assert!(off["preemptions"].is_null(), "{off}");
+    for replay in [saving, periodic] {
+        for check in ["overcommits", "quota_breaches", "reservations_delayed"] {
+            assert_eq!(f(replay, &format!("/checks/{check}")), 0.0, "{check}: {replay}");
+        }
+    }
 }
 
 #[test]

@@ -3,7 +3,9 @@
 //! `--scheduler backfill` (queues with quotas and borrowing, fair share, EASY
 //! backfill), and prints GPU utilisation against the offered load, the waits
 //! of each size class and each queue's share of the GPU-hours against its
-//! target (issue 17).
+//! target (issue 17), and under backfill what preemption to reclaim quota
+//! cost: preemptions and the work they lost, with save-first (the job saves on
+//! the signal) and with periodic checkpoints only.
 //!
 //! It drives the controller's own functions (`cohort_controller::planner`'s
 //! place, reserve and backfill; `queues`' parser, quotas and fair share) in a
@@ -17,6 +19,7 @@
 //! target/debug/cohort-sim --quick              # 200 nodes, 2 h after 1 h, runs a quarter as long
 //! target/debug/cohort-sim --write-trace t.csv  # the synthetic trace, to replay with --trace t.csv
 //! target/debug/cohort-sim --philly cluster_job_log --nodes 300  # Microsoft Philly's job log
+//! target/debug/cohort-sim --preempt off        # backfill without reclaiming by preemption
 //! ```
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -34,6 +37,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use clap::ValueEnum;
 use cohort_controller::queues::{Queues, Scheduler};
 
 use crate::report::{CLASSES, Report, Window};
@@ -85,6 +89,35 @@ struct Args {
     /// After every backfilled start, compute the head's reservation again and count it if it moved later (slow).
     #[arg(long)]
     check: bool,
+    /// How backfill's preemptions (queues reclaiming lent quota) are replayed, comma-separated: one replay each.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "save-first,periodic")]
+    preempt: Vec<PreemptMode>,
+    /// Minutes of run time between a job's periodic checkpoints (what `periodic` loses up to).
+    #[arg(long, default_value_t = 30.0)]
+    checkpoint_minutes: f64,
+    /// Seconds per training iteration, to count the work lost in iterations.
+    #[arg(long, default_value_t = 2.0)]
+    step_seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum PreemptMode {
+    /// Victims save on the signal: no work lost (reported as `backfill`).
+    SaveFirst,
+    /// Victims lose the work since their last periodic checkpoint (`backfill-periodic`).
+    Periodic,
+    /// No preemption: borrowers keep what they borrowed until they end (`backfill-no-preempt`).
+    Off,
+}
+
+impl PreemptMode {
+    fn label(self) -> &'static str {
+        match self {
+            PreemptMode::SaveFirst => "backfill",
+            PreemptMode::Periodic => "backfill-periodic",
+            PreemptMode::Off => "backfill-no-preempt",
+        }
+    }
 }
 
 /// The simulated cluster's queue file: each queue's quota is its weight's
@@ -142,17 +175,36 @@ fn main() -> anyhow::Result<()> {
     let window = Window { from_ms: (args.warmup_hours * 3.6e6) as i64, to_ms: (span_s * 1000.0) as i64, gpus: total };
     let until_ms = window.to_ms + (args.drain_hours * 3.6e6) as i64;
     let mut reports = Vec::new();
+    let interval_ms = (args.checkpoint_minutes * 60_000.0).round().max(1.0) as i64;
+    let mut replays: Vec<(String, Scheduler, Option<engine::Saving>)> = Vec::new();
     for policy in &args.policies {
+        if *policy == Scheduler::Fifo {
+            replays.push(("fifo".into(), *policy, None));
+            continue;
+        }
+        for mode in &args.preempt {
+            let saving = match mode {
+                PreemptMode::SaveFirst => Some(engine::Saving::OnSignal),
+                PreemptMode::Periodic => Some(engine::Saving::Periodic { interval_ms }),
+                PreemptMode::Off => None,
+            };
+            replays.push((mode.label().into(), *policy, saving));
+        }
+    }
+    for (label, policy, saving) in replays {
         let started = std::time::Instant::now();
-        let sim = engine::Sim::new(&trace, queues.clone(), *policy, args.nodes, args.gpus_per_node, args.check)?;
+        let mut sim = engine::Sim::new(&trace, queues.clone(), policy, args.nodes, args.gpus_per_node, args.check)?;
+        if let Some(saving) = saving {
+            sim = sim.preempting(saving);
+        }
         let run = sim.run(until_ms);
-        eprintln!("{policy:?}: replayed in {:.1}s", started.elapsed().as_secs_f64());
-        reports.push((*policy, report::measure(&trace, &mixes, &run, window)));
+        eprintln!("{label}: replayed in {:.1}s", started.elapsed().as_secs_f64());
+        reports.push((label, report::measure(&trace, &mixes, &run, window, args.step_seconds)));
     }
     print!("{}", table(&args, &trace, &mixes, &reports));
     if let Some(path) = &args.json {
         let all: serde_json::Map<String, serde_json::Value> =
-            reports.iter().map(|(p, r)| (format!("{p:?}").to_lowercase(), r.to_json())).collect();
+            reports.iter().map(|(label, r)| (label.clone(), r.to_json())).collect();
         std::fs::write(path, serde_json::to_string_pretty(&all)?)
             .with_context(|| format!("--json {}", path.display()))?;
     }
@@ -168,7 +220,7 @@ fn hours(seconds: f64) -> String {
 }
 
 /// The figures as text tables, with the issue's goals checked.
-fn table(args: &Args, trace: &[TraceJob], queues: &[QueueMix], reports: &[(Scheduler, Report)]) -> String {
+fn table(args: &Args, trace: &[TraceJob], queues: &[QueueMix], reports: &[(String, Report)]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -183,7 +235,7 @@ fn table(args: &Args, trace: &[TraceJob], queues: &[QueueMix], reports: &[(Sched
         args.time_scale,
         args.seed
     );
-    let _ = write!(out, "{:<9} {:>7} {:>6} {:>8}", "policy", "offered", "util", "util/off");
+    let _ = write!(out, "{:<19} {:>7} {:>6} {:>8}", "policy", "offered", "util", "util/off");
     for (class, ..) in CLASSES {
         let _ = write!(out, " {:>12} {:>12}", format!("{class} p50"), format!("{class} p99"));
     }
@@ -191,8 +243,8 @@ fn table(args: &Args, trace: &[TraceJob], queues: &[QueueMix], reports: &[(Sched
     for (policy, r) in reports {
         let _ = write!(
             out,
-            "{:<9} {:>6.1}% {:>5.1}% {:>7.1}%",
-            format!("{policy:?}").to_lowercase(),
+            "{:<19} {:>6.1}% {:>5.1}% {:>7.1}%",
+            policy,
             r.offered * 100.0,
             r.utilisation * 100.0,
             r.utilisation / r.offered.max(1e-12) * 100.0
@@ -200,11 +252,12 @@ fn table(args: &Args, trace: &[TraceJob], queues: &[QueueMix], reports: &[(Sched
         for (_, w) in &r.waits {
             let _ = write!(out, " {:>12} {:>12}", hours(w.p50_s), hours(w.p99_s));
         }
-        let _ = writeln!(out, " {:>10} {:>8} {:>9} {:>11}", r.backfilled, r.borrowed, r.unstarted, "n/a");
+        let preemptions = r.preemptions.as_ref().map_or("-".to_string(), |p| p.count.to_string());
+        let _ = writeln!(out, " {:>10} {:>8} {:>9} {:>11}", r.backfilled, r.borrowed, r.unstarted, preemptions);
     }
     let _ = write!(out, "\n{:<9} {:>6} {:>8} {:>7}", "queue", "weight", "offered", "target");
     for (policy, _) in reports {
-        let _ = write!(out, " {:>14}", format!("{policy:?} served").to_lowercase());
+        let _ = write!(out, " {:>14}", format!("{policy} served"));
     }
     let _ = writeln!(out, " {:>18}", "borrowed GPU-h");
     for (i, q) in queues.iter().enumerate() {
@@ -229,10 +282,12 @@ fn table(args: &Args, trace: &[TraceJob], queues: &[QueueMix], reports: &[(Sched
     out
 }
 
-fn goals(reports: &[(Scheduler, Report)]) -> String {
+fn goals(reports: &[(String, Report)]) -> String {
     let mut out = String::from("\n");
-    let fifo = reports.iter().find(|(p, _)| *p == Scheduler::Fifo).map(|(_, r)| r);
-    let Some(new) = reports.iter().find(|(p, _)| *p == Scheduler::Backfill).map(|(_, r)| r) else { return out };
+    let fifo = reports.iter().find(|(p, _)| p == "fifo").map(|(_, r)| r);
+    let new = reports.iter().find(|(p, _)| p == "backfill").or_else(|| reports.iter().find(|(p, _)| p != "fifo"));
+    let Some((label, new)) = new else { return out };
+    let _ = writeln!(out, "goals, on {label}:");
     let met = |ok: bool| if ok { "met" } else { "NOT met" };
     let ratio = new.utilisation / new.offered.max(1e-12);
     let _ = if new.offered > 1.0 {
@@ -263,6 +318,14 @@ fn goals(reports: &[(Scheduler, Report)]) -> String {
         "checks: {} overcommitted placements, {} starts over quota without borrowing, {} reservations delayed by a backfill",
         c.overcommits, c.quota_breaches, c.reservations_delayed
     );
-    let _ = writeln!(out, "preemptions, work lost: n/a (the simulated scheduler does not preempt)");
+    for (label, r) in reports {
+        if let Some(p) = &r.preemptions {
+            let _ = writeln!(
+                out,
+                "{label}: {} preemptions, work lost per preemption {:.1} iterations mean, {:.0} most, {:.1} GPU-h in all",
+                p.count, p.lost_iterations_mean, p.lost_iterations_max, p.lost_gpu_h
+            );
+        }
+    }
     out
 }

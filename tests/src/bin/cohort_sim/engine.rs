@@ -5,14 +5,22 @@
 //! (controller/src/controller/reconcile.rs: `pending_order`, the quota and
 //! borrowing passes, `place_pending`), once per event (an arrival or an end)
 //! instead of every 250 ms. Jobs end at their run time; no preparation time,
-//! no faults, no preemption, no label quotas.
+//! no faults, no label quotas.
+//!
+//! Preemption (with [`Sim::preempting`]): the head of the order that does not
+//! fit and whose queue reclaims, within its quota, stops the gangs
+//! `planner::choose_victims` picks among queues beyond theirs, as
+//! `try_preempt` does; the victims free their GPUs at once (no save or stop
+//! time) and are queued again with the work not saved still to do:
+//! none with save-first ([`Saving::OnSignal`]), the time since their last
+//! periodic checkpoint otherwise ([`Saving::Periodic`]).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use cohort_controller::planner::{self, NodeView, Placement, Reservation, RunningGang};
+use cohort_controller::planner::{self, Candidate, Grounds, NodeView, Placement, Reservation, RunningGang};
 use cohort_controller::queues::{FairShare, OrderKey, Queue, Queues, Scheduler};
 use cohort_shared::spec::JobSpec;
 
@@ -28,6 +36,20 @@ pub struct Outcome {
     pub backfilled: bool,
     /// Could not fit even on an idle cluster.
     pub never_fits: bool,
+    /// Each time it ran: (start, end) in ms; the last one's end is where it was
+    /// due to end when the replay stopped.
+    pub runs: Vec<(i64, i64)>,
+    /// The work (ms) each of its preemptions lost.
+    pub lost_ms: Vec<i64>,
+}
+
+/// How a preempted job saves (what the simulation charges it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Saving {
+    /// It saves on the signal: nothing lost.
+    OnSignal,
+    /// Only its checkpoints every this many ms of run time count: the rest of the interval is lost.
+    Periodic { interval_ms: i64 },
 }
 
 /// Broken promises the simulation watched for (each must stay 0).
@@ -47,11 +69,14 @@ pub struct Run {
     pub checks: Checks,
     /// When the last event happened.
     pub end_ms: i64,
+    /// The replay preempted (or could have: none may have been needed).
+    pub preempting: bool,
 }
 
 struct Gang {
     gpus: Vec<(String, Vec<u32>)>,
     ends_ms: Option<i64>,
+    started_ms: i64,
 }
 
 pub struct Sim<'a> {
@@ -72,6 +97,12 @@ pub struct Sim<'a> {
     checks: Checks,
     /// Nodes with at least g free GPUs, by g; None after a change.
     free_nodes: Option<Vec<u32>>,
+    /// How preempted jobs save; None: no preemption.
+    saving: Option<Saving>,
+    /// By job: the work left (ms), and the run its end event belongs to (an
+    /// end queued before a preemption is stale).
+    left_ms: Vec<i64>,
+    run_no: Vec<u32>,
 }
 
 fn ms(seconds: f64) -> i64 {
@@ -127,38 +158,63 @@ impl<'a> Sim<'a> {
             out: vec![Outcome::default(); trace.len()],
             checks: Checks::default(),
             free_nodes: None,
+            saving: None,
+            left_ms: trace.iter().map(|j| ms(j.run_s)).collect(),
+            run_no: vec![0; trace.len()],
         })
+    }
+
+    /// Queues that reclaim preempt borrowers, charged as `saving` says (the
+    /// backfill scheduler only, as in the controller).
+    pub fn preempting(mut self, saving: Saving) -> Self {
+        self.saving = Some(saving);
+        self
     }
 
     /// Replays the trace until every job started or `until_ms` passed.
     pub fn run(mut self, until_ms: i64) -> Run {
-        let mut ends: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
+        let mut ends: BinaryHeap<Reverse<(i64, usize, u32)>> = BinaryHeap::new();
         let mut next = 0;
         let mut now = 0;
         loop {
             let arrival = self.trace.get(next).map(|j| ms(j.submit_s));
-            let end = ends.peek().map(|Reverse((t, _))| *t);
+            let end = ends.peek().map(|Reverse((t, ..))| *t);
             let Some(t) = [arrival, end].into_iter().flatten().min() else { break };
             if t > until_ms {
                 break;
             }
             now = t;
-            while let Some(Reverse((_, job))) = ends.peek().copied().filter(|Reverse((e, _))| *e == t) {
+            while let Some(Reverse((_, job, run))) = ends.peek().copied().filter(|Reverse((e, ..))| *e == t) {
                 ends.pop();
-                self.finish(job);
+                if run == self.run_no[job] {
+                    self.finish(job);
+                }
             }
             while self.trace.get(next).is_some_and(|j| ms(j.submit_s) == t) {
                 self.pending.push(next);
                 next += 1;
             }
-            for job in self.schedule(t) {
-                ends.push(Reverse((t + ms(self.trace[job].run_s), job)));
+            // A pass that preempted is followed by another, as the controller's next pass places the head.
+            loop {
+                let (started, preempted) = self.schedule(t);
+                for job in started {
+                    ends.push(Reverse((t + self.left_ms[job], job, self.run_no[job])));
+                }
+                if !preempted {
+                    break;
+                }
             }
         }
-        Run { outcomes: self.out, checks: self.checks, end_ms: now }
+        let preempting = self.saving.is_some() && self.policy == Scheduler::Backfill;
+        Run { outcomes: self.out, checks: self.checks, end_ms: now, preempting }
     }
 
     fn finish(&mut self, job: usize) {
+        self.left_ms[job] = 0;
+        self.release(job);
+    }
+
+    fn release(&mut self, job: usize) {
         let Some(gang) = self.running.remove(&job) else { return };
         for (node, gpus) in gang.gpus {
             let view = &mut self.views[self.index[&node]];
@@ -219,8 +275,8 @@ impl<'a> Sim<'a> {
         order.into_iter().map(|(_, j)| j).collect()
     }
 
-    /// One pass of `schedule`; returns the jobs it started.
-    fn schedule(&mut self, now: i64) -> Vec<usize> {
+    /// One pass of `schedule`; returns the jobs it started, and whether it preempted.
+    fn schedule(&mut self, now: i64) -> (Vec<usize>, bool) {
         let backfill = self.policy == Scheduler::Backfill;
         let order = self.order(now);
         let mut used: HashMap<String, u32> = HashMap::new();
@@ -243,7 +299,8 @@ impl<'a> Sim<'a> {
                     }
                     continue;
                 }
-                match self.place_pending(job, borrowing, now, &mut reservation) {
+                let behind = reservation.is_some();
+                match self.place_pending(job, now, &mut reservation) {
                     Ok(placement) => {
                         let backfilled = reservation.is_some();
                         self.start(job, &placement, now, borrowing, backfilled, reservation.as_ref());
@@ -257,21 +314,93 @@ impl<'a> Sim<'a> {
                         self.out[job].never_fits = true;
                         self.pending.retain(|j| *j != job);
                     }
-                    Err(Wait::Blocked) if !borrowing && reservation.is_none() => return started,
+                    Err(Wait::Blocked) if !borrowing => {
+                        // The head of the order may make room by preemption; nothing behind it starts meanwhile.
+                        if backfill && !behind && self.try_preempt(job, &used, now) {
+                            return (started, true);
+                        }
+                        if reservation.is_none() {
+                            return (started, false);
+                        }
+                    }
                     Err(Wait::Blocked) => {}
                 }
             }
         }
-        started
+        (started, false)
+    }
+
+    /// `try_preempt` on reclaim grounds: when `job`'s queue reclaims and stays
+    /// within its quota with it, and other queues hold GPUs beyond theirs, the
+    /// gangs `choose_victims` picks among those are stopped and queued again.
+    fn try_preempt(&mut self, job: usize, used: &HashMap<String, u32>, now: i64) -> bool {
+        let Some(saving) = self.saving else { return false };
+        let queue = self.queue(job);
+        let Some(quota) = queue.gpu_quota.filter(|_| queue.reclaim) else { return false };
+        let name = queue.name.clone();
+        if used.get(&name).copied().unwrap_or(0) + self.trace[job].gpus() > quota {
+            return false;
+        }
+        let beyond_quota: BTreeMap<String, u32> = self
+            .queues
+            .all()
+            .iter()
+            .filter(|q| q.name != name)
+            .map(|q| (q.name.clone(), used.get(&q.name).copied().unwrap_or(0).saturating_sub(q.gpu_quota.unwrap_or(0))))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        if beyond_quota.is_empty() {
+            return false;
+        }
+        let candidates: Vec<Candidate> = self
+            .running
+            .iter()
+            .map(|(j, g)| Candidate {
+                job_id: j.to_string(),
+                queue: self.trace[*j].queue.clone(),
+                priority: 0,
+                started_unix_ms: g.started_ms,
+                gpus: g.gpus.clone(),
+            })
+            .collect();
+        let t = &self.trace[job];
+        let spec = &self.specs[&(t.nodes, t.gpus_per_node)];
+        let grounds = Grounds::Reclaim { beyond_quota };
+        let Some(victims) = planner::choose_victims(spec, &self.views, &[], &candidates, &grounds) else {
+            return false;
+        };
+        for victim in victims.iter().filter_map(|v| v.parse::<usize>().ok()) {
+            self.preempt(victim, saving, now);
+        }
+        !victims.is_empty()
+    }
+
+    /// Stops `job` at `now`: its GPUs freed, the work it saved taken off what it has left, queued again.
+    fn preempt(&mut self, job: usize, saving: Saving, now: i64) {
+        let Some(started) = self.running.get(&job).map(|g| g.started_ms) else { return };
+        let done = now - started;
+        let saved = match saving {
+            Saving::OnSignal => done,
+            Saving::Periodic { interval_ms } => done / interval_ms.max(1) * interval_ms.max(1),
+        };
+        self.left_ms[job] -= saved;
+        let out = &mut self.out[job];
+        out.lost_ms.push(done - saved);
+        if let Some(run) = out.runs.last_mut() {
+            run.1 = now;
+        }
+        self.run_no[job] += 1;
+        self.release(job);
+        self.pending.push(job);
+        self.pending.sort_unstable();
     }
 
     /// `place_pending`: behind a reservation only where it cannot delay it;
-    /// the first job that does not fit takes the reservation (backfill), or
-    /// holds up every job behind it (fifo).
+    /// the first job that does not fit takes the reservation (backfill; in the
+    /// borrowing pass too), or holds up every job behind it (fifo).
     fn place_pending(
         &mut self,
         job: usize,
-        borrowing: bool,
         now: i64,
         reservation: &mut Option<Reservation>,
     ) -> Result<Placement, Wait> {
@@ -298,9 +427,10 @@ impl<'a> Sim<'a> {
         } else if t.nodes as usize > self.views.len() || t.gpus_per_node > self.views[0].total_gpus {
             return Err(Wait::Never);
         }
-        if borrowing || self.policy == Scheduler::Fifo {
+        if self.policy == Scheduler::Fifo {
             return Err(Wait::Blocked);
         }
+        // The head of the order, or the first borrower that does not fit when no job before it holds a reservation.
         *reservation = planner::reserve(&job.to_string(), spec, &self.views, &self.gangs(), now);
         Err(Wait::Blocked)
     }
@@ -329,9 +459,14 @@ impl<'a> Sim<'a> {
         self.free_nodes = None;
         let limit = self.queue(job).time_limit(Some(Duration::from_secs_f64(self.trace[job].limit_s)));
         let ends_ms = limit.map(|l| now + l.as_millis() as i64);
-        self.running.insert(job, Gang { gpus: placement.nodes.clone(), ends_ms });
+        self.running.insert(job, Gang { gpus: placement.nodes.clone(), ends_ms, started_ms: now });
         self.pending.retain(|j| *j != job);
-        self.out[job] = Outcome { start_ms: Some(now), borrowed, backfilled, never_fits: false };
+        let out = &mut self.out[job];
+        // A job queued again after a preemption keeps its first start (its wait).
+        if out.start_ms.is_none() {
+            (out.start_ms, out.borrowed, out.backfilled) = (Some(now), borrowed, backfilled);
+        }
+        out.runs.push((now, now + self.left_ms[job]));
         if let (true, Some(r)) = (self.check, behind) {
             self.check_reservation(r, now);
         }

@@ -47,6 +47,19 @@ pub struct Report {
     pub unstarted: usize,
     pub never_fits: usize,
     pub checks: Checks,
+    /// Preemptions over the whole replay; None where the replay did not preempt.
+    pub preemptions: Option<Preemptions>,
+}
+
+/// What preemption cost over the whole replay.
+#[derive(Debug, Clone, Default)]
+pub struct Preemptions {
+    pub count: u64,
+    /// GPU-hours of work done and not saved.
+    pub lost_gpu_h: f64,
+    /// Iterations lost per preemption (at the replay's seconds per iteration): mean and most.
+    pub lost_iterations_mean: f64,
+    pub lost_iterations_max: f64,
 }
 
 /// The measuring window: jobs submitted in it, GPU-seconds served in it.
@@ -97,7 +110,8 @@ pub fn fair_targets(weights: &[f64], demand: &[f64]) -> Vec<f64> {
     give(hi)
 }
 
-pub fn measure(trace: &[TraceJob], queues: &[QueueMix], run: &Run, window: Window) -> Report {
+/// `step_s`: seconds per training iteration, to count lost work in iterations.
+pub fn measure(trace: &[TraceJob], queues: &[QueueMix], run: &Run, window: Window, step_s: f64) -> Report {
     let span_ms = (window.to_ms - window.from_ms) as f64;
     let capacity = f64::from(window.gpus) * span_ms;
     let overlap = |start: i64, end: i64| (end.min(window.to_ms) - start.max(window.from_ms)).max(0) as f64;
@@ -113,8 +127,8 @@ pub fn measure(trace: &[TraceJob], queues: &[QueueMix], run: &Run, window: Windo
     for (job, outcome) in trace.iter().zip(&run.outcomes) {
         let q = queues.iter().position(|q| q.name == job.queue).unwrap_or(0);
         let gpus = f64::from(job.gpus());
-        if let Some(start) = outcome.start_ms {
-            let gpu_ms = gpus * overlap(start, start + (job.run_s * 1000.0) as i64);
+        if outcome.start_ms.is_some() {
+            let gpu_ms: f64 = outcome.runs.iter().map(|(start, end)| gpus * overlap(*start, *end)).sum();
             served[q] += gpu_ms;
             if outcome.borrowed {
                 borrowed[q] += gpu_ms / 3.6e6;
@@ -165,7 +179,24 @@ pub fn measure(trace: &[TraceJob], queues: &[QueueMix], run: &Run, window: Windo
         unstarted,
         never_fits: run.outcomes.iter().filter(|o| o.never_fits).count(),
         checks: run.checks.clone(),
+        preemptions: run.preempting.then(|| preemptions(trace, run, step_s)),
     }
+}
+
+fn preemptions(trace: &[TraceJob], run: &Run, step_s: f64) -> Preemptions {
+    let mut p = Preemptions::default();
+    let mut iterations_sum = 0.0;
+    for (job, o) in trace.iter().zip(&run.outcomes) {
+        for lost in &o.lost_ms {
+            let iterations = *lost as f64 / 1000.0 / step_s;
+            p.count += 1;
+            p.lost_gpu_h += f64::from(job.gpus()) * *lost as f64 / 3.6e6;
+            p.lost_iterations_max = p.lost_iterations_max.max(iterations);
+            iterations_sum += iterations;
+        }
+    }
+    p.lost_iterations_mean = iterations_sum / (p.count as f64).max(1.0);
+    p
 }
 
 impl Report {
@@ -198,7 +229,10 @@ impl Report {
         serde_json::json!({
             "utilisation": self.utilisation, "offered": self.offered, "waits": waits, "shares": shares,
             "backfilled": self.backfilled, "borrowed": self.borrowed, "unstarted": self.unstarted,
-            "never_fits": self.never_fits, "preemptions": serde_json::Value::Null, "lost_work": serde_json::Value::Null,
+            "never_fits": self.never_fits,
+            "preemptions": self.preemptions.as_ref().map(|p| p.count),
+            "lost_work": self.preemptions.as_ref().map(|p| serde_json::json!({"gpu_hours": p.lost_gpu_h,
+                "iterations_per_preemption": p.lost_iterations_mean, "max_iterations_per_preemption": p.lost_iterations_max})),
             "checks": {"overcommits": self.checks.overcommits, "quota_breaches": self.checks.quota_breaches,
                 "reservations_delayed": self.checks.reservations_delayed},
         })
