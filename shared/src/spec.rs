@@ -214,6 +214,11 @@ pub struct CommandSpec {
     /// The program and its arguments, passed without a shell.
     pub argv: Vec<String>,
     pub launch: LaunchMode,
+    /// `checkpoints:`, the absolute directory the job writes Megatron-layout
+    /// checkpoints to (`iter_NNNNNNN/` and `latest_checkpointed_iteration.txt`):
+    /// a restart or a preemption looks the newest complete one up there, and the
+    /// next attempt gets `COHORT_RESUME_FROM` and `COHORT_RESUME_ITERATION`.
+    pub checkpoints: Option<String>,
 }
 
 /// How many processes a command job starts on each node.
@@ -237,8 +242,19 @@ enum JobKind {
 /// The top-level keys of command and megatron-sft jobs besides those every
 /// job has ([`stages::INHERITED_KEYS`], read by `read_common`); `name` and
 /// `kind` a pipeline has too.
-const JOB_KEYS: &[&str] =
-    &["name", "kind", "nodes", "gpus_per_node", "command", "launch", "megatron", "after", "array", "sweep"];
+const JOB_KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "nodes",
+    "gpus_per_node",
+    "command",
+    "launch",
+    "checkpoints",
+    "megatron",
+    "after",
+    "array",
+    "sweep",
+];
 
 /// Every top-level key of a job file, of any kind.
 fn top_level_keys() -> impl Iterator<Item = &'static str> + Clone {
@@ -468,6 +484,13 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
                 "launch",
                 "megatron-sft",
                 "a command job (megatron sft starts torchrun once per node)",
+                problems,
+            );
+            misplaced(
+                root,
+                "checkpoints",
+                "megatron-sft",
+                "a command job (a megatron-sft job resumes from its megatron.save or output_dir)",
                 problems,
             );
             match gpus_per_node {

@@ -316,3 +316,14 @@ fn queue_names_the_queue_and_a_bad_name_is_refused_at_queue() {
     let issue = errors.issues.iter().find(|i| i.field == "queue").expect("an issue at queue");
     assert!(issue.message.contains("is not a queue name"), "{}", issue.message);
 }
+
+#[test]
+fn checkpoints_belong_to_command_jobs_and_megatron_sft_is_sent_to_its_save() {
+    let spec = parse("name: a\nkind: command\nnodes: 1\ncheckpoints: /shared/ckpt\ncommand: [x]\n");
+    let Workload::Command(command) = &spec.workload else { panic!("not a command job") };
+    assert_eq!(command.checkpoints.as_deref(), Some("/shared/ckpt"));
+    let misplaced = V3_JOB.replacen("kind: megatron-sft\n", "kind: megatron-sft\ncheckpoints: /shared/ckpt\n", 1);
+    assert_ne!(misplaced, V3_JOB);
+    let e = JobSpec::from_yaml(&misplaced, "job.yaml").unwrap_err().to_string();
+    assert!(e.contains("checkpoints") && e.contains("megatron.save or output_dir"), "{e}");
+}

@@ -116,7 +116,7 @@ impl Controller {
         {
             entry.job.excluded_nodes.push(failure.node_name.clone());
         }
-        if matches!(entry.spec.workload, Workload::MegatronSft(_)) {
+        if planner::checkpoint_dir(&entry.spec).is_some() {
             entry.lookup = Some(Lookup::Wanted);
         }
         tracing::warn!(job = %id, attempt, restart = n, cause = %cause, wait = ?wait, "attempt failed; restarting");

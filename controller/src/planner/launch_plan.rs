@@ -174,6 +174,17 @@ pub fn attempt_spec(spec: &JobSpec, resume_from: Option<&Checkpoint>) -> JobSpec
     running
 }
 
+/// What a command job's attempt is told of the checkpoint it resumes from:
+/// `COHORT_RESUME_FROM`, the checkpoint's own directory (`<checkpoints>/iter_0000600`),
+/// and `COHORT_RESUME_ITERATION`.
+fn resume_vars(c: &Checkpoint) -> [EnvVar; 2] {
+    let dir = match c.layout.as_str() {
+        "megatron-iter" => format!("{}/iter_{:07}", c.path.trim_end_matches('/'), c.iteration),
+        _ => c.path.clone(),
+    };
+    [var("COHORT_RESUME_FROM", dir), var("COHORT_RESUME_ITERATION", c.iteration)]
+}
+
 /// A found checkpoint (as agents report it) in the domain's terms.
 pub fn to_shared_checkpoint(c: &Checkpoint) -> cohort_shared::checkpoint::Checkpoint {
     use cohort_shared::checkpoint::{Checkpoint as Shared, CheckpointLayout};
@@ -187,16 +198,21 @@ pub fn to_shared_checkpoint(c: &Checkpoint) -> cohort_shared::checkpoint::Checkp
     Shared { iteration: c.iteration, layout, run_dir, path }
 }
 
+/// Where the job's checkpoints are looked up for a restart or a preemption:
+/// a megatron-sft job's output directory, a command job's `checkpoints:`, or
+/// its `preempt.checkpoints`.
+pub fn checkpoint_dir(spec: &JobSpec) -> Option<String> {
+    let declared = match &spec.workload {
+        Workload::Command(c) => c.checkpoints.clone(),
+        _ => None,
+    };
+    output_dir(spec).or(declared).or_else(|| spec.preempt.as_ref().and_then(|p| p.checkpoints.clone()))
+}
+
 /// Where a megatron-sft job writes (its save/output_dir), made absolute with
 /// the workdir: where preparation proves it shared, where the last rank's
 /// metrics are read and where checkpoints are looked for. None for other
 /// kinds, or a relative directory without a workdir.
-/// Where the job's checkpoints are looked up for a restart or a preemption:
-/// a megatron-sft job's output directory, or a job's `preempt.checkpoints`.
-pub fn checkpoint_dir(spec: &JobSpec) -> Option<String> {
-    output_dir(spec).or_else(|| spec.preempt.as_ref().and_then(|p| p.checkpoints.clone()))
-}
-
 pub fn output_dir(spec: &JobSpec) -> Option<String> {
     let Workload::MegatronSft(m) = &spec.workload else { return None };
     let workdir = spec.workdir.as_deref().unwrap_or_default();
@@ -211,7 +227,8 @@ pub fn output_dir(spec: &JobSpec) -> Option<String> {
 pub struct AttemptInputs<'a> {
     pub job_id: &'a str,
     pub attempt: u32,
-    /// The checkpoint the attempt resumes from (megatron-sft).
+    /// The checkpoint the attempt resumes from: a megatron-sft job's resume
+    /// flags, a command job's `COHORT_RESUME_FROM` and `COHORT_RESUME_ITERATION`.
     pub resume_from: Option<&'a Checkpoint>,
     /// What the nodes staged: ready or cached items become `COHORT_STAGED_<NAME>`
     /// of the node that holds them.
@@ -256,6 +273,11 @@ pub fn launch_plan(spec: &JobSpec, layout: &GangPlan, inputs: &AttemptInputs) ->
             let node_env = inputs.node_env.get(a.node_name.as_str()).copied().unwrap_or_default();
             let mut processes = node_processes(&running, layout, a, node_env, &render_input);
             add_staged(&mut processes, &a.node_name, inputs.staged, &spec.stage);
+            if let (Workload::Command(_), Some(ckpt)) = (&spec.workload, inputs.resume_from) {
+                for process in &mut processes {
+                    process.env.extend(resume_vars(ckpt));
+                }
+            }
             processes
         })
         .collect();

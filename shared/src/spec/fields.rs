@@ -189,5 +189,12 @@ pub(super) fn read_command(root: &Mapping, problems: &mut Problems) -> Option<Co
             return None;
         }
     };
-    Some(CommandSpec { argv, launch })
+    let checkpoints = typed::<String>(root, "checkpoints", problems);
+    if let Some(dir) = checkpoints.as_deref().filter(|d| !d.starts_with('/')) {
+        problems.at(
+            &["checkpoints"],
+            format!("{dir:?} must be an absolute path (a directory every node sees), e.g. /shared/ckpt/run1"),
+        );
+    }
+    Some(CommandSpec { argv, launch, checkpoints })
 }

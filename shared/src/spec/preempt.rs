@@ -110,10 +110,10 @@ pub(super) fn read_preempt(root: &Mapping, problems: &mut Problems) -> Option<Pr
             );
         }
         let command_job = root.get("kind").and_then(Value::as_str) == Some("command");
-        if command_job && text.checkpoints.is_none() {
+        if command_job && text.checkpoints.is_none() && root.get("checkpoints").is_none() {
             problems.at(
                 &["preempt", "checkpoint_wait"],
-                "needs `preempt.checkpoints`, the directory a command job writes its checkpoints to \
+                "needs `checkpoints:`, the directory a command job writes its checkpoints to \
                  (megatron-sft jobs have their `save`/`output_dir`)",
             );
         }
@@ -150,7 +150,8 @@ mod tests {
     #[test]
     fn a_checkpoint_wait_needs_a_directory_and_a_bounded_time() {
         let e = parse("preempt: {checkpoint_wait: 10m}\n").unwrap_err();
-        assert!(e.contains("preempt.checkpoint_wait") && e.contains("needs `preempt.checkpoints`"), "{e}");
+        assert!(e.contains("preempt.checkpoint_wait") && e.contains("needs `checkpoints:`"), "{e}");
+        assert!(parse("checkpoints: /c\npreempt: {checkpoint_wait: 10m}\n").is_ok());
         let e = parse("preempt: {checkpoints: /c, checkpoint_wait: 2h}\n").unwrap_err();
         assert!(e.contains("preempt.checkpoint_wait") && e.contains("at most 1h"), "{e}");
         let e = parse("preempt: {checkpoints: /c, checkpoint_wait: 0s}\n").unwrap_err();
