@@ -27,7 +27,8 @@ const NODES: u32 = 4;
 const GPUS: u32 = 2;
 
 /// A queue file with a quota on `qa` (borrowing or not) and none on `qb`;
-/// `qa` does not reclaim, since the simulator does not model preemption.
+/// `qa` does not reclaim: the simulator's victims free their GPUs within the
+/// pass, the controller's only once their gangs are seen gone (later passes).
 fn queue_file(rng: &mut ChaCha8Rng) -> String {
     let quota = rng.random_range(1..=6);
     let borrow = rng.random_bool(0.5);

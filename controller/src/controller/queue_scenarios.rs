@@ -145,32 +145,6 @@ async fn a_queue_that_may_borrow_runs_beyond_its_quota_on_idle_gpus() {
 }
 
 #[tokio::test]
-async fn the_first_borrower_that_does_not_fit_holds_a_reservation_against_later_borrowers() {
-    let dir = tempfile::tempdir().unwrap();
-    let queues = Queues::parse("[[queue]]\nname = \"team-a\"\ngpus = 1\nmax_run_time = \"4h\"\n").unwrap();
-    let controller = open(dir.path(), queues).await;
-    let _sessions = connect(&controller, &["n1", "n2", "n3"]).await;
-    let a1 = submit_as(&controller, "alice", &job("a1", 1, "time_limit: 30m\n")).await.unwrap();
-    controller.reconcile().await.unwrap();
-    assert_eq!(pending(&controller, &a1).await, None);
-    // Beyond the quota: a 3-node borrower that waits for a1, then a 1-node one
-    // of 1h that would run past a1's end and one of 10m that would not.
-    let big = submit_as(&controller, "alice", &job("big", 3, "time_limit: 1h\n")).await.unwrap();
-    let long = submit_as(&controller, "alice", &job("long", 1, "time_limit: 1h\n")).await.unwrap();
-    let short = submit_as(&controller, "alice", &job("short", 1, "time_limit: 10m\n")).await.unwrap();
-    controller.reconcile().await.unwrap();
-    let big_reason = pending(&controller, &big).await.expect("the 3-node borrower waits for a1's node");
-    assert!(
-        big_reason.starts_with("queue team-a at quota 1/1 GPUs; waiting to borrow idle GPUs beyond it")
-            && big_reason.contains("reserved nodes n1,n2,n3 from"),
-        "{big_reason}"
-    );
-    let long_reason = pending(&controller, &long).await.expect("a 1h borrower would delay the big one");
-    assert!(long_reason.starts_with(&format!("behind job {big} (reserved nodes n1,n2,n3 from")), "{long_reason}");
-    assert_eq!(pending(&controller, &short).await, None, "a 10m borrower ends before the reservation: it starts");
-}
-
-#[tokio::test]
 async fn within_a_priority_the_user_who_used_fewer_gpus_goes_first() {
     let dir = tempfile::tempdir().unwrap();
     let controller = open(dir.path(), Queues::default()).await;

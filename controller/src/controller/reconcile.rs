@@ -264,8 +264,7 @@ impl Controller {
     /// under their GPU quota first, then those that borrow idle GPUs beyond it.
     /// The first job that does not fit gets a reservation of the nodes that
     /// free up first; a job behind it starts only where it cannot delay that
-    /// (EASY backfill); with none in the first pass, the first borrower that
-    /// does not fit gets it. One that could never fit holds up nothing.
+    /// (EASY backfill); borrowers take none. One that could never fit holds up nothing.
     pub(super) fn schedule(&self, state: &mut State) -> Result<(), ControllerError> {
         let now = now_unix_ms();
         let queues = state.queues.clone();
@@ -483,26 +482,14 @@ impl Controller {
                 return format!("waiting for free GPUs: {e}; no job behind it starts (--scheduler fifo)");
             }
             if borrowing {
-                // The first borrower that does not fit (with no reservation before it) gets one
-                // too: later borrowers start only where they cannot delay it, so a big one is
-                // not starved by small ones (jobs within their quota still come first).
+                // No reservation for a borrower: jobs within their quota come first in every pass
+                // and would keep moving it later, idling what it holds (cohort-sim: -4 points of
+                // utilisation overloaded, see docs/src/benchmarks.md).
                 let quota = queue.gpu_quota.unwrap_or_default();
-                let why = format!(
+                return format!(
                     "queue {} at quota {held}/{quota} GPUs; waiting to borrow idle GPUs beyond it: {e}",
                     queue.name
                 );
-                return match planner::reserve(id, &entry.spec, views, &running_gangs(state, &state.queues, now), now) {
-                    Some(r) => {
-                        let why = format!(
-                            "{why}; reserved nodes {} from {} among borrowers",
-                            planner::node_range(&r.nodes),
-                            clock(r.start_unix_ms)
-                        );
-                        *reservation = Some(r);
-                        why
-                    }
-                    None => why,
-                };
             }
             // The head of the order: the nodes that free up first are its.
             match planner::reserve(id, &entry.spec, views, &running_gangs(state, &state.queues, now), now) {

@@ -300,7 +300,7 @@ impl<'a> Sim<'a> {
                     continue;
                 }
                 let behind = reservation.is_some();
-                match self.place_pending(job, now, &mut reservation) {
+                match self.place_pending(job, borrowing, now, &mut reservation) {
                     Ok(placement) => {
                         let backfilled = reservation.is_some();
                         self.start(job, &placement, now, borrowing, backfilled, reservation.as_ref());
@@ -396,11 +396,12 @@ impl<'a> Sim<'a> {
     }
 
     /// `place_pending`: behind a reservation only where it cannot delay it;
-    /// the first job that does not fit takes the reservation (backfill; in the
-    /// borrowing pass too), or holds up every job behind it (fifo).
+    /// the first job that does not fit takes the reservation (backfill; not a
+    /// borrower), or holds up every job behind it (fifo).
     fn place_pending(
         &mut self,
         job: usize,
+        borrowing: bool,
         now: i64,
         reservation: &mut Option<Reservation>,
     ) -> Result<Placement, Wait> {
@@ -427,10 +428,10 @@ impl<'a> Sim<'a> {
         } else if t.nodes as usize > self.views.len() || t.gpus_per_node > self.views[0].total_gpus {
             return Err(Wait::Never);
         }
-        if self.policy == Scheduler::Fifo {
+        // A borrower takes no reservation (see reconcile.rs `place_pending`).
+        if borrowing || self.policy == Scheduler::Fifo {
             return Err(Wait::Blocked);
         }
-        // The head of the order, or the first borrower that does not fit when no job before it holds a reservation.
         *reservation = planner::reserve(&job.to_string(), spec, &self.views, &self.gangs(), now);
         Err(Wait::Blocked)
     }
