@@ -102,7 +102,11 @@ async fn json_output_keeps_the_cohort_v1_schema() {
     .unwrap();
     let out = cluster.cli(&["plan", file.to_str().unwrap()]);
     let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("workdir: <agent --work-dir>/jobs/<job id>/workdir"), "{text}{err}");
+    // Each node's line names its agent's real --work-dir.
+    for node in ["node0", "node1"] {
+        let line = format!("workdir: {}/jobs/<job id>/workdir (none set", cluster.dir.path().join(node).display());
+        assert!(text.contains(&line), "{text}{err}");
+    }
     assert!(err.contains("warning: megatron.save: \"out/run\" is relative"), "{err}");
     assert!(err.contains("<agent --work-dir>/jobs/<job id>/workdir/out/run"), "{err}");
     // ... and the agents' real --work-dir, per node.

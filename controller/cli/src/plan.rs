@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use cohort_proto::job_service_client::JobServiceClient;
-use cohort_proto::{JobFile, PlanJobRequest, PlanJobResponse};
+use cohort_proto::{JobFile, ListNodesRequest, PlanJobRequest, PlanJobResponse};
 
 use crate::connection::ApiChannel as Channel;
 use crate::output::{Output, print_json, status_error};
@@ -42,6 +42,13 @@ pub(crate) async fn plan(
     if let Some(gib) = response.memory_estimate_gib {
         say!("memory estimate: {gib:.1} GiB per GPU (weights, gradients, optimizer state; activations not included)");
     }
+    // The per-job directory a job without `workdir:` runs in is under each agent's --work-dir.
+    let mut work_dirs = std::collections::HashMap::new();
+    if response.plan.as_ref().is_some_and(|p| p.nodes.iter().any(|n| n.workdir.is_empty()))
+        && let Ok(nodes) = client.list_nodes(ListNodesRequest {}).await
+    {
+        work_dirs = nodes.into_inner().nodes.into_iter().filter_map(|n| n.info).map(|i| (i.name, i.work_dir)).collect();
+    }
     match &response.plan {
         Some(plan) => {
             say!("master: {}:{}", plan.master_addr, plan.master_port);
@@ -60,8 +67,12 @@ pub(crate) async fn plan(
                 );
                 if node.workdir.is_empty() {
                     // Where the agent runs a job without `workdir:` (agent/src/supervisor.rs).
+                    let base = work_dirs
+                        .get(&node.node_name)
+                        .filter(|d| !d.is_empty())
+                        .map_or("<agent --work-dir>", String::as_str);
                     say!(
-                        "  workdir: <agent --work-dir>/jobs/<job id>/workdir (none set: each agent's per-job directory)"
+                        "  workdir: {base}/jobs/<job id>/workdir (none set: the agent's per-job directory, on this node's own disk)"
                     );
                 } else {
                     say!("  workdir: {}", node.workdir);
