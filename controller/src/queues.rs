@@ -432,8 +432,10 @@ impl Queue {
 /// a controller that restarts or takes over goes on from it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FairShare {
-    usage: std::collections::HashMap<String, f64>,
-    queues: std::collections::HashMap<String, f64>,
+    // Ordered maps: sums over them (`total_queue_usage`) come out the same in
+    // every controller and every replay, which a hash map's order does not give.
+    usage: std::collections::BTreeMap<String, f64>,
+    queues: std::collections::BTreeMap<String, f64>,
     at_unix_ms: Option<i64>,
 }
 
@@ -491,12 +493,12 @@ impl FairShare {
 
     /// From the stored form; values that are not finite non-negative numbers are dropped.
     pub fn from_record(record: cohort_proto::FairShareRecord) -> FairShare {
-        let keep = |m: std::collections::HashMap<String, f64>| -> std::collections::HashMap<String, f64> {
+        let keep = |m: std::collections::HashMap<String, f64>| -> std::collections::BTreeMap<String, f64> {
             m.into_iter().filter(|(_, v)| v.is_finite() && *v >= 0.0).collect()
         };
         FairShare {
-            usage: keep(record.users.into_iter().collect()),
-            queues: keep(record.queues.into_iter().collect()),
+            usage: keep(record.users),
+            queues: keep(record.queues),
             at_unix_ms: (record.at_unix_ms > 0).then_some(record.at_unix_ms),
         }
     }

@@ -344,6 +344,24 @@ impl JobSpec {
                 "ms-swift 3.x defaults finetune to false, which resumes the iteration and optimizer state of `load`; a fresh fine-tune sets finetune: true".to_owned(),
             );
         }
+        let saves_on_sigterm = self.preempt.as_ref().is_some_and(|p| p.signal == "SIGTERM")
+            && crate::megatron::with_save_on_sigterm(megatron).is_some();
+        let workers = match megatron.flags.get("num_workers") {
+            Some(FlagValue::Scalar(n)) => n.trim().parse::<u32>().ok(),
+            _ => Some(4),
+        };
+        if saves_on_sigterm && workers != Some(0) {
+            warn(
+                "megatron.num_workers".to_owned(),
+                format!(
+                    "a preemption makes this job save through Megatron-LM's exit_signal_handler (merged into \
+                     megatron_extra_kwargs), and ms-swift 3.x's dataloader workers ({} of them) then read \
+                     args.exit_signal, which Megatron-LM core_r0.15.0 does not define (trainers/base.py:1191): with \
+                     that Megatron-LM set num_workers: 0, or set exit_signal_handler: false in megatron_extra_kwargs",
+                    workers.map_or_else(|| "num_workers".to_owned(), |n| n.to_string())
+                ),
+            );
+        }
         if self.workdir.is_none() {
             for (key, path) in relative_paths(megatron) {
                 warn(

@@ -327,3 +327,20 @@ fn checkpoints_belong_to_command_jobs_and_megatron_sft_is_sent_to_its_save() {
     let e = JobSpec::from_yaml(&misplaced, "job.yaml").unwrap_err().to_string();
     assert!(e.contains("checkpoints") && e.contains("megatron.save or output_dir"), "{e}");
 }
+
+#[test]
+fn a_3x_job_that_saves_on_sigterm_is_warned_of_its_dataloader_workers() {
+    // The fixture sets num_workers: 4 and no preempt: nothing to warn of.
+    assert!(!parse(V3_JOB).warnings().iter().any(|w| w.field == "megatron.num_workers"));
+    let preemptible = format!("{V3_JOB}preempt: {{grace: 5m}}\n");
+    let warnings = parse(&preemptible).warnings();
+    let workers = warnings.iter().find(|w| w.field == "megatron.num_workers").expect("warned");
+    assert!(workers.message.contains("(4 of them)") && workers.message.contains("set num_workers: 0"), "{workers:?}");
+    let fixed = preemptible.replace("  num_workers: 4\n", "  num_workers: 0\n");
+    assert!(!parse(&fixed).warnings().iter().any(|w| w.field == "megatron.num_workers"));
+    // Another signal, or 4.x (no handler is merged): nothing.
+    let usr1 = format!("{V3_JOB}preempt: {{signal: SIGUSR1}}\n");
+    assert!(!parse(&usr1).warnings().iter().any(|w| w.field == "megatron.num_workers"));
+    let v4 = format!("{V4_JOB}preempt: {{grace: 5m}}\n");
+    assert!(!parse(&v4).warnings().iter().any(|w| w.field == "megatron.num_workers"));
+}

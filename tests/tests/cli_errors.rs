@@ -336,6 +336,9 @@ fn dev_errors_say_what_to_do() {
         .exits(1)
         .stderr_contains("error: --nodes 0: give 1 to 250 (one loopback address each, 127.0.0.2 up)");
     cohort(&["dev", "up", "--nodes", "251", "--dir", d]).exits(1).stderr_contains("error: --nodes 251: give 1 to 250");
+    let refused = dir.join("refused");
+    cohort(&["dev", "up", "--nodes", "0", "--dir", path(&refused)]).exits(1);
+    assert!(!refused.exists(), "a refused `dev up` makes no directory");
 
     // A directory that cannot be made.
     let file = dir.join("file");

@@ -243,6 +243,13 @@ fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
         })
 }
 
+fn check_node_count(nodes: u32) -> anyhow::Result<()> {
+    if nodes == 0 || nodes > 250 {
+        bail!("--nodes {nodes}: give 1 to 250 (one loopback address each, 127.0.0.2 up)");
+    }
+    Ok(())
+}
+
 /// How many NVIDIA GPUs `nvidia-smi -L` lists (0 without a driver).
 fn nvidia_gpus() -> u32 {
     Command::new("nvidia-smi")
@@ -256,6 +263,10 @@ fn nvidia_gpus() -> u32 {
 }
 
 async fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
+    // Checked before the directory is made: a refused `up` leaves nothing behind.
+    if let Some(nodes) = args.nodes {
+        check_node_count(nodes)?;
+    }
     let dir = dev_dir(&args.dir, true)?;
     let previous = dir.read_state()?;
     let anything_runs = dir.process_names(previous.as_ref()).iter().any(|n| dir.running(n).is_some());
@@ -266,9 +277,7 @@ async fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         nodes: args.nodes.unwrap_or(default.nodes),
         gpus_per_node: args.gpus_per_node.unwrap_or(default.gpus_per_node),
     };
-    if cluster.nodes == 0 || cluster.nodes > 250 {
-        bail!("--nodes {}: give 1 to 250 (one loopback address each, 127.0.0.2 up)", cluster.nodes);
-    }
+    check_node_count(cluster.nodes)?;
     if let Some(running) = previous.as_ref().filter(|p| anything_runs && **p != cluster) {
         bail!(
             "a dev cluster runs in {} with {} nodes, {} GPU{} each, on port {}: `cohort dev down{}` first to change it",
