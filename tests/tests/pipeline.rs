@@ -101,6 +101,14 @@ async fn a_failing_middle_stage_stops_the_pipeline() {
     assert!(cluster.job(&format!("{}.check", job.id)).await.is_err(), "the stage after the failure never ran");
     let status = String::from_utf8_lossy(&cluster.cli(&["status", &job.id]).stdout).to_string();
     assert!(status.lines().any(|l| l.contains("check") && l.contains("Skipped")), "{status}");
+
+    // Deleting the pipeline deletes its stages' runs with it.
+    let deleted = cluster.cli(&["delete", &job.id]);
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+    for run in ["produce", "combine"] {
+        assert!(cluster.job(&format!("{}.{run}", job.id)).await.is_err(), "{run} was left behind");
+    }
+    assert!(cluster.job(&job.id).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,8 @@
 //! `cohort delete`: finished jobs leave the store, with their output and
 //! metrics. A job not yet ended (or whose processes are still being stopped)
 //! is refused, naming `cohort cancel`; every job asked for is checked before
-//! any is deleted. A job array's id deletes every element. With
+//! any is deleted. A job array's id deletes every element, a pipeline's its
+//! stages' runs (`<pipeline>.<stage>`) with it. With
 //! `--retain-finished AGE` the leader deletes finished jobs that ended longer
 //! than AGE ago.
 
@@ -35,8 +36,16 @@ impl Controller {
         for job_ref in refs {
             let elements =
                 if state.jobs.contains_key(job_ref) { Vec::new() } else { Self::array_elements(state, job_ref) };
-            let named =
+            let mut named =
                 if elements.is_empty() { vec![Self::resolve(state, job_ref)?.job.id.clone()] } else { elements };
+            // A pipeline's stage runs go with it (they are its record's `stages[].runs`).
+            let runs: Vec<String> = named
+                .iter()
+                .filter_map(|id| state.jobs.get(id))
+                .flat_map(|e| e.job.stages.iter().flat_map(|s| s.runs.iter().cloned()))
+                .filter(|run| state.jobs.contains_key(run))
+                .collect();
+            named.extend(runs);
             for id in named {
                 let Some(entry) = state.jobs.get(&id) else { continue };
                 if !entry.is_terminal() || entry.job.live_processes > 0 {
