@@ -28,11 +28,20 @@ fn element_files(file: &JobFile, spec: &JobSpec, indices: &[u32]) -> Result<Vec<
 /// What [`Controller::admit_array`] decided.
 enum ArrayAdmitted {
     Repeat(Box<Job>),
-    New { entries: Vec<JobEntry>, stored: Vec<Durable>, counter: Durable },
+    /// A repeat of a submit whose records are on their way to the store: look again once it is done.
+    AfterFirst(tokio::sync::watch::Receiver<()>),
+    New {
+        entries: Vec<JobEntry>,
+        stored: Vec<Durable>,
+        counter: Durable,
+        pending: tokio::sync::watch::Sender<()>,
+    },
 }
 
 impl Controller {
-    /// Submits an array: every element is checked, stored and queued, or none is.
+    /// Submits an array: every element is checked, stored and queued, or none
+    /// is (elements stored before a failed write are deleted again). A repeat
+    /// (same request id) while the first is being stored waits for it.
     pub(super) async fn submit_array(
         &self,
         file: JobFile,
@@ -44,17 +53,38 @@ impl Controller {
         let Some(array) = spec.array.clone() else { return Err(ControllerError::InvalidRequest("no array".into())) };
         let files = element_files(&file, &spec, &array.indices)?;
         let key = (file.submitted_by.clone(), options.request_id.clone());
-        let admitted = {
-            let key = key.clone();
-            self.state.call(move |state, ctl| ctl.admit_array(state, &spec, &array, files, &options, &key)).await?
+        let (mut entries, stored, counter, _pending) = loop {
+            let (key, spec, array, files, options) =
+                (key.clone(), spec.clone(), array.clone(), files.clone(), options.clone());
+            match self
+                .state
+                .call(move |state, ctl| ctl.admit_array(state, &spec, &array, files, &options, &key))
+                .await?
+            {
+                ArrayAdmitted::Repeat(first) => return Ok((*first, warnings)),
+                ArrayAdmitted::AfterFirst(mut first) => {
+                    let _ = first.changed().await;
+                }
+                ArrayAdmitted::New { entries, stored, counter, pending } => break (entries, stored, counter, pending),
+            }
         };
-        let (mut entries, stored, counter) = match admitted {
-            ArrayAdmitted::Repeat(first) => return Ok((*first, warnings)),
-            ArrayAdmitted::New { entries, stored, counter } => (entries, stored, counter),
-        };
+        let mut failed = None;
         for (entry, stored) in entries.iter_mut().zip(stored) {
-            // An element not stored is not a job: the ones stored before it load at the next start.
-            entry.revision = Some(stored.wait().await?);
+            match stored.wait().await {
+                Ok(revision) => entry.revision = Some(revision),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            // Not every element stored: none is a job. Those stored go again (else they would load at the next start).
+            tracing::warn!(error = %e, "array submit refused: an element could not be stored");
+            for entry in entries.iter().filter(|e| e.revision.is_some()) {
+                if let Err(e) = self.writer.write(format!("jobs/{}", entry.job.id), None).wait().await {
+                    tracing::error!(job = %entry.job.id, error = %e, "a stored element of a refused array could not be deleted");
+                }
+            }
+            self.state.call(move |state, _| state.pending_submits.remove(&key)).await;
+            return Err(e.into());
         }
         if let Err(e) = counter.wait().await {
             tracing::warn!(error = %e, "the job counter could not be stored; the job records hold their seq");
@@ -62,6 +92,7 @@ impl Controller {
         let first = self
             .state
             .call(move |state, ctl| {
+                state.pending_submits.remove(&key);
                 let first = entries.first().map(|e| e.job.clone()).unwrap_or_default();
                 for entry in entries {
                     let id = entry.job.id.clone();
@@ -90,6 +121,14 @@ impl Controller {
         options: &admission::SubmitOptions,
         key: &(String, String),
     ) -> Result<ArrayAdmitted, ControllerError> {
+        if let Some(pending) = state.pending_submits.get_mut(key) {
+            if pending.done.has_changed().is_ok() {
+                pending.repeats += 1;
+                return Ok(ArrayAdmitted::AfterFirst(pending.done.clone()));
+            }
+            // The first submit's future was dropped (its caller went away): it is over.
+            state.pending_submits.remove(key);
+        }
         if !options.request_id.is_empty()
             && let Some(first) = state.submitted.get(key).and_then(|id| state.jobs.get(id))
         {
@@ -117,7 +156,11 @@ impl Controller {
         }
         let last = state.next_seq - 1;
         let counter = self.writer.write(JOB_SEQ_KEY.into(), Some(last.to_string().into_bytes()));
-        Ok(ArrayAdmitted::New { entries, stored, counter })
+        let (pending, first) = tokio::sync::watch::channel(());
+        if !options.request_id.is_empty() {
+            state.pending_submits.insert(key.clone(), PendingSubmit { done: first, repeats: 0 });
+        }
+        Ok(ArrayAdmitted::New { entries, stored, counter, pending })
     }
 
     /// The elements of array `array_id`, in index order (empty: no such array).

@@ -487,6 +487,46 @@ async fn a_repeated_submit_during_the_first_ones_write_gets_the_same_job() {
     assert_eq!(within("ListJobs", controller.list(false)).await.len(), 1, "a second job was made");
 }
 
+/// The same for a job array: a repeat while the first's element records are
+/// on their way to the store waits for them and gets the first array.
+#[tokio::test]
+async fn a_repeated_array_submit_during_the_first_ones_writes_gets_the_same_array() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = HeldStore::open(dir.path());
+    let controller = Controller::load(store.clone(), dir.path(), ControllerConfig::default()).await.unwrap();
+    store.held.send_replace(Some("jobs/"));
+    let send = || {
+        let controller = controller.clone();
+        let file = JobFile {
+            yaml: "name: t\nkind: command\nnodes: 1\narray: 0-2\ncommand: ['true']\n".into(),
+            source_name: "t.yaml".into(),
+            ..JobFile::default()
+        };
+        let options = admission::SubmitOptions { request_id: "r-1".into(), ..Default::default() };
+        tokio::spawn(async move { controller.submit(file, options).await.map(|(job, _)| job.array_id) })
+    };
+    let first = send();
+    store.until_waiting(1).await;
+    let again = send();
+    let key = (String::new(), "r-1".to_owned());
+    within("the repeat to wait for the first", async {
+        let waiting = || {
+            let key = key.clone();
+            controller.state.call(move |state, _| state.pending_submits.get(&key).is_some_and(|p| p.repeats > 0))
+        };
+        while !waiting().await {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(!again.is_finished(), "the repeat was answered before the first submit's writes ended");
+    store.held.send_replace(None);
+    let (first, again) = (within("submit", first).await.unwrap(), within("repeat", again).await.unwrap());
+    let (first, again) = (first.unwrap(), again.unwrap());
+    assert_eq!(first, again);
+    assert_eq!(within("ListJobs", controller.list(false)).await.len(), 3, "a second array was made");
+}
+
 /// Changes of one key made while its first write waits at the store reach
 /// it after that write, newest last (those in between may be skipped).
 #[tokio::test]
