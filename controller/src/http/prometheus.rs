@@ -313,7 +313,7 @@ pub fn registry(controller_id: &str, leading: bool, nodes: &[Node], jobs: &[Job]
         job_gauges.record(job);
         progress.record(job);
     }
-    record_queues(&mut r, queues);
+    record_queues(&mut r, queues, jobs);
     r
 }
 
@@ -322,8 +322,10 @@ struct QueueLabels {
     queue: String,
 }
 
-/// Per queue: its quota (absent without one), GPUs used and borrowed, jobs running and pending.
-fn record_queues(r: &mut Registry, queues: &[QueueStatus]) {
+/// Per queue: its quota (absent without one), GPUs used and borrowed, jobs
+/// running and pending, and the preemptions of its jobs (over the jobs the
+/// controller holds: a deleted job's go with it).
+fn record_queues(r: &mut Registry, queues: &[QueueStatus], jobs: &[Job]) {
     let quota = family::<QueueLabels>(r, "queue_quota_gpus", "The queue's GPU quota (absent: none)");
     let used = family::<QueueLabels>(r, "queue_used_gpus", "GPUs the queue's running jobs hold");
     let borrowed = family::<QueueLabels>(r, "queue_borrowed_gpus", "GPUs the queue holds beyond its quota");
@@ -332,6 +334,21 @@ fn record_queues(r: &mut Registry, queues: &[QueueStatus]) {
     let pending = family::<QueueLabels>(r, "queue_pending_jobs", "The queue's jobs waiting to be placed");
     let weight = family::<QueueLabels>(r, "queue_weight", "The queue's fair-share weight");
     let usage = family::<QueueLabels>(r, "queue_fair_share_usage_gpu_seconds", "The queue's decayed GPU-seconds");
+    let preempted =
+        family::<QueueLabels>(r, "queue_preempted_attempts", "Attempts of the queue's jobs that were preempted");
+    let lost = family::<QueueLabels>(
+        r,
+        "queue_preempted_lost_iterations",
+        "Iterations the queue's preempted attempts did and did not save (where known)",
+    );
+    let mut preemptions: std::collections::HashMap<&str, (u64, u64)> = std::collections::HashMap::new();
+    for job in jobs {
+        for p in job.attempts.iter().filter_map(|a| a.preemption.as_ref()) {
+            let entry = preemptions.entry(job.queue.as_str()).or_default();
+            entry.0 += 1;
+            entry.1 += p.lost_iterations.unwrap_or(0);
+        }
+    }
     for q in queues {
         let Some(spec) = &q.spec else { continue };
         let labels = QueueLabels { queue: spec.name.clone() };
@@ -343,6 +360,9 @@ fn record_queues(r: &mut Registry, queues: &[QueueStatus]) {
         set(&pending, &labels, Some(f64::from(q.pending_jobs)));
         set(&weight, &labels, Some(spec.weight));
         set(&usage, &labels, Some(q.fair_share_usage));
+        let (count, iterations) = preemptions.get(spec.name.as_str()).copied().unwrap_or_default();
+        set(&preempted, &labels, Some(count as f64));
+        set(&lost, &labels, Some(iterations as f64));
     }
 }
 
@@ -401,6 +421,15 @@ mod tests {
                 ..Default::default()
             }),
             progress: Some(TrainingPoint { iteration: 7, loss: Some(1.25), ..Default::default() }),
+            queue: "team-a".into(),
+            attempts: vec![
+                cohort_proto::AttemptRecord {
+                    state: JobState::Preempted as i32,
+                    preemption: Some(cohort_proto::Preemption { lost_iterations: Some(3), ..Default::default() }),
+                    ..Default::default()
+                },
+                cohort_proto::AttemptRecord::default(),
+            ],
             ..Default::default()
         };
         let queue = QueueStatus {
@@ -428,6 +457,9 @@ mod tests {
             r#"cohort_queue_pending_jobs{queue="team-a"} 3.0"#,
             r#"cohort_queue_running_jobs{queue="team-a"} 1.0"#,
             r#"cohort_queue_pending_jobs{queue="open"} 0.0"#,
+            r#"cohort_queue_preempted_attempts{queue="team-a"} 1.0"#,
+            r#"cohort_queue_preempted_lost_iterations{queue="team-a"} 3.0"#,
+            r#"cohort_queue_preempted_attempts{queue="open"} 0.0"#,
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }
