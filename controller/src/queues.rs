@@ -23,7 +23,7 @@
 //! Without a file there is one implicit queue, `default`, with no quota: the
 //! cluster schedules as it did before queues existed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -319,6 +319,27 @@ impl Queues {
 }
 
 impl Queues {
+    /// Reclaim grounds for a job of `gpus` GPUs in `queue`, given the GPUs each
+    /// queue's gangs hold (`held`): the queue reclaims (`reclaim`, the default),
+    /// has a quota and stays within it with the job, and other queues hold GPUs
+    /// beyond theirs (a queue without a quota owns none: all it holds is lent).
+    /// The GPUs each such queue holds beyond its quota; None: no grounds.
+    /// (The controller's `try_preempt` and the scheduling simulator both ask this.)
+    pub fn reclaimable(&self, queue: &Queue, gpus: u32, held: impl Fn(&str) -> u32) -> Option<BTreeMap<String, u32>> {
+        let quota = queue.gpu_quota.filter(|_| queue.reclaim)?;
+        if held(&queue.name) + gpus > quota {
+            return None;
+        }
+        let beyond: BTreeMap<String, u32> = self
+            .all()
+            .iter()
+            .filter(|q| q.name != queue.name)
+            .map(|q| (q.name.clone(), held(&q.name).saturating_sub(q.gpu_quota.unwrap_or(0))))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        (!beyond.is_empty()).then_some(beyond)
+    }
+
     /// The default queue's name.
     pub fn default_name(&self) -> &str {
         &self.default

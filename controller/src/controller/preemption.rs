@@ -9,8 +9,6 @@
 //! until a checkpoint newer than the one at the preemption is complete in its
 //! directory (or the wait runs out); then it is stopped the same way.
 
-use std::collections::BTreeMap;
-
 use cohort_proto::Preemption;
 use tokio::sync::oneshot;
 
@@ -228,11 +226,8 @@ fn candidates(state: &State, queues: &Queues) -> Vec<Candidate> {
         .collect()
 }
 
-/// Reclaim: `entry`'s queue reclaims (`reclaim`, the default) and has a quota it stays within with the job, and
-/// other queues hold GPUs beyond theirs (a queue without a quota owns none:
-/// all it holds is lent).
+/// Reclaim grounds ([`Queues::reclaimable`]) for `entry` in `queue`, from what the candidates hold.
 fn reclaim_grounds(queue: &Queue, entry: &JobEntry, candidates: &[Candidate], queues: &Queues) -> Option<Grounds> {
-    let quota = queue.gpu_quota.filter(|_| queue.reclaim)?;
     let held = |name: &str| -> u32 {
         candidates
             .iter()
@@ -240,15 +235,6 @@ fn reclaim_grounds(queue: &Queue, entry: &JobEntry, candidates: &[Candidate], qu
             .map(|c| c.gpus.iter().map(|(_, g)| g.len() as u32).sum::<u32>())
             .sum()
     };
-    if held(&queue.name) + entry.spec.nodes * entry.spec.gpus_per_node > quota {
-        return None;
-    }
-    let beyond_quota: BTreeMap<String, u32> = queues
-        .all()
-        .iter()
-        .filter(|q| q.name != queue.name)
-        .map(|q| (q.name.clone(), held(&q.name).saturating_sub(q.gpu_quota.unwrap_or(0))))
-        .filter(|(_, n)| *n > 0)
-        .collect();
-    (!beyond_quota.is_empty()).then_some(Grounds::Reclaim { beyond_quota })
+    let beyond_quota = queues.reclaimable(queue, entry.spec.nodes * entry.spec.gpus_per_node, held)?;
+    Some(Grounds::Reclaim { beyond_quota })
 }

@@ -335,23 +335,10 @@ impl<'a> Sim<'a> {
     /// gangs `choose_victims` picks among those are stopped and queued again.
     fn try_preempt(&mut self, job: usize, used: &HashMap<String, u32>, now: i64) -> bool {
         let Some(saving) = self.saving else { return false };
-        let queue = self.queue(job);
-        let Some(quota) = queue.gpu_quota.filter(|_| queue.reclaim) else { return false };
-        let name = queue.name.clone();
-        if used.get(&name).copied().unwrap_or(0) + self.trace[job].gpus() > quota {
+        let held = |name: &str| used.get(name).copied().unwrap_or(0);
+        let Some(beyond_quota) = self.queues.reclaimable(self.queue(job), self.trace[job].gpus(), held) else {
             return false;
-        }
-        let beyond_quota: BTreeMap<String, u32> = self
-            .queues
-            .all()
-            .iter()
-            .filter(|q| q.name != name)
-            .map(|q| (q.name.clone(), used.get(&q.name).copied().unwrap_or(0).saturating_sub(q.gpu_quota.unwrap_or(0))))
-            .filter(|(_, n)| *n > 0)
-            .collect();
-        if beyond_quota.is_empty() {
-            return false;
-        }
+        };
         let candidates: Vec<Candidate> = self
             .running
             .iter()
