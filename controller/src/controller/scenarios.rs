@@ -446,64 +446,20 @@ async fn heartbeats_and_reads_are_answered_while_a_submits_write_waits_at_the_st
     assert_eq!(stored(&controller, &id).await.state, JobState::Pending as i32);
 }
 
-/// A submit retried with the same request id while the first one's record is
-/// still on its way to the store (the CLI retries a lost answer) gets the
-/// first job, not a second one.
-#[tokio::test]
-async fn a_repeated_submit_during_the_first_ones_write_gets_the_same_job() {
+/// Submits `yaml` with request id r-1 while the store holds every job write,
+/// then again; checks that the repeat waits for the first one's writes.
+/// Returns what each submit answered (`answer` of its first job) and how many
+/// jobs there are in the end.
+async fn submit_twice_during_the_first_write(yaml: &str, answer: fn(Job) -> String) -> (String, String, usize) {
     let dir = tempfile::tempdir().unwrap();
     let store = HeldStore::open(dir.path());
     let controller = Controller::load(store.clone(), dir.path(), ControllerConfig::default()).await.unwrap();
     store.held.send_replace(Some("jobs/"));
     let send = || {
         let controller = controller.clone();
-        let file = JobFile {
-            yaml: "name: t\nkind: command\nnodes: 1\ncommand: ['true']\n".into(),
-            source_name: "t.yaml".into(),
-            ..JobFile::default()
-        };
+        let file = JobFile { yaml: yaml.into(), source_name: "t.yaml".into(), ..JobFile::default() };
         let options = admission::SubmitOptions { request_id: "r-1".into(), ..Default::default() };
-        tokio::spawn(async move { controller.submit(file, options).await.map(|(job, _)| job.id) })
-    };
-    let first = send();
-    store.until_waiting(1).await;
-    let again = send();
-    let key = (String::new(), "r-1".to_owned());
-    within("the repeat to wait for the first", async {
-        let waiting = || {
-            let key = key.clone();
-            controller.state.call(move |state, _| state.pending_submits.get(&key).is_some_and(|p| p.repeats > 0))
-        };
-        while !waiting().await {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
-    assert!(!again.is_finished(), "the repeat was answered before the first submit's write ended");
-    store.held.send_replace(None);
-    let (first, again) = (within("submit", first).await.unwrap(), within("repeat", again).await.unwrap());
-    let (first, again) = (first.unwrap(), again.unwrap());
-    assert_eq!(first, again);
-    assert_eq!(within("ListJobs", controller.list(false)).await.len(), 1, "a second job was made");
-}
-
-/// The same for a job array: a repeat while the first's element records are
-/// on their way to the store waits for them and gets the first array.
-#[tokio::test]
-async fn a_repeated_array_submit_during_the_first_ones_writes_gets_the_same_array() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = HeldStore::open(dir.path());
-    let controller = Controller::load(store.clone(), dir.path(), ControllerConfig::default()).await.unwrap();
-    store.held.send_replace(Some("jobs/"));
-    let send = || {
-        let controller = controller.clone();
-        let file = JobFile {
-            yaml: "name: t\nkind: command\nnodes: 1\narray: 0-2\ncommand: ['true']\n".into(),
-            source_name: "t.yaml".into(),
-            ..JobFile::default()
-        };
-        let options = admission::SubmitOptions { request_id: "r-1".into(), ..Default::default() };
-        tokio::spawn(async move { controller.submit(file, options).await.map(|(job, _)| job.array_id) })
+        tokio::spawn(async move { controller.submit(file, options).await.map(|(job, _)| answer(job)) })
     };
     let first = send();
     store.until_waiting(1).await;
@@ -522,9 +478,28 @@ async fn a_repeated_array_submit_during_the_first_ones_writes_gets_the_same_arra
     assert!(!again.is_finished(), "the repeat was answered before the first submit's writes ended");
     store.held.send_replace(None);
     let (first, again) = (within("submit", first).await.unwrap(), within("repeat", again).await.unwrap());
-    let (first, again) = (first.unwrap(), again.unwrap());
+    let jobs = within("ListJobs", controller.list(false)).await.len();
+    (first.unwrap(), again.unwrap(), jobs)
+}
+
+/// A submit retried with the same request id while the first one's record is
+/// still on its way to the store (the CLI retries a lost answer) gets the
+/// first job, not a second one.
+#[tokio::test]
+async fn a_repeated_submit_during_the_first_ones_write_gets_the_same_job() {
+    let yaml = "name: t\nkind: command\nnodes: 1\ncommand: ['true']\n";
+    let (first, again, jobs) = submit_twice_during_the_first_write(yaml, |job| job.id).await;
     assert_eq!(first, again);
-    assert_eq!(within("ListJobs", controller.list(false)).await.len(), 3, "a second array was made");
+    assert_eq!(jobs, 1, "a second job was made");
+}
+
+/// The same for a job array: the repeat gets the first array.
+#[tokio::test]
+async fn a_repeated_array_submit_during_the_first_ones_writes_gets_the_same_array() {
+    let yaml = "name: t\nkind: command\nnodes: 1\narray: 0-2\ncommand: ['true']\n";
+    let (first, again, jobs) = submit_twice_during_the_first_write(yaml, |job| job.array_id).await;
+    assert_eq!(first, again);
+    assert_eq!(jobs, 3, "a second array was made");
 }
 
 /// Changes of one key made while its first write waits at the store reach
