@@ -186,8 +186,11 @@ impl Controller {
         PreflightTable { nodes: reports, problems }
     }
 
-    /// Starts a new attempt of a finished megatron-sft job from the newest
-    /// complete checkpoint in its output directory, found by an agent.
+    /// Starts a new attempt of a finished job from the newest complete
+    /// checkpoint in its checkpoint directory (a megatron-sft job's output
+    /// directory, a command job's `checkpoints:`), found by an agent. Refused
+    /// while the last attempt's processes are still being stopped: the new
+    /// attempt would be placed on GPUs they still hold.
     pub async fn resume(&self, job_ref: &str) -> Result<Job, ControllerError> {
         let job_ref = job_ref.to_string();
         let (id, node, directory, rx) = self
@@ -195,22 +198,31 @@ impl Controller {
             .call(move |state, _| {
                 let entry = Self::resolve(state, &job_ref)?;
                 let id = entry.job.id.clone();
-                let Workload::MegatronSft(m) = &entry.spec.workload else {
+                if matches!(entry.spec.workload, Workload::Pipeline(_)) {
                     return Err(ControllerError::FailedPrecondition(format!(
-                        "job {id} is a {} job; only megatron-sft jobs resume from checkpoints",
-                        entry.job.kind
+                        "job {id} is a pipeline; resume the stage job that failed (`{id}.<stage>`)"
                     )));
-                };
+                }
                 if !matches!(entry.phase(), JobPhase::Failed | JobPhase::Cancelled) {
                     return Err(ControllerError::FailedPrecondition(format!(
                         "job {id} is {}; only a Failed or Cancelled job can be resumed",
                         state_name(entry.job.state)
                     )));
                 }
-                let _ = m;
-                let Some(directory) = planner::output_dir(&entry.spec) else {
+                if entry.job.live_processes > 0 {
                     return Err(ControllerError::FailedPrecondition(format!(
-                        "job {id} names no absolute save/output_dir to look for checkpoints in"
+                        "job {id}'s last attempt still has {} process(es) being stopped; resume it once they are \
+                         gone (`cohort cancel {id} --wait` returns then)",
+                        entry.job.live_processes
+                    )));
+                }
+                let Some(directory) = planner::checkpoint_dir(&entry.spec) else {
+                    let fix = match entry.spec.workload {
+                        Workload::Command(_) => "a command job declares `checkpoints: /shared/dir` to be resumed",
+                        _ => "give megatron.save (or output_dir) as an absolute path",
+                    };
+                    return Err(ControllerError::FailedPrecondition(format!(
+                        "job {id} names no absolute directory to look for checkpoints in: {fix}"
                     )));
                 };
                 let user = entry.spec.user.clone().unwrap_or_default();
@@ -261,7 +273,7 @@ impl Controller {
             .state
             .call(move |state, ctl| {
                 let Some(entry) = state.jobs.get_mut(&id) else { return Err(ControllerError::JobNotFound(id)) };
-                if !matches!(entry.phase(), JobPhase::Failed | JobPhase::Cancelled) {
+                if !matches!(entry.phase(), JobPhase::Failed | JobPhase::Cancelled) || entry.job.live_processes > 0 {
                     return Err(ControllerError::FailedPrecondition(format!("job {id} changed state meanwhile")));
                 }
                 let reason = format!(
