@@ -224,9 +224,20 @@ impl Controller {
                     .map(|g| g.index)
                     .filter(|i| taken.is_none_or(|t| !t.contains(i)) && !n.unhealthy_gpus.contains_key(i))
                     .collect();
+                // A launch the agent reports that no job of the controller holds (its record was
+                // quarantined or lost) is being stopped: which GPUs it holds is not known.
+                let stray = n.reported.iter().find(|l| {
+                    l.processes.iter().any(|p| p.exited.is_none())
+                        && state.jobs.get(&l.job_id).is_none_or(|e| e.job.attempt != l.attempt)
+                });
                 let unavailable = match (n.phase(), &n.session) {
                     _ if n.draining => Some("draining".to_string()),
                     _ if n.cordoned => Some("cordoned".to_string()),
+                    _ if let Some(l) = stray => Some(format!(
+                        "stopping the processes of job {} (attempt {}), which the controller does not hold; \
+                         which GPUs they hold is not known",
+                        l.job_id, l.attempt
+                    )),
                     (NodePhase::Ready | NodePhase::Suspect, Some(_)) => None,
                     (NodePhase::Lost, _) => Some("lost".to_string()),
                     _ => Some("not connected".to_string()),

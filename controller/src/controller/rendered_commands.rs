@@ -160,6 +160,12 @@ async fn commands_sent_to_agents_are_rendered_as_recorded() {
     let event = ProcessEvent { job_id: id.clone(), attempt: 1, index: 0, event: Some(Event::Exited(exited)) };
     controller.process_event(&format!("n{first}"), event).await;
     received(&mut sessions, &mut out);
+    // The other ranks end on their stop: a job is resumed once its processes are gone.
+    for (node, _) in sent.iter().skip(1) {
+        let stopped = ProcessExited { signal: Some(15), stopped_by_agent: true, ..Default::default() };
+        let event = ProcessEvent { job_id: id.clone(), attempt: 1, index: 0, event: Some(Event::Exited(stopped)) };
+        controller.process_event(&format!("n{node}"), event).await;
+    }
 
     writeln!(out, "=== megatron resumed").unwrap();
     let resuming = {
@@ -167,11 +173,16 @@ async fn commands_sent_to_agents_are_rendered_as_recorded() {
         let id = id.clone();
         tokio::spawn(async move { controller.resume(&id).await })
     };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let query = loop {
         let sent = received(&mut sessions, &mut out);
         if let Some((_, msg)) = sent.into_iter().find(|(_, m)| matches!(m.command, Some(Command::FindCheckpoint(_)))) {
             break msg;
         }
+        assert!(
+            std::time::Instant::now() < deadline && !resuming.is_finished(),
+            "no checkpoint lookup was sent for the resume"
+        );
         tokio::task::yield_now().await;
     };
     let checkpoint = cohort_proto::Checkpoint {

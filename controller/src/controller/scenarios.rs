@@ -446,6 +446,31 @@ async fn heartbeats_and_reads_are_answered_while_a_submits_write_waits_at_the_st
     assert_eq!(stored(&controller, &id).await.state, JobState::Pending as i32);
 }
 
+/// A node whose agent runs processes of a job the controller does not hold
+/// (its record was quarantined) gets no new job until they are stopped: which
+/// GPUs they hold is not known.
+#[tokio::test]
+async fn a_node_running_a_job_the_controller_does_not_hold_gets_nothing_until_it_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let mut session = connect(&controller, "n0", running_launch("ghost-7")).await;
+    let id = submit(&controller, "name: t\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: [sleep, '100']\n").await;
+    controller.reconcile().await.unwrap();
+    let job = controller.get(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Pending as i32, "{}", job.reason);
+    assert!(job.reason.contains("stopping the processes of job ghost-7 (attempt 1)"), "{}", job.reason);
+    let stopped = commands(&mut session);
+    assert!(
+        stopped.iter().any(|c| matches!(c, Command::Stop(s) if s.job_id == "ghost-7")),
+        "the stray launch is stopped: {stopped:?}"
+    );
+    // Gone: the node is the job's.
+    controller.heartbeat("n0", Heartbeat::default()).await;
+    controller.reconcile().await.unwrap();
+    let job = controller.get(&id).await.unwrap();
+    assert_ne!(job.state, JobState::Pending as i32, "{}", job.reason);
+}
+
 /// Submits `yaml` with request id r-1 while the store holds every job write,
 /// then again; checks that the repeat waits for the first one's writes.
 /// Returns what each submit answered (`answer` of its first job) and how many
