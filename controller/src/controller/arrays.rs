@@ -121,13 +121,8 @@ impl Controller {
         options: &admission::SubmitOptions,
         key: &(String, String),
     ) -> Result<ArrayAdmitted, ControllerError> {
-        if let Some(pending) = state.pending_submits.get_mut(key) {
-            if pending.done.has_changed().is_ok() {
-                pending.repeats += 1;
-                return Ok(ArrayAdmitted::AfterFirst(pending.done.clone()));
-            }
-            // The first submit's future was dropped (its caller went away): it is over.
-            state.pending_submits.remove(key);
+        if let Some(first) = PendingSubmit::repeat_of(&mut state.pending_submits, key) {
+            return Ok(ArrayAdmitted::AfterFirst(first));
         }
         if !options.request_id.is_empty()
             && let Some(first) = state.submitted.get(key).and_then(|id| state.jobs.get(id))
@@ -156,10 +151,7 @@ impl Controller {
         }
         let last = state.next_seq - 1;
         let counter = self.writer.write(JOB_SEQ_KEY.into(), Some(last.to_string().into_bytes()));
-        let (pending, first) = tokio::sync::watch::channel(());
-        if !options.request_id.is_empty() {
-            state.pending_submits.insert(key.clone(), PendingSubmit { done: first, repeats: 0 });
-        }
+        let pending = PendingSubmit::begin(&mut state.pending_submits, key);
         Ok(ArrayAdmitted::New { entries, stored, counter, pending })
     }
 

@@ -126,6 +126,38 @@ struct PendingSubmit {
     repeats: usize,
 }
 
+impl PendingSubmit {
+    /// For a submit (a job or an array) with `key`: while the first one with
+    /// that key is being stored, what closes once it is done (the caller waits,
+    /// then looks again); None when there is none. An entry whose first
+    /// submit's caller went away is dropped.
+    fn repeat_of(
+        pending: &mut HashMap<(String, String), PendingSubmit>,
+        key: &(String, String),
+    ) -> Option<tokio::sync::watch::Receiver<()>> {
+        let first = pending.get_mut(key)?;
+        if first.done.has_changed().is_ok() {
+            first.repeats += 1;
+            return Some(first.done.clone());
+        }
+        pending.remove(key);
+        None
+    }
+
+    /// Records a new submit with `key` as being stored (when it has a request
+    /// id: only those can be repeated); dropping the sender tells its repeats it is done.
+    fn begin(
+        pending: &mut HashMap<(String, String), PendingSubmit>,
+        key: &(String, String),
+    ) -> tokio::sync::watch::Sender<()> {
+        let (done, first) = tokio::sync::watch::channel(());
+        if !key.1.is_empty() {
+            pending.insert(key.clone(), PendingSubmit { done: first, repeats: 0 });
+        }
+        done
+    }
+}
+
 #[derive(Default)]
 struct State {
     jobs: BTreeMap<String, JobEntry>,
@@ -369,13 +401,8 @@ impl Controller {
         options: &admission::SubmitOptions,
         repeat_key: (String, String),
     ) -> Result<Admitted, ControllerError> {
-        if let Some(pending) = state.pending_submits.get_mut(&repeat_key) {
-            if pending.done.has_changed().is_ok() {
-                pending.repeats += 1;
-                return Ok(Admitted::AfterFirst(pending.done.clone()));
-            }
-            // The first submit's future was dropped (its caller went away): it is over.
-            state.pending_submits.remove(&repeat_key);
+        if let Some(first) = PendingSubmit::repeat_of(&mut state.pending_submits, &repeat_key) {
+            return Ok(Admitted::AfterFirst(first));
         }
         if !options.request_id.is_empty()
             && let Some(id) = state.submitted.get(&repeat_key)
@@ -406,10 +433,7 @@ impl Controller {
         let record = JobRecord { job: Some(entry.job.clone()), seq: entry.seq };
         let stored = self.writer.write(format!("jobs/{id}"), Some(record.encode_to_vec()));
         let counter = self.writer.write(JOB_SEQ_KEY.into(), Some(seq.to_string().into_bytes()));
-        let (pending, first) = tokio::sync::watch::channel(());
-        if !options.request_id.is_empty() {
-            state.pending_submits.insert(repeat_key, PendingSubmit { done: first, repeats: 0 });
-        }
+        let pending = PendingSubmit::begin(&mut state.pending_submits, &repeat_key);
         Ok(Admitted::New { entry: Box::new(entry), stored, counter, pending })
     }
 
