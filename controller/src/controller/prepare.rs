@@ -7,8 +7,8 @@
 use std::collections::BTreeSet;
 
 use cohort_proto::{
-    DatasetSummary, FindCheckpointCommand, MetricsBatch, PreflightReport, PreflightTable, PrepareResult, QueryResult,
-    StageProgress, query_result::Result as QueryAnswer,
+    DatasetSummary, MetricsBatch, PreflightReport, PreflightTable, PrepareResult, QueryResult, StageProgress,
+    query_result::Result as QueryAnswer,
 };
 use cohort_shared::spec::DatasetPolicy;
 
@@ -195,7 +195,7 @@ impl Controller {
         let job_ref = job_ref.to_string();
         let (id, node, directory, rx) = self
             .state
-            .call(move |state, _| {
+            .call(move |state, ctl| {
                 let entry = Self::resolve(state, &job_ref)?;
                 let id = entry.job.id.clone();
                 if matches!(entry.spec.workload, Workload::Pipeline(_)) {
@@ -225,27 +225,11 @@ impl Controller {
                         "job {id} names no absolute directory to look for checkpoints in: {fix}"
                     )));
                 };
-                let user = entry.spec.user.clone().unwrap_or_default();
-                // The output dir is shared: any connected node can look; prefer the last rank 0.
-                let last_rank0 = entry.plan().and_then(|p| p.nodes.first()).map(|a| a.node_name.clone());
-                let connected = |n: &&NodeEntry| n.is_connected();
-                let node = last_rank0
-                    .filter(|n| state.nodes.get(n).is_some_and(|e| connected(&e)))
-                    .or_else(|| state.nodes.values().find(connected).map(|n| n.info.name.clone()))
-                    .ok_or_else(|| {
-                        ControllerError::FailedPrecondition("no node is connected to look for checkpoints".into())
-                    })?;
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let command_id = state.next_command_id;
-                state.queries.insert(command_id, tx);
-                if !Self::send_command(
-                    state,
-                    &node,
-                    Command::FindCheckpoint(FindCheckpointCommand { directory: directory.clone(), user }),
-                ) {
-                    state.queries.remove(&command_id);
-                    return Err(ControllerError::FailedPrecondition(format!("node {node} is not connected")));
-                }
+                let Some((rx, node)) = ctl.find_checkpoint(state, &id) else {
+                    return Err(ControllerError::FailedPrecondition(format!(
+                        "no node is connected to look for checkpoints in {directory}"
+                    )));
+                };
                 Ok((id, node, directory, rx))
             })
             .await?;
