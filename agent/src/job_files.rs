@@ -16,6 +16,7 @@
 mod checkpoint;
 mod helper;
 mod paths;
+pub mod unpack;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt as _;
@@ -41,6 +42,9 @@ pub const FILES_AS: &str = "files-as";
 const MAX_STDERR: usize = 64 << 10;
 /// The most a single reply line may hold (a dataset report is a few KiB).
 const MAX_REPLY: usize = 16 << 20;
+
+/// The bytes a request carries after its line on stdin (a sync archive).
+pub type BodyStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Vec<u8>, String>> + Send>>;
 
 /// One thing the helper does as the job's user.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +89,15 @@ pub enum Request {
     },
     /// Looks at a pipeline's path: its digest, its files, or removes it.
     InspectPath(InspectRequest),
+    /// Unpacks the job's `sync:` archive into `dest`: its bytes follow this
+    /// request's line on stdin ([`unpack`]).
+    UnpackSync {
+        dest: PathBuf,
+        sha256: String,
+        bytes: u64,
+        files: u32,
+        unpacked_bytes: u64,
+    },
 }
 
 /// What [`Request::InspectPath`] does (the fields of `InspectPathCommand`).
@@ -151,6 +164,8 @@ pub enum Reply {
     Collected(GcReport),
     Checkpoint(FoundCheckpoint),
     Path(PathInfo),
+    /// A sync archive: unpacked (true), or already there (false).
+    Unpacked(bool),
     Done,
     /// The operation failed; the message names the path and the fix.
     Failed(String),
@@ -210,6 +225,13 @@ impl Request {
                 file_size: Some(64),
                 wall: Some(Duration::from_secs(300)),
             },
+            // Writes the archive's files, none larger than all of them together.
+            Request::UnpackSync { unpacked_bytes, .. } => Limits {
+                address_space: 2 << 30,
+                cpu_secs: Some(1200),
+                file_size: Some((*unpacked_bytes).max(1)),
+                wall: Some(Duration::from_secs(1800)),
+            },
             // A digest reads a whole model (16 GB for Qwen3-8B); a read takes at most `max_bytes`.
             Request::InspectPath(inspect) => Limits {
                 address_space: 4 << 30,
@@ -234,6 +256,7 @@ impl Request {
             Request::CollectCache { cache_dir, .. } => format!("the collection of the cache {}", cache_dir.display()),
             Request::FindCheckpoint { directory } => format!("the checkpoint search in {}", directory.display()),
             Request::InspectPath(inspect) => format!("looking at {}", inspect.path.display()),
+            Request::UnpackSync { dest, .. } => format!("unpacking the job's sync archive into {}", dest.display()),
         }
     }
 }
@@ -334,11 +357,43 @@ impl AsJobUser<'_> {
         }
     }
 
+    /// Unpacks a job's `sync:` archive, whose bytes `body` yields, into
+    /// `dest` (made by the agent, owned by the user). Returns false when
+    /// `dest` already held it (an earlier attempt on this node).
+    pub async fn unpack_sync(
+        &self,
+        dest: &Path,
+        archive: &cohort_proto::SyncArchive,
+        body: BodyStream,
+    ) -> Result<bool, JobFilesError> {
+        let request = Request::UnpackSync {
+            dest: dest.to_owned(),
+            sha256: archive.sha256.clone(),
+            bytes: archive.bytes,
+            files: archive.files,
+            unpacked_bytes: archive.unpacked_bytes,
+        };
+        match self.run_with_body(request, None, Some(body)).await? {
+            Reply::Unpacked(fresh) => Ok(fresh),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Runs one request; progress lines go to `progress`, the last line is the answer.
     async fn run(
         &self,
         request: Request,
         progress: Option<mpsc::Sender<StageProgress>>,
+    ) -> Result<Reply, JobFilesError> {
+        self.run_with_body(request, progress, None).await
+    }
+
+    /// [`Self::run`], with `body`'s bytes on stdin after the request's line.
+    async fn run_with_body(
+        &self,
+        request: Request,
+        progress: Option<mpsc::Sender<StageProgress>>,
+        body: Option<BodyStream>,
     ) -> Result<Reply, JobFilesError> {
         let what = request.describe();
         let limits = request.limits();
@@ -355,16 +410,37 @@ impl AsJobUser<'_> {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = command.spawn().map_err(|error| JobFilesError::Spawn { what: what.clone(), error })?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let body_error = std::sync::Mutex::new(None);
         let talk = async {
-            if let Some(mut stdin) = child.stdin.take() {
-                let input = serde_json::to_vec(&request).unwrap_or_default();
+            let write = async {
+                let Some(mut stdin) = stdin else { return };
+                let mut input = serde_json::to_vec(&request).unwrap_or_default();
+                input.push(b'\n');
                 // A helper that died before reading shows in its exit status and stderr.
-                let _ = stdin.write_all(&input).await;
-            }
-            let stdout = child.stdout.take();
-            let stderr = child.stderr.take();
+                if stdin.write_all(&input).await.is_err() {
+                    return;
+                }
+                if let Some(mut body) = body {
+                    use futures::StreamExt as _;
+                    while let Some(chunk) = body.next().await {
+                        match chunk {
+                            // A helper that stopped reading (done, or refused) closes the pipe.
+                            Ok(bytes) if stdin.write_all(&bytes).await.is_ok() => {}
+                            Ok(_) => break,
+                            Err(e) => {
+                                *body_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                }
+                // Dropped: stdin closes, the helper sees the end.
+            };
             let replies = read_replies(stdout, progress);
-            let (last, stderr, status) = tokio::join!(replies, read_stderr(stderr), child.wait());
+            let (_, last, stderr, status) = tokio::join!(write, replies, read_stderr(stderr), child.wait());
             (last, stderr, status)
         };
         let (last, stderr, status) = match limits.wall {
@@ -375,6 +451,9 @@ impl AsJobUser<'_> {
             },
             None => talk.await,
         };
+        if let Some(error) = body_error.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            return Err(JobFilesError::Refused(format!("{what}: the bytes stopped coming: {error}")));
+        }
         match last {
             Some(Reply::Failed(message)) => Err(JobFilesError::Refused(message)),
             Some(reply) if status.as_ref().is_ok_and(ExitStatus::success) => Ok(reply),

@@ -52,6 +52,11 @@ pub struct Preparer {
     pub preparing: Arc<Mutex<HashMap<(String, u32), AbortHandle>>>,
     /// Pins what jobs staged and keeps the caches under `--cache-max`.
     pub cache_keeper: Arc<CacheKeeper>,
+    /// The agent's `--work-dir`: a job's own directory is under `jobs/`.
+    pub work_dir: PathBuf,
+    /// The connection of the current session (None between sessions), for
+    /// the calls a preparation makes itself (FetchSync).
+    pub controller: watch::Sender<Option<tonic::transport::Channel>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -111,10 +116,22 @@ impl Preparer {
         });
     }
 
-    pub async fn prepare(&self, cmd: PrepareCommand) {
+    pub async fn prepare(&self, mut cmd: PrepareCommand) {
         let mut result = PrepareResult { job_id: cmd.job_id.clone(), attempt: cmd.attempt, ..PrepareResult::default() };
         let mut report = PreflightReport { node_name: self.node_name.clone(), ..PreflightReport::default() };
         let identity = self.rank_users.resolve_blocking(&cmd.user).await;
+        // The synced directory first: the probe, the check and the datasets run in it.
+        if let (Ok(identity), Some(archive)) = (&identity, cmd.sync.clone()) {
+            match self.sync_workdir(&cmd.job_id, &archive, identity).await {
+                Ok(dir) => cmd.workdir = dir.to_string_lossy().into_owned(),
+                Err(error) => {
+                    result.error = error;
+                    let _ =
+                        self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::PrepareResult(result)) })).await;
+                    return;
+                }
+            }
+        }
         match &identity {
             Ok(identity) => {
                 let python = if cmd.python.is_empty() { self.python.as_str() } else { cmd.python.as_str() };
@@ -169,6 +186,47 @@ impl Preparer {
             }
         }
         let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::PrepareResult(result)) })).await;
+    }
+
+    /// Fetches the job's `sync:` archive from the controller and unpacks it,
+    /// as the job's user, into the agent's directory for the job (where the
+    /// launch starts the processes); returns that directory.
+    async fn sync_workdir(
+        &self,
+        job_id: &str,
+        archive: &cohort_proto::SyncArchive,
+        identity: &crate::rank_user::RankIdentity,
+    ) -> Result<PathBuf, String> {
+        let dir = crate::supervisor::job_workdir(&self.work_dir, job_id, identity)
+            .map_err(|e| format!("cannot make the job's directory for its sync archive: {e}"))?;
+        let channel = self.controller.borrow().clone().ok_or_else(|| {
+            "no connection to the controller to fetch the job's sync archive from; it is tried again with the next attempt"
+                .to_owned()
+        })?;
+        let mut client =
+            cohort_proto::agent_service_client::AgentServiceClient::new(channel).max_decoding_message_size(2 << 20);
+        let request = cohort_proto::FetchSyncRequest { job_id: job_id.to_owned(), sha256: archive.sha256.clone() };
+        let chunks = client
+            .fetch_sync(request)
+            .await
+            .map_err(|status| format!("cannot fetch the job's sync archive: {}", status.message()))?
+            .into_inner();
+        use futures::StreamExt as _;
+        let body: crate::job_files::BodyStream =
+            Box::pin(chunks.map(|chunk| chunk.map(|c| c.data).map_err(|status| status.message().to_owned())));
+        let started = std::time::Instant::now();
+        let user = AsJobUser { identity, helper: &self.helper };
+        let fresh = user.unpack_sync(&dir, archive, body).await.map_err(|e| e.to_string())?;
+        tracing::info!(
+            job = job_id,
+            sha256 = %archive.sha256,
+            bytes = archive.bytes,
+            files = archive.files,
+            fresh,
+            elapsed = ?started.elapsed(),
+            "sync archive in place"
+        );
+        Ok(dir)
     }
 
     /// The environment the job's interpreter gets for preflight: the job's

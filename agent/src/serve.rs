@@ -195,6 +195,8 @@ pub async fn serve(config: AgentConfig, deps: AgentDeps, mut shutdown: watch::Re
             Some(supervisor.clone()),
             recovered,
         )),
+        work_dir: std::path::absolute(&config.work_dir).unwrap_or_else(|_| config.work_dir.clone()),
+        controller: tokio::sync::watch::channel(None).0,
     };
     let scheme = if config.insecure { "http" } else { "https" };
     let urls: Vec<String> = config

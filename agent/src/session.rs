@@ -230,6 +230,7 @@ async fn session(
     held_session: &mut String,
 ) -> Result<(), SessionError> {
     let channel = answered("the connection handshake", connect(url, config.tls.as_ref())).await?;
+    preparer.controller.send_replace(Some(channel.clone()));
     let mut client = AgentServiceClient::new(channel).max_decoding_message_size(16 << 20);
     let running = supervisor.report(true).await;
     let register = client.register(RegisterRequest {

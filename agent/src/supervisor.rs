@@ -160,6 +160,18 @@ struct Inner {
     output_budget: OutputBudget,
 }
 
+/// The agent's directory for a job, `<work_dir>/jobs/<job id>/workdir`,
+/// made if missing and given to the job's user: its processes write there
+/// (and a `sync:` archive is unpacked there, as that user).
+pub fn job_workdir(work_dir: &Path, job_id: &str, identity: &RankIdentity) -> std::io::Result<PathBuf> {
+    let dir = work_dir.join("jobs").join(job_id).join("workdir");
+    std::fs::create_dir_all(&dir)?;
+    if identity.needs_switch() {
+        nix::unistd::chown(&dir, Some(identity.uid.into()), Some(identity.gid.into()))?;
+    }
+    Ok(dir)
+}
+
 impl Supervisor {
     /// A supervisor whose shims are this very binary (`/proc/self/exe` still
     /// runs it after a package upgrade replaced the file).
@@ -262,14 +274,8 @@ impl Supervisor {
         let cgroup_dirs = cgroup.map(|c| c.dirs).unwrap_or_default();
         let cwd = if cmd.workdir.is_empty() {
             let dir = self.inner.work_dir.join("jobs").join(&cmd.job_id).join("workdir");
-            std::fs::create_dir_all(&dir)
-                .map_err(|source| LaunchError::Io { path: dir.display().to_string(), source })?;
-            // The processes write there: it is theirs.
-            if identity.needs_switch() {
-                nix::unistd::chown(&dir, Some(identity.uid.into()), Some(identity.gid.into()))
-                    .map_err(|e| LaunchError::Io { path: dir.display().to_string(), source: e.into() })?;
-            }
-            dir
+            job_workdir(&self.inner.work_dir, &cmd.job_id, &identity)
+                .map_err(|source| LaunchError::Io { path: dir.display().to_string(), source })?
         } else {
             let dir = PathBuf::from(&cmd.workdir);
             if !dir.is_dir() {
@@ -485,7 +491,9 @@ impl Supervisor {
             let status = match shim {
                 Shim::Child(mut child) => Some(child.wait().await),
                 Shim::Adopted { start_ticks } => {
-                    while state::is_alive(pid, start_ticks) && !exit_file.exists() {
+                    // Not until the exit file: a signalled shim writes it, then
+                    // waits for what its rank left (saving) to end.
+                    while state::is_alive(pid, start_ticks) {
                         tokio::time::sleep(ADOPTED_POLL).await;
                     }
                     None

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cohort_proto::agent_service_server::{AgentService, AgentServiceServer};
-use cohort_proto::{AgentMessage, ControllerMessage, RegisterRequest, RegisterResponse};
+use cohort_proto::{AgentMessage, ControllerMessage, FetchSyncRequest, RegisterRequest, RegisterResponse, SyncChunk};
 use tonic::{Request, Response, Status, Streaming};
 
 struct FakeController {
@@ -34,6 +34,12 @@ impl AgentService for FakeController {
         &self,
         _request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        Err(Status::unimplemented("a test controller"))
+    }
+
+    type FetchSyncStream = futures::stream::Pending<Result<SyncChunk, Status>>;
+
+    async fn fetch_sync(&self, _request: Request<FetchSyncRequest>) -> Result<Response<Self::FetchSyncStream>, Status> {
         Err(Status::unimplemented("a test controller"))
     }
 }

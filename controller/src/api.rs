@@ -21,6 +21,7 @@ use cohort_proto::{
     DeleteQueueRequest, DeleteQueueResponse, GetUsageRequest, GetUsageResponse, ListQueuesRequest, ListQueuesResponse,
     QueueSpec, QueueStatus,
 };
+use cohort_proto::{FetchSyncRequest, SyncArchive, SyncChunk};
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::StreamExt;
@@ -118,6 +119,13 @@ impl AgentService for Api {
         let controller = self.leading.for_agents().await?;
         Local { controller, leading: self.leading.clone() }.session(request).await
     }
+
+    type FetchSyncStream = BoxStream<SyncChunk>;
+
+    async fn fetch_sync(&self, request: Request<FetchSyncRequest>) -> Result<Response<Self::FetchSyncStream>, Status> {
+        let controller = self.leading.for_agents().await?;
+        Local { controller, leading: self.leading.clone() }.fetch_sync(request).await
+    }
 }
 
 #[tonic::async_trait]
@@ -212,6 +220,17 @@ impl JobService for Api {
     }
     async fn get_usage(&self, request: Request<GetUsageRequest>) -> Result<Response<GetUsageResponse>, Status> {
         unary!(self, request, get_usage)
+    }
+    async fn upload_sync(&self, request: Request<Streaming<SyncChunk>>) -> Result<Response<SyncArchive>, Status> {
+        match self.leading.target().await? {
+            Target::Local(controller) => Local { controller, leading: self.leading.clone() }.upload_sync(request).await,
+            Target::Leader(mut leader) => {
+                // A broken upload ends the forwarded stream: the leader finds it short of its declared size.
+                let forwarded = crate::security::auth::forward(request)
+                    .map(|chunks| chunks.take_while(Result::is_ok).filter_map(Result::ok));
+                leader.upload_sync(forwarded).await
+            }
+        }
     }
 }
 
@@ -312,6 +331,16 @@ impl AgentService for Local {
             controller.detach(&node, &hello.session_id).await;
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    type FetchSyncStream = BoxStream<SyncChunk>;
+
+    async fn fetch_sync(&self, request: Request<FetchSyncRequest>) -> Result<Response<Self::FetchSyncStream>, Status> {
+        let node = crate::security::auth::caller(&request).node().map(str::to_owned);
+        let request = request.into_inner();
+        let user = self.controller.sync_owner(&request.job_id, node, &request.sha256).await?;
+        let chunks = self.controller.syncs.send(&user, &request.sha256).await?;
+        Ok(Response::new(Box::pin(chunks)))
     }
 }
 
@@ -497,6 +526,13 @@ impl JobService for Local {
 
     async fn get_usage(&self, request: Request<GetUsageRequest>) -> Result<Response<GetUsageResponse>, Status> {
         Ok(Response::new(self.controller.usage(request.into_inner().since_unix_ms).await))
+    }
+
+    async fn upload_sync(&self, request: Request<Streaming<SyncChunk>>) -> Result<Response<SyncArchive>, Status> {
+        let user = crate::security::auth::caller(&request).submitter();
+        let archive = self.controller.syncs.receive(&user, request.into_inner()).await?;
+        self.controller.collect_syncs().await;
+        Ok(Response::new(archive))
     }
 
     type StreamLogsStream = BoxStream<JobLogLine>;

@@ -15,6 +15,7 @@ pub mod queues;
 pub mod secrets;
 pub mod security;
 pub mod store;
+pub mod sync_store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

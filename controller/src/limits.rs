@@ -28,6 +28,8 @@ pub struct ApiLimits {
     /// How long checking one job file (parse and validation) may take,
     /// waiting for a free checker included (`--job-file-check-timeout`).
     pub job_file_check_timeout: Duration,
+    /// The largest `sync:` archive (compressed) UploadSync stores (`--max-sync-bytes`).
+    pub max_sync_bytes: u64,
 }
 
 impl Default for ApiLimits {
@@ -39,6 +41,7 @@ impl Default for ApiLimits {
             rate_per_second: 50,
             rate_burst: 200,
             job_file_check_timeout: Duration::from_secs(5),
+            max_sync_bytes: cohort_shared::spec::sync::MAX_SYNC_BYTES,
         }
     }
 }

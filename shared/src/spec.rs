@@ -23,6 +23,7 @@ mod preempt;
 mod restart;
 pub mod stage_document;
 pub mod stages;
+pub mod sync;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -96,6 +97,9 @@ pub struct JobSpec {
     pub array: Option<array::ArraySpec>,
     /// `sweep:`: each element of the array gets one combination of these as env.
     pub sweep: array::Sweep,
+    /// `sync:`: a local directory the CLI uploads and every node unpacks as
+    /// the processes' working directory; not for pipelines.
+    pub sync: Option<sync::SyncSpec>,
     pub workload: Workload,
 }
 
@@ -183,7 +187,10 @@ impl JobSpec {
         if self.is_pipeline() {
             return false;
         }
-        matches!(self.workload, Workload::MegatronSft(_)) || !self.stage.is_empty() || !self.shared_paths.is_empty()
+        matches!(self.workload, Workload::MegatronSft(_))
+            || !self.stage.is_empty()
+            || !self.shared_paths.is_empty()
+            || self.sync.is_some()
     }
 
     /// Whether the job is a pipeline of stages (it runs no processes itself).
@@ -254,6 +261,7 @@ const JOB_KEYS: &[&str] = &[
     "after",
     "array",
     "sweep",
+    "sync",
 ];
 
 /// Every top-level key of a job file, of any kind.
@@ -362,7 +370,7 @@ impl JobSpec {
                 ),
             );
         }
-        if self.workdir.is_none() {
+        if self.workdir.is_none() && self.sync.is_none() {
             for (key, path) in relative_paths(megatron) {
                 warn(
                     format!("megatron.{key}"),
@@ -370,7 +378,8 @@ impl JobSpec {
                         "{path:?} is relative and the job sets no `workdir:`, so every rank resolves it against the \
                          per-job directory its agent makes: <agent --work-dir>/jobs/<job id>/workdir/{path} \
                          (/var/lib/cohort-agent/jobs/<job id>/workdir/{path} by default), on each node's own disk; \
-                         give an absolute path, or set `workdir:` to the shared directory it is under"
+                         give an absolute path, set `workdir:` to the shared directory it is under, or `sync:` \
+                         the local directory that holds it"
                     ),
                 );
             }
@@ -478,6 +487,7 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
         misplaced(root, key, "command or megatron-sft", "a pipeline job", problems);
     }
     let after = after::read_after(root, problems);
+    let sync = sync::read_sync(root, problems);
     let common = read_common(root, problems);
     let sweep = array::read_sweep(root, &common.env, problems);
     let array = array::read_array(root, &sweep, problems);
@@ -530,6 +540,7 @@ fn read_job(root: &Mapping, problems: &mut Problems) -> Option<JobSpec> {
     spec.after = after;
     spec.array = array;
     spec.sweep = sweep;
+    spec.sync = sync;
     Some(spec)
 }
 
@@ -540,6 +551,7 @@ fn read_pipeline_job(root: &Mapping, name: Option<String>, problems: &mut Proble
     misplaced(root, "after", "pipeline", "a command or megatron-sft job (a stage waits on `depends_on`)", problems);
     misplaced(root, "array", "pipeline", "a command or megatron-sft job", problems);
     misplaced(root, "sweep", "pipeline", "a command or megatron-sft job", problems);
+    misplaced(root, "sync", "pipeline", "a command or megatron-sft job", problems);
     let pipeline = stages::read_pipeline(root, problems.text(), problems)?;
     Some(common.into_spec(name?, 0, 0, Workload::Pipeline(pipeline)))
 }
@@ -662,6 +674,7 @@ impl Common {
             after: Vec::new(),
             array: None,
             sweep: Vec::new(),
+            sync: None,
             workload,
         }
     }

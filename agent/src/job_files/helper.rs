@@ -33,7 +33,9 @@ pub fn main() -> i32 {
     let Some(run_as) = std::env::args().nth(2) else {
         return fail("usage: files-as uid:gid:groups < request.json".into());
     };
-    let request: Request = match read_stdin_json(MAX_REQUEST, "request") {
+    // The request is the first line; a sync archive's bytes follow it.
+    let mut stdin = std::io::BufReader::new(std::io::stdin());
+    let request: Request = match read_request_line(&mut stdin) {
         Ok(request) => request,
         Err(message) => return fail(message),
     };
@@ -65,6 +67,10 @@ pub fn main() -> i32 {
             super::checkpoint::find_checkpoint_in(&directory).map(Reply::Checkpoint)
         }
         Request::InspectPath(inspect) => super::paths::inspect(&inspect).map(Reply::Path),
+        Request::UnpackSync { dest, sha256, bytes, files, unpacked_bytes } => {
+            let declared = super::unpack::Declared { sha256: &sha256, bytes, files, unpacked_bytes };
+            super::unpack::unpack(&dest, declared, &mut stdin).map(Reply::Unpacked)
+        }
     };
     let (reply, code) = match reply {
         Ok(reply) => (reply, 0),
@@ -74,6 +80,21 @@ pub fn main() -> i32 {
         return 127;
     }
     code
+}
+
+/// The request: one JSON line of at most [`MAX_REQUEST`] bytes (or all of
+/// stdin, without a newline).
+fn read_request_line(stdin: &mut impl std::io::BufRead) -> Result<Request, String> {
+    use std::io::BufRead as _;
+    let mut line = Vec::new();
+    stdin
+        .take(MAX_REQUEST + 1)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("reading the request from stdin: {e}"))?;
+    if line.len() as u64 > MAX_REQUEST {
+        return Err(format!("the request on stdin is over {MAX_REQUEST} bytes"));
+    }
+    serde_json::from_slice(&line).map_err(|e| format!("the request on stdin is not valid: {e}"))
 }
 
 /// One JSON value of at most `limit` bytes from stdin, as the agent's

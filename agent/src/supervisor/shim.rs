@@ -11,7 +11,10 @@
 //!   the default dispositions), so a group SIGTERM stops the rank and the shim
 //!   lives to record it;
 //! - it writes the rank's exit status to the exit file atomically, then
-//!   SIGKILLs its group: what the rank left behind, and itself.
+//!   SIGKILLs its group: what the rank left behind, and itself. When the
+//!   group was signalled (a stop or a preemption), it first waits for what
+//!   the rank left to end by itself: those may be saving a checkpoint
+//!   ([`wait_for_a_signalled_launch`]).
 //!
 //! A SIGKILL to the group kills the shim too: then there is no exit file.
 //!
@@ -245,7 +248,7 @@ fn run(args: ShimArgs) -> i32 {
             return 127;
         }
     };
-    let _runtime = runtime.enter();
+    let entered = runtime.enter();
     // SIGUSR1/2 too: a preemption may ask the rank to save with one (`preempt.signal`).
     let kinds = [
         SignalKind::terminate(),
@@ -254,12 +257,17 @@ fn run(args: ShimArgs) -> i32 {
         SignalKind::user_defined1(),
         SignalKind::user_defined2(),
     ];
+    let mut stop_signals = Vec::new();
     for kind in kinds {
-        if let Err(e) = signal(kind) {
-            answer(Handshake::Failed { error: format!("shim: cannot handle {kind:?}: {e}") });
-            return 127;
+        match signal(kind) {
+            Ok(stream) => stop_signals.push(stream),
+            Err(e) => {
+                answer(Handshake::Failed { error: format!("shim: cannot handle {kind:?}: {e}") });
+                return 127;
+            }
         }
     }
+    drop(entered);
     let open = |path: &PathBuf| {
         use std::os::unix::fs::OpenOptionsExt;
         File::options()
@@ -314,6 +322,19 @@ fn run(args: ShimArgs) -> i32 {
     }
     let rank_pid = rank.id();
     answer(Handshake::Started { rank_pid });
+    // Whether the group was signalled (a stop, a preemption's save signal, a
+    // fence): the shim is in the group, so it hears what the rank heard.
+    let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stopping = stopping.clone();
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let heard = stop_signals.iter_mut().map(|s| Box::pin(s.recv()));
+                futures::future::select_all(heard).await;
+                stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        });
+    }
     let fenced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(lease) = args.lease_file.clone().filter(|_| args.fence_after_ms > 0) {
         let (after, grace) = (Duration::from_millis(args.fence_after_ms), Duration::from_millis(args.grace_ms));
@@ -358,10 +379,12 @@ fn run(args: ShimArgs) -> i32 {
         kill_rest_of_group();
         return code;
     }
+    // The rank's status is on disk (a SIGKILL from the stopping agent during
+    // this wait leaves it there); what it left may still be saving.
+    wait_for_a_signalled_launch(&stopping);
     // Whatever the rank left goes with it, even with no agent around, and the
-    // shim with them: descendants in sessions of their own first (they are
-    // rare: torchrun's workers outlive torchrun only when it is SIGKILLed),
-    // then one signal to the group (the exit file already has the status).
+    // shim with them: descendants in sessions of their own first (torchrun's
+    // workers), then one signal to the group (the exit file already has the status).
     kill_descendants_outside_group();
     let _ = killpg(getpgrp(), Signal::SIGKILL);
     code
@@ -405,6 +428,34 @@ fn watch_lease(lease: &std::path::Path, after: Duration, grace: Duration, fenced
     let _ = killpg(getpgrp(), Signal::SIGTERM);
     std::thread::sleep(grace);
     kill_rest_of_group();
+}
+
+/// After the rank's exit, while the launch was being stopped: waits for the
+/// rest of the launch to end by itself before the shim's SIGKILL. A rank
+/// that dies of the signal at once may leave processes that are saving:
+/// `megatron sft` is ms-swift's CLI (dies of SIGTERM) above torchrun, which
+/// passes the SIGTERM on to its workers (their own sessions) and waits for
+/// them while Megatron's exit_signal_handler saves a checkpoint. The agent
+/// ends the wait: after the save grace its SIGTERM and SIGKILL reach every
+/// process of the launch (the fence, likewise, after its grace).
+fn wait_for_a_signalled_launch(stopping: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    let me = std::process::id();
+    let others = || super::proctree::launch_processes(me).into_iter().any(|p| p.pid != me);
+    if !others() {
+        return;
+    }
+    // The signal that ended the rank may not have reached the watcher thread yet.
+    let heard_by = std::time::Instant::now() + Duration::from_millis(200);
+    while !stopping.load(Ordering::SeqCst) && std::time::Instant::now() < heard_by {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if !stopping.load(Ordering::SeqCst) {
+        return;
+    }
+    while others() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// SIGKILLs every other process of this shim's launch: its group and its

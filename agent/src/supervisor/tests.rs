@@ -176,6 +176,45 @@ async fn a_preemption_signals_first_and_terms_only_after_the_save_grace() {
 }
 
 #[tokio::test]
+async fn a_rank_that_dies_of_the_save_signal_leaves_its_saving_children_time_to_finish() {
+    let (sup, mut rx, dir) = supervisor();
+    let saved = dir.path().join("saved");
+    // As `megatron sft`: the rank (ms-swift's CLI) dies of SIGTERM at once,
+    // while its child (torchrun, Megatron's exit_signal_handler) catches it
+    // and takes a while to save before it exits.
+    let script = format!(
+        "sh -c 'trap \"sleep 0.5; echo saved > {}; exit 0\" TERM; echo ready; while true; do sleep 0.05; done' & wait",
+        saved.display()
+    );
+    sup.launch(launch("saver", &[&script], 5000)).await.unwrap();
+    until_line(&mut rx, 0, |l| l == "ready").await;
+    let save = Some((Signal::SIGTERM, Duration::from_secs(10)));
+    let began = Instant::now();
+    let stop = tokio::spawn({
+        let sup = sup.clone();
+        async move { sup.stop_after("saver", 1, Duration::from_secs(5), save).await }
+    });
+    let (_, exited) = until_exit(&mut rx, 0).await;
+    assert_eq!(exited.signal, Some(15), "the rank's own status: it died of the signal");
+    assert!(saved.exists(), "the child was killed with the rank, before it saved");
+    assert!(began.elapsed() >= Duration::from_millis(500));
+    assert!(began.elapsed() < Duration::from_secs(10), "the exit waited for the save grace instead of the child");
+    stop.await.unwrap();
+}
+
+#[tokio::test]
+async fn what_a_rank_leaves_behind_dies_with_it_when_nothing_stops_the_launch() {
+    let (sup, mut rx, dir) = supervisor();
+    let pidfile = dir.path().join("child.pid");
+    let script = format!("sleep 600 & echo $! > {}; exit 3", pidfile.display());
+    sup.launch(launch("leaver", &[&script], 5000)).await.unwrap();
+    let (_, exited) = until_exit(&mut rx, 0).await;
+    assert_eq!(exited.exit_code, Some(3));
+    let child: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(gone_within(child, Duration::from_secs(2)).await, "the rank's child outlived it");
+}
+
+#[tokio::test]
 async fn the_sweep_spares_the_same_launch_of_another_agent_on_the_host() {
     // Two agents on one host (two test clusters, or two work dirs), each running
     // attempt 1 of a job with the same id on a node of the same name.

@@ -332,6 +332,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
+    // `sync:` is packed before any connection too: a missing or oversized directory fails first.
+    let packed = match (&cli.command, &file) {
+        (Verb::Plan { .. } | Verb::Submit { .. } | Verb::Run { .. }, Some(file)) => match crate::sync::sync_of(file) {
+            Some(spec) => {
+                Some(crate::sync::pack(Path::new(&file.base_dir), &spec, cohort_shared::spec::sync::MAX_SYNC_BYTES)?)
+            }
+            None => None,
+        },
+        _ => None,
+    };
+    let mut file = file;
     if let Verb::Dev(verb) = &cli.command {
         return crate::dev::run(verb).await;
     }
@@ -373,10 +384,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             say!("{node}: GPU {index} cleared");
             Ok(ExitCode::SUCCESS)
         }
-        Verb::Plan { format, check, .. } => plan(&mut client, file.unwrap_or_default(), check, format.output).await,
+        Verb::Plan { format, check, .. } => {
+            if let Some(packed) = &packed {
+                eprintln!(
+                    "sync: {} ({}): each node unpacks it into <agent --work-dir>/jobs/<job id>/workdir, where the \
+                     processes start",
+                    packed.dir.display(),
+                    packed.summary()
+                );
+            }
+            plan(&mut client, file.unwrap_or_default(), check, format.output).await
+        }
         Verb::Submit { after: AfterSubmit { wait, follow, format }, .. }
         | Verb::Run { after: AfterSubmit { wait, follow, format }, .. } => {
             let out = format.output;
+            if let (Some(packed), Some(file)) = (&packed, file.as_mut()) {
+                let archive = crate::sync::upload(&mut client, packed).await.map_err(status_error)?;
+                eprintln!("sync: uploaded {} ({})", packed.dir.display(), packed.summary());
+                file.sync = Some(archive);
+            }
             let response = submit_retrying(&client, file).await.map_err(status_error)?.into_inner();
             let job = response.job.unwrap_or_default();
             for warning in &response.warnings {

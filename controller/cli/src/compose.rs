@@ -176,8 +176,12 @@ pub struct Inline {
     pub overrides: Overrides,
     /// The directory the command runs in on every node (default: this one; it
     /// must exist there, e.g. on a shared file system).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sync")]
     pub workdir: Option<PathBuf>,
+    /// Pack this local directory (e.g. `.`), upload it, and run the command in
+    /// each node's unpacked copy (`sync:`; for nodes without a shared file system).
+    #[arg(long, value_name = "DIR")]
+    pub sync: Option<PathBuf>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -200,8 +204,13 @@ impl Inline {
         map.insert("kind".into(), "command".into());
         map.insert("nodes".into(), 1u64.into());
         map.insert("gpus_per_node".into(), 0u64.into());
-        let workdir = self.workdir.clone().unwrap_or_else(|| cwd.to_owned());
-        map.insert("workdir".into(), workdir.to_string_lossy().into_owned().into());
+        match &self.sync {
+            Some(dir) => map.insert("sync".into(), dir.to_string_lossy().into_owned().into()),
+            None => {
+                let workdir = self.workdir.clone().unwrap_or_else(|| cwd.to_owned());
+                map.insert("workdir".into(), workdir.to_string_lossy().into_owned().into())
+            }
+        };
         map.insert("command".into(), Value::Sequence(self.command.iter().map(|a| a.as_str().into()).collect()));
         self.overrides.set(&mut map)?;
         Ok(JobFile {
@@ -314,6 +323,7 @@ mod tests {
         let inline = Inline {
             overrides: Overrides { nodes: Some(2), gpus_per_node: Some(8), ..Default::default() },
             workdir: None,
+            sync: None,
             command: vec!["/usr/bin/torchrun".into(), "--nproc-per-node".into(), "8".into(), "train.py".into()],
         };
         let job = inline.job_file(Path::new("/work/proj")).unwrap();
@@ -322,12 +332,19 @@ mod tests {
         assert_eq!(spec.workdir.as_deref(), Some("/work/proj"));
         let Workload::Command(command) = &spec.workload else { panic!("{:?}", spec.workload) };
         assert_eq!(command.argv, ["/usr/bin/torchrun", "--nproc-per-node", "8", "train.py"]);
+
+        // --sync: the directory is synced instead, and the processes run in its copy.
+        let synced = Inline { sync: Some(".".into()), ..inline };
+        let job = synced.job_file(Path::new("/work/proj")).unwrap();
+        let spec = JobSpec::from_yaml(&job.yaml, &job.source_name).unwrap();
+        assert_eq!((spec.workdir, spec.sync.map(|s| s.dir)), (None, Some(".".to_owned())));
+        assert_eq!(job.base_dir, "/work/proj");
     }
 
     #[test]
     fn an_inline_job_without_a_command_says_where_it_goes() {
         // clap requires the command first; the library refuses too.
-        let inline = Inline { overrides: Overrides::default(), workdir: None, command: Vec::new() };
+        let inline = Inline { overrides: Overrides::default(), workdir: None, sync: None, command: Vec::new() };
         let err = inline.job_file(Path::new("/work")).unwrap_err();
         assert!(err.to_string().contains("cohort run needs a command after `--`"), "{err}");
     }

@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod plot;
 pub mod queues;
+pub mod sync;
 pub mod token;
 
 pub use commands::{Cli, run};

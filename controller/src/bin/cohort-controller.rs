@@ -71,6 +71,10 @@ struct Args {
     /// The largest message an agent may send (heartbeats, log batches, reports).
     #[arg(long, env = "COHORT_MAX_AGENT_MESSAGE_SIZE", default_value = "16MiB", value_parser = limits::parse_size)]
     max_agent_message_size: usize,
+    /// The largest `sync:` archive (a job's local directory, packed and
+    /// compressed) a client may upload (e.g. 256MiB); kept in <data-dir>/sync.
+    #[arg(long, env = "COHORT_MAX_SYNC_BYTES", default_value = "256MiB", value_parser = limits::parse_size)]
+    max_sync_bytes: usize,
     /// How long checking one job file from `cohort submit`/`plan` may take
     /// (waiting for a free checker included) before it is refused.
     #[arg(long, env = "COHORT_JOB_FILE_CHECK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -197,6 +201,7 @@ async fn controller() -> anyhow::Result<()> {
                 rate_per_second: args.api_rate_limit,
                 rate_burst: args.api_rate_burst,
                 job_file_check_timeout: args.job_file_check_timeout,
+                max_sync_bytes: args.max_sync_bytes as u64,
             },
             run_as: cohort_controller::security::run_as::RunAsRules::parse(&args.allow_run_as)
                 .map_err(anyhow::Error::msg)?

@@ -23,6 +23,7 @@ impl Controller {
                 tracing::warn!(job = %id, error = %e, "the deleted job's metrics file could not be removed");
             }
         }
+        self.collect_syncs().await;
         Ok(ids)
     }
 

@@ -102,6 +102,8 @@ pub struct Controller {
     wake: Notify,
     events: broadcast::Sender<JobEvent>,
     pub logs: LogHub,
+    /// The archives of jobs' `sync:` directories, on this controller's disk.
+    pub syncs: crate::sync_store::SyncStore,
     pub metrics: MetricsHub,
     /// Job files being checked now (see `checking`).
     checks: Arc<tokio::sync::Semaphore>,
@@ -305,6 +307,7 @@ impl Controller {
         tracing::info!(jobs = state.jobs.len(), nodes = state.nodes.len(), "loaded state from the store");
         let logs = LogHub::new(data_dir.join("logs"))?;
         let metrics = MetricsHub::new(data_dir.join("metrics"))?;
+        let syncs = crate::sync_store::SyncStore::new(data_dir.join("sync"), config.limits.max_sync_bytes);
         let writer = StoreWriter::start(store.clone(), revisions);
         for queue in seed {
             // Awaited in the background: a failed seed is written again at the next start.
@@ -319,6 +322,7 @@ impl Controller {
             wake: Notify::new(),
             events: broadcast::channel(4096).0,
             logs,
+            syncs,
             metrics,
             checks: checking::concurrent_checks(),
         }))
@@ -340,6 +344,7 @@ impl Controller {
         options: admission::SubmitOptions,
     ) -> Result<(Job, Vec<String>), ControllerError> {
         let spec = self.check_file(&file).await?;
+        self.check_sync(&spec, &file)?;
         let warnings: Vec<String> = spec.warnings().iter().map(|w| format!("{}: {}", w.field, w.message)).collect();
         admission::check_request_id(&options.request_id)?;
         if spec.array.is_some() {
@@ -388,6 +393,78 @@ impl Controller {
             .await?;
         self.wake.notify_one();
         Ok((job, warnings))
+    }
+
+    /// A job file with `sync:` names an archive its submitter uploaded; one
+    /// without names none.
+    fn check_sync(&self, spec: &JobSpec, file: &JobFile) -> Result<(), ControllerError> {
+        match (&spec.sync, &file.sync) {
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err(ControllerError::InvalidRequest(
+                "JobFile.sync names an archive, but the job file has no `sync:`; leave JobFile.sync empty".into(),
+            )),
+            (Some(sync), None) => Err(ControllerError::InvalidRequest(format!(
+                "the job file syncs {:?} (`sync:`): upload that directory first (UploadSync) and name the archive \
+                 in JobFile.sync; `cohort submit` does both",
+                sync.dir
+            ))),
+            (Some(_), Some(archive)) if !self.syncs.has(&file.submitted_by, &archive.sha256) => {
+                Err(ControllerError::FailedPrecondition(format!(
+                    "the sync archive {} is not on this controller under the submitting user: upload it (UploadSync) \
+                     with the same token just before the submit",
+                    archive.sha256
+                )))
+            }
+            (Some(_), Some(_)) => Ok(()),
+        }
+    }
+
+    /// The user whose upload `job_id`'s sync archive `sha256` is, once the
+    /// caller's node (None: not checked, `--insecure`) is placed in its
+    /// current attempt.
+    pub async fn sync_owner(
+        &self,
+        job_id: &str,
+        node: Option<String>,
+        sha256: &str,
+    ) -> Result<String, ControllerError> {
+        let (job_id, sha256) = (job_id.to_owned(), sha256.to_owned());
+        self.state
+            .call(move |state, _| {
+                let entry = state.jobs.get(&job_id).ok_or_else(|| ControllerError::JobNotFound(job_id.clone()))?;
+                let file = entry.job.file.as_ref();
+                if file.and_then(|f| f.sync.as_ref()).is_none_or(|s| s.sha256 != sha256) {
+                    return Err(ControllerError::InvalidRequest(format!("job {job_id} syncs no archive {sha256}")));
+                }
+                if let Some(node) = node
+                    && !entry.on_node(&node)
+                {
+                    return Err(ControllerError::PermissionDenied(format!(
+                        "node {node} is not placed in job {job_id}'s current attempt: it may not fetch its files"
+                    )));
+                }
+                Ok(file.map(|f| f.submitted_by.clone()).unwrap_or_default())
+            })
+            .await
+    }
+
+    /// Removes sync archives no stored job names, an hour after their upload.
+    pub async fn collect_syncs(&self) {
+        let referenced = self
+            .state
+            .call(|state, _| {
+                state
+                    .jobs
+                    .values()
+                    .filter_map(|e| e.job.file.as_ref())
+                    .filter_map(|f| f.sync.as_ref().map(|s| (f.submitted_by.clone(), s.sha256.clone())))
+                    .collect::<std::collections::HashSet<_>>()
+            })
+            .await;
+        let removed = self.syncs.collect(&referenced, crate::sync_store::UNREFERENCED_FOR);
+        if removed > 0 {
+            tracing::info!(removed, "sync archives no job names removed");
+        }
     }
 
     /// Decides a submit on the state: a repeat of a stored submit gets its

@@ -153,6 +153,8 @@ impl Controller {
                     base_dir: file.base_dir.clone(),
                     submitted_by: file.submitted_by.clone(),
                     default_user: file.default_user.clone(),
+                    // Pipelines sync nothing (`sync:` is refused there).
+                    sync: None,
                 };
                 let run_spec = match self.parse(&run_file) {
                     Ok(run_spec) => run_spec,
@@ -435,6 +437,7 @@ impl Controller {
                 // A stage's runs belong to whoever submitted the pipeline.
                 submitted_by: file.submitted_by.clone(),
                 default_user: file.default_user.clone(),
+                sync: None,
             };
             let child_spec = match self.parse(&child_file) {
                 Ok(spec) => spec,

@@ -418,6 +418,8 @@ impl Preparation {
             swift_argcheck: swift_argcheck::for_job(running, &first.argv),
             user: spec.user.clone().unwrap_or_default(),
             env: first.env,
+            // Set from the job's file by the controller (it is not in the spec).
+            sync: None,
         }
     }
 }

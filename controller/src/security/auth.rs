@@ -42,6 +42,14 @@ impl Caller {
         }
     }
 
+    /// The node an agent's certificate names (None: not an agent, or `--insecure`).
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Caller::Node(name) => Some(name),
+            _ => None,
+        }
+    }
+
     /// The user whose own jobs are the only ones this caller may change
     /// (None: any job).
     pub fn own_jobs_only(&self) -> Option<&str> {
@@ -123,7 +131,7 @@ fn need(path: &str) -> Option<Need> {
         ("cohort.v1.SecurityService", "Join") => Need::Nothing,
         ("cohort.v1.SecurityService", "CreateToken" | "RevokeToken") => Need::Admin,
         ("cohort.v1.JobService", "GetLeader") => Need::Authenticated,
-        ("cohort.v1.JobService", "SubmitJob" | "CancelJob" | "ResumeJob" | "DeleteJob") => Need::Submit,
+        ("cohort.v1.JobService", "SubmitJob" | "UploadSync" | "CancelJob" | "ResumeJob" | "DeleteJob") => Need::Submit,
         (
             "cohort.v1.JobService",
             "CordonNode"
