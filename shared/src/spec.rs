@@ -25,6 +25,17 @@ pub mod stage_document;
 pub mod stages;
 pub mod sync;
 
+#[cfg(test)]
+mod tests_support {
+    use super::JobSpec;
+
+    /// A one-node command job with `extra` lines appended, parsed; the error as text.
+    pub(super) fn command_job_with(extra: &str) -> Result<JobSpec, String> {
+        let yaml = format!("name: j\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: [x]\n{extra}");
+        JobSpec::from_yaml(&yaml, "j.yaml").map_err(|e| e.to_string())
+    }
+}
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -186,3 +186,47 @@ async fn a_borrower_that_cannot_save_on_a_signal_is_stopped_after_its_next_perio
     assert!(lost < 15, "{preemption:?}");
     wait_step(dir.path(), 2, newest + 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_wait_outlives_a_controller_restart_and_counts_a_save_made_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = owner_and_borrower_cluster(dir.path()).await;
+    // A checkpoint every 60 steps (6 s), none saved on a signal.
+    let yaml = borrower(dir.path(), false, (60, 1000))
+        .replace("preempt: {signal: SIGUSR1, grace: 3s, ", "preempt: {checkpoint_wait: 60s, grace: 3s, ");
+    let job = cluster.submit(&yaml).await.unwrap();
+    wait_step(dir.path(), 1, 62).await;
+    let owner = cluster.submit(OWNER).await.unwrap();
+    // The wait is stored with the job, its baseline (checkpoint 60) with it.
+    let chosen = cluster
+        .wait_job(&job.id, WITHIN, |j| j.checkpoint_wait.as_ref().is_some_and(|w| w.baseline_iteration.is_some()))
+        .await
+        .unwrap();
+    let pending = chosen.checkpoint_wait.clone().unwrap();
+    assert_eq!((pending.by_job.as_str(), pending.baseline_iteration), (owner.id.as_str(), Some(60)), "{pending:?}");
+
+    // The controller is down while the borrower writes its next checkpoint.
+    cluster.kill_controller();
+    let deadline = Instant::now() + WITHIN;
+    let saved_meanwhile = loop {
+        if let Some(&it) = event_iterations(dir.path(), 1, "saved").iter().find(|&&it| it > 60) {
+            break it;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint after 60: {:?}", events(dir.path()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    cluster.start_controller().unwrap();
+    // The restarted controller goes on with the stored wait: the checkpoint
+    // written while it was down ends it (a new wait would take it as its
+    // baseline and wait 6 s more for the next).
+    let stopped = cluster.wait_job(&job.id, WITHIN, |j| j.reason.starts_with("preempted by job")).await.unwrap();
+    assert!(
+        stopped.reason.contains(&format!("after its checkpoint of iteration {saved_meanwhile} ")),
+        "{}",
+        stopped.reason
+    );
+    assert!(stopped.checkpoint_wait.is_none(), "{:?}", stopped.checkpoint_wait);
+    let preemption = stopped.attempts[0].preemption.clone().unwrap();
+    assert_eq!(preemption.by_job, owner.id, "{preemption:?}");
+    cluster.wait_job(&owner.id, WITHIN, |j| state(j) == JobState::Running).await.unwrap();
+}

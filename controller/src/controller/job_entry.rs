@@ -155,6 +155,8 @@ impl JobEntry {
         if let Some(limit) = spec.time_limit {
             job.time_limit_ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
         }
+        // A stored checkpoint wait goes on where the last controller left it.
+        let checkpoint_wait = job.checkpoint_wait.as_ref().map(super::preemption::CheckpointWait::resumed);
         JobEntry {
             job,
             spec,
@@ -164,7 +166,7 @@ impl JobEntry {
             span: None,
             progress: Default::default(),
             lookup: None,
-            checkpoint_wait: None,
+            checkpoint_wait,
         }
     }
 

@@ -9,7 +9,7 @@
 //! until a checkpoint newer than the one at the preemption is complete in its
 //! directory (or the wait runs out); then it is stopped the same way.
 
-use cohort_proto::Preemption;
+use cohort_proto::{PendingPreemption, Preemption};
 use tokio::sync::oneshot;
 
 use super::*;
@@ -82,6 +82,14 @@ impl Controller {
             humantime::format_duration(wait)
         );
         let now = Instant::now();
+        let began_unix_ms = cohort_proto::now_unix_ms();
+        entry.job.checkpoint_wait = Some(PendingPreemption {
+            by_job: by.into(),
+            grounds: grounds.into(),
+            began_unix_ms,
+            until_unix_ms: began_unix_ms.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)),
+            baseline_iteration: None,
+        });
         entry.checkpoint_wait = Some(CheckpointWait {
             by: by.into(),
             grounds: grounds.into(),
@@ -103,6 +111,7 @@ impl Controller {
     fn stop_for_preemption(&self, state: &mut State, victim: &str, by: &str, grounds: &str, waited: String) {
         let Some(entry) = state.jobs.get_mut(victim) else { return };
         entry.checkpoint_wait = None;
+        entry.job.checkpoint_wait = None;
         let reason = match waited.as_str() {
             "" => format!("preempted by job {by} ({grounds})"),
             waited => format!("preempted by job {by} ({grounds}) {waited}"),
@@ -134,14 +143,22 @@ impl Controller {
             let Some(entry) = state.jobs.get_mut(&id) else { continue };
             let Some(mut wait) = entry.checkpoint_wait.take() else { continue };
             if !entry.is_active() {
+                // It ended by itself meanwhile: nothing to wait for.
+                if entry.job.checkpoint_wait.take().is_some() {
+                    self.persist_job(state, &id);
+                }
                 continue;
             }
+            let mut baseline_found = false;
             if let Some((mut rx, deadline)) = wait.query.take() {
                 match rx.try_recv() {
                     Ok(answer) => {
                         let newest = newest_iteration(&answer);
                         match (wait.baseline, newest) {
-                            (None, Some(it)) => wait.baseline = Some(it),
+                            (None, Some(it)) => {
+                                wait.baseline = Some(it);
+                                baseline_found = true;
+                            }
                             (Some(base), Some(it)) if it > base => {
                                 let took =
                                     humantime::format_duration(Duration::from_secs(wait.began.elapsed().as_secs()));
@@ -170,8 +187,14 @@ impl Controller {
                 wait.query = Some((rx, now + CHECKPOINT_POLL * 10));
                 wait.last_sent = Some(now);
             }
+            let baseline = wait.baseline;
             if let Some(entry) = state.jobs.get_mut(&id) {
                 entry.checkpoint_wait = Some(wait);
+                if baseline_found && let Some(pending) = entry.job.checkpoint_wait.as_mut() {
+                    // Stored: a checkpoint written while no controller runs still ends the wait.
+                    pending.baseline_iteration = baseline;
+                    self.persist_job(state, &id);
+                }
             }
         }
     }
@@ -180,8 +203,8 @@ impl Controller {
 /// How often a preemption that waits for a checkpoint looks for it.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(500);
 
-/// A preemption waiting for its victim's next checkpoint (memory only: after a
-/// controller restart the head job chooses its victims again).
+/// A preemption waiting for its victim's next checkpoint; the job record's
+/// `checkpoint_wait` holds what a restarted controller needs to go on.
 pub(super) struct CheckpointWait {
     by: String,
     grounds: String,
@@ -192,6 +215,25 @@ pub(super) struct CheckpointWait {
     /// The lookup in flight and when it is given up.
     query: Option<(oneshot::Receiver<QueryResult>, Instant)>,
     last_sent: Option<Instant>,
+}
+
+impl CheckpointWait {
+    /// The wait a stored record describes, its deadline as far away as the
+    /// record says (a controller that was down for it may find it past).
+    pub(super) fn resumed(pending: &PendingPreemption) -> CheckpointWait {
+        let now = Instant::now();
+        let millis = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+        let wall = cohort_proto::now_unix_ms();
+        CheckpointWait {
+            by: pending.by_job.clone(),
+            grounds: pending.grounds.clone(),
+            began: now.checked_sub(millis(wall - pending.began_unix_ms)).unwrap_or(now),
+            until: now + millis(pending.until_unix_ms - wall),
+            baseline: pending.baseline_iteration,
+            query: None,
+            last_sent: None,
+        }
+    }
 }
 
 /// The iteration of the newest complete checkpoint a lookup found; None on an error.

@@ -125,12 +125,7 @@ pub(super) fn read_preempt(root: &Mapping, problems: &mut Problems) -> Option<Pr
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use crate::spec::JobSpec;
-
-    fn parse(extra: &str) -> Result<JobSpec, String> {
-        let yaml = format!("name: j\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: [x]\n{extra}");
-        JobSpec::from_yaml(&yaml, "j.yaml").map_err(|e| e.to_string())
-    }
+    use crate::spec::tests_support::command_job_with as parse;
 
     #[test]
     fn a_declared_signal_grace_and_directory_are_kept() {

@@ -78,11 +78,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use crate::spec::JobSpec;
-
-    fn parse(extra: &str) -> Result<JobSpec, String> {
-        let yaml = format!("name: j\nkind: command\nnodes: 1\ngpus_per_node: 1\ncommand: [x]\n{extra}");
-        JobSpec::from_yaml(&yaml, "j.yaml").map_err(|e| e.to_string())
-    }
+    use crate::spec::tests_support::command_job_with as parse;
 
     #[test]
     fn a_directory_or_a_mapping_with_exclusions() {
