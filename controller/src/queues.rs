@@ -7,6 +7,7 @@
 //! ```toml
 //! default = "shared"            # the queue of jobs without `queue:`
 //! fair_share_half_life = "7d"   # how fast past GPU use is forgiven
+//! preempt_exempt_time = "10m"   # a gang runs this long before it may be preempted (Slurm's PreemptExemptTime)
 //!
 //! [[queue]]
 //! name = "team-a"
@@ -99,6 +100,8 @@ pub struct Queues {
     default: String,
     /// Half-life of the usage fair share orders users by.
     pub half_life: Duration,
+    /// How long a gang runs before it may be preempted (0: at once).
+    pub preempt_exempt_time: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,7 @@ pub enum QueueConfigError {
 struct QueuesFile {
     default: Option<String>,
     fair_share_half_life: Option<String>,
+    preempt_exempt_time: Option<String>,
     #[serde(default)]
     queue: Vec<QueueEntry>,
 }
@@ -192,6 +196,7 @@ impl Default for Queues {
             }],
             default: IMPLICIT_QUEUE.into(),
             half_life: DEFAULT_HALF_LIFE,
+            preempt_exempt_time: Duration::ZERO,
         }
     }
 }
@@ -251,7 +256,18 @@ impl Queues {
         if half_life.is_zero() {
             return Err("fair_share_half_life: must be longer than zero, e.g. \"7d\"".into());
         }
-        Ok(Queues { queues, default, half_life })
+        let preempt_exempt_time = match file.preempt_exempt_time {
+            Some(text) => duration("preempt_exempt_time".into(), &text)?,
+            None => Duration::ZERO,
+        };
+        Ok(Queues { queues, default, half_life, preempt_exempt_time })
+    }
+
+    /// Whether a gang that started (every rank running) at `started_unix_ms`
+    /// may be preempted at `now_unix_ms`: it has run `preempt_exempt_time`.
+    pub fn preemptible(&self, started_unix_ms: i64, now_unix_ms: i64) -> bool {
+        let exempt = i64::try_from(self.preempt_exempt_time.as_millis()).unwrap_or(i64::MAX);
+        now_unix_ms.saturating_sub(started_unix_ms) >= exempt
     }
 
     /// Every queue, in declaration order.
@@ -356,7 +372,12 @@ impl Queues {
             queues.push(default.clone());
         }
         queues.sort_by(|a, b| a.name.cmp(&b.name));
-        Queues { queues, default: self.default.clone(), half_life: self.half_life }
+        Queues {
+            queues,
+            default: self.default.clone(),
+            half_life: self.half_life,
+            preempt_exempt_time: self.preempt_exempt_time,
+        }
     }
 
     /// Adds or replaces a queue.
@@ -650,6 +671,17 @@ gpus_by_label = { "gpu=h100" = 16 }
 name = "shared"
 users = ["*"]
 "#;
+
+    #[test]
+    fn the_preempt_exempt_time_bounds_who_may_be_preempted() {
+        let queues = Queues::parse("preempt_exempt_time = \"10m\"\n[[queue]]\nname = \"a\"\n").unwrap();
+        let start = 1_000_000;
+        assert!(!queues.preemptible(start, start + 599_999));
+        assert!(queues.preemptible(start, start + 600_000));
+        assert!(Queues::default().preemptible(start, start), "none by default");
+        let err = Queues::parse("preempt_exempt_time = \"soon\"\n[[queue]]\nname = \"a\"\n").unwrap_err();
+        assert!(err.contains("preempt_exempt_time"), "{err}");
+    }
 
     #[test]
     fn a_queue_file_declares_quotas_users_and_the_default() {

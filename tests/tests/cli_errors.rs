@@ -283,7 +283,7 @@ fn validate_of_a_bad_file_exits_2_naming_the_line_and_the_field() {
     cohort(&["validate", path(&relative_save)])
         .exits(0)
         .stderr_contains(&format!("warning: {}: megatron.save: \"out/run\" is relative", relative_save.display()))
-        .stderr_contains("give an absolute path, or set `workdir:`");
+        .stderr_contains("give an absolute path, set `workdir:` to the shared directory it is under, or `sync:`");
     // Only good files: exit 0, no hint about the controller.
     let out = cohort(&["validate", path(&good)]);
     out.exits(0);

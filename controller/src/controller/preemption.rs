@@ -47,11 +47,14 @@ impl Controller {
             tries
                 .push((Grounds::Priority { priority: entry.job.priority }, format!("priority {}", entry.job.priority)));
         }
+        let now = cohort_proto::now_unix_ms();
         for (grounds, why) in tries {
-            // Priority preemption stays within the queue.
+            // Priority preemption stays within the queue; a gang younger than
+            // `preempt_exempt_time` is no victim (it still counts as holding its GPUs).
             let allowed: Vec<Candidate> = candidates
                 .iter()
                 .filter(|c| matches!(grounds, Grounds::Reclaim { .. }) || c.queue == queue.name)
+                .filter(|c| queues.preemptible(c.started_unix_ms, now))
                 .cloned()
                 .collect();
             let victims = planner::choose_victims(&entry.spec, views, &entry.job.excluded_nodes, &allowed, &grounds);

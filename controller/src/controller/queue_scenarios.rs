@@ -411,3 +411,40 @@ async fn the_fifo_scheduler_holds_every_job_behind_a_blocked_head_and_ignores_qu
     // Under backfill this 10-minute job would start on the idle third node.
     assert!(pending(&controller, &short).await.is_some(), "nothing starts behind the blocked head");
 }
+
+#[tokio::test]
+async fn a_gang_younger_than_the_preempt_exempt_time_is_no_victim() {
+    let dir = tempfile::tempdir().unwrap();
+    let queues = Queues::parse(
+        "preempt_exempt_time = \"1500ms\"\n[[queue]]\nname = \"team-a\"\npreempt_lower_priority = true\n",
+    )
+    .unwrap();
+    assert_eq!(queues.preempt_exempt_time, Duration::from_millis(1500));
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("store")).unwrap());
+    let config = ControllerConfig { queues, stop_resend: Duration::from_millis(20), ..ControllerConfig::default() };
+    let controller = Controller::load(store, dir.path(), config).await.unwrap();
+    let mut sessions = connect(&controller, &["n1"]).await;
+    let low = submit_as(&controller, "u", &job("low", 1, "priority: 1\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    assert_eq!(pending(&controller, &low).await, None);
+    let started = Instant::now();
+
+    let high = submit_as(&controller, "u", &job("high", 1, "priority: 9\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    let reason = pending(&controller, &high).await.unwrap();
+    assert!(reason.starts_with("waiting for free GPUs"), "a young gang was chosen: {reason}");
+    assert!(stops_for(&mut sessions, &low).is_empty());
+    // Once it has run the exempt time, it is the victim.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        controller.reconcile().await.unwrap();
+        let reason = pending(&controller, &high).await.unwrap_or_default();
+        if reason.starts_with("preempting job(s)") {
+            assert!(reason.contains(&low), "{reason}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never preempted: {reason}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500), "preempted before the exempt time");
+}

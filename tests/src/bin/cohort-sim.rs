@@ -98,6 +98,10 @@ struct Args {
     /// Seconds per training iteration, to count the work lost in iterations.
     #[arg(long, default_value_t = 2.0)]
     step_seconds: f64,
+    /// Minutes a gang runs before it may be preempted (the queue file's
+    /// `preempt_exempt_time`; 0: at once).
+    #[arg(long, default_value_t = 0.0)]
+    preempt_exempt_minutes: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
@@ -123,9 +127,12 @@ impl PreemptMode {
 /// The simulated cluster's queue file: each queue's quota is its weight's
 /// share of the GPUs, and its fair-share `weight` that share; it may borrow; jobs run at most as long as the longest
 /// time limit of the trace, and 24 h.
-fn queue_file(total_gpus: u32, queues: &[QueueMix], trace: &[TraceJob]) -> String {
+fn queue_file(total_gpus: u32, queues: &[QueueMix], trace: &[TraceJob], exempt_minutes: f64) -> String {
     let longest_h = trace.iter().map(|j| (j.limit_s / 3600.0).ceil() as u64).max().unwrap_or(0).max(24);
     let mut text = String::from("fair_share_half_life = \"1d\"\n");
+    if exempt_minutes > 0.0 {
+        let _ = writeln!(text, "preempt_exempt_time = \"{}s\"", (exempt_minutes * 60.0).round() as u64);
+    }
     for q in queues {
         let quota = (q.weight * f64::from(total_gpus)).round() as u32;
         let _ = write!(
@@ -171,7 +178,8 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(path, trace::to_csv(&trace)).with_context(|| format!("--write-trace {}", path.display()))?;
     }
     let mixes = trace::queues_of(&trace);
-    let queues = Queues::parse(&queue_file(total, &mixes, &trace)).map_err(anyhow::Error::msg)?;
+    let queues =
+        Queues::parse(&queue_file(total, &mixes, &trace, args.preempt_exempt_minutes)).map_err(anyhow::Error::msg)?;
     let window = Window { from_ms: (args.warmup_hours * 3.6e6) as i64, to_ms: (span_s * 1000.0) as i64, gpus: total };
     let until_ms = window.to_ms + (args.drain_hours * 3.6e6) as i64;
     let mut reports = Vec::new();

@@ -342,6 +342,7 @@ impl<'a> Sim<'a> {
         let candidates: Vec<Candidate> = self
             .running
             .iter()
+            .filter(|(_, g)| self.queues.preemptible(g.started_ms, now))
             .map(|(j, g)| Candidate {
                 job_id: j.to_string(),
                 queue: self.trace[*j].queue.clone(),
