@@ -114,14 +114,37 @@ async fn archives_are_checked_at_submit_and_at_upload() {
     let chunks = vec![SyncChunk { archive: Some(lie), data: bytes }];
     let err = client.upload_sync(tokio_stream::iter(chunks)).await.unwrap_err();
     assert!(err.message().contains("hash to"), "{}", err.message());
+    // `cohort plan` packs (uploads nothing) and says where the copy goes.
+    let out = cluster.cli(&["plan", dir.join("job.yaml").to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.contains("each node unpacks it into <agent --work-dir>/jobs/<job id>/workdir"), "{stderr}");
+
     let out = cluster.cli(&["submit", dir.join("job.yaml").to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    // A missing directory fails in the CLI, before any upload, naming the field.
-    std::fs::write(dir.join("elsewhere.yaml"), yaml.replace("dir: .", "dir: ./nope")).unwrap();
-    let out = cluster.cli(&["submit", dir.join("elsewhere.yaml").to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("sync:") && stderr.contains("nope"), "{stderr}");
+    // Bad directories and patterns fail in the CLI, before any upload, naming the field.
+    let submit_stderr_contains = |want: &str, name: &str, yaml: String| {
+        std::fs::write(dir.join(name), yaml).unwrap();
+        let out = cluster.cli(&["submit", dir.join(name).to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success() && stderr.contains(want), "{name}: {stderr}");
+    };
+    submit_stderr_contains(
+        "nope: No such file or directory (os error 2) (`sync:` names a directory relative to the job file)",
+        "elsewhere.yaml",
+        yaml.replace("dir: .", "dir: ./nope"),
+    );
+    submit_stderr_contains(
+        " is not a directory (`sync:` names a directory relative to the job file",
+        "file.yaml",
+        yaml.replace("dir: .", "dir: train.sh"),
+    );
+    submit_stderr_contains(
+        " is not a gitignore pattern: ",
+        "pattern.yaml",
+        yaml.replace("exclude: [ckpt/]", "exclude: ['a[']"),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
