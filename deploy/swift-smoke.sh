@@ -276,7 +276,13 @@ step_b() {
         ((SECONDS <= deadline)) || { say "  no checkpoint-10 within 600 s"; save_job "$job" b; return 1; }
         sleep 0.1
     done
-    pid="$(pgrep -f '_megatron/sft.py' | head -1)"
+    # The training worker: torchrun's child, whose command line names sft.py
+    # (torchrun's own names it too, as its argument).
+    ps -eo pid,ppid,pgid,sid,args >"$logs/b.ps.txt"
+    pid=""
+    for p in $(pgrep -f '_megatron/sft.py' || true); do
+        if ! grep -qa 'torch.distributed.run' "/proc/$p/cmdline" 2>/dev/null; then pid="$p"; break; fi
+    done
     [[ -n "$pid" ]] || { say "  no training worker found"; return 1; }
     kill -KILL "$pid"
     kill_ms=$(now_ms)
@@ -295,7 +301,7 @@ step_b() {
     figure "b.resumed_attempt_first_iteration" "$it0"
     figure "b.kill_to_next_attempt_first_iteration_s" "$(( (first_ms - kill_ms) / 1000 )).$(( (first_ms - kill_ms) % 1000 / 100 ))"
     figure "b.resumed_loss" "$loss0 -> $loss1 (iterations $it0 -> $it1)"
-    grep -q "attempt 2\|attempts: 2\|Attempt 2" "$logs/b.status.txt" || say "  (status does not name attempt 2; see $logs/b.status.txt)"
+    grep -Eq "^attempt: +2|attempt 2|Attempt 2" "$logs/b.status.txt" || say "  (status does not name attempt 2; see $logs/b.status.txt)"
     ((it0 == newest + 1)) || { say "  resumed at $it0, expected $((newest + 1))"; return 1; }
 }
 

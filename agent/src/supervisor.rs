@@ -365,6 +365,7 @@ impl Supervisor {
         fresh(&files.stdout)?;
         fresh(&files.stderr)?;
         let _ = std::fs::remove_file(&files.exit);
+        let _ = std::fs::remove_file(files.stop_marker());
         // The shim's own complaints land in the process's stderr file, appended like the rank's output.
         let shim_stderr = std::fs::File::options()
             .append(true)
@@ -376,6 +377,8 @@ impl Supervisor {
             .arg(shim::SUBCOMMAND)
             .arg("--exit-file")
             .arg(&files.exit)
+            .arg("--stop-file")
+            .arg(files.stop_marker())
             .arg("--stdout")
             .arg(&files.stdout)
             .arg("--stderr")
@@ -741,6 +744,14 @@ impl Supervisor {
 
 /// Before the first signal: a restarted agent counts later exits as its own doing.
 fn mark_stopping(launch: &mut Launch, job_id: &str) {
+    // Before any signal: a shim whose rank dies of it finds the marker and
+    // waits for what the rank left (saving) instead of killing it.
+    for process in &launch.record.processes {
+        let marker = process.files.stop_marker();
+        if let Err(e) = std::fs::write(&marker, b"") {
+            tracing::warn!(job = job_id, path = %marker.display(), error = %e, "cannot mark the process as stopping");
+        }
+    }
     let alive = launch.processes.iter().any(|p| p.exited.is_none());
     if alive && launch.record.stopping_since_unix_ms.is_none() {
         launch.record.stopping_since_unix_ms = Some(now_unix_ms());

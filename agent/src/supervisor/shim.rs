@@ -12,9 +12,9 @@
 //!   lives to record it;
 //! - it writes the rank's exit status to the exit file atomically, then
 //!   SIGKILLs its group: what the rank left behind, and itself. When the
-//!   group was signalled (a stop or a preemption), it first waits for what
-//!   the rank left to end by itself: those may be saving a checkpoint
-//!   ([`wait_for_a_signalled_launch`]).
+//!   launch was being stopped (the agent's stop marker, or a fence), it first
+//!   waits for what the rank left to end by itself: those may be saving a
+//!   checkpoint ([`wait_for_the_rest_of_a_stopped_launch`]).
 //!
 //! A SIGKILL to the group kills the shim too: then there is no exit file.
 //!
@@ -73,6 +73,10 @@ struct ShimArgs {
     lease_file: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     fence_after_ms: u64,
+    /// Made by the agent before it signals the group to stop or save: after
+    /// the rank's exit, what the rank left is let end by itself.
+    #[arg(long)]
+    stop_file: Option<PathBuf>,
     /// SIGTERM-to-SIGKILL grace of a fence stop.
     #[arg(long, default_value_t = 10_000)]
     grace_ms: u64,
@@ -248,7 +252,7 @@ fn run(args: ShimArgs) -> i32 {
             return 127;
         }
     };
-    let entered = runtime.enter();
+    let _runtime = runtime.enter();
     // SIGUSR1/2 too: a preemption may ask the rank to save with one (`preempt.signal`).
     let kinds = [
         SignalKind::terminate(),
@@ -257,17 +261,12 @@ fn run(args: ShimArgs) -> i32 {
         SignalKind::user_defined1(),
         SignalKind::user_defined2(),
     ];
-    let mut stop_signals = Vec::new();
     for kind in kinds {
-        match signal(kind) {
-            Ok(stream) => stop_signals.push(stream),
-            Err(e) => {
-                answer(Handshake::Failed { error: format!("shim: cannot handle {kind:?}: {e}") });
-                return 127;
-            }
+        if let Err(e) = signal(kind) {
+            answer(Handshake::Failed { error: format!("shim: cannot handle {kind:?}: {e}") });
+            return 127;
         }
     }
-    drop(entered);
     let open = |path: &PathBuf| {
         use std::os::unix::fs::OpenOptionsExt;
         File::options()
@@ -322,19 +321,6 @@ fn run(args: ShimArgs) -> i32 {
     }
     let rank_pid = rank.id();
     answer(Handshake::Started { rank_pid });
-    // Whether the group was signalled (a stop, a preemption's save signal, a
-    // fence): the shim is in the group, so it hears what the rank heard.
-    let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let stopping = stopping.clone();
-        std::thread::spawn(move || {
-            runtime.block_on(async move {
-                let heard = stop_signals.iter_mut().map(|s| Box::pin(s.recv()));
-                futures::future::select_all(heard).await;
-                stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-            })
-        });
-    }
     let fenced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(lease) = args.lease_file.clone().filter(|_| args.fence_after_ms > 0) {
         let (after, grace) = (Duration::from_millis(args.fence_after_ms), Duration::from_millis(args.grace_ms));
@@ -381,7 +367,9 @@ fn run(args: ShimArgs) -> i32 {
     }
     // The rank's status is on disk (a SIGKILL from the stopping agent during
     // this wait leaves it there); what it left may still be saving.
-    wait_for_a_signalled_launch(&stopping);
+    if fenced.load(std::sync::atomic::Ordering::SeqCst) || args.stop_file.as_ref().is_some_and(|f| f.exists()) {
+        wait_for_the_rest_of_a_stopped_launch();
+    }
     // Whatever the rank left goes with it, even with no agent around, and the
     // shim with them: descendants in sessions of their own first (torchrun's
     // workers), then one signal to the group (the exit file already has the status).
@@ -430,30 +418,18 @@ fn watch_lease(lease: &std::path::Path, after: Duration, grace: Duration, fenced
     kill_rest_of_group();
 }
 
-/// After the rank's exit, while the launch was being stopped: waits for the
-/// rest of the launch to end by itself before the shim's SIGKILL. A rank
-/// that dies of the signal at once may leave processes that are saving:
-/// `megatron sft` is ms-swift's CLI (dies of SIGTERM) above torchrun, which
-/// passes the SIGTERM on to its workers (their own sessions) and waits for
-/// them while Megatron's exit_signal_handler saves a checkpoint. The agent
-/// ends the wait: after the save grace its SIGTERM and SIGKILL reach every
-/// process of the launch (the fence, likewise, after its grace).
-fn wait_for_a_signalled_launch(stopping: &std::sync::atomic::AtomicBool) {
-    use std::sync::atomic::Ordering;
+/// After the rank's exit, when the launch was being stopped (the agent's
+/// stop marker, or the shim's own fence): waits for the rest of the launch to
+/// end by itself before the shim's SIGKILL. A rank that dies of the signal
+/// at once may leave processes that are saving: `megatron sft` is ms-swift's
+/// CLI (dies of SIGTERM) above torchrun, which passes the SIGTERM on to its
+/// workers (their own sessions) and waits for them while Megatron's
+/// exit_signal_handler saves a checkpoint. The agent ends the wait: after the
+/// save grace its SIGTERM and SIGKILL reach every process of the launch (the
+/// fence, likewise, after its grace).
+fn wait_for_the_rest_of_a_stopped_launch() {
     let me = std::process::id();
-    let others = || super::proctree::launch_processes(me).into_iter().any(|p| p.pid != me);
-    if !others() {
-        return;
-    }
-    // The signal that ended the rank may not have reached the watcher thread yet.
-    let heard_by = std::time::Instant::now() + Duration::from_millis(200);
-    while !stopping.load(Ordering::SeqCst) && std::time::Instant::now() < heard_by {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if !stopping.load(Ordering::SeqCst) {
-        return;
-    }
-    while others() {
+    while super::proctree::launch_processes(me).into_iter().any(|p| p.pid != me) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }

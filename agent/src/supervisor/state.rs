@@ -26,6 +26,12 @@ pub struct ProcessFiles {
 }
 
 impl ProcessFiles {
+    /// Made by the agent before it signals the process's group to stop or
+    /// save: the shim then lets what the rank leaves end by itself.
+    pub fn stop_marker(&self) -> PathBuf {
+        self.exit.with_extension("stopping")
+    }
+
     pub fn new(dir: &Path, index: u32) -> Self {
         Self {
             stdout: dir.join(format!("{index}.out")),
