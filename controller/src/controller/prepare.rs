@@ -437,11 +437,18 @@ pub(super) fn required_packages(spec: &JobSpec) -> Vec<&'static str> {
     }
 }
 
+/// Variables of a job's `env` that change what its interpreter imports: with
+/// one of them (or its own `python:`), a node's start-up probe (the agent's
+/// `--python`, the node's environment) says nothing about the job's.
+const IMPORT_ENV: &[&str] = &["PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "VIRTUAL_ENV", "PATH", "LD_LIBRARY_PATH"];
+
 /// What the nodes' start-up reports already say preflight would refuse of
-/// `spec` (for `cohort plan`: the launch's own probe would say it again).
+/// `spec` (for `cohort plan`: the launch's own probe would say it again);
+/// nothing for a job whose interpreter or import path is its own.
 pub(super) fn startup_refusals(spec: &JobSpec, reports: &[PreflightReport]) -> Vec<String> {
     let required = required_packages(spec);
-    if required.is_empty() {
+    let own_imports = spec.python.is_some() || spec.env.keys().any(|k| IMPORT_ENV.contains(&k.as_str()));
+    if required.is_empty() || own_imports {
         return Vec::new();
     }
     compare_reports(reports, &required)
@@ -557,6 +564,15 @@ mod tests {
         assert!(refusals.iter().any(|p| p.starts_with("node n0: torch") && p.contains("preflight would refuse")));
         let command = JobSpec::from_yaml("name: c\nkind: command\nnodes: 1\ncommand: ['true']\n", "job.yaml").unwrap();
         assert!(startup_refusals(&command, &reports).is_empty(), "a command job needs no Python stack");
+        // Found on a GPU: a job that brings its own import path (deploy/swift-smoke.sh's
+        // PYTHONPATH) was refused by `cohort plan` for what the node's default lacks.
+        for own in ["env: {PYTHONPATH: /opt/overlay}\n", "python: /opt/venv/bin/python3\n"] {
+            let yaml = format!(
+                "name: a\nkind: megatron-sft\nnodes: 2\ngpus_per_node: 1\n{own}megatron:\n  swift_version: 3\n  load: m\n"
+            );
+            let spec = JobSpec::from_yaml(&yaml, "job.yaml").unwrap();
+            assert!(startup_refusals(&spec, &reports).is_empty(), "{own}");
+        }
     }
 
     fn report(node: &str, checks: &[(&str, &str, bool)]) -> PreflightReport {
