@@ -125,8 +125,9 @@ pub(super) struct JobEntry {
     pub(super) progress: progress::AttemptProgress,
     /// A restart's checkpoint lookup in flight.
     pub(super) lookup: Option<restart::Lookup>,
-    /// A preemption waiting for this job's next checkpoint before it stops it.
-    pub(super) checkpoint_wait: Option<super::preemption::CheckpointWait>,
+    /// The checkpoint lookup of a preemption waiting for this job's next
+    /// checkpoint (`job.checkpoint_wait`) before it stops it.
+    pub(super) checkpoint_poll: super::preemption::CheckpointPoll,
 }
 
 impl JobEntry {
@@ -155,8 +156,6 @@ impl JobEntry {
         if let Some(limit) = spec.time_limit {
             job.time_limit_ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
         }
-        // A stored checkpoint wait goes on where the last controller left it.
-        let checkpoint_wait = job.checkpoint_wait.as_ref().map(super::preemption::CheckpointWait::resumed);
         JobEntry {
             job,
             spec,
@@ -166,7 +165,7 @@ impl JobEntry {
             span: None,
             progress: Default::default(),
             lookup: None,
-            checkpoint_wait,
+            checkpoint_poll: Default::default(),
         }
     }
 

@@ -25,7 +25,7 @@ impl Controller {
         let ids = |keep: fn(&JobEntry) -> bool| -> Vec<String> {
             state.jobs.values().filter(|e| keep(e)).map(|e| e.job.id.clone()).collect()
         };
-        let waiting = ids(|e| e.checkpoint_wait.is_some());
+        let waiting = ids(|e| e.job.checkpoint_wait.is_some());
         if !waiting.is_empty() {
             return Some(format!(
                 "waiting for job(s) {} to write their next checkpoint before they are preempted",
@@ -84,7 +84,6 @@ impl Controller {
             "to be preempted by job {by} ({grounds}): waiting up to {} for its next checkpoint",
             humantime::format_duration(wait)
         );
-        let now = Instant::now();
         let began_unix_ms = cohort_proto::now_unix_ms();
         entry.job.checkpoint_wait = Some(PendingPreemption {
             by_job: by.into(),
@@ -93,15 +92,7 @@ impl Controller {
             until_unix_ms: began_unix_ms.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)),
             baseline_iteration: None,
         });
-        entry.checkpoint_wait = Some(CheckpointWait {
-            by: by.into(),
-            grounds: grounds.into(),
-            began: now,
-            until: now + wait,
-            baseline: None,
-            query: None,
-            last_sent: None,
-        });
+        entry.checkpoint_poll = CheckpointPoll::default();
         tracing::warn!(job = %victim, by = %by, grounds, wait = ?wait, "preempting after the next checkpoint");
         let reason = entry.job.reason.clone();
         self.persist_job(state, victim);
@@ -113,7 +104,7 @@ impl Controller {
     /// a checkpoint wait ended (empty without one).
     fn stop_for_preemption(&self, state: &mut State, victim: &str, by: &str, grounds: &str, waited: String) {
         let Some(entry) = state.jobs.get_mut(victim) else { return };
-        entry.checkpoint_wait = None;
+        entry.checkpoint_poll = CheckpointPoll::default();
         entry.job.checkpoint_wait = None;
         let reason = match waited.as_str() {
             "" => format!("preempted by job {by} ({grounds})"),
@@ -137,65 +128,65 @@ impl Controller {
     /// Moves the preemptions that wait for a checkpoint on: asks for the newest
     /// complete checkpoint every [`CHECKPOINT_POLL`]; the first answer is the
     /// baseline, a newer one (or the end of the wait) stops the victim. A
-    /// victim that ended by itself meanwhile is left alone.
+    /// victim that ended by itself meanwhile is left alone. The wait is the
+    /// job record's `checkpoint_wait` (stored, so a restarted controller goes
+    /// on with it); only the lookup in flight is this controller's own.
     pub(super) fn advance_checkpoint_waits(&self, state: &mut State) {
         let ids: Vec<String> =
-            state.jobs.values().filter(|e| e.checkpoint_wait.is_some()).map(|e| e.job.id.clone()).collect();
+            state.jobs.values().filter(|e| e.job.checkpoint_wait.is_some()).map(|e| e.job.id.clone()).collect();
         let now = Instant::now();
+        let wall = cohort_proto::now_unix_ms();
+        let millis = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
         for id in ids {
             let Some(entry) = state.jobs.get_mut(&id) else { continue };
-            let Some(mut wait) = entry.checkpoint_wait.take() else { continue };
+            let Some(mut pending) = entry.job.checkpoint_wait.clone() else { continue };
             if !entry.is_active() {
                 // It ended by itself meanwhile: nothing to wait for.
-                if entry.job.checkpoint_wait.take().is_some() {
-                    self.persist_job(state, &id);
-                }
+                entry.job.checkpoint_wait = None;
+                entry.checkpoint_poll = CheckpointPoll::default();
+                self.persist_job(state, &id);
                 continue;
             }
+            let mut poll = std::mem::take(&mut entry.checkpoint_poll);
             let mut baseline_found = false;
-            if let Some((mut rx, deadline)) = wait.query.take() {
+            if let Some((mut rx, deadline)) = poll.query.take() {
                 match rx.try_recv() {
-                    Ok(answer) => {
-                        let newest = newest_iteration(&answer);
-                        match (wait.baseline, newest) {
-                            (None, Some(it)) => {
-                                wait.baseline = Some(it);
-                                baseline_found = true;
-                            }
-                            (Some(base), Some(it)) if it > base => {
-                                let took =
-                                    humantime::format_duration(Duration::from_secs(wait.began.elapsed().as_secs()));
-                                let waited =
-                                    format!("after its checkpoint of iteration {it} ({took} after it was chosen)");
-                                self.stop_for_preemption(state, &id, &wait.by, &wait.grounds, waited);
-                                continue;
-                            }
-                            _ => {}
+                    Ok(answer) => match (pending.baseline_iteration, newest_iteration(&answer)) {
+                        (None, Some(it)) => {
+                            pending.baseline_iteration = Some(it);
+                            baseline_found = true;
                         }
-                    }
-                    Err(oneshot::error::TryRecvError::Empty) if now < deadline => wait.query = Some((rx, deadline)),
+                        (Some(base), Some(it)) if it > base => {
+                            let took = millis(wall - pending.began_unix_ms).as_secs();
+                            let took = humantime::format_duration(Duration::from_secs(took));
+                            let waited = format!("after its checkpoint of iteration {it} ({took} after it was chosen)");
+                            self.stop_for_preemption(state, &id, &pending.by_job, &pending.grounds, waited);
+                            continue;
+                        }
+                        _ => {}
+                    },
+                    Err(oneshot::error::TryRecvError::Empty) if now < deadline => poll.query = Some((rx, deadline)),
                     Err(_) => {}
                 }
             }
-            if now >= wait.until {
+            if wall >= pending.until_unix_ms {
                 let waited = format!(
                     "with no new checkpoint within preempt.checkpoint_wait ({})",
-                    humantime::format_duration(wait.until.duration_since(wait.began))
+                    humantime::format_duration(millis(pending.until_unix_ms - pending.began_unix_ms))
                 );
-                self.stop_for_preemption(state, &id, &wait.by, &wait.grounds, waited);
+                self.stop_for_preemption(state, &id, &pending.by_job, &pending.grounds, waited);
                 continue;
             }
-            let due = wait.query.is_none() && wait.last_sent.is_none_or(|t| now.duration_since(t) >= CHECKPOINT_POLL);
+            let due = poll.query.is_none() && poll.last_sent.is_none_or(|t| now.duration_since(t) >= CHECKPOINT_POLL);
             if due && let Some((rx, _node)) = self.find_checkpoint(state, &id) {
-                wait.query = Some((rx, now + CHECKPOINT_POLL * 10));
-                wait.last_sent = Some(now);
+                poll.query = Some((rx, now + CHECKPOINT_POLL * 10));
+                poll.last_sent = Some(now);
             }
-            let baseline = wait.baseline;
             if let Some(entry) = state.jobs.get_mut(&id) {
-                entry.checkpoint_wait = Some(wait);
-                if baseline_found && let Some(pending) = entry.job.checkpoint_wait.as_mut() {
+                entry.checkpoint_poll = poll;
+                if baseline_found {
                     // Stored: a checkpoint written while no controller runs still ends the wait.
-                    pending.baseline_iteration = baseline;
+                    entry.job.checkpoint_wait = Some(pending);
                     self.persist_job(state, &id);
                 }
             }
@@ -206,37 +197,13 @@ impl Controller {
 /// How often a preemption that waits for a checkpoint looks for it.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(500);
 
-/// A preemption waiting for its victim's next checkpoint; the job record's
-/// `checkpoint_wait` holds what a restarted controller needs to go on.
-pub(super) struct CheckpointWait {
-    by: String,
-    grounds: String,
-    began: Instant,
-    until: Instant,
-    /// The newest complete checkpoint's iteration at the first answer (0: none).
-    baseline: Option<u64>,
+/// The checkpoint lookup of a preemption that waits for its victim's next
+/// checkpoint (the wait itself is the job record's `checkpoint_wait`).
+#[derive(Default)]
+pub(super) struct CheckpointPoll {
     /// The lookup in flight and when it is given up.
     query: Option<(oneshot::Receiver<QueryResult>, Instant)>,
     last_sent: Option<Instant>,
-}
-
-impl CheckpointWait {
-    /// The wait a stored record describes, its deadline as far away as the
-    /// record says (a controller that was down for it may find it past).
-    pub(super) fn resumed(pending: &PendingPreemption) -> CheckpointWait {
-        let now = Instant::now();
-        let millis = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-        let wall = cohort_proto::now_unix_ms();
-        CheckpointWait {
-            by: pending.by_job.clone(),
-            grounds: pending.grounds.clone(),
-            began: now.checked_sub(millis(wall - pending.began_unix_ms)).unwrap_or(now),
-            until: now + millis(pending.until_unix_ms - wall),
-            baseline: pending.baseline_iteration,
-            query: None,
-            last_sent: None,
-        }
-    }
 }
 
 /// The iteration of the newest complete checkpoint a lookup found; None on an error.

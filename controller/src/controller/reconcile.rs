@@ -650,15 +650,9 @@ impl Controller {
             staged: &entry.job.staging,
             node_env: &node_env,
             prepare_marker,
+            sync: entry.job.file.as_ref().and_then(|f| f.sync.as_ref()),
         };
-        let mut plan = planner::launch_plan(&entry.spec, layout, &inputs);
-        // Every node fetches and unpacks the job's `sync:` archive before the launch.
-        if let Some(sync) = entry.job.file.as_ref().and_then(|f| f.sync.as_ref()) {
-            for prepare in plan.nodes.iter_mut().filter_map(|n| n.prepare.as_mut()) {
-                prepare.sync = Some(sync.clone());
-            }
-        }
-        Some(plan)
+        Some(planner::launch_plan(&entry.spec, layout, &inputs))
     }
 
     /// Sends one command to a node's session; false when the node has none.

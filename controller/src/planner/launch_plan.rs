@@ -237,6 +237,9 @@ pub struct AttemptInputs<'a> {
     pub node_env: &'a HashMap<&'a str, &'a [EnvVar]>,
     /// The shared-path marker of the preparation; None renders no prepare commands.
     pub prepare_marker: Option<&'a str>,
+    /// The job's `sync:` archive (its file's, not its spec's): every node
+    /// fetches and unpacks it in the preparation.
+    pub sync: Option<&'a cohort_proto::SyncArchive>,
 }
 
 /// Every node's commands of one attempt, in node-rank order.
@@ -418,8 +421,7 @@ impl Preparation {
             swift_argcheck: swift_argcheck::for_job(running, &first.argv),
             user: spec.user.clone().unwrap_or_default(),
             env: first.env,
-            // Set from the job's file by the controller (it is not in the spec).
-            sync: None,
+            sync: inputs.sync.cloned(),
         }
     }
 }

@@ -108,6 +108,7 @@ fn render_all(spec: &JobSpec, placement: &Placement, inventory: &[NodeView], por
         staged: &[],
         node_env: &node_env,
         prepare_marker: Some("p-1-2-0000"),
+        sync: None,
     };
     let plan = launch_plan(spec, &gang, &inputs);
     (gang, plan)

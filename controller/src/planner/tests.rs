@@ -273,8 +273,15 @@ fn plan_of(
     marker: Option<&str>,
 ) -> LaunchPlan {
     let node_env: HashMap<&str, &[EnvVar]> = nodes.iter().map(|n| (n.name.as_str(), n.node_env.as_slice())).collect();
-    let inputs =
-        AttemptInputs { job_id: "j-1", attempt: 1, resume_from, staged, node_env: &node_env, prepare_marker: marker };
+    let inputs = AttemptInputs {
+        job_id: "j-1",
+        attempt: 1,
+        resume_from,
+        staged,
+        node_env: &node_env,
+        prepare_marker: marker,
+        sync: None,
+    };
     launch_plan(spec, layout, &inputs)
 }
 
