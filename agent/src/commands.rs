@@ -123,6 +123,12 @@ pub fn check(message: &ControllerMessage) -> Result<(), CommandError> {
             }
             text("InspectPathCommand.path", &inspect.path)
         }
+        Some(Command::Cache(cache)) => {
+            match cache.evict.iter().find(|d| d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit())) {
+                Some(bad) => Err(CommandError::at("CacheCommand.evict", format!("{bad:?} is not 64 hex digits"))),
+                None => Ok(()),
+            }
+        }
         Some(Command::DumpStacks(dump)) => job_id("DumpStacksCommand.job_id", &dump.job_id),
         Some(Command::FetchLogs(fetch)) => job_id("FetchLogsCommand.job_id", &fetch.job_id),
     }

@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use cohort_proto::{
-    AgentMessage, FileContent, InspectPathCommand, PathAnswer, QueryResult, agent_message::Msg,
-    query_result::Result as QueryAnswer,
+    AgentMessage, CacheAnswer, CacheCommand, CachedContent, FileContent, InspectPathCommand, PathAnswer, QueryResult,
+    agent_message::Msg, query_result::Result as QueryAnswer,
 };
 
 use crate::job_files::{AsJobUser, InspectRequest};
@@ -49,6 +49,46 @@ impl Preparer {
                 Err(e) => result.error = e.to_string(),
             },
         }
+        let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::QueryResult(result)) })).await;
+    }
+}
+
+impl Preparer {
+    /// `cohort cache staged` / `cohort cache evict`: lists the node's staging
+    /// caches (each as its user) and removes what `cmd.evict` names.
+    pub async fn answer_cache(&self, command_id: u64, cmd: CacheCommand) {
+        let keeper = &self.cache_keeper;
+        let (evicted, refused) =
+            if cmd.evict.is_empty() { (Vec::new(), Vec::new()) } else { keeper.evict(&cmd.evict).await };
+        if !cmd.evict.is_empty() {
+            tracing::info!(evicted = ?evicted, refused = ?refused, "staging cache content evicted by an operator");
+        }
+        let listing = keeper.list().await;
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        };
+        let answer = CacheAnswer {
+            limit_bytes: keeper.max_bytes().unwrap_or(0),
+            total_bytes: listing.entries.iter().map(|c| c.entry.bytes).sum(),
+            entries: listing
+                .entries
+                .into_iter()
+                .map(|c| CachedContent {
+                    sha256: c.entry.sha256,
+                    bytes: c.entry.bytes,
+                    files: c.entry.files,
+                    last_use_unix_ms: ms(c.entry.last_use),
+                    user: c.user,
+                    uid: c.uid,
+                    pinned_by: c.pinned_by,
+                })
+                .collect(),
+            unknown_pins: listing.unknown_pins,
+            errors: listing.errors,
+            evicted,
+            refused,
+        };
+        let result = QueryResult { command_id, result: Some(QueryAnswer::Cache(answer)), ..QueryResult::default() };
         let _ = self.out.send(Outbound::Message(AgentMessage { msg: Some(Msg::QueryResult(result)) })).await;
     }
 }

@@ -30,7 +30,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 use crate::rank_user::RankIdentity;
-use crate::stage::gc::GcReport;
+use crate::stage::gc::{CacheEntry, EvictReport};
 use crate::stage::{StageItem, StageProgress, StagedItem};
 
 pub(crate) use helper::read_stdin_json;
@@ -75,12 +75,15 @@ pub enum Request {
         parallel_files: usize,
         items: Vec<StageItem>,
     },
-    /// Removes least recently used content of `cache_dir` (the job user's own
-    /// cache) until it holds at most `max_bytes`, keeping `pinned` digests.
-    CollectCache {
+    /// Lists the content of `cache_dir` (one user's staging cache).
+    ListCache {
         cache_dir: PathBuf,
-        max_bytes: u64,
-        pinned: Vec<String>,
+    },
+    /// Removes `digests` from `cache_dir` (one user's staging cache), each
+    /// under its lock.
+    EvictCache {
+        cache_dir: PathBuf,
+        digests: Vec<String>,
     },
     /// Finds the newest complete checkpoint under a job's save directory and
     /// repoints a tracker that names a half-written one.
@@ -161,7 +164,8 @@ pub enum Reply {
     Dataset(Box<DatasetReport>),
     Progress(StageProgress),
     Staged(Vec<StagedItem>),
-    Collected(GcReport),
+    CacheList(Vec<CacheEntry>),
+    Evicted(EvictReport),
     Checkpoint(FoundCheckpoint),
     Path(PathInfo),
     /// A sync archive: unpacked (true), or already there (false).
@@ -211,8 +215,8 @@ impl Request {
                 wall: Some(Duration::from_millis(*wait_ms) + Duration::from_secs(30)),
             },
             Request::Stage { .. } => Limits { address_space: 16 << 30, cpu_secs: None, file_size: None, wall: None },
-            // Lists and removes; writes only empty use records and lock files.
-            Request::CollectCache { .. } => Limits {
+            // Lists, or removes; writes only empty lock files.
+            Request::ListCache { .. } | Request::EvictCache { .. } => Limits {
                 address_space: 2 << 30,
                 cpu_secs: Some(600),
                 file_size: Some(0),
@@ -253,7 +257,8 @@ impl Request {
                 let names: Vec<&str> = items.iter().map(|i| i.name.as_str()).collect();
                 format!("the staging of {}", names.join(", "))
             }
-            Request::CollectCache { cache_dir, .. } => format!("the collection of the cache {}", cache_dir.display()),
+            Request::ListCache { cache_dir } => format!("the listing of the cache {}", cache_dir.display()),
+            Request::EvictCache { cache_dir, .. } => format!("removing content from the cache {}", cache_dir.display()),
             Request::FindCheckpoint { directory } => format!("the checkpoint search in {}", directory.display()),
             Request::InspectPath(inspect) => format!("looking at {}", inspect.path.display()),
             Request::UnpackSync { dest, .. } => format!("unpacking the job's sync archive into {}", dest.display()),
@@ -327,16 +332,18 @@ impl AsJobUser<'_> {
         }
     }
 
-    /// Collects this user's cache at `cache_dir` (from [`user_cache`]) down to `max_bytes`.
-    pub async fn collect_cache(
-        &self,
-        cache_dir: &Path,
-        max_bytes: u64,
-        pinned: Vec<String>,
-    ) -> Result<GcReport, JobFilesError> {
-        let request = Request::CollectCache { cache_dir: cache_dir.to_owned(), max_bytes, pinned };
-        match self.run(request, None).await? {
-            Reply::Collected(report) => Ok(report),
+    /// The content of this user's cache at `cache_dir` (from [`user_cache`]), least recently used first.
+    pub async fn list_cache(&self, cache_dir: &Path) -> Result<Vec<CacheEntry>, JobFilesError> {
+        match self.run(Request::ListCache { cache_dir: cache_dir.to_owned() }, None).await? {
+            Reply::CacheList(entries) => Ok(entries),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes `digests` from this user's cache at `cache_dir`.
+    pub async fn evict_cache(&self, cache_dir: &Path, digests: Vec<String>) -> Result<EvictReport, JobFilesError> {
+        match self.run(Request::EvictCache { cache_dir: cache_dir.to_owned(), digests }, None).await? {
+            Reply::Evicted(report) => Ok(report),
             other => Err(unexpected(other)),
         }
     }

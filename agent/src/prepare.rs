@@ -385,7 +385,7 @@ impl Preparer {
             let digests = staged.iter().map(|s| s.sha256.clone()).collect();
             self.cache_keeper.pin(&cmd.job_id, cmd.attempt, cache.clone(), digests);
             drop(staging);
-            self.cache_keeper.collect(user, &cache).await;
+            self.cache_keeper.collect().await;
         }
         match staged {
             Ok(staged) => Ok(staged

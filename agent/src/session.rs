@@ -412,6 +412,11 @@ async fn handle(
             tokio::spawn(async move { preparer.inspect_path(command_id, inspect).await });
             Ok(())
         }
+        Some(Command::Cache(cache)) => {
+            let preparer = preparer.clone();
+            tokio::spawn(async move { preparer.answer_cache(command_id, cache).await });
+            Ok(())
+        }
         Some(Command::HeartbeatAck(_)) => return None, // handled by the session loop
         Some(Command::ClearGpu(clear)) => {
             tracing::info!(gpu = clear.index, "GPU cleared by an operator");

@@ -21,6 +21,7 @@ use cohort_proto::{
     DeleteQueueRequest, DeleteQueueResponse, GetUsageRequest, GetUsageResponse, ListQueuesRequest, ListQueuesResponse,
     QueueSpec, QueueStatus,
 };
+use cohort_proto::{EvictNodeCacheRequest, ListNodeCachesRequest, ListNodeCachesResponse, NodeCache};
 use cohort_proto::{FetchSyncRequest, SyncArchive, SyncChunk};
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
@@ -220,6 +221,15 @@ impl JobService for Api {
     }
     async fn get_usage(&self, request: Request<GetUsageRequest>) -> Result<Response<GetUsageResponse>, Status> {
         unary!(self, request, get_usage)
+    }
+    async fn list_node_caches(
+        &self,
+        request: Request<ListNodeCachesRequest>,
+    ) -> Result<Response<ListNodeCachesResponse>, Status> {
+        unary!(self, request, list_node_caches)
+    }
+    async fn evict_node_cache(&self, request: Request<EvictNodeCacheRequest>) -> Result<Response<NodeCache>, Status> {
+        unary!(self, request, evict_node_cache)
     }
     async fn upload_sync(&self, request: Request<Streaming<SyncChunk>>) -> Result<Response<SyncArchive>, Status> {
         match self.leading.target().await? {
@@ -526,6 +536,19 @@ impl JobService for Local {
 
     async fn get_usage(&self, request: Request<GetUsageRequest>) -> Result<Response<GetUsageResponse>, Status> {
         Ok(Response::new(self.controller.usage(request.into_inner().since_unix_ms).await))
+    }
+
+    async fn list_node_caches(
+        &self,
+        request: Request<ListNodeCachesRequest>,
+    ) -> Result<Response<ListNodeCachesResponse>, Status> {
+        let nodes = self.controller.node_caches(&request.into_inner().node).await?;
+        Ok(Response::new(ListNodeCachesResponse { nodes }))
+    }
+
+    async fn evict_node_cache(&self, request: Request<EvictNodeCacheRequest>) -> Result<Response<NodeCache>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(self.controller.evict_node_cache(&request.node, request.sha256).await?))
     }
 
     async fn upload_sync(&self, request: Request<Streaming<SyncChunk>>) -> Result<Response<SyncArchive>, Status> {

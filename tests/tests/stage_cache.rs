@@ -121,3 +121,117 @@ async fn a_staged_model_is_found_by_its_id_in_the_nodes_hub_cache() {
     let hubs: Vec<&str> = done.staging.iter().map(|s| s.hub_cache.as_str()).collect();
     assert!(hubs.iter().all(|h| h.ends_with("/hub/huggingface") || h.ends_with("/hub/modelscope")), "{hubs:?}");
 }
+
+fn cli_json(cluster: &Cluster, args: &[&str]) -> serde_json::Value {
+    let out = cluster.cli(args);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `cohort cache staged -o json`: node0's entries as (user, digest, pinned by).
+fn staged(cluster: &Cluster) -> Vec<(String, String, Vec<String>)> {
+    let listed = cli_json(cluster, &["cache", "staged", "--node", "node0", "-o", "json"]);
+    let node = &listed["nodes"][0];
+    assert_eq!(node["error"], "", "{listed}");
+    assert_eq!(node["cache"]["limit_bytes"], 5 * MIB as u64, "{listed}");
+    node["cache"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let pinned = e["pinned_by"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect();
+            (e["user"].as_str().unwrap().to_owned(), e["sha256"].as_str().unwrap().to_owned(), pinned)
+        })
+        .collect()
+}
+
+fn sha256_of_dir_with_one_file(dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let file = std::fs::read(dir.join("weights.bin")).unwrap();
+    let line = format!("{:x} {} weights.bin\n", Sha256::digest(&file), file.len());
+    format!("{:x}", Sha256::digest(line.as_bytes()))
+}
+
+/// Issue 18, item 4: one `--cache-max` over every user's cache of a node (a
+/// staging for one user removes another user's older content), `cohort cache
+/// staged` and `cohort cache evict` through the controller, and pins that
+/// survive an agent restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_limit_over_every_users_cache_listed_and_evicted_through_the_controller() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(cohort_tests::is_root(), "this test stages as another user: run it as root (as CI does)");
+    let user = "cohort-test-cache";
+    cohort_tests::system_user(user);
+    let mut node = NodeSpec::loopback(0, 2);
+    node.extra_args = ["--cache-max", "5MiB", "--allowed-rank-users", "*"].map(String::from).to_vec();
+    let mut cluster = Cluster::start(vec![node]).await.unwrap();
+    // The user reaches its cache under the node's work dir, and reads the inputs.
+    std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let inputs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(inputs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (a, b, c) = (input(inputs.path(), "a", 1), input(inputs.path(), "b", 2), input(inputs.path(), "c", 3));
+    for dir in [&a, &b, &c] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(dir.join("weights.bin"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let (digest_a, digest_b, digest_c) =
+        (sha256_of_dir_with_one_file(&a), sha256_of_dir_with_one_file(&b), sha256_of_dir_with_one_file(&c));
+    let cache = cluster.dir.path().join("node0/cache");
+
+    // b for the user first (the oldest), then a and c for the agent's user: 6 MiB against 5.
+    let as_user = job("user-b", &b, "['true']").replace("nodes: 1\n", &format!("nodes: 1\nuser: {user}\n"));
+    let submitted = cluster.submit(&as_user).await.unwrap();
+    let done = cluster.wait_finished(&submitted.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&done), JobState::Succeeded, "{} {:?}", done.reason, done.attempts);
+    assert_eq!(copies_of(&cache.join("users"), 2), 1, "b is in the user's own cache");
+    run_to_end(&cluster, "root-a", &a).await;
+    assert_eq!(staged(&cluster).len(), 2, "4 MiB: under the limit");
+    run_to_end(&cluster, "root-c", &c).await;
+    // Each cache alone is under 5 MiB; together they are not: the user's b, the oldest, went.
+    assert_eq!((copies_of(&cache, 1), copies_of(&cache, 2), copies_of(&cache, 3)), (1, 0, 1));
+    let listed = staged(&cluster);
+    assert_eq!(
+        listed.iter().map(|(u, d, p)| (u.as_str(), d.as_str(), p.len())).collect::<Vec<_>>(),
+        [("root", digest_a.as_str(), 0), ("root", digest_c.as_str(), 0)],
+        "least recently used first"
+    );
+    assert!(!listed.iter().any(|(_, d, _)| *d == digest_b));
+
+    // A running job pins a: listed as such, and its eviction refused.
+    let release = cluster.dir.path().join("release");
+    let held = job("holds-a", &a, &format!("[sh, -c, 'while [ ! -e {} ]; do sleep 0.1; done']", release.display()));
+    let holder = cluster.submit(&held).await.unwrap();
+    cluster
+        .wait_job(&holder.id, Duration::from_secs(60), |j| state(j) == JobState::Running && j.live_processes == 1)
+        .await
+        .unwrap();
+    let pinned_by = vec![format!("{}/1", holder.id)];
+    assert!(staged(&cluster).contains(&("root".into(), digest_a.clone(), pinned_by.clone())));
+    let refused = cluster.cli(&["cache", "evict", "node0", &digest_a[..10]]);
+    let said = String::from_utf8_lossy(&refused.stdout);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(said.contains(&format!("in use by job {}/1", holder.id)), "{said}");
+    assert_eq!(copies_of(&cache, 1), 1, "kept");
+    let evicted = cluster.cli(&["cache", "evict", "node0", &digest_c[..10]]);
+    let said = String::from_utf8_lossy(&evicted.stdout);
+    assert!(evicted.status.success(), "{said} {}", String::from_utf8_lossy(&evicted.stderr));
+    assert!(said.contains(&format!("removed {digest_c} from node node0")), "{said}");
+    assert_eq!(copies_of(&cache, 3), 0);
+
+    // An agent started while the holder runs knows what it uses: the pin was kept on disk.
+    cluster.restart_agent(0);
+    cluster.wait_nodes_ready(&["node0".into()], Duration::from_secs(30)).await.unwrap();
+    assert!(staged(&cluster).contains(&("root".into(), digest_a.clone(), pinned_by)), "pinned after the restart");
+    let unknown = cli_json(&cluster, &["cache", "staged", "-o", "json"]);
+    assert_eq!(unknown["nodes"][0]["cache"]["unknown_pins"], false, "{unknown}");
+    assert_eq!(cluster.cli(&["cache", "evict", "node0", &digest_a[..10]]).status.code(), Some(1));
+
+    // Once the holder ends, a goes.
+    std::fs::write(&release, b"").unwrap();
+    let ended = cluster.wait_finished(&holder.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&ended), JobState::Succeeded, "{}", ended.reason);
+    let evicted = cluster.cli(&["cache", "evict", "node0", &digest_a[..10]]);
+    assert!(evicted.status.success(), "{}", String::from_utf8_lossy(&evicted.stdout));
+    assert!(staged(&cluster).is_empty());
+    assert!(cached(&cache).is_empty(), "{:?}", cached(&cache));
+}

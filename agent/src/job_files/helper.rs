@@ -58,11 +58,12 @@ pub fn main() -> i32 {
             Err(e) => Err(format!("cannot remove {}: {e}", file.display())),
         },
         Request::Stage { cache_dir, parallel_files, items } => stage(cache_dir, parallel_files, items),
-        Request::CollectCache { cache_dir, max_bytes, pinned } => {
-            crate::stage::gc::collect(&cache_dir, max_bytes, &pinned.into_iter().collect())
-                .map(Reply::Collected)
-                .map_err(|e| format!("cannot collect the staging cache {}: {e}", cache_dir.display()))
-        }
+        Request::ListCache { cache_dir } => crate::stage::gc::list(&cache_dir)
+            .map(Reply::CacheList)
+            .map_err(|e| format!("cannot list the staging cache {}: {e}", cache_dir.display())),
+        Request::EvictCache { cache_dir, digests } => crate::stage::gc::evict(&cache_dir, &digests)
+            .map(Reply::Evicted)
+            .map_err(|e| format!("cannot remove content from the staging cache {}: {e}", cache_dir.display())),
         Request::FindCheckpoint { directory } => {
             super::checkpoint::find_checkpoint_in(&directory).map(Reply::Checkpoint)
         }

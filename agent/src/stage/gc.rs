@@ -119,31 +119,87 @@ fn tree_size(root: &Path) -> io::Result<(u64, u64)> {
     Ok((bytes, files))
 }
 
-/// Removes least recently used content of the cache at `cache` until it
-/// holds at most `max_bytes`, keeping `pinned` digests and content whose
-/// lock another staging holds.
-pub fn collect(cache: &Path, max_bytes: u64, pinned: &HashSet<String>) -> io::Result<GcReport> {
-    remove_leftovers(cache);
-    let entries = list(cache)?;
-    let total: u64 = entries.iter().map(|e| e.bytes).sum();
-    let mut report = GcReport { bytes_before: total, bytes_after: total, ..GcReport::default() };
-    for entry in entries {
-        if report.bytes_after <= max_bytes {
+/// What a collection over one or several caches of a node removes: least
+/// recently used content first, over all of them together, until they hold
+/// at most `max_bytes`; pinned content stays.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Choice {
+    pub bytes_before: u64,
+    /// What the caches would hold once `evict` is gone.
+    pub bytes_after: u64,
+    /// (index of the cache in the caller's list, content), oldest first.
+    pub evict: Vec<(usize, CacheEntry)>,
+    /// Over the limit but kept: pinned by a job.
+    pub pinned: Vec<(usize, String)>,
+}
+
+/// Chooses what goes from `caches` (each listed by [`list`]) so that they
+/// hold at most `max_bytes` together; `pinned(cache, digest)` keeps content.
+pub fn choose(caches: &[Vec<CacheEntry>], max_bytes: u64, pinned: impl Fn(usize, &str) -> bool) -> Choice {
+    let mut all: Vec<(usize, &CacheEntry)> =
+        caches.iter().enumerate().flat_map(|(i, entries)| entries.iter().map(move |e| (i, e))).collect();
+    all.sort_by(|a, b| (a.1.last_use, a.0, &a.1.sha256).cmp(&(b.1.last_use, b.0, &b.1.sha256)));
+    let total: u64 = all.iter().map(|(_, e)| e.bytes).sum();
+    let mut choice = Choice { bytes_before: total, bytes_after: total, ..Choice::default() };
+    for (cache, entry) in all {
+        if choice.bytes_after <= max_bytes {
             break;
         }
-        if pinned.contains(&entry.sha256) {
-            report.pinned.push(entry.sha256);
+        if pinned(cache, &entry.sha256) {
+            choice.pinned.push((cache, entry.sha256.clone()));
             continue;
         }
-        if remove(cache, &entry.sha256)? {
-            report.bytes_after -= entry.bytes;
-            report.removed.push(entry);
+        choice.bytes_after -= entry.bytes;
+        choice.evict.push((cache, entry.clone()));
+    }
+    choice
+}
+
+/// What [`evict`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictReport {
+    pub removed: Vec<String>,
+    /// Kept: being staged (its lock held).
+    pub busy: Vec<String>,
+}
+
+/// Removes `digests` from the cache at `cache`, each under its lock (content
+/// a staging holds stays, as `busy`; content not there counts as removed),
+/// and what an earlier collection left half-done.
+pub fn evict(cache: &Path, digests: &[String]) -> io::Result<EvictReport> {
+    remove_leftovers(cache);
+    let mut report = EvictReport::default();
+    for hex in digests.iter().filter(|hex| is_hex64(hex)) {
+        if remove(cache, hex)? {
+            report.removed.push(hex.clone());
         } else {
-            report.busy.push(entry.sha256);
+            report.busy.push(hex.clone());
         }
     }
     if !report.removed.is_empty() {
         super::hub::prune_dangling(cache);
+    }
+    Ok(report)
+}
+
+/// Removes least recently used content of the cache at `cache` until it
+/// holds at most `max_bytes`, keeping `pinned` digests and content whose
+/// lock another staging holds: [`choose`] and [`evict`] over one cache.
+pub fn collect(cache: &Path, max_bytes: u64, pinned: &HashSet<String>) -> io::Result<GcReport> {
+    let entries = list(cache)?;
+    let choice = choose(std::slice::from_ref(&entries), max_bytes, |_, hex| pinned.contains(hex));
+    let digests: Vec<String> = choice.evict.iter().map(|(_, e)| e.sha256.clone()).collect();
+    let evicted = evict(cache, &digests)?;
+    let mut report = GcReport {
+        bytes_before: choice.bytes_before,
+        bytes_after: choice.bytes_before,
+        pinned: choice.pinned.into_iter().map(|(_, hex)| hex).collect(),
+        busy: evicted.busy,
+        ..GcReport::default()
+    };
+    for (_, entry) in choice.evict.into_iter().filter(|(_, e)| evicted.removed.contains(&e.sha256)) {
+        report.bytes_after -= entry.bytes;
+        report.removed.push(entry);
     }
     Ok(report)
 }
@@ -274,6 +330,30 @@ mod tests {
 
         drop(held);
         assert_eq!(collect(c, 0, &HashSet::from([pinned])).unwrap().removed.len(), 1, "the lock let go");
+    }
+
+    #[test]
+    fn a_node_wide_choice_takes_the_oldest_of_every_cache_together() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a_old = put(a.path(), 1, 1000, 900);
+        let a_new = put(a.path(), 2, 1000, 10);
+        let b_mid = put(b.path(), 3, 1000, 500);
+        let b_pinned = put(b.path(), 4, 1000, 1000);
+        let caches = [list(a.path()).unwrap(), list(b.path()).unwrap()];
+
+        // 4000 bytes in both, 2000 allowed: the two oldest unpinned go, whichever cache holds them.
+        let choice = choose(&caches, 2000, |cache, hex| cache == 1 && hex == b_pinned);
+        let chosen: Vec<(usize, &str)> = choice.evict.iter().map(|(c, e)| (*c, e.sha256.as_str())).collect();
+        assert_eq!(chosen, [(0, a_old.as_str()), (1, b_mid.as_str())]);
+        assert_eq!(choice.pinned, [(1, b_pinned.clone())]);
+        assert_eq!((choice.bytes_before, choice.bytes_after), (4000, 2000));
+        // Each cache alone is at its 2000: a per-cache limit would remove nothing.
+        assert!(choose(&caches[..1], 2000, |_, _| false).evict.is_empty());
+
+        let report = evict(b.path(), std::slice::from_ref(&b_mid)).unwrap();
+        assert_eq!(report.removed, std::slice::from_ref(&b_mid));
+        assert!(!b.path().join("sha256").join(&b_mid).exists());
+        assert!(a.path().join("sha256").join(&a_new).exists());
     }
 
     #[test]

@@ -263,6 +263,24 @@ pub enum CacheVerb {
     },
     /// Forget an entry and delete its directory (a unique prefix of the key is enough).
     Rm { key: String },
+    /// The nodes' staging caches: what each holds, for which user, how large, last used, pinned by which job.
+    Staged {
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+        #[command(flatten)]
+        format: Format,
+    },
+    /// Remove content from a node's staging caches (admin); content a job uses is refused.
+    Evict {
+        /// The node.
+        node: String,
+        /// Digests as `cohort cache staged` shows them (a unique prefix of at least 8 digits is enough).
+        #[arg(required = true)]
+        digests: Vec<String>,
+        #[command(flatten)]
+        format: Format,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -524,6 +542,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Verb::Cache(CacheVerb::Rm { key }) => {
             crate::pipeline::cache_rm(&mut client, &key).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Verb::Cache(CacheVerb::Staged { node, format }) => {
+            crate::node_caches::staged(&mut client, node.as_deref().unwrap_or_default(), format.output).await
+        }
+        Verb::Cache(CacheVerb::Evict { node, digests, format }) => {
+            crate::node_caches::evict(&mut client, &node, &digests, format.output).await
         }
         Verb::Queues { format } => crate::queues::queues(&mut client, format.output).await,
         Verb::Queue(verb) => crate::queues::queue(&mut client, verb).await,

@@ -44,7 +44,9 @@ proto!(
     ListQueuesResponse,
     QueueStatus,
     GetUsageResponse,
-    DeleteJobResponse
+    DeleteJobResponse,
+    ListNodeCachesResponse,
+    NodeCache
 );
 
 /// One record in the schema, without the `"schema"` key (a JSON lines record).

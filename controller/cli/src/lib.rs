@@ -14,6 +14,7 @@ pub mod dev;
 pub mod failures;
 pub mod json;
 pub mod metrics;
+pub mod node_caches;
 pub mod nodes;
 pub mod pipeline;
 pub mod plan;

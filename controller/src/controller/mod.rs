@@ -214,6 +214,7 @@ mod checking;
 mod deleting;
 mod dependencies;
 mod job_entry;
+mod node_caches;
 mod node_entry;
 mod pipeline;
 mod preemption;

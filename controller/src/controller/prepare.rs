@@ -244,7 +244,9 @@ impl Controller {
         }
         let (checkpoint, skipped) = match answer.result {
             Some(QueryAnswer::Checkpoint(c)) => (c.checkpoint, c.skipped),
-            Some(QueryAnswer::Path(_) | QueryAnswer::SwiftArgcheck(_)) | None => (None, Vec::new()),
+            Some(QueryAnswer::Path(_) | QueryAnswer::SwiftArgcheck(_) | QueryAnswer::Cache(_)) | None => {
+                (None, Vec::new())
+            }
         };
         let Some(checkpoint) = checkpoint else {
             return Err(ControllerError::FailedPrecondition(format!(

@@ -244,6 +244,6 @@ fn apply_lookup(entry: &mut JobEntry, answer: QueryResult, node: &str) -> String
             }
             skipped_note(&c.skipped)
         }
-        Some(Answer::Path(_) | Answer::SwiftArgcheck(_)) | None => String::new(),
+        Some(Answer::Path(_) | Answer::SwiftArgcheck(_) | Answer::Cache(_)) | None => String::new(),
     }
 }

@@ -109,7 +109,7 @@ impl Controller {
                         workdir: spec.workdir.clone().unwrap_or_default(),
                     };
                     let entry = EnvironmentCheck { nodes, environment, node: node.clone(), ..Default::default() };
-                    pending.push((entry, ask(state, &node, command)));
+                    pending.push((entry, ask(state, &node, Command::SwiftArgcheck(command))));
                 }
                 pending
             })
@@ -140,15 +140,15 @@ impl Controller {
 }
 
 /// Sends `command` to `node` as a query; None when the node is not connected.
-fn ask(
+pub(super) fn ask(
     state: &mut State,
     node: &str,
-    command: SwiftArgcheckCommand,
+    command: Command,
 ) -> Option<tokio::sync::oneshot::Receiver<cohort_proto::QueryResult>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let command_id = state.next_command_id;
     state.queries.insert(command_id, tx);
-    if Controller::send_command(state, node, Command::SwiftArgcheck(command)) {
+    if Controller::send_command(state, node, command) {
         Some(rx)
     } else {
         state.queries.remove(&command_id);

@@ -140,7 +140,8 @@ fn need(path: &str) -> Option<Need> {
             | "ClearGpu"
             | "RemoveConversionCache"
             | "SetQueue"
-            | "DeleteQueue",
+            | "DeleteQueue"
+            | "EvictNodeCache",
         ) => Need::Admin,
         ("cohort.v1.JobService", _) => Need::Read,
         // Server reflection (grpcurl list/describe) reads the API's schema.
@@ -339,6 +340,8 @@ mod tests {
         assert_eq!(need("/cohort.v1.JobService/SetQueue"), Some(Need::Admin));
         assert_eq!(need("/cohort.v1.JobService/DeleteQueue"), Some(Need::Admin));
         assert_eq!(need("/cohort.v1.JobService/ListQueues"), Some(Need::Read));
+        assert_eq!(need("/cohort.v1.JobService/EvictNodeCache"), Some(Need::Admin));
+        assert_eq!(need("/cohort.v1.JobService/ListNodeCaches"), Some(Need::Read));
         assert!(need("/grpc.health.v1.Health/Check").is_none());
     }
 

@@ -566,7 +566,7 @@ impl SimAgent {
                     processes: Vec::new(),
                 }),
             ],
-            Some(Command::FetchLogs(_) | Command::InspectPath(_) | Command::SwiftArgcheck(_)) => {
+            Some(Command::FetchLogs(_) | Command::InspectPath(_) | Command::SwiftArgcheck(_) | Command::Cache(_)) => {
                 vec![Msg::Ack(ok), Msg::QueryResult(QueryResult { command_id, ..QueryResult::default() })]
             }
             Some(Command::ClearGpu(_)) => vec![Msg::Ack(ok)],

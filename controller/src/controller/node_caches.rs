@@ -1,0 +1,85 @@
+//! `cohort cache staged` and `cohort cache evict`: the nodes' staging caches,
+//! asked of the agents over their sessions (each lists every user's cache
+//! as that user, see agent/src/cache_keeper.rs).
+
+use std::time::Duration;
+
+use cohort_proto::{CacheCommand, NodeCache, query_result::Result as QueryAnswer};
+
+use super::swift_check::ask;
+use super::{Command, Controller, ControllerError, unknown_node};
+
+/// How long a node has to list (or evict from) its caches.
+const CACHE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Controller {
+    /// The staging caches of `node` (empty: of every connected node), by node name.
+    pub async fn node_caches(&self, node: &str) -> Result<Vec<NodeCache>, ControllerError> {
+        self.ask_caches(node, CacheCommand::default()).await
+    }
+
+    /// Removes `digests` from the staging caches of `node`; what the node did.
+    pub async fn evict_node_cache(&self, node: &str, digests: Vec<String>) -> Result<NodeCache, ControllerError> {
+        if node.trim().is_empty() {
+            return Err(ControllerError::InvalidRequest("EvictNodeCacheRequest.node: name the node".into()));
+        }
+        if digests.is_empty() {
+            return Err(ControllerError::InvalidRequest(
+                "EvictNodeCacheRequest.sha256: name at least one digest (`cohort cache staged` lists them)".into(),
+            ));
+        }
+        if let Some(bad) = digests.iter().find(|d| d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err(ControllerError::InvalidRequest(format!(
+                "EvictNodeCacheRequest.sha256: {bad:?} is not 64 hex digits; give the whole digest"
+            )));
+        }
+        let digests = digests.into_iter().map(|d| d.to_ascii_lowercase()).collect();
+        let mut answers = self.ask_caches(node, CacheCommand { evict: digests }).await?;
+        Ok(answers.pop().unwrap_or_default())
+    }
+
+    async fn ask_caches(&self, node: &str, command: CacheCommand) -> Result<Vec<NodeCache>, ControllerError> {
+        let node = node.trim().to_owned();
+        let pending = self
+            .state
+            .call(move |state, _| {
+                let names: Vec<String> = if node.is_empty() {
+                    state.nodes.values().filter(|n| n.is_connected()).map(|n| n.info.name.clone()).collect()
+                } else if state.nodes.contains_key(&node) {
+                    vec![node.clone()]
+                } else {
+                    return Err(unknown_node(&node));
+                };
+                Ok(names
+                    .into_iter()
+                    .map(|name| {
+                        let rx = ask(state, &name, Command::Cache(command.clone()));
+                        (name, rx)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        let mut answers = futures::future::join_all(pending.into_iter().map(|(node, rx)| async move {
+            let mut answer = NodeCache { node: node.clone(), ..Default::default() };
+            let Some(rx) = rx else {
+                answer.error = format!("node {node} is not connected");
+                return answer;
+            };
+            match tokio::time::timeout(CACHE_TIMEOUT, rx).await {
+                Err(_) => answer.error = format!("node {node} did not answer within {CACHE_TIMEOUT:?}"),
+                Ok(Err(_)) => answer.error = format!("node {node} went away before answering"),
+                Ok(Ok(result)) if !result.error.is_empty() => answer.error = format!("node {node}: {}", result.error),
+                Ok(Ok(result)) => match result.result {
+                    Some(QueryAnswer::Cache(cache)) => answer.cache = Some(cache),
+                    _ => answer.error = format!("node {node} answered something else"),
+                },
+            }
+            answer
+        }))
+        .await;
+        // Queries that were never answered.
+        self.state.call(|state, _| state.queries.retain(|_, tx| !tx.is_closed())).await;
+        answers.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(answers)
+    }
+}
