@@ -64,6 +64,7 @@ impl Controller {
         let mut writes = Vec::new();
         for id in &ids {
             state.jobs.remove(id);
+            state.deleted_jobs.insert(id.clone());
             state.submitted.retain(|_, job| job != id);
             state.logs_complete.retain(|(job, _)| job != id);
             writes.push(self.writer.write(format!("jobs/{id}"), None));

@@ -128,6 +128,23 @@ pub(super) struct JobEntry {
     /// The checkpoint lookup of a preemption waiting for this job's next
     /// checkpoint (`job.checkpoint_wait`) before it stops it.
     pub(super) checkpoint_poll: super::preemption::CheckpointPoll,
+    /// Nodes lost under this job whose fence deadline holds its next attempt
+    /// back (memory only: after a controller restart the persisted
+    /// `not_before_unix_ms` holds, unreleased).
+    pub(super) fence_holds: Vec<FenceHold>,
+    /// The restart backoff's part of `not_before_unix_ms`.
+    backoff_until_unix_ms: i64,
+}
+
+/// A lost node's fence deadline holding a job's next attempt back, until its
+/// ranks are surely gone, or shown gone by the node itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct FenceHold {
+    pub(super) node: String,
+    /// When the node was declared lost.
+    pub(super) lost_unix_ms: i64,
+    /// When its ranks are surely gone (fence deadline, stop grace, slack).
+    pub(super) until_unix_ms: i64,
 }
 
 impl JobEntry {
@@ -166,6 +183,8 @@ impl JobEntry {
             progress: Default::default(),
             lookup: None,
             checkpoint_poll: Default::default(),
+            fence_holds: Vec::new(),
+            backoff_until_unix_ms: 0,
         }
     }
 
@@ -399,6 +418,7 @@ impl JobEntry {
         self.require("restart", |p| p == JobPhase::Failed)?;
         set_phase(&mut self.job, JobPhase::Restarting);
         self.job.finished_unix_ms = 0;
+        self.backoff_until_unix_ms = not_before_unix_ms;
         self.hold_until(not_before_unix_ms);
         self.job.reason = reason;
         Ok(())
@@ -481,6 +501,28 @@ impl JobEntry {
     /// No new attempt before `unix_ms` (earlier holds still count).
     pub(super) fn hold_until(&mut self, unix_ms: i64) {
         self.job.not_before_unix_ms = self.job.not_before_unix_ms.max(unix_ms);
+    }
+
+    /// `node` was lost at `lost_unix_ms` under this job: no next attempt before
+    /// its ranks are surely fenced, at `until_unix_ms`.
+    pub(super) fn hold_for_fence(&mut self, node: &str, lost_unix_ms: i64, until_unix_ms: i64) {
+        self.fence_holds.retain(|h| h.node != node);
+        self.fence_holds.push(FenceHold { node: node.to_owned(), lost_unix_ms, until_unix_ms });
+        self.hold_until(until_unix_ms);
+    }
+
+    /// `node` is back and runs none of this job's processes: its fence no
+    /// longer holds the next attempt, which waits only for the backoff and
+    /// the other lost nodes. True when a hold was released.
+    pub(super) fn release_fence(&mut self, node: &str) -> bool {
+        let before = self.fence_holds.len();
+        self.fence_holds.retain(|h| h.node != node);
+        if self.fence_holds.len() == before {
+            return false;
+        }
+        let others = self.fence_holds.iter().map(|h| h.until_unix_ms).max().unwrap_or(0);
+        self.job.not_before_unix_ms = self.backoff_until_unix_ms.max(others);
+        true
     }
 
     fn process_mut(&mut self, node: &str, index: u32) -> Option<&mut ProcessStatus> {

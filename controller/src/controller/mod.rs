@@ -187,6 +187,9 @@ struct State {
     pending_conversions: HashMap<String, cohort_proto::ConversionCacheEntry>,
     /// Jobs by (submitter, SubmitJobRequest.request_id): a repeated submit returns the first job.
     submitted: HashMap<(String, String), String>,
+    /// Jobs this controller deleted: a late store event or listing that
+    /// still holds one does not bring it back.
+    deleted_jobs: HashSet<String>,
     /// Submits whose record is on its way to the store, by the same key: a
     /// repeat waits for the first's outcome instead of making a second job.
     /// The sender side lives in the first submit and drops when it is done.
@@ -258,27 +261,19 @@ impl Controller {
                     continue;
                 }
             };
-            let Some(job) = record.job else { continue };
+            let Some(job) = &record.job else { continue };
             state.next_seq = state.next_seq.max(record.seq + 1);
-            let file = job.file.clone().unwrap_or_default();
-            let spec = match JobSpec::from_yaml(&file.yaml, &file.source_name) {
-                Ok(mut spec) => {
-                    crate::security::run_as::apply_default_user(&mut spec, &file);
-                    spec
+            let id = job.id.clone();
+            match entry_from_record(record, v.revision) {
+                Ok(entry) => {
+                    revisions.insert(key.clone(), v.revision);
+                    state.insert_stored(entry);
                 }
                 Err(e) => {
-                    tracing::error!(job = %job.id, error = %e, "stored job no longer parses; skipping it");
-                    warnings
-                        .push(format!("store key {key}: the job file no longer parses ({e}); job {} skipped", job.id));
-                    continue;
+                    tracing::error!(job = %id, error = %e, "stored job no longer parses; skipping it");
+                    warnings.push(format!("store key {key}: the job file no longer parses ({e}); job {id} skipped"));
                 }
-            };
-            if !job.request_id.is_empty() {
-                let submitter = job.file.as_ref().map(|f| f.submitted_by.clone()).unwrap_or_default();
-                state.submitted.insert((submitter, job.request_id.clone()), job.id.clone());
             }
-            revisions.insert(key.clone(), v.revision);
-            state.jobs.insert(job.id.clone(), JobEntry::from_store(job, spec, record.seq, v.revision));
         }
         if let Some(last) = store.get(JOB_SEQ_KEY).await? {
             revisions.insert(JOB_SEQ_KEY.to_string(), last.revision);
@@ -713,8 +708,27 @@ impl Controller {
     }
 
     pub async fn get(&self, job_ref: &str) -> Result<Job, ControllerError> {
+        self.read_through(job_ref).await;
         let job_ref = job_ref.to_string();
         self.state.call(move |state, _| Ok(Self::resolve(state, &job_ref)?.job.clone())).await
+    }
+
+    /// A job id this controller does not hold but the store does: a submit
+    /// answered by the previous leader (or this process's previous term)
+    /// after this one loaded the store. Taken from the store before the
+    /// request is answered, so a job id a client was given is never "no job".
+    pub(super) async fn read_through(&self, job_ref: &str) {
+        let (id, probe) = (job_ref.to_string(), job_ref.to_string());
+        let known = self.state.call(move |state, _| Self::resolve(state, &probe).is_ok()).await;
+        if known || id.is_empty() || id.contains('/') {
+            return;
+        }
+        let key = format!("jobs/{id}");
+        match self.store.get(&key).await {
+            Ok(Some(v)) => self.stored_job(&key, &v.value, v.revision).await,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(job = %id, error = %e, "cannot look the job up in the store"),
+        }
     }
 
     pub async fn list(&self, active_only: bool) -> Vec<Job> {
@@ -733,6 +747,7 @@ impl Controller {
 
     /// The job now and a receiver of its later events.
     pub async fn watch(&self, job_ref: &str) -> Result<(Job, broadcast::Receiver<JobEvent>), ControllerError> {
+        self.read_through(job_ref).await;
         let job_ref = job_ref.to_string();
         // Subscribed on the state task: no event of a later change is missed.
         self.state
@@ -1085,6 +1100,30 @@ fn validate_node(info: &NodeInfo) -> Result<(), ControllerError> {
         }
     }
     Ok(())
+}
+
+/// A stored job record as an entry, its spec parsed again from its file;
+/// Err: why the file no longer parses. The record must hold a job.
+fn entry_from_record(record: JobRecord, revision: u64) -> Result<JobEntry, String> {
+    let job = record.job.unwrap_or_default();
+    let file = job.file.clone().unwrap_or_default();
+    let mut spec = JobSpec::from_yaml(&file.yaml, &file.source_name).map_err(|e| e.to_string())?;
+    crate::security::run_as::apply_default_user(&mut spec, &file);
+    Ok(JobEntry::from_store(job, spec, record.seq, revision))
+}
+
+impl State {
+    /// A job read from the store joins the state: its seq is not handed out
+    /// again, and a submit repeating its request id gets it.
+    fn insert_stored(&mut self, entry: JobEntry) {
+        self.next_seq = self.next_seq.max(entry.seq + 1);
+        let job = &entry.job;
+        if !job.request_id.is_empty() {
+            let submitter = job.file.as_ref().map(|f| f.submitted_by.clone()).unwrap_or_default();
+            self.submitted.insert((submitter, job.request_id.clone()), job.id.clone());
+        }
+        self.jobs.insert(job.id.clone(), entry);
+    }
 }
 
 /// The answer to a request naming a node the controller does not know.

@@ -56,6 +56,9 @@ pub(super) enum Sweep {
 pub(super) struct NodeEntry {
     pub(super) info: NodeInfo,
     pub(super) registered_unix_ms: i64,
+    /// When its agent last registered (a first registration, a restart or a
+    /// reconnect) with this controller; 0: not since it started.
+    pub(super) last_registered_unix_ms: i64,
     pub(super) revision: Option<u64>,
     pub(super) session: Option<(String, SessionSender)>,
     /// The session id handed out by the last Register.
@@ -106,6 +109,7 @@ impl NodeEntry {
         let mut node = Self::new(info, now_unix_ms(), now, NodePhase::Ready);
         node.registered_session = Some(session_id);
         node.last_seen_unix_ms = now_unix_ms();
+        node.last_registered_unix_ms = node.last_seen_unix_ms;
         node.reported = running;
         node
     }
@@ -114,6 +118,7 @@ impl NodeEntry {
         NodeEntry {
             info,
             registered_unix_ms,
+            last_registered_unix_ms: 0,
             revision: None,
             session: None,
             registered_session: None,
@@ -166,6 +171,7 @@ impl NodeEntry {
         self.info = info;
         self.registered_session = Some(session_id);
         self.heard_from(now);
+        self.last_registered_unix_ms = self.last_seen_unix_ms;
         self.reported = running;
         changed
     }

@@ -62,7 +62,7 @@ impl Controller {
     }
 
     /// Takes a job record from the store when it is newer than the one held.
-    async fn stored_job(&self, key: &str, value: &[u8], revision: u64) {
+    pub(super) async fn stored_job(&self, key: &str, value: &[u8], revision: u64) {
         let (key, value) = (key.to_string(), value.to_vec());
         self.state.call(move |state, ctl| ctl.take_stored_job(state, &key, &value, revision)).await
     }
@@ -70,7 +70,10 @@ impl Controller {
     /// [`Self::stored_job`] on the state.
     fn take_stored_job(&self, state: &mut State, key: &str, value: &[u8], revision: u64) {
         let Some(id) = key.strip_prefix("jobs/") else { return };
-        let Some(entry) = state.jobs.get_mut(id) else { return };
+        let Some(entry) = state.jobs.get_mut(id) else {
+            self.take_unknown_job(state, key, value, revision);
+            return;
+        };
         if entry.revision.is_some_and(|r| r >= revision) || self.writer.is_known(key, revision) {
             return; // our own write (made or on its way), or older
         }
@@ -83,6 +86,33 @@ impl Controller {
             entry.replace_record(job, revision);
             self.writer.adopt(key, revision);
             self.wake.notify_one();
+        }
+    }
+
+    /// A job in the store that this controller does not hold: written after
+    /// it loaded the store by a controller that lost the lead meanwhile (a
+    /// submit it answered), or by hand. It joins the state as at a load.
+    fn take_unknown_job(&self, state: &mut State, key: &str, value: &[u8], revision: u64) {
+        let deleted = key.strip_prefix("jobs/").is_some_and(|id| state.deleted_jobs.contains(id));
+        if deleted || self.writer.is_known(key, revision) {
+            return;
+        }
+        let record = match JobRecord::decode(value) {
+            Ok(record) if record.job.is_some() => record,
+            _ => {
+                tracing::warn!(key, "undecodable job record in the store; ignoring it");
+                return;
+            }
+        };
+        match entry_from_record(record, revision) {
+            Ok(entry) => {
+                let id = entry.job.id.clone();
+                tracing::warn!(job = %id, revision, "a job this controller did not hold is in the store; taking it");
+                state.insert_stored(entry);
+                self.writer.adopt(key, revision);
+                self.wake.notify_one();
+            }
+            Err(e) => tracing::error!(key, error = %e, "a stored job no longer parses; skipping it"),
         }
     }
 
@@ -119,6 +149,7 @@ impl Controller {
             self.persist_job(state, &id);
         }
         self.advance_checkpoint_waits(state);
+        self.release_fences(state);
         self.advance_restarts(state)?;
         self.settle_dependencies(state);
         self.settle_arrays(state);
@@ -161,7 +192,11 @@ impl Controller {
                 // The lost node's agent (or, with the agent dead, each rank's shim)
                 // starts stopping its ranks at its fence deadline and needs up to the
                 // job's stop grace to finish: no new attempt may start before then.
-                entry.hold_until(ranks_fenced_by(state.nodes.get(&node), entry.spec.stop_grace));
+                entry.hold_for_fence(
+                    &node,
+                    now_unix_ms(),
+                    ranks_fenced_by(state.nodes.get(&node), entry.spec.stop_grace),
+                );
                 let describe = |node_rank| {
                     format!(
                         "node {node} (node rank {node_rank}) lost: no heartbeat for {} (of this controller's observed time)",
@@ -268,6 +303,59 @@ impl Controller {
     /// The next free MASTER_PORT ([`planner::next_master_port`]); None when every one is leased.
     pub(super) fn peek_port(state: &State, config: &ControllerConfig) -> Option<u16> {
         planner::next_master_port(&config.master_ports, state.next_port, &Self::used_ports(state))
+    }
+
+    /// Positive evidence instead of the clock: a lost node that registered
+    /// again after it was declared lost, and runs none of a job's processes
+    /// (its new agent reported what it runs, and anything of the job's it
+    /// still ran has been stopped), no longer holds that job's next attempt
+    /// until its fence deadline.
+    fn release_fences(&self, state: &mut State) {
+        // Connected nodes: when they last registered, and the jobs they still run a process of.
+        let back: HashMap<String, (i64, HashSet<&str>)> = state
+            .nodes
+            .values()
+            .filter(|n| n.is_connected())
+            .map(|n| {
+                let running = n
+                    .reported
+                    .iter()
+                    .filter(|l| l.processes.iter().any(|p| p.exited.is_none()))
+                    .map(|l| l.job_id.as_str())
+                    .collect();
+                (n.info.name.clone(), (n.last_registered_unix_ms, running))
+            })
+            .collect();
+        let mut released = Vec::new();
+        for entry in state.jobs.values_mut().filter(|e| !e.fence_holds.is_empty()) {
+            let proven: Vec<String> = entry
+                .fence_holds
+                .iter()
+                .filter(|h| {
+                    back.get(&h.node).is_some_and(|(registered, running)| {
+                        *registered > h.lost_unix_ms && !running.contains(entry.job.id.as_str())
+                    })
+                })
+                .filter(|h| !entry.job.processes.iter().any(|p| p.node_name == h.node && is_live(p)))
+                .map(|h| h.node.clone())
+                .collect();
+            for node in proven {
+                let held_until = entry.job.not_before_unix_ms;
+                if entry.release_fence(&node) {
+                    tracing::info!(
+                        job = %entry.job.id,
+                        node = %node,
+                        saved_ms = (held_until - entry.job.not_before_unix_ms).max(0),
+                        "the lost node is back and runs none of the job's processes: its fence no longer holds the next attempt"
+                    );
+                    released.push(entry.job.id.clone());
+                }
+            }
+        }
+        released.dedup();
+        for id in released {
+            self.persist_job(state, &id);
+        }
     }
 
     /// Places pending jobs: within a queue by priority, then fair share (the

@@ -337,6 +337,89 @@ async fn a_node_lost_while_running_restarts_the_job_without_it_after_the_old_gan
     assert_eq!(second.live_processes, 2);
 }
 
+/// Issue 19: a lost node's fence deadline holds the next attempt only until
+/// the node shows its ranks gone: back, registered again, and reporting none
+/// of the job's processes. While it still runs one, the hold stays.
+#[tokio::test]
+async fn a_lost_node_back_without_the_jobs_processes_releases_its_fence_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let fenced = || NodeInfo { fence_after_ms: 60_000, ..node_info("n1") };
+    let _n0 = connect(&controller, "n0", Vec::new()).await;
+    let registered = controller.register(RegisterRequest { node: Some(fenced()), ..Default::default() }).await.unwrap();
+    let (tx, _n1) = mpsc::unbounded_channel();
+    controller.attach("n1", &registered.session_id, tx).await.unwrap();
+    let yaml = "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\nstop_grace: 1s\ncommand: [sleep, '100']\n\
+                restart: {max_restarts: 1, backoff: 1ms, on: [node_lost]}\n";
+    let id = submit(&controller, yaml).await;
+    tokio::time::pause();
+    controller.reconcile().await.unwrap();
+    for node in ["n0", "n1"] {
+        controller.process_event(node, event(&id, started())).await;
+    }
+
+    // n1 goes silent: lost, and the next attempt held for its 60 s fence.
+    pass_reporting(&controller, controller.config.node_ttl + Duration::from_secs(1), &[("n0", running_launch(&id))])
+        .await;
+    controller.process_event("n0", event(&id, Event::Exited(exited(None, Some(15))))).await;
+    pass(&controller, Duration::from_secs(1), &["n0"]).await;
+    let held = controller.get(&id).await.unwrap();
+    assert_eq!((held.state, held.attempt), (JobState::Pending as i32, 1), "{}", held.reason);
+    assert!(held.not_before_unix_ms > now_unix_ms() + 50_000, "held for n1's fence: {}", held.reason);
+
+    // n1 is back but still runs the old rank: the hold stays, and the rank is stopped.
+    let request = RegisterRequest { node: Some(fenced()), running: running_launch(&id), ..Default::default() };
+    let registered = controller.register(request).await.unwrap();
+    let (tx, mut n1) = mpsc::unbounded_channel();
+    controller.attach("n1", &registered.session_id, tx).await.unwrap();
+    pass_reporting(&controller, Duration::from_secs(1), &[("n0", Vec::new()), ("n1", running_launch(&id))]).await;
+    let still = controller.get(&id).await.unwrap();
+    assert!(still.not_before_unix_ms > now_unix_ms() + 50_000, "n1 still runs the job's rank");
+    assert_eq!(still.attempt, 1);
+    assert!(stops(&commands(&mut n1)) >= 1, "the old rank on n1 is told to stop");
+
+    // Its rank gone, n1 proves the fence: attempt 2 is placed at once, on both nodes again.
+    pass(&controller, Duration::from_secs(1), &["n0", "n1"]).await;
+    let second = controller.get(&id).await.unwrap();
+    assert_eq!(second.attempt, 2, "{}", second.reason);
+    assert!(second.not_before_unix_ms < now_unix_ms() + 50_000);
+    let mut nodes: Vec<&str> = second.plan.as_ref().unwrap().nodes.iter().map(|a| a.node_name.as_str()).collect();
+    nodes.sort_unstable();
+    assert_eq!(nodes, ["n0", "n1"]);
+}
+
+/// A submit answered by a controller that lost the lead just after its store
+/// write lands after the new leader loaded the store: the new leader takes
+/// the job from the store when asked for it (or when its store watch sees
+/// it), so the id the client was given is never "no job"; a job this
+/// controller deleted is not brought back by a late event.
+#[tokio::test]
+async fn a_job_stored_after_the_load_is_taken_from_the_store_when_asked_for() {
+    use crate::store::Expect;
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let id = submit(&controller, "name: t\nkind: command\nnodes: 1\ncommand: ['true']\n").await;
+    let mut record =
+        JobRecord::decode(controller.store.get(&format!("jobs/{id}")).await.unwrap().unwrap().value.as_slice())
+            .unwrap();
+    // What the old leader wrote: a job this controller never held.
+    record.seq = 41;
+    record.job.as_mut().unwrap().id = "t-41".into();
+    controller.store.put("jobs/t-41", record.encode_to_vec(), Expect::Absent).await.unwrap();
+    let taken = controller.get("t-41").await.unwrap();
+    assert_eq!((taken.id.as_str(), taken.state), ("t-41", JobState::Pending as i32));
+    let next = submit(&controller, "name: t\nkind: command\nnodes: 1\ncommand: ['true']\n").await;
+    assert_eq!(next, "t-42", "its seq is not handed out again");
+    assert!(controller.list(false).await.iter().any(|j| j.id == "t-41"));
+
+    // A record of a job this controller deleted, seen late, stays deleted.
+    record.job.as_mut().unwrap().id = "t-40".into();
+    controller.state.call(|state, _| state.deleted_jobs.insert("t-40".into())).await;
+    let revision = controller.store.put("jobs/t-40", record.encode_to_vec(), Expect::Absent).await.unwrap();
+    controller.stored_job("jobs/t-40", &record.encode_to_vec(), revision).await;
+    assert!(controller.get("t-40").await.is_err());
+}
+
 /// The embedded store, whose writes of keys under a held prefix wait at the
 /// store until released; records every write it makes, in order.
 struct HeldStore {
