@@ -748,6 +748,10 @@ fn mark_stopping(launch: &mut Launch, job_id: &str) {
     // waits for what the rank left (saving) instead of killing it.
     for process in &launch.record.processes {
         let marker = process.files.stop_marker();
+        // A stop resent every few seconds finds it there already.
+        if marker.exists() {
+            continue;
+        }
         if let Err(e) = std::fs::write(&marker, b"") {
             tracing::warn!(job = job_id, path = %marker.display(), error = %e, "cannot mark the process as stopping");
         }
