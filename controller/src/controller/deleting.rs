@@ -64,7 +64,8 @@ impl Controller {
         let mut writes = Vec::new();
         for id in &ids {
             state.jobs.remove(id);
-            state.deleted_jobs.insert(id.clone());
+            state.deleted_jobs.retain(|_, at| at.elapsed() < DELETED_MEMORY);
+            state.deleted_jobs.insert(id.clone(), Instant::now());
             state.submitted.retain(|_, job| job != id);
             state.logs_complete.retain(|(job, _)| job != id);
             writes.push(self.writer.write(format!("jobs/{id}"), None));

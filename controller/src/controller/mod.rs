@@ -187,9 +187,10 @@ struct State {
     pending_conversions: HashMap<String, cohort_proto::ConversionCacheEntry>,
     /// Jobs by (submitter, SubmitJobRequest.request_id): a repeated submit returns the first job.
     submitted: HashMap<(String, String), String>,
-    /// Jobs this controller deleted: a late store event or listing that
-    /// still holds one does not bring it back.
-    deleted_jobs: HashSet<String>,
+    /// Jobs this controller deleted lately: a late store event or listing
+    /// that still holds one does not bring it back. Kept for
+    /// [`DELETED_MEMORY`].
+    deleted_jobs: HashMap<String, Instant>,
     /// Submits whose record is on its way to the store, by the same key: a
     /// repeat waits for the first's outcome instead of making a second job.
     /// The sender side lives in the first submit and drops when it is done.
@@ -1101,6 +1102,10 @@ fn validate_node(info: &NodeInfo) -> Result<(), ControllerError> {
     }
     Ok(())
 }
+
+/// How long a deleted job's id is remembered: far longer than a store
+/// event or a listing can lag behind the delete.
+const DELETED_MEMORY: Duration = Duration::from_secs(600);
 
 /// A stored job record as an entry, its spec parsed again from its file;
 /// Err: why the file no longer parses. The record must hold a job.

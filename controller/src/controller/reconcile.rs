@@ -93,7 +93,8 @@ impl Controller {
     /// it loaded the store by a controller that lost the lead meanwhile (a
     /// submit it answered), or by hand. It joins the state as at a load.
     fn take_unknown_job(&self, state: &mut State, key: &str, value: &[u8], revision: u64) {
-        let deleted = key.strip_prefix("jobs/").is_some_and(|id| state.deleted_jobs.contains(id));
+        state.deleted_jobs.retain(|_, at| at.elapsed() < DELETED_MEMORY);
+        let deleted = key.strip_prefix("jobs/").is_some_and(|id| state.deleted_jobs.contains_key(id));
         if deleted || self.writer.is_known(key, revision) {
             return;
         }

@@ -414,7 +414,7 @@ async fn a_job_stored_after_the_load_is_taken_from_the_store_when_asked_for() {
 
     // A record of a job this controller deleted, seen late, stays deleted.
     record.job.as_mut().unwrap().id = "t-40".into();
-    controller.state.call(|state, _| state.deleted_jobs.insert("t-40".into())).await;
+    controller.state.call(|state, _| state.deleted_jobs.insert("t-40".into(), Instant::now())).await;
     let revision = controller.store.put("jobs/t-40", record.encode_to_vec(), Expect::Absent).await.unwrap();
     controller.stored_job("jobs/t-40", &record.encode_to_vec(), revision).await;
     assert!(controller.get("t-40").await.is_err());
