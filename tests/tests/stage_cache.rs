@@ -64,6 +64,18 @@ async fn run_to_end(cluster: &Cluster, name: &str, source: &Path) -> Job {
     done
 }
 
+/// A job that uses `source` and runs until the returned file is written.
+async fn hold(cluster: &Cluster, source: &Path) -> (Job, PathBuf) {
+    let release = cluster.dir.path().join("release");
+    let held = job("holds-a", source, &format!("[sh, -c, 'while [ ! -e {} ]; do sleep 0.1; done']", release.display()));
+    let holder = cluster.submit(&held).await.unwrap();
+    cluster
+        .wait_job(&holder.id, Duration::from_secs(60), |j| state(j) == JobState::Running && j.live_processes == 1)
+        .await
+        .unwrap();
+    (holder, release)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cache_keeps_under_its_limit_without_touching_what_a_running_job_uses() {
     let mut node = NodeSpec::loopback(0, 2);
@@ -74,13 +86,7 @@ async fn the_cache_keeps_under_its_limit_without_touching_what_a_running_job_use
     let (a, b, c) = (input(&inputs, "a", 1), input(&inputs, "b", 2), input(&inputs, "c", 3));
 
     // A job that holds input a until released.
-    let release = cluster.dir.path().join("release");
-    let held = job("holds-a", &a, &format!("[sh, -c, 'while [ ! -e {} ]; do sleep 0.1; done']", release.display()));
-    let holder = cluster.submit(&held).await.unwrap();
-    cluster
-        .wait_job(&holder.id, Duration::from_secs(60), |j| state(j) == JobState::Running && j.live_processes == 1)
-        .await
-        .unwrap();
+    let (holder, release) = hold(&cluster, &a).await;
 
     // b stages: 4 MiB, over the limit, but a is in use and b is being prepared.
     run_to_end(&cluster, "uses-b", &b).await;
@@ -198,13 +204,7 @@ async fn one_limit_over_every_users_cache_listed_and_evicted_through_the_control
     assert!(!listed.iter().any(|(_, d, _)| *d == digest_b));
 
     // A running job pins a: listed as such, and its eviction refused.
-    let release = cluster.dir.path().join("release");
-    let held = job("holds-a", &a, &format!("[sh, -c, 'while [ ! -e {} ]; do sleep 0.1; done']", release.display()));
-    let holder = cluster.submit(&held).await.unwrap();
-    cluster
-        .wait_job(&holder.id, Duration::from_secs(60), |j| state(j) == JobState::Running && j.live_processes == 1)
-        .await
-        .unwrap();
+    let (holder, release) = hold(&cluster, &a).await;
     let pinned_by = vec![format!("{}/1", holder.id)];
     assert!(staged(&cluster).contains(&("root".into(), digest_a.clone(), pinned_by.clone())));
     let refused = cluster.cli(&["cache", "evict", "node0", &digest_a[..10]]);
