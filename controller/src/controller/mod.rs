@@ -224,6 +224,7 @@ mod pipeline;
 mod preemption;
 mod prepare;
 mod progress;
+mod queries;
 mod queue_admin;
 #[cfg(test)]
 mod queue_scenarios;

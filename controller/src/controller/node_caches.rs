@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cohort_proto::{CacheCommand, NodeCache, query_result::Result as QueryAnswer};
 
-use super::swift_check::ask;
+use super::queries::{answer_of, ask};
 use super::{Command, Controller, ControllerError, unknown_node};
 
 /// How long a node has to list (or evict from) its caches.
@@ -65,20 +65,15 @@ impl Controller {
                 answer.error = format!("node {node} is not connected");
                 return answer;
             };
-            match tokio::time::timeout(CACHE_TIMEOUT, rx).await {
-                Err(_) => answer.error = format!("node {node} did not answer within {CACHE_TIMEOUT:?}"),
-                Ok(Err(_)) => answer.error = format!("node {node} went away before answering"),
-                Ok(Ok(result)) if !result.error.is_empty() => answer.error = format!("node {node}: {}", result.error),
-                Ok(Ok(result)) => match result.result {
-                    Some(QueryAnswer::Cache(cache)) => answer.cache = Some(cache),
-                    _ => answer.error = format!("node {node} answered something else"),
-                },
+            match answer_of(&node, rx, CACHE_TIMEOUT).await {
+                Err(error) => answer.error = error,
+                Ok(Some(QueryAnswer::Cache(cache))) => answer.cache = Some(cache),
+                Ok(_) => answer.error = format!("node {node} answered something else"),
             }
             answer
         }))
         .await;
-        // Queries that were never answered.
-        self.state.call(|state, _| state.queries.retain(|_, tx| !tx.is_closed())).await;
+        self.forget_unanswered().await;
         answers.sort_by(|a, b| a.node.cmp(&b.node));
         Ok(answers)
     }

@@ -784,14 +784,7 @@ impl Controller {
                     .find(|n| selector.iter().all(|(k, v)| n.info.labels.get(k) == Some(v)))
                     .map(|n| n.info.name.clone())
                     .ok_or_else(|| "no node is connected to ask".to_string())?;
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let command_id = state.next_command_id;
-                state.queries.insert(command_id, tx);
-                if !Self::send_command(state, &node, command) {
-                    state.queries.remove(&command_id);
-                    return Err(format!("node {node} is not connected"));
-                }
-                Ok(rx)
+                super::queries::ask(state, &node, command).ok_or_else(|| format!("node {node} is not connected"))
             })
             .await?;
         let answer = tokio::time::timeout(ASK_TIMEOUT, rx)

@@ -233,16 +233,9 @@ impl Controller {
                 Ok((id, node, directory, rx))
             })
             .await?;
-        let answer = tokio::time::timeout(QUERY_TIMEOUT, rx)
-            .await
-            .map_err(|_| {
-                ControllerError::FailedPrecondition(format!("node {node} did not answer within {QUERY_TIMEOUT:?}"))
-            })?
-            .map_err(|_| ControllerError::FailedPrecondition(format!("node {node} went away before answering")))?;
-        if !answer.error.is_empty() {
-            return Err(ControllerError::FailedPrecondition(format!("node {node}: {}", answer.error)));
-        }
-        let (checkpoint, skipped) = match answer.result {
+        let answer =
+            super::queries::answer_of(&node, rx, QUERY_TIMEOUT).await.map_err(ControllerError::FailedPrecondition)?;
+        let (checkpoint, skipped) = match answer {
             Some(QueryAnswer::Checkpoint(c)) => (c.checkpoint, c.skipped),
             Some(QueryAnswer::Path(_) | QueryAnswer::SwiftArgcheck(_) | QueryAnswer::Cache(_)) | None => {
                 (None, Vec::new())

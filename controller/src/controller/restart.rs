@@ -199,15 +199,8 @@ impl Controller {
             .into_iter()
             .find(|n| state.nodes.get(n).is_some_and(connected));
         let node = from_plan.or_else(|| state.nodes.values().find(|n| connected(n)).map(|n| n.info.name.clone()))?;
-        let (tx, rx) = oneshot::channel();
-        let command_id = state.next_command_id;
-        state.queries.insert(command_id, tx);
         let command = Command::FindCheckpoint(cohort_proto::FindCheckpointCommand { directory, user });
-        if !Self::send_command(state, &node, command) {
-            state.queries.remove(&command_id);
-            return None;
-        }
-        Some((rx, node))
+        super::queries::ask(state, &node, command).map(|rx| (rx, node))
     }
 }
 

@@ -13,7 +13,8 @@ use cohort_proto::{
 };
 use cohort_shared::spec::{JobSpec, Workload};
 
-use super::{Command, Controller, State};
+use super::queries::{answer_of, ask};
+use super::{Command, Controller};
 use crate::planner::{command_line, job_env, swift_argcheck::for_job};
 
 /// How long `cohort plan --check` waits for a node (the agent gives the check 120 s).
@@ -119,40 +120,16 @@ impl Controller {
                 entry.error = format!("node {} is not connected", entry.node);
                 return entry;
             };
-            match tokio::time::timeout(CHECK_TIMEOUT, rx).await {
-                Err(_) => entry.error = format!("node {} did not answer within {CHECK_TIMEOUT:?}", entry.node),
-                Ok(Err(_)) => entry.error = format!("node {} went away before answering", entry.node),
-                Ok(Ok(answer)) if !answer.error.is_empty() => {
-                    entry.error = format!("node {}: {}", entry.node, answer.error)
-                }
-                Ok(Ok(answer)) => match answer.result {
-                    Some(QueryAnswer::SwiftArgcheck(result)) => entry.result = Some(result),
-                    _ => entry.error = format!("node {} answered something else", entry.node),
-                },
+            match answer_of(&entry.node, rx, CHECK_TIMEOUT).await {
+                Err(error) => entry.error = error,
+                Ok(Some(QueryAnswer::SwiftArgcheck(result))) => entry.result = Some(result),
+                Ok(_) => entry.error = format!("node {} answered something else", entry.node),
             }
             entry
         }))
         .await;
-        // Queries that were never answered.
-        self.state.call(|state, _| state.queries.retain(|_, tx| !tx.is_closed())).await;
+        self.forget_unanswered().await;
         answers
-    }
-}
-
-/// Sends `command` to `node` as a query; None when the node is not connected.
-pub(super) fn ask(
-    state: &mut State,
-    node: &str,
-    command: Command,
-) -> Option<tokio::sync::oneshot::Receiver<cohort_proto::QueryResult>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let command_id = state.next_command_id;
-    state.queries.insert(command_id, tx);
-    if Controller::send_command(state, node, command) {
-        Some(rx)
-    } else {
-        state.queries.remove(&command_id);
-        None
     }
 }
 
