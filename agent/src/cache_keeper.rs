@@ -46,7 +46,8 @@ struct Pin {
     launched: bool,
 }
 
-fn unix_ms(at: SystemTime) -> u64 {
+/// `at` as ms since the epoch (0 before it).
+pub fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -325,10 +326,11 @@ impl CacheKeeper {
     /// Every content of every cache of the node, least recently used first.
     pub async fn list(&self) -> Listing {
         let _shared = self.gate.read().await;
-        self.list_locked().await
+        self.list_locked().await.1
     }
 
-    async fn list_locked(&self) -> Listing {
+    /// The node's caches and what they hold (the caller holds the gate).
+    async fn list_locked(&self) -> (Vec<NodeCache>, Listing) {
         let pinned = self.pinned().await;
         let caches = self.caches();
         let (lists, errors) = self.list_all(&caches).await;
@@ -348,16 +350,16 @@ impl CacheKeeper {
         entries.sort_by(|a, b| {
             (a.entry.last_use, a.uid, &a.entry.sha256).cmp(&(b.entry.last_use, b.uid, &b.entry.sha256))
         });
-        Listing { entries, unknown_pins: pinned.is_none(), errors }
+        (caches, Listing { entries, unknown_pins: pinned.is_none(), errors })
     }
 
     /// Removes `digests` from every cache of the node that holds them (an
     /// operator's `cohort cache evict`). Pinned content is refused, as is
     /// everything while a launch with unknown inputs runs. Returns what was
-    /// removed and, for each refused digest, why.
-    pub async fn evict(&self, digests: &[String]) -> (Vec<String>, Vec<String>) {
+    /// removed, for each refused digest why, and the caches' content after.
+    pub async fn evict(&self, digests: &[String]) -> (Vec<String>, Vec<String>, Listing) {
         let _exclusive = self.gate.write().await;
-        let listing = self.list_locked().await;
+        let (caches, mut listing) = self.list_locked().await;
         let (mut removed, mut refused) = (Vec::new(), Vec::new());
         let mut wanted: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         for digest in digests {
@@ -380,12 +382,12 @@ impl CacheKeeper {
                 }
             }
         }
-        let caches = self.caches();
         for (uid, digests) in wanted {
             let Some(cache) = caches.iter().find(|c| c.identity.uid == uid) else { continue };
             let user = AsJobUser { identity: &cache.identity, helper: &self.helper };
             match user.evict_cache(&cache.dir, digests.clone()).await {
                 Ok(report) => {
+                    listing.entries.retain(|c| c.uid != uid || !report.removed.contains(&c.entry.sha256));
                     removed.extend(report.removed);
                     refused.extend(report.busy.into_iter().map(|d| format!("{d}: being staged right now")));
                 }
@@ -394,7 +396,7 @@ impl CacheKeeper {
         }
         removed.sort();
         removed.dedup();
-        (removed, refused)
+        (removed, refused, listing)
     }
 }
 

@@ -58,15 +58,14 @@ impl Preparer {
     /// caches (each as its user) and removes what `cmd.evict` names.
     pub async fn answer_cache(&self, command_id: u64, cmd: CacheCommand) {
         let keeper = &self.cache_keeper;
-        let (evicted, refused) =
-            if cmd.evict.is_empty() { (Vec::new(), Vec::new()) } else { keeper.evict(&cmd.evict).await };
-        if !cmd.evict.is_empty() {
+        let (evicted, refused, listing) = if cmd.evict.is_empty() {
+            (Vec::new(), Vec::new(), keeper.list().await)
+        } else {
+            let (evicted, refused, listing) = keeper.evict(&cmd.evict).await;
             tracing::info!(evicted = ?evicted, refused = ?refused, "staging cache content evicted by an operator");
-        }
-        let listing = keeper.list().await;
-        let ms = |t: std::time::SystemTime| {
-            t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            (evicted, refused, listing)
         };
+        let ms = |t| i64::try_from(crate::cache_keeper::unix_ms(t)).unwrap_or(i64::MAX);
         let answer = CacheAnswer {
             limit_bytes: keeper.max_bytes().unwrap_or(0),
             total_bytes: listing.entries.iter().map(|c| c.entry.bytes).sum(),
