@@ -67,54 +67,45 @@ impl Controller {
         self.state.call(move |state, ctl| ctl.take_stored_job(state, &key, &value, revision)).await
     }
 
-    /// [`Self::stored_job`] on the state.
+    /// [`Self::stored_job`] on the state. A job this controller does not
+    /// hold joins the state as at a load: written after it loaded the store
+    /// by a controller that lost the lead meanwhile (a submit it answered),
+    /// or by hand; one it deleted itself lately stays deleted.
     fn take_stored_job(&self, state: &mut State, key: &str, value: &[u8], revision: u64) {
         let Some(id) = key.strip_prefix("jobs/") else { return };
-        let Some(entry) = state.jobs.get_mut(id) else {
-            self.take_unknown_job(state, key, value, revision);
-            return;
-        };
-        if entry.revision.is_some_and(|r| r >= revision) || self.writer.is_known(key, revision) {
-            return; // our own write (made or on its way), or older
-        }
-        let Ok(record) = JobRecord::decode(value) else {
-            tracing::warn!(key, "undecodable job record in the store; ignoring it");
-            return;
-        };
-        if let Some(job) = record.job {
-            tracing::warn!(job = %id, revision, "the job was changed in the store by someone else; taking that version");
-            entry.replace_record(job, revision);
-            self.writer.adopt(key, revision);
-            self.wake.notify_one();
-        }
-    }
-
-    /// A job in the store that this controller does not hold: written after
-    /// it loaded the store by a controller that lost the lead meanwhile (a
-    /// submit it answered), or by hand. It joins the state as at a load.
-    fn take_unknown_job(&self, state: &mut State, key: &str, value: &[u8], revision: u64) {
         state.deleted_jobs.retain(|_, at| at.elapsed() < DELETED_MEMORY);
-        let deleted = key.strip_prefix("jobs/").is_some_and(|id| state.deleted_jobs.contains_key(id));
-        if deleted || self.writer.is_known(key, revision) {
-            return;
+        let stale = match state.jobs.get(id) {
+            Some(entry) => entry.revision.is_some_and(|r| r >= revision),
+            None => state.deleted_jobs.contains_key(id),
+        };
+        if stale || self.writer.is_known(key, revision) {
+            return; // our own write (made or on its way), older, or deleted
         }
         let record = match JobRecord::decode(value) {
             Ok(record) if record.job.is_some() => record,
-            _ => {
+            Ok(_) => return,
+            Err(_) => {
                 tracing::warn!(key, "undecodable job record in the store; ignoring it");
                 return;
             }
         };
-        match entry_from_record(record, revision) {
-            Ok(entry) => {
-                let id = entry.job.id.clone();
-                tracing::warn!(job = %id, revision, "a job this controller did not hold is in the store; taking it");
-                state.insert_stored(entry);
-                self.writer.adopt(key, revision);
-                self.wake.notify_one();
+        if let Some(entry) = state.jobs.get_mut(id) {
+            tracing::warn!(job = %id, revision, "the job was changed in the store by someone else; taking that version");
+            entry.replace_record(record.job.unwrap_or_default(), revision);
+        } else {
+            match entry_from_record(record, revision) {
+                Ok(entry) => {
+                    tracing::warn!(job = %id, revision, "a job this controller did not hold is in the store; taking it");
+                    state.insert_stored(entry);
+                }
+                Err(e) => {
+                    tracing::error!(key, error = %e, "a stored job no longer parses; skipping it");
+                    return;
+                }
             }
-            Err(e) => tracing::error!(key, error = %e, "a stored job no longer parses; skipping it"),
         }
+        self.writer.adopt(key, revision);
+        self.wake.notify_one();
     }
 
     /// Runs the reconcile loop until `shutdown` fires.
@@ -312,6 +303,9 @@ impl Controller {
     /// still ran has been stopped), no longer holds that job's next attempt
     /// until its fence deadline.
     fn release_fences(&self, state: &mut State) {
+        if state.jobs.values().all(|e| e.fence_holds.is_empty()) {
+            return;
+        }
         // Connected nodes: when they last registered, and the jobs they still run a process of.
         let back: HashMap<String, (i64, HashSet<&str>)> = state
             .nodes
