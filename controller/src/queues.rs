@@ -8,6 +8,8 @@
 //! default = "shared"            # the queue of jobs without `queue:`
 //! fair_share_half_life = "7d"   # how fast past GPU use is forgiven
 //! preempt_exempt_time = "10m"   # a gang runs this long before it may be preempted (Slurm's PreemptExemptTime)
+//! preempt_for_fair_share = true # a borrower whose queue used less than its weight's share may preempt
+//!                               # borrowers of queues that used more
 //!
 //! [[queue]]
 //! name = "team-a"
@@ -102,6 +104,9 @@ pub struct Queues {
     pub half_life: Duration,
     /// How long a gang runs before it may be preempted (0: at once).
     pub preempt_exempt_time: Duration,
+    /// Whether a job borrowing beyond its queue's quota may preempt gangs of
+    /// queues further beyond their weighted share ([`Queues::fair_share_victims`]).
+    pub preempt_for_fair_share: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +123,8 @@ struct QueuesFile {
     default: Option<String>,
     fair_share_half_life: Option<String>,
     preempt_exempt_time: Option<String>,
+    #[serde(default)]
+    preempt_for_fair_share: bool,
     #[serde(default)]
     queue: Vec<QueueEntry>,
 }
@@ -197,6 +204,7 @@ impl Default for Queues {
             default: IMPLICIT_QUEUE.into(),
             half_life: DEFAULT_HALF_LIFE,
             preempt_exempt_time: Duration::ZERO,
+            preempt_for_fair_share: false,
         }
     }
 }
@@ -260,7 +268,13 @@ impl Queues {
             Some(text) => duration("preempt_exempt_time".into(), &text)?,
             None => Duration::ZERO,
         };
-        Ok(Queues { queues, default, half_life, preempt_exempt_time })
+        Ok(Queues {
+            queues,
+            default,
+            half_life,
+            preempt_exempt_time,
+            preempt_for_fair_share: file.preempt_for_fair_share,
+        })
     }
 
     /// Whether a gang that started (every rank running) at `started_unix_ms`
@@ -356,6 +370,36 @@ impl Queues {
         (!beyond.is_empty()).then_some(beyond)
     }
 
+    /// Fair-share grounds for a job in `queue` that would hold GPUs beyond
+    /// the queue's quota (a borrower), given the GPUs each queue's gangs hold
+    /// (`held`) and their decayed use (`usage`, what orders the queues): every
+    /// other queue whose decayed GPU use over its weight is above the
+    /// borrower's queue's, with the GPUs it holds beyond its quota (only those
+    /// may go). A queue that has had less than its weight's share catches up
+    /// on GPUs lent to those that had more; one measure for the order and for
+    /// preemption, which changes slowly, so two queues never take the same
+    /// GPUs back and forth. None when `preempt_for_fair_share` is off or no
+    /// queue qualifies.
+    pub fn fair_share_victims(
+        &self,
+        queue: &Queue,
+        held: impl Fn(&str) -> u32,
+        usage: &FairShare,
+    ) -> Option<BTreeMap<String, u32>> {
+        if !self.preempt_for_fair_share {
+            return None;
+        }
+        let own = usage.queue_rank(queue);
+        let victims: BTreeMap<String, u32> = self
+            .queues
+            .iter()
+            .filter(|q| q.name != queue.name && usage.queue_rank(q) > own)
+            .map(|q| (q.name.clone(), held(&q.name).saturating_sub(q.gpu_quota.unwrap_or(0))))
+            .filter(|(_, beyond)| *beyond > 0)
+            .collect();
+        (!victims.is_empty()).then_some(victims)
+    }
+
     /// The default queue's name.
     pub fn default_name(&self) -> &str {
         &self.default
@@ -377,6 +421,7 @@ impl Queues {
             default: self.default.clone(),
             half_life: self.half_life,
             preempt_exempt_time: self.preempt_exempt_time,
+            preempt_for_fair_share: self.preempt_for_fair_share,
         }
     }
 
@@ -681,6 +726,49 @@ users = ["*"]
         assert!(Queues::default().preemptible(start, start), "none by default");
         let err = Queues::parse("preempt_exempt_time = \"soon\"\n[[queue]]\nname = \"a\"\n").unwrap_err();
         assert!(err.contains("preempt_exempt_time"), "{err}");
+    }
+
+    #[test]
+    fn fair_share_victims_are_what_queues_that_used_more_than_their_share_borrowed() {
+        let file = "preempt_for_fair_share = true\n\
+                    [[queue]]\nname = \"a\"\ngpus = 10\nweight = 1\n\
+                    [[queue]]\nname = \"b\"\ngpus = 10\nweight = 1\n\
+                    [[queue]]\nname = \"c\"\ngpus = 20\nweight = 2\n\
+                    [[queue]]\nname = \"d\"\n\
+                    [[queue]]\nname = \"e\"\ngpus = 10\n";
+        let queues = Queues::parse(file).unwrap();
+        let held = |name: &str| match name {
+            "a" => 12,
+            "b" => 30,
+            "c" => 34,
+            "d" => 3,
+            "e" => 10,
+            _ => 0,
+        };
+        let past = |usage: &[(&str, f64)]| {
+            FairShare::from_record(cohort_proto::FairShareRecord {
+                queues: usage.iter().map(|(q, u)| (q.to_string(), *u)).collect(),
+                ..Default::default()
+            })
+        };
+        // Decayed GPU-seconds over weight: a 100, b 90, c 110 (220 over weight 2), d 500, e 900.
+        let usage = past(&[("a", 100.0), ("b", 90.0), ("c", 220.0), ("d", 500.0), ("e", 900.0)]);
+        let a = queues.of(Some("a")).unwrap();
+        // c and d used more than a: what they hold beyond their quotas (d has none: all of its 3
+        // are lent); b used less; e used more but holds only its quota.
+        let victims = queues.fair_share_victims(a, held, &usage).unwrap();
+        assert_eq!(victims, [("c".to_string(), 14), ("d".to_string(), 3)].into());
+        let b = queues.of(Some("b")).unwrap();
+        let victims = queues.fair_share_victims(b, held, &usage).unwrap();
+        assert_eq!(victims, [("a".to_string(), 2), ("c".to_string(), 14), ("d".to_string(), 3)].into());
+        // The most used: none.
+        assert_eq!(queues.fair_share_victims(queues.of(Some("e")).unwrap(), held, &usage), None);
+        // Off unless the file says so.
+        let off = Queues::parse(&file.replace("preempt_for_fair_share = true", "")).unwrap();
+        assert!(!off.preempt_for_fair_share);
+        assert_eq!(off.fair_share_victims(off.of(Some("a")).unwrap(), held, &usage), None);
+        let err = Queues::parse(&file.replace("true", "\"yes\"")).unwrap_err();
+        assert!(err.contains("preempt_for_fair_share"), "{err}");
     }
 
     #[test]

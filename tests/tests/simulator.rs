@@ -73,6 +73,20 @@ fn reclaiming_by_preemption_loses_no_work_with_save_first_and_the_checkpoint_int
 }
 
 #[test]
+fn borrowers_preempt_for_fair_share_only_when_the_queue_file_says_so_and_keep_every_promise() {
+    let args = ["--load", "1.3", "--policies", "backfill", "--preempt", "save-first"];
+    let (off, on) = (run_quick(&args), run_quick(&[&args[..], &["--preempt-for-fair-share"]].concat()));
+    let (off, on) = (&off["backfill"], &on["backfill"]);
+    assert_eq!(f(off, "/preemptions_for_fair_share"), 0.0, "{off}");
+    assert!(f(on, "/preemptions_for_fair_share") > 0.0, "the overloaded quick trace has borrowers to serve: {on}");
+    assert!(f(on, "/preemptions") >= f(on, "/preemptions_for_fair_share"), "{on}");
+    assert_eq!(f(on, "/lost_work/gpu_hours"), 0.0, "save-first loses nothing: {on}");
+    for check in ["overcommits", "quota_breaches", "reservations_delayed"] {
+        assert_eq!(f(on, &format!("/checks/{check}")), 0.0, "{check}: {on}");
+    }
+}
+
+#[test]
 fn a_written_trace_replays_to_the_same_figures() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("trace.csv");

@@ -1,7 +1,10 @@
 //! Preemption: a pending job at the head of the order that does not fit may
 //! stop running gangs, chosen by [`planner::choose_victims`], when its queue
 //! reclaims GPUs lent beyond other queues' quotas, or (where its queue sets
-//! `preempt_lower_priority`) for its higher priority. A victim is asked to
+//! `preempt_lower_priority`) for its higher priority; a borrower that does not
+//! fit may, where the queue file sets `preempt_for_fair_share`, stop gangs
+//! other queues run beyond their quotas where those queues have used more of
+//! the cluster than their weight's share ([`Queues::fair_share_victims`]). A victim is asked to
 //! save first (its `preempt:` signal and grace), then stopped as usual; its
 //! attempt is recorded `Preempted` and it is queued again, to resume from its
 //! newest complete checkpoint, without using a restart. A victim whose
@@ -17,22 +20,34 @@ use crate::planner::{Candidate, Grounds};
 use crate::queues::{Queue, Queues};
 
 impl Controller {
-    /// For the head job `id` that does not fit on `views`: the reason it waits
-    /// when it preempts (or waits for earlier victims to stop); None when it
-    /// may preempt nothing that would make it fit.
-    pub(super) fn try_preempt(&self, state: &mut State, id: &str, queue: &Queue, views: &[NodeView]) -> Option<String> {
+    /// For the head job `id` that does not fit on `views` (or, as a
+    /// `borrower`, a job beyond its queue's quota that does not fit): the
+    /// reason it waits when it preempts (or waits for earlier victims to
+    /// stop); None when it may preempt nothing that would make it fit.
+    pub(super) fn try_preempt(
+        &self,
+        state: &mut State,
+        id: &str,
+        queue: &Queue,
+        views: &[NodeView],
+        borrower: bool,
+    ) -> Option<String> {
         // One preemption at a time: what the last one frees is not counted yet.
         let ids = |keep: fn(&JobEntry) -> bool| -> Vec<String> {
             state.jobs.values().filter(|e| keep(e)).map(|e| e.job.id.clone()).collect()
         };
         let waiting = ids(|e| e.job.checkpoint_wait.is_some());
+        let stopping = ids(|e| e.preempting());
+        // A borrower waits as it did: it does not hold up the borrowers behind it.
+        if borrower && !(waiting.is_empty() && stopping.is_empty()) {
+            return None;
+        }
         if !waiting.is_empty() {
             return Some(format!(
                 "waiting for job(s) {} to write their next checkpoint before they are preempted",
                 waiting.join(", ")
             ));
         }
-        let stopping = ids(|e| e.preempting());
         if !stopping.is_empty() {
             return Some(format!("waiting for preempted job(s) {} to save and stop", stopping.join(", ")));
         }
@@ -40,10 +55,16 @@ impl Controller {
         let queues = &self.config.queues;
         let candidates = candidates(state, queues);
         let mut tries = Vec::new();
-        if let Some(grounds) = reclaim_grounds(queue, entry, &candidates, queues) {
+        if borrower {
+            let held = |name: &str| held_by(&candidates, name);
+            if let Some(beyond_quota) = queues.fair_share_victims(queue, held, &state.fair_share) {
+                let why = format!("queue {} below its fair share of the cluster", queue.name);
+                tries.push((Grounds::Reclaim { beyond_quota }, why));
+            }
+        } else if let Some(grounds) = reclaim_grounds(queue, entry, &candidates, queues) {
             tries.push((grounds, format!("queue {} reclaiming quota", queue.name)));
         }
-        if queue.preempt_lower_priority {
+        if queue.preempt_lower_priority && !borrower {
             tries
                 .push((Grounds::Priority { priority: entry.job.priority }, format!("priority {}", entry.job.priority)));
         }
@@ -240,13 +261,12 @@ fn candidates(state: &State, queues: &Queues) -> Vec<Candidate> {
 
 /// Reclaim grounds ([`Queues::reclaimable`]) for `entry` in `queue`, from what the candidates hold.
 fn reclaim_grounds(queue: &Queue, entry: &JobEntry, candidates: &[Candidate], queues: &Queues) -> Option<Grounds> {
-    let held = |name: &str| -> u32 {
-        candidates
-            .iter()
-            .filter(|c| c.queue == name)
-            .map(|c| c.gpus.iter().map(|(_, g)| g.len() as u32).sum::<u32>())
-            .sum()
-    };
+    let held = |name: &str| held_by(candidates, name);
     let beyond_quota = queues.reclaimable(queue, entry.spec.nodes * entry.spec.gpus_per_node, held)?;
     Some(Grounds::Reclaim { beyond_quota })
+}
+
+/// The GPUs the gangs of queue `name` hold.
+fn held_by(candidates: &[Candidate], name: &str) -> u32 {
+    candidates.iter().filter(|c| c.queue == name).map(|c| c.gpus.iter().map(|(_, g)| g.len() as u32).sum::<u32>()).sum()
 }

@@ -341,6 +341,19 @@ fn stops_for(sessions: &mut [Session], job: &str) -> Vec<cohort_proto::StopComma
     stops
 }
 
+/// The jobs a stop command was sent for so far, on every session.
+fn stopped_jobs(sessions: &mut [Session]) -> std::collections::BTreeSet<String> {
+    let mut jobs = std::collections::BTreeSet::new();
+    for session in sessions.iter_mut() {
+        while let Ok(Ok(message)) = session.try_recv() {
+            if let Some(Command::Stop(stop)) = message.command {
+                jobs.insert(stop.job_id);
+            }
+        }
+    }
+    jobs
+}
+
 #[tokio::test]
 async fn a_higher_priority_job_preempts_the_lowest_priority_gang_of_its_queue_when_the_queue_allows() {
     let dir = tempfile::tempdir().unwrap();
@@ -447,4 +460,92 @@ async fn a_gang_younger_than_the_preempt_exempt_time_is_no_victim() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(started.elapsed() >= Duration::from_millis(1500), "preempted before the exempt time");
+}
+
+#[tokio::test]
+async fn a_borrower_whose_queue_used_less_takes_gpus_lent_to_one_that_used_more_and_no_further() {
+    let two_queues = "[[queue]]\nname = \"a\"\ngpus = 1\n[[queue]]\nname = \"b\"\ngpus = 1\n";
+    for fair in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = if fair { format!("preempt_for_fair_share = true\n{two_queues}") } else { two_queues.to_string() };
+        let queues = Queues::parse(&file).unwrap();
+        assert_eq!(queues.preempt_for_fair_share, fair);
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("store")).unwrap());
+        let config = ControllerConfig { queues, stop_resend: Duration::from_millis(20), ..ControllerConfig::default() };
+        let controller = Controller::load(store, dir.path(), config).await.unwrap();
+        let mut sessions = connect(&controller, &["n1", "n2", "n3", "n4"]).await;
+        // b holds 3 GPUs (2 borrowed), a its 1; b has used far more than a (equal weights).
+        let mut b = Vec::new();
+        for name in ["b1", "b2", "b3"] {
+            b.push(submit_as(&controller, "u", &job(name, 1, "queue: b\n")).await.unwrap());
+        }
+        controller.reconcile().await.unwrap();
+        let a1 = submit_as(&controller, "u", &job("a1", 1, "queue: a\n")).await.unwrap();
+        controller.reconcile().await.unwrap();
+        assert_eq!(pending(&controller, &a1).await, None);
+        set_queue_usage(&controller, &[("a", 0.0), ("b", 1e6)]).await;
+
+        // a's second job borrows and does not fit.
+        let a2 = submit_as(&controller, "u", &job("a2", 1, "queue: a\n")).await.unwrap();
+        controller.reconcile().await.unwrap();
+        let reason = pending(&controller, &a2).await.unwrap();
+        let stopped: Vec<String> = stopped_jobs(&mut sessions).into_iter().collect();
+        if !fair {
+            assert!(!reason.starts_with("preempting"), "{reason}");
+            assert!(stopped.is_empty(), "off by default: {stopped:?}");
+            continue;
+        }
+        let mut victims = Vec::new();
+        assert_eq!(stopped.len(), 1, "one gang of b frees the GPU a2 needs: {stopped:?}");
+        assert!(b.contains(&stopped[0]), "{stopped:?}");
+        assert_eq!(
+            reason,
+            format!(
+                "preempting job(s) {} (queue a below its fair share of the cluster): waiting for them to save and stop",
+                stopped[0]
+            )
+        );
+        victims.push(stopped[0].clone());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pending(&controller, &a2).await.is_some() {
+            assert!(Instant::now() < deadline, "{:?}", controller.get(&victims[0]).await.unwrap().reason);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            controller.reconcile().await.unwrap();
+        }
+        let reason = pending(&controller, &victims[0]).await.unwrap();
+        assert!(reason.starts_with(&format!("preempted by job {a2} (queue a below its fair share")), "{reason}");
+
+        // The victim, queued again, borrows in turn but b used more: it takes nothing back.
+        // a3 takes b's last borrowed gang.
+        let a3 = submit_as(&controller, "u", &job("a3", 1, "queue: a\n")).await.unwrap();
+        controller.reconcile().await.unwrap();
+        let reason = pending(&controller, &a3).await.unwrap();
+        let stopped: Vec<String> = stopped_jobs(&mut sessions).into_iter().filter(|id| !victims.contains(id)).collect();
+        assert_eq!(stopped.len(), 1, "{stopped:?} ({reason})");
+        assert!(b.contains(&stopped[0]), "{stopped:?}");
+        assert!(reason.starts_with(&format!("preempting job(s) {} (queue a below", stopped[0])), "{reason}");
+        victims.push(stopped[0].clone());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pending(&controller, &a3).await.is_some() {
+            assert!(Instant::now() < deadline, "{:?}", controller.get(&victims[1]).await.unwrap().reason);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            controller.reconcile().await.unwrap();
+        }
+
+        // b holds its quota and no more: nothing of it may go, and b's waiting jobs take nothing from a.
+        let a4 = submit_as(&controller, "u", &job("a4", 1, "queue: a\n")).await.unwrap();
+        controller.reconcile().await.unwrap();
+        controller.reconcile().await.unwrap();
+        let reason = pending(&controller, &a4).await.unwrap();
+        assert!(!reason.starts_with("preempting"), "{reason}");
+        let stopped: Vec<String> = stopped_jobs(&mut sessions).into_iter().filter(|id| !victims.contains(id)).collect();
+        assert!(stopped.is_empty(), "{stopped:?}");
+
+        // Once a has used more than b, b's waiting borrowers may take back what a borrowed.
+        set_queue_usage(&controller, &[("a", 1e6), ("b", 0.0)]).await;
+        controller.reconcile().await.unwrap();
+        let stopped: Vec<String> = stopped_jobs(&mut sessions).into_iter().filter(|id| !victims.contains(id)).collect();
+        assert_eq!(stopped.len(), 1, "{stopped:?}");
+        assert!([&a2, &a3].contains(&&stopped[0]), "{stopped:?}");
+    }
 }

@@ -373,6 +373,8 @@ impl Controller {
         let (mut used, mut label_use) = Self::queue_use(state, queues, &on_nodes);
         let mut reservation: Option<planner::Reservation> = None;
         let mut borrowers: Vec<String> = Vec::new();
+        // The queues one of whose borrowers tried to preempt in this pass.
+        let mut tried: HashSet<String> = HashSet::new();
         // The nodes as they are, made again only after a launch.
         let mut inventory: Option<Vec<NodeView>> = None;
         for (borrowing, ids) in [(false, order), (true, Vec::new())] {
@@ -447,11 +449,16 @@ impl Controller {
                         let never = reason.starts_with(cohort_proto::names::NEVER_FITS);
                         // The head of the order may make room by preemption (not under `--scheduler fifo`,
                         // the baseline); nothing behind it starts meanwhile.
+                        // So may the first borrower of each queue that does not fit, for its fair share.
+                        let may_preempt = if borrowing {
+                            queues.preempt_for_fair_share && tried.insert(queue.name.clone())
+                        } else {
+                            !behind
+                        };
                         if backfill
                             && !never
-                            && !borrowing
-                            && !behind
-                            && let Some(why) = self.try_preempt(state, &id, queue, views)
+                            && may_preempt
+                            && let Some(why) = self.try_preempt(state, &id, queue, views, borrowing)
                         {
                             self.set_reason(state, &id, why);
                             return Ok(());

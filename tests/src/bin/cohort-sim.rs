@@ -89,7 +89,8 @@ struct Args {
     /// After every backfilled start, compute the head's reservation again and count it if it moved later (slow).
     #[arg(long)]
     check: bool,
-    /// How backfill's preemptions (queues reclaiming lent quota) are replayed, comma-separated: one replay each.
+    /// How backfill's preemptions (queues reclaiming lent quota; borrowers for their fair share with
+    /// `--preempt-for-fair-share`) are replayed, comma-separated: one replay each.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "save-first,periodic")]
     preempt: Vec<PreemptMode>,
     /// Minutes of run time between a job's periodic checkpoints (what `periodic` loses up to).
@@ -102,6 +103,10 @@ struct Args {
     /// `preempt_exempt_time`; 0: at once).
     #[arg(long, default_value_t = 0.0)]
     preempt_exempt_minutes: f64,
+    /// Borrowers below their queue's weighted share of the cluster may preempt
+    /// borrowers of queues above theirs (the queue file's `preempt_for_fair_share`).
+    #[arg(long)]
+    preempt_for_fair_share: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
@@ -127,11 +132,14 @@ impl PreemptMode {
 /// The simulated cluster's queue file: each queue's quota is its weight's
 /// share of the GPUs, and its fair-share `weight` that share; it may borrow; jobs run at most as long as the longest
 /// time limit of the trace, and 24 h.
-fn queue_file(total_gpus: u32, queues: &[QueueMix], trace: &[TraceJob], exempt_minutes: f64) -> String {
+fn queue_file(total_gpus: u32, queues: &[QueueMix], trace: &[TraceJob], args: &Args) -> String {
     let longest_h = trace.iter().map(|j| (j.limit_s / 3600.0).ceil() as u64).max().unwrap_or(0).max(24);
     let mut text = String::from("fair_share_half_life = \"1d\"\n");
-    if exempt_minutes > 0.0 {
-        let _ = writeln!(text, "preempt_exempt_time = \"{}s\"", (exempt_minutes * 60.0).round() as u64);
+    if args.preempt_exempt_minutes > 0.0 {
+        let _ = writeln!(text, "preempt_exempt_time = \"{}s\"", (args.preempt_exempt_minutes * 60.0).round() as u64);
+    }
+    if args.preempt_for_fair_share {
+        text.push_str("preempt_for_fair_share = true\n");
     }
     for q in queues {
         let quota = (q.weight * f64::from(total_gpus)).round() as u32;
@@ -178,8 +186,7 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(path, trace::to_csv(&trace)).with_context(|| format!("--write-trace {}", path.display()))?;
     }
     let mixes = trace::queues_of(&trace);
-    let queues =
-        Queues::parse(&queue_file(total, &mixes, &trace, args.preempt_exempt_minutes)).map_err(anyhow::Error::msg)?;
+    let queues = Queues::parse(&queue_file(total, &mixes, &trace, &args)).map_err(anyhow::Error::msg)?;
     let window = Window { from_ms: (args.warmup_hours * 3.6e6) as i64, to_ms: (span_s * 1000.0) as i64, gpus: total };
     let until_ms = window.to_ms + (args.drain_hours * 3.6e6) as i64;
     let mut reports = Vec::new();
@@ -330,8 +337,8 @@ fn goals(reports: &[(String, Report)]) -> String {
         if let Some(p) = &r.preemptions {
             let _ = writeln!(
                 out,
-                "{label}: {} preemptions, work lost per preemption {:.1} iterations mean, {:.0} most, {:.1} GPU-h in all",
-                p.count, p.lost_iterations_mean, p.lost_iterations_max, p.lost_gpu_h
+                "{label}: {} preemptions ({} for fair share), work lost per preemption {:.1} iterations mean, {:.0} most, {:.1} GPU-h in all",
+                p.count, p.for_fair_share, p.lost_iterations_mean, p.lost_iterations_max, p.lost_gpu_h
             );
         }
     }

@@ -10,7 +10,10 @@
 //! Preemption (with [`Sim::preempting`]): the head of the order that does not
 //! fit and whose queue reclaims, within its quota, stops the gangs
 //! `planner::choose_victims` picks among queues beyond theirs, as
-//! `try_preempt` does; the victims free their GPUs at once (no save or stop
+//! `try_preempt` does, and (with `preempt_for_fair_share` in the queue file)
+//! the first borrower of each queue that does not fit may stop gangs of
+//! queues that used more than their weight's share (decayed use), on the
+//! grounds `Queues::fair_share_victims` gives; the victims free their GPUs at once (no save or stop
 //! time) and are queued again with the work not saved still to do:
 //! none with save-first ([`Saving::OnSignal`]), the time since their last
 //! periodic checkpoint otherwise ([`Saving::Periodic`]).
@@ -41,6 +44,8 @@ pub struct Outcome {
     pub runs: Vec<(i64, i64)>,
     /// The work (ms) each of its preemptions lost.
     pub lost_ms: Vec<i64>,
+    /// How many of its preemptions were for another queue's fair share (the rest reclaimed quota).
+    pub for_fair_share: u32,
 }
 
 /// How a preempted job saves (what the simulation charges it).
@@ -286,6 +291,7 @@ impl<'a> Sim<'a> {
         let mut reservation: Option<Reservation> = None;
         let mut borrowers = Vec::new();
         let mut started = Vec::new();
+        let mut tried = std::collections::HashSet::new();
         for (borrowing, ids) in [(false, order), (true, Vec::new())] {
             let ids = if borrowing { std::mem::take(&mut borrowers) } else { ids };
             for job in ids {
@@ -316,14 +322,19 @@ impl<'a> Sim<'a> {
                     }
                     Err(Wait::Blocked) if !borrowing => {
                         // The head of the order may make room by preemption; nothing behind it starts meanwhile.
-                        if backfill && !behind && self.try_preempt(job, &used, now) {
+                        if backfill && !behind && self.try_preempt(job, &used, now, false) {
                             return (started, true);
                         }
                         if reservation.is_none() {
                             return (started, false);
                         }
                     }
-                    Err(Wait::Blocked) => {}
+                    // The first borrower of each queue that does not fit may preempt for its fair share.
+                    Err(Wait::Blocked) => {
+                        if backfill && tried.insert(name.clone()) && self.try_preempt(job, &used, now, true) {
+                            return (started, true);
+                        }
+                    }
                 }
             }
         }
@@ -333,12 +344,18 @@ impl<'a> Sim<'a> {
     /// `try_preempt` on reclaim grounds: when `job`'s queue reclaims and stays
     /// within its quota with it, and other queues hold GPUs beyond theirs, the
     /// gangs `choose_victims` picks among those are stopped and queued again.
-    fn try_preempt(&mut self, job: usize, used: &HashMap<String, u32>, now: i64) -> bool {
+    /// For a `borrower`, on fair-share grounds (`preempt_for_fair_share`):
+    /// among the GPUs lent to queues that used more than their weight's share.
+    fn try_preempt(&mut self, job: usize, used: &HashMap<String, u32>, now: i64, borrower: bool) -> bool {
         let Some(saving) = self.saving else { return false };
         let held = |name: &str| used.get(name).copied().unwrap_or(0);
-        let Some(beyond_quota) = self.queues.reclaimable(self.queue(job), self.trace[job].gpus(), held) else {
-            return false;
+        let queue = self.queue(job);
+        let grounds = if borrower {
+            self.queues.fair_share_victims(queue, held, &self.fair)
+        } else {
+            self.queues.reclaimable(queue, self.trace[job].gpus(), held)
         };
+        let Some(beyond_quota) = grounds else { return false };
         let candidates: Vec<Candidate> = self
             .running
             .iter()
@@ -359,6 +376,7 @@ impl<'a> Sim<'a> {
         };
         for victim in victims.iter().filter_map(|v| v.parse::<usize>().ok()) {
             self.preempt(victim, saving, now);
+            self.out[victim].for_fair_share += u32::from(borrower);
         }
         !victims.is_empty()
     }

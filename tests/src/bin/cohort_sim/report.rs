@@ -55,6 +55,8 @@ pub struct Report {
 #[derive(Debug, Clone, Default)]
 pub struct Preemptions {
     pub count: u64,
+    /// Of them, for a borrower's fair share (`preempt_for_fair_share`).
+    pub for_fair_share: u64,
     /// GPU-hours of work done and not saved.
     pub lost_gpu_h: f64,
     /// Iterations lost per preemption (at the replay's seconds per iteration): mean and most.
@@ -187,6 +189,7 @@ fn preemptions(trace: &[TraceJob], run: &Run, step_s: f64) -> Preemptions {
     let mut p = Preemptions::default();
     let mut iterations_sum = 0.0;
     for (job, o) in trace.iter().zip(&run.outcomes) {
+        p.for_fair_share += u64::from(o.for_fair_share);
         for lost in &o.lost_ms {
             let iterations = *lost as f64 / 1000.0 / step_s;
             p.count += 1;
@@ -231,6 +234,7 @@ impl Report {
             "backfilled": self.backfilled, "borrowed": self.borrowed, "unstarted": self.unstarted,
             "never_fits": self.never_fits,
             "preemptions": self.preemptions.as_ref().map(|p| p.count),
+            "preemptions_for_fair_share": self.preemptions.as_ref().map(|p| p.for_fair_share),
             "lost_work": self.preemptions.as_ref().map(|p| serde_json::json!({"gpu_hours": p.lost_gpu_h,
                 "iterations_per_preemption": p.lost_iterations_mean, "max_iterations_per_preemption": p.lost_iterations_max})),
             "checks": {"overcommits": self.checks.overcommits, "quota_breaches": self.checks.quota_breaches,
