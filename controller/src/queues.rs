@@ -295,8 +295,22 @@ impl Queues {
         self.queues.iter().find(|q| q.name == name)
     }
 
+    /// The queue of a job of `submitter` that names none, where it is not the
+    /// default queue: when the default queue does not admit them, the first
+    /// declared queue whose `users` lists them (a team member's jobs go to the
+    /// team's queue). None: the default queue.
+    fn default_of(&self, submitter: &str) -> Option<&str> {
+        let default = self.of(None)?;
+        if default.admits(submitter) {
+            return None;
+        }
+        let listed = |q: &&Queue| q.users.as_ref().is_some_and(|u| u.contains(submitter));
+        self.queues.iter().find(listed).map(|q| q.name.as_str())
+    }
+
     /// The queue a job of `job` may be submitted to by `submitter` (None: an
-    /// admin or `--insecure`, who may use any queue), with a time limit that
+    /// admin or `--insecure`, who may use any queue; a job that names no queue
+    /// goes to the default one, or to the submitter's own, see `default_of`), with a time limit that
     /// fits the queue's maximum run time and, in a queue that does not
     /// borrow, no more `gpus` than its quota.
     pub fn admit(
@@ -313,7 +327,7 @@ impl Queues {
         } else {
             allowed.iter().map(|q| q.name.as_str()).collect::<Vec<_>>().join(", ")
         };
-        let Some(queue) = self.of(named) else {
+        let Some(queue) = self.of(named.or_else(|| submitter.and_then(|s| self.default_of(s)))) else {
             return Err(QueueRefusal::Invalid(format!(
                 "job {job}: queue: {:?} is not a queue of this cluster; queues you may use: {allowed_names}",
                 named.unwrap_or_default()
@@ -321,10 +335,15 @@ impl Queues {
         };
         if !allowed.iter().any(|q| q.name == queue.name) {
             let what = if named.is_some() { "queue:" } else { "the default queue" };
+            let user = submitter.unwrap_or_default();
+            let fix = if allowed.is_empty() {
+                format!("no queue admits {user}: ask an admin to add {user} to a queue's users (cohort queue set)")
+            } else {
+                format!("name one you may use with `queue:`: {allowed_names}")
+            };
             return Err(QueueRefusal::Forbidden(format!(
-                "job {job}: {what} {} does not admit jobs of {}; name one you may use with `queue:`: {allowed_names}",
-                queue.name,
-                submitter.unwrap_or_default()
+                "job {job}: {what} {} does not admit jobs of {user}; {fix}",
+                queue.name
             )));
         }
         if let (Some(limit), Some(max)) = (time_limit, queue.max_run_time)
@@ -802,6 +821,30 @@ users = ["*"]
         let e = queues.admit("j", Some("team-a"), 33, None, Some("bob")).unwrap_err().to_string();
         assert!(e.contains("needs 33 GPU(s), more than queue team-a's quota of 32"), "{e}");
         assert!(queues.admit("j", Some("team-a"), 32, None, Some("bob")).is_ok());
+    }
+
+    #[test]
+    fn a_job_naming_no_queue_goes_to_the_default_or_to_the_first_queue_that_lists_its_submitter() {
+        let file = "default = \"shared\"\n\
+                    [[queue]]\nname = \"team-a\"\nusers = [\"alice\", \"bob\"]\n\
+                    [[queue]]\nname = \"team-b\"\nusers = [\"bob\", \"carol\"]\n\
+                    [[queue]]\nname = \"shared\"\nusers = [\"alice\", \"dan\"]\n";
+        let queues = Queues::parse(file).unwrap();
+        let default_for = |user: &str| queues.admit("j", None, 1, None, Some(user)).map(|q| q.name.clone());
+        assert_eq!(default_for("alice").unwrap(), "shared", "the default queue admits alice");
+        assert_eq!(default_for("bob").unwrap(), "team-a", "the first queue listing bob");
+        assert_eq!(default_for("carol").unwrap(), "team-b");
+        let e = default_for("erin").unwrap_err().to_string();
+        assert!(e.contains("the default queue shared does not admit jobs of erin"), "{e}");
+        assert!(
+            e.ends_with("no queue admits erin: ask an admin to add erin to a queue's users (cohort queue set)"),
+            "{e}"
+        );
+        // Admins (no submitter) get the default queue.
+        assert_eq!(queues.admit("j", None, 1, None, None).unwrap().name, "shared");
+        // A named queue is never replaced.
+        let e = queues.admit("j", Some("shared"), 1, None, Some("bob")).unwrap_err().to_string();
+        assert!(e.contains("queue: shared does not admit jobs of bob"), "{e}");
     }
 
     #[test]

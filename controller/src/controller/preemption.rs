@@ -15,6 +15,7 @@
 use cohort_proto::{PendingPreemption, Preemption};
 use tokio::sync::oneshot;
 
+use super::queue_admin::queue_of;
 use super::*;
 use crate::planner::{Candidate, Grounds};
 use crate::queues::{Queue, Queues};
@@ -250,7 +251,7 @@ fn candidates(state: &State, queues: &Queues) -> Vec<Candidate> {
             let started = if e.job.running_unix_ms > 0 { e.job.running_unix_ms } else { e.job.started_unix_ms };
             Some(Candidate {
                 job_id: e.job.id.clone(),
-                queue: queues.of(e.spec.queue.as_deref())?.name.clone(),
+                queue: queue_of(queues, e)?.name.clone(),
                 priority: e.job.priority,
                 started_unix_ms: started,
                 gpus: plan.nodes.iter().map(|a| (a.node_name.clone(), a.gpu_indices.clone())).collect(),
