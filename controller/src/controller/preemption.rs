@@ -53,7 +53,9 @@ impl Controller {
             return Some(format!("waiting for preempted job(s) {} to save and stop", stopping.join(", ")));
         }
         let entry = state.jobs.get(id)?;
-        let queues = &self.config.queues;
+        // The queues in force: the store's (changed through the API), not only the file's.
+        let queues = state.queues.clone();
+        let queues = &*queues;
         let candidates = candidates(state, queues);
         let mut tries = Vec::new();
         if borrower {

@@ -549,3 +549,37 @@ async fn a_borrower_whose_queue_used_less_takes_gpus_lent_to_one_that_used_more_
         assert!([&a2, &a3].contains(&&stopped[0]), "{stopped:?}");
     }
 }
+
+#[tokio::test]
+async fn preemption_reclaims_by_the_quotas_set_through_the_api_not_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = "[[queue]]\nname = \"a\"\ngpus = 1\n[[queue]]\nname = \"b\"\ngpus = 3\n";
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("store")).unwrap());
+    let config = ControllerConfig {
+        queues: Queues::parse(file).unwrap(),
+        stop_resend: Duration::from_millis(20),
+        ..ControllerConfig::default()
+    };
+    let controller = Controller::load(store, dir.path(), config).await.unwrap();
+    let mut sessions = connect(&controller, &["n1", "n2", "n3"]).await;
+    let mut b = Vec::new();
+    for name in ["b1", "b2", "b3"] {
+        b.push(submit_as(&controller, "u", &job(name, 1, "queue: b\n")).await.unwrap());
+    }
+    controller.reconcile().await.unwrap();
+    // Every node is b's, within the file's quota of 3; an admin moves two GPUs of quota from b to a.
+    for (name, gpus) in [("a", 2), ("b", 1)] {
+        let spec = cohort_proto::QueueSpec { name: name.into(), gpus: Some(gpus), ..Default::default() };
+        controller.set_queue(spec).await.unwrap();
+    }
+    // Now b holds 2 beyond its quota of 1, and a reclaims within its quota of 2.
+    let a1 = submit_as(&controller, "u", &job("a1", 1, "queue: a\n")).await.unwrap();
+    let a2 = submit_as(&controller, "u", &job("a2", 1, "queue: a\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    let reason = pending(&controller, &a1).await.unwrap();
+    assert!(reason.starts_with("preempting job(s)") && reason.contains("(queue a reclaiming quota)"), "{reason}");
+    let stopped = stopped_jobs(&mut sessions);
+    assert_eq!(stopped.len(), 1, "{stopped:?}");
+    assert!(stopped.iter().all(|id| b.contains(id)), "{stopped:?}");
+    assert!(pending(&controller, &a2).await.is_some());
+}
