@@ -81,9 +81,10 @@ pub struct JobSpec {
     pub stop_grace: Duration,
     /// No progress for this long means the job hangs.
     pub hang_timeout: Option<Duration>,
-    /// Wall time one attempt may run, counted from Running (every rank
-    /// started); past it the gang is stopped and the attempt fails with cause
-    /// `time_limit`, not restarted unless `restart.on` names `time_limit`.
+    /// Wall time one attempt may hold its GPUs, counted from its placement
+    /// (preparation included, as Slurm counts from the allocation); past it
+    /// the gang is stopped and the attempt fails with cause `time_limit`, not
+    /// restarted unless `restart.on` names `time_limit`.
     pub time_limit: Option<Duration>,
     /// The queue the job waits in (`queue:`); None: the controller's default queue.
     pub queue: Option<String>,

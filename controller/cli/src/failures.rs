@@ -52,12 +52,13 @@ pub fn print_failure_status(job: &Job) {
     }
     if job.time_limit_ms > 0 {
         let limit = humantime::format_duration(Duration::from_millis(job.time_limit_ms as u64));
-        if job.state == JobState::Running as i32 && job.running_unix_ms > 0 {
-            let ran_ms = (cohort_proto::now_unix_ms() - job.running_unix_ms).max(0);
+        let placed = [JobState::Starting as i32, JobState::Running as i32].contains(&job.state);
+        if placed && job.started_unix_ms > 0 {
+            let ran_ms = (cohort_proto::now_unix_ms() - job.started_unix_ms).max(0);
             let left = Duration::from_secs(((job.time_limit_ms - ran_ms).max(0) / 1000) as u64);
             say!("limit:     time_limit {limit}, {} left", humantime::format_duration(left));
         } else {
-            say!("limit:     time_limit {limit} per attempt, from Running");
+            say!("limit:     time_limit {limit} per attempt, from its placement");
         }
     }
     if job.node_progress.iter().any(|n| n.events > 0 || n.gpu_utilization_pct >= 0.0) {

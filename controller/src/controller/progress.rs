@@ -36,8 +36,8 @@ pub(super) struct AttemptProgress {
     attempt: u32,
     last_progress: Option<Instant>,
     last_progress_unix_ms: i64,
-    /// When the attempt was seen Running, on the monotonic clock (for the time limit).
-    running_since: Option<Instant>,
+    /// When the attempt was placed, on the monotonic clock (for the time limit).
+    placed_since: Option<Instant>,
     last_iteration: Option<(u64, Instant)>,
     /// Seconds per iteration, newest last.
     iteration_times: VecDeque<f64>,
@@ -294,48 +294,73 @@ impl Controller {
         Some((rank.unwrap_or(0), lines))
     }
 
+    /// Fails the active attempt of `id` when it has held its GPUs, from its
+    /// placement (preparation included, as Slurm counts from the allocation),
+    /// past its time limit (its own, else its queue's `max_run_time`): the
+    /// end a backfill reservation counted on. True when it did.
+    fn stop_at_time_limit(&self, state: &mut State, id: &str) -> bool {
+        let Some(entry) = state.jobs.get_mut(id) else { return false };
+        let queue = super::queue_admin::queue_of(&state.queues, entry);
+        let limit = queue.map_or(entry.spec.time_limit, |q| q.time_limit(entry.spec.time_limit));
+        let Some(limit) = limit.filter(|_| !entry.spec.is_pipeline()) else { return false };
+        if entry.job.started_unix_ms <= 0 {
+            return false;
+        }
+        // From the placement time on record, so that a controller restart does not reset it.
+        let now = Instant::now();
+        let started_unix_ms = entry.job.started_unix_ms;
+        let placed_since = *entry.progress.at(entry.job.attempt).placed_since.get_or_insert_with(|| {
+            let ago_ms = (now_unix_ms() - started_unix_ms).max(0) as u64;
+            now.checked_sub(Duration::from_millis(ago_ms)).unwrap_or(now)
+        });
+        let ran = now.duration_since(placed_since);
+        if ran <= limit {
+            return false;
+        }
+        entry.progress.hang = None;
+        let failure = time_limit_failure(limit, ran);
+        let attempt = entry.job.attempt;
+        tracing::warn!(job = %id, attempt, ran = ?ran, limit = ?limit, "time limit reached; stopping the gang");
+        let message = failure.message.clone();
+        self.fail(state, id, failure);
+        self.publish(state, id, &message);
+        true
+    }
+
     /// The reconcile step for running attempts: refreshes the straggler
     /// report, declares hangs (and asks for stack dumps), and fails hung
     /// attempts once the dumps are in. Returns the jobs to persist.
     pub(super) fn check_progress(&self, state: &mut State) -> Vec<String> {
         let now = Instant::now();
         let mut changed = Vec::new();
+        // An attempt still preparing or starting counts against its time limit too.
+        let placed: Vec<String> = state
+            .jobs
+            .values()
+            .filter(|e| matches!(e.phase(), JobPhase::Preparing | JobPhase::Starting))
+            .map(|e| e.job.id.clone())
+            .collect();
+        for id in placed {
+            if self.stop_at_time_limit(state, &id) {
+                changed.push(id);
+            }
+        }
         let ids: Vec<String> =
             state.jobs.values().filter(|e| e.phase() == JobPhase::Running).map(|e| e.job.id.clone()).collect();
         for id in ids {
             let Some(entry) = state.jobs.get_mut(&id) else { continue };
             let attempt = entry.job.attempt;
             let factor = entry.spec.straggler_factor;
-            let running_unix_ms = entry.job.running_unix_ms;
             let progress = entry.progress.at(attempt);
             if progress.last_progress.is_none() {
                 // Counting starts when the whole gang runs.
                 progress.progressed(now);
             }
-            // From the Running time on record, so that a controller restart does not reset it.
-            let running_since = *progress.running_since.get_or_insert_with(|| {
-                let ran_ms = now_unix_ms() - running_unix_ms;
-                if running_unix_ms <= 0 || ran_ms <= 0 {
-                    return now;
-                }
-                now.checked_sub(Duration::from_millis(ran_ms as u64)).unwrap_or(now)
-            });
-            // Its own time_limit, else its queue's max_run_time.
-            let queue = super::queue_admin::queue_of(&state.queues, entry);
-            let limit = queue.map_or(entry.spec.time_limit, |q| q.time_limit(entry.spec.time_limit));
-            if let Some(limit) = limit.filter(|_| !entry.spec.is_pipeline()) {
-                let ran = now.duration_since(running_since);
-                if ran > limit {
-                    entry.progress.hang = None;
-                    let failure = time_limit_failure(limit, ran);
-                    tracing::warn!(job = %id, attempt, ran = ?ran, limit = ?limit, "time limit reached; stopping the gang");
-                    let message = failure.message.clone();
-                    self.fail(state, &id, failure);
-                    self.publish(state, &id, &message);
-                    changed.push(id.clone());
-                    continue;
-                }
+            if self.stop_at_time_limit(state, &id) {
+                changed.push(id.clone());
+                continue;
             }
+            let Some(entry) = state.jobs.get_mut(&id) else { continue };
             let progress = entry.progress.at(attempt);
             let timeout = hang_timeout(&entry.spec, progress.median_iteration_s());
             let silent = progress.last_progress.map(|t| now.duration_since(t)).unwrap_or_default();
@@ -403,14 +428,16 @@ impl Controller {
     }
 }
 
-/// The failure of an attempt stopped at its time limit, after running `ran` from Running.
+/// The failure of an attempt stopped at its time limit, `ran` after it was placed.
 fn time_limit_failure(limit: Duration, ran: Duration) -> Failure {
     let limit = humantime::format_duration(limit);
     let ran = humantime::format_duration(Duration::from_secs(ran.as_secs()));
     Failure {
         cause: FailureCause::TimeLimit.name().into(),
-        detail: format!("ran {ran} from Running, past the time_limit of {limit}"),
-        message: format!("time limit reached: ran {ran} from Running, time_limit {limit}; the gang was stopped"),
+        detail: format!("held its GPUs {ran} from its placement, past the time_limit of {limit}"),
+        message: format!(
+            "time limit reached: held its GPUs {ran} from its placement, time_limit {limit}; the gang was stopped"
+        ),
         ..Failure::default()
     }
 }

@@ -583,3 +583,30 @@ async fn preemption_reclaims_by_the_quotas_set_through_the_api_not_the_files() {
     assert!(stopped.iter().all(|id| b.contains(id)), "{stopped:?}");
     assert!(pending(&controller, &a2).await.is_some());
 }
+
+#[tokio::test]
+async fn a_time_limit_counts_from_the_placement_so_an_attempt_that_never_runs_is_stopped_at_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path(), Queues::default()).await;
+    // The sessions never report the ranks started: the attempt stays placed, not Running.
+    let mut sessions = connect(&controller, &["n1"]).await;
+    let id = submit_as(&controller, "u", &job("slow-start", 1, "time_limit: 1s\n")).await.unwrap();
+    controller.reconcile().await.unwrap();
+    let placed = controller.get(&id).await.unwrap();
+    assert_eq!(placed.state, JobState::Starting as i32, "{}", placed.reason);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let failed = loop {
+        controller.reconcile().await.unwrap();
+        let job = controller.get(&id).await.unwrap();
+        if job.state == JobState::Failed as i32 {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "never stopped at its limit: {}", job.reason);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let failure = failed.failure.unwrap();
+    assert_eq!(failure.cause, "time_limit", "{failure:?}");
+    assert!(failure.message.contains("from its placement, time_limit 1s"), "{}", failure.message);
+    assert!(failed.finished_unix_ms - failed.started_unix_ms >= 1000, "stopped before its limit");
+    assert!(stopped_jobs(&mut sessions).contains(&id), "the gang is told to stop");
+}

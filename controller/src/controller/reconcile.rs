@@ -825,7 +825,7 @@ fn gpus_held(entry: &JobEntry) -> u32 {
 }
 
 /// Every gang that holds GPUs, with when its time limit (its own, or its
-/// queue's max_run_time) ends it: from Running, or from now for one not yet running.
+/// queue's max_run_time) ends it, counted from its placement.
 fn running_gangs(state: &State, queues: &crate::queues::Queues, now: i64) -> Vec<planner::RunningGang> {
     state
         .jobs
@@ -836,7 +836,7 @@ fn running_gangs(state: &State, queues: &crate::queues::Queues, now: i64) -> Vec
             let limit = queue_of(queues, e).map_or(e.spec.time_limit, |q| q.time_limit(e.spec.time_limit));
             // A stopped gang still exiting is gone within its stop grace.
             let limit = if e.is_over() { Some(e.spec.stop_grace) } else { limit };
-            let since = if e.job.running_unix_ms > 0 && !e.is_over() { e.job.running_unix_ms } else { now };
+            let since = if e.job.started_unix_ms > 0 && !e.is_over() { e.job.started_unix_ms } else { now };
             Some(planner::RunningGang {
                 gpus: plan.nodes.iter().map(|a| (a.node_name.clone(), a.gpu_indices.clone())).collect(),
                 ends_unix_ms: limit.map(|l| since.saturating_add(l.as_millis() as i64)),

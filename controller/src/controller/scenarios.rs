@@ -725,7 +725,11 @@ async fn an_attempt_past_its_time_limit_is_stopped_and_fails_with_cause_time_lim
     assert_eq!(job.state, JobState::Failed as i32, "{}", job.reason);
     let failure = job.failure.as_ref().unwrap();
     assert_eq!(failure.cause, "time_limit");
-    assert!(failure.message.contains("time_limit 1m") && failure.message.contains("ran 1m"), "{}", failure.message);
+    assert!(
+        failure.message.contains("time_limit 1m") && failure.message.contains("held its GPUs 1m"),
+        "{}",
+        failure.message
+    );
     assert!(job.reason.contains("not restarted: time_limit failures are not retried"), "{}", job.reason);
     for session in &mut sessions {
         let sent = commands(session);
