@@ -104,8 +104,9 @@ pub struct Queues {
     pub half_life: Duration,
     /// How long a gang runs before it may be preempted (0: at once).
     pub preempt_exempt_time: Duration,
-    /// Whether a job borrowing beyond its queue's quota may preempt gangs of
-    /// queues further beyond their weighted share ([`Queues::fair_share_victims`]).
+    /// Whether a job borrowing beyond its queue's quota may preempt the gangs
+    /// other queues run beyond theirs, where those queues used more of the
+    /// cluster than their weight's share ([`Queues::fair_share_victims`]).
     pub preempt_for_fair_share: bool,
 }
 
@@ -396,8 +397,9 @@ impl Queues {
     /// borrower's queue's, with the GPUs it holds beyond its quota (only those
     /// may go). A queue that has had less than its weight's share catches up
     /// on GPUs lent to those that had more; one measure for the order and for
-    /// preemption, which changes slowly, so two queues never take the same
-    /// GPUs back and forth. None when `preempt_for_fair_share` is off or no
+    /// preemption, which changes slowly, so two queues do not take the same
+    /// GPUs back and forth with every preemption (as comparing the GPUs held
+    /// at the moment would). None when `preempt_for_fair_share` is off or no
     /// queue qualifies.
     pub fn fair_share_victims(
         &self,
