@@ -462,6 +462,16 @@ async fn a_gang_younger_than_the_preempt_exempt_time_is_no_victim() {
     assert!(started.elapsed() >= Duration::from_millis(1500), "preempted before the exempt time");
 }
 
+/// Reconciles until `id` is no longer pending (its victim `victim`, whose reason a timeout shows, gone).
+async fn until_started(controller: &Controller, id: &str, victim: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pending(controller, id).await.is_some() {
+        assert!(Instant::now() < deadline, "{:?}", controller.get(victim).await.unwrap().reason);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        controller.reconcile().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_borrower_whose_queue_used_less_takes_gpus_lent_to_one_that_used_more_and_no_further() {
     let two_queues = "[[queue]]\nname = \"a\"\ngpus = 1\n[[queue]]\nname = \"b\"\ngpus = 1\n";
@@ -506,12 +516,7 @@ async fn a_borrower_whose_queue_used_less_takes_gpus_lent_to_one_that_used_more_
             )
         );
         victims.push(stopped[0].clone());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pending(&controller, &a2).await.is_some() {
-            assert!(Instant::now() < deadline, "{:?}", controller.get(&victims[0]).await.unwrap().reason);
-            tokio::time::sleep(Duration::from_millis(25)).await;
-            controller.reconcile().await.unwrap();
-        }
+        until_started(&controller, &a2, &victims[0]).await;
         let reason = pending(&controller, &victims[0]).await.unwrap();
         assert!(reason.starts_with(&format!("preempted by job {a2} (queue a below its fair share")), "{reason}");
 
@@ -525,12 +530,7 @@ async fn a_borrower_whose_queue_used_less_takes_gpus_lent_to_one_that_used_more_
         assert!(b.contains(&stopped[0]), "{stopped:?}");
         assert!(reason.starts_with(&format!("preempting job(s) {} (queue a below", stopped[0])), "{reason}");
         victims.push(stopped[0].clone());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pending(&controller, &a3).await.is_some() {
-            assert!(Instant::now() < deadline, "{:?}", controller.get(&victims[1]).await.unwrap().reason);
-            tokio::time::sleep(Duration::from_millis(25)).await;
-            controller.reconcile().await.unwrap();
-        }
+        until_started(&controller, &a3, &victims[1]).await;
 
         // b holds its quota and no more: nothing of it may go, and b's waiting jobs take nothing from a.
         let a4 = submit_as(&controller, "u", &job("a4", 1, "queue: a\n")).await.unwrap();
