@@ -94,10 +94,12 @@ fn resolve(node: &str, cache: Option<&cohort_proto::CacheAnswer>, wanted: &[Stri
             [] => anyhow::bail!(
                 "no content {prefix} in the staging caches of node {node}; `cohort cache staged --node {node}` lists them"
             ),
+            // Whole digests: prefixes of a fixed length could be the same.
             many => anyhow::bail!(
-                "{prefix} names {} contents of node {node} ({}); give more digits",
+                "{prefix} names {} contents of node {node} ({}{}); give more digits",
                 many.len(),
-                many.iter().map(|d| &d[..12]).collect::<Vec<_>>().join(", ")
+                many.iter().take(4).copied().collect::<Vec<_>>().join(", "),
+                if many.len() > 4 { ", ..." } else { "" }
             ),
         }
     }
@@ -162,7 +164,10 @@ mod tests {
         let short = resolve("n1", Some(&held), &["abab".into()]).unwrap_err().to_string();
         assert!(short.contains("at least 8 hex digits"), "{short}");
         let many = resolve("n1", Some(&cache(&[&a, &format!("{}00", &a[..62])])), &["abababab".into()]);
-        assert!(many.unwrap_err().to_string().contains("names 2 contents of node n1"));
+        let many = many.unwrap_err().to_string();
+        assert!(many.contains("names 2 contents of node n1"), "{many}");
+        let other = format!("{}00", &a[..62]);
+        assert!(many.ends_with(&format!("({other}, {a}); give more digits")), "{many}");
         let missing = resolve("n1", Some(&held), &["ffffffff".into()]).unwrap_err().to_string();
         assert!(missing.contains("no content ffffffff in the staging caches of node n1"), "{missing}");
         // A whole digest the node no longer lists goes through: the node answers for it.

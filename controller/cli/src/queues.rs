@@ -343,6 +343,27 @@ mod tests {
         assert_eq!(parse_since("1970-01-02T01:00:00Z", now).unwrap(), 90_000_000);
         let e = parse_since("last week", now).unwrap_err().to_string();
         assert!(e.starts_with("--since \"last week\": give a duration"), "{e}");
+        assert!(
+            e.ends_with(
+                ": give a duration back from now (`7d`), a date (`2026-12-01`) or a time (`2026-12-01T08:00:00Z`)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_queue_flags_name_the_flag_and_the_fix() {
+        let base = QueueSpec { name: "a".into(), weight: 1.0, ..QueueSpec::default() };
+        let error = |flags: QueueFlags| flags.apply(base.clone()).unwrap_err().to_string();
+        let e = error(QueueFlags { gpus: Some("eight".into()), ..QueueFlags::default() });
+        assert_eq!(e, "--gpus \"eight\": give a number of GPUs, or `none`");
+        for weight in [0.0, -1.0, f64::NAN] {
+            let e = error(QueueFlags { weight: Some(weight), ..QueueFlags::default() });
+            assert!(e.ends_with(": give a number above 0, e.g. 2"), "{e}");
+        }
+        let e = error(QueueFlags { max_run_time: Some("a day".into()), ..QueueFlags::default() });
+        assert!(e.starts_with("--max-run-time \"a day\": "), "{e}");
+        assert!(e.ends_with("; e.g. `24h`, or `none`"), "{e}");
     }
 
     #[test]
