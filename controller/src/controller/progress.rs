@@ -300,8 +300,7 @@ impl Controller {
     /// end a backfill reservation counted on. True when it did.
     fn stop_at_time_limit(&self, state: &mut State, id: &str) -> bool {
         let Some(entry) = state.jobs.get_mut(id) else { return false };
-        let queue = super::queue_admin::queue_of(&state.queues, entry);
-        let limit = queue.map_or(entry.spec.time_limit, |q| q.time_limit(entry.spec.time_limit));
+        let limit = super::queue_admin::time_limit_of(&state.queues, entry);
         let Some(limit) = limit.filter(|_| !entry.spec.is_pipeline()) else { return false };
         if entry.job.started_unix_ms <= 0 {
             return false;
@@ -327,28 +326,26 @@ impl Controller {
         true
     }
 
-    /// The reconcile step for running attempts: refreshes the straggler
-    /// report, declares hangs (and asks for stack dumps), and fails hung
-    /// attempts once the dumps are in. Returns the jobs to persist.
+    /// The reconcile step for placed attempts: stops those past their time
+    /// limit; for running ones refreshes the straggler report, declares hangs
+    /// (and asks for stack dumps), and fails hung attempts once the dumps are
+    /// in. Returns the jobs to persist.
     pub(super) fn check_progress(&self, state: &mut State) -> Vec<String> {
         let now = Instant::now();
         let mut changed = Vec::new();
-        // An attempt still preparing or starting counts against its time limit too.
-        let placed: Vec<String> = state
+        // Placed attempts: one still preparing or starting counts against its time limit too.
+        let ids: Vec<String> = state
             .jobs
             .values()
-            .filter(|e| matches!(e.phase(), JobPhase::Preparing | JobPhase::Starting))
+            .filter(|e| matches!(e.phase(), JobPhase::Preparing | JobPhase::Starting | JobPhase::Running))
             .map(|e| e.job.id.clone())
             .collect();
-        for id in placed {
-            if self.stop_at_time_limit(state, &id) {
-                changed.push(id);
-            }
-        }
-        let ids: Vec<String> =
-            state.jobs.values().filter(|e| e.phase() == JobPhase::Running).map(|e| e.job.id.clone()).collect();
         for id in ids {
-            let Some(entry) = state.jobs.get_mut(&id) else { continue };
+            if self.stop_at_time_limit(state, &id) {
+                changed.push(id.clone());
+                continue;
+            }
+            let Some(entry) = state.jobs.get_mut(&id).filter(|e| e.phase() == JobPhase::Running) else { continue };
             let attempt = entry.job.attempt;
             let factor = entry.spec.straggler_factor;
             let progress = entry.progress.at(attempt);
@@ -356,12 +353,6 @@ impl Controller {
                 // Counting starts when the whole gang runs.
                 progress.progressed(now);
             }
-            if self.stop_at_time_limit(state, &id) {
-                changed.push(id.clone());
-                continue;
-            }
-            let Some(entry) = state.jobs.get_mut(&id) else { continue };
-            let progress = entry.progress.at(attempt);
             let timeout = hang_timeout(&entry.spec, progress.median_iteration_s());
             let silent = progress.last_progress.map(|t| now.duration_since(t)).unwrap_or_default();
             let report = node_report(progress, factor);

@@ -177,6 +177,11 @@ pub(super) fn queue_of<'a>(queues: &'a Queues, entry: &JobEntry) -> Option<&'a Q
     queues.of(Some(&queue_name(queues, entry)))
 }
 
+/// A job's time limit: its own `time_limit`, else its queue's `max_run_time`.
+pub(super) fn time_limit_of(queues: &Queues, entry: &JobEntry) -> Option<std::time::Duration> {
+    queue_of(queues, entry).map_or(entry.spec.time_limit, |q| q.time_limit(entry.spec.time_limit))
+}
+
 /// Every queue with what it uses now, in name order.
 pub(super) fn queue_statuses(state: &State) -> Vec<QueueStatus> {
     let queues = &state.queues;

@@ -4,7 +4,7 @@
 use cohort_shared::failure::FailureCause;
 
 use super::node_entry::{SWEEP_CREDIT_MAX, Sweep};
-use super::queue_admin::{queue_name, queue_of};
+use super::queue_admin::{queue_name, queue_of, time_limit_of};
 use super::*;
 use crate::planner::{AttemptInputs, LaunchPlan};
 
@@ -833,7 +833,7 @@ fn running_gangs(state: &State, queues: &crate::queues::Queues, now: i64) -> Vec
         .filter(|e| e.holds_resources())
         .filter_map(|e| {
             let plan = e.plan()?;
-            let limit = queue_of(queues, e).map_or(e.spec.time_limit, |q| q.time_limit(e.spec.time_limit));
+            let limit = time_limit_of(queues, e);
             // A stopped gang still exiting is gone within its stop grace.
             let limit = if e.is_over() { Some(e.spec.stop_grace) } else { limit };
             let since = if e.job.started_unix_ms > 0 && !e.is_over() { e.job.started_unix_ms } else { now };
