@@ -14,6 +14,7 @@
 //! (the check is on the opened file, not on a name that could change).
 
 mod checkpoint;
+mod content;
 mod helper;
 mod paths;
 pub mod unpack;
@@ -101,6 +102,37 @@ pub enum Request {
         files: u32,
         unpacked_bytes: u64,
     },
+    /// Sends a file of content `sha256` in the cache `cache_dir` (one user's
+    /// staging cache): its manifest (`part` None; complete content only) or
+    /// the file `part` (relative, as the manifest lists it), from the
+    /// complete content or else from a staging of it under way. Answered by
+    /// [`Reply::Content`] and then the file's bytes on stdout, or by
+    /// [`Reply::Missing`].
+    ReadContent {
+        cache_dir: PathBuf,
+        sha256: String,
+        part: Option<PathBuf>,
+    },
+    /// Writes the file `rel` of directory content `sha256` into the staging
+    /// of it under way in `cache_dir` (`partial/sha256-<hex>/tree/`), if its
+    /// `size` bytes, which follow this request's line on stdin, hash to
+    /// `file_sha256`: [`Reply::Done`], [`Reply::Short`] or [`Reply::Corrupt`].
+    ReceiveFile {
+        cache_dir: PathBuf,
+        sha256: String,
+        rel: PathBuf,
+        size: u64,
+        file_sha256: String,
+    },
+    /// Completes the staging of directory content `sha256` in `cache_dir`
+    /// whose files were received ([`Request::ReceiveFile`]): its manifest,
+    /// `manifest_bytes` bytes, follows this request's line on stdin (a
+    /// manifest may be larger than a request line may be).
+    FinishTree {
+        cache_dir: PathBuf,
+        sha256: String,
+        manifest_bytes: u64,
+    },
 }
 
 /// What [`Request::InspectPath`] does (the fields of `InspectPathCommand`).
@@ -170,6 +202,21 @@ pub enum Reply {
     Path(PathInfo),
     /// A sync archive: unpacked (true), or already there (false).
     Unpacked(bool),
+    /// A file of content follows: exactly `bytes` bytes after this line
+    /// ([`Request::ReadContent`]).
+    Content {
+        bytes: u64,
+    },
+    /// The content, or that file of it, is not in this cache (yet).
+    Missing,
+    /// A received file came short: only `got` bytes arrived (nothing kept).
+    Short {
+        got: u64,
+    },
+    /// A received file's bytes hash to `actual`, not to its digest (nothing kept).
+    Corrupt {
+        actual: String,
+    },
     Done,
     /// The operation failed; the message names the path and the fix.
     Failed(String),
@@ -236,6 +283,23 @@ impl Request {
                 file_size: Some((*unpacked_bytes).max(1)),
                 wall: Some(Duration::from_secs(1800)),
             },
+            // Sends one file, for as long as the agent reads it (a large one
+            // over a slow link): dropping the reader kills the helper.
+            Request::ReadContent { .. } => {
+                Limits { address_space: 1 << 30, cpu_secs: None, file_size: Some(0), wall: None }
+            }
+            // Writes one file of `size` bytes, for as long as its bytes come.
+            Request::ReceiveFile { size, .. } => {
+                Limits { address_space: 1 << 30, cpu_secs: None, file_size: Some((*size).max(1)), wall: None }
+            }
+            // Reads and checks a manifest (up to a million files), writes it
+            // once, syncs the filesystem; may wait for the content's lock.
+            Request::FinishTree { manifest_bytes, .. } => Limits {
+                address_space: 4 << 30,
+                cpu_secs: Some(600),
+                file_size: Some((*manifest_bytes).max(1)),
+                wall: Some(Duration::from_secs(3600)),
+            },
             // A digest reads a whole model (16 GB for Qwen3-8B); a read takes at most `max_bytes`.
             Request::InspectPath(inspect) => Limits {
                 address_space: 4 << 30,
@@ -262,6 +326,18 @@ impl Request {
             Request::FindCheckpoint { directory } => format!("the checkpoint search in {}", directory.display()),
             Request::InspectPath(inspect) => format!("looking at {}", inspect.path.display()),
             Request::UnpackSync { dest, .. } => format!("unpacking the job's sync archive into {}", dest.display()),
+            Request::ReadContent { cache_dir, sha256, part: None } => {
+                format!("reading the manifest of {sha256} in the cache {}", cache_dir.display())
+            }
+            Request::ReadContent { cache_dir, sha256, part: Some(part) } => {
+                format!("reading {} of {sha256} in the cache {}", part.display(), cache_dir.display())
+            }
+            Request::ReceiveFile { cache_dir, sha256, rel, .. } => {
+                format!("receiving {} of {sha256} into the cache {}", rel.display(), cache_dir.display())
+            }
+            Request::FinishTree { cache_dir, sha256, .. } => {
+                format!("completing {sha256} in the cache {}", cache_dir.display())
+            }
         }
     }
 }
@@ -386,6 +462,129 @@ impl AsJobUser<'_> {
         }
     }
 
+    /// Reads a file of content `sha256` in this user's cache at `cache_dir`
+    /// (from [`user_cache`]): its manifest (`part` None; only once the
+    /// content is complete), or its file `part` (relative, as the manifest
+    /// lists it) from the complete content or else from a staging of it under
+    /// way. None: that is not here (yet). The bytes come from the helper as
+    /// the [`ContentReader`] is read; dropping it kills the helper.
+    pub async fn read_content(
+        &self,
+        cache_dir: &Path,
+        sha256: &str,
+        part: Option<&Path>,
+    ) -> Result<Option<ContentReader>, JobFilesError> {
+        let request = Request::ReadContent {
+            cache_dir: cache_dir.to_owned(),
+            sha256: sha256.to_owned(),
+            part: part.map(Path::to_owned),
+        };
+        let what = request.describe();
+        let limits = request.limits();
+        let mut child = self.spawn(&what)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let mut input = serde_json::to_vec(&request).unwrap_or_default();
+            input.push(b'\n');
+            // A helper that died before reading shows in its exit status and stderr.
+            let _ = stdin.write_all(&input).await;
+        }
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let answer = async {
+            let mut stdout = BufReader::with_capacity(CONTENT_CHUNK, stdout?);
+            let mut line = Vec::new();
+            (&mut stdout).take(MAX_REPLY as u64).read_until(b'\n', &mut line).await.ok()?;
+            Some((serde_json::from_slice::<Reply>(&line).ok(), stdout))
+        };
+        // Dropping `child` on a timeout kills the helper (kill_on_drop).
+        let answer = tokio::time::timeout(CONTENT_ANSWER_WAIT, answer)
+            .await
+            .map_err(|_| JobFilesError::Timeout { what: what.clone(), limit: CONTENT_ANSWER_WAIT })?;
+        let reply = match answer {
+            Some((Some(Reply::Content { bytes }), stdout)) => {
+                let flow = ContentFlow { child, stdout, stderr, left: bytes, bytes, what, limits };
+                return Ok(Some(ContentReader::new(bytes, flow)));
+            }
+            Some((reply, _)) => reply,
+            None => None,
+        };
+        let status = tokio::time::timeout(CONTENT_ANSWER_WAIT, child.wait()).await.unwrap_or_else(|_| {
+            Err(std::io::Error::other(format!("it did not exit within {CONTENT_ANSWER_WAIT:?} of its answer")))
+        });
+        match reply {
+            Some(Reply::Missing) if status.as_ref().is_ok_and(ExitStatus::success) => Ok(None),
+            Some(Reply::Failed(message)) => Err(JobFilesError::Refused(message)),
+            Some(reply) if status.as_ref().is_ok_and(ExitStatus::success) => Err(unexpected(reply)),
+            _ => Err(explain_exit(what, &limits, status, read_stderr(stderr).await)),
+        }
+    }
+
+    /// Writes the file `rel` of directory content `sha256`, `size` bytes that
+    /// `body` yields, into the staging of that content under way in this
+    /// user's cache at `cache_dir`, if they hash to `file_sha256`. Short and
+    /// corrupt bytes leave nothing behind and are answers, not errors; a
+    /// `body` that fails is an error. Content already complete there is
+    /// [`Received::Done`] without a byte read.
+    pub async fn receive_file(
+        &self,
+        cache_dir: &Path,
+        sha256: &str,
+        rel: &Path,
+        size: u64,
+        file_sha256: &str,
+        body: BodyStream,
+    ) -> Result<Received, JobFilesError> {
+        let request = Request::ReceiveFile {
+            cache_dir: cache_dir.to_owned(),
+            sha256: sha256.to_owned(),
+            rel: rel.to_owned(),
+            size,
+            file_sha256: file_sha256.to_owned(),
+        };
+        match self.run_with_body(request, None, Some(body)).await? {
+            Reply::Done => Ok(Received::Done),
+            Reply::Short { got } => Ok(Received::Short { got }),
+            Reply::Corrupt { actual } => Ok(Received::Corrupt { actual }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Completes directory content `sha256` whose files
+    /// [`Self::receive_file`] wrote into this user's cache at `cache_dir`,
+    /// given its `manifest` (which hashes to `sha256`): checked against the
+    /// files, synced, then marked complete as a staging from the source
+    /// would. Content already complete there is left as it is.
+    pub async fn finish_tree(&self, cache_dir: &Path, sha256: &str, manifest: &str) -> Result<(), JobFilesError> {
+        let bytes = manifest.as_bytes().to_vec();
+        let request = Request::FinishTree {
+            cache_dir: cache_dir.to_owned(),
+            sha256: sha256.to_owned(),
+            manifest_bytes: bytes.len() as u64,
+        };
+        let body: BodyStream = Box::pin(futures::stream::iter([Ok(bytes)]));
+        match self.run_with_body(request, None, Some(body)).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The helper, started for `what` with its stdin, stdout and stderr
+    /// piped; killed when dropped.
+    fn spawn(&self, what: &str) -> Result<tokio::process::Child, JobFilesError> {
+        let mut command = tokio::process::Command::new(self.helper);
+        command
+            .arg0("cohort-agent")
+            .arg(FILES_AS)
+            .arg(self.identity.to_arg())
+            // Nothing of the agent's environment reaches a process of the job's user.
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command.spawn().map_err(|error| JobFilesError::Spawn { what: what.to_owned(), error })
+    }
+
     /// Runs one request; progress lines go to `progress`, the last line is the answer.
     async fn run(
         &self,
@@ -404,19 +603,7 @@ impl AsJobUser<'_> {
     ) -> Result<Reply, JobFilesError> {
         let what = request.describe();
         let limits = request.limits();
-        let mut command = tokio::process::Command::new(self.helper);
-        command
-            .arg0("cohort-agent")
-            .arg(FILES_AS)
-            .arg(self.identity.to_arg())
-            // Nothing of the agent's environment reaches a process of the job's user.
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|error| JobFilesError::Spawn { what: what.clone(), error })?;
+        let mut child = self.spawn(&what)?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -466,6 +653,127 @@ impl AsJobUser<'_> {
             Some(reply) if status.as_ref().is_ok_and(ExitStatus::success) => Ok(reply),
             _ => Err(explain_exit(what, &limits, status, stderr)),
         }
+    }
+}
+
+/// What [`AsJobUser::receive_file`] made of a file's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// In the staging's `tree/`, verified (or the content was complete already).
+    Done,
+    /// The bytes ended after `got`, short of the size; nothing kept.
+    Short { got: u64 },
+    /// The bytes hash to `actual`, not to the file's digest; nothing kept.
+    Corrupt { actual: String },
+}
+
+/// The most bytes of a file [`ContentReader`] yields at once.
+pub const CONTENT_CHUNK: usize = 256 << 10;
+/// How long [`AsJobUser::read_content`] waits for the helper to open the file.
+const CONTENT_ANSWER_WAIT: Duration = Duration::from_secs(60);
+
+/// A file of content read by the helper ([`AsJobUser::read_content`]): a
+/// stream of chunks of at most [`CONTENT_CHUNK`] bytes, exactly
+/// [`ContentReader::bytes`] in all, then the end once the helper exited
+/// well. An item is an error when the bytes came short or the helper failed
+/// (and then the stream ends). Dropping the reader kills the helper.
+pub struct ContentReader {
+    /// The size of the file: the bytes the stream yields in all.
+    pub bytes: u64,
+    chunks: std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<Vec<u8>>> + Send>>,
+}
+
+impl ContentReader {
+    fn new(bytes: u64, flow: ContentFlow) -> Self {
+        use futures::StreamExt as _;
+        let chunks = futures::stream::unfold(Some(flow), |flow| async move {
+            let mut flow = flow?;
+            match flow.next_chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(flow))),
+                Ok(None) => None,
+                // The helper goes with `flow`.
+                Err(error) => Some((Err(error), None)),
+            }
+        });
+        Self { bytes, chunks: Box::pin(chunks.fuse()) }
+    }
+}
+
+impl std::fmt::Debug for ContentReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContentReader").field("bytes", &self.bytes).finish_non_exhaustive()
+    }
+}
+
+impl futures::Stream for ContentReader {
+    type Item = std::io::Result<Vec<u8>>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.chunks.as_mut().poll_next(cx)
+    }
+}
+
+/// The helper sending a file, and what of it is left to read.
+struct ContentFlow {
+    child: tokio::process::Child,
+    stdout: BufReader<tokio::process::ChildStdout>,
+    stderr: Option<tokio::process::ChildStderr>,
+    left: u64,
+    bytes: u64,
+    what: String,
+    limits: Limits,
+}
+
+impl ContentFlow {
+    /// The next chunk; None once every byte came and the helper exited well.
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        if self.left == 0 {
+            let status = self.exit().await;
+            if status.as_ref().is_ok_and(ExitStatus::success) {
+                return Ok(None);
+            }
+            return Err(self.failed(status, "after sending every byte").await);
+        }
+        let want = usize::try_from(self.left).unwrap_or(CONTENT_CHUNK).min(CONTENT_CHUNK);
+        let mut chunk = vec![0; want];
+        let mut filled = 0;
+        while filled < want {
+            match self.stdout.read(&mut chunk[filled..]).await {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            let status = self.exit().await;
+            let got = self.bytes - self.left;
+            return Err(self.failed(status, &format!("after {got} of its {} bytes", self.bytes)).await);
+        }
+        chunk.truncate(filled);
+        self.left -= filled as u64;
+        Ok(Some(chunk))
+    }
+
+    async fn exit(&mut self) -> std::io::Result<ExitStatus> {
+        tokio::time::timeout(CONTENT_ANSWER_WAIT, self.child.wait()).await.unwrap_or_else(|_| {
+            Err(std::io::Error::other(format!("it did not exit within {CONTENT_ANSWER_WAIT:?} of its last byte")))
+        })
+    }
+
+    /// Why the helper stopped `when`, as an error.
+    async fn failed(&mut self, status: std::io::Result<ExitStatus>, when: &str) -> std::io::Error {
+        let stderr = read_stderr(self.stderr.take()).await;
+        let what = format!("{} (stopped {when})", self.what);
+        let error = match status {
+            // Exited well, yet short: the file shrank after it was opened.
+            Ok(status) if status.success() => JobFilesError::Helper { what, status: status.to_string(), stderr },
+            status => explain_exit(what, &self.limits, status, stderr),
+        };
+        std::io::Error::other(error)
     }
 }
 
@@ -564,4 +872,336 @@ pub fn user_cache(cache_root: &Path, identity: &RankIdentity) -> Result<PathBuf,
     std::os::unix::fs::lchown(&dir, Some(identity.uid), Some(identity.gid)).map_err(error(&dir))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(error(&dir))?;
     Ok(dir)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use futures::StreamExt as _;
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::stage::{StageItem, Stager};
+
+    /// The `cohort-agent` binary, which runs the helper. `cargo test -p
+    /// cohort-agent` builds it (the crate has integration tests).
+    fn helper_binary() -> PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().and_then(Path::parent).unwrap().join("cohort-agent");
+        assert!(bin.exists(), "{} not found: run `cargo build -p cohort-agent` first", bin.display());
+        bin
+    }
+
+    /// This test's own user: the helper switches nothing.
+    fn me() -> RankIdentity {
+        let (uid, gid) = (nix::unistd::Uid::current().as_raw(), nix::unistd::Gid::current().as_raw());
+        RankIdentity { name: uid.to_string(), uid, gid, groups: Vec::new(), home: PathBuf::from("/") }
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        format!("{:x}", Sha256::digest(bytes))
+    }
+
+    /// A manifest of `files` only, as staging writes it.
+    fn manifest_of(files: &[(&str, &[u8])]) -> String {
+        let mut files = files.to_vec();
+        files.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        files.iter().map(|(rel, data)| format!("{} {} {rel}\n", sha(data), data.len())).collect()
+    }
+
+    fn write(path: &Path, data: &[u8]) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    }
+
+    /// `files` as complete content in `cache`, laid out as a staging leaves it; its digest.
+    fn complete(cache: &Path, files: &[(&str, &[u8])]) -> String {
+        let manifest = manifest_of(files);
+        let digest = sha(manifest.as_bytes());
+        for (rel, data) in files {
+            write(&cache.join("sha256").join(&digest).join(rel), data);
+        }
+        write(&cache.join("sha256").join(format!("{digest}.manifest")), manifest.as_bytes());
+        digest
+    }
+
+    fn body(chunks: Vec<Result<Vec<u8>, String>>) -> BodyStream {
+        Box::pin(futures::stream::iter(chunks))
+    }
+
+    /// Everything a read yields; None: missing.
+    async fn read(
+        user: AsJobUser<'_>,
+        cache: &Path,
+        digest: &str,
+        part: Option<&str>,
+    ) -> Result<Option<Vec<u8>>, JobFilesError> {
+        let Some(mut reader) = user.read_content(cache, digest, part.map(Path::new)).await? else { return Ok(None) };
+        let mut bytes = Vec::new();
+        while let Some(chunk) = reader.next().await {
+            let chunk = chunk.map_err(|e| JobFilesError::Refused(e.to_string()))?;
+            assert!(!chunk.is_empty() && chunk.len() <= CONTENT_CHUNK, "{}", chunk.len());
+            bytes.extend_from_slice(&chunk);
+        }
+        assert_eq!(bytes.len() as u64, reader.bytes);
+        Ok(Some(bytes))
+    }
+
+    fn refused(result: Result<impl std::fmt::Debug, JobFilesError>, why: &str) {
+        match result {
+            Err(JobFilesError::Refused(message)) => assert!(message.contains(why), "{message}"),
+            other => panic!("expected a refusal with {why:?}, got {other:?}"),
+        }
+    }
+
+    /// Nothing of a received file left outside `tree/`, nor (unless kept) in it.
+    fn left_behind(cache: &Path, digest: &str, rel: &str) -> (bool, bool) {
+        let work = cache.join("partial").join(format!("sha256-{digest}"));
+        (work.join("incoming").join(rel).exists(), work.join("tree").join(rel).exists())
+    }
+
+    #[tokio::test]
+    async fn content_is_read_from_the_cache_and_from_a_staging_under_way() {
+        let (cache, identity, helper) = (tempfile::tempdir().unwrap(), me(), helper_binary());
+        let user = AsJobUser { identity: &identity, helper: &helper };
+        let large: Vec<u8> = (0..(600u32 << 10)).map(|i| (i % 251) as u8).collect();
+        let files: [(&str, &[u8]); 3] = [("large.bin", &large), ("sub/b.txt", b"hello\n"), ("sub/empty", b"")];
+        let digest = complete(cache.path(), &files);
+        let manifest = read(user, cache.path(), &digest, None).await.unwrap().unwrap();
+        assert_eq!(manifest, manifest_of(&files).as_bytes());
+        for (rel, data) in files {
+            assert_eq!(read(user, cache.path(), &digest, Some(rel)).await.unwrap().unwrap(), data, "{rel}");
+        }
+        assert_eq!(read(user, cache.path(), &digest, Some("sub/other")).await.unwrap(), None);
+
+        // A staging under way: its done files are read, its manifest is not there yet.
+        let staging = sha(b"another content");
+        let work = cache.path().join("partial").join(format!("sha256-{staging}"));
+        write(&work.join("tree/done.txt"), b"done");
+        write(&work.join("incoming/half.txt"), b"ha");
+        assert_eq!(read(user, cache.path(), &staging, Some("done.txt")).await.unwrap().unwrap(), b"done");
+        assert_eq!(read(user, cache.path(), &staging, Some("half.txt")).await.unwrap(), None, "not done");
+        assert_eq!(read(user, cache.path(), &staging, None).await.unwrap(), None, "not complete");
+        let nowhere = sha(b"nowhere");
+        assert_eq!(read(user, cache.path(), &nowhere, None).await.unwrap(), None);
+        assert_eq!(read(user, cache.path(), &nowhere, Some("a")).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_file_that_shrinks_while_it_is_sent_ends_in_an_error() {
+        let (cache, identity, helper) = (tempfile::tempdir().unwrap(), me(), helper_binary());
+        let user = AsJobUser { identity: &identity, helper: &helper };
+        let staging = sha(b"a content");
+        let file = cache.path().join("partial").join(format!("sha256-{staging}")).join("tree/big.bin");
+        write(&file, &vec![1; 4 << 20]);
+        let mut reader = user.read_content(cache.path(), &staging, Some(Path::new("big.bin"))).await.unwrap().unwrap();
+        assert_eq!(reader.bytes, 4 << 20);
+        // The helper waits on the full pipe meanwhile.
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(1 << 20).unwrap();
+        let (mut got, mut error) = (0, None);
+        while let Some(chunk) = reader.next().await {
+            match chunk {
+                Ok(chunk) => got += chunk.len(),
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        assert_eq!(got, 1 << 20);
+        let error = error.unwrap();
+        assert!(error.contains("shrank from 4194304 to 1048576 bytes"), "{error}");
+        assert!(error.contains("stopped after 1048576 of its 4194304 bytes"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn what_is_not_a_plain_file_of_the_content_is_refused() {
+        let (cache, identity, helper) = (tempfile::tempdir().unwrap(), me(), helper_binary());
+        let user = AsJobUser { identity: &identity, helper: &helper };
+        let digest = complete(cache.path(), &[("a.txt", b"a"), ("sub/b.txt", b"b")]);
+        let content = cache.path().join("sha256").join(&digest);
+        let secret = cache.path().join("secret");
+        std::fs::write(&secret, "not content").unwrap();
+        std::os::unix::fs::symlink(&secret, content.join("link.txt")).unwrap();
+        refused(read(user, cache.path(), &digest, Some("link.txt")).await, "is a symlink, which is not served");
+        nix::unistd::mkfifo(&content.join("pipe"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        refused(read(user, cache.path(), &digest, Some("pipe")).await, "is a FIFO, not a regular file");
+        refused(read(user, cache.path(), &digest, Some("sub")).await, "is a directory, not a regular file");
+        for climb in ["../secret", "sub/../../secret", "/etc/passwd", "./a.txt", "a.txt/", ""] {
+            refused(read(user, cache.path(), &digest, Some(climb)).await, "is not relative with plain names");
+        }
+        refused(read(user, cache.path(), "../../etc", None).await, "is not 64 lowercase hex digits");
+        refused(read(user, cache.path(), &digest.to_uppercase(), None).await, "is not 64 lowercase hex digits");
+        // Planted in place of the manifest: not followed either (not complete content).
+        let manifest = cache.path().join("sha256").join(format!("{digest}.manifest"));
+        std::fs::remove_file(&manifest).unwrap();
+        std::os::unix::fs::symlink(&secret, &manifest).unwrap();
+        assert_eq!(read(user, cache.path(), &digest, None).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_received_file_is_kept_only_whole_and_intact() {
+        let (cache, identity, helper) = (tempfile::tempdir().unwrap(), me(), helper_binary());
+        let user = AsJobUser { identity: &identity, helper: &helper };
+        let digest = sha(b"some directory's manifest");
+        let receive = |rel: &'static str, size: u64, file_sha256: String, chunks: Vec<Result<Vec<u8>, String>>| {
+            let (cache, digest) = (cache.path().to_owned(), digest.clone());
+            async move { user.receive_file(&cache, &digest, Path::new(rel), size, &file_sha256, body(chunks)).await }
+        };
+        let data = b"hello\n".to_vec();
+        let got = receive("sub/b.txt", 6, sha(&data), vec![Ok(data[..2].to_vec()), Ok(data[2..].to_vec())]).await;
+        assert_eq!(got.unwrap(), Received::Done);
+        assert_eq!(left_behind(cache.path(), &digest, "sub/b.txt"), (false, true));
+        let tree = cache.path().join("partial").join(format!("sha256-{digest}")).join("tree");
+        assert_eq!(std::fs::read(tree.join("sub/b.txt")).unwrap(), data);
+
+        // Large, in many small chunks.
+        let large: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let chunks = large.chunks(100 << 10).map(|c| Ok(c.to_vec())).collect();
+        assert_eq!(receive("large.bin", large.len() as u64, sha(&large), chunks).await.unwrap(), Received::Done);
+        assert_eq!(std::fs::read(tree.join("large.bin")).unwrap(), large);
+
+        // The peer's stream ended early.
+        let got = receive("short.txt", 6, sha(&data), vec![Ok(data[..3].to_vec())]).await.unwrap();
+        assert_eq!(got, Received::Short { got: 3 });
+        assert_eq!(left_behind(cache.path(), &digest, "short.txt"), (false, false));
+        // Other bytes than announced.
+        let got = receive("bad.txt", 6, sha(&data), vec![Ok(b"HELLO\n".to_vec())]).await.unwrap();
+        assert_eq!(got, Received::Corrupt { actual: sha(b"HELLO\n") });
+        assert_eq!(left_behind(cache.path(), &digest, "bad.txt"), (false, false));
+        // The peer's stream broke: never taken as done, even when every byte had come.
+        for chunks in
+            [vec![Ok(data[..3].to_vec()), Err("peer reset".into())], vec![Ok(data.clone()), Err("trailer".into())]]
+        {
+            let got = receive("broken.txt", 6, sha(&data), chunks).await;
+            refused(got, "the bytes stopped coming: ");
+            assert!(!left_behind(cache.path(), &digest, "broken.txt").0);
+        }
+        // More than the size.
+        refused(receive("long.txt", 3, sha(&data), vec![Ok(data.clone())]).await, "more than the 3 bytes");
+        assert_eq!(left_behind(cache.path(), &digest, "long.txt"), (false, false));
+        refused(receive("../escape.txt", 6, sha(&data), vec![Ok(data.clone())]).await, "not relative");
+        assert!(!cache.path().join("partial").join("escape.txt").exists());
+        refused(receive("x.txt", 6, "abc".into(), vec![Ok(data.clone())]).await, "not 64 lowercase hex");
+        // A symlink planted at the incoming name is not written through.
+        let incoming = cache.path().join("partial").join(format!("sha256-{digest}")).join("incoming");
+        let victim = cache.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, incoming.join("planted.txt")).unwrap();
+        refused(receive("planted.txt", 6, sha(&data), vec![Ok(data.clone())]).await, "cannot write");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    }
+
+    #[tokio::test]
+    async fn finish_tree_completes_content_as_a_staging_would() {
+        let (cache, identity, helper) = (tempfile::tempdir().unwrap(), me(), helper_binary());
+        let user = AsJobUser { identity: &identity, helper: &helper };
+        let files: [(&str, &[u8]); 3] = [("a.txt", b"a"), ("sub/b.txt", b"bb"), ("sub/deeper/empty", b"")];
+        let manifest = manifest_of(&files);
+        let digest = sha(manifest.as_bytes());
+        for (rel, data) in files.iter().take(2) {
+            let (size, file_sha256) = (data.len() as u64, sha(data));
+            let got = user.receive_file(
+                cache.path(),
+                &digest,
+                Path::new(rel),
+                size,
+                &file_sha256,
+                body(vec![Ok(data.to_vec())]),
+            );
+            assert_eq!(got.await.unwrap(), Received::Done);
+        }
+        // Not all there.
+        refused(user.finish_tree(cache.path(), &digest, &manifest).await, "sub/deeper/empty is not there");
+        let (rel, data) = files[2];
+        let file_sha256 = sha(data);
+        let got = user.receive_file(cache.path(), &digest, Path::new(rel), 0, &file_sha256, body(Vec::new()));
+        assert_eq!(got.await.unwrap(), Received::Done);
+        // Another content's manifest, one with links, one whose files are not here, an unsorted one.
+        refused(user.finish_tree(cache.path(), &digest, "").await, "hashes to");
+        let with_link = format!("{manifest}{} symlink zz\n", sha(b"a.txt"));
+        refused(user.finish_tree(cache.path(), &sha(with_link.as_bytes()), &with_link).await, "has symlinks");
+        let resized = manifest_of(&[("a.txt", b"aa"), ("sub/b.txt", b"bb"), ("sub/deeper/empty", b"")]);
+        refused(user.finish_tree(cache.path(), &sha(resized.as_bytes()), &resized).await, "is not there");
+        let unsorted: String = manifest.lines().rev().map(|l| format!("{l}\n")).collect();
+        refused(user.finish_tree(cache.path(), &sha(unsorted.as_bytes()), &unsorted).await, "out of order");
+        // A file of another size than listed.
+        let work = cache.path().join("partial").join(format!("sha256-{digest}"));
+        let same_size = manifest_of(&[("a.txt", b"b"), ("sub/b.txt", b"bb"), ("sub/deeper/empty", b"")]);
+        let other = sha(same_size.as_bytes());
+        write(&cache.path().join("partial").join(format!("sha256-{other}/tree/a.txt")), b"aa");
+        refused(user.finish_tree(cache.path(), &other, &same_size).await, "is 2 bytes, not the 1 its manifest lists");
+        assert!(work.join("tree").exists(), "nothing changed by a refusal");
+
+        // A file a peer sent that the manifest does not list goes.
+        write(&work.join("tree/stray/file"), b"x");
+        write(&work.join("tree/sub/stray"), b"x");
+        user.finish_tree(cache.path(), &digest, &manifest).await.unwrap();
+        let content = cache.path().join("sha256").join(&digest);
+        for (rel, data) in files {
+            assert_eq!(std::fs::read(content.join(rel)).unwrap(), data);
+        }
+        assert!(!content.join("stray").exists() && !content.join("sub/stray").exists());
+        let listed = std::fs::read_to_string(cache.path().join("sha256").join(format!("{digest}.manifest"))).unwrap();
+        assert_eq!(listed, manifest);
+        assert!(!work.exists(), "the work dir is gone");
+        // Complete already: nothing to do.
+        user.finish_tree(cache.path(), &digest, &manifest).await.unwrap();
+        let a_sha256 = sha(b"a");
+        let got =
+            user.receive_file(cache.path(), &digest, Path::new("a.txt"), 1, &a_sha256, body(vec![Ok(b"a".to_vec())]));
+        assert_eq!(got.await.unwrap(), Received::Done);
+        assert!(!work.exists(), "nothing received into complete content");
+        assert_eq!(read(user, cache.path(), &digest, None).await.unwrap().unwrap(), manifest.as_bytes());
+
+        // An empty directory.
+        let empty = sha(b"");
+        user.finish_tree(cache.path(), &empty, "").await.unwrap();
+        assert!(cache.path().join("sha256").join(&empty).is_dir());
+    }
+
+    async fn stage(cache: &Path, source: &Path, sha256: Option<String>) -> Vec<crate::stage::StagedItem> {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let item = StageItem { name: "model".into(), source: source.display().to_string(), sha256, model: None };
+        let staged = Stager::new(cache.to_owned(), 2).stage(&[item], tx).await.unwrap();
+        drain.await.unwrap();
+        staged
+    }
+
+    #[tokio::test]
+    async fn a_staged_directory_travels_between_caches_through_the_helper() {
+        let (source, a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (identity, helper) = (me(), helper_binary());
+        let user = AsJobUser { identity: &identity, helper: &helper };
+        let large: Vec<u8> = (0..(1u32 << 20) + 17).map(|i| (i % 241) as u8).collect();
+        write(&source.path().join("model.safetensors"), &large);
+        write(&source.path().join("config.json"), b"{}\n");
+        write(&source.path().join("tokenizer/vocab.txt"), b"a\nb\n");
+        write(&source.path().join("tokenizer/empty"), b"");
+        let digest = stage(a.path(), source.path(), None).await[0].sha256.clone();
+
+        let manifest = read(user, a.path(), &digest, None).await.unwrap().unwrap();
+        let parsed = crate::stage::parse_manifest(&manifest).unwrap();
+        assert_eq!((parsed.files.len(), parsed.links), (4, 0));
+        for file in &parsed.files {
+            let reader = user.read_content(a.path(), &digest, Some(&file.path)).await.unwrap().unwrap();
+            assert_eq!(reader.bytes, file.size);
+            let bytes: BodyStream = Box::pin(reader.map(|chunk| chunk.map_err(|e| e.to_string())));
+            let got = user.receive_file(b.path(), &digest, &file.path, file.size, &file.sha256, bytes).await;
+            assert_eq!(got.unwrap(), Received::Done, "{}", file.path.display());
+        }
+        user.finish_tree(b.path(), &digest, std::str::from_utf8(&manifest).unwrap()).await.unwrap();
+
+        let manifest_path = |cache: &Path| cache.join("sha256").join(format!("{digest}.manifest"));
+        assert_eq!(std::fs::read(manifest_path(b.path())).unwrap(), manifest);
+        for file in &parsed.files {
+            let (in_a, in_b) = (a.path().join("sha256").join(&digest), b.path().join("sha256").join(&digest));
+            assert_eq!(std::fs::read(in_b.join(&file.path)).unwrap(), std::fs::read(in_a.join(&file.path)).unwrap());
+        }
+        // Found in B as a staging leaves it: the source is not read again.
+        std::fs::remove_dir_all(source.path()).unwrap();
+        let staged = stage(b.path(), source.path(), Some(digest.clone())).await;
+        assert!(staged[0].from_cache, "{staged:?}");
+        assert_eq!(staged[0].bytes, large.len() as u64 + 3 + 4);
+    }
 }

@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod inspect;
 pub mod job_files;
 pub mod join;
+pub mod peer;
 pub mod preflight;
 pub mod prepare;
 pub mod private_proc;

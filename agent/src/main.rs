@@ -107,6 +107,12 @@ struct Args {
     /// Where the node's key and certificate live (default: <work-dir>/tls).
     #[arg(long, env = "COHORT_TLS_DIR")]
     tls_dir: Option<PathBuf>,
+    /// The port other nodes fetch this node's staged content from (its peer
+    /// service, on --advertise-addr; mutual TLS with node certificates, or
+    /// plaintext with --insecure). 0: serve none (this node still fetches
+    /// from others).
+    #[arg(long, env = "COHORT_PEER_PORT", default_value_t = 7071)]
+    peer_port: u16,
     /// Plaintext to a controller started with --insecure: no certificates, and
     /// anyone who can reach the controller can command this node.
     #[arg(long, env = "COHORT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
@@ -274,6 +280,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ca_cert: args.ca_cert,
         join_token: args.join_token,
         tls_dir: args.tls_dir,
+        peer_port: (args.peer_port > 0).then_some(args.peer_port),
         rank_users: RankUserPolicy {
             default_user: args.rank_user.filter(|u| !u.trim().is_empty()),
             allowed: args.allowed_rank_users.iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),

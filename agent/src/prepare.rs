@@ -18,6 +18,7 @@ use tokio::task::AbortHandle;
 
 use crate::cache_keeper::CacheKeeper;
 use crate::job_files::{AsJobUser, user_cache};
+use crate::peer::{Fetched, Peers};
 use crate::preflight::{self, Interpreter};
 use crate::rank_user::RankUserPolicy;
 use crate::stage::hub::HubModel;
@@ -57,6 +58,8 @@ pub struct Preparer {
     /// The connection of the current session (None between sessions), for
     /// the calls a preparation makes itself (FetchSync).
     pub controller: watch::Sender<Option<tonic::transport::Channel>>,
+    /// Staged content fetched from and served to other nodes (`crate::peer`).
+    pub peers: Arc<Peers>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -348,11 +351,64 @@ impl Preparer {
                 })
             })
             .collect::<Result<_, String>>()?;
+        let cache = user_cache(self.stager.cache_dir(), user.identity);
+        let mut from_peers: HashMap<String, Fetched> = HashMap::new();
+        let mut announced = HashMap::new();
+        if let Ok(cache) = &cache {
+            // Inputs other nodes hold or stage now come from them; what they
+            // cannot serve is read from the source below.
+            let fetches = cmd.stage.iter().filter(|s| !s.peers.is_empty() && !is_cached(cache, &s.sha256)).map(|s| {
+                let digest = s.sha256.trim().to_ascii_lowercase();
+                let report = move |bytes_done: u64, files_done: u32| {
+                    let status = StageStatus {
+                        node_name: self.node_name.clone(),
+                        item: s.name.clone(),
+                        bytes_done,
+                        files_done,
+                        state: "copying".into(),
+                        detail: "from other nodes".into(),
+                        ..StageStatus::default()
+                    };
+                    let msg = StageProgress { job_id: cmd.job_id.clone(), attempt: cmd.attempt, status: Some(status) };
+                    // Progress is advisory: dropped rather than waited for when the queue is full.
+                    let _ = self.out.try_send(Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) }));
+                };
+                async move {
+                    let fetched = self.peers.fetch(&cmd.user, user, cache, &digest, &s.peers, &report).await;
+                    (s.name.clone(), fetched)
+                }
+            });
+            for (name, fetched) in futures::future::join_all(fetches).await {
+                match fetched {
+                    Ok(fetched) => {
+                        tracing::info!(job = %cmd.job_id, item = %name, bytes = fetched.bytes, "fetched from peers");
+                        from_peers.insert(name, fetched);
+                    }
+                    Err(error) => {
+                        tracing::warn!(job = %cmd.job_id, item = %name, %error, "peers could not serve it; reading the source")
+                    }
+                }
+            }
+            // What is read from the source is offered to the peers file by file.
+            let offered = cmd.stage.iter().filter(|s| s.sha256.trim().len() == 64);
+            for s in offered.filter(|s| !from_peers.contains_key(&s.name) && !is_cached(cache, &s.sha256)) {
+                if let Some(a) = self.peers.announce(cache, &s.sha256.trim().to_ascii_lowercase()) {
+                    announced.insert(s.name.clone(), a);
+                }
+            }
+        }
         let (tx, mut rx) = mpsc::channel::<crate::stage::StageProgress>(256);
         let out = self.out.clone();
         let (job_id, attempt, node) = (cmd.job_id.clone(), cmd.attempt, self.node_name.clone());
         let forward = tokio::spawn(async move {
             while let Some(p) = rx.recv().await {
+                if let (Some(file), Some(a)) = (&p.file, announced.get(&p.item)) {
+                    a.file(cohort_proto::ContentFile {
+                        path: file.path.clone(),
+                        size: file.size,
+                        sha256: file.sha256.clone(),
+                    });
+                }
                 let (state, detail) = match &p.state {
                     StageState::Checking => ("checking", String::new()),
                     StageState::Copying => ("copying", String::new()),
@@ -370,18 +426,22 @@ impl Preparer {
                     files_total: p.files_total,
                     state: state.into(),
                     detail,
-                    path: String::new(),
-                    hub_cache: String::new(),
+                    ..StageStatus::default()
                 };
                 let msg = StageProgress { job_id: job_id.clone(), attempt, status: Some(status) };
                 // Progress is advisory: drop it rather than wait when the queue is full.
                 let _ = out.try_send(Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) }));
             }
+            announced
         });
         let staging = self.cache_keeper.staging().await;
         let staged = user.stage(self.stager.cache_dir(), self.stager.parallel_files(), items, tx).await;
-        let _ = forward.await;
-        if let (Ok(staged), Ok(cache)) = (&staged, user_cache(self.stager.cache_dir(), user.identity)) {
+        if let Ok(announced) = forward.await
+            && staged.is_ok()
+        {
+            announced.into_values().for_each(crate::peer::Announced::complete);
+        }
+        if let (Ok(staged), Ok(cache)) = (&staged, cache) {
             let digests = staged.iter().map(|s| s.sha256.clone()).collect();
             self.cache_keeper.pin(&cmd.job_id, cmd.attempt, cache.clone(), digests);
             drop(staging);
@@ -390,14 +450,20 @@ impl Preparer {
         match staged {
             Ok(staged) => Ok(staged
                 .into_iter()
-                .map(|s| StagedInput {
-                    name: s.name,
-                    path: s.path.display().to_string(),
-                    sha256: s.sha256,
-                    bytes: s.bytes,
-                    from_cache: s.from_cache,
-                    error: String::new(),
-                    hub_cache: s.hub_cache.map(|p| p.display().to_string()).unwrap_or_default(),
+                .map(|s| {
+                    let fetched = from_peers.remove(&s.name).unwrap_or_default();
+                    StagedInput {
+                        path: s.path.display().to_string(),
+                        sha256: s.sha256,
+                        bytes: s.bytes,
+                        // Fetched from peers just now is not "found in the cache".
+                        from_cache: s.from_cache && fetched.bytes == 0,
+                        error: String::new(),
+                        hub_cache: s.hub_cache.map(|p| p.display().to_string()).unwrap_or_default(),
+                        bytes_from_peers: fetched.bytes,
+                        corrupt_peers: fetched.corrupt_peers,
+                        name: s.name,
+                    }
                 })
                 .collect()),
             Err(e) => Err(format!("staging failed: {e}")),
@@ -429,6 +495,13 @@ impl Preparer {
 }
 
 /// The hub model of a stage input (None when it names none).
+/// Whether directory content `sha256` is complete in `cache` (a user's
+/// cache): its manifest is there. Only a name is looked up, nothing read.
+fn is_cached(cache: &Path, sha256: &str) -> bool {
+    let hex = sha256.trim().to_ascii_lowercase();
+    hex.len() == 64 && std::fs::symlink_metadata(cache.join("sha256").join(format!("{hex}.manifest"))).is_ok()
+}
+
 fn hub_model(input: &cohort_proto::StageInput) -> Result<Option<HubModel>, String> {
     if input.model.is_empty() {
         return Ok(None);

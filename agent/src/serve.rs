@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::cgroup::{JobCgroups, JobLimits, agent_cgroup_name};
 use crate::gpu::{self, GpuBackend};
+use crate::peer::Peers;
 use crate::prepare::Preparer;
 use crate::rank_user::RankUserPolicy;
 use crate::session;
@@ -58,6 +59,9 @@ pub struct AgentConfig {
     pub join_token: Option<String>,
     /// Where the node's key and certificate live (default: <work_dir>/tls).
     pub tls_dir: Option<PathBuf>,
+    /// The peer service's port on `advertise_addr` (0: an ephemeral one);
+    /// None: serve no staged content to other nodes.
+    pub peer_port: Option<u16>,
     pub rank_users: RankUserPolicy,
     /// Where the cgroup hierarchy is mounted; empty: no per-job cgroups.
     pub cgroup_root: PathBuf,
@@ -81,6 +85,53 @@ impl AgentDeps {
     pub fn this_binary(gpus: Arc<dyn GpuBackend>) -> Self {
         AgentDeps { gpus, agent_exe: PathBuf::from("/proc/self/exe") }
     }
+}
+
+/// Starts the peer service (staged content for other nodes) on `addr:port`;
+/// returns the port it listens on, 0 when it could not start (the node then
+/// only fetches from others; said in the log).
+async fn serve_peers(
+    peers: &Arc<Peers>,
+    tls: Option<&cohort_runtime::tls::ClientTls>,
+    addr: IpAddr,
+    port: u16,
+    mut shutdown: watch::Receiver<bool>,
+) -> u16 {
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        let Some(config) = tls.peer_server().filter(|_| tls.serves_peers()) else {
+            tracing::warn!(
+                "this node's certificate predates peer-to-peer staging (client-only): it serves no staged content to \
+                 other nodes; remove its --tls-dir certificate and join again to serve"
+            );
+            return 0;
+        };
+        server = match server.tls_config(config) {
+            Ok(server) => server,
+            Err(e) => {
+                tracing::warn!(error = %e, "peer service off: its TLS settings were refused");
+                return 0;
+            }
+        };
+    }
+    let listener = match tokio::net::TcpListener::bind((addr, port)).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::warn!(%addr, port, error = %e, "peer service off: cannot listen; this node serves no staged content to others (--peer-port)");
+            return 0;
+        }
+    };
+    let bound = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let service = peers.server();
+    tokio::spawn(async move {
+        let stop = async move { cohort_runtime::shutdown::requested(&mut shutdown).await };
+        if let Err(e) = server.add_service(service).serve_with_incoming_shutdown(incoming, stop).await {
+            tracing::warn!(error = %e, "peer service stopped");
+        }
+    });
+    tracing::info!(%addr, port = bound, "serving staged content to other nodes");
+    bound
 }
 
 /// The node's per-job cgroups, or None with a log line that says why.
@@ -138,6 +189,8 @@ pub async fn serve(config: AgentConfig, deps: AgentDeps, mut shutdown: watch::Re
             .unwrap_or_else(|_| config.work_dir.clone())
             .display()
             .to_string(),
+        // Set once the peer service listens (after joining: it serves with the node's certificate).
+        peer_port: 0,
     };
 
     let (out_tx, out_rx) = tokio::sync::mpsc::channel(8192);
@@ -179,27 +232,6 @@ pub async fn serve(config: AgentConfig, deps: AgentDeps, mut shutdown: watch::Re
     let recovery = supervisor.recover().await;
     tracing::info!(?recovery, "launch state recovered");
     let recovered = supervisor.launches_ended().await.into_iter().filter(|(_, ended)| !ended).map(|(k, _)| k).collect();
-    let cache_dir = config.cache_dir.clone().unwrap_or_else(|| config.work_dir.join("cache"));
-    let preparer = Preparer {
-        node_name: name.clone(),
-        python: config.python.clone(),
-        node_env: config.node_env.iter().map(|v| (v.name.clone(), v.value.clone())).collect(),
-        stager: Arc::new(Stager::new(cache_dir.clone(), config.stage_parallel.max(1))),
-        out: out_tx,
-        report: tokio::sync::watch::channel(None).0,
-        rank_users,
-        cache_keeper: Arc::new(crate::cache_keeper::CacheKeeper::new(
-            config.cache_max,
-            cache_dir,
-            deps.agent_exe.clone(),
-            Some(supervisor.clone()),
-            recovered,
-        )),
-        helper: deps.agent_exe,
-        preparing: Default::default(),
-        work_dir: std::path::absolute(&config.work_dir).unwrap_or_else(|_| config.work_dir.clone()),
-        controller: tokio::sync::watch::channel(None).0,
-    };
     let scheme = if config.insecure { "http" } else { "https" };
     let urls: Vec<String> = config
         .controller_urls
@@ -237,6 +269,35 @@ pub async fn serve(config: AgentConfig, deps: AgentDeps, mut shutdown: watch::Re
                 return Ok(());
             }
         }
+    };
+    let cache_dir = config.cache_dir.clone().unwrap_or_else(|| config.work_dir.join("cache"));
+    let peers = Peers::new(name.clone(), tls.clone(), deps.agent_exe.clone(), cache_dir.clone(), rank_users.clone());
+    let mut node = node;
+    node.peer_port = match config.peer_port {
+        Some(port) => u32::from(serve_peers(&peers, tls.as_ref(), config.advertise_addr, port, shutdown.clone()).await),
+        None => 0,
+    };
+    let cache_dir = config.cache_dir.clone().unwrap_or_else(|| config.work_dir.join("cache"));
+    let preparer = Preparer {
+        node_name: name.clone(),
+        python: config.python.clone(),
+        node_env: config.node_env.iter().map(|v| (v.name.clone(), v.value.clone())).collect(),
+        stager: Arc::new(Stager::new(cache_dir.clone(), config.stage_parallel.max(1))),
+        out: out_tx,
+        report: tokio::sync::watch::channel(None).0,
+        rank_users,
+        cache_keeper: Arc::new(crate::cache_keeper::CacheKeeper::new(
+            config.cache_max,
+            cache_dir,
+            deps.agent_exe.clone(),
+            Some(supervisor.clone()),
+            recovered,
+        )),
+        helper: deps.agent_exe,
+        preparing: Default::default(),
+        work_dir: std::path::absolute(&config.work_dir).unwrap_or_else(|_| config.work_dir.clone()),
+        controller: tokio::sync::watch::channel(None).0,
+        peers: peers.clone(),
     };
     let session_config = session::SessionConfig {
         controller_urls: urls,

@@ -58,6 +58,7 @@ mod record;
 #[cfg(test)]
 mod tests;
 mod tree;
+pub(crate) use tree::{parse_manifest, prune_to};
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -111,6 +112,21 @@ pub struct StageProgress {
     pub files_done: u32,
     pub files_total: u32,
     pub state: StageState,
+    /// A file of a directory just done (copied and hashed), as the manifest
+    /// will list it: what this node may serve its peers before the whole
+    /// directory is staged (see `crate::peer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileDone>,
+}
+
+/// One file of a directory being staged, done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDone {
+    /// Relative, '/'-separated, as in the manifest.
+    pub path: String,
+    pub size: u64,
+    /// Hex SHA-256.
+    pub sha256: String,
 }
 
 /// An item in the cache.

@@ -222,6 +222,12 @@ pub struct Cluster {
 const MAX_CONTROLLERS: u16 = 3;
 
 impl Cluster {
+    /// The agents' peer service port (each on its node's address): the first
+    /// after the controllers', before the MASTER_PORT range.
+    pub fn peer_port(&self) -> u16 {
+        self.ports.base + MAX_CONTROLLERS
+    }
+
     /// Starts a controller and one agent per node; returns once every node is Ready.
     pub async fn start(nodes: Vec<NodeSpec>) -> anyhow::Result<Cluster> {
         Self::start_with(nodes, &[]).await
@@ -354,7 +360,7 @@ impl Cluster {
     fn spawn_controller(&self, i: u16) -> anyhow::Result<Child> {
         let name = if i == 0 { "controller".to_string() } else { format!("controller-{i}") };
         let log = File::options().create(true).append(true).open(self.dir.path().join(format!("{name}.log")))?;
-        let master = format!("{}-{}", self.ports.base + MAX_CONTROLLERS, self.ports.base + BLOCK - 1);
+        let master = format!("{}-{}", self.peer_port() + 1, self.ports.base + BLOCK - 1);
         Command::new(bin("cohort-controller"))
             .args(["--listen", &format!("127.0.0.1:{}", self.ports.base + i)])
             .arg("--data-dir")
@@ -423,6 +429,8 @@ impl Cluster {
             .env("COHORT_AGENT_CONFIG", "/dev/null")
             .env("COHORT_ALLOW_ROOT_RANKS", "true")
             .env("RUST_LOG", "info")
+            // Each node serves its peers on its own address, on the cluster's port.
+            .env("COHORT_PEER_PORT", self.peer_port().to_string())
             .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

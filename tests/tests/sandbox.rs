@@ -37,6 +37,7 @@ fn agent_config(i: usize, url: &str, work: &std::path::Path) -> AgentConfig {
         ca_cert: None,
         join_token: None,
         tls_dir: None,
+        peer_port: Some(0),
         // Tests run as root and start their ranks as themselves.
         rank_users: RankUserPolicy::agent_user(),
         cgroup_root: Default::default(),

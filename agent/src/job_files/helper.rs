@@ -23,8 +23,10 @@ pub fn invoked() -> bool {
     std::env::args_os().nth(1).is_some_and(|a| a == FILES_AS)
 }
 
-/// Runs the helper; returns its exit status (0: the last line is the answer;
-/// 1: it is a `Failed`; 127: the helper could not start as the user).
+/// Runs the helper; returns its exit status (0: the last line is the answer,
+/// or for `ReadContent` the content's line and all its bytes; 1: the last
+/// line is a `Failed`, or a content's bytes came short; 127: the helper could
+/// not start as the user).
 pub fn main() -> i32 {
     let fail = |message: String| {
         eprintln!("cohort-agent {FILES_AS}: {message}");
@@ -33,7 +35,8 @@ pub fn main() -> i32 {
     let Some(run_as) = std::env::args().nth(2) else {
         return fail("usage: files-as uid:gid:groups < request.json".into());
     };
-    // The request is the first line; a sync archive's bytes follow it.
+    // The request is the first line; a sync archive's bytes (or a received
+    // file's, or a manifest) follow it.
     let mut stdin = std::io::BufReader::new(std::io::stdin());
     let request: Request = match read_request_line(&mut stdin) {
         Ok(request) => request,
@@ -71,6 +74,30 @@ pub fn main() -> i32 {
         Request::UnpackSync { dest, sha256, bytes, files, unpacked_bytes } => {
             let declared = super::unpack::Declared { sha256: &sha256, bytes, files, unpacked_bytes };
             super::unpack::unpack(&dest, declared, &mut stdin).map(Reply::Unpacked)
+        }
+        Request::ReadContent { cache_dir, sha256, part } => {
+            match super::content::open(&cache_dir, &sha256, part.as_deref()) {
+                // The answer's line, then the file's bytes.
+                Ok(Some(opened)) => {
+                    return match super::content::send(opened, &mut std::io::stdout().lock()) {
+                        Ok(()) => 0,
+                        Err(message) => {
+                            eprintln!("cohort-agent {FILES_AS}: {message}");
+                            1
+                        }
+                    };
+                }
+                Ok(None) => Ok(Reply::Missing),
+                Err(message) => Err(message),
+            }
+        }
+        Request::ReceiveFile { cache_dir, sha256, rel, size, file_sha256 } => {
+            let incoming =
+                super::content::Incoming { cache_dir: &cache_dir, hex: &sha256, rel: &rel, size, sha256: &file_sha256 };
+            super::content::receive(incoming, &mut stdin)
+        }
+        Request::FinishTree { cache_dir, sha256, manifest_bytes } => {
+            super::content::finish_tree(&cache_dir, &sha256, manifest_bytes, &mut stdin)
         }
     };
     let (reply, code) = match reply {
@@ -155,7 +182,8 @@ pub(crate) fn open_regular(path: &Path) -> Result<File, String> {
     Ok(file)
 }
 
-fn kind(t: &std::fs::FileType) -> &'static str {
+/// What a file that is not a regular one is, for errors.
+pub(super) fn kind(t: &std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if t.is_dir() {
         "a directory"

@@ -294,7 +294,7 @@ fn copy_tree_file(
         && meta.len() == file.size
     {
         let finished = fetch::hash_file(&done, meter).map_err(io_error(item, "read", &done))?;
-        meter.file_done();
+        meter.tree_file_done(&file.rel, finished.bytes, &finished.sha256);
         return Ok((file.rel.clone(), Listed::File { sha256: finished.sha256, size: finished.bytes }));
     }
     let incoming = work.join("incoming").join(&file.rel);
@@ -305,6 +305,6 @@ fn copy_tree_file(
         let _ = flush.send(written);
     }
     std::fs::rename(&incoming, &done).map_err(io_error(item, "write", &done))?;
-    meter.file_done();
+    meter.tree_file_done(&file.rel, finished.bytes, &finished.sha256);
     Ok((file.rel.clone(), Listed::File { sha256: finished.sha256, size: finished.bytes }))
 }

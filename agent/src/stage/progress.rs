@@ -47,6 +47,7 @@ impl Meter {
             files_done: self.files_done.load(Ordering::Relaxed),
             files_total: self.files_total.load(Ordering::Relaxed),
             state,
+            file: None,
         }
     }
 
@@ -85,9 +86,16 @@ impl Meter {
         let _ = self.bytes_done.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |done| Some(done.saturating_sub(n)));
     }
 
-    pub(super) fn file_done(&self) {
+    /// Counts a file of a directory done and reports it, with its path, size
+    /// and digest, without fail (waits for room: call it from a blocking
+    /// thread); a path that is not UTF-8 is only counted.
+    pub(super) fn tree_file_done(&self, rel: &std::path::Path, size: u64, sha256: &str) {
         self.files_done.fetch_add(1, Ordering::Relaxed);
-        let _ = self.tx.try_send(self.snapshot(StageState::Copying));
+        let mut report = self.snapshot(StageState::Copying);
+        if let Some(path) = rel.to_str() {
+            report.file = Some(super::FileDone { path: path.to_owned(), size, sha256: sha256.to_owned() });
+        }
+        let _ = self.tx.blocking_send(report);
     }
 
     pub(super) fn set_done(&self, bytes: u64, files: u32) {

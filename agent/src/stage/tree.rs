@@ -196,6 +196,104 @@ pub(super) fn manifest_totals(text: &[u8]) -> (u64, u32) {
     totals
 }
 
+/// The most lines [`parse_manifest`] takes: a directory of a million files
+/// is larger than any job input staged so far.
+pub(crate) const MAX_MANIFEST_LINES: usize = 1_000_000;
+
+/// A file a manifest lists (see [`parse_manifest`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ManifestEntry {
+    /// Relative to the directory; every component a plain name.
+    pub path: PathBuf,
+    pub size: u64,
+    /// Hex SHA-256 of the file's bytes, lowercase.
+    pub sha256: String,
+}
+
+/// A manifest taken apart: its files, and how many symlinks it lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ParsedManifest {
+    /// In the manifest's order (bytewise by path).
+    pub files: Vec<ManifestEntry>,
+    pub links: usize,
+}
+
+/// Reads a manifest that came from elsewhere (a peer) as [`manifest`] writes
+/// it, and nothing else: every line `<64 lowercase hex> <decimal size>
+/// <path>` or `<64 lowercase hex> symlink <path>`, each ended by a newline
+/// (an empty directory's manifest is empty), sorted strictly bytewise by
+/// path, which is relative with plain components ('/'-separated; no empty,
+/// `.` or `..` component, no NUL) and never both a file and a directory. At
+/// most [`MAX_MANIFEST_LINES`] lines.
+pub(crate) fn parse_manifest(text: &[u8]) -> Result<ParsedManifest, String> {
+    parse_manifest_bounded(text, MAX_MANIFEST_LINES)
+}
+
+fn parse_manifest_bounded(text: &[u8], max_lines: usize) -> Result<ParsedManifest, String> {
+    let mut parsed = ParsedManifest::default();
+    if text.is_empty() {
+        return Ok(parsed);
+    }
+    let Some(body) = text.strip_suffix(b"\n") else {
+        return Err("the manifest does not end with a newline".into());
+    };
+    let lines = body.iter().filter(|b| **b == b'\n').count() + 1;
+    if lines > max_lines {
+        return Err(format!("the manifest has {lines} lines, more than the {max_lines} taken"));
+    }
+    let mut paths: HashSet<&[u8]> = HashSet::with_capacity(lines);
+    let mut previous: Option<&[u8]> = None;
+    for (index, line) in body.split(|b| *b == b'\n').enumerate() {
+        let number = index + 1;
+        let bad = |why: &str| format!("line {number} of the manifest {why}");
+        let mut fields = line.splitn(3, |b| *b == b' ');
+        let (Some(digest), Some(size), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
+            return Err(bad("is not `<sha256> <size> <path>`"));
+        };
+        if digest.len() != 64 || !digest.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
+            return Err(bad("does not start with 64 lowercase hex digits"));
+        }
+        if !is_plain_rel(path) {
+            return Err(bad("has a path that is not relative with plain names"));
+        }
+        if previous.is_some_and(|p| p >= path) {
+            return Err(bad("is out of order or repeats a path (lines are sorted bytewise by path)"));
+        }
+        previous = Some(path);
+        paths.insert(path);
+        if size == b"symlink" {
+            parsed.links += 1;
+            continue;
+        }
+        let canonical = !size.is_empty() && size.iter().all(u8::is_ascii_digit) && (size == b"0" || size[0] != b'0');
+        let size = std::str::from_utf8(size).ok().filter(|_| canonical).and_then(|s| s.parse::<u64>().ok());
+        let Some(size) = size else {
+            return Err(bad("has a size that is neither a decimal number nor `symlink`"));
+        };
+        // Checked above: ASCII.
+        let sha256 = String::from_utf8_lossy(digest).into_owned();
+        parsed.files.push(ManifestEntry { path: PathBuf::from(OsStr::from_bytes(path)), size, sha256 });
+    }
+    // A path under another listed path: that one would be a file and a directory.
+    for path in &paths {
+        for (i, _) in path.iter().enumerate().filter(|(_, b)| **b == b'/') {
+            if paths.contains(&path[..i]) {
+                let (parent, child) = (String::from_utf8_lossy(&path[..i]), String::from_utf8_lossy(path));
+                return Err(format!("the manifest lists {parent} both as a file and as the directory of {child}"));
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+/// A relative path of plain names, '/'-separated (as a manifest lists it).
+fn is_plain_rel(path: &[u8]) -> bool {
+    !path.is_empty()
+        && !path.contains(&0)
+        && !path.contains(&b'\n')
+        && path.split(|b| *b == b'/').all(|name| is_plain_name(OsStr::from_bytes(name)))
+}
+
 /// Gives the directories of the copy their modes, deepest first (a read-only
 /// directory would refuse its own children otherwise). Nothing is flushed
 /// here: the caller syncs the whole filesystem afterwards.
@@ -213,6 +311,12 @@ pub(super) fn seal(copy: &Path, tree: &Tree) -> std::io::Result<()> {
 pub(super) fn prune(copy: &Path, tree: &Tree) -> io::Result<()> {
     let dirs: HashSet<&Path> = tree.dirs.iter().map(|(rel, _)| rel.as_path()).collect();
     let files: HashSet<&Path> = tree.files.iter().map(|f| f.rel.as_path()).collect();
+    prune_to(copy, &files, &dirs)
+}
+
+/// Removes from `copy` every entry that is neither one of `files` (relative
+/// paths) nor one of `dirs` (the directories on the way to them).
+pub(crate) fn prune_to(copy: &Path, files: &HashSet<&Path>, dirs: &HashSet<&Path>) -> io::Result<()> {
     let mut pending = vec![PathBuf::new()];
     while let Some(rel_dir) = pending.pop() {
         for entry in fs::read_dir(copy.join(&rel_dir))? {
@@ -222,7 +326,7 @@ pub(super) fn prune(copy: &Path, tree: &Tree) -> io::Result<()> {
             if kind.is_dir() && dirs.contains(rel.as_path()) {
                 pending.push(rel);
             } else if kind.is_file() && files.contains(rel.as_path()) {
-                // Kept: hashed again, not copied again.
+                // Kept.
             } else if kind.is_dir() {
                 remove_all(&entry.path())?;
             } else {
@@ -261,6 +365,7 @@ pub(super) fn is_plain_name(name: &OsStr) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -277,5 +382,56 @@ mod tests {
         assert_eq!(lines[1], "11 3 a/b");
         assert!(lines[2].ends_with(" symlink l"));
         assert_eq!(manifest_totals(&text), (7, 2));
+    }
+
+    const D1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789";
+
+    #[test]
+    fn a_manifest_parses_back_to_what_was_listed() {
+        let text = manifest(vec![
+            (PathBuf::from("sub/deeper/c"), Listed::File { sha256: D2.into(), size: 0 }),
+            (PathBuf::from("a-b"), Listed::File { sha256: D1.into(), size: 5 << 20 }),
+            (PathBuf::from("link"), Listed::Link { target: PathBuf::from("a-b") }),
+            (PathBuf::from("a/b c"), Listed::File { sha256: D1.into(), size: 18_446_744_073_709_551_615 }),
+        ]);
+        let parsed = parse_manifest(&text).unwrap();
+        assert_eq!(parsed.links, 1);
+        let files: Vec<_> =
+            parsed.files.iter().map(|f| (f.path.to_str().unwrap(), f.size, f.sha256.as_str())).collect();
+        assert_eq!(
+            files,
+            [("a-b", 5 << 20, D1), ("a/b c", u64::MAX, D1), ("sub/deeper/c", 0, D2)],
+            "in the manifest's order; a space in a name is part of the path"
+        );
+        assert_eq!(parse_manifest(&manifest(Vec::new())).unwrap(), ParsedManifest::default(), "an empty directory");
+    }
+
+    #[test]
+    fn a_manifest_not_written_as_manifest_writes_it_is_refused() {
+        let line = |size: &str, path: &str| format!("{D1} {size} {path}\n");
+        let refused = |text: String, why: &str| {
+            let err = parse_manifest(text.as_bytes()).unwrap_err();
+            assert!(err.contains(why), "{text:?}: {err}");
+        };
+        refused(line("1", "a").trim_end().to_owned(), "does not end with a newline");
+        refused(format!("{}\n", line("1", "a")), "line 2 of the manifest is not");
+        refused(line("1", "b") + &line("1", "a"), "line 2 of the manifest is out of order");
+        refused(line("1", "a") + &line("2", "a"), "out of order or repeats");
+        refused(line("1", "a/b") + &line("1", "a-b"), "out of order");
+        refused(format!("{} 1 a\n", D2.to_uppercase()), "64 lowercase hex");
+        refused(format!("{} 1 a\n", &D1[1..]), "64 lowercase hex");
+        for size in ["+1", "01", "-1", "", " 1", "1.0", "18446744073709551616", "link"] {
+            refused(line(size, "a"), "has a size");
+        }
+        for path in ["/etc/passwd", "..", "a/../b", ".", "a/./b", "a//b", "a/", "", "a\0b"] {
+            refused(line("1", path), "not relative with plain names");
+        }
+        refused(line("1", "a") + &line("1", "a/b"), "lists a both as a file and as the directory of a/b");
+        refused(line("1", "a") + &line("1", "a-c") + &line("1", "a/b/c"), "lists a both as a file");
+        let lines = line("1", "a") + &line("1", "b") + &line("1", "c");
+        assert_eq!(parse_manifest_bounded(lines.as_bytes(), 3).unwrap().files.len(), 3);
+        let err = parse_manifest_bounded(lines.as_bytes(), 2).unwrap_err();
+        assert!(err.contains("3 lines, more than the 2 taken"), "{err}");
     }
 }

@@ -242,7 +242,14 @@ pub fn print_training_status(job: &Job) {
         for s in &job.staging {
             let total = if s.bytes_total > 0 { format!("/{}", bytes(s.bytes_total)) } else { String::new() };
             let at = if s.path.is_empty() { String::new() } else { format!(" -> {}", s.path) };
-            say!("  {} {}: {} {}{total}{at} {}", s.node_name, s.item, s.state, bytes(s.bytes_done), s.detail);
+            let mut how = String::new();
+            if s.bytes_from_peers > 0 {
+                how = format!(" ({} from other nodes)", bytes(s.bytes_from_peers));
+            }
+            if !s.corrupt_peers.is_empty() {
+                how.push_str(&format!(" (corrupt files from {}, fetched again elsewhere)", s.corrupt_peers.join(", ")));
+            }
+            say!("  {} {}: {} {}{total}{at}{how} {}", s.node_name, s.item, s.state, bytes(s.bytes_done), s.detail);
         }
     }
     for d in &job.datasets {

@@ -124,6 +124,11 @@ struct Args {
     /// ended, e.g. `30d`; unset: they are kept until `cohort delete`.
     #[arg(long, env = "COHORT_RETAIN_FINISHED", value_name = "AGE", value_parser = humantime::parse_duration)]
     retain_finished: Option<std::time::Duration>,
+    /// How many nodes read a staged input's source at once while no node
+    /// holds it: the other nodes fetch it from them, and later jobs from the
+    /// nodes that hold it (peer-to-peer staging; inputs with `sha256:`).
+    #[arg(long, env = "COHORT_MAX_SOURCE_PULLS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    max_source_pulls: u16,
     #[command(subcommand)]
     setup: Option<cohort_controller::security::init::Setup>,
 }
@@ -216,6 +221,7 @@ async fn controller() -> anyhow::Result<()> {
             },
             scheduler: args.scheduler,
             retain_finished: args.retain_finished,
+            max_source_pulls: usize::from(args.max_source_pulls),
             ..ControllerConfig::default()
         },
     };

@@ -62,6 +62,9 @@ pub struct ControllerConfig {
     pub scheduler: crate::queues::Scheduler,
     /// Finished jobs are deleted this long after they ended (`--retain-finished`); None: kept.
     pub retain_finished: Option<Duration>,
+    /// How many nodes read a staged input's source at once when no node
+    /// holds it yet; the others fetch from them (`--max-source-pulls`).
+    pub max_source_pulls: usize,
 }
 
 impl Default for ControllerConfig {
@@ -77,6 +80,7 @@ impl Default for ControllerConfig {
             queues: crate::queues::Queues::default(),
             scheduler: crate::queues::Scheduler::default(),
             retain_finished: None,
+            max_source_pulls: 1,
         }
     }
 }
@@ -206,6 +210,8 @@ struct State {
     fair_share_busy: bool,
     /// The queues in force: the store's (the admin API's), seeded from `--queues`.
     queues: Arc<crate::queues::Queues>,
+    /// Which node holds which staged content (peer-to-peer staging).
+    content: content::ContentTracker,
 }
 
 pub use cohort_proto::names::state_name;
@@ -215,6 +221,7 @@ pub mod admission;
 mod agents;
 mod arrays;
 mod checking;
+mod content;
 mod deleting;
 mod dependencies;
 mod job_entry;

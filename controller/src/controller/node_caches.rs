@@ -33,7 +33,10 @@ impl Controller {
                 "EvictNodeCacheRequest.sha256: {bad:?} is not 64 hex digits; give the whole digest"
             )));
         }
-        let digests = digests.into_iter().map(|d| d.to_ascii_lowercase()).collect();
+        let digests: Vec<String> = digests.into_iter().map(|d| d.to_ascii_lowercase()).collect();
+        let (name, gone) = (node.trim().to_owned(), digests.clone());
+        // Peers are not sent to fetch it there any more (see `content`).
+        self.state.call(move |state, _| gone.iter().for_each(|digest| state.content.evicted(&name, digest))).await;
         let mut answers = self.ask_caches(node, CacheCommand { evict: digests }).await?;
         Ok(answers.pop().unwrap_or_default())
     }

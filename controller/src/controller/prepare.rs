@@ -32,7 +32,8 @@ impl Controller {
     pub(super) fn send_prepare(&self, state: &mut State, id: &str) {
         let Some(attempt) = state.jobs.get(id).map(|e| e.job.attempt) else { return };
         let marker = format!("{}-{}-{:08x}", id, attempt, rand::random::<u32>());
-        let Some(launch_plan) = Self::launch_plan(state, id, Some(&marker)) else { return };
+        let Some(mut launch_plan) = Self::launch_plan(state, id, Some(&marker)) else { return };
+        self.add_content_peers(state, id, attempt, &mut launch_plan);
         for node in launch_plan.nodes {
             let Some(command) = node.prepare else { continue };
             let node_rank = command.node_rank;
@@ -52,6 +53,54 @@ impl Controller {
         }
     }
 
+    /// Names, in each input with a digest, the nodes each node of the
+    /// attempt fetches it from (none: it reads the source), see `content`.
+    fn add_content_peers(&self, state: &mut State, id: &str, attempt: u32, plan: &mut planner::LaunchPlan) {
+        let gang: Vec<String> = plan.nodes.iter().map(|n| n.node_name.clone()).collect();
+        let Some(first) = plan.nodes.iter().find_map(|n| n.prepare.as_ref()) else { return };
+        let user = first.user.clone();
+        let digests: Vec<String> =
+            first.stage.iter().map(|s| s.sha256.trim().to_ascii_lowercase()).filter(|d| d.len() == 64).collect();
+        let address = |state: &State, name: &str| {
+            let node = state.nodes.get(name).filter(|n| n.is_connected() && n.info.peer_port > 0)?;
+            let host = &node.info.advertise_addr;
+            let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+            Some(format!("{host}:{}", node.info.peer_port))
+        };
+        for digest in digests {
+            let assigned = {
+                let (nodes, jobs) = (&state.nodes, &state.jobs);
+                let live = |n: &str| nodes.get(n).is_some_and(|n| n.is_connected() && n.info.peer_port > 0);
+                let current = |job: &str, attempt: u32| {
+                    jobs.get(job).is_some_and(|e| e.job.attempt == attempt && e.phase() == JobPhase::Preparing)
+                };
+                state.content.assign(
+                    (&user, &digest),
+                    &gang,
+                    (id, attempt),
+                    self.config.max_source_pulls,
+                    live,
+                    current,
+                )
+            };
+            for node in &mut plan.nodes {
+                let Some(command) = node.prepare.as_mut() else { continue };
+                let peers: Vec<cohort_proto::ContentPeer> = assigned
+                    .get(&node.node_name)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|peer| {
+                        address(state, peer)
+                            .map(|address| cohort_proto::ContentPeer { node_name: peer.clone(), address })
+                    })
+                    .collect();
+                for input in command.stage.iter_mut().filter(|s| s.sha256.trim().eq_ignore_ascii_case(&digest)) {
+                    input.peers = peers.clone();
+                }
+            }
+        }
+    }
+
     pub async fn prepare_result(&self, node: &str, result: PrepareResult) {
         let node = node.to_string();
         self.state.call(move |state, ctl| ctl.prepared(state, &node, result)).await
@@ -64,6 +113,8 @@ impl Controller {
         if entry.job.attempt != result.attempt || entry.phase() != JobPhase::Preparing || !entry.on_node(node) {
             return;
         }
+        state.content.prepared(node, (&id, result.attempt), &result.staged);
+        let Some(entry) = state.jobs.get_mut(&id) else { return };
         // The staged paths become the node's COHORT_STAGED_* variables at launch (planner::launch_plan).
         for staged in &result.staged {
             let status = cohort_proto::StageStatus {
@@ -74,6 +125,8 @@ impl Controller {
                 state: if staged.from_cache { "cached".into() } else { "ready".into() },
                 path: staged.path.clone(),
                 hub_cache: staged.hub_cache.clone(),
+                bytes_from_peers: staged.bytes_from_peers,
+                corrupt_peers: staged.corrupt_peers.clone(),
                 ..Default::default()
             };
             upsert_stage(&mut entry.job, status);

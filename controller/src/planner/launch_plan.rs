@@ -373,6 +373,8 @@ impl Preparation {
                 sha256: s.sha256.clone().unwrap_or_default(),
                 model: s.model.clone().unwrap_or_default(),
                 layout: s.hub_layout().map(|l| l.as_str().to_owned()).unwrap_or_default(),
+                // Filled in by the controller, which knows who holds what (controller::content).
+                peers: Vec::new(),
             })
             .collect();
         Preparation {

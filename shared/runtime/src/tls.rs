@@ -5,8 +5,10 @@
 //!
 //! Who is who: a certificate's subject says `O=cohort, OU=controller|node,
 //! CN=<controller id | node name>`. Controllers hold server+client certs made
-//! by `cohort-controller init`; nodes hold client-only certs issued when they
-//! join with a join token. People (the CLI, the web page) use bearer tokens.
+//! by `cohort-controller init`; nodes hold certs issued when they join with a
+//! join token, which dial controllers and serve other nodes their staged
+//! content (`ClientTls::peer_server`, `ClientTls::peer`). People (the CLI,
+//! the web page) use bearer tokens.
 
 pub mod pki;
 pub mod token;
@@ -134,7 +136,44 @@ impl ClientTls {
         if let Some((cert, key)) = &self.identity {
             config = config.identity(tonic::transport::Identity::from_pem(cert, key));
         }
-        let verifier = verify::ControllerVerifier::new(&self.ca_pem)?;
+        let verifier = verify::ClusterVerifier::controller(&self.ca_pem)?;
+        Ok(endpoint.tls_config_with_verifier(config, std::sync::Arc::new(verifier))?)
+    }
+}
+
+impl ClientTls {
+    /// Whether this is a node's identity that may serve other nodes
+    /// ([`pki::serves_peers`]).
+    pub fn serves_peers(&self) -> bool {
+        self.identity.as_ref().is_some_and(|(cert, _)| pki::serves_peers(cert))
+    }
+
+    /// The peer service of this node: its own certificate; callers must
+    /// present a certificate of this cluster (checked to be a node's by the
+    /// service itself).
+    pub fn peer_server(&self) -> Option<tonic::transport::ServerTlsConfig> {
+        let (cert, key) = self.identity.as_ref()?;
+        Some(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(cert, key))
+                .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
+                .client_auth_optional(false)
+                .timeout(std::time::Duration::from_secs(10)),
+        )
+    }
+
+    /// `endpoint` to node `node`'s peer service: this node's certificate, and
+    /// only `node`'s accepted ([`verify::ClusterVerifier::node`]).
+    pub fn peer(
+        &self,
+        endpoint: tonic::transport::Endpoint,
+        node: &str,
+    ) -> Result<tonic::transport::Endpoint, TlsError> {
+        let mut config = tonic::transport::ClientTlsConfig::new().domain_name(pki::NODE_SERVER_NAME);
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        let verifier = verify::ClusterVerifier::node(&self.ca_pem, node)?;
         Ok(endpoint.tls_config_with_verifier(config, std::sync::Arc::new(verifier))?)
     }
 }

@@ -1,8 +1,11 @@
 //! The cluster CA and the certificates it issues, with rcgen. Subjects carry
-//! the role: `O=cohort, OU=controller|node, CN=<name>`. Node certificates are
-//! client-only (extended key usage clientAuth), so a node can never pose as a
-//! controller; controller certificates serve (serverAuth) and dial other
-//! controllers (clientAuth).
+//! the role: `O=cohort, OU=controller|node, CN=<name>`. Node certificates
+//! dial controllers and other nodes (clientAuth) and serve other nodes their
+//! staged content (serverAuth, under the one name [`NODE_SERVER_NAME`]; the
+//! node is told apart by its CN); a node can never pose as a controller, as
+//! every client of a controller checks the certificate's role
+//! ([`super::verify::ClusterVerifier::controller`]). Controller certificates serve
+//! (serverAuth) and dial other controllers (clientAuth).
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -17,6 +20,10 @@ use super::TlsError;
 pub const ORGANIZATION: &str = "cohort";
 const OU_CONTROLLER: &str = "controller";
 const OU_NODE: &str = "node";
+/// The DNS name every node certificate carries for its peer service: peers
+/// dial it and check the certificate's CN against the node they meant
+/// ([`super::verify::ClusterVerifier::node`]); node names need not be DNS names.
+pub const NODE_SERVER_NAME: &str = "cohort-node";
 
 /// What a certificate of this cluster says its holder is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +37,23 @@ pub struct PeerIdentity {
     pub kind: PeerKind,
     /// The controller's id or the node's name.
     pub name: String,
+}
+
+/// Whether a node certificate (PEM) may serve other nodes: issued with
+/// serverAuth for [`NODE_SERVER_NAME`] (certificates from before peer-to-peer
+/// staging were client-only: such a node fetches from peers but serves none
+/// until it joins again).
+pub fn serves_peers(cert_pem: &str) -> bool {
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else { return false };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&pem.contents) else { return false };
+    let server_auth = cert.extended_key_usage().ok().flatten().is_some_and(|e| e.value.server_auth);
+    let named = cert.subject_alternative_name().ok().flatten().is_some_and(|san| {
+        san.value
+            .general_names
+            .iter()
+            .any(|n| matches!(n, x509_parser::extensions::GeneralName::DNSName(d) if *d == NODE_SERVER_NAME))
+    });
+    server_auth && named
 }
 
 /// Reads the role and name from a certificate (DER) that already verified
@@ -181,7 +205,8 @@ impl ClusterCa {
     }
 
     /// Signs a node's certificate signing request for `node`: whatever the
-    /// request asks for, the certificate names `node` and is client-only.
+    /// request asks for, the certificate names `node` (CN) and serves only
+    /// under [`NODE_SERVER_NAME`].
     pub fn sign_node_csr(&self, csr_pem: &str, node: &str, ttl: Duration) -> Result<String, TlsError> {
         check_node_name(node).map_err(TlsError::Invalid)?;
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
@@ -189,7 +214,9 @@ impl ClusterCa {
         let mut params = CertificateParams::default();
         params.distinguished_name = subject(OU_NODE, node);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
+        params.subject_alt_names =
+            vec![SanType::DnsName(NODE_SERVER_NAME.try_into().map_err(|e| cert_error("the node server name")(e))?)];
         validity(&mut params, ttl);
         csr.params = params;
         let cert = csr.signed_by(&self.issuer()?).map_err(cert_error("signing a node certificate"))?;

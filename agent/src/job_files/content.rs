@@ -1,0 +1,464 @@
+//! The helper's side of content moving between nodes (`crate::peer`): a
+//! file of a user's staging cache read for a peer, a file from a peer
+//! written into a staging under way, and that staging completed once every
+//! file of its manifest is there. All of it as the cache's user, in the
+//! layout of `crate::stage` (`sha256/<hex>/`, `sha256/<hex>.manifest`,
+//! `partial/sha256-<hex>/{incoming,tree}/`), so that the content ends up as a
+//! staging from the source would leave it.
+//!
+//! Names a peer sends (the digest, a file's path) are checked before
+//! anything is opened: 64 lowercase hex digits, and a relative path of plain
+//! names. The file itself is opened without following a symlink in its
+//! place (`O_NOFOLLOW`), and only a regular file is read (checked on the
+//! opened file). A link the user left higher up is followed, with that
+//! user's own permissions only: it gains nothing the user could not read or
+//! write anyway, and whatever it leads to is checked against the digests.
+
+use std::collections::HashSet;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest, Sha256};
+
+use super::Reply;
+use crate::stage::parse_manifest;
+
+/// The largest manifest read or written (a million files of long names).
+pub const MAX_MANIFEST: u64 = 256 << 20;
+/// Bytes read from stdin at once while receiving a file.
+const BLOCK: usize = 1 << 20;
+
+/// Where a content's pieces are in a cache.
+struct Layout<'a> {
+    cache: &'a Path,
+    hex: &'a str,
+}
+
+impl Layout<'_> {
+    fn sha256_dir(&self) -> PathBuf {
+        self.cache.join("sha256")
+    }
+    fn content(&self) -> PathBuf {
+        self.sha256_dir().join(self.hex)
+    }
+    fn manifest(&self) -> PathBuf {
+        self.sha256_dir().join(format!("{}.manifest", self.hex))
+    }
+    fn work(&self) -> PathBuf {
+        self.cache.join("partial").join(format!("sha256-{}", self.hex))
+    }
+    fn lock(&self) -> PathBuf {
+        self.cache.join("locks").join(format!("sha256-{}.lock", self.hex))
+    }
+    /// The directory and its manifest are there (as `stage` takes content to be cached).
+    fn is_complete(&self) -> bool {
+        std::fs::symlink_metadata(self.content()).is_ok_and(|m| m.is_dir())
+            && std::fs::symlink_metadata(self.manifest()).is_ok_and(|m| m.is_file())
+    }
+}
+
+/// `hex` as the name of content: 64 lowercase hex digits, as `sha256sum` prints them.
+fn check_digest(what: &str, hex: &str) -> Result<(), String> {
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(format!("{what} {hex:?} is not 64 lowercase hex digits; give the digest as sha256sum prints it"))
+    }
+}
+
+/// `rel` as a file of content: relative, '/'-separated plain names (no
+/// empty, `.` or `..` component, no NUL or newline), as a manifest lists it.
+fn check_rel(hex: &str, rel: &Path) -> Result<(), String> {
+    let bytes = rel.as_os_str().as_bytes();
+    let plain = !bytes.is_empty()
+        && !bytes.contains(&0)
+        && !bytes.contains(&b'\n')
+        && bytes.split(|b| *b == b'/').all(|name| !name.is_empty() && name != b"." && name != b"..");
+    if plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "the path {rel:?} of content {hex} is not relative with plain names; give it as the manifest lists it"
+        ))
+    }
+}
+
+/// A file of content, opened for [`send`].
+#[derive(Debug)]
+pub struct Opened {
+    file: File,
+    path: PathBuf,
+    /// Its size when opened: what is sent.
+    pub bytes: u64,
+}
+
+/// Opens what [`super::Request::ReadContent`] asks for: the manifest of
+/// complete content (`part` None), or one of its files: from the content
+/// directory when the content is complete, else from the `tree/` of a
+/// staging under way (the files it has done). None: not here (yet).
+pub fn open(cache_dir: &Path, hex: &str, part: Option<&Path>) -> Result<Option<Opened>, String> {
+    check_digest("the content digest", hex)?;
+    let layout = Layout { cache: cache_dir, hex };
+    let Some(rel) = part else {
+        if !layout.is_complete() {
+            return Ok(None);
+        }
+        let opened = open_file(&layout.manifest())?;
+        if let Some(opened) = &opened
+            && opened.bytes > MAX_MANIFEST
+        {
+            return Err(format!(
+                "the manifest {} is {} bytes, over the {MAX_MANIFEST} served; remove that content from the cache",
+                opened.path.display(),
+                opened.bytes
+            ));
+        }
+        return Ok(opened);
+    };
+    check_rel(hex, rel)?;
+    let complete = || std::fs::symlink_metadata(layout.content()).is_ok_and(|m| m.is_dir());
+    if complete() {
+        return open_file(&layout.content().join(rel));
+    }
+    match open_file(&layout.work().join("tree").join(rel))? {
+        Some(opened) => Ok(Some(opened)),
+        // Completed meanwhile: its `tree/` was renamed into `sha256/`.
+        None if complete() => open_file(&layout.content().join(rel)),
+        None => Ok(None),
+    }
+}
+
+/// Opens `path` for reading, not through a symlink at that name; None when
+/// nothing is there.
+fn open_file(path: &Path) -> Result<Option<Opened>, String> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path);
+    let file = match file {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(format!("{} is a symlink, which is not served; remove it", path.display()));
+        }
+        Err(e) => return Err(format!("cannot open {} as the cache's user: {e}", path.display())),
+    };
+    let meta = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "{} is {}, not a regular file; it is not served",
+            path.display(),
+            super::helper::kind(&meta.file_type())
+        ));
+    }
+    Ok(Some(Opened { file, path: path.to_owned(), bytes: meta.len() }))
+}
+
+/// Writes [`Reply::Content`] as a line, then exactly `opened.bytes` bytes of
+/// the file to `out`. An error after the line (the file shrank, the reader
+/// went away) can only be told by the exit status: the bytes come short.
+pub fn send(opened: Opened, out: &mut impl Write) -> Result<(), String> {
+    let Opened { file, path, bytes } = opened;
+    let mut header = serde_json::to_vec(&Reply::Content { bytes }).map_err(|e| e.to_string())?;
+    header.push(b'\n');
+    let broken = |e: io::Error| format!("sending {}: {e}", path.display());
+    out.write_all(&header).map_err(broken)?;
+    out.flush().map_err(broken)?;
+    // `io::copy` moves the bytes in the kernel (splice) where it can.
+    let sent = io::copy(&mut file.take(bytes), out).map_err(broken)?;
+    out.flush().map_err(broken)?;
+    if sent != bytes {
+        return Err(format!("{} shrank from {bytes} to {sent} bytes while it was sent", path.display()));
+    }
+    Ok(())
+}
+
+/// What [`super::Request::ReceiveFile`] writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    pub cache_dir: &'a Path,
+    /// The content's digest.
+    pub hex: &'a str,
+    /// The file, relative to the content's directory.
+    pub rel: &'a Path,
+    pub size: u64,
+    /// The file's digest.
+    pub sha256: &'a str,
+}
+
+/// Writes the file whose bytes `body` yields into the staging of its
+/// content: to `incoming/<rel>`, hashed as it comes, then renamed to
+/// `tree/<rel>` if it is `size` bytes that hash to its digest. Fewer bytes
+/// ([`Reply::Short`]) or other ones ([`Reply::Corrupt`]) leave nothing
+/// behind; more than `size` bytes is an error. Nothing is flushed: the
+/// completion ([`finish_tree`]) syncs the filesystem once. Content already
+/// complete here is not written again (the body is not read).
+pub fn receive(incoming: Incoming<'_>, body: &mut impl Read) -> Result<Reply, String> {
+    let Incoming { cache_dir, hex, rel, size, sha256 } = incoming;
+    check_digest("the content digest", hex)?;
+    check_digest(&format!("the digest of {}", rel.display()), sha256)?;
+    check_rel(hex, rel)?;
+    let layout = Layout { cache: cache_dir, hex };
+    if layout.is_complete() {
+        return Ok(Reply::Done);
+    }
+    let work = layout.work();
+    let (temp, done) = (work.join("incoming").join(rel), work.join("tree").join(rel));
+    for path in [&temp, &done] {
+        if let Some(parent) = path.parent() {
+            DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(|e| {
+                format!("cannot create {} as the cache's user: {e}; check the cache's permissions", parent.display())
+            })?;
+        }
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(&temp)
+        .map_err(|e| format!("cannot write {} as the cache's user: {e}", temp.display()))?;
+    // One transfer of a file at a time: another would write the same bytes over these.
+    let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
+        Err((_, Errno::EWOULDBLOCK)) => {
+            return Err(format!("{} is being received already; wait for that transfer", temp.display()));
+        }
+        Err((_, errno)) => return Err(format!("cannot lock {}: {errno}", temp.display())),
+    };
+    // Still the file at that name: not one a transfer that just ended removed or renamed.
+    let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| (a.dev(), a.ino()) == (b.dev(), b.ino());
+    match (file.metadata(), std::fs::symlink_metadata(&temp)) {
+        (Ok(opened), Ok(named)) if same(&opened, &named) => {}
+        _ => return Err(format!("{} is being received already; wait for that transfer", temp.display())),
+    }
+    file.set_len(0).map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
+    let written = write_hashed(&mut *file, body, size);
+    // Whatever does not end in `tree/` goes.
+    let discard = || {
+        let _ = std::fs::remove_file(&temp);
+    };
+    let failed = |why: String| {
+        discard();
+        why
+    };
+    let (got, actual) = match written {
+        Ok(written) => written,
+        Err(Failure::Body(e)) => return Err(failed(format!("reading the bytes of {}: {e}", rel.display()))),
+        Err(Failure::Write(e)) => return Err(failed(format!("cannot write {}: {e}", temp.display()))),
+        Err(Failure::TooMany) => {
+            return Err(failed(format!("more than the {size} bytes of {} arrived; not kept", rel.display())));
+        }
+    };
+    if got != size {
+        discard();
+        return Ok(Reply::Short { got });
+    }
+    if actual != sha256 {
+        discard();
+        return Ok(Reply::Corrupt { actual });
+    }
+    std::fs::rename(&temp, &done).map_err(|e| failed(format!("cannot write {}: {e}", done.display())))?;
+    Ok(Reply::Done)
+}
+
+enum Failure {
+    Body(io::Error),
+    Write(io::Error),
+    TooMany,
+}
+
+/// Copies `body` to `out` in [`BLOCK`]s, up to `size` bytes; returns the
+/// bytes and their digest.
+fn write_hashed(out: &mut impl Write, body: &mut impl Read, size: u64) -> Result<(u64, String), Failure> {
+    let mut hasher = Sha256::new();
+    let mut block = vec![0; BLOCK];
+    let mut got = 0u64;
+    loop {
+        let n = match body.read(&mut block) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Failure::Body(e)),
+        };
+        got += n as u64;
+        if got > size {
+            return Err(Failure::TooMany);
+        }
+        hasher.update(&block[..n]);
+        out.write_all(&block[..n]).map_err(Failure::Write)?;
+    }
+    out.flush().map_err(Failure::Write)?;
+    Ok((got, format!("{:x}", hasher.finalize())))
+}
+
+/// Completes the staging of directory content `hex` whose files came from
+/// peers, as a staging from the source completes it: once the manifest
+/// (`manifest_bytes` bytes of `body`) hashes to `hex` and every file it lists
+/// is in `tree/` with its size (what is not listed there goes), the
+/// filesystem is synced, then the manifest and the tree renamed into
+/// `sha256/`. The files' digests are not read again here: [`receive`]
+/// checked each against the digest it was sent with. Held under the
+/// content's lock, which a staging of it and the garbage collection hold
+/// too. Content already complete is left as it is.
+pub fn finish_tree(cache_dir: &Path, hex: &str, manifest_bytes: u64, body: &mut impl Read) -> Result<Reply, String> {
+    check_digest("the content digest", hex)?;
+    if manifest_bytes > MAX_MANIFEST {
+        return Err(format!("the manifest of {hex} is {manifest_bytes} bytes, over the {MAX_MANIFEST} taken"));
+    }
+    let mut manifest = Vec::with_capacity(usize::try_from(manifest_bytes).unwrap_or(0));
+    body.take(manifest_bytes + 1)
+        .read_to_end(&mut manifest)
+        .map_err(|e| format!("reading the manifest of {hex}: {e}"))?;
+    if manifest.len() as u64 != manifest_bytes {
+        return Err(format!(
+            "the manifest of {hex} came as {} bytes, not the {manifest_bytes} declared",
+            manifest.len()
+        ));
+    }
+    let actual = format!("{:x}", Sha256::digest(&manifest));
+    if actual != hex {
+        return Err(format!("the manifest given for content {hex} hashes to {actual}: it is another content's"));
+    }
+    let parsed = parse_manifest(&manifest).map_err(|e| format!("content {hex}: {e}"))?;
+    if parsed.links > 0 {
+        return Err(format!(
+            "content {hex} has symlinks ({}); staged from its source instead, not from peers",
+            parsed.links
+        ));
+    }
+    let layout = Layout { cache: cache_dir, hex };
+    for dir in [layout.sha256_dir(), cache_dir.join("locks")] {
+        DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| {
+            format!("cannot create {} as the cache's user: {e}; check the cache's permissions", dir.display())
+        })?;
+    }
+    let _lock = lock(&layout.lock())?;
+    if layout.is_complete() {
+        return Ok(Reply::Done);
+    }
+    let work = layout.work();
+    let tree = work.join("tree");
+    // An empty directory has no file that would have made it.
+    DirBuilder::new().recursive(true).mode(0o755).create(&tree).map_err(|e| {
+        format!("cannot create {} as the cache's user: {e}; check the cache's permissions", tree.display())
+    })?;
+    for entry in &parsed.files {
+        let path = tree.join(&entry.path);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.len() == entry.size => {}
+            Ok(meta) if meta.is_file() => {
+                return Err(format!(
+                    "{} is {} bytes, not the {} its manifest lists; content {hex} is not complete",
+                    path.display(),
+                    meta.len(),
+                    entry.size
+                ));
+            }
+            Ok(_) => return Err(format!("{} is not a regular file; content {hex} is not complete", path.display())),
+            Err(e) => {
+                return Err(format!("{} is not there ({e}); content {hex} is not complete", path.display()));
+            }
+        }
+    }
+    let listed: Vec<&Path> = parsed.files.iter().map(|f| f.path.as_path()).collect();
+    prune(&tree, &listed)
+        .map_err(|e| format!("cannot remove what {hex} does not list from {}: {e}", tree.display()))?;
+    let written = |path: &Path| {
+        let path = path.to_owned();
+        move |e: io::Error| format!("cannot write {}: {e}", path.display())
+    };
+    // Every file, directory entry and mode of the tree on disk at once,
+    // before anything marks it complete.
+    let handle = File::open(&work).map_err(written(&work))?;
+    nix::unistd::syncfs(&handle).map_err(|e| written(&work)(io::Error::from(e)))?;
+    // The completion marker: the manifest, then the tree, renamed into `sha256/`.
+    let temp = work.join("manifest");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(&temp)
+        .map_err(written(&temp))?;
+    file.write_all(&manifest).and_then(|()| file.sync_all()).map_err(written(&temp))?;
+    let manifest_path = layout.manifest();
+    std::fs::rename(&temp, &manifest_path).map_err(written(&manifest_path))?;
+    let content = layout.content();
+    if let Err(e) = std::fs::rename(&tree, &content) {
+        // Staged meanwhile by another process that shares this cache.
+        if !std::fs::symlink_metadata(&content).is_ok_and(|m| m.is_dir()) {
+            return Err(written(&content)(e));
+        }
+    }
+    let sha256_dir = layout.sha256_dir();
+    File::open(&sha256_dir).and_then(|d| d.sync_all()).map_err(written(&sha256_dir))?;
+    // What is left (`incoming/`): nothing of the content.
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(Reply::Done)
+}
+
+/// The content's lock (see `crate::stage`), waited for.
+fn lock(path: &Path) -> Result<Flock<File>, String> {
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create the lock file {}: {e}", path.display()))?;
+    let mut file = file;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusive) {
+            Ok(locked) => return Ok(locked),
+            Err((again, Errno::EINTR)) => file = again,
+            Err((_, errno)) => return Err(format!("cannot lock {}: {errno}", path.display())),
+        }
+    }
+}
+
+/// Removes from `tree` whatever is not a file of `listed` or a directory on
+/// the way to one (a file a peer sent that the manifest does not list).
+fn prune(tree: &Path, listed: &[&Path]) -> io::Result<()> {
+    let files: HashSet<&Path> = listed.iter().copied().collect();
+    let dirs: HashSet<&Path> = listed.iter().flat_map(|p| p.ancestors().skip(1)).collect();
+    crate::stage::prune_to(tree, &files, &dirs)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_relative_paths_and_lowercase_digests_are_taken() {
+        let hex = "0".repeat(64);
+        for rel in ["a", "a/b.txt", "a b/.hidden", "..a"] {
+            assert!(check_rel(&hex, Path::new(rel)).is_ok(), "{rel}");
+        }
+        for rel in ["", "/etc/passwd", "..", "a/../../b", ".", "./a", "a//b", "a/", "a\nb", "a\0b"] {
+            let err = check_rel(&hex, Path::new(rel)).unwrap_err();
+            assert!(err.contains("not relative with plain names"), "{rel:?}: {err}");
+        }
+        assert!(check_digest("d", &hex).is_ok());
+        for bad in ["0".repeat(63), "A".repeat(64), "g".repeat(64), format!("{}/", "0".repeat(63))] {
+            assert!(check_digest("d", &bad).unwrap_err().contains("64 lowercase hex"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn more_bytes_than_declared_stop_the_write() {
+        let mut out = Vec::new();
+        assert!(matches!(write_hashed(&mut out, &mut &b"12345"[..], 4), Err(Failure::TooMany)));
+        let (got, digest) = write_hashed(&mut Vec::new(), &mut &b"1234"[..], 4).ok().unwrap();
+        assert_eq!((got, digest), (4, format!("{:x}", Sha256::digest(b"1234"))));
+    }
+}

@@ -1,0 +1,874 @@
+//! Peer-to-peer staging (issue 18): nodes fetch a directory input from each
+//! other instead of every node reading the source.
+//!
+//! The controller names, in each `StageInput`, the nodes that hold the
+//! content or are staging it now (`peers`); the nodes it leaves without peers
+//! read the source (as many as `--max-source-pulls` allows at once). Every
+//! agent serves what it holds on its peer service ([`PeerServer`], on
+//! `NodeInfo.peer_port`, mutual TLS with node certificates): which files of a
+//! content it has, as each is done (`WatchContent`), and the files themselves
+//! (`FetchPiece`), at most [`UPLOAD_SLOTS`] at once. A node staging from the
+//! source offers each file as soon as it is copied and hashed, so its peers
+//! fetch while it still reads; a node fetching from peers offers each file
+//! once it verified it. So the content flows down from the source once and
+//! spreads between the nodes, file by file (the piece each node asks for
+//! next: [`cohort_shared::swarm::choose`], rarest first).
+//!
+//! Verification: a file is checked against the digest the serving peer
+//! announced for it before it is kept (and so before it is served on); the
+//! directory is complete only when a manifest whose SHA-256 is the declared
+//! digest lists exactly the files held, each with the digest it was checked
+//! against. A peer that serves a file whose bytes do not match is reported
+//! (`StagedInput.corrupt_peers`) and not asked again; a peer that dies
+//! mid-file costs that file, fetched again from another. When no peer can
+//! serve the content (all gone, or nothing offered for [`STALL`]), the
+//! agent reads the source after all.
+//!
+//! Files are read and written only as the job's user, through the
+//! `files-as` helper ([`AsJobUser::read_content`],
+//! [`AsJobUser::receive_file`], [`AsJobUser::finish_tree`]): the agent only
+//! moves bytes between the network and that helper. A content is served for
+//! the user the request names, from that user's cache; any node of the
+//! cluster may ask (nodes run every user's jobs).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cohort_proto::peer_service_client::PeerServiceClient;
+use cohort_proto::peer_service_server::{PeerService, PeerServiceServer};
+use cohort_proto::{ContentFile, ContentHave, ContentPeer, ContentRequest, PieceChunk, PieceRequest};
+use cohort_runtime::tls::ClientTls;
+use cohort_runtime::tls::pki::{PeerKind, identity_of};
+use cohort_shared::swarm::{self, Mine, PeerView, UPLOAD_SLOTS};
+use futures::stream::FuturesUnordered;
+use futures::{Stream, StreamExt as _};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::job_files::{AsJobUser, BodyStream, Received, user_cache};
+use crate::rank_user::{RankIdentity, RankUserPolicy};
+
+/// A fetch from peers gives up (and the source is read) after this long
+/// without a file arriving or any peer offering one.
+pub const STALL: Duration = Duration::from_secs(60);
+/// A peer that refused a request (it serves [`UPLOAD_SLOTS`] already) is not
+/// asked again for this long.
+const BUSY_PAUSE: Duration = Duration::from_millis(100);
+/// A peer whose transfer broke is not asked again for this long.
+const FAILED_PAUSE: Duration = Duration::from_secs(1);
+/// Bytes per `PieceChunk`.
+const CHUNK: usize = 256 << 10;
+/// The largest manifest taken from a peer.
+const MAX_MANIFEST: usize = 256 << 20;
+
+/// Where a content this node stages stands, for its peers.
+#[derive(Debug, Clone, Default)]
+pub struct Have {
+    /// Files done so far, in the order they were done.
+    pub files: Vec<ContentFile>,
+    pub state: HaveState,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HaveState {
+    #[default]
+    Staging,
+    /// In the cache, with its manifest.
+    Complete,
+    Failed,
+}
+
+/// One user's cache and a content digest.
+type Key = (PathBuf, String);
+
+/// The node's side of peer-to-peer staging: what it stages now (served to
+/// peers while under way) and how it reaches other nodes.
+pub struct Peers {
+    node: String,
+    /// None: plaintext (an agent started with --insecure).
+    tls: Option<ClientTls>,
+    helper: PathBuf,
+    cache_root: PathBuf,
+    rank_users: RankUserPolicy,
+    staging: Mutex<HashMap<Key, watch::Sender<Have>>>,
+    /// Content this node read from its source: which of its files it sent
+    /// once already (see [`Seeding`]).
+    seeding: Mutex<HashMap<Key, Seeding>>,
+    uploads: Arc<Semaphore>,
+    served: AtomicU64,
+}
+
+/// Super-seeding (as BitTorrent's initial seeder): a node that read the
+/// content from its source sends each file once before it sends any file a
+/// second time, so its upload, the only way the content enters the swarm,
+/// never carries the same file twice while files nobody has wait; a request
+/// for a file it sent already is refused (FAILED_PRECONDITION) and the
+/// requester fetches it from a node it went to. In `cohort-fanout`'s model
+/// this takes 8 nodes from 1.47x to 1.16x one node's time (see
+/// benchmarks.md).
+#[derive(Debug, Default)]
+struct Seeding {
+    offered: std::collections::HashSet<String>,
+    sent: std::collections::HashSet<String>,
+}
+
+impl Seeding {
+    /// Whether a request for `path` is served (and then counts as sent).
+    fn serve(&mut self, path: &str) -> bool {
+        if self.sent.contains(path) && self.offered.iter().any(|p| !self.sent.contains(p)) {
+            return false;
+        }
+        self.sent.insert(path.to_owned());
+        true
+    }
+
+    fn over(&self) -> bool {
+        self.offered.iter().all(|p| self.sent.contains(p))
+    }
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Content announced as being staged here; its peers see each file added.
+/// Dropped before [`Announced::complete`]: the staging failed.
+pub struct Announced {
+    peers: Arc<Peers>,
+    key: Key,
+    tx: watch::Sender<Have>,
+    complete: bool,
+    /// Read from the source here: super-seeded ([`Seeding`]).
+    seed: bool,
+}
+
+impl Announced {
+    /// A file done (copied or fetched, and verified).
+    pub fn file(&self, file: ContentFile) {
+        if self.seed {
+            lock(&self.peers.seeding).entry(self.key.clone()).or_default().offered.insert(file.path.clone());
+        }
+        self.tx.send_modify(|have| have.files.push(file));
+    }
+
+    /// The content is in the cache with its manifest.
+    pub fn complete(mut self) {
+        self.complete = true;
+    }
+}
+
+impl Drop for Announced {
+    fn drop(&mut self) {
+        let state = if self.complete { HaveState::Complete } else { HaveState::Failed };
+        self.tx.send_modify(|have| have.state = state);
+        let mut staging = lock(&self.peers.staging);
+        if staging.get(&self.key).is_some_and(|tx| tx.same_channel(&self.tx)) {
+            staging.remove(&self.key);
+        }
+        drop(staging);
+        if !self.complete {
+            lock(&self.peers.seeding).remove(&self.key);
+        }
+    }
+}
+
+/// What a fetch from peers got.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    pub bytes: u64,
+    /// Peers that served a file whose digest did not match.
+    pub corrupt_peers: Vec<String>,
+}
+
+impl Peers {
+    pub fn new(
+        node: String,
+        tls: Option<ClientTls>,
+        helper: PathBuf,
+        cache_root: PathBuf,
+        rank_users: RankUserPolicy,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            tls,
+            helper,
+            cache_root,
+            rank_users,
+            staging: Mutex::default(),
+            seeding: Mutex::default(),
+            uploads: Arc::new(Semaphore::new(UPLOAD_SLOTS as usize)),
+            served: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes this node served to its peers so far.
+    pub fn bytes_served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Announces that this node stages `digest` into `cache` now, from its
+    /// source; None when it already does (in another job's preparation).
+    pub fn announce(self: &Arc<Self>, cache: &Path, digest: &str) -> Option<Announced> {
+        let mut announced = self.announce_fetch(cache, digest)?;
+        announced.seed = true;
+        Some(announced)
+    }
+
+    /// [`Self::announce`] for content fetched from peers.
+    fn announce_fetch(self: &Arc<Self>, cache: &Path, digest: &str) -> Option<Announced> {
+        let key = (cache.to_owned(), digest.to_owned());
+        let mut staging = lock(&self.staging);
+        if staging.contains_key(&key) {
+            return None;
+        }
+        let (tx, _) = watch::channel(Have::default());
+        staging.insert(key.clone(), tx.clone());
+        Some(Announced { peers: self.clone(), key, tx, complete: false, seed: false })
+    }
+
+    fn watch(&self, cache: &Path, digest: &str) -> Option<watch::Receiver<Have>> {
+        lock(&self.staging).get(&(cache.to_owned(), digest.to_owned())).map(watch::Sender::subscribe)
+    }
+
+    /// The peer service, to add to this agent's gRPC server.
+    pub fn server(self: &Arc<Self>) -> PeerServiceServer<PeerServer> {
+        PeerServiceServer::new(PeerServer { peers: self.clone() })
+    }
+
+    async fn client(&self, peer: &ContentPeer) -> Result<PeerServiceClient<Channel>, String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let endpoint = Endpoint::from_shared(format!("{scheme}://{}", peer.address))
+            .map_err(|e| format!("peer {} at {:?}: {e}", peer.node_name, peer.address))?
+            .connect_timeout(Duration::from_secs(5))
+            // A peer that stops answering (a hung host) breaks its transfers
+            // within seconds rather than stalling them.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        let endpoint = match &self.tls {
+            Some(tls) => tls.peer(endpoint, &peer.node_name).map_err(|e| format!("peer {}: {e}", peer.node_name))?,
+            None => endpoint,
+        };
+        Ok(PeerServiceClient::new(endpoint.connect_lazy()))
+    }
+
+    /// Fetches directory content `digest` from `peers` into `cache` (the
+    /// job user's cache), as `user`, verifying every file; `user_name` is the
+    /// job's `user:` the peers look the content up under; `progress` is
+    /// told the bytes and files fetched so far after each file. Err: the
+    /// peers could not serve it (the caller reads the source).
+    pub async fn fetch(
+        self: &Arc<Self>,
+        user_name: &str,
+        user: AsJobUser<'_>,
+        cache: &Path,
+        digest: &str,
+        peers: &[ContentPeer],
+        progress: &(dyn Fn(u64, u32) + Sync),
+    ) -> Result<Fetched, String> {
+        let Some(announced) = self.announce_fetch(cache, digest) else {
+            // Fetched or staged here for another job right now: wait for it.
+            let Some(mut rx) = self.watch(cache, digest) else { return Ok(Fetched::default()) };
+            let done = rx.wait_for(|h| h.state != HaveState::Staging).await.map(|h| h.state);
+            return match done {
+                Ok(HaveState::Complete) | Err(_) => Ok(Fetched::default()),
+                Ok(_) => Err("staging the same content for another job failed here".into()),
+            };
+        };
+        let mut clients = Vec::new();
+        for peer in peers.iter().filter(|p| p.node_name != self.node) {
+            match self.client(peer).await {
+                Ok(client) => clients.push((peer.node_name.clone(), client)),
+                Err(e) => tracing::warn!(error = %e, "peer left out"),
+            }
+        }
+        if clients.is_empty() {
+            return Err("no peer to fetch from".into());
+        }
+        let mut swarm = Swarm::new(digest, clients.iter().map(|(n, _)| n.clone()).collect());
+        let (events_tx, mut events) = mpsc::channel(256);
+        let watchers: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(index, (_, client))| {
+                let request = ContentRequest { user: user_name.to_owned(), sha256: digest.to_owned() };
+                tokio::spawn(watch_peer(index, client.clone(), request, events_tx.clone()))
+            })
+            .collect();
+        drop(events_tx);
+        let _stop_watchers = AbortAll(watchers);
+        let mut downloads = FuturesUnordered::new();
+        let mut last_progress = Instant::now();
+        let mut watching = true;
+        let limits = swarm::Limits::DEFAULT;
+        let mut random = {
+            let mut state = u64::from_le_bytes(Sha256::digest(self.node.as_bytes())[..8].try_into().unwrap_or([1; 8]));
+            move || {
+                // xorshift64*: spreads the choices of the nodes, seeded by their names.
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+            }
+        };
+        loop {
+            if let Some(manifest) = swarm.done() {
+                user.finish_tree(cache, digest, &manifest).await.map_err(|e| e.to_string())?;
+                announced.complete();
+                return Ok(swarm.fetched);
+            }
+            let now = Instant::now();
+            while let Some((piece, peer)) = swarm.choose(now, limits, &mut random) {
+                let (path, size, sha256) = swarm.start(piece, peer);
+                let request =
+                    PieceRequest { user: user_name.to_owned(), sha256: digest.to_owned(), path: path.clone() };
+                let mut client = clients[peer].1.clone();
+                downloads.push(async move {
+                    let result = async {
+                        let response = client.fetch_piece(request).await?;
+                        let body: BodyStream = Box::pin(
+                            response
+                                .into_inner()
+                                .map(|chunk| chunk.map(|c| c.data).map_err(|s| s.message().to_owned())),
+                        );
+                        user.receive_file(cache, digest, Path::new(&path), size, &sha256, body)
+                            .await
+                            .map_err(|e| Status::internal(e.to_string()))
+                    }
+                    .await;
+                    (piece, peer, result)
+                });
+            }
+            if downloads.is_empty() && (swarm.hopeless() || !watching) {
+                return Err(format!("no peer could serve it ({})", swarm.why()));
+            }
+            let wake = swarm.next_unpause().unwrap_or_else(|| now + STALL);
+            tokio::select! {
+                Some((piece, peer, result)) = downloads.next(), if !downloads.is_empty() => {
+                    if swarm.finished(piece, peer, result, &announced) {
+                        last_progress = Instant::now();
+                        let files = swarm.pieces.iter().filter(|p| p.mine == Mine::Have).count();
+                        progress(swarm.fetched.bytes, u32::try_from(files).unwrap_or(u32::MAX));
+                    }
+                }
+                event = events.recv(), if watching => {
+                    match event {
+                        Some(event) => {
+                            if swarm.event(event) {
+                                last_progress = Instant::now();
+                            }
+                        }
+                        // Every peer's watch ended: what is in flight finishes, nothing new is offered.
+                        None => watching = false,
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            if last_progress.elapsed() > STALL {
+                return Err(format!("nothing came from any peer for {}s ({})", STALL.as_secs(), swarm.why()));
+            }
+        }
+    }
+}
+
+struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortAll {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// What a peer's `WatchContent` stream told.
+#[derive(Debug)]
+enum PeerEvent {
+    Files(usize, Vec<ContentFile>),
+    Manifest(usize, Vec<u8>),
+    /// The peer cannot serve (it never had the content, failed, or is unreachable).
+    Gone(usize, String),
+}
+
+/// Follows one peer's `WatchContent` until it ends; a peer that does not
+/// stage the content yet (its own preparation may start later than ours) is
+/// asked again, for up to [`STALL`].
+async fn watch_peer(
+    index: usize,
+    mut client: PeerServiceClient<Channel>,
+    request: ContentRequest,
+    events: mpsc::Sender<PeerEvent>,
+) {
+    let deadline = Instant::now() + STALL;
+    let mut pause = Duration::from_millis(50);
+    let why = loop {
+        match client.watch_content(request.clone()).await {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(have)) => {
+                            if !have.files.is_empty() && events.send(PeerEvent::Files(index, have.files)).await.is_err()
+                            {
+                                return;
+                            }
+                            if !have.manifest.is_empty() {
+                                let _ = events.send(PeerEvent::Manifest(index, have.manifest)).await;
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            let _ = events.send(PeerEvent::Gone(index, status.message().to_owned())).await;
+                            return;
+                        }
+                    }
+                }
+                break "its stream ended before the content was complete".to_owned();
+            }
+            Err(status) if Instant::now() + pause < deadline => {
+                tracing::debug!(code = ?status.code(), message = status.message(), "peer has nothing yet; asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            Err(status) => break status.message().to_owned(),
+        }
+    };
+    let _ = events.send(PeerEvent::Gone(index, why)).await;
+}
+
+/// One file of the content.
+struct Piece {
+    path: String,
+    size: u64,
+    sha256: String,
+    mine: Mine,
+    /// Listed by the manifest (or, before it came, announced by a peer).
+    needed: bool,
+}
+
+struct PeerState {
+    name: String,
+    has: Vec<bool>,
+    in_flight: u32,
+    paused_until: Option<Instant>,
+    gone: Option<String>,
+    corrupt: bool,
+}
+
+/// The fetching node's view of the content and of its peers.
+struct Swarm {
+    digest: String,
+    pieces: Vec<Piece>,
+    index: HashMap<String, usize>,
+    peers: Vec<PeerState>,
+    manifest: Option<String>,
+    fetched: Fetched,
+}
+
+impl Swarm {
+    fn new(digest: &str, peers: Vec<String>) -> Self {
+        Self {
+            digest: digest.to_owned(),
+            pieces: Vec::new(),
+            index: HashMap::new(),
+            peers: peers
+                .into_iter()
+                .map(|name| PeerState {
+                    name,
+                    has: Vec::new(),
+                    in_flight: 0,
+                    paused_until: None,
+                    gone: None,
+                    corrupt: false,
+                })
+                .collect(),
+            manifest: None,
+            fetched: Fetched::default(),
+        }
+    }
+
+    /// The manifest, once it is known and every file it lists is here.
+    fn done(&self) -> Option<String> {
+        let manifest = self.manifest.as_ref()?;
+        self.pieces.iter().all(|p| !p.needed || p.mine == Mine::Have).then(|| manifest.clone())
+    }
+
+    fn usable(&self, peer: &PeerState, now: Instant) -> bool {
+        peer.gone.is_none() && !peer.corrupt && peer.paused_until.is_none_or(|t| t <= now)
+    }
+
+    fn choose(&self, now: Instant, limits: swarm::Limits, random: &mut impl FnMut() -> u64) -> Option<(usize, usize)> {
+        let mine: Vec<Mine> = self.pieces.iter().map(|p| if p.needed { p.mine } else { Mine::Have }).collect();
+        let views: Vec<PeerView<'_>> = self
+            .peers
+            .iter()
+            .map(|p| PeerView { has: &p.has, in_flight: p.in_flight, usable: self.usable(p, now) })
+            .collect();
+        swarm::choose(&mine, &views, limits, random)
+    }
+
+    fn start(&mut self, piece: usize, peer: usize) -> (String, u64, String) {
+        self.pieces[piece].mine = Mine::InFlight;
+        self.peers[peer].in_flight += 1;
+        let p = &self.pieces[piece];
+        (p.path.clone(), p.size, p.sha256.clone())
+    }
+
+    /// A download ended; true if a file was gained.
+    fn finished(&mut self, piece: usize, peer: usize, result: Result<Received, Status>, announced: &Announced) -> bool {
+        let state = &mut self.peers[peer];
+        state.in_flight = state.in_flight.saturating_sub(1);
+        let p = &mut self.pieces[piece];
+        p.mine = Mine::Missing;
+        match result {
+            Ok(Received::Done) => {
+                p.mine = Mine::Have;
+                self.fetched.bytes += p.size;
+                announced.file(ContentFile { path: p.path.clone(), size: p.size, sha256: p.sha256.clone() });
+                return true;
+            }
+            Ok(Received::Corrupt { actual }) => {
+                tracing::warn!(peer = %state.name, file = %p.path, expected = %p.sha256, %actual,
+                    "a peer served a file whose digest does not match; fetching it elsewhere and asking that peer no more");
+                state.corrupt = true;
+                self.fetched.corrupt_peers.push(state.name.clone());
+            }
+            Ok(Received::Short { got }) => {
+                tracing::info!(peer = %state.name, file = %p.path, got, size = p.size, "a peer's transfer broke off");
+                state.paused_until = Some(Instant::now() + FAILED_PAUSE);
+            }
+            Err(status) => match status.code() {
+                tonic::Code::ResourceExhausted => state.paused_until = Some(Instant::now() + BUSY_PAUSE),
+                // Not here, or sent once already by a super-seeding node: from others.
+                tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
+                    if let Some(has) = state.has.get_mut(piece) {
+                        *has = false;
+                    }
+                }
+                _ => {
+                    tracing::info!(peer = %state.name, file = %p.path, error = %status.message(), "fetching a file from a peer failed");
+                    state.paused_until = Some(Instant::now() + FAILED_PAUSE);
+                }
+            },
+        }
+        false
+    }
+
+    /// Takes in what a peer said; true if it offered something new.
+    fn event(&mut self, event: PeerEvent) -> bool {
+        match event {
+            PeerEvent::Files(peer, files) => {
+                let mut new = false;
+                for file in files {
+                    if let Some(i) = self.piece(&file) {
+                        new |= !self.peers[peer].has[i];
+                        self.peers[peer].has[i] = true;
+                    }
+                }
+                new
+            }
+            PeerEvent::Manifest(peer, manifest) => {
+                let actual = format!("{:x}", Sha256::digest(&manifest));
+                if actual != self.digest || manifest.len() > MAX_MANIFEST {
+                    tracing::warn!(peer = %self.peers[peer].name, %actual, "a peer sent a manifest of other content");
+                    self.peers[peer].corrupt = true;
+                    self.fetched.corrupt_peers.push(self.peers[peer].name.clone());
+                    return false;
+                }
+                match self.take_manifest(manifest) {
+                    Ok(()) => {
+                        for has in &mut self.peers[peer].has {
+                            *has = true;
+                        }
+                        // Files announced but not listed are not held by a complete peer.
+                        for (i, piece) in self.pieces.iter().enumerate() {
+                            if !piece.needed {
+                                self.peers[peer].has[i] = false;
+                            }
+                        }
+                        true
+                    }
+                    Err(why) => {
+                        for p in &mut self.peers {
+                            p.gone.get_or_insert_with(|| why.clone());
+                        }
+                        false
+                    }
+                }
+            }
+            PeerEvent::Gone(peer, why) => {
+                self.peers[peer].gone.get_or_insert(why);
+                false
+            }
+        }
+    }
+
+    /// The index of a file a peer announced; None if it contradicts what is
+    /// known of that path (that peer's copy is not taken).
+    fn piece(&mut self, file: &ContentFile) -> Option<usize> {
+        if let Some(&i) = self.index.get(&file.path) {
+            let p = &self.pieces[i];
+            return (p.size == file.size && p.sha256 == file.sha256).then_some(i);
+        }
+        if self.manifest.is_some() {
+            // Not listed: nobody needs it.
+            return None;
+        }
+        self.add_piece(file.path.clone(), file.size, file.sha256.clone());
+        self.index.get(&file.path).copied()
+    }
+
+    fn add_piece(&mut self, path: String, size: u64, sha256: String) {
+        self.index.insert(path.clone(), self.pieces.len());
+        self.pieces.push(Piece { path, size, sha256, mine: Mine::Missing, needed: true });
+        for peer in &mut self.peers {
+            peer.has.push(false);
+        }
+    }
+
+    /// The verified manifest: what is listed is needed, with the listed digest.
+    fn take_manifest(&mut self, manifest: Vec<u8>) -> Result<(), String> {
+        if self.manifest.is_some() {
+            return Ok(());
+        }
+        let parsed = crate::stage::parse_manifest(&manifest)?;
+        if parsed.links > 0 {
+            return Err("the directory holds symlinks, which peers do not serve".into());
+        }
+        let text = String::from_utf8(manifest).map_err(|_| "a file name is not UTF-8".to_owned())?;
+        for piece in &mut self.pieces {
+            piece.needed = false;
+        }
+        for entry in parsed.files {
+            let Some(path) = entry.path.to_str().map(str::to_owned) else {
+                return Err("a file name is not UTF-8".into());
+            };
+            match self.index.get(&path).copied() {
+                Some(i) => {
+                    let p = &mut self.pieces[i];
+                    p.needed = true;
+                    if p.size != entry.size || p.sha256 != entry.sha256 {
+                        // Announced otherwise than the manifest lists it: fetched again.
+                        (p.size, p.sha256) = (entry.size, entry.sha256);
+                        if p.mine == Mine::Have {
+                            p.mine = Mine::Missing;
+                        }
+                        for peer in &mut self.peers {
+                            peer.has[i] = false;
+                        }
+                    }
+                }
+                None => self.add_piece(path, entry.size, entry.sha256),
+            }
+        }
+        self.manifest = Some(text);
+        Ok(())
+    }
+
+    /// No peer can serve anything any more.
+    fn hopeless(&self) -> bool {
+        self.peers.iter().all(|p| p.gone.is_some() || p.corrupt)
+    }
+
+    fn why(&self) -> String {
+        self.peers
+            .iter()
+            .map(|p| match (&p.gone, p.corrupt) {
+                (_, true) => format!("{}: served a corrupt file", p.name),
+                (Some(why), _) => format!("{}: {why}", p.name),
+                (None, _) => format!("{}: served nothing in time", p.name),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn next_unpause(&self) -> Option<Instant> {
+        self.peers.iter().filter(|p| p.gone.is_none() && !p.corrupt).filter_map(|p| p.paused_until).min()
+    }
+}
+
+/// The agent's peer service.
+pub struct PeerServer {
+    peers: Arc<Peers>,
+}
+
+type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl PeerServer {
+    /// Only another node of this cluster may ask (checked when the service
+    /// runs over TLS; a plaintext agent serves anyone who reaches it).
+    fn check_caller<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.peers.tls.is_none() {
+            return Ok(());
+        }
+        let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("present a node certificate"))?;
+        let first = certs.first().ok_or_else(|| Status::unauthenticated("present a node certificate"))?;
+        match identity_of(first) {
+            Ok(id) if id.kind == PeerKind::Node => Ok(()),
+            Ok(id) => Err(Status::permission_denied(format!("{:?} {:?} is not a node", id.kind, id.name))),
+            Err(e) => Err(Status::permission_denied(e.to_string())),
+        }
+    }
+
+    async fn user(&self, user: &str, sha256: &str) -> Result<(RankIdentity, PathBuf), Status> {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            return Err(Status::invalid_argument(format!("sha256 {sha256:?} is not 64 lowercase hex digits")));
+        }
+        let identity = self
+            .peers
+            .rank_users
+            .resolve_blocking(user)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("user {user:?} on node {}: {e}", self.peers.node)))?;
+        let cache = user_cache(&self.peers.cache_root, &identity).map_err(|e| Status::internal(e.to_string()))?;
+        Ok((identity, cache))
+    }
+}
+
+/// The manifest of complete content in `cache`, read as the user; None: not here.
+async fn read_manifest(user: AsJobUser<'_>, cache: &Path, digest: &str) -> Result<Option<Vec<u8>>, String> {
+    let Some(mut reader) = user.read_content(cache, digest, None).await.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let mut manifest = Vec::with_capacity(usize::try_from(reader.bytes).unwrap_or(0).min(MAX_MANIFEST));
+    while let Some(chunk) = reader.next().await {
+        manifest.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+        if manifest.len() > MAX_MANIFEST {
+            return Err("the manifest is larger than 256 MiB".into());
+        }
+    }
+    Ok(Some(manifest))
+}
+
+#[tonic::async_trait]
+impl PeerService for PeerServer {
+    type WatchContentStream = ServerStream<ContentHave>;
+    type FetchPieceStream = ServerStream<PieceChunk>;
+
+    async fn watch_content(
+        &self,
+        request: Request<ContentRequest>,
+    ) -> Result<Response<Self::WatchContentStream>, Status> {
+        self.check_caller(&request)?;
+        let ContentRequest { user, sha256 } = request.into_inner();
+        let (identity, cache) = self.user(&user, &sha256).await?;
+        let staging = self.peers.watch(&cache, &sha256);
+        let helper = self.peers.helper.clone();
+        if staging.is_none() {
+            let user = AsJobUser { identity: &identity, helper: &helper };
+            return match read_manifest(user, &cache, &sha256).await.map_err(Status::internal)? {
+                Some(manifest) => {
+                    let have = ContentHave { files: Vec::new(), manifest };
+                    Ok(Response::new(Box::pin(futures::stream::iter([Ok(have)]))))
+                }
+                None => Err(Status::not_found(format!("node {} neither holds nor stages {sha256}", self.peers.node))),
+            };
+        }
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let Some(mut staging) = staging else { return };
+            let mut sent = 0;
+            loop {
+                let have = staging.borrow_and_update().clone();
+                if have.files.len() > sent {
+                    let files = have.files[sent..].to_vec();
+                    sent = have.files.len();
+                    if tx.send(Ok(ContentHave { files, manifest: Vec::new() })).await.is_err() {
+                        return;
+                    }
+                }
+                let ended = match have.state {
+                    HaveState::Staging => staging.changed().await.is_err(),
+                    _ => true,
+                };
+                if ended {
+                    let user = AsJobUser { identity: &identity, helper: &helper };
+                    let last = match read_manifest(user, &cache, &sha256).await {
+                        Ok(Some(manifest)) => Ok(ContentHave { files: Vec::new(), manifest }),
+                        Ok(None) => Err(Status::aborted("staging it failed here")),
+                        Err(e) => Err(Status::internal(e)),
+                    };
+                    let _ = tx.send(last).await;
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_piece(&self, request: Request<PieceRequest>) -> Result<Response<Self::FetchPieceStream>, Status> {
+        self.check_caller(&request)?;
+        let permit = self.peers.uploads.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!("node {} serves {UPLOAD_SLOTS} files already", self.peers.node))
+        })?;
+        let PieceRequest { user, sha256, path } = request.into_inner();
+        let (identity, cache) = self.user(&user, &sha256).await?;
+        let key = (cache.clone(), sha256.clone());
+        {
+            let mut seeding = lock(&self.peers.seeding);
+            if let Some(seed) = seeding.get_mut(&key) {
+                if !seed.serve(&path) {
+                    return Err(Status::failed_precondition(format!(
+                        "node {} sent {path:?} once already and has files nobody has yet: fetch it from a node it went to",
+                        self.peers.node
+                    )));
+                }
+                if seed.over() && self.peers.watch(&cache, &sha256).is_none() {
+                    seeding.remove(&key);
+                }
+            }
+        }
+        let helper = self.peers.helper.clone();
+        let reader = AsJobUser { identity: &identity, helper: &helper }
+            .read_content(&cache, &sha256, Some(Path::new(&path)))
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("node {} has no {path:?} of {sha256} (yet)", self.peers.node)))?;
+        let peers = self.peers.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut reader = reader;
+            while let Some(chunk) = reader.next().await {
+                let chunk = chunk.map_err(|e| Status::internal(e.to_string()));
+                let len = chunk.as_ref().map(|c| c.len() as u64).unwrap_or(0);
+                let failed = chunk.is_err();
+                for part in split(chunk) {
+                    if tx.send(part).await.is_err() {
+                        return;
+                    }
+                }
+                peers.served.fetch_add(len, Ordering::Relaxed);
+                if failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// A chunk of a file as `PieceChunk`s of at most [`CHUNK`] bytes.
+fn split(chunk: Result<Vec<u8>, Status>) -> Vec<Result<PieceChunk, Status>> {
+    match chunk {
+        Ok(data) if data.len() <= CHUNK => vec![Ok(PieceChunk { data })],
+        Ok(data) => data.chunks(CHUNK).map(|c| Ok(PieceChunk { data: c.to_vec() })).collect(),
+        Err(status) => vec![Err(status)],
+    }
+}

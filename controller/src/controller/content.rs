@@ -1,0 +1,134 @@
+//! Which node holds which staged content, and who fetches it from whom
+//! (peer-to-peer staging, issue 18; the agents' side is `cohort_agent::peer`).
+//!
+//! Content is known by its user (a job's `user:`, whose cache holds it) and
+//! its digest. A node holds it once it reported it staged; it stages it from
+//! the moment it is sent a preparation that names it until it reports. When
+//! an attempt's nodes need content that nobody holds or stages, at most
+//! `--max-source-pulls` of them read the source; every other node gets
+//! those, the other holders and the rest of the gang as its peers, and
+//! fetches from them (the pullers offer each file as soon as it is copied).
+//! What the tracker knows lives in memory only: after a restart or a
+//! takeover the first attempt that needs a content reads its source again.
+//! A holder that evicted the content meanwhile answers "not here" and its
+//! peers fetch from others.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// A job's `user:` and a content digest.
+type Key = (String, String);
+
+#[derive(Debug, Default)]
+pub(super) struct ContentTracker {
+    holders: HashMap<Key, BTreeSet<String>>,
+    /// What each node stages now, by (node, job, attempt).
+    staging: HashMap<(String, String, u32), Vec<Key>>,
+}
+
+impl ContentTracker {
+    /// The peers of each node of an attempt's `gang` for content `key`,
+    /// recording the gang as staging it. `live`: a node that is connected and
+    /// serves its peers; `current`: whether a (job, attempt) still prepares.
+    /// A node without peers reads the source.
+    pub(super) fn assign(
+        &mut self,
+        key: (&str, &str),
+        gang: &[String],
+        attempt: (&str, u32),
+        max_pulls: usize,
+        live: impl Fn(&str) -> bool,
+        current: impl Fn(&str, u32) -> bool,
+    ) -> BTreeMap<String, Vec<String>> {
+        self.staging.retain(|(node, job, attempt), _| live(node) && current(job, *attempt));
+        let key = (key.0.to_owned(), key.1.to_owned());
+        let mut others: BTreeSet<String> =
+            self.holders.get(&key).into_iter().flatten().filter(|n| live(n)).cloned().collect();
+        others
+            .extend(self.staging.iter().filter(|(_, keys)| keys.contains(&key)).map(|((node, _, _), _)| node.clone()));
+        let serving: Vec<&String> = gang.iter().filter(|n| live(n)).collect();
+        let pullers: BTreeSet<&String> =
+            if others.is_empty() { serving.iter().copied().take(max_pulls.max(1)).collect() } else { BTreeSet::new() };
+        let mut peers = BTreeMap::new();
+        for node in gang {
+            self.staging.entry((node.clone(), attempt.0.to_owned(), attempt.1)).or_default().push(key.clone());
+            // A node that serves nobody still fetches from the others.
+            let list: Vec<String> = if pullers.contains(node) {
+                Vec::new()
+            } else {
+                let all: BTreeSet<&String> = others.iter().chain(serving.iter().copied()).collect();
+                all.into_iter().filter(|n| *n != node).cloned().collect()
+            };
+            peers.insert(node.clone(), list);
+        }
+        peers
+    }
+
+    /// A node reported its preparation: what it staged (each `(user,
+    /// digest)` it was sent and reported without error) it now holds.
+    pub(super) fn prepared(&mut self, node: &str, attempt: (&str, u32), staged: &[cohort_proto::StagedInput]) {
+        let Some(keys) = self.staging.remove(&(node.to_owned(), attempt.0.to_owned(), attempt.1)) else { return };
+        for key in keys {
+            if staged.iter().any(|s| s.error.is_empty() && s.sha256 == key.1) {
+                self.holders.entry(key).or_default().insert(node.to_owned());
+            }
+        }
+    }
+
+    /// The content was removed from a node's cache.
+    pub(super) fn evicted(&mut self, node: &str, digest: &str) {
+        for ((_, d), nodes) in self.holders.iter_mut() {
+            if d == digest {
+                nodes.remove(node);
+            }
+        }
+        self.holders.retain(|_, nodes| !nodes.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn staged(digest: &str) -> cohort_proto::StagedInput {
+        cohort_proto::StagedInput { sha256: digest.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn one_node_of_a_gang_reads_the_source_the_others_fetch_from_the_gang_and_later_gangs_from_the_holders() {
+        let mut tracker = ContentTracker::default();
+        let gang = names(&["a", "b", "c"]);
+        let peers = tracker.assign(("u", "d1"), &gang, ("j1", 1), 1, |_| true, |_, _| true);
+        assert_eq!(peers["a"], Vec::<String>::new(), "the first node pulls from the source");
+        assert_eq!(peers["b"], names(&["a", "c"]));
+        assert_eq!(peers["c"], names(&["a", "b"]));
+        // Two pulls allowed: a and b read the source.
+        let mut two = ContentTracker::default();
+        let peers = two.assign(("u", "d1"), &gang, ("j1", 1), 2, |_| true, |_, _| true);
+        assert!(peers["a"].is_empty() && peers["b"].is_empty());
+        assert_eq!(peers["c"], names(&["a", "b"]));
+
+        // While the first gang stages, a second gang fetches from it: no new pull.
+        let peers = tracker.assign(("u", "d1"), &names(&["d", "e"]), ("j2", 1), 1, |_| true, |_, _| true);
+        assert_eq!(peers["d"], names(&["a", "b", "c", "e"]));
+        // a and b report; c fails its staging.
+        tracker.prepared("a", ("j1", 1), &[staged("d1")]);
+        tracker.prepared("b", ("j1", 1), &[staged("d1")]);
+        tracker.prepared("c", ("j1", 1), &[cohort_proto::StagedInput { error: "boom".into(), ..staged("d1") }]);
+        // j2 is over; a third gang gets the holders (and not c, nor d and e).
+        let peers = tracker.assign(("u", "d1"), &names(&["f"]), ("j3", 1), 1, |_| true, |job, _| job == "j3");
+        assert_eq!(peers["f"], names(&["a", "b"]), "from the holders, not the source");
+        // Another user's content, or another digest, is nobody's yet.
+        let peers = tracker.assign(("v", "d1"), &names(&["f"]), ("j4", 1), 1, |_| true, |_, _| true);
+        assert!(peers["f"].is_empty());
+        // A holder that is not live (lost, or serves no peers) is not offered.
+        let peers = tracker.assign(("u", "d1"), &names(&["g"]), ("j5", 1), 1, |n| n != "a", |job, _| job == "j5");
+        assert_eq!(peers["g"], names(&["b"]), "f never reported, and its attempt is over");
+        tracker.evicted("b", "d1");
+        let peers = tracker.assign(("u", "d1"), &names(&["h"]), ("j6", 1), 1, |n| n != "a", |job, _| job == "j6");
+        assert!(peers["h"].is_empty(), "no live holder left: h reads the source");
+    }
+}

@@ -1,0 +1,152 @@
+//! Issue 18, item 2: peer-to-peer staging. Real controller and agents on
+//! loopback, each node its own address and cache, mutual TLS between the
+//! agents (node certificates from `cohort-controller init`'s CA). A
+//! directory input with its digest: one node of a gang reads the source,
+//! the others fetch from it and from each other; a later job on another
+//! node gets it from the holders with the source gone; a holder whose copy
+//! is corrupt is reported and routed around; a dead holder is routed around.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cohort_proto::{Job, JobState, StageStatus};
+use cohort_tests::{Cluster, NodeSpec, state};
+use sha2::{Digest, Sha256};
+
+const FILES: usize = 24;
+const FILE_BYTES: usize = 192 << 10;
+
+/// A directory of `FILES` files of distinct content; returns (dir, digest).
+fn input(root: &Path) -> (PathBuf, String) {
+    let dir = root.join("model");
+    std::fs::create_dir_all(dir.join("shards")).unwrap();
+    let mut lines = Vec::new();
+    for i in 0..FILES {
+        let rel = if i % 2 == 0 { format!("shards/part-{i:02}.bin") } else { format!("part-{i:02}.bin") };
+        let bytes: Vec<u8> = (0..FILE_BYTES).map(|b| ((b * 31 + i * 7) % 251) as u8).collect();
+        std::fs::write(dir.join(&rel), &bytes).unwrap();
+        lines.push(format!("{:x} {} {rel}\n", Sha256::digest(&bytes), bytes.len()));
+    }
+    // The manifest: one line per file, sorted bytewise by path.
+    lines.sort_by(|a, b| a.split(' ').nth(2).unwrap().as_bytes().cmp(b.split(' ').nth(2).unwrap().as_bytes()));
+    (dir, format!("{:x}", Sha256::digest(lines.concat().as_bytes())))
+}
+
+fn nodes(n: usize) -> Vec<NodeSpec> {
+    (0..n)
+        .map(|i| NodeSpec {
+            labels: format!("slot=n{i},grp={}", if i < 4 { "a" } else { "b" }),
+            ..NodeSpec::loopback(i, 1)
+        })
+        .collect()
+}
+
+fn job(name: &str, nodes: usize, selector: Option<&str>, source: &Path, digest: &str) -> String {
+    let selector = selector.map(|s| format!("node_selector: {{{s}}}\n")).unwrap_or_default();
+    format!(
+        "name: {name}\nkind: command\nnodes: {nodes}\ngpus_per_node: 1\nstop_grace: 1s\n{selector}\
+         stage: [{{name: model, source: {}, sha256: {digest}}}]\ncommand: ['true']\n",
+        source.display()
+    )
+}
+
+async fn run(cluster: &Cluster, yaml: &str) -> Job {
+    let submitted = cluster.submit(yaml).await.unwrap();
+    let done = cluster.wait_finished(&submitted.id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(state(&done), JobState::Succeeded, "{}", done.reason);
+    done
+}
+
+/// The content as node `i` has it in its cache, if complete.
+fn cached(cluster: &Cluster, i: usize, digest: &str) -> Option<PathBuf> {
+    let cache = cluster.dir.path().join(format!("node{i}")).join("cache").join("sha256");
+    cache.join(format!("{digest}.manifest")).exists().then(|| cache.join(digest))
+}
+
+fn same_files(a: &Path, b: &Path) {
+    for i in 0..FILES {
+        let rel = if i % 2 == 0 { format!("shards/part-{i:02}.bin") } else { format!("part-{i:02}.bin") };
+        assert_eq!(std::fs::read(a.join(&rel)).unwrap(), std::fs::read(b.join(&rel)).unwrap(), "{rel}");
+    }
+}
+
+fn status<'a>(job: &'a Job, node: &str) -> &'a StageStatus {
+    job.staging.iter().find(|s| s.node_name == node).unwrap()
+}
+
+const TOTAL: u64 = (FILES * FILE_BYTES) as u64;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_node_reads_the_source_the_gang_fetches_from_each_other_and_later_jobs_from_the_holders() {
+    let cluster = Cluster::start(nodes(6)).await.unwrap();
+    let (source, digest) = input(cluster.dir.path());
+
+    // A gang of 4: one node reads the source, three fetch from their peers.
+    let first = run(&cluster, &job("gang", 4, Some("grp: a"), &source, &digest)).await;
+    assert_eq!(first.staging.len(), 4, "{:?}", first.staging);
+    let from_source: Vec<&StageStatus> = first.staging.iter().filter(|s| s.bytes_from_peers == 0).collect();
+    assert_eq!(from_source.len(), 1, "exactly one node reads the source: {:?}", first.staging);
+    assert_eq!(from_source[0].state, "ready", "copied, not found cached: {:?}", from_source[0]);
+    for s in first.staging.iter().filter(|s| s.bytes_from_peers > 0) {
+        assert_eq!(s.bytes_from_peers, TOTAL, "the whole input from peers on {}: {s:?}", s.node_name);
+        assert!(s.corrupt_peers.is_empty(), "{s:?}");
+    }
+    let gang: Vec<usize> =
+        first.staging.iter().map(|s| s.node_name.trim_start_matches("node").parse().unwrap()).collect();
+    for &i in &gang {
+        same_files(&source, &cached(&cluster, i, &digest).unwrap_or_else(|| panic!("node{i} has it")));
+    }
+
+    // The source goes away: a job on a node outside the gang gets the input
+    // from the holders all the same.
+    let outside = 4;
+    let moved = cluster.dir.path().join("model-gone");
+    std::fs::rename(&source, &moved).unwrap();
+    let second = run(&cluster, &job("later", 1, Some("slot: n4"), &source, &digest)).await;
+    let s = status(&second, &format!("node{outside}"));
+    assert_eq!(s.bytes_from_peers, TOTAL, "from peers, the source untouched (it is gone): {s:?}");
+    same_files(&moved, &cached(&cluster, outside, &digest).unwrap());
+
+    // Every holder's copy but the source puller's goes bad on disk: the next
+    // node that fetches finds out, names the peers that served bad files and
+    // gets good ones from the one that is left.
+    let bad: Vec<String> = first
+        .staging
+        .iter()
+        .filter(|s| s.bytes_from_peers > 0)
+        .map(|s| s.node_name.clone())
+        .chain(["node4".into()])
+        .collect();
+    for node in &bad {
+        let copy = cluster.dir.path().join(node).join("cache").join("sha256").join(&digest);
+        for i in 0..FILES {
+            let rel = if i % 2 == 0 { format!("shards/part-{i:02}.bin") } else { format!("part-{i:02}.bin") };
+            std::fs::write(copy.join(&rel), vec![0u8; FILE_BYTES]).unwrap();
+        }
+    }
+    let third = run(&cluster, &job("after-corruption", 1, Some("slot: n5"), &source, &digest)).await;
+    let s = status(&third, "node5");
+    assert_eq!(s.bytes_from_peers, TOTAL, "{s:?}");
+    assert!(!s.corrupt_peers.is_empty(), "4 of 5 peers serve bad files: some were asked and named: {s:?}");
+    assert!(s.corrupt_peers.iter().all(|p| bad.contains(p)), "only peers with bad copies are named: {s:?}");
+    same_files(&moved, &cached(&cluster, 5, &digest).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_holder_is_routed_around() {
+    let mut cluster = Cluster::start(nodes(3)).await.unwrap();
+    let (source, digest) = input(cluster.dir.path());
+    run(&cluster, &job("two", 2, Some("grp: a"), &source, &digest)).await;
+    let holders: Vec<usize> = (0..3).filter(|i| cached(&cluster, *i, &digest).is_some()).collect();
+    assert_eq!(holders.len(), 2);
+    let outside = (0..3).find(|i| !holders.contains(i)).unwrap();
+    // One holder's agent dies (kill -9); the controller still counts it
+    // connected for its TTL, so the next job is told to fetch from it too.
+    cluster.kill_agent(holders[0]);
+    std::fs::rename(&source, cluster.dir.path().join("model-gone")).unwrap();
+    let next = run(&cluster, &job("next", 1, Some(&format!("slot: n{outside}")), &source, &digest)).await;
+    let s = status(&next, &format!("node{outside}"));
+    assert_eq!(s.bytes_from_peers, TOTAL, "from the live holder: {s:?}");
+    same_files(&cluster.dir.path().join("model-gone"), &cached(&cluster, outside, &digest).unwrap());
+}
