@@ -160,6 +160,9 @@ pub struct FoundCheckpoint {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PathInfo {
     pub exists: bool,
+    /// A directory (followed through symlinks), as the user sees it.
+    #[serde(default)]
+    pub is_dir: bool,
     pub digest: String,
     pub files: Vec<FileRead>,
 }

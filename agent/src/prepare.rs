@@ -357,7 +357,21 @@ impl Preparer {
         if let Ok(cache) = &cache {
             // Inputs other nodes hold or stage now come from them; what they
             // cannot serve is read from the source below.
-            let fetches = cmd.stage.iter().filter(|s| !s.peers.is_empty() && !is_cached(cache, &s.sha256)).map(|s| {
+            // Only directories travel between nodes: a URL is a file, and a
+            // local source that the user sees as a file here is read from it.
+            let mut wanted = Vec::new();
+            for s in cmd.stage.iter().filter(|s| !s.peers.is_empty() && !is_cached(cache, &s.sha256)) {
+                if s.source.starts_with("http://") || s.source.starts_with("https://") {
+                    continue;
+                }
+                let look = crate::job_files::InspectRequest { path: s.source.clone().into(), ..Default::default() };
+                match user.inspect_path(look).await {
+                    Ok(info) if info.exists && !info.is_dir => continue,
+                    // A directory, or not here (then peers are the only way).
+                    _ => wanted.push(s),
+                }
+            }
+            let fetches = wanted.into_iter().map(|s| {
                 let digest = s.sha256.trim().to_ascii_lowercase();
                 let report = move |bytes_done: u64, files_done: u32| {
                     let status = StageStatus {
@@ -495,11 +509,15 @@ impl Preparer {
 }
 
 /// The hub model of a stage input (None when it names none).
-/// Whether directory content `sha256` is complete in `cache` (a user's
-/// cache): its manifest is there. Only a name is looked up, nothing read.
+/// Whether content `sha256` is in `cache` (a user's cache): a directory's
+/// manifest, or a file's content directory, is there. Only names are looked
+/// up, nothing read.
 fn is_cached(cache: &Path, sha256: &str) -> bool {
     let hex = sha256.trim().to_ascii_lowercase();
-    hex.len() == 64 && std::fs::symlink_metadata(cache.join("sha256").join(format!("{hex}.manifest"))).is_ok()
+    let content = cache.join("sha256");
+    hex.len() == 64
+        && (std::fs::symlink_metadata(content.join(format!("{hex}.manifest"))).is_ok()
+            || std::fs::symlink_metadata(content.join(&hex)).is_ok())
 }
 
 fn hub_model(input: &cohort_proto::StageInput) -> Result<Option<HubModel>, String> {

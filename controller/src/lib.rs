@@ -121,10 +121,18 @@ pub async fn serve(config: ServeConfig, mut shutdown: tokio::sync::watch::Receiv
     let mut drain = shutdown.clone();
     // Server reflection (v1 and v1alpha, as grpcurl and other tools ask either),
     // so any gRPC client can list and call the API without the .proto files.
-    let reflection = tonic_reflection::server::Builder::configure()
+    // Only the services a controller serves (the protos also hold the agents' PeerService).
+    let served = ["cohort.v1.AgentService", "cohort.v1.JobService", "cohort.v1.SecurityService"];
+    let reflection = served
+        .iter()
+        .fold(tonic_reflection::server::Builder::configure(), |b, name| b.with_service_name(*name))
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .register_encoded_file_descriptor_set(cohort_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
+    let reflection_alpha = served
+        .iter()
+        .fold(tonic_reflection::server::Builder::configure(), |b, name| b.with_service_name(*name))
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .register_encoded_file_descriptor_set(cohort_proto::v1::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let mut builder = tonic::transport::Server::builder();

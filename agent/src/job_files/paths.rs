@@ -13,7 +13,7 @@ pub(super) fn inspect(cmd: &InspectRequest) -> Result<PathInfo, String> {
     if !path.is_absolute() {
         return Err(format!("{:?} is not an absolute path", path.display().to_string()));
     }
-    let mut answer = PathInfo { exists: path.exists(), ..PathInfo::default() };
+    let mut answer = PathInfo { exists: path.exists(), is_dir: path.is_dir(), ..PathInfo::default() };
     if !answer.exists {
         return Ok(answer);
     }
