@@ -156,6 +156,17 @@ impl NodeEntry {
         self.session.is_some() && self.phase == NodePhase::Ready
     }
 
+    /// Where other nodes fetch staged content from this one (`host:port`);
+    /// None while it is not connected or serves none (peer port 0).
+    pub(super) fn peer_address(&self) -> Option<String> {
+        if !self.is_connected() || self.info.peer_port == 0 {
+            return None;
+        }
+        let host = &self.info.advertise_addr;
+        let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+        Some(format!("{host}:{}", self.info.peer_port))
+    }
+
     // ------------------------------------------------------------ transitions
 
     /// A known node's agent registered again (a restart or a reconnect):

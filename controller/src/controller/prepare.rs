@@ -61,16 +61,10 @@ impl Controller {
         let user = first.user.clone();
         let digests: Vec<String> =
             first.stage.iter().map(|s| s.sha256.trim().to_ascii_lowercase()).filter(|d| d.len() == 64).collect();
-        let address = |state: &State, name: &str| {
-            let node = state.nodes.get(name).filter(|n| n.is_connected() && n.info.peer_port > 0)?;
-            let host = &node.info.advertise_addr;
-            let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
-            Some(format!("{host}:{}", node.info.peer_port))
-        };
         for digest in digests {
             let assigned = {
                 let (nodes, jobs) = (&state.nodes, &state.jobs);
-                let live = |n: &str| nodes.get(n).is_some_and(|n| n.is_connected() && n.info.peer_port > 0);
+                let live = |n: &str| nodes.get(n).is_some_and(|n| n.peer_address().is_some());
                 let current = |job: &str, attempt: u32| {
                     jobs.get(job).is_some_and(|e| e.job.attempt == attempt && e.phase() == JobPhase::Preparing)
                 };
@@ -90,8 +84,8 @@ impl Controller {
                     .into_iter()
                     .flatten()
                     .filter_map(|peer| {
-                        address(state, peer)
-                            .map(|address| cohort_proto::ContentPeer { node_name: peer.clone(), address })
+                        let address = state.nodes.get(peer)?.peer_address()?;
+                        Some(cohort_proto::ContentPeer { node_name: peer.clone(), address })
                     })
                     .collect();
                 for input in command.stage.iter_mut().filter(|s| s.sha256.trim().eq_ignore_ascii_case(&digest)) {
