@@ -34,7 +34,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -102,7 +101,6 @@ pub struct Peers {
     /// once already (see [`Seeding`]).
     seeding: Mutex<HashMap<Key, Seeding>>,
     uploads: Arc<Semaphore>,
-    served: AtomicU64,
 }
 
 /// Super-seeding (as BitTorrent's initial seeder): a node that read the
@@ -210,13 +208,7 @@ impl Peers {
             staging: Mutex::default(),
             seeding: Mutex::default(),
             uploads: Arc::new(Semaphore::new(UPLOAD_SLOTS as usize)),
-            served: AtomicU64::new(0),
         })
-    }
-
-    /// Bytes this node served to its peers so far.
-    pub fn bytes_served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
     }
 
     /// Announces that this node stages `digest` into `cache` now, from its
@@ -840,21 +832,18 @@ impl PeerService for PeerServer {
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("node {} has no {path:?} of {sha256} (yet)", self.peers.node)))?;
-        let peers = self.peers.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let _permit = permit;
             let mut reader = reader;
             while let Some(chunk) = reader.next().await {
                 let chunk = chunk.map_err(|e| Status::internal(e.to_string()));
-                let len = chunk.as_ref().map(|c| c.len() as u64).unwrap_or(0);
                 let failed = chunk.is_err();
                 for part in split(chunk) {
                     if tx.send(part).await.is_err() {
                         return;
                     }
                 }
-                peers.served.fetch_add(len, Ordering::Relaxed);
                 if failed {
                     return;
                 }
