@@ -668,10 +668,15 @@ impl Cluster {
             .await
             .unwrap();
         let shim = running.processes[0].pid;
+        // The shim's child is the rank once it has exec'd: until then it is a fork of the shim, still
+        // the shim's program (and maybe named after the shim's thread, not "cohort-agent") with the
+        // shim's credentials.
+        let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let shim_exe = exe(shim);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(&pid) = children_of(shim).first()
-                && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() != "cohort-agent")
+                && exe(pid).is_some_and(|e| Some(&e) != shim_exe.as_ref())
             {
                 return pid;
             }
