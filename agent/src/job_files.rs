@@ -34,6 +34,7 @@ use crate::rank_user::RankIdentity;
 use crate::stage::gc::{CacheEntry, EvictReport};
 use crate::stage::{StageItem, StageProgress, StagedItem};
 
+pub use content::{PieceOf, Span};
 pub(crate) use helper::read_stdin_json;
 pub use helper::{invoked, main as files_as_main};
 
@@ -112,16 +113,36 @@ pub enum Request {
         cache_dir: PathBuf,
         sha256: String,
         part: Option<PathBuf>,
+        /// Only these bytes of the file `part` (one piece of it), which may
+        /// then also be a file still coming in pieces.
+        #[serde(default)]
+        span: Option<content::Span>,
     },
     /// Writes the file `rel` of directory content `sha256` into the staging
     /// of it under way in `cache_dir` (`partial/sha256-<hex>/tree/`), if its
     /// `size` bytes, which follow this request's line on stdin, hash to
     /// `file_sha256`: [`Reply::Done`], [`Reply::Short`] or [`Reply::Corrupt`].
     ReceiveFile {
+        #[serde(flatten)]
+        file: FileAt,
+        /// Only this piece of the file, which hashes to the piece's own
+        /// digest, written at its place ([`content::receive_piece`]); the
+        /// file is completed by [`Request::FinishFile`].
+        #[serde(default)]
+        piece: Option<content::PieceOf>,
+    },
+    /// Completes the file `rel` whose pieces were received: moved into the
+    /// staging's `tree/` if its `size` bytes hash to `file_sha256`
+    /// ([`Reply::Done`]), else removed ([`Reply::Corrupt`]).
+    FinishFile(FileAt),
+    /// The digest of each `piece_bytes`-long piece of the file `rel` of
+    /// content `sha256` ([`Reply::Pieces`], or [`Reply::Missing`]), if the
+    /// whole still hashes to `file_sha256` (else [`Reply::Corrupt`]).
+    PieceDigests {
         cache_dir: PathBuf,
         sha256: String,
         rel: PathBuf,
-        size: u64,
+        piece_bytes: u64,
         file_sha256: String,
     },
     /// Completes the staging of directory content `sha256` in `cache_dir`
@@ -133,6 +154,39 @@ pub enum Request {
         sha256: String,
         manifest_bytes: u64,
     },
+}
+
+/// A file of directory content `sha256` in a user's staging cache: `rel`
+/// (as the manifest lists it), `size` bytes that hash to `file_sha256`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileAt {
+    pub cache_dir: PathBuf,
+    pub sha256: String,
+    pub rel: PathBuf,
+    pub size: u64,
+    pub file_sha256: String,
+}
+
+impl FileAt {
+    pub fn new(cache_dir: &Path, sha256: &str, rel: &Path, size: u64, file_sha256: &str) -> Self {
+        Self {
+            cache_dir: cache_dir.to_owned(),
+            sha256: sha256.to_owned(),
+            rel: rel.to_owned(),
+            size,
+            file_sha256: file_sha256.to_owned(),
+        }
+    }
+
+    fn incoming(&self) -> content::Incoming<'_> {
+        content::Incoming {
+            cache_dir: &self.cache_dir,
+            hex: &self.sha256,
+            rel: &self.rel,
+            size: self.size,
+            sha256: &self.file_sha256,
+        }
+    }
 }
 
 /// What [`Request::InspectPath`] does (the fields of `InspectPathCommand`).
@@ -212,6 +266,8 @@ pub enum Reply {
     },
     /// The content, or that file of it, is not in this cache (yet).
     Missing,
+    /// Hex SHA-256 of each piece of a file, in order ([`Request::PieceDigests`]).
+    Pieces(Vec<String>),
     /// A received file came short: only `got` bytes arrived (nothing kept).
     Short {
         got: u64,
@@ -291,10 +347,17 @@ impl Request {
             Request::ReadContent { .. } => {
                 Limits { address_space: 1 << 30, cpu_secs: None, file_size: Some(0), wall: None }
             }
-            // Writes one file of `size` bytes, for as long as its bytes come.
-            Request::ReceiveFile { size, .. } => {
+            // Writes one file of `size` bytes (or a piece of it), for as long as its bytes come.
+            Request::ReceiveFile { file: FileAt { size, .. }, .. } => {
                 Limits { address_space: 1 << 30, cpu_secs: None, file_size: Some((*size).max(1)), wall: None }
             }
+            // Reads one file (a 4 GB shard of a model) and renames it.
+            Request::FinishFile(_) | Request::PieceDigests { .. } => Limits {
+                address_space: 1 << 30,
+                cpu_secs: None,
+                file_size: Some(0),
+                wall: Some(Duration::from_secs(3600)),
+            },
             // Reads and checks a manifest (up to a million files), writes it
             // once, syncs the filesystem; may wait for the content's lock.
             Request::FinishTree { manifest_bytes, .. } => Limits {
@@ -329,17 +392,23 @@ impl Request {
             Request::FindCheckpoint { directory } => format!("the checkpoint search in {}", directory.display()),
             Request::InspectPath(inspect) => format!("looking at {}", inspect.path.display()),
             Request::UnpackSync { dest, .. } => format!("unpacking the job's sync archive into {}", dest.display()),
-            Request::ReadContent { cache_dir, sha256, part: None } => {
+            Request::ReadContent { cache_dir, sha256, part: None, .. } => {
                 format!("reading the manifest of {sha256} in the cache {}", cache_dir.display())
             }
-            Request::ReadContent { cache_dir, sha256, part: Some(part) } => {
+            Request::ReadContent { cache_dir, sha256, part: Some(part), .. } => {
                 format!("reading {} of {sha256} in the cache {}", part.display(), cache_dir.display())
             }
-            Request::ReceiveFile { cache_dir, sha256, rel, .. } => {
+            Request::ReceiveFile { file: FileAt { cache_dir, sha256, rel, .. }, .. } => {
                 format!("receiving {} of {sha256} into the cache {}", rel.display(), cache_dir.display())
             }
             Request::FinishTree { cache_dir, sha256, .. } => {
                 format!("completing {sha256} in the cache {}", cache_dir.display())
+            }
+            Request::FinishFile(FileAt { cache_dir, sha256, rel, .. }) => {
+                format!("completing {} of {sha256} in the cache {}", rel.display(), cache_dir.display())
+            }
+            Request::PieceDigests { cache_dir, sha256, rel, .. } => {
+                format!("hashing the pieces of {} of {sha256} in the cache {}", rel.display(), cache_dir.display())
             }
         }
     }
@@ -471,16 +540,21 @@ impl AsJobUser<'_> {
     /// lists it) from the complete content or else from a staging of it under
     /// way. None: that is not here (yet). The bytes come from the helper as
     /// the [`ContentReader`] is read; dropping it kills the helper.
+    ///
+    /// With `span`, only those bytes of the file `part` (one piece of it),
+    /// which may also be a file still coming in pieces.
     pub async fn read_content(
         &self,
         cache_dir: &Path,
         sha256: &str,
         part: Option<&Path>,
+        span: Option<Span>,
     ) -> Result<Option<ContentReader>, JobFilesError> {
         let request = Request::ReadContent {
             cache_dir: cache_dir.to_owned(),
             sha256: sha256.to_owned(),
             part: part.map(Path::to_owned),
+            span,
         };
         let what = request.describe();
         let limits = request.limits();
@@ -527,6 +601,12 @@ impl AsJobUser<'_> {
     /// corrupt bytes leave nothing behind and are answers, not errors; a
     /// `body` that fails is an error. Content already complete there is
     /// [`Received::Done`] without a byte read.
+    ///
+    /// With `piece`, `body` yields only that piece, checked against the
+    /// piece's digest and written at its place; the file is then completed
+    /// by [`Self::finish_file`] once every piece is there. Pieces are
+    /// received at once, and short or corrupt ones are written over.
+    #[allow(clippy::too_many_arguments)]
     pub async fn receive_file(
         &self,
         cache_dir: &Path,
@@ -534,19 +614,47 @@ impl AsJobUser<'_> {
         rel: &Path,
         size: u64,
         file_sha256: &str,
+        piece: Option<PieceOf>,
         body: BodyStream,
     ) -> Result<Received, JobFilesError> {
-        let request = Request::ReceiveFile {
+        let request = Request::ReceiveFile { file: FileAt::new(cache_dir, sha256, rel, size, file_sha256), piece };
+        received(self.run_with_body(request, None, Some(body)).await?)
+    }
+
+    /// Completes `file` whose pieces [`Self::receive_file`] wrote:
+    /// [`Received::Done`] if it hashes to its digest (then it counts as
+    /// received), else [`Received::Corrupt`] (and it is gone).
+    pub async fn finish_file(&self, file: FileAt) -> Result<Received, JobFilesError> {
+        received(self.run(Request::FinishFile(file), None).await?)
+    }
+
+    /// The SHA-256 of each `piece_bytes`-long piece of the file `rel` of
+    /// content `sha256` in this user's cache (complete, or done in a
+    /// staging under way), read in one pass that checks the whole against
+    /// `file_sha256`: a copy that went bad is refused. None: not here.
+    pub async fn piece_digests(
+        &self,
+        cache_dir: &Path,
+        sha256: &str,
+        rel: &Path,
+        piece_bytes: u64,
+        file_sha256: &str,
+    ) -> Result<Option<Vec<String>>, JobFilesError> {
+        let request = Request::PieceDigests {
             cache_dir: cache_dir.to_owned(),
             sha256: sha256.to_owned(),
             rel: rel.to_owned(),
-            size,
+            piece_bytes,
             file_sha256: file_sha256.to_owned(),
         };
-        match self.run_with_body(request, None, Some(body)).await? {
-            Reply::Done => Ok(Received::Done),
-            Reply::Short { got } => Ok(Received::Short { got }),
-            Reply::Corrupt { actual } => Ok(Received::Corrupt { actual }),
+        match self.run(request, None).await? {
+            Reply::Pieces(digests) => Ok(Some(digests)),
+            Reply::Missing => Ok(None),
+            Reply::Corrupt { actual } => Err(JobFilesError::Refused(format!(
+                "{} of {sha256} in the cache {} hashes to {actual}, not to its digest {file_sha256}: the copy there is corrupt; evict it (cohort cache evict)",
+                rel.display(),
+                cache_dir.display()
+            ))),
             other => Err(unexpected(other)),
         }
     }
@@ -656,6 +764,16 @@ impl AsJobUser<'_> {
             Some(reply) if status.as_ref().is_ok_and(ExitStatus::success) => Ok(reply),
             _ => Err(explain_exit(what, &limits, status, stderr)),
         }
+    }
+}
+
+/// A file's (or a piece's) bytes taken in, as the helper answered.
+fn received(reply: Reply) -> Result<Received, JobFilesError> {
+    match reply {
+        Reply::Done => Ok(Received::Done),
+        Reply::Short { got } => Ok(Received::Short { got }),
+        Reply::Corrupt { actual } => Ok(Received::Corrupt { actual }),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -941,7 +1059,9 @@ mod tests {
         digest: &str,
         part: Option<&str>,
     ) -> Result<Option<Vec<u8>>, JobFilesError> {
-        let Some(mut reader) = user.read_content(cache, digest, part.map(Path::new)).await? else { return Ok(None) };
+        let Some(mut reader) = user.read_content(cache, digest, part.map(Path::new), None).await? else {
+            return Ok(None);
+        };
         let mut bytes = Vec::new();
         while let Some(chunk) = reader.next().await {
             let chunk = chunk.map_err(|e| JobFilesError::Refused(e.to_string()))?;
@@ -999,7 +1119,8 @@ mod tests {
         let staging = sha(b"a content");
         let file = cache.path().join("partial").join(format!("sha256-{staging}")).join("tree/big.bin");
         write(&file, &vec![1; 4 << 20]);
-        let mut reader = user.read_content(cache.path(), &staging, Some(Path::new("big.bin"))).await.unwrap().unwrap();
+        let mut reader =
+            user.read_content(cache.path(), &staging, Some(Path::new("big.bin")), None).await.unwrap().unwrap();
         assert_eq!(reader.bytes, 4 << 20);
         // The helper waits on the full pipe meanwhile.
         std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(1 << 20).unwrap();
@@ -1048,7 +1169,7 @@ mod tests {
         let digest = sha(b"some directory's manifest");
         let receive = |rel: &'static str, size: u64, file_sha256: String, chunks: Vec<Result<Vec<u8>, String>>| {
             let (cache, digest) = (cache.path().to_owned(), digest.clone());
-            async move { user.receive_file(&cache, &digest, Path::new(rel), size, &file_sha256, body(chunks)).await }
+            async move { user.receive_file(&cache, &digest, Path::new(rel), size, &file_sha256, None, body(chunks)).await }
         };
         let data = b"hello\n".to_vec();
         let got = receive("sub/b.txt", 6, sha(&data), vec![Ok(data[..2].to_vec()), Ok(data[2..].to_vec())]).await;
@@ -1109,6 +1230,7 @@ mod tests {
                 Path::new(rel),
                 size,
                 &file_sha256,
+                None,
                 body(vec![Ok(data.to_vec())]),
             );
             assert_eq!(got.await.unwrap(), Received::Done);
@@ -1117,7 +1239,7 @@ mod tests {
         refused(user.finish_tree(cache.path(), &digest, &manifest).await, "sub/deeper/empty is not there");
         let (rel, data) = files[2];
         let file_sha256 = sha(data);
-        let got = user.receive_file(cache.path(), &digest, Path::new(rel), 0, &file_sha256, body(Vec::new()));
+        let got = user.receive_file(cache.path(), &digest, Path::new(rel), 0, &file_sha256, None, body(Vec::new()));
         assert_eq!(got.await.unwrap(), Received::Done);
         // Another content's manifest, one with links, one whose files are not here, an unsorted one.
         refused(user.finish_tree(cache.path(), &digest, "").await, "hashes to");
@@ -1150,8 +1272,15 @@ mod tests {
         // Complete already: nothing to do.
         user.finish_tree(cache.path(), &digest, &manifest).await.unwrap();
         let a_sha256 = sha(b"a");
-        let got =
-            user.receive_file(cache.path(), &digest, Path::new("a.txt"), 1, &a_sha256, body(vec![Ok(b"a".to_vec())]));
+        let got = user.receive_file(
+            cache.path(),
+            &digest,
+            Path::new("a.txt"),
+            1,
+            &a_sha256,
+            None,
+            body(vec![Ok(b"a".to_vec())]),
+        );
         assert_eq!(got.await.unwrap(), Received::Done);
         assert!(!work.exists(), "nothing received into complete content");
         assert_eq!(read(user, cache.path(), &digest, None).await.unwrap().unwrap(), manifest.as_bytes());
@@ -1187,10 +1316,10 @@ mod tests {
         let parsed = crate::stage::parse_manifest(&manifest).unwrap();
         assert_eq!((parsed.files.len(), parsed.links), (4, 0));
         for file in &parsed.files {
-            let reader = user.read_content(a.path(), &digest, Some(&file.path)).await.unwrap().unwrap();
+            let reader = user.read_content(a.path(), &digest, Some(&file.path), None).await.unwrap().unwrap();
             assert_eq!(reader.bytes, file.size);
             let bytes: BodyStream = Box::pin(reader.map(|chunk| chunk.map_err(|e| e.to_string())));
-            let got = user.receive_file(b.path(), &digest, &file.path, file.size, &file.sha256, bytes).await;
+            let got = user.receive_file(b.path(), &digest, &file.path, file.size, &file.sha256, None, bytes).await;
             assert_eq!(got.unwrap(), Received::Done, "{}", file.path.display());
         }
         user.finish_tree(b.path(), &digest, std::str::from_utf8(&manifest).unwrap()).await.unwrap();
@@ -1206,5 +1335,107 @@ mod tests {
         let staged = stage(b.path(), source.path(), Some(digest.clone())).await;
         assert!(staged[0].from_cache, "{staged:?}");
         assert_eq!(staged[0].bytes, large.len() as u64 + 3 + 4);
+    }
+
+    /// A large file travels in pieces: hashed by piece where it is complete
+    /// (checked whole in the same pass), each piece read by its span, written
+    /// at its place in another cache in any order and checked against its
+    /// own digest (a bad one refused, and written over), served from there
+    /// while the rest is still coming, and the file completed only if the
+    /// whole hashes to its digest.
+    #[tokio::test]
+    async fn a_large_file_travels_in_pieces_each_checked_and_the_whole_checked_at_the_end() {
+        let (source, a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (identity, helper) = (me(), helper_binary());
+        let user = AsJobUser { identity: &identity, helper: &helper };
+        let piece_bytes = 64 << 10;
+        let large: Vec<u8> = (0..(3 * piece_bytes + 1000) as u32).map(|i| (i % 251) as u8).collect();
+        write(&source.path().join("model.safetensors"), &large);
+        let digest = stage(a.path(), source.path(), None).await[0].sha256.clone();
+        let rel = Path::new("model.safetensors");
+        let (size, file_sha256) = (large.len() as u64, sha(&large));
+
+        let digests = user.piece_digests(a.path(), &digest, rel, piece_bytes, &file_sha256).await.unwrap().unwrap();
+        let expected: Vec<String> = large.chunks(piece_bytes as usize).map(sha).collect();
+        assert_eq!(digests, expected, "one digest per piece, the last one short");
+        refused(
+            user.piece_digests(a.path(), &digest, rel, piece_bytes, &sha(b"other")).await,
+            "the copy there is corrupt",
+        );
+        assert!(
+            user.piece_digests(a.path(), &digest, Path::new("absent"), piece_bytes, &file_sha256)
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        let piece = |i: usize| PieceOf {
+            span: Span {
+                offset: (i * piece_bytes as usize) as u64,
+                len: large.chunks(piece_bytes as usize).nth(i).unwrap().len() as u64,
+            },
+            sha256: digests[i].clone(),
+        };
+        let digest_ref = &digest;
+        let read_piece = |cache: PathBuf, i: usize| {
+            let span = piece(i).span;
+            let digest = digest_ref;
+            async move {
+                let reader = user.read_content(&cache, digest, Some(rel), Some(span)).await.unwrap().unwrap();
+                let chunks: Vec<Vec<u8>> = reader.map(|c| c.unwrap()).collect().await;
+                chunks.concat()
+            }
+        };
+        let receive = |i: usize, bytes: Vec<u8>| {
+            user.receive_file(b.path(), &digest, rel, size, &file_sha256, Some(piece(i)), body(vec![Ok(bytes)]))
+        };
+        // The last piece first, then a bad copy of the second, refused.
+        for i in [3, 0] {
+            let bytes = read_piece(a.path().to_owned(), i).await;
+            assert_eq!(bytes, large.chunks(piece_bytes as usize).nth(i).unwrap());
+            assert_eq!(receive(i, bytes).await.unwrap(), Received::Done);
+        }
+        let mut bad = read_piece(a.path().to_owned(), 1).await;
+        bad[7] ^= 1;
+        assert_eq!(receive(1, bad.clone()).await.unwrap(), Received::Corrupt { actual: sha(&bad) });
+        assert_eq!(receive(1, bad[..10].to_vec()).await.unwrap(), Received::Short { got: 10 });
+        // A piece received here is served from here before the file is complete.
+        assert_eq!(read_piece(b.path().to_owned(), 3).await, large.chunks(piece_bytes as usize).nth(3).unwrap());
+        // Not complete yet: the whole does not hash to the file's digest.
+        assert_eq!(
+            user.finish_file(FileAt::new(b.path(), &digest, rel, size, &file_sha256)).await.unwrap(),
+            Received::Corrupt {
+                actual: {
+                    // The corrupt second piece stayed (written over only by the piece
+                    // fetched again); the third never came.
+                    let mut have = large.clone();
+                    have[piece_bytes as usize..2 * piece_bytes as usize].copy_from_slice(&bad);
+                    have[2 * piece_bytes as usize..3 * piece_bytes as usize].fill(0);
+                    sha(&have)
+                }
+            }
+        );
+        refused(
+            user.finish_file(FileAt::new(b.path(), &digest, rel, size, &file_sha256)).await,
+            "its pieces were not received",
+        );
+        // All four again, in order, and the file completes into `tree/`.
+        for i in 0..4 {
+            let bytes = read_piece(a.path().to_owned(), i).await;
+            assert_eq!(receive(i, bytes).await.unwrap(), Received::Done);
+        }
+        assert_eq!(
+            user.finish_file(FileAt::new(b.path(), &digest, rel, size, &file_sha256)).await.unwrap(),
+            Received::Done
+        );
+        let tree = b.path().join("partial").join(format!("sha256-{digest}")).join("tree").join(rel);
+        assert_eq!(std::fs::read(tree).unwrap(), large);
+        // A piece that does not fit the file is refused before anything is written.
+        let beyond = PieceOf { span: Span { offset: size - 10, len: 20 }, sha256: sha(b"x") };
+        let got = user.receive_file(b.path(), &digest, rel, size, &file_sha256, Some(beyond), body(vec![]));
+        refused(got.await, "does not fit");
+        let manifest = read(user, a.path(), &digest, None).await.unwrap().unwrap();
+        user.finish_tree(b.path(), &digest, std::str::from_utf8(&manifest).unwrap()).await.unwrap();
+        assert_eq!(std::fs::read(b.path().join("sha256").join(&digest).join(rel)).unwrap(), large);
     }
 }

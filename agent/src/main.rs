@@ -113,6 +113,12 @@ struct Args {
     /// from others).
     #[arg(long, env = "COHORT_PEER_PORT", default_value_t = 7071)]
     peer_port: u16,
+    /// Files larger than this many MiB travel between nodes in pieces of it,
+    /// each checked on arrival and served on at once, so that a few large
+    /// files (a model's shards) spread as fast as many small ones.
+    #[arg(long, env = "COHORT_PEER_PIECE_MIB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=4096))]
+    peer_piece_mib: u64,
     /// Plaintext to a controller started with --insecure: no certificates, and
     /// anyone who can reach the controller can command this node.
     #[arg(long, env = "COHORT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
@@ -281,6 +287,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         join_token: args.join_token,
         tls_dir: args.tls_dir,
         peer_port: (args.peer_port > 0).then_some(args.peer_port),
+        peer_piece_bytes: args.peer_piece_mib << 20,
         rank_users: RankUserPolicy {
             default_user: args.rank_user.filter(|u| !u.trim().is_empty()),
             allowed: args.allowed_rank_users.iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),

@@ -31,7 +31,7 @@
 //! the user the request names, from that user's cache; any node of the
 //! cluster may ask (nodes run every user's jobs).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -44,14 +44,14 @@ use cohort_runtime::tls::ClientTls;
 use cohort_runtime::tls::pki::{PeerKind, identity_of};
 use cohort_shared::swarm::{self, Mine, PeerView, UPLOAD_SLOTS};
 use futures::stream::FuturesUnordered;
-use futures::{Stream, StreamExt as _};
+use futures::{FutureExt as _, Stream, StreamExt as _};
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OnceCell, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::job_files::{AsJobUser, BodyStream, Received, user_cache};
+use crate::job_files::{AsJobUser, BodyStream, FileAt, PieceOf, Received, Span, user_cache};
 use crate::rank_user::{RankIdentity, RankUserPolicy};
 
 /// A fetch from peers gives up (and the source is read) after this long
@@ -66,13 +66,26 @@ const FAILED_PAUSE: Duration = Duration::from_secs(1);
 const CHUNK: usize = 256 << 10;
 /// The largest manifest taken from a peer.
 const MAX_MANIFEST: usize = 256 << 20;
+/// Files whose piece digests a node computes at once, for a peer asking
+/// about complete content.
+const DESCRIBE_PARALLEL: usize = 4;
 
 /// Where a content this node stages stands, for its peers.
 #[derive(Debug, Clone, Default)]
 pub struct Have {
-    /// Files done so far, in the order they were done.
+    /// Files (or pieces of files) done so far, in the order they were done.
     pub files: Vec<ContentFile>,
     pub state: HaveState,
+}
+
+impl Have {
+    /// Whether the piece `piece` of `path` cut in `piece_bytes` (0: the
+    /// whole file) was announced.
+    fn holds(&self, path: &str, piece_bytes: u64, piece: u32) -> bool {
+        self.files.iter().any(|f| {
+            f.path == path && (f.pieces.is_empty() || (f.piece_bytes == piece_bytes && f.pieces.contains(&piece)))
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -87,6 +100,9 @@ pub enum HaveState {
 /// One user's cache and a content digest.
 type Key = (PathBuf, String);
 
+/// A complete content's large files with their piece digests, once hashed.
+type Described = Arc<OnceCell<Arc<Vec<ContentFile>>>>;
+
 /// The node's side of peer-to-peer staging: what it stages now (served to
 /// peers while under way) and how it reaches other nodes.
 pub struct Peers {
@@ -96,39 +112,60 @@ pub struct Peers {
     helper: PathBuf,
     cache_root: PathBuf,
     rank_users: RankUserPolicy,
+    /// Files larger than this travel in pieces of this size.
+    piece_bytes: u64,
     staging: Mutex<HashMap<Key, watch::Sender<Have>>>,
-    /// Content this node read from its source: which of its files it sent
+    /// Content this node read from its source: which of its pieces it sent
     /// once already (see [`Seeding`]).
     seeding: Mutex<HashMap<Key, Seeding>>,
+    /// Complete content's large files with their piece digests, computed
+    /// once (by the first peer's question) and kept: content does not change.
+    described: Mutex<HashMap<Key, Described>>,
     uploads: Arc<Semaphore>,
 }
 
 /// Super-seeding (as BitTorrent's initial seeder): a node that read the
-/// content from its source sends each file once before it sends any file a
-/// second time, so its upload, the only way the content enters the swarm,
-/// never carries the same file twice while files nobody has wait; a request
-/// for a file it sent already is refused (FAILED_PRECONDITION) and the
-/// requester fetches it from a node it went to. In `cohort-fanout`'s model
-/// this takes 8 nodes from 1.47x to 1.16x one node's time (see
+/// content from its source sends each piece once before it sends any piece
+/// a second time, so its upload, the only way the content enters the swarm,
+/// never carries the same piece twice while pieces nobody has wait; a
+/// request for a piece it sent already is refused (FAILED_PRECONDITION) and
+/// the requester fetches it from a node it went to. In `cohort-fanout`'s
+/// model this takes 8 nodes from 1.47x to 1.16x one node's time (see
 /// benchmarks.md).
 #[derive(Debug, Default)]
 struct Seeding {
-    offered: std::collections::HashSet<String>,
-    sent: std::collections::HashSet<String>,
+    offered: HashSet<String>,
+    sent: HashSet<String>,
 }
 
 impl Seeding {
-    /// Whether a request for `path` is served (and then counts as sent).
-    fn serve(&mut self, path: &str) -> bool {
-        if self.sent.contains(path) && self.offered.iter().any(|p| !self.sent.contains(p)) {
+    /// Whether a request for the piece `key` is served (and then counts as sent).
+    fn serve(&mut self, key: &str) -> bool {
+        if self.sent.contains(key) && self.offered.iter().any(|p| !self.sent.contains(p)) {
             return false;
         }
-        self.sent.insert(path.to_owned());
+        self.sent.insert(key.to_owned());
         true
     }
 
     fn over(&self) -> bool {
         self.offered.iter().all(|p| self.sent.contains(p))
+    }
+}
+
+/// A piece's name in [`Seeding`]: the file's path, and the piece's index
+/// when the file travels in pieces.
+fn piece_key(path: &str, piece_bytes: u64, piece: u32) -> String {
+    if piece_bytes == 0 { path.to_owned() } else { format!("{path}\0{piece}") }
+}
+
+/// How many pieces of `piece_bytes` a file of `size` bytes travels in; 0
+/// when it travels whole (no piece size, or not larger than one piece).
+fn piece_count(size: u64, piece_bytes: u64) -> usize {
+    if piece_bytes == 0 || size <= piece_bytes {
+        0
+    } else {
+        usize::try_from(size.div_ceil(piece_bytes)).unwrap_or(usize::MAX)
     }
 }
 
@@ -142,24 +179,55 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Content announced as being staged here; its peers see each file added.
-/// Dropped before [`Announced::complete`]: the staging failed.
-pub struct Announced {
+/// Tells peers of the files (and pieces) of a content staged here as each
+/// is done; cloned into the tasks that hash a large file's pieces.
+#[derive(Clone)]
+pub struct Announcer {
     peers: Arc<Peers>,
     key: Key,
     tx: watch::Sender<Have>,
-    complete: bool,
     /// Read from the source here: super-seeded ([`Seeding`]).
     seed: bool,
 }
 
-impl Announced {
-    /// A file done (copied or fetched, and verified).
+impl Announcer {
+    /// A file done (copied or fetched, and verified), or pieces of it.
     pub fn file(&self, file: ContentFile) {
         if self.seed {
-            lock(&self.peers.seeding).entry(self.key.clone()).or_default().offered.insert(file.path.clone());
+            let count = piece_count(file.size, file.piece_bytes);
+            let mut seeding = lock(&self.peers.seeding);
+            let offered = &mut seeding.entry(self.key.clone()).or_default().offered;
+            if count == 0 {
+                offered.insert(file.path.clone());
+            } else {
+                offered.extend((0..count).map(|i| piece_key(&file.path, file.piece_bytes, i as u32)));
+            }
         }
         self.tx.send_modify(|have| have.files.push(file));
+    }
+
+    /// The size large files travel in between nodes.
+    pub fn piece_bytes(&self) -> u64 {
+        self.peers.piece_bytes
+    }
+}
+
+/// Content announced as being staged here; its peers see each file added.
+/// Dropped before [`Announced::complete`]: the staging failed.
+pub struct Announced {
+    announcer: Announcer,
+    complete: bool,
+}
+
+impl Announced {
+    /// A file done (copied or fetched, and verified), or pieces of it.
+    pub fn file(&self, file: ContentFile) {
+        self.announcer.file(file);
+    }
+
+    /// A handle that announces files too, for tasks that outlive a borrow.
+    pub fn announcer(&self) -> Announcer {
+        self.announcer.clone()
     }
 
     /// The content is in the cache with its manifest.
@@ -170,15 +238,16 @@ impl Announced {
 
 impl Drop for Announced {
     fn drop(&mut self) {
+        let Announcer { peers, key, tx, .. } = &self.announcer;
         let state = if self.complete { HaveState::Complete } else { HaveState::Failed };
-        self.tx.send_modify(|have| have.state = state);
-        let mut staging = lock(&self.peers.staging);
-        if staging.get(&self.key).is_some_and(|tx| tx.same_channel(&self.tx)) {
-            staging.remove(&self.key);
+        tx.send_modify(|have| have.state = state);
+        let mut staging = lock(&peers.staging);
+        if staging.get(key).is_some_and(|t| t.same_channel(tx)) {
+            staging.remove(key);
         }
         drop(staging);
         if !self.complete {
-            lock(&self.peers.seeding).remove(&self.key);
+            lock(&peers.seeding).remove(key);
         }
     }
 }
@@ -187,8 +256,16 @@ impl Drop for Announced {
 #[derive(Debug, Default)]
 pub struct Fetched {
     pub bytes: u64,
+    /// Pieces of files that travel in pieces, among what came.
+    pub pieces: u32,
     /// Peers that served a file whose digest did not match.
     pub corrupt_peers: Vec<String>,
+}
+
+/// A download's end, or a file's completion from its pieces.
+enum Ended {
+    Piece(usize, usize, Result<Received, Status>),
+    File(usize, Result<Received, String>),
 }
 
 impl Peers {
@@ -198,6 +275,7 @@ impl Peers {
         helper: PathBuf,
         cache_root: PathBuf,
         rank_users: RankUserPolicy,
+        piece_bytes: u64,
     ) -> Arc<Self> {
         Arc::new(Self {
             node,
@@ -205,8 +283,10 @@ impl Peers {
             helper,
             cache_root,
             rank_users,
+            piece_bytes: piece_bytes.max(1),
             staging: Mutex::default(),
             seeding: Mutex::default(),
+            described: Mutex::default(),
             uploads: Arc::new(Semaphore::new(UPLOAD_SLOTS as usize)),
         })
     }
@@ -215,7 +295,7 @@ impl Peers {
     /// source; None when it already does (in another job's preparation).
     pub fn announce(self: &Arc<Self>, cache: &Path, digest: &str) -> Option<Announced> {
         let mut announced = self.announce_fetch(cache, digest)?;
-        announced.seed = true;
+        announced.announcer.seed = true;
         Some(announced)
     }
 
@@ -228,7 +308,7 @@ impl Peers {
         }
         let (tx, _) = watch::channel(Have::default());
         staging.insert(key.clone(), tx.clone());
-        Some(Announced { peers: self.clone(), key, tx, complete: false, seed: false })
+        Some(Announced { announcer: Announcer { peers: self.clone(), key, tx, seed: false }, complete: false })
     }
 
     fn watch(&self, cache: &Path, digest: &str) -> Option<watch::Receiver<Have>> {
@@ -259,10 +339,11 @@ impl Peers {
     }
 
     /// Fetches directory content `digest` from `peers` into `cache` (the
-    /// job user's cache), as `user`, verifying every file; `user_name` is the
-    /// job's `user:` the peers look the content up under; `progress` is
-    /// told the bytes and files fetched so far after each file. Err: the
-    /// peers could not serve it (the caller reads the source).
+    /// job user's cache), as `user`, verifying every piece and every file;
+    /// `user_name` is the job's `user:` the peers look the content up
+    /// under; `progress` is told the bytes and files fetched so far after
+    /// each piece. Err: the peers could not serve it (the caller reads the
+    /// source).
     pub async fn fetch(
         self: &Arc<Self>,
         user_name: &str,
@@ -325,36 +406,64 @@ impl Peers {
             }
             let now = Instant::now();
             while let Some((piece, peer)) = swarm.choose(now, limits, &mut random) {
-                let (path, size, sha256) = swarm.start(piece, peer);
-                let request =
-                    PieceRequest { user: user_name.to_owned(), sha256: digest.to_owned(), path: path.clone() };
+                let wanted = swarm.start(piece, peer);
+                let request = PieceRequest {
+                    user: user_name.to_owned(),
+                    sha256: digest.to_owned(),
+                    path: wanted.path.clone(),
+                    piece_bytes: wanted.piece_bytes,
+                    piece: wanted.index,
+                };
                 let mut client = clients[peer].1.clone();
-                downloads.push(async move {
-                    let result = async {
-                        let response = client.fetch_piece(request).await?;
-                        let body: BodyStream = Box::pin(
-                            response
-                                .into_inner()
-                                .map(|chunk| chunk.map(|c| c.data).map_err(|s| s.message().to_owned())),
-                        );
-                        user.receive_file(cache, digest, Path::new(&path), size, &sha256, body)
-                            .await
-                            .map_err(|e| Status::internal(e.to_string()))
+                downloads.push(
+                    async move {
+                        let result = async {
+                            let response = client.fetch_piece(request).await?;
+                            let body: BodyStream = Box::pin(
+                                response
+                                    .into_inner()
+                                    .map(|chunk| chunk.map(|c| c.data).map_err(|s| s.message().to_owned())),
+                            );
+                            let Wanted { path, size, sha256, piece, .. } = wanted;
+                            user.receive_file(cache, digest, Path::new(&path), size, &sha256, piece, body)
+                                .await
+                                .map_err(|e| Status::internal(e.to_string()))
+                        }
+                        .await;
+                        Ended::Piece(piece, peer, result)
                     }
-                    .await;
-                    (piece, peer, result)
-                });
+                    .boxed(),
+                );
             }
             if downloads.is_empty() && (swarm.hopeless() || !watching) {
                 return Err(format!("no peer could serve it ({})", swarm.why()));
             }
             let wake = swarm.next_unpause().unwrap_or_else(|| now + STALL);
             tokio::select! {
-                Some((piece, peer, result)) = downloads.next(), if !downloads.is_empty() => {
-                    if swarm.finished(piece, peer, result, &announced) {
+                Some(ended) = downloads.next(), if !downloads.is_empty() => {
+                    let gained = match ended {
+                        Ended::Piece(piece, peer, result) => {
+                            let step = swarm.finished(piece, peer, result, &announced);
+                            if let Some(file) = step.finish {
+                                let (path, size, sha256) = swarm.whole(file);
+                                downloads.push(
+                                    async move {
+                                        let result = user
+                                            .finish_file(FileAt::new(cache, digest, Path::new(&path), size, &sha256))
+                                            .await
+                                            .map_err(|e| e.to_string());
+                                        Ended::File(file, result)
+                                    }
+                                    .boxed(),
+                                );
+                            }
+                            step.gained
+                        }
+                        Ended::File(file, result) => swarm.file_finished(file, result, &announced),
+                    };
+                    if gained {
                         last_progress = Instant::now();
-                        let files = swarm.pieces.iter().filter(|p| p.mine == Mine::Have).count();
-                        progress(swarm.fetched.bytes, u32::try_from(files).unwrap_or(u32::MAX));
+                        progress(swarm.fetched.bytes, swarm.files_done());
                     }
                 }
                 event = events.recv(), if watching => {
@@ -374,6 +483,52 @@ impl Peers {
                 return Err(format!("nothing came from any peer for {}s ({})", STALL.as_secs(), swarm.why()));
             }
         }
+    }
+
+    /// The large files of complete content `digest` with their piece
+    /// digests (each read once, as the user), for a peer about to fetch it.
+    async fn describe(
+        &self,
+        user: AsJobUser<'_>,
+        cache: &Path,
+        digest: &str,
+        manifest: &[u8],
+    ) -> Arc<Vec<ContentFile>> {
+        let cell = lock(&self.described).entry((cache.to_owned(), digest.to_owned())).or_default().clone();
+        cell.get_or_init(|| async {
+            let Ok(parsed) = crate::stage::parse_manifest(manifest) else { return Arc::new(Vec::new()) };
+            let piece_bytes = self.piece_bytes;
+            let large = parsed.files.into_iter().filter(|f| piece_count(f.size, piece_bytes) > 0);
+            let described: Vec<ContentFile> = futures::stream::iter(large)
+                .map(|entry| async move {
+                    let path = entry.path.to_str()?.to_owned();
+                    let digests = user.piece_digests(cache, digest, &entry.path, piece_bytes, &entry.sha256).await;
+                    match digests {
+                        Ok(Some(digests)) if digests.len() == piece_count(entry.size, piece_bytes) => {
+                            Some(ContentFile {
+                                path,
+                                size: entry.size,
+                                sha256: entry.sha256,
+                                piece_bytes,
+                                piece_sha256: digests,
+                                pieces: Vec::new(),
+                            })
+                        }
+                        Ok(_) => None,
+                        Err(e) => {
+                            tracing::warn!(file = %path, error = %e, "cannot hash a file's pieces; peers fetch it whole");
+                            None
+                        }
+                    }
+                })
+                .buffer_unordered(DESCRIBE_PARALLEL)
+                .filter_map(std::future::ready)
+                .collect()
+                .await;
+            Arc::new(described)
+        })
+        .await
+        .clone()
     }
 }
 
@@ -444,14 +599,64 @@ async fn watch_peer(
     let _ = events.send(PeerEvent::Gone(index, why)).await;
 }
 
-/// One file of the content.
+/// One piece of the content: a whole file, or `len` bytes of one from `offset`.
 struct Piece {
+    file: usize,
+    /// Its index in the file (0 for a file that travels whole).
+    index: u32,
+    offset: u64,
+    len: u64,
+    /// The piece's digest (the file's own for a file that travels whole).
+    sha256: String,
+    mine: Mine,
+    /// Of a cut of its file given up (its digests were wrong): never fetched.
+    dropped: bool,
+}
+
+/// One file of the content.
+struct FileEntry {
     path: String,
     size: u64,
     sha256: String,
-    mine: Mine,
+    /// The piece size it travels in; 0: whole.
+    piece_bytes: u64,
+    piece_sha256: Vec<String>,
+    /// Its pieces, as indices into [`Swarm::pieces`].
+    pieces: std::ops::Range<usize>,
     /// Listed by the manifest (or, before it came, announced by a peer).
     needed: bool,
+    /// Here, checked whole.
+    done: bool,
+    /// Which peer gave its piece digests (blamed if they were wrong).
+    described_by: Option<usize>,
+    /// Its piece digests were sent to this node's own peers.
+    described: bool,
+}
+
+impl FileEntry {
+    fn travels_whole(&self) -> bool {
+        self.piece_bytes == 0
+    }
+}
+
+/// What a download is for.
+struct Wanted {
+    path: String,
+    size: u64,
+    /// The file's digest.
+    sha256: String,
+    piece_bytes: u64,
+    index: u32,
+    /// Where the piece goes and its digest; None: the whole file.
+    piece: Option<PieceOf>,
+}
+
+/// What a finished download did.
+struct Step {
+    /// A piece (and so bytes) gained.
+    gained: bool,
+    /// Every piece of this file is here: complete it.
+    finish: Option<usize>,
 }
 
 struct PeerState {
@@ -466,6 +671,7 @@ struct PeerState {
 /// The fetching node's view of the content and of its peers.
 struct Swarm {
     digest: String,
+    files: Vec<FileEntry>,
     pieces: Vec<Piece>,
     index: HashMap<String, usize>,
     peers: Vec<PeerState>,
@@ -477,6 +683,7 @@ impl Swarm {
     fn new(digest: &str, peers: Vec<String>) -> Self {
         Self {
             digest: digest.to_owned(),
+            files: Vec::new(),
             pieces: Vec::new(),
             index: HashMap::new(),
             peers: peers
@@ -498,7 +705,11 @@ impl Swarm {
     /// The manifest, once it is known and every file it lists is here.
     fn done(&self) -> Option<String> {
         let manifest = self.manifest.as_ref()?;
-        self.pieces.iter().all(|p| !p.needed || p.mine == Mine::Have).then(|| manifest.clone())
+        self.files.iter().all(|f| !f.needed || f.done).then(|| manifest.clone())
+    }
+
+    fn files_done(&self) -> u32 {
+        u32::try_from(self.files.iter().filter(|f| f.needed && f.done).count()).unwrap_or(u32::MAX)
     }
 
     fn usable(&self, peer: &PeerState, now: Instant) -> bool {
@@ -506,7 +717,14 @@ impl Swarm {
     }
 
     fn choose(&self, now: Instant, limits: swarm::Limits, random: &mut impl FnMut() -> u64) -> Option<(usize, usize)> {
-        let mine: Vec<Mine> = self.pieces.iter().map(|p| if p.needed { p.mine } else { Mine::Have }).collect();
+        let mine: Vec<Mine> = self
+            .pieces
+            .iter()
+            .map(|p| {
+                let file = &self.files[p.file];
+                if p.dropped || !file.needed || file.done { Mine::Have } else { p.mine }
+            })
+            .collect();
         let views: Vec<PeerView<'_>> = self
             .peers
             .iter()
@@ -515,34 +733,76 @@ impl Swarm {
         swarm::choose(&mine, &views, limits, random)
     }
 
-    fn start(&mut self, piece: usize, peer: usize) -> (String, u64, String) {
+    fn start(&mut self, piece: usize, peer: usize) -> Wanted {
         self.pieces[piece].mine = Mine::InFlight;
         self.peers[peer].in_flight += 1;
         let p = &self.pieces[piece];
-        (p.path.clone(), p.size, p.sha256.clone())
+        let file = &self.files[p.file];
+        Wanted {
+            path: file.path.clone(),
+            size: file.size,
+            sha256: file.sha256.clone(),
+            piece_bytes: file.piece_bytes,
+            index: p.index,
+            piece: (!file.travels_whole())
+                .then(|| PieceOf { span: Span { offset: p.offset, len: p.len }, sha256: p.sha256.clone() }),
+        }
     }
 
-    /// A download ended; true if a file was gained.
-    fn finished(&mut self, piece: usize, peer: usize, result: Result<Received, Status>, announced: &Announced) -> bool {
+    /// The file `file`, to complete from its pieces: path, size, digest.
+    fn whole(&self, file: usize) -> (String, u64, String) {
+        let f = &self.files[file];
+        (f.path.clone(), f.size, f.sha256.clone())
+    }
+
+    /// What this node tells its own peers of `file`: the whole of it
+    /// (`piece` None) or one piece; the piece digests with the first word.
+    fn announcement(&mut self, file: usize, piece: Option<u32>) -> ContentFile {
+        let f = &mut self.files[file];
+        let piece_sha256 = if f.described || f.travels_whole() { Vec::new() } else { f.piece_sha256.clone() };
+        f.described = true;
+        ContentFile {
+            path: f.path.clone(),
+            size: f.size,
+            sha256: f.sha256.clone(),
+            piece_bytes: f.piece_bytes,
+            piece_sha256,
+            pieces: piece.into_iter().collect(),
+        }
+    }
+
+    /// A download ended.
+    fn finished(&mut self, piece: usize, peer: usize, result: Result<Received, Status>, announced: &Announced) -> Step {
         let state = &mut self.peers[peer];
         state.in_flight = state.in_flight.saturating_sub(1);
         let p = &mut self.pieces[piece];
         p.mine = Mine::Missing;
+        let nothing = Step { gained: false, finish: None };
+        let (file, index, len) = (p.file, p.index, p.len);
+        let path = &self.files[file].path;
         match result {
             Ok(Received::Done) => {
                 p.mine = Mine::Have;
-                self.fetched.bytes += p.size;
-                announced.file(ContentFile { path: p.path.clone(), size: p.size, sha256: p.sha256.clone() });
-                return true;
+                self.fetched.bytes += len;
+                let f = &self.files[file];
+                if f.travels_whole() {
+                    self.files[file].done = true;
+                    announced.file(self.announcement(file, None));
+                    return Step { gained: true, finish: None };
+                }
+                self.fetched.pieces += 1;
+                let complete = f.pieces.clone().all(|i| self.pieces[i].mine == Mine::Have);
+                announced.file(self.announcement(file, Some(index)));
+                return Step { gained: true, finish: complete.then_some(file) };
             }
             Ok(Received::Corrupt { actual }) => {
-                tracing::warn!(peer = %state.name, file = %p.path, expected = %p.sha256, %actual,
-                    "a peer served a file whose digest does not match; fetching it elsewhere and asking that peer no more");
+                tracing::warn!(peer = %state.name, file = %path, piece = index, expected = %p.sha256, %actual,
+                    "a peer served bytes whose digest does not match; fetching them elsewhere and asking that peer no more");
                 state.corrupt = true;
                 self.fetched.corrupt_peers.push(state.name.clone());
             }
             Ok(Received::Short { got }) => {
-                tracing::info!(peer = %state.name, file = %p.path, got, size = p.size, "a peer's transfer broke off");
+                tracing::info!(peer = %state.name, file = %path, piece = index, got, len, "a peer's transfer broke off");
                 state.paused_until = Some(Instant::now() + FAILED_PAUSE);
             }
             Err(status) => match status.code() {
@@ -554,12 +814,46 @@ impl Swarm {
                     }
                 }
                 _ => {
-                    tracing::info!(peer = %state.name, file = %p.path, error = %status.message(), "fetching a file from a peer failed");
+                    tracing::info!(peer = %state.name, file = %path, piece = index, error = %status.message(), "fetching from a peer failed");
                     state.paused_until = Some(Instant::now() + FAILED_PAUSE);
                 }
             },
         }
-        false
+        nothing
+    }
+
+    /// A file completed from its pieces (checked whole), or not.
+    fn file_finished(&mut self, file: usize, result: Result<Received, String>, announced: &Announced) -> bool {
+        match result {
+            Ok(Received::Done) => {
+                self.files[file].done = true;
+                announced.file(self.announcement(file, None));
+                true
+            }
+            Ok(Received::Corrupt { actual }) => {
+                // Every piece matched its digest, and the whole does not: the
+                // digests were wrong. Their giver is not asked again, and the
+                // file is fetched whole.
+                let f = &self.files[file];
+                tracing::warn!(file = %f.path, expected = %f.sha256, %actual,
+                    "a file's pieces matched their digests but the file does not; fetching it whole");
+                if let Some(peer) = f.described_by {
+                    self.peers[peer].corrupt = true;
+                    self.fetched.corrupt_peers.push(self.peers[peer].name.clone());
+                }
+                self.recut_whole(file);
+                false
+            }
+            Ok(Received::Short { .. }) | Err(_) => {
+                if let Err(e) = &result {
+                    tracing::warn!(file = %self.files[file].path, error = %e, "completing a file from its pieces failed; fetching it again");
+                }
+                for i in self.files[file].pieces.clone() {
+                    self.pieces[i].mine = Mine::Missing;
+                }
+                false
+            }
+        }
     }
 
     /// Takes in what a peer said; true if it offered something new.
@@ -568,10 +862,7 @@ impl Swarm {
             PeerEvent::Files(peer, files) => {
                 let mut new = false;
                 for file in files {
-                    if let Some(i) = self.piece(&file) {
-                        new |= !self.peers[peer].has[i];
-                        self.peers[peer].has[i] = true;
-                    }
+                    new |= self.offered(peer, &file);
                 }
                 new
             }
@@ -585,14 +876,9 @@ impl Swarm {
                 }
                 match self.take_manifest(manifest) {
                     Ok(()) => {
-                        for has in &mut self.peers[peer].has {
-                            *has = true;
-                        }
-                        // Files announced but not listed are not held by a complete peer.
+                        // A complete peer holds every piece of every file listed, and nothing else.
                         for (i, piece) in self.pieces.iter().enumerate() {
-                            if !piece.needed {
-                                self.peers[peer].has[i] = false;
-                            }
+                            self.peers[peer].has[i] = self.files[piece.file].needed && !piece.dropped;
                         }
                         true
                     }
@@ -611,27 +897,150 @@ impl Swarm {
         }
     }
 
-    /// The index of a file a peer announced; None if it contradicts what is
-    /// known of that path (that peer's copy is not taken).
-    fn piece(&mut self, file: &ContentFile) -> Option<usize> {
-        if let Some(&i) = self.index.get(&file.path) {
-            let p = &self.pieces[i];
-            return (p.size == file.size && p.sha256 == file.sha256).then_some(i);
-        }
-        if self.manifest.is_some() {
+    /// Takes in that `peer` holds `file` (or pieces of it); true if new.
+    /// Ignored when it contradicts what is known of that path, or cuts the
+    /// file in other pieces than the ones known.
+    fn offered(&mut self, peer: usize, file: &ContentFile) -> bool {
+        let f = match self.index.get(&file.path) {
+            Some(&f) => {
+                let known = &self.files[f];
+                if known.size != file.size || known.sha256 != file.sha256 {
+                    return false;
+                }
+                f
+            }
             // Not listed: nobody needs it.
-            return None;
+            None if self.manifest.is_some() => return false,
+            None => {
+                let count = piece_count(file.size, file.piece_bytes);
+                let cut = if count == 0 {
+                    Some((0, Vec::new()))
+                } else if file.piece_sha256.len() == count && file.piece_sha256.iter().all(|d| is_hex_digest(d)) {
+                    Some((file.piece_bytes, file.piece_sha256.clone()))
+                } else {
+                    None
+                };
+                // Pieces whose digests this node never got are of no use; a
+                // whole file is (checked against the file's digest).
+                let (piece_bytes, digests) = match cut {
+                    Some(cut) => cut,
+                    None if file.pieces.is_empty() => (0, Vec::new()),
+                    None => return false,
+                };
+                self.add_file(file.path.clone(), file.size, file.sha256.clone(), piece_bytes, digests, Some(peer))
+            }
+        };
+        let known = &self.files[f];
+        let pieces: Vec<usize> = if file.pieces.is_empty() {
+            known.pieces.clone().collect()
+        } else if piece_count(file.size, file.piece_bytes) > 0 && file.piece_bytes == known.piece_bytes {
+            file.pieces
+                .iter()
+                .filter_map(|&i| usize::try_from(i).ok())
+                .filter(|&i| i < known.pieces.len())
+                .map(|i| known.pieces.start + i)
+                .collect()
+        } else {
+            return false;
+        };
+        let mut new = false;
+        for i in pieces {
+            if !self.pieces[i].dropped {
+                new |= !self.peers[peer].has[i];
+                self.peers[peer].has[i] = true;
+            }
         }
-        self.add_piece(file.path.clone(), file.size, file.sha256.clone());
-        self.index.get(&file.path).copied()
+        new
     }
 
-    fn add_piece(&mut self, path: String, size: u64, sha256: String) {
-        self.index.insert(path.clone(), self.pieces.len());
-        self.pieces.push(Piece { path, size, sha256, mine: Mine::Missing, needed: true });
-        for peer in &mut self.peers {
-            peer.has.push(false);
+    /// Adds a file (cut in `piece_bytes` pieces with `digests`, or whole
+    /// with none); returns its index.
+    fn add_file(
+        &mut self,
+        path: String,
+        size: u64,
+        sha256: String,
+        piece_bytes: u64,
+        digests: Vec<String>,
+        described_by: Option<usize>,
+    ) -> usize {
+        let f = self.files.len();
+        let pieces = self.cut(f, size, &sha256, piece_bytes, &digests);
+        self.index.insert(path.clone(), f);
+        self.files.push(FileEntry {
+            path,
+            size,
+            sha256,
+            piece_bytes,
+            piece_sha256: digests,
+            pieces,
+            needed: true,
+            done: false,
+            described_by,
+            described: false,
+        });
+        f
+    }
+
+    /// Adds the pieces of file `f`; returns their indices.
+    fn cut(
+        &mut self,
+        f: usize,
+        size: u64,
+        sha256: &str,
+        piece_bytes: u64,
+        digests: &[String],
+    ) -> std::ops::Range<usize> {
+        let start = self.pieces.len();
+        if piece_bytes == 0 {
+            self.pieces.push(Piece {
+                file: f,
+                index: 0,
+                offset: 0,
+                len: size,
+                sha256: sha256.to_owned(),
+                mine: Mine::Missing,
+                dropped: false,
+            });
+        } else {
+            for (i, digest) in digests.iter().enumerate() {
+                let offset = i as u64 * piece_bytes;
+                self.pieces.push(Piece {
+                    file: f,
+                    index: i as u32,
+                    offset,
+                    len: piece_bytes.min(size - offset),
+                    sha256: digest.clone(),
+                    mine: Mine::Missing,
+                    dropped: false,
+                });
+            }
         }
+        for peer in &mut self.peers {
+            peer.has.resize(self.pieces.len(), false);
+        }
+        start..self.pieces.len()
+    }
+
+    /// File `f` travels whole from now on: its pieces are dropped, and the
+    /// peers that held all of them hold the whole.
+    fn recut_whole(&mut self, f: usize) {
+        let old = self.files[f].pieces.clone();
+        let holders: Vec<bool> = self.peers.iter().map(|p| !old.is_empty() && old.clone().all(|i| p.has[i])).collect();
+        for i in old {
+            self.pieces[i].dropped = true;
+            self.pieces[i].mine = Mine::Missing;
+        }
+        let (size, sha256) = (self.files[f].size, self.files[f].sha256.clone());
+        let new = self.cut(f, size, &sha256, 0, &[]);
+        for (peer, holds) in self.peers.iter_mut().zip(holders) {
+            for i in new.clone() {
+                peer.has[i] = holds;
+            }
+        }
+        let file = &mut self.files[f];
+        (file.piece_bytes, file.piece_sha256, file.pieces, file.done, file.described_by) =
+            (0, Vec::new(), new, false, None);
     }
 
     /// The verified manifest: what is listed is needed, with the listed digest.
@@ -644,29 +1053,31 @@ impl Swarm {
             return Err("the directory holds symlinks, which peers do not serve".into());
         }
         let text = String::from_utf8(manifest).map_err(|_| "a file name is not UTF-8".to_owned())?;
-        for piece in &mut self.pieces {
-            piece.needed = false;
+        for file in &mut self.files {
+            file.needed = false;
         }
         for entry in parsed.files {
             let Some(path) = entry.path.to_str().map(str::to_owned) else {
                 return Err("a file name is not UTF-8".into());
             };
             match self.index.get(&path).copied() {
-                Some(i) => {
-                    let p = &mut self.pieces[i];
-                    p.needed = true;
-                    if p.size != entry.size || p.sha256 != entry.sha256 {
-                        // Announced otherwise than the manifest lists it: fetched again.
-                        (p.size, p.sha256) = (entry.size, entry.sha256);
-                        if p.mine == Mine::Have {
-                            p.mine = Mine::Missing;
-                        }
+                Some(f) => {
+                    self.files[f].needed = true;
+                    let file = &self.files[f];
+                    if file.size != entry.size || file.sha256 != entry.sha256 {
+                        // Announced otherwise than the manifest lists it: fetched again, whole.
+                        (self.files[f].size, self.files[f].sha256) = (entry.size, entry.sha256);
+                        self.recut_whole(f);
                         for peer in &mut self.peers {
-                            peer.has[i] = false;
+                            for i in self.files[f].pieces.clone() {
+                                peer.has[i] = false;
+                            }
                         }
                     }
                 }
-                None => self.add_piece(path, entry.size, entry.sha256),
+                None => {
+                    self.add_file(path, entry.size, entry.sha256, 0, Vec::new(), None);
+                }
             }
         }
         self.manifest = Some(text);
@@ -695,6 +1106,10 @@ impl Swarm {
     }
 }
 
+fn is_hex_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// The agent's peer service.
 pub struct PeerServer {
     peers: Arc<Peers>,
@@ -719,7 +1134,7 @@ impl PeerServer {
     }
 
     async fn user(&self, user: &str, sha256: &str) -> Result<(RankIdentity, PathBuf), Status> {
-        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        if !is_hex_digest(sha256) {
             return Err(Status::invalid_argument(format!("sha256 {sha256:?} is not 64 lowercase hex digits")));
         }
         let identity = self
@@ -735,7 +1150,7 @@ impl PeerServer {
 
 /// The manifest of complete content in `cache`, read as the user; None: not here.
 async fn read_manifest(user: AsJobUser<'_>, cache: &Path, digest: &str) -> Result<Option<Vec<u8>>, String> {
-    let Some(mut reader) = user.read_content(cache, digest, None).await.map_err(|e| e.to_string())? else {
+    let Some(mut reader) = user.read_content(cache, digest, None, None).await.map_err(|e| e.to_string())? else {
         return Ok(None);
     };
     let mut manifest = Vec::with_capacity(usize::try_from(reader.bytes).unwrap_or(0).min(MAX_MANIFEST));
@@ -766,7 +1181,9 @@ impl PeerService for PeerServer {
             let user = AsJobUser { identity: &identity, helper: &helper };
             return match read_manifest(user, &cache, &sha256).await.map_err(Status::internal)? {
                 Some(manifest) => {
-                    let have = ContentHave { files: Vec::new(), manifest };
+                    // The large files' pieces first, so the peer can fetch them piece by piece.
+                    let files = self.peers.describe(user, &cache, &sha256, &manifest).await.to_vec();
+                    let have = ContentHave { files, manifest };
                     Ok(Response::new(Box::pin(futures::stream::iter([Ok(have)]))))
                 }
                 None => Err(Status::not_found(format!("node {} neither holds nor stages {sha256}", self.peers.node))),
@@ -777,15 +1194,17 @@ impl PeerService for PeerServer {
             let Some(mut staging) = staging else { return };
             let mut sent = 0;
             loop {
-                let have = staging.borrow_and_update().clone();
-                if have.files.len() > sent {
-                    let files = have.files[sent..].to_vec();
-                    sent = have.files.len();
+                let (files, state) = {
+                    let have = staging.borrow_and_update();
+                    (have.files.get(sent..).unwrap_or_default().to_vec(), have.state)
+                };
+                if !files.is_empty() {
+                    sent += files.len();
                     if tx.send(Ok(ContentHave { files, manifest: Vec::new() })).await.is_err() {
                         return;
                     }
                 }
-                let ended = match have.state {
+                let ended = match state {
                     HaveState::Staging => staging.changed().await.is_err(),
                     _ => true,
                 };
@@ -807,28 +1226,40 @@ impl PeerService for PeerServer {
     async fn fetch_piece(&self, request: Request<PieceRequest>) -> Result<Response<Self::FetchPieceStream>, Status> {
         self.check_caller(&request)?;
         let permit = self.peers.uploads.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!("node {} serves {UPLOAD_SLOTS} files already", self.peers.node))
+            Status::resource_exhausted(format!("node {} serves {UPLOAD_SLOTS} pieces already", self.peers.node))
         })?;
-        let PieceRequest { user, sha256, path } = request.into_inner();
+        let PieceRequest { user, sha256, path, piece_bytes, piece } = request.into_inner();
         let (identity, cache) = self.user(&user, &sha256).await?;
         let key = (cache.clone(), sha256.clone());
+        let staging = self.peers.watch(&cache, &sha256);
+        // Under way here: only what was announced (checked) is served, not
+        // the rest of a file still coming in pieces.
+        if let Some(staging) = &staging
+            && !staging.borrow().holds(&path, piece_bytes, piece)
+        {
+            return Err(Status::not_found(format!(
+                "node {} has no piece {piece} of {path:?} of {sha256} yet",
+                self.peers.node
+            )));
+        }
         {
             let mut seeding = lock(&self.peers.seeding);
             if let Some(seed) = seeding.get_mut(&key) {
-                if !seed.serve(&path) {
+                if !seed.serve(&piece_key(&path, piece_bytes, piece)) {
                     return Err(Status::failed_precondition(format!(
-                        "node {} sent {path:?} once already and has files nobody has yet: fetch it from a node it went to",
+                        "node {} sent piece {piece} of {path:?} once already and has pieces nobody has yet: fetch it from a node it went to",
                         self.peers.node
                     )));
                 }
-                if seed.over() && self.peers.watch(&cache, &sha256).is_none() {
+                if seed.over() && staging.is_none() {
                     seeding.remove(&key);
                 }
             }
         }
+        let span = (piece_bytes > 0).then(|| Span { offset: u64::from(piece) * piece_bytes, len: piece_bytes });
         let helper = self.peers.helper.clone();
         let reader = AsJobUser { identity: &identity, helper: &helper }
-            .read_content(&cache, &sha256, Some(Path::new(&path)))
+            .read_content(&cache, &sha256, Some(Path::new(&path)), span)
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("node {} has no {path:?} of {sha256} (yet)", self.peers.node)))?;

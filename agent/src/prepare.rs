@@ -395,7 +395,7 @@ impl Preparer {
             for (name, fetched) in futures::future::join_all(fetches).await {
                 match fetched {
                     Ok(fetched) => {
-                        tracing::info!(job = %cmd.job_id, item = %name, bytes = fetched.bytes, "fetched from peers");
+                        tracing::info!(job = %cmd.job_id, item = %name, bytes = fetched.bytes, pieces = fetched.pieces, "fetched from peers");
                         from_peers.insert(name, fetched);
                     }
                     Err(error) => {
@@ -406,22 +406,62 @@ impl Preparer {
             // What is read from the source is offered to the peers file by file.
             let offered = cmd.stage.iter().filter(|s| s.sha256.trim().len() == 64);
             for s in offered.filter(|s| !from_peers.contains_key(&s.name) && !is_cached(cache, &s.sha256)) {
-                if let Some(a) = self.peers.announce(cache, &s.sha256.trim().to_ascii_lowercase()) {
-                    announced.insert(s.name.clone(), a);
+                let digest = s.sha256.trim().to_ascii_lowercase();
+                if let Some(a) = self.peers.announce(cache, &digest) {
+                    announced.insert(s.name.clone(), (a, digest));
                 }
             }
         }
         let (tx, mut rx) = mpsc::channel::<crate::stage::StageProgress>(256);
         let out = self.out.clone();
         let (job_id, attempt, node) = (cmd.job_id.clone(), cmd.attempt, self.node_name.clone());
+        // A large file is offered in pieces once they are hashed (read back as
+        // the user, beside the copy), so that peers fetch and pass on its
+        // pieces while it is still coming to them.
+        let hash_as = match &cache {
+            Ok(cache) => Some((user.identity.clone(), user.helper.to_owned(), cache.clone())),
+            Err(_) => None,
+        };
         let forward = tokio::spawn(async move {
+            let mut hashing = tokio::task::JoinSet::new();
+            let hashers = Arc::new(tokio::sync::Semaphore::new(4));
             while let Some(p) = rx.recv().await {
-                if let (Some(file), Some(a)) = (&p.file, announced.get(&p.item)) {
-                    a.file(cohort_proto::ContentFile {
+                if let (Some(file), Some((a, digest))) = (&p.file, announced.get(&p.item)) {
+                    let whole = cohort_proto::ContentFile {
                         path: file.path.clone(),
                         size: file.size,
                         sha256: file.sha256.clone(),
-                    });
+                        ..Default::default()
+                    };
+                    let announcer = a.announcer();
+                    let piece_bytes = announcer.piece_bytes();
+                    match &hash_as {
+                        Some((identity, helper, cache)) if file.size > piece_bytes => {
+                            let (identity, helper, cache, digest) =
+                                (identity.clone(), helper.clone(), cache.clone(), digest.clone());
+                            let hashers = hashers.clone();
+                            hashing.spawn(async move {
+                                let _slot = hashers.acquire_owned().await;
+                                let user = AsJobUser { identity: &identity, helper: &helper };
+                                let rel = std::path::Path::new(&whole.path);
+                                match user.piece_digests(&cache, &digest, rel, piece_bytes, &whole.sha256).await {
+                                    Ok(Some(digests)) => announcer.file(cohort_proto::ContentFile {
+                                        piece_bytes,
+                                        piece_sha256: digests,
+                                        ..whole
+                                    }),
+                                    // Offered whole: peers fetch it in one piece.
+                                    other => {
+                                        if let Err(e) = other {
+                                            tracing::warn!(file = %whole.path, error = %e, "cannot hash a file's pieces; peers fetch it whole");
+                                        }
+                                        announcer.file(whole);
+                                    }
+                                }
+                            });
+                        }
+                        _ => announcer.file(whole),
+                    }
                 }
                 let (state, detail) = match &p.state {
                     StageState::Checking => ("checking", String::new()),
@@ -446,6 +486,7 @@ impl Preparer {
                 // Progress is advisory: drop it rather than wait when the queue is full.
                 let _ = out.try_send(Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) }));
             }
+            while hashing.join_next().await.is_some() {}
             announced
         });
         let staging = self.cache_keeper.staging().await;
@@ -453,7 +494,7 @@ impl Preparer {
         if let Ok(announced) = forward.await
             && staged.is_ok()
         {
-            announced.into_values().for_each(crate::peer::Announced::complete);
+            announced.into_values().for_each(|(a, _)| a.complete());
         }
         if let (Ok(staged), Ok(cache)) = (&staged, cache) {
             let digests = staged.iter().map(|s| s.sha256.clone()).collect();

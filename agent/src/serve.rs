@@ -62,6 +62,8 @@ pub struct AgentConfig {
     /// The peer service's port on `advertise_addr` (0: an ephemeral one);
     /// None: serve no staged content to other nodes.
     pub peer_port: Option<u16>,
+    /// Files larger than this travel between nodes in pieces of this size.
+    pub peer_piece_bytes: u64,
     pub rank_users: RankUserPolicy,
     /// Where the cgroup hierarchy is mounted; empty: no per-job cgroups.
     pub cgroup_root: PathBuf,
@@ -271,7 +273,14 @@ pub async fn serve(config: AgentConfig, deps: AgentDeps, mut shutdown: watch::Re
         }
     };
     let cache_dir = config.cache_dir.clone().unwrap_or_else(|| config.work_dir.join("cache"));
-    let peers = Peers::new(name.clone(), tls.clone(), deps.agent_exe.clone(), cache_dir.clone(), rank_users.clone());
+    let peers = Peers::new(
+        name.clone(),
+        tls.clone(),
+        deps.agent_exe.clone(),
+        cache_dir.clone(),
+        rank_users.clone(),
+        config.peer_piece_bytes,
+    );
     let mut node = node;
     node.peer_port = match config.peer_port {
         Some(port) => u32::from(serve_peers(&peers, tls.as_ref(), config.advertise_addr, port, shutdown.clone()).await),

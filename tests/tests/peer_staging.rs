@@ -150,3 +150,66 @@ async fn a_dead_holder_is_routed_around() {
     assert_eq!(s.bytes_from_peers, TOTAL, "from the live holder: {s:?}");
     same_files(&cluster.dir.path().join("model-gone"), &cached(&cluster, outside, &digest).unwrap());
 }
+
+/// Files larger than the piece size (1 MiB here) travel in pieces: a gang
+/// of 4 with one node reading the source gets a model of two 3.5 MiB shards
+/// and a small file; the fetchers take the shards piece by piece (from the
+/// reader, which hashed them by piece, and from each other) and end with the
+/// same bytes. A later node fetches from holders that are complete (their
+/// pieces hashed when it asks) with the source gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_files_travel_in_pieces() {
+    let specs: Vec<NodeSpec> = nodes(5)
+        .into_iter()
+        .map(|mut n| {
+            n.extra_args.extend(["--peer-piece-mib".to_owned(), "1".to_owned()]);
+            n
+        })
+        .collect();
+    let cluster = Cluster::start(specs).await.unwrap();
+    let dir = cluster.dir.path().join("big-model");
+    std::fs::create_dir_all(&dir).unwrap();
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("config.json", b"{\"model_type\": \"qwen3\"}\n".to_vec()),
+        ("model-00001-of-00002.safetensors", (0..7u32 << 19).map(|i| (i % 253) as u8).collect()),
+        ("model-00002-of-00002.safetensors", (0..7u32 << 19).map(|i| (i % 241) as u8 ^ 0x5a).collect()),
+    ];
+    let mut lines = String::new();
+    for (rel, bytes) in &files {
+        std::fs::write(dir.join(rel), bytes).unwrap();
+        lines.push_str(&format!("{:x} {} {rel}\n", Sha256::digest(bytes), bytes.len()));
+    }
+    let digest = format!("{:x}", Sha256::digest(lines.as_bytes()));
+    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    let check = |i: usize| {
+        let copy = cached(&cluster, i, &digest).unwrap_or_else(|| panic!("node{i} has it"));
+        for (rel, bytes) in &files {
+            assert!(std::fs::read(copy.join(rel)).unwrap() == *bytes, "node{i}: {rel}");
+        }
+    };
+    let log = |i: usize| std::fs::read_to_string(cluster.dir.path().join(format!("node{i}.log"))).unwrap_or_default();
+    // The pieces each fetcher took, from its log line.
+    let pieces = |i: usize| -> u32 {
+        let log = log(i);
+        let line = log.lines().rfind(|l| l.contains("fetched from peers")).unwrap_or_else(|| panic!("node{i}: {log}"));
+        line.split("pieces=").nth(1).and_then(|p| p.split_whitespace().next()).unwrap().parse().unwrap()
+    };
+
+    let first = run(&cluster, &job("gang", 4, Some("grp: a"), &dir, &digest)).await;
+    let fetchers: Vec<&StageStatus> = first.staging.iter().filter(|s| s.bytes_from_peers > 0).collect();
+    assert_eq!(fetchers.len(), 3, "one node reads the source: {:?}", first.staging);
+    for s in &fetchers {
+        assert_eq!(s.bytes_from_peers, total, "{s:?}");
+        let i: usize = s.node_name.trim_start_matches("node").parse().unwrap();
+        check(i);
+        // 2 shards of 3.5 MiB: 4 pieces each.
+        assert_eq!(pieces(i), 8, "node{i} took the shards in pieces");
+    }
+
+    let moved = cluster.dir.path().join("big-model-gone");
+    std::fs::rename(&dir, &moved).unwrap();
+    let later = run(&cluster, &job("later", 1, Some("slot: n4"), &dir, &digest)).await;
+    assert_eq!(status(&later, "node4").bytes_from_peers, total);
+    check(4);
+    assert_eq!(pieces(4), 8, "the holders, complete, offered the shards in pieces");
+}

@@ -16,7 +16,7 @@
 
 use std::collections::HashSet;
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -101,7 +101,10 @@ pub struct Opened {
 /// complete content (`part` None), or one of its files: from the content
 /// directory when the content is complete, else from the `tree/` of a
 /// staging under way (the files it has done). None: not here (yet).
-pub fn open(cache_dir: &Path, hex: &str, part: Option<&Path>) -> Result<Option<Opened>, String> {
+///
+/// With `pieces`, a file still coming in pieces (`incoming/<rel>`, whose
+/// verified pieces only the agent knows) is opened too, as the last choice.
+pub fn open(cache_dir: &Path, hex: &str, part: Option<&Path>, pieces: bool) -> Result<Option<Opened>, String> {
     check_digest("the content digest", hex)?;
     let layout = Layout { cache: cache_dir, hex };
     let Some(rel) = part else {
@@ -125,12 +128,18 @@ pub fn open(cache_dir: &Path, hex: &str, part: Option<&Path>) -> Result<Option<O
     if complete() {
         return open_file(&layout.content().join(rel));
     }
-    match open_file(&layout.work().join("tree").join(rel))? {
-        Some(opened) => Ok(Some(opened)),
-        // Completed meanwhile: its `tree/` was renamed into `sha256/`.
-        None if complete() => open_file(&layout.content().join(rel)),
-        None => Ok(None),
+    if let Some(opened) = open_file(&layout.work().join("tree").join(rel))? {
+        return Ok(Some(opened));
     }
+    if pieces && let Some(opened) = open_file(&layout.work().join("incoming").join(rel))? {
+        return Ok(Some(opened));
+    }
+    // Completed meanwhile: moved from `incoming/` to `tree/`, or its `tree/`
+    // renamed into `sha256/`.
+    if let Some(opened) = open_file(&layout.work().join("tree").join(rel))? {
+        return Ok(Some(opened));
+    }
+    if complete() { open_file(&layout.content().join(rel)) } else { Ok(None) }
 }
 
 /// Opens `path` for reading, not through a symlink at that name; None when
@@ -178,6 +187,77 @@ pub fn send(opened: Opened, out: &mut impl Write) -> Result<(), String> {
     Ok(())
 }
 
+/// `len` bytes of a file from `offset`: one piece of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Span {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// [`send`] for the bytes of `span` only (fewer at the end of the file);
+/// an offset past the end is refused.
+pub fn send_span(opened: Opened, span: Span, out: &mut impl Write) -> Result<(), String> {
+    let Opened { mut file, path, bytes } = opened;
+    if span.offset > bytes {
+        return Err(format!("{} is {bytes} bytes; there is no piece at {}", path.display(), span.offset));
+    }
+    let len = span.len.min(bytes - span.offset);
+    file.seek(SeekFrom::Start(span.offset)).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    send(Opened { file, path, bytes: len }, out)
+}
+
+/// The SHA-256 of each `piece_bytes`-long piece of the file `rel` of
+/// content `hex` (complete, or done in a staging under way), in order, if
+/// the whole file still hashes to `file_sha256` (else [`Reply::Corrupt`]:
+/// the copy here went bad, and its pieces' digests would vouch for bad bytes).
+pub fn piece_digests(
+    cache_dir: &Path,
+    hex: &str,
+    rel: &Path,
+    piece_bytes: u64,
+    file_sha256: &str,
+) -> Result<Reply, String> {
+    if piece_bytes == 0 {
+        return Err("a piece size of 0 bytes; give one of at least a byte".into());
+    }
+    check_digest(&format!("the digest of {}", rel.display()), file_sha256)?;
+    let Some(Opened { file, path, bytes }) = open(cache_dir, hex, Some(rel), false)? else {
+        return Ok(Reply::Missing);
+    };
+    let mut file = file.take(bytes);
+    let mut digests = Vec::new();
+    let mut whole = Sha256::new();
+    let mut block = vec![0; BLOCK];
+    loop {
+        let mut hasher = Sha256::new();
+        let mut left = piece_bytes;
+        while left > 0 {
+            let want = usize::try_from(left).unwrap_or(BLOCK).min(BLOCK);
+            let n = match file.read(&mut block[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("reading {}: {e}", path.display())),
+            };
+            hasher.update(&block[..n]);
+            whole.update(&block[..n]);
+            left -= n as u64;
+        }
+        if left == piece_bytes {
+            break;
+        }
+        digests.push(format!("{:x}", hasher.finalize()));
+        if left > 0 {
+            break;
+        }
+    }
+    let actual = format!("{:x}", whole.finalize());
+    if actual != file_sha256 {
+        return Ok(Reply::Corrupt { actual });
+    }
+    Ok(Reply::Pieces(digests))
+}
+
 /// What [`super::Request::ReceiveFile`] writes.
 #[derive(Debug, Clone, Copy)]
 pub struct Incoming<'a> {
@@ -209,21 +289,7 @@ pub fn receive(incoming: Incoming<'_>, body: &mut impl Read) -> Result<Reply, St
     }
     let work = layout.work();
     let (temp, done) = (work.join("incoming").join(rel), work.join("tree").join(rel));
-    for path in [&temp, &done] {
-        if let Some(parent) = path.parent() {
-            DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(|e| {
-                format!("cannot create {} as the cache's user: {e}; check the cache's permissions", parent.display())
-            })?;
-        }
-    }
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .mode(0o644)
-        .open(&temp)
-        .map_err(|e| format!("cannot write {} as the cache's user: {e}", temp.display()))?;
+    let file = open_incoming(&temp, &done)?;
     // One transfer of a file at a time: another would write the same bytes over these.
     let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(locked) => locked,
@@ -266,6 +332,119 @@ pub fn receive(incoming: Incoming<'_>, body: &mut impl Read) -> Result<Reply, St
     }
     std::fs::rename(&temp, &done).map_err(|e| failed(format!("cannot write {}: {e}", done.display())))?;
     Ok(Reply::Done)
+}
+
+/// One piece of a file to write: its place and its digest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PieceOf {
+    #[serde(flatten)]
+    pub span: Span,
+    /// Hex SHA-256 of the piece's bytes.
+    pub sha256: String,
+}
+
+/// Writes one piece of a file of `incoming.size` bytes, whose bytes `body`
+/// yields, at its place in `incoming/<rel>` (the file is made, as large as
+/// it will be, by the first piece), hashed as it comes. Fewer bytes than
+/// the piece's ([`Reply::Short`]) or other ones ([`Reply::Corrupt`]) are
+/// answers: what they wrote is written over by the piece fetched again, and
+/// [`finish_file`] checks the whole file. More bytes are an error. Pieces
+/// of one file may be written at once (by as many helpers); a file already
+/// complete (in `tree/`, or the content) is [`Reply::Done`] without a byte read.
+pub fn receive_piece(incoming: Incoming<'_>, piece: &PieceOf, body: &mut impl Read) -> Result<Reply, String> {
+    let Incoming { cache_dir, hex, rel, size, sha256: _ } = incoming;
+    check_digest("the content digest", hex)?;
+    check_digest(&format!("the digest of a piece of {}", rel.display()), &piece.sha256)?;
+    check_rel(hex, rel)?;
+    let Span { offset, len } = piece.span;
+    if offset.checked_add(len).is_none_or(|end| end > size) || len == 0 {
+        return Err(format!("a piece of {len} bytes at {offset} does not fit {} of {size} bytes", rel.display()));
+    }
+    let layout = Layout { cache: cache_dir, hex };
+    let work = layout.work();
+    let (temp, done) = (work.join("incoming").join(rel), work.join("tree").join(rel));
+    if layout.is_complete() || std::fs::symlink_metadata(&done).is_ok_and(|m| m.is_file() && m.len() == size) {
+        return Ok(Reply::Done);
+    }
+    let mut file = open_incoming(&temp, &done)?;
+    let meta = file.metadata().map_err(|e| format!("{}: {e}", temp.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file; remove it", temp.display()));
+    }
+    if meta.len() != size {
+        // Made by this first piece (or left by another file of that name): sparse until filled.
+        file.set_len(size).map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
+    }
+    file.seek(SeekFrom::Start(offset)).map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
+    let (got, actual) = match write_hashed(&mut file, body, len) {
+        Ok(written) => written,
+        Err(Failure::Body(e)) => return Err(format!("reading the bytes of {}: {e}", rel.display())),
+        Err(Failure::Write(e)) => return Err(format!("cannot write {}: {e}", temp.display())),
+        Err(Failure::TooMany) => {
+            return Err(format!("more than the {len} bytes of a piece of {} arrived", rel.display()));
+        }
+    };
+    if got != len {
+        return Ok(Reply::Short { got });
+    }
+    if actual != piece.sha256 {
+        return Ok(Reply::Corrupt { actual });
+    }
+    Ok(Reply::Done)
+}
+
+/// Completes a file whose pieces [`receive_piece`] wrote: if `incoming/<rel>`
+/// is `size` bytes that hash to the file's digest, it is renamed to
+/// `tree/<rel>` ([`Reply::Done`]); other bytes are removed
+/// ([`Reply::Corrupt`]), and the file is fetched again.
+pub fn finish_file(incoming: Incoming<'_>) -> Result<Reply, String> {
+    let Incoming { cache_dir, hex, rel, size, sha256 } = incoming;
+    check_digest("the content digest", hex)?;
+    check_digest(&format!("the digest of {}", rel.display()), sha256)?;
+    check_rel(hex, rel)?;
+    let layout = Layout { cache: cache_dir, hex };
+    let work = layout.work();
+    let (temp, done) = (work.join("incoming").join(rel), work.join("tree").join(rel));
+    if layout.is_complete() || std::fs::symlink_metadata(&done).is_ok_and(|m| m.is_file() && m.len() == size) {
+        return Ok(Reply::Done);
+    }
+    let Some(opened) = open_file(&temp)? else {
+        return Err(format!("{} is not there; its pieces were not received", temp.display()));
+    };
+    if opened.bytes != size {
+        return Err(format!("{} is {} bytes, not {size}; its pieces were not received", temp.display(), opened.bytes));
+    }
+    let (got, actual) = match write_hashed(&mut io::sink(), &mut opened.file.take(size), size) {
+        Ok(read) => read,
+        Err(Failure::Body(e) | Failure::Write(e)) => return Err(format!("reading {}: {e}", temp.display())),
+        Err(Failure::TooMany) => return Err(format!("{} grew while it was read", temp.display())),
+    };
+    if got != size || actual != sha256 {
+        let _ = std::fs::remove_file(&temp);
+        return Ok(Reply::Corrupt { actual });
+    }
+    std::fs::rename(&temp, &done).map_err(|e| format!("cannot write {}: {e}", done.display()))?;
+    Ok(Reply::Done)
+}
+
+/// Opens `temp` (`incoming/<rel>`) for writing, as it is, not through a
+/// symlink, making the directories of it and of `done` (`tree/<rel>`).
+fn open_incoming(temp: &Path, done: &Path) -> Result<File, String> {
+    for path in [temp, done] {
+        if let Some(parent) = path.parent() {
+            DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(|e| {
+                format!("cannot create {} as the cache's user: {e}; check the cache's permissions", parent.display())
+            })?;
+        }
+    }
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(temp)
+        .map_err(|e| format!("cannot write {} as the cache's user: {e}", temp.display()))
 }
 
 enum Failure {

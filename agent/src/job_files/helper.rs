@@ -75,11 +75,16 @@ pub fn main() -> i32 {
             let declared = super::unpack::Declared { sha256: &sha256, bytes, files, unpacked_bytes };
             super::unpack::unpack(&dest, declared, &mut stdin).map(Reply::Unpacked)
         }
-        Request::ReadContent { cache_dir, sha256, part } => {
-            match super::content::open(&cache_dir, &sha256, part.as_deref()) {
+        Request::ReadContent { cache_dir, sha256, part, span } => {
+            match super::content::open(&cache_dir, &sha256, part.as_deref(), span.is_some()) {
                 // The answer's line, then the file's bytes.
                 Ok(Some(opened)) => {
-                    return match super::content::send(opened, &mut std::io::stdout().lock()) {
+                    let out = &mut std::io::stdout().lock();
+                    let sent = match span {
+                        Some(span) => super::content::send_span(opened, span, out),
+                        None => super::content::send(opened, out),
+                    };
+                    return match sent {
                         Ok(()) => 0,
                         Err(message) => {
                             eprintln!("cohort-agent {FILES_AS}: {message}");
@@ -91,10 +96,13 @@ pub fn main() -> i32 {
                 Err(message) => Err(message),
             }
         }
-        Request::ReceiveFile { cache_dir, sha256, rel, size, file_sha256 } => {
-            let incoming =
-                super::content::Incoming { cache_dir: &cache_dir, hex: &sha256, rel: &rel, size, sha256: &file_sha256 };
-            super::content::receive(incoming, &mut stdin)
+        Request::ReceiveFile { file, piece } => match piece {
+            Some(piece) => super::content::receive_piece(file.incoming(), &piece, &mut stdin),
+            None => super::content::receive(file.incoming(), &mut stdin),
+        },
+        Request::FinishFile(file) => super::content::finish_file(file.incoming()),
+        Request::PieceDigests { cache_dir, sha256, rel, piece_bytes, file_sha256 } => {
+            super::content::piece_digests(&cache_dir, &sha256, &rel, piece_bytes, &file_sha256)
         }
         Request::FinishTree { cache_dir, sha256, manifest_bytes } => {
             super::content::finish_tree(&cache_dir, &sha256, manifest_bytes, &mut stdin)

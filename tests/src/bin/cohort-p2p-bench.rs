@@ -32,6 +32,15 @@ struct Args {
     /// Each node's upload rate, Mbit/s.
     #[arg(long, default_value_t = 200)]
     link_mbit: u32,
+    /// The agents' `--peer-piece-mib`: files larger than this travel in
+    /// pieces of it (default: the agent's, 64).
+    #[arg(long)]
+    piece_mib: Option<u64>,
+    /// Limit each node's download to its link's rate too (an `ifb` device
+    /// fed by `lo`'s ingress, an HTB class per destination address), as a
+    /// full-duplex NIC does; without it only uploads are limited.
+    #[arg(long)]
+    duplex: bool,
 }
 
 /// A directory of `files` files of distinct content; returns its digest.
@@ -55,38 +64,135 @@ fn make_input(dir: &Path, files: usize, file_bytes: usize) -> anyhow::Result<Str
     Ok(format!("{:x}", Sha256::digest(lines.concat().as_bytes())))
 }
 
-/// Limits what each node address sends on `lo`; removed when dropped.
+/// Limits what each node address sends on `lo` (and, `duplex`, what it
+/// receives, on an `ifb` device); removed when dropped.
 struct Shaping;
 
+/// The device that takes `lo`'s ingress to limit downloads.
+const IFB: &str = "cohort-ifb0";
+
+fn run(program: &str, args: &str) -> anyhow::Result<()> {
+    let status = Command::new(program).args(args.split_whitespace()).status().context("running tc")?;
+    if !status.success() {
+        bail!("{program} {args} failed");
+    }
+    Ok(())
+}
+
+/// An HTB tree on `dev` with a class of `mbit` per address, matched on its
+/// `side` (`src` or `dst`).
+fn limit_per_address(dev: &str, addresses: &[String], mbit: u32, side: &str) -> anyhow::Result<()> {
+    let tc = |args: String| run("tc", &args);
+    tc(format!("qdisc add dev {dev} root handle 1: htb default 999 r2q 1000"))?;
+    tc(format!("class add dev {dev} parent 1: classid 1:999 htb rate 100gbit"))?;
+    for (i, addr) in addresses.iter().enumerate() {
+        let class = 10 + i;
+        tc(format!("class add dev {dev} parent 1: classid 1:{class} htb rate {mbit}mbit ceil {mbit}mbit"))?;
+        // A short queue under each class, as a switch port has (the
+        // default one of 1,000 packets of lo's 64 KiB holds seconds of
+        // traffic, behind which every small message would wait).
+        tc(format!("qdisc add dev {dev} parent 1:{class} handle {class}: bfifo limit 262144"))?;
+        tc(format!(
+            "filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip {side} {addr}/32 flowid 1:{class}"
+        ))?;
+    }
+    Ok(())
+}
+
 impl Shaping {
-    fn apply(addresses: &[String], mbit: u32) -> anyhow::Result<Shaping> {
-        let tc = |args: &str| -> anyhow::Result<()> {
-            let status = Command::new("tc").args(args.split_whitespace()).status().context("running tc")?;
-            if !status.success() {
-                bail!("tc {args} failed");
-            }
-            Ok(())
-        };
-        let _ =
-            Command::new("tc").args(["qdisc", "del", "dev", "lo", "root"]).stderr(std::process::Stdio::null()).status();
-        tc("qdisc add dev lo root handle 1: htb default 999 r2q 1000")?;
-        tc("class add dev lo parent 1: classid 1:999 htb rate 100gbit")?;
-        for (i, addr) in addresses.iter().enumerate() {
-            let class = 10 + i;
-            tc(&format!("class add dev lo parent 1: classid 1:{class} htb rate {mbit}mbit ceil {mbit}mbit"))?;
-            // A short queue under each class, as a switch port has (the
-            // default one of 1,000 packets of lo's 64 KiB holds seconds of
-            // traffic, behind which every small message would wait).
-            tc(&format!("qdisc add dev lo parent 1:{class} handle {class}: bfifo limit 262144"))?;
-            tc(&format!("filter add dev lo parent 1: protocol ip prio 1 u32 match ip src {addr}/32 flowid 1:{class}"))?;
+    fn apply(addresses: &[String], mbit: u32, duplex: bool) -> anyhow::Result<Shaping> {
+        Shaping::remove();
+        let shaping = Shaping;
+        limit_per_address("lo", addresses, mbit, "src")?;
+        if duplex {
+            run("ip", &format!("link add {IFB} type ifb"))?;
+            run("ip", &format!("link set {IFB} up"))?;
+            run("tc", "qdisc add dev lo handle ffff: ingress")?;
+            run(
+                "tc",
+                &format!(
+                    "filter add dev lo parent ffff: protocol ip u32 match u32 0 0 action mirred egress redirect dev {IFB}"
+                ),
+            )?;
+            limit_per_address(IFB, addresses, mbit, "dst")?;
         }
-        Ok(Shaping)
+        Ok(shaping)
+    }
+
+    fn remove() {
+        let quiet = |program: &str, args: &[&str]| {
+            let _ = Command::new(program).args(args).stderr(std::process::Stdio::null()).status();
+        };
+        quiet("tc", &["qdisc", "del", "dev", "lo", "root"]);
+        quiet("tc", &["qdisc", "del", "dev", "lo", "ingress"]);
+        quiet("ip", &["link", "del", IFB]);
+    }
+}
+
+/// Bytes each node's class has sent so far (`tc -s class show dev lo`), by node index.
+fn sent_per_node(nodes: usize) -> Vec<u64> {
+    let mut sent = vec![0; nodes];
+    let Ok(out) = Command::new("tc").args(["-s", "class", "show", "dev", "lo"]).output() else { return sent };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut class = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("class htb 1:") {
+            class = rest.split_whitespace().next().and_then(|c| c.parse::<usize>().ok());
+        } else if let Some(rest) = line.trim_start().strip_prefix("Sent ")
+            && let Some(i) = class.take().and_then(|c| c.checked_sub(10))
+            && i < nodes
+        {
+            sent[i] = rest.split_whitespace().next().and_then(|b| b.parse().ok()).unwrap_or(0);
+        }
+    }
+    sent
+}
+
+/// Samples every node's upload while a fan-out runs: per node, the bytes sent
+/// and the share of samples in which it sent at least half its link's rate.
+struct Uploads {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<u64>, Vec<u32>, u32)>,
+}
+
+const SAMPLE: Duration = Duration::from_millis(250);
+
+impl Uploads {
+    fn start(nodes: usize, mbit: u32) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let half = f64::from(mbit) * 1e6 / 8.0 * SAMPLE.as_secs_f64() / 2.0;
+        let thread = std::thread::spawn(move || {
+            let first = sent_per_node(nodes);
+            let mut last = first.clone();
+            let mut busy = vec![0u32; nodes];
+            let mut samples = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(SAMPLE);
+                let now = sent_per_node(nodes);
+                for i in 0..nodes {
+                    if now[i].saturating_sub(last[i]) as f64 >= half {
+                        busy[i] += 1;
+                    }
+                }
+                samples += 1;
+                last = now;
+            }
+            let total = last.iter().zip(&first).map(|(l, f)| l.saturating_sub(*f)).collect();
+            (total, busy, samples)
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> (Vec<u64>, Vec<u32>, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
     }
 }
 
 impl Drop for Shaping {
     fn drop(&mut self) {
-        let _ = Command::new("tc").args(["qdisc", "del", "dev", "lo", "root"]).status();
+        Shaping::remove();
     }
 }
 
@@ -111,6 +217,7 @@ async fn fan_out(args: &Args, fetchers: usize, source: &Path, digest: &str) -> a
     let nodes: Vec<NodeSpec> = (0..=fetchers)
         .map(|i| NodeSpec {
             labels: format!("grp={}", if i == 0 { "seed" } else { "fetch" }),
+            extra_args: args.piece_mib.map(|m| vec!["--peer-piece-mib".to_owned(), m.to_string()]).unwrap_or_default(),
             ..NodeSpec::loopback(i, 1)
         })
         .collect();
@@ -121,12 +228,17 @@ async fn fan_out(args: &Args, fetchers: usize, source: &Path, digest: &str) -> a
         bail!("seeding failed: {}", seeded.reason);
     }
     let addresses: Vec<String> = cluster.nodes.iter().map(|n| n.address.clone()).collect();
-    let _shaping = Shaping::apply(&addresses, args.link_mbit)?;
+    let _shaping = Shaping::apply(&addresses, args.link_mbit, args.duplex)?;
     let started = Instant::now();
+    let uploads = Uploads::start(addresses.len(), args.link_mbit);
     let fetch = cluster.submit(&job("fetch", fetchers, "fetch", source, digest)).await?;
     // Staged everywhere once the attempt leaves Preparing; `true` ends at once after.
     let done = cluster.wait_finished(&fetch.id, Duration::from_secs(1200)).await?;
     let seconds = started.elapsed().as_secs_f64();
+    let (sent, busy, samples) = uploads.finish();
+    let busy: Vec<String> =
+        busy.iter().zip(&sent).map(|(b, s)| format!("{}% {}M", 100 * b / samples.max(1), s >> 20)).collect();
+    println!("    uploads (busy share, MiB sent), node 0 first: {}", busy.join(", "));
     if state(&done) != JobState::Succeeded {
         bail!("fan-out to {fetchers} failed: {}", done.reason);
     }
@@ -147,11 +259,13 @@ async fn main() -> anyhow::Result<()> {
     let digest = make_input(&source, args.files, args.file_mib << 20)?;
     let link = f64::from(args.link_mbit) * 1e6 / 8.0;
     println!(
-        "input {} files, {} MiB; every node's upload {} Mbit/s ({:.1} s for the input over one link)",
+        "input {} files, {} MiB; every node's upload{} {} Mbit/s ({:.1} s for the input over one link); pieces of {} MiB",
         args.files,
         bytes >> 20,
+        if args.duplex { " and download" } else { "" },
         args.link_mbit,
-        bytes as f64 / link
+        bytes as f64 / link,
+        args.piece_mib.unwrap_or(64)
     );
     println!("{:>6} {:>10} {:>12} {:>14} {:>16}", "nodes", "seconds", "x one node", "from peers", "read the source");
     let mut one = None;
