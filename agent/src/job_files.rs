@@ -1082,7 +1082,7 @@ mod tests {
     /// Nothing of a received file left outside `tree/`, nor (unless kept) in it.
     fn left_behind(cache: &Path, digest: &str, rel: &str) -> (bool, bool) {
         let work = cache.join("partial").join(format!("sha256-{digest}"));
-        (work.join("incoming").join(rel).exists(), work.join("tree").join(rel).exists())
+        (work.join("from-peers").join(rel).exists(), work.join("tree").join(rel).exists())
     }
 
     #[tokio::test]
@@ -1207,7 +1207,7 @@ mod tests {
         assert!(!cache.path().join("partial").join("escape.txt").exists());
         refused(receive("x.txt", 6, "abc".into(), vec![Ok(data.clone())]).await, "not 64 lowercase hex");
         // A symlink planted at the incoming name is not written through.
-        let incoming = cache.path().join("partial").join(format!("sha256-{digest}")).join("incoming");
+        let incoming = cache.path().join("partial").join(format!("sha256-{digest}")).join("from-peers");
         let victim = cache.path().join("victim");
         std::fs::write(&victim, "keep").unwrap();
         std::os::unix::fs::symlink(&victim, incoming.join("planted.txt")).unwrap();
@@ -1436,6 +1436,32 @@ mod tests {
         refused(got.await, "does not fit");
         let manifest = read(user, a.path(), &digest, None).await.unwrap().unwrap();
         user.finish_tree(b.path(), &digest, std::str::from_utf8(&manifest).unwrap()).await.unwrap();
+        assert_eq!(std::fs::read(b.path().join("sha256").join(&digest).join(rel)).unwrap(), large);
+    }
+
+    /// A fetch from peers that stopped part-way (the peers died: the node
+    /// reads the source after all) leaves nothing that staging from the
+    /// source would resume: a file holding only some of its pieces is no
+    /// prefix of the source's file.
+    #[tokio::test]
+    async fn pieces_left_by_a_failed_fetch_do_not_spoil_the_staging_from_the_source() {
+        let (source, a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (identity, helper) = (me(), helper_binary());
+        let user = AsJobUser { identity: &identity, helper: &helper };
+        let large: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 239) as u8).collect();
+        write(&source.path().join("shard.bin"), &large);
+        let digest = stage(a.path(), source.path(), None).await[0].sha256.clone();
+        let (rel, piece_bytes) = (Path::new("shard.bin"), 256u64 << 10);
+        let whole = sha(&large);
+        let digests = user.piece_digests(a.path(), &digest, rel, piece_bytes, &whole).await.unwrap().unwrap();
+        let second = PieceOf { span: Span { offset: piece_bytes, len: piece_bytes }, sha256: digests[1].clone() };
+        let bytes = large[piece_bytes as usize..2 * piece_bytes as usize].to_vec();
+        let got =
+            user.receive_file(b.path(), &digest, rel, large.len() as u64, &whole, Some(second), body(vec![Ok(bytes)]));
+        assert_eq!(got.await.unwrap(), Received::Done);
+
+        let staged = stage(b.path(), source.path(), Some(digest.clone())).await;
+        assert!(!staged[0].from_cache);
         assert_eq!(std::fs::read(b.path().join("sha256").join(&digest).join(rel)).unwrap(), large);
     }
 }

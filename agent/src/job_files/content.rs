@@ -3,7 +3,8 @@
 //! written into a staging under way, and that staging completed once every
 //! file of its manifest is there. All of it as the cache's user, in the
 //! layout of `crate::stage` (`sha256/<hex>/`, `sha256/<hex>.manifest`,
-//! `partial/sha256-<hex>/{incoming,tree}/`), so that the content ends up as a
+//! `partial/sha256-<hex>/tree/`, with files on their way in
+//! `partial/sha256-<hex>/from-peers/`), so that the content ends up as a
 //! staging from the source would leave it.
 //!
 //! Names a peer sends (the digest, a file's path) are checked before
@@ -51,6 +52,13 @@ impl Layout<'_> {
     }
     fn work(&self) -> PathBuf {
         self.cache.join("partial").join(format!("sha256-{}", self.hex))
+    }
+    /// Where files from peers are written until they are checked: not the
+    /// staging's own `incoming/`, whose partial files a staging from the
+    /// source resumes (a file half received from a peer, or holding only
+    /// some of its pieces, is no prefix of the source's).
+    fn arriving(&self) -> PathBuf {
+        self.work().join("from-peers")
     }
     fn lock(&self) -> PathBuf {
         self.cache.join("locks").join(format!("sha256-{}.lock", self.hex))
@@ -102,7 +110,7 @@ pub struct Opened {
 /// directory when the content is complete, else from the `tree/` of a
 /// staging under way (the files it has done). None: not here (yet).
 ///
-/// With `pieces`, a file still coming in pieces (`incoming/<rel>`, whose
+/// With `pieces`, a file still coming in pieces (`from-peers/<rel>`, whose
 /// verified pieces only the agent knows) is opened too, as the last choice.
 pub fn open(cache_dir: &Path, hex: &str, part: Option<&Path>, pieces: bool) -> Result<Option<Opened>, String> {
     check_digest("the content digest", hex)?;
@@ -131,10 +139,10 @@ pub fn open(cache_dir: &Path, hex: &str, part: Option<&Path>, pieces: bool) -> R
     if let Some(opened) = open_file(&layout.work().join("tree").join(rel))? {
         return Ok(Some(opened));
     }
-    if pieces && let Some(opened) = open_file(&layout.work().join("incoming").join(rel))? {
+    if pieces && let Some(opened) = open_file(&layout.arriving().join(rel))? {
         return Ok(Some(opened));
     }
-    // Completed meanwhile: moved from `incoming/` to `tree/`, or its `tree/`
+    // Completed meanwhile: moved from `from-peers/` to `tree/`, or its `tree/`
     // renamed into `sha256/`.
     if let Some(opened) = open_file(&layout.work().join("tree").join(rel))? {
         return Ok(Some(opened));
@@ -272,7 +280,7 @@ pub struct Incoming<'a> {
 }
 
 /// Writes the file whose bytes `body` yields into the staging of its
-/// content: to `incoming/<rel>`, hashed as it comes, then renamed to
+/// content: to `from-peers/<rel>`, hashed as it comes, then renamed to
 /// `tree/<rel>` if it is `size` bytes that hash to its digest. Fewer bytes
 /// ([`Reply::Short`]) or other ones ([`Reply::Corrupt`]) leave nothing
 /// behind; more than `size` bytes is an error. Nothing is flushed: the
@@ -288,7 +296,7 @@ pub fn receive(incoming: Incoming<'_>, body: &mut impl Read) -> Result<Reply, St
         return Ok(Reply::Done);
     }
     let work = layout.work();
-    let (temp, done) = (work.join("incoming").join(rel), work.join("tree").join(rel));
+    let (temp, done) = (layout.arriving().join(rel), work.join("tree").join(rel));
     let file = open_incoming(&temp, &done)?;
     // One transfer of a file at a time: another would write the same bytes over these.
     let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -344,7 +352,7 @@ pub struct PieceOf {
 }
 
 /// Writes one piece of a file of `incoming.size` bytes, whose bytes `body`
-/// yields, at its place in `incoming/<rel>` (the file is made, as large as
+/// yields, at its place in `from-peers/<rel>` (the file is made, as large as
 /// it will be, by the first piece), hashed as it comes. Fewer bytes than
 /// the piece's ([`Reply::Short`]) or other ones ([`Reply::Corrupt`]) are
 /// answers: what they wrote is written over by the piece fetched again, and
@@ -362,7 +370,7 @@ pub fn receive_piece(incoming: Incoming<'_>, piece: &PieceOf, body: &mut impl Re
     }
     let layout = Layout { cache: cache_dir, hex };
     let work = layout.work();
-    let (temp, done) = (work.join("incoming").join(rel), work.join("tree").join(rel));
+    let (temp, done) = (layout.arriving().join(rel), work.join("tree").join(rel));
     if layout.is_complete() || std::fs::symlink_metadata(&done).is_ok_and(|m| m.is_file() && m.len() == size) {
         return Ok(Reply::Done);
     }
@@ -393,7 +401,7 @@ pub fn receive_piece(incoming: Incoming<'_>, piece: &PieceOf, body: &mut impl Re
     Ok(Reply::Done)
 }
 
-/// Completes a file whose pieces [`receive_piece`] wrote: if `incoming/<rel>`
+/// Completes a file whose pieces [`receive_piece`] wrote: if `from-peers/<rel>`
 /// is `size` bytes that hash to the file's digest, it is renamed to
 /// `tree/<rel>` ([`Reply::Done`]); other bytes are removed
 /// ([`Reply::Corrupt`]), and the file is fetched again.
@@ -404,7 +412,7 @@ pub fn finish_file(incoming: Incoming<'_>) -> Result<Reply, String> {
     check_rel(hex, rel)?;
     let layout = Layout { cache: cache_dir, hex };
     let work = layout.work();
-    let (temp, done) = (work.join("incoming").join(rel), work.join("tree").join(rel));
+    let (temp, done) = (layout.arriving().join(rel), work.join("tree").join(rel));
     if layout.is_complete() || std::fs::symlink_metadata(&done).is_ok_and(|m| m.is_file() && m.len() == size) {
         return Ok(Reply::Done);
     }
@@ -427,7 +435,7 @@ pub fn finish_file(incoming: Incoming<'_>) -> Result<Reply, String> {
     Ok(Reply::Done)
 }
 
-/// Opens `temp` (`incoming/<rel>`) for writing, as it is, not through a
+/// Opens `temp` (`from-peers/<rel>`) for writing, as it is, not through a
 /// symlink, making the directories of it and of `done` (`tree/<rel>`).
 fn open_incoming(temp: &Path, done: &Path) -> Result<File, String> {
     for path in [temp, done] {
@@ -579,7 +587,7 @@ pub fn finish_tree(cache_dir: &Path, hex: &str, manifest_bytes: u64, body: &mut 
     }
     let sha256_dir = layout.sha256_dir();
     File::open(&sha256_dir).and_then(|d| d.sync_all()).map_err(written(&sha256_dir))?;
-    // What is left (`incoming/`): nothing of the content.
+    // What is left (`from-peers/`, and `incoming/` of an interrupted staging): nothing of the content.
     let _ = std::fs::remove_dir_all(&work);
     Ok(Reply::Done)
 }
