@@ -435,6 +435,9 @@ impl Peers {
                     .boxed(),
                 );
             }
+            if let Some(why) = &swarm.broken {
+                return Err(why.clone());
+            }
             if downloads.is_empty() && (swarm.hopeless() || !watching) {
                 return Err(format!("no peer could serve it ({})", swarm.why()));
             }
@@ -631,6 +634,8 @@ struct FileEntry {
     described_by: Option<usize>,
     /// Its piece digests were sent to this node's own peers.
     described: bool,
+    /// Times completing it from its pieces failed here (not for its bytes).
+    failures: u32,
 }
 
 impl FileEntry {
@@ -677,7 +682,14 @@ struct Swarm {
     peers: Vec<PeerState>,
     manifest: Option<String>,
     fetched: Fetched,
+    /// Fetching cannot go on here (a file cannot be completed from its
+    /// pieces, again and again): the source is read instead.
+    broken: Option<String>,
 }
+
+/// Completing a file from its pieces may fail this often (its pieces
+/// fetched again each time) before the fetch gives up.
+const FINISH_TRIES: u32 = 3;
 
 impl Swarm {
     fn new(digest: &str, peers: Vec<String>) -> Self {
@@ -699,6 +711,7 @@ impl Swarm {
                 .collect(),
             manifest: None,
             fetched: Fetched::default(),
+            broken: None,
         }
     }
 
@@ -845,8 +858,15 @@ impl Swarm {
                 false
             }
             Ok(Received::Short { .. }) | Err(_) => {
-                if let Err(e) = &result {
-                    tracing::warn!(file = %self.files[file].path, error = %e, "completing a file from its pieces failed; fetching it again");
+                let why = match result {
+                    Err(e) => e,
+                    _ => "its pieces came short".to_owned(),
+                };
+                let f = &mut self.files[file];
+                f.failures += 1;
+                tracing::warn!(file = %f.path, error = %why, tries = f.failures, "completing a file from its pieces failed");
+                if f.failures >= FINISH_TRIES {
+                    self.broken = Some(format!("{} could not be completed from its pieces: {why}", f.path));
                 }
                 for i in self.files[file].pieces.clone() {
                     self.pieces[i].mine = Mine::Missing;
@@ -978,6 +998,7 @@ impl Swarm {
             done: false,
             described_by,
             described: false,
+            failures: 0,
         });
         f
     }
@@ -1290,5 +1311,137 @@ fn split(chunk: Result<Vec<u8>, Status>) -> Vec<Result<PieceChunk, Status>> {
         Ok(data) if data.len() <= CHUNK => vec![Ok(PieceChunk { data })],
         Ok(data) => data.chunks(CHUNK).map(|c| Ok(PieceChunk { data: c.to_vec() })).collect(),
         Err(status) => vec![Err(status)],
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn hex(n: u8) -> String {
+        format!("{n:02x}").repeat(32)
+    }
+
+    fn peers() -> Arc<Peers> {
+        Peers::new("me".into(), None, "/nonexistent".into(), "/nonexistent".into(), RankUserPolicy::agent_user(), 4)
+    }
+
+    /// A 10-byte file in pieces of 4: three pieces.
+    fn shard(pieces: Vec<u32>, digests: bool) -> ContentFile {
+        ContentFile {
+            path: "model.safetensors".into(),
+            size: 10,
+            sha256: hex(9),
+            piece_bytes: 4,
+            piece_sha256: if digests { vec![hex(1), hex(2), hex(3)] } else { Vec::new() },
+            pieces,
+        }
+    }
+
+    fn announced_log(peers: &Peers) -> Vec<ContentFile> {
+        peers.watch(Path::new("/c"), &hex(0)).unwrap().borrow().files.clone()
+    }
+
+    #[test]
+    fn a_file_in_pieces_is_fetched_piece_by_piece_offered_on_and_completed_once() {
+        let peers = peers();
+        let announced = peers.announce_fetch(Path::new("/c"), &hex(0)).unwrap();
+        let mut swarm = Swarm::new(&hex(0), vec!["a".into(), "b".into()]);
+        // Pieces of a file whose digests this node never got are of no use.
+        assert!(!swarm.event(PeerEvent::Files(1, vec![shard(vec![1], false)])));
+        assert!(swarm.files.is_empty());
+        assert!(swarm.event(PeerEvent::Files(0, vec![shard(vec![], true)])));
+        assert!(swarm.event(PeerEvent::Files(1, vec![shard(vec![1], false)])));
+        assert_eq!(swarm.pieces.iter().map(|p| (p.offset, p.len)).collect::<Vec<_>>(), [(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(swarm.peers[1].has, [false, true, false]);
+        // Another cut of the same file from a peer is not taken.
+        let other_cut = ContentFile { piece_bytes: 5, ..shard(vec![0], true) };
+        assert!(!swarm.event(PeerEvent::Files(1, vec![other_cut])));
+
+        let mut random = || 0;
+        let (mut got, mut steps) = (Vec::new(), Vec::new());
+        while got.len() < 3 {
+            let mut round = Vec::new();
+            while let Some((piece, peer)) = swarm.choose(Instant::now(), swarm::Limits::DEFAULT, &mut random) {
+                let wanted = swarm.start(piece, peer);
+                let span = wanted.piece.as_ref().unwrap();
+                let p = &swarm.pieces[piece];
+                assert_eq!(
+                    (span.span.offset, span.span.len, span.sha256.as_str()),
+                    (p.offset, p.len, p.sha256.as_str())
+                );
+                round.push((piece, peer));
+            }
+            assert!(!round.is_empty(), "a piece to fetch while some are missing");
+            for (piece, peer) in round {
+                got.push(piece);
+                steps.push(swarm.finished(piece, peer, Ok(Received::Done), &announced).finish);
+            }
+        }
+        // The rarest first (pieces 0 and 2 have one holder, piece 1 two), one
+        // request per peer; piece 1 from peer b while peer a is busy.
+        assert!(got[0] == 0 || got[0] == 2, "{got:?}");
+        assert_eq!(got[1], 1, "{got:?}");
+        assert_eq!(steps, [None, None, Some(0)], "completed once the last piece is in");
+        assert_eq!(swarm.fetched.bytes, 10);
+        // Each piece offered on as it came, the digests with the first word only.
+        let log = announced_log(&peers);
+        let order: Vec<Vec<u32>> = got.iter().map(|&p| vec![p as u32]).collect();
+        assert_eq!(log.iter().map(|f| f.pieces.clone()).collect::<Vec<_>>(), order);
+        assert_eq!(log.iter().map(|f| f.piece_sha256.len()).collect::<Vec<_>>(), [3, 0, 0]);
+        assert!(swarm.done().is_none(), "not complete before the whole is checked");
+
+        assert!(swarm.file_finished(0, Ok(Received::Done), &announced));
+        let log = announced_log(&peers);
+        assert!(log.last().unwrap().pieces.is_empty(), "then offered whole");
+        let manifest = format!("{} 10 model.safetensors\n", hex(9));
+        let digest = format!("{:x}", Sha256::digest(manifest.as_bytes()));
+        swarm.digest = digest;
+        assert!(swarm.event(PeerEvent::Manifest(0, manifest.clone().into_bytes())));
+        assert_eq!(swarm.done(), Some(manifest));
+    }
+
+    #[test]
+    fn wrong_piece_digests_name_their_giver_and_the_file_is_fetched_whole() {
+        let peers = peers();
+        let announced = peers.announce_fetch(Path::new("/c"), &hex(0)).unwrap();
+        let mut swarm = Swarm::new(&hex(0), vec!["a".into(), "b".into()]);
+        swarm.event(PeerEvent::Files(0, vec![shard(vec![], true)]));
+        swarm.event(PeerEvent::Files(1, vec![shard(vec![], false)]));
+        for piece in 0..3 {
+            swarm.start(piece, 0);
+            swarm.finished(piece, 0, Ok(Received::Done), &announced);
+        }
+        assert!(!swarm.file_finished(0, Ok(Received::Corrupt { actual: hex(7) }), &announced));
+        assert!(swarm.peers[0].corrupt && swarm.fetched.corrupt_peers == ["a"]);
+        let file = &swarm.files[0];
+        assert_eq!((file.piece_bytes, file.pieces.len(), file.done), (0, 1, false));
+        let whole = file.pieces.start;
+        assert_eq!(swarm.pieces[whole].sha256, hex(9), "the whole is checked against the file's digest");
+        // Peer b held every piece: it holds the whole.
+        assert!(swarm.peers[1].has[whole]);
+        let (piece, peer) = swarm.choose(Instant::now(), swarm::Limits::DEFAULT, &mut || 0).unwrap();
+        assert_eq!((piece, peer), (whole, 1));
+        assert!(swarm.start(piece, peer).piece.is_none(), "fetched as one file");
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_completed_here_gives_the_fetch_up_after_a_few_tries() {
+        let peers = peers();
+        let announced = peers.announce_fetch(Path::new("/c"), &hex(0)).unwrap();
+        let mut swarm = Swarm::new(&hex(0), vec!["a".into()]);
+        swarm.event(PeerEvent::Files(0, vec![shard(vec![], true)]));
+        for tries in 1..=FINISH_TRIES {
+            assert!(swarm.broken.is_none());
+            for piece in 0..3 {
+                swarm.start(piece, 0);
+                swarm.finished(piece, 0, Ok(Received::Done), &announced);
+            }
+            swarm.file_finished(0, Err("permission denied".into()), &announced);
+            assert!(swarm.pieces.iter().all(|p| p.mine == Mine::Missing), "try {tries}: fetched again");
+        }
+        assert!(swarm.broken.as_ref().unwrap().contains("permission denied"));
+        assert!(!swarm.peers[0].corrupt, "not the peer's fault");
     }
 }
