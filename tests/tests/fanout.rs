@@ -121,3 +121,22 @@ fn other_limits_sharing_and_policies_keep_to_physics() {
         check_physics(&runs, 1.0);
     }
 }
+
+/// A wait per request (`--request-ms`) keeps to physics under both sharing
+/// models, costs at least nothing and at most what the requests add up to:
+/// with one node, whose pieces all come from the source (no requests), none;
+/// with 8, the p2p time grows but by less than a wait per piece in a row.
+#[test]
+fn a_wait_per_request_costs_time_and_keeps_to_physics() {
+    let base = run(&["--nodes", "1,8"]);
+    for sharing in ["equal", "max-min"] {
+        let waited = run(&["--nodes", "1,8", "--request-ms", "100", "--sharing", sharing]);
+        check_physics(&waited, 1.0);
+        assert!(close(f(by_nodes(&waited, 1.0), "/p2p/last_s"), f(by_nodes(&base, 1.0), "/p2p/last_s")));
+        if sharing == "equal" {
+            let (before, after) = (f(by_nodes(&base, 8.0), "/p2p/last_s"), f(by_nodes(&waited, 8.0), "/p2p/last_s"));
+            assert!(after > before, "100 ms a request costs time: {before} -> {after}");
+            assert!(after < before + PIECES * 0.1 + 1e-9, "at most a wait per piece in a row: {before} -> {after}");
+        }
+    }
+}

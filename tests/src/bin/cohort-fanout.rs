@@ -26,7 +26,9 @@
 //! ```
 //!
 //! `--total`, `--per-peer`, `--upload-slots`, `--rarity-over all` and
-//! `--super-seed` try other limits and policies than the agent's.
+//! `--super-seed` try other limits and policies than the agent's;
+//! `--request-ms` adds a wait to every request between nodes (the transfer
+//! holds its slots and moves nothing for that long).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::cmp::Reverse;
@@ -90,6 +92,12 @@ struct Args {
     /// false`: they offer every piece they hold.
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     super_seed: bool,
+    /// Milliseconds from a node's request to a peer until the piece's
+    /// bytes flow (the request, the peer opening the piece, the first
+    /// bytes), during which the transfer holds its upload slot and its
+    /// download but moves nothing. 0: at once, as before.
+    #[arg(long, default_value_t = 0.0)]
+    request_ms: f64,
     /// One JSON object per node count, one a line, instead of the table.
     #[arg(long)]
     json: bool,
@@ -147,6 +155,8 @@ struct Config {
     super_seed: bool,
     dead: Option<Dead>,
     seed: u64,
+    /// Seconds a transfer between nodes waits before its bytes flow.
+    request_s: f64,
 }
 
 /// What one simulation measured.
@@ -180,6 +190,8 @@ struct Transfer {
     to: usize,
     left: f64,
     rate: f64,
+    /// When its bytes start to flow (`--request-ms` after it started).
+    ready_s: f64,
 }
 
 struct Node {
@@ -337,7 +349,11 @@ impl Sim {
                 Sharing::Equal => self.equal_rates(),
                 Sharing::MaxMin => self.max_min_rates(),
             }
-            let dt = self.active.iter().map(|t| t.left / t.rate).fold(f64::INFINITY, f64::min);
+            let dt = self
+                .active
+                .iter()
+                .map(|t| if self.waits(t) { t.ready_s - self.now } else { t.left / t.rate })
+                .fold(f64::INFINITY, f64::min);
             if let Some(d) = dead.filter(|d| d.at_s < self.now + dt) {
                 dead = None;
                 self.advance(d.at_s - self.now);
@@ -381,14 +397,33 @@ impl Sim {
         }
     }
 
-    /// Each transfer: the smaller of its sender's and its receiver's equal shares.
+    /// Whether transfer `t` still waits for its bytes to flow.
+    fn waits(&self, t: &Transfer) -> bool {
+        t.ready_s > self.now + 1e-12
+    }
+
+    /// Each transfer: the smaller of its sender's and its receiver's equal
+    /// shares, among the transfers whose bytes flow.
     fn equal_rates(&mut self) {
+        let (mut ups, mut downs, mut readers) = (vec![0u32; self.cfg.nodes], vec![0u32; self.cfg.nodes], 0u32);
+        for t in self.active.iter().filter(|t| !self.waits(t)) {
+            match t.from {
+                Sender::Source => readers += 1,
+                Sender::Node(u) => ups[u] += 1,
+            }
+            downs[t.to] += 1;
+        }
+        let now = self.now;
         for t in &mut self.active {
+            if t.ready_s > now + 1e-12 {
+                t.rate = 0.0;
+                continue;
+            }
             let up = match t.from {
-                Sender::Source => self.cfg.source / f64::from(self.source_readers),
-                Sender::Node(u) => self.cfg.link / f64::from(self.nodes[u].uploads),
+                Sender::Source => self.cfg.source / f64::from(readers),
+                Sender::Node(u) => self.cfg.link / f64::from(ups[u]),
             };
-            t.rate = up.min(self.cfg.link / f64::from(self.nodes[t.to].downloads));
+            t.rate = up.min(self.cfg.link / f64::from(downs[t.to]));
         }
     }
 
@@ -407,9 +442,15 @@ impl Sim {
         };
         let mut left: Vec<f64> = (0..links).map(|l| if l == 0 { self.cfg.source } else { self.cfg.link }).collect();
         let mut unfixed = vec![0u32; links];
-        for t in &self.active {
+        let mut fixed: Vec<bool> = self.active.iter().map(|t| self.waits(t)).collect();
+        for (t, _) in self.active.iter().zip(&fixed).filter(|(_, waits)| !**waits) {
             for l in ends(t) {
                 unfixed[l] += 1;
+            }
+        }
+        for (t, waits) in self.active.iter_mut().zip(&fixed) {
+            if *waits {
+                t.rate = 0.0;
             }
         }
         // The transfers of each link, packed.
@@ -419,7 +460,7 @@ impl Sim {
         }
         let mut fill = first.clone();
         let mut on = vec![0usize; first[links]];
-        for (i, t) in self.active.iter().enumerate() {
+        for (i, t) in self.active.iter().enumerate().filter(|(i, _)| !fixed[*i]) {
             for l in ends(t) {
                 on[fill[l]] = i;
                 fill[l] += 1;
@@ -428,7 +469,6 @@ impl Sim {
         let share = |left: &[f64], unfixed: &[u32], l: usize| left[l].max(0.0) / f64::from(unfixed[l]);
         let mut heap: BinaryHeap<Reverse<(Key, usize)>> =
             (0..links).filter(|&l| unfixed[l] > 0).map(|l| Reverse((Key(share(&left, &unfixed, l)), l))).collect();
-        let mut fixed = vec![false; self.active.len()];
         while let Some(Reverse((Key(s), l))) = heap.pop() {
             // A stale entry: the link's share changed since it was pushed.
             if unfixed[l] == 0 || share(&left, &unfixed, l) != s {
@@ -497,7 +537,8 @@ impl Sim {
                 self.refresh(u);
             }
         }
-        self.active.push(Transfer { piece, from, to, left: self.cfg.piece_bytes, rate: 0.0 });
+        let ready_s = self.now + if matches!(from, Sender::Node(_)) { self.cfg.request_s } else { 0.0 };
+        self.active.push(Transfer { piece, from, to, left: self.cfg.piece_bytes, rate: 0.0, ready_s });
     }
 
     /// The sender's side of a transfer that ended, either way.
@@ -695,6 +736,7 @@ fn main() -> anyhow::Result<()> {
     ensure!(args.source_mbps.is_none_or(|s| s > 0.0), "--source-mbps must be positive");
     ensure!(args.source_pulls >= 1, "--source-pulls: at least 1");
     ensure!(args.total >= 1 && args.per_peer >= 1 && args.upload_slots >= 1, "limits: at least 1");
+    ensure!(args.request_ms.is_finite() && args.request_ms >= 0.0, "--request-ms: at least 0");
     ensure!(!args.nodes.contains(&0), "--nodes: at least 1 each");
     let link = args.link_mbps * 1e6 / 8.0;
     let source = args.source_mbps.map_or(link, |s| s * 1e6 / 8.0);
@@ -706,7 +748,7 @@ fn main() -> anyhow::Result<()> {
     if !args.json {
         println!(
             "{} pieces of {} MiB ({:.2} GiB), links {} Mbit/s, source {} Mbit/s, {} source pull(s), \
-             per peer {}, total {}, {} upload slots, {:?} sharing, rarity over {:?} peers{}, seed {}{}",
+             per peer {}, total {}, {} upload slots, {:?} sharing, rarity over {:?} peers{}, {} ms a request, seed {}{}",
             args.pieces,
             args.piece_mib,
             size / gib,
@@ -719,6 +761,7 @@ fn main() -> anyhow::Result<()> {
             args.sharing,
             args.rarity_over,
             if args.super_seed { ", super-seeding pullers" } else { "" },
+            args.request_ms,
             args.seed,
             args.dead.map_or(String::new(), |d| format!(", {} nodes die at {} s", d.nodes, d.at_s)),
         );
@@ -746,6 +789,7 @@ fn main() -> anyhow::Result<()> {
             super_seed: args.super_seed,
             dead: args.dead,
             seed: args.seed,
+            request_s: args.request_ms / 1000.0,
         };
         let p2p = Sim::new(cfg).run();
         let all = Sim::new(Config { pulls: n, dead: None, super_seed: false, ..cfg }).run();
@@ -764,6 +808,7 @@ fn main() -> anyhow::Result<()> {
                 "sharing": format!("{:?}", args.sharing),
                 "rarity_over": format!("{:?}", args.rarity_over),
                 "super_seed": args.super_seed,
+                "request_ms": args.request_ms,
                 "one_node_s": one_node_s,
                 "p2p": outcome_json(&p2p, one_node_s),
                 "source": outcome_json(&all, one_node_s),
