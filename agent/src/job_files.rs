@@ -34,7 +34,7 @@ use crate::rank_user::RankIdentity;
 use crate::stage::gc::{CacheEntry, EvictReport};
 use crate::stage::{StageItem, StageProgress, StagedItem};
 
-pub use content::{PieceOf, Span};
+pub use content::{PieceOf, Span, is_sha256_hex};
 pub(crate) use helper::read_stdin_json;
 pub use helper::{invoked, main as files_as_main};
 

@@ -51,7 +51,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::job_files::{AsJobUser, BodyStream, FileAt, PieceOf, Received, Span, user_cache};
+use crate::job_files::{AsJobUser, BodyStream, FileAt, PieceOf, Received, Span, is_sha256_hex, user_cache};
 use crate::rank_user::{RankIdentity, RankUserPolicy};
 
 /// A fetch from peers gives up (and the source is read) after this long
@@ -935,7 +935,7 @@ impl Swarm {
                 let count = piece_count(file.size, file.piece_bytes);
                 let cut = if count == 0 {
                     Some((0, Vec::new()))
-                } else if file.piece_sha256.len() == count && file.piece_sha256.iter().all(|d| is_hex_digest(d)) {
+                } else if file.piece_sha256.len() == count && file.piece_sha256.iter().all(|d| is_sha256_hex(d)) {
                     Some((file.piece_bytes, file.piece_sha256.clone()))
                 } else {
                     None
@@ -1127,10 +1127,6 @@ impl Swarm {
     }
 }
 
-fn is_hex_digest(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 /// The agent's peer service.
 pub struct PeerServer {
     peers: Arc<Peers>,
@@ -1155,7 +1151,7 @@ impl PeerServer {
     }
 
     async fn user(&self, user: &str, sha256: &str) -> Result<(RankIdentity, PathBuf), Status> {
-        if !is_hex_digest(sha256) {
+        if !is_sha256_hex(sha256) {
             return Err(Status::invalid_argument(format!("sha256 {sha256:?} is not 64 lowercase hex digits")));
         }
         let identity = self

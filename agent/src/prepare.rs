@@ -549,7 +549,6 @@ impl Preparer {
     }
 }
 
-/// The hub model of a stage input (None when it names none).
 /// Whether content `sha256` is in `cache` (a user's cache): a directory's
 /// manifest, or a file's content directory, is there. Only names are looked
 /// up, nothing read.
@@ -561,6 +560,7 @@ fn is_cached(cache: &Path, sha256: &str) -> bool {
             || std::fs::symlink_metadata(content.join(&hex)).is_ok())
 }
 
+/// The hub model of a stage input (None when it names none).
 fn hub_model(input: &cohort_proto::StageInput) -> Result<Option<HubModel>, String> {
     if input.model.is_empty() {
         return Ok(None);

@@ -63,6 +63,11 @@ impl Layout<'_> {
     fn lock(&self) -> PathBuf {
         self.cache.join("locks").join(format!("sha256-{}.lock", self.hex))
     }
+    /// The file `done` (in `tree/`) of `size` bytes is here already, or the
+    /// whole content is complete.
+    fn holds(&self, done: &Path, size: u64) -> bool {
+        self.is_complete() || std::fs::symlink_metadata(done).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
     /// The directory and its manifest are there (as `stage` takes content to be cached).
     fn is_complete(&self) -> bool {
         std::fs::symlink_metadata(self.content()).is_ok_and(|m| m.is_dir())
@@ -70,9 +75,14 @@ impl Layout<'_> {
     }
 }
 
+/// Whether `hex` is a SHA-256 as `sha256sum` prints it: 64 lowercase hex digits.
+pub fn is_sha256_hex(hex: &str) -> bool {
+    hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// `hex` as the name of content: 64 lowercase hex digits, as `sha256sum` prints them.
 fn check_digest(what: &str, hex: &str) -> Result<(), String> {
-    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if is_sha256_hex(hex) {
         Ok(())
     } else {
         Err(format!("{what} {hex:?} is not 64 lowercase hex digits; give the digest as sha256sum prints it"))
@@ -371,7 +381,7 @@ pub fn receive_piece(incoming: Incoming<'_>, piece: &PieceOf, body: &mut impl Re
     let layout = Layout { cache: cache_dir, hex };
     let work = layout.work();
     let (temp, done) = (layout.arriving().join(rel), work.join("tree").join(rel));
-    if layout.is_complete() || std::fs::symlink_metadata(&done).is_ok_and(|m| m.is_file() && m.len() == size) {
+    if layout.holds(&done, size) {
         return Ok(Reply::Done);
     }
     let mut file = open_incoming(&temp, &done)?;
@@ -413,7 +423,7 @@ pub fn finish_file(incoming: Incoming<'_>) -> Result<Reply, String> {
     let layout = Layout { cache: cache_dir, hex };
     let work = layout.work();
     let (temp, done) = (layout.arriving().join(rel), work.join("tree").join(rel));
-    if layout.is_complete() || std::fs::symlink_metadata(&done).is_ok_and(|m| m.is_file() && m.len() == size) {
+    if layout.holds(&done, size) {
         return Ok(Reply::Done);
     }
     let Some(opened) = open_file(&temp)? else {
