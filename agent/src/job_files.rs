@@ -14,7 +14,7 @@
 //! (the check is on the opened file, not on a name that could change).
 
 mod checkpoint;
-mod content;
+pub mod content;
 mod helper;
 mod paths;
 pub mod unpack;
@@ -153,6 +153,16 @@ pub enum Request {
         cache_dir: PathBuf,
         sha256: String,
         manifest_bytes: u64,
+        /// The modes the content's paths get ([`Request::ContentModes`] of
+        /// the node that sent the manifest).
+        #[serde(default)]
+        modes: Vec<content::PathMode>,
+    },
+    /// The modes of complete content `sha256` in `cache_dir` that differ
+    /// from the defaults ([`Reply::Modes`], or [`Reply::Missing`]).
+    ContentModes {
+        cache_dir: PathBuf,
+        sha256: String,
     },
 }
 
@@ -268,6 +278,8 @@ pub enum Reply {
     Missing,
     /// Hex SHA-256 of each piece of a file, in order ([`Request::PieceDigests`]).
     Pieces(Vec<String>),
+    /// The modes of a content's paths ([`Request::ContentModes`]).
+    Modes(Vec<content::PathMode>),
     /// A received file came short: only `got` bytes arrived (nothing kept).
     Short {
         got: u64,
@@ -366,6 +378,13 @@ impl Request {
                 file_size: Some((*manifest_bytes).max(1)),
                 wall: Some(Duration::from_secs(3600)),
             },
+            // Looks at every entry of a content (up to a few million).
+            Request::ContentModes { .. } => Limits {
+                address_space: 2 << 30,
+                cpu_secs: Some(300),
+                file_size: Some(0),
+                wall: Some(Duration::from_secs(600)),
+            },
             // A digest reads a whole model (16 GB for Qwen3-8B); a read takes at most `max_bytes`.
             Request::InspectPath(inspect) => Limits {
                 address_space: 4 << 30,
@@ -409,6 +428,9 @@ impl Request {
             }
             Request::PieceDigests { cache_dir, sha256, rel, .. } => {
                 format!("hashing the pieces of {} of {sha256} in the cache {}", rel.display(), cache_dir.display())
+            }
+            Request::ContentModes { cache_dir, sha256 } => {
+                format!("listing the modes of {sha256} in the cache {}", cache_dir.display())
             }
         }
     }
@@ -659,17 +681,40 @@ impl AsJobUser<'_> {
         }
     }
 
+    /// The modes of complete content `sha256` in this user's cache at
+    /// `cache_dir` that differ from a file's 0644 and a directory's 0755,
+    /// for a peer that fetches it; None: not complete here.
+    pub async fn content_modes(
+        &self,
+        cache_dir: &Path,
+        sha256: &str,
+    ) -> Result<Option<Vec<content::PathMode>>, JobFilesError> {
+        let request = Request::ContentModes { cache_dir: cache_dir.to_owned(), sha256: sha256.to_owned() };
+        match self.run(request, None).await? {
+            Reply::Modes(modes) => Ok(Some(modes)),
+            Reply::Missing => Ok(None),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Completes directory content `sha256` whose files
     /// [`Self::receive_file`] wrote into this user's cache at `cache_dir`,
     /// given its `manifest` (which hashes to `sha256`): checked against the
     /// files, synced, then marked complete as a staging from the source
     /// would. Content already complete there is left as it is.
-    pub async fn finish_tree(&self, cache_dir: &Path, sha256: &str, manifest: &str) -> Result<(), JobFilesError> {
+    pub async fn finish_tree(
+        &self,
+        cache_dir: &Path,
+        sha256: &str,
+        manifest: &str,
+        modes: &[content::PathMode],
+    ) -> Result<(), JobFilesError> {
         let bytes = manifest.as_bytes().to_vec();
         let request = Request::FinishTree {
             cache_dir: cache_dir.to_owned(),
             sha256: sha256.to_owned(),
             manifest_bytes: bytes.len() as u64,
+            modes: modes.iter().take(content::MAX_MODES).cloned().collect(),
         };
         let body: BodyStream = Box::pin(futures::stream::iter([Ok(bytes)]));
         match self.run_with_body(request, None, Some(body)).await? {
@@ -1236,41 +1281,72 @@ mod tests {
             assert_eq!(got.await.unwrap(), Received::Done);
         }
         // Not all there.
-        refused(user.finish_tree(cache.path(), &digest, &manifest).await, "sub/deeper/empty is not there");
+        refused(user.finish_tree(cache.path(), &digest, &manifest, &[]).await, "sub/deeper/empty is not there");
         let (rel, data) = files[2];
         let file_sha256 = sha(data);
         let got = user.receive_file(cache.path(), &digest, Path::new(rel), 0, &file_sha256, None, body(Vec::new()));
         assert_eq!(got.await.unwrap(), Received::Done);
         // Another content's manifest, one with links, one whose files are not here, an unsorted one.
-        refused(user.finish_tree(cache.path(), &digest, "").await, "hashes to");
+        refused(user.finish_tree(cache.path(), &digest, "", &[]).await, "hashes to");
         let with_link = format!("{manifest}{} symlink zz\n", sha(b"a.txt"));
-        refused(user.finish_tree(cache.path(), &sha(with_link.as_bytes()), &with_link).await, "has symlinks");
+        refused(user.finish_tree(cache.path(), &sha(with_link.as_bytes()), &with_link, &[]).await, "has symlinks");
         let resized = manifest_of(&[("a.txt", b"aa"), ("sub/b.txt", b"bb"), ("sub/deeper/empty", b"")]);
-        refused(user.finish_tree(cache.path(), &sha(resized.as_bytes()), &resized).await, "is not there");
+        refused(user.finish_tree(cache.path(), &sha(resized.as_bytes()), &resized, &[]).await, "is not there");
         let unsorted: String = manifest.lines().rev().map(|l| format!("{l}\n")).collect();
-        refused(user.finish_tree(cache.path(), &sha(unsorted.as_bytes()), &unsorted).await, "out of order");
+        refused(user.finish_tree(cache.path(), &sha(unsorted.as_bytes()), &unsorted, &[]).await, "out of order");
         // A file of another size than listed.
         let work = cache.path().join("partial").join(format!("sha256-{digest}"));
         let same_size = manifest_of(&[("a.txt", b"b"), ("sub/b.txt", b"bb"), ("sub/deeper/empty", b"")]);
         let other = sha(same_size.as_bytes());
         write(&cache.path().join("partial").join(format!("sha256-{other}/tree/a.txt")), b"aa");
-        refused(user.finish_tree(cache.path(), &other, &same_size).await, "is 2 bytes, not the 1 its manifest lists");
+        refused(
+            user.finish_tree(cache.path(), &other, &same_size, &[]).await,
+            "is 2 bytes, not the 1 its manifest lists",
+        );
         assert!(work.join("tree").exists(), "nothing changed by a refusal");
 
-        // A file a peer sent that the manifest does not list goes.
+        // A mode for a path that is not relative with plain names is refused.
+        let mode = |path: &str, mode: u32| content::PathMode { path: path.into(), mode };
+        let climbs = [mode("../a.txt", 0o755)];
+        refused(user.finish_tree(cache.path(), &digest, &manifest, &climbs).await, "not relative with plain names");
+        assert!(user.content_modes(cache.path(), &digest).await.unwrap().is_none(), "not complete yet");
+
+        // A file a peer sent that the manifest does not list goes. The
+        // paths get the modes listed with the manifest, less set-user-ID;
+        // a path not held is passed over.
         write(&work.join("tree/stray/file"), b"x");
         write(&work.join("tree/sub/stray"), b"x");
-        user.finish_tree(cache.path(), &digest, &manifest).await.unwrap();
+        let modes = [
+            mode("", 0o750),
+            mode("a.txt", 0o4755),
+            mode("not/there", 0o777),
+            mode("sub", 0o700),
+            mode("sub/deeper/empty", 0o600),
+        ];
+        user.finish_tree(cache.path(), &digest, &manifest, &modes).await.unwrap();
         let content = cache.path().join("sha256").join(&digest);
         for (rel, data) in files {
             assert_eq!(std::fs::read(content.join(rel)).unwrap(), data);
         }
+        let mode_of = |rel: &str| std::fs::symlink_metadata(content.join(rel)).unwrap().permissions().mode() & 0o7777;
+        let got = [mode_of(""), mode_of("a.txt"), mode_of("sub"), mode_of("sub/deeper/empty")];
+        assert_eq!(got, [0o750, 0o755, 0o700, 0o600]);
+        // What a peer fetching it is sent: every path whose mode is not a file's 0644 or a directory's 0755.
+        let expected: Vec<content::PathMode> = ["", "a.txt", "sub", "sub/b.txt", "sub/deeper", "sub/deeper/empty"]
+            .into_iter()
+            .filter(|rel| {
+                let default = if content.join(rel).is_dir() { 0o755 } else { 0o644 };
+                mode_of(rel) != default
+            })
+            .map(|rel| mode(rel, mode_of(rel)))
+            .collect();
+        assert_eq!(user.content_modes(cache.path(), &digest).await.unwrap(), Some(expected));
         assert!(!content.join("stray").exists() && !content.join("sub/stray").exists());
         let listed = std::fs::read_to_string(cache.path().join("sha256").join(format!("{digest}.manifest"))).unwrap();
         assert_eq!(listed, manifest);
         assert!(!work.exists(), "the work dir is gone");
         // Complete already: nothing to do.
-        user.finish_tree(cache.path(), &digest, &manifest).await.unwrap();
+        user.finish_tree(cache.path(), &digest, &manifest, &[]).await.unwrap();
         let a_sha256 = sha(b"a");
         let got = user.receive_file(
             cache.path(),
@@ -1287,7 +1363,7 @@ mod tests {
 
         // An empty directory.
         let empty = sha(b"");
-        user.finish_tree(cache.path(), &empty, "").await.unwrap();
+        user.finish_tree(cache.path(), &empty, "", &[]).await.unwrap();
         assert!(cache.path().join("sha256").join(&empty).is_dir());
     }
 
@@ -1322,7 +1398,7 @@ mod tests {
             let got = user.receive_file(b.path(), &digest, &file.path, file.size, &file.sha256, None, bytes).await;
             assert_eq!(got.unwrap(), Received::Done, "{}", file.path.display());
         }
-        user.finish_tree(b.path(), &digest, std::str::from_utf8(&manifest).unwrap()).await.unwrap();
+        user.finish_tree(b.path(), &digest, std::str::from_utf8(&manifest).unwrap(), &[]).await.unwrap();
 
         let manifest_path = |cache: &Path| cache.join("sha256").join(format!("{digest}.manifest"));
         assert_eq!(std::fs::read(manifest_path(b.path())).unwrap(), manifest);
@@ -1435,7 +1511,7 @@ mod tests {
         let got = user.receive_file(b.path(), &digest, rel, size, &file_sha256, Some(beyond), body(vec![]));
         refused(got.await, "does not fit");
         let manifest = read(user, a.path(), &digest, None).await.unwrap().unwrap();
-        user.finish_tree(b.path(), &digest, std::str::from_utf8(&manifest).unwrap()).await.unwrap();
+        user.finish_tree(b.path(), &digest, std::str::from_utf8(&manifest).unwrap(), &[]).await.unwrap();
         assert_eq!(std::fs::read(b.path().join("sha256").join(&digest).join(rel)).unwrap(), large);
     }
 

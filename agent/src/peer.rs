@@ -51,6 +51,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::job_files::content::{MAX_MODES, PathMode};
 use crate::job_files::{AsJobUser, BodyStream, FileAt, PieceOf, Received, Span, is_sha256_hex, user_cache};
 use crate::rank_user::{RankIdentity, RankUserPolicy};
 
@@ -400,7 +401,7 @@ impl Peers {
         };
         loop {
             if let Some(manifest) = swarm.done() {
-                user.finish_tree(cache, digest, &manifest).await.map_err(|e| e.to_string())?;
+                user.finish_tree(cache, digest, &manifest, &swarm.modes).await.map_err(|e| e.to_string())?;
                 announced.complete();
                 return Ok(swarm.fetched);
             }
@@ -549,7 +550,8 @@ impl Drop for AbortAll {
 #[derive(Debug)]
 enum PeerEvent {
     Files(usize, Vec<ContentFile>),
-    Manifest(usize, Vec<u8>),
+    /// The manifest of complete content, with the modes of its paths.
+    Manifest(usize, Vec<u8>, Vec<PathMode>),
     /// The peer cannot serve (it never had the content, failed, or is unreachable).
     Gone(usize, String),
 }
@@ -577,7 +579,13 @@ async fn watch_peer(
                                 return;
                             }
                             if !have.manifest.is_empty() {
-                                let _ = events.send(PeerEvent::Manifest(index, have.manifest)).await;
+                                let modes = have
+                                    .modes
+                                    .into_iter()
+                                    .take(MAX_MODES)
+                                    .map(|m| PathMode { path: m.path, mode: m.mode })
+                                    .collect();
+                                let _ = events.send(PeerEvent::Manifest(index, have.manifest, modes)).await;
                                 return;
                             }
                         }
@@ -681,6 +689,8 @@ struct Swarm {
     index: HashMap<String, usize>,
     peers: Vec<PeerState>,
     manifest: Option<String>,
+    /// The modes of the content's paths, from the peer whose manifest was taken.
+    modes: Vec<PathMode>,
     fetched: Fetched,
     /// Fetching cannot go on here (a file cannot be completed from its
     /// pieces, again and again): the source is read instead.
@@ -710,6 +720,7 @@ impl Swarm {
                 })
                 .collect(),
             manifest: None,
+            modes: Vec::new(),
             fetched: Fetched::default(),
             broken: None,
         }
@@ -886,7 +897,7 @@ impl Swarm {
                 }
                 new
             }
-            PeerEvent::Manifest(peer, manifest) => {
+            PeerEvent::Manifest(peer, manifest, modes) => {
                 let actual = format!("{:x}", Sha256::digest(&manifest));
                 if actual != self.digest || manifest.len() > MAX_MANIFEST {
                     tracing::warn!(peer = %self.peers[peer].name, %actual, "a peer sent a manifest of other content");
@@ -894,7 +905,7 @@ impl Swarm {
                     self.fetched.corrupt_peers.push(self.peers[peer].name.clone());
                     return false;
                 }
-                match self.take_manifest(manifest) {
+                match self.take_manifest(manifest, modes) {
                     Ok(()) => {
                         // A complete peer holds every piece of every file listed, and nothing else.
                         for (i, piece) in self.pieces.iter().enumerate() {
@@ -1065,7 +1076,7 @@ impl Swarm {
     }
 
     /// The verified manifest: what is listed is needed, with the listed digest.
-    fn take_manifest(&mut self, manifest: Vec<u8>) -> Result<(), String> {
+    fn take_manifest(&mut self, manifest: Vec<u8>, modes: Vec<PathMode>) -> Result<(), String> {
         if self.manifest.is_some() {
             return Ok(());
         }
@@ -1102,6 +1113,7 @@ impl Swarm {
             }
         }
         self.manifest = Some(text);
+        self.modes = modes;
         Ok(())
     }
 
@@ -1165,6 +1177,23 @@ impl PeerServer {
     }
 }
 
+/// The modes of complete content in `cache` that a copy from peers should
+/// get (`job_files::content::modes`), read as the user; none if that fails
+/// (the copy then has the default modes, and this node says why).
+async fn modes_of(user: AsJobUser<'_>, cache: &Path, digest: &str) -> Vec<cohort_proto::PathMode> {
+    match user.content_modes(cache, digest).await {
+        Ok(modes) => modes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| cohort_proto::PathMode { path: m.path, mode: m.mode })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(content = %digest, error = %e, "cannot list the content's modes; peers get the default ones");
+            Vec::new()
+        }
+    }
+}
+
 /// The manifest of complete content in `cache`, read as the user; None: not here.
 async fn read_manifest(user: AsJobUser<'_>, cache: &Path, digest: &str) -> Result<Option<Vec<u8>>, String> {
     let Some(mut reader) = user.read_content(cache, digest, None, None).await.map_err(|e| e.to_string())? else {
@@ -1200,7 +1229,8 @@ impl PeerService for PeerServer {
                 Some(manifest) => {
                     // The large files' pieces first, so the peer can fetch them piece by piece.
                     let files = self.peers.describe(user, &cache, &sha256, &manifest).await.to_vec();
-                    let have = ContentHave { files, manifest };
+                    let modes = modes_of(user, &cache, &sha256).await;
+                    let have = ContentHave { files, manifest, modes };
                     Ok(Response::new(Box::pin(futures::stream::iter([Ok(have)]))))
                 }
                 None => Err(Status::not_found(format!("node {} neither holds nor stages {sha256}", self.peers.node))),
@@ -1217,7 +1247,7 @@ impl PeerService for PeerServer {
                 };
                 if !files.is_empty() {
                     sent += files.len();
-                    if tx.send(Ok(ContentHave { files, manifest: Vec::new() })).await.is_err() {
+                    if tx.send(Ok(ContentHave { files, ..ContentHave::default() })).await.is_err() {
                         return;
                     }
                 }
@@ -1228,7 +1258,10 @@ impl PeerService for PeerServer {
                 if ended {
                     let user = AsJobUser { identity: &identity, helper: &helper };
                     let last = match read_manifest(user, &cache, &sha256).await {
-                        Ok(Some(manifest)) => Ok(ContentHave { files: Vec::new(), manifest }),
+                        Ok(Some(manifest)) => {
+                            let modes = modes_of(user, &cache, &sha256).await;
+                            Ok(ContentHave { files: Vec::new(), manifest, modes })
+                        }
                         Ok(None) => Err(Status::aborted("staging it failed here")),
                         Err(e) => Err(Status::internal(e)),
                     };
@@ -1394,7 +1427,7 @@ mod tests {
         let manifest = format!("{} 10 model.safetensors\n", hex(9));
         let digest = format!("{:x}", Sha256::digest(manifest.as_bytes()));
         swarm.digest = digest;
-        assert!(swarm.event(PeerEvent::Manifest(0, manifest.clone().into_bytes())));
+        assert!(swarm.event(PeerEvent::Manifest(0, manifest.clone().into_bytes(), Vec::new())));
         assert_eq!(swarm.done(), Some(manifest));
     }
 

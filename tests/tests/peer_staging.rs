@@ -28,6 +28,10 @@ fn input(root: &Path) -> (PathBuf, String) {
         std::fs::write(dir.join(&rel), &bytes).unwrap();
         lines.push(format!("{:x} {} {rel}\n", Sha256::digest(&bytes), bytes.len()));
     }
+    // Modes the digest does not cover, which a copy from peers keeps all the same.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("part-01.bin"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir.join("shards"), std::fs::Permissions::from_mode(0o750)).unwrap();
     // The manifest: one line per file, sorted bytewise by path.
     lines.sort_by(|a, b| a.split(' ').nth(2).unwrap().as_bytes().cmp(b.split(' ').nth(2).unwrap().as_bytes()));
     (dir, format!("{:x}", Sha256::digest(lines.concat().as_bytes())))
@@ -64,11 +68,16 @@ fn cached(cluster: &Cluster, i: usize, digest: &str) -> Option<PathBuf> {
     cache.join(format!("{digest}.manifest")).exists().then(|| cache.join(digest))
 }
 
+/// The same bytes, and the same modes for the files and the `shards` directory.
 fn same_files(a: &Path, b: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: PathBuf| std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
     for i in 0..FILES {
         let rel = if i % 2 == 0 { format!("shards/part-{i:02}.bin") } else { format!("part-{i:02}.bin") };
         assert_eq!(std::fs::read(a.join(&rel)).unwrap(), std::fs::read(b.join(&rel)).unwrap(), "{rel}");
+        assert_eq!(mode(a.join(&rel)), mode(b.join(&rel)), "the mode of {rel} in {}", b.display());
     }
+    assert_eq!(mode(a.join("shards")), mode(b.join("shards")), "the mode of shards/ in {}", b.display());
 }
 
 fn status<'a>(job: &'a Job, node: &str) -> &'a StageStatus {

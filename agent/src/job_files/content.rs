@@ -19,7 +19,7 @@ use std::collections::HashSet;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -33,6 +33,27 @@ use crate::stage::parse_manifest;
 pub const MAX_MANIFEST: u64 = 256 << 20;
 /// Bytes read from stdin at once while receiving a file.
 const BLOCK: usize = 1 << 20;
+/// The most [`PathMode`]s listed for a content, or applied to one: past
+/// them, paths keep the defaults.
+pub const MAX_MODES: usize = 10_000;
+/// The most entries (files, directories, links) [`modes`] looks at.
+const MAX_WALK: usize = 4_000_000;
+/// The permission bits kept of a mode, as a staging from the source keeps
+/// them (no set-user-ID or set-group-ID).
+const MODE_BITS: u32 = 0o1777;
+/// The modes a file and a directory from peers get unless listed otherwise.
+const FILE_MODE: u32 = 0o644;
+const DIR_MODE: u32 = 0o755;
+
+/// The permission bits of one path of a content (`""`: its root), where
+/// they differ from [`FILE_MODE`] or [`DIR_MODE`]: what the digest does not
+/// cover, sent beside the manifest so that a copy from peers has the modes
+/// a staging from the source gives (an executable stays executable).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PathMode {
+    pub path: String,
+    pub mode: u32,
+}
 
 /// Where a content's pieces are in a cache.
 struct Layout<'a> {
@@ -495,16 +516,96 @@ fn write_hashed(out: &mut impl Write, body: &mut impl Read, size: u64) -> Result
     Ok((got, format!("{:x}", hasher.finalize())))
 }
 
+/// The modes of complete content `hex` in `cache_dir` that differ from
+/// the defaults ([`PathMode`]), sorted by path, at most [`MAX_MODES`]
+/// (names that are not UTF-8 are left out, as peers take no such content);
+/// [`Reply::Missing`] if it is not complete here. Links are not followed.
+pub fn modes(cache_dir: &Path, hex: &str) -> Result<Reply, String> {
+    check_digest("the content digest", hex)?;
+    let layout = Layout { cache: cache_dir, hex };
+    if !layout.is_complete() {
+        return Ok(Reply::Missing);
+    }
+    let root = layout.content();
+    let mut listed = Vec::new();
+    let mut stack = vec![String::new()];
+    let mut walked = 0usize;
+    while let Some(rel) = stack.pop() {
+        walked += 1;
+        if walked > MAX_WALK {
+            return Err(format!("content {hex} has more than {MAX_WALK} entries; its modes are not listed"));
+        }
+        let path = if rel.is_empty() { root.clone() } else { root.join(&rel) };
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let default = match (meta.is_dir(), meta.is_file()) {
+            (true, _) => DIR_MODE,
+            (_, true) => FILE_MODE,
+            _ => continue,
+        };
+        let mode = meta.permissions().mode() & MODE_BITS;
+        if mode != default && listed.len() < MAX_MODES {
+            listed.push(PathMode { path: rel.clone(), mode });
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(|e| format!("{}: {e}", path.display()))? {
+                let entry = entry.map_err(|e| format!("{}: {e}", path.display()))?;
+                let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+                stack.push(if rel.is_empty() { name } else { format!("{rel}/{name}") });
+            }
+        }
+    }
+    listed.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+    Ok(Reply::Modes(listed))
+}
+
+/// Gives the paths of `tree` the modes listed (at most [`MAX_MODES`], only
+/// the bits [`MODE_BITS`]): files first, then directories deepest first (a
+/// read-only directory would refuse its own children otherwise), as a
+/// staging from the source seals its copy. A path not in the tree, or not a
+/// file or directory, is passed over; a path that is not relative with
+/// plain names is refused.
+fn apply_modes(hex: &str, tree: &Path, modes: &[PathMode]) -> Result<(), String> {
+    let mut dirs = Vec::new();
+    for entry in modes.iter().take(MAX_MODES) {
+        let path = if entry.path.is_empty() {
+            tree.to_owned()
+        } else {
+            check_rel(hex, Path::new(&entry.path))?;
+            tree.join(&entry.path)
+        };
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        let mode = std::fs::Permissions::from_mode(entry.mode & MODE_BITS);
+        if meta.is_file() {
+            std::fs::set_permissions(&path, mode)
+                .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+        } else if meta.is_dir() {
+            dirs.push((entry.path.split('/').count() * usize::from(!entry.path.is_empty()), path, mode));
+        }
+    }
+    dirs.sort_by_key(|(depth, _, _)| std::cmp::Reverse(*depth));
+    for (_, path, mode) in dirs {
+        std::fs::set_permissions(&path, mode).map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Completes the staging of directory content `hex` whose files came from
 /// peers, as a staging from the source completes it: once the manifest
 /// (`manifest_bytes` bytes of `body`) hashes to `hex` and every file it lists
-/// is in `tree/` with its size (what is not listed there goes), the
-/// filesystem is synced, then the manifest and the tree renamed into
+/// is in `tree/` with its size (what is not listed there goes), the paths
+/// get the `modes` its sender listed ([`apply_modes`]), the filesystem is
+/// synced, then the manifest and the tree renamed into
 /// `sha256/`. The files' digests are not read again here: [`receive`]
 /// checked each against the digest it was sent with. Held under the
 /// content's lock, which a staging of it and the garbage collection hold
 /// too. Content already complete is left as it is.
-pub fn finish_tree(cache_dir: &Path, hex: &str, manifest_bytes: u64, body: &mut impl Read) -> Result<Reply, String> {
+pub fn finish_tree(
+    cache_dir: &Path,
+    hex: &str,
+    manifest_bytes: u64,
+    modes: &[PathMode],
+    body: &mut impl Read,
+) -> Result<Reply, String> {
     check_digest("the content digest", hex)?;
     if manifest_bytes > MAX_MANIFEST {
         return Err(format!("the manifest of {hex} is {manifest_bytes} bytes, over the {MAX_MANIFEST} taken"));
@@ -567,6 +668,7 @@ pub fn finish_tree(cache_dir: &Path, hex: &str, manifest_bytes: u64, body: &mut 
     let listed: Vec<&Path> = parsed.files.iter().map(|f| f.path.as_path()).collect();
     prune(&tree, &listed)
         .map_err(|e| format!("cannot remove what {hex} does not list from {}: {e}", tree.display()))?;
+    apply_modes(hex, &tree, modes)?;
     let written = |path: &Path| {
         let path = path.to_owned();
         move |e: io::Error| format!("cannot write {}: {e}", path.display())

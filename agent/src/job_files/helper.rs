@@ -104,8 +104,9 @@ pub fn main() -> i32 {
         Request::PieceDigests { cache_dir, sha256, rel, piece_bytes, file_sha256 } => {
             super::content::piece_digests(&cache_dir, &sha256, &rel, piece_bytes, &file_sha256)
         }
-        Request::FinishTree { cache_dir, sha256, manifest_bytes } => {
-            super::content::finish_tree(&cache_dir, &sha256, manifest_bytes, &mut stdin)
+        Request::ContentModes { cache_dir, sha256 } => super::content::modes(&cache_dir, &sha256),
+        Request::FinishTree { cache_dir, sha256, manifest_bytes, modes } => {
+            super::content::finish_tree(&cache_dir, &sha256, manifest_bytes, &modes, &mut stdin)
         }
     };
     let (reply, code) = match reply {
