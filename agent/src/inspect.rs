@@ -66,6 +66,8 @@ impl Preparer {
             (evicted, refused, listing)
         };
         let ms = |t| i64::try_from(crate::cache_keeper::unix_ms(t)).unwrap_or(i64::MAX);
+        // Whose cache a job without `user:` uses here (the controller's tracker keys content by the job's `user:`).
+        let default_uid = self.rank_users.resolve_blocking("").await.ok().map(|identity| identity.uid);
         let answer = CacheAnswer {
             limit_bytes: keeper.max_bytes().unwrap_or(0),
             total_bytes: listing.entries.iter().map(|c| c.entry.bytes).sum(),
@@ -80,6 +82,7 @@ impl Preparer {
                     user: c.user,
                     uid: c.uid,
                     pinned_by: c.pinned_by,
+                    default_user: default_uid == Some(c.uid),
                 })
                 .collect(),
             unknown_pins: listing.unknown_pins,

@@ -276,6 +276,8 @@ impl AgentService for Local {
         let session = tx.downgrade();
         self.controller.attach(&hello.node_name, &hello.session_id, tx).await?;
         tracing::info!(node = %hello.node_name, "agent session open");
+        let (learner, node) = (self.controller.clone(), hello.node_name.clone());
+        tokio::spawn(async move { learner.learn_holdings(&node).await });
         let controller = self.controller.clone();
         // The session's messages are applied in order by one task; the reader
         // acks each heartbeat as it arrives, never behind a message waiting

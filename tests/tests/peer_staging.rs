@@ -160,6 +160,41 @@ async fn a_dead_holder_is_routed_around() {
     same_files(&cluster.dir.path().join("model-gone"), &cached(&cluster, outside, &digest).unwrap());
 }
 
+/// The controller learns what the nodes' caches hold when their sessions
+/// open: after it restarts (SIGKILL), a job on a node without the input
+/// fetches it from the node that staged it before the restart, with the
+/// source gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_controller_sends_peers_to_what_was_staged_before_it() {
+    let mut cluster = Cluster::start(nodes(2)).await.unwrap();
+    let (source, digest) = input(cluster.dir.path());
+    run(&cluster, &job("before", 1, Some("slot: n0"), &source, &digest)).await;
+    assert!(cached(&cluster, 0, &digest).is_some() && cached(&cluster, 1, &digest).is_none());
+
+    cluster.kill_controller_at(0);
+    // The restarted controller appends to the same log.
+    let before = cluster.controller_log().len();
+    cluster.restart_controller_at(0).unwrap();
+    let names: Vec<String> = (0..2).map(|i| format!("node{i}")).collect();
+    cluster.wait_nodes_ready(&names, Duration::from_secs(60)).await.unwrap();
+    let learnt = |log: String| {
+        log.get(before..).unwrap_or_default().lines().any(|l| {
+            l.contains("learnt what the node's caches hold") && l.contains("node0") && !l.contains("contents=0")
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !learnt(cluster.controller_log()) {
+        assert!(std::time::Instant::now() < deadline, "never learnt node0's cache:\n{}", cluster.controller_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let moved = cluster.dir.path().join("model-gone");
+    std::fs::rename(&source, &moved).unwrap();
+    let after = run(&cluster, &job("after", 1, Some("slot: n1"), &source, &digest)).await;
+    let s = status(&after, "node1");
+    assert_eq!(s.bytes_from_peers, TOTAL, "from node0, the source untouched (it is gone): {s:?}");
+    same_files(&moved, &cached(&cluster, 1, &digest).unwrap());
+}
+
 /// Files larger than the piece size (1 MiB here) travel in pieces: a gang
 /// of 4 with one node reading the source gets a model of two 3.5 MiB shards
 /// and a small file; the fetchers take the shards piece by piece (from the

@@ -8,8 +8,12 @@
 //! `--max-source-pulls` of them read the source; every other node gets
 //! those, the other holders and the rest of the gang as its peers, and
 //! fetches from them (the pullers offer each file as soon as it is copied).
-//! What the tracker knows lives in memory only: after a restart or a
-//! takeover the first attempt that needs a content reads its source again.
+//! What the tracker knows lives in memory; a controller that starts (or
+//! takes over) learns it again from each node's caches when the node's
+//! session opens (`Controller::learn_holdings`): complete content under its
+//! cache's user name, and under `""` for the node's rank-user. A job whose
+//! `user:` names its user otherwise (a submitter's mapping) reads its
+//! source once more after a restart.
 //! A holder that evicted the content meanwhile answers "not here" and its
 //! peers fetch from others.
 
@@ -72,6 +76,13 @@ impl ContentTracker {
                 self.holders.entry(key).or_default().insert(node.to_owned());
             }
         }
+    }
+
+    /// `node`'s cache for `user` (a job's `user:`, empty for the node's
+    /// rank-user) holds complete content `digest`, as it listed when its
+    /// session opened.
+    pub(super) fn held(&mut self, node: &str, user: &str, digest: &str) {
+        self.holders.entry((user.to_owned(), digest.to_owned())).or_default().insert(node.to_owned());
     }
 
     /// The content was removed from a node's cache.

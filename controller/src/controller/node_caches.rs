@@ -41,6 +41,47 @@ impl Controller {
         Ok(answers.pop().unwrap_or_default())
     }
 
+    /// Learns what `node`'s caches hold when its session opens, so that a
+    /// controller that restarted or took over sends peers to content staged
+    /// before it (see `content`): each complete content under its user's
+    /// name, and under `""` (a job without `user:`) when it is the node's
+    /// rank-user's. Only for a node that serves peers; a failure is logged
+    /// and costs only a read of the source.
+    pub async fn learn_holdings(&self, node: &str) {
+        let name = node.to_owned();
+        let serves =
+            self.state.call(move |state, _| state.nodes.get(&name).is_some_and(|n| n.peer_address().is_some()));
+        if !serves.await {
+            return;
+        }
+        let answer = match self.ask_caches(node, CacheCommand::default()).await {
+            Ok(mut answers) => answers.pop().unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(node, error = %e, "cannot learn what the node's caches hold");
+                return;
+            }
+        };
+        let Some(cache) = answer.cache else {
+            tracing::warn!(node, error = %answer.error, "cannot learn what the node's caches hold");
+            return;
+        };
+        let held: Vec<(String, String)> = cache
+            .entries
+            .into_iter()
+            .filter(|c| c.sha256.len() == 64 && c.sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+            .flat_map(|c| {
+                let digest = c.sha256.to_ascii_lowercase();
+                let default = c.default_user.then(|| (String::new(), digest.clone()));
+                std::iter::once((c.user, digest)).chain(default)
+            })
+            .collect();
+        let (name, contents) = (node.to_owned(), held.len());
+        self.state
+            .call(move |state, _| held.iter().for_each(|(user, digest)| state.content.held(&name, user, digest)))
+            .await;
+        tracing::info!(node, contents, "learnt what the node's caches hold");
+    }
+
     async fn ask_caches(&self, node: &str, command: CacheCommand) -> Result<Vec<NodeCache>, ControllerError> {
         let node = node.trim().to_owned();
         let pending = self
