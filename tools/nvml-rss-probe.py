@@ -4,7 +4,10 @@
 Calls, through ctypes and in the agent's order, the NVML functions the agent's
 gpu/nvml.rs uses (inventory, topology, telemetry poll, event registration and a
 short event wait) and prints after each: VmRSS, RssAnon, and whether libcuda is
-mapped. Run on a GPU host: python3 tools/nvml-rss-probe.py [GPU_INDEX]
+mapped. Run on a GPU host: python3 tools/nvml-rss-probe.py [GPU_INDEX] [INIT_FLAGS]
+[trim]: INIT_FLAGS given (not -), nvmlInitWithFlags(INIT_FLAGS) instead of nvmlInit_v2
+(1: no GPUs, 2: no attach); `trim`: glibc's malloc_trim(0) after the init and at
+the end. Also prints the largest anonymous mappings after the init.
 """
 import ctypes
 import sys
@@ -27,6 +30,21 @@ def status():
 last = None
 
 
+def largest_anon(n=4):
+    """The n anonymous mappings with the most resident KiB, from smaps."""
+    regions, current = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+                current = {"range": parts[0], "name": parts[5] if len(parts) > 5 else "[anon]", "rss": 0}
+                regions.append(current)
+            elif parts[0] == "Rss:" and current is not None:
+                current["rss"] = int(parts[1])
+    anon = sorted((r for r in regions if not r["name"].startswith("/")), key=lambda r: -r["rss"])[:n]
+    print("  largest anonymous: " + ", ".join(f"{r['name']} {r['range']} {r['rss'] / 1024:.1f} MiB" for r in anon), flush=True)
+
+
 def report(step, rc=None):
     global last
     fields, libs = status()
@@ -42,7 +60,16 @@ def main():
     nvml = ctypes.CDLL("libnvidia-ml.so.1")
     report("dlopen libnvidia-ml.so.1")
     call = lambda name, *args: getattr(nvml, name)(*args)  # noqa: E731
-    report("nvmlInit_v2", call("nvmlInit_v2"))
+    flags = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] != "-" else None
+    trim = "trim" in sys.argv[3:]
+    if flags is None:
+        report("nvmlInit_v2", call("nvmlInit_v2"))
+    else:
+        report(f"nvmlInitWithFlags({flags})", call("nvmlInitWithFlags", ctypes.c_uint(flags)))
+    largest_anon()
+    libc = ctypes.CDLL("libc.so.6")
+    if trim:
+        report("malloc_trim(0)", libc.malloc_trim(0))
     count = ctypes.c_uint(0)
     report("nvmlDeviceGetCount_v2", call("nvmlDeviceGetCount_v2", ctypes.byref(count)))
     buf = ctypes.create_string_buffer(256)
@@ -92,6 +119,8 @@ def main():
         call("nvmlDeviceGetComputeRunningProcesses_v3", dev, ctypes.byref(procs), big)
     report("3 more polls")
     report("nvmlEventSetFree", call("nvmlEventSetFree", event_set))
+    if trim:
+        report("malloc_trim(0)", libc.malloc_trim(0))
     report("nvmlShutdown", call("nvmlShutdown"))
 
 

@@ -12,6 +12,9 @@
 //! cargo build --workspace --bins
 //! target/debug/cohort-goodput --seeds 1,2,3                  # default controller and agent flags
 //! target/debug/cohort-goodput --seeds 1,2,3 --tuned          # agents --fence-after 4s
+//! # the issue's rate for 6 GPUs, a week of training, Young/Daly's checkpoint interval:
+//! target/debug/cohort-goodput --seeds 1,2,3 --mtbf-minutes 1667 --sim-minutes 10080 --step-s 60 \
+//!     --ckpt-every 41 --time-factor 2000 --backoff 10s --run-limit-s 1500
 //! ```
 //!
 //! Output: goodput (useful steps × step time / wall time), in compressed time
@@ -73,8 +76,9 @@ struct Args {
     #[arg(long, default_value_t = 100.0)]
     time_factor: f64,
     /// Mean simulated minutes between faults for this job. The issue's rate (one per
-    /// 10 minutes per 1,000 GPUs) gives 8 GPUs one per 1,250 minutes: scaled up so that a
-    /// 2-hour run sees several.
+    /// 10 minutes per 1,000 GPUs) gives the default job's 6 GPUs one per 1,667 minutes
+    /// (`--mtbf-minutes 1667` with a long `--sim-minutes`); the default is that rate
+    /// scaled up about 67× so that a 2-hour run sees several.
     #[arg(long, default_value_t = 25.0)]
     mtbf_minutes: f64,
     /// Real seconds before a crashed agent is started again or a partition heals.
