@@ -4,7 +4,7 @@
 //! otherwise refuses with the table. Also: training metrics, resume from the
 //! newest checkpoint, `cohort doctor`, and queries answered by agents.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use cohort_proto::{
     DatasetSummary, MetricsBatch, PreflightReport, PreflightTable, PrepareResult, QueryResult, StageProgress,
@@ -463,9 +463,40 @@ fn evaluate(entry: &JobEntry) -> Vec<String> {
             }
         }
     }
+    problems.extend(differing_inputs(plan, entry));
     problems.extend(compare_reports(&reports, &required_packages(&entry.spec)));
     problems.extend(swift_check::refusals(&reports));
     problems
+}
+
+/// Inputs the nodes staged with different content: without `sha256:` each
+/// node reads the source itself, and a source that changed while they read
+/// it, or that is not the same on every node (a node-local path, a mount
+/// that lags), would give the ranks different files under the same name.
+fn differing_inputs(plan: &cohort_proto::GangPlan, entry: &JobEntry) -> Vec<String> {
+    // Input name → digest → the nodes that staged that content.
+    let mut staged: BTreeMap<&str, BTreeMap<&str, Vec<&str>>> = BTreeMap::new();
+    for a in &plan.nodes {
+        let Some(result) = entry.prepared.get(&a.node_name) else { continue };
+        for input in result.staged.iter().filter(|s| s.error.is_empty() && !s.sha256.is_empty()) {
+            staged.entry(&input.name).or_default().entry(&input.sha256).or_default().push(&a.node_name);
+        }
+    }
+    staged
+        .into_iter()
+        .filter(|(_, digests)| digests.len() > 1)
+        .map(|(name, digests)| {
+            let found: Vec<String> = digests
+                .iter()
+                .map(|(digest, nodes)| format!("{} on {}", digest.get(..12).unwrap_or(digest), nodes.join(", ")))
+                .collect();
+            format!(
+                "stage input {name} is not the same content on every node ({}): its source changed while the \
+                 nodes read it, or differs between them; make it the same everywhere and pin it with `sha256:`",
+                found.join("; ")
+            )
+        })
+        .collect()
 }
 
 /// The packages preflight requires of every node of the job.

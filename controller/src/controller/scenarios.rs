@@ -163,6 +163,45 @@ async fn a_node_lost_during_preparation_fails_the_attempt_and_stops_the_others_p
     assert!(!commands(&mut n0).iter().any(|c| matches!(c, Command::Launch(_))));
 }
 
+/// An input without `sha256:` that two nodes staged as different content
+/// (its source changed while they read it) refuses the launch, naming
+/// both digests and their nodes; the same content on both launches.
+#[tokio::test]
+async fn an_input_staged_as_different_content_on_two_nodes_refuses_the_launch() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let mut n0 = connect(&controller, "n0", Vec::new()).await;
+    let _n1 = connect(&controller, "n1", Vec::new()).await;
+    let yaml = "name: t\nkind: command\nnodes: 2\ngpus_per_node: 1\nstage: [{name: data, source: /data/set}]\n\
+                restart: {max_restarts: 0}\ncommand: [sleep, '100']\n";
+    let (a, b) = ("a".repeat(64), "b".repeat(64));
+    let staged = |id: &str, attempt: u32, digest: &str| PrepareResult {
+        job_id: id.into(),
+        attempt,
+        staged: vec![cohort_proto::StagedInput { name: "data".into(), sha256: digest.into(), ..Default::default() }],
+        ..PrepareResult::default()
+    };
+
+    let id = submit(&controller, yaml).await;
+    controller.reconcile().await.unwrap();
+    assert_eq!(controller.get(&id).await.unwrap().state, JobState::Preparing as i32);
+    controller.prepare_result("n0", staged(&id, 1, &a)).await;
+    controller.prepare_result("n1", staged(&id, 1, &b)).await;
+    let job = controller.get(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Failed as i32, "{}", job.reason);
+    let want =
+        format!("stage input data is not the same content on every node ({} on n0; {} on n1)", &a[..12], &b[..12]);
+    assert!(job.reason.contains(&want), "{}", job.reason);
+    assert!(job.reason.contains("pin it with `sha256:`"), "{}", job.reason);
+    assert!(!commands(&mut n0).iter().any(|c| matches!(c, Command::Launch(_))), "nothing launched");
+
+    let same = submit(&controller, &yaml.replace("name: t", "name: same")).await;
+    controller.reconcile().await.unwrap();
+    controller.prepare_result("n0", staged(&same, 1, &a)).await;
+    controller.prepare_result("n1", staged(&same, 1, &a)).await;
+    assert!(commands(&mut n0).iter().any(|c| matches!(c, Command::Launch(_))), "the same content launches");
+}
+
 #[tokio::test]
 async fn exits_while_a_cancelled_gang_stops_leave_it_cancelled_and_stops_are_resent_until_all_exited() {
     let dir = tempfile::tempdir().unwrap();
