@@ -58,7 +58,8 @@ mod record;
 #[cfg(test)]
 mod tests;
 mod tree;
-pub(crate) use tree::{parse_manifest, prune_to};
+pub(crate) use fetch::MODE_BITS;
+pub(crate) use tree::{parse_manifest, prune_to, walk};
 
 use std::collections::HashSet;
 use std::ffi::OsStr;

@@ -27,7 +27,7 @@ use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
 use super::Reply;
-use crate::stage::parse_manifest;
+use crate::stage::{MODE_BITS, parse_manifest};
 
 /// The largest manifest read or written (a million files of long names).
 pub const MAX_MANIFEST: u64 = 256 << 20;
@@ -38,9 +38,6 @@ const BLOCK: usize = 1 << 20;
 pub const MAX_MODES: usize = 10_000;
 /// The most entries (files, directories, links) [`modes`] looks at.
 const MAX_WALK: usize = 4_000_000;
-/// The permission bits kept of a mode, as a staging from the source keeps
-/// them (no set-user-ID or set-group-ID).
-const MODE_BITS: u32 = 0o1777;
 /// The modes a file and a directory from peers get unless listed otherwise.
 const FILE_MODE: u32 = 0o644;
 const DIR_MODE: u32 = 0o755;
@@ -526,34 +523,21 @@ pub fn modes(cache_dir: &Path, hex: &str) -> Result<Reply, String> {
     if !layout.is_complete() {
         return Ok(Reply::Missing);
     }
-    let root = layout.content();
-    let mut listed = Vec::new();
-    let mut stack = vec![String::new()];
-    let mut walked = 0usize;
-    while let Some(rel) = stack.pop() {
-        walked += 1;
-        if walked > MAX_WALK {
-            return Err(format!("content {hex} has more than {MAX_WALK} entries; its modes are not listed"));
-        }
-        let path = if rel.is_empty() { root.clone() } else { root.join(&rel) };
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let default = match (meta.is_dir(), meta.is_file()) {
-            (true, _) => DIR_MODE,
-            (_, true) => FILE_MODE,
-            _ => continue,
-        };
-        let mode = meta.permissions().mode() & MODE_BITS;
-        if mode != default && listed.len() < MAX_MODES {
-            listed.push(PathMode { path: rel.clone(), mode });
-        }
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(&path).map_err(|e| format!("{}: {e}", path.display()))? {
-                let entry = entry.map_err(|e| format!("{}: {e}", path.display()))?;
-                let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
-                stack.push(if rel.is_empty() { name } else { format!("{rel}/{name}") });
-            }
-        }
+    // The listing a staging from the source makes of its source (modes already cut to MODE_BITS).
+    let tree = crate::stage::walk(hex, &layout.content()).map_err(|e| e.to_string())?;
+    if tree.dirs.len() + tree.files.len() + tree.links.len() > MAX_WALK {
+        return Err(format!("content {hex} has more than {MAX_WALK} entries; its modes are not listed"));
     }
+    let root = (PathBuf::new(), tree.root_mode, DIR_MODE);
+    let dirs = tree.dirs.into_iter().map(|(rel, mode)| (rel, mode, DIR_MODE));
+    let files = tree.files.into_iter().map(|f| (f.rel, f.mode, FILE_MODE));
+    let mut listed: Vec<PathMode> = std::iter::once(root)
+        .chain(dirs)
+        .chain(files)
+        .filter(|(_, mode, default)| mode != default)
+        .filter_map(|(rel, mode, _)| Some(PathMode { path: rel.to_str()?.to_owned(), mode }))
+        .take(MAX_MODES)
+        .collect();
     listed.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
     Ok(Reply::Modes(listed))
 }

@@ -21,7 +21,7 @@ use super::StageError;
 use super::progress::Meter;
 
 /// Mode bits kept from a source: not setuid or setgid.
-pub(super) const MODE_BITS: u32 = 0o1777;
+pub(crate) const MODE_BITS: u32 = 0o1777;
 
 /// Read and write buffer. A pipelined copy holds `1 + HASH_DEPTH` of them.
 pub(super) const CHUNK: usize = 1 << 20;

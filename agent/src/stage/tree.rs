@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::StageError;
 use super::fetch::MODE_BITS;
 
-pub(super) struct TreeFile {
+pub(crate) struct TreeFile {
     pub rel: PathBuf,
     pub size: u64,
     pub mode: u32,
@@ -27,7 +27,7 @@ pub(super) struct TreeFile {
 /// a user, unlike mtime), unless it changed within the timestamps' resolution
 /// of the listing; `record` leaves such recent files out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(super) struct FileStat {
+pub(crate) struct FileStat {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
@@ -49,13 +49,13 @@ impl FileStat {
     }
 }
 
-pub(super) struct TreeLink {
+pub(crate) struct TreeLink {
     pub rel: PathBuf,
     /// As it will be written in the copy: relative, pointing inside.
     pub target: PathBuf,
 }
 
-pub(super) struct Tree {
+pub(crate) struct Tree {
     pub root_mode: u32,
     /// Relative path and mode; parents before children.
     pub dirs: Vec<(PathBuf, u32)>,
@@ -72,7 +72,7 @@ impl Tree {
 /// Lists `root` without following symlinks. Fails on a special file, a name
 /// with a newline (the manifest could not list it) and a symlink that leads
 /// out of `root` or nowhere.
-pub(super) fn walk(item: &str, root: &Path) -> Result<Tree, StageError> {
+pub(crate) fn walk(item: &str, root: &Path) -> Result<Tree, StageError> {
     let read_error = |path: &Path| {
         let path = path.to_owned();
         move |error| StageError::Io { item: item.to_owned(), action: "read", path, error }
