@@ -7,6 +7,7 @@
 //! is corrupt is reported and routed around; a dead holder is routed around.
 #![allow(clippy::unwrap_used)]
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,7 +30,6 @@ fn input(root: &Path) -> (PathBuf, String) {
         lines.push(format!("{:x} {} {rel}\n", Sha256::digest(&bytes), bytes.len()));
     }
     // Modes the digest does not cover, which a copy from peers keeps all the same.
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.join("part-01.bin"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(dir.join("shards"), std::fs::Permissions::from_mode(0o750)).unwrap();
     // The manifest: one line per file, sorted bytewise by path.
@@ -70,7 +70,6 @@ fn cached(cluster: &Cluster, i: usize, digest: &str) -> Option<PathBuf> {
 
 /// The same bytes, and the same modes for the files and the `shards` directory.
 fn same_files(a: &Path, b: &Path) {
-    use std::os::unix::fs::PermissionsExt;
     let mode = |p: PathBuf| std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
     for i in 0..FILES {
         let rel = if i % 2 == 0 { format!("shards/part-{i:02}.bin") } else { format!("part-{i:02}.bin") };

@@ -28,7 +28,7 @@ impl Controller {
                 "EvictNodeCacheRequest.sha256: name at least one digest (`cohort cache staged` lists them)".into(),
             ));
         }
-        if let Some(bad) = digests.iter().find(|d| d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit())) {
+        if let Some(bad) = digests.iter().find(|d| !is_hex_digest(d)) {
             return Err(ControllerError::InvalidRequest(format!(
                 "EvictNodeCacheRequest.sha256: {bad:?} is not 64 hex digits; give the whole digest"
             )));
@@ -68,7 +68,7 @@ impl Controller {
         let held: Vec<(String, String)> = cache
             .entries
             .into_iter()
-            .filter(|c| c.sha256.len() == 64 && c.sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+            .filter(|c| is_hex_digest(&c.sha256))
             .flat_map(|c| {
                 let digest = c.sha256.to_ascii_lowercase();
                 let default = c.default_user.then(|| (String::new(), digest.clone()));
@@ -121,4 +121,9 @@ impl Controller {
         answers.sort_by(|a, b| a.node.cmp(&b.node));
         Ok(answers)
     }
+}
+
+/// 64 hex digits, either case (what the caches list and evict, lowercased after).
+fn is_hex_digest(digest: &str) -> bool {
+    digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit())
 }
