@@ -129,6 +129,17 @@ pub fn check(message: &ControllerMessage) -> Result<(), CommandError> {
                 None => Ok(()),
             }
         }
+        Some(Command::StageDigest(digest)) => {
+            job_id("StageDigestCommand.job_id", &digest.job_id)?;
+            component("StageDigestCommand.item", &digest.item)?;
+            if !digest.sha256.is_empty() && !crate::job_files::is_sha256_hex(&digest.sha256) {
+                return Err(CommandError::at(
+                    "StageDigestCommand.sha256",
+                    format!("{:?} is not 64 hex digits", digest.sha256),
+                ));
+            }
+            Ok(())
+        }
         Some(Command::DumpStacks(dump)) => job_id("DumpStacksCommand.job_id", &dump.job_id),
         Some(Command::FetchLogs(fetch)) => job_id("FetchLogsCommand.job_id", &fetch.job_id),
     }

@@ -14,6 +14,11 @@
 //! spreads between the nodes, file by file (the piece each node asks for
 //! next: [`cohort_shared::swarm::choose`], rarest first).
 //!
+//! An input without a digest is read by one node of the attempt; the
+//! controller tells the others (`StageInput.awaits_digest`) to wait for the
+//! digest it finds (`StageDigestCommand`, see `crate::prepare`), then they
+//! fetch it as above from that node, which holds it complete by then.
+//!
 //! Verification: a file is checked against the digest the serving peer
 //! announced for it before it is kept (and so before it is served on); the
 //! directory is complete only when a manifest whose SHA-256 is the declared

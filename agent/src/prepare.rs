@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use cohort_proto::{
     AgentMessage, Checkpoint, CheckpointAnswer, DatasetSummary, EnvVar, FindCheckpointCommand, PreflightReport,
-    PrepareCommand, PrepareResult, QueryResult, SharedPathCheck, StageProgress, StageStatus, StagedInput,
-    SwiftArgcheckCommand, agent_message::Msg, query_result::Result as QueryAnswer,
+    PrepareCommand, PrepareResult, QueryResult, SharedPathCheck, StageDigestCommand, StageInput, StageProgress,
+    StageStatus, StagedInput, SwiftArgcheckCommand, agent_message::Msg, query_result::Result as QueryAnswer,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
@@ -51,6 +51,10 @@ pub struct Preparer {
     /// Preparations in flight, by job and attempt; a stop of the job aborts
     /// them, and with them their helpers (staging, dataset check, probes).
     pub preparing: Arc<Mutex<HashMap<(String, u32), AbortHandle>>>,
+    /// Inputs without `sha256` that a preparation waits for another node to
+    /// read (`StageInput.awaits_digest`), by job, attempt and input name: the
+    /// controller's `StageDigestCommand` lands here.
+    pub digests: Arc<Mutex<HashMap<DigestKey, watch::Sender<Option<StageDigestCommand>>>>>,
     /// Pins what jobs staged and keeps the caches under `--cache-max`.
     pub cache_keeper: Arc<CacheKeeper>,
     /// The agent's `--work-dir`: a job's own directory is under `jobs/`.
@@ -61,6 +65,9 @@ pub struct Preparer {
     /// Staged content fetched from and served to other nodes (`crate::peer`).
     pub peers: Arc<Peers>,
 }
+
+/// A job, its attempt and an input's name.
+type DigestKey = (String, u32, String);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -92,6 +99,22 @@ impl Preparer {
     /// Runs [`Preparer::prepare`] as its own task, which [`Preparer::abort`] ends.
     pub fn spawn_prepare(&self, cmd: PrepareCommand) {
         let key = (cmd.job_id.clone(), cmd.attempt);
+        // Registered before the task starts: the controller's digest for an
+        // input may come before the task looks for it.
+        let awaited: Vec<DigestKey> = cmd
+            .stage
+            .iter()
+            .filter(|s| s.awaits_digest)
+            .map(|s| (cmd.job_id.clone(), cmd.attempt, s.name.clone()))
+            .collect();
+        {
+            let mut digests = lock(&self.digests);
+            // An older attempt's waits are stale: dropped, they read the source.
+            digests.retain(|(job, a, _), _| !(*job == cmd.job_id && *a < cmd.attempt));
+            for key in &awaited {
+                digests.insert(key.clone(), watch::channel(None).0);
+            }
+        }
         let preparer = self.clone();
         // Held while spawning: the task's own removal waits for its insertion.
         let mut preparing = lock(&self.preparing);
@@ -99,8 +122,23 @@ impl Preparer {
         let task = tokio::spawn(async move {
             preparer.prepare(cmd).await;
             lock(&preparer.preparing).remove(&done);
+            let mut digests = lock(&preparer.digests);
+            awaited.iter().for_each(|key| drop(digests.remove(key)));
         });
         preparing.insert(key, task.abort_handle());
+    }
+
+    /// The controller's answer for an input this node waits for (see
+    /// [`Preparer::await_digests`]); one for no waiting preparation (it
+    /// ended, or was aborted) is dropped.
+    pub fn stage_digest(&self, digest: StageDigestCommand) {
+        let key = (digest.job_id.clone(), digest.attempt, digest.item.clone());
+        match lock(&self.digests).get(&key) {
+            Some(waiting) => {
+                waiting.send_replace(Some(digest));
+            }
+            None => tracing::debug!(job = %key.0, attempt = key.1, item = %key.2, "digest for no waiting preparation"),
+        }
     }
 
     /// Ends the preparations of `job_id` up to `attempt` (the job was
@@ -109,6 +147,7 @@ impl Preparer {
     /// dataset check does not go on for a job that is over.
     pub fn abort(&self, job_id: &str, attempt: u32) {
         self.cache_keeper.unpin(job_id, attempt);
+        lock(&self.digests).retain(|(job, a, _), _| !(job == job_id && *a <= attempt));
         lock(&self.preparing).retain(|(job, a), task| {
             let over = job == job_id && *a <= attempt;
             if over {
@@ -339,7 +378,7 @@ impl Preparer {
         if cmd.stage.is_empty() {
             return Ok(Vec::new());
         }
-        let items: Vec<StageItem> = cmd
+        let mut items: Vec<StageItem> = cmd
             .stage
             .iter()
             .map(|s| {
@@ -354,13 +393,16 @@ impl Preparer {
         let cache = user_cache(self.stager.cache_dir(), user.identity);
         let mut from_peers: HashMap<String, Fetched> = HashMap::new();
         let mut announced = HashMap::new();
+        // Inputs without a digest that another node reads come, once it knows
+        // their digest, from it and the other waiting nodes, as inputs with one.
+        let inputs = self.await_digests(cmd, user).await;
         if let Ok(cache) = &cache {
             // Inputs other nodes hold or stage now come from them; what they
             // cannot serve is read from the source below.
             // Only directories travel between nodes: a URL is a file, and a
             // local source that the user sees as a file here is read from it.
             let mut wanted = Vec::new();
-            for s in cmd.stage.iter().filter(|s| !s.peers.is_empty() && !is_cached(cache, &s.sha256)) {
+            for s in inputs.iter().filter(|s| !s.peers.is_empty() && !is_cached(cache, &s.sha256)) {
                 if s.source.starts_with("http://") || s.source.starts_with("https://") {
                     continue;
                 }
@@ -405,6 +447,17 @@ impl Preparer {
             }
             // What is read from the source is offered to the peers file by file.
             let offered = cmd.stage.iter().filter(|s| s.sha256.trim().len() == 64);
+            // A digest learnt from another node is this node's to check only
+            // when the content came from peers or was here: otherwise the
+            // source is read as for any input without a digest.
+            for (item, input) in items.iter_mut().zip(&inputs) {
+                if item.sha256.is_none()
+                    && !input.sha256.is_empty()
+                    && (from_peers.contains_key(&input.name) || is_cached(cache, &input.sha256))
+                {
+                    item.sha256 = Some(input.sha256.clone());
+                }
+            }
             for s in offered.filter(|s| !from_peers.contains_key(&s.name) && !is_cached(cache, &s.sha256)) {
                 let digest = s.sha256.trim().to_ascii_lowercase();
                 if let Some(a) = self.peers.announce(cache, &digest) {
@@ -480,10 +533,12 @@ impl Preparer {
                     files_total: p.files_total,
                     state: state.into(),
                     detail,
+                    sha256: p.sha256.unwrap_or_default(),
                     ..StageStatus::default()
                 };
                 let msg = StageProgress { job_id: job_id.clone(), attempt, status: Some(status) };
-                // Progress is advisory: drop it rather than wait when the queue is full.
+                // Progress is advisory: drop it rather than wait when the queue is full
+                // (a digest other nodes wait for also comes with the PrepareResult).
                 let _ = out.try_send(Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) }));
             }
             while hashing.join_next().await.is_some() {}
@@ -523,6 +578,47 @@ impl Preparer {
                 .collect()),
             Err(e) => Err(format!("staging failed: {e}")),
         }
+    }
+
+    /// Waits, for each input that another node of the attempt reads from the
+    /// source (`awaits_digest`), for the digest that node found and the peers
+    /// to fetch it from, unless this node sees the source as a file (read
+    /// here: files do not travel between nodes). Returns the job's inputs
+    /// with what was learnt; an answer without a digest leaves the input to
+    /// be read from the source.
+    async fn await_digests(&self, cmd: &PrepareCommand, user: AsJobUser<'_>) -> Vec<StageInput> {
+        let waits = cmd.stage.iter().map(|s| async move {
+            let mut input = s.clone();
+            if !s.awaits_digest || !s.sha256.is_empty() {
+                return input;
+            }
+            let look = crate::job_files::InspectRequest { path: s.source.clone().into(), ..Default::default() };
+            if matches!(user.inspect_path(look).await, Ok(info) if info.exists && !info.is_dir) {
+                return input;
+            }
+            let key = (cmd.job_id.clone(), cmd.attempt, s.name.clone());
+            let Some(mut answer) = lock(&self.digests).get(&key).map(watch::Sender::subscribe) else { return input };
+            let status = StageStatus {
+                node_name: self.node_name.clone(),
+                item: s.name.clone(),
+                state: "waiting".into(),
+                detail: "for the node reading the source".into(),
+                ..StageStatus::default()
+            };
+            let msg = StageProgress { job_id: cmd.job_id.clone(), attempt: cmd.attempt, status: Some(status) };
+            // Progress is advisory: dropped rather than waited for when the queue is full.
+            let _ = self.out.try_send(Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) }));
+            // The sender goes only with the preparation (or a newer attempt): then read the source.
+            if let Ok(found) = answer.wait_for(Option::is_some).await
+                && let Some(found) = found.as_ref()
+            {
+                tracing::info!(job = %cmd.job_id, item = %s.name, sha256 = %found.sha256, peers = found.peers.len(), "digest found by another node");
+                input.sha256 = found.sha256.clone();
+                input.peers = found.peers.clone();
+            }
+            input
+        });
+        futures::future::join_all(waits).await
     }
 
     /// Searches as the job's user (`cmd.user`, else the node's rank-user),

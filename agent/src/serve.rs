@@ -304,6 +304,7 @@ pub async fn serve(config: AgentConfig, deps: AgentDeps, mut shutdown: watch::Re
         )),
         helper: deps.agent_exe,
         preparing: Default::default(),
+        digests: Default::default(),
         work_dir: std::path::absolute(&config.work_dir).unwrap_or_else(|_| config.work_dir.clone()),
         controller: tokio::sync::watch::channel(None).0,
         peers: peers.clone(),

@@ -397,6 +397,10 @@ async fn handle(
             preparer.spawn_prepare(prepare);
             Ok(())
         }
+        Some(Command::StageDigest(digest)) => {
+            preparer.stage_digest(digest);
+            Ok(())
+        }
         Some(Command::FindCheckpoint(find)) => {
             let preparer = preparer.clone();
             tokio::spawn(async move { preparer.find_checkpoint(command_id, find).await });

@@ -118,6 +118,10 @@ pub struct StageProgress {
     /// directory is staged (see `crate::peer`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileDone>,
+    /// Once `Ready` or `Cached`: the content's hex SHA-256, which the
+    /// controller passes to the nodes waiting for it (`crate::peer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// One file of a directory being staged, done.
@@ -505,7 +509,7 @@ impl Run {
                     "staged"
                 );
                 let state = if staged.from_cache { StageState::Cached } else { StageState::Ready };
-                meter.state(state).await;
+                meter.finished(state, &staged.sha256).await;
             }
             Err(error) => {
                 tracing::warn!(item = %plan.name, from = %plan.source.describe(), %error, "staging failed");

@@ -309,7 +309,7 @@ impl AgentService for Local {
                     Some(Msg::Metrics(batch)) => controller.metrics(batch).await,
                     Some(Msg::Preflight(report)) => controller.node_preflight(&node, report).await,
                     Some(Msg::PrepareResult(result)) => controller.prepare_result(&node, result).await,
-                    Some(Msg::StageProgress(progress)) => controller.stage_progress(progress).await,
+                    Some(Msg::StageProgress(progress)) => controller.stage_progress(&node, progress).await,
                     Some(Msg::QueryResult(result)) => controller.query_result(result).await,
                     Some(Msg::GpuEvent(event)) => controller.gpu_event(&node, event).await,
                     Some(Msg::StackDump(dump)) => controller.stack_dump(&node, dump).await,

@@ -141,6 +141,37 @@ async fn one_node_reads_the_source_the_gang_fetches_from_each_other_and_later_jo
     same_files(&moved, &cached(&cluster, 5, &digest).unwrap());
 }
 
+/// An input without `sha256:`: one node of the gang reads the source, the
+/// others wait for the digest it found and fetch the input from it and from
+/// each other. The same job again: the nodes that waited find that digest in
+/// their caches and copy nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_input_without_a_digest_is_read_by_one_node_and_fetched_from_it_by_the_others() {
+    let cluster = Cluster::start(nodes(4)).await.unwrap();
+    let (source, digest) = input(cluster.dir.path());
+    let yaml = format!(
+        "name: unpinned\nkind: command\nnodes: 4\ngpus_per_node: 1\nstop_grace: 1s\n\
+         stage: [{{name: model, source: {}}}]\ncommand: ['true']\n",
+        source.display()
+    );
+    let first = run(&cluster, &yaml).await;
+    assert_eq!(first.staging.len(), 4, "{:?}", first.staging);
+    let from_source: Vec<&StageStatus> = first.staging.iter().filter(|s| s.bytes_from_peers == 0).collect();
+    assert_eq!(from_source.len(), 1, "exactly one node reads the source: {:?}", first.staging);
+    let reader = from_source[0].node_name.clone();
+    for s in first.staging.iter().filter(|s| s.node_name != reader) {
+        assert_eq!(s.bytes_from_peers, TOTAL, "the whole input from peers on {}: {s:?}", s.node_name);
+    }
+    for i in 0..4 {
+        same_files(&source, &cached(&cluster, i, &digest).unwrap_or_else(|| panic!("node{i} has it")));
+    }
+
+    let second = run(&cluster, &yaml.replace("name: unpinned", "name: again")).await;
+    for s in second.staging.iter().filter(|s| s.node_name != reader) {
+        assert_eq!((s.state.as_str(), s.bytes_from_peers), ("cached", 0), "{s:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_holder_is_routed_around() {
     let mut cluster = Cluster::start(nodes(3)).await.unwrap();

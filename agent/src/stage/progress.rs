@@ -48,6 +48,7 @@ impl Meter {
             files_total: self.files_total.load(Ordering::Relaxed),
             state,
             file: None,
+            sha256: None,
         }
     }
 
@@ -56,6 +57,13 @@ impl Meter {
     pub(super) async fn state(&self, state: StageState) {
         // A dropped receiver only means nobody watches.
         let _ = self.tx.send(self.snapshot(state)).await;
+    }
+
+    /// Reports the item staged (`Ready` or `Cached`) as content `sha256`.
+    pub(super) async fn finished(&self, state: StageState, sha256: &str) {
+        let report = StageProgress { sha256: Some(sha256.to_owned()), ..self.snapshot(state) };
+        // A dropped receiver only means nobody watches.
+        let _ = self.tx.send(report).await;
     }
 
     pub(super) fn set_totals(&self, bytes: Option<u64>, files: u32) {

@@ -126,7 +126,8 @@ struct Args {
     retain_finished: Option<std::time::Duration>,
     /// How many nodes read a staged input's source at once while no node
     /// holds it: the other nodes fetch it from them, and later jobs from the
-    /// nodes that hold it (peer-to-peer staging; inputs with `sha256:`).
+    /// nodes that hold it (peer-to-peer staging; an input without `sha256:`
+    /// is fetched from them once they have read all of it).
     #[arg(long, env = "COHORT_MAX_SOURCE_PULLS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     max_source_pulls: u16,
     #[command(subcommand)]

@@ -8,6 +8,10 @@
 //! `--max-source-pulls` of them read the source; every other node gets
 //! those, the other holders and the rest of the gang as its peers, and
 //! fetches from them (the pullers offer each file as soon as it is copied).
+//! Content without a digest is known only once a node has read it: the
+//! first `--max-source-pulls` nodes of the gang read it, the others wait for
+//! the digest they report (`JobEntry::awaited_digests`,
+//! `Controller::answer_digests`) and are then assigned peers for it here.
 //! What the tracker knows lives in memory; a controller that starts (or
 //! takes over) learns it again from each node's caches when the node's
 //! session opens (`Controller::learn_holdings`): complete content under its

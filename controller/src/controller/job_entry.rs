@@ -134,6 +134,25 @@ pub(super) struct JobEntry {
     pub(super) fence_holds: Vec<FenceHold>,
     /// The restart backoff's part of `not_before_unix_ms`.
     backoff_until_unix_ms: i64,
+    /// Inputs without `sha256` whose digest nodes of the current attempt
+    /// wait for (memory only: a restarted controller places the job again).
+    pub(super) awaited_digests: Vec<AwaitedDigest>,
+}
+
+/// An input without `sha256` that some nodes of an attempt read from the
+/// source while the others wait for the digest they find
+/// (`StageInput.awaits_digest`), to fetch it from them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct AwaitedDigest {
+    pub(super) attempt: u32,
+    /// The input's name.
+    pub(super) item: String,
+    /// The job's `user:`, whose content it is.
+    pub(super) user: String,
+    /// The nodes reading the source that have not failed it; the first to
+    /// report a digest answers.
+    pub(super) readers: Vec<String>,
+    pub(super) waiting: Vec<String>,
 }
 
 /// A lost node's fence deadline holding a job's next attempt back, until its
@@ -185,6 +204,7 @@ impl JobEntry {
             checkpoint_poll: Default::default(),
             fence_holds: Vec::new(),
             backoff_until_unix_ms: 0,
+            awaited_digests: Vec::new(),
         }
     }
 

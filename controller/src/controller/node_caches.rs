@@ -124,6 +124,6 @@ impl Controller {
 }
 
 /// 64 hex digits, either case (what the caches list and evict, lowercased after).
-fn is_hex_digest(digest: &str) -> bool {
+pub(super) fn is_hex_digest(digest: &str) -> bool {
     digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit())
 }

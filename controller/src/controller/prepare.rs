@@ -12,6 +12,7 @@ use cohort_proto::{
 };
 use cohort_shared::spec::DatasetPolicy;
 
+use super::job_entry::AwaitedDigest;
 use super::restart::skipped_note;
 use super::swift_check;
 use super::*;
@@ -55,42 +56,137 @@ impl Controller {
 
     /// Names, in each input with a digest, the nodes each node of the
     /// attempt fetches it from (none: it reads the source), see `content`.
+    /// Of an input without one (a directory or file path, not a URL), the
+    /// first `--max-source-pulls` nodes read the source and the others wait
+    /// for the digest they find (`awaits_digest`, answered by
+    /// [`Self::answer_digests`]), then fetch it from them and each other.
     fn add_content_peers(&self, state: &mut State, id: &str, attempt: u32, plan: &mut planner::LaunchPlan) {
         let gang: Vec<String> = plan.nodes.iter().map(|n| n.node_name.clone()).collect();
         let Some(first) = plan.nodes.iter().find_map(|n| n.prepare.as_ref()) else { return };
         let user = first.user.clone();
         let digests: Vec<String> =
             first.stage.iter().map(|s| s.sha256.trim().to_ascii_lowercase()).filter(|d| d.len() == 64).collect();
+        let unpinned: Vec<String> = first
+            .stage
+            .iter()
+            .filter(|s| s.sha256.trim().is_empty())
+            .filter(|s| !s.source.starts_with("http://") && !s.source.starts_with("https://"))
+            .map(|s| s.name.clone())
+            .collect();
         for digest in digests {
-            let assigned = {
-                let (nodes, jobs) = (&state.nodes, &state.jobs);
-                let live = |n: &str| nodes.get(n).is_some_and(|n| n.peer_address().is_some());
-                let current = |job: &str, attempt: u32| {
-                    jobs.get(job).is_some_and(|e| e.job.attempt == attempt && e.phase() == JobPhase::Preparing)
-                };
-                state.content.assign(
-                    (&user, &digest),
-                    &gang,
-                    (id, attempt),
-                    self.config.max_source_pulls,
-                    live,
-                    current,
-                )
-            };
+            let peers = self.content_peers(state, (&user, &digest), &gang, (id, attempt));
             for node in &mut plan.nodes {
                 let Some(command) = node.prepare.as_mut() else { continue };
-                let peers: Vec<cohort_proto::ContentPeer> = assigned
-                    .get(&node.node_name)
-                    .into_iter()
-                    .flatten()
+                let peers = peers.get(&node.node_name).cloned().unwrap_or_default();
+                for input in command.stage.iter_mut().filter(|s| s.sha256.trim().eq_ignore_ascii_case(&digest)) {
+                    input.peers = peers.clone();
+                }
+            }
+        }
+        // Nodes that serve no peers read the source themselves.
+        let serving: Vec<String> =
+            gang.iter().filter(|n| state.nodes.get(*n).is_some_and(|n| n.peer_address().is_some())).cloned().collect();
+        let readers: Vec<String> = serving.iter().take(self.config.max_source_pulls.max(1)).cloned().collect();
+        let waiting: Vec<String> = serving.iter().skip(readers.len()).cloned().collect();
+        let mut awaited = Vec::new();
+        if !waiting.is_empty() {
+            for item in unpinned {
+                for node in plan.nodes.iter_mut().filter(|n| waiting.contains(&n.node_name)) {
+                    let Some(command) = node.prepare.as_mut() else { continue };
+                    command.stage.iter_mut().filter(|s| s.name == item).for_each(|s| s.awaits_digest = true);
+                }
+                let (readers, waiting) = (readers.clone(), waiting.clone());
+                awaited.push(AwaitedDigest { attempt, item, user: user.clone(), readers, waiting });
+            }
+        }
+        if let Some(entry) = state.jobs.get_mut(id) {
+            entry.awaited_digests = awaited;
+        }
+    }
+
+    /// The peers each of `nodes` fetches content `key` (user, digest) from,
+    /// recording them as staging it for `attempt`; a node without peers reads
+    /// the source.
+    fn content_peers(
+        &self,
+        state: &mut State,
+        key: (&str, &str),
+        nodes: &[String],
+        attempt: (&str, u32),
+    ) -> BTreeMap<String, Vec<cohort_proto::ContentPeer>> {
+        let assigned = {
+            let (all, jobs) = (&state.nodes, &state.jobs);
+            let live = |n: &str| all.get(n).is_some_and(|n| n.peer_address().is_some());
+            let current = |job: &str, attempt: u32| {
+                jobs.get(job).is_some_and(|e| e.job.attempt == attempt && e.phase() == JobPhase::Preparing)
+            };
+            state.content.assign(key, nodes, attempt, self.config.max_source_pulls, live, current)
+        };
+        assigned
+            .into_iter()
+            .map(|(node, peers)| {
+                let peers = peers
+                    .iter()
                     .filter_map(|peer| {
                         let address = state.nodes.get(peer)?.peer_address()?;
                         Some(cohort_proto::ContentPeer { node_name: peer.clone(), address })
                     })
                     .collect();
-                for input in command.stage.iter_mut().filter(|s| s.sha256.trim().eq_ignore_ascii_case(&digest)) {
-                    input.peers = peers.clone();
+                (node, peers)
+            })
+            .collect()
+    }
+
+    /// A node that reads inputs without `sha256` for the nodes waiting on
+    /// them reported (`outcome` of an input: nothing yet, its digest, or
+    /// `None`: it failed it): each waiting node is sent the digest it found
+    /// and the peers to fetch it from (that node, which now holds it, and the
+    /// other waiting nodes). When every reader of an input failed it, the
+    /// waiting nodes are told to read the source themselves (an empty digest).
+    fn answer_digests(
+        &self,
+        state: &mut State,
+        (id, attempt): (&str, u32),
+        node: &str,
+        outcome: impl Fn(&str) -> Option<Option<String>>,
+    ) {
+        let Some(entry) = state.jobs.get_mut(id) else { return };
+        let mut answers = Vec::new();
+        entry.awaited_digests.retain_mut(|awaited| {
+            if awaited.attempt != attempt || !awaited.readers.iter().any(|r| r == node) {
+                return true;
+            }
+            let digest = match outcome(&awaited.item) {
+                None => return true,
+                Some(Some(digest)) if super::node_caches::is_hex_digest(&digest) => digest,
+                Some(_) => {
+                    awaited.readers.retain(|r| r != node);
+                    if !awaited.readers.is_empty() {
+                        return true; // Another reader may still find it.
+                    }
+                    String::new()
                 }
+            };
+            answers.push((awaited.clone(), digest));
+            false
+        });
+        for (awaited, digest) in answers {
+            let mut peers = BTreeMap::new();
+            if !digest.is_empty() {
+                state.content.held(node, &awaited.user, &digest);
+                peers = self.content_peers(state, (&awaited.user, &digest), &awaited.waiting, (id, awaited.attempt));
+            }
+            tracing::info!(job = %id, item = %awaited.item, %node, sha256 = %digest, waiting = awaited.waiting.len(), "digest of an input without sha256 found");
+            for waiting in &awaited.waiting {
+                let command = cohort_proto::StageDigestCommand {
+                    job_id: id.to_owned(),
+                    attempt: awaited.attempt,
+                    item: awaited.item.clone(),
+                    sha256: digest.clone(),
+                    peers: peers.get(waiting).cloned().unwrap_or_default(),
+                };
+                // A node whose stream dropped is lost to the attempt anyway.
+                Self::send_command(state, waiting, Command::StageDigest(command));
             }
         }
     }
@@ -108,6 +204,11 @@ impl Controller {
             return;
         }
         state.content.prepared(node, (&id, result.attempt), &result.staged);
+        let staged = |item: &str| {
+            let found = result.staged.iter().find(|s| s.name == item && s.error.is_empty());
+            Some(found.map(|s| s.sha256.clone()))
+        };
+        self.answer_digests(state, (&id, result.attempt), node, staged);
         let Some(entry) = state.jobs.get_mut(&id) else { return };
         // The staged paths become the node's COHORT_STAGED_* variables at launch (planner::launch_plan).
         for staged in &result.staged {
@@ -166,15 +267,38 @@ impl Controller {
         self.wake.notify_one();
     }
 
-    pub async fn stage_progress(&self, progress: StageProgress) {
+    /// A node's progress on one input (as the node's session names it).
+    pub async fn stage_progress(&self, node: &str, progress: StageProgress) {
+        let node = node.to_owned();
         self.state
             .call(move |state, ctl| {
                 let Some(entry) = state.jobs.get_mut(&progress.job_id) else { return };
-                if entry.job.attempt != progress.attempt {
+                if entry.job.attempt != progress.attempt || !entry.on_node(&node) {
                     return;
                 }
-                if let Some(status) = progress.status {
+                if let Some(mut status) = progress.status {
+                    status.node_name = node.clone();
+                    let item = status.item.clone();
+                    if status.state == "waiting"
+                        && let Some(awaited) = entry.awaited_digests.iter().find(|a| a.item == item)
+                    {
+                        status.detail = format!("for {} to read the source", awaited.readers.join(", "));
+                    }
+                    let outcome = match status.state.as_str() {
+                        "ready" | "cached" => Some(Some(status.sha256.clone())),
+                        "failed" => Some(None),
+                        _ => None,
+                    };
                     upsert_stage(&mut entry.job, status);
+                    if let Some(outcome) = outcome {
+                        let attempt = (progress.job_id.as_str(), progress.attempt);
+                        ctl.answer_digests(
+                            state,
+                            attempt,
+                            &node,
+                            |i| if i == item { Some(outcome.clone()) } else { None },
+                        );
+                    }
                     ctl.publish(state, &progress.job_id, "staging");
                 }
             })

@@ -202,6 +202,124 @@ async fn an_input_staged_as_different_content_on_two_nodes_refuses_the_launch() 
     assert!(commands(&mut n0).iter().any(|c| matches!(c, Command::Launch(_))), "the same content launches");
 }
 
+/// An input without `sha256:` on a gang whose nodes serve peers: one node
+/// reads the source, the others wait for the digest it finds and are then
+/// sent it with the peers to fetch it from (the reader and each other);
+/// when the reader fails the input, they are told to read the source.
+#[tokio::test]
+async fn an_input_without_a_digest_is_read_by_one_node_and_its_digest_sent_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path()).await;
+    let mut sessions = Vec::new();
+    for name in ["n0", "n1", "n2"] {
+        let node = NodeInfo { peer_port: 7071, ..node_info(name) };
+        let registered = controller.register(RegisterRequest { node: Some(node), ..Default::default() }).await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        controller.attach(name, &registered.session_id, tx).await.unwrap();
+        sessions.push((name, rx));
+    }
+    let yaml = "name: t\nkind: command\nnodes: 3\ngpus_per_node: 1\nstage: [{name: data, source: /data/set}, \
+                {name: page, source: 'https://files.example/p.txt'}]\nrestart: {max_restarts: 0}\ncommand: [sleep, '100']\n";
+    let digest = "c".repeat(64);
+    let staged = |id: &str, digest: &str, error: &str| PrepareResult {
+        job_id: id.into(),
+        attempt: 1,
+        staged: vec![cohort_proto::StagedInput {
+            name: "data".into(),
+            sha256: digest.into(),
+            error: error.into(),
+            ..Default::default()
+        }],
+        ..PrepareResult::default()
+    };
+    // Which nodes wait for the digest, and what each was sent.
+    let prepared = |sessions: &mut Vec<(&'static str, Session)>| {
+        let mut waiting = Vec::new();
+        let mut reader = None;
+        for (name, session) in sessions.iter_mut() {
+            let prepare = commands(session)
+                .into_iter()
+                .find_map(|c| match c {
+                    Command::Prepare(p) => Some(p),
+                    _ => None,
+                })
+                .unwrap();
+            let data = prepare.stage.iter().find(|s| s.name == "data").unwrap();
+            let page = prepare.stage.iter().find(|s| s.name == "page").unwrap();
+            assert!(!page.awaits_digest, "a URL is read by every node");
+            if data.awaits_digest { waiting.push(*name) } else { reader = Some(*name) }
+        }
+        (reader.unwrap(), waiting)
+    };
+    let digests = |sessions: &mut Vec<(&'static str, Session)>, node: &str| -> Vec<cohort_proto::StageDigestCommand> {
+        let session = &mut sessions.iter_mut().find(|(n, _)| *n == node).unwrap().1;
+        commands(session)
+            .into_iter()
+            .filter_map(|c| match c {
+                Command::StageDigest(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    };
+
+    let id = submit(&controller, yaml).await;
+    controller.reconcile().await.unwrap();
+    let (reader, waiting) = prepared(&mut sessions);
+    assert_eq!(waiting.len(), 2, "one node reads the source (--max-source-pulls 1), two wait");
+    // A waiting node that reports first changes nothing for the others.
+    controller.prepare_result(waiting[0], staged(&id, &digest, "")).await;
+    assert!(digests(&mut sessions, waiting[1]).is_empty(), "only the reader answers");
+    // The reader's progress: copying tells nothing, ready tells the digest.
+    let progress = |state: &str, digest: &str| cohort_proto::StageProgress {
+        job_id: id.clone(),
+        attempt: 1,
+        status: Some(cohort_proto::StageStatus {
+            node_name: "spoofed".into(),
+            item: "data".into(),
+            state: state.into(),
+            sha256: digest.into(),
+            ..Default::default()
+        }),
+    };
+    controller.stage_progress(reader, progress("copying", "")).await;
+    assert!(digests(&mut sessions, waiting[1]).is_empty(), "nothing found yet");
+    // A waiting node says so; status names whom it waits for.
+    controller.stage_progress(waiting[0], progress("waiting", "")).await;
+    let job = controller.get(&id).await.unwrap();
+    let shown = job.staging.iter().find(|s| s.node_name == waiting[0]).unwrap();
+    assert_eq!(shown.detail, format!("for {reader} to read the source"));
+    controller.stage_progress(reader, progress("ready", &digest)).await;
+    for node in &waiting {
+        let sent = digests(&mut sessions, node);
+        assert_eq!(sent.len(), 1, "{node}: {sent:?}");
+        assert_eq!((sent[0].job_id.as_str(), sent[0].attempt, sent[0].item.as_str()), (id.as_str(), 1, "data"));
+        assert_eq!(sent[0].sha256, digest);
+        let mut peers: Vec<&str> = sent[0].peers.iter().map(|p| p.node_name.as_str()).collect();
+        peers.sort();
+        let mut want: Vec<&str> = [reader].into_iter().chain(waiting.iter().copied()).filter(|n| n != node).collect();
+        want.sort();
+        assert_eq!(peers, want, "{node} fetches from the reader and the other waiting node");
+        assert!(sent[0].peers.iter().all(|p| p.address == "127.0.0.1:7071"), "{:?}", sent[0].peers);
+    }
+    let job = controller.get(&id).await.unwrap();
+    assert!(job.staging.iter().any(|s| s.node_name == reader && s.sha256 == digest), "{:?}", job.staging);
+    // Its result comes later: answered once only.
+    controller.prepare_result(reader, staged(&id, &digest, "")).await;
+    assert!(digests(&mut sessions, waiting[1]).is_empty(), "answered once");
+
+    // The reader fails the input: the waiting nodes read the source themselves.
+    controller.cancel(&id).await.unwrap();
+    let again = submit(&controller, &yaml.replace("name: t", "name: again")).await;
+    controller.reconcile().await.unwrap();
+    let (reader, waiting) = prepared(&mut sessions);
+    controller.prepare_result(reader, staged(&again, "", "staging failed: no such directory")).await;
+    for node in &waiting {
+        let sent = digests(&mut sessions, node);
+        assert_eq!(sent.len(), 1, "{node}: {sent:?}");
+        assert!(sent[0].sha256.is_empty() && sent[0].peers.is_empty(), "read the source: {:?}", sent[0]);
+    }
+}
+
 #[tokio::test]
 async fn exits_while_a_cancelled_gang_stops_leave_it_cancelled_and_stops_are_resent_until_all_exited() {
     let dir = tempfile::tempdir().unwrap();

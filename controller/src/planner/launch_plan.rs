@@ -375,6 +375,7 @@ impl Preparation {
                 layout: s.hub_layout().map(|l| l.as_str().to_owned()).unwrap_or_default(),
                 // Filled in by the controller, which knows who holds what (controller::content).
                 peers: Vec::new(),
+                awaits_digest: false,
             })
             .collect();
         Preparation {

@@ -569,7 +569,7 @@ impl SimAgent {
             Some(Command::FetchLogs(_) | Command::InspectPath(_) | Command::SwiftArgcheck(_) | Command::Cache(_)) => {
                 vec![Msg::Ack(ok), Msg::QueryResult(QueryResult { command_id, ..QueryResult::default() })]
             }
-            Some(Command::ClearGpu(_)) => vec![Msg::Ack(ok)],
+            Some(Command::ClearGpu(_) | Command::StageDigest(_)) => vec![Msg::Ack(ok)],
             Some(Command::HeartbeatAck(_)) => Vec::new(),
             None => vec![Msg::Ack(CommandAck { command_id, ok: false, error: "empty command".into() })],
         }
