@@ -842,6 +842,7 @@ pub fn training_point(m: TrainingMetrics, node: &str) -> TrainingPoint {
         remaining_s: m.remaining_s,
         consumed_samples: m.consumed_samples,
         is_eval: m.is_eval,
+        is_save: m.saved,
         format: match m.format {
             LogFormat::MegatronLm => "megatron-lm",
             LogFormat::MsSwift3 => "ms-swift-3",

@@ -23,8 +23,18 @@ pub struct MetricsHub {
     jobs: Mutex<HashMap<String, Vec<TrainingPoint>>>,
     /// (job, attempt, iteration, eval) already recorded: the same record can
     /// arrive twice, from stdout and from ms-swift's logging.jsonl.
-    seen: Mutex<std::collections::HashSet<(String, u32, u64, bool)>>,
+    seen: Mutex<std::collections::HashSet<(String, u32, PointKey)>>,
     tx: broadcast::Sender<TaggedPoint>,
+}
+
+/// What makes a point the same point again (an agent sends its points again
+/// after a reconnect): its iteration and kind; a save that names no
+/// iteration (ms-swift 4.x) by when it ended.
+type PointKey = (u64, bool, bool, i64);
+
+fn point_key(p: &TrainingPoint) -> PointKey {
+    let at = if p.is_save && p.iteration == 0 { p.unix_ms } else { 0 };
+    (p.iteration, p.is_eval, p.is_save, at)
 }
 
 impl MetricsHub {
@@ -49,7 +59,7 @@ impl MetricsHub {
     pub async fn append(&self, job_id: &str, attempt: u32, points: Vec<TrainingPoint>) -> Option<TrainingPoint> {
         let points: Vec<TrainingPoint> = {
             let mut seen = self.seen.lock().await;
-            points.into_iter().filter(|p| seen.insert((job_id.to_string(), attempt, p.iteration, p.is_eval))).collect()
+            points.into_iter().filter(|p| seen.insert((job_id.to_string(), attempt, point_key(p)))).collect()
         };
         let mut jobs = self.jobs.lock().await;
         let series = self.loaded(&mut jobs, job_id);
@@ -71,7 +81,7 @@ impl MetricsHub {
         if let Err(e) = appended {
             tracing::warn!(job = job_id, error = %e, "could not append to the job's metrics file");
         }
-        series.iter().rev().find(|p| !p.is_eval).cloned()
+        series.iter().rev().find(|p| !p.is_eval && !p.is_save).cloned()
     }
 
     /// The job's points from `from` on, and a receiver for later ones.

@@ -52,13 +52,24 @@ pub struct ObservedSaves {
     pub save: Duration,
     /// Median seconds per iteration.
     pub iteration: Duration,
+    /// Taken from the trainer's save records, not inferred from slow iterations.
+    pub recorded: bool,
 }
 
-/// Finds the saves in a run's training points, `(attempt, iteration, unix ms)`
-/// in the order they were read: an iteration that took more than twice the
-/// median longer than it should followed a save. Gaps between attempts are
-/// not saves. Needs two saves found, to know their spacing.
-pub fn observed_saves(points: &[(u32, u64, i64)]) -> Option<ObservedSaves> {
+/// What a run's training points, `(attempt, iteration, unix ms)` in the
+/// order they were read, and its save records (the trainer's "saved
+/// checkpoint" lines, the same form, iteration 0 where the trainer does not
+/// print it) say about its saves.
+///
+/// With two saves recorded, their iterations give the interval and each
+/// save's time is from the training record of its iteration (or, where the
+/// trainer does not name it, the last one before the save) to the save's
+/// end. Without, saves are inferred: an iteration that took more than twice
+/// the median longer than it should followed a save (a save shorter than
+/// two iterations is not seen; a stray slow iteration is taken for one).
+/// Gaps between attempts are not saves. Needs two saves, to know their
+/// spacing.
+pub fn observed_saves(points: &[(u32, u64, i64)], saves: &[(u32, u64, i64)]) -> Option<ObservedSaves> {
     // (iteration reached, iterations in the gap, ms of the gap) of consecutive points of one attempt.
     let gaps: Vec<(u64, u64, f64)> = points
         .windows(2)
@@ -67,6 +78,9 @@ pub fn observed_saves(points: &[(u32, u64, i64)]) -> Option<ObservedSaves> {
         .collect();
     let mut per_iteration: Vec<f64> = gaps.iter().map(|(_, n, ms)| ms / *n as f64).collect();
     let median_ms = median(&mut per_iteration)?;
+    if let Some(recorded) = recorded_saves(points, saves) {
+        return Some(ObservedSaves { iteration: Duration::from_secs_f64(median_ms / 1000.0), ..recorded });
+    }
     let mut excess = Vec::new();
     let mut saved_at = Vec::new();
     for (reached, n, ms) in &gaps {
@@ -77,18 +91,49 @@ pub fn observed_saves(points: &[(u32, u64, i64)]) -> Option<ObservedSaves> {
             saved_at.push(reached - 1);
         }
     }
-    saved_at.sort_unstable();
-    saved_at.dedup();
-    let mut spacing: Vec<u64> = saved_at.windows(2).map(|w| w[1] - w[0]).collect();
-    spacing.sort_unstable();
-    // The most common spacing: a save missed (a restart in between) gives a multiple of it.
-    let every = spacing.iter().copied().max_by_key(|s| (spacing.iter().filter(|x| *x == s).count(), u64::MAX - s))?;
+    let every = most_common_spacing(saved_at)?;
     let save_ms = median(&mut excess)?;
     Some(ObservedSaves {
         every,
         save: Duration::from_secs_f64(save_ms / 1000.0),
         iteration: Duration::from_secs_f64(median_ms / 1000.0),
+        recorded: false,
     })
+}
+
+/// The interval and save time of the saves the trainer recorded (the
+/// iteration per save left unset); None with fewer than two.
+fn recorded_saves(points: &[(u32, u64, i64)], saves: &[(u32, u64, i64)]) -> Option<ObservedSaves> {
+    let mut at = Vec::new();
+    let mut took = Vec::new();
+    for &(attempt, iteration, end_ms) in saves {
+        // The newest training record of the attempt read before the save ended,
+        // of the saved iteration where the save names it.
+        let before = points
+            .iter()
+            .rev()
+            .filter(|p| p.0 == attempt && p.2 <= end_ms)
+            .find(|p| iteration == 0 || p.1 <= iteration);
+        let Some(&(_, reached, start_ms)) = before else { continue };
+        at.push(if iteration == 0 { reached } else { iteration });
+        if iteration == 0 || reached == iteration {
+            took.push((end_ms - start_ms) as f64);
+        }
+    }
+    let every = most_common_spacing(at)?;
+    let save_ms = median(&mut took)?;
+    let save = Duration::from_secs_f64(save_ms / 1000.0);
+    Some(ObservedSaves { every, save, iteration: Duration::ZERO, recorded: true })
+}
+
+/// The most common spacing between sorted, distinct `iterations`: a save
+/// missed (a restart in between) gives a multiple of it.
+fn most_common_spacing(mut iterations: Vec<u64>) -> Option<u64> {
+    iterations.sort_unstable();
+    iterations.dedup();
+    let mut spacing: Vec<u64> = iterations.windows(2).map(|w| w[1] - w[0]).collect();
+    spacing.sort_unstable();
+    spacing.iter().copied().max_by_key(|s| (spacing.iter().filter(|x| *x == s).count(), u64::MAX - s))
 }
 
 fn median(values: &mut [f64]) -> Option<f64> {
@@ -172,7 +217,7 @@ mod tests {
 
     #[test]
     fn saves_are_found_from_the_longer_iterations_after_them() {
-        let saves = observed_saves(&run(10)).unwrap();
+        let saves = observed_saves(&run(10), &[]).unwrap();
         assert_eq!(saves.every, 10);
         assert_eq!(saves.save, s(5.0));
         assert_eq!(saves.iteration, s(1.0));
@@ -181,15 +226,41 @@ mod tests {
     #[test]
     fn a_restart_between_attempts_is_not_a_save() {
         // Two attempts' points side by side: the 60 s gap between them is not taken.
-        let saves = observed_saves(&run(20)).unwrap();
+        let saves = observed_saves(&run(20), &[]).unwrap();
         assert_eq!(saves.every, 20);
         assert_eq!(saves.save, s(5.0));
+    }
+
+    /// Saves every 41 iterations that take 0.5 s (less than two 1 s
+    /// iterations: not seen in the iteration times) and a stray 3 s stall
+    /// every 16 iterations (taken for a save when inferring); the trainer's
+    /// save records say what happened, with or without the iteration.
+    #[test]
+    fn recorded_saves_are_taken_over_slow_iterations() {
+        let (mut points, mut saves) = (Vec::new(), Vec::new());
+        let mut t = 0i64;
+        for i in 1..=200u64 {
+            t += if i % 16 == 0 { 4000 } else { 1000 };
+            points.push((1, i, t));
+            if i % 41 == 0 {
+                t += 500;
+                saves.push((1, i, t));
+            }
+        }
+        assert_eq!(observed_saves(&points, &[]).map(|s| s.every), Some(16), "inferred: the stalls");
+        let recorded = observed_saves(&points, &saves).unwrap();
+        assert_eq!((recorded.every, recorded.save, recorded.iteration, recorded.recorded), (41, s(0.5), s(1.0), true));
+        // ms-swift 4.x names no iteration: the last training record before the save is its iteration.
+        let unnamed: Vec<(u32, u64, i64)> = saves.iter().map(|&(a, _, ms)| (a, 0, ms)).collect();
+        assert_eq!(observed_saves(&points, &unnamed), Some(recorded));
+        // One save recorded is no interval: inferred as before.
+        assert_eq!(observed_saves(&points, &saves[..1]).map(|s| s.every), Some(16));
     }
 
     #[test]
     fn no_saves_no_answer() {
         let steady: Vec<(u32, u64, i64)> = (1..50).map(|i| (1, i, i as i64 * 1000)).collect();
-        assert_eq!(observed_saves(&steady), None);
-        assert_eq!(observed_saves(&[]), None);
+        assert_eq!(observed_saves(&steady, &[]), None);
+        assert_eq!(observed_saves(&[], &[]), None);
     }
 }

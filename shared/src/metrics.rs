@@ -43,6 +43,14 @@ pub struct TrainingMetrics {
     pub global_batch_size: Option<u64>,
     /// An evaluation line: `loss` is then the validation loss.
     pub is_eval: bool,
+    /// A checkpoint save line, printed by rank 0 once a save is complete:
+    /// Megatron-LM's `successfully saved checkpoint from iteration N to DIR`
+    /// (ms-swift 3.x runs it), ms-swift 4.x's `Successfully saved Megatron
+    /// model weights in `DIR`.`. `iteration` is the iteration saved, 0 where
+    /// the line does not say it (4.x: the last training record before it);
+    /// no other field is set.
+    #[serde(default)]
+    pub saved: bool,
     pub format: LogFormat,
 }
 
@@ -125,6 +133,15 @@ fn strip_prefixes(line: &str) -> &str {
 }
 
 fn parse_megatron_line(body: &str) -> Option<TrainingMetrics> {
+    if let Some(rest) = body.strip_prefix("successfully saved checkpoint from iteration") {
+        // Megatron-LM `checkpointing.save_checkpoint` (core 0.15: checkpointing.py:631).
+        let iteration = rest.split_whitespace().next()?.parse().ok()?;
+        return Some(TrainingMetrics { iteration, saved: true, ..TrainingMetrics::default() });
+    }
+    if body.starts_with("Successfully saved Megatron model weights in ") {
+        // ms-swift 4.x `utils/megatron_lm_utils.py::save_mcore_checkpoint` (4.6.0: line 387).
+        return Some(TrainingMetrics { saved: true, format: LogFormat::MsSwift4, ..TrainingMetrics::default() });
+    }
     let mut fields = body.split('|').map(str::trim).filter(|field| !field.is_empty());
     let first = fields.next()?;
     let mut metrics = TrainingMetrics::default();

@@ -52,7 +52,7 @@ fn points(text: &str) -> Vec<TrainingMetrics> {
 }
 
 fn train(points: &[TrainingMetrics]) -> Vec<(u64, f64)> {
-    points.iter().filter(|p| !p.is_eval).map(|p| (p.iteration, p.loss.unwrap())).collect()
+    points.iter().filter(|p| !p.is_eval && !p.saved).map(|p| (p.iteration, p.loss.unwrap())).collect()
 }
 
 fn eval(points: &[TrainingMetrics]) -> Vec<(u64, f64)> {

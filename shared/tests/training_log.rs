@@ -35,6 +35,7 @@ fn megatron_lm_fixture() {
             consumed_samples: Some(5504),
             global_batch_size: Some(128),
             is_eval: false,
+            saved: false,
             format: LogFormat::MegatronLm,
         })
     );
@@ -59,6 +60,7 @@ fn ms_swift_3x_fixture() {
             consumed_samples: Some(24480),
             global_batch_size: Some(16),
             is_eval: false,
+            saved: false,
             format: LogFormat::MsSwift3,
         })
     );
@@ -160,7 +162,8 @@ fn ms_swift_3x_real_logging_jsonl_evals_attach_to_the_last_training_iteration() 
 
 #[test]
 fn ms_swift_3x_real_stdout_matches_its_logging_jsonl() {
-    let stdout: Vec<TrainingMetrics> = lines(H200_STDOUT).into_iter().filter_map(parse_line).collect();
+    let stdout: Vec<TrainingMetrics> =
+        lines(H200_STDOUT).into_iter().filter_map(parse_line).filter(|m| !m.saved).collect();
     let mut follower = LoggingJsonl::new();
     let jsonl: Vec<TrainingMetrics> = lines(H200_JSONL).into_iter().filter_map(|l| follower.parse(l)).collect();
     let key = |records: &[TrainingMetrics]| -> Vec<(u64, bool)> {
@@ -172,6 +175,33 @@ fn ms_swift_3x_real_stdout_matches_its_logging_jsonl() {
         let (a, b) = (out.loss.unwrap(), json.loss.unwrap());
         assert!((a - b).abs() < 1e-5, "iteration {}: {a} vs {b}", out.iteration);
     }
+}
+
+/// The saves of the real run (`--save_interval 10`), as rank 0 printed them
+/// (Megatron-LM's `save_checkpoint`); the newer Megatron-LM prefix with a
+/// timestamp; ms-swift 4.6.0's own line, as its logger printed it (captured
+/// from `swift.utils.get_logger` with the f-string of
+/// `utils/megatron_lm_utils.py::save_mcore_checkpoint`), which names no
+/// iteration.
+#[test]
+fn checkpoint_save_lines_are_saves() {
+    let saves: Vec<(u64, LogFormat)> = lines(H200_STDOUT)
+        .into_iter()
+        .filter_map(parse_line)
+        .filter(|m| m.saved)
+        .map(|m| {
+            assert_eq!((m.loss, m.is_eval, m.total_iterations), (None, false, None), "{m:?}");
+            (m.iteration, m.format)
+        })
+        .collect();
+    assert_eq!(saves, [(10, LogFormat::MegatronLm), (20, LogFormat::MegatronLm)]);
+    let newer = "  [2026-12-07 01:27:00.123456] successfully saved checkpoint from iteration     500 to /runs/x \
+                 [ t 1/1, gtp_remat 0/1, p 1/1 ]";
+    assert_eq!(parse_line(newer).map(|m| (m.iteration, m.saved)), Some((500, true)));
+    let swift4 = "[INFO:swift] Successfully saved Megatron model weights in `/runs/qwen3/out/v0-20261207-012700`.";
+    assert_eq!(parse_line(swift4).map(|m| (m.iteration, m.saved, m.format)), Some((0, true, LogFormat::MsSwift4)));
+    // A local (non-persistent) checkpoint is not a save to resume from.
+    assert_eq!(parse_line("  successfully saved local checkpoint from iteration      10"), None);
 }
 
 #[test]

@@ -77,6 +77,8 @@ def save(iteration):
     began = time.time()
     megatron_layout.save(ckpt_dir, iteration, write_s=save_s)
     record("saved", iteration=iteration, save_s=time.time() - began)
+    # Megatron-LM's own line on rank 0 once a save is complete: `cohort status` takes the saves from it.
+    print(megatron_layout.saved_line(iteration, ckpt_dir), flush=True)
 
 
 record("start")

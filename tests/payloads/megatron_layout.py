@@ -53,6 +53,12 @@ def save(ckpt_dir, iteration, write_s=0.0):
     os.replace(os.path.join(ckpt_dir, TRACKER + ".tmp"), os.path.join(ckpt_dir, TRACKER))
 
 
+def saved_line(iteration, save_dir):
+    """Megatron-LM's line once a save is complete (core 0.15 checkpointing.save_checkpoint, print_rank_0)."""
+    return (f"  successfully saved checkpoint from iteration {int(iteration):7d} to {save_dir} "
+            f"[ t 1/1, p 1/1 ]")
+
+
 def training_log(step, steps, elapsed_s):
     """Megatron-LM's training_log line, from which Cohort reads iterations and loss."""
     return (f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {step:8d}/{steps:8d} | "

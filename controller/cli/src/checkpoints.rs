@@ -31,10 +31,11 @@ impl IntervalAdvice {
         let own = self.saves.iteration * self.saves.every as u32;
         [
             format!(
-                "checkpoint: every {} iterations ({}), a save takes {}; {} failure(s) in {} of attempts (MTBF {})",
+                "checkpoint: every {} iterations ({}), a save takes {}{}; {} failure(s) in {} of attempts (MTBF {})",
                 self.saves.every,
                 human(own),
                 human(self.saves.save),
+                if self.saves.recorded { "" } else { " (inferred from slow iterations)" },
                 self.failures,
                 human(self.run),
                 human(self.mtbf),
@@ -73,10 +74,15 @@ pub fn advice(job: &Job, points: &[TrainingPoint], now_unix_ms: i64) -> Option<I
     };
     let series: Vec<(u32, u64, i64)> = points
         .iter()
-        .filter(|p| !p.is_eval)
+        .filter(|p| !p.is_eval && !p.is_save)
         .filter_map(|p| Some((attempt_of(p.unix_ms)?, p.iteration, p.unix_ms)))
         .collect();
-    let saves = observed_saves(&series)?;
+    let recorded: Vec<(u32, u64, i64)> = points
+        .iter()
+        .filter(|p| p.is_save)
+        .filter_map(|p| Some((attempt_of(p.unix_ms)?, p.iteration, p.unix_ms)))
+        .collect();
+    let saves = observed_saves(&series, &recorded)?;
     let optimum = daly(saves.save, mtbf);
     let optimum_iterations = (optimum.as_secs_f64() / saves.iteration.as_secs_f64().max(1e-9)).round().max(1.0) as u64;
     let own = saves.iteration * saves.every as u32;
@@ -183,6 +189,38 @@ mod tests {
         assert!(a.waste_at_optimum <= a.waste_now);
         let text = a.lines().join("\n");
         assert!(text.contains("every 10 iterations") && text.contains("Young/Daly: every"), "{text}");
+    }
+
+    /// The trainer's save records (rank 0's "saved checkpoint" lines) say
+    /// where the saves were, here every 10 iterations and 0.3 s long: too
+    /// short to show in the iteration times, where a stray slow iteration
+    /// every 7 would be taken for a save.
+    #[test]
+    fn the_trainers_save_records_are_the_saves() {
+        let (job, mut points) = job_and_points();
+        let mut stalled = 0;
+        for p in points.iter_mut() {
+            p.unix_ms += stalled;
+            if p.iteration % 10 == 0 {
+                stalled -= 3_700; // saves of 0.3 s, not 4 s
+            }
+            if p.iteration % 7 == 0 {
+                stalled += 2_500;
+            }
+        }
+        let inferred = advice(&job, &points, points.last().unwrap().unix_ms).unwrap();
+        assert_eq!(inferred.saves.every, 7, "inferred: the stalls");
+        assert!(inferred.lines()[0].contains("(inferred from slow iterations)"), "{:?}", inferred.lines());
+        let saves: Vec<TrainingPoint> = points
+            .iter()
+            .filter(|p| p.iteration % 10 == 0)
+            .map(|p| TrainingPoint { is_save: true, unix_ms: p.unix_ms + 300, ..point(p.iteration, 0) })
+            .collect();
+        points.extend(saves);
+        let a = advice(&job, &points, points.iter().map(|p| p.unix_ms).max().unwrap()).unwrap();
+        assert_eq!((a.saves.every, a.saves.save, a.saves.recorded), (10, Duration::from_millis(300), true));
+        assert!(a.lines()[0].starts_with("checkpoint: every 10 iterations"), "{:?}", a.lines());
+        assert!(!a.lines()[0].contains("inferred"), "{:?}", a.lines());
     }
 
     #[test]

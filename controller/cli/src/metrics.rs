@@ -51,6 +51,11 @@ pub async fn metrics(
             continue;
         }
         let total = p.total_iterations.map(|t| format!("/{t}")).unwrap_or_default();
+        if p.is_save {
+            let at = if p.iteration > 0 { p.iteration.to_string() } else { "-".into() };
+            say!("{at:>10} {:>12}  (checkpoint saved)", "");
+            continue;
+        }
         let loss = p.loss.map(|l| format!("{l:.6}")).unwrap_or_default();
         say!(
             "{:>10} {:>12} {:>13} {:>10} {:>10} {:>9} {:>10} {:>10}{}",
@@ -102,6 +107,7 @@ pub fn to_metrics(p: &TrainingPoint) -> TrainingMetrics {
         consumed_samples: p.consumed_samples,
         global_batch_size: None,
         is_eval: p.is_eval,
+        saved: p.is_save,
         format: match p.format.as_str() {
             "ms-swift-3" => LogFormat::MsSwift3,
             "ms-swift-4" => LogFormat::MsSwift4,

@@ -195,7 +195,7 @@ impl Controller {
 
     /// A training iteration was reported.
     pub(super) fn iteration_seen(entry: &mut JobEntry, attempt: u32, point: &cohort_proto::TrainingPoint) {
-        if point.is_eval || entry.job.attempt != attempt {
+        if point.is_eval || point.is_save || entry.job.attempt != attempt {
             return;
         }
         let now = Instant::now();
@@ -454,7 +454,7 @@ fn summarize(dumps: &[(String, StackDump)]) -> Vec<String> {
 /// The last iteration and the total, when the current attempt has reported
 /// its last training iteration: a hang after it is a hang at exit.
 fn finished_training(job: &Job) -> Option<(u64, u64)> {
-    let point = job.progress.as_ref().filter(|p| !p.is_eval && p.unix_ms >= job.started_unix_ms)?;
+    let point = job.progress.as_ref().filter(|p| !p.is_eval && !p.is_save && p.unix_ms >= job.started_unix_ms)?;
     let total = point.total_iterations.filter(|total| *total > 0 && point.iteration >= *total)?;
     Some((point.iteration, total))
 }
