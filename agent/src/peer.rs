@@ -26,8 +26,9 @@
 //! against. A peer that serves a file whose bytes do not match is reported
 //! (`StagedInput.corrupt_peers`) and not asked again; a peer that dies
 //! mid-file costs that file, fetched again from another. When no peer can
-//! serve the content (all gone, or nothing offered for [`STALL`]), the
-//! agent reads the source after all.
+//! serve the content (all gone; the only ones left fetch from peers too,
+//! `ContentHave.fetching`, and hold nothing more that is needed; or nothing
+//! offered for [`STALL`]), the agent reads the source after all.
 //!
 //! Files are read and written only as the job's user, through the
 //! `files-as` helper ([`AsJobUser::read_content`],
@@ -82,6 +83,8 @@ pub struct Have {
     /// Files (or pieces of files) done so far, in the order they were done.
     pub files: Vec<ContentFile>,
     pub state: HaveState,
+    /// Fetched from peers here, not read from the source.
+    pub fetching: bool,
 }
 
 impl Have {
@@ -300,21 +303,23 @@ impl Peers {
     /// Announces that this node stages `digest` into `cache` now, from its
     /// source; None when it already does (in another job's preparation).
     pub fn announce(self: &Arc<Self>, cache: &Path, digest: &str) -> Option<Announced> {
-        let mut announced = self.announce_fetch(cache, digest)?;
-        announced.announcer.seed = true;
-        Some(announced)
+        self.announce_as(cache, digest, true)
     }
 
     /// [`Self::announce`] for content fetched from peers.
     fn announce_fetch(self: &Arc<Self>, cache: &Path, digest: &str) -> Option<Announced> {
+        self.announce_as(cache, digest, false)
+    }
+
+    fn announce_as(self: &Arc<Self>, cache: &Path, digest: &str, seed: bool) -> Option<Announced> {
         let key = (cache.to_owned(), digest.to_owned());
         let mut staging = lock(&self.staging);
         if staging.contains_key(&key) {
             return None;
         }
-        let (tx, _) = watch::channel(Have::default());
+        let (tx, _) = watch::channel(Have { fetching: !seed, ..Have::default() });
         staging.insert(key.clone(), tx.clone());
-        Some(Announced { announcer: Announcer { peers: self.clone(), key, tx, seed: false }, complete: false })
+        Some(Announced { announcer: Announcer { peers: self.clone(), key, tx, seed }, complete: false })
     }
 
     fn watch(&self, cache: &Path, digest: &str) -> Option<watch::Receiver<Have>> {
@@ -555,6 +560,9 @@ impl Drop for AbortAll {
 #[derive(Debug)]
 enum PeerEvent {
     Files(usize, Vec<ContentFile>),
+    /// The peer fetches the content from peers too: it brings nothing new
+    /// once the others are gone.
+    Fetching(usize),
     /// The manifest of complete content, with the modes of its paths.
     Manifest(usize, Vec<u8>, Vec<PathMode>),
     /// The peer cannot serve (it never had the content, failed, or is unreachable).
@@ -579,6 +587,9 @@ async fn watch_peer(
                 loop {
                     match stream.message().await {
                         Ok(Some(have)) => {
+                            if have.fetching && events.send(PeerEvent::Fetching(index)).await.is_err() {
+                                return;
+                            }
                             if !have.files.is_empty() && events.send(PeerEvent::Files(index, have.files)).await.is_err()
                             {
                                 return;
@@ -684,6 +695,9 @@ struct PeerState {
     paused_until: Option<Instant>,
     gone: Option<String>,
     corrupt: bool,
+    /// It fetches from peers too (it said so): what it may still offer is
+    /// only what it gets from the others.
+    fetching: bool,
 }
 
 /// The fetching node's view of the content and of its peers.
@@ -722,6 +736,7 @@ impl Swarm {
                     paused_until: None,
                     gone: None,
                     corrupt: false,
+                    fetching: false,
                 })
                 .collect(),
             manifest: None,
@@ -930,6 +945,10 @@ impl Swarm {
                 self.peers[peer].gone.get_or_insert(why);
                 false
             }
+            PeerEvent::Fetching(peer) => {
+                self.peers[peer].fetching = true;
+                false
+            }
         }
     }
 
@@ -1123,8 +1142,23 @@ impl Swarm {
     }
 
     /// No peer can serve anything any more.
+    /// No peer can bring anything more: every one is gone, corrupt, or
+    /// fetches from the others itself, and none of those holds a piece still
+    /// needed here (what they may get later could only come from peers that
+    /// are gone). Checked when no download is in flight.
     fn hopeless(&self) -> bool {
-        self.peers.iter().all(|p| p.gone.is_some() || p.corrupt)
+        let live = |p: &&PeerState| p.gone.is_none() && !p.corrupt;
+        if self.peers.iter().filter(live).any(|p| !p.fetching) {
+            return false;
+        }
+        let needed = |(i, piece): (usize, &Piece)| {
+            let file = &self.files[piece.file];
+            !piece.dropped
+                && file.needed
+                && !file.done
+                && self.peers.iter().filter(live).any(|p| p.has.get(i) == Some(&true))
+        };
+        !self.pieces.iter().enumerate().any(needed)
     }
 
     fn why(&self) -> String {
@@ -1235,7 +1269,7 @@ impl PeerService for PeerServer {
                     // The large files' pieces first, so the peer can fetch them piece by piece.
                     let files = self.peers.describe(user, &cache, &sha256, &manifest).await.to_vec();
                     let modes = modes_of(user, &cache, &sha256).await;
-                    let have = ContentHave { files, manifest, modes };
+                    let have = ContentHave { files, manifest, modes, fetching: false };
                     Ok(Response::new(Box::pin(futures::stream::iter([Ok(have)]))))
                 }
                 None => Err(Status::not_found(format!("node {} neither holds nor stages {sha256}", self.peers.node))),
@@ -1245,17 +1279,20 @@ impl PeerService for PeerServer {
         tokio::spawn(async move {
             let Some(mut staging) = staging else { return };
             let mut sent = 0;
+            let mut first = true;
             loop {
-                let (files, state) = {
+                let (files, state, fetching) = {
                     let have = staging.borrow_and_update();
-                    (have.files.get(sent..).unwrap_or_default().to_vec(), have.state)
+                    (have.files.get(sent..).unwrap_or_default().to_vec(), have.state, have.fetching)
                 };
-                if !files.is_empty() {
+                if !files.is_empty() || (first && fetching) {
                     sent += files.len();
-                    if tx.send(Ok(ContentHave { files, ..ContentHave::default() })).await.is_err() {
+                    let have = ContentHave { files, fetching: first && fetching, ..ContentHave::default() };
+                    if tx.send(Ok(have)).await.is_err() {
                         return;
                     }
                 }
+                first = false;
                 let ended = match state {
                     HaveState::Staging => staging.changed().await.is_err(),
                     _ => true,
@@ -1265,7 +1302,7 @@ impl PeerService for PeerServer {
                     let last = match read_manifest(user, &cache, &sha256).await {
                         Ok(Some(manifest)) => {
                             let modes = modes_of(user, &cache, &sha256).await;
-                            Ok(ContentHave { files: Vec::new(), manifest, modes })
+                            Ok(ContentHave { files: Vec::new(), manifest, modes, fetching: false })
                         }
                         Ok(None) => Err(Status::aborted("staging it failed here")),
                         Err(e) => Err(Status::internal(e)),
@@ -1355,6 +1392,28 @@ mod tests {
 
     fn hex(n: u8) -> String {
         format!("{n:02x}").repeat(32)
+    }
+
+    /// The node reading the source dies: peers that fetch themselves can
+    /// pass on what they hold, and once that is here nothing more can come,
+    /// so the fetch gives up at once (the source is read) rather than
+    /// waiting out [`STALL`].
+    #[test]
+    fn with_the_source_reader_gone_fetching_peers_are_waited_for_only_while_they_hold_something() {
+        let file = |path: &str| ContentFile { path: path.into(), size: 3, sha256: hex(7), ..ContentFile::default() };
+        let mut swarm = Swarm::new(&hex(1), vec!["reader".into(), "fetcher".into()]);
+        swarm.event(PeerEvent::Fetching(1));
+        swarm.event(PeerEvent::Files(0, vec![file("a"), file("b")]));
+        swarm.event(PeerEvent::Files(1, vec![file("a")]));
+        assert!(!swarm.hopeless(), "the reader may offer more");
+        swarm.event(PeerEvent::Gone(0, "its staging failed".into()));
+        assert!(!swarm.hopeless(), "the fetcher holds a, needed here");
+        swarm.files[0].done = true;
+        assert!(swarm.hopeless(), "b was only ever with the reader: nobody left can bring it");
+        // A peer not heard from yet may still read the source.
+        let mut quiet = Swarm::new(&hex(1), vec!["reader".into(), "fetcher".into()]);
+        quiet.event(PeerEvent::Fetching(1));
+        assert!(!quiet.hopeless());
     }
 
     fn peers() -> Arc<Peers> {

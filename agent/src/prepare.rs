@@ -66,6 +66,15 @@ pub struct Preparer {
     pub peers: Arc<Peers>,
 }
 
+/// Aborts its task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A job, its attempt and an input's name.
 type DigestKey = (String, u32, String);
 
@@ -475,7 +484,9 @@ impl Preparer {
             Ok(cache) => Some((user.identity.clone(), user.helper.to_owned(), cache.clone())),
             Err(_) => None,
         };
-        let forward = tokio::spawn(async move {
+        // Dropped with the preparation (aborted: the job is being stopped),
+        // it takes the piece hashing it runs, and the helpers, with it.
+        let mut forward = AbortOnDrop(tokio::spawn(async move {
             let mut hashing = tokio::task::JoinSet::new();
             let hashers = Arc::new(tokio::sync::Semaphore::new(4));
             while let Some(p) = rx.recv().await {
@@ -543,10 +554,14 @@ impl Preparer {
             }
             while hashing.join_next().await.is_some() {}
             announced
-        });
+        }));
         let staging = self.cache_keeper.staging().await;
         let staged = user.stage(self.stager.cache_dir(), self.stager.parallel_files(), items, tx).await;
-        if let Ok(announced) = forward.await
+        if staged.is_err() {
+            // Nothing to offer: the failure is not held up by hashing pieces of what was copied.
+            forward.0.abort();
+        }
+        if let Ok(announced) = (&mut forward.0).await
             && staged.is_ok()
         {
             announced.into_values().for_each(|(a, _)| a.complete());

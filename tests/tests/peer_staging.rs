@@ -172,6 +172,26 @@ async fn an_input_without_a_digest_is_read_by_one_node_and_fetched_from_it_by_th
     }
 }
 
+/// The node reading the source fails the input (the source is not the
+/// content the job pins): the nodes fetching from it stop waiting once
+/// nobody left can bring them a file (the other fetcher says it fetches
+/// too) and read the source themselves, failing the same way, rather than
+/// waiting out the 60 s stall for files that cannot come.
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_source_reader_fails_its_fetchers_read_the_source_without_stalling() {
+    let cluster = Cluster::start(nodes(3)).await.unwrap();
+    let (source, _) = input(cluster.dir.path());
+    let wrong = "e".repeat(64);
+    let submitted = cluster.submit(&job("wrong", 3, None, &source, &wrong)).await.unwrap();
+    let done = cluster.wait_finished(&submitted.id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(state(&done), JobState::Failed, "{}", done.reason);
+    assert!(done.reason.contains("sha256 mismatch"), "{}", done.reason);
+    let logs: String =
+        (0..3).map(|i| std::fs::read_to_string(cluster.dir.path().join(format!("node{i}.log"))).unwrap()).collect();
+    assert!(logs.contains("no peer could serve it"), "the fetchers gave up on their peers: {logs}");
+    assert!(!logs.contains("nothing came from any peer"), "no fetcher waited out the stall: {logs}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_holder_is_routed_around() {
     let mut cluster = Cluster::start(nodes(3)).await.unwrap();

@@ -4,7 +4,10 @@
 //! once from it and from each other. One node's time is the same fetch with
 //! N = 1 (the whole input over one limited link); the goal is 8 nodes within
 //! 1.3x of it. Needs root (tc) and changes `lo`'s queueing while it runs
-//! (removed at the end): run it alone, not beside the tests.
+//! (removed at the end): run it alone, not beside the tests. With
+//! `--unpinned` the input has no `sha256:` and nobody holds it before: the
+//! job runs on N + 1 nodes, one reads the source and the N others wait for
+//! the digest it finds, then fetch.
 //!
 //! `cargo build --release -p cohort-tests --bins && target/release/cohort-p2p-bench --nodes 1,2,4,8`
 
@@ -41,6 +44,11 @@ struct Args {
     /// full-duplex NIC does; without it only uploads are limited.
     #[arg(long)]
     duplex: bool,
+    /// The input without `sha256:`: no node holds it before; the job runs
+    /// on node 0 too, one node reads the source (the local disk, not
+    /// limited) and the others wait for its digest, then fetch.
+    #[arg(long)]
+    unpinned: bool,
 }
 
 /// A directory of `files` files of distinct content; returns its digest.
@@ -196,10 +204,14 @@ impl Drop for Shaping {
     }
 }
 
-fn job(name: &str, nodes: usize, group: &str, source: &Path, digest: &str) -> String {
+/// A job on `nodes` nodes of `group` (any, without one) staging `source`
+/// (pinned to `digest` when there is one).
+fn job(name: &str, nodes: usize, group: Option<&str>, source: &Path, digest: Option<&str>) -> String {
+    let selector = group.map(|g| format!("node_selector: {{grp: {g}}}\n")).unwrap_or_default();
+    let pin = digest.map(|d| format!(", sha256: {d}")).unwrap_or_default();
     format!(
-        "name: {name}\nkind: command\nnodes: {nodes}\ngpus_per_node: 1\nstop_grace: 1s\nnode_selector: {{grp: {group}}}\n\
-         stage: [{{name: model, source: {}, sha256: {digest}}}]\ncommand: ['true']\n",
+        "name: {name}\nkind: command\nnodes: {nodes}\ngpus_per_node: 1\nstop_grace: 1s\n{selector}\
+         stage: [{{name: model, source: {}{pin}}}]\ncommand: ['true']\n",
         source.display()
     )
 }
@@ -222,16 +234,22 @@ async fn fan_out(args: &Args, fetchers: usize, source: &Path, digest: &str) -> a
         })
         .collect();
     let cluster = Cluster::start(nodes).await?;
-    let seeded = cluster.submit(&job("seed", 1, "seed", source, digest)).await?;
-    let seeded = cluster.wait_finished(&seeded.id, Duration::from_secs(600)).await?;
-    if state(&seeded) != JobState::Succeeded {
-        bail!("seeding failed: {}", seeded.reason);
+    if !args.unpinned {
+        let seeded = cluster.submit(&job("seed", 1, Some("seed"), source, Some(digest))).await?;
+        let seeded = cluster.wait_finished(&seeded.id, Duration::from_secs(600)).await?;
+        if state(&seeded) != JobState::Succeeded {
+            bail!("seeding failed: {}", seeded.reason);
+        }
     }
     let addresses: Vec<String> = cluster.nodes.iter().map(|n| n.address.clone()).collect();
     let _shaping = Shaping::apply(&addresses, args.link_mbit, args.duplex)?;
     let started = Instant::now();
     let uploads = Uploads::start(addresses.len(), args.link_mbit);
-    let fetch = cluster.submit(&job("fetch", fetchers, "fetch", source, digest)).await?;
+    let fetch = match args.unpinned {
+        false => job("fetch", fetchers, Some("fetch"), source, Some(digest)),
+        true => job("fetch", fetchers + 1, None, source, None),
+    };
+    let fetch = cluster.submit(&fetch).await?;
     // Staged everywhere once the attempt leaves Preparing; `true` ends at once after.
     let done = cluster.wait_finished(&fetch.id, Duration::from_secs(1200)).await?;
     let seconds = started.elapsed().as_secs_f64();
