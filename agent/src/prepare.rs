@@ -545,6 +545,7 @@ impl Preparer {
                     state: state.into(),
                     detail,
                     sha256: p.sha256.unwrap_or_default(),
+                    path: p.path.unwrap_or_default(),
                     ..StageStatus::default()
                 };
                 let msg = StageProgress { job_id: job_id.clone(), attempt, status: Some(status) };

@@ -122,6 +122,10 @@ pub struct StageProgress {
     /// controller passes to the nodes waiting for it (`crate::peer`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// Once `Ready` or `Cached`: where it is (a directory's content
+    /// directory, or the file in its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// One file of a directory being staged, done.
@@ -509,7 +513,7 @@ impl Run {
                     "staged"
                 );
                 let state = if staged.from_cache { StageState::Cached } else { StageState::Ready };
-                meter.finished(state, &staged.sha256).await;
+                meter.finished(state, &staged.sha256, &staged.path).await;
             }
             Err(error) => {
                 tracing::warn!(item = %plan.name, from = %plan.source.describe(), %error, "staging failed");

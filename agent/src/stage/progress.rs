@@ -49,6 +49,7 @@ impl Meter {
             state,
             file: None,
             sha256: None,
+            path: None,
         }
     }
 
@@ -59,9 +60,13 @@ impl Meter {
         let _ = self.tx.send(self.snapshot(state)).await;
     }
 
-    /// Reports the item staged (`Ready` or `Cached`) as content `sha256`.
-    pub(super) async fn finished(&self, state: StageState, sha256: &str) {
-        let report = StageProgress { sha256: Some(sha256.to_owned()), ..self.snapshot(state) };
+    /// Reports the item staged (`Ready` or `Cached`) as content `sha256` at `path`.
+    pub(super) async fn finished(&self, state: StageState, sha256: &str, path: &std::path::Path) {
+        let report = StageProgress {
+            sha256: Some(sha256.to_owned()),
+            path: Some(path.to_string_lossy().into_owned()),
+            ..self.snapshot(state)
+        };
         // A dropped receiver only means nobody watches.
         let _ = self.tx.send(report).await;
     }

@@ -206,7 +206,7 @@ impl Controller {
         state.content.prepared(node, (&id, result.attempt), &result.staged);
         let staged = |item: &str| {
             let found = result.staged.iter().find(|s| s.name == item && s.error.is_empty());
-            Some(found.map(|s| s.sha256.clone()))
+            Some(found.map(|s| served_digest(&s.sha256, &s.path)))
         };
         self.answer_digests(state, (&id, result.attempt), node, staged);
         let Some(entry) = state.jobs.get_mut(&id) else { return };
@@ -285,7 +285,7 @@ impl Controller {
                         status.detail = format!("for {} to read the source", awaited.readers.join(", "));
                     }
                     let outcome = match status.state.as_str() {
-                        "ready" | "cached" => Some(Some(status.sha256.clone())),
+                        "ready" | "cached" => Some(Some(served_digest(&status.sha256, &status.path))),
                         "failed" => Some(None),
                         _ => None,
                     };
@@ -535,6 +535,15 @@ impl Controller {
             })
             .await
     }
+}
+
+/// The digest a node that staged content `sha256` at `path` can serve its
+/// peers: a directory's (its content directory is named by the digest);
+/// empty for a file (only directories travel between nodes), so the nodes
+/// waiting for it read the source.
+fn served_digest(sha256: &str, path: &str) -> String {
+    let is_dir = std::path::Path::new(path).file_name().is_some_and(|name| name == sha256);
+    if is_dir { sha256.to_owned() } else { String::new() }
 }
 
 fn upsert_stage(job: &mut Job, status: cohort_proto::StageStatus) {

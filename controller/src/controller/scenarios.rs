@@ -228,6 +228,7 @@ async fn an_input_without_a_digest_is_read_by_one_node_and_its_digest_sent_to_th
             name: "data".into(),
             sha256: digest.into(),
             error: error.into(),
+            path: format!("/cache/sha256/{digest}"),
             ..Default::default()
         }],
         ..PrepareResult::default()
@@ -270,25 +271,27 @@ async fn an_input_without_a_digest_is_read_by_one_node_and_its_digest_sent_to_th
     controller.prepare_result(waiting[0], staged(&id, &digest, "")).await;
     assert!(digests(&mut sessions, waiting[1]).is_empty(), "only the reader answers");
     // The reader's progress: copying tells nothing, ready tells the digest.
-    let progress = |state: &str, digest: &str| cohort_proto::StageProgress {
-        job_id: id.clone(),
+    let progress = |id: &str, state: &str, digest: &str, path: &str| cohort_proto::StageProgress {
+        job_id: id.into(),
         attempt: 1,
         status: Some(cohort_proto::StageStatus {
             node_name: "spoofed".into(),
             item: "data".into(),
             state: state.into(),
             sha256: digest.into(),
+            path: path.into(),
             ..Default::default()
         }),
     };
-    controller.stage_progress(reader, progress("copying", "")).await;
+    controller.stage_progress(reader, progress(&id, "copying", "", "")).await;
     assert!(digests(&mut sessions, waiting[1]).is_empty(), "nothing found yet");
     // A waiting node says so; status names whom it waits for.
-    controller.stage_progress(waiting[0], progress("waiting", "")).await;
+    controller.stage_progress(waiting[0], progress(&id, "waiting", "", "")).await;
     let job = controller.get(&id).await.unwrap();
     let shown = job.staging.iter().find(|s| s.node_name == waiting[0]).unwrap();
     assert_eq!(shown.detail, format!("for {reader} to read the source"));
-    controller.stage_progress(reader, progress("ready", &digest)).await;
+    let content = format!("/cache/sha256/{digest}");
+    controller.stage_progress(reader, progress(&id, "ready", &digest, &content)).await;
     for node in &waiting {
         let sent = digests(&mut sessions, node);
         assert_eq!(sent.len(), 1, "{node}: {sent:?}");
@@ -313,6 +316,20 @@ async fn an_input_without_a_digest_is_read_by_one_node_and_its_digest_sent_to_th
     controller.reconcile().await.unwrap();
     let (reader, waiting) = prepared(&mut sessions);
     controller.prepare_result(reader, staged(&again, "", "staging failed: no such directory")).await;
+    for node in &waiting {
+        let sent = digests(&mut sessions, node);
+        assert_eq!(sent.len(), 1, "{node}: {sent:?}");
+        assert!(sent[0].sha256.is_empty() && sent[0].peers.is_empty(), "read the source: {:?}", sent[0]);
+    }
+
+    // The source is a file where the reader is: files do not travel between
+    // nodes, so the waiting nodes read it themselves.
+    controller.cancel(&again).await.unwrap();
+    let file = submit(&controller, &yaml.replace("name: t", "name: file")).await;
+    controller.reconcile().await.unwrap();
+    let (reader, waiting) = prepared(&mut sessions);
+    let at = format!("/cache/sha256/{digest}/set");
+    controller.stage_progress(reader, progress(&file, "ready", &digest, &at)).await;
     for node in &waiting {
         let sent = digests(&mut sessions, node);
         assert_eq!(sent.len(), 1, "{node}: {sent:?}");
