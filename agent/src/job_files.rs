@@ -1413,6 +1413,39 @@ mod tests {
         assert_eq!(staged[0].bytes, large.len() as u64 + 3 + 4);
     }
 
+    /// A directory read from its source without a digest is super-seeded
+    /// once staged: every small file whole and every piece of a large one
+    /// is offered, none sent yet; a directory with a symlink is not
+    /// (peers do not fetch it).
+    #[tokio::test]
+    async fn content_read_whole_from_its_source_is_super_seeded_file_by_file_and_piece_by_piece() {
+        let (source, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (identity, helper) = (me(), helper_binary());
+        let user = AsJobUser { identity: &identity, helper: &helper };
+        write(&source.path().join("model.safetensors"), &vec![7u8; (2 << 20) + 1]);
+        write(&source.path().join("tokenizer/vocab.txt"), b"a\nb\n");
+        let digest = stage(cache.path(), source.path(), None).await[0].sha256.clone();
+        let peers = crate::peer::Peers::new(
+            "me".into(),
+            None,
+            helper.clone(),
+            cache.path().to_owned(),
+            crate::rank_user::RankUserPolicy::agent_user(),
+            1 << 20,
+        );
+        peers.seed_complete(user, cache.path(), &digest).await;
+        let piece = |i: u32| format!("model.safetensors\0{i}");
+        assert_eq!(
+            peers.unsent_seeds(cache.path(), &digest),
+            Some(vec![piece(0), piece(1), piece(2), "tokenizer/vocab.txt".to_owned()])
+        );
+
+        std::os::unix::fs::symlink("vocab.txt", source.path().join("tokenizer/link")).unwrap();
+        let linked = stage(cache.path(), source.path(), None).await[0].sha256.clone();
+        peers.seed_complete(user, cache.path(), &linked).await;
+        assert_eq!(peers.unsent_seeds(cache.path(), &linked), None);
+    }
+
     /// A large file travels in pieces: hashed by piece where it is complete
     /// (checked whole in the same pass), each piece read by its span, written
     /// at its place in another cache in any order and checked against its

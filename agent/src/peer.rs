@@ -300,6 +300,50 @@ impl Peers {
         })
     }
 
+    /// Content `digest` was just read from its source into `cache` whole,
+    /// before any peer could be told its digest (an input without one):
+    /// this node super-seeds it as it would have while staging ([`Seeding`]),
+    /// each of its files and large files' pieces sent once before any is
+    /// sent twice. Nothing is recorded for content with symlinks (peers do
+    /// not fetch it) or whose manifest cannot be read.
+    pub async fn seed_complete(&self, user: AsJobUser<'_>, cache: &Path, digest: &str) {
+        let manifest = match read_manifest(user, cache, digest).await {
+            Ok(Some(manifest)) => manifest,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(content = %digest, error = %e, "cannot read the manifest to seed it");
+                return;
+            }
+        };
+        let Ok(parsed) = crate::stage::parse_manifest(&manifest) else { return };
+        if parsed.links > 0 {
+            return;
+        }
+        let mut offered = HashSet::new();
+        for file in &parsed.files {
+            let Some(path) = file.path.to_str() else { return };
+            if file.size > self.piece_bytes {
+                let count = piece_count(file.size, self.piece_bytes);
+                offered.extend((0..count).map(|i| piece_key(path, self.piece_bytes, i as u32)));
+            } else {
+                offered.insert(path.to_owned());
+            }
+        }
+        let key = (cache.to_owned(), digest.to_owned());
+        lock(&self.seeding).insert(key, Seeding { offered, sent: HashSet::new() });
+    }
+
+    /// What this node super-seeds of content `digest` in `cache` and has not
+    /// sent yet, sorted (piece names as [`piece_key`] makes them).
+    #[cfg(test)]
+    pub(crate) fn unsent_seeds(&self, cache: &Path, digest: &str) -> Option<Vec<String>> {
+        let seeding = lock(&self.seeding);
+        let seed = seeding.get(&(cache.to_owned(), digest.to_owned()))?;
+        let mut unsent: Vec<String> = seed.offered.difference(&seed.sent).cloned().collect();
+        unsent.sort();
+        Some(unsent)
+    }
+
     /// Announces that this node stages `digest` into `cache` now, from its
     /// source; None when it already does (in another job's preparation).
     pub fn announce(self: &Arc<Self>, cache: &Path, digest: &str) -> Option<Announced> {

@@ -567,6 +567,18 @@ impl Preparer {
         {
             announced.into_values().for_each(|(a, _)| a.complete());
         }
+        if let (Ok(staged), Ok(cache)) = (&staged, &cache) {
+            // A directory without a digest just read from its source: nodes
+            // waiting for it fetch it from here now, super-seeded.
+            let read_here = staged.iter().filter(|s| {
+                let unpinned = cmd.stage.iter().any(|i| i.name == s.name && i.sha256.trim().is_empty());
+                let is_dir = s.path.file_name().is_some_and(|n| *n == *s.sha256);
+                unpinned && is_dir && !s.from_cache && !from_peers.contains_key(&s.name)
+            });
+            for s in read_here {
+                self.peers.seed_complete(user, cache, &s.sha256).await;
+            }
+        }
         if let (Ok(staged), Ok(cache)) = (&staged, cache) {
             let digests = staged.iter().map(|s| s.sha256.clone()).collect();
             self.cache_keeper.pin(&cmd.job_id, cmd.attempt, cache.clone(), digests);
