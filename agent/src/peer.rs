@@ -69,6 +69,11 @@ pub const STALL: Duration = Duration::from_secs(60);
 const BUSY_PAUSE: Duration = Duration::from_millis(100);
 /// A peer whose transfer broke is not asked again for this long.
 const FAILED_PAUSE: Duration = Duration::from_secs(1);
+/// A piece a super-seeding peer refused (it sent it once already and still
+/// has pieces nobody has) is asked of it again after this long: the node it
+/// went to may have died before passing it on, and once the seed has sent
+/// every piece once it serves any again.
+const REFUSED_PAUSE: Duration = Duration::from_secs(5);
 /// Bytes per `PieceChunk`.
 const CHUNK: usize = 256 << 10;
 /// The largest manifest taken from a peer.
@@ -460,6 +465,7 @@ impl Peers {
                 return Ok(swarm.fetched);
             }
             let now = Instant::now();
+            swarm.unrefuse(now);
             while let Some((piece, peer)) = swarm.choose(now, limits, &mut random) {
                 let wanted = swarm.start(piece, peer);
                 let request = PieceRequest {
@@ -742,6 +748,9 @@ struct PeerState {
     /// It fetches from peers too (it said so): what it may still offer is
     /// only what it gets from the others.
     fetching: bool,
+    /// Pieces it holds but refused as a super-seeding node, each counted as
+    /// held again at its instant ([`REFUSED_PAUSE`]).
+    refused: Vec<(usize, Instant)>,
 }
 
 /// The fetching node's view of the content and of its peers.
@@ -781,6 +790,7 @@ impl Swarm {
                     gone: None,
                     corrupt: false,
                     fetching: false,
+                    refused: Vec::new(),
                 })
                 .collect(),
             manifest: None,
@@ -895,10 +905,17 @@ impl Swarm {
             }
             Err(status) => match status.code() {
                 tonic::Code::ResourceExhausted => state.paused_until = Some(Instant::now() + BUSY_PAUSE),
-                // Not here, or sent once already by a super-seeding node: from others.
-                tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
+                // Not here: from others.
+                tonic::Code::NotFound => {
                     if let Some(has) = state.has.get_mut(piece) {
                         *has = false;
+                    }
+                }
+                // Sent once already by a super-seeding node: from others for now.
+                tonic::Code::FailedPrecondition => {
+                    if let Some(has) = state.has.get_mut(piece) {
+                        *has = false;
+                        state.refused.push((piece, Instant::now() + REFUSED_PAUSE));
                     }
                 }
                 _ => {
@@ -1218,7 +1235,25 @@ impl Swarm {
     }
 
     fn next_unpause(&self) -> Option<Instant> {
-        self.peers.iter().filter(|p| p.gone.is_none() && !p.corrupt).filter_map(|p| p.paused_until).min()
+        let live = self.peers.iter().filter(|p| p.gone.is_none() && !p.corrupt);
+        live.flat_map(|p| p.paused_until.into_iter().chain(p.refused.iter().map(|(_, at)| *at))).min()
+    }
+
+    /// Pieces refused by super-seeding peers whose pause is over count as
+    /// theirs again.
+    fn unrefuse(&mut self, now: Instant) {
+        for peer in &mut self.peers {
+            let has = &mut peer.has;
+            peer.refused.retain(|&(piece, at)| {
+                if at > now {
+                    return true;
+                }
+                if let Some(has) = has.get_mut(piece) {
+                    *has = true;
+                }
+                false
+            });
+        }
     }
 }
 
@@ -1458,6 +1493,43 @@ mod tests {
         let mut quiet = Swarm::new(&hex(1), vec!["reader".into(), "fetcher".into()]);
         quiet.event(PeerEvent::Fetching(1));
         assert!(!quiet.hopeless());
+    }
+
+    /// A super-seeding peer's refusal (it sent the piece once already) holds
+    /// for [`REFUSED_PAUSE`]: the node it went to may die before passing it
+    /// on. A peer that does not have the piece is not asked for it again.
+    #[test]
+    fn a_piece_a_seed_refused_is_asked_of_it_again_later_one_it_lacks_is_not() {
+        let peers = peers();
+        let announced = peers.announce_fetch(Path::new("/c"), &hex(0)).unwrap();
+        let file = |path: &str| ContentFile { path: path.into(), size: 3, sha256: hex(7), ..ContentFile::default() };
+        let mut swarm = Swarm::new(&hex(0), vec!["seed".into(), "other".into()]);
+        swarm.event(PeerEvent::Files(0, vec![file("a")]));
+        swarm.event(PeerEvent::Files(1, vec![file("b")]));
+        let mut random = || 0;
+        let now = Instant::now();
+        let mut asked = Vec::new();
+        while let Some((piece, peer)) = swarm.choose(now, swarm::Limits::DEFAULT, &mut random) {
+            swarm.start(piece, peer);
+            asked.push((piece, peer));
+        }
+        assert_eq!(asked.len(), 2, "{asked:?}");
+        for (piece, peer) in asked {
+            let refusal = match peer {
+                0 => Status::failed_precondition("sent once already"),
+                _ => Status::not_found("not here"),
+            };
+            swarm.finished(piece, peer, Err(refusal), &announced);
+        }
+        assert_eq!(swarm.choose(now, swarm::Limits::DEFAULT, &mut random), None, "nobody offers either now");
+        let at = swarm.next_unpause().unwrap();
+        assert!(at >= now + REFUSED_PAUSE, "woken when the refusal is over");
+        swarm.unrefuse(at - Duration::from_millis(1));
+        assert_eq!(swarm.peers[0].has, [false, false], "not before");
+        swarm.unrefuse(at);
+        assert_eq!(swarm.peers[0].has, [true, false], "the seed's piece is its again");
+        assert_eq!(swarm.peers[1].has, [false, false], "the piece the other lacked stays lacking");
+        assert_eq!(swarm.choose(at, swarm::Limits::DEFAULT, &mut random), Some((0, 0)));
     }
 
     fn peers() -> Arc<Peers> {
