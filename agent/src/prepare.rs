@@ -29,6 +29,9 @@ use crate::supervisor::Outbound;
 /// file systems cache directory entries for a few seconds).
 const MARKER_WAIT: Duration = Duration::from_secs(15);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an input's "staged" progress, which nodes waiting for its digest
+/// need, may wait for room in the outbound queue.
+const FINISHED_SEND_WAIT: Duration = Duration::from_secs(5);
 /// The variables by which the supervisor's sweep recognises a launch's processes.
 const SWEPT_BY: &[&str] = &["COHORT_JOB_ID", "COHORT_ATTEMPT", "COHORT_NODE_NAME"];
 
@@ -548,10 +551,17 @@ impl Preparer {
                     path: p.path.unwrap_or_default(),
                     ..StageStatus::default()
                 };
+                let finished = !status.sha256.is_empty();
                 let msg = StageProgress { job_id: job_id.clone(), attempt, status: Some(status) };
-                // Progress is advisory: drop it rather than wait when the queue is full
-                // (a digest other nodes wait for also comes with the PrepareResult).
-                let _ = out.try_send(Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) }));
+                let msg = Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) });
+                if finished {
+                    // Other nodes may wait for this digest: worth a short wait for room
+                    // (it also comes with the PrepareResult, after the rest of the preparation).
+                    let _ = out.send_timeout(msg, FINISHED_SEND_WAIT).await;
+                } else {
+                    // Progress is advisory: drop it rather than wait when the queue is full.
+                    let _ = out.try_send(msg);
+                }
             }
             while hashing.join_next().await.is_some() {}
             announced
