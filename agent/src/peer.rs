@@ -175,6 +175,15 @@ fn piece_key(path: &str, piece_bytes: u64, piece: u32) -> String {
 
 /// How many pieces of `piece_bytes` a file of `size` bytes travels in; 0
 /// when it travels whole (no piece size, or not larger than one piece).
+/// The [`piece_key`]s of a file of `size` bytes cut in pieces of
+/// `piece_bytes` (one, the whole file, when it travels whole).
+fn piece_keys(path: &str, size: u64, piece_bytes: u64) -> Vec<String> {
+    match piece_count(size, piece_bytes) {
+        0 => vec![path.to_owned()],
+        count => (0..count).map(|i| piece_key(path, piece_bytes, i as u32)).collect(),
+    }
+}
+
 fn piece_count(size: u64, piece_bytes: u64) -> usize {
     if piece_bytes == 0 || size <= piece_bytes {
         0
@@ -208,14 +217,9 @@ impl Announcer {
     /// A file done (copied or fetched, and verified), or pieces of it.
     pub fn file(&self, file: ContentFile) {
         if self.seed {
-            let count = piece_count(file.size, file.piece_bytes);
             let mut seeding = lock(&self.peers.seeding);
             let offered = &mut seeding.entry(self.key.clone()).or_default().offered;
-            if count == 0 {
-                offered.insert(file.path.clone());
-            } else {
-                offered.extend((0..count).map(|i| piece_key(&file.path, file.piece_bytes, i as u32)));
-            }
+            offered.extend(piece_keys(&file.path, file.size, file.piece_bytes));
         }
         self.tx.send_modify(|have| have.files.push(file));
     }
@@ -327,12 +331,7 @@ impl Peers {
         let mut offered = HashSet::new();
         for file in &parsed.files {
             let Some(path) = file.path.to_str() else { return };
-            if file.size > self.piece_bytes {
-                let count = piece_count(file.size, self.piece_bytes);
-                offered.extend((0..count).map(|i| piece_key(path, self.piece_bytes, i as u32)));
-            } else {
-                offered.insert(path.to_owned());
-            }
+            offered.extend(piece_keys(path, file.size, self.piece_bytes));
         }
         let key = (cache.to_owned(), digest.to_owned());
         lock(&self.seeding).insert(key, Seeding { offered, sent: HashSet::new() });
@@ -443,7 +442,7 @@ impl Peers {
             })
             .collect();
         drop(events_tx);
-        let _stop_watchers = AbortAll(watchers);
+        let _stop_watchers: Vec<AbortOnDrop<()>> = watchers.into_iter().map(AbortOnDrop).collect();
         let mut downloads = FuturesUnordered::new();
         let mut last_progress = Instant::now();
         let mut watching = true;
@@ -596,13 +595,12 @@ impl Peers {
     }
 }
 
-struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
+/// Aborts its task when dropped.
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 
-impl Drop for AbortAll {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
+        self.0.abort();
     }
 }
 
@@ -815,14 +813,8 @@ impl Swarm {
     }
 
     fn choose(&self, now: Instant, limits: swarm::Limits, random: &mut impl FnMut() -> u64) -> Option<(usize, usize)> {
-        let mine: Vec<Mine> = self
-            .pieces
-            .iter()
-            .map(|p| {
-                let file = &self.files[p.file];
-                if p.dropped || !file.needed || file.done { Mine::Have } else { p.mine }
-            })
-            .collect();
+        let mine: Vec<Mine> =
+            self.pieces.iter().map(|p| if self.still_needed(p) { p.mine } else { Mine::Have }).collect();
         let views: Vec<PeerView<'_>> = self
             .peers
             .iter()
@@ -1212,14 +1204,17 @@ impl Swarm {
         if self.peers.iter().filter(live).any(|p| !p.fetching) {
             return false;
         }
-        let needed = |(i, piece): (usize, &Piece)| {
-            let file = &self.files[piece.file];
-            !piece.dropped
-                && file.needed
-                && !file.done
-                && self.peers.iter().filter(live).any(|p| p.has.get(i) == Some(&true))
+        let offered = |(i, piece): (usize, &Piece)| {
+            self.still_needed(piece) && self.peers.iter().filter(live).any(|p| p.has.get(i) == Some(&true))
         };
-        !self.pieces.iter().enumerate().any(needed)
+        !self.pieces.iter().enumerate().any(offered)
+    }
+
+    /// A piece of a file still to be fetched: not of a cut given up, of a
+    /// file the content lists and that is not complete here.
+    fn still_needed(&self, piece: &Piece) -> bool {
+        let file = &self.files[piece.file];
+        !piece.dropped && file.needed && !file.done
     }
 
     fn why(&self) -> String {

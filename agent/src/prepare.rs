@@ -69,13 +69,10 @@ pub struct Preparer {
     pub peers: Arc<Peers>,
 }
 
-/// Aborts its task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// A node's progress on one input of a job's attempt, for the controller.
+fn stage_progress(job_id: &str, attempt: u32, status: StageStatus) -> Outbound {
+    let msg = StageProgress { job_id: job_id.to_owned(), attempt, status: Some(status) };
+    Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) })
 }
 
 /// A job, its attempt and an input's name.
@@ -418,6 +415,11 @@ impl Preparer {
                 if s.source.starts_with("http://") || s.source.starts_with("https://") {
                     continue;
                 }
+                // Its peers came with its digest: `await_digests` found the source not a file here.
+                if s.awaits_digest {
+                    wanted.push(s);
+                    continue;
+                }
                 let look = crate::job_files::InspectRequest { path: s.source.clone().into(), ..Default::default() };
                 match user.inspect_path(look).await {
                     Ok(info) if info.exists && !info.is_dir => continue,
@@ -437,9 +439,8 @@ impl Preparer {
                         detail: "from other nodes".into(),
                         ..StageStatus::default()
                     };
-                    let msg = StageProgress { job_id: cmd.job_id.clone(), attempt: cmd.attempt, status: Some(status) };
                     // Progress is advisory: dropped rather than waited for when the queue is full.
-                    let _ = self.out.try_send(Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) }));
+                    let _ = self.out.try_send(stage_progress(&cmd.job_id, cmd.attempt, status));
                 };
                 async move {
                     let fetched = self.peers.fetch(&cmd.user, user, cache, &digest, &s.peers, &report).await;
@@ -457,8 +458,6 @@ impl Preparer {
                     }
                 }
             }
-            // What is read from the source is offered to the peers file by file.
-            let offered = cmd.stage.iter().filter(|s| s.sha256.trim().len() == 64);
             // A digest learnt from another node is this node's to check only
             // when the content came from peers or was here: otherwise the
             // source is read as for any input without a digest.
@@ -470,6 +469,8 @@ impl Preparer {
                     item.sha256 = Some(input.sha256.clone());
                 }
             }
+            // What is read from the source is offered to the peers file by file.
+            let offered = cmd.stage.iter().filter(|s| s.sha256.trim().len() == 64);
             for s in offered.filter(|s| !from_peers.contains_key(&s.name) && !is_cached(cache, &s.sha256)) {
                 let digest = s.sha256.trim().to_ascii_lowercase();
                 if let Some(a) = self.peers.announce(cache, &digest) {
@@ -489,7 +490,7 @@ impl Preparer {
         };
         // Dropped with the preparation (aborted: the job is being stopped),
         // it takes the piece hashing it runs, and the helpers, with it.
-        let mut forward = AbortOnDrop(tokio::spawn(async move {
+        let mut forward = crate::peer::AbortOnDrop(tokio::spawn(async move {
             let mut hashing = tokio::task::JoinSet::new();
             let hashers = Arc::new(tokio::sync::Semaphore::new(4));
             while let Some(p) = rx.recv().await {
@@ -552,8 +553,7 @@ impl Preparer {
                     ..StageStatus::default()
                 };
                 let finished = !status.sha256.is_empty();
-                let msg = StageProgress { job_id: job_id.clone(), attempt, status: Some(status) };
-                let msg = Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) });
+                let msg = stage_progress(&job_id, attempt, status);
                 if finished {
                     // Other nodes may wait for this digest: worth a short wait for room
                     // (it also comes with the PrepareResult, after the rest of the preparation).
@@ -643,9 +643,8 @@ impl Preparer {
                 detail: "for the node reading the source".into(),
                 ..StageStatus::default()
             };
-            let msg = StageProgress { job_id: cmd.job_id.clone(), attempt: cmd.attempt, status: Some(status) };
             // Progress is advisory: dropped rather than waited for when the queue is full.
-            let _ = self.out.try_send(Outbound::Message(AgentMessage { msg: Some(Msg::StageProgress(msg)) }));
+            let _ = self.out.try_send(stage_progress(&cmd.job_id, cmd.attempt, status));
             // The sender goes only with the preparation (or a newer attempt): then read the source.
             if let Ok(found) = answer.wait_for(Option::is_some).await
                 && let Some(found) = found.as_ref()

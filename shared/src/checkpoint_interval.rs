@@ -78,8 +78,9 @@ pub fn observed_saves(points: &[(u32, u64, i64)], saves: &[(u32, u64, i64)]) -> 
         .collect();
     let mut per_iteration: Vec<f64> = gaps.iter().map(|(_, n, ms)| ms / *n as f64).collect();
     let median_ms = median(&mut per_iteration)?;
-    if let Some(recorded) = recorded_saves(points, saves) {
-        return Some(ObservedSaves { iteration: Duration::from_secs_f64(median_ms / 1000.0), ..recorded });
+    let iteration = Duration::from_secs_f64(median_ms / 1000.0);
+    if let Some((every, save)) = recorded_saves(points, saves) {
+        return Some(ObservedSaves { every, save, iteration, recorded: true });
     }
     let mut excess = Vec::new();
     let mut saved_at = Vec::new();
@@ -93,17 +94,12 @@ pub fn observed_saves(points: &[(u32, u64, i64)], saves: &[(u32, u64, i64)]) -> 
     }
     let every = most_common_spacing(saved_at)?;
     let save_ms = median(&mut excess)?;
-    Some(ObservedSaves {
-        every,
-        save: Duration::from_secs_f64(save_ms / 1000.0),
-        iteration: Duration::from_secs_f64(median_ms / 1000.0),
-        recorded: false,
-    })
+    Some(ObservedSaves { every, save: Duration::from_secs_f64(save_ms / 1000.0), iteration, recorded: false })
 }
 
-/// The interval and save time of the saves the trainer recorded (the
-/// iteration per save left unset); None with fewer than two.
-fn recorded_saves(points: &[(u32, u64, i64)], saves: &[(u32, u64, i64)]) -> Option<ObservedSaves> {
+/// The interval (iterations) and save time of the saves the trainer
+/// recorded; None with fewer than two.
+fn recorded_saves(points: &[(u32, u64, i64)], saves: &[(u32, u64, i64)]) -> Option<(u64, Duration)> {
     let mut at = Vec::new();
     let mut took = Vec::new();
     for &(attempt, iteration, end_ms) in saves {
@@ -122,8 +118,7 @@ fn recorded_saves(points: &[(u32, u64, i64)], saves: &[(u32, u64, i64)]) -> Opti
     }
     let every = most_common_spacing(at)?;
     let save_ms = median(&mut took)?;
-    let save = Duration::from_secs_f64(save_ms / 1000.0);
-    Some(ObservedSaves { every, save, iteration: Duration::ZERO, recorded: true })
+    Some((every, Duration::from_secs_f64(save_ms / 1000.0)))
 }
 
 /// The most common spacing between sorted, distinct `iterations`: a save
