@@ -437,10 +437,11 @@ async fn a_gang_younger_than_the_preempt_exempt_time_is_no_victim() {
     let config = ControllerConfig { queues, stop_resend: Duration::from_millis(20), ..ControllerConfig::default() };
     let controller = Controller::load(store, dir.path(), config).await.unwrap();
     let mut sessions = connect(&controller, &["n1"]).await;
+    // Before the gang is placed: its exempt time counts from its placement, later.
+    let started = Instant::now();
     let low = submit_as(&controller, "u", &job("low", 1, "priority: 1\n")).await.unwrap();
     controller.reconcile().await.unwrap();
     assert_eq!(pending(&controller, &low).await, None);
-    let started = Instant::now();
 
     let high = submit_as(&controller, "u", &job("high", 1, "priority: 9\n")).await.unwrap();
     controller.reconcile().await.unwrap();
