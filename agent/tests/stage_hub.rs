@@ -3,8 +3,10 @@
 //! modelscope of the venvs of tools/swift-flags/venvs.sh resolve the model id
 //! against the staged cache inside a network namespace with no network (or,
 //! where one cannot be made, with every proxy pointed at a closed loopback
-//! port). Without the venvs, those checks are skipped with a message; the
-//! layout itself is checked either way.
+//! port). ms-swift's ModelScope route lists the repo online even so; the
+//! path Cohort passes as `--model` instead (the node's copy in the ModelScope
+//! layout) is used offline and taken for the same model. Without the venvs,
+//! those checks are skipped with a message; the layout itself is checked either way.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -12,11 +14,12 @@ use std::process::Command;
 
 use cohort_agent::stage::hub::{HubModel, hub_root};
 use cohort_agent::stage::{StageItem, StagedItem, Stager};
-use cohort_shared::spec::HubLayout;
+use cohort_shared::spec::{HubLayout, modelscope_model_dir};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-const MODEL: &str = "Qwen/Qwen3.5-8B";
+/// A registered id with a dot in its name (ModelScope writes it `___`).
+const MODEL: &str = "Qwen/Qwen2.5-7B-Instruct";
 
 /// What one venv's libraries make of the staged caches (one Python process:
 /// importing ms-swift takes many seconds).
@@ -26,8 +29,12 @@ try:
     from swift.utils import safe_snapshot_download
 except ImportError:  # ms-swift 3.x
     from swift.llm import safe_snapshot_download
+try:
+    from swift.model import get_matched_model_meta
+except ImportError:  # ms-swift 3.x
+    from swift.llm import get_matched_model_meta
 from modelscope import snapshot_download
-model, ms_cache = sys.argv[1:3]
+model, ms_cache, passed = sys.argv[1:4]
 out = {}
 def attempt(key, f):
     try:
@@ -37,6 +44,10 @@ def attempt(key, f):
 attempt("swift_hf", lambda: safe_snapshot_download(model, use_hf=True))
 attempt("modelscope_local", lambda: snapshot_download(model, cache_dir=ms_cache, local_files_only=True))
 attempt("swift_modelscope", lambda: safe_snapshot_download(model, use_hf=False))
+# What Cohort passes as --model for a model staged in the ModelScope layout.
+attempt("swift_passed", lambda: safe_snapshot_download(passed, use_hf=False))
+model_type = lambda m: getattr(get_matched_model_meta(m), "model_type", None)
+out["model_type"] = {"id": model_type(model), "passed": model_type(passed)}
 print("RESULT " + json.dumps(out))
 "#;
 
@@ -46,7 +57,7 @@ fn repo_root() -> PathBuf {
 
 fn write_model(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), br#"{"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}"#)
+    std::fs::write(dir.join("config.json"), br#"{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}"#)
         .unwrap();
     std::fs::write(dir.join("model.safetensors"), vec![1u8; 4096]).unwrap();
     std::fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
@@ -71,8 +82,9 @@ async fn stage(stager: &Stager, source: &Path) -> Vec<StagedItem> {
 
 /// Where each library must find the model.
 fn expected(cache: &Path, digest: &str) -> (PathBuf, PathBuf) {
-    let ms = hub_root(cache, HubLayout::Modelscope).join("models/Qwen/Qwen3___5-8B");
-    let hf = hub_root(cache, HubLayout::Huggingface).join("models--Qwen--Qwen3.5-8B/snapshots").join(&digest[..40]);
+    let ms = hub_root(cache, HubLayout::Modelscope).join("models/Qwen/Qwen2___5-7B-Instruct");
+    let hf =
+        hub_root(cache, HubLayout::Huggingface).join("models--Qwen--Qwen2.5-7B-Instruct/snapshots").join(&digest[..40]);
     (ms, hf)
 }
 
@@ -90,7 +102,7 @@ async fn a_staged_model_is_placed_in_both_layouts_and_replaced_in_place() {
         assert_eq!(place.canonicalize().unwrap(), staged[0].path.canonicalize().unwrap(), "{}", place.display());
         assert_eq!(std::fs::read(place.join("model.safetensors")).unwrap().len(), 4096);
     }
-    let refs = hub_root(cache.path(), HubLayout::Huggingface).join("models--Qwen--Qwen3.5-8B/refs/main");
+    let refs = hub_root(cache.path(), HubLayout::Huggingface).join("models--Qwen--Qwen2.5-7B-Instruct/refs/main");
     assert_eq!(std::fs::read_to_string(&refs).unwrap(), &digest[..40], "the commit, without a newline");
 
     // A changed model replaces the link; the old content stays in the cache.
@@ -121,7 +133,7 @@ async fn a_model_is_a_directory_and_a_directory_is_not_replaced_by_a_link() {
     assert!(error.to_string().contains("must be staged from a directory"), "{error}");
 
     // Someone's own download at the place: left alone, and the staging says so.
-    let own = hub_root(cache.path(), HubLayout::Modelscope).join("models/Qwen/Qwen3___5-8B");
+    let own = hub_root(cache.path(), HubLayout::Modelscope).join("models/Qwen/Qwen2___5-7B-Instruct");
     std::fs::create_dir_all(&own).unwrap();
     std::fs::write(own.join("config.json"), b"mine").unwrap();
     let (tx, _rx) = mpsc::channel(1024);
@@ -180,6 +192,8 @@ async fn the_real_ms_swift_resolves_the_staged_model_offline() {
             .arg(&script)
             .arg(MODEL)
             .arg(hub_root(cache.path(), HubLayout::Modelscope))
+            // What the controller passes as --model (planner::launch_plan::use_staged_model).
+            .arg(modelscope_model_dir(&hub_root(cache.path(), HubLayout::Modelscope), MODEL).unwrap())
             // What the agent gives the job's processes (planner::launch_plan::add_staged).
             .env(HubLayout::Huggingface.cache_var(), hub_root(cache.path(), HubLayout::Huggingface))
             .env(HubLayout::Modelscope.cache_var(), hub_root(cache.path(), HubLayout::Modelscope))
@@ -198,6 +212,11 @@ async fn the_real_ms_swift_resolves_the_staged_model_offline() {
         // book says. If this starts to pass, the book's advice is out of date.
         let error = result["swift_modelscope"]["error"].as_str().unwrap_or_default();
         assert!(error.contains("onnect") || error.contains("resolve"), "ms-swift {version} (ModelScope): {result}");
+        // The node's copy, as Cohort passes it, is used where it lies, offline,
+        // and taken for the model the id names.
+        assert_eq!(result["swift_passed"]["ok"], ms.display().to_string(), "ms-swift {version} (path): {result}");
+        let types = &result["model_type"];
+        assert!(types["id"].is_string() && types["id"] == types["passed"], "ms-swift {version}: {result}");
         checked += 1;
     }
     if checked == 0 {

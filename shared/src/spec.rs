@@ -172,6 +172,16 @@ impl HubLayout {
     }
 }
 
+/// Where the ModelScope layout keeps model `id` under the cache root `root`
+/// (the processes' `MODELSCOPE_CACHE`): `<root>/models/<owner>/<name>`, dots
+/// in the name written `___`, as the SDKs before 1.38 wrote it and
+/// modelscope-hub still probes first. None when `id` is not an `owner/name`
+/// id that is safe as a path ([`is_model_id`]).
+pub fn modelscope_model_dir(root: &std::path::Path, id: &str) -> Option<std::path::PathBuf> {
+    let (owner, name) = id.split_once('/').filter(|_| is_model_id(id))?;
+    Some(root.join("models").join(owner).join(name.replace('.', "___")))
+}
+
 impl StageSpec {
     /// The layout a `model:` entry is placed in (None: not a model).
     pub fn hub_layout(&self) -> Option<HubLayout> {

@@ -355,6 +355,45 @@ async fn a_failed_run_resumes_from_its_newest_complete_checkpoint() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("only a Failed or Cancelled job can be resumed"));
 }
 
+/// Issue 18, item 3: ms-swift's ModelScope route lists a hub id online even
+/// when the node's cache holds the model (so a node without internet fails);
+/// a `--model` naming a staged `model:` reaches each node's ms-swift as that
+/// node's own copy in the ModelScope layout, a path that still ends in the id
+/// (agent/tests/stage_hub.rs checks, with the real ms-swift, that such a path
+/// resolves offline and is taken for the same model).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_staged_models_id_reaches_ms_swift_as_each_nodes_own_copy() {
+    let cluster = cluster(["good", "good"]).await;
+    let model = cluster.dir.path().join("qwen3-8b");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(model.join("config.json"), br#"{"model_type": "qwen3"}"#).unwrap();
+    // A checkpoint to go on from, so that the fake trainer runs to its end on both nodes.
+    let ckpt = cluster.dir.path().join("ckpt");
+    std::fs::create_dir_all(ckpt.join("iter_0000002")).unwrap();
+    std::fs::write(ckpt.join("iter_0000002/common.pt"), b"stub").unwrap();
+    std::fs::write(ckpt.join("latest_checkpointed_iteration.txt"), b"2").unwrap();
+    let stage = format!("stage: [{{model: Qwen/Qwen3-8B, source: {}}}]", model.display());
+    let yaml = megatron_job(&cluster.dir.path().join("out"), &good_dataset(cluster.dir.path()), &stage)
+        .replace("  load: Qwen3-8B-mcore\n", &format!("  load: {}\n  model: Qwen/Qwen3-8B\n", ckpt.display()))
+        .replace("finetune: true", "finetune: false");
+    let job = cluster.submit(&yaml).await.unwrap();
+    let job = cluster.wait_finished(&job.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state(&job), JobState::Succeeded, "{}", job.reason);
+    let logs = String::from_utf8_lossy(&cluster.cli(&["logs", &job.id]).stdout).to_string();
+    let mut passed: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("fake megatron argv:"))
+        .filter_map(|l| l.split("--model ").nth(1)?.split(' ').next())
+        .collect();
+    passed.sort_unstable();
+    passed.dedup();
+    assert_eq!(passed.len(), 2, "one copy per node: {logs}");
+    for dir in passed {
+        assert!(dir.ends_with("/hub/modelscope/models/Qwen/Qwen3-8B"), "{dir}");
+        assert_eq!(std::fs::read(Path::new(dir).join("config.json")).unwrap(), br#"{"model_type": "qwen3"}"#);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_checkpoint_without_model_weights_is_not_resumed_from_and_resume_says_why() {
     let cluster = cluster(["good", "good"]).await;

@@ -47,13 +47,14 @@ pub fn hub_root(cache_dir: &Path, layout: HubLayout) -> PathBuf {
 /// `model`'s id in its layout; returns the hub cache root.
 pub(super) fn place(cache_dir: &Path, model: &HubModel, item: &str, content: &Path) -> Result<PathBuf, StageError> {
     let hex = content.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let bad = || StageError::BadModel { item: item.to_owned(), model: model.id.clone() };
     let (owner, name) = model
         .id
         .split_once('/')
         .filter(|_| {
             cohort_shared::spec::is_model_id(&model.id) && hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
         })
-        .ok_or_else(|| StageError::BadModel { item: item.to_owned(), model: model.id.clone() })?;
+        .ok_or_else(bad)?;
     let root = hub_root(cache_dir, model.layout);
     // Every link below is four directories under the cache dir.
     let target = Path::new("../../../../sha256").join(&hex);
@@ -63,7 +64,7 @@ pub(super) fn place(cache_dir: &Path, model: &HubModel, item: &str, content: &Pa
     };
     match model.layout {
         HubLayout::Modelscope => {
-            let link = root.join("models").join(owner).join(name.replace('.', "___"));
+            let link = cohort_shared::spec::modelscope_model_dir(&root, &model.id).ok_or_else(bad)?;
             swap_link(&target, &link).map_err(io_error("place the model at", &link))?;
         }
         HubLayout::Huggingface => {

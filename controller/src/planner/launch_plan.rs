@@ -276,6 +276,7 @@ pub fn launch_plan(spec: &JobSpec, layout: &GangPlan, inputs: &AttemptInputs) ->
             let node_env = inputs.node_env.get(a.node_name.as_str()).copied().unwrap_or_default();
             let mut processes = node_processes(&running, layout, a, node_env, &render_input);
             add_staged(&mut processes, &a.node_name, inputs.staged, &spec.stage);
+            use_staged_model(&mut processes, &a.node_name, inputs.staged, spec);
             if let (Workload::Command(_), Some(ckpt)) = (&spec.workload, inputs.resume_from) {
                 for process in &mut processes {
                     process.env.extend(resume_vars(ckpt));
@@ -315,15 +316,52 @@ pub fn launch_plan(spec: &JobSpec, layout: &GangPlan, inputs: &AttemptInputs) ->
 /// `model:` input the hub's cache variable (MODELSCOPE_CACHE, HF_HUB_CACHE)
 /// at the node's cache layout it was placed in.
 fn add_staged(processes: &mut [ProcessSpec], node: &str, staged: &[StageStatus], items: &[StageSpec]) {
-    let ready = staged
-        .iter()
-        .filter(|s| s.node_name == node && (s.state == "ready" || s.state == "cached") && !s.path.is_empty());
-    for s in ready {
+    for s in staged_on(staged, node) {
         let layout = items.iter().find(|i| i.name == s.item).and_then(StageSpec::hub_layout);
         for process in processes.iter_mut() {
             process.env.push(var(&JobSpec::staged_env_name(&s.item), &s.path));
             if let Some(layout) = layout.filter(|_| !s.hub_cache.is_empty()) {
                 process.env.push(var(layout.cache_var(), &s.hub_cache));
+            }
+        }
+    }
+}
+
+/// What `node` staged and holds (ready or cached, with a path).
+fn staged_on<'a>(staged: &'a [StageStatus], node: &'a str) -> impl Iterator<Item = &'a StageStatus> + 'a {
+    staged
+        .iter()
+        .filter(move |s| s.node_name == node && (s.state == "ready" || s.state == "cached") && !s.path.is_empty())
+}
+
+/// A megatron-sft job whose `--model` is the id of a `model:` input staged
+/// into the ModelScope layout gets, on each node, that node's copy as
+/// `--model` (`<MODELSCOPE_CACHE>/models/<owner>/<name>`, which still ends in
+/// the id). ms-swift's ModelScope route lists the repo online for an id even
+/// when the cache holds it (`MSHub.download_model` calls modelscope's
+/// `snapshot_download` without `local_files_only`), and fails on a node without
+/// internet; a path that exists is used as it is (`safe_snapshot_download`),
+/// as a user pointing `--model` at a local copy would. The Hugging Face
+/// layout needs no such help: huggingface_hub falls back to its cache offline.
+fn use_staged_model(processes: &mut [ProcessSpec], node: &str, staged: &[StageStatus], spec: &JobSpec) {
+    let Workload::MegatronSft(m) = &spec.workload else { return };
+    let Some(id) = m.scalar("model") else { return };
+    let Some(item) =
+        spec.stage.iter().find(|s| s.model.as_deref() == Some(id) && s.hub_layout() == Some(HubLayout::Modelscope))
+    else {
+        return;
+    };
+    let Some(dir) = staged_on(staged, node)
+        .find(|s| s.item == item.name && !s.hub_cache.is_empty())
+        .and_then(|s| cohort_shared::spec::modelscope_model_dir(std::path::Path::new(&s.hub_cache), id))
+    else {
+        return;
+    };
+    let dir = dir.display().to_string();
+    for process in processes.iter_mut() {
+        for i in 1..process.argv.len() {
+            if process.argv[i - 1] == "--model" && process.argv[i] == id {
+                process.argv[i] = dir.clone();
             }
         }
     }

@@ -368,6 +368,21 @@ fn a_staged_model_points_the_hub_library_at_each_nodes_own_cache_layout() {
     assert_eq!(a["HF_HUB_CACHE"], "/c/a/hub/huggingface");
     assert_eq!(a["COHORT_STAGED_QWEN_QWEN3_8B"], "/c/a/sha256/x");
     assert!(!b.contains_key("HF_HUB_CACHE"), "b has not staged the second model");
+
+    // `--model` names the node's own copy in the ModelScope layout (ms-swift
+    // would list the id online), and stays the id where the node holds none.
+    let model_arg = |n: &NodeLaunch| {
+        let argv = &n.launch.processes[0].argv;
+        argv.iter().position(|a| a == "--model").map(|i| argv[i + 1].clone()).unwrap()
+    };
+    assert_eq!(model_arg(&plan.nodes[0]), "/c/a/hub/modelscope/models/Qwen/Qwen3-8B");
+    assert_eq!(model_arg(&plan.nodes[1]), "/c/b/hub/modelscope/models/Qwen/Qwen3-8B");
+    let only_a = plan_of(&spec, &nodes, &layout, None, &staged[..1], MARKER);
+    assert_eq!(model_arg(&only_a.nodes[1]), "Qwen/Qwen3-8B");
+    // The Hugging Face layout is found by its id offline: left as written.
+    let hf_spec = self::spec(&text.replace("model: Qwen/Qwen3-8B\n", "model: Qwen/Qwen3-0.6B\n"));
+    let hf = plan_of(&hf_spec, &nodes, &layout, None, &staged, MARKER);
+    assert_eq!(model_arg(&hf.nodes[0]), "Qwen/Qwen3-0.6B");
 }
 
 #[test]
