@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The node agent's resident memory (issue 19: RSS <= 20 MiB with real NVML), idle and registered:
 # a controller and several agents on loopback, one per variant, in the same run. After SETTLE
-# seconds, for each agent: VmRSS, RssAnon, RssFile, threads, and the 8 mappings with the most
-# resident memory (from /proc/PID/smaps), three readings 5 s apart.
+# seconds, for each agent: VmRSS, RssAnon, RssFile, threads, Pss, and the 8 mappings with the most
+# resident memory (from /proc/PID/smaps), three readings 5 s apart; the same for each agent's GPU
+# reader (`cohort-agent gpu-reader`, the child process NVML runs in by default), labelled AGENT/reader.
 #
 # Usage: tools/agent-rss.sh [BIN_DIR]   (default target/debug; holds cohort-controller, cohort-agent, cohort)
 # Environment:
@@ -68,16 +69,31 @@ done
 echo "agent-rss: ${#specs[@]} agent(s) Ready ($gpus); first reading after ${settle}s"
 # An idle agent measured over a fixed time is the point here, not waiting for an event.
 sleep "$settle"
+# VmRSS, RssAnon, RssFile, threads, and Pss (file pages shared with another process, such as the
+# agent's binary with its reader, counted half to each).
+reading() {
+    {
+        grep -E '^(VmRSS|RssAnon|RssFile|Threads):' "/proc/$1/status"
+        grep -E '^Pss:' "/proc/$1/smaps_rollup"
+    } | tr -s ' \t' ' ' | paste -sd ';'
+}
 for round in 1 2 3; do
     for label in $(printf '%s\n' "${!pid_of[@]}" | sort); do
         p="${pid_of[$label]}"
-        printf 'round %s %-20s %s\n' "$round" "$label" \
-            "$(grep -E '^(VmRSS|RssAnon|RssFile|Threads):' "/proc/$p/status" | tr -s ' \t' ' ' | paste -sd ';')"
+        printf 'round %s %-20s %s\n' "$round" "$label" "$(reading "$p")"
+        # The agent's GPU reader (`cohort-agent gpu-reader`, NVML's process), if it has one.
+        for r in $(pgrep -P "$p" -f gpu-reader || true); do
+            printf 'round %s %-20s %s\n' "$round" "$label/reader" "$(reading "$r")"
+        done
     done
     ((round < 3)) && sleep 5
 done
-for label in $(printf '%s\n' "${!pid_of[@]}" | sort); do
-    echo "== $label: the mappings with the most resident memory (kB)"
+top_mappings() {
+    echo "== $1: the mappings with the most resident memory (kB)"
     awk '/^[0-9a-f]+-[0-9a-f]+ / { name = $6 ? $6 : "[anon]" } /^Rss:/ { rss[name] += $2 } END { for (n in rss) printf "%8d  %s\n", rss[n], n }' \
-        "/proc/${pid_of[$label]}/smaps" | sort -rn | head -n 8
+        "/proc/$2/smaps" | sort -rn | head -n 8
+}
+for label in $(printf '%s\n' "${!pid_of[@]}" | sort); do
+    top_mappings "$label" "${pid_of[$label]}"
+    for r in $(pgrep -P "${pid_of[$label]}" -f gpu-reader || true); do top_mappings "$label/reader" "$r"; done
 done

@@ -51,6 +51,13 @@ struct Args {
     /// readings NVML would give (fake GPUs only; see agent/HEALTH.md).
     #[arg(long, env = "COHORT_FAKE_GPU_EVENTS")]
     fake_gpu_events: Option<PathBuf>,
+    /// Where GPUs are read: `auto` runs NVML in a child process of the agent
+    /// (`cohort-agent gpu-reader`: NVML's memory, its calls that block and its
+    /// faults stay out of the agent; it is restarted if it hangs or dies) and
+    /// the fake in the agent; `process` and `inline` put either backend in the
+    /// child or in the agent.
+    #[arg(long, env = "COHORT_GPU_READER", value_enum, default_value_t = gpu::ReaderMode::Auto)]
+    gpu_reader: gpu::ReaderMode,
     /// How often GPU telemetry is read; heartbeats carry the latest reading.
     #[arg(long, env = "COHORT_TELEMETRY_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     telemetry_interval: Duration,
@@ -223,6 +230,10 @@ fn main() -> std::process::ExitCode {
     if cohort_agent::preflight::run::invoked() {
         std::process::exit(cohort_agent::preflight::run::preflight_as_main());
     }
+    // `cohort-agent gpu-reader ...`: the agent's GPUs read in a process of their own.
+    if gpu::reader::invoked() {
+        std::process::exit(gpu::reader::reader_main());
+    }
     // `cohort-agent files-as ...`: a job's stage sources, datasets and shared paths, as the job's user.
     if cohort_agent::job_files::invoked() {
         std::process::exit(cohort_agent::job_files::files_as_main());
@@ -253,7 +264,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         islands: args.fake_gpu_islands.clone(),
         events_file: args.fake_gpu_events.clone(),
     };
-    let deps = AgentDeps::this_binary(gpu::open_backend(fake).map_err(anyhow::Error::msg)?);
+    let deps = AgentDeps::this_binary(gpu::open_backend(fake, args.gpu_reader).map_err(anyhow::Error::msg)?);
     let mut node_env = Vec::new();
     let mut add = |name: &str, value: &Option<String>| {
         if let Some(value) = value {

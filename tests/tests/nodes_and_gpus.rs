@@ -52,7 +52,11 @@ async fn cordon_drain_and_uncordon_steer_new_work() {
 async fn an_xid_makes_a_gpu_unhealthy_at_once_and_the_planner_skips_it_until_cleared() {
     let events = tempfile::NamedTempFile::new().unwrap();
     let mut node = NodeSpec::loopback(0, 2);
-    node.extra_args = vec!["--fake-gpu-events".into(), events.path().display().to_string()];
+    // The fake runs in a GPU reader process, as NVML does on a GPU node: the
+    // event crosses the reader's pipe, the agent's stream and the controller.
+    node.extra_args = ["--fake-gpu-events", &events.path().display().to_string(), "--gpu-reader", "process"]
+        .map(String::from)
+        .to_vec();
     let cluster = Cluster::start(vec![node]).await.unwrap();
 
     let injected = Instant::now();

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use cohort_agent::gpu::{FakeGpuFlags, open_backend};
+use cohort_agent::gpu::{FakeGpuFlags, ReaderMode, open_backend};
 use cohort_agent::rank_user::RankUserPolicy;
 use cohort_agent::supervisor::OutputBudget;
 use cohort_agent::{AgentConfig, AgentDeps};
@@ -70,7 +70,7 @@ async fn a_controller_and_three_agents_in_one_process_run_a_gang_and_stop() {
     ));
     let agents: Vec<_> = (0..3)
         .map(|i| {
-            let gpus = open_backend(FakeGpuFlags { count: Some(1), ..Default::default() }).unwrap();
+            let gpus = open_backend(FakeGpuFlags { count: Some(1), ..Default::default() }, ReaderMode::Auto).unwrap();
             let deps = AgentDeps { gpus, agent_exe: bin("cohort-agent") };
             tokio::spawn(cohort_agent::serve(agent_config(i, &url, work.path()), deps, shutdown.clone()))
         })

@@ -16,6 +16,7 @@ pub mod fake;
 pub mod health;
 mod monitor;
 pub mod nvml;
+pub mod reader;
 pub mod topology;
 
 use std::path::PathBuf;
@@ -28,6 +29,7 @@ pub use fake::{FakeBackend, FakeCommand};
 pub use health::{GpuEventKind, GpuHealthTracker};
 pub use monitor::{GpuMonitor, MonitorConfig, MonitorError};
 pub use nvml::NvmlBackend;
+pub use reader::ReaderBackend;
 
 /// The GPUs a backend found, and one line on where they came from (for `cohort nodes`).
 #[derive(Debug, Clone, Default)]
@@ -80,33 +82,57 @@ pub struct FakeGpuFlags {
     pub events_file: Option<PathBuf>,
 }
 
-/// Picks the backend: the fake when a fake flag asks for it, else NVML.
-pub fn open_backend(flags: FakeGpuFlags) -> Result<Arc<dyn GpuBackend>, String> {
-    let fake = match (flags.count, &flags.islands) {
-        (None, None) => {
-            if let Some(file) = flags.events_file {
-                return Err(format!(
-                    "--fake-gpu-events {} needs --fake-gpus or --fake-gpu-islands (NVML reports real events)",
-                    file.display()
-                ));
-            }
-            return Ok(Arc::new(NvmlBackend::open()));
+/// Where the backend runs (`--gpu-reader`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ReaderMode {
+    /// NVML in a reader process ([`reader`]), the fake in the agent.
+    #[default]
+    Auto,
+    /// Whichever backend, in a reader process.
+    Process,
+    /// Whichever backend, in the agent itself.
+    Inline,
+}
+
+/// Picks the backend (the fake when a fake flag asks for it, else NVML) and
+/// where it runs.
+pub fn open_backend(flags: FakeGpuFlags, mode: ReaderMode) -> Result<Arc<dyn GpuBackend>, String> {
+    let fake = check_flags(&flags)?;
+    match mode {
+        ReaderMode::Inline => open_in_process(flags),
+        ReaderMode::Auto if fake => open_in_process(flags),
+        ReaderMode::Auto | ReaderMode::Process => Ok(Arc::new(ReaderBackend::this_binary(&flags))),
+    }
+}
+
+/// Whether the flags ask for the fake; an error when they contradict each other.
+fn check_flags(flags: &FakeGpuFlags) -> Result<bool, String> {
+    match (flags.count, &flags.islands) {
+        (None, None) => match &flags.events_file {
+            Some(file) => Err(format!(
+                "--fake-gpu-events {} needs --fake-gpus or --fake-gpu-islands (NVML reports real events)",
+                file.display()
+            )),
+            None => Ok(false),
+        },
+        (Some(count), Some(islands)) if count != islands.iter().sum::<u32>() => Err(format!(
+            "--fake-gpus {count} disagrees with --fake-gpu-islands {islands:?} ({} GPUs); give one of them",
+            islands.iter().sum::<u32>()
+        )),
+        (_, Some(islands)) if islands.contains(&0) => {
+            Err(format!("--fake-gpu-islands {islands:?}: an island needs at least one GPU"))
         }
+        _ => Ok(true),
+    }
+}
+
+/// The backend the flags ask for, in this process.
+pub fn open_in_process(flags: FakeGpuFlags) -> Result<Arc<dyn GpuBackend>, String> {
+    check_flags(&flags)?;
+    let fake = match (flags.count, flags.islands) {
+        (None, None) => return Ok(Arc::new(NvmlBackend::open())),
         (Some(count), None) => FakeBackend::new(count),
-        (count, Some(islands)) => {
-            let total: u32 = islands.iter().sum();
-            if let Some(count) = count
-                && count != total
-            {
-                return Err(format!(
-                    "--fake-gpus {count} disagrees with --fake-gpu-islands {islands:?} ({total} GPUs); give one of them"
-                ));
-            }
-            if islands.contains(&0) {
-                return Err(format!("--fake-gpu-islands {islands:?}: an island needs at least one GPU"));
-            }
-            FakeBackend::with_islands(islands)
-        }
+        (_, Some(islands)) => FakeBackend::with_islands(&islands),
     };
     Ok(Arc::new(match flags.events_file {
         Some(file) => fake.follow_events(file),
@@ -120,13 +146,14 @@ mod tests {
 
     #[test]
     fn fake_flags_pick_and_check_the_fake() {
-        let inv = open_backend(FakeGpuFlags { count: Some(3), ..Default::default() }).map(|b| b.inventory());
+        let open = |flags| open_backend(flags, ReaderMode::Auto);
+        let inv = open(FakeGpuFlags { count: Some(3), ..Default::default() }).map(|b| b.inventory());
         assert_eq!(inv.map(|i| i.gpus.len()), Ok(3));
         let islands = FakeGpuFlags { islands: Some(vec![4, 4]), ..Default::default() };
-        assert_eq!(open_backend(islands).map(|b| b.inventory().gpus.len()), Ok(8));
+        assert_eq!(open(islands).map(|b| b.inventory().gpus.len()), Ok(8));
         let both = FakeGpuFlags { count: Some(7), islands: Some(vec![4, 4]), ..Default::default() };
-        assert!(open_backend(both).err().is_some_and(|e| e.contains("disagrees")));
+        assert!(open(both).err().is_some_and(|e| e.contains("disagrees")));
         let events = FakeGpuFlags { events_file: Some("/tmp/x".into()), ..Default::default() };
-        assert!(open_backend(events).err().is_some_and(|e| e.contains("needs --fake-gpus")));
+        assert!(open(events).err().is_some_and(|e| e.contains("needs --fake-gpus")));
     }
 }
