@@ -79,6 +79,7 @@ async fn the_monitor_reads_gpus_and_events_through_a_reader_process() {
     let config = MonitorConfig { interval: Duration::from_millis(50), keep: None };
     let monitor = GpuMonitor::start(backend.clone(), config, tx).await.unwrap();
     assert_eq!(monitor.gpus().len(), 2, "{}", monitor.note());
+    assert_eq!(monitor.note(), "2 fake GPU(s) from --fake-gpus (in a gpu-reader process)");
     assert!(monitor.gpus().iter().all(|g| g.fake && g.uuid.starts_with("GPU-fake-")));
     assert_eq!(monitor.latest().len(), 2);
     let pid = backend.reader_pid().expect("a reader runs");
@@ -192,6 +193,7 @@ fn nvml_through_a_reader_reads_what_nvml_in_the_agent_reads() {
     let (through, inline) = (backend.inventory(), NvmlBackend::open().inventory());
     let uuids = |gpus: &[cohort_proto::GpuInfo]| gpus.iter().map(|g| g.uuid.clone()).collect::<Vec<_>>();
     assert_eq!(uuids(&through.gpus), uuids(&inline.gpus), "{} / {}", through.note, inline.note);
+    assert_eq!(through.note, format!("{} (in a gpu-reader process)", inline.note));
     assert_eq!(through.gpus, inline.gpus, "topology and all");
     if through.gpus.is_empty() {
         eprintln!("SKIPPED nvml_through_a_reader_reads_what_nvml_in_the_agent_reads: the driver reports no GPUs");

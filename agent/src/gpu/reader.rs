@@ -458,7 +458,10 @@ fn read_replies(mut out: impl BufRead, answers: &std_mpsc::Sender<Reply>, watch:
 impl GpuBackend for ReaderBackend {
     fn inventory(&self) -> Inventory {
         match self.call(&Request::Inventory, self.deadlines.inventory) {
-            Ok(Some(Reply::Inventory { gpus, note })) => Inventory { gpus, note },
+            // `cohort nodes` says where the GPUs are read.
+            Ok(Some(Reply::Inventory { gpus, note })) => {
+                Inventory { gpus, note: format!("{note} (in a gpu-reader process)") }
+            }
             Ok(other) => Inventory { gpus: Vec::new(), note: CallError::Unexpected(format!("{other:?}")).to_string() },
             Err(e) => Inventory { gpus: Vec::new(), note: e.to_string() },
         }
