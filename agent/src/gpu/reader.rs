@@ -284,9 +284,9 @@ struct Live {
 
 impl Drop for Live {
     fn drop(&mut self) {
-        // A healthy reader ends when its stdin closes; one that is stuck is
-        // killed. Reaped on a thread of its own: a process inside the driver
-        // may take a while to go.
+        // Killed outright, healthy or stuck: it holds nothing that needs an
+        // orderly end. Reaped on a thread of its own: a process inside the
+        // driver may take a while to go.
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             std::thread::spawn(move || {
