@@ -5,7 +5,10 @@
 //! without one it reports no GPUs and says why. [`FakeBackend`] offers GPUs
 //! that do not exist, for `--fake-gpus N` on machines without a driver
 //! (development, CI, planner tests): it is the only fake, it lives behind the
-//! same trait, and every GPU it reports is marked `fake`.
+//! same trait, and every GPU it reports is marked `fake`. [`ReaderBackend`]
+//! runs either of them in a child process, `cohort-agent gpu-reader`
+//! ([`reader`]): NVML runs there by default ([`ReaderMode`]), so its memory,
+//! its blocking calls and its faults stay out of the agent.
 //!
 //! [`GpuMonitor`] runs a backend: it polls telemetry on its own cadence in a
 //! blocking thread, applies the health policy ([`health`]), sends each event
