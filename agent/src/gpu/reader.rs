@@ -20,7 +20,7 @@
 //!   and, should it be blocked in NVML then, within a second of the agent's
 //!   death (it watches its parent): no reader outlives its agent.
 //!
-//! The reader runs the same backend the agent would ([`open_backend`]), so
+//! The reader runs the same backend the agent would ([`open_in_process`]), so
 //! the fake (`--fake-gpus`) can run in a reader too, which is how the tests
 //! exercise this module on machines without a driver.
 
