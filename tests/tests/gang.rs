@@ -171,8 +171,9 @@ async fn a_controller_restart_keeps_jobs_nodes_and_running_processes() {
     cluster.start_controller().unwrap();
     cluster.wait_nodes_ready(&["node0".into(), "node1".into()], Duration::from_secs(20)).await.unwrap();
 
-    let after = cluster.job(&job.id).await.unwrap();
-    assert_eq!(state(&after), JobState::Running, "{after:?}");
+    // The restarted controller may show the job Starting until both agents
+    // have reported their processes again; it must come back to Running.
+    let after = cluster.wait_job(&job.id, Duration::from_secs(20), |j| state(j) == JobState::Running).await.unwrap();
     let pids = |j: &cohort_proto::Job| j.processes.iter().map(|p| p.pid).collect::<Vec<_>>();
     assert_eq!(pids(&after), pids(&before), "the same processes, adopted");
     assert_eq!(state(&cluster.job(&done.id).await.unwrap()), JobState::Succeeded);
