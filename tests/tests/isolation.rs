@@ -115,6 +115,19 @@ async fn a_jobs_cgroup_has_the_nodes_limits_stops_a_fork_bomb_and_an_allocation_
     println!("allocation: {}", said(&hog));
     assert_eq!(state(&hog), JobState::Failed, "{}", said(&hog));
     assert!(said(&hog).contains("OOM killer") && said(&hog).contains("job-memory-max"), "{}", said(&hog));
+    // The kernel's own line is kept because it names the job's cgroup: the
+    // agent keeps only its launch's kills from the host's log (another
+    // process's OOM kill must not make a rank's failure `kernel_oom`).
+    let failure = hog.failure.clone().unwrap_or_default();
+    assert_eq!(failure.cause, "kernel_oom", "{}", said(&hog));
+    if std::fs::File::open("/dev/kmsg").is_ok() {
+        let cgroup = format!("/{}.1,", hog.id);
+        assert!(
+            failure.decisive_lines.iter().any(|l| l.contains("oom-kill:") && l.contains(&cgroup)),
+            "no kernel line naming {cgroup}: {:?}",
+            failure.decisive_lines
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

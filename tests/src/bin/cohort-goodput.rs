@@ -6,7 +6,10 @@
 //! newest complete one, a start and a load that take time) compressed by
 //! `--time-factor`, and injects faults from a seeded schedule: kill -9 of a
 //! rank, kill -9 of an agent and its ranks, a partition of an agent from the
-//! controller, SIGSTOP of a rank (see `cohort_goodput/faults.rs` for the mix).
+//! controller, SIGSTOP of a rank (see `cohort_goodput/faults.rs` for the mix),
+//! and a full disk: the checkpoints go to a tmpfs (so the benchmark needs
+//! root), which it fills at a seeded step and frees once an operator would
+//! have (`--disk-repair-minutes`); saves fail with ENOSPC in between.
 //!
 //! ```text
 //! cargo build --workspace --bins
@@ -29,13 +32,14 @@ mod account;
 #[path = "cohort_goodput/faults.rs"]
 mod faults;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use cohort_proto::{Job, JobState};
-use cohort_tests::{Cluster, NodeSpec, children_of, is_terminal, state};
+use cohort_tests::{Cluster, NodeSpec, Tmpfs, children_of, is_root, is_terminal, state};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
@@ -97,7 +101,18 @@ struct Args {
     /// Most real seconds one run may take.
     #[arg(long, default_value_t = 900)]
     run_limit_s: u64,
+    /// Full disks per run, on top of the mix (the checkpoints go to a tmpfs
+    /// the benchmark fills, so it needs root); 0 leaves them out.
+    #[arg(long, default_value_t = 1)]
+    disk_fulls: usize,
+    /// Simulated minutes from the first save that failed on a full disk until
+    /// an operator frees it.
+    #[arg(long, default_value_t = 30.0)]
+    disk_repair_minutes: f64,
 }
+
+/// What fills the checkpoints' file system (removed when it is freed).
+const BALLAST: &str = ".ballast";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -126,7 +141,8 @@ fn job_yaml(args: &Args, dir: &std::path::Path, steps: u64) -> String {
     format!(
         "name: goodput\nkind: command\nnodes: {nodes}\ngpus_per_node: {gpus}\nworkdir: tests/payloads\n\
          stop_grace: 2s\nhang_timeout: {hang}\ncommand: [python3, goodput_trainer.py]\n\
-         restart: {{max_restarts: 1000, backoff: {backoff}, exclude_failed_nodes: true}}\n\
+         restart: {{max_restarts: 1000, backoff: {backoff}, on: [rank_failed, node_lost, hang, disk_full], \
+         exclude_failed_nodes: true}}\n\
          env: {{STEPS: '{steps}', STEP_S: '{step}', CKPT_EVERY: '{every}', SAVE_S: '{save}', START_S: '{start}', \
          LOAD_S: '{load}', CKPT_DIR: '{ckpt}', GOODPUT_LOG: '{log}'}}\n",
         nodes = args.agents - 1,
@@ -143,11 +159,16 @@ fn job_yaml(args: &Args, dir: &std::path::Path, steps: u64) -> String {
     )
 }
 
-/// A repair due: an agent to start again or a partition to heal.
+/// A repair due: an agent to start again, a partition to heal, a full disk
+/// to free.
 struct Repair {
+    /// i64::MAX for a full disk until it fails a save: nobody notices a full
+    /// disk before something fails on it.
     due_ms: i64,
     node: usize,
     kind: FaultKind,
+    /// The attempt the fault hit.
+    attempt: u32,
 }
 
 async fn run(args: &Args, seed: u64) -> anyhow::Result<(Account, Vec<Injected>)> {
@@ -163,9 +184,21 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<(Account, Vec<Injected>)>
         .collect();
     let mut cluster = Cluster::start_with(nodes, &[]).await?;
     let steps = (args.sim_minutes * 60.0 / args.step_s).round() as u64;
+    let ckpt_dir = cluster.dir.path().join("checkpoints");
+    // Declared after the cluster, so unmounted before its directory goes.
+    let _tmpfs = if args.disk_fulls > 0 {
+        ensure!(is_root(), "--disk-fulls needs root (the checkpoints go to a tmpfs it fills); pass --disk-fulls 0");
+        std::fs::create_dir_all(&ckpt_dir)?;
+        Some(Tmpfs::mount(&ckpt_dir, "64m")?)
+    } else {
+        None
+    };
     let job = cluster.submit(&job_yaml(args, cluster.dir.path(), steps)).await?;
     let log_path = cluster.dir.path().join("goodput.jsonl");
+    let mut log = LogTail::new(log_path.clone());
     let mut schedule = Schedule::new(seed, args.mtbf_minutes * 60.0);
+    let mut disk_steps =
+        schedule.disk_full_steps(args.disk_fulls, args.ckpt_every, steps.saturating_sub(args.ckpt_every));
     let mut seen: BTreeMap<u32, Seen> = BTreeMap::new();
     let mut injected: Vec<Injected> = Vec::new();
     let mut repairs: Vec<Repair> = Vec::new();
@@ -180,21 +213,53 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<(Account, Vec<Injected>)>
         for r in repairs.extract_if(.., |r| r.due_ms <= now) {
             match r.kind {
                 FaultKind::NodeCrash => cluster.restart_agent(r.node),
+                FaultKind::DiskFull => {
+                    std::fs::remove_file(ckpt_dir.join(BALLAST)).context("freeing the full disk")?;
+                    eprintln!("  the full disk freed");
+                }
                 _ => cluster.partitions[r.node].iter().for_each(|p| p.heal()),
             }
         }
+        // While a disk is full, attempts may fail at their saves: no other fault is drawn.
+        let disk_full = repairs.iter().any(|r| r.kind == FaultKind::DiskFull);
+        log.update();
         let Ok(j) = cluster.job(&job.id).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // A save failed on the full disk: the operator's clock starts.
+        for r in repairs.iter_mut().filter(|r| r.kind == FaultKind::DiskFull && r.due_ms == i64::MAX) {
+            let failed = |a: &cohort_proto::AttemptRecord| a.failure.as_ref().is_some_and(|f| f.cause == "disk_full");
+            if j.attempts.iter().any(|a| a.attempt >= r.attempt && failed(a)) {
+                r.due_ms = now + (real(args, args.disk_repair_minutes * 60.0) * 1000.0) as i64;
+            }
+        }
         observe(&j, &mut seen, now);
         if is_terminal(&j) && j.live_processes == 0 {
             break j;
         }
         if state(&j) == JobState::Running && !is_terminal(&j) {
+            let hit = injected.last().is_some_and(|f| f.attempt == j.attempt);
+            if !hit && !disk_full && disk_steps.first().is_some_and(|s| log.newest >= *s) {
+                disk_steps.remove(0);
+                let bytes = fill(&ckpt_dir).context("filling the checkpoints' tmpfs")?;
+                eprintln!(
+                    "  fault {}: full disk ({} MiB of ballast) at step {} (attempt {})",
+                    injected.len() + 1,
+                    bytes >> 20,
+                    log.newest,
+                    j.attempt
+                );
+                let node = j.processes.first().map(|p| p.node_name.clone()).unwrap_or_default();
+                injected.push(Injected { kind: FaultKind::DiskFull, at_ms: now, attempt: j.attempt, node });
+                repairs.push(Repair { due_ms: i64::MAX, node: 0, kind: FaultKind::DiskFull, attempt: j.attempt });
+                next_fault = Some((j.attempt, i64::MAX));
+                continue;
+            }
             match next_fault {
                 Some((attempt, _)) if attempt == j.attempt => {}
-                _ if stepped(&log_path, j.attempt) => {
+                _ if disk_full => {}
+                _ if log.stepped.contains(&j.attempt) => {
                     let gap_ms = (real(args, schedule.gap_s()) * 1000.0) as i64;
                     next_fault = Some((j.attempt, now + gap_ms));
                 }
@@ -216,7 +281,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<(Account, Vec<Injected>)>
                     );
                     if matches!(kind, FaultKind::NodeCrash | FaultKind::Partition) {
                         let node = fault.node.trim_start_matches("node").parse().unwrap_or(0);
-                        repairs.push(Repair { due_ms: now + (args.repair_s * 1000.0) as i64, node, kind });
+                        repairs.push(Repair { due_ms: now + (args.repair_s * 1000.0) as i64, node, kind, attempt });
                     }
                     injected.push(fault);
                 }
@@ -259,10 +324,52 @@ fn observe(job: &Job, seen: &mut BTreeMap<u32, Seen>, now: i64) {
     }
 }
 
-/// Whether the payload logged a step of this attempt.
-fn stepped(log: &std::path::Path, attempt: u32) -> bool {
-    let needle = format!("\"event\": \"step\", \"attempt\": {attempt},");
-    std::fs::read_to_string(log).is_ok_and(|t| t.contains(&needle))
+/// The payload's log, read as it grows: the newest step reached and the
+/// attempts that made a step.
+struct LogTail {
+    path: std::path::PathBuf,
+    offset: u64,
+    partial: String,
+    newest: u64,
+    stepped: BTreeSet<u32>,
+}
+
+impl LogTail {
+    fn new(path: std::path::PathBuf) -> LogTail {
+        LogTail { path, offset: 0, partial: String::new(), newest: 0, stepped: BTreeSet::new() }
+    }
+
+    fn update(&mut self) {
+        let Ok(mut file) = std::fs::File::open(&self.path) else { return };
+        if file.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut text = String::new();
+        let Ok(read) = file.read_to_string(&mut text) else { return };
+        self.offset += read as u64;
+        self.partial.push_str(&text);
+        let complete = self.partial.rfind('\n').map_or(0, |i| i + 1);
+        let lines: String = self.partial.drain(..complete).collect();
+        for event in account::parse_events(&lines).into_iter().filter(|e| e.event == "step") {
+            self.newest = self.newest.max(event.iteration);
+            self.stepped.insert(event.attempt);
+        }
+    }
+}
+
+/// Fills the file system of `dir` with a ballast file; its size.
+fn fill(dir: &std::path::Path) -> std::io::Result<u64> {
+    let mut file = std::fs::File::create(dir.join(BALLAST))?;
+    let chunk = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    loop {
+        match file.write(&chunk) {
+            Ok(0) => return Ok(written),
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => return Ok(written),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The trainer process under a rank's shim (its process group leader).
@@ -286,6 +393,8 @@ fn inject(cluster: &mut Cluster, job: &Job, kind: FaultKind, victim: usize) -> O
             let _ = killpg(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
         }
         FaultKind::Partition => cluster.partitions[node_index].iter().for_each(|p| p.cut()),
+        // Drawn apart from the mix (see `run`).
+        FaultKind::DiskFull => return None,
     }
     Some(Injected { kind, at_ms, attempt: job.attempt, node: process.node_name.clone() })
 }

@@ -206,28 +206,44 @@ pub fn account(job: &Job, seen: &BTreeMap<u32, Seen>, events: &[Event], injected
     }
     for fault in injected {
         let a = fault.attempt;
-        let (Some(failed), Some(next)) =
-            (job.attempts.iter().find(|r| r.attempt == a), job.attempts.iter().find(|r| r.attempt == a + 1))
-        else {
+        let record = |n: u32| job.attempts.iter().find(|r| r.attempt == n);
+        // The attempt that ran on: the next one; after a full disk, the first
+        // that a full disk did not fail again (the disk was freed before its save).
+        let mut r = a + 1;
+        if fault.kind == FaultKind::DiskFull {
+            while record(r).is_some_and(|x| x.failure.as_ref().is_some_and(|f| f.cause == "disk_full")) {
+                r += 1;
+            }
+        }
+        if record(a).is_none() || record(r).is_none() {
             continue;
-        };
-        let gone = seen.get(&a).map(|s| s.gone_ms).filter(|g| *g > 0).unwrap_or(failed.finished_unix_ms);
+        }
         // Steps made after the fault (a partitioned node's ranks go on until fenced) count in detection.
         let reached = events
             .iter()
             .filter(|e| e.attempt == a && e.event == "step" && e.t_ms <= fault.at_ms)
             .map(|e| e.iteration)
             .max();
-        let resumed = events.iter().find(|e| e.attempt == a + 1 && e.event == "loaded").map(|e| e.iteration);
+        let resumed = events.iter().find(|e| e.attempt == r && e.event == "loaded").map(|e| e.iteration);
         let redone = match (reached, resumed) {
-            (Some(r), Some(from)) => r.saturating_sub(from),
+            (Some(reached), Some(from)) => reached.saturating_sub(from),
             _ => 0,
         };
-        let mut loss = startup(job, seen, events, a + 1, step_ms);
-        loss.detect_s = secs(failed.finished_unix_ms - fault.at_ms);
-        loss.teardown_s = secs(gone - failed.finished_unix_ms);
-        loss.wait_s = secs(next.started_unix_ms - gone.max(failed.finished_unix_ms));
-        loss.redo_s = redone as f64 * secs(step_ms);
+        let mut loss = Losses::default();
+        for k in a..r {
+            let (Some(failed), Some(next)) = (record(k), record(k + 1)) else { break };
+            if k == a {
+                loss.detect_s = secs(failed.finished_unix_ms - fault.at_ms);
+            } else if let Some(first_step) = find(events, k, "step") {
+                // An attempt the full disk failed again: its steps and the save it failed.
+                loss.redo_s += secs(failed.finished_unix_ms - first_step + step_ms);
+            }
+            let gone = seen.get(&k).map(|s| s.gone_ms).filter(|g| *g > 0).unwrap_or(failed.finished_unix_ms);
+            loss.teardown_s += secs(gone - failed.finished_unix_ms);
+            loss.wait_s += secs(next.started_unix_ms - gone.max(failed.finished_unix_ms));
+            loss.add(&startup(job, seen, events, k + 1, step_ms));
+        }
+        loss.redo_s += redone as f64 * secs(step_ms);
         account.faults.add(&loss);
         let entry = account.by_kind.entry(fault.kind.name()).or_default();
         entry.0 += 1;
@@ -298,5 +314,58 @@ mod tests {
         assert_eq!(a.by_kind["rank crash"].0, 1);
         // Wall time less all of the above: the 50 ms of step 13 the fault cut short.
         assert!((a.unexplained_s() - 0.05).abs() < 1e-9, "{}", a.unexplained_s());
+    }
+
+    /// A full disk at 2.25 s (after step 12; the checkpoint of step 10 is the
+    /// newest): attempt 1 steps on to 20 and fails at its save (3.05 s); attempt
+    /// 2 resumes from 10 and fails the same way (5.25 s); the disk is freed and
+    /// attempt 3 resumes from 10 and finishes step 30 (8.7 s).
+    #[test]
+    fn a_full_disk_counts_every_attempt_it_failed_once() {
+        let mut lines = vec![event("start", 1, 500, 0), event("init", 1, 800, 0), event("loaded", 1, 900, 0)];
+        lines.extend((1..=20).map(|i| event("step", 1, 1000 + 100 * i as i64, i)));
+        lines.extend([event("start", 2, 3700, 0), event("init", 2, 4000, 0), event("loaded", 2, 4200, 10)]);
+        lines.extend((11..=20).map(|i| event("step", 2, 4200 + 100 * (i as i64 - 10), i)));
+        lines.extend([event("start", 3, 6200, 0), event("init", 3, 6500, 0), event("loaded", 3, 6700, 10)]);
+        lines.extend((11..=30).map(|i| event("step", 3, 6700 + 100 * (i as i64 - 10), i)));
+        let events = parse_events(&lines.join("\n"));
+        let disk_full = || Some(cohort_proto::Failure { cause: "disk_full".into(), ..Default::default() });
+        let attempt = |n, started, finished, state: JobState, failure| AttemptRecord {
+            attempt: n,
+            started_unix_ms: started,
+            finished_unix_ms: finished,
+            state: state as i32,
+            failure,
+            ..Default::default()
+        };
+        let job = Job {
+            submitted_unix_ms: 0,
+            finished_unix_ms: 8700,
+            attempts: vec![
+                attempt(1, 100, 3050, JobState::Failed, disk_full()),
+                attempt(2, 3500, 5250, JobState::Failed, disk_full()),
+                attempt(3, 6000, 8700, JobState::Succeeded, None),
+            ],
+            ..Job::default()
+        };
+        let seen = BTreeMap::from([
+            (1, Seen { running_ms: 400, gone_ms: 3100 }),
+            (2, Seen { running_ms: 3600, gone_ms: 5300 }),
+            (3, Seen { running_ms: 6100, gone_ms: 0 }),
+        ]);
+        let fault = Injected { kind: FaultKind::DiskFull, at_ms: 2250, attempt: 1, node: "node0".into() };
+        let a = account(&job, &seen, &events, &[fault], 30);
+        let f = a.faults;
+        let near = |x: f64, want: f64| (x - want).abs() < 1e-9;
+        // Filled → attempt 1 failed at its save.
+        assert!(near(f.detect_s, 0.8), "{f:?}");
+        // Both failed attempts' teardowns and waits.
+        assert!(near(f.teardown_s, 0.1) && near(f.wait_s, 1.1), "{f:?}");
+        // Attempts 2 and 3 launched, started and loaded.
+        assert!(near(f.launch_s, 0.4) && near(f.start_s, 0.6) && near(f.load_s, 0.4), "{f:?}");
+        // All of attempt 2's stepping and its failed save, and steps 11 and 12 again.
+        assert!(near(f.redo_s, 1.25), "{f:?}");
+        assert_eq!(a.by_kind["full disk"].0, 1);
+        assert!(near(a.unexplained_s(), 0.05), "{}", a.unexplained_s());
     }
 }

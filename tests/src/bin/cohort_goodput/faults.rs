@@ -15,6 +15,9 @@ pub enum FaultKind {
     Partition,
     /// SIGSTOP of one rank: the others wait in the collective, as under an NCCL hang.
     Hang,
+    /// The checkpoint file system filled by something else: the next save fails
+    /// with ENOSPC (and every save after it, until an operator frees space).
+    DiskFull,
 }
 
 impl FaultKind {
@@ -24,6 +27,7 @@ impl FaultKind {
             FaultKind::NodeCrash => "node crash",
             FaultKind::Partition => "partition",
             FaultKind::Hang => "hang",
+            FaultKind::DiskFull => "full disk",
         }
     }
 }
@@ -42,13 +46,31 @@ pub const LLAMA3_MIX: [(FaultKind, f64); 4] =
 /// The seeded source of fault gaps, kinds and victims.
 pub struct Schedule {
     rng: ChaCha8Rng,
+    /// A second stream for the full disks, so that adding them leaves the
+    /// mix's faults of a seed where they were.
+    disk_rng: ChaCha8Rng,
     mtbf_s: f64,
 }
 
 impl Schedule {
     /// Faults every `mtbf_s` simulated seconds on average.
     pub fn new(seed: u64, mtbf_s: f64) -> Schedule {
-        Schedule { rng: ChaCha8Rng::seed_from_u64(seed), mtbf_s }
+        Schedule {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            disk_rng: ChaCha8Rng::seed_from_u64(seed ^ 0xd15c_f011),
+            mtbf_s,
+        }
+    }
+
+    /// The mix has no full disk (the Llama 3 table lists SSD faults, which
+    /// lose the host, not a full file system), so full disks come on top of
+    /// it: `n` of them, each once the job reaches a step drawn uniformly
+    /// from those that a later save follows (`first..last`), in order.
+    pub fn disk_full_steps(&mut self, n: usize, first: u64, last: u64) -> Vec<u64> {
+        let mut steps: Vec<u64> =
+            (0..n).map(|_| if first < last { self.disk_rng.random_range(first..last) } else { first }).collect();
+        steps.sort_unstable();
+        steps
     }
 
     /// Simulated seconds to the next fault (exponential, mean `mtbf_s`).
