@@ -543,15 +543,16 @@ impl Supervisor {
         let clean = record.exit_code == Some(0) && record.signal.is_none();
         let mut note = record.note.clone();
         if !p.stop_requested && !clean {
+            let cgroup = self.inner.cgroups.as_ref().map(|c| (c, c.cgroup(job_id, attempt)));
             // A rank the kernel's OOM killer took says nothing itself: the kernel log does.
             let whose = kmsg::Whose {
                 pids: vec![p.pid, record.rank_pid],
-                cgroups: self.inner.cgroups.as_ref().map(|c| c.cgroup(job_id, attempt).dirs).unwrap_or_default(),
+                cgroups: cgroup.as_ref().map(|(_, c)| c.dirs.clone()).unwrap_or_default(),
             };
             last_lines.extend(kmsg::oom_kills_since(p.started_unix_ms, &whose));
             // Nor does one stopped by its cgroup's limits: the cgroup's counters do.
-            if let Some(cgroups) = &self.inner.cgroups
-                && let Some(hit) = cgroups.limits_hit(&cgroups.cgroup(job_id, attempt))
+            if let Some((cgroups, cgroup)) = &cgroup
+                && let Some(hit) = cgroups.limits_hit(cgroup)
             {
                 note = join_causes(&hit, &note);
             }

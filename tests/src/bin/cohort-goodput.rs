@@ -229,8 +229,7 @@ async fn run(args: &Args, seed: u64) -> anyhow::Result<(Account, Vec<Injected>)>
         };
         // A save failed on the full disk: the operator's clock starts.
         for r in repairs.iter_mut().filter(|r| r.kind == FaultKind::DiskFull && r.due_ms == i64::MAX) {
-            let failed = |a: &cohort_proto::AttemptRecord| a.failure.as_ref().is_some_and(|f| f.cause == "disk_full");
-            if j.attempts.iter().any(|a| a.attempt >= r.attempt && failed(a)) {
+            if j.attempts.iter().any(|a| a.attempt >= r.attempt && account::failed_on_full_disk(a)) {
                 r.due_ms = now + (real(args, args.disk_repair_minutes * 60.0) * 1000.0) as i64;
             }
         }

@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use cohort_proto::Job;
+use cohort_proto::{AttemptRecord, Job};
+use cohort_shared::failure::FailureCause;
 use serde_json::Value;
 
 use crate::faults::FaultKind;
@@ -148,6 +149,11 @@ impl Account {
     }
 }
 
+/// Whether an attempt failed because a save found the disk full.
+pub fn failed_on_full_disk(attempt: &AttemptRecord) -> bool {
+    attempt.failure.as_ref().is_some_and(|f| f.cause == FailureCause::DiskFull.name())
+}
+
 fn secs(ms: i64) -> f64 {
     (ms.max(0)) as f64 / 1000.0
 }
@@ -211,7 +217,7 @@ pub fn account(job: &Job, seen: &BTreeMap<u32, Seen>, events: &[Event], injected
         // that a full disk did not fail again (the disk was freed before its save).
         let mut r = a + 1;
         if fault.kind == FaultKind::DiskFull {
-            while record(r).is_some_and(|x| x.failure.as_ref().is_some_and(|f| f.cause == "disk_full")) {
+            while record(r).is_some_and(failed_on_full_disk) {
                 r += 1;
             }
         }
@@ -224,15 +230,13 @@ pub fn account(job: &Job, seen: &BTreeMap<u32, Seen>, events: &[Event], injected
         // disk shows only at the next save, which comes as many steps later
         // in simulated time as in compressed: those steps are work redone,
         // and detection starts at the last of them.
-        let until = match fault.kind {
-            FaultKind::DiskFull => i64::MAX,
-            _ => fault.at_ms,
-        };
-        let steps_of_a = || events.iter().filter(|e| e.attempt == a && e.event == "step" && e.t_ms <= until);
-        let reached = steps_of_a().map(|e| e.iteration).max();
-        let detected_from = match fault.kind {
-            FaultKind::DiskFull => steps_of_a().map(|e| e.t_ms).max().unwrap_or(fault.at_ms).max(fault.at_ms),
-            _ => fault.at_ms,
+        let steps_of_a = events.iter().filter(|e| e.attempt == a && e.event == "step");
+        let (reached, detected_from) = match fault.kind {
+            FaultKind::DiskFull => {
+                let last = steps_of_a.max_by_key(|e| e.t_ms);
+                (last.map(|e| e.iteration), last.map_or(fault.at_ms, |e| e.t_ms.max(fault.at_ms)))
+            }
+            _ => (steps_of_a.filter(|e| e.t_ms <= fault.at_ms).map(|e| e.iteration).max(), fault.at_ms),
         };
         let resumed = events.iter().find(|e| e.attempt == r && e.event == "loaded").map(|e| e.iteration);
         let redone = match (reached, resumed) {
@@ -266,7 +270,18 @@ pub fn account(job: &Job, seen: &BTreeMap<u32, Seen>, events: &[Event], injected
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use cohort_proto::{AttemptRecord, JobState};
+    use cohort_proto::JobState;
+
+    fn attempt(n: u32, started: i64, finished: i64, state: JobState, cause: Option<FailureCause>) -> AttemptRecord {
+        AttemptRecord {
+            attempt: n,
+            started_unix_ms: started,
+            finished_unix_ms: finished,
+            state: state as i32,
+            failure: cause.map(|c| cohort_proto::Failure { cause: c.name().into(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
 
     fn event(event: &str, attempt: u32, t_ms: i64, iteration: u64) -> String {
         format!(
@@ -290,20 +305,8 @@ mod tests {
             submitted_unix_ms: 0,
             finished_unix_ms: 4800,
             attempts: vec![
-                AttemptRecord {
-                    attempt: 1,
-                    started_unix_ms: 100,
-                    finished_unix_ms: 2300,
-                    state: JobState::Failed as i32,
-                    ..Default::default()
-                },
-                AttemptRecord {
-                    attempt: 2,
-                    started_unix_ms: 3000,
-                    finished_unix_ms: 4800,
-                    state: JobState::Succeeded as i32,
-                    ..Default::default()
-                },
+                attempt(1, 100, 2300, JobState::Failed, None),
+                attempt(2, 3000, 4800, JobState::Succeeded, None),
             ],
             ..Job::default()
         };
@@ -339,21 +342,13 @@ mod tests {
         lines.extend([event("start", 3, 6200, 0), event("init", 3, 6500, 0), event("loaded", 3, 6700, 10)]);
         lines.extend((11..=30).map(|i| event("step", 3, 6700 + 100 * (i as i64 - 10), i)));
         let events = parse_events(&lines.join("\n"));
-        let disk_full = || Some(cohort_proto::Failure { cause: "disk_full".into(), ..Default::default() });
-        let attempt = |n, started, finished, state: JobState, failure| AttemptRecord {
-            attempt: n,
-            started_unix_ms: started,
-            finished_unix_ms: finished,
-            state: state as i32,
-            failure,
-            ..Default::default()
-        };
+        let disk_full = Some(FailureCause::DiskFull);
         let job = Job {
             submitted_unix_ms: 0,
             finished_unix_ms: 8700,
             attempts: vec![
-                attempt(1, 100, 3050, JobState::Failed, disk_full()),
-                attempt(2, 3500, 5250, JobState::Failed, disk_full()),
+                attempt(1, 100, 3050, JobState::Failed, disk_full),
+                attempt(2, 3500, 5250, JobState::Failed, disk_full),
                 attempt(3, 6000, 8700, JobState::Succeeded, None),
             ],
             ..Job::default()
