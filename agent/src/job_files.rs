@@ -175,6 +175,13 @@ pub struct FileAt {
     pub rel: PathBuf,
     pub size: u64,
     pub file_sha256: String,
+    /// For [`Request::FinishFile`]: the digests its pieces of `piece_bytes`
+    /// were checked against, kept once the whole matches (a peer asking
+    /// later, also of a restarted agent, gets them without a hash).
+    #[serde(default)]
+    pub piece_bytes: u64,
+    #[serde(default)]
+    pub piece_sha256: Vec<String>,
 }
 
 impl FileAt {
@@ -185,7 +192,14 @@ impl FileAt {
             rel: rel.to_owned(),
             size,
             file_sha256: file_sha256.to_owned(),
+            piece_bytes: 0,
+            piece_sha256: Vec::new(),
         }
+    }
+
+    /// The file, completed from pieces of `piece_bytes` with these digests.
+    pub fn with_pieces(self, piece_bytes: u64, piece_sha256: Vec<String>) -> Self {
+        Self { piece_bytes, piece_sha256, ..self }
     }
 
     fn incoming(&self) -> content::Incoming<'_> {
@@ -363,11 +377,18 @@ impl Request {
             Request::ReceiveFile { file: FileAt { size, .. }, .. } => {
                 Limits { address_space: 1 << 30, cpu_secs: None, file_size: Some((*size).max(1)), wall: None }
             }
-            // Reads one file (a 4 GB shard of a model) and renames it.
-            Request::FinishFile(_) | Request::PieceDigests { .. } => Limits {
+            // Reads one file (a 4 GB shard of a model) and renames it;
+            // keeps its piece digests (65 bytes each).
+            Request::FinishFile(file) => Limits {
                 address_space: 1 << 30,
                 cpu_secs: None,
-                file_size: Some(0),
+                file_size: Some((file.piece_sha256.len() as u64 * 65).clamp(1, content::MAX_PIECES_RECORD)),
+                wall: Some(Duration::from_secs(3600)),
+            },
+            Request::PieceDigests { .. } => Limits {
+                address_space: 1 << 30,
+                cpu_secs: None,
+                file_size: Some(content::MAX_PIECES_RECORD),
                 wall: Some(Duration::from_secs(3600)),
             },
             // Reads and checks a manifest (up to a million files), writes it
@@ -1376,6 +1397,56 @@ mod tests {
         staged
     }
 
+    /// A staged file (or URL) is content too: peers are sent a manifest of
+    /// that one file (its digest the content's), fetch the file by its name
+    /// and complete it into the layout a staging of the file leaves (the
+    /// file in `sha256/<digest>/`, no manifest), which the staging then
+    /// finds cached under its own name.
+    #[tokio::test]
+    async fn a_staged_file_travels_between_caches_as_one_file_content() {
+        let (source, a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (identity, helper) = (me(), helper_binary());
+        let user = AsJobUser { identity: &identity, helper: &helper };
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 227) as u8).collect();
+        write(&source.path().join("train.jsonl"), &data);
+        let staged = stage(a.path(), &source.path().join("train.jsonl"), None).await;
+        let digest = staged[0].sha256.clone();
+        assert_eq!(digest, sha(&data), "a file's content digest is the file's own");
+
+        let manifest = read(user, a.path(), &digest, None).await.unwrap().unwrap();
+        assert_eq!(String::from_utf8(manifest.clone()).unwrap(), format!("{digest} {} train.jsonl\n", data.len()));
+        assert_eq!(crate::stage::ManifestOf::check(&manifest, &digest), Some(crate::stage::ManifestOf::File));
+        assert_eq!(read(user, a.path(), &sha(b"other"), None).await.unwrap(), None, "no such content");
+
+        let rel = Path::new("train.jsonl");
+        let bytes = read(user, a.path(), &digest, Some("train.jsonl")).await.unwrap().unwrap();
+        let got = user.receive_file(b.path(), &digest, rel, data.len() as u64, &digest, None, body(vec![Ok(bytes)]));
+        assert_eq!(got.await.unwrap(), Received::Done);
+        let text = std::str::from_utf8(&manifest).unwrap();
+        // A manifest that names the file under another digest is another content's.
+        let other = text.replacen(&digest, &sha(b"other"), 1);
+        refused(user.finish_tree(b.path(), &digest, &other, &[]).await, "it is another content's");
+        user.finish_tree(b.path(), &digest, text, &[]).await.unwrap();
+        assert_eq!(std::fs::read(b.path().join("sha256").join(&digest).join(rel)).unwrap(), data);
+        assert!(!b.path().join("sha256").join(format!("{digest}.manifest")).exists(), "laid out as a staged file");
+        assert_eq!(read(user, b.path(), &digest, None).await.unwrap().unwrap(), manifest, "served on as it came");
+
+        // The staging of the same file under another name finds it cached.
+        let again = StageItem {
+            name: "data".into(),
+            source: source.path().join("renamed.jsonl").display().to_string(),
+            sha256: Some(digest.clone()),
+            model: None,
+        };
+        let (tx, mut rx) = mpsc::channel(1024);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let found = Stager::new(b.path().to_owned(), 2).stage(&[again], tx).await.unwrap();
+        drain.await.unwrap();
+        assert!(found[0].from_cache, "{found:?}");
+        assert_eq!(std::fs::read(&found[0].path).unwrap(), data);
+        assert_eq!(found[0].path.file_name().unwrap(), "renamed.jsonl");
+    }
+
     #[tokio::test]
     async fn a_staged_directory_travels_between_caches_through_the_helper() {
         let (source, a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -1467,6 +1538,36 @@ mod tests {
         let digests = user.piece_digests(a.path(), &digest, rel, piece_bytes, &file_sha256).await.unwrap().unwrap();
         let expected: Vec<String> = large.chunks(piece_bytes as usize).map(sha).collect();
         assert_eq!(digests, expected, "one digest per piece, the last one short");
+        // Kept: asked again (a restarted agent's first peer), they are read,
+        // not hashed; the copy going bad since is found by the peer's check
+        // of the piece it fetched.
+        let record =
+            a.path().join("sha256").join(format!("{digest}.pieces")).join(format!("{file_sha256}-{piece_bytes}"));
+        assert_eq!(
+            std::fs::read_to_string(&record).unwrap(),
+            expected.iter().map(|d| format!("{d}\n")).collect::<String>()
+        );
+        let copy = a.path().join("sha256").join(&digest).join(rel);
+        let mut bad = large.clone();
+        bad[5] ^= 1;
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&copy, &bad).unwrap();
+        assert_eq!(
+            user.piece_digests(a.path(), &digest, rel, piece_bytes, &file_sha256).await.unwrap().unwrap(),
+            expected
+        );
+        // A record torn or made by hand is not taken: the pieces are hashed again.
+        let not_hex = std::iter::once("G".repeat(64)).chain(expected[1..].iter().cloned());
+        let not_hex: String = not_hex.map(|d| format!("{d}\n")).collect();
+        for torn in [&b"short\n"[..], not_hex.as_bytes(), &[0; 260][..]] {
+            std::fs::write(&record, torn).unwrap();
+            refused(
+                user.piece_digests(a.path(), &digest, rel, piece_bytes, &file_sha256).await,
+                "the copy there is corrupt",
+            );
+        }
+        std::fs::write(&copy, &large).unwrap();
+        std::fs::remove_file(&record).unwrap();
         refused(
             user.piece_digests(a.path(), &digest, rel, piece_bytes, &sha(b"other")).await,
             "the copy there is corrupt",
@@ -1533,10 +1634,13 @@ mod tests {
             let bytes = read_piece(a.path().to_owned(), i).await;
             assert_eq!(receive(i, bytes).await.unwrap(), Received::Done);
         }
-        assert_eq!(
-            user.finish_file(FileAt::new(b.path(), &digest, rel, size, &file_sha256)).await.unwrap(),
-            Received::Done
-        );
+        let completion =
+            FileAt::new(b.path(), &digest, rel, size, &file_sha256).with_pieces(piece_bytes, digests.clone());
+        assert_eq!(user.finish_file(completion).await.unwrap(), Received::Done);
+        // The digests the pieces were checked against are kept for this node's peers.
+        let kept =
+            b.path().join("sha256").join(format!("{digest}.pieces")).join(format!("{file_sha256}-{piece_bytes}"));
+        assert_eq!(std::fs::read_to_string(kept).unwrap().lines().collect::<Vec<_>>(), digests);
         let tree = b.path().join("partial").join(format!("sha256-{digest}")).join("tree").join(rel);
         assert_eq!(std::fs::read(tree).unwrap(), large);
         // A piece that does not fit the file is refused before anything is written.

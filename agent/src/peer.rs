@@ -1,5 +1,5 @@
-//! Peer-to-peer staging (issue 18): nodes fetch a directory input from each
-//! other instead of every node reading the source.
+//! Peer-to-peer staging (issue 18): nodes fetch an input (a directory, a
+//! file or a URL) from each other instead of every node reading the source.
 //!
 //! The controller names, in each `StageInput`, the nodes that hold the
 //! content or are staging it now (`peers`); the nodes it leaves without peers
@@ -23,7 +23,10 @@
 //! announced for it before it is kept (and so before it is served on); the
 //! directory is complete only when a manifest whose SHA-256 is the declared
 //! digest lists exactly the files held, each with the digest it was checked
-//! against. A peer that serves a file whose bytes do not match is reported
+//! against. Content that is one file (a staged file or URL, whose digest is
+//! the file's own) travels as a manifest of that file alone
+//! ([`crate::stage::ManifestOf`]); it is offered once complete, with the
+//! bytes read from the source so far told meanwhile (`ContentHave.source_bytes`). A peer that serves a file whose bytes do not match is reported
 //! (`StagedInput.corrupt_peers`) and not asked again; a peer that dies
 //! mid-file costs that file, fetched again from another. When no peer can
 //! serve the content (all gone; the only ones left fetch from peers too,
@@ -74,6 +77,9 @@ const FAILED_PAUSE: Duration = Duration::from_secs(1);
 /// went to may have died before passing it on, and once the seed has sent
 /// every piece once it serves any again.
 const REFUSED_PAUSE: Duration = Duration::from_secs(5);
+/// How often a node reading content from its source tells a peer watching
+/// it how far it got ([`Announcer::read`]), at most.
+const SOURCE_BYTES_EVERY: Duration = Duration::from_secs(2);
 /// Bytes per `PieceChunk`.
 const CHUNK: usize = 256 << 10;
 /// The largest manifest taken from a peer.
@@ -90,6 +96,8 @@ pub struct Have {
     pub state: HaveState,
     /// Fetched from peers here, not read from the source.
     pub fetching: bool,
+    /// Bytes read from the source so far (see [`Announcer::read`]).
+    pub source_bytes: u64,
 }
 
 impl Have {
@@ -222,6 +230,17 @@ impl Announcer {
             offered.extend(piece_keys(&file.path, file.size, file.piece_bytes));
         }
         self.tx.send_modify(|have| have.files.push(file));
+    }
+
+    /// `bytes` of the content read from the source so far: peers waiting
+    /// for a file this node offers only once it is complete (a single large
+    /// file) hear that it is still coming, not silence.
+    pub fn read(&self, bytes: u64) {
+        self.tx.send_if_modified(|have| {
+            let grew = bytes > have.source_bytes;
+            have.source_bytes = have.source_bytes.max(bytes);
+            grew
+        });
     }
 
     /// The size large files travel in between nodes.
@@ -508,11 +527,11 @@ impl Peers {
                         Ended::Piece(piece, peer, result) => {
                             let step = swarm.finished(piece, peer, result, &announced);
                             if let Some(file) = step.finish {
-                                let (path, size, sha256) = swarm.whole(file);
+                                let completion = swarm.completion(cache, digest, file);
                                 downloads.push(
                                     async move {
                                         let result = user
-                                            .finish_file(FileAt::new(cache, digest, Path::new(&path), size, &sha256))
+                                            .finish_file(completion)
                                             .await
                                             .map_err(|e| e.to_string());
                                         Ended::File(file, result)
@@ -613,6 +632,9 @@ enum PeerEvent {
     Fetching(usize),
     /// The manifest of complete content, with the modes of its paths.
     Manifest(usize, Vec<u8>, Vec<PathMode>),
+    /// The peer has read this many bytes of the content from its source so
+    /// far: a large file it offers once it is complete is still coming.
+    Reading(usize, u64),
     /// The peer cannot serve (it never had the content, failed, or is unreachable).
     Gone(usize, String),
 }
@@ -636,6 +658,11 @@ async fn watch_peer(
                     match stream.message().await {
                         Ok(Some(have)) => {
                             if have.fetching && events.send(PeerEvent::Fetching(index)).await.is_err() {
+                                return;
+                            }
+                            if have.source_bytes > 0
+                                && events.send(PeerEvent::Reading(index, have.source_bytes)).await.is_err()
+                            {
                                 return;
                             }
                             if !have.files.is_empty() && events.send(PeerEvent::Files(index, have.files)).await.is_err()
@@ -749,6 +776,8 @@ struct PeerState {
     /// Pieces it holds but refused as a super-seeding node, each counted as
     /// held again at its instant ([`REFUSED_PAUSE`]).
     refused: Vec<(usize, Instant)>,
+    /// The bytes it said it read from its source so far.
+    source_bytes: u64,
 }
 
 /// The fetching node's view of the content and of its peers.
@@ -789,6 +818,7 @@ impl Swarm {
                     corrupt: false,
                     fetching: false,
                     refused: Vec::new(),
+                    source_bytes: 0,
                 })
                 .collect(),
             manifest: None,
@@ -840,9 +870,11 @@ impl Swarm {
     }
 
     /// The file `file`, to complete from its pieces: path, size, digest.
-    fn whole(&self, file: usize) -> (String, u64, String) {
+    /// Where `file`, complete from its pieces, goes: its pieces' digests kept with it.
+    fn completion(&self, cache: &Path, digest: &str, file: usize) -> FileAt {
         let f = &self.files[file];
-        (f.path.clone(), f.size, f.sha256.clone())
+        FileAt::new(cache, digest, Path::new(&f.path), f.size, &f.sha256)
+            .with_pieces(f.piece_bytes, f.piece_sha256.clone())
     }
 
     /// What this node tells its own peers of `file`: the whole of it
@@ -963,6 +995,13 @@ impl Swarm {
     /// Takes in what a peer said; true if it offered something new.
     fn event(&mut self, event: PeerEvent) -> bool {
         match event {
+            // Progress, if it read more than it had told (a stalled source is a stall).
+            PeerEvent::Reading(peer, bytes) => {
+                let state = &mut self.peers[peer];
+                let more = bytes > state.source_bytes;
+                state.source_bytes = state.source_bytes.max(bytes);
+                more
+            }
             PeerEvent::Files(peer, files) => {
                 let mut new = false;
                 for file in files {
@@ -971,8 +1010,8 @@ impl Swarm {
                 new
             }
             PeerEvent::Manifest(peer, manifest, modes) => {
-                let actual = format!("{:x}", Sha256::digest(&manifest));
-                if actual != self.digest || manifest.len() > MAX_MANIFEST {
+                if manifest.len() > MAX_MANIFEST || crate::stage::ManifestOf::check(&manifest, &self.digest).is_none() {
+                    let actual = format!("{:x}", Sha256::digest(&manifest));
                     tracing::warn!(peer = %self.peers[peer].name, %actual, "a peer sent a manifest of other content");
                     self.peers[peer].corrupt = true;
                     self.fetched.corrupt_peers.push(self.peers[peer].name.clone());
@@ -1343,25 +1382,33 @@ impl PeerService for PeerServer {
                     // The large files' pieces first, so the peer can fetch them piece by piece.
                     let files = self.peers.describe(user, &cache, &sha256, &manifest).await.to_vec();
                     let modes = modes_of(user, &cache, &sha256).await;
-                    let have = ContentHave { files, manifest, modes, fetching: false };
+                    let have = ContentHave { files, manifest, modes, ..ContentHave::default() };
                     Ok(Response::new(Box::pin(futures::stream::iter([Ok(have)]))))
                 }
                 None => Err(Status::not_found(format!("node {} neither holds nor stages {sha256}", self.peers.node))),
             };
         }
         let (tx, rx) = mpsc::channel(16);
+        let peers = self.peers.clone();
         tokio::spawn(async move {
             let Some(mut staging) = staging else { return };
             let mut sent = 0;
             let mut first = true;
+            // When the bytes read from the source were last told.
+            let mut told: Option<Instant> = None;
             loop {
-                let (files, state, fetching) = {
+                let (files, state, fetching, source_bytes) = {
                     let have = staging.borrow_and_update();
-                    (have.files.get(sent..).unwrap_or_default().to_vec(), have.state, have.fetching)
+                    (have.files.get(sent..).unwrap_or_default().to_vec(), have.state, have.fetching, have.source_bytes)
                 };
-                if !files.is_empty() || (first && fetching) {
+                let keepalive = source_bytes > 0 && told.is_none_or(|t| t.elapsed() >= SOURCE_BYTES_EVERY);
+                if !files.is_empty() || (first && fetching) || keepalive {
                     sent += files.len();
-                    let have = ContentHave { files, fetching: first && fetching, ..ContentHave::default() };
+                    if keepalive {
+                        told = Some(Instant::now());
+                    }
+                    let have =
+                        ContentHave { files, fetching: first && fetching, source_bytes, ..ContentHave::default() };
                     if tx.send(Ok(have)).await.is_err() {
                         return;
                     }
@@ -1376,7 +1423,15 @@ impl PeerService for PeerServer {
                     let last = match read_manifest(user, &cache, &sha256).await {
                         Ok(Some(manifest)) => {
                             let modes = modes_of(user, &cache, &sha256).await;
-                            Ok(ContentHave { files: Vec::new(), manifest, modes, fetching: false })
+                            // Nothing was offered while it was staged (a single
+                            // file): its large files' pieces now, as for content
+                            // that was complete when asked.
+                            let files = if sent == 0 {
+                                peers.describe(user, &cache, &sha256, &manifest).await.to_vec()
+                            } else {
+                                Vec::new()
+                            };
+                            Ok(ContentHave { files, manifest, modes, ..ContentHave::default() })
                         }
                         Ok(None) => Err(Status::aborted("staging it failed here")),
                         Err(e) => Err(Status::internal(e)),
@@ -1604,6 +1659,28 @@ mod tests {
         swarm.digest = digest;
         assert!(swarm.event(PeerEvent::Manifest(0, manifest.clone().into_bytes(), Vec::new())));
         assert_eq!(swarm.done(), Some(manifest));
+    }
+
+    /// A single file, which its reader offers only once it is complete: the
+    /// bytes it read so far count as progress while they grow (not a stall),
+    /// and its manifest of that file alone (the file's digest the content's)
+    /// is taken, where one naming the file under another digest is not.
+    #[test]
+    fn a_single_file_is_awaited_while_its_reader_reads_and_taken_by_its_own_digest() {
+        let mut swarm = Swarm::new(&hex(7), vec!["a".into(), "b".into()]);
+        assert!(swarm.event(PeerEvent::Reading(0, 1 << 20)));
+        assert!(!swarm.event(PeerEvent::Reading(0, 1 << 20)), "told again, nothing more read: no progress");
+        assert!(swarm.event(PeerEvent::Reading(0, 2 << 20)));
+        assert!(!swarm.event(PeerEvent::Reading(1, 0)));
+        assert!(!swarm.hopeless(), "the reader is still there");
+
+        let other = format!("{} 10 data.bin\n", hex(8));
+        assert!(!swarm.event(PeerEvent::Manifest(1, other.into_bytes(), Vec::new())));
+        assert!(swarm.peers[1].corrupt, "a manifest of other content names its sender");
+        let manifest = format!("{} 10 data.bin\n", hex(7));
+        assert!(swarm.event(PeerEvent::Manifest(0, manifest.into_bytes(), Vec::new())));
+        assert_eq!(swarm.files.len(), 1);
+        assert_eq!((swarm.files[0].path.as_str(), swarm.files[0].sha256.clone()), ("data.bin", hex(7)));
     }
 
     #[test]

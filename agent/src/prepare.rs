@@ -404,30 +404,13 @@ impl Preparer {
         let mut announced = HashMap::new();
         // Inputs without a digest that another node reads come, once it knows
         // their digest, from it and the other waiting nodes, as inputs with one.
-        let inputs = self.await_digests(cmd, user).await;
+        let inputs = self.await_digests(cmd).await;
         if let Ok(cache) = &cache {
-            // Inputs other nodes hold or stage now come from them; what they
-            // cannot serve is read from the source below.
-            // Only directories travel between nodes: a URL is a file, and a
-            // local source that the user sees as a file here is read from it.
-            let mut wanted = Vec::new();
-            for s in inputs.iter().filter(|s| !s.peers.is_empty() && !is_cached(cache, &s.sha256)) {
-                if s.source.starts_with("http://") || s.source.starts_with("https://") {
-                    continue;
-                }
-                // Its peers came with its digest: `await_digests` found the source not a file here.
-                if s.awaits_digest {
-                    wanted.push(s);
-                    continue;
-                }
-                let look = crate::job_files::InspectRequest { path: s.source.clone().into(), ..Default::default() };
-                match user.inspect_path(look).await {
-                    Ok(info) if info.exists && !info.is_dir => continue,
-                    // A directory, or not here (then peers are the only way).
-                    _ => wanted.push(s),
-                }
-            }
-            let fetches = wanted.into_iter().map(|s| {
+            // Inputs other nodes hold or stage now come from them (a
+            // directory, a file or a URL alike); what they cannot serve is
+            // read from the source below.
+            let wanted = inputs.iter().filter(|s| !s.peers.is_empty() && !is_cached(cache, &s.sha256));
+            let fetches = wanted.map(|s| {
                 let digest = s.sha256.trim().to_ascii_lowercase();
                 let report = move |bytes_done: u64, files_done: u32| {
                     let status = StageStatus {
@@ -494,6 +477,9 @@ impl Preparer {
             let mut hashing = tokio::task::JoinSet::new();
             let hashers = Arc::new(tokio::sync::Semaphore::new(4));
             while let Some(p) = rx.recv().await {
+                if let Some((a, _)) = announced.get(&p.item) {
+                    a.announcer().read(p.bytes_done);
+                }
                 if let (Some(file), Some((a, digest))) = (&p.file, announced.get(&p.item)) {
                     let whole = cohort_proto::ContentFile {
                         path: file.path.clone(),
@@ -573,17 +559,22 @@ impl Preparer {
             forward.0.abort();
         }
         if let Ok(announced) = (&mut forward.0).await
-            && staged.is_ok()
+            && let (Ok(staged), Ok(cache)) = (&staged, &cache)
         {
+            // A file (or URL) read here is offered whole once complete, not
+            // file by file: super-seeded from before its peers hear of it.
+            let files = staged.iter().filter(|s| announced.contains_key(&s.name) && !s.from_cache);
+            for s in files.filter(|s| s.path.file_name().is_none_or(|n| *n != *s.sha256)) {
+                self.peers.seed_complete(user, cache, &s.sha256).await;
+            }
             announced.into_values().for_each(|(a, _)| a.complete());
         }
         if let (Ok(staged), Ok(cache)) = (&staged, &cache) {
-            // A directory without a digest just read from its source: nodes
+            // An input without a digest just read from its source: nodes
             // waiting for it fetch it from here now, super-seeded.
             let read_here = staged.iter().filter(|s| {
                 let unpinned = cmd.stage.iter().any(|i| i.name == s.name && i.sha256.trim().is_empty());
-                let is_dir = s.path.file_name().is_some_and(|n| *n == *s.sha256);
-                unpinned && is_dir && !s.from_cache && !from_peers.contains_key(&s.name)
+                unpinned && !s.from_cache && !from_peers.contains_key(&s.name)
             });
             for s in read_here {
                 self.peers.seed_complete(user, cache, &s.sha256).await;
@@ -620,18 +611,12 @@ impl Preparer {
 
     /// Waits, for each input that another node of the attempt reads from the
     /// source (`awaits_digest`), for the digest that node found and the peers
-    /// to fetch it from, unless this node sees the source as a file (read
-    /// here: files do not travel between nodes). Returns the job's inputs
-    /// with what was learnt; an answer without a digest leaves the input to
-    /// be read from the source.
-    async fn await_digests(&self, cmd: &PrepareCommand, user: AsJobUser<'_>) -> Vec<StageInput> {
+    /// to fetch it from. Returns the job's inputs with what was learnt; an
+    /// answer without a digest leaves the input to be read from the source.
+    async fn await_digests(&self, cmd: &PrepareCommand) -> Vec<StageInput> {
         let waits = cmd.stage.iter().map(|s| async move {
             let mut input = s.clone();
             if !s.awaits_digest || !s.sha256.is_empty() {
-                return input;
-            }
-            let look = crate::job_files::InspectRequest { path: s.source.clone().into(), ..Default::default() };
-            if matches!(user.inspect_path(look).await, Ok(info) if info.exists && !info.is_dir) {
                 return input;
             }
             let key = (cmd.job_id.clone(), cmd.attempt, s.name.clone());

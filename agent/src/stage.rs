@@ -59,7 +59,7 @@ mod record;
 mod tests;
 mod tree;
 pub(crate) use fetch::MODE_BITS;
-pub(crate) use tree::{parse_manifest, prune_to, walk};
+pub(crate) use tree::{ManifestOf, parse_manifest, prune_to, single_file_manifest, walk};
 
 use std::collections::HashSet;
 use std::ffi::OsStr;

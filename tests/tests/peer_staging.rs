@@ -46,6 +46,15 @@ fn nodes(n: usize) -> Vec<NodeSpec> {
         .collect()
 }
 
+/// [`nodes`] whose files larger than 1 MiB travel in pieces of 1 MiB.
+fn nodes_in_pieces_of_1_mib(n: usize) -> Vec<NodeSpec> {
+    let mut specs = nodes(n);
+    for spec in &mut specs {
+        spec.extra_args.extend(["--peer-piece-mib".to_owned(), "1".to_owned()]);
+    }
+    specs
+}
+
 fn job(name: &str, nodes: usize, selector: Option<&str>, source: &Path, digest: &str) -> String {
     let selector = selector.map(|s| format!("node_selector: {{{s}}}\n")).unwrap_or_default();
     format!(
@@ -253,14 +262,7 @@ async fn a_restarted_controller_sends_peers_to_what_was_staged_before_it() {
 /// pieces hashed when it asks) with the source gone.
 #[tokio::test(flavor = "multi_thread")]
 async fn large_files_travel_in_pieces() {
-    let specs: Vec<NodeSpec> = nodes(5)
-        .into_iter()
-        .map(|mut n| {
-            n.extra_args.extend(["--peer-piece-mib".to_owned(), "1".to_owned()]);
-            n
-        })
-        .collect();
-    let cluster = Cluster::start(specs).await.unwrap();
+    let cluster = Cluster::start(nodes_in_pieces_of_1_mib(5)).await.unwrap();
     let dir = cluster.dir.path().join("big-model");
     std::fs::create_dir_all(&dir).unwrap();
     let files: Vec<(&str, Vec<u8>)> = vec![
@@ -306,4 +308,110 @@ async fn large_files_travel_in_pieces() {
     assert_eq!(status(&later, "node4").bytes_from_peers, total);
     check(4);
     assert_eq!(pieces(4), 8, "the holders, complete, offered the shards in pieces");
+}
+
+/// A directory served over HTTP on loopback by Python's own `http.server`
+/// (a real server, one log line per request on stderr); killed when dropped.
+struct HttpSource {
+    child: std::process::Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl HttpSource {
+    fn start(dir: &Path, log: PathBuf) -> Self {
+        use std::io::BufRead;
+        let script = "import functools, http.server, sys\n\
+                      handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])\n\
+                      server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)\n\
+                      print(server.server_address[1], flush=True)\n\
+                      server.serve_forever()\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        Self { child, port: line.trim().parse().unwrap(), log }
+    }
+
+    /// The addresses that asked for `path`, one per GET.
+    fn getters(&self, path: &str) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.log).unwrap();
+        log.lines()
+            .filter(|l| l.contains(&format!("\"GET {path} ")))
+            .map(|l| l.split_whitespace().next().unwrap().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for HttpSource {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A single file and a URL travel between nodes as a directory does: a
+/// pinned file of 3.5 MiB is read by one node of the gang, the others fetch
+/// it from it in pieces (checked against the file's own digest, which is
+/// the content's); a URL without a digest is downloaded by one node (one
+/// GET in the server's log) and fetched from it by the three others. Each
+/// node ends with the file under the input's name in its cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_and_a_url_are_read_from_their_source_once_and_travel_between_nodes() {
+    let cluster = Cluster::start(nodes_in_pieces_of_1_mib(4)).await.unwrap();
+    let served = cluster.dir.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let data: Vec<u8> = (0..7u32 << 19).map(|i| (i % 251) as u8 ^ 0x3c).collect();
+    let corpus: Vec<u8> = (0..40_000u32).flat_map(|i| format!("{{\"text\": \"row {i}\"}}\n").into_bytes()).collect();
+    std::fs::write(served.join("data.bin"), &data).unwrap();
+    std::fs::write(served.join("corpus.jsonl"), &corpus).unwrap();
+    let (data_digest, corpus_digest) =
+        (format!("{:x}", Sha256::digest(&data)), format!("{:x}", Sha256::digest(&corpus)));
+    let in_cache = |i: usize, digest: &str, name: &str| {
+        let path = cluster.dir.path().join(format!("node{i}/cache/sha256/{digest}/{name}"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let log = |i: usize| std::fs::read_to_string(cluster.dir.path().join(format!("node{i}.log"))).unwrap_or_default();
+
+    let yaml = format!(
+        "name: file\nkind: command\nnodes: 3\ngpus_per_node: 1\nstop_grace: 1s\nnode_selector: {{grp: a}}\n\
+         stage: [{{name: data, source: {}, sha256: {data_digest}}}]\ncommand: ['true']\n",
+        served.join("data.bin").display()
+    );
+    let first = run(&cluster, &yaml).await;
+    let fetchers: Vec<&StageStatus> = first.staging.iter().filter(|s| s.bytes_from_peers > 0).collect();
+    assert_eq!(fetchers.len(), 2, "one node reads the file: {:?}", first.staging);
+    for s in &fetchers {
+        assert_eq!(s.bytes_from_peers, data.len() as u64, "{s:?}");
+        let i: usize = s.node_name.trim_start_matches("node").parse().unwrap();
+        assert!(in_cache(i, &data_digest, "data.bin") == data, "node{i}");
+        let log = log(i);
+        let line = log.lines().rfind(|l| l.contains("fetched from peers")).unwrap_or_else(|| panic!("node{i}: {log}"));
+        assert!(line.contains("pieces=4"), "3.5 MiB in pieces of 1 MiB: {line}");
+    }
+
+    let http = HttpSource::start(&served, cluster.dir.path().join("http.log"));
+    let yaml = format!(
+        "name: url\nkind: command\nnodes: 4\ngpus_per_node: 1\nstop_grace: 1s\n\
+         stage: [{{name: corpus, source: 'http://127.0.0.1:{}/corpus.jsonl'}}]\ncommand: ['true']\n",
+        http.port
+    );
+    let second = run(&cluster, &yaml).await;
+    let getters = http.getters("/corpus.jsonl");
+    assert_eq!(getters.len(), 1, "the source is read once: {getters:?}");
+    let readers: Vec<&StageStatus> = second.staging.iter().filter(|s| s.bytes_from_peers == 0).collect();
+    assert_eq!(readers.len(), 1, "{:?}", second.staging);
+    for s in &second.staging {
+        assert!(s.path.ends_with(&format!("/{corpus_digest}/corpus.jsonl")), "the URL's content: {s:?}");
+        if s.node_name != readers[0].node_name {
+            assert_eq!(s.bytes_from_peers, corpus.len() as u64, "{s:?}");
+        }
+        let i: usize = s.node_name.trim_start_matches("node").parse().unwrap();
+        assert!(in_cache(i, &corpus_digest, "corpus.jsonl") == corpus, "node{i}");
+    }
 }

@@ -27,10 +27,14 @@ use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
 use super::Reply;
-use crate::stage::{MODE_BITS, parse_manifest};
+use crate::stage::{MODE_BITS, ManifestOf, parse_manifest};
 
 /// The largest manifest read or written (a million files of long names).
 pub const MAX_MANIFEST: u64 = 256 << 20;
+/// The largest record of a file's piece digests kept (65 bytes a piece: a
+/// million pieces, 64 TiB in pieces of 64 MiB); a file of more pieces has
+/// them hashed again when asked.
+pub const MAX_PIECES_RECORD: u64 = 64 << 20;
 /// Bytes read from stdin at once while receiving a file.
 const BLOCK: usize = 1 << 20;
 /// The most [`PathMode`]s listed for a content, or applied to one: past
@@ -81,6 +85,12 @@ impl Layout<'_> {
     fn lock(&self) -> PathBuf {
         self.cache.join("locks").join(format!("sha256-{}.lock", self.hex))
     }
+    /// Where the piece digests of a file of this content whose digest is
+    /// `file_sha256`, cut in pieces of `piece_bytes`, are kept once known
+    /// ([`record_pieces`]); collected with the content (`crate::stage::gc`).
+    fn pieces_record(&self, file_sha256: &str, piece_bytes: u64) -> PathBuf {
+        pieces_dir(self.cache, self.hex).join(format!("{file_sha256}-{piece_bytes}"))
+    }
     /// The file `done` (in `tree/`) of `size` bytes is here already, or the
     /// whole content is complete.
     fn holds(&self, done: &Path, size: u64) -> bool {
@@ -91,6 +101,17 @@ impl Layout<'_> {
         std::fs::symlink_metadata(self.content()).is_ok_and(|m| m.is_dir())
             && std::fs::symlink_metadata(self.manifest()).is_ok_and(|m| m.is_file())
     }
+    /// A staged file (or URL): its directory holds the file (under one
+    /// name or several, hard links), and there is no manifest.
+    fn is_file_content(&self) -> bool {
+        std::fs::symlink_metadata(self.content()).is_ok_and(|m| m.is_dir())
+            && std::fs::symlink_metadata(self.manifest()).is_err()
+    }
+}
+
+/// The directory of a content's piece digests: `sha256/<hex>.pieces`.
+pub fn pieces_dir(cache: &Path, hex: &str) -> PathBuf {
+    cache.join("sha256").join(format!("{hex}.pieces"))
 }
 
 /// Whether `hex` is a SHA-256 as `sha256sum` prints it: 64 lowercase hex digits.
@@ -204,6 +225,39 @@ fn open_file(path: &Path) -> Result<Option<Opened>, String> {
     Ok(Some(Opened { file, path: path.to_owned(), bytes: meta.len() }))
 }
 
+/// The manifest peers are sent for content `hex` that is a staged file
+/// (see `crate::stage::ManifestOf`): its file, by the first of its names
+/// bytewise (a file staged under several names is hard-linked), with its size.
+/// None: not a file's content here. The file is not hashed: the peer checks
+/// what it fetches against `hex`.
+pub fn file_manifest(cache_dir: &Path, hex: &str) -> Result<Option<String>, String> {
+    check_digest("the content digest", hex)?;
+    let layout = Layout { cache: cache_dir, hex };
+    if !layout.is_file_content() {
+        return Ok(None);
+    }
+    let dir = layout.content();
+    let entries = std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    let mut files: Vec<(String, u64)> = entries
+        .flatten()
+        .take(MAX_MODES)
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok().filter(std::fs::Metadata::is_file)?;
+            Some((entry.file_name().into_string().ok()?, meta.len()))
+        })
+        .collect();
+    files.sort();
+    Ok(files.into_iter().find_map(|(name, size)| crate::stage::single_file_manifest(hex, size, &name)))
+}
+
+/// Writes [`Reply::Content`] as a line, then `bytes` to `out`.
+pub fn send_bytes(bytes: &[u8], out: &mut impl Write) -> Result<(), String> {
+    let mut header = serde_json::to_vec(&Reply::Content { bytes: bytes.len() as u64 }).map_err(|e| e.to_string())?;
+    header.push(b'\n');
+    header.extend_from_slice(bytes);
+    out.write_all(&header).and_then(|()| out.flush()).map_err(|e| format!("sending {} bytes: {e}", bytes.len()))
+}
+
 /// Writes [`Reply::Content`] as a line, then exactly `opened.bytes` bytes of
 /// the file to `out`. An error after the line (the file shrank, the reader
 /// went away) can only be told by the exit status: the bytes come short.
@@ -260,6 +314,11 @@ pub fn piece_digests(
     let Some(Opened { file, path, bytes }) = open(cache_dir, hex, Some(rel), false)? else {
         return Ok(Reply::Missing);
     };
+    let layout = Layout { cache: cache_dir, hex };
+    let record = layout.pieces_record(file_sha256, piece_bytes);
+    if let Some(digests) = recorded_pieces(&record, bytes.div_ceil(piece_bytes)) {
+        return Ok(Reply::Pieces(digests));
+    }
     let mut file = file.take(bytes);
     let mut digests = Vec::new();
     let mut whole = Sha256::new();
@@ -291,7 +350,48 @@ pub fn piece_digests(
     if actual != file_sha256 {
         return Ok(Reply::Corrupt { actual });
     }
+    record_pieces(&record, &digests);
     Ok(Reply::Pieces(digests))
+}
+
+/// The piece digests kept at `record` if it holds exactly `count` of them
+/// (one per line, as [`record_pieces`] writes them); None for anything else
+/// (absent, torn by a crash, written by hand), and the pieces are hashed
+/// again. The digests are those of the file as it was checked whole: if the
+/// bytes here went bad since, a peer finds out by the piece it fetched, names
+/// this node and fetches that piece elsewhere.
+fn recorded_pieces(record: &Path, count: u64) -> Option<Vec<String>> {
+    let Opened { file, bytes, .. } = open_file(record).ok()??;
+    if bytes != count.checked_mul(65)? {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(bytes).read_to_string(&mut text).ok()?;
+    let digests: Vec<String> = text.lines().map(str::to_owned).collect();
+    (digests.len() as u64 == count && digests.iter().all(|d| is_sha256_hex(d))).then_some(digests)
+}
+
+/// Keeps `digests` (a file's piece digests, each checked) at `record` for the
+/// next time a peer asks, across agent restarts: written beside and renamed
+/// into place, so that a reader sees all of them or none. Best effort: without
+/// the record the pieces are hashed again.
+fn record_pieces(record: &Path, digests: &[String]) {
+    let Some(dir) = record.parent() else { return };
+    if digests.len() as u64 * 65 > MAX_PIECES_RECORD {
+        return;
+    }
+    let temp =
+        dir.join(format!(".{}.{}", record.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let text: String = digests.iter().map(|d| format!("{d}\n")).collect();
+    let written = DirBuilder::new()
+        .recursive(true)
+        .create(dir)
+        .and_then(|()| std::fs::write(&temp, text))
+        .and_then(|()| std::fs::rename(&temp, record));
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&temp);
+        tracing::debug!(record = %record.display(), %error, "cannot keep a file's piece digests");
+    }
 }
 
 /// What [`super::Request::ReceiveFile`] writes.
@@ -432,8 +532,10 @@ pub fn receive_piece(incoming: Incoming<'_>, piece: &PieceOf, body: &mut impl Re
 /// Completes a file whose pieces [`receive_piece`] wrote: if `from-peers/<rel>`
 /// is `size` bytes that hash to the file's digest, it is renamed to
 /// `tree/<rel>` ([`Reply::Done`]); other bytes are removed
-/// ([`Reply::Corrupt`]), and the file is fetched again.
-pub fn finish_file(incoming: Incoming<'_>) -> Result<Reply, String> {
+/// ([`Reply::Corrupt`]), and the file is fetched again. The digests its
+/// pieces of `piece_bytes` were checked against (`piece_sha256`, one per
+/// piece) are kept for the peers that ask this node later.
+pub fn finish_file(incoming: Incoming<'_>, piece_bytes: u64, piece_sha256: &[String]) -> Result<Reply, String> {
     let Incoming { cache_dir, hex, rel, size, sha256 } = incoming;
     check_digest("the content digest", hex)?;
     check_digest(&format!("the digest of {}", rel.display()), sha256)?;
@@ -460,6 +562,12 @@ pub fn finish_file(incoming: Incoming<'_>) -> Result<Reply, String> {
         return Ok(Reply::Corrupt { actual });
     }
     std::fs::rename(&temp, &done).map_err(|e| format!("cannot write {}: {e}", done.display()))?;
+    if piece_bytes > 0
+        && piece_sha256.len() as u64 == size.div_ceil(piece_bytes)
+        && piece_sha256.iter().all(|d| is_sha256_hex(d))
+    {
+        record_pieces(&layout.pieces_record(sha256, piece_bytes), piece_sha256);
+    }
     Ok(Reply::Done)
 }
 
@@ -520,7 +628,7 @@ fn write_hashed(out: &mut impl Write, body: &mut impl Read, size: u64) -> Result
 pub fn modes(cache_dir: &Path, hex: &str) -> Result<Reply, String> {
     check_digest("the content digest", hex)?;
     let layout = Layout { cache: cache_dir, hex };
-    if !layout.is_complete() {
+    if !layout.is_complete() && !layout.is_file_content() {
         return Ok(Reply::Missing);
     }
     // The listing a staging from the source makes of its source (modes already cut to MODE_BITS).
@@ -604,10 +712,10 @@ pub fn finish_tree(
             manifest.len()
         ));
     }
-    let actual = format!("{:x}", Sha256::digest(&manifest));
-    if actual != hex {
+    let Some(of) = ManifestOf::check(&manifest, hex) else {
+        let actual = format!("{:x}", Sha256::digest(&manifest));
         return Err(format!("the manifest given for content {hex} hashes to {actual}: it is another content's"));
-    }
+    };
     let parsed = parse_manifest(&manifest).map_err(|e| format!("content {hex}: {e}"))?;
     if parsed.links > 0 {
         return Err(format!(
@@ -622,7 +730,7 @@ pub fn finish_tree(
         })?;
     }
     let _lock = lock(&layout.lock())?;
-    if layout.is_complete() {
+    if layout.is_complete() || (of == ManifestOf::File && layout.is_file_content()) {
         return Ok(Reply::Done);
     }
     let work = layout.work();
@@ -661,19 +769,12 @@ pub fn finish_tree(
     // before anything marks it complete.
     let handle = File::open(&work).map_err(written(&work))?;
     nix::unistd::syncfs(&handle).map_err(|e| written(&work)(io::Error::from(e)))?;
-    // The completion marker: the manifest, then the tree, renamed into `sha256/`.
-    let temp = work.join("manifest");
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .mode(0o644)
-        .open(&temp)
-        .map_err(written(&temp))?;
-    file.write_all(&manifest).and_then(|()| file.sync_all()).map_err(written(&temp))?;
-    let manifest_path = layout.manifest();
-    std::fs::rename(&temp, &manifest_path).map_err(written(&manifest_path))?;
+    // The completion marker: the manifest, then the tree, renamed into
+    // `sha256/`; a file's content is its directory alone, as a staging of
+    // the file from its source leaves it.
+    if of == ManifestOf::Directory {
+        write_manifest(&layout, &work, &manifest)?;
+    }
     let content = layout.content();
     if let Err(e) = std::fs::rename(&tree, &content) {
         // Staged meanwhile by another process that shares this cache.
@@ -686,6 +787,26 @@ pub fn finish_tree(
     // What is left (`from-peers/`, and `incoming/` of an interrupted staging): nothing of the content.
     let _ = std::fs::remove_dir_all(&work);
     Ok(Reply::Done)
+}
+
+/// Writes a directory's manifest into `sha256/` (through `work/manifest`, flushed).
+fn write_manifest(layout: &Layout<'_>, work: &Path, manifest: &[u8]) -> Result<(), String> {
+    let written = |path: &Path| {
+        let path = path.to_owned();
+        move |e: io::Error| format!("cannot write {}: {e}", path.display())
+    };
+    let temp = work.join("manifest");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(&temp)
+        .map_err(written(&temp))?;
+    file.write_all(manifest).and_then(|()| file.sync_all()).map_err(written(&temp))?;
+    let manifest_path = layout.manifest();
+    std::fs::rename(&temp, &manifest_path).map_err(written(&manifest_path))
 }
 
 /// The content's lock (see `crate::stage`), waited for.

@@ -92,6 +92,20 @@ pub fn main() -> i32 {
                         }
                     };
                 }
+                // No directory's manifest: a staged file's, made for peers.
+                Ok(None) if part.is_none() => match super::content::file_manifest(&cache_dir, &sha256) {
+                    Ok(Some(manifest)) => {
+                        return match super::content::send_bytes(manifest.as_bytes(), &mut std::io::stdout().lock()) {
+                            Ok(()) => 0,
+                            Err(message) => {
+                                eprintln!("cohort-agent {FILES_AS}: {message}");
+                                1
+                            }
+                        };
+                    }
+                    Ok(None) => Ok(Reply::Missing),
+                    Err(message) => Err(message),
+                },
                 Ok(None) => Ok(Reply::Missing),
                 Err(message) => Err(message),
             }
@@ -100,7 +114,7 @@ pub fn main() -> i32 {
             Some(piece) => super::content::receive_piece(file.incoming(), &piece, &mut stdin),
             None => super::content::receive(file.incoming(), &mut stdin),
         },
-        Request::FinishFile(file) => super::content::finish_file(file.incoming()),
+        Request::FinishFile(file) => super::content::finish_file(file.incoming(), file.piece_bytes, &file.piece_sha256),
         Request::PieceDigests { cache_dir, sha256, rel, piece_bytes, file_sha256 } => {
             super::content::piece_digests(&cache_dir, &sha256, &rel, piece_bytes, &file_sha256)
         }

@@ -218,7 +218,8 @@ pub fn remove(cache: &Path, hex: &str) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    for done in [cache.join("sha256").join(format!("{hex}.manifest")), used_path(cache, hex)] {
+    let pieces = crate::job_files::content::pieces_dir(cache, hex);
+    for done in [cache.join("sha256").join(format!("{hex}.manifest")), used_path(cache, hex), pieces] {
         remove_any(&done)?;
     }
     drop(lock);
@@ -251,11 +252,27 @@ fn remove_any(path: &Path) -> io::Result<()> {
     }
 }
 
-/// What a collection that crashed half-way left in `partial/`.
+/// What a collection that crashed half-way left in `partial/`, and the
+/// piece digests of content that is not in the cache (kept by a staging that
+/// failed, or that a crashed collection left) unless a staging of it runs.
 fn remove_leftovers(cache: &Path) {
-    let Ok(reader) = std::fs::read_dir(cache.join("partial")) else { return };
+    if let Ok(reader) = std::fs::read_dir(cache.join("partial")) {
+        for entry in reader.flatten() {
+            if entry.file_name().to_str().is_some_and(|n| n.starts_with("gc-")) {
+                let _ = remove_any(&entry.path());
+            }
+        }
+    }
+    let Ok(reader) = std::fs::read_dir(cache.join("sha256")) else { return };
     for entry in reader.flatten() {
-        if entry.file_name().to_str().is_some_and(|n| n.starts_with("gc-")) {
+        let name = entry.file_name();
+        let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".pieces")).filter(|n| is_hex64(n)) else {
+            continue;
+        };
+        if std::fs::symlink_metadata(cache.join("sha256").join(hex)).is_ok() {
+            continue;
+        }
+        if let Ok(Some(_lock)) = try_lock(&cache.join("locks").join(format!("sha256-{hex}.lock"))) {
             let _ = remove_any(&entry.path());
         }
     }
@@ -277,6 +294,9 @@ mod tests {
         std::fs::write(dir.join("sub/w.bin"), vec![n; size]).unwrap();
         std::fs::hard_link(dir.join("sub/w.bin"), dir.join("again.bin")).unwrap();
         std::fs::write(cache.join("sha256").join(format!("{hex}.manifest")), b"m").unwrap();
+        let pieces = crate::job_files::content::pieces_dir(cache, &hex);
+        std::fs::create_dir_all(&pieces).unwrap();
+        std::fs::write(pieces.join(format!("{}-65536", "ab".repeat(32))), b"digests").unwrap();
         record_use(cache, &dir);
         let when = SystemTime::now() - Duration::from_secs(age_s);
         File::options().write(true).open(used_path(cache, &hex)).unwrap().set_modified(when).unwrap();
@@ -301,6 +321,8 @@ mod tests {
         assert_eq!(report.removed.iter().map(|e| e.sha256.as_str()).collect::<Vec<_>>(), [older.as_str()]);
         assert!(!c.join("sha256").join(&older).exists());
         assert!(!c.join("sha256").join(format!("{older}.manifest")).exists(), "not taken as cached later");
+        assert!(!c.join("sha256").join(format!("{older}.pieces")).exists(), "its piece digests go with it");
+        assert!(c.join("sha256").join(format!("{old}.pieces")).is_dir());
         assert!(!c.join("partial").join(format!("gc-{older}")).exists());
         assert!(c.join("sha256").join(&old).join("sub/w.bin").exists());
 
@@ -365,7 +387,17 @@ mod tests {
         std::fs::create_dir_all(c.join("partial")).unwrap();
         std::fs::rename(c.join("sha256").join(&hex), c.join("partial").join(format!("gc-{hex}"))).unwrap();
         assert!(list(c).unwrap().is_empty(), "not listed: not cached");
+        // Piece digests of content being staged (its lock held) stay; of
+        // content no longer here, or never completed, they go.
+        let staging = "cd".repeat(32);
+        std::fs::create_dir_all(crate::job_files::content::pieces_dir(c, &staging)).unwrap();
+        let held = try_lock(&c.join("locks").join(format!("sha256-{staging}.lock"))).unwrap().unwrap();
         collect(c, u64::MAX, &HashSet::new()).unwrap();
         assert!(!c.join("partial").join(format!("gc-{hex}")).exists());
+        assert!(!c.join("sha256").join(format!("{hex}.pieces")).exists());
+        assert!(c.join("sha256").join(format!("{staging}.pieces")).exists());
+        drop(held);
+        collect(c, u64::MAX, &HashSet::new()).unwrap();
+        assert!(!c.join("sha256").join(format!("{staging}.pieces")).exists());
     }
 }

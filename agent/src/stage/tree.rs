@@ -286,6 +286,39 @@ fn parse_manifest_bounded(text: &[u8], max_lines: usize) -> Result<ParsedManifes
     Ok(parsed)
 }
 
+/// What content a manifest from a peer describes, checked against the
+/// digest `hex` it was asked for: a directory, whose manifest hashes to its
+/// digest, or a single file (a staged file or URL, whose digest is the
+/// file's own), which peers describe by [`single_file_manifest`]: one line,
+/// a plain name, whose digest is `hex`. Anything else is another content's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ManifestOf {
+    Directory,
+    File,
+}
+
+impl ManifestOf {
+    pub(crate) fn check(manifest: &[u8], hex: &str) -> Option<Self> {
+        use sha2::{Digest, Sha256};
+        if format!("{:x}", Sha256::digest(manifest)) == hex {
+            return Some(Self::Directory);
+        }
+        let parsed = parse_manifest_bounded(manifest, 1).ok()?;
+        match parsed.files.as_slice() {
+            [file] if file.sha256 == hex && parsed.links == 0 && file.path.components().count() == 1 => {
+                Some(Self::File)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// How peers describe content that is one file, `name` of `size` bytes with
+/// digest `hex`: a manifest of that file alone (see [`ManifestOf`]).
+pub(crate) fn single_file_manifest(hex: &str, size: u64, name: &str) -> Option<String> {
+    (is_plain_rel(name.as_bytes()) && !name.contains('/')).then(|| format!("{hex} {size} {name}\n"))
+}
+
 /// A relative path of plain names, '/'-separated (as a manifest lists it).
 fn is_plain_rel(path: &[u8]) -> bool {
     !path.is_empty()
@@ -368,6 +401,30 @@ pub(super) fn is_plain_name(name: &OsStr) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A directory's manifest hashes to its digest; a single file's lists
+    /// that file alone, by a plain name, under the content's digest; any
+    /// other manifest is another content's.
+    #[test]
+    fn a_manifest_names_a_directory_or_a_single_file_or_nothing() {
+        use sha2::{Digest, Sha256};
+        let hex = "ab".repeat(32);
+        let one = single_file_manifest(&hex, 10, "train.jsonl").unwrap();
+        assert_eq!(one, format!("{hex} 10 train.jsonl\n"));
+        assert_eq!(ManifestOf::check(one.as_bytes(), &hex), Some(ManifestOf::File));
+        assert_eq!(ManifestOf::check(one.as_bytes(), &"cd".repeat(32)), None, "another file's digest");
+        let dir = format!("{hex} 10 a/train.jsonl\n");
+        assert_eq!(ManifestOf::check(dir.as_bytes(), &hex), None, "not at the top: a directory's, of another digest");
+        let dir_digest = format!("{:x}", Sha256::digest(dir.as_bytes()));
+        assert_eq!(ManifestOf::check(dir.as_bytes(), &dir_digest), Some(ManifestOf::Directory));
+        let two = format!("{hex} 10 a\n{hex} 10 b\n");
+        assert_eq!(ManifestOf::check(two.as_bytes(), &hex), None, "two files");
+        let link = format!("{hex} symlink a\n");
+        assert_eq!(ManifestOf::check(link.as_bytes(), &hex), None, "a link");
+        for bad in ["", ".", "..", "a/b", "a\nb"] {
+            assert_eq!(single_file_manifest(&hex, 1, bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn manifest_is_sorted_bytewise_and_counted() {

@@ -56,7 +56,7 @@ impl Controller {
 
     /// Names, in each input with a digest, the nodes each node of the
     /// attempt fetches it from (none: it reads the source), see `content`.
-    /// Of an input without one (a directory or file path, not a URL), the
+    /// Of an input without one (a directory, a file or a URL), the
     /// first `--max-source-pulls` nodes read the source and the others wait
     /// for the digest they find (`awaits_digest`, answered by
     /// [`Self::answer_digests`]), then fetch it from them and each other.
@@ -66,13 +66,8 @@ impl Controller {
         let user = first.user.clone();
         let digests: Vec<String> =
             first.stage.iter().map(|s| s.sha256.trim().to_ascii_lowercase()).filter(|d| d.len() == 64).collect();
-        let unpinned: Vec<String> = first
-            .stage
-            .iter()
-            .filter(|s| s.sha256.trim().is_empty())
-            .filter(|s| !s.source.starts_with("http://") && !s.source.starts_with("https://"))
-            .map(|s| s.name.clone())
-            .collect();
+        let unpinned: Vec<String> =
+            first.stage.iter().filter(|s| s.sha256.trim().is_empty()).map(|s| s.name.clone()).collect();
         for digest in digests {
             let peers = self.content_peers(state, (&user, &digest), &gang, (id, attempt));
             for node in &mut plan.nodes {
@@ -206,7 +201,7 @@ impl Controller {
         state.content.prepared(node, (&id, result.attempt), &result.staged);
         let staged = |item: &str| {
             let found = result.staged.iter().find(|s| s.name == item && s.error.is_empty());
-            Some(found.map(|s| served_digest(&s.sha256, &s.path)))
+            Some(found.map(|s| s.sha256.clone()))
         };
         self.answer_digests(state, (&id, result.attempt), node, staged);
         let Some(entry) = state.jobs.get_mut(&id) else { return };
@@ -285,7 +280,7 @@ impl Controller {
                         status.detail = format!("for {} to read the source", awaited.readers.join(", "));
                     }
                     let outcome = match status.state.as_str() {
-                        "ready" | "cached" => Some(Some(served_digest(&status.sha256, &status.path))),
+                        "ready" | "cached" => Some(Some(status.sha256.clone())),
                         "failed" => Some(None),
                         _ => None,
                     };
@@ -535,15 +530,6 @@ impl Controller {
             })
             .await
     }
-}
-
-/// The digest a node that staged content `sha256` at `path` can serve its
-/// peers: a directory's (its content directory is named by the digest);
-/// empty for a file (only directories travel between nodes), so the nodes
-/// waiting for it read the source.
-fn served_digest(sha256: &str, path: &str) -> String {
-    let is_dir = std::path::Path::new(path).file_name().is_some_and(|name| name == sha256);
-    if is_dir { sha256.to_owned() } else { String::new() }
 }
 
 fn upsert_stage(job: &mut Job, status: cohort_proto::StageStatus) {

@@ -202,10 +202,11 @@ async fn an_input_staged_as_different_content_on_two_nodes_refuses_the_launch() 
     assert!(commands(&mut n0).iter().any(|c| matches!(c, Command::Launch(_))), "the same content launches");
 }
 
-/// An input without `sha256:` on a gang whose nodes serve peers: one node
-/// reads the source, the others wait for the digest it finds and are then
-/// sent it with the peers to fetch it from (the reader and each other);
-/// when the reader fails the input, they are told to read the source.
+/// An input without `sha256:` (a directory, a file or a URL) on a gang
+/// whose nodes serve peers: one node reads the source, the others wait for
+/// the digest it finds and are then sent it with the peers to fetch it from
+/// (the reader and each other); when the reader fails the input, they are
+/// told to read the source.
 #[tokio::test]
 async fn an_input_without_a_digest_is_read_by_one_node_and_its_digest_sent_to_the_others() {
     let dir = tempfile::tempdir().unwrap();
@@ -224,13 +225,23 @@ async fn an_input_without_a_digest_is_read_by_one_node_and_its_digest_sent_to_th
     let staged = |id: &str, digest: &str, error: &str| PrepareResult {
         job_id: id.into(),
         attempt: 1,
-        staged: vec![cohort_proto::StagedInput {
-            name: "data".into(),
-            sha256: digest.into(),
-            error: error.into(),
-            path: format!("/cache/sha256/{digest}"),
-            ..Default::default()
-        }],
+        staged: vec![
+            cohort_proto::StagedInput {
+                name: "data".into(),
+                sha256: digest.into(),
+                error: error.into(),
+                path: format!("/cache/sha256/{digest}"),
+                ..Default::default()
+            },
+            // The URL, a file: its own digest, the file in its content directory.
+            cohort_proto::StagedInput {
+                name: "page".into(),
+                sha256: if error.is_empty() { "d".repeat(64) } else { String::new() },
+                error: error.into(),
+                path: format!("/cache/sha256/{}/p.txt", "d".repeat(64)),
+                ..Default::default()
+            },
+        ],
         ..PrepareResult::default()
     };
     // Which nodes wait for the digest, and what each was sent.
@@ -247,7 +258,7 @@ async fn an_input_without_a_digest_is_read_by_one_node_and_its_digest_sent_to_th
                 .unwrap();
             let data = prepare.stage.iter().find(|s| s.name == "data").unwrap();
             let page = prepare.stage.iter().find(|s| s.name == "page").unwrap();
-            assert!(!page.awaits_digest, "a URL is read by every node");
+            assert_eq!(page.awaits_digest, data.awaits_digest, "a URL too is read by one node, the others wait");
             if data.awaits_digest { waiting.push(*name) } else { reader = Some(*name) }
         }
         (reader.unwrap(), waiting)
@@ -308,7 +319,13 @@ async fn an_input_without_a_digest_is_read_by_one_node_and_its_digest_sent_to_th
     assert!(job.staging.iter().any(|s| s.node_name == reader && s.sha256 == digest), "{:?}", job.staging);
     // Its result comes later: answered once only.
     controller.prepare_result(reader, staged(&id, &digest, "")).await;
-    assert!(digests(&mut sessions, waiting[1]).is_empty(), "answered once");
+    // The data answered once; the URL (a file) now, with peers: it travels too.
+    for node in &waiting {
+        let sent = digests(&mut sessions, node);
+        assert_eq!(sent.len(), 1, "{node}: {sent:?}");
+        assert_eq!((sent[0].item.as_str(), sent[0].sha256.clone()), ("page", "d".repeat(64)));
+        assert!(sent[0].peers.iter().any(|p| p.node_name == reader), "{:?}", sent[0]);
+    }
 
     // The reader fails the input: the waiting nodes read the source themselves.
     controller.cancel(&id).await.unwrap();
@@ -318,12 +335,12 @@ async fn an_input_without_a_digest_is_read_by_one_node_and_its_digest_sent_to_th
     controller.prepare_result(reader, staged(&again, "", "staging failed: no such directory")).await;
     for node in &waiting {
         let sent = digests(&mut sessions, node);
-        assert_eq!(sent.len(), 1, "{node}: {sent:?}");
-        assert!(sent[0].sha256.is_empty() && sent[0].peers.is_empty(), "read the source: {:?}", sent[0]);
+        assert_eq!(sent.len(), 2, "data and page: {node}: {sent:?}");
+        assert!(sent.iter().all(|d| d.sha256.is_empty() && d.peers.is_empty()), "read the source: {sent:?}");
     }
 
-    // The source is a file where the reader is: files do not travel between
-    // nodes, so the waiting nodes read it themselves.
+    // The source is a file where the reader is: it travels as a directory
+    // does (the file in its content directory), from the reader and each other.
     controller.cancel(&again).await.unwrap();
     let file = submit(&controller, &yaml.replace("name: t", "name: file")).await;
     controller.reconcile().await.unwrap();
@@ -333,7 +350,8 @@ async fn an_input_without_a_digest_is_read_by_one_node_and_its_digest_sent_to_th
     for node in &waiting {
         let sent = digests(&mut sessions, node);
         assert_eq!(sent.len(), 1, "{node}: {sent:?}");
-        assert!(sent[0].sha256.is_empty() && sent[0].peers.is_empty(), "read the source: {:?}", sent[0]);
+        assert_eq!(sent[0].sha256, digest);
+        assert_eq!(sent[0].peers.len(), 2, "the reader and the other waiting node: {:?}", sent[0]);
     }
 }
 
