@@ -140,3 +140,30 @@ fn a_wait_per_request_costs_time_and_keeps_to_physics() {
         }
     }
 }
+
+/// Racks whose links to the core carry a quarter of their nodes' links:
+/// with one node a rack fetching from the other racks (the controller's
+/// `--topology-label`), each piece enters each rack exactly once (the
+/// source's rack from the source); with any peer alike, again and again.
+/// No rack receives faster than its core link.
+#[test]
+fn one_node_a_rack_brings_each_piece_into_its_rack_once() {
+    let racked = |near: &str| {
+        let runs = run(&["--nodes", "16", "--rack-nodes", "4", "--near", near]);
+        assert_eq!(runs.len(), 1);
+        runs.into_iter().next().unwrap()
+    };
+    let (near, far) = (racked("true"), racked("false"));
+    for v in [&near, &far] {
+        assert_eq!(f(v, "/p2p/finished"), 16.0, "{v}");
+        let uplink = f(v, "/uplink_bytes_per_s");
+        assert!(close(uplink, f(v, "/link_bytes_per_s")), "4 links over 4: {v}");
+        // Racks 1 to 3 receive the whole directory over their core links.
+        assert!(f(v, "/p2p/last_s") >= SIZE / uplink * (1.0 - 1e-9), "faster than a rack's core link: {v}");
+    }
+    let within = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b;
+    assert!(within(f(&near, "/p2p/cross_rack_bytes"), 4.0 * SIZE), "once into each of 4 racks: {near}");
+    assert!(f(&far, "/p2p/cross_rack_bytes") > 6.0 * SIZE, "{far}");
+    // Every node from the source: each rack's 4 nodes pull the whole directory over its core link.
+    assert!(within(f(&far, "/source/cross_rack_bytes"), 16.0 * SIZE), "{far}");
+}

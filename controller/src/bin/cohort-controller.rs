@@ -130,6 +130,12 @@ struct Args {
     /// is fetched from them once they have read all of it).
     #[arg(long, env = "COHORT_MAX_SOURCE_PULLS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     max_source_pulls: u16,
+    /// The agents' label (`--labels rack=r12`) that names a node's rack:
+    /// staged content then enters each rack once, through one of its nodes,
+    /// and spreads inside it from there (for racks whose links to the core
+    /// are oversubscribed). Unset: any node fetches from any other.
+    #[arg(long, env = "COHORT_TOPOLOGY_LABEL", value_name = "LABEL")]
+    topology_label: Option<String>,
     #[command(subcommand)]
     setup: Option<cohort_controller::security::init::Setup>,
 }
@@ -223,6 +229,7 @@ async fn controller() -> anyhow::Result<()> {
             scheduler: args.scheduler,
             retain_finished: args.retain_finished,
             max_source_pulls: usize::from(args.max_source_pulls),
+            topology_label: args.topology_label.unwrap_or_default().trim().to_owned(),
             ..ControllerConfig::default()
         },
     };

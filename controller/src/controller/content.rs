@@ -100,9 +100,82 @@ impl ContentTracker {
     }
 }
 
+/// With racks (the controller's `--topology-label`): the fetching nodes of a
+/// rack keep only their rack's peers, except one, the rack's leader (its
+/// first node by name), which keeps the others too; so the content crosses
+/// the links between racks once per rack, through the leader, and spreads
+/// inside the rack from it. A rack that has a feed already (a node of it
+/// reads the source, or a peer in it from outside the gang holds or stages
+/// the content) has no leader. A node without a rack, or left with no peer
+/// by the rule, keeps its peers. Its cost where the core is not
+/// oversubscribed: the leader's link feeds its whole rack (in
+/// `cohort-fanout`'s model, 1,024 nodes in racks of 16: 3.29x one node's
+/// time against 1.99x without; with racks 4:1 oversubscribed, 3.38x against
+/// 4.92x), so it is off unless a label is named.
+pub(super) fn localize(peers: &mut BTreeMap<String, Vec<String>>, rack: impl Fn(&str) -> Option<String>) {
+    let mut fed: BTreeSet<String> = BTreeSet::new();
+    for (node, list) in peers.iter() {
+        let Some(r) = rack(node) else { continue };
+        if list.is_empty() {
+            fed.insert(r);
+        }
+    }
+    for list in peers.values() {
+        for peer in list.iter().filter(|p| !peers.contains_key(*p)) {
+            fed.extend(rack(peer));
+        }
+    }
+    let mut leaders: BTreeMap<String, String> = BTreeMap::new();
+    for (node, list) in peers.iter() {
+        if let Some(r) = rack(node).filter(|r| !fed.contains(r) && !list.is_empty()) {
+            leaders.entry(r).or_insert_with(|| node.clone());
+        }
+    }
+    for (node, list) in peers.iter_mut() {
+        let Some(r) = rack(node) else { continue };
+        if leaders.get(&r) == Some(node) {
+            continue;
+        }
+        let local: Vec<String> = list.iter().filter(|p| rack(p).as_ref() == Some(&r)).cloned().collect();
+        if !local.is_empty() {
+            *list = local;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Racks r1 (a, b, c) and r2 (d, e), f without a rack; a reads the
+    /// source: r1 is fed by it, r2's first node leads.
+    #[test]
+    fn a_rack_fetches_from_other_racks_through_one_node() {
+        let rack = |n: &str| match n {
+            "a" | "b" | "c" | "h" => Some("r1".to_owned()),
+            "d" | "e" => Some("r2".to_owned()),
+            _ => None,
+        };
+        let gang = names(&["a", "b", "c", "d", "e", "f"]);
+        let mut tracker = ContentTracker::default();
+        let mut peers = tracker.assign(("u", "x"), &gang, ("j1", 1), 1, |_| true, |_, _| true);
+        localize(&mut peers, rack);
+        assert!(peers["a"].is_empty(), "reads the source");
+        assert_eq!(peers["b"], names(&["a", "c"]), "r1 has the source's reader: its rack only");
+        assert_eq!(peers["c"], names(&["a", "b"]));
+        assert_eq!(peers["d"], names(&["a", "b", "c", "e", "f"]), "r2's leader: every peer");
+        assert_eq!(peers["e"], names(&["d"]), "through its leader");
+        assert_eq!(peers["f"], names(&["a", "b", "c", "d", "e"]), "no rack: every peer");
+
+        // A later job on r2's nodes and one of r1 (h): the holders are in
+        // both racks, so every node fetches from its own rack.
+        tracker.prepared("a", ("j1", 1), &[staged("x")]);
+        tracker.prepared("d", ("j1", 1), &[staged("x")]);
+        let mut later = tracker.assign(("u", "x"), &names(&["e", "h"]), ("j2", 1), 1, |_| true, |j, _| j == "j2");
+        localize(&mut later, rack);
+        assert_eq!(later["e"], names(&["d"]));
+        assert_eq!(later["h"], names(&["a"]));
+    }
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()

@@ -65,6 +65,9 @@ pub struct ControllerConfig {
     /// How many nodes read a staged input's source at once when no node
     /// holds it yet; the others fetch from them (`--max-source-pulls`).
     pub max_source_pulls: usize,
+    /// The node label that names a node's rack for staging
+    /// (`--topology-label`, see `content::localize`); empty: none.
+    pub topology_label: String,
 }
 
 impl Default for ControllerConfig {
@@ -81,6 +84,7 @@ impl Default for ControllerConfig {
             scheduler: crate::queues::Scheduler::default(),
             retain_finished: None,
             max_source_pulls: 1,
+            topology_label: String::new(),
         }
     }
 }

@@ -109,7 +109,7 @@ impl Controller {
         nodes: &[String],
         attempt: (&str, u32),
     ) -> BTreeMap<String, Vec<cohort_proto::ContentPeer>> {
-        let assigned = {
+        let mut assigned = {
             let (all, jobs) = (&state.nodes, &state.jobs);
             let live = |n: &str| all.get(n).is_some_and(|n| n.peer_address().is_some());
             let current = |job: &str, attempt: u32| {
@@ -117,6 +117,11 @@ impl Controller {
             };
             state.content.assign(key, nodes, attempt, self.config.max_source_pulls, live, current)
         };
+        let label = self.config.topology_label.as_str();
+        if !label.is_empty() {
+            let rack = |node: &str| state.nodes.get(node)?.info.labels.get(label).filter(|v| !v.is_empty()).cloned();
+            super::content::localize(&mut assigned, rack);
+        }
         assigned
             .into_iter()
             .map(|(node, peers)| {

@@ -60,6 +60,17 @@ fn commands(session: &mut Session) -> Vec<Command> {
     std::iter::from_fn(|| session.try_recv().ok()).filter_map(|m| m.ok().and_then(|m| m.command)).collect()
 }
 
+/// The preparation sent to a node since the last look.
+fn prepare_sent(session: &mut Session) -> cohort_proto::PrepareCommand {
+    commands(session)
+        .into_iter()
+        .find_map(|c| match c {
+            Command::Prepare(p) => Some(p),
+            _ => None,
+        })
+        .unwrap()
+}
+
 fn stops(commands: &[Command]) -> usize {
     commands.iter().filter(|c| matches!(c, Command::Stop(_))).count()
 }
@@ -202,6 +213,47 @@ async fn an_input_staged_as_different_content_on_two_nodes_refuses_the_launch() 
     assert!(commands(&mut n0).iter().any(|c| matches!(c, Command::Launch(_))), "the same content launches");
 }
 
+/// With `--topology-label rack`, a pinned input on a gang over two racks:
+/// the node reading the source feeds its own rack, whose other node asks
+/// only its rack; in the other rack one node (its first) fetches from
+/// everyone and its rack-mate only from it.
+#[tokio::test]
+async fn with_a_topology_label_staged_content_enters_each_rack_through_one_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("store")).unwrap());
+    let config = ControllerConfig { topology_label: "rack".into(), ..ControllerConfig::default() };
+    let controller = Controller::load(store, dir.path(), config).await.unwrap();
+    let rack = |name: &str| if name < "n2" { "r1" } else { "r2" };
+    let mut sessions = Vec::new();
+    for name in ["n0", "n1", "n2", "n3"] {
+        let labels = [("rack".to_owned(), rack(name).to_owned())].into();
+        let node = NodeInfo { peer_port: 7071, labels, ..node_info(name) };
+        let registered = controller.register(RegisterRequest { node: Some(node), ..Default::default() }).await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        controller.attach(name, &registered.session_id, tx).await.unwrap();
+        sessions.push((name, rx));
+    }
+    let yaml = format!(
+        "name: t\nkind: command\nnodes: 4\ngpus_per_node: 1\nstage: [{{name: data, source: /data/set, sha256: {}}}]\n\
+         command: [sleep, '100']\n",
+        "c".repeat(64)
+    );
+    submit(&controller, &yaml).await;
+    controller.reconcile().await.unwrap();
+    let mut peers = std::collections::BTreeMap::new();
+    for (name, session) in sessions.iter_mut() {
+        let prepare = prepare_sent(session);
+        let names: Vec<String> = prepare.stage[0].peers.iter().map(|p| p.node_name.clone()).collect();
+        peers.insert(*name, names);
+    }
+    let reader = *peers.iter().find(|(_, p)| p.is_empty()).unwrap().0;
+    assert_eq!(rack(reader), "r1", "the first node reads the source: {peers:?}");
+    let mate = if reader == "n0" { "n1" } else { "n0" };
+    assert_eq!(peers[mate], [reader.to_owned()], "fed by its rack's reader: {peers:?}");
+    assert_eq!(peers["n2"], ["n0", "n1", "n3"], "r2's leader fetches from every rack: {peers:?}");
+    assert_eq!(peers["n3"], ["n2"], "r2's other node, from its leader: {peers:?}");
+}
+
 /// An input without `sha256:` (a directory, a file or a URL) on a gang
 /// whose nodes serve peers: one node reads the source, the others wait for
 /// the digest it finds and are then sent it with the peers to fetch it from
@@ -249,13 +301,7 @@ async fn an_input_without_a_digest_is_read_by_one_node_and_its_digest_sent_to_th
         let mut waiting = Vec::new();
         let mut reader = None;
         for (name, session) in sessions.iter_mut() {
-            let prepare = commands(session)
-                .into_iter()
-                .find_map(|c| match c {
-                    Command::Prepare(p) => Some(p),
-                    _ => None,
-                })
-                .unwrap();
+            let prepare = prepare_sent(session);
             let data = prepare.stage.iter().find(|s| s.name == "data").unwrap();
             let page = prepare.stage.iter().find(|s| s.name == "page").unwrap();
             assert_eq!(page.awaits_digest, data.awaits_digest, "a URL too is read by one node, the others wait");

@@ -98,6 +98,20 @@ struct Args {
     /// download but moves nothing. 0: at once, as before.
     #[arg(long, default_value_t = 0.0)]
     request_ms: f64,
+    /// Nodes per rack (in index order; the pullers in the first rack); 0:
+    /// no racks, any two nodes reach each other at their links' rates.
+    #[arg(long, default_value_t = 0)]
+    rack_nodes: usize,
+    /// Each rack's link to the core, megabits per second, each way, shared
+    /// by the transfers that leave or enter the rack (the source sits in the
+    /// core); default: a quarter of its nodes' links (4:1 oversubscribed).
+    #[arg(long)]
+    uplink_mbps: Option<f64>,
+    /// One node of each rack (its first; in the pullers' rack, none) fetches
+    /// from other racks, the others only from their rack (the controller's
+    /// peer assignment with `--topology-label`); `--near false`: any peer alike.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    near: bool,
     /// One JSON object per node count, one a line, instead of the table.
     #[arg(long)]
     json: bool,
@@ -157,6 +171,36 @@ struct Config {
     seed: u64,
     /// Seconds a transfer between nodes waits before its bytes flow.
     request_s: f64,
+    /// Nodes per rack (0: no racks), each rack's link to the core in bytes
+    /// per second each way, and whether nodes prefer peers in their rack.
+    rack_nodes: usize,
+    uplink: f64,
+    near: bool,
+}
+
+impl Config {
+    /// The rack of node `i`, when racks are modelled.
+    fn rack(&self, i: usize) -> Option<usize> {
+        (self.rack_nodes > 0).then(|| i / self.rack_nodes)
+    }
+
+    /// Whether node `i` fetches for its rack from other racks (with `--near`):
+    /// the first node of a rack without a puller. The others of its rack ask
+    /// only their rack (the controller's assignment with `--topology-label`).
+    fn leads(&self, i: usize) -> bool {
+        self.rack_nodes > 0 && i.is_multiple_of(self.rack_nodes) && i >= self.pulls
+    }
+
+    /// The racks whose core links a transfer from `from` to `to` crosses:
+    /// (the sender's, leaving; the receiver's, entering). The source is in the core.
+    fn crossing(&self, from: Sender, to: usize) -> (Option<usize>, Option<usize>) {
+        let inbound = self.rack(to);
+        match from {
+            Sender::Source => (None, inbound),
+            Sender::Node(u) if self.rack(u) != inbound => (self.rack(u), inbound),
+            Sender::Node(_) => (None, None),
+        }
+    }
 }
 
 /// What one simulation measured.
@@ -176,6 +220,8 @@ struct Outcome {
     /// Transfers that a death cut short.
     failed: u64,
     events: u64,
+    /// Bytes that entered racks over their core links (the source's included).
+    cross_rack_bytes: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -312,6 +358,7 @@ struct Sim {
     puller_uploads: u64,
     failed: u64,
     events: u64,
+    cross_rack_bytes: f64,
 }
 
 impl Sim {
@@ -330,6 +377,7 @@ impl Sim {
             puller_uploads: 0,
             failed: 0,
             events: 0,
+            cross_rack_bytes: 0.0,
         }
     }
 
@@ -394,6 +442,7 @@ impl Sim {
             puller_uploads: self.puller_uploads,
             failed: self.failed,
             events: self.events,
+            cross_rack_bytes: self.cross_rack_bytes,
         }
     }
 
@@ -404,26 +453,39 @@ impl Sim {
 
     /// Each transfer: the smaller of its sender's and its receiver's equal
     /// shares, among the transfers whose bytes flow.
+    /// With racks, also of its racks' core links' equal shares, out and in.
     fn equal_rates(&mut self) {
         let (mut ups, mut downs, mut readers) = (vec![0u32; self.cfg.nodes], vec![0u32; self.cfg.nodes], 0u32);
+        let racks = if self.cfg.rack_nodes > 0 { self.cfg.nodes.div_ceil(self.cfg.rack_nodes) } else { 0 };
+        let (mut outs, mut ins) = (vec![0u32; racks], vec![0u32; racks]);
         for t in self.active.iter().filter(|t| !self.waits(t)) {
             match t.from {
                 Sender::Source => readers += 1,
                 Sender::Node(u) => ups[u] += 1,
             }
             downs[t.to] += 1;
+            let (out, inbound) = self.cfg.crossing(t.from, t.to);
+            out.into_iter().for_each(|r| outs[r] += 1);
+            inbound.into_iter().for_each(|r| ins[r] += 1);
         }
         let now = self.now;
+        let cfg = self.cfg;
         for t in &mut self.active {
             if t.ready_s > now + 1e-12 {
                 t.rate = 0.0;
                 continue;
             }
             let up = match t.from {
-                Sender::Source => self.cfg.source / f64::from(readers),
-                Sender::Node(u) => self.cfg.link / f64::from(ups[u]),
+                Sender::Source => cfg.source / f64::from(readers),
+                Sender::Node(u) => cfg.link / f64::from(ups[u]),
             };
-            t.rate = up.min(self.cfg.link / f64::from(downs[t.to]));
+            let (out, inbound) = cfg.crossing(t.from, t.to);
+            let core = out
+                .map(|r| cfg.uplink / f64::from(outs[r]))
+                .into_iter()
+                .chain(inbound.map(|r| cfg.uplink / f64::from(ins[r])))
+                .fold(f64::INFINITY, f64::min);
+            t.rate = up.min(cfg.link / f64::from(downs[t.to])).min(core);
         }
     }
 
@@ -494,6 +556,9 @@ impl Sim {
     fn advance(&mut self, dt: f64) {
         for t in &mut self.active {
             t.left -= t.rate * dt;
+            if self.cfg.crossing(t.from, t.to).1.is_some() {
+                self.cross_rack_bytes += t.rate * dt;
+            }
         }
         self.now += dt;
     }
@@ -688,7 +753,14 @@ impl Sim {
             // missing pieces counts for no candidate's rarity, so the choice is
             // the one over every node (up to how ties fall). With
             // `--rarity-over all`, busy peers too, counted but not asked.
-            let offers = |&u: &usize| u != w && !nodes[u].dead && intersects(&nodes[u].offered, &node.missing);
+            // With racks and `--near`, a node other than its rack's leader asks only its rack.
+            let local = cfg.near && cfg.rack(w).is_some() && !cfg.leads(w);
+            let offers = |&u: &usize| {
+                u != w
+                    && !nodes[u].dead
+                    && (!local || cfg.rack(u) == cfg.rack(w))
+                    && intersects(&nodes[u].offered, &node.missing)
+            };
             peers.clear();
             match cfg.rarity {
                 Rarity::Usable => peers.extend(usable.items.iter().copied().filter(offers)),
@@ -738,12 +810,18 @@ fn main() -> anyhow::Result<()> {
     ensure!(args.total >= 1 && args.per_peer >= 1 && args.upload_slots >= 1, "limits: at least 1");
     ensure!(args.request_ms.is_finite() && args.request_ms >= 0.0, "--request-ms: at least 0");
     ensure!(!args.nodes.contains(&0), "--nodes: at least 1 each");
+    ensure!(
+        args.rack_nodes == 0 || args.sharing == Sharing::Equal,
+        "--rack-nodes: racks are modelled with --sharing equal only"
+    );
+    ensure!(args.uplink_mbps.is_none_or(|u| u > 0.0), "--uplink-mbps must be positive");
     let link = args.link_mbps * 1e6 / 8.0;
     let source = args.source_mbps.map_or(link, |s| s * 1e6 / 8.0);
     let piece_bytes = args.piece_mib * 1024.0 * 1024.0;
     let size = piece_bytes * args.pieces as f64;
     let one_node_s = size / link.min(source);
     let limits = Limits { per_peer: args.per_peer, total: args.total };
+    let uplink = args.uplink_mbps.map_or(link * args.rack_nodes as f64 / 4.0, |u| u * 1e6 / 8.0);
     let gib = f64::from(1u32 << 30);
     if !args.json {
         println!(
@@ -765,6 +843,14 @@ fn main() -> anyhow::Result<()> {
             args.seed,
             args.dead.map_or(String::new(), |d| format!(", {} nodes die at {} s", d.nodes, d.at_s)),
         );
+        if args.rack_nodes > 0 {
+            println!(
+                "racks of {} nodes, each linked to the core at {} Mbit/s each way; one node a rack fetches from other racks: {}",
+                args.rack_nodes,
+                uplink * 8.0 / 1e6,
+                args.near
+            );
+        }
         println!("one node from the source: {one_node_s:.2} s");
         println!();
         println!(
@@ -790,6 +876,9 @@ fn main() -> anyhow::Result<()> {
             dead: args.dead,
             seed: args.seed,
             request_s: args.request_ms / 1000.0,
+            rack_nodes: args.rack_nodes,
+            uplink,
+            near: args.near,
         };
         let p2p = Sim::new(cfg).run();
         let all = Sim::new(Config { pulls: n, dead: None, super_seed: false, ..cfg }).run();
@@ -809,6 +898,9 @@ fn main() -> anyhow::Result<()> {
                 "rarity_over": format!("{:?}", args.rarity_over),
                 "super_seed": args.super_seed,
                 "request_ms": args.request_ms,
+                "rack_nodes": args.rack_nodes,
+                "uplink_bytes_per_s": uplink,
+                "near": args.near,
                 "one_node_s": one_node_s,
                 "p2p": outcome_json(&p2p, one_node_s),
                 "source": outcome_json(&all, one_node_s),
@@ -839,6 +931,15 @@ fn main() -> anyhow::Result<()> {
             if p2p.failed > 0 {
                 println!("  {} transfers failed when nodes died", p2p.failed);
             }
+            if args.rack_nodes > 0 {
+                let racks = n.div_ceil(args.rack_nodes) as f64;
+                println!(
+                    "  into racks over their core links: p2p {:.2} GiB ({:.2} per rack), all from source {:.2} GiB",
+                    p2p.cross_rack_bytes / gib,
+                    p2p.cross_rack_bytes / racks / gib,
+                    all.cross_rack_bytes / gib
+                );
+            }
         }
     }
     Ok(())
@@ -857,6 +958,7 @@ fn outcome_json(o: &Outcome, one_node_s: f64) -> serde_json::Value {
         "peer_bytes": o.peer_bytes,
         "puller_uploads": o.puller_uploads,
         "failed_transfers": o.failed,
+        "cross_rack_bytes": o.cross_rack_bytes,
         "events": o.events,
     })
 }
