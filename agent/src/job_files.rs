@@ -1503,6 +1503,7 @@ mod tests {
             cache.path().to_owned(),
             crate::rank_user::RankUserPolicy::agent_user(),
             1 << 20,
+            crate::peer::STALL,
         );
         peers.seed_complete(user, cache.path(), &digest).await;
         let piece = |i: u32| format!("model.safetensors\0{i}");

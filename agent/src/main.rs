@@ -126,6 +126,11 @@ struct Args {
     #[arg(long, env = "COHORT_PEER_PIECE_MIB", default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..=4096))]
     peer_piece_mib: u64,
+    /// A fetch from peers that gets nothing this long (no piece, no peer
+    /// offering one, no peer telling it reads the source on) gives up, and
+    /// the node reads the source itself.
+    #[arg(long, env = "COHORT_PEER_STALL", default_value = "60s", value_parser = humantime::parse_duration)]
+    peer_stall: Duration,
     /// Plaintext to a controller started with --insecure: no certificates, and
     /// anyone who can reach the controller can command this node.
     #[arg(long, env = "COHORT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
@@ -252,6 +257,10 @@ fn agent() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.peer_stall.is_zero(),
+        "--peer-stall 0s would give up every fetch from peers at once; give 1s or more"
+    );
     let node_name = match args.node_name.clone() {
         Some(name) => name,
         None => nix::unistd::gethostname()
@@ -299,6 +308,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls_dir: args.tls_dir,
         peer_port: (args.peer_port > 0).then_some(args.peer_port),
         peer_piece_bytes: args.peer_piece_mib << 20,
+        peer_stall: args.peer_stall,
         rank_users: RankUserPolicy {
             default_user: args.rank_user.filter(|u| !u.trim().is_empty()),
             allowed: args.allowed_rank_users.iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),

@@ -65,7 +65,8 @@ use crate::job_files::{AsJobUser, BodyStream, FileAt, PieceOf, Received, Span, i
 use crate::rank_user::{RankIdentity, RankUserPolicy};
 
 /// A fetch from peers gives up (and the source is read) after this long
-/// without a file arriving or any peer offering one.
+/// without a file arriving or any peer offering one (the agent's
+/// `--peer-stall`, this by default).
 pub const STALL: Duration = Duration::from_secs(60);
 /// A peer that refused a request (it serves [`UPLOAD_SLOTS`] already) is not
 /// asked again for this long.
@@ -136,6 +137,8 @@ pub struct Peers {
     rank_users: RankUserPolicy,
     /// Files larger than this travel in pieces of this size.
     piece_bytes: u64,
+    /// A fetch without progress this long gives up ([`STALL`] by default).
+    stall: Duration,
     staging: Mutex<HashMap<Key, watch::Sender<Have>>>,
     /// Content this node read from its source: which of its pieces it sent
     /// once already (see [`Seeding`]).
@@ -313,6 +316,7 @@ impl Peers {
         cache_root: PathBuf,
         rank_users: RankUserPolicy,
         piece_bytes: u64,
+        stall: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             node,
@@ -321,6 +325,7 @@ impl Peers {
             cache_root,
             rank_users,
             piece_bytes: piece_bytes.max(1),
+            stall,
             staging: Mutex::default(),
             seeding: Mutex::default(),
             described: Mutex::default(),
@@ -457,7 +462,7 @@ impl Peers {
             .enumerate()
             .map(|(index, (_, client))| {
                 let request = ContentRequest { user: user_name.to_owned(), sha256: digest.to_owned() };
-                tokio::spawn(watch_peer(index, client.clone(), request, events_tx.clone()))
+                tokio::spawn(watch_peer(index, client.clone(), request, events_tx.clone(), self.stall))
             })
             .collect();
         drop(events_tx);
@@ -520,7 +525,7 @@ impl Peers {
             if downloads.is_empty() && (swarm.hopeless() || !watching) {
                 return Err(format!("no peer could serve it ({})", swarm.why()));
             }
-            let wake = swarm.next_unpause().unwrap_or_else(|| now + STALL);
+            let wake = swarm.next_unpause().unwrap_or_else(|| now + self.stall);
             tokio::select! {
                 Some(ended) = downloads.next(), if !downloads.is_empty() => {
                     let gained = match ended {
@@ -561,8 +566,9 @@ impl Peers {
                 }
                 _ = tokio::time::sleep_until(wake) => {}
             }
-            if last_progress.elapsed() > STALL {
-                return Err(format!("nothing came from any peer for {}s ({})", STALL.as_secs(), swarm.why()));
+            if last_progress.elapsed() > self.stall {
+                let waited = humantime::format_duration(self.stall);
+                return Err(format!("nothing came from any peer for {waited} ({})", swarm.why()));
             }
         }
     }
@@ -641,14 +647,15 @@ enum PeerEvent {
 
 /// Follows one peer's `WatchContent` until it ends; a peer that does not
 /// stage the content yet (its own preparation may start later than ours) is
-/// asked again, for up to [`STALL`].
+/// asked again, for up to `stall`.
 async fn watch_peer(
     index: usize,
     mut client: PeerServiceClient<Channel>,
     request: ContentRequest,
     events: mpsc::Sender<PeerEvent>,
+    stall: Duration,
 ) {
-    let deadline = Instant::now() + STALL;
+    let deadline = Instant::now() + stall;
     let mut pause = Duration::from_millis(50);
     let why = loop {
         match client.watch_content(request.clone()).await {
@@ -1583,7 +1590,15 @@ mod tests {
     }
 
     fn peers() -> Arc<Peers> {
-        Peers::new("me".into(), None, "/nonexistent".into(), "/nonexistent".into(), RankUserPolicy::agent_user(), 4)
+        Peers::new(
+            "me".into(),
+            None,
+            "/nonexistent".into(),
+            "/nonexistent".into(),
+            RankUserPolicy::agent_user(),
+            4,
+            STALL,
+        )
     }
 
     /// A 10-byte file in pieces of 4: three pieces.

@@ -64,6 +64,8 @@ pub struct AgentConfig {
     pub peer_port: Option<u16>,
     /// Files larger than this travel between nodes in pieces of this size.
     pub peer_piece_bytes: u64,
+    /// A fetch from peers without progress this long reads the source instead.
+    pub peer_stall: Duration,
     pub rank_users: RankUserPolicy,
     /// Where the cgroup hierarchy is mounted; empty: no per-job cgroups.
     pub cgroup_root: PathBuf,
@@ -280,6 +282,7 @@ pub async fn serve(config: AgentConfig, deps: AgentDeps, mut shutdown: watch::Re
         cache_dir.clone(),
         rank_users.clone(),
         config.peer_piece_bytes,
+        config.peer_stall,
     );
     let mut node = node;
     node.peer_port = match config.peer_port {

@@ -311,7 +311,8 @@ async fn large_files_travel_in_pieces() {
 }
 
 /// A directory served over HTTP on loopback by Python's own `http.server`
-/// (a real server, one log line per request on stderr); killed when dropped.
+/// (a real server, one log line per request on stderr), at most `rate`
+/// bytes a second per response (0: as fast as it can); killed when dropped.
 struct HttpSource {
     child: std::process::Child,
     port: u16,
@@ -319,16 +320,23 @@ struct HttpSource {
 }
 
 impl HttpSource {
-    fn start(dir: &Path, log: PathBuf) -> Self {
+    fn start(dir: &Path, log: PathBuf, rate: u64) -> Self {
         use std::io::BufRead;
-        let script = "import functools, http.server, sys\n\
-                      handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])\n\
+        let script = "import functools, http.server, sys, time\n\
+                      rate = int(sys.argv[2])\n\
+                      class Paced(http.server.SimpleHTTPRequestHandler):\n\
+                      \x20   def copyfile(self, source, out):\n\
+                      \x20       while chunk := source.read(1 << 20):\n\
+                      \x20           out.write(chunk)\n\
+                      \x20           if rate: time.sleep(len(chunk) / rate)\n\
+                      handler = functools.partial(Paced, directory=sys.argv[1])\n\
                       server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)\n\
                       print(server.server_address[1], flush=True)\n\
                       server.serve_forever()\n";
         let mut child = std::process::Command::new("python3")
             .args(["-c", script])
             .arg(dir)
+            .arg(rate.to_string())
             .stdout(std::process::Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -395,7 +403,7 @@ async fn a_file_and_a_url_are_read_from_their_source_once_and_travel_between_nod
         assert!(line.contains("pieces=4"), "3.5 MiB in pieces of 1 MiB: {line}");
     }
 
-    let http = HttpSource::start(&served, cluster.dir.path().join("http.log"));
+    let http = HttpSource::start(&served, cluster.dir.path().join("http.log"), 0);
     let yaml = format!(
         "name: url\nkind: command\nnodes: 4\ngpus_per_node: 1\nstop_grace: 1s\n\
          stage: [{{name: corpus, source: 'http://127.0.0.1:{}/corpus.jsonl'}}]\ncommand: ['true']\n",
@@ -408,10 +416,41 @@ async fn a_file_and_a_url_are_read_from_their_source_once_and_travel_between_nod
     assert_eq!(readers.len(), 1, "{:?}", second.staging);
     for s in &second.staging {
         assert!(s.path.ends_with(&format!("/{corpus_digest}/corpus.jsonl")), "the URL's content: {s:?}");
+        assert_eq!(s.sha256, corpus_digest, "the digest in the job's record: {s:?}");
         if s.node_name != readers[0].node_name {
             assert_eq!(s.bytes_from_peers, corpus.len() as u64, "{s:?}");
         }
         let i: usize = s.node_name.trim_start_matches("node").parse().unwrap();
         assert!(in_cache(i, &corpus_digest, "corpus.jsonl") == corpus, "node{i}");
     }
+}
+
+/// A URL that takes longer to download (64 MiB at 8 MiB/s) than a fetching
+/// node waits without progress (`--peer-stall 5s`): the node reading it
+/// tells its peer how far it got (every 16 MiB, at most every 2 s), so the
+/// peer waits for the whole file and fetches it from it, rather than giving
+/// up and downloading the URL too (one GET in the server's log).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_waits_for_a_slow_download_it_hears_progress_from() {
+    let mut specs = nodes(2);
+    for spec in &mut specs {
+        spec.extra_args.extend(["--peer-stall".to_owned(), "5s".to_owned()]);
+    }
+    let cluster = Cluster::start(specs).await.unwrap();
+    let served = cluster.dir.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let data: Vec<u8> = (0..64u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(served.join("weights.bin"), &data).unwrap();
+    let digest = format!("{:x}", Sha256::digest(&data));
+    let http = HttpSource::start(&served, cluster.dir.path().join("http.log"), 8 << 20);
+    let yaml = format!(
+        "name: slow\nkind: command\nnodes: 2\ngpus_per_node: 1\nstop_grace: 1s\n\
+         stage: [{{name: weights, source: 'http://127.0.0.1:{}/weights.bin', sha256: {digest}}}]\ncommand: ['true']\n",
+        http.port
+    );
+    let done = run(&cluster, &yaml).await;
+    let getters = http.getters("/weights.bin");
+    assert_eq!(getters.len(), 1, "the source is read once: {getters:?}; {:?}", done.staging);
+    let fetcher = done.staging.iter().find(|s| s.bytes_from_peers > 0).expect("one node fetched from its peer");
+    assert_eq!(fetcher.bytes_from_peers, data.len() as u64, "{fetcher:?}");
 }

@@ -39,6 +39,7 @@ fn agent_config(i: usize, url: &str, work: &std::path::Path) -> AgentConfig {
         tls_dir: None,
         peer_port: Some(0),
         peer_piece_bytes: 64 << 20,
+        peer_stall: cohort_agent::peer::STALL,
         // Tests run as root and start their ranks as themselves.
         rank_users: RankUserPolicy::agent_user(),
         cgroup_root: Default::default(),

@@ -222,6 +222,7 @@ impl Controller {
                 hub_cache: staged.hub_cache.clone(),
                 bytes_from_peers: staged.bytes_from_peers,
                 corrupt_peers: staged.corrupt_peers.clone(),
+                sha256: staged.sha256.clone(),
                 ..Default::default()
             };
             upsert_stage(&mut entry.job, status);
