@@ -49,6 +49,10 @@ struct Args {
     /// limited) and the others wait for its digest, then fetch.
     #[arg(long)]
     unpinned: bool,
+    /// The input is one file of `--files` x `--file-mib` MiB (a dataset, a
+    /// tarball: content whose digest is the file's own), not a directory.
+    #[arg(long)]
+    single_file: bool,
 }
 
 /// A directory of `files` files of distinct content; returns its digest.
@@ -57,19 +61,32 @@ fn make_input(dir: &Path, files: usize, file_bytes: usize) -> anyhow::Result<Str
     let mut lines = Vec::new();
     for i in 0..files {
         let rel = format!("shard-{i:03}.bin");
-        let mut bytes = vec![0u8; file_bytes];
-        let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        for chunk in bytes.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-        }
+        let bytes = file_bytes_of(i, file_bytes);
         std::fs::write(dir.join(&rel), &bytes)?;
         lines.push(format!("{:x} {} {rel}\n", Sha256::digest(&bytes), bytes.len()));
     }
     // The manifest lists files sorted by path: `shard-NNN.bin` are made in that order.
     Ok(format!("{:x}", Sha256::digest(lines.concat().as_bytes())))
+}
+
+/// One file of `bytes` bytes at `path`; returns its digest (the content's).
+fn make_file(path: &Path, bytes: usize) -> anyhow::Result<String> {
+    let bytes = file_bytes_of(0, bytes);
+    std::fs::write(path, &bytes)?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}
+
+/// `len` bytes of xorshift noise, distinct per `i`.
+fn file_bytes_of(i: usize, len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for chunk in bytes.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    bytes
 }
 
 /// Limits what each node address sends on `lo` (and, `duplex`, what it
@@ -272,13 +289,20 @@ async fn fan_out(args: &Args, fetchers: usize, source: &Path, digest: &str) -> a
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let work = tempfile::tempdir()?;
-    let source: PathBuf = work.path().join("model");
     let bytes = (args.files * args.file_mib) << 20;
-    let digest = make_input(&source, args.files, args.file_mib << 20)?;
+    let (source, digest) = if args.single_file {
+        let file = work.path().join("data.bin");
+        let digest = make_file(&file, bytes)?;
+        (file, digest)
+    } else {
+        let dir: PathBuf = work.path().join("model");
+        let digest = make_input(&dir, args.files, args.file_mib << 20)?;
+        (dir, digest)
+    };
     let link = f64::from(args.link_mbit) * 1e6 / 8.0;
     println!(
-        "input {} files, {} MiB; every node's upload{} {} Mbit/s ({:.1} s for the input over one link); pieces of {} MiB",
-        args.files,
+        "input {} {} MiB; every node's upload{} {} Mbit/s ({:.1} s for the input over one link); pieces of {} MiB",
+        if args.single_file { "one file of".to_owned() } else { format!("{} files,", args.files) },
         bytes >> 20,
         if args.duplex { " and download" } else { "" },
         args.link_mbit,
