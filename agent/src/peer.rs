@@ -1401,8 +1401,9 @@ impl PeerService for PeerServer {
             let Some(mut staging) = staging else { return };
             let mut sent = 0;
             let mut first = true;
-            // When the bytes read from the source were last told.
+            // When the bytes read from the source were last told, and how many.
             let mut told: Option<Instant> = None;
+            let mut told_bytes = 0;
             loop {
                 let (files, state, fetching, source_bytes) = {
                     let have = staging.borrow_and_update();
@@ -1413,6 +1414,7 @@ impl PeerService for PeerServer {
                     sent += files.len();
                     if keepalive {
                         told = Some(Instant::now());
+                        told_bytes = source_bytes;
                     }
                     let have =
                         ContentHave { files, fetching: first && fetching, source_bytes, ..ContentHave::default() };
@@ -1434,7 +1436,25 @@ impl PeerService for PeerServer {
                             // file): its large files' pieces now, as for content
                             // that was complete when asked.
                             let files = if sent == 0 {
-                                peers.describe(user, &cache, &sha256, &manifest).await.to_vec()
+                                // Hashing a large file by piece takes a while (16 GB
+                                // off a slow disk: over a minute): the peer hears
+                                // that it goes on, as it heard the source read.
+                                let describe = peers.describe(user, &cache, &sha256, &manifest);
+                                tokio::pin!(describe);
+                                let mut tick = tokio::time::interval(SOURCE_BYTES_EVERY);
+                                tick.tick().await;
+                                loop {
+                                    tokio::select! {
+                                        files = &mut describe => break files.to_vec(),
+                                        _ = tick.tick() => {
+                                            told_bytes += 1;
+                                            let have = ContentHave { source_bytes: told_bytes, ..ContentHave::default() };
+                                            if tx.send(Ok(have)).await.is_err() {
+                                                return;
+                                            }
+                                        }
+                                    }
+                                }
                             } else {
                                 Vec::new()
                             };
