@@ -2,13 +2,17 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::{StageProgress, StageState};
 
-/// A `Copying` report goes out each time this many more bytes are done.
+/// A `Copying` report goes out each time this many more bytes are done,
 const REPORT_EVERY: u64 = 16 << 20;
+/// and at least this often while bytes come at all (a slow source: the
+/// progress bars move, and peers waiting on this node hear it reads on).
+const REPORT_AT_LEAST: Duration = Duration::from_secs(1);
 /// `bytes_total` while the size is not known yet (an HTTP body before its headers).
 const UNKNOWN: u64 = u64::MAX;
 
@@ -22,6 +26,10 @@ pub(super) struct Meter {
     cancelled: AtomicBool,
     /// Bytes read from local sources, over every item of the `Stager`.
     source_read: Arc<AtomicU64>,
+    started: Instant,
+    /// Milliseconds after `started` of the last `Copying` report.
+    reported_ms: AtomicU64,
+    report_at_least: Duration,
 }
 
 impl Meter {
@@ -35,6 +43,9 @@ impl Meter {
             files_total: AtomicU32::new(1),
             cancelled: AtomicBool::new(false),
             source_read,
+            started: Instant::now(),
+            reported_ms: AtomicU64::new(0),
+            report_at_least: REPORT_AT_LEAST,
         }
     }
 
@@ -81,10 +92,18 @@ impl Meter {
     }
 
     /// Counts bytes copied (or re-hashed); reports every `REPORT_EVERY` bytes
-    /// without waiting: a slow receiver never slows a copy down.
+    /// and at least every `REPORT_AT_LEAST`, without waiting: a slow receiver
+    /// never slows a copy down.
     pub(super) fn add(&self, n: u64) {
         let before = self.bytes_done.fetch_add(n, Ordering::Relaxed);
-        if before / REPORT_EVERY != (before + n) / REPORT_EVERY {
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last_ms = self.reported_ms.load(Ordering::Relaxed);
+        let crossed = before / REPORT_EVERY != (before + n) / REPORT_EVERY;
+        let due = now_ms.saturating_sub(last_ms) >= self.report_at_least.as_millis() as u64
+            // One of the threads copying this item's files reports it.
+            && self.reported_ms.compare_exchange(last_ms, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok();
+        if crossed || due {
+            self.reported_ms.fetch_max(now_ms, Ordering::Relaxed);
             let _ = self.tx.try_send(self.snapshot(StageState::Copying));
         }
     }
@@ -123,5 +142,36 @@ impl Meter {
 
     pub(super) fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A copy that moves a byte at a time still reports once its interval
+    /// passed, as a large step reports at each `REPORT_EVERY` bytes.
+    #[test]
+    fn a_slow_copy_reports_at_least_once_per_interval() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut meter = Meter::new("data".into(), tx, Arc::default());
+        meter.report_at_least = Duration::from_secs(3600);
+        meter.add(1);
+        assert!(rx.try_recv().is_err(), "no report before the interval passed, nor 16 MiB");
+        meter.report_at_least = Duration::from_millis(20);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let report = loop {
+            meter.add(1);
+            if let Ok(report) = rx.try_recv() {
+                break report;
+            }
+            assert!(Instant::now() < deadline, "no report within 10 s of one every 20 ms");
+            std::thread::yield_now();
+        };
+        assert!(report.bytes_done >= 2 && report.state == StageState::Copying, "{report:?}");
+        meter.report_at_least = Duration::from_secs(3600);
+        meter.add(REPORT_EVERY);
+        assert_eq!(rx.try_recv().unwrap().bytes_done, report.bytes_done + REPORT_EVERY);
     }
 }
