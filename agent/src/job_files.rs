@@ -378,11 +378,13 @@ impl Request {
                 Limits { address_space: 1 << 30, cpu_secs: None, file_size: Some((*size).max(1)), wall: None }
             }
             // Reads one file (a 4 GB shard of a model) and renames it;
-            // keeps its piece digests (65 bytes each).
+            // keeps its piece digests.
             Request::FinishFile(file) => Limits {
                 address_space: 1 << 30,
                 cpu_secs: None,
-                file_size: Some((file.piece_sha256.len() as u64 * 65).clamp(1, content::MAX_PIECES_RECORD)),
+                file_size: Some(
+                    (file.piece_sha256.len() as u64 * content::PIECE_RECORD_LINE).clamp(1, content::MAX_PIECES_RECORD),
+                ),
                 wall: Some(Duration::from_secs(3600)),
             },
             Request::PieceDigests { .. } => Limits {

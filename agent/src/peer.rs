@@ -26,9 +26,11 @@
 //! against. Content that is one file (a staged file or URL, whose digest is
 //! the file's own) travels as a manifest of that file alone
 //! ([`crate::stage::ManifestOf`]); it is offered once complete, with the
-//! bytes read from the source so far told meanwhile (`ContentHave.source_bytes`). A peer that serves a file whose bytes do not match is reported
-//! (`StagedInput.corrupt_peers`) and not asked again; a peer that dies
-//! mid-file costs that file, fetched again from another. When no peer can
+//! bytes read from the source so far told meanwhile
+//! (`ContentHave.source_bytes`). A peer that serves a file whose bytes do
+//! not match is reported (`StagedInput.corrupt_peers`) and not asked
+//! again; a peer that dies mid-file costs that file, fetched again from
+//! another. When no peer can
 //! serve the content (all gone; the only ones left fetch from peers too,
 //! `ContentHave.fetching`, and hold nothing more that is needed; or nothing
 //! offered for [`STALL`]), the agent reads the source after all.
@@ -617,6 +619,29 @@ impl Peers {
         })
         .await
         .clone()
+    }
+}
+
+/// Awaits `described` (a single file's pieces hashed once it is complete:
+/// 16 GB off a slow disk takes over a minute) while telling the watching
+/// peer every [`SOURCE_BYTES_EVERY`] that it goes on, as it heard the source
+/// read: `source_bytes` one more than `told` each time. None: the peer left.
+async fn telling_meanwhile(
+    described: impl std::future::Future<Output = Arc<Vec<ContentFile>>>,
+    tx: &mpsc::Sender<Result<ContentHave, Status>>,
+    mut told: u64,
+) -> Option<Vec<ContentFile>> {
+    tokio::pin!(described);
+    let mut tick = tokio::time::interval(SOURCE_BYTES_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            files = &mut described => return Some(files.to_vec()),
+            _ = tick.tick() => {
+                told += 1;
+                tx.send(Ok(ContentHave { source_bytes: told, ..ContentHave::default() })).await.ok()?;
+            }
+        }
     }
 }
 
@@ -1436,25 +1461,9 @@ impl PeerService for PeerServer {
                             // file): its large files' pieces now, as for content
                             // that was complete when asked.
                             let files = if sent == 0 {
-                                // Hashing a large file by piece takes a while (16 GB
-                                // off a slow disk: over a minute): the peer hears
-                                // that it goes on, as it heard the source read.
-                                let describe = peers.describe(user, &cache, &sha256, &manifest);
-                                tokio::pin!(describe);
-                                let mut tick = tokio::time::interval(SOURCE_BYTES_EVERY);
-                                tick.tick().await;
-                                loop {
-                                    tokio::select! {
-                                        files = &mut describe => break files.to_vec(),
-                                        _ = tick.tick() => {
-                                            told_bytes += 1;
-                                            let have = ContentHave { source_bytes: told_bytes, ..ContentHave::default() };
-                                            if tx.send(Ok(have)).await.is_err() {
-                                                return;
-                                            }
-                                        }
-                                    }
-                                }
+                                let described = peers.describe(user, &cache, &sha256, &manifest);
+                                let Some(files) = telling_meanwhile(described, &tx, told_bytes).await else { return };
+                                files
                             } else {
                                 Vec::new()
                             };

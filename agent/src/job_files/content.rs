@@ -31,9 +31,11 @@ use crate::stage::{MODE_BITS, ManifestOf, parse_manifest};
 
 /// The largest manifest read or written (a million files of long names).
 pub const MAX_MANIFEST: u64 = 256 << 20;
-/// The largest record of a file's piece digests kept (65 bytes a piece: a
-/// million pieces, 64 TiB in pieces of 64 MiB); a file of more pieces has
-/// them hashed again when asked.
+/// Bytes a piece takes in a record of piece digests: 64 hex digits and a newline.
+pub const PIECE_RECORD_LINE: u64 = 65;
+/// The largest record of a file's piece digests kept (a million pieces, 64
+/// TiB in pieces of 64 MiB); a file of more pieces has them hashed again
+/// when asked.
 pub const MAX_PIECES_RECORD: u64 = 64 << 20;
 /// Bytes read from stdin at once while receiving a file.
 const BLOCK: usize = 1 << 20;
@@ -250,12 +252,18 @@ pub fn file_manifest(cache_dir: &Path, hex: &str) -> Result<Option<String>, Stri
     Ok(files.into_iter().find_map(|(name, size)| crate::stage::single_file_manifest(hex, size, &name)))
 }
 
+/// [`Reply::Content`] for `bytes` bytes, as the line that goes before them.
+fn content_line(bytes: u64) -> Result<Vec<u8>, String> {
+    let mut line = serde_json::to_vec(&Reply::Content { bytes }).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    Ok(line)
+}
+
 /// Writes [`Reply::Content`] as a line, then `bytes` to `out`.
 pub fn send_bytes(bytes: &[u8], out: &mut impl Write) -> Result<(), String> {
-    let mut header = serde_json::to_vec(&Reply::Content { bytes: bytes.len() as u64 }).map_err(|e| e.to_string())?;
-    header.push(b'\n');
-    header.extend_from_slice(bytes);
-    out.write_all(&header).and_then(|()| out.flush()).map_err(|e| format!("sending {} bytes: {e}", bytes.len()))
+    let mut message = content_line(bytes.len() as u64)?;
+    message.extend_from_slice(bytes);
+    out.write_all(&message).and_then(|()| out.flush()).map_err(|e| format!("sending {} bytes: {e}", bytes.len()))
 }
 
 /// Writes [`Reply::Content`] as a line, then exactly `opened.bytes` bytes of
@@ -263,8 +271,7 @@ pub fn send_bytes(bytes: &[u8], out: &mut impl Write) -> Result<(), String> {
 /// went away) can only be told by the exit status: the bytes come short.
 pub fn send(opened: Opened, out: &mut impl Write) -> Result<(), String> {
     let Opened { file, path, bytes } = opened;
-    let mut header = serde_json::to_vec(&Reply::Content { bytes }).map_err(|e| e.to_string())?;
-    header.push(b'\n');
+    let header = content_line(bytes)?;
     let broken = |e: io::Error| format!("sending {}: {e}", path.display());
     out.write_all(&header).map_err(broken)?;
     out.flush().map_err(broken)?;
@@ -362,7 +369,7 @@ pub fn piece_digests(
 /// this node and fetches that piece elsewhere.
 fn recorded_pieces(record: &Path, count: u64) -> Option<Vec<String>> {
     let Opened { file, bytes, .. } = open_file(record).ok()??;
-    if bytes != count.checked_mul(65)? {
+    if bytes != count.checked_mul(PIECE_RECORD_LINE)? {
         return None;
     }
     let mut text = String::new();
@@ -377,7 +384,7 @@ fn recorded_pieces(record: &Path, count: u64) -> Option<Vec<String>> {
 /// the record the pieces are hashed again.
 fn record_pieces(record: &Path, digests: &[String]) {
     let Some(dir) = record.parent() else { return };
-    if digests.len() as u64 * 65 > MAX_PIECES_RECORD {
+    if digests.len() as u64 * PIECE_RECORD_LINE > MAX_PIECES_RECORD {
         return;
     }
     let temp =

@@ -23,6 +23,18 @@ pub fn invoked() -> bool {
     std::env::args_os().nth(1).is_some_and(|a| a == FILES_AS)
 }
 
+/// The exit status after content was sent on stdout: an error after the
+/// answer's line can only be told by the status (the bytes came short).
+fn exit_after_sending(sent: Result<(), String>) -> i32 {
+    match sent {
+        Ok(()) => 0,
+        Err(message) => {
+            eprintln!("cohort-agent {FILES_AS}: {message}");
+            1
+        }
+    }
+}
+
 /// Runs the helper; returns its exit status (0: the last line is the answer,
 /// or for `ReadContent` the content's line and all its bytes; 1: the last
 /// line is a `Failed`, or a content's bytes came short; 127: the helper could
@@ -84,24 +96,13 @@ pub fn main() -> i32 {
                         Some(span) => super::content::send_span(opened, span, out),
                         None => super::content::send(opened, out),
                     };
-                    return match sent {
-                        Ok(()) => 0,
-                        Err(message) => {
-                            eprintln!("cohort-agent {FILES_AS}: {message}");
-                            1
-                        }
-                    };
+                    return exit_after_sending(sent);
                 }
                 // No directory's manifest: a staged file's, made for peers.
                 Ok(None) if part.is_none() => match super::content::file_manifest(&cache_dir, &sha256) {
                     Ok(Some(manifest)) => {
-                        return match super::content::send_bytes(manifest.as_bytes(), &mut std::io::stdout().lock()) {
-                            Ok(()) => 0,
-                            Err(message) => {
-                                eprintln!("cohort-agent {FILES_AS}: {message}");
-                                1
-                            }
-                        };
+                        let out = &mut std::io::stdout().lock();
+                        return exit_after_sending(super::content::send_bytes(manifest.as_bytes(), out));
                     }
                     Ok(None) => Ok(Reply::Missing),
                     Err(message) => Err(message),

@@ -206,7 +206,7 @@ pub fn collect(cache: &Path, max_bytes: u64, pinned: &HashSet<String>) -> io::Re
 
 /// Removes one content under its lock; false when a staging holds the lock.
 pub fn remove(cache: &Path, hex: &str) -> io::Result<bool> {
-    let Some(lock) = try_lock(&cache.join("locks").join(format!("sha256-{hex}.lock")))? else {
+    let Some(lock) = try_lock(&lock_path(cache, hex))? else {
         return Ok(false);
     };
     let content = cache.join("sha256").join(hex);
@@ -225,6 +225,11 @@ pub fn remove(cache: &Path, hex: &str) -> io::Result<bool> {
     drop(lock);
     remove_any(&trash)?;
     Ok(true)
+}
+
+/// The lock a staging of content `hex` holds (see `crate::stage`).
+fn lock_path(cache: &Path, hex: &str) -> PathBuf {
+    cache.join("locks").join(format!("sha256-{hex}.lock"))
 }
 
 fn try_lock(path: &Path) -> io::Result<Option<Flock<File>>> {
@@ -272,7 +277,7 @@ fn remove_leftovers(cache: &Path) {
         if std::fs::symlink_metadata(cache.join("sha256").join(hex)).is_ok() {
             continue;
         }
-        if let Ok(Some(_lock)) = try_lock(&cache.join("locks").join(format!("sha256-{hex}.lock"))) {
+        if let Ok(Some(_lock)) = try_lock(&lock_path(cache, hex)) {
             let _ = remove_any(&entry.path());
         }
     }
@@ -341,7 +346,7 @@ mod tests {
         let pinned = put(c, 1, 100, 900);
         let staging = put(c, 2, 100, 800);
         let free = put(c, 3, 100, 700);
-        let held = try_lock(&c.join("locks").join(format!("sha256-{staging}.lock"))).unwrap().unwrap();
+        let held = try_lock(&lock_path(c, &staging)).unwrap().unwrap();
 
         let report = collect(c, 0, &HashSet::from([pinned.clone()])).unwrap();
         assert_eq!(report.pinned, [pinned.as_str()]);
@@ -391,7 +396,7 @@ mod tests {
         // content no longer here, or never completed, they go.
         let staging = "cd".repeat(32);
         std::fs::create_dir_all(crate::job_files::content::pieces_dir(c, &staging)).unwrap();
-        let held = try_lock(&c.join("locks").join(format!("sha256-{staging}.lock"))).unwrap().unwrap();
+        let held = try_lock(&lock_path(c, &staging)).unwrap().unwrap();
         collect(c, u64::MAX, &HashSet::new()).unwrap();
         assert!(!c.join("partial").join(format!("gc-{hex}")).exists());
         assert!(!c.join("sha256").join(format!("{hex}.pieces")).exists());

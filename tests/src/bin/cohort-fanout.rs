@@ -172,7 +172,7 @@ struct Config {
     /// Seconds a transfer between nodes waits before its bytes flow.
     request_s: f64,
     /// Nodes per rack (0: no racks), each rack's link to the core in bytes
-    /// per second each way, and whether nodes prefer peers in their rack.
+    /// per second each way, and whether one node a rack fetches for it.
     rack_nodes: usize,
     uplink: f64,
     near: bool,
@@ -189,6 +189,13 @@ impl Config {
     /// only their rack (the controller's assignment with `--topology-label`).
     fn leads(&self, i: usize) -> bool {
         self.rack_nodes > 0 && i.is_multiple_of(self.rack_nodes) && i >= self.pulls
+    }
+
+    /// Whether node `w` may ask node `u`: with racks and `--near`, a node
+    /// other than its rack's leader asks only its rack.
+    fn may_ask(&self, w: usize, u: usize) -> bool {
+        let local = self.near && self.rack(w).is_some() && !self.leads(w);
+        !local || self.rack(u) == self.rack(w)
     }
 
     /// The racks whose core links a transfer from `from` to `to` crosses:
@@ -729,6 +736,7 @@ impl Sim {
         peers.iter().any(|&u| {
             u != w
                 && self.usable.contains(u)
+                && self.cfg.may_ask(w, u)
                 && intersects(&self.nodes[u].offered, &node.missing)
                 && node.requests_to(u) < self.cfg.limits.per_peer
         })
@@ -753,13 +761,8 @@ impl Sim {
             // missing pieces counts for no candidate's rarity, so the choice is
             // the one over every node (up to how ties fall). With
             // `--rarity-over all`, busy peers too, counted but not asked.
-            // With racks and `--near`, a node other than its rack's leader asks only its rack.
-            let local = cfg.near && cfg.rack(w).is_some() && !cfg.leads(w);
             let offers = |&u: &usize| {
-                u != w
-                    && !nodes[u].dead
-                    && (!local || cfg.rack(u) == cfg.rack(w))
-                    && intersects(&nodes[u].offered, &node.missing)
+                u != w && !nodes[u].dead && cfg.may_ask(w, u) && intersects(&nodes[u].offered, &node.missing)
             };
             peers.clear();
             match cfg.rarity {
